@@ -1,0 +1,38 @@
+"""Model shapes: `--config configs/models.py:NAME` with NAME one of tiny, qwen2.5-0.5b, qwen2.5-7b.
+
+Each returns a ConfigDict whose `model` block is read by
+`memrecall.config.ModelConfig.from_dict`.
+"""
+
+import ml_collections
+
+_MODELS = {
+    # A CPU-sized model for tests and the demo; vocab leaves room for the byte
+    # tokenizer (259 ids) and task tokens.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, rope_theta=10_000.0, tie_word_embeddings=False,
+                 param_dtype="float32", dtype="float32", bos_token_id=1, eos_token_ids=(2,),
+                 pad_token_id=0),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                         num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0,
+                         tie_word_embeddings=True, param_dtype="bfloat16", dtype="bfloat16",
+                         bos_token_id=151643, eos_token_ids=(151645, 151643), pad_token_id=151643),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                       num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1_000_000.0,
+                       tie_word_embeddings=False, param_dtype="bfloat16", dtype="bfloat16",
+                       bos_token_id=151643, eos_token_ids=(151645, 151643), pad_token_id=151643),
+}
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+  if name not in _MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
+  values = dict(rms_norm_eps=1e-6, attention="auto", remat="none", **_MODELS[name])
+  return ml_collections.ConfigDict(values)
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model_name = arg
+  config.model = model_config(arg)
+  return config

@@ -1,0 +1,98 @@
+r"""Generates text with a Qwen2 model: a HF checkpoint, or a random model of a named shape.
+
+  python launch/generate.py --hf_checkpoint=/path/to/Qwen2.5-0.5B-Instruct \
+      --prompt="The capital of France is" --max_new_tokens=16
+  python launch/generate.py --model=tiny --prompt_ids=5,6,7 --temperature=0.8 --top_p=0.9 \
+      --output_json=/tmp/out.json
+
+Writes `{"ids": [...], "text": "...", "logprobs": [...]}` to --output_json.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None, "HF Qwen2 checkpoint directory.")
+_MODEL = flags.DEFINE_string("model", "tiny",
+                             "Model shape from configs/models.py, randomly initialised "
+                             "(only without --hf_checkpoint).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
+_PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt token ids, e.g. 1,2,3.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and init seed for a random model).")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
+                                 "Override the parameter dtype.")
+_MESH = flags.DEFINE_string("mesh", None,
+                            "Mesh axis sizes, e.g. 'fsdp=4,tensor=2' (default: one device).")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the result.")
+
+
+def parse_mesh(spec: str | None):
+  from memrecall import sharding
+  if not spec:
+    return None
+  try:
+    shape = {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
+  except ValueError:
+    raise app.UsageError(f"--mesh must look like 'data=2,fsdp=2,tensor=2', got {spec!r}") from None
+  return sharding.make_mesh(shape)
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  from configs import models
+  from memrecall import hf_checkpoint, model, sampling, tokenizer
+  from memrecall.config import ModelConfig
+
+  if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
+    raise app.UsageError("give exactly one of --prompt and --prompt_ids")
+  mesh = parse_mesh(_MESH.value)
+  overrides = {"param_dtype": _PARAM_DTYPE.value, "dtype": _PARAM_DTYPE.value} \
+      if _PARAM_DTYPE.value else {}
+  if _HF_CHECKPOINT.value:
+    params, config = hf_checkpoint.load_hf_checkpoint(_HF_CHECKPOINT.value, mesh=mesh, **overrides)
+  else:
+    config = ModelConfig.from_dict(models.model_config(_MODEL.value).to_dict()).replace(**overrides)
+    params = model.init_params(config, jax.random.key(_SEED.value), mesh)
+  tok = tokenizer.load_tokenizer(_HF_CHECKPOINT.value, config.eos_token_ids, config.pad_token_id)
+
+  if _PROMPT_IDS.value is not None:
+    try:
+      ids = [int(i) for i in _PROMPT_IDS.value]
+    except ValueError:
+      raise app.UsageError(f"--prompt_ids must be integers, got {_PROMPT_IDS.value}") from None
+  else:
+    ids = tok.encode(_PROMPT.value)
+  if not ids:
+    raise app.UsageError("the prompt is empty")
+  bad = [i for i in ids if not 0 <= i < config.vocab_size]
+  if bad:
+    raise app.UsageError(f"prompt ids {bad[:5]} are outside the vocabulary (size {config.vocab_size})")
+
+  settings = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                     top_p=_TOP_P.value, eos_ids=config.eos_token_ids,
+                                     pad_id=config.pad_token_id)
+  out = sampling.generate(params, config, jnp.asarray([ids]), None, jax.random.key(_SEED.value),
+                          max_new_tokens=_MAX_NEW_TOKENS.value, sampling=settings)
+  n = int(out.lengths[0])
+  new_ids = [int(i) for i in out.tokens[0, :n]]
+  result = {"ids": new_ids, "text": tok.decode(new_ids),
+            "logprobs": [float(x) for x in out.logprobs[0, :n]]}
+  print(json.dumps({"prompt_ids": ids, **result}, ensure_ascii=False))
+  if _OUTPUT_JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT_JSON.value)), exist_ok=True)
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump(result, f, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,168 @@
+"""Model configuration: one frozen dataclass shared by every module.
+
+`ModelConfig` is what the Flax modules read.  It is built from an
+`ml_collections.ConfigDict` (the `model` block of a `configs/*.py` file) or
+from a Hugging Face `config.json`, and can be written back to the latter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot describe a working model."""
+
+
+def dtype_from_name(name: str) -> Any:
+  try:
+    return _DTYPES[name]
+  except KeyError:
+    raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and numerics of a Qwen2-style decoder.
+
+  `param_dtype` is how parameters are stored, `dtype` is what matmuls run in;
+  norms, softmax and logits are always computed in float32.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 1_000_000.0
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
+  remat: str = "none"  # one of REMAT_POLICIES
+  scan_layers: bool = True
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                 "num_heads", "num_kv_heads", "head_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+          f"({self.num_kv_heads}) for grouped-query attention")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.head_dim % 2:
+      raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+    dtype_from_name(self.param_dtype)
+    dtype_from_name(self.dtype)
+    object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+
+  @property
+  def jnp_dtype(self):
+    return dtype_from_name(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return dtype_from_name(self.param_dtype)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  # --- construction -------------------------------------------------------
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config from a mapping (e.g. `config.model.to_dict()`)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(names)}")
+    values = dict(values)
+    if values.get("eos_token_ids") is not None:
+      values["eos_token_ids"] = tuple(values["eos_token_ids"])
+    return cls(**values)
+
+  @classmethod
+  def from_hf_dict(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
+    """Reads the fields of a Hugging Face Qwen2 `config.json`."""
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
+    missing = [k for k in required if k not in hf]
+    if missing:
+      raise ConfigError(f"config.json lacks required Qwen2 keys {missing}")
+    num_heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    if hidden % num_heads and "head_dim" not in hf:
+      raise ConfigError(f"hidden_size ({hidden}) is not divisible by num_attention_heads ({num_heads})")
+    eos = hf.get("eos_token_id")
+    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    pad = hf.get("pad_token_id")
+    values = dict(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(hf.get("num_key_value_heads", num_heads)),
+        head_dim=int(hf.get("head_dim") or hidden // num_heads),
+        rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get(
+            "rope_theta", 10000.0)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        pad_token_id=int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0),
+    )
+    values.update(overrides)
+    return cls(**values)
+
+  @classmethod
+  def from_hf_file(cls, path: str | os.PathLike, **overrides) -> "ModelConfig":
+    with open(path) as f:
+      return cls.from_hf_dict(json.load(f), **overrides)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The Hugging Face `config.json` describing this model."""
+    eos = list(self.eos_token_ids)
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rope_theta": self.rope_theta,
+        "rms_norm_eps": self.rms_norm_eps,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": self.pad_token_id,
+        "torch_dtype": self.param_dtype,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "max_position_embeddings": 32768,
+    }

@@ -1,0 +1,239 @@
+"""Import and export of Hugging Face Qwen2 checkpoints (config.json + safetensors).
+
+Import reads tensor by tensor from memory-mapped files and builds every
+parameter with `jax.make_array_from_callback`, so each device receives only
+its own shard and the host never holds the whole model twice: the peak host
+overhead is one layer's tensor.  Export writes the same layout back, sharded
+into files of bounded size with an index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from memrecall import sharding as sharding_lib
+from memrecall.config import ConfigError, ModelConfig, dtype_from_name
+from memrecall.model import abstract_params
+from memrecall.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+  """How one memrecall parameter corresponds to HF tensors.
+
+  path:       the parameter's path in the memrecall tree.
+  hf_name:    the HF tensor name; `{i}` is the layer index for stacked params.
+  linear_in:  for a PyTorch Linear weight ([out, in]), how many leading dims of
+              the memrecall kernel form the input; None for tensors stored as is.
+  """
+  path: tuple[str, ...]
+  hf_name: str
+  linear_in: int | None = None
+
+  @property
+  def stacked(self) -> bool:
+    return "{i}" in self.hf_name
+
+  def to_ours(self, hf: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    if self.linear_in is None:
+      return hf.reshape(shape)
+    return hf.T.reshape(shape)
+
+  def to_hf(self, ours: np.ndarray) -> np.ndarray:
+    if self.linear_in is None:
+      return ours.reshape(-1) if ours.ndim > 1 and self.hf_name.endswith(".bias") else ours
+    return ours.reshape(math.prod(ours.shape[:self.linear_in]), -1).T
+
+
+def qwen2_rules(config: ModelConfig) -> list[TensorRule]:
+  """The HF name of every parameter of a Qwen2 model with this config."""
+  layer = "model.layers.{i}."
+  rules = [TensorRule(("embedding",), "model.embed_tokens.weight"),
+           TensorRule(("final_norm", "scale"), "model.norm.weight")]
+  if not config.tie_word_embeddings:
+    rules.append(TensorRule(("lm_head",), "lm_head.weight", linear_in=1))
+  rules += [
+      TensorRule(("layers", "input_norm", "scale"), layer + "input_layernorm.weight"),
+      TensorRule(("layers", "post_attention_norm", "scale"), layer + "post_attention_layernorm.weight"),
+      TensorRule(("layers", "attention", "o_kernel"), layer + "self_attn.o_proj.weight", linear_in=2),
+      TensorRule(("layers", "mlp", "gate_kernel"), layer + "mlp.gate_proj.weight", linear_in=1),
+      TensorRule(("layers", "mlp", "up_kernel"), layer + "mlp.up_proj.weight", linear_in=1),
+      TensorRule(("layers", "mlp", "down_kernel"), layer + "mlp.down_proj.weight", linear_in=1),
+  ]
+  for p in "qkv":
+    rules += [TensorRule(("layers", "attention", f"{p}_kernel"), layer + f"self_attn.{p}_proj.weight",
+                         linear_in=1),
+              TensorRule(("layers", "attention", f"{p}_bias"), layer + f"self_attn.{p}_proj.bias")]
+  return rules
+
+
+# Tensors that HF checkpoints may carry and that carry no parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _get_path(tree: Mapping, path: Sequence[str]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set_path(tree: dict, path: Sequence[str], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def read_config(directory: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
+  """The ModelConfig of a HF checkpoint directory, and its raw config.json."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
+  with open(path) as f:
+    try:
+      hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path} is not valid JSON: {e}") from None
+  model_type = hf.get("model_type")
+  if model_type not in (None, "qwen2", "lychee_memory", "lycheememory"):
+    raise ConfigError(f"{path}: model_type {model_type!r} is not a Qwen2 model")
+  return ModelConfig.from_hf_dict(hf, **overrides), hf
+
+
+def load_hf_checkpoint(directory: str | os.PathLike, *, mesh=None,
+                       rules_fn: Callable[[ModelConfig], list[TensorRule]] = qwen2_rules,
+                       **config_overrides) -> tuple[Any, ModelConfig]:
+  """Loads a HF Qwen2 checkpoint as (params, config).
+
+  Args:
+    directory: holds config.json and model.safetensors, or several
+      `*.safetensors` files with `model.safetensors.index.json`.
+    mesh: when given, every parameter is placed straight onto its sharding from
+      the logical-axis rules; otherwise onto the default device.
+    rules_fn: maps a config to its tensor rules (extended by the compressor).
+    **config_overrides: ModelConfig fields to replace, e.g. `param_dtype="bfloat16"`.
+  """
+  config, _ = read_config(directory, **config_overrides)
+  tensors = dict(iter_checkpoint_files(directory))
+  rules = rules_fn(config)
+  expected = {rule.hf_name.format(i=i) for rule in rules
+              for i in (range(config.num_layers) if rule.stacked else [0])}
+  missing = sorted(expected - set(tensors))
+  if missing:
+    raise CheckpointError(f"{directory}: missing tensors {_summarise(missing)}")
+  ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+  unexpected = sorted(n for n in set(tensors) - expected
+                      if n not in ignorable and not n.endswith(_IGNORED_SUFFIXES))
+  if unexpected:
+    raise CheckpointError(f"{directory}: unexpected tensors {_summarise(unexpected)} "
+                          "(a different architecture or config?)")
+
+  abstract = abstract_params(config)
+  dtype = dtype_from_name(config.param_dtype)
+  if mesh is None:
+    default = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: default, abstract,
+                             is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  else:
+    shardings = sharding_lib.param_shardings(abstract, mesh)
+  params: dict = {}
+  for rule in rules:
+    leaf = _get_path(abstract, rule.path)
+    shape = tuple(leaf.value.shape if isinstance(leaf, nn.Partitioned) else leaf.shape)
+    layer_shape = shape[1:] if rule.stacked else shape
+    for i in range(config.num_layers if rule.stacked else 1):
+      name = rule.hf_name.format(i=i)
+      got = tensors[name].shape(name)
+      want = _hf_shape(rule, layer_shape)
+      if got != want:
+        raise CheckpointError(f"{directory}: tensor {name} has shape {got}, expected {want} "
+                              "for this config")
+    array = jax.make_array_from_callback(
+        shape, _get_path(shardings, rule.path), _reader(rule, tensors, layer_shape, dtype, config.num_layers))
+    _set_path(params, rule.path, array)
+  return params, config
+
+
+def _hf_shape(rule: TensorRule, layer_shape: Sequence[int]) -> tuple[int, ...]:
+  return tuple(rule.to_hf(np.empty(layer_shape, np.int8)).shape)
+
+
+def _reader(rule: TensorRule, tensors: Mapping[str, SafetensorsFile], layer_shape, dtype,
+            num_layers: int):
+  """A callback producing any slice of a parameter, reading only the layers it spans."""
+  def read_layer(i: int) -> np.ndarray:
+    name = rule.hf_name.format(i=i)
+    return rule.to_ours(tensors[name].get(name), layer_shape)
+
+  def callback(index: tuple[slice, ...]) -> np.ndarray:
+    if not rule.stacked:
+      return np.asarray(read_layer(0)[index], dtype=dtype)
+    layers = range(*index[0].indices(num_layers))
+    return np.stack([np.asarray(read_layer(i)[index[1:]], dtype=dtype) for i in layers])
+  return callback
+
+
+def _summarise(names: Sequence[str], limit: int = 8) -> str:
+  shown = ", ".join(names[:limit])
+  return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def save_hf_checkpoint(params, config: ModelConfig, directory: str | os.PathLike, *,
+                       max_shard_bytes: int = 4 << 30,
+                       rules_fn: Callable[[ModelConfig], list[TensorRule]] = qwen2_rules,
+                       extra_config: Mapping[str, Any] | None = None) -> None:
+  """Writes params in the HF layout: config.json, safetensors shards and their index.
+
+  Tensors are fetched one parameter at a time, so the host holds at most one
+  stacked parameter plus the current shard.
+  """
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for rule in rules_fn(config):
+    value = np.asarray(jax.device_get(_get_path(params, rule.path)))
+    for i in range(config.num_layers if rule.stacked else 1):
+      tensor = np.ascontiguousarray(rule.to_hf(value[i] if rule.stacked else value))
+      if size and size + tensor.nbytes > max_shard_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][rule.hf_name.format(i=i)] = tensor
+      size += tensor.nbytes
+  # Remove files of an earlier export so that the directory stays consistent.
+  for stale in os.listdir(directory):
+    if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
+      os.remove(os.path.join(directory, stale))
+  metadata = {"format": "pt"}
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata)
+  else:
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+      filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(directory, filename), metadata)
+      weight_map.update({name: filename for name in shard})
+      total += sum(t.nbytes for t in shard.values())
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  hf_config = config.to_hf_dict()
+  hf_config.update(extra_config or {})
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+
+

@@ -1,0 +1,310 @@
+"""A Qwen2-compatible decoder as pure Flax (linen) modules with a functional KV cache.
+
+Parameters live in an explicit tree (`init_params`), every leaf annotated with
+logical axis names (see `sharding.py`); layers are stacked on a leading
+`layers` axis and run under `nn.scan`, so compile time does not grow with depth.
+The KV cache is a plain pytree (`KVCache`) passed in and returned, never a
+hidden Flax collection, so it can be donated, sharded and spliced (the
+Reasoner puts compressed memory slots in front of its prompt).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from memrecall.attention import attend
+from memrecall.config import ModelConfig
+from memrecall.sharding import with_logical_constraint
+
+Array = jax.Array
+_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+# --- building blocks ---------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm, computed in float32 as Qwen2 does."""
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos/sin tables for rotary embeddings. positions: [B, T] -> 2 x [B, T, D] float32."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, D]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates x: [B, T, N, D] by the half-split (GPT-NeoX / Qwen2) convention."""
+  half = x.shape[-1] // 2
+  x32 = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with q/k/v bias and rotary embeddings.
+
+  With a layer cache, the new keys/values are written at `write_index` and the
+  queries attend over the whole cache (`mask` says which slots); without one,
+  they attend over the current tokens only.
+  """
+  config: ModelConfig
+
+  def project(self, x: Array, name: str, num_heads: int, heads_axis: str) -> Array:
+    cfg = self.config
+    kernel = _param(self, f"{name}_kernel", _KERNEL_INIT,
+                    (cfg.hidden_size, num_heads, cfg.head_dim), ("embed", heads_axis, "head_dim"),
+                    cfg.jnp_param_dtype)
+    bias = _param(self, f"{name}_bias", nn.initializers.zeros, (num_heads, cfg.head_dim),
+                  (heads_axis, "head_dim"), cfg.jnp_param_dtype)
+    dtype = cfg.jnp_dtype
+    return jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
+               layer_cache: dict[str, Array] | None = None,
+               write_index: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
+    cfg = self.config
+    q = apply_rope(self.project(x, "q", cfg.num_heads, "heads"), cos, sin)  # [B, T, H, D]
+    k = apply_rope(self.project(x, "k", cfg.num_kv_heads, "kv_heads"), cos, sin)  # [B, T, K, D]
+    v = self.project(x, "v", cfg.num_kv_heads, "kv_heads")  # [B, T, K, D]
+    if layer_cache is not None:
+      start = (0, write_index, 0, 0)
+      layer_cache = {
+          "k": jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
+          "v": jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start),
+      }
+      k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
+    out = attend(q, k, v, mask, cfg.attention)  # [B, T, H, D]
+    out = with_logical_constraint(out, ("batch", "length", "act_heads", None))
+    o_kernel = _param(self, "o_kernel", _KERNEL_INIT, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
+                      ("heads", "head_dim", "embed"), cfg.jnp_param_dtype)
+    return jnp.einsum("bthd,hde->bte", out, o_kernel.astype(out.dtype)), layer_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
+    shape, axes = (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp")
+    gate = _param(self, "gate_kernel", _KERNEL_INIT, shape, axes, pdtype).astype(dtype)
+    up = _param(self, "up_kernel", _KERNEL_INIT, shape, axes, pdtype).astype(dtype)
+    down = _param(self, "down_kernel", _KERNEL_INIT, shape[::-1], axes[::-1], pdtype).astype(dtype)
+    x = x.astype(dtype)
+    hidden = jax.nn.silu(x @ gate) * (x @ up)  # [B, T, M]
+    hidden = with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
+    return hidden @ down
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm residual block; scanned over the stacked `layers` axis."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, layer_cache, cos: Array, sin: Array, mask: Array,
+               write_index: Array | None):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
+    attn_out, layer_cache = Attention(cfg, name="attention")(
+        norm("input_norm")(x), cos, sin, mask, layer_cache, write_index)
+    x = x + attn_out
+    x = x + MLP(cfg, name="mlp")(norm("post_attention_norm")(x))
+    x = with_logical_constraint(x, ("batch", "length", "act_embed"))
+    return x, layer_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Qwen2(nn.Module):
+  """Embedding, the scanned decoder stack, the final norm and the LM head.
+
+  `embed`, `decode` and `logits` are exposed separately so that callers that
+  build their own input embeddings (the compressor's beacon tokens) or need
+  hidden states (the gate's head) reuse the same parameters.
+  """
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), cfg.jnp_param_dtype)
+    layer = DecoderLayer
+    if cfg.remat != "none":
+      layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    self.layers = nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name="layers")
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = self.param(
+          "lm_head", nn.with_logical_partitioning(_KERNEL_INIT, ("embed", "vocab")),
+          (cfg.hidden_size, cfg.vocab_size), cfg.jnp_param_dtype)
+
+  def embed(self, tokens: Array) -> Array:
+    """tokens [B, T] -> [B, T, E] in the compute dtype."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.config.jnp_dtype)
+
+  def decode(self, x: Array, positions: Array, mask: Array, cache_kv=None,
+             write_index: Array | None = None):
+    """Runs every layer. x: [B, T, E]; positions: [B, T]; mask: [B, 1, T, S].
+
+    Returns the final-normed hidden states [B, T, E] and the updated stacked
+    cache (`{"k", "v"}` of [L, B, S, K, D]) or None.
+    """
+    cfg = self.config
+    x = with_logical_constraint(x, ("batch", "length", "act_embed"))
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    x, cache_kv = self.layers(x, cache_kv, cos, sin, mask, write_index)
+    return self.final_norm(x), cache_kv
+
+  def logits(self, hidden: Array) -> Array:
+    """hidden [B, T, E] -> float32 logits [B, T, V]."""
+    head = self.embedding.T if self.config.tie_word_embeddings else self.lm_head
+    logits = hidden @ head.astype(hidden.dtype)
+    logits = with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+    return logits.astype(jnp.float32)
+
+  def __call__(self, tokens: Array, positions: Array, mask: Array, cache_kv=None,
+               write_index: Array | None = None):
+    hidden, cache_kv = self.decode(self.embed(tokens), positions, mask, cache_kv, write_index)
+    return self.logits(hidden), cache_kv
+
+
+# --- functional entry points -------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of every layer plus the bookkeeping to append to them.
+
+  k, v:         [L, B, S, K, D] keys (rotated) and values.
+  key_mask:     [B, S] bool, which slots hold a real token.
+  index:        int32 scalar, the next slot to write (shared by all rows).
+  next_position:[B] int32, the RoPE position of each row's next real token.
+  """
+  k: Array
+  v: Array
+  key_mask: Array
+  index: Array
+  next_position: Array
+
+  @property
+  def size(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
+  """An empty cache with room for `size` tokens per row."""
+  dtype = config.jnp_dtype if dtype is None else dtype
+  shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+  return KVCache(
+      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+      key_mask=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32),
+      next_position=jnp.zeros((batch,), jnp.int32))
+
+
+def positions_from_mask(token_mask: Array, start: Array | int = 0) -> Array:
+  """RoPE positions: real tokens count up from `start` ([B] or scalar); pads repeat."""
+  start = jnp.asarray(start, jnp.int32)
+  if start.ndim == 1:
+    start = start[:, None]
+  return start + jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(token_mask: Array) -> Array:
+  """[B, T] validity -> [B, 1, T, T]: causal and key-padding mask."""
+  t = token_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  return causal[None, None] & token_mask[:, None, None, :].astype(bool)
+
+
+def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None = None,
+            cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+  """Logits for `tokens` [B, T] (float32 [B, T, V]), optionally appending to `cache`.
+
+  Without a cache this is the training forward: causal attention over the
+  valid tokens, positions counted over `token_mask` (left or right padding).
+  With a cache, the tokens are written at `cache.index` and attend to every
+  valid slot before them; positions continue from `cache.next_position`.
+  The caller must leave room: `cache.index + T <= cache.size`.
+  """
+  model = Qwen2(config)
+  if token_mask is None:
+    token_mask = jnp.ones(tokens.shape, bool)
+  token_mask = token_mask.astype(bool)
+  if cache is None:
+    positions = positions_from_mask(token_mask)
+    logits, _ = model.apply({"params": params}, tokens, positions, causal_mask(token_mask))
+    return logits, None
+  positions = positions_from_mask(token_mask, cache.next_position)
+  key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, cache.index))
+  t, s = tokens.shape[1], cache.size
+  causal = jnp.arange(s)[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, S]
+  mask = causal[None, None] & key_mask[:, None, None, :]
+  logits, kv = model.apply({"params": params}, tokens, positions, mask,
+                           {"k": cache.k, "v": cache.v}, cache.index)
+  cache = KVCache(k=kv["k"], v=kv["v"], key_mask=key_mask, index=cache.index + t,
+                  next_position=cache.next_position + token_mask.sum(-1, dtype=jnp.int32))
+  return logits, cache
+
+
+def abstract_params(config: ModelConfig) -> Any:
+  """The boxed (`nn.Partitioned`) parameter tree as ShapeDtypeStructs; no compute."""
+  model = Qwen2(config)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), tokens, jnp.zeros((1, 1), jnp.int32),
+                         jnp.ones((1, 1, 1, 1), bool)))
+  return variables["params"]
+
+
+def init_params(config: ModelConfig, rng: Array, mesh=None) -> Any:
+  """Randomly initialised parameters, created directly with their target shardings."""
+  from memrecall import sharding  # local: avoids a cycle for notebook users importing model only
+
+  model = Qwen2(config)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+
+  def init(rng):
+    variables = model.init(rng, tokens, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1, 1, 1), bool))
+    return nn.unbox(variables["params"])
+
+  if mesh is None:
+    return jax.jit(init)(rng)
+  shardings = sharding.param_shardings(abstract_params(config), mesh)
+  return jax.jit(init, out_shardings=shardings)(rng)

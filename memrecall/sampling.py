@@ -1,0 +1,154 @@
+"""A jitted KV-cache sampler: prefill once, then a `lax.while_loop` of decode steps.
+
+Buffers have fixed sizes (the cache holds prompt + `max_new_tokens` slots), the
+cache is donated between the prefill and the loop, and every row stops on its
+own end-of-sequence token.  The log-probability of each sampled token under
+the model's untempered distribution is recorded, because a policy-gradient
+update needs exactly that quantity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from memrecall.config import ModelConfig
+from memrecall.model import KVCache, forward, init_cache
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick each token.
+
+  temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+  top_k: keep only the k most likely tokens (0 = no limit).
+  top_p: keep the smallest set of tokens whose probability reaches p (1 = off).
+  eos_ids: tokens that end a row; pad_id fills a row after it ended.
+  """
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """tokens/logprobs: [B, N]; after a row's EOS, tokens are pad and logprobs 0.
+
+  lengths: [B] tokens generated per row, the EOS included.
+  done:    [B] whether the row emitted an EOS.
+  """
+  tokens: Array
+  logprobs: Array
+  lengths: Array
+  done: Array
+
+
+def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
+  """Applies temperature, top-k and top-p to float32 logits [B, V]."""
+  logits = logits / sampling.temperature
+  neg_inf = jnp.finfo(logits.dtype).min
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits < kth, neg_inf, logits)
+  if sampling.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
+    keep = mass_before < sampling.top_p  # the top token is always kept
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg_inf, logits)
+  return logits
+
+
+def sample_token(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
+  """One token per row from float32 logits [B, V] -> [B] int32."""
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def last_valid_logits(logits: Array, token_mask: Array) -> Array:
+  """Each row's logits at its last real token: [B, T, V] -> [B, V] (left or right padding)."""
+  t = token_mask.shape[-1]
+  last = t - 1 - jnp.argmax(token_mask[:, ::-1].astype(jnp.int32), axis=-1)
+  return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def prefill(params, config: ModelConfig, cache: KVCache, tokens: Array,
+            token_mask: Array) -> tuple[Array, KVCache]:
+  """Writes a (padded) prompt [B, T] into the cache; returns each row's next-token logits [B, V]."""
+  logits, cache = forward(params, config, tokens, token_mask, cache)
+  return last_valid_logits(logits, token_mask), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling"),
+                   donate_argnames=("cache",))
+def sample_loop(params, config: ModelConfig, cache: KVCache, next_logits: Array, rng: Array, *,
+                max_new_tokens: int, sampling: SamplingConfig) -> tuple[SampleOutput, KVCache]:
+  """Samples up to `max_new_tokens` per row, continuing from `next_logits` [B, V]."""
+  batch = next_logits.shape[0]
+  eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+
+  def cond(state):
+    step, _, _, done, _, _, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, tokens, logprobs, done, cache, logits, rng = state
+    rng, step_rng = jax.random.split(rng)
+    token = sample_token(logits, step_rng, sampling)
+    token = jnp.where(done, sampling.pad_id, token)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+    tokens = tokens.at[:, step].set(token)
+    logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+    # Rows that already ended write an invalid (masked) slot.
+    logits, cache = forward(params, config, token[:, None], (~done)[:, None], cache)
+    done = done | jnp.isin(token, eos)
+    return step + 1, tokens, logprobs, done, cache, logits[:, 0], rng
+
+  state = (jnp.zeros((), jnp.int32), jnp.full((batch, max_new_tokens), sampling.pad_id, jnp.int32),
+           jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch,), bool),
+           cache, next_logits, rng)
+  _, tokens, logprobs, done, cache, _, _ = jax.lax.while_loop(cond, body, state)
+  # A row's length counts every step before (and including) its EOS.
+  step_of_eos = jnp.where(done, jnp.argmax(jnp.isin(tokens, eos), axis=-1) + 1, max_new_tokens)
+  return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=step_of_eos.astype(jnp.int32),
+                      done=done), cache
+
+
+def generate(params, config: ModelConfig, prompt: Array, prompt_mask: Array | None, rng: Array, *,
+             max_new_tokens: int, sampling: SamplingConfig, cache_sharding=None) -> SampleOutput:
+  """Prefill + sampling loop for a batch of prompts [B, T] (padding on either side)."""
+  if max_new_tokens <= 0:
+    raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+  prompt = jnp.asarray(prompt, jnp.int32)
+  if prompt.ndim != 2 or prompt.shape[1] == 0:
+    raise ValueError(f"prompt must be a non-empty [batch, length] array, got shape {prompt.shape}")
+  prompt_mask = jnp.ones(prompt.shape, bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
+  if not bool(jnp.all(prompt_mask.any(axis=-1))):
+    raise ValueError("every prompt row needs at least one real token (its mask is all zero)")
+  cache = init_cache(config, prompt.shape[0], prompt.shape[1] + max_new_tokens)
+  if cache_sharding is not None:
+    cache = jax.device_put(cache, cache_sharding)
+  next_logits, cache = prefill(params, config, cache, prompt, prompt_mask)
+  output, _ = sample_loop(params, config, cache, next_logits, rng,
+                          max_new_tokens=max_new_tokens, sampling=sampling)
+  return output

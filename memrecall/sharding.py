@@ -1,0 +1,143 @@
+"""Logical axis names, the one rules table mapping them to mesh axes, and meshes.
+
+Every parameter and the main activations are annotated with *logical* axis
+names (`"embed"`, `"heads"`, ...).  `LOGICAL_AXIS_RULES` says which mesh axis
+each name is split over; changing the parallelism of the whole codebase means
+changing this table (or the mesh shape), never the model code.
+
+Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism that also
+shards parameters and optimizer state) and `tensor` (Megatron-style model
+parallelism over heads and MLP columns).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("chunks", ("data", "fsdp")),
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices).
+
+  `shape` gives the size of each axis; at most one entry may be -1 (fill with
+  the remaining devices).  The default puts every device on `fsdp`.
+  Axes are `Auto` so that GSPMD propagates shardings from the rules table.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if shape is None:
+    shape = {"fsdp": -1}
+  if not isinstance(shape, Mapping):
+    shape = dict(zip(MESH_AXES, shape))
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+  sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(shape)}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot fill mesh {dict(shape)}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(
+        f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+        f"but {len(devices)} are available")
+  device_array = np.asarray(devices).reshape(sizes)
+  return Mesh(device_array, MESH_AXES,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None,
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> PartitionSpec:
+  """Maps logical axis names to a `PartitionSpec` through `rules`.
+
+  When `shape` and `mesh` are given, a dimension that the mesh axes do not
+  divide evenly is replicated instead (e.g. 2 KV heads on a 4-way tensor axis),
+  and a mesh axis is never used twice in one spec.
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(logical_axes):
+    target = table.get(name) if name is not None else None
+    if name is not None and name not in table:
+      raise KeyError(f"logical axis {name!r} has no rule in the axis rules table")
+    axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    axes = tuple(a for a in axes if a not in used and (mesh is None or a in mesh.shape))
+    if mesh is not None and shape is not None:
+      # Drop trailing mesh axes until the product divides the dimension.
+      while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+      axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*spec)
+
+
+def logical_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                     rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
+
+
+def param_shardings(boxed_tree: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a tree of `nn.Partitioned` (abstract or concrete) leaves.
+
+  Leaves that carry no logical names are replicated.
+  """
+  def one(leaf):
+    if isinstance(leaf, nn.Partitioned):
+      names = leaf.get_partition_spec()
+      return logical_sharding(tuple(names), leaf.value.shape, mesh, rules)
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def logical_axes_tree(boxed_tree: Any) -> Any:
+  """The logical axis names of every leaf (tuple of names, or None)."""
+  def one(leaf):
+    if isinstance(leaf, nn.Partitioned):
+      return tuple(leaf.get_partition_spec())
+    return None
+  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation's sharding when running under `jax.set_mesh`; else a no-op."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  spec = logical_to_spec(logical_axes, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)

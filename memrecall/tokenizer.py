@@ -1,0 +1,75 @@
+"""Tokenizers: a byte-level default that needs no files, and HF `tokenizer.json`.
+
+Both expose `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`
+and the special ids, so the rest of memrecall never asks which one it has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Protocol, Sequence
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  eos_ids: tuple[int, ...]
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes shifted by `offset`; ids below the offset are special tokens.
+
+  The default layout is 0 = pad, 1 = bos, 2 = eos, then the 256 byte values.
+  Ids outside the byte range are skipped when decoding, so a model with a
+  larger vocabulary (task tokens, beacons) still decodes cleanly.
+  """
+
+  def __init__(self, offset: int = 3, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2):
+    self.offset = offset
+    self.pad_id, self.bos_id = pad_id, bos_id
+    self.eos_ids = (eos_id,)
+    self.vocab_size = offset + 256
+
+  def encode(self, text: str) -> list[int]:
+    return [b + self.offset for b in text.encode("utf-8")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    data = bytes(int(i) - self.offset for i in ids if self.offset <= int(i) < self.offset + 256)
+    return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+  """A `tokenizer.json` (Hugging Face `tokenizers`) with the special ids of its checkpoint."""
+
+  def __init__(self, directory: str | os.PathLike, eos_ids: Sequence[int] = (), pad_id: int | None = None):
+    try:
+      from tokenizers import Tokenizer as _Tokenizer
+    except ImportError as e:
+      raise ImportError("reading tokenizer.json needs the `tokenizers` package: "
+                        "pip install 'memrecall[hf]'") from e
+    path = os.path.join(os.fspath(directory), "tokenizer.json")
+    self._tokenizer = _Tokenizer.from_file(path)
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    self.eos_ids = tuple(eos_ids)
+    self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
+    config_path = os.path.join(os.fspath(directory), "tokenizer_config.json")
+    self.config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(directory: str | os.PathLike | None, eos_ids: Sequence[int] = (),
+                   pad_id: int | None = None) -> Tokenizer:
+  """`tokenizer.json` from `directory` when present, else the byte-level default."""
+  if directory is not None and os.path.exists(os.path.join(os.fspath(directory), "tokenizer.json")):
+    return HFTokenizer(directory, eos_ids, pad_id)
+  return ByteTokenizer()

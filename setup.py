@@ -1,0 +1,34 @@
+"""memrecall: compressed-memory long-context reasoning in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="memrecall",
+    version="0.1.0",
+    description="Compressed-memory long-context reasoning (compressor, gate, reasoner, RL) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["memrecall", "memrecall.*"]),
+    # Lower bounds admit the target GPU image's preinstalled stack (jax 0.11.2,
+    # flax 0.12.10, optax 0.2.8, orbax-checkpoint 0.12.4, chex 0.1.92).
+    install_requires=[
+        "jax>=0.11.2",
+        "flax>=0.12.10",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.4",
+        "chex>=0.1.92",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "ml_dtypes>=0.5",
+    ],
+    extras_require={
+        # Hugging Face tokenizers for tokenizer.json; safetensors are read natively.
+        "hf": ["tokenizers>=0.19"],
+        # TFDS builders (array_record, no TensorFlow needed).
+        "data": ["tensorflow-datasets>=4.9", "array-record>=0.5"],
+        # The test suite; `safetensors` serves as an independent reference there.
+        "test": ["pytest>=8", "safetensors>=0.4", "tokenizers>=0.19"],
+    },
+)
