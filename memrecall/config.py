@@ -117,6 +117,10 @@ class ModelConfig:
     eos = hf.get("eos_token_id")
     eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
     pad = hf.get("pad_token_id")
+    # The stored dtype ("torch_dtype" before transformers 5, "dtype" after) is
+    # the default for both parameters and compute.
+    stored = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    stored = stored if stored in _DTYPES else "float32"
     values = dict(
         vocab_size=int(hf["vocab_size"]),
         hidden_size=hidden,
@@ -132,6 +136,8 @@ class ModelConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0),
+        param_dtype=stored,
+        dtype=stored,
     )
     values.update(overrides)
     return cls(**values)

@@ -1,0 +1,51 @@
+"""launch/generate.py end to end, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from memrecall import hf_checkpoint, sampling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*flags):
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"), *flags],
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_greedy_ids_equal_the_library(tmp_path, tiny_dir):
+  out = tmp_path / "out.json"
+  proc = _run(f"--hf_checkpoint={tiny_dir}", "--prompt_ids=5,6,7,8", "--max_new_tokens=12",
+              f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr
+  result = json.load(open(out))
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  expected = sampling.generate(params, config, np.asarray([[5, 6, 7, 8]]), None, jax.random.key(0),
+                               max_new_tokens=12,
+                               sampling=sampling.SamplingConfig(eos_ids=config.eos_token_ids))
+  n = int(expected.lengths[0])
+  assert result["ids"] == expected.tokens[0, :n].tolist()
+  assert isinstance(result["text"], str) and len(result["logprobs"]) == n
+
+
+def test_text_prompt_with_sampling_on_a_random_tiny_model(tmp_path):
+  out = tmp_path / "out.json"
+  proc = _run("--model=tiny", "--prompt=hello there", "--temperature=0.8", "--top_k=20",
+              "--top_p=0.9", "--seed=3", "--max_new_tokens=6", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert 1 <= len(json.load(open(out))["ids"]) <= 6
+
+
+def test_usage_errors_are_clear(tiny_dir, tmp_path):
+  proc = _run(f"--hf_checkpoint={tiny_dir}")
+  assert proc.returncode != 0 and "exactly one of --prompt and --prompt_ids" in proc.stderr
+  proc = _run(f"--hf_checkpoint={tiny_dir}", "--prompt_ids=1,999")
+  assert proc.returncode != 0 and "outside the vocabulary" in proc.stderr
+  proc = _run(f"--hf_checkpoint={tmp_path}", "--prompt_ids=1")
+  assert proc.returncode != 0 and "has no config.json" in proc.stderr

@@ -1,0 +1,151 @@
+"""HF checkpoint import/export: layouts, exact round trips and clear errors on bad input."""
+
+import json
+import os
+import shutil
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from memrecall import hf_checkpoint
+from memrecall.config import ConfigError
+from memrecall.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
+
+
+def _copy(src, dst):
+  shutil.copytree(os.path.join(FIXTURES, src), dst)
+  return dst
+
+
+def _tensors(directory):
+  return {n: np.array(f.get(n)) for n, f in iter_checkpoint_files(directory)}
+
+
+def _rewrite(directory, edit):
+  """Applies edit(dict of tensors) to a single-file checkpoint."""
+  path = os.path.join(directory, "model.safetensors")
+  tensors = {n: np.array(v) for n, v in _tensors(directory).items()}
+  edit(tensors)
+  save_file(tensors, path)
+
+
+def test_single_and_sharded_checkpoints_load_identically(tiny_dir):
+  single, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  sharded, config2 = hf_checkpoint.load_hf_checkpoint(os.path.join(FIXTURES, "qwen2_tiny_sharded"))
+  assert config == config2
+  assert config.rope_theta == 1e4 and config.eos_token_ids == (2,) and config.num_kv_heads == 2
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("source", ["qwen2_tiny", "qwen2_tiny_tied"])
+@pytest.mark.parametrize("max_shard_bytes", [1 << 30, 60_000])
+def test_export_then_import_is_bit_exact(tmp_path, source, max_shard_bytes):
+  params, config = hf_checkpoint.load_hf_checkpoint(os.path.join(FIXTURES, source))
+  hf_checkpoint.save_hf_checkpoint(params, config, tmp_path, max_shard_bytes=max_shard_bytes)
+  files = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+  assert (len(files) > 1) == (max_shard_bytes < 1 << 30)
+  assert os.path.exists(tmp_path / "model.safetensors.index.json") == (len(files) > 1)
+  # The exported tensors are the original HF tensors, bit for bit.
+  original = _tensors(os.path.join(FIXTURES, source))
+  exported = _tensors(tmp_path)
+  assert set(original) == set(exported)
+  for name in original:
+    np.testing.assert_array_equal(original[name], exported[name])
+  again, config2 = hf_checkpoint.load_hf_checkpoint(tmp_path)
+  assert config2 == config
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_round_trip(tmp_path, tiny_dir):
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, param_dtype="bfloat16")
+  hf_checkpoint.save_hf_checkpoint(params, config, tmp_path)
+  assert SafetensorsFile(tmp_path / "model.safetensors").get("model.norm.weight").dtype == ml_dtypes.bfloat16
+  again, _ = hf_checkpoint.load_hf_checkpoint(tmp_path)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+
+
+def test_reader_agrees_with_the_safetensors_package(tmp_path, tiny_dir):
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  reference = safetensors_numpy.load_file(os.path.join(tiny_dir, "model.safetensors"))
+  ours = SafetensorsFile(os.path.join(tiny_dir, "model.safetensors"))
+  assert sorted(reference) == sorted(ours.names())
+  for name, value in reference.items():
+    np.testing.assert_array_equal(ours.get(name), value)
+  # And the package reads what we write.
+  save_file({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int64)},
+            tmp_path / "x.safetensors")
+  back = safetensors_numpy.load_file(str(tmp_path / "x.safetensors"))
+  np.testing.assert_array_equal(back["a"], np.arange(6).reshape(2, 3))
+
+
+def test_missing_tensor_is_named(tmp_path):
+  d = _copy("qwen2_tiny", tmp_path / "ckpt")
+  _rewrite(d, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+  with pytest.raises(hf_checkpoint.CheckpointError,
+                     match=r"missing tensors model\.layers\.1\.self_attn\.k_proj\.bias"):
+    hf_checkpoint.load_hf_checkpoint(d)
+
+
+def test_wrong_shape_is_named(tmp_path):
+  d = _copy("qwen2_tiny", tmp_path / "ckpt")
+
+  def shrink(t):
+    t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:100]
+  _rewrite(d, shrink)
+  with pytest.raises(hf_checkpoint.CheckpointError,
+                     match=r"model\.layers\.0\.mlp\.up_proj\.weight has shape \(100, 64\), "
+                           r"expected \(128, 64\)"):
+    hf_checkpoint.load_hf_checkpoint(d)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+  d = _copy("qwen2_tiny", tmp_path / "ckpt")
+  _rewrite(d, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((128, 64), np.float32)}))
+  with pytest.raises(hf_checkpoint.CheckpointError, match=r"unexpected tensors model\.layers\.2"):
+    hf_checkpoint.load_hf_checkpoint(d)
+
+
+def test_heads_not_divisible_by_kv_heads(tmp_path):
+  d = _copy("qwen2_tiny", tmp_path / "ckpt")
+  cfg = json.load(open(d / "config.json"))
+  cfg["num_key_value_heads"] = 3
+  json.dump(cfg, open(d / "config.json", "w"))
+  with pytest.raises(ConfigError, match=r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"):
+    hf_checkpoint.load_hf_checkpoint(d)
+
+
+def test_directory_without_config_json(tmp_path):
+  d = _copy("qwen2_tiny", tmp_path / "ckpt")
+  os.remove(d / "config.json")
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    hf_checkpoint.load_hf_checkpoint(d)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    hf_checkpoint.load_hf_checkpoint(tmp_path / "nowhere")
+
+
+def test_directory_without_weights_and_broken_index(tmp_path):
+  d = _copy("qwen2_tiny", tmp_path / "ckpt")
+  os.remove(d / "model.safetensors")
+  with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
+    hf_checkpoint.load_hf_checkpoint(d)
+  s = _copy("qwen2_tiny_sharded", tmp_path / "sharded")
+  os.remove(s / "model-00002-of-00005.safetensors")
+  with pytest.raises(FileNotFoundError, match="model-00002-of-00005.safetensors"):
+    hf_checkpoint.load_hf_checkpoint(s)
+
+
+def test_truncated_safetensors_file(tmp_path):
+  path = tmp_path / "bad.safetensors"
+  path.write_bytes(b"\x10\x00")
+  with pytest.raises(ValueError, match="too short"):
+    SafetensorsFile(path)
+  path.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+  with pytest.raises(ValueError, match="exceeds the file size"):
+    SafetensorsFile(path)

@@ -1,0 +1,127 @@
+"""The KV-cache sampler: parity with transformers' greedy generate, filters, seeds and log-probs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memrecall import hf_checkpoint, model, sampling
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+  return hf_checkpoint.load_hf_checkpoint(tiny_dir)
+
+
+def _settings(config, **kw):
+  return sampling.SamplingConfig(eos_ids=config.eos_token_ids, pad_id=config.pad_token_id, **kw)
+
+
+def test_greedy_matches_transformers_generate(tiny, hf_reference):
+  params, config = tiny
+  prompt, mask = hf_reference["generate/input_ids"], hf_reference["generate/attention_mask"]
+  expected = hf_reference["generate/output_ids"][:, prompt.shape[1]:]
+  out = sampling.generate(params, config, prompt, mask, jax.random.key(0), max_new_tokens=32,
+                          sampling=_settings(config))
+  np.testing.assert_array_equal(out.tokens, expected)
+  # Row 0 stops at its EOS (the 13th token), row 1 runs all 32 steps.
+  np.testing.assert_array_equal(out.lengths, [13, 32])
+  np.testing.assert_array_equal(out.done, [True, False])
+  assert (out.logprobs[0, 13:] == 0).all()
+
+
+def test_top_k_one_equals_greedy(tiny, hf_reference):
+  params, config = tiny
+  prompt, mask = hf_reference["generate/input_ids"], hf_reference["generate/attention_mask"]
+  greedy = sampling.generate(params, config, prompt, mask, jax.random.key(0), max_new_tokens=20,
+                             sampling=_settings(config))
+  top1 = sampling.generate(params, config, prompt, mask, jax.random.key(7), max_new_tokens=20,
+                           sampling=_settings(config, temperature=1.3, top_k=1))
+  np.testing.assert_array_equal(greedy.tokens, top1.tokens)
+
+
+def test_fixed_seed_reproduces_and_seeds_differ(tiny):
+  params, config = tiny
+  prompt = jnp.arange(3, 11).reshape(1, 8).repeat(4, axis=0)
+  settings = _settings(config, temperature=1.0, top_p=0.95)
+  a = sampling.generate(params, config, prompt, None, jax.random.key(5), max_new_tokens=16,
+                        sampling=settings)
+  b = sampling.generate(params, config, prompt, None, jax.random.key(5), max_new_tokens=16,
+                        sampling=settings)
+  c = sampling.generate(params, config, prompt, None, jax.random.key(6), max_new_tokens=16,
+                        sampling=settings)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.logprobs, b.logprobs)
+  assert not np.array_equal(a.tokens, c.tokens)
+  # Identical prompts in one batch still get different samples.
+  assert len({tuple(row) for row in np.asarray(a.tokens)}) > 1
+
+
+def test_recorded_logprobs_equal_teacher_forced_log_softmax(tiny):
+  params, config = tiny
+  prompt = jnp.asarray([[0, 0, 5, 9, 40, 77], [11, 12, 13, 14, 15, 16]])
+  mask = prompt != 0
+  out = sampling.generate(params, config, prompt, mask, jax.random.key(1), max_new_tokens=12,
+                          sampling=_settings(config, temperature=0.9, top_k=50))
+  for row in range(2):
+    n = int(out.lengths[row])
+    seq = jnp.concatenate([prompt[row], out.tokens[row, :n]])[None]
+    seq_mask = jnp.concatenate([mask[row], jnp.ones((n,), bool)])[None]
+    logits, _ = model.forward(params, config, seq, seq_mask)
+    logp = jax.nn.log_softmax(logits[0, prompt.shape[1] - 1:-1])
+    expected = jnp.take_along_axis(logp, out.tokens[row, :n, None], -1)[:, 0]
+    np.testing.assert_allclose(out.logprobs[row, :n], expected, atol=1e-5)
+
+
+def _numpy_filter(logits, temperature, top_k, top_p):
+  """Reference top-k/top-p: sort, keep the k best, then the shortest prefix reaching p."""
+  out = np.full_like(logits, -np.inf)
+  for b, row in enumerate(logits / temperature):
+    order = np.argsort(-row, kind="stable")
+    keep = order[:top_k] if top_k else order
+    probs = np.exp(row[keep] - row[keep].max())
+    probs /= probs.sum()
+    cut = np.searchsorted(np.cumsum(probs), top_p - 1e-12) + 1
+    out[b, keep[:cut]] = row[keep[:cut]]
+  return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (5, 1.0), (10, 0.8), (0, 1.0)])
+def test_filter_logits_matches_numpy(top_k, top_p):
+  logits = np.random.default_rng(top_k).normal(size=(3, 40)).astype(np.float32) * 2
+  settings = sampling.SamplingConfig(temperature=0.7, top_k=top_k, top_p=top_p)
+  ours = np.asarray(sampling.filter_logits(jnp.asarray(logits), settings))
+  ref = _numpy_filter(logits.astype(np.float64), 0.7, top_k, top_p)
+  kept = np.isfinite(ref)
+  np.testing.assert_array_equal(ours > np.finfo(np.float32).min, kept)
+  np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  settings = sampling.SamplingConfig(temperature=1.0, top_p=0.8)
+  draws = jax.vmap(lambda k: sampling.sample_token(logits, k, settings))(
+      jax.random.split(jax.random.key(0), 4000))[:, 0]
+  freq = np.bincount(np.asarray(draws), minlength=4) / 4000
+  # top-p 0.8 keeps {0.5, 0.3}: renormalised to 0.625 / 0.375.
+  np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0),
+                                    dict(top_p=1.5)])
+def test_invalid_sampling_settings_are_refused(kwargs):
+  with pytest.raises(ValueError):
+    sampling.SamplingConfig(**kwargs)
+
+
+def test_bad_prompts_are_refused(tiny):
+  params, config = tiny
+  with pytest.raises(ValueError, match="non-empty"):
+    sampling.generate(params, config, jnp.zeros((1, 0), jnp.int32), None, jax.random.key(0),
+                      max_new_tokens=4, sampling=_settings(config))
+  with pytest.raises(ValueError, match="at least one real token"):
+    sampling.generate(params, config, jnp.ones((2, 3), jnp.int32), jnp.asarray([[1, 1, 1], [0, 0, 0]]),
+                      jax.random.key(0), max_new_tokens=4, sampling=_settings(config))
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    sampling.generate(params, config, jnp.ones((1, 3), jnp.int32), None, jax.random.key(0),
+                      max_new_tokens=0, sampling=_settings(config))

@@ -1,0 +1,77 @@
+"""Sharded execution over a simulated 8-device CPU mesh equals one device; the rules table."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from memrecall import hf_checkpoint, model, sampling, sharding
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  assert len(jax.devices()) == 8, "conftest sets 8 simulated CPU devices"
+  return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+
+
+def test_import_places_parameters_on_their_shardings(tiny_dir, mesh):
+  params, _ = hf_checkpoint.load_hf_checkpoint(tiny_dir, mesh=mesh)
+  up = params["layers"]["mlp"]["up_kernel"]  # [layers, embed, mlp]
+  assert up.sharding.spec == P(None, "fsdp", "tensor")
+  assert len(up.addressable_shards) == 8 and up.addressable_shards[0].data.shape == (2, 32, 64)
+  assert params["layers"]["attention"]["k_kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert params["embedding"].sharding.spec == P("tensor", "fsdp")
+  # Sharded import holds exactly the single-device values.
+  single, _ = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sharded_forward_and_sampler_match_one_device(tiny_dir, mesh, hf_reference):
+  single, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  sharded, _ = hf_checkpoint.load_hf_checkpoint(tiny_dir, mesh=mesh)
+  tokens = jnp.asarray(hf_reference["logits/input_ids"][:2].repeat(2, 0))  # batch 4
+  mask = jnp.asarray(hf_reference["logits/attention_mask"][:2].repeat(2, 0))
+  expected, _ = model.forward(single, config, tokens, mask)
+  settings = sampling.SamplingConfig(temperature=1.0, top_k=40, eos_ids=config.eos_token_ids)
+  expected_sample = sampling.generate(single, config, tokens, mask, jax.random.key(3),
+                                      max_new_tokens=10, sampling=settings)
+  with jax.set_mesh(mesh):
+    logits, _ = jax.jit(model.forward, static_argnums=1)(sharded, config, tokens, mask)
+    sample = sampling.generate(sharded, config, tokens, mask, jax.random.key(3), max_new_tokens=10,
+                               sampling=settings)
+  np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=1e-5)
+  np.testing.assert_array_equal(sample.tokens, expected_sample.tokens)
+  np.testing.assert_allclose(sample.logprobs, expected_sample.logprobs, atol=1e-5)
+
+
+def test_init_params_respects_the_mesh(mesh):
+  config = model.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=8)
+  sharded = model.init_params(config, jax.random.key(0), mesh)
+  single = model.init_params(config, jax.random.key(0))
+  assert sharded["lm_head"].sharding.spec == P("fsdp", "tensor")
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_rules_replicate_dimensions_the_mesh_does_not_divide(mesh):
+  # 3 KV heads cannot be split 2 ways: replicated rather than failing.
+  assert sharding.logical_to_spec(("embed", "kv_heads"), (64, 3), mesh) == P("fsdp", None)
+  # "batch" maps to (data, fsdp): 4 rows use both axes, 2 rows only the first.
+  assert sharding.logical_to_spec(("batch", None), (4, 5), mesh) == P(("data", "fsdp"), None)
+  assert sharding.logical_to_spec(("batch", None), (2, 5), mesh) == P("data", None)
+  with pytest.raises(KeyError, match="no rule"):
+    sharding.logical_to_spec(("no_such_axis",))
+
+
+def test_make_mesh_shapes_and_errors():
+  assert sharding.make_mesh({"tensor": 2, "fsdp": -1}).shape == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert sharding.make_mesh().shape["fsdp"] == 8
+  with pytest.raises(ValueError, match="needs 6 devices"):
+    sharding.make_mesh({"data": 3, "fsdp": 2})
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    sharding.make_mesh({"pipeline": 2})
+  with pytest.raises(ValueError, match="cannot fill"):
+    sharding.make_mesh({"data": 3, "fsdp": -1})
