@@ -52,10 +52,12 @@ class ModelConfig:
   dtype: str = "float32"
   attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
   remat: str = "none"  # one of REMAT_POLICIES
-  scan_layers: bool = True
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
+  # Whether the parameter tree holds the compressor's beacon embedding and
+  # per-layer beacon q/k/v projections (DESIGN §3).
+  compressor: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -138,6 +140,7 @@ class ModelConfig:
         pad_token_id=int(pad) if pad is not None else (eos_ids[0] if eos_ids else 0),
         param_dtype=stored,
         dtype=stored,
+        compressor=any(k.startswith("lychee_memory_") for k in hf),
     )
     values.update(overrides)
     return cls(**values)
@@ -171,4 +174,5 @@ class ModelConfig:
         "attention_dropout": 0.0,
         "use_sliding_window": False,
         "max_position_embeddings": 32768,
+        **({"lychee_memory_param": ["q", "k", "v"]} if self.compressor else {}),
     }

@@ -42,6 +42,10 @@ class TensorRule:
   path: tuple[str, ...]
   hf_name: str
   linear_in: int | None = None
+  # Read instead when hf_name is absent (a plain Qwen2 checkpoint given a
+  # compressor): the tensor, and optionally one row of it.
+  fallback: str | None = None
+  fallback_row: int | None = None
 
   @property
   def stacked(self) -> bool:
@@ -77,11 +81,33 @@ def qwen2_rules(config: ModelConfig) -> list[TensorRule]:
     rules += [TensorRule(("layers", "attention", f"{p}_kernel"), layer + f"self_attn.{p}_proj.weight",
                          linear_in=1),
               TensorRule(("layers", "attention", f"{p}_bias"), layer + f"self_attn.{p}_proj.bias")]
+  if config.compressor:
+    # LycheeMemory's names; absent from a plain Qwen2 checkpoint, where the
+    # beacon projections start as copies of q/k/v and the beacon embedding as
+    # the EOS embedding (as the released code initialises them).
+    eos = config.eos_token_ids[0] if config.eos_token_ids else 0
+    rules.append(TensorRule(("beacon_embedding",), "model.lychee_memory_embed_tokens.weight",
+                            fallback="model.embed_tokens.weight", fallback_row=eos))
+    for p in "qkv":
+      for kind, linear_in in (("weight", 1), ("bias", None)):
+        rules.append(TensorRule(
+            ("layers", "attention", f"beacon_{p}_{'kernel' if kind == 'weight' else 'bias'}"),
+            layer + f"self_attn.lychee_memory_{p}_proj.{kind}", linear_in=linear_in,
+            fallback=layer + f"self_attn.{p}_proj.{kind}"))
   return rules
 
 
 # Tensors that HF checkpoints may carry and that carry no parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Tensors of parts that a config may leave out (the gate's relevance head).
+_OPTIONAL_PREFIXES = ("similarity_head.",)
+
+
+def _resolve_fallback(rule: TensorRule, tensors: Mapping[str, Any]) -> TensorRule:
+  """Swaps a rule whose tensor is absent for its fallback source, when it has one."""
+  if rule.fallback is None or rule.hf_name.format(i=0) in tensors:
+    return dataclasses.replace(rule, fallback=None, fallback_row=None)
+  return dataclasses.replace(rule, hf_name=rule.fallback, fallback=None)
 
 
 def _get_path(tree: Mapping, path: Sequence[str]):
@@ -130,13 +156,14 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, mesh=None,
   """
   config, _ = read_config(directory, **config_overrides)
   tensors = dict(iter_checkpoint_files(directory))
-  rules = rules_fn(config)
+  rules = [_resolve_fallback(rule, tensors) for rule in rules_fn(config)]
   expected = {rule.hf_name.format(i=i) for rule in rules
               for i in (range(config.num_layers) if rule.stacked else [0])}
   missing = sorted(expected - set(tensors))
   if missing:
     raise CheckpointError(f"{directory}: missing tensors {_summarise(missing)}")
   ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+  ignorable |= {n for n in tensors if n.startswith(_OPTIONAL_PREFIXES)}
   unexpected = sorted(n for n in set(tensors) - expected
                       if n not in ignorable and not n.endswith(_IGNORED_SUFFIXES))
   if unexpected:
@@ -159,6 +186,8 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, mesh=None,
     for i in range(config.num_layers if rule.stacked else 1):
       name = rule.hf_name.format(i=i)
       got = tensors[name].shape(name)
+      if rule.fallback_row is not None:
+        got = (1,) + got[1:]
       want = _hf_shape(rule, layer_shape)
       if got != want:
         raise CheckpointError(f"{directory}: tensor {name} has shape {got}, expected {want} "
@@ -178,7 +207,10 @@ def _reader(rule: TensorRule, tensors: Mapping[str, SafetensorsFile], layer_shap
   """A callback producing any slice of a parameter, reading only the layers it spans."""
   def read_layer(i: int) -> np.ndarray:
     name = rule.hf_name.format(i=i)
-    return rule.to_ours(tensors[name].get(name), layer_shape)
+    tensor = tensors[name].get(name)
+    if rule.fallback_row is not None:
+      tensor = tensor[rule.fallback_row:rule.fallback_row + 1]
+    return rule.to_ours(tensor, layer_shape)
 
   def callback(index: tuple[slice, ...]) -> np.ndarray:
     if not rule.stacked:

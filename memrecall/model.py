@@ -65,11 +65,17 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 class Attention(nn.Module):
   """Grouped-query self-attention with q/k/v bias and rotary embeddings.
 
-  With a layer cache, the new keys/values are written at `write_index` and the
-  queries attend over the whole cache (`mask` says which slots); without one,
-  they attend over the current tokens only.
+  Three ways to run, chosen by what `layer_kv` holds:
+  * None: attend over the current tokens only (training forward).
+  * a KV cache `{"k", "v"}` (rotated keys): write the new keys/values at
+    `write_index`, attend over the whole cache (`mask` says which slots).
+  * compression (`beacon_rows > 0`): the last `beacon_rows` rows are beacons
+    and use their own q/k/v projections; `layer_kv` is the pre-RoPE prefix of
+    earlier windows' beacons, rotated here with the leading part of cos/sin;
+    the returned `layer_kv` is this window's beacon keys/values, pre-RoPE.
   """
   config: ModelConfig
+  beacon_rows: int = 0
 
   def project(self, x: Array, name: str, num_heads: int, heads_axis: str) -> Array:
     cfg = self.config
@@ -81,26 +87,46 @@ class Attention(nn.Module):
     dtype = cfg.jnp_dtype
     return jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
 
+  def qkv(self, x: Array) -> tuple[Array, Array, Array]:
+    """Pre-RoPE q [B, T, H, D], k and v [B, T, K, D]; beacon rows use the beacon projections."""
+    cfg = self.config
+    heads = {"q": (cfg.num_heads, "heads"), "k": (cfg.num_kv_heads, "kv_heads"),
+             "v": (cfg.num_kv_heads, "kv_heads")}
+    ordinary = {p: self.project(x[:, :x.shape[1] - self.beacon_rows], p, *heads[p]) for p in "qkv"}
+    if not cfg.compressor:
+      return ordinary["q"], ordinary["k"], ordinary["v"]
+    # Declared whenever the tree has them, so that init creates them.
+    beacon = {p: self.project(x[:, x.shape[1] - self.beacon_rows:], f"beacon_{p}", *heads[p])
+              for p in "qkv"}
+    return tuple(jnp.concatenate([ordinary[p], beacon[p]], axis=1) for p in "qkv")
+
   @nn.compact
   def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
-               layer_cache: dict[str, Array] | None = None,
+               layer_kv: dict[str, Array] | None = None,
                write_index: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
     cfg = self.config
-    q = apply_rope(self.project(x, "q", cfg.num_heads, "heads"), cos, sin)  # [B, T, H, D]
-    k = apply_rope(self.project(x, "k", cfg.num_kv_heads, "kv_heads"), cos, sin)  # [B, T, K, D]
-    v = self.project(x, "v", cfg.num_kv_heads, "kv_heads")  # [B, T, K, D]
-    if layer_cache is not None:
-      start = (0, write_index, 0, 0)
-      layer_cache = {
-          "k": jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
-          "v": jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start),
-      }
-      k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
+    q, k, v = self.qkv(x)  # [B, T, H, D], [B, T, K, D], [B, T, K, D]
+    if self.beacon_rows:
+      own = {"k": k[:, -self.beacon_rows:], "v": v[:, -self.beacon_rows:]}
+      prefix = layer_kv["k"].shape[1]
+      q = apply_rope(q, cos[:, prefix:], sin[:, prefix:])
+      k = apply_rope(jnp.concatenate([layer_kv["k"].astype(k.dtype), k], axis=1), cos, sin)
+      v = jnp.concatenate([layer_kv["v"].astype(v.dtype), v], axis=1)
+      layer_kv = own
+    else:
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      if layer_kv is not None:
+        start = (0, write_index, 0, 0)
+        layer_kv = {
+            "k": jax.lax.dynamic_update_slice(layer_kv["k"], k.astype(layer_kv["k"].dtype), start),
+            "v": jax.lax.dynamic_update_slice(layer_kv["v"], v.astype(layer_kv["v"].dtype), start),
+        }
+        k, v = layer_kv["k"].astype(q.dtype), layer_kv["v"].astype(q.dtype)
     out = attend(q, k, v, mask, cfg.attention)  # [B, T, H, D]
     out = with_logical_constraint(out, ("batch", "length", "act_heads", None))
     o_kernel = _param(self, "o_kernel", _KERNEL_INIT, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                       ("heads", "head_dim", "embed"), cfg.jnp_param_dtype)
-    return jnp.einsum("bthd,hde->bte", out, o_kernel.astype(out.dtype)), layer_cache
+    return jnp.einsum("bthd,hde->bte", out, o_kernel.astype(out.dtype)), layer_kv
 
 
 class MLP(nn.Module):
@@ -124,13 +150,14 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
   """Pre-norm residual block; scanned over the stacked `layers` axis."""
   config: ModelConfig
+  beacon_rows: int = 0
 
   @nn.compact
   def __call__(self, x: Array, layer_cache, cos: Array, sin: Array, mask: Array,
                write_index: Array | None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
-    attn_out, layer_cache = Attention(cfg, name="attention")(
+    attn_out, layer_cache = Attention(cfg, self.beacon_rows, name="attention")(
         norm("input_norm")(x), cos, sin, mask, layer_cache, write_index)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attention_norm")(x))
@@ -149,15 +176,22 @@ class Qwen2(nn.Module):
 
   `embed`, `decode` and `logits` are exposed separately so that callers that
   build their own input embeddings (the compressor's beacon tokens) or need
-  hidden states (the gate's head) reuse the same parameters.
+  hidden states (the gate's head) reuse the same parameters.  `beacon_rows`
+  switches the layers to compression (see `Attention`); the parameter tree is
+  the same either way.
   """
   config: ModelConfig
+  beacon_rows: int = 0
 
   def setup(self):
     cfg = self.config
     self.embedding = self.param(
         "embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
         (cfg.vocab_size, cfg.hidden_size), cfg.jnp_param_dtype)
+    if cfg.compressor:
+      self.beacon_embedding = self.param(
+          "beacon_embedding", nn.with_logical_partitioning(_KERNEL_INIT, (None, "embed")),
+          (1, cfg.hidden_size), cfg.jnp_param_dtype)
     layer = DecoderLayer
     if cfg.remat != "none":
       layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -168,7 +202,7 @@ class Qwen2(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, name="layers")
+    )(cfg, self.beacon_rows, name="layers")
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = self.param(
@@ -178,6 +212,11 @@ class Qwen2(nn.Module):
   def embed(self, tokens: Array) -> Array:
     """tokens [B, T] -> [B, T, E] in the compute dtype."""
     return jnp.take(self.embedding, tokens, axis=0).astype(self.config.jnp_dtype)
+
+  def beacons(self, batch: int, count: int) -> Array:
+    """The beacon embedding repeated: [batch, count, E]."""
+    return jnp.broadcast_to(self.beacon_embedding.astype(self.config.jnp_dtype),
+                            (batch, count, self.config.hidden_size))
 
   def decode(self, x: Array, positions: Array, mask: Array, cache_kv=None,
              write_index: Array | None = None):

@@ -21,3 +21,31 @@ def hf_reference():
 @pytest.fixture(scope="session")
 def tiny_dir():
   return os.path.join(FIXTURES, "qwen2_tiny")
+
+LYCHEE_FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                              "shared", "fixtures", "lychee_reference_tiny", "reference.npz")
+
+
+@pytest.fixture(scope="session")
+def lychee_reference():
+  """Outputs of the public PyTorch LycheeMemory code on a tiny random model (../shared)."""
+  assert os.path.exists(LYCHEE_FIXTURE), f"missing {LYCHEE_FIXTURE} (../shared beside the checkout)"
+  return dict(np.load(LYCHEE_FIXTURE, allow_pickle=False))
+
+
+@pytest.fixture(scope="session")
+def lychee_dir(lychee_reference, tmp_path_factory):
+  """The fixture's weights and config written as a HF checkpoint directory."""
+  import json
+  from memrecall.safetensors_io import save_file
+  directory = tmp_path_factory.mktemp("lychee_tiny")
+  weights = {k[2:]: v for k, v in lychee_reference.items() if k.startswith("w/")}
+  save_file(weights, directory / "model.safetensors")
+  with open(directory / "config.json", "w") as f:
+    f.write(str(lychee_reference["config_json"]))
+  with open(directory / "tokenizer.json", "w") as f:
+    f.write(str(lychee_reference["tokenizer_json"]))
+  meta = json.loads(str(lychee_reference["meta_json"]))
+  with open(directory / "tokenizer_config.json", "w") as f:
+    json.dump({"chat_template": meta["chat_template"]}, f)
+  return directory

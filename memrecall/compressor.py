@@ -1,0 +1,174 @@
+"""The Compressor: every chunk of a document becomes C/r beacon key/value slots per layer.
+
+Layout (DESIGN §3, reproducing the released LycheeMemory model): a chunk of C
+tokens is split into C/W windows; after every r raw tokens of a window sits a
+beacon token (own embedding, own q/k/v projections).  Window w attends
+causally to [beacons of windows < w of the same chunk] ++ [its own W + W/r
+tokens]; raw keys of earlier windows are dropped.  Positions are
+`max(cumsum(mask) - 1, 0)` over that concatenation.  What is kept per layer is
+each beacon's key and value *before* RoPE, window 1's beacons first.
+
+Inside a window the rows are ordered [W raw tokens, W/r beacons] rather than
+interleaved: attention only sees order through the mask and the positions,
+which are both computed for the interleaved layout, and the split lets each
+group use its own projections without gathers.  Chunks are independent, so
+all chunks of a document are compressed in one batched call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memrecall.config import ConfigError, ModelConfig
+from memrecall.model import Qwen2
+from memrecall.sharding import with_logical_constraint
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressorConfig:
+  """chunk_size C (tokens per chunk), window W (= stride), ratio r (tokens per beacon)."""
+  chunk_size: int = 4096
+  window: int = 2048
+  ratio: int = 4
+
+  def __post_init__(self):
+    for name in ("chunk_size", "window", "ratio"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"compressor {name} must be positive, got {getattr(self, name)}")
+    if self.chunk_size % self.window:
+      raise ConfigError(f"chunk_size ({self.chunk_size}) must be a multiple of the window "
+                        f"({self.window})")
+    if self.window % self.ratio:
+      raise ConfigError(f"window ({self.window}) must be a multiple of the ratio ({self.ratio})")
+
+  @classmethod
+  def from_hf_dict(cls, hf, chunk_size: int | None = None) -> "CompressorConfig":
+    """Reads `lychee_memory_{window,stride,ratio}` of a LycheeMemory config.json.
+
+    The chunk size is a run setting, not a model property; it defaults to two
+    windows (4096 for the released model's 2048-token window).
+    """
+    window = int(hf.get("lychee_memory_window", 2048))
+    stride = int(hf.get("lychee_memory_stride", window))
+    if stride != window:
+      raise ConfigError(f"lychee_memory_stride ({stride}) must equal lychee_memory_window "
+                        f"({window}) for interleaved beacons")
+    ratio = hf.get("lychee_memory_ratio", 4)
+    ratios = ratio if isinstance(ratio, (list, tuple)) else [ratio]
+    if len(ratios) != 1:
+      raise ConfigError(f"only a single compression ratio is supported, got {ratios}")
+    return cls(chunk_size=chunk_size or 2 * window, window=window, ratio=int(ratios[0]))
+
+  def to_hf_dict(self) -> dict:
+    return {"lychee_memory_window": self.window, "lychee_memory_stride": self.window,
+            "lychee_memory_ratio": [self.ratio], "lychee_memory_pos": "interleave",
+            "lychee_memory_attn": "full-coverage", "lychee_memory_param": ["q", "k", "v"]}
+
+  @property
+  def slots(self) -> int:
+    """Compressed slots per chunk, C / r."""
+    return self.chunk_size // self.ratio
+
+  @property
+  def beacons_per_window(self) -> int:
+    return self.window // self.ratio
+
+
+@flax.struct.dataclass
+class ChunkMemory:
+  """Compressed memory of N chunks.
+
+  k, v:      [L, N, S, K, D] beacon keys/values before RoPE (S = C / r).
+  slot_mask: [N, S] bool; slot j is valid if any of its r raw tokens is.
+  """
+  k: Array
+  v: Array
+  slot_mask: Array
+
+  @property
+  def num_chunks(self) -> int:
+    return self.k.shape[1]
+
+
+def chunk_document(tokens, chunk_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Cuts token ids [T] into right-padded chunks: ids and mask, both [ceil(T/C), C]."""
+  tokens = np.asarray(tokens, np.int32).reshape(-1)
+  if tokens.size == 0:
+    raise ValueError("the document is empty: there is nothing to compress")
+  n = -(-tokens.size // chunk_size)
+  ids = np.full((n * chunk_size,), pad_id, np.int32)
+  ids[:tokens.size] = tokens
+  mask = np.zeros((n * chunk_size,), bool)
+  mask[:tokens.size] = True
+  return ids.reshape(n, chunk_size), mask.reshape(n, chunk_size)
+
+
+def _interleaved_order(window: int, ratio: int) -> np.ndarray:
+  """Index in the interleaved layout (t t t t B t ...) of each row in [raw..., beacons...] order."""
+  raw = np.arange(window)
+  beacon = np.arange(window // ratio)
+  return np.concatenate([raw + raw // ratio, beacon * (ratio + 1) + ratio])
+
+
+def window_inputs(raw_mask: Array, prefix: int, ratio: int) -> tuple[Array, Array]:
+  """Positions [N, P + T] (prefix then own rows) and attention mask [N, 1, T, P + T] of a window.
+
+  raw_mask: [N, W] validity of the window's raw tokens; beacons are always valid.
+  """
+  n, window = raw_mask.shape
+  order = jnp.asarray(_interleaved_order(window, ratio))  # [T]
+  own_valid = jnp.concatenate([raw_mask, jnp.ones((n, window // ratio), bool)], axis=1)  # [N, T]
+  # cumsum in interleaved order, read back per row.
+  inverse = jnp.argsort(order)
+  valid_interleaved = own_valid[:, inverse]
+  running = jnp.cumsum(valid_interleaved.astype(jnp.int32), axis=1)[:, order]
+  own_pos = jnp.maximum(prefix + running - 1, 0)
+  positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix), (n, prefix)), own_pos], axis=1)
+  causal = order[None, :] <= order[:, None]  # [T(query), T(key)]
+  own_keys = causal[None] & own_valid[:, None, :]  # [N, T, T]
+  prefix_keys = jnp.ones((n, order.size, prefix), bool)
+  mask = jnp.concatenate([prefix_keys, own_keys], axis=2)[:, None]
+  return positions, mask
+
+
+@functools.partial(jax.jit, static_argnames=("config", "compressor"))
+def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
+             token_mask: Array) -> ChunkMemory:
+  """Compresses chunks tokens/token_mask [N, C] into a ChunkMemory (one batched call)."""
+  if not config.compressor:
+    raise ConfigError("this model has no compressor parameters (ModelConfig.compressor=False)")
+  n, c = tokens.shape
+  if c != compressor.chunk_size:
+    raise ValueError(f"chunks have {c} tokens, the compressor expects {compressor.chunk_size}")
+  w, g = compressor.window, compressor.beacons_per_window
+  model = Qwen2(config, beacon_rows=g)
+  variables = {"params": params}
+  tokens = with_logical_constraint(tokens, ("chunks", None))
+  ks, vs = [], []
+  for start in range(0, c, w):  # C/W windows, unrolled: each sees a longer prefix
+    raw = model.apply(variables, tokens[:, start:start + w], method=Qwen2.embed)  # [N, W, E]
+    beacons = model.apply(variables, n, g, method=Qwen2.beacons)  # [N, G, E]
+    positions, mask = window_inputs(token_mask[:, start:start + w].astype(bool), len(ks) * g,
+                                    compressor.ratio)
+    prefix = {"k": jnp.concatenate(ks, axis=2) if ks else _empty_kv(config, n),
+              "v": jnp.concatenate(vs, axis=2) if vs else _empty_kv(config, n)}
+    _, own = model.apply(variables, jnp.concatenate([raw, beacons], axis=1), positions, mask,
+                         prefix, method=Qwen2.decode)
+    ks.append(own["k"])  # [L, N, G, K, D]
+    vs.append(own["v"])
+  slot_mask = token_mask.reshape(n, compressor.slots, compressor.ratio).any(axis=-1)
+  return ChunkMemory(k=jnp.concatenate(ks, axis=2), v=jnp.concatenate(vs, axis=2),
+                     slot_mask=slot_mask)
+
+
+def _empty_kv(config: ModelConfig, n: int) -> Array:
+  return jnp.zeros((config.num_layers, n, 0, config.num_kv_heads, config.head_dim),
+                   config.jnp_dtype)
