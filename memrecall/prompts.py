@@ -1,0 +1,158 @@
+"""Prompt templates with `{question}` / `{memory}` slots, tokenised piece by piece.
+
+A template is wrapped in the tokenizer's chat template, split at its slots,
+and each literal piece is encoded on its own; question and memory *ids* are
+spliced in between, never re-tokenised (DESIGN §4).  The result is a static,
+hashable `PromptTemplate` that renders batched prompts inside jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from memrecall.tokenizer import Tokenizer
+
+Array = jax.Array
+
+# The released LycheeMemory model's prompts, verbatim (including the missing
+# space in "memory.You" and the space after "<problem>").
+UPDATE_TEMPLATE = (
+    "\nThe above is a newly provided section, which may or may not contain information relevant "
+    "to answering the problem. The previously summarized memory is stored within the "
+    "<previous_memory> tags, and the problem is specified within the <problem> tags. Please read "
+    "the provided section carefully and update the memory with any new information that helps "
+    "address the problem. Be sure to retain all relevant details from the previous memory while "
+    "incorporating any new, useful information.\n\n<problem> \n{question}\n</problem>\n\n"
+    "<previous_memory>\n{memory}\n</previous_memory>\n\nUpdated memory:\n")
+FINAL_TEMPLATE = (
+    "You are presented with a problem and a previous memory.You do not need to update the memory, "
+    "directly answer the problem based on the previous memory.\n\n<problem> \n{question}\n"
+    "</problem>\n\n<memory>\n{memory}\n</memory>\n\nYour answer:\n")
+# The gate is not in the released code; this is memrecall's default wording.
+GATE_TEMPLATE = (
+    "\nDoes the section above contain information needed to answer the problem, given the "
+    "memory so far?\n\n<problem> \n{question}\n</problem>\n\n<memory>\n{memory}\n</memory>\n")
+INITIAL_MEMORY = "No previous memory"
+
+# Qwen2.5's template, used when a checkpoint ships none.
+QWEN2_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] "
+    "+ '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba "
+    "Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages "
+    "%}{%- if not (message.role == 'system' and loop.first) %}{{- '<|im_start|>' + message.role + "
+    "'\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if "
+    "add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+SLOTS = ("question", "memory")
+_SLOT_PATTERN = re.compile(r"\{(" + "|".join(SLOTS) + r")\}")
+_SENTINEL = "\x00MEMRECALL_MESSAGE\x00"
+
+
+def wrap_in_chat(text: str, chat_template: str | None) -> str:
+  """`text` as the single user message of a chat, with the generation prompt appended."""
+  if not chat_template:
+    return text
+  try:
+    import jinja2
+    import jinja2.sandbox
+  except ImportError as e:
+    raise ImportError("chat templates need jinja2: pip install 'memrecall[hf]'") from e
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  env.globals["raise_exception"] = raise_exception
+  rendered = env.from_string(chat_template).render(
+      messages=[{"role": "user", "content": _SENTINEL}], add_generation_prompt=True)
+  if rendered.count(_SENTINEL) != 1:
+    raise ValueError("the chat template does not place the user message exactly once")
+  return rendered.replace(_SENTINEL, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+  """Literal pieces as token-id tuples, interleaved with slot names."""
+  pieces: tuple[tuple[int, ...] | str, ...]
+
+  @classmethod
+  def build(cls, template: str, tokenizer: Tokenizer, chat_template: str | None = None
+            ) -> "PromptTemplate":
+    unknown = set(re.findall(r"\{(\w+)\}", template)) - set(SLOTS)
+    if unknown:
+      raise ValueError(f"template has unknown slots {sorted(unknown)}; allowed: {list(SLOTS)}")
+    parts = _SLOT_PATTERN.split(wrap_in_chat(template, chat_template))
+    pieces: list[tuple[int, ...] | str] = []
+    for i, part in enumerate(parts):
+      if i % 2:  # a slot name
+        pieces.append(part)
+      elif part:
+        pieces.append(tuple(tokenizer.encode(part)))
+    if not pieces or isinstance(pieces[-1], str):
+      # The last token's logits start generation; a trailing slot could be empty.
+      raise ValueError("a prompt template must end with literal text, not a slot")
+    return cls(tuple(pieces))
+
+  def length(self, question_len: int, memory_len: int) -> int:
+    """Rendered length [T] for slot buffers of the given sizes."""
+    sizes = {"question": question_len, "memory": memory_len}
+    return sum(sizes[p] if isinstance(p, str) else len(p) for p in self.pieces)
+
+  @property
+  def literal_length(self) -> int:
+    return self.length(0, 0)
+
+  def render(self, question: Array, question_mask: Array, memory: Array, memory_mask: Array
+             ) -> tuple[Array, Array]:
+    """Batched prompt ids and mask [B, T].
+
+    Slot buffers may hold padding anywhere; it stays in place as masked holes,
+    which attention and positions (counted over real tokens) both ignore.
+    """
+    batch = question.shape[0]
+    slots = {"question": (question, question_mask), "memory": (memory, memory_mask)}
+    ids, masks = [], []
+    for piece in self.pieces:
+      if isinstance(piece, str):
+        piece_ids, piece_mask = slots[piece]
+      else:
+        piece_ids = jnp.broadcast_to(jnp.asarray(piece, jnp.int32), (batch, len(piece)))
+        piece_mask = jnp.ones((batch, len(piece)), bool)
+      ids.append(piece_ids.astype(jnp.int32))
+      masks.append(piece_mask.astype(bool))
+    return jnp.concatenate(ids, axis=1), jnp.concatenate(masks, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  """Everything the recall loop says to the model, tokenised once."""
+  update: PromptTemplate
+  final: PromptTemplate
+  gate: PromptTemplate
+  initial_memory: tuple[int, ...]
+
+  @classmethod
+  def build(cls, tokenizer: Tokenizer, chat_template: str | None = QWEN2_CHAT_TEMPLATE, *,
+            update_template: str = UPDATE_TEMPLATE, final_template: str = FINAL_TEMPLATE,
+            gate_template: str = GATE_TEMPLATE, initial_memory: str = INITIAL_MEMORY) -> "Prompts":
+    return cls(update=PromptTemplate.build(update_template, tokenizer, chat_template),
+               final=PromptTemplate.build(final_template, tokenizer, chat_template),
+               gate=PromptTemplate.build(gate_template, tokenizer, chat_template),
+               initial_memory=tuple(tokenizer.encode(initial_memory)))
+
+
+def pad_ids(rows: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0
+            ) -> tuple[Array, Array]:
+  """Right-pads id lists into ids and mask [B, length]."""
+  length = max(len(r) for r in rows) if length is None else length
+  if any(len(r) > length for r in rows):
+    raise ValueError(f"a row of {max(len(r) for r in rows)} ids exceeds the budget of {length}")
+  ids = [list(r) + [pad_id] * (length - len(r)) for r in rows]
+  mask = [[True] * len(r) + [False] * (length - len(r)) for r in rows]
+  return jnp.asarray(ids, jnp.int32).reshape(len(rows), length), jnp.asarray(mask, bool).reshape(
+      len(rows), length)

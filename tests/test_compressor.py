@@ -1,0 +1,93 @@
+"""The compressor against a float64 per-window loop and against the public reference's outputs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from memrecall import compressor, hf_checkpoint, model
+from memrecall.config import ConfigError, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def random_compressor_model(tmp_path_factory):
+  """A random model with beacon parameters, exported to HF names for the reference."""
+  config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=300.0, compressor=True)
+  params = model.init_params(config, jax.random.key(0))
+  params = jax.tree.map(
+      lambda x: x + 0.2 * jax.random.normal(jax.random.key(x.size), x.shape), params)
+  directory = tmp_path_factory.mktemp("compressor_model")
+  hf_checkpoint.save_hf_checkpoint(params, config, directory)
+  weights = {n: np.array(f.get(n)) for n, f in
+             hf_checkpoint.iter_checkpoint_files(directory)}
+  return params, config, weights
+
+
+@pytest.mark.parametrize("chunk,window,ratio,length", [
+    (16, 8, 4, 16),   # two windows, no padding
+    (24, 8, 2, 41),   # three windows; the second chunk padded (17 of 24 real)
+    (12, 12, 3, 7),   # one window, a chunk shorter than C
+    (16, 16, 8, 30),
+])
+def test_matches_float64_window_loop(random_compressor_model, chunk, window, ratio, length):
+  params, config, weights = random_compressor_model
+  settings = compressor.CompressorConfig(chunk_size=chunk, window=window, ratio=ratio)
+  document = np.random.default_rng(length).integers(3, config.vocab_size, length)
+  ids, mask = compressor.chunk_document(document, chunk, pad_id=0)
+  memory = compressor.compress(params, config, settings, jnp.asarray(ids), jnp.asarray(mask))
+  assert memory.k.shape == (2, ids.shape[0], chunk // ratio, 2, 8)
+  hf_config = config.to_hf_dict()
+  for c in range(ids.shape[0]):
+    expected = reference.compress_chunk(weights, hf_config, ids[c], mask[c], window, ratio)
+    for layer, (k, v) in enumerate(expected):
+      np.testing.assert_allclose(memory.k[layer, c], k, atol=1e-5)
+      np.testing.assert_allclose(memory.v[layer, c], v, atol=1e-5)
+    slots = mask[c].reshape(-1, ratio).any(-1)
+    np.testing.assert_array_equal(memory.slot_mask[c], slots)
+
+
+def test_matches_the_public_reference_fixture(lychee_reference, lychee_dir):
+  params, config = hf_checkpoint.load_hf_checkpoint(lychee_dir)
+  assert config.compressor
+  settings = compressor.CompressorConfig.from_hf_dict(
+      json.loads(str(lychee_reference["config_json"])), chunk_size=1024)
+  assert (settings.window, settings.ratio) == (512, 4)
+  ids, mask = compressor.chunk_document(lychee_reference["in/text_ids"][0], 1024, pad_id=0)
+  memory = compressor.compress(params, config, settings, jnp.asarray(ids), jnp.asarray(mask))
+  for c in range(3):
+    np.testing.assert_array_equal(ids[c], lychee_reference[f"chunk{c}/text_ids"][0])
+    np.testing.assert_array_equal(memory.slot_mask[c], lychee_reference[f"chunk{c}/kv_mask"][0] == 1)
+    for layer in range(2):
+      for name, ours in (("key", memory.k), ("value", memory.v)):
+        ref = lychee_reference[f"chunk{c}/layer{layer}/{name}"][0].transpose(1, 0, 2)  # [S, K, D]
+        rel = np.abs(np.asarray(ours[layer, c]) - ref).max() / np.abs(ref).max()
+        assert rel <= 1e-4, (c, layer, name, rel)
+
+
+def test_plain_qwen2_checkpoint_gets_initialised_beacons(tiny_dir):
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, compressor=True)
+  attention = params["layers"]["attention"]
+  for p in "qkv":
+    np.testing.assert_array_equal(attention[f"beacon_{p}_kernel"], attention[f"{p}_kernel"])
+    np.testing.assert_array_equal(attention[f"beacon_{p}_bias"], attention[f"{p}_bias"])
+  eos = config.eos_token_ids[0]
+  np.testing.assert_array_equal(params["beacon_embedding"][0], params["embedding"][eos])
+
+
+def test_bad_settings_and_inputs():
+  with pytest.raises(ConfigError, match="multiple of the window"):
+    compressor.CompressorConfig(chunk_size=100, window=64, ratio=4)
+  with pytest.raises(ConfigError, match="multiple of the ratio"):
+    compressor.CompressorConfig(chunk_size=60, window=30, ratio=4)
+  with pytest.raises(ValueError, match="document is empty"):
+    compressor.chunk_document([], 16, 0)
+  config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=8)
+  params = model.init_params(config, jax.random.key(0))
+  with pytest.raises(ConfigError, match="no compressor parameters"):
+    compressor.compress(params, config, compressor.CompressorConfig(16, 8, 4),
+                        jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16), bool))
