@@ -17,6 +17,7 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,11 @@ class ModelConfig:
   # Whether the parameter tree holds the compressor's beacon embedding and
   # per-layer beacon q/k/v projections (DESIGN §3).
   compressor: bool = False
+  # The gate (DESIGN §5): LoRA adapters of this rank on `gate_lora_targets`
+  # plus a scalar relevance head; 0 = the tree has no gate parameters.
+  gate_lora_rank: int = 0
+  gate_lora_alpha: float = 16.0
+  gate_lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -78,6 +84,16 @@ class ModelConfig:
     dtype_from_name(self.param_dtype)
     dtype_from_name(self.dtype)
     object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+    object.__setattr__(self, "gate_lora_targets", tuple(self.gate_lora_targets))
+    unknown = set(self.gate_lora_targets) - set(LORA_TARGETS)
+    if unknown:
+      raise ConfigError(f"unknown gate_lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")
+    if self.gate_lora_rank < 0:
+      raise ConfigError(f"gate_lora_rank must be >= 0, got {self.gate_lora_rank}")
+
+  @property
+  def has_gate(self) -> bool:
+    return self.gate_lora_rank > 0
 
   @property
   def jnp_dtype(self):
@@ -100,8 +116,9 @@ class ModelConfig:
     if unknown:
       raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(names)}")
     values = dict(values)
-    if values.get("eos_token_ids") is not None:
-      values["eos_token_ids"] = tuple(values["eos_token_ids"])
+    for key in ("eos_token_ids", "gate_lora_targets"):
+      if values.get(key) is not None:
+        values[key] = tuple(values[key])
     return cls(**values)
 
   @classmethod

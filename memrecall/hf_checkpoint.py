@@ -16,13 +16,15 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from memrecall import sharding as sharding_lib
 from memrecall.config import ConfigError, ModelConfig, dtype_from_name
-from memrecall.model import abstract_params
+from memrecall.model import Qwen2, abstract_params
 from memrecall.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
 
 
@@ -46,6 +48,10 @@ class TensorRule:
   # compressor): the tensor, and optionally one row of it.
   fallback: str | None = None
   fallback_row: int | None = None
+  # The HF tensor has an extra leading dim of 1 (a Linear(hidden -> 1)).
+  hf_leading_one: bool = False
+  # A missing tensor leaves the parameter at its initial value.
+  optional: bool = False
 
   @property
   def stacked(self) -> bool:
@@ -57,6 +63,8 @@ class TensorRule:
     return hf.T.reshape(shape)
 
   def to_hf(self, ours: np.ndarray) -> np.ndarray:
+    if self.hf_leading_one:
+      return ours.reshape((1,) + ours.shape)
     if self.linear_in is None:
       return ours.reshape(-1) if ours.ndim > 1 and self.hf_name.endswith(".bias") else ours
     return ours.reshape(math.prod(ours.shape[:self.linear_in]), -1).T
@@ -94,6 +102,10 @@ def qwen2_rules(config: ModelConfig) -> list[TensorRule]:
             ("layers", "attention", f"beacon_{p}_{'kernel' if kind == 'weight' else 'bias'}"),
             layer + f"self_attn.lychee_memory_{p}_proj.{kind}", linear_in=linear_in,
             fallback=layer + f"self_attn.{p}_proj.{kind}"))
+  if config.has_gate:
+    # The relevance head; the gate's LoRA adapters have no HF names (orbax only).
+    rules += [TensorRule(("gate_head",), "similarity_head.weight", hf_leading_one=True, optional=True),
+              TensorRule(("gate_bias",), "similarity_head.bias", hf_leading_one=True, optional=True)]
   return rules
 
 
@@ -157,13 +169,15 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, mesh=None,
   config, _ = read_config(directory, **config_overrides)
   tensors = dict(iter_checkpoint_files(directory))
   rules = [_resolve_fallback(rule, tensors) for rule in rules_fn(config)]
+  rules = [r for r in rules if not (r.optional and r.hf_name.format(i=0) not in tensors)]
   expected = {rule.hf_name.format(i=i) for rule in rules
               for i in (range(config.num_layers) if rule.stacked else [0])}
   missing = sorted(expected - set(tensors))
   if missing:
     raise CheckpointError(f"{directory}: missing tensors {_summarise(missing)}")
   ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-  ignorable |= {n for n in tensors if n.startswith(_OPTIONAL_PREFIXES)}
+  if not config.has_gate:
+    ignorable |= {n for n in tensors if n.startswith(_OPTIONAL_PREFIXES)}
   unexpected = sorted(n for n in set(tensors) - expected
                       if n not in ignorable and not n.endswith(_IGNORED_SUFFIXES))
   if unexpected:
@@ -195,7 +209,28 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, mesh=None,
     array = jax.make_array_from_callback(
         shape, _get_path(shardings, rule.path), _reader(rule, tensors, layer_shape, dtype, config.num_layers))
     _set_path(params, rule.path, array)
-  return params, config
+  return _init_missing(params, abstract, shardings, config), config
+
+
+def _init_missing(params: dict, abstract, shardings, config: ModelConfig) -> dict:
+  """Initialises the parameters no tensor provided (e.g. the gate's adapters), only those."""
+  flat_abstract = flax.traverse_util.flatten_dict(abstract)
+  loaded = flax.traverse_util.flatten_dict(params)
+  missing = [path for path in flat_abstract if path not in loaded]
+  if not missing:
+    return params
+  flat_shardings = flax.traverse_util.flatten_dict(shardings)
+  model = Qwen2(config)
+
+  def init_missing(rng):
+    variables = model.init(rng, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                           jnp.ones((1, 1, 1, 1), bool))
+    flat = flax.traverse_util.flatten_dict(nn.unbox(variables["params"]))
+    return {path: flat[path] for path in missing}  # the rest is dead code to XLA
+
+  fresh = jax.jit(init_missing, out_shardings={p: flat_shardings[p] for p in missing})(
+      jax.random.key(0))
+  return flax.traverse_util.unflatten_dict({**loaded, **fresh})
 
 
 def _hf_shape(rule: TensorRule, layer_shape: Sequence[int]) -> tuple[int, ...]:

@@ -32,6 +32,29 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
 # --- building blocks ---------------------------------------------------------
 
 
+def lora_delta(module: nn.Module, name: str, x: Array, in_axes: tuple, out_shape: tuple,
+               out_axes: tuple, use: bool) -> Array | None:
+  """The gate's low-rank update of projection `name`, or None.
+
+  Declared whenever the config has a gate (so init creates it) but applied
+  only when `use`; B starts at zero, so a new adapter changes nothing.
+  """
+  cfg = module.config
+  if not cfg.has_gate or name not in cfg.gate_lora_targets:
+    return None
+  in_shape = x.shape[x.ndim - len(in_axes):]
+  a = _param(module, f"{name}_lora_a", nn.initializers.normal(stddev=0.02),
+             in_shape + (cfg.gate_lora_rank,), in_axes + (None,), cfg.jnp_param_dtype)
+  b = _param(module, f"{name}_lora_b", nn.initializers.zeros, (cfg.gate_lora_rank,) + out_shape,
+             (None,) + out_axes, cfg.jnp_param_dtype)
+  if not use:
+    return None
+  dtype = cfg.jnp_dtype
+  low = jnp.tensordot(x.astype(dtype), a.astype(dtype), axes=len(in_axes))  # [..., r]
+  scale = cfg.gate_lora_alpha / cfg.gate_lora_rank
+  return jnp.tensordot(low, b.astype(dtype), axes=1) * scale
+
+
 class RMSNorm(nn.Module):
   """Root-mean-square norm, computed in float32 as Qwen2 does."""
   eps: float
@@ -76,6 +99,7 @@ class Attention(nn.Module):
   """
   config: ModelConfig
   beacon_rows: int = 0
+  use_lora: bool = False
 
   def project(self, x: Array, name: str, num_heads: int, heads_axis: str) -> Array:
     cfg = self.config
@@ -85,7 +109,10 @@ class Attention(nn.Module):
     bias = _param(self, f"{name}_bias", nn.initializers.zeros, (num_heads, cfg.head_dim),
                   (heads_axis, "head_dim"), cfg.jnp_param_dtype)
     dtype = cfg.jnp_dtype
-    return jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    out = jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    delta = lora_delta(self, name, x, ("embed",), (num_heads, cfg.head_dim),
+                       (heads_axis, "head_dim"), self.use_lora)
+    return out if delta is None else out + delta
 
   def qkv(self, x: Array) -> tuple[Array, Array, Array]:
     """Pre-RoPE q [B, T, H, D], k and v [B, T, K, D]; beacon rows use the beacon projections."""
@@ -126,41 +153,50 @@ class Attention(nn.Module):
     out = with_logical_constraint(out, ("batch", "length", "act_heads", None))
     o_kernel = _param(self, "o_kernel", _KERNEL_INIT, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                       ("heads", "head_dim", "embed"), cfg.jnp_param_dtype)
-    return jnp.einsum("bthd,hde->bte", out, o_kernel.astype(out.dtype)), layer_kv
+    y = jnp.einsum("bthd,hde->bte", out, o_kernel.astype(out.dtype))
+    delta = lora_delta(self, "o", out, ("heads", "head_dim"), (cfg.hidden_size,), ("embed",),
+                       self.use_lora)
+    return (y if delta is None else y + delta), layer_kv
 
 
 class MLP(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
   config: ModelConfig
+  use_lora: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
     dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
     shape, axes = (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp")
-    gate = _param(self, "gate_kernel", _KERNEL_INIT, shape, axes, pdtype).astype(dtype)
-    up = _param(self, "up_kernel", _KERNEL_INIT, shape, axes, pdtype).astype(dtype)
-    down = _param(self, "down_kernel", _KERNEL_INIT, shape[::-1], axes[::-1], pdtype).astype(dtype)
+
+    def linear(name, inputs, shape, axes):
+      kernel = _param(self, f"{name}_kernel", _KERNEL_INIT, shape, axes, pdtype).astype(dtype)
+      out = inputs @ kernel
+      delta = lora_delta(self, name, inputs, axes[:1], shape[1:], axes[1:], self.use_lora)
+      return out if delta is None else out + delta
+
     x = x.astype(dtype)
-    hidden = jax.nn.silu(x @ gate) * (x @ up)  # [B, T, M]
+    hidden = jax.nn.silu(linear("gate", x, shape, axes)) * linear("up", x, shape, axes)  # [B, T, M]
     hidden = with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
-    return hidden @ down
+    return linear("down", hidden, shape[::-1], axes[::-1])
 
 
 class DecoderLayer(nn.Module):
   """Pre-norm residual block; scanned over the stacked `layers` axis."""
   config: ModelConfig
   beacon_rows: int = 0
+  use_lora: bool = False
 
   @nn.compact
   def __call__(self, x: Array, layer_cache, cos: Array, sin: Array, mask: Array,
                write_index: Array | None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
-    attn_out, layer_cache = Attention(cfg, self.beacon_rows, name="attention")(
+    attn_out, layer_cache = Attention(cfg, self.beacon_rows, self.use_lora, name="attention")(
         norm("input_norm")(x), cos, sin, mask, layer_cache, write_index)
     x = x + attn_out
-    x = x + MLP(cfg, name="mlp")(norm("post_attention_norm")(x))
+    x = x + MLP(cfg, self.use_lora, name="mlp")(norm("post_attention_norm")(x))
     x = with_logical_constraint(x, ("batch", "length", "act_embed"))
     return x, layer_cache
 
@@ -178,10 +214,11 @@ class Qwen2(nn.Module):
   build their own input embeddings (the compressor's beacon tokens) or need
   hidden states (the gate's head) reuse the same parameters.  `beacon_rows`
   switches the layers to compression (see `Attention`); the parameter tree is
-  the same either way.
+  the same either way; `use_lora` applies the gate's adapters.
   """
   config: ModelConfig
   beacon_rows: int = 0
+  use_lora: bool = False
 
   def setup(self):
     cfg = self.config
@@ -202,8 +239,14 @@ class Qwen2(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, self.beacon_rows, name="layers")
+    )(cfg, self.beacon_rows, self.use_lora, name="layers")
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
+    if cfg.has_gate:
+      self.gate_head = self.param(
+          "gate_head", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+          (cfg.hidden_size,), cfg.jnp_param_dtype)
+      self.gate_bias = self.param("gate_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, ()), (), cfg.jnp_param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = self.param(
           "lm_head", nn.with_logical_partitioning(_KERNEL_INIT, ("embed", "vocab")),
@@ -238,9 +281,18 @@ class Qwen2(nn.Module):
     logits = with_logical_constraint(logits, ("batch", "length", "act_vocab"))
     return logits.astype(jnp.float32)
 
+  def gate_logit(self, hidden: Array) -> Array:
+    """The relevance head: hidden [..., E] -> float32 logit [...]."""
+    h = hidden.astype(jnp.float32)
+    return h @ self.gate_head.astype(jnp.float32) + self.gate_bias.astype(jnp.float32)
+
   def __call__(self, tokens: Array, positions: Array, mask: Array, cache_kv=None,
-               write_index: Array | None = None):
+               write_index: Array | None = None, return_hidden: bool = False):
     hidden, cache_kv = self.decode(self.embed(tokens), positions, mask, cache_kv, write_index)
+    if self.config.has_gate and self.is_initializing():
+      self.gate_logit(hidden)  # create the head's parameters
+    if return_hidden:
+      return hidden, cache_kv
     return self.logits(hidden), cache_kv
 
 
@@ -285,6 +337,14 @@ def positions_from_mask(token_mask: Array, start: Array | int = 0) -> Array:
   return start + jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def last_valid(x: Array, token_mask: Array) -> Array:
+  """Each row's entry at its last real token: [B, T, ...] -> [B, ...] (left or right padding)."""
+  t = token_mask.shape[-1]
+  last = t - 1 - jnp.argmax(token_mask[:, ::-1].astype(jnp.int32), axis=-1)  # [B]
+  index = last.reshape((-1, 1) + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)[:, 0]
+
+
 def causal_mask(token_mask: Array) -> Array:
   """[B, T] validity -> [B, 1, T, T]: causal and key-padding mask."""
   t = token_mask.shape[-1]
@@ -293,7 +353,8 @@ def causal_mask(token_mask: Array) -> Array:
 
 
 def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None = None,
-            cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+            cache: KVCache | None = None, *, use_lora: bool = False,
+            return_hidden: bool = False) -> tuple[Array, KVCache | None]:
   """Logits for `tokens` [B, T] (float32 [B, T, V]), optionally appending to `cache`.
 
   Without a cache this is the training forward: causal attention over the
@@ -301,14 +362,17 @@ def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None
   With a cache, the tokens are written at `cache.index` and attend to every
   valid slot before them; positions continue from `cache.next_position`.
   The caller must leave room: `cache.index + T <= cache.size`.
+  `use_lora` applies the gate's adapters; `return_hidden` returns the final
+  hidden states [B, T, E] instead of logits.
   """
-  model = Qwen2(config)
+  model = Qwen2(config, use_lora=use_lora)
   if token_mask is None:
     token_mask = jnp.ones(tokens.shape, bool)
   token_mask = token_mask.astype(bool)
   if cache is None:
     positions = positions_from_mask(token_mask)
-    logits, _ = model.apply({"params": params}, tokens, positions, causal_mask(token_mask))
+    logits, _ = model.apply({"params": params}, tokens, positions, causal_mask(token_mask),
+                            return_hidden=return_hidden)
     return logits, None
   positions = positions_from_mask(token_mask, cache.next_position)
   key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask, (0, cache.index))
@@ -316,7 +380,7 @@ def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None
   causal = jnp.arange(s)[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, S]
   mask = causal[None, None] & key_mask[:, None, None, :]
   logits, kv = model.apply({"params": params}, tokens, positions, mask,
-                           {"k": cache.k, "v": cache.v}, cache.index)
+                           {"k": cache.k, "v": cache.v}, cache.index, return_hidden=return_hidden)
   cache = KVCache(k=kv["k"], v=kv["v"], key_mask=key_mask, index=cache.index + t,
                   next_position=cache.next_position + token_mask.sum(-1, dtype=jnp.int32))
   return logits, cache

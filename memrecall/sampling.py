@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from memrecall.config import ModelConfig
-from memrecall.model import KVCache, forward, init_cache
+from memrecall.model import KVCache, forward, init_cache, last_valid
 
 Array = jax.Array
 
@@ -84,19 +84,12 @@ def sample_token(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
   return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
-def last_valid_logits(logits: Array, token_mask: Array) -> Array:
-  """Each row's logits at its last real token: [B, T, V] -> [B, V] (left or right padding)."""
-  t = token_mask.shape[-1]
-  last = t - 1 - jnp.argmax(token_mask[:, ::-1].astype(jnp.int32), axis=-1)
-  return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-
-
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def prefill(params, config: ModelConfig, cache: KVCache, tokens: Array,
             token_mask: Array) -> tuple[Array, KVCache]:
   """Writes a (padded) prompt [B, T] into the cache; returns each row's next-token logits [B, V]."""
   logits, cache = forward(params, config, tokens, token_mask, cache)
-  return last_valid_logits(logits, token_mask), cache
+  return last_valid(logits, token_mask), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling"),

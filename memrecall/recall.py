@@ -1,0 +1,305 @@
+"""The recall loop: gate, read and rewrite the working memory block by block, then answer.
+
+One `lax.scan` walks the memory blocks (compressed chunks) of a batch of
+questions.  Per block the gate scores it; a block no row reads costs only the
+gate's forward, because the Reasoner's prefill and decode sit behind a
+`lax.cond`.  Rows that do not read a block keep their memory.
+
+Where the blocks come from:
+* `recall`: a `DocumentBank` on device; the whole loop is one jitted call.
+* `recall_streaming`: raw chunk ids; an outer scan compresses `group_size`
+  chunks at a time and drops them once read, so device memory does not grow
+  with the document.
+* `recall_from_host`: a bank in host memory (e.g. memory-mapped from disk),
+  fed to the device one group at a time.
+
+Modes: `gate` (read where the probability reaches the threshold), `all` (read
+every block, as the public reference does) and `topk` (read each row's k
+highest-scoring blocks, scored against the initial memory in a first pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memrecall.compressor import ChunkMemory, CompressorConfig, compress
+from memrecall.config import ModelConfig
+from memrecall.gate import gate_probability
+from memrecall.prompts import Prompts
+from memrecall.reasoner import (ReasonerConfig, WorkingMemory, final_answer, memory_capacity,
+                                update_memory)
+from memrecall.sampling import SampleOutput, SamplingConfig
+
+Array = jax.Array
+MODES = ("gate", "all", "topk")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallConfig:
+  """mode: gate | all | topk; threshold: the gate's cut-off; topk: blocks per row in topk mode;
+  group_size: chunks compressed (streaming) or transferred (host bank) at a time."""
+  mode: str = "gate"
+  threshold: float = 0.5
+  topk: int = 4
+  group_size: int = 8
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    if self.topk <= 0 or self.group_size <= 0:
+      raise ValueError(f"topk and group_size must be positive, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallSetup:
+  """Everything static about a recall run (hashable: a jit static argument)."""
+  model: ModelConfig
+  prompts: Prompts
+  reasoner: ReasonerConfig
+  recall: RecallConfig
+  sampling: SamplingConfig
+
+  @property
+  def memory_capacity(self) -> int:
+    return memory_capacity(self.prompts.initial_memory, self.reasoner)
+
+
+@flax.struct.dataclass
+class DocumentBank:
+  """Compressed blocks of Bd documents, chunk-major so that scans and host groups slice axis 0.
+
+  k, v: [N, L, Bd, S, K, D]; slot_mask: [N, Bd, S]; chunk_valid: [N, Bd]
+  (False for the padding chunks of a document shorter than the longest).
+  Bd is 1 (one document shared by every question) or the question batch.
+  """
+  k: Array
+  v: Array
+  slot_mask: Array
+  chunk_valid: Array
+
+  @property
+  def num_blocks(self) -> int:
+    return self.k.shape[0]
+
+  @classmethod
+  def from_chunks(cls, memories: Sequence[ChunkMemory]) -> "DocumentBank":
+    """Stacks the ChunkMemory of each document ([L, N_i, S, K, D]), padding to the longest."""
+    if not memories:
+      raise ValueError("no documents given")
+    n = max(m.num_chunks for m in memories)
+    def pad(x, axis):
+      widths = [(0, 0)] * x.ndim
+      widths[axis] = (0, n - x.shape[axis])
+      return jnp.pad(x, widths)
+    k = jnp.stack([pad(m.k, 1) for m in memories], axis=2)  # [L, N, Bd, S, K, D]
+    v = jnp.stack([pad(m.v, 1) for m in memories], axis=2)
+    slot_mask = jnp.stack([pad(m.slot_mask, 0) for m in memories], axis=1)  # [N, Bd, S]
+    valid = jnp.stack([jnp.arange(n) < m.num_chunks for m in memories], axis=1)  # [N, Bd]
+    return cls(k=jnp.moveaxis(k, 1, 0), v=jnp.moveaxis(v, 1, 0), slot_mask=slot_mask,
+               chunk_valid=valid)
+
+
+@flax.struct.dataclass
+class RecallTrace:
+  """Per question and block: gate score (NaN where no gate ran), whether it was read,
+  and the working memory after it. Shapes [B, N], [B, N], [B, N, M], [B, N, M]."""
+  gate_scores: Array
+  read: Array
+  memory_ids: Array
+  memory_mask: Array
+
+
+@flax.struct.dataclass
+class RecallOutput:
+  answer: SampleOutput
+  memory: WorkingMemory
+  trace: RecallTrace
+
+
+def _rows(x: Array, batch: int, axis: int) -> Array:
+  """Broadcasts a document axis of size 1 to the question batch."""
+  shape = list(x.shape)
+  shape[axis] = batch
+  return jnp.broadcast_to(x, shape)
+
+
+def _block_inputs(block, batch):
+  k, v, slot_mask, valid = block
+  return _rows(k, batch, 1), _rows(v, batch, 1), _rows(slot_mask, batch, 0), _rows(valid, batch, 0)
+
+
+def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
+                 question: Array, question_mask: Array, forced_read: Array | None):
+  """Reads blocks (tuple of k, v, slot_mask, valid; chunk-major) in order.
+
+  forced_read: [N, B] decisions replacing the gate (topk mode, benchmarks).
+  Returns the final memory and rng, and per-block (score, read, memory) stacked on axis 0.
+  """
+  batch = question.shape[0]
+  gate_needed = setup.recall.mode == "gate" and forced_read is None
+
+  def step(carry, xs):
+    memory, rng = carry
+    block, forced = xs
+    k, v, slot_mask, valid = _block_inputs(block, batch)
+    if gate_needed:
+      score = gate_probability(params, setup.model, setup.prompts.gate, k, v, slot_mask, question,
+                               question_mask, memory)
+      read = (score >= setup.recall.threshold) & valid
+    else:
+      score = jnp.full((batch,), jnp.nan, jnp.float32)
+      read = valid if forced is None else forced & valid
+    rng, step_rng = jax.random.split(rng)
+
+    def reason(memory):
+      new, _, _, _ = update_memory(params, setup.model, setup.prompts.update, setup.reasoner,
+                                   setup.sampling, k, v, slot_mask, question, question_mask,
+                                   memory, step_rng)
+      keep = read[:, None]
+      return WorkingMemory(jnp.where(keep, new.ids, memory.ids), jnp.where(keep, new.mask, memory.mask))
+
+    memory = jax.lax.cond(read.any(), reason, lambda m: m, memory)
+    return (memory, rng), (score, read, memory.ids, memory.mask)
+
+  (memory, rng), per_block = jax.lax.scan(step, (memory, rng), (blocks, forced_read))
+  return memory, rng, per_block
+
+
+def _topk_selection(params, setup: RecallSetup, blocks, question, question_mask, memory) -> tuple[Array, Array]:
+  """First pass of topk mode: every block scored against `memory`; [N, B] scores and picks."""
+  batch = question.shape[0]
+
+  def score(block):
+    k, v, slot_mask, valid = _block_inputs(block, batch)
+    p = gate_probability(params, setup.model, setup.prompts.gate, k, v, slot_mask, question,
+                         question_mask, memory)
+    return jnp.where(valid, p, -jnp.inf)
+
+  scores = jax.lax.map(score, blocks)  # [N, B]
+  k = min(setup.recall.topk, scores.shape[0])
+  kth = jax.lax.top_k(scores.T, k)[0][:, -1]  # [B]
+  return scores, (scores >= kth[None, :]) & jnp.isfinite(scores)
+
+
+def _finish(params, setup, question, question_mask, memory, rng, per_block, extra_scores=None):
+  scores, read, ids, mask = per_block
+  if extra_scores is not None:
+    scores = jnp.where(jnp.isfinite(extra_scores), extra_scores, jnp.nan)
+  answer, _, _ = final_answer(params, setup.model, setup.prompts.final, setup.reasoner,
+                              setup.sampling, question, question_mask, memory, rng)
+  trace = RecallTrace(gate_scores=scores.T, read=read.T, memory_ids=jnp.moveaxis(ids, 0, 1),
+                      memory_mask=jnp.moveaxis(mask, 0, 1))
+  return RecallOutput(answer=answer, memory=memory, trace=trace)
+
+
+def _initial_memory(setup: RecallSetup, batch: int) -> WorkingMemory:
+  return WorkingMemory.initial(setup.prompts.initial_memory, batch, setup.memory_capacity)
+
+
+@functools.partial(jax.jit, static_argnames=("setup",))
+def recall(params, setup: RecallSetup, bank: DocumentBank, question: Array, question_mask: Array,
+           rng: Array, forced_read: Array | None = None) -> RecallOutput:
+  """The whole loop over a device-resident bank, then the answer; one jitted call.
+
+  question/question_mask: [B, Q]; forced_read: optional [B, N] read decisions.
+  """
+  batch = question.shape[0]
+  blocks = (bank.k, bank.v, bank.slot_mask, bank.chunk_valid)
+  memory = _initial_memory(setup, batch)
+  scores = None
+  forced = None if forced_read is None else forced_read.T
+  if setup.recall.mode == "topk" and forced is None:
+    scores, forced = _topk_selection(params, setup, blocks, question, question_mask, memory)
+  memory, rng, per_block = _scan_blocks(params, setup, memory, rng, blocks, question,
+                                        question_mask, forced)
+  return _finish(params, setup, question, question_mask, memory, rng, per_block, scores)
+
+
+@functools.partial(jax.jit, static_argnames=("setup", "compressor"))
+def recall_streaming(params, setup: RecallSetup, compressor: CompressorConfig, chunk_ids: Array,
+                     chunk_mask: Array, question: Array, question_mask: Array,
+                     rng: Array, forced_read: Array | None = None) -> RecallOutput:
+  """Compresses and reads group by group; device memory holds one group's blocks at a time.
+
+  chunk_ids/chunk_mask: [N, Bd, C] with N a multiple of the group size (pad
+  with all-zero masks: such chunks are never read).
+  """
+  if setup.recall.mode == "topk":
+    raise ValueError("topk mode needs every block's score first: compress into a bank and use "
+                     "`recall` or `recall_from_host`")
+  n, docs, c = chunk_ids.shape
+  g = setup.recall.group_size
+  if n % g:
+    raise ValueError(f"{n} chunks are not a multiple of group_size {g}")
+  batch = question.shape[0]
+  forced = None if forced_read is None else forced_read.T.reshape(n // g, g, batch)
+
+  def group_step(carry, xs):
+    memory, rng = carry
+    ids, mask, group_forced = xs  # [G, Bd, C]
+    mem = compress(params, setup.model, compressor, ids.reshape(g * docs, c),
+                   mask.reshape(g * docs, c))
+    def chunk_major(x):  # [L, G*Bd, ...] -> [G, L, Bd, ...]
+      return jnp.moveaxis(x.reshape((x.shape[0], g, docs) + x.shape[2:]), 1, 0)
+    blocks = (chunk_major(mem.k), chunk_major(mem.v), mem.slot_mask.reshape(g, docs, -1),
+              mask.any(axis=-1))
+    memory, rng, per_block = _scan_blocks(params, setup, memory, rng, blocks, question,
+                                          question_mask, group_forced)
+    return (memory, rng), per_block
+
+  memory = _initial_memory(setup, batch)
+  (memory, rng), per_group = jax.lax.scan(
+      group_step, (memory, rng), (chunk_ids.reshape(n // g, g, docs, c),
+                                  chunk_mask.reshape(n // g, g, docs, c), forced))
+  per_block = jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), per_group)
+  return _finish(params, setup, question, question_mask, memory, rng, per_block)
+
+
+_scan_blocks_jit = jax.jit(_scan_blocks, static_argnames=("setup",))
+_topk_selection_jit = jax.jit(_topk_selection, static_argnames=("setup",))
+_finish_jit = jax.jit(_finish, static_argnames=("setup",))
+
+
+def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: Array,
+                     question_mask: Array, rng: Array, forced_read: Array | None = None,
+                     progress=None) -> RecallOutput:
+  """Like `recall`, for a bank of host (numpy, possibly memory-mapped) arrays, sent group by group.
+
+  progress: optional callable(blocks_done, blocks_total) after each group.
+  """
+  batch = question.shape[0]
+  n, g = bank.num_blocks, setup.recall.group_size
+  groups = [slice(i, min(i + g, n)) for i in range(0, n, g)]
+
+  def device_group(sl):
+    return tuple(jnp.asarray(np.asarray(x[sl])) for x in
+                 (bank.k, bank.v, bank.slot_mask, bank.chunk_valid))
+
+  memory = _initial_memory(setup, batch)
+  scores = None
+  forced = None if forced_read is None else jnp.asarray(forced_read).T
+  if setup.recall.mode == "topk" and forced is None:
+    # Per-group scores, then the selection over all of them.
+    parts = [_topk_selection_jit(params, setup, device_group(sl), question, question_mask, memory)[0]
+             for sl in groups]
+    scores = jnp.concatenate(parts, axis=0)
+    k = min(setup.recall.topk, n)
+    kth = jax.lax.top_k(scores.T, k)[0][:, -1]
+    forced = (scores >= kth[None, :]) & jnp.isfinite(scores)
+  outputs = []
+  for sl in groups:
+    memory, rng, per_block = _scan_blocks_jit(params, setup, memory, rng, device_group(sl),
+                                              question, question_mask,
+                                              None if forced is None else forced[sl])
+    outputs.append(jax.device_get(per_block))
+    if progress is not None:
+      progress(sl.stop, n)
+  per_block = tuple(jnp.concatenate([o[i] for o in outputs], axis=0) for i in range(4))
+  return _finish_jit(params, setup, question, question_mask, memory, rng, per_block, scores)
