@@ -49,3 +49,10 @@ def lychee_dir(lychee_reference, tmp_path_factory):
   with open(directory / "tokenizer_config.json", "w") as f:
     json.dump({"chat_template": meta["chat_template"]}, f)
   return directory
+
+
+@pytest.fixture(scope="session")
+def lychee_model(lychee_reference, lychee_dir):
+  """The reference's tiny LycheeMemory model with a gate (its random similarity_head + fresh LoRA)."""
+  from memrecall import pipeline
+  return pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4)

@@ -1,0 +1,162 @@
+r"""Answers a question about a long document with compressed memory.
+
+  python launch/answer.py --hf_checkpoint=/path/to/LycheeMemory-7B \
+      --document=book.txt --question="Who wrote the letter?" --mode=all
+  python launch/answer.py --hf_checkpoint=ckpt --document=eval_50.json --row=3 \
+      --memory_bank=/tmp/bank_row3 --output_json=/tmp/answer.json
+
+The document is compressed once (saved to --memory_bank if given, reused when
+it is already there and fits the model); the recall loop then walks its
+chunks, gating, rewriting the working memory, and answers.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None, "HF LycheeMemory/Qwen2 checkpoint.")
+_DOCUMENT = flags.DEFINE_string("document", None,
+                                "Plain text; a JSON list of token ids; or JSON rows with 'context' "
+                                "and a question field (see --row).")
+_ROW = flags.DEFINE_integer("row", 0, "Row of a JSON rows document.")
+_QUESTION = flags.DEFINE_string("question", None, "Question text (default: the row's question).")
+_QUESTION_IDS = flags.DEFINE_list("question_ids", None, "Question token ids, e.g. 1,2,3.")
+_MAX_QUESTION_TOKENS = flags.DEFINE_integer("max_question_tokens", 1024, "Question budget.")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None,
+                                   "Tokens per chunk (default: two compressor windows).")
+_MEMORY_SIZE = flags.DEFINE_integer("memory_size", 1024, "Max new tokens per memory update.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Max tokens of the answer.")
+_MEMORY_BANK = flags.DEFINE_string("memory_bank", None, "Reuse the bank here if present, else save.")
+_MODE = flags.DEFINE_enum("mode", None, ["gate", "all", "topk"],
+                          "Block selection (default: gate if the model has a gate, else all).")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate probability needed to read a block.")
+_TOPK = flags.DEFINE_integer("topk", 4, "Blocks read per question in topk mode.")
+_GROUP_SIZE = flags.DEFINE_integer("group_size", 8, "Chunks per device transfer / streaming step.")
+_STREAM = flags.DEFINE_bool("stream", False,
+                            "Compress inside the loop group by group (flat device memory).")
+_GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
+                                       "Rank of the gate's adapters (0: the model has no gate).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write answer and trace.")
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from memrecall import compressor, documents, memory_bank, pipeline, progress, prompts, recall
+  from memrecall.reasoner import ReasonerConfig
+  from memrecall.sampling import SamplingConfig
+
+  if not _HF_CHECKPOINT.value or not _DOCUMENT.value:
+    raise app.UsageError("--hf_checkpoint and --document are required")
+  try:
+    model = pipeline.load_recall_model(_HF_CHECKPOINT.value, chunk_size=_CHUNK_SIZE.value,
+                                       gate_lora_rank=_GATE_LORA_RANK.value)
+    document = documents.read_document(_DOCUMENT.value, _ROW.value)
+  except (OSError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+  tok, config = model.tokenizer, model.config
+  mode = _MODE.value or ("gate" if config.has_gate else "all")
+  if mode in ("gate", "topk") and not config.has_gate:
+    raise app.UsageError(f"--mode={mode} needs a gate: this checkpoint has none "
+                         "(use --mode=all, or a checkpoint trained with a gate)")
+
+  if _QUESTION_IDS.value:
+    question_ids = [int(i) for i in _QUESTION_IDS.value]
+  else:
+    text = _QUESTION.value or document.question
+    if not text:
+      raise app.UsageError("no question: pass --question or a document row with one")
+    question_ids = tok.encode(text)
+  if not question_ids:
+    raise app.UsageError("the question is empty")
+  if len(question_ids) > _MAX_QUESTION_TOKENS.value:
+    raise app.UsageError(f"the question has {len(question_ids)} tokens, over the budget of "
+                         f"{_MAX_QUESTION_TOKENS.value} (--max_question_tokens)")
+  doc_ids = list(document.ids) if document.ids is not None else tok.encode(document.text)
+  bad = [i for i in doc_ids + question_ids if not 0 <= i < config.vocab_size]
+  if bad:
+    raise app.UsageError(f"token ids {bad[:5]} are outside the vocabulary ({config.vocab_size})")
+  settings = model.compressor
+  chunk_ids, chunk_mask = compressor.chunk_document(doc_ids, settings.chunk_size, config.pad_token_id)
+  print(f"document: {len(doc_ids)} tokens -> {chunk_ids.shape[0]} chunks of {settings.chunk_size}",
+        file=sys.stderr)
+
+  setup = recall.RecallSetup(
+      model=config, prompts=model.prompts,
+      reasoner=ReasonerConfig(memory_size=_MEMORY_SIZE.value, answer_tokens=_MAX_NEW_TOKENS.value),
+      recall=recall.RecallConfig(mode=mode, threshold=_THRESHOLD.value, topk=_TOPK.value,
+                                 group_size=_GROUP_SIZE.value),
+      sampling=SamplingConfig(temperature=_TEMPERATURE.value, eos_ids=config.eos_token_ids,
+                              pad_id=config.pad_token_id))
+  question, question_mask = prompts.pad_ids([question_ids])
+  rng = jax.random.key(_SEED.value)
+
+  if _STREAM.value:
+    if _MEMORY_BANK.value:
+      raise app.UsageError("--stream compresses on the fly; it does not use --memory_bank")
+    g = setup.recall.group_size
+    pad = -chunk_ids.shape[0] % g
+    ids = np.pad(chunk_ids, ((0, pad), (0, 0)))[:, None]
+    mask = np.pad(chunk_mask, ((0, pad), (0, 0)))[:, None]
+    out = recall.recall_streaming(model.params, setup, settings, jnp.asarray(ids),
+                                  jnp.asarray(mask), question, question_mask, rng)
+    n_blocks = chunk_ids.shape[0]
+  else:
+    expected = None
+    bank_dir = _MEMORY_BANK.value
+    if bank_dir and os.path.exists(os.path.join(bank_dir, "metadata.json")):
+      expected = memory_bank.BankMetadata(
+          model_fingerprint=memory_bank.model_fingerprint(model.params, config),
+          chunk_size=settings.chunk_size, window=settings.window, ratio=settings.ratio,
+          dtype=config.dtype, num_chunks=chunk_ids.shape[0], num_tokens=len(doc_ids))
+      try:
+        bank, _ = memory_bank.load_bank(bank_dir, expected)
+      except memory_bank.BankMismatchError as e:
+        raise app.UsageError(str(e)) from None
+      print(f"reusing memory bank {bank_dir}", file=sys.stderr)
+    else:
+      memory = compressor.compress(model.params, config, settings, jnp.asarray(chunk_ids),
+                                   jnp.asarray(chunk_mask))
+      if bank_dir:
+        memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
+            model.params, config, settings, memory, len(doc_ids)))
+        print(f"saved memory bank {bank_dir}", file=sys.stderr)
+      bank = jax.tree.map(np.asarray, recall.DocumentBank.from_chunks([memory]))
+    n_blocks = bank.num_blocks
+    out = recall.recall_from_host(model.params, setup, bank, question, question_mask, rng,
+                                  progress=progress.Progress(n_blocks, "chunks"))
+
+  n = int(out.answer.lengths[0])
+  answer_ids = [int(i) for i in out.answer.tokens[0, :n] if int(i) not in config.eos_token_ids]
+  trace = []
+  for c in range(n_blocks):
+    keep = np.asarray(out.trace.memory_mask[0, c])
+    memory_ids = [int(i) for i in np.asarray(out.trace.memory_ids[0, c])[keep]]
+    score = float(out.trace.gate_scores[0, c])
+    trace.append({"chunk": c, "gate_score": None if np.isnan(score) else score,
+                  "read": bool(out.trace.read[0, c]), "memory_ids": memory_ids,
+                  "memory": tok.decode(memory_ids)})
+  answer = tok.decode(answer_ids)
+  for row in trace:
+    score = "   -  " if row["gate_score"] is None else f"{row['gate_score']:.3f}"
+    flag = "read" if row["read"] else "skip"
+    print(f"chunk {row['chunk']:5d}  gate {score}  {flag}  memory: {row['memory'][:80]!r}")
+  print(f"answer: {answer}")
+  if _OUTPUT_JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT_JSON.value)), exist_ok=True)
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump({"answer_ids": answer_ids, "answer": answer, "mode": mode, "trace": trace}, f,
+                ensure_ascii=False, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

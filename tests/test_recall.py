@@ -1,0 +1,202 @@
+"""The recall loop: parity with the reference, the three block sources, modes, batching, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memrecall import compressor, gate, prompts, recall, reasoner, sampling, sharding
+
+
+def _setup(model, mode="all", memory_size=8, answer_tokens=8, **kw):
+  return recall.RecallSetup(
+      model=model.config, prompts=model.prompts,
+      reasoner=reasoner.ReasonerConfig(memory_size=memory_size, answer_tokens=answer_tokens),
+      recall=recall.RecallConfig(mode=mode, **kw),
+      sampling=sampling.SamplingConfig(eos_ids=(2,), pad_id=0))
+
+
+@pytest.fixture(scope="module")
+def document(lychee_model, lychee_reference):
+  ids, mask = compressor.chunk_document(lychee_reference["in/text_ids"][0], 1024, pad_id=0)
+  memory = compressor.compress(lychee_model.params, lychee_model.config, lychee_model.compressor,
+                               jnp.asarray(ids), jnp.asarray(mask))
+  question, question_mask = prompts.pad_ids([lychee_reference["in/question_ids"][0].tolist()])
+  return ids, mask, memory, question, question_mask
+
+
+def _stream_inputs(ids, mask, group):
+  pad = -ids.shape[0] % group
+  return (jnp.asarray(np.pad(ids, ((0, pad), (0, 0)))[:, None]),
+          jnp.asarray(np.pad(mask, ((0, pad), (0, 0)))[:, None]))
+
+
+def test_read_all_reproduces_the_reference_and_every_source_agrees(lychee_model, document,
+                                                                   lychee_reference):
+  ids, mask, memory, question, question_mask = document
+  setup = _setup(lychee_model, "all", group_size=2)
+  params = lychee_model.params
+  bank = recall.DocumentBank.from_chunks([memory])
+  on_device = recall.recall(params, setup, bank, question, question_mask, jax.random.key(0))
+  np.testing.assert_array_equal(on_device.answer.tokens[0], lychee_reference["out/generated_ids"][0, 12:])
+  host = recall.recall_from_host(params, setup, jax.tree.map(np.asarray, bank), question,
+                                 question_mask, jax.random.key(0))
+  s_ids, s_mask = _stream_inputs(ids, mask, 2)
+  streamed = recall.recall_streaming(params, setup, lychee_model.compressor, s_ids, s_mask, question,
+                                     question_mask, jax.random.key(0))
+  for other in (host, streamed):
+    np.testing.assert_array_equal(other.answer.tokens, on_device.answer.tokens)
+    np.testing.assert_array_equal(other.trace.memory_ids[:, :3], on_device.trace.memory_ids)
+    np.testing.assert_array_equal(other.trace.read[:, :3], on_device.trace.read)
+  assert on_device.trace.read.all()
+  # The streaming padding chunk was never read.
+  assert not streamed.trace.read[0, 3]
+
+
+def test_gate_mode_scores_with_the_current_memory_and_skips_below_threshold(lychee_model, document):
+  ids, mask, memory, question, question_mask = document
+  params, config = lychee_model.params, lychee_model.config
+  bank = recall.DocumentBank.from_chunks([memory])
+  all_scores = recall.recall(params, _setup(lychee_model, "gate", threshold=0.0), bank, question,
+                             question_mask, jax.random.key(0)).trace.gate_scores[0]
+  threshold = float(np.sort(np.asarray(all_scores))[1])  # between the scores: some skipped
+  out = recall.recall(params, _setup(lychee_model, "gate", threshold=threshold), bank, question,
+                      question_mask, jax.random.key(0))
+  trace = out.trace
+  # Recompute each block's score from the memory before it.
+  memory_before = reasoner.WorkingMemory.initial(lychee_model.prompts.initial_memory, 1, 18)
+  for c in range(3):
+    expected = gate.gate_probability(params, config, lychee_model.prompts.gate, memory.k[:, c:c + 1],
+                                     memory.v[:, c:c + 1], memory.slot_mask[c:c + 1], question,
+                                     question_mask, memory_before)
+    np.testing.assert_allclose(trace.gate_scores[0, c], expected[0], rtol=1e-5)
+    assert bool(trace.read[0, c]) == bool(expected[0] >= threshold)
+    if not trace.read[0, c]:  # a skipped block leaves the memory as it was
+      np.testing.assert_array_equal(trace.memory_ids[0, c], memory_before.ids[0])
+      np.testing.assert_array_equal(trace.memory_mask[0, c], memory_before.mask[0])
+    memory_before = reasoner.WorkingMemory(trace.memory_ids[:, c], trace.memory_mask[:, c])
+  assert 0 < int(trace.read.sum()) < 3
+
+
+def test_topk_reads_the_k_best_blocks(lychee_model, document):
+  _, _, memory, question, question_mask = document
+  bank = recall.DocumentBank.from_chunks([memory])
+  out = recall.recall(lychee_model.params, _setup(lychee_model, "topk", topk=2), bank, question,
+                      question_mask, jax.random.key(0))
+  scores, read = np.asarray(out.trace.gate_scores[0]), np.asarray(out.trace.read[0])
+  assert read.sum() == 2
+  assert set(np.flatnonzero(read)) == set(np.argsort(-scores)[:2])
+  host = recall.recall_from_host(lychee_model.params, _setup(lychee_model, "topk", topk=2,
+                                                             group_size=2),
+                                 jax.tree.map(np.asarray, bank), question, question_mask,
+                                 jax.random.key(0))
+  np.testing.assert_array_equal(host.trace.read, out.trace.read)
+
+
+def test_questions_in_a_batch_are_independent(lychee_model, document, lychee_reference):
+  _, _, memory, question, _ = document
+  short = [500, 501, 502]
+  batch_q, batch_m = prompts.pad_ids([question[0].tolist(), short])
+  bank = recall.DocumentBank.from_chunks([memory])
+  setup = _setup(lychee_model, "all")
+  both = recall.recall(lychee_model.params, setup, bank, batch_q, batch_m, jax.random.key(0))
+  alone_q, alone_m = prompts.pad_ids([short])
+  alone = recall.recall(lychee_model.params, setup, bank, alone_q, alone_m, jax.random.key(0))
+  np.testing.assert_array_equal(both.answer.tokens[0], lychee_reference["out/generated_ids"][0, 12:])
+  np.testing.assert_array_equal(both.answer.tokens[1], alone.answer.tokens[0])
+  np.testing.assert_array_equal(both.trace.memory_ids[1], alone.trace.memory_ids[0])
+
+
+def test_documents_of_different_lengths_in_one_batch(lychee_model, document):
+  _, _, memory, question, question_mask = document
+  two = jax.tree.map(lambda x: x[:, :2] if x.ndim == 5 else x[:2], memory)
+  bank = recall.DocumentBank.from_chunks([memory, two])
+  assert bank.chunk_valid.tolist() == [[True, True], [True, True], [True, False]]
+  q = jnp.concatenate([question, question])
+  m = jnp.concatenate([question_mask, question_mask])
+  out = recall.recall(lychee_model.params, _setup(lychee_model, "all"), bank, q, m, jax.random.key(0))
+  assert out.trace.read.tolist() == [[True, True, True], [True, True, False]]
+  alone = recall.recall(lychee_model.params, _setup(lychee_model, "all"),
+                        recall.DocumentBank.from_chunks([two]), question, question_mask,
+                        jax.random.key(0))
+  np.testing.assert_array_equal(out.answer.tokens[1], alone.answer.tokens[0])
+
+
+def test_sharded_loop_matches_one_device(lychee_dir, document):
+  from memrecall import pipeline
+  ids, mask, _, question, question_mask = document
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  single = pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4)
+  sharded = pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4, mesh=mesh)
+  assert sharded.params["layers"]["mlp"]["up_kernel"].sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor")
+  setup = _setup(single, "gate", threshold=0.0)
+  ids4 = np.concatenate([ids, ids[:1]])  # 4 chunks, so the chunk axis splits over data x fsdp
+  mask4 = np.concatenate([mask, mask[:1]])
+  expected_memory = compressor.compress(single.params, single.config, single.compressor,
+                                        jnp.asarray(ids4), jnp.asarray(mask4))
+  expected = recall.recall(single.params, setup, recall.DocumentBank.from_chunks([expected_memory]),
+                           question, question_mask, jax.random.key(0))
+  with jax.set_mesh(mesh):
+    chunks = jax.device_put(jnp.asarray(ids4), sharding.logical_sharding(("chunks", None), ids4.shape, mesh))
+    chunk_mask = jax.device_put(jnp.asarray(mask4), chunks.sharding)
+    memory = compressor.compress(sharded.params, sharded.config, sharded.compressor, chunks, chunk_mask)
+    out = recall.recall(sharded.params, setup, recall.DocumentBank.from_chunks([memory]), question,
+                        question_mask, jax.random.key(0))
+  np.testing.assert_allclose(memory.k, expected_memory.k, atol=1e-5)
+  np.testing.assert_array_equal(out.answer.tokens, expected.answer.tokens)
+  np.testing.assert_array_equal(out.trace.memory_ids, expected.trace.memory_ids)
+  np.testing.assert_allclose(out.trace.gate_scores, expected.trace.gate_scores, atol=1e-5)
+
+
+def test_streaming_peak_memory_does_not_grow_with_the_document(lychee_model):
+  """Compiled device memory (temporaries + arguments + outputs) at 64x the chunks stays within
+  10% of 1x in streaming mode, while a device-resident bank grows with the document."""
+  setup = _setup(lychee_model, "gate", group_size=2, memory_size=4, answer_tokens=4)
+  question, question_mask = prompts.pad_ids([[300, 301, 302]])
+
+  def peak(fn, *args):
+    stats = fn.lower(*args).compile().memory_analysis()
+    return stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+
+  def streaming_peak(n):
+    ids = jax.ShapeDtypeStruct((n, 1, 1024), jnp.int32)
+    mask = jax.ShapeDtypeStruct((n, 1, 1024), bool)
+    return peak(recall.recall_streaming, lychee_model.params, setup, lychee_model.compressor, ids,
+                mask, question, question_mask, jax.random.key(0))
+
+  def bank_peak(n):
+    bank = recall.DocumentBank(
+        k=jax.ShapeDtypeStruct((n, 2, 1, 256, 2, 16), jnp.float32),
+        v=jax.ShapeDtypeStruct((n, 2, 1, 256, 2, 16), jnp.float32),
+        slot_mask=jax.ShapeDtypeStruct((n, 1, 256), bool),
+        chunk_valid=jax.ShapeDtypeStruct((n, 1), bool))
+    return peak(recall.recall, lychee_model.params, setup, bank, question, question_mask,
+                jax.random.key(0))
+
+  small, large = streaming_peak(2), streaming_peak(128)  # one group vs 64 groups
+  assert large <= 1.10 * small, (small, large)
+  bank_bytes = 2 * 126 * (2 * 256 * 2 * 16 * 4)  # k and v of the 126 extra chunks
+  assert bank_peak(128) - bank_peak(2) >= bank_bytes
+
+
+def test_bad_recall_settings():
+  with pytest.raises(ValueError, match="mode must be one of"):
+    recall.RecallConfig(mode="some")
+  with pytest.raises(ValueError, match="positive"):
+    recall.RecallConfig(topk=0)
+  with pytest.raises(ValueError, match="no documents"):
+    recall.DocumentBank.from_chunks([])
+
+
+def test_streaming_refuses_topk_and_ragged_groups(lychee_model):
+  question, question_mask = prompts.pad_ids([[300]])
+  ids = jnp.zeros((3, 1, 1024), jnp.int32)
+  with pytest.raises(ValueError, match="topk mode needs every block"):
+    recall.recall_streaming(lychee_model.params, _setup(lychee_model, "topk"),
+                            lychee_model.compressor, ids, ids > 0, question, question_mask,
+                            jax.random.key(0))
+  with pytest.raises(ValueError, match="not a multiple of group_size"):
+    recall.recall_streaming(lychee_model.params, _setup(lychee_model, "all", group_size=2),
+                            lychee_model.compressor, ids, ids > 0, question, question_mask,
+                            jax.random.key(0))
