@@ -54,9 +54,10 @@ class CompressorConfig:
     """Reads `lychee_memory_{window,stride,ratio}` of a LycheeMemory config.json.
 
     The chunk size is a run setting, not a model property; it defaults to two
-    windows (4096 for the released model's 2048-token window).
+    windows (4096 for the released model's 2048-token window).  A plain Qwen2
+    config has no window: 2048, or the chunk size if that is smaller.
     """
-    window = int(hf.get("lychee_memory_window", 2048))
+    window = int(hf.get("lychee_memory_window") or min(2048, chunk_size or 2048))
     stride = int(hf.get("lychee_memory_stride", window))
     if stride != window:
       raise ConfigError(f"lychee_memory_stride ({stride}) must equal lychee_memory_window "

@@ -149,3 +149,24 @@ def test_truncated_safetensors_file(tmp_path):
   path.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
   with pytest.raises(ValueError, match="exceeds the file size"):
     SafetensorsFile(path)
+
+
+def test_lychee_checkpoint_exports_to_its_own_layout(tmp_path, lychee_dir):
+  from memrecall import compressor
+  params, config = hf_checkpoint.load_hf_checkpoint(lychee_dir, gate_lora_rank=2)
+  _, raw = hf_checkpoint.read_config(lychee_dir)
+  settings = compressor.CompressorConfig.from_hf_dict(raw, chunk_size=1024)
+  hf_checkpoint.save_hf_checkpoint(params, config, tmp_path, extra_config=settings.to_hf_dict())
+  original, exported = _tensors(lychee_dir), _tensors(tmp_path)
+  assert set(original) == set(exported)  # lychee_memory_* and similarity_head included
+  for name in original:
+    np.testing.assert_array_equal(original[name], exported[name])
+  _, raw_again = hf_checkpoint.read_config(tmp_path)
+  assert compressor.CompressorConfig.from_hf_dict(raw_again, chunk_size=1024) == settings
+  again, config_again = hf_checkpoint.load_hf_checkpoint(tmp_path, gate_lora_rank=2)
+  assert config_again.compressor
+  for path in (("beacon_embedding",), ("gate_head",), ("layers", "attention", "beacon_v_bias")):
+    a, b = params, again
+    for key in path:
+      a, b = a[key], b[key]
+    np.testing.assert_array_equal(a, b)

@@ -1,0 +1,115 @@
+r"""Benchmarks the recall loop on a random tiny model, everything measured side by side in one run.
+
+  python launch/bench_recall.py [--chunks=32] [--memory_size=32] [--output_json=PATH]
+
+Prints (1) the loop's wall time with 1/8 of the blocks read versus all blocks
+read (the gate runs on every block in both; skipped blocks must cost only the
+gate's forward), and (2) the compiled device memory of streaming recall at 1x
+and 64x the document length versus a device-resident bank.
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CHUNKS = flags.DEFINE_integer("chunks", 32, "Blocks in the timed document.")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 256, "Tokens per chunk.")
+_MEMORY_SIZE = flags.DEFINE_integer("memory_size", 32, "Tokens per memory update.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per setting (the best is kept).")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the measurements here.")
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from configs import models
+  from memrecall import compressor, model, prompts, reasoner, recall, sampling, tokenizer
+  from memrecall.config import ModelConfig
+
+  config = ModelConfig.from_dict(models.model_config("tiny").to_dict()).replace(
+      compressor=True, gate_lora_rank=4)
+  params = model.init_params(config, jax.random.key(0))
+  settings = compressor.CompressorConfig(chunk_size=_CHUNK_SIZE.value,
+                                         window=_CHUNK_SIZE.value // 2, ratio=4)
+  tok = tokenizer.ByteTokenizer()
+  setup = recall.RecallSetup(
+      model=config, prompts=prompts.Prompts.build(tok, chat_template=None),
+      reasoner=reasoner.ReasonerConfig(memory_size=_MEMORY_SIZE.value, answer_tokens=8),
+      recall=recall.RecallConfig(mode="gate", group_size=8),
+      # No EOS: every memory update decodes its full budget, the worst case.
+      sampling=sampling.SamplingConfig(eos_ids=(), pad_id=0))
+  n = _CHUNKS.value
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, 259, (n, settings.chunk_size)).astype(np.int32)
+  memory = compressor.compress(params, config, settings, jnp.asarray(ids),
+                               jnp.ones(ids.shape, bool))
+  bank = recall.DocumentBank.from_chunks([memory])
+  question, question_mask = prompts.pad_ids([tok.encode("Where is the key?")])
+
+  def timed(read):
+    run = lambda: recall.recall(params, setup, bank, question, question_mask, jax.random.key(1),
+                                read).answer.tokens.block_until_ready()
+    run()  # compile
+    best = float("inf")
+    for _ in range(_REPEATS.value):
+      start = time.perf_counter()
+      run()
+      best = min(best, time.perf_counter() - start)
+    return best
+
+  eighth = jnp.asarray((np.arange(n) % 8 == 0)[None])
+  t_eighth = timed(eighth)
+  t_all = timed(jnp.ones((1, n), bool))
+
+  def device_bytes(fn, *args):
+    stats = fn.lower(*args).compile().memory_analysis()
+    return stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+
+  group = setup.recall.group_size
+  stream, device_bank = {}, {}
+  for multiple in (1, 64):
+    chunks = group * multiple
+    shape = jax.ShapeDtypeStruct((chunks, 1, settings.chunk_size), jnp.int32)
+    stream[multiple] = device_bytes(recall.recall_streaming, params, setup, settings, shape,
+                                    jax.ShapeDtypeStruct(shape.shape, bool), question,
+                                    question_mask, jax.random.key(0))
+    kv = jax.ShapeDtypeStruct((chunks,) + bank.k.shape[1:], bank.k.dtype)
+    abstract_bank = recall.DocumentBank(
+        k=kv, v=kv, slot_mask=jax.ShapeDtypeStruct((chunks, 1, settings.slots), bool),
+        chunk_valid=jax.ShapeDtypeStruct((chunks, 1), bool))
+    device_bank[multiple] = device_bytes(recall.recall, params, setup, abstract_bank, question,
+                                         question_mask, jax.random.key(0))
+
+  machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
+            f"jax {jax.__version__} on {jax.default_backend()}"
+  print(f"recall loop, tiny model, {n} blocks of {settings.chunk_size} tokens, "
+        f"memory updates of {_MEMORY_SIZE.value} tokens ({machine})")
+  print(f"  {'blocks read':<24}{'seconds':>10}")
+  print(f"  {'1/8':<24}{t_eighth:>10.3f}")
+  print(f"  {'all':<24}{t_all:>10.3f}")
+  print(f"  ratio 1/8 : all = {t_eighth / t_all:.3f}  (target <= 0.25)")
+  print(f"device memory (temporaries + arguments + outputs, compiled), groups of {group} chunks")
+  print(f"  {'document':<24}{'streaming':>12}{'device bank':>14}")
+  for multiple in (1, 64):
+    print(f"  {f'{multiple}x ({group * multiple} chunks)':<24}{stream[multiple]:>12,}"
+          f"{device_bank[multiple]:>14,}")
+  print(f"  streaming 64x : 1x = {stream[64] / stream[1]:.3f}  (target <= 1.10); "
+        f"device bank {device_bank[64] / device_bank[1]:.2f}")
+  if _OUTPUT_JSON.value:
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump({"machine": machine, "blocks": n, "seconds_eighth": t_eighth, "seconds_all": t_all,
+                 "ratio": t_eighth / t_all, "streaming_bytes": stream, "bank_bytes": device_bank}, f,
+                indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,74 @@
+"""launch/answer.py end to end on the reference's tiny LycheeMemory model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*flags):
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "answer.py"), *flags],
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_answer_bank_reuse_and_mismatch(tmp_path, lychee_dir, lychee_reference):
+  doc = tmp_path / "doc.json"
+  doc.write_text(json.dumps(lychee_reference["in/text_ids"][0].tolist()))
+  question = ",".join(str(i) for i in lychee_reference["in/question_ids"][0])
+  common = [f"--hf_checkpoint={lychee_dir}", f"--document={doc}", f"--question_ids={question}",
+            "--chunk_size=1024", "--memory_size=8", "--max_new_tokens=8"]
+  out = tmp_path / "answer.json"
+  proc = _run(*common, f"--memory_bank={tmp_path / 'bank'}", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert "saved memory bank" in proc.stderr
+  result = json.load(open(out))
+  # The reference's greedy answer (its EOS-free ids) and a full per-chunk trace.
+  np.testing.assert_array_equal(result["answer_ids"], lychee_reference["out/generated_ids"][0, 12:])
+  assert [t["chunk"] for t in result["trace"]] == [0, 1, 2]
+  assert all(t["read"] and t["gate_score"] is None for t in result["trace"])
+  assert result["trace"][-1]["memory_ids"] == lychee_reference["gf27/input_ids"][0][-46:-38].tolist()
+  assert "chunk     2" in proc.stdout and "answer:" in proc.stdout
+
+  again = _run(*common, f"--memory_bank={tmp_path / 'bank'}", f"--output_json={out}")
+  assert again.returncode == 0 and "reusing memory bank" in again.stderr
+  assert json.load(open(out))["answer_ids"] == result["answer_ids"]
+
+  other = _run(*[f for f in common if not f.startswith("--chunk_size")], "--chunk_size=512",
+               f"--memory_bank={tmp_path / 'bank'}")
+  assert other.returncode != 0 and "chunk_size: bank has 1024, expected 512" in other.stderr
+
+  streamed = _run(*common, "--stream", "--group_size=2", f"--output_json={out}")
+  assert streamed.returncode == 0, streamed.stderr
+  assert json.load(open(out))["answer_ids"] == result["answer_ids"]
+
+
+def test_bad_inputs(tmp_path, lychee_dir):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={empty}", "--question=hi")
+  assert proc.returncode != 0 and "is empty" in proc.stderr
+
+  latin = tmp_path / "latin.txt"
+  latin.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={latin}", "--question=hi")
+  assert proc.returncode != 0 and "not UTF-8" in proc.stderr
+
+  short = tmp_path / "short.txt"
+  short.write_text("A document much shorter than one chunk.")
+  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=x" * 1,
+              "--max_question_tokens=0")
+  assert proc.returncode != 0 and "over the budget of 0" in proc.stderr
+  # A document shorter than one chunk is padded into one chunk and answered.
+  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=What?",
+              "--chunk_size=1024", "--memory_size=4", "--max_new_tokens=4")
+  assert proc.returncode == 0, proc.stderr
+  assert "1 chunks of 1024" in proc.stderr
+
+  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=What?",
+              "--mode=gate")
+  assert proc.returncode != 0 and "needs a gate" in proc.stderr

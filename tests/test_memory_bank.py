@@ -1,0 +1,72 @@
+"""Memory banks round-trip exactly and refuse to serve another model or setting."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memrecall import compressor, memory_bank, pipeline
+
+
+@pytest.fixture(scope="module")
+def compressed(lychee_model, lychee_reference):
+  ids, mask = compressor.chunk_document(lychee_reference["in/text_ids"][0], 1024, pad_id=0)
+  memory = compressor.compress(lychee_model.params, lychee_model.config, lychee_model.compressor,
+                               jnp.asarray(ids), jnp.asarray(mask))
+  meta = memory_bank.describe(lychee_model.params, lychee_model.config, lychee_model.compressor,
+                              memory, int(mask.sum()))
+  return memory, meta
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_round_trip_is_exact(tmp_path, compressed, dtype):
+  memory, meta = compressed
+  memory = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != bool else x, memory)
+  meta = dataclasses.replace(meta, dtype=str(memory.k.dtype))
+  memory_bank.save_bank(tmp_path / "bank", memory, meta)
+  bank, loaded_meta = memory_bank.load_bank(tmp_path / "bank", meta)
+  assert loaded_meta == meta and meta.num_chunks == 3 and meta.num_tokens == 2748
+  assert bank.k.dtype == memory.k.dtype
+  np.testing.assert_array_equal(bank.k[:, :, 0], np.moveaxis(np.asarray(memory.k), 1, 0))
+  np.testing.assert_array_equal(bank.v[:, :, 0], np.moveaxis(np.asarray(memory.v), 1, 0))
+  np.testing.assert_array_equal(bank.slot_mask[:, 0], memory.slot_mask)
+  assert bank.chunk_valid.all()
+
+
+def test_mismatched_banks_are_refused(tmp_path, compressed, tiny_dir):
+  memory, meta = compressed
+  memory_bank.save_bank(tmp_path / "bank", memory, meta)
+  with pytest.raises(memory_bank.BankMismatchError, match="chunk_size: bank has 1024, expected 2048"):
+    memory_bank.load_bank(tmp_path / "bank", dataclasses.replace(meta, chunk_size=2048))
+  with pytest.raises(memory_bank.BankMismatchError, match="ratio"):
+    memory_bank.load_bank(tmp_path / "bank", dataclasses.replace(meta, ratio=8))
+  other = pipeline.load_recall_model(tiny_dir, chunk_size=1024)
+  other_meta = dataclasses.replace(
+      meta, model_fingerprint=memory_bank.model_fingerprint(other.params, other.config))
+  with pytest.raises(memory_bank.BankMismatchError, match="model_fingerprint"):
+    memory_bank.load_bank(tmp_path / "bank", other_meta)
+  with pytest.raises(FileNotFoundError, match="not a memory bank"):
+    memory_bank.load_bank(tmp_path)
+
+
+def test_fingerprint_tracks_the_beacon_parameters(lychee_model):
+  params = lychee_model.params
+  base = memory_bank.model_fingerprint(params, lychee_model.config)
+  assert base == memory_bank.model_fingerprint(params, lychee_model.config)
+  changed = {**params, "beacon_embedding": params["beacon_embedding"] + 1e-3}
+  assert memory_bank.model_fingerprint(changed, lychee_model.config) != base
+
+
+def test_saving_over_a_bank_replaces_it_whole(tmp_path, compressed):
+  memory, meta = compressed
+  memory_bank.save_bank(tmp_path / "bank", memory, meta)
+  two = jax.tree.map(lambda x: x[:, :2] if x.ndim == 5 else x[:2], memory)
+  memory_bank.save_bank(tmp_path / "bank", two, dataclasses.replace(meta, num_chunks=2))
+  bank, loaded = memory_bank.load_bank(tmp_path / "bank")
+  assert bank.num_blocks == 2 and loaded.num_chunks == 2
+  assert sorted(os.listdir(tmp_path)) == ["bank"]  # no staging directories left behind
+  json.load(open(tmp_path / "bank" / "metadata.json"))
