@@ -1,0 +1,1 @@
+"""Tasks, benchmarks, metrics and dataset builders (see `example.Example` for the common format)."""

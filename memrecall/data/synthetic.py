@@ -1,0 +1,319 @@
+"""Synthetic long-context multi-hop tasks with exact relevance labels and oracle memory traces.
+
+Three tasks, each in two forms — `ids` (a small vocabulary a tiny model learns
+from scratch) and `text` (natural sentences for real tokenizers):
+
+* `multihop`: a chain of key -> value facts, q -> x1 -> ... -> xh, hidden
+  among distractor facts; "where do h hops from q lead?".
+* `vartrack`: variable tracking, `X1 = 12345 ... X2 = X1 ...`; "which
+  variables equal 12345?" (RULER's variable tracking).
+* `hotpot`: two-hop questions over generated paragraphs about generated
+  people, cities and countries; "in which country was P born?".
+
+Generation is deterministic in (seed, index).  A context is built to a target
+length in tokens (of the given tokenizer for the text form): the facts, then
+distractors (a `distractor_density` share of the rest), then filler.  The
+facts a question needs appear in reading order, so one left-to-right pass can
+answer (DESIGN §8: facts in any order need several passes).  Distractors never
+start from an entity of the chain, so exactly the supporting facts are relevant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from memrecall.data.example import Example, Piece, encode
+from memrecall.tokenizer import ByteTokenizer
+
+TASKS = ("multihop", "vartrack", "hotpot")
+FORMS = ("ids", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """task: one of TASKS; form: ids | text; length: context tokens; hops: chain length
+  (vartrack: assignments in the chain; hotpot: always 2); distractor_density: share of the
+  context (beyond the needed facts) filled with distractor facts, the rest is filler."""
+  task: str = "multihop"
+  form: str = "ids"
+  length: int = 256
+  hops: int = 2
+  distractor_density: float = 1.0
+  num_entities: int = 64
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"unknown task {self.task!r}; choose from {TASKS}")
+    if self.form not in FORMS:
+      raise ValueError(f"unknown form {self.form!r}; choose from {FORMS}")
+    if self.hops < 1:
+      raise ValueError(f"hops must be >= 1, got {self.hops}")
+    if self.task == "hotpot" and self.hops != 2:
+      raise ValueError("the hotpot task is two-hop: hops must be 2")
+    if not 0.0 <= self.distractor_density <= 1.0:
+      raise ValueError(f"distractor_density must be in [0, 1], got {self.distractor_density}")
+    if self.num_entities < self.hops + 3:
+      raise ValueError(f"num_entities ({self.num_entities}) must exceed hops + 2")
+    if self.length <= 0:
+      raise ValueError(f"length must be positive, got {self.length}")
+
+
+# --- the small vocabulary -----------------------------------------------------
+
+
+class SmallVocab:
+  """Token ids of the `ids` form, placed above the byte tokenizer's range (0..258)."""
+  BASE = 259
+  MARKERS = ("->", ";", "?", "=", "born", "in", "filler", "none")
+  MAX_HOPS = 16
+
+  def __init__(self, num_entities: int = 64, num_values: int = 16):
+    names = list(self.MARKERS) + [f"H{k}" for k in range(self.MAX_HOPS + 1)]
+    names += [f"e{i}" for i in range(num_entities)] + [f"v{i}" for i in range(num_values)]
+    self.names = names
+    self.ids = {name: self.BASE + i for i, name in enumerate(names)}
+    self.num_entities, self.num_values = num_entities, num_values
+
+  @property
+  def size(self) -> int:
+    """The smallest model vocabulary that holds every id."""
+    return self.BASE + len(self.names)
+
+  def __getitem__(self, name: str) -> int:
+    return self.ids[name]
+
+  def entity(self, i: int) -> int:
+    return self.ids[f"e{i}"]
+
+  def value(self, i: int) -> int:
+    return self.ids[f"v{i}"]
+
+  def hop(self, k: int) -> int:
+    return self.ids[f"H{k}"]
+
+  def decode(self, ids) -> str:
+    names = {v: k for k, v in self.ids.items()}
+    return " ".join(names.get(int(i), f"<{int(i)}>") for i in ids)
+
+
+# --- natural-text vocabulary --------------------------------------------------
+
+_SYLLABLES = ("ka", "lo", "mi", "ren", "sa", "tu", "vel", "do", "ra", "nim", "bo", "zen", "qua",
+              "pe", "lin", "mor", "ta", "shi", "gar", "eli")
+_FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ",
+           "Here we go. ", "There and back again. ", "The river flows to the sea. ")
+
+
+def _names(rng: np.random.Generator, count: int, capitalise: bool = True) -> list[str]:
+  """`count` distinct made-up names of 2-3 syllables."""
+  names: set[str] = set()
+  while len(names) < count:
+    n = rng.integers(2, 4)
+    word = "".join(rng.choice(_SYLLABLES, n))
+    names.add(word.capitalize() if capitalise else word)
+  return sorted(names, key=lambda s: rng.random())
+
+
+# --- assembly -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Facts:
+  """What a task contributes: needed facts in order, a distractor maker, question, answers."""
+  needed: list[Piece]
+  distractor: Callable[[], Piece]
+  question: Piece
+  answers: tuple[Piece, ...]
+  oracle: list[Piece]
+  metadata: dict
+
+
+def _fill(rng, facts: _Facts, config: TaskConfig, tokenizer, filler: Callable[[int], Piece]
+          ) -> tuple[list[Piece], list[int]]:
+  """Interleaves needed facts (in order), distractors and filler to exactly config.length tokens."""
+  size = lambda p: len(encode(p, tokenizer))
+  needed_tokens = sum(size(p) for p in facts.needed)
+  if needed_tokens > config.length:
+    raise ValueError(f"a length of {config.length} tokens is too short for the {needed_tokens} "
+                     f"tokens of the needed facts ({config.task}, {config.hops} hops)")
+  budget = config.length - needed_tokens
+  distractors: list[Piece] = []
+  used = 0
+  target = config.distractor_density * budget
+  while True:
+    d = facts.distractor()
+    if used + size(d) > target:
+      break
+    distractors.append(d)
+    used += size(d)
+  fillers = []
+  remaining = budget - used
+  while remaining > 0:
+    piece = filler(remaining)
+    fillers.append(piece)
+    remaining -= size(piece)
+  others = distractors + fillers
+  order = rng.permutation(len(others))
+  others = [others[i] for i in order]
+  # Needed facts go at sorted random slots among the others: in reading order.
+  slots = np.sort(rng.choice(len(others) + len(facts.needed), len(facts.needed), replace=False))
+  segments: list[Piece] = []
+  supporting: list[int] = []
+  it = iter(others)
+  needed = iter(facts.needed)
+  for i in range(len(others) + len(facts.needed)):
+    if len(supporting) < len(facts.needed) and i == slots[len(supporting)]:
+      supporting.append(len(segments))
+      segments.append(next(needed))
+    else:
+      segments.append(next(it))
+  return segments, supporting
+
+
+def _multihop(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None) -> _Facts:
+  h = config.hops
+  chain = rng.choice(config.num_entities, h + 1, replace=False)  # q, x1, ..., xh
+  others = np.setdiff1d(np.arange(config.num_entities), chain)
+  if names is None:
+    ent = vocab.entity
+    needed = [(ent(chain[k]), vocab["->"], ent(chain[k + 1]), vocab[";"]) for k in range(h)]
+    distractor = lambda: (ent(rng.choice(others)), vocab["->"],
+                          ent(rng.integers(config.num_entities)), vocab[";"])
+    question = (vocab["?"], ent(chain[0]), vocab.hop(h))
+    answers = ((ent(chain[h]),),)
+    oracle = [(ent(chain[k + 1]), vocab.hop(k + 1)) for k in range(h)]
+  else:
+    name = lambda i: names[i]
+    needed = [f"{name(chain[k])} leads to {name(chain[k + 1])}. " for k in range(h)]
+    distractor = lambda: (f"{name(rng.choice(others))} leads to "
+                          f"{name(rng.integers(config.num_entities))}. ")
+    question = f"Start at {name(chain[0])} and follow {h} links. Where do you end?"
+    answers = (name(chain[h]),)
+    oracle = [f"After {k + 1} of {h} links: {name(chain[k + 1])}." for k in range(h)]
+  return _Facts(needed, distractor, question, answers, oracle,
+                {"chain": [int(c) for c in chain]})
+
+
+def _vartrack(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None) -> _Facts:
+  h = config.hops
+  variables = rng.choice(config.num_entities, h, replace=False)
+  others = np.setdiff1d(np.arange(config.num_entities), variables)
+  value = int(rng.integers(vocab.num_values))
+  other_values = [v for v in range(vocab.num_values) if v != value]
+  if names is None:
+    ent, val = vocab.entity, vocab.value
+    needed = [(ent(variables[0]), vocab["="], val(value), vocab[";"])]
+    needed += [(ent(variables[k]), vocab["="], ent(variables[k - 1]), vocab[";"]) for k in range(1, h)]
+    # Distractors assign other variables to other values or to each other, never to the chain.
+    def distractor():
+      target = (val(rng.choice(other_values)) if rng.random() < 0.5
+                else ent(rng.choice(others)))
+      return (ent(rng.choice(others)), vocab["="], target, vocab[";"])
+    question = (vocab["?"], val(value))
+    answers = (tuple(ent(v) for v in variables),)
+    oracle = [tuple(ent(v) for v in variables[:k + 1]) for k in range(h)]
+  else:
+    var = lambda i: f"X{names[i].upper()}"
+    number = lambda v: str(10000 + 7919 * v % 90000)
+    needed = [f"VAR {var(variables[0])} = {number(value)}. "]
+    needed += [f"VAR {var(variables[k])} = {var(variables[k - 1])}. " for k in range(1, h)]
+    def distractor():
+      target = (number(rng.choice(other_values)) if rng.random() < 0.5
+                else var(rng.choice(others)))
+      return f"VAR {var(rng.choice(others))} = {target}. "
+    question = f"Which variables are assigned the value {number(value)}?"
+    answers = (" ".join(var(v) for v in variables),)
+    oracle = [f"Variables equal to {number(value)}: " + " ".join(var(v) for v in variables[:k + 1])
+              for k in range(h)]
+  return _Facts(needed, distractor, question, answers, oracle,
+                {"variables": [int(v) for v in variables], "value": value})
+
+
+def _hotpot(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None) -> _Facts:
+  # Entities split into people, cities and countries.
+  n = config.num_entities
+  people, cities, countries = np.arange(0, n // 2), np.arange(n // 2, 3 * n // 4), np.arange(3 * n // 4, n)
+  person, city, country = rng.choice(people), rng.choice(cities), rng.choice(countries)
+  other_people = people[people != person]
+  other_cities = cities[cities != city]
+  if names is None:
+    ent = vocab.entity
+    needed = [(ent(person), vocab["born"], vocab["in"], ent(city), vocab[";"]),
+              (ent(city), vocab["in"], ent(country), vocab[";"])]
+    def distractor():
+      if rng.random() < 0.5:
+        return (ent(rng.choice(other_people)), vocab["born"], vocab["in"], ent(rng.choice(cities)),
+                vocab[";"])
+      return (ent(rng.choice(other_cities)), vocab["in"], ent(rng.choice(countries)), vocab[";"])
+    question = (vocab["?"], ent(person), vocab["born"], vocab["in"])
+    answers = ((ent(country),),)
+    oracle = [(ent(person), vocab["born"], ent(city)), (ent(person), vocab["born"], ent(country))]
+  else:
+    nm = lambda i: names[i]
+    needed = [f"{nm(person)} is a painter. {nm(person)} was born in {nm(city)}. ",
+              f"{nm(city)} is an old city. {nm(city)} lies in the country of {nm(country)}. "]
+    def distractor():
+      if rng.random() < 0.5:
+        p = nm(rng.choice(other_people))
+        return f"{p} is a painter. {p} was born in {nm(rng.choice(cities))}. "
+      c = nm(rng.choice(other_cities))
+      return f"{c} is an old city. {c} lies in the country of {nm(rng.choice(countries))}. "
+    question = f"In which country was {nm(person)} born?"
+    answers = (nm(country),)
+    oracle = [f"{nm(person)} was born in {nm(city)}.",
+              f"{nm(person)} was born in {nm(city)}, which lies in {nm(country)}."]
+  return _Facts(needed, distractor, question, answers, oracle,
+                {"person": int(person), "city": int(city), "country": int(country)})
+
+
+_MAKERS = {"multihop": _multihop, "vartrack": _vartrack, "hotpot": _hotpot}
+
+
+def make_example(config: TaskConfig, seed: int, index: int, tokenizer=None) -> Example:
+  """Example `index` of the task with this seed; the same (config, seed, index) -> the same bytes.
+
+  tokenizer: measures the text form's length (default: the byte-level tokenizer).
+  """
+  rng = np.random.default_rng([seed, index, _TASK_SALT[config.task]])
+  vocab = SmallVocab(config.num_entities)
+  if config.hops > vocab.MAX_HOPS:
+    raise ValueError(f"hops must be <= {vocab.MAX_HOPS}, got {config.hops}")
+  if config.form == "text":
+    tokenizer = tokenizer or ByteTokenizer()
+    names = _names(np.random.default_rng([seed, _TASK_SALT[config.task]]), config.num_entities)
+    words = [w for f in _FILLER for w in f.split(" ") if w]
+
+    def filler(remaining: int) -> str:
+      piece = str(rng.choice(_FILLER))
+      if len(tokenizer.encode(piece)) <= remaining:
+        return piece
+      # The last filler: words, then characters, until the length is exact or within one word.
+      text = ""
+      for word in words:
+        if len(tokenizer.encode(text + word + " ")) > remaining:
+          break
+        text += word + " "
+      while len(tokenizer.encode(text + "x")) <= remaining:
+        text += "."
+      return text or "."
+  else:
+    names = None
+    filler = lambda remaining: (vocab["filler"],)
+  facts = _MAKERS[config.task](rng, config, vocab, names)
+  segments, supporting = _fill(rng, facts, config, tokenizer, filler)
+  return Example(id=f"{config.task}-{config.form}-{seed}-{index}", task=config.task,
+                 segments=tuple(segments), supporting=tuple(supporting), question=facts.question,
+                 answers=facts.answers, oracle_memory=tuple(facts.oracle),
+                 metadata={**facts.metadata, "hops": config.hops, "seed": seed, "index": index,
+                           "length": config.length, "form": config.form})
+
+
+_TASK_SALT = {name: i + 1 for i, name in enumerate(TASKS)}
+
+
+def initial_memory(config: TaskConfig) -> Piece:
+  """The working memory before any chunk: `none` (ids) or the reference's phrase (text)."""
+  return (SmallVocab(config.num_entities)["none"],) if config.form == "ids" else "No previous memory"

@@ -1,0 +1,183 @@
+"""Synthetic tasks: determinism, exact lengths, and labels/oracle traces re-derived independently."""
+
+import re
+
+import numpy as np
+import pytest
+
+from memrecall.data import example as example_lib
+from memrecall.data import synthetic
+from memrecall.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+def _config(task, form, length=3000, hops=3, density=0.7):
+  return synthetic.TaskConfig(task=task, form=form, length=length,
+                              hops=2 if task == "hotpot" else hops, distractor_density=density)
+
+
+@pytest.mark.parametrize("task", synthetic.TASKS)
+@pytest.mark.parametrize("form", synthetic.FORMS)
+def test_same_seed_same_bytes_and_exact_length(task, form):
+  config = _config(task, form)
+  a = [synthetic.make_example(config, seed=5, index=i).to_json() for i in range(3)]
+  b = [synthetic.make_example(config, seed=5, index=i).to_json() for i in range(3)]
+  c = [synthetic.make_example(config, seed=6, index=i).to_json() for i in range(3)]
+  assert a == b and a != c and len(set(a)) == 3
+  for length in (500, 3000, 20000):
+    ex = synthetic.make_example(_config(task, form, length=length), seed=1, index=0)
+    tokens = len(example_lib.tokenize(ex, TOK).context)
+    assert abs(tokens - length) <= 0.01 * length, (tokens, length)
+  assert example_lib.Example.from_json(a[0]).to_json() == a[0]
+
+
+def _facts_in_order(tokenized, pattern_fn):
+  """Every fact as (start, end, parsed) by scanning the whole context, independent of segments."""
+  return pattern_fn(tokenized.context)
+
+
+def _ids_facts(context):
+  """Facts of the ids form: runs of tokens ending with ';'."""
+  semicolon = synthetic.SmallVocab()[";"]
+  facts, start = [], None
+  for i, t in enumerate(context):
+    if start is None and t != synthetic.SmallVocab()["filler"]:
+      start = i
+    if t == semicolon:
+      facts.append((start, i + 1, tuple(int(x) for x in context[start:i])))
+      start = None
+  return facts
+
+
+def _text_facts(context, regex):
+  text = bytes(int(t) - 3 for t in context).decode()
+  return [(m.start(), m.end(), m.groups()) for m in re.finditer(regex, text)]
+
+
+def _rederive(task, form, ex, tokenized):
+  """(positions of needed facts' last tokens, memories after them) from the raw context alone."""
+  v = synthetic.SmallVocab()
+  needed = []
+  if task == "multihop":
+    if form == "ids":
+      pointer, hops = ex.question[1], ex.question[2] - v.hop(0)
+      facts = [(s, e, f[0], f[2]) for s, e, f in _ids_facts(tokenized.context)]
+      memory = lambda k, b: (b, v.hop(k))
+    else:
+      m = re.match(r"Start at (\w+) and follow (\d+) links", ex.question)
+      pointer, hops = m.group(1), int(m.group(2))
+      facts = [(s, e, f[0], f[1]) for s, e, f in _text_facts(tokenized.context, r"(\w+) leads to (\w+)\. ")]
+      memory = lambda k, b: f"After {k} of {hops} links: {b}."
+    k = 0
+    for start, end, a, b in facts:
+      if k < hops and a == pointer:
+        k += 1
+        pointer = b
+        needed.append((end - 1, memory(k, b)))
+  elif task == "vartrack":
+    if form == "ids":
+      found = [ex.question[1]]
+      facts = [(s, e, f[0], f[2]) for s, e, f in _ids_facts(tokenized.context)]
+      memory = lambda names: tuple(names)
+    else:
+      value = re.search(r"value (\d+)", ex.question).group(1)
+      found = [value]
+      facts = [(s, e, f[0], f[1]) for s, e, f in _text_facts(tokenized.context, r"VAR (\w+) = (\w+)\. ")]
+      memory = lambda names: f"Variables equal to {value}: " + " ".join(names)
+    names = []
+    for start, end, var, target in facts:
+      if target in found:
+        found.append(var)
+        names.append(var)
+        needed.append((end - 1, memory(names)))
+  else:  # hotpot
+    if form == "ids":
+      person = ex.question[1]
+      facts = _ids_facts(tokenized.context)
+      city = country = None
+      for start, end, f in facts:
+        if f[0] == person and f[1] == v["born"]:
+          city = f[3]
+          needed.append((end - 1, (person, v["born"], city)))
+        elif city is not None and f[0] == city:
+          needed.append((end - 1, (person, v["born"], f[2])))
+          break
+    else:
+      person = re.search(r"was (\w+) born", ex.question).group(1)
+      text_facts = _text_facts(tokenized.context,
+                               r"(\w+) (?:is a painter\. \w+ was born in|is an old city\. \w+ lies in the country of) (\w+)\. ")
+      city = None
+      for start, end, (a, b) in text_facts:
+        if a == person and city is None:
+          city = b
+          needed.append((end - 1, f"{person} was born in {city}."))
+        elif city is not None and a == city:
+          needed.append((end - 1, f"{person} was born in {city}, which lies in {b}."))
+          break
+  return needed
+
+
+@pytest.mark.parametrize("task", synthetic.TASKS)
+@pytest.mark.parametrize("form", synthetic.FORMS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_labels_and_oracle_trace_rederived_independently(task, form, seed):
+  config = _config(task, form, length=2500)
+  ex = synthetic.make_example(config, seed=seed, index=seed)
+  tokenized = example_lib.tokenize(ex, TOK)
+  needed = _rederive(task, form, ex, tokenized)
+  assert len(needed) == len(ex.supporting)
+  chunk = 128
+  labels = np.zeros(-(-len(tokenized.context) // chunk), bool)
+  for s in ex.supporting:  # a fact's span may straddle chunks: all of them are relevant
+    start, end = tokenized.spans[s]
+    labels[start // chunk:(end - 1) // chunk + 1] = True
+  ends = {last // chunk for last, _ in needed}
+  assert ends <= set(np.flatnonzero(labels))
+  np.testing.assert_array_equal(tokenized.chunk_labels(chunk), labels)
+  initial = example_lib.encode(synthetic.initial_memory(config), TOK)
+  trace = tokenized.oracle_trace(chunk, initial)
+  expected, memory = [], initial
+  for c in range(len(labels)):
+    for last, mem in needed:
+      if last // chunk == c:
+        memory = example_lib.encode(mem, TOK)
+    expected.append(memory)
+  assert trace == expected
+  # The final memory holds the answer.
+  answer = example_lib.encode(ex.answers[0], TOK)
+  if task != "vartrack":
+    assert set(answer) <= set(trace[-1]) if form == "ids" else \
+        TOK.decode(answer) in TOK.decode(trace[-1])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(hops=0), "hops must be >= 1"),
+    (dict(task="sorting"), "unknown task"),
+    (dict(form="audio"), "unknown form"),
+    (dict(distractor_density=1.5), "distractor_density"),
+    (dict(task="hotpot", hops=3), "two-hop"),
+    (dict(length=0), "length must be positive"),
+])
+def test_impossible_parameters(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    synthetic.TaskConfig(**kwargs)
+
+
+def test_length_too_short_for_the_facts():
+  with pytest.raises(ValueError, match="too short for the 16 tokens"):
+    synthetic.make_example(synthetic.TaskConfig(length=10, hops=4), seed=0, index=0)
+  with pytest.raises(ValueError, match="too short"):
+    synthetic.make_example(synthetic.TaskConfig(form="text", length=30, hops=3), seed=0, index=0)
+
+
+def test_density_controls_the_distractor_share():
+  sparse = synthetic.make_example(synthetic.TaskConfig(length=4000, distractor_density=0.1), 0, 0)
+  dense = synthetic.make_example(synthetic.TaskConfig(length=4000, distractor_density=0.9), 0, 0)
+  filler = synthetic.SmallVocab()["filler"]
+  share = lambda ex: 1 - sum(s == (filler,) for s in ex.segments) / 4000  # non-filler tokens
+  assert share(sparse) < 0.2 < 0.8 < share(dense)
+
+
+def test_small_vocab_fits_the_tiny_model():
+  assert synthetic.SmallVocab(64).size <= 512
