@@ -140,10 +140,9 @@ def window_inputs(raw_mask: Array, prefix: int, ratio: int) -> tuple[Array, Arra
   return positions, mask
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compressor"))
-def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
-             token_mask: Array) -> ChunkMemory:
-  """Compresses chunks tokens/token_mask [N, C] into a ChunkMemory (one batched call)."""
+def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
+                 token_mask: Array, raw_logits: bool):
+  """The window loop shared by `compress` and `compressor_logits`."""
   if not config.compressor:
     raise ConfigError("this model has no compressor parameters (ModelConfig.compressor=False)")
   n, c = tokens.shape
@@ -153,7 +152,7 @@ def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: 
   model = Qwen2(config, beacon_rows=g)
   variables = {"params": params}
   tokens = with_logical_constraint(tokens, ("chunks", None))
-  ks, vs = [], []
+  ks, vs, logits = [], [], []
   for start in range(0, c, w):  # C/W windows, unrolled: each sees a longer prefix
     raw = model.apply(variables, tokens[:, start:start + w], method=Qwen2.embed)  # [N, W, E]
     beacons = model.apply(variables, n, g, method=Qwen2.beacons)  # [N, G, E]
@@ -161,13 +160,34 @@ def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: 
                                     compressor.ratio)
     prefix = {"k": jnp.concatenate(ks, axis=2) if ks else _empty_kv(config, n),
               "v": jnp.concatenate(vs, axis=2) if vs else _empty_kv(config, n)}
-    _, own = model.apply(variables, jnp.concatenate([raw, beacons], axis=1), positions, mask,
-                         prefix, method=Qwen2.decode)
+    hidden, own = model.apply(variables, jnp.concatenate([raw, beacons], axis=1), positions, mask,
+                              prefix, method=Qwen2.decode)
     ks.append(own["k"])  # [L, N, G, K, D]
     vs.append(own["v"])
+    if raw_logits:
+      logits.append(model.apply(variables, hidden[:, :w], method=Qwen2.logits))  # [N, W, V]
   slot_mask = token_mask.reshape(n, compressor.slots, compressor.ratio).any(axis=-1)
-  return ChunkMemory(k=jnp.concatenate(ks, axis=2), v=jnp.concatenate(vs, axis=2),
-                     slot_mask=slot_mask)
+  memory = ChunkMemory(k=jnp.concatenate(ks, axis=2), v=jnp.concatenate(vs, axis=2),
+                       slot_mask=slot_mask)
+  return memory, (jnp.concatenate(logits, axis=1) if raw_logits else None)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "compressor"))
+def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
+             token_mask: Array) -> ChunkMemory:
+  """Compresses chunks tokens/token_mask [N, C] into a ChunkMemory (one batched call)."""
+  return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=False)[0]
+
+
+def compressor_logits(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
+                      token_mask: Array) -> Array:
+  """LM logits [N, C, V] of the raw tokens as the compressor sees them.
+
+  A raw token attends to its own window and only the *beacons* of earlier
+  windows, so predicting the tokens after a window boundary trains the
+  beacons to carry what came before (the pre-training objective, DESIGN §3).
+  """
+  return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=True)[1]
 
 
 def _empty_kv(config: ModelConfig, n: int) -> Array:

@@ -109,11 +109,15 @@ class DocumentBank:
 @flax.struct.dataclass
 class RecallTrace:
   """Per question and block: gate score (NaN where no gate ran), whether it was read,
-  and the working memory after it. Shapes [B, N], [B, N], [B, N, M], [B, N, M]."""
+  the working memory after it ([B, N, Mc]), and what the update sampled: tokens and their
+  log-probs [B, N, M] and how many it wrote [B, N] (0 where the block was skipped)."""
   gate_scores: Array
   read: Array
   memory_ids: Array
   memory_mask: Array
+  update_tokens: Array
+  update_logprobs: Array
+  update_lengths: Array
 
 
 @flax.struct.dataclass
@@ -159,14 +163,22 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
     rng, step_rng = jax.random.split(rng)
 
     def reason(memory):
-      new, _, _, _ = update_memory(params, setup.model, setup.prompts.update, setup.reasoner,
-                                   setup.sampling, k, v, slot_mask, question, question_mask,
-                                   memory, step_rng)
+      new, sample, _, _ = update_memory(params, setup.model, setup.prompts.update, setup.reasoner,
+                                        setup.sampling, k, v, slot_mask, question, question_mask,
+                                        memory, step_rng)
       keep = read[:, None]
-      return WorkingMemory(jnp.where(keep, new.ids, memory.ids), jnp.where(keep, new.mask, memory.mask))
+      memory = WorkingMemory(jnp.where(keep, new.ids, memory.ids),
+                             jnp.where(keep, new.mask, memory.mask))
+      return memory, (jnp.where(keep, sample.tokens, 0), jnp.where(keep, sample.logprobs, 0.0),
+                      jnp.where(read, sample.lengths, 0))
 
-    memory = jax.lax.cond(read.any(), reason, lambda m: m, memory)
-    return (memory, rng), (score, read, memory.ids, memory.mask)
+    def skip(memory):
+      m = setup.reasoner.memory_size
+      return memory, (jnp.zeros((batch, m), jnp.int32), jnp.zeros((batch, m), jnp.float32),
+                      jnp.zeros((batch,), jnp.int32))
+
+    memory, sampled = jax.lax.cond(read.any(), reason, skip, memory)
+    return (memory, rng), (score, read, memory.ids, memory.mask) + sampled
 
   (memory, rng), per_block = jax.lax.scan(step, (memory, rng), (blocks, forced_read))
   return memory, rng, per_block
@@ -189,13 +201,15 @@ def _topk_selection(params, setup: RecallSetup, blocks, question, question_mask,
 
 
 def _finish(params, setup, question, question_mask, memory, rng, per_block, extra_scores=None):
-  scores, read, ids, mask = per_block
+  scores, read, ids, mask, tokens, logprobs, lengths = per_block
   if extra_scores is not None:
     scores = jnp.where(jnp.isfinite(extra_scores), extra_scores, jnp.nan)
   answer, _, _ = final_answer(params, setup.model, setup.prompts.final, setup.reasoner,
                               setup.sampling, question, question_mask, memory, rng)
-  trace = RecallTrace(gate_scores=scores.T, read=read.T, memory_ids=jnp.moveaxis(ids, 0, 1),
-                      memory_mask=jnp.moveaxis(mask, 0, 1))
+  batch_major = lambda x: jnp.moveaxis(x, 0, 1)
+  trace = RecallTrace(gate_scores=scores.T, read=read.T, memory_ids=batch_major(ids),
+                      memory_mask=batch_major(mask), update_tokens=batch_major(tokens),
+                      update_logprobs=batch_major(logprobs), update_lengths=lengths.T)
   return RecallOutput(answer=answer, memory=memory, trace=trace)
 
 
@@ -301,5 +315,6 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
     outputs.append(jax.device_get(per_block))
     if progress is not None:
       progress(sl.stop, n)
-  per_block = tuple(jnp.concatenate([o[i] for o in outputs], axis=0) for i in range(4))
+  per_block = tuple(jnp.concatenate([o[i] for o in outputs], axis=0)
+                    for i in range(len(outputs[0])))
   return _finish_jit(params, setup, question, question_mask, memory, rng, per_block, scores)

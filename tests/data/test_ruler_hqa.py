@@ -1,0 +1,275 @@
+"""RULER-HQA builder and readers on tiny HotpotQA- and MemAgent-format fixtures.
+
+The fixtures (fixtures/make_ruler_fixtures.py) hold 14 dev questions of 10
+paragraphs each (139 distinct paragraphs: questions 12 and 13 share one) and
+two MemAgent eval files for rows 3, 9 and 5 with 20 documents, one with text
+contexts and one with pool indices, as MemAgent's scripts lay them out.
+"""
+
+import json
+import os
+import re
+
+import pytest
+
+from memrecall.data import ruler_hqa
+from memrecall.data.example import Example
+from memrecall.data.ruler_hqa import DatasetError
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+DEV = os.path.join(FIXTURES, "hotpot_dev_tiny.json")
+EVAL = os.path.join(FIXTURES, "memagent_eval_20.json")
+EVAL_INDICES = os.path.join(FIXTURES, "memagent_eval_idx_20.json")
+POOL_SIZE = 139
+
+
+@pytest.fixture(scope="module")
+def rows():
+  return ruler_hqa.load_hotpotqa(DEV)
+
+
+@pytest.fixture(scope="module")
+def built(rows):
+  return ruler_hqa.build_ruler_hqa(rows, num_docs=20, num_questions=14, seed=0)
+
+
+def raw_rows():
+  with open(DEV, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def paragraph(title, sentences):
+  return title + "\n" + "".join(sentences)
+
+
+def blocks(context):
+  """Document texts of a context, parsed independently of the module."""
+  parts = re.split(r"(?:^|\n\n)Document (\d+):\n", context)
+  assert parts[0] == ""
+  numbers, texts = parts[1::2], parts[2::2]
+  assert numbers == [str(i + 1) for i in range(len(numbers))]
+  return texts
+
+
+def test_load_hotpotqa(rows):
+  assert len(rows) == 14
+  row = rows[5]
+  assert (row.id, row.answer, row.type, row.level) == ("5a000005dev", "yes", "comparison", "hard")
+  assert len(row.context) == 10 and row.context[3][0] == "Fay Chen"
+  assert row.context[3][1][1] == " Fay Chen was born in Perth."
+  assert row.supporting_facts == (("Fay Chen", 0), ("Perth", 0))
+  assert len(ruler_hqa.document_pool(rows)) == POOL_SIZE
+
+
+def test_block_layout(rows, built):
+  assert len(built) == 14
+  for example, row in zip(built, rows):
+    assert isinstance(example, Example) and example.task == "ruler_hqa"
+    assert len(example.segments) == 20
+    for i, segment in enumerate(example.segments):
+      assert segment.startswith(f"Document {i + 1}:\n")
+      assert segment.endswith("\n\n") == (i < 19)
+    texts = blocks(example.context)
+    assert len(texts) == 20 and len(set(texts)) == 20
+    assert example.context == "\n\n".join(f"Document {i + 1}:\n{t}" for i, t in enumerate(texts))
+    own = [paragraph(t, s) for t, s in row.context]
+    assert all(texts.count(p) == 1 for p in own)          # every own paragraph, once
+    assert len(set(texts) - set(own)) == 10                # the rest are other dev paragraphs
+    assert example.question == row.question and example.answers == (row.answer,)
+    assert example.id == f"{row.id}/20"
+    assert example.metadata == {"num_docs": 20, "hotpot_id": row.id, "type": row.type,
+                                "level": row.level, "row": rows.index(row), "seed": 0}
+
+
+def test_supporting_blocks_and_oracle_memory(rows, built):
+  positions = set()
+  for example, row in zip(built, rows):
+    titles = {t for t, _ in row.supporting_facts}
+    texts = blocks(example.context)
+    expected = [i for i, t in enumerate(texts) if t.split("\n", 1)[0] in titles]
+    assert list(example.supporting) == expected and len(expected) == 2
+    positions.update(expected)
+    memory = example.oracle_memory
+    assert len(memory) == 2 and memory[1].startswith(memory[0] + "\n")
+    first_title = texts[expected[0]].split("\n", 1)[0]
+    assert memory[0].startswith(first_title + ": ")
+    for title, k in row.supporting_facts:
+      sentences = dict(row.context)[title]
+      if k < len(sentences):
+        assert f"{title}: {sentences[k].strip()}" in memory[1]
+        assert sentences[k] in example.segments[texts.index(paragraph(title, sentences))]
+  assert built[9].oracle_memory[1].count("\n") == 1        # the out-of-range fact is skipped
+  assert set(built[3].oracle_memory[-1].split("\n")) == {"Dev Patel: Dev Patel was born in Pune.",
+                                                         "Pune: Pune is a city in India."}
+  assert max(positions) >= 10                              # gold paragraphs are shuffled in
+
+
+def test_seeds(rows, built):
+  again = ruler_hqa.build_ruler_hqa(rows, num_docs=20, num_questions=14, seed=0)
+  assert [e.segments for e in again] == [e.segments for e in built]
+  other = ruler_hqa.build_ruler_hqa(rows, num_docs=20, num_questions=14, seed=1)
+  assert sum(a.segments != b.segments for a, b in zip(other, built)) >= 13
+  # A question's layout depends on (seed, its row), not on how many questions are built.
+  few = ruler_hqa.build_ruler_hqa(rows, num_docs=20, num_questions=3, seed=0)
+  assert [e.segments for e in few] == [e.segments for e in built[:3]]
+  picked = ruler_hqa.build_ruler_hqa(rows, num_docs=20, num_questions=2, indices=[9, 3])
+  assert [e.segments for e in picked] == [built[9].segments, built[3].segments]
+
+
+def test_whole_pool_and_json_round_trip(rows):
+  (example,) = ruler_hqa.build_ruler_hqa(rows, num_docs=POOL_SIZE, num_questions=1)
+  assert sorted(blocks(example.context)) == ruler_hqa.document_pool(rows)
+  assert Example.from_json(example.to_json()) == example
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_docs=9, num_questions=14), "num_docs=9"),
+    (dict(num_docs=POOL_SIZE + 1, num_questions=14), "num_docs=140"),
+    (dict(num_docs=20, num_questions=0), "positive"),
+    (dict(num_docs=20, num_questions=15), "only 14"),
+    (dict(num_docs=20, num_questions=3, indices=[1, 2]), "only 2"),
+    (dict(num_docs=20, num_questions=2, indices=[1, 1]), "distinct"),
+    (dict(num_docs=20, num_questions=1, indices=[14]), "distinct"),
+])
+def test_impossible_parameters(rows, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ruler_hqa.build_ruler_hqa(rows, **kwargs)
+
+
+def test_read_memagent_eval_unlabelled():
+  examples = ruler_hqa.read_memagent_eval(EVAL)
+  with open(EVAL, encoding="utf-8") as f:
+    items = json.load(f)
+  assert [e.metadata["index"] for e in examples] == [3, 9, 5]
+  for example, item in zip(examples, items):
+    assert example.segments == (item["context"],) and example.supporting == ()
+    assert example.question == item["input"] and example.answers == tuple(item["answers"])
+    assert example.metadata["num_docs"] == 20 and example.oracle_memory == ()
+  assert ruler_hqa.memagent_indices(EVAL) == [3, 9, 5]
+
+
+def test_read_memagent_eval_labelled(rows):
+  examples = ruler_hqa.read_memagent_eval(EVAL, hotpotqa=rows)
+  with open(EVAL, encoding="utf-8") as f:
+    items = json.load(f)
+  for example, item in zip(examples, items):
+    assert len(example.segments) == 20 and example.context == item["context"]
+    row = rows[item["index"]]
+    titles = {t for t, _ in row.supporting_facts}
+    assert {example.segments[i].split("\n")[1] for i in example.supporting} == titles
+    assert example.metadata["hotpot_id"] == row.id
+  # The pool-index file is the same data stored the other way.
+  from_indices = ruler_hqa.read_memagent_eval(EVAL_INDICES, hotpotqa=rows)
+  assert [(e.segments, e.supporting, e.oracle_memory) for e in from_indices] == \
+         [(e.segments, e.supporting, e.oracle_memory) for e in examples]
+
+
+def test_read_memagent_eval_errors(rows, tmp_path):
+  with pytest.raises(DatasetError, match=r"memagent_eval_idx_20.json row 0: .*pool indices"):
+    ruler_hqa.read_memagent_eval(EVAL_INDICES)
+  shifted = ruler_hqa.load_hotpotqa(DEV)[1:]                # the wrong dev file
+  with pytest.raises(DatasetError, match=r"memagent_eval_20.json row 0: .*differs"):
+    ruler_hqa.read_memagent_eval(EVAL, hotpotqa=shifted)
+  with open(EVAL, encoding="utf-8") as f:
+    items = json.load(f)
+  items[0]["context"] = items[0]["context"].replace("Dev Patel\nDev Patel is", "Dev Patel\nDev is")
+  path = tmp_path / "edited.json"
+  path.write_text(json.dumps(items))
+  with pytest.raises(DatasetError, match=r"edited.json row 0: gold paragraph 'Dev Patel' .* is missing"):
+    ruler_hqa.read_memagent_eval(path, hotpotqa=rows)
+  del items[2]["index"]
+  path = tmp_path / "eval.json"
+  path.write_text(json.dumps(items))
+  with pytest.raises(DatasetError, match=rf"{re.escape(str(path))} row 2: missing field 'index'"):
+    ruler_hqa.read_memagent_eval(path)
+
+
+def test_read_rows(tmp_path):
+  path = tmp_path / "lychee.json"
+  path.write_text(json.dumps([
+      {"context": "Ada was born in Oslo.", "input": "Where was Ada born?", "answers": ["Oslo"]},
+      {"context": "Bo likes tea.", "question": "What does Bo like?", "answer": "tea", "num_docs": 3},
+  ]))
+  first, second = ruler_hqa.read_rows(path)
+  assert first == Example(id="0", task="lychee", segments=("Ada was born in Oslo.",), supporting=(),
+                          question="Where was Ada born?", answers=("Oslo",))
+  assert second.answers == ("tea",) and second.metadata == {"row": 1, "num_docs": 3}
+  lines = tmp_path / "rows.jsonl"
+  lines.write_text('{"context": "x y", "query": "q?", "outputs": ["y", "z"]}\n\n'
+                   '{"context": "u", "input": "v?", "answers": "u"}\n')
+  examples = ruler_hqa.read_rows(lines, task="mine")
+  assert [(e.task, e.question, e.answers) for e in examples] == [("mine", "q?", ("y", "z")),
+                                                                  ("mine", "v?", ("u",))]
+  single = tmp_path / "one.json"
+  single.write_text(json.dumps({"context": "c", "input": "q", "answers": ["a"]}))
+  assert len(ruler_hqa.read_rows(single)) == 1
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"context": "c", "input": "q"}, "missing answers"),
+    ({"context": "c", "input": "q", "answers": []}, "'answers' should be"),
+    ({"context": "c", "input": "q", "answers": [1]}, "'answers' should be"),
+    ({"input": "q", "answers": ["a"]}, "missing field 'context'"),
+    ({"context": ["c"], "input": "q", "answers": ["a"]}, "'context' should be str, got list"),
+    ({"context": " ", "input": "q", "answers": ["a"]}, "empty context"),
+    ({"context": "c", "answers": ["a"]}, "missing question"),
+    (["c", "q"], "expected an object, got list"),
+])
+def test_read_rows_errors(tmp_path, row, match):
+  path = tmp_path / "rows.json"
+  good = {"context": "c", "input": "q", "answers": ["a"]}
+  path.write_text(json.dumps([good, good, row]))
+  with pytest.raises(DatasetError, match=rf"{re.escape(str(path))} row 2: .*{match}"):
+    ruler_hqa.read_rows(path)
+
+
+def _break(row, edit):
+  row = json.loads(json.dumps(row))
+  edit(row)
+  return row
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r.pop("answer"), "missing field 'answer'"),
+    (lambda r: r.pop("_id"), "missing field '_id'"),
+    (lambda r: r.update(question=7), "'question' should be str, got int"),
+    (lambda r: r.update(context={"a": 1}), "'context' should be list, got dict"),
+    (lambda r: r["context"][2].__setitem__(1, "one sentence"), r"context\[2\] should be"),
+    (lambda r: r["context"][0][1].append(3), r"context\[0\] should be"),
+    (lambda r: r.update(supporting_facts=[["Nowhere", 0]]), "'Nowhere' is not among"),
+    (lambda r: r.update(supporting_facts=[[r["context"][3][0], "1"]]), r"facts\[0\] should be"),
+    (lambda r: r.update(supporting_facts=[[r["context"][3][0], True]]), r"facts\[0\] should be"),
+    (lambda r: r.update(supporting_facts=[]), "no supporting facts"),
+    (lambda r: r.pop("level"), "missing field 'level'"),
+])
+def test_malformed_hotpot_rows_name_file_and_row(tmp_path, edit, match):
+  data = raw_rows()[:5]
+  data[3] = _break(data[3], edit)
+  path = tmp_path / "dev.json"
+  path.write_text(json.dumps(data))
+  with pytest.raises(DatasetError, match=rf"{re.escape(str(path))} row 3: .*{match}"):
+    ruler_hqa.load_hotpotqa(path)
+
+
+def test_unreadable_files(tmp_path):
+  latin = tmp_path / "latin1.json"
+  latin.write_bytes('[{"question": "Zürich?"}]'.encode("latin-1"))
+  with pytest.raises(DatasetError, match=rf"{re.escape(str(latin))} is not UTF-8"):
+    ruler_hqa.load_hotpotqa(latin)
+  broken = tmp_path / "broken.json"
+  broken.write_text('[\n{"_id": 1,\n')
+  with pytest.raises(DatasetError, match=rf"{re.escape(str(broken))}: invalid JSON at line 3"):
+    ruler_hqa.read_rows(broken)
+  empty = tmp_path / "empty.json"
+  empty.write_text("[]")
+  with pytest.raises(DatasetError, match="holds no rows"):
+    ruler_hqa.load_hotpotqa(empty)
+  with pytest.raises(DatasetError, match="row 0: expected an object"):
+    ruler_hqa.load_hotpotqa(_write(tmp_path / "ints.json", "[1, 2]"))
+  with pytest.raises(FileNotFoundError, match="missing.json"):
+    ruler_hqa.load_hotpotqa(tmp_path / "missing.json")
+
+
+def _write(path, text):
+  path.write_text(text)
+  return path
