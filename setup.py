@@ -27,7 +27,7 @@ setup(
         # tokenizer.json (tokenizers) and chat templates (jinja2); safetensors are read natively.
         "hf": ["tokenizers>=0.19", "jinja2>=3.1"],
         # TFDS builders (array_record, no TensorFlow needed).
-        "data": ["tensorflow-datasets>=4.9", "array-record>=0.5"],
+        "data": ["tensorflow-datasets>=4.9", "array-record>=0.5", "importlib_resources>=5"],
         # The test suite; `safetensors` serves as an independent reference there.
         "test": ["pytest>=8", "safetensors>=0.4", "tokenizers>=0.19", "jinja2>=3.1"],
     },

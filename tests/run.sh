@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
-memrecall_venv "test,hf"
+memrecall_venv "test,hf,data"
 exec python -m pytest -q tests "$@"
