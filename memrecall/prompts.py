@@ -139,11 +139,14 @@ class Prompts:
   @classmethod
   def build(cls, tokenizer: Tokenizer, chat_template: str | None = QWEN2_CHAT_TEMPLATE, *,
             update_template: str = UPDATE_TEMPLATE, final_template: str = FINAL_TEMPLATE,
-            gate_template: str = GATE_TEMPLATE, initial_memory: str = INITIAL_MEMORY) -> "Prompts":
+            gate_template: str = GATE_TEMPLATE,
+            initial_memory: str | Sequence[int] = INITIAL_MEMORY) -> "Prompts":
+    """initial_memory: text, or token ids (tasks with their own vocabulary)."""
+    ids = tokenizer.encode(initial_memory) if isinstance(initial_memory, str) else initial_memory
     return cls(update=PromptTemplate.build(update_template, tokenizer, chat_template),
                final=PromptTemplate.build(final_template, tokenizer, chat_template),
                gate=PromptTemplate.build(gate_template, tokenizer, chat_template),
-               initial_memory=tuple(tokenizer.encode(initial_memory)))
+               initial_memory=tuple(int(i) for i in ids))
 
 
 def pad_ids(rows: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0

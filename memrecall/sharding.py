@@ -50,7 +50,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   """A (data, fsdp, tensor) mesh over `devices` (default: all devices).
 
   `shape` gives the size of each axis; at most one entry may be -1 (fill with
-  the remaining devices).  The default puts every device on `fsdp`.
+  the remaining devices).  The default puts every device on `fsdp`.  A mesh
+  smaller than the device list uses its first devices (e.g. one of eight).
   Axes are `Auto` so that GSPMD propagates shardings from the rules table.
   """
   devices = list(jax.devices() if devices is None else devices)
@@ -69,11 +70,11 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
     if len(devices) % known:
       raise ValueError(f"{len(devices)} devices cannot fill mesh {dict(shape)}")
     sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+  if math.prod(sizes) > len(devices):
     raise ValueError(
         f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
         f"but {len(devices)} are available")
-  device_array = np.asarray(devices).reshape(sizes)
+  device_array = np.asarray(devices[:math.prod(sizes)]).reshape(sizes)
   return Mesh(device_array, MESH_AXES,
               axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 

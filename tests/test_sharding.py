@@ -69,8 +69,9 @@ def test_rules_replicate_dimensions_the_mesh_does_not_divide(mesh):
 def test_make_mesh_shapes_and_errors():
   assert sharding.make_mesh({"tensor": 2, "fsdp": -1}).shape == {"data": 1, "fsdp": 4, "tensor": 2}
   assert sharding.make_mesh().shape["fsdp"] == 8
-  with pytest.raises(ValueError, match="needs 6 devices"):
-    sharding.make_mesh({"data": 3, "fsdp": 2})
+  with pytest.raises(ValueError, match="needs 12 devices, but 8 are available"):
+    sharding.make_mesh({"data": 3, "fsdp": 4})
+  assert sharding.make_mesh({"data": 1, "fsdp": 1}).devices.size == 1
   with pytest.raises(ValueError, match="unknown mesh axes"):
     sharding.make_mesh({"pipeline": 2})
   with pytest.raises(ValueError, match="cannot fill"):

@@ -1,0 +1,56 @@
+"""The tiny model on the synthetic multi-hop task: `--config configs/tiny.py:STAGE`.
+
+STAGE is one of compressor, sft, rl, gate.  Everything runs on a laptop CPU
+(DESIGN §8: a 2-hop task, chunks of 32 tokens, a 2-token working memory).
+"""
+
+import ml_collections
+
+from configs import models
+
+
+def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = arg
+  c.seed = 0
+
+  c.model = models.model_config("tiny")
+  c.model.compressor = True
+  c.model.gate_lora_rank = 4
+  c.model.gate_lora_alpha = 8.0
+  c.model.gate_lora_targets = ("q", "v")
+
+  c.init = ml_collections.ConfigDict({"checkpoint": "", "hf_checkpoint": "", "seed": 0})
+  c.compressor = ml_collections.ConfigDict({"chunk_size": 32, "window": 16, "ratio": 4})
+  c.reasoner = ml_collections.ConfigDict({"memory_size": 3, "answer_tokens": 2, "question_tokens": 3})
+  # Short prompts: the tiny model reads ids, not instructions.
+  c.prompts = ml_collections.ConfigDict({
+      "update_template": "U{question}{memory}>", "final_template": "A{question}{memory}>",
+      "gate_template": "G{question}{memory}>", "chat_template": ""})
+  c.task = ml_collections.ConfigDict({
+      "task": "multihop", "form": "ids", "length": 128, "hops": 2, "distractor_density": 1.0,
+      "num_entities": 64, "seed": 0})
+
+  c.train = ml_collections.ConfigDict({
+      "steps": 200, "batch_size": 16, "trainable": "backbone", "log_every": 10,
+      "checkpoint_every": 50, "keep": 3, "async_checkpoint": True})
+  c.optimizer = ml_collections.ConfigDict({
+      "learning_rate": 3e-3, "warmup_steps": 20, "decay_steps": 200, "final_fraction": 0.1,
+      "b1": 0.9, "b2": 0.99, "weight_decay": 0.01, "grad_clip": 1.0})
+  c.rl = ml_collections.ConfigDict({
+      "group_size": 4, "advantage": "grpo_no_std", "temperature": 1.0, "eps_low": 0.2,
+      "eps_high": 0.2, "kl_coef": 1e-3, "kl_estimator": "low_var_kl", "aggregation": "token_mean",
+      "mode": "all"})
+  c.gate = ml_collections.ConfigDict({"threshold": 0.5, "positive_weight": 1.0})
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+  if arg == "compressor":
+    c.train.trainable = "beacon"
+  elif arg == "rl":
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 0
+  elif arg == "gate":
+    c.train.trainable = "gate"
+  elif arg != "sft":
+    raise ValueError(f"unknown stage {arg!r}; choose compressor, sft, rl or gate")
+  return c

@@ -1,0 +1,33 @@
+r"""Trains one stage: `python launch/train.py --config=configs/tiny.py:sft --workdir=/tmp/run`.
+
+Override any config field on the command line (`--config.train.steps=500`,
+`--config.init.checkpoint=/tmp/sft_run`).  Rerunning the same command on the
+same workdir resumes from its latest checkpoint.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file and its argument.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
+  from memrecall.config import ConfigError
+  from memrecall.train import trainer
+  try:
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, OSError) as e:
+    raise app.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Training: train state, objectives, the stages' step functions, checkpoints and logging."""

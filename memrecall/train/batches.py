@@ -1,0 +1,92 @@
+"""Host-side assembly of training batches from tokenised examples (numpy, fixed shapes)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from memrecall.compressor import chunk_document
+from memrecall.data.example import Tokens, TokenizedExample
+from memrecall.train.objectives import GateBatch, TurnBatch
+
+
+class BatchError(ValueError):
+  """Examples that do not fit the configured shapes."""
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], width: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.zeros((len(rows), width), np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for i, row in enumerate(rows):
+    if len(row) > width:
+      raise BatchError(f"{what} of {len(row)} tokens exceeds its budget of {width}")
+    ids[i, :len(row)] = row
+    mask[i, :len(row)] = True
+  return ids, mask
+
+
+def chunked(examples: Sequence[TokenizedExample], chunk_size: int, num_chunks: int,
+            pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Documents as [B, N, C] ids and mask; shorter documents get empty trailing chunks."""
+  ids = np.full((len(examples), num_chunks, chunk_size), pad_id, np.int32)
+  mask = np.zeros((len(examples), num_chunks, chunk_size), bool)
+  for b, ex in enumerate(examples):
+    doc_ids, doc_mask = chunk_document(ex.context, chunk_size, pad_id)
+    if doc_ids.shape[0] > num_chunks:
+      raise BatchError(f"example {ex.example.id} has {doc_ids.shape[0]} chunks, over {num_chunks}")
+    ids[b, :doc_ids.shape[0]] = doc_ids
+    mask[b, :doc_ids.shape[0]] = doc_mask
+  return ids, mask
+
+
+def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chunks: int,
+              question_tokens: int, memory_capacity: int, memory_size: int, answer_tokens: int,
+              initial_memory: Tokens, eos_id: int, pad_id: int) -> TurnBatch:
+  """Teacher-forced turns from oracle traces: every block rewrites the memory (a block that
+  holds no needed fact rewrites it unchanged), then the answer."""
+  chunk_ids, chunk_mask = chunked(examples, chunk_size, num_chunks, pad_id)
+  b = len(examples)
+  memory_ids = np.zeros((b, num_chunks, memory_capacity), np.int32)
+  memory_mask = np.zeros((b, num_chunks, memory_capacity), bool)
+  targets = np.zeros((b, num_chunks, memory_size), np.int32)
+  target_mask = np.zeros((b, num_chunks, memory_size), bool)
+  finals, answers = [], []
+  for i, ex in enumerate(examples):
+    trace = ex.oracle_trace(chunk_size, initial_memory)
+    before = [initial_memory] + trace[:-1]
+    for n in range(len(trace)):
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory")
+      targets[i, n], target_mask[i, n] = _pad_rows([tuple(trace[n]) + (eos_id,)], memory_size,
+                                                   "an oracle memory update (with EOS)")
+    finals.append(trace[-1])
+    answers.append(tuple(ex.answers[0]) + (eos_id,))
+  question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens, "a question")
+  final_ids, final_mask = _pad_rows(finals, memory_capacity, "a final memory")
+  answer, answer_mask = _pad_rows(answers, answer_tokens, "an answer (with EOS)")
+  return TurnBatch(chunk_ids=chunk_ids, chunk_mask=chunk_mask, question=question,
+                   question_mask=question_mask, memory_ids=memory_ids, memory_mask=memory_mask,
+                   targets=targets, target_mask=target_mask, final_memory_ids=final_ids,
+                   final_memory_mask=final_mask, answer=answer, answer_mask=answer_mask)
+
+
+def gate_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chunks: int,
+               question_tokens: int, memory_capacity: int, initial_memory: Tokens,
+               pad_id: int) -> GateBatch:
+  """Per-block relevance labels, the gate reading the oracle memory before each block."""
+  chunk_ids, chunk_mask = chunked(examples, chunk_size, num_chunks, pad_id)
+  b = len(examples)
+  memory_ids = np.zeros((b, num_chunks, memory_capacity), np.int32)
+  memory_mask = np.zeros((b, num_chunks, memory_capacity), bool)
+  labels = np.zeros((b, num_chunks), bool)
+  for i, ex in enumerate(examples):
+    trace = ex.oracle_trace(chunk_size, initial_memory)
+    before = [initial_memory] + trace[:-1]
+    for n in range(len(trace)):
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory")
+    example_labels = ex.chunk_labels(chunk_size)
+    labels[i, :len(example_labels)] = example_labels
+  question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens, "a question")
+  return GateBatch(chunk_ids=chunk_ids, chunk_mask=chunk_mask, question=question,
+                   question_mask=question_mask, memory_ids=memory_ids, memory_mask=memory_mask,
+                   labels=labels, valid=chunk_mask.any(-1))

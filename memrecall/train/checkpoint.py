@@ -1,0 +1,86 @@
+"""Orbax checkpoints of a run: train state, config and data position, restorable on any mesh.
+
+A checkpoint is `WORKDIR/checkpoints/<step>/` with three items: `state` (the
+TrainState pytree), `config` (the run's config as JSON) and `data` (the data
+iterator's position as JSON).  Saves are asynchronous and keep the last K.
+Restoring takes the *target* shardings, so a state written on 8 devices loads
+onto 1 (or any other mesh).  `load_params` is the notebook entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "config", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, config: dict, data: dict, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+        data=ocp.args.JsonSave(data)), force=force)
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
+    """(state, config, data) of `step`, the state placed as `abstract_state`'s shardings say."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore(),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for damaged files
+      raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} cannot be "
+                            f"restored ({type(e).__name__}: {e}); it may be truncated or "
+                            "corrupted — delete it to resume from an earlier one") from e
+    return restored.state, restored.config, restored.data
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_params(workdir_or_checkpoint: str, step: int | None = None) -> tuple[Any, dict]:
+  """Parameters (on the default device, as numpy-backed jax arrays) and the run config.
+
+  Accepts a workdir (latest checkpoint, or `step`) for analysis in a notebook.
+  """
+  directory = checkpoint_dir(workdir_or_checkpoint)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "config", "data"))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  except Exception as e:
+    raise CheckpointError(f"checkpoint {directory}/{step} cannot be restored: {e}") from e
+  finally:
+    manager.close()
+  state = restored.state
+  params = state["params"] if isinstance(state, dict) else state.params
+  return jax.tree.map(jax.numpy.asarray, params), restored.config

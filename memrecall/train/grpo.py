@@ -1,0 +1,91 @@
+"""Group-relative policy-gradient maths (DESIGN §6), as pure functions of arrays.
+
+A trajectory is every memory update of one question plus its final answer;
+G trajectories share a question.  One scalar reward per trajectory becomes an
+advantage that is broadcast to every token of every turn; the loss is PPO's
+clipped ratio with separate low/high epsilon, plus a KL penalty to a frozen
+reference policy, aggregated over tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ADVANTAGES = ("grpo", "grpo_no_std", "rloo")
+KL_ESTIMATORS = ("kl", "low_var_kl", "mse")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
+
+def group_advantages(rewards: Array, group_size: int, kind: str = "grpo_no_std",
+                     eps: float = 1e-6) -> Array:
+  """Per-trajectory advantages from rewards [B] laid out as B/G consecutive groups of G.
+
+  grpo:        (r - mean_group) / (std_group + eps)
+  grpo_no_std: r - mean_group  (the released MemAgent recipe; Dr. GRPO's choice)
+  rloo:        r - mean of the *other* G - 1 rewards of the group
+  """
+  if kind not in ADVANTAGES:
+    raise ValueError(f"unknown advantage estimator {kind!r}; choose from {ADVANTAGES}")
+  if rewards.shape[0] % group_size:
+    raise ValueError(f"{rewards.shape[0]} rewards do not form groups of {group_size}")
+  r = rewards.reshape(-1, group_size).astype(jnp.float32)
+  mean = r.mean(axis=1, keepdims=True)
+  if kind == "grpo":
+    adv = (r - mean) / (r.std(axis=1, keepdims=True) + eps)
+  elif kind == "grpo_no_std":
+    adv = r - mean
+  else:
+    if group_size < 2:
+      raise ValueError("rloo needs groups of at least 2")
+    adv = (r - mean) * group_size / (group_size - 1)
+  return adv.reshape(-1)
+
+
+def kl_penalty(logprobs: Array, ref_logprobs: Array, estimator: str = "low_var_kl") -> Array:
+  """Per-token KL(policy || reference) estimates from sampled tokens' log-probs.
+
+  kl (k1): logp - logp_ref;  mse (k2): (logp - logp_ref)^2 / 2;
+  low_var_kl (k3): exp(logp_ref - logp) - (logp_ref - logp) - 1, clipped to [-10, 10]
+  as in common GRPO recipes (unbiased, non-negative, low variance).
+  """
+  if estimator not in KL_ESTIMATORS:
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose from {KL_ESTIMATORS}")
+  delta = logprobs - ref_logprobs
+  if estimator == "kl":
+    return delta
+  if estimator == "mse":
+    return 0.5 * delta * delta
+  log_ratio = jnp.clip(-delta, -20.0, 20.0)
+  return jnp.clip(jnp.exp(log_ratio) - log_ratio - 1.0, -10.0, 10.0)
+
+
+def aggregate(values: Array, mask: Array, mode: str = "token_mean") -> Array:
+  """Reduces per-token values [S, T] (S sequences) over masked tokens.
+
+  token_mean: mean over every real token of the batch;
+  seq_mean_token_mean: mean over sequences of their token means;
+  seq_mean_token_sum: mean over sequences of their token sums.
+  """
+  if mode not in AGGREGATIONS:
+    raise ValueError(f"unknown aggregation {mode!r}; choose from {AGGREGATIONS}")
+  mask = mask.astype(values.dtype)
+  if mode == "token_mean":
+    return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  sums = (values * mask).sum(axis=-1)
+  has_tokens = (mask.sum(axis=-1) > 0).astype(values.dtype)
+  per_seq = sums / jnp.maximum(mask.sum(axis=-1), 1.0) if mode == "seq_mean_token_mean" else sums
+  return (per_seq * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
+
+
+def clipped_policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array,
+                        eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Array, Array]:
+  """PPO's per-token clipped surrogate (to minimise) and whether the clip was active.
+
+  loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), ratio = exp(logp - logp_old).
+  """
+  ratio = jnp.exp(logprobs - old_logprobs)
+  unclipped = ratio * advantages
+  clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+  return -jnp.minimum(unclipped, clipped), (clipped < unclipped)

@@ -1,0 +1,236 @@
+"""The stages' objectives, all differentiable end to end through the compressed memory.
+
+Every memory-update turn of every question is teacher-forced: the chunk is
+compressed (with gradients), its slots prefix the update prompt rendered from
+the memory *before* the chunk, and the log-probabilities of the tokens the
+turn wrote are read off.  A `lax.scan` over blocks with `jax.checkpoint` on its
+body keeps activation memory to one block however many chunks a document has.
+SFT maximises those log-probabilities on oracle traces; RL weights them with
+advantages (PPO clip + KL); the gate is a BCE on per-chunk labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from memrecall.compressor import CompressorConfig, compress, compressor_logits
+from memrecall.config import ModelConfig
+from memrecall.gate import gate_logits
+from memrecall.model import forward
+from memrecall.prompts import PromptTemplate, Prompts
+from memrecall.reasoner import WorkingMemory, prefix_cache
+from memrecall.train import grpo
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """What the objectives need to know statically (hashable)."""
+  model: ModelConfig
+  compressor: CompressorConfig
+  prompts: Prompts
+
+
+@flax.struct.dataclass
+class TurnBatch:
+  """B trajectories over N blocks, teacher-forced.
+
+  chunk_ids/chunk_mask:   [B, N, C] the document's chunks.
+  question(_mask):        [B, Q].
+  memory_ids/_mask:       [B, N, Mc] working memory *before* each block.
+  targets/target_mask:    [B, N, M] tokens each block's update wrote (EOS included);
+                          an all-False row means the block was not read.
+  final_memory_ids/_mask: [B, Mc] memory after the last block.
+  answer/answer_mask:     [B, A] the answer's tokens (EOS included).
+  """
+  chunk_ids: Array
+  chunk_mask: Array
+  question: Array
+  question_mask: Array
+  memory_ids: Array
+  memory_mask: Array
+  targets: Array
+  target_mask: Array
+  final_memory_ids: Array
+  final_memory_mask: Array
+  answer: Array
+  answer_mask: Array
+
+
+def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Array, v: Array,
+                  slot_mask: Array, question: Array, question_mask: Array, memory: WorkingMemory,
+                  targets: Array, target_mask: Array) -> tuple[Array, Array]:
+  """Teacher-forced log-probs and entropies [B, M] of `targets` after [slots] + prompt."""
+  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask)
+  tokens = jnp.concatenate([prompt, targets], axis=1)
+  mask = jnp.concatenate([prompt_mask, target_mask.astype(bool)], axis=1)
+  cache = prefix_cache(config, k, v, slot_mask, tokens.shape[1])
+  logits, _ = forward(params, config, tokens, mask, cache)
+  p, m = prompt.shape[1], targets.shape[1]
+  # The prompt ends with literal text and targets are contiguous, so token j is
+  # predicted at position p - 1 + j.
+  logp = jax.nn.log_softmax(logits[:, p - 1:p - 1 + m])
+  token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  entropy = -(jnp.exp(logp) * logp).sum(-1)
+  return token_logp, jax.lax.stop_gradient(entropy)
+
+
+def _no_prefix(config: ModelConfig, batch: int):
+  empty = jnp.zeros((config.num_layers, batch, 0, config.num_kv_heads, config.head_dim),
+                    config.jnp_dtype)
+  return empty, empty, jnp.zeros((batch, 0), bool)
+
+
+def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch):
+  """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A]."""
+  cfg = setup.model
+
+  @jax.checkpoint
+  def block(carry, xs):
+    ids, mask, mem_ids, mem_mask, targets, target_mask = xs
+    chunk = compress(params, cfg, setup.compressor, ids, mask)
+    logp, entropy = turn_logprobs(params, cfg, setup.prompts.update, chunk.k, chunk.v,
+                                  chunk.slot_mask, batch.question, batch.question_mask,
+                                  WorkingMemory(mem_ids, mem_mask), targets, target_mask)
+    return carry, (logp, entropy)
+
+  block_major = lambda x: jnp.moveaxis(x, 1, 0)
+  xs = tuple(block_major(x) for x in (batch.chunk_ids, batch.chunk_mask, batch.memory_ids,
+                                      batch.memory_mask, batch.targets, batch.target_mask))
+  _, (logp, entropy) = jax.lax.scan(block, None, xs)
+  answer_logp, answer_entropy = turn_logprobs(
+      params, cfg, setup.prompts.final, *_no_prefix(cfg, batch.question.shape[0]), batch.question,
+      batch.question_mask, WorkingMemory(batch.final_memory_ids, batch.final_memory_mask),
+      batch.answer, batch.answer_mask)
+  return (jnp.moveaxis(logp, 0, 1), jnp.moveaxis(entropy, 0, 1)), (answer_logp, answer_entropy)
+
+
+def _flat_tokens(blocks: Array, answer: Array) -> Array:
+  """[B, N, M] and [B, A] -> [B, N*M + A]: every token of a trajectory in one row."""
+  return jnp.concatenate([blocks.reshape(blocks.shape[0], -1), answer], axis=1)
+
+
+def trajectory_mask(batch: TurnBatch) -> Array:
+  return _flat_tokens(batch.target_mask, batch.answer_mask).astype(jnp.float32)
+
+
+def sft_loss(params, setup: TrainSetup, batch: TurnBatch):
+  """Token-mean negative log-likelihood of the oracle memory updates and answers."""
+  (logp, _), (answer_logp, _) = trajectory_logprobs(params, setup, batch)
+  mask = trajectory_mask(batch)
+  token_logp = _flat_tokens(logp, answer_logp)
+  loss = -grpo.aggregate(token_logp, mask, "token_mean")
+  answer_nll = -grpo.aggregate(answer_logp, batch.answer_mask, "token_mean")
+  return loss, {"loss": loss, "answer_nll": answer_nll}
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """The policy-gradient objective's settings (DESIGN §6 defaults)."""
+  eps_low: float = 0.2
+  eps_high: float = 0.2
+  kl_coef: float = 1e-3
+  kl_estimator: str = "low_var_kl"
+  aggregation: str = "token_mean"
+
+
+@flax.struct.dataclass
+class RLBatch:
+  """Rollouts plus what the update needs: sampling-time and reference log-probs per token
+  ([B, N, M] for blocks, [B, A] for the answer) and one advantage per trajectory [B]."""
+  turns: TurnBatch
+  old_logprobs: Array
+  old_answer_logprobs: Array
+  ref_logprobs: Array
+  ref_answer_logprobs: Array
+  advantages: Array
+
+
+def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
+  """Clipped policy-gradient loss with a KL penalty, over every token of every turn."""
+  (logp, entropy), (answer_logp, answer_entropy) = trajectory_logprobs(params, setup, batch.turns)
+  mask = trajectory_mask(batch.turns)
+  logp = _flat_tokens(logp, answer_logp)
+  old = _flat_tokens(batch.old_logprobs, batch.old_answer_logprobs)
+  ref = _flat_tokens(batch.ref_logprobs, batch.ref_answer_logprobs)
+  advantages = jnp.broadcast_to(batch.advantages[:, None], logp.shape)
+  policy, clipped = grpo.clipped_policy_loss(logp, old, advantages, rl.eps_low, rl.eps_high)
+  kl = grpo.kl_penalty(logp, ref, rl.kl_estimator)
+  policy_loss = grpo.aggregate(policy, mask, rl.aggregation)
+  kl_loss = grpo.aggregate(kl, mask, rl.aggregation)
+  loss = policy_loss + rl.kl_coef * kl_loss
+  mean = lambda x: grpo.aggregate(x.astype(jnp.float32), mask, "token_mean")
+  return loss, {"loss": loss, "policy_loss": policy_loss, "kl": kl_loss,
+                "clip_fraction": mean(clipped),
+                "entropy": mean(_flat_tokens(entropy, answer_entropy))}
+
+
+def compressor_loss(params, setup: TrainSetup, chunk_ids: Array, chunk_mask: Array):
+  """Next-token cross-entropy on raw tokens, conditioned on earlier windows' beacons only.
+
+  chunk_ids/chunk_mask: [B, C] (any text cut into chunks).
+  """
+  logits = compressor_logits(params, setup.model, setup.compressor, chunk_ids, chunk_mask)
+  logp = jax.nn.log_softmax(logits[:, :-1])
+  target = chunk_ids[:, 1:]
+  token_logp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  mask = (chunk_mask[:, 1:] & chunk_mask[:, :-1]).astype(jnp.float32)
+  loss = -grpo.aggregate(token_logp, mask, "token_mean")
+  # The tokens right after a window boundary see only beacons of what came before.
+  w = setup.compressor.window
+  boundary = jnp.zeros_like(mask).at[:, w - 1::w].set(1.0) * mask
+  boundary_nll = -grpo.aggregate(token_logp, boundary, "token_mean")
+  return loss, {"loss": loss, "boundary_nll": boundary_nll}
+
+
+@flax.struct.dataclass
+class GateBatch:
+  """chunk_ids/chunk_mask [B, N, C]; question [B, Q]; memory before each block [B, N, Mc];
+  labels [B, N] (the chunk holds a needed fact); valid [B, N] (the chunk exists)."""
+  chunk_ids: Array
+  chunk_mask: Array
+  question: Array
+  question_mask: Array
+  memory_ids: Array
+  memory_mask: Array
+  labels: Array
+  valid: Array
+
+
+def gate_block_logits(params, setup: TrainSetup, batch: GateBatch) -> Array:
+  """The gate's logit for every block [B, N], memory teacher-forced."""
+  cfg = setup.model
+
+  @jax.checkpoint
+  def block(carry, xs):
+    ids, mask, mem_ids, mem_mask = xs
+    chunk = compress(params, cfg, setup.compressor, ids, mask)
+    return carry, gate_logits(params, cfg, setup.prompts.gate, chunk.k, chunk.v, chunk.slot_mask,
+                              batch.question, batch.question_mask, WorkingMemory(mem_ids, mem_mask))
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (batch.chunk_ids, batch.chunk_mask, batch.memory_ids,
+                                             batch.memory_mask))
+  _, logits = jax.lax.scan(block, None, xs)
+  return jnp.moveaxis(logits, 0, 1)
+
+
+def gate_loss(params, setup: TrainSetup, batch: GateBatch, threshold: float = 0.5,
+              positive_weight: float = 1.0):
+  """Binary cross-entropy on chunk relevance, with precision/recall/skip rate at `threshold`."""
+  logits = gate_block_logits(params, setup, batch)
+  labels = batch.labels.astype(jnp.float32)
+  valid = batch.valid.astype(jnp.float32)
+  weights = valid * jnp.where(batch.labels, positive_weight, 1.0)
+  losses = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  loss = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  predicted = (jax.nn.sigmoid(logits) >= threshold).astype(jnp.float32) * valid
+  tp = (predicted * labels).sum()
+  return loss, {"loss": loss,
+                "precision": tp / jnp.maximum(predicted.sum(), 1.0),
+                "recall": tp / jnp.maximum((labels * valid).sum(), 1.0),
+                "skip_rate": 1.0 - predicted.sum() / jnp.maximum(valid.sum(), 1.0)}

@@ -1,0 +1,160 @@
+"""Train state, trainable subsets, the optimizer and the jitted, donated step.
+
+Parameters are one tree; a *trainable subset* is chosen by name (`beacon`,
+`lora`, `gate`, `backbone`, `all`).  The step differentiates only with
+respect to that subset (the rest is closed over, so XLA never computes its
+gradients), keeps optimizer state only for it, and passes frozen leaves
+through untouched — with the state donated they are neither copied nor moved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import optax
+
+from memrecall import sharding as sharding_lib
+from memrecall.model import abstract_params
+
+Array = jax.Array
+SUBSETS = ("beacon", "lora", "gate", "backbone", "all")
+
+
+def _is_beacon(path: tuple[str, ...]) -> bool:
+  return path[-1] == "beacon_embedding" or path[-1].startswith("beacon_")
+
+
+def _is_lora(path: tuple[str, ...]) -> bool:
+  return "_lora_" in path[-1]
+
+
+def _is_gate(path: tuple[str, ...]) -> bool:
+  return _is_lora(path) or path[-1] in ("gate_head", "gate_bias")
+
+
+_PREDICATES: dict[str, Callable[[tuple[str, ...]], bool]] = {
+    "beacon": _is_beacon,
+    "lora": _is_lora,
+    "gate": _is_gate,
+    "backbone": lambda path: not _is_gate(path),  # compressor + reasoner, jointly
+    "all": lambda path: True,
+}
+
+
+def trainable_paths(params, subset: str) -> tuple[tuple[str, ...], ...]:
+  if subset not in _PREDICATES:
+    raise ValueError(f"unknown trainable subset {subset!r}; choose from {SUBSETS}")
+  paths = tuple(p for p in flax.traverse_util.flatten_dict(params) if _PREDICATES[subset](p))
+  if not paths:
+    raise ValueError(f"the trainable subset {subset!r} selects no parameter of this model "
+                     "(does its config have the compressor / gate?)")
+  return paths
+
+
+def split(params, paths) -> tuple[dict, dict]:
+  """(trainable, frozen) flat dicts keyed by path tuples."""
+  flat = flax.traverse_util.flatten_dict(params)
+  wanted = set(paths)
+  return ({p: v for p, v in flat.items() if p in wanted},
+          {p: v for p, v in flat.items() if p not in wanted})
+
+
+def merge(trainable: dict, frozen: dict):
+  return flax.traverse_util.unflatten_dict({**frozen, **trainable})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 1e-6
+  warmup_steps: int = 0
+  decay_steps: int = 0  # cosine decay to `final_fraction` of the peak; 0 = constant
+  final_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.999
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+  if cfg.decay_steps:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), cfg.decay_steps,
+        cfg.learning_rate * cfg.final_fraction)
+  elif cfg.warmup_steps:
+    schedule = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+  else:
+    schedule = cfg.learning_rate
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step, params (whole tree), opt_state (trainable subset only), rng (raw key data)."""
+  step: Array
+  params: Any
+  opt_state: Any
+  rng: Array
+
+
+def create_train_state(params, subset: str, optimizer: optax.GradientTransformation,
+                       seed: int) -> TrainState:
+  trainable, _ = split(params, trainable_paths(params, subset))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(trainable),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def state_shardings(config, state_shape: TrainState, mesh) -> TrainState:
+  """NamedShardings for a TrainState: params by the logical rules, optimizer moments like
+  their parameters, everything else replicated."""
+  param_sharding = sharding_lib.param_shardings(abstract_params(config), mesh)
+  flat_params = flax.traverse_util.flatten_dict(param_sharding)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def for_opt(path, leaf):
+    # Optimizer moments sit in dicts keyed by their parameter's path tuple.
+    for entry in path:
+      key = getattr(entry, "key", None)
+      if isinstance(key, tuple) and key in flat_params:
+        return flat_params[key]
+    return replicated
+
+  opt = jax.tree_util.tree_map_with_path(for_opt, state_shape.opt_state)
+  return TrainState(step=replicated, params=param_sharding, opt_state=opt, rng=replicated)
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+                    paths) -> Callable:
+  """A step (state, batch) -> (state, metrics) for loss_fn(params, batch, rng) -> (loss, metrics).
+
+  A non-finite loss or gradient leaves the state unchanged and reports
+  `finite = 0`, so the caller can stop without ever saving a bad state.
+  """
+  def step(state: TrainState, batch):
+    rng = jax.random.wrap_key_data(state.rng)
+    rng, step_rng = jax.random.split(rng)
+    trainable, frozen = split(state.params, paths)
+
+    def loss_of(trainable):
+      return loss_fn(merge(trainable, frozen), batch, step_rng)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + finite.astype(jnp.int32),
+                           params=merge(keep(new_trainable, trainable), frozen),
+                           opt_state=keep(opt_state, state.opt_state),
+                           rng=jax.random.key_data(rng))
+    metrics = {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+    return new_state, metrics
+
+  return step

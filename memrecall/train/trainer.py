@@ -1,0 +1,365 @@
+"""The training driver shared by every stage: init or resume, the step loop, logging, checkpoints.
+
+Stages (DESIGN §6): `compressor` (beacon pre-training), `sft` (teacher-forced
+warm start on oracle memory traces), `rl` (multi-conversation GRPO with
+rollouts from the recall loop) and `gate` (the BCE relevance classifier).
+Rerunning the same command on the same workdir resumes exactly: the state,
+the RNG and the data position all come back from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from memrecall import hf_checkpoint, model as model_lib, sharding as sharding_lib
+from memrecall.compressor import CompressorConfig, compress
+from memrecall.config import ConfigError, ModelConfig
+from memrecall.data import example as example_lib
+from memrecall.data import metrics as metrics_lib
+from memrecall.data import synthetic
+from memrecall.prompts import Prompts
+from memrecall.reasoner import ReasonerConfig, memory_capacity
+from memrecall.recall import DocumentBank, RecallConfig, RecallSetup, recall
+from memrecall.sampling import SamplingConfig
+from memrecall.tokenizer import ByteTokenizer
+from memrecall.train import batches, grpo, objectives
+from memrecall.train import state as state_lib
+from memrecall.train.checkpoint import Checkpointer, load_params
+from memrecall.train.metrics_writer import MetricsWriter
+
+STAGES = ("compressor", "sft", "rl", "gate")
+
+
+class TrainingError(RuntimeError):
+  """A run that must stop (non-finite loss or gradients)."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from the config once."""
+  config: ml_collections.ConfigDict
+  model: ModelConfig
+  compressor: CompressorConfig
+  reasoner: ReasonerConfig
+  prompts: Prompts
+  task: synthetic.TaskConfig
+  tokenizer: Any
+  mesh: Any
+
+  @property
+  def setup(self) -> objectives.TrainSetup:
+    return objectives.TrainSetup(self.model, self.compressor, self.prompts)
+
+  @property
+  def num_chunks(self) -> int:
+    return -(-self.task.length // self.compressor.chunk_size)
+
+  @property
+  def memory_capacity(self) -> int:
+    return memory_capacity(self.prompts.initial_memory, self.reasoner)
+
+  def examples(self, start: int, count: int, seed_offset: int = 0) -> list[example_lib.TokenizedExample]:
+    seed = self.config.task.seed + seed_offset
+    return [example_lib.tokenize(synthetic.make_example(self.task, seed, i, self.tokenizer),
+                                 self.tokenizer) for i in range(start, start + count)]
+
+
+def build_run(config: ml_collections.ConfigDict) -> Run:
+  if config.stage not in STAGES:
+    raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
+  model = ModelConfig.from_dict(config.model.to_dict())
+  compressor = CompressorConfig(**config.compressor.to_dict())
+  reasoner = ReasonerConfig(memory_size=config.reasoner.memory_size,
+                            answer_tokens=config.reasoner.answer_tokens)
+  task_values = {k: v for k, v in config.task.to_dict().items() if k != "seed"}
+  task = synthetic.TaskConfig(**task_values)
+  tokenizer = ByteTokenizer()
+  p = config.prompts
+  prompts = Prompts.build(tokenizer, p.chat_template or None, update_template=p.update_template,
+                          final_template=p.final_template, gate_template=p.gate_template,
+                          initial_memory=synthetic.initial_memory(task))
+  mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+  if model.vocab_size < synthetic.SmallVocab(task.num_entities).size:
+    raise ConfigError(f"vocab_size {model.vocab_size} is too small for the task's tokens")
+  return Run(config, model, compressor, reasoner, prompts, task, tokenizer, mesh)
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early, with the path, when the workdir cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def initial_params(run: Run):
+  """From an earlier stage's workdir, a HF checkpoint, or random; placed on the mesh."""
+  init = run.config.init
+  shardings = sharding_lib.param_shardings(model_lib.abstract_params(run.model), run.mesh)
+  if init.checkpoint:
+    params, _ = load_params(init.checkpoint)
+    want = jax.tree.map(lambda x: x.value.shape, model_lib.abstract_params(run.model),
+                        is_leaf=lambda x: hasattr(x, "names"))
+    got = jax.tree.map(lambda x: x.shape, params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise ConfigError(f"the checkpoint in {init.checkpoint} does not match this model config")
+    return jax.device_put(jax.tree.map(lambda x: x.astype(run.model.jnp_param_dtype), params),
+                          shardings)
+  if init.hf_checkpoint:
+    overrides = {f.name: getattr(run.model, f.name) for f in dataclasses.fields(ModelConfig)
+                 if f.name in ("compressor", "gate_lora_rank", "gate_lora_alpha", "gate_lora_targets",
+                               "param_dtype", "dtype", "attention", "remat")}
+    params, _ = hf_checkpoint.load_hf_checkpoint(init.hf_checkpoint, mesh=run.mesh, **overrides)
+    return params
+  return model_lib.init_params(run.model, jax.random.key(init.seed), run.mesh)
+
+
+def _batch_shardings(batch, mesh):
+  def one(x):
+    axes = ("batch",) + (None,) * (np.ndim(x) - 1)
+    return sharding_lib.logical_sharding(axes, np.shape(x), mesh)
+  return jax.tree.map(one, batch)
+
+
+class _Console:
+  def __init__(self, total_steps: int, start_step: int):
+    self.total, self.start_step, self.start = total_steps, start_step, time.perf_counter()
+
+  def line(self, step: int, metrics: dict) -> str:
+    elapsed = time.perf_counter() - self.start
+    done = step - self.start_step
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate else float("nan")
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "finite")
+    return f"step {step}/{self.total} {rate:.2f} steps/s ETA {eta:.0f}s | {shown}"
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
+  """Runs (or resumes) one stage; returns the last logged metrics."""
+  check_workdir(workdir)
+  run = build_run(config)
+  stage = _STAGES[config.stage](run)
+  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
+  checkpointer = Checkpointer(workdir, save_every=config.train.checkpoint_every,
+                              keep=config.train.keep, async_save=config.train.async_checkpoint)
+  with jax.set_mesh(run.mesh):
+    params = initial_params(run)
+    paths = state_lib.trainable_paths(params, config.train.trainable)
+    state = jax.jit(lambda p: state_lib.create_train_state(p, config.train.trainable, optimizer,
+                                                           config.seed))(params)
+    shardings = state_lib.state_shardings(run.model, state, run.mesh)
+    state = jax.device_put(state, shardings)
+    data = {"step": 0}
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              state, shardings)
+      state, _, data = checkpointer.restore(latest, abstract)
+      log(f"resumed from {checkpointer.directory}/{latest}")
+    stage.start(state.params)
+    step_fn = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths),
+                      donate_argnums=0)
+    writer = MetricsWriter(os.path.join(workdir, "logs", config.stage))
+    console = _Console(config.train.steps, int(state.step))
+    last: dict = {}
+    config_json = json.loads(config.to_json_best_effort())
+    try:
+      while int(state.step) < config.train.steps:
+        step = int(state.step)
+        host_batch, extra = stage.batch(step, state)
+        batch = jax.device_put(host_batch, _batch_shardings(host_batch, run.mesh))
+        state, metrics = step_fn(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics.update(extra)
+        if not metrics["finite"]:
+          raise TrainingError(
+              f"non-finite loss or gradient at step {step} ({config.stage} stage): loss="
+              f"{metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}; the state was not "
+              "updated and no checkpoint was written — lower the learning rate or check the data")
+        data = {"step": step + 1}
+        done = step + 1
+        if done % config.train.log_every == 0 or done == config.train.steps:
+          writer.write(done, metrics)
+          log(console.line(done, metrics))
+        last = metrics
+        checkpointer.save(done, state, config_json, data, force=done == config.train.steps)
+    finally:
+      checkpointer.close()
+      writer.close()
+  return last
+
+
+# --- stages -------------------------------------------------------------------
+
+
+class _Stage(abc.ABC):
+  def __init__(self, run: Run):
+    self.run = run
+    self.batch_size = run.config.train.batch_size
+
+  def start(self, params) -> None:
+    """Called once with the initial (or resumed) parameters."""
+
+  @abc.abstractmethod
+  def batch(self, step: int, state) -> tuple[Any, dict]:
+    """The host batch of `step` (deterministic in step) and extra metrics."""
+
+  @abc.abstractmethod
+  def loss(self, params, batch, rng):
+    """(loss, metrics) of the trainable parameters on a batch."""
+
+
+class CompressorStage(_Stage):
+  def batch(self, step, state):
+    examples = self.run.examples(step * self.batch_size, self.batch_size)
+    ids, mask = batches.chunked(examples, self.run.compressor.chunk_size, self.run.num_chunks,
+                                self.run.model.pad_token_id)
+    c = self.run.compressor.chunk_size
+    return (ids.reshape(-1, c), mask.reshape(-1, c)), {}
+
+  def loss(self, params, batch, rng):
+    return objectives.compressor_loss(params, self.run.setup, *batch)
+
+
+class SFTStage(_Stage):
+  def batch(self, step, state):
+    examples = self.run.examples(step * self.batch_size, self.batch_size)
+    return self._turns(examples), {}
+
+  def _turns(self, examples):
+    r = self.run
+    return batches.sft_batch(
+        examples, chunk_size=r.compressor.chunk_size, num_chunks=r.num_chunks,
+        question_tokens=r.config.reasoner.question_tokens, memory_capacity=r.memory_capacity,
+        memory_size=r.reasoner.memory_size, answer_tokens=r.reasoner.answer_tokens,
+        initial_memory=r.prompts.initial_memory, eos_id=r.model.eos_token_ids[0],
+        pad_id=r.model.pad_token_id)
+
+  def loss(self, params, batch, rng):
+    return objectives.sft_loss(params, self.run.setup, batch)
+
+
+class GateStage(_Stage):
+  def batch(self, step, state):
+    r = self.run
+    examples = r.examples(step * self.batch_size, self.batch_size)
+    return batches.gate_batch(
+        examples, chunk_size=r.compressor.chunk_size, num_chunks=r.num_chunks,
+        question_tokens=r.config.reasoner.question_tokens, memory_capacity=r.memory_capacity,
+        initial_memory=r.prompts.initial_memory, pad_id=r.model.pad_token_id), {}
+
+  def loss(self, params, batch, rng):
+    g = self.run.config.gate
+    return objectives.gate_loss(params, self.run.setup, batch, g.threshold, g.positive_weight)
+
+
+def reward(prediction: list[int], golds, tokenizer, form: str) -> float:
+  """1 if the answer is right: exact ids for the small-vocabulary form, sub-EM for text."""
+  if form == "ids":
+    return float(any(tuple(prediction) == tuple(g) for g in golds))
+  return metrics_lib.sub_em(tokenizer.decode(prediction), [tokenizer.decode(g) for g in golds])
+
+
+class RLStage(_Stage):
+  """Rollouts with the recall loop (G per question), rewards, advantages, one clipped update."""
+
+  def start(self, params):
+    r = self.run
+    # The KL term's reference is the initial policy.  Its frozen leaves always
+    # equal the current ones (and are donated with the state), so only the
+    # trainable leaves are copied; the rest is taken from the state each step.
+    self.paths = state_lib.trainable_paths(params, r.config.train.trainable)
+    trainable, _ = state_lib.split(params, self.paths)
+    self.reference_trainable = jax.tree.map(jnp.copy, trainable)
+    rl = r.config.rl
+    self.group = rl.group_size
+    self.questions = self.batch_size // self.group
+    if self.batch_size % self.group:
+      raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
+                        f"rl.group_size ({self.group})")
+    self.recall_setup = RecallSetup(
+        model=r.model, prompts=r.prompts, reasoner=r.reasoner,
+        recall=RecallConfig(mode=rl.mode, threshold=r.config.gate.threshold),
+        sampling=SamplingConfig(temperature=rl.temperature, eos_ids=r.model.eos_token_ids,
+                                pad_id=r.model.pad_token_id))
+    self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
+                                  kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
+    self._rollout = jax.jit(self._rollout_fn)
+    self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, r.setup, turns))
+
+  def _rollout_fn(self, params, chunk_ids, chunk_mask, question, question_mask, rng):
+    r = self.run
+    b, n, c = chunk_ids.shape
+    memory = compress(params, r.model, r.compressor, chunk_ids.reshape(b * n, c),
+                      chunk_mask.reshape(b * n, c))
+    unflat = lambda x: x.reshape((x.shape[0], b, n) + x.shape[2:])
+    bank = DocumentBank(k=jnp.moveaxis(unflat(memory.k), 2, 0), v=jnp.moveaxis(unflat(memory.v), 2, 0),
+                        slot_mask=jnp.moveaxis(memory.slot_mask.reshape(b, n, -1), 1, 0),
+                        chunk_valid=jnp.moveaxis(chunk_mask.any(-1), 1, 0))
+    return recall(params, self.recall_setup, bank, question, question_mask, rng)
+
+  def batch(self, step, state):
+    r = self.run
+    examples = r.examples(step * self.questions, self.questions)
+    rows = [ex for ex in examples for _ in range(self.group)]
+    turns = SFTStage._turns(self, rows)  # shapes, questions and chunks; targets replaced below
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
+    out = jax.device_get(self._rollout(state.params, turns.chunk_ids, turns.chunk_mask,
+                                       turns.question, turns.question_mask, rng))
+    trace, answer = out.trace, out.answer
+    m = r.reasoner.memory_size
+    steps = np.arange(m)[None, None, :]
+    target_mask = steps < trace.update_lengths[:, :, None]
+    initial = np.zeros((len(rows), 1) + trace.memory_ids.shape[2:], np.int32)
+    init_ids = np.asarray(r.prompts.initial_memory)
+    initial[:, 0, :len(init_ids)] = init_ids
+    initial_mask = np.zeros(initial.shape, bool)
+    initial_mask[:, 0, :len(init_ids)] = True
+    memory_ids = np.concatenate([initial, trace.memory_ids[:, :-1]], axis=1)
+    memory_mask = np.concatenate([initial_mask, trace.memory_mask[:, :-1]], axis=1)
+    answer_mask = np.arange(r.reasoner.answer_tokens)[None] < answer.lengths[:, None]
+    turns = dataclasses.replace(
+        turns, memory_ids=memory_ids, memory_mask=memory_mask,
+        targets=np.where(target_mask, trace.update_tokens, 0).astype(np.int32),
+        target_mask=target_mask, final_memory_ids=out.memory.ids, final_memory_mask=out.memory.mask,
+        answer=np.asarray(answer.tokens, np.int32), answer_mask=answer_mask)
+    eos = set(r.model.eos_token_ids)
+    rewards = np.asarray([
+        reward([t for t in answer.tokens[i, :answer.lengths[i]] if t not in eos],
+               row.answers, r.tokenizer, r.task.form) for i, row in enumerate(rows)], np.float32)
+    advantages = np.asarray(grpo.group_advantages(jnp.asarray(rewards), self.group,
+                                                  r.config.rl.advantage))
+    _, frozen = state_lib.split(state.params, self.paths)
+    reference = state_lib.merge(self.reference_trainable, frozen)
+    (ref_lp, _), (ref_answer_lp, _) = jax.device_get(self._score(reference, turns))
+    batch = objectives.RLBatch(
+        turns=turns, old_logprobs=np.asarray(trace.update_logprobs),
+        old_answer_logprobs=np.asarray(answer.logprobs), ref_logprobs=np.asarray(ref_lp),
+        ref_answer_logprobs=np.asarray(ref_answer_lp), advantages=advantages)
+    read = trace.update_lengths > 0
+    extra = {"reward": float(rewards.mean()), "accuracy": float(rewards.mean()),
+             "response_length": float(trace.update_lengths[read].mean()) if read.any() else 0.0,
+             "answer_length": float(answer.lengths.mean())}
+    return batch, extra
+
+  def loss(self, params, batch, rng):
+    return objectives.rl_loss(params, self.run.setup, self.rl, batch)
+
+
+_STAGES: dict[str, Callable[[Run], _Stage]] = {
+    "compressor": CompressorStage, "sft": SFTStage, "rl": RLStage, "gate": GateStage}

@@ -1,0 +1,108 @@
+"""Every stage's loss falls on a fixed batch; the RL gradient reaches the compressor."""
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memrecall import model
+from memrecall.train import objectives, state as state_lib, trainer
+from tests.train.conftest import small_config
+
+
+def _fit(stage_name, steps, lr, trainable=None):
+  config = small_config(stage_name)
+  config.optimizer.learning_rate = lr
+  if trainable:
+    config.train.trainable = trainable
+  run = trainer.build_run(config)
+  stage = trainer._STAGES[stage_name](run)
+  params = model.init_params(run.model, jax.random.key(0))
+  paths = state_lib.trainable_paths(params, config.train.trainable)
+  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
+  state = state_lib.create_train_state(params, config.train.trainable, optimizer, 0)
+  stage.start(state.params)
+  batch, _ = stage.batch(0, state)
+  step = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths))
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, params, state
+
+
+@pytest.mark.parametrize("stage,trainable", [
+    ("compressor", "backbone"),  # random ids: beacons alone on a random backbone learn little
+    ("sft", None), ("gate", None)])
+def test_loss_falls_on_a_fixed_batch(stage, trainable):
+  losses, _, _ = _fit(stage, 15, 1e-2, trainable)
+  assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _rl_batch(run, params, seed=0):
+  """A fixed RL batch: SFT-shaped turns as the 'rollout', with fixed advantages."""
+  sft = trainer.SFTStage(run)
+  examples = run.examples(0, 4)
+  turns = jax.tree.map(jnp.asarray, sft._turns(examples))
+  (lp, _), (alp, _) = objectives.trajectory_logprobs(params, run.setup, turns)
+  return objectives.RLBatch(turns=turns, old_logprobs=lp, old_answer_logprobs=alp,
+                            ref_logprobs=lp, ref_answer_logprobs=alp,
+                            advantages=jnp.asarray([1.0, -1.0, 0.5, -0.5]))
+
+
+def test_rl_loss_falls_on_a_fixed_batch():
+  config = small_config("rl")
+  run = trainer.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0))
+  batch = _rl_batch(run, params)
+  rl = objectives.RLConfig(eps_low=0.2, eps_high=0.2, kl_coef=1e-3)
+  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=3e-3))
+  paths = state_lib.trainable_paths(params, "backbone")
+  state = state_lib.create_train_state(params, "backbone", optimizer, 0)
+  step = jax.jit(state_lib.make_train_step(
+      lambda p, b, rng: objectives.rl_loss(p, run.setup, rl, b), optimizer, paths))
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  # Starts at minus the token-weighted mean advantage (every ratio is 1), then falls as the
+  # policy follows the advantages.
+  counts = np.asarray(objectives.trajectory_mask(batch.turns).sum(axis=1))
+  start = -float((np.asarray(batch.advantages) * counts).sum() / counts.sum())
+  assert losses[0] == pytest.approx(start, abs=1e-5)
+  assert losses[-1] < start - 0.05, losses
+  assert float(metrics["clip_fraction"]) > 0
+
+
+def test_rl_gradient_reaches_the_compressor_and_not_frozen_parameters():
+  run = trainer.build_run(small_config("rl"))
+  params = model.init_params(run.model, jax.random.key(0))
+  batch = _rl_batch(run, params)
+  # Perturb the old log-probs so the ratio is not 1 everywhere.
+  batch = batch.replace(old_logprobs=batch.old_logprobs - 0.1)
+  rl = objectives.RLConfig()
+  grads = jax.grad(lambda p: objectives.rl_loss(p, run.setup, rl, batch)[0])(params)
+  flat = flax.traverse_util.flatten_dict(grads)
+  beacon = [k for k in flat if k[-1].startswith("beacon_")]
+  assert len(beacon) == 7  # embedding + q/k/v kernels and biases
+  for key in beacon:
+    assert float(jnp.abs(flat[key]).max()) > 0, key
+  # The gate's parameters play no part in the reasoner's loss.
+  for key in [k for k in flat if "_lora_" in k[-1] or k[-1] in ("gate_head", "gate_bias")]:
+    assert float(jnp.abs(flat[key]).max()) == 0, key
+
+
+@pytest.mark.parametrize("subset", ["beacon", "gate"])
+def test_a_step_changes_only_the_trainable_subset(subset):
+  stage = "compressor" if subset == "beacon" else "gate"
+  _, before, state = _fit(stage, 2, 1e-2)
+  flat_before = flax.traverse_util.flatten_dict(before)
+  flat_after = flax.traverse_util.flatten_dict(state.params)
+  trainable = set(state_lib.trainable_paths(before, subset))
+  for key, value in flat_after.items():
+    changed = not np.array_equal(np.asarray(value), np.asarray(flat_before[key]))
+    if key in trainable and not key[-1].endswith("lora_b"):
+      assert changed, key
+    if key not in trainable:
+      assert not changed, key
