@@ -1,0 +1,65 @@
+"""TensorBoard events written by hand, read back by an independent minimal parser."""
+
+import glob
+import struct
+
+from memrecall.train import metrics_writer
+
+
+def _varint(data, i):
+  shift = value = 0
+  while True:
+    byte = data[i]
+    i += 1
+    value |= (byte & 0x7F) << shift
+    shift += 7
+    if not byte & 0x80:
+      return value, i
+
+
+def _fields(data):
+  i, out = 0, []
+  while i < len(data):
+    key, i = _varint(data, i)
+    number, wire = key >> 3, key & 7
+    if wire == 0:
+      value, i = _varint(data, i)
+    elif wire == 1:
+      value, i = data[i:i + 8], i + 8
+    elif wire == 5:
+      value, i = data[i:i + 4], i + 4
+    else:
+      length, i = _varint(data, i)
+      value, i = data[i:i + length], i + length
+    out.append((number, value))
+  return out
+
+
+def test_crc32c_known_vector():
+  assert metrics_writer.crc32c(b"123456789") == 0xE3069283
+
+
+def test_events_round_trip(tmp_path):
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.write(7, {"loss": 1.5, "reward": 0.25})
+  writer.close()
+  (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  data = open(path, "rb").read()
+  records, i = [], 0
+  while i < len(data):
+    (length,) = struct.unpack("<Q", data[i:i + 8])
+    assert struct.unpack("<I", data[i + 8:i + 12])[0] == metrics_writer._masked_crc(data[i:i + 8])
+    record = data[i + 12:i + 12 + length]
+    assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == \
+        metrics_writer._masked_crc(record)
+    records.append(record)
+    i += 16 + length
+  first = dict(_fields(records[0]))
+  assert first[3] == b"brain.Event:2"
+  second = dict(_fields(records[1]))
+  assert second[2] == 7
+  values = {}
+  for number, value in _fields(second[5]):
+    fields = dict(_fields(value))
+    values[fields[1].decode()] = struct.unpack("<f", fields[2])[0]
+  assert values == {"loss": 1.5, "reward": 0.25}

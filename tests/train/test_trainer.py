@@ -1,0 +1,105 @@
+"""The trainer: exact resume, sharded steps, restoring on another mesh, and bad input."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import flax.traverse_util
+import jax
+import numpy as np
+import pytest
+
+from memrecall import model
+from memrecall.train import checkpoint, objectives, state as state_lib, trainer
+from tests.train.conftest import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+quiet = lambda *a: None
+
+
+def _leaves(params):
+  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+  full = small_config("sft", steps=5)
+  trainer.train(full, str(tmp_path / "full"), log=quiet)
+  # "Killed" after step 3: a run whose budget ended there, then the same command again.
+  trainer.train(small_config("sft", steps=3), str(tmp_path / "resumed"), log=quiet)
+  lines = []
+  trainer.train(full, str(tmp_path / "resumed"), log=lines.append)
+  assert any("resumed from" in line and line.endswith("/3") for line in lines)
+  a, _ = checkpoint.load_params(str(tmp_path / "full"))
+  b, config = checkpoint.load_params(str(tmp_path / "resumed"))
+  assert config["train"]["steps"] == 5
+  for key, value in _leaves(a).items():
+    np.testing.assert_array_equal(value, _leaves(b)[key], err_msg=str(key))
+  # Logs: TensorBoard events and the JSON lines, one row per step of each run.
+  rows = [json.loads(l) for l in open(tmp_path / "full" / "logs" / "sft" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all("loss" in r for r in rows)
+  assert glob.glob(str(tmp_path / "full" / "logs" / "sft" / "events.out.tfevents.*"))
+
+
+def test_sharded_steps_match_one_device_and_restore_on_one_device(tmp_path):
+  one = small_config("sft", steps=3)
+  eight = small_config("sft", steps=3)
+  eight.mesh.data, eight.mesh.fsdp, eight.mesh.tensor = 2, 2, 2
+  trainer.train(one, str(tmp_path / "one"), log=quiet)
+  trainer.train(eight, str(tmp_path / "eight"), log=quiet)
+  a, _ = checkpoint.load_params(str(tmp_path / "one"))
+  b, _ = checkpoint.load_params(str(tmp_path / "eight"))  # written on 8 devices, read on 1
+  for key, value in _leaves(a).items():
+    np.testing.assert_allclose(_leaves(b)[key], value, atol=1e-5, err_msg=str(key))
+  # The 8-device checkpoint also resumes a 1-device run.
+  resumed = small_config("sft", steps=4)
+  lines = []
+  trainer.train(resumed, str(tmp_path / "eight"), log=lines.append)
+  assert any("resumed from" in line for line in lines)
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+  config = small_config("sft", steps=6, checkpoint_every=1)
+  trainer.train(small_config("sft", steps=2, checkpoint_every=1), str(tmp_path), log=quiet)
+  config.optimizer.learning_rate = 1e30  # the parameters blow up, then the loss is NaN
+  config.optimizer.grad_clip = 1e30
+  with pytest.raises(trainer.TrainingError, match="non-finite loss or gradient at step"):
+    trainer.train(config, str(tmp_path), log=quiet)
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "*"))
+                 if os.path.basename(p).isdigit())
+  params, _ = checkpoint.load_params(str(tmp_path), steps[-1])
+  assert all(np.isfinite(v).all() for v in _leaves(params).values())
+
+
+def test_bad_input_gives_clear_errors(tmp_path):
+  with pytest.raises(OSError, match="is not writable"):
+    trainer.train(small_config("sft"), "/proc/memrecall_cannot_write_here", log=quiet)
+  bad = small_config("sft")
+  bad.stage = "pretrain"
+  with pytest.raises(Exception, match="unknown stage 'pretrain'"):
+    trainer.train(bad, str(tmp_path / "x"), log=quiet)
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
+                         "--config=configs/tiny.py:sft", f"--workdir={tmp_path / 'y'}",
+                         "--config.train.no_such_key=3"], capture_output=True, text=True,
+                        env=env, cwd=ROOT, timeout=300)
+  assert proc.returncode != 0 and "no_such_key" in proc.stderr
+
+
+def test_corrupted_checkpoint_is_reported_and_kept(tmp_path):
+  trainer.train(small_config("sft", steps=2, checkpoint_every=1), str(tmp_path), log=quiet)
+  latest = tmp_path / "checkpoints" / "2"
+  data_files = [p for p in glob.glob(str(latest / "state" / "**" / "*"), recursive=True)
+                if os.path.isfile(p) and os.path.getsize(p) > 1000]
+  for path in data_files:  # truncate the array data
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  snapshot = sorted(os.listdir(tmp_path / "checkpoints"))
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2 cannot be restored"):
+    trainer.train(small_config("sft", steps=4), str(tmp_path), log=quiet)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == snapshot  # nothing deleted
+  # The earlier checkpoint is intact and loads.
+  params, _ = checkpoint.load_params(str(tmp_path), 1)
+  assert params["embedding"].shape[0] == 512
