@@ -15,6 +15,7 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = models.model_config("tiny")
+  c.model.num_layers = 3  # DESIGN §8's prototype: two layers stall on the copy plateau
   c.model.compressor = True
   c.model.gate_lora_rank = 4
   c.model.gate_lora_alpha = 8.0
@@ -29,7 +30,9 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
       "gate_template": "G{question}{memory}>", "chat_template": ""})
   c.task = ml_collections.ConfigDict({
       "task": "multihop", "form": "ids", "length": 128, "hops": 2, "distractor_density": 1.0,
-      "num_entities": 64, "seed": 0})
+      "num_entities": 64, "seed": 0,
+      # Distractors off for the first 10% of steps, ramped to full density by half-way.
+      "curriculum_start": 0.1, "curriculum_end": 0.5})
 
   c.train = ml_collections.ConfigDict({
       "steps": 200, "batch_size": 16, "trainable": "backbone", "log_every": 10,
@@ -46,11 +49,14 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
 
   if arg == "compressor":
     c.train.trainable = "beacon"
+    c.task.curriculum_end = 0.0
   elif arg == "rl":
+    c.task.curriculum_end = 0.0
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 0
   elif arg == "gate":
     c.train.trainable = "gate"
+    c.task.curriculum_end = 0.0
   elif arg != "sft":
     raise ValueError(f"unknown stage {arg!r}; choose compressor, sft, rl or gate")
   return c

@@ -38,6 +38,18 @@ GATE_TEMPLATE = (
     "\nDoes the section above contain information needed to answer the problem, given the "
     "memory so far?\n\n<problem> \n{question}\n</problem>\n\n<memory>\n{memory}\n</memory>\n")
 INITIAL_MEMORY = "No previous memory"
+# Baselines on the same backbone: MemAgent's loop reads raw sections in its prompt
+# (wording after MemAgent's released prompt), and one-shot answering from a context.
+MEMAGENT_TEMPLATE = (
+    "You are presented with a problem, a section of an article that may have the answer to the "
+    "problem, and a previous memory. Please read the provided section carefully and update the "
+    "memory with the new information that helps to answer the problem. Be sure to retain all "
+    "relevant details from the previous memory while adding any new, useful information.\n\n"
+    "<problem> \n{question}\n</problem>\n\n<memory>\n{memory}\n</memory>\n\n<section>\n"
+    "{section}\n</section>\n\nUpdated memory:\n")
+CONTEXT_TEMPLATE = (
+    "Please read the following text and answer the question below.\n\n<text>\n{section}\n"
+    "</text>\n\n<problem> \n{question}\n</problem>\n\nYour answer:\n")
 
 # Qwen2.5's template, used when a checkpoint ships none.
 QWEN2_CHAT_TEMPLATE = (
@@ -48,7 +60,7 @@ QWEN2_CHAT_TEMPLATE = (
     "'\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if "
     "add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
-SLOTS = ("question", "memory")
+SLOTS = ("question", "memory", "section")
 _SLOT_PATTERN = re.compile(r"\{(" + "|".join(SLOTS) + r")\}")
 _SENTINEL = "\x00MEMRECALL_MESSAGE\x00"
 
@@ -98,16 +110,17 @@ class PromptTemplate:
       raise ValueError("a prompt template must end with literal text, not a slot")
     return cls(tuple(pieces))
 
-  def length(self, question_len: int, memory_len: int) -> int:
+  def length(self, question_len: int, memory_len: int, section_len: int = 0) -> int:
     """Rendered length [T] for slot buffers of the given sizes."""
-    sizes = {"question": question_len, "memory": memory_len}
+    sizes = {"question": question_len, "memory": memory_len, "section": section_len}
     return sum(sizes[p] if isinstance(p, str) else len(p) for p in self.pieces)
 
   @property
   def literal_length(self) -> int:
     return self.length(0, 0)
 
-  def render(self, question: Array, question_mask: Array, memory: Array, memory_mask: Array
+  def render(self, question: Array, question_mask: Array, memory: Array, memory_mask: Array,
+             section: Array | None = None, section_mask: Array | None = None
              ) -> tuple[Array, Array]:
     """Batched prompt ids and mask [B, T].
 
@@ -115,7 +128,10 @@ class PromptTemplate:
     which attention and positions (counted over real tokens) both ignore.
     """
     batch = question.shape[0]
-    slots = {"question": (question, question_mask), "memory": (memory, memory_mask)}
+    slots = {"question": (question, question_mask), "memory": (memory, memory_mask),
+             "section": (section, section_mask)}
+    if "section" in self.pieces and section is None:
+      raise ValueError("this template has a {section} slot: pass section ids")
     ids, masks = [], []
     for piece in self.pieces:
       if isinstance(piece, str):
@@ -135,18 +151,22 @@ class Prompts:
   final: PromptTemplate
   gate: PromptTemplate
   initial_memory: tuple[int, ...]
+  memagent: PromptTemplate  # baseline: memory update from a raw section
+  context: PromptTemplate  # baselines: one answer from (retrieved or truncated) raw text
 
   @classmethod
   def build(cls, tokenizer: Tokenizer, chat_template: str | None = QWEN2_CHAT_TEMPLATE, *,
             update_template: str = UPDATE_TEMPLATE, final_template: str = FINAL_TEMPLATE,
             gate_template: str = GATE_TEMPLATE,
-            initial_memory: str | Sequence[int] = INITIAL_MEMORY) -> "Prompts":
+            initial_memory: str | Sequence[int] = INITIAL_MEMORY,
+            memagent_template: str = MEMAGENT_TEMPLATE,
+            context_template: str = CONTEXT_TEMPLATE) -> "Prompts":
     """initial_memory: text, or token ids (tasks with their own vocabulary)."""
     ids = tokenizer.encode(initial_memory) if isinstance(initial_memory, str) else initial_memory
-    return cls(update=PromptTemplate.build(update_template, tokenizer, chat_template),
-               final=PromptTemplate.build(final_template, tokenizer, chat_template),
-               gate=PromptTemplate.build(gate_template, tokenizer, chat_template),
-               initial_memory=tuple(int(i) for i in ids))
+    build = lambda t: PromptTemplate.build(t, tokenizer, chat_template)
+    return cls(update=build(update_template), final=build(final_template),
+               gate=build(gate_template), initial_memory=tuple(int(i) for i in ids),
+               memagent=build(memagent_template), context=build(context_template))
 
 
 def pad_ids(rows: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0

@@ -77,14 +77,17 @@ def _strip(tokens: Array, sampling: SamplingConfig) -> Array:
 
 def update_memory(params, config: ModelConfig, template: PromptTemplate, reasoner: ReasonerConfig,
                   sampling: SamplingConfig, k: Array, v: Array, slot_mask: Array,
-                  question: Array, question_mask: Array, memory: WorkingMemory, rng: Array
+                  question: Array, question_mask: Array, memory: WorkingMemory, rng: Array,
+                  section: Array | None = None, section_mask: Array | None = None
                   ) -> tuple[WorkingMemory, SampleOutput, Array, Array]:
   """One memory-update step; returns the new memory, the sample and the prompt ids/mask.
 
-  k, v: [L, B, S, K, D] compressed slots of the chunk each row reads;
+  k, v: [L, B, S, K, D] compressed slots of the chunk each row reads (S = 0 for
+  the MemAgent baseline, whose template carries the raw `section` [B, T] instead);
   slot_mask: [B, S]; question/question_mask: [B, Q].
   """
-  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask)
+  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask,
+                                        section, section_mask)
   cache = prefix_cache(config, k, v, slot_mask, prompt.shape[1] + reasoner.memory_size)
   next_logits, cache = prefill(params, config, cache, prompt, prompt_mask)
   sample, _ = sample_loop(params, config, cache, next_logits, rng,
@@ -96,15 +99,22 @@ def update_memory(params, config: ModelConfig, template: PromptTemplate, reasone
   return WorkingMemory(ids, mask), sample, prompt, prompt_mask
 
 
+def no_prefix(config: ModelConfig, batch: int) -> tuple[Array, Array, Array]:
+  """Empty compressed slots: k, v [L, B, 0, K, D] and slot_mask [B, 0]."""
+  empty = jnp.zeros((config.num_layers, batch, 0, config.num_kv_heads, config.head_dim),
+                    config.jnp_dtype)
+  return empty, empty, jnp.zeros((batch, 0), bool)
+
+
 def final_answer(params, config: ModelConfig, template: PromptTemplate, reasoner: ReasonerConfig,
                  sampling: SamplingConfig, question: Array, question_mask: Array,
-                 memory: WorkingMemory, rng: Array) -> tuple[SampleOutput, Array, Array]:
-  """The answer from the question and the memory alone (no KV prefix, positions from 0)."""
-  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask)
-  batch = prompt.shape[0]
-  layers, heads, dim = config.num_layers, config.num_kv_heads, config.head_dim
-  empty = jnp.zeros((layers, batch, 0, heads, dim), config.jnp_dtype)
-  cache = prefix_cache(config, empty, empty, jnp.zeros((batch, 0), bool),
+                 memory: WorkingMemory, rng: Array, section: Array | None = None,
+                 section_mask: Array | None = None) -> tuple[SampleOutput, Array, Array]:
+  """The answer from the question and the memory alone (no KV prefix, positions from 0);
+  templates with a `{section}` slot (the full-context and RAG baselines) also get raw text."""
+  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask,
+                                        section, section_mask)
+  cache = prefix_cache(config, *no_prefix(config, prompt.shape[0]),
                        prompt.shape[1] + reasoner.answer_tokens)
   next_logits, cache = prefill(params, config, cache, prompt, prompt_mask)
   sample, _ = sample_loop(params, config, cache, next_logits, rng,

@@ -135,13 +135,19 @@ def _rows(x: Array, batch: int, axis: int) -> Array:
 
 
 def _block_inputs(block, batch):
-  k, v, slot_mask, valid = block
-  return _rows(k, batch, 1), _rows(v, batch, 1), _rows(slot_mask, batch, 0), _rows(valid, batch, 0)
+  """(k, v, slot_mask, valid[, section, section_mask]) of one block, broadcast to the batch."""
+  k, v, slot_mask, valid = block[:4]
+  section = tuple(_rows(x, batch, 0) for x in block[4:]) or (None, None)
+  return (_rows(k, batch, 1), _rows(v, batch, 1), _rows(slot_mask, batch, 0),
+          _rows(valid, batch, 0)) + section
 
 
 def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
                  question: Array, question_mask: Array, forced_read: Array | None):
   """Reads blocks (tuple of k, v, slot_mask, valid; chunk-major) in order.
+
+  Blocks may carry raw `section, section_mask` too (the MemAgent baseline,
+  with empty k/v): the update then uses the MemAgent prompt with the section.
 
   forced_read: [N, B] decisions replacing the gate (topk mode, benchmarks).
   Returns the final memory and rng, and per-block (score, read, memory) stacked on axis 0.
@@ -152,7 +158,8 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
   def step(carry, xs):
     memory, rng = carry
     block, forced = xs
-    k, v, slot_mask, valid = _block_inputs(block, batch)
+    k, v, slot_mask, valid, section, section_mask = _block_inputs(block, batch)
+    template = setup.prompts.update if section is None else setup.prompts.memagent
     if gate_needed:
       score = gate_probability(params, setup.model, setup.prompts.gate, k, v, slot_mask, question,
                                question_mask, memory)
@@ -163,9 +170,9 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
     rng, step_rng = jax.random.split(rng)
 
     def reason(memory):
-      new, sample, _, _ = update_memory(params, setup.model, setup.prompts.update, setup.reasoner,
+      new, sample, _, _ = update_memory(params, setup.model, template, setup.reasoner,
                                         setup.sampling, k, v, slot_mask, question, question_mask,
-                                        memory, step_rng)
+                                        memory, step_rng, section, section_mask)
       keep = read[:, None]
       memory = WorkingMemory(jnp.where(keep, new.ids, memory.ids),
                              jnp.where(keep, new.mask, memory.mask))
@@ -189,15 +196,21 @@ def _topk_selection(params, setup: RecallSetup, blocks, question, question_mask,
   batch = question.shape[0]
 
   def score(block):
-    k, v, slot_mask, valid = _block_inputs(block, batch)
+    k, v, slot_mask, valid, _, _ = _block_inputs(block, batch)
     p = gate_probability(params, setup.model, setup.prompts.gate, k, v, slot_mask, question,
                          question_mask, memory)
     return jnp.where(valid, p, -jnp.inf)
 
   scores = jax.lax.map(score, blocks)  # [N, B]
-  k = min(setup.recall.topk, scores.shape[0])
-  kth = jax.lax.top_k(scores.T, k)[0][:, -1]  # [B]
-  return scores, (scores >= kth[None, :]) & jnp.isfinite(scores)
+  return scores, _top_blocks(scores, setup.recall.topk)
+
+
+def _top_blocks(scores: Array, k: int) -> Array:
+  """[N, B] picks: exactly min(k, N) valid blocks per row (ties go to the earlier block)."""
+  k = min(k, scores.shape[0])
+  picked = jax.lax.top_k(scores.T, k)[1]  # [B, k]
+  chosen = jnp.zeros(scores.T.shape, bool).at[jnp.arange(scores.shape[1])[:, None], picked].set(True)
+  return chosen.T & jnp.isfinite(scores)
 
 
 def _finish(params, setup, question, question_mask, memory, rng, per_block, extra_scores=None):
@@ -234,6 +247,21 @@ def recall(params, setup: RecallSetup, bank: DocumentBank, question: Array, ques
   memory, rng, per_block = _scan_blocks(params, setup, memory, rng, blocks, question,
                                         question_mask, forced)
   return _finish(params, setup, question, question_mask, memory, rng, per_block, scores)
+
+
+@functools.partial(jax.jit, static_argnames=("setup", "compressor"))
+def recall_documents(params, setup: RecallSetup, compressor: CompressorConfig, chunk_ids: Array,
+                     chunk_mask: Array, question: Array, question_mask: Array, rng: Array,
+                     forced_read: Array | None = None) -> RecallOutput:
+  """Compresses each row's own document ([B, N, C]; empty chunks are never read), then `recall`."""
+  b, n, c = chunk_ids.shape
+  memory = compress(params, setup.model, compressor, chunk_ids.reshape(b * n, c),
+                    chunk_mask.reshape(b * n, c))
+  per_doc = lambda x: jnp.moveaxis(x.reshape((x.shape[0], b, n) + x.shape[2:]), 2, 0)
+  bank = DocumentBank(k=per_doc(memory.k), v=per_doc(memory.v),
+                      slot_mask=jnp.moveaxis(memory.slot_mask.reshape(b, n, -1), 1, 0),
+                      chunk_valid=jnp.moveaxis(chunk_mask.any(-1), 1, 0))
+  return recall(params, setup, bank, question, question_mask, rng, forced_read)
 
 
 @functools.partial(jax.jit, static_argnames=("setup", "compressor"))
@@ -304,9 +332,7 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
     parts = [_topk_selection_jit(params, setup, device_group(sl), question, question_mask, memory)[0]
              for sl in groups]
     scores = jnp.concatenate(parts, axis=0)
-    k = min(setup.recall.topk, n)
-    kth = jax.lax.top_k(scores.T, k)[0][:, -1]
-    forced = (scores >= kth[None, :]) & jnp.isfinite(scores)
+    forced = _top_blocks(scores, setup.recall.topk)
   outputs = []
   for sl in groups:
     memory, rng, per_block = _scan_blocks_jit(params, setup, memory, rng, device_group(sl),

@@ -33,6 +33,9 @@ class Example:
   answers:        accepted answers (str or token ids); the first is canonical.
   oracle_memory:  the ideal working memory after each supporting segment
                   (same length as `supporting`); empty when a task has none.
+  oracle_start:   the ideal memory after a chunk read before any supporting
+                  segment (e.g. the question's starting point); empty = keep the
+                  reader's initial memory.
   metadata:       JSON-able extras (hops, seed, lengths, ...).
   """
   id: str
@@ -42,6 +45,7 @@ class Example:
   question: Piece
   answers: tuple[Piece, ...]
   oracle_memory: tuple[Piece, ...] = ()
+  oracle_start: Piece = ()
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def __post_init__(self):
@@ -78,6 +82,7 @@ class Example:
                supporting=tuple(values["supporting"]), question=piece(values["question"]),
                answers=tuple(piece(a) for a in values["answers"]),
                oracle_memory=tuple(piece(m) for m in values["oracle_memory"]),
+               oracle_start=piece(values.get("oracle_start", ())),
                metadata=values.get("metadata", {}))
 
 
@@ -94,6 +99,7 @@ class TokenizedExample:
   question: Tokens
   answers: tuple[Tokens, ...]
   oracle_memory: tuple[Tokens, ...]
+  oracle_start: Tokens = ()
 
   def chunk_labels(self, chunk_size: int) -> np.ndarray:
     """[ceil(T / C)] bool: chunk c holds (part of) a supporting segment."""
@@ -109,7 +115,7 @@ class TokenizedExample:
     """The ideal memory after every chunk: it changes in the chunk where a supporting
     segment ends (a fact is usable once fully read)."""
     n = -(-len(self.context) // chunk_size)
-    memory, trace = initial_memory, []
+    memory, trace = (self.oracle_start or initial_memory), []
     changes: dict[int, int] = {}
     for k, i in enumerate(self.example.supporting):  # a chunk may end several facts: keep the last
       changes[(self.spans[i][1] - 1) // chunk_size] = k
@@ -133,7 +139,8 @@ def tokenize(example: Example, tokenizer=None) -> TokenizedExample:
   return TokenizedExample(example=example, context=context, spans=tuple(spans),
                           question=encode(example.question, tokenizer),
                           answers=tuple(encode(a, tokenizer) for a in example.answers),
-                          oracle_memory=tuple(encode(m, tokenizer) for m in example.oracle_memory))
+                          oracle_memory=tuple(encode(m, tokenizer) for m in example.oracle_memory),
+                          oracle_start=encode(example.oracle_start, tokenizer))
 
 
 def total_tokens(segments: Sequence[Piece], tokenizer=None) -> int:

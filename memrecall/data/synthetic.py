@@ -129,6 +129,7 @@ class _Facts:
   answers: tuple[Piece, ...]
   oracle: list[Piece]
   metadata: dict
+  oracle_start: Piece = ()
 
 
 def _fill(rng, facts: _Facts, config: TaskConfig, tokenizer, filler: Callable[[int], Piece]
@@ -185,6 +186,8 @@ def _multihop(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | Non
     question = (vocab["?"], ent(chain[0]), vocab.hop(h))
     answers = ((ent(chain[h]),),)
     oracle = [(ent(chain[k + 1]), vocab.hop(k + 1)) for k in range(h)]
+    # DESIGN §8's memory, [pointer, hop]: it holds the start from the first chunk on.
+    start = (ent(chain[0]), vocab.hop(0))
   else:
     name = lambda i: names[i]
     needed = [f"{name(chain[k])} leads to {name(chain[k + 1])}. " for k in range(h)]
@@ -193,8 +196,9 @@ def _multihop(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | Non
     question = f"Start at {name(chain[0])} and follow {h} links. Where do you end?"
     answers = (name(chain[h]),)
     oracle = [f"After {k + 1} of {h} links: {name(chain[k + 1])}." for k in range(h)]
+    start = f"After 0 of {h} links: {name(chain[0])}."
   return _Facts(needed, distractor, question, answers, oracle,
-                {"chain": [int(c) for c in chain]})
+                {"chain": [int(c) for c in chain]}, start)
 
 
 def _vartrack(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None) -> _Facts:
@@ -307,6 +311,7 @@ def make_example(config: TaskConfig, seed: int, index: int, tokenizer=None) -> E
   return Example(id=f"{config.task}-{config.form}-{seed}-{index}", task=config.task,
                  segments=tuple(segments), supporting=tuple(supporting), question=facts.question,
                  answers=facts.answers, oracle_memory=tuple(facts.oracle),
+                 oracle_start=facts.oracle_start,
                  metadata={**facts.metadata, "hops": config.hops, "seed": seed, "index": index,
                            "length": config.length, "form": config.form})
 

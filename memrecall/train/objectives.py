@@ -22,7 +22,7 @@ from memrecall.config import ModelConfig
 from memrecall.gate import gate_logits
 from memrecall.model import forward
 from memrecall.prompts import PromptTemplate, Prompts
-from memrecall.reasoner import WorkingMemory, prefix_cache
+from memrecall.reasoner import WorkingMemory, no_prefix, prefix_cache
 from memrecall.train import grpo
 
 Array = jax.Array
@@ -80,12 +80,6 @@ def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Arra
   return token_logp, jax.lax.stop_gradient(entropy)
 
 
-def _no_prefix(config: ModelConfig, batch: int):
-  empty = jnp.zeros((config.num_layers, batch, 0, config.num_kv_heads, config.head_dim),
-                    config.jnp_dtype)
-  return empty, empty, jnp.zeros((batch, 0), bool)
-
-
 def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch):
   """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A]."""
   cfg = setup.model
@@ -104,7 +98,7 @@ def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch):
                                       batch.memory_mask, batch.targets, batch.target_mask))
   _, (logp, entropy) = jax.lax.scan(block, None, xs)
   answer_logp, answer_entropy = turn_logprobs(
-      params, cfg, setup.prompts.final, *_no_prefix(cfg, batch.question.shape[0]), batch.question,
+      params, cfg, setup.prompts.final, *no_prefix(cfg, batch.question.shape[0]), batch.question,
       batch.question_mask, WorkingMemory(batch.final_memory_ids, batch.final_memory_mask),
       batch.answer, batch.answer_mask)
   return (jnp.moveaxis(logp, 0, 1), jnp.moveaxis(entropy, 0, 1)), (answer_logp, answer_entropy)

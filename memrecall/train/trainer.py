@@ -23,14 +23,14 @@ import ml_collections
 import numpy as np
 
 from memrecall import hf_checkpoint, model as model_lib, sharding as sharding_lib
-from memrecall.compressor import CompressorConfig, compress
+from memrecall.compressor import CompressorConfig
 from memrecall.config import ConfigError, ModelConfig
 from memrecall.data import example as example_lib
 from memrecall.data import metrics as metrics_lib
 from memrecall.data import synthetic
 from memrecall.prompts import Prompts
 from memrecall.reasoner import ReasonerConfig, memory_capacity
-from memrecall.recall import DocumentBank, RecallConfig, RecallSetup, recall
+from memrecall.recall import RecallConfig, RecallSetup, recall_documents
 from memrecall.sampling import SamplingConfig
 from memrecall.tokenizer import ByteTokenizer
 from memrecall.train import batches, grpo, objectives
@@ -69,9 +69,22 @@ class Run:
   def memory_capacity(self) -> int:
     return memory_capacity(self.prompts.initial_memory, self.reasoner)
 
-  def examples(self, start: int, count: int, seed_offset: int = 0) -> list[example_lib.TokenizedExample]:
+  def task_at(self, step: int) -> synthetic.TaskConfig:
+    """The task with the curriculum's distractor density at `step` (DESIGN §8): none until
+    `curriculum_start` of the steps, then a linear ramp to full density at `curriculum_end`."""
+    start, end = self.config.task.curriculum_start, self.config.task.curriculum_end
+    steps = self.config.train.steps
+    if end <= 0 or step >= end * steps:
+      return self.task
+    fraction = max(0.0, (step - start * steps) / max((end - start) * steps, 1))
+    return dataclasses.replace(self.task, distractor_density=self.task.distractor_density * fraction)
+
+  def examples(self, start: int, count: int, seed_offset: int = 0, step: int | None = None
+               ) -> list[example_lib.TokenizedExample]:
+    """Examples start..start+count of the training stream (`seed_offset` picks another stream)."""
     seed = self.config.task.seed + seed_offset
-    return [example_lib.tokenize(synthetic.make_example(self.task, seed, i, self.tokenizer),
+    task = self.task if step is None else self.task_at(step)
+    return [example_lib.tokenize(synthetic.make_example(task, seed, i, self.tokenizer),
                                  self.tokenizer) for i in range(start, start + count)]
 
 
@@ -82,7 +95,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   compressor = CompressorConfig(**config.compressor.to_dict())
   reasoner = ReasonerConfig(memory_size=config.reasoner.memory_size,
                             answer_tokens=config.reasoner.answer_tokens)
-  task_values = {k: v for k, v in config.task.to_dict().items() if k != "seed"}
+  task_values = {k: v for k, v in config.task.to_dict().items()
+                 if k not in ("seed", "curriculum_start", "curriculum_end")}
   task = synthetic.TaskConfig(**task_values)
   tokenizer = ByteTokenizer()
   p = config.prompts
@@ -226,7 +240,7 @@ class _Stage(abc.ABC):
 
 class CompressorStage(_Stage):
   def batch(self, step, state):
-    examples = self.run.examples(step * self.batch_size, self.batch_size)
+    examples = self.run.examples(step * self.batch_size, self.batch_size, step=step)
     ids, mask = batches.chunked(examples, self.run.compressor.chunk_size, self.run.num_chunks,
                                 self.run.model.pad_token_id)
     c = self.run.compressor.chunk_size
@@ -238,7 +252,7 @@ class CompressorStage(_Stage):
 
 class SFTStage(_Stage):
   def batch(self, step, state):
-    examples = self.run.examples(step * self.batch_size, self.batch_size)
+    examples = self.run.examples(step * self.batch_size, self.batch_size, step=step)
     return self._turns(examples), {}
 
   def _turns(self, examples):
@@ -257,7 +271,7 @@ class SFTStage(_Stage):
 class GateStage(_Stage):
   def batch(self, step, state):
     r = self.run
-    examples = r.examples(step * self.batch_size, self.batch_size)
+    examples = r.examples(step * self.batch_size, self.batch_size, step=step)
     return batches.gate_batch(
         examples, chunk_size=r.compressor.chunk_size, num_chunks=r.num_chunks,
         question_tokens=r.config.reasoner.question_tokens, memory_capacity=r.memory_capacity,
@@ -299,28 +313,17 @@ class RLStage(_Stage):
                                 pad_id=r.model.pad_token_id))
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
-    self._rollout = jax.jit(self._rollout_fn)
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, r.setup, turns))
-
-  def _rollout_fn(self, params, chunk_ids, chunk_mask, question, question_mask, rng):
-    r = self.run
-    b, n, c = chunk_ids.shape
-    memory = compress(params, r.model, r.compressor, chunk_ids.reshape(b * n, c),
-                      chunk_mask.reshape(b * n, c))
-    unflat = lambda x: x.reshape((x.shape[0], b, n) + x.shape[2:])
-    bank = DocumentBank(k=jnp.moveaxis(unflat(memory.k), 2, 0), v=jnp.moveaxis(unflat(memory.v), 2, 0),
-                        slot_mask=jnp.moveaxis(memory.slot_mask.reshape(b, n, -1), 1, 0),
-                        chunk_valid=jnp.moveaxis(chunk_mask.any(-1), 1, 0))
-    return recall(params, self.recall_setup, bank, question, question_mask, rng)
 
   def batch(self, step, state):
     r = self.run
-    examples = r.examples(step * self.questions, self.questions)
+    examples = r.examples(step * self.questions, self.questions, step=step)
     rows = [ex for ex in examples for _ in range(self.group)]
     turns = SFTStage._turns(self, rows)  # shapes, questions and chunks; targets replaced below
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
-    out = jax.device_get(self._rollout(state.params, turns.chunk_ids, turns.chunk_mask,
-                                       turns.question, turns.question_mask, rng))
+    out = jax.device_get(recall_documents(state.params, self.recall_setup, r.compressor,
+                                          turns.chunk_ids, turns.chunk_mask, turns.question,
+                                          turns.question_mask, rng))
     trace, answer = out.trace, out.answer
     m = r.reasoner.memory_size
     steps = np.arange(m)[None, None, :]

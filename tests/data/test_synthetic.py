@@ -137,7 +137,12 @@ def test_labels_and_oracle_trace_rederived_independently(task, form, seed):
   np.testing.assert_array_equal(tokenized.chunk_labels(chunk), labels)
   initial = example_lib.encode(synthetic.initial_memory(config), TOK)
   trace = tokenized.oracle_trace(chunk, initial)
-  expected, memory = [], initial
+  start = initial
+  if task == "multihop":  # [pointer, hop]: the start is known from the question
+    start = ((ex.question[1], synthetic.SmallVocab().hop(0)) if form == "ids" else
+             example_lib.encode(f"After 0 of {config.hops} links: "
+                                f"{re.match(r'Start at (\w+)', ex.question).group(1)}.", TOK))
+  expected, memory = [], start
   for c in range(len(labels)):
     for last, mem in needed:
       if last // chunk == c:

@@ -10,6 +10,7 @@ from memrecall.train import trainer
 def small_config(stage: str, **train):
   config = tiny.get_config(stage)
   config.task.length = 64  # two chunks of 32
+  config.model.num_layers = 2
   config.train.batch_size = 4
   config.train.steps = 4
   config.train.log_every = 1

@@ -1,0 +1,90 @@
+"""Evaluation results on disk: rows as JSON and CSV, and PNG plots with one line per mode."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Sequence
+
+ROW_KEYS = ("model", "mode", "length_multiple", "context_tokens", "examples", "accuracy", "stderr",
+            "latency_s", "peak_bytes", "blocks_read", "gate_recall", "skip_rate")
+
+
+def load_rows(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    try:
+      rows = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); move it away to start over") from None
+  if not isinstance(rows, list):
+    raise ValueError(f"{path} does not hold a list of result rows")
+  return rows
+
+
+def save_rows(rows: Sequence[dict], directory: str, name: str = "results") -> None:
+  """Writes `name`.json and `name`.csv atomically (a partial file never replaces a good one)."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"{name}.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(list(rows), f, indent=1)
+  os.replace(path + ".tmp", path)
+  keys = list(ROW_KEYS) + sorted({k for r in rows for k in r} - set(ROW_KEYS))
+  with open(os.path.join(directory, f"{name}.csv.tmp"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(os.path.join(directory, f"{name}.csv.tmp"), os.path.join(directory, f"{name}.csv"))
+
+
+def table(rows: Sequence[dict]) -> str:
+  """A fixed-width text table of the main columns."""
+  header = f"{'model':<9}{'mode':<10}{'length':>8}{'tokens':>9}{'acc %':>8}{'±':>6}" \
+           f"{'latency s':>11}{'read':>7}"
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    lines.append(f"{r.get('model', ''):<9}{r['mode']:<10}{r['length_multiple']:>7}x"
+                 f"{r['context_tokens']:>9}{r['accuracy']:>8.1f}{r.get('stderr', 0):>6.1f}"
+                 f"{r['latency_s']:>11.4f}{r.get('blocks_read', 0):>7.1f}")
+  return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict], directory: str, prefix: str = "") -> dict[str, list[str]]:
+  """accuracy / latency / peak memory vs context length, one line per (model, mode).
+
+  Returns {png path: labels of the lines drawn in it}.
+  """
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no plots (pip install 'memrecall[plot]')")
+    return {}
+  written = {}
+  series = sorted({(r.get("model", ""), r["mode"]) for r in rows})
+  for key, label, log_y in (("accuracy", "accuracy (%)", False), ("latency_s", "seconds per question", True),
+                            ("peak_bytes", "peak bytes", True)):
+    if not any(r.get(key) is not None for r in rows):
+      continue
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, mode in series:
+      points = sorted((r["context_tokens"], r[key]) for r in rows
+                      if r.get("model", "") == model and r["mode"] == mode and r.get(key) is not None)
+      if points:
+        ax.plot(*zip(*points), marker="o", label=f"{model} {mode}".strip())
+    ax.set_xscale("log")
+    if log_y:
+      ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel(label)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(directory, f"{prefix}{key.replace('_s', '').replace('_bytes', '')}_vs_length.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    written[path] = [line.get_label() for line in ax.get_lines()]
+    plt.close(fig)
+  return written

@@ -1,0 +1,65 @@
+"""Evaluation: every mode at 1x, 8x and 64x the training length, resumable results and plots."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from memrecall import eval_report, evaluation, model
+from memrecall.train import trainer
+from tests.train.conftest import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_mode_at_three_lengths_with_plots(tmp_path):
+  config = small_config("sft")
+  config.task.length = 32  # one chunk; 64x = 2048 tokens
+  run = trainer.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0))
+  baseline = evaluation.BaselineConfig(memagent_chunk=32, full_budget=128, rag_topk=2, rag_chunk=32)
+  kwargs = dict(model_name="lychee", lengths=[1, 8, 64], examples=2, batch_size=2,
+                output_dir=str(tmp_path), baseline=baseline, log=lambda *a: None)
+  rows = evaluation.evaluate_suite(params, run, modes=list(evaluation.MODES), **kwargs)
+  assert len(rows) == 18
+  assert {(r["mode"], r["context_tokens"]) for r in rows} == {
+      (m, t) for m in evaluation.MODES for t in (32, 256, 2048)}
+  for r in rows:
+    assert 0 <= r["accuracy"] <= 100 and r["latency_s"] > 0 and r["peak_bytes"] > 0
+  by = {(r["mode"], r["length_multiple"]): r for r in rows}
+  assert by[("all", 64)]["blocks_read"] == 64 and by[("memagent", 64)]["blocks_read"] == 64
+  assert by[("topk", 64)]["blocks_read"] == 4  # RecallConfig's default budget
+  # Resuming recomputes nothing; the files hold every row.
+  again = evaluation.evaluate_suite(params, run, modes=["all", "gate"], **kwargs)
+  assert json.dumps(again) == json.dumps(rows)
+  assert len(json.load(open(tmp_path / "results.json"))) == 18
+  assert open(tmp_path / "results.csv").read().count("\n") == 19
+  plots = eval_report.plot(rows, str(tmp_path))
+  assert len(plots) == 3
+  for path, labels in plots.items():
+    assert os.path.getsize(path) > 1000
+    assert sorted(labels) == sorted(f"lychee {m}" for m in evaluation.MODES)
+  traces = json.load(open(tmp_path / "traces" / "lychee-gate-8x.json"))
+  assert len(traces) == 2 and len(traces[0]["gate_scores"]) == 8
+
+
+def test_is_correct_uses_the_shared_metric():
+  from memrecall.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  assert evaluation.is_correct([5, 6], [(5, 6)], tok, "ids") == 1.0
+  assert evaluation.is_correct([5], [(5, 6)], tok, "ids") == 0.0
+  # Text: MemAgent's sub-EM (containment after normalisation).
+  assert evaluation.is_correct(tok.encode("It is Paris."), [tuple(tok.encode("paris"))], tok,
+                               "text") == 1.0
+
+
+def test_eval_launcher_errors(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "eval.py"),
+                         "--config=configs/tiny.py:sft", f"--checkpoint={tmp_path}"],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert proc.returncode != 0 and "has no checkpoints/ directory" in proc.stderr
