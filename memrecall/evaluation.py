@@ -14,6 +14,7 @@ import numpy as np
 from memrecall.compressor import CompressorConfig
 from memrecall.data import metrics as metrics_lib
 from memrecall.data.example import TokenizedExample
+from memrecall.distributed import is_primary
 from memrecall.prompts import pad_ids
 from memrecall.recall import RecallSetup, recall_documents
 from memrecall.train.batches import chunked
@@ -226,10 +227,13 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
            "peak_bytes": result.peak_bytes, "blocks_read": result.blocks_read,
            "gate_recall": result.gate_recall, "skip_rate": result.skip_rate}
     rows.append(row)
-    eval_report.save_rows(rows, output_dir)
-    os.makedirs(os.path.join(output_dir, "traces"), exist_ok=True)
-    with open(os.path.join(output_dir, "traces", f"{model_name}-{mode}-{multiple}x.json"), "w") as f:
-      json.dump(result.traces, f)
-    progress(i + 1)
-  eval_report.plot(rows, output_dir)
+    if is_primary():  # every process computes the same rows; one writes them
+      eval_report.save_rows(rows, output_dir)
+      os.makedirs(os.path.join(output_dir, "traces"), exist_ok=True)
+      with open(os.path.join(output_dir, "traces", f"{model_name}-{mode}-{multiple}x.json"),
+                "w") as f:
+        json.dump(result.traces, f)
+      progress(i + 1)
+  if is_primary():
+    eval_report.plot(rows, output_dir)
   return rows

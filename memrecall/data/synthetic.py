@@ -305,7 +305,8 @@ def make_example(config: TaskConfig, seed: int, index: int, tokenizer=None) -> E
       return text or "."
   else:
     names = None
-    filler = lambda remaining: (vocab["filler"],)
+    # Fact-sized filler keeps facts aligned with the compressor's beacons (one per 4 tokens).
+    filler = lambda remaining: (vocab["filler"],) * min(4, remaining)
   facts = _MAKERS[config.task](rng, config, vocab, names)
   segments, supporting = _fill(rng, facts, config, tokenizer, filler)
   return Example(id=f"{config.task}-{config.form}-{seed}-{index}", task=config.task,

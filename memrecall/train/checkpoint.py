@@ -70,17 +70,22 @@ def load_params(workdir_or_checkpoint: str, step: int | None = None) -> tuple[An
   directory = checkpoint_dir(workdir_or_checkpoint)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "config", "data"))
+  manager = ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
   try:
+    # Whatever mesh wrote it, read it onto this process's first device.
+    metadata = manager.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          getattr(metadata, "tree", metadata))
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
   except Exception as e:
     raise CheckpointError(f"checkpoint {directory}/{step} cannot be restored: {e}") from e
   finally:
     manager.close()
-  state = restored.state
-  params = state["params"] if isinstance(state, dict) else state.params
-  return jax.tree.map(jax.numpy.asarray, params), restored.config
+  return restored.state["params"], restored.config

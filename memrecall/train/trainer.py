@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from memrecall import hf_checkpoint, model as model_lib, sharding as sharding_lib
+from memrecall import distributed, hf_checkpoint, model as model_lib, sharding as sharding_lib
 from memrecall.compressor import CompressorConfig
 from memrecall.config import ConfigError, ModelConfig
 from memrecall.data import example as example_lib
@@ -70,13 +70,13 @@ class Run:
     return memory_capacity(self.prompts.initial_memory, self.reasoner)
 
   def task_at(self, step: int) -> synthetic.TaskConfig:
-    """The task with the curriculum's distractor density at `step` (DESIGN §8): none until
-    `curriculum_start` of the steps, then a linear ramp to full density at `curriculum_end`."""
+    """The task with the curriculum's distractor density at `step` (DESIGN §8): none before
+    step `curriculum_start`, then a linear ramp to full density at step `curriculum_end`.
+    Absolute steps, so extending a run's budget never changes the data already seen."""
     start, end = self.config.task.curriculum_start, self.config.task.curriculum_end
-    steps = self.config.train.steps
-    if end <= 0 or step >= end * steps:
+    if end <= 0 or step >= end:
       return self.task
-    fraction = max(0.0, (step - start * steps) / max((end - start) * steps, 1))
+    fraction = max(0.0, (step - start) / max(end - start, 1))
     return dataclasses.replace(self.task, distractor_density=self.task.distractor_density * fraction)
 
   def examples(self, start: int, count: int, seed_offset: int = 0, step: int | None = None
@@ -143,11 +143,17 @@ def initial_params(run: Run):
   return model_lib.init_params(run.model, jax.random.key(init.seed), run.mesh)
 
 
-def _batch_shardings(batch, mesh):
+def _batch_shardings(local_batch, mesh):
+  """Shardings of the global batch whose rows this process holds a 1/process_count share of."""
   def one(x):
-    axes = ("batch",) + (None,) * (np.ndim(x) - 1)
-    return sharding_lib.logical_sharding(axes, np.shape(x), mesh)
-  return jax.tree.map(one, batch)
+    shape = (np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:]
+    return sharding_lib.logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+  return jax.tree.map(one, local_batch)
+
+
+def to_global(local_batch, mesh):
+  """Host-local rows -> global jax.Arrays sharded over the batch axes (every process calls it)."""
+  return distributed.global_batch(local_batch, _batch_shardings(local_batch, mesh))
 
 
 class _Console:
@@ -174,17 +180,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
   with jax.set_mesh(run.mesh):
     params = initial_params(run)
     paths = state_lib.trainable_paths(params, config.train.trainable)
-    state = jax.jit(lambda p: state_lib.create_train_state(p, config.train.trainable, optimizer,
-                                                           config.seed))(params)
-    shardings = state_lib.state_shardings(run.model, state, run.mesh)
-    state = jax.device_put(state, shardings)
+    create = lambda p: state_lib.create_train_state(p, config.train.trainable, optimizer,
+                                                    config.seed)
+    shardings = state_lib.state_shardings(run.model, jax.eval_shape(create, params), run.mesh)
+    state = jax.jit(create, out_shardings=shardings)(params)
     data = {"step": 0}
     latest = checkpointer.latest_step()
     if latest is not None:
       abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               state, shardings)
       state, _, data = checkpointer.restore(latest, abstract)
-      log(f"resumed from {checkpointer.directory}/{latest}")
+      if distributed.is_primary():
+        log(f"resumed from {checkpointer.directory}/{latest}")
     stage.start(state.params)
     step_fn = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths),
                       donate_argnums=0)
@@ -195,8 +202,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
     try:
       while int(state.step) < config.train.steps:
         step = int(state.step)
-        host_batch, extra = stage.batch(step, state)
-        batch = jax.device_put(host_batch, _batch_shardings(host_batch, run.mesh))
+        local, extra = stage.batch(step, state, distributed.local_rows(stage.batch_size))
+        batch = to_global(local, run.mesh)
         state, metrics = step_fn(state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics.update(extra)
@@ -209,7 +216,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
         done = step + 1
         if done % config.train.log_every == 0 or done == config.train.steps:
           writer.write(done, metrics)
-          log(console.line(done, metrics))
+          if distributed.is_primary():
+            log(console.line(done, metrics))
         last = metrics
         checkpointer.save(done, state, config_json, data, force=done == config.train.steps)
     finally:
@@ -230,8 +238,13 @@ class _Stage(abc.ABC):
     """Called once with the initial (or resumed) parameters."""
 
   @abc.abstractmethod
-  def batch(self, step: int, state) -> tuple[Any, dict]:
-    """The host batch of `step` (deterministic in step) and extra metrics."""
+  def batch(self, step: int, state, rows: slice) -> tuple[Any, dict]:
+    """This process's `rows` of the global batch of `step` (deterministic in step), and extra
+    metrics; each process builds only its own rows."""
+
+  def examples(self, step: int, rows: slice, per_step: int | None = None):
+    per_step = per_step or self.batch_size
+    return self.run.examples(step * per_step + rows.start, rows.stop - rows.start, step=step)
 
   @abc.abstractmethod
   def loss(self, params, batch, rng):
@@ -239,8 +252,8 @@ class _Stage(abc.ABC):
 
 
 class CompressorStage(_Stage):
-  def batch(self, step, state):
-    examples = self.run.examples(step * self.batch_size, self.batch_size, step=step)
+  def batch(self, step, state, rows):
+    examples = self.examples(step, rows)
     ids, mask = batches.chunked(examples, self.run.compressor.chunk_size, self.run.num_chunks,
                                 self.run.model.pad_token_id)
     c = self.run.compressor.chunk_size
@@ -251,9 +264,8 @@ class CompressorStage(_Stage):
 
 
 class SFTStage(_Stage):
-  def batch(self, step, state):
-    examples = self.run.examples(step * self.batch_size, self.batch_size, step=step)
-    return self._turns(examples), {}
+  def batch(self, step, state, rows):
+    return self._turns(self.examples(step, rows)), {}
 
   def _turns(self, examples):
     r = self.run
@@ -269,9 +281,9 @@ class SFTStage(_Stage):
 
 
 class GateStage(_Stage):
-  def batch(self, step, state):
+  def batch(self, step, state, rows):
     r = self.run
-    examples = r.examples(step * self.batch_size, self.batch_size, step=step)
+    examples = self.examples(step, rows)
     return batches.gate_batch(
         examples, chunk_size=r.compressor.chunk_size, num_chunks=r.num_chunks,
         question_tokens=r.config.reasoner.question_tokens, memory_capacity=r.memory_capacity,
@@ -315,15 +327,22 @@ class RLStage(_Stage):
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, r.setup, turns))
 
-  def batch(self, step, state):
+  def batch(self, step, state, rows):
     r = self.run
-    examples = r.examples(step * self.questions, self.questions, step=step)
+    if (rows.stop - rows.start) % self.group:
+      raise ConfigError(f"each process's {rows.stop - rows.start} rows must hold whole groups of "
+                        f"{self.group} rollouts")
+    questions = slice(rows.start // self.group, rows.stop // self.group)
+    examples = self.examples(step, questions, per_step=self.questions)
     rows = [ex for ex in examples for _ in range(self.group)]
     turns = SFTStage._turns(self, rows)  # shapes, questions and chunks; targets replaced below
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
-    out = jax.device_get(recall_documents(state.params, self.recall_setup, r.compressor,
-                                          turns.chunk_ids, turns.chunk_mask, turns.question,
-                                          turns.question_mask, rng))
+    local = distributed.local_rows(self.batch_size)
+    shared = to_global(turns, r.mesh)
+    out = distributed.to_host(recall_documents(state.params, self.recall_setup, r.compressor,
+                                               shared.chunk_ids, shared.chunk_mask, shared.question,
+                                               shared.question_mask, rng))
+    out = jax.tree.map(lambda x: x[local], out)
     trace, answer = out.trace, out.answer
     m = r.reasoner.memory_size
     steps = np.arange(m)[None, None, :]
@@ -349,7 +368,8 @@ class RLStage(_Stage):
                                                   r.config.rl.advantage))
     _, frozen = state_lib.split(state.params, self.paths)
     reference = state_lib.merge(self.reference_trainable, frozen)
-    (ref_lp, _), (ref_answer_lp, _) = jax.device_get(self._score(reference, turns))
+    (ref_lp, _), (ref_answer_lp, _) = jax.tree.map(
+        lambda x: x[local], distributed.to_host(self._score(reference, to_global(turns, r.mesh))))
     batch = objectives.RLBatch(
         turns=turns, old_logprobs=np.asarray(trace.update_logprobs),
         old_answer_logprobs=np.asarray(answer.logprobs), ref_logprobs=np.asarray(ref_lp),

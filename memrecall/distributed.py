@@ -1,0 +1,66 @@
+"""JAX's multi-controller runtime: one process per host, every host running the same program.
+
+`initialize` wraps `jax.distributed.initialize`: with no arguments JAX detects
+Cloud TPU slices and SLURM jobs itself; other GPU clusters pass the
+coordinator address, the process count and this process's id.  The helpers
+below keep the rest of memrecall single-host-shaped: each host builds only its
+share of a batch, and only process 0 writes logs, metrics and results.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import flags
+
+DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Initialise jax.distributed (auto-detects Cloud TPU and SLURM).")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def initialize_from_flags() -> None:
+  """Initialises the distributed runtime when --distributed or a coordinator is given."""
+  if not (DISTRIBUTED.value or COORDINATOR.value):
+    return
+  explicit = [COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value]
+  if any(v is not None for v in explicit) and any(v is None for v in explicit):
+    raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=COORDINATOR.value,
+                             num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
+
+
+def is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def local_rows(global_batch: int) -> slice:
+  """This process's contiguous share of a global batch of rows (the batch axis of the mesh is
+  laid out process by process, so contiguous shares match device placement)."""
+  count = jax.process_count()
+  if global_batch % count:
+    raise ValueError(f"batch size {global_batch} does not split over {count} processes")
+  per = global_batch // count
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def global_batch(local, shardings):
+  """Assembles host-local arrays (this process's rows) into global jax.Arrays."""
+  def one(x, sharding):
+    x = np.asarray(x)
+    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+  return jax.tree.map(one, local, shardings)
+
+
+def to_host(tree):
+  """Every leaf as a full numpy array on every process (allgathers sharded global arrays)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)

@@ -1,0 +1,57 @@
+"""Two processes on localhost (jax.distributed, 4 CPU devices each) equal one 8-device process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import flax.traverse_util
+import numpy as np
+
+from memrecall import evaluation
+from memrecall.train import checkpoint, trainer
+from tests.train.conftest import small_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_evaluate_like_one(tmp_path):
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), str(port),
+                             str(i), str(tmp_path / "multi"), str(tmp_path / "multi_eval")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+
+  # The same run in this process, on its 8 simulated devices.
+  config = small_config("sft", steps=3)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  trainer.train(config, str(tmp_path / "single"), log=lambda *a: None)
+  multi, _ = checkpoint.load_params(str(tmp_path / "multi"))  # written by 2 processes
+  single, _ = checkpoint.load_params(str(tmp_path / "single"))
+  flat_multi = flax.traverse_util.flatten_dict(multi)
+  for key, value in flax.traverse_util.flatten_dict(single).items():
+    np.testing.assert_allclose(np.asarray(flat_multi[key]), np.asarray(value), atol=1e-6,
+                               err_msg=str(key))
+
+  # One result file, equal (timings aside) to a single-process evaluation.
+  eval_config = small_config("sft")
+  eval_config.task.length = 32
+  rows = evaluation.evaluate_suite(multi, trainer.build_run(eval_config), model_name="lychee",
+                                   lengths=[1, 2], modes=["all", "gate"], examples=4, batch_size=2,
+                                   output_dir=str(tmp_path / "single_eval"),
+                                   baseline=evaluation.BaselineConfig(), log=lambda *a: None)
+  written = json.load(open(tmp_path / "multi_eval" / "results.json"))
+  timing = ("latency_s", "peak_bytes")
+  strip = lambda rs: json.dumps([{k: v for k, v in r.items() if k not in timing} for r in rs])
+  assert strip(written) == strip(rows)
