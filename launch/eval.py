@@ -33,6 +33,7 @@ _MEMAGENT_CHUNK = flags.DEFINE_integer("memagent_chunk", None,
 _FULL_BUDGET = flags.DEFINE_integer("full_budget", 512, "Token budget of the full-context mode.")
 _RAG_TOPK = flags.DEFINE_integer("rag_topk", 4, "Chunks retrieved by BM25 in rag mode.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval.")
+from memrecall import distributed  # noqa: E402  (defines --distributed and the coordinator flags)
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
@@ -40,6 +41,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from memrecall import eval_report, evaluation
+  distributed.initialize_from_flags()
   from memrecall.config import ConfigError
   from memrecall.train import checkpoint, trainer
 

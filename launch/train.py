@@ -15,14 +15,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file and its argument.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics go here.")
+from memrecall import distributed  # noqa: E402  (defines --distributed and the coordinator flags)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
+  from memrecall import distributed
   from memrecall.config import ConfigError
   from memrecall.train import trainer
+  distributed.initialize_from_flags()
   try:
     trainer.train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, OSError) as e:

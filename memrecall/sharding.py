@@ -52,6 +52,9 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   `shape` gives the size of each axis; at most one entry may be -1 (fill with
   the remaining devices).  The default puts every device on `fsdp`.  A mesh
   smaller than the device list uses its first devices (e.g. one of eight).
+  `shape["dcn"]`, a mapping like `{"data": 2}`, splits axes across slices (TPU
+  multi-slice) or hosts (multi-node GPU): each axis is then ICI size x DCN size,
+  and devices are laid out so that only the DCN part crosses the slow network.
   Axes are `Auto` so that GSPMD propagates shardings from the rules table.
   """
   devices = list(jax.devices() if devices is None else devices)
@@ -59,6 +62,10 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
     shape = {"fsdp": -1}
   if not isinstance(shape, Mapping):
     shape = dict(zip(MESH_AXES, shape))
+  shape = dict(shape)
+  dcn = {k: int(v) for k, v in dict(shape.pop("dcn", None) or {}).items()}
+  if any(v != 1 for v in dcn.values()):
+    return _hybrid_mesh(shape, dcn, devices)
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
@@ -77,6 +84,24 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   device_array = np.asarray(devices[:math.prod(sizes)]).reshape(sizes)
   return Mesh(device_array, MESH_AXES,
               axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _hybrid_mesh(ici: Mapping[str, int], dcn: Mapping[str, int], devices) -> Mesh:
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  unknown = (set(ici) | set(dcn)) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+  ici_shape = [int(ici.get(a, 1)) for a in MESH_AXES]
+  dcn_shape = [int(dcn.get(a, 1)) for a in MESH_AXES]
+  if -1 in ici_shape or -1 in dcn_shape:
+    raise ValueError("a mesh with a DCN part needs explicit sizes (no -1)")
+  if math.prod(ici_shape) * math.prod(dcn_shape) != len(devices):
+    raise ValueError(f"ICI {ici_shape} x DCN {dcn_shape} does not cover {len(devices)} devices")
+  # Slices on TPU; on other platforms each process is one granule (a host of GPUs).
+  granule_is_process = jax.default_backend() != "tpu"
+  array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                               process_is_granule=granule_is_process)
+  return Mesh(array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,

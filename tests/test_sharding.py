@@ -76,3 +76,13 @@ def test_make_mesh_shapes_and_errors():
     sharding.make_mesh({"pipeline": 2})
   with pytest.raises(ValueError, match="cannot fill"):
     sharding.make_mesh({"data": 3, "fsdp": -1})
+
+
+def test_hybrid_mesh_keeps_dcn_axes_across_processes():
+  # One process with 8 devices: a DCN split is refused unless it matches the granules.
+  with pytest.raises(ValueError, match="does not cover"):
+    sharding.make_mesh({"fsdp": 2, "dcn": {"data": 2}})
+  with pytest.raises(ValueError, match="explicit sizes"):
+    sharding.make_mesh({"fsdp": -1, "dcn": {"data": 2}})
+  # A DCN size of 1 everywhere is a plain mesh.
+  assert sharding.make_mesh({"fsdp": 8, "dcn": {"data": 1}}).shape["fsdp"] == 8

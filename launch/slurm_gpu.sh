@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs a memrecall launcher on a SLURM GPU allocation: one process per node, all its GPUs.
+#
+#   sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=1 launch/slurm_gpu.sh train.py \
+#       --config=configs/tiny.py:rl --workdir=/shared/runs/rl \
+#       --config.mesh.fsdp=8 --config.mesh.data=4
+#   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=1 launch/slurm_gpu.sh eval.py \
+#       --config=configs/tiny.py:sft --checkpoint=/shared/runs/sft
+#
+# jax.distributed reads the coordinator, process count and id from SLURM's
+# environment (--distributed); other clusters pass --coordinator_address,
+# --num_processes and --process_id instead.  The workdir must be on a file
+# system every node sees.
+#SBATCH --job-name=memrecall
+#SBATCH --ntasks-per-node=1
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+source launch/env.sh
+memrecall_venv hf
+script="$1"; shift
+srun --kill-on-bad-exit=1 python "launch/$script" --distributed "$@"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs a memrecall launcher on every worker of a Cloud TPU VM slice.
+#
+#   TPU_NAME=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh train.py \
+#       --config=configs/tiny.py:rl --workdir=gs://bucket/runs/rl --config.mesh.fsdp=-1
+#   TPU_NAME=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh eval.py \
+#       --config=configs/tiny.py:sft --checkpoint=gs://bucket/runs/sft
+#
+# Every worker runs the same command (JAX's multi-controller model); --distributed
+# lets jax.distributed detect the slice by itself.  The repository must be at
+# $REMOTE_DIR on every worker (set SYNC=1 to copy it there first with scp).
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+REMOTE_DIR="${REMOTE_DIR:-~/memrecall}"
+script="$1"; shift
+if [ "${SYNC:-0}" = 1 ]; then
+  gcloud compute tpus tpu-vm scp --recurse --worker=all --zone="$ZONE" \
+    "$(cd "$(dirname "$0")/.." && pwd)" "$TPU_NAME:$REMOTE_DIR"
+fi
+args=$(printf ' %q' "$@")
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command \
+  "cd $REMOTE_DIR && source launch/env.sh && memrecall_venv hf && \
+   pip install -q 'jax[tpu]' && python launch/$script --distributed$args"
