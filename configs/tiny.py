@@ -1,7 +1,10 @@
-"""The tiny model on the synthetic multi-hop task: `--config configs/tiny.py:STAGE`.
+"""The tiny model on the synthetic multi-hop task: `--config configs/tiny.py:STAGE[,VARIANT]`.
 
-STAGE is one of compressor, sft, rl, gate.  Everything runs on a laptop CPU
-(DESIGN §8: a 2-hop task, chunks of 32 tokens, a 2-token working memory).
+STAGE is one of compressor, sft, rl, gate; VARIANT is `default` (the README's
+demo, about 15 minutes on a 2-core CPU) or `full` (longer budgets).  The
+`demo` block holds the pipeline's settings for launch/demo.py.  Everything runs
+on a laptop CPU (DESIGN §8: a 2-hop task, chunks of 32 tokens, a 2-token
+working memory).
 """
 
 import ml_collections
@@ -10,8 +13,13 @@ from configs import models
 
 
 def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
+  arg, _, variant = arg.partition(",")
+  variant = variant or "default"
+  if variant not in ("default", "full"):
+    raise ValueError(f"unknown variant {variant!r}; choose default or full")
   c = ml_collections.ConfigDict()
   c.stage = arg
+  c.variant = variant
   c.seed = 0
 
   c.model = models.model_config("tiny")
@@ -36,6 +44,8 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict({
       "task": "multihop", "form": "ids", "length": 128, "hops": 2, "distractor_density": 1.0,
       "num_entities": 64, "seed": 0,
+      # One needed fact per chunk, as in DESIGN §8 (two hops inside one update are much harder).
+      "min_fact_gap": 32,
       # Distractors off for the first 10% of the steps, ramped to full density by half-way.
       "curriculum_start": 200, "curriculum_end": 1000})
 
@@ -51,6 +61,19 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
       "mode": "all"})
   c.gate = ml_collections.ConfigDict({"threshold": 0.5, "positive_weight": 1.0})
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+  full = variant == "full"
+  c.demo = ml_collections.ConfigDict({
+      "compressor_steps": 400 if full else 150,
+      "sft_steps": 4000 if full else 2000,
+      "sft_early_step": 600,  # RL's starting point in its demonstration: imitation has gaps
+      "rl_steps": 400 if full else 120,
+      "gate_steps": 600 if full else 250,
+      "eval_lengths": (1, 8, 64, 256),
+      "eval_modes": ("gate", "all", "memagent"),
+      "eval_examples": 256 if full else 64,
+      "eval_batch": 32,
+  })
 
   if arg == "compressor":
     c.train.trainable = "beacon"

@@ -43,6 +43,7 @@ class TaskConfig:
   hops: int = 2
   distractor_density: float = 1.0
   num_entities: int = 64
+  min_fact_gap: int = 0  # tokens between consecutive needed facts (= chunk size: one per chunk)
 
   def __post_init__(self):
     if self.task not in TASKS:
@@ -59,6 +60,8 @@ class TaskConfig:
       raise ValueError(f"num_entities ({self.num_entities}) must exceed hops + 2")
     if self.length <= 0:
       raise ValueError(f"length must be positive, got {self.length}")
+    if self.min_fact_gap < 0:
+      raise ValueError(f"min_fact_gap must be >= 0, got {self.min_fact_gap}")
 
 
 # --- the small vocabulary -----------------------------------------------------
@@ -159,8 +162,17 @@ def _fill(rng, facts: _Facts, config: TaskConfig, tokenizer, filler: Callable[[i
   others = distractors + fillers
   order = rng.permutation(len(others))
   others = [others[i] for i in order]
-  # Needed facts go at sorted random slots among the others: in reading order.
-  slots = np.sort(rng.choice(len(others) + len(facts.needed), len(facts.needed), replace=False))
+  # Needed facts go at sorted random slots among the others: in reading order, and at least
+  # `min_fact_gap` tokens apart (rejection sampling, deterministic in the rng).
+  sizes = np.asarray([size(p) for p in others])
+  for _ in range(1000):
+    slots = np.sort(rng.choice(len(others) + len(facts.needed), len(facts.needed), replace=False))
+    between = [sizes[slots[k] - k:slots[k + 1] - k - 1].sum() for k in range(len(slots) - 1)]
+    if all(gap >= config.min_fact_gap for gap in between):
+      break
+  else:
+    raise ValueError(f"could not place {len(facts.needed)} facts {config.min_fact_gap} tokens "
+                     f"apart in {config.length} tokens; lengthen the context or lower the gap")
   segments: list[Piece] = []
   supporting: list[int] = []
   it = iter(others)

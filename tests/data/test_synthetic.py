@@ -186,3 +186,15 @@ def test_density_controls_the_distractor_share():
 
 def test_small_vocab_fits_the_tiny_model():
   assert synthetic.SmallVocab(64).size <= 512
+
+
+def test_min_fact_gap_puts_each_needed_fact_in_its_own_chunk():
+  config = synthetic.TaskConfig(length=128, hops=2, min_fact_gap=32)
+  for index in range(40):
+    ex = synthetic.make_example(config, seed=0, index=index)
+    tokenized = example_lib.tokenize(ex, TOK)
+    (s0, e0), (s1, e1) = (tokenized.spans[i] for i in ex.supporting)
+    assert s1 - e0 >= 32
+    assert tokenized.chunk_labels(32).sum() == 2  # two different chunks
+  with pytest.raises(ValueError, match="could not place 3 facts 64 tokens apart"):
+    synthetic.make_example(synthetic.TaskConfig(length=100, hops=3, min_fact_gap=64), 0, 0)

@@ -1,0 +1,194 @@
+"""The embedded default: every stage of the method on the tiny model, then evaluation.
+
+compressor pre-training -> SFT warm start -> RL -> gate -> evaluation at 1x .. 256x the
+training length in `gate`, `all` and `memagent` modes.  RL runs twice: from an
+*early* SFT checkpoint, where imitation still leaves gaps, to show what the
+policy gradient adds (accuracy before and after, the reward curve), and from
+the final SFT model to give the pipeline's model.  Every stage writes to
+WORKDIR/<stage>; a rerun reuses finished stages (each is a resumable training
+run) and finished evaluation rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Callable
+
+import ml_collections
+
+from memrecall import eval_report, evaluation
+from memrecall.distributed import is_primary
+from memrecall.train import checkpoint, trainer
+
+
+def _metrics(workdir: str, stage: str) -> list[dict]:
+  path = os.path.join(workdir, "logs", stage, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  return [json.loads(line) for line in open(path)]
+
+
+def _greedy_accuracy(params, config: ml_collections.ConfigDict, examples: int, batch: int) -> float:
+  run = trainer.build_run(config)
+  from memrecall.data import example as example_lib, synthetic
+  from memrecall.recall import RecallConfig, RecallSetup
+  from memrecall.sampling import SamplingConfig
+  exs = [example_lib.tokenize(synthetic.make_example(run.task, config.task.seed + 1000, i,
+                                                     run.tokenizer), run.tokenizer)
+         for i in range(examples)]
+  setup = RecallSetup(run.model, run.prompts, run.reasoner, RecallConfig(mode="all"),
+                      SamplingConfig(eos_ids=run.model.eos_token_ids, pad_id=run.model.pad_token_id))
+  result = evaluation.evaluate(params, setup, run.compressor, exs, run.tokenizer,
+                               form=run.task.form, batch_size=batch,
+                               question_tokens=config.reasoner.question_tokens)
+  return result.accuracy
+
+
+def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: str,
+             variant: str = "default", log=print) -> dict:
+  """Runs (or resumes) the whole pipeline; returns the contents of stages.json."""
+  os.makedirs(workdir, exist_ok=True)
+  cfg = lambda stage: get_config(f"{stage},{variant}")
+  demo = cfg("sft").demo
+  stages_path = os.path.join(workdir, "stages.json")
+  stages = json.load(open(stages_path)) if os.path.exists(stages_path) else {}
+
+  def stage(name: str, config, directory: str, extra: Callable[[], dict] | None = None):
+    if name in stages:
+      log(f"[demo] {name}: done earlier ({stages[name]['wall_s']:.0f} s), reused")
+      return
+    log(f"[demo] {name}: {config.train.steps} steps -> {directory}")
+    began = time.perf_counter()
+    last = trainer.train(config, directory, log=lambda line: log(f"  {line}"))
+    record = {"wall_s": time.perf_counter() - began, "steps": config.train.steps,
+              "final_metrics": {k: v for k, v in last.items() if k != "finite"}}
+    if extra:
+      record.update(extra())
+    stages[name] = record
+    if is_primary():
+      with open(stages_path, "w") as f:
+        json.dump(stages, f, indent=1)
+
+  path = lambda name: os.path.join(workdir, name)
+
+  compressor = cfg("compressor")
+  compressor.train.steps = demo.compressor_steps
+  stage("compressor", compressor, path("compressor"))
+
+  # SFT to the early step first, snapshot it for the RL demonstration, then on to the end
+  # (an interrupted-and-resumed run equals an uninterrupted one).
+  sft = cfg("sft")
+  sft.init.checkpoint = path("compressor")
+  sft.train.steps = demo.sft_steps
+  if not os.path.exists(path("sft_early")):
+    early = cfg("sft")
+    early.init.checkpoint = path("compressor")
+    early.train.steps = demo.sft_early_step
+    early.optimizer.decay_steps = sft.optimizer.decay_steps
+    early.train.checkpoint_every = demo.sft_early_step
+    trainer.train(early, path("sft"), log=lambda line: None)
+    checkpoint_dir = os.path.join(path("sft"), "checkpoints", str(demo.sft_early_step))
+    shutil.copytree(checkpoint_dir, os.path.join(path("sft_early"), "checkpoints",
+                                                 str(demo.sft_early_step)))
+  stage("sft", sft, path("sft"), lambda: {
+      "accuracy_1x": _greedy_accuracy(checkpoint.load_params(path("sft"))[0], sft,
+                                      demo.eval_examples, demo.eval_batch)})
+
+  def rl_config(init: str):
+    rl = cfg("rl")
+    rl.init.checkpoint = init
+    rl.train.steps = demo.rl_steps
+    return rl
+
+  def rl_summary(directory: str, init: str, config):
+    def summary():
+      rows = _metrics(directory, "rl")
+      return {"reward_start": rows[0]["reward"] if rows else None,
+              "reward_end": rows[-1]["reward"] if rows else None,
+              "accuracy_before": _greedy_accuracy(checkpoint.load_params(init)[0], config,
+                                                  demo.eval_examples, demo.eval_batch),
+              "accuracy_after": _greedy_accuracy(checkpoint.load_params(directory)[0], config,
+                                                 demo.eval_examples, demo.eval_batch)}
+    return summary
+
+  rl_early = rl_config(path("sft_early"))
+  stage("rl_from_early_sft", rl_early, path("rl_early"),
+        rl_summary(path("rl_early"), path("sft_early"), rl_early))
+  rl = rl_config(path("sft"))
+  stage("rl", rl, path("rl"), rl_summary(path("rl"), path("sft"), rl))
+
+  gate = cfg("gate")
+  gate.init.checkpoint = path("rl")
+  gate.train.steps = demo.gate_steps
+  stage("gate", gate, path("gate"))
+
+  # Evaluation of the final model (RL + gate).
+  params, _ = checkpoint.load_params(path("gate"))
+  run = trainer.build_run(cfg("sft"))
+  began = time.perf_counter()
+  rows = evaluation.evaluate_suite(
+      params, run, model_name="lychee", lengths=list(demo.eval_lengths),
+      modes=list(demo.eval_modes), examples=demo.eval_examples, batch_size=demo.eval_batch,
+      output_dir=path("eval"),
+      baseline=evaluation.BaselineConfig(memagent_chunk=run.compressor.chunk_size),
+      threshold=gate.gate.threshold, log=log)
+  stages.setdefault("eval", {"wall_s": time.perf_counter() - began})
+  if is_primary():
+    keys = ("model", "mode", "length_multiple", "context_tokens", "examples", "accuracy",
+            "latency_s")
+    with open(path("results.json"), "w") as f:
+      json.dump([{k: r[k] for k in keys} | {"blocks_read": r["blocks_read"],
+                                             "gate_recall": r["gate_recall"],
+                                             "skip_rate": r["skip_rate"]} for r in rows], f, indent=1)
+    with open(stages_path, "w") as f:
+      json.dump(stages, f, indent=1)
+    eval_report.plot(rows, workdir)
+    _plot_rewards(workdir, stages)
+    log(eval_report.table(rows))
+    _summary(stages, rows, log)
+  return stages
+
+
+def _plot_rewards(workdir: str, stages: dict) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, label in (("rl_early", "RL from early SFT"), ("rl", "RL from final SFT")):
+    rows = _metrics(os.path.join(workdir, name), "rl")
+    if rows:
+      ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label=label)
+  key = stages.get("rl_from_early_sft", {})
+  if key.get("accuracy_before") is not None:
+    ax.axhline(key["accuracy_before"] / 100, linestyle="--", color="gray",
+               label="early SFT accuracy (greedy)")
+  if stages.get("sft", {}).get("accuracy_1x") is not None:
+    ax.axhline(stages["sft"]["accuracy_1x"] / 100, linestyle=":", color="black",
+               label="final SFT accuracy (greedy)")
+  ax.set_xlabel("RL step")
+  ax.set_ylabel("reward (sampled rollouts)")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "rl_reward.png"), dpi=100)
+  plt.close(fig)
+
+
+def _summary(stages: dict, rows: list[dict], log) -> None:
+  log("[demo] stage wall times: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in stages.items()))
+  early = stages.get("rl_from_early_sft", {})
+  if early:
+    log(f"[demo] RL from early SFT: greedy accuracy {early['accuracy_before']:.1f}% -> "
+        f"{early['accuracy_after']:.1f}%, reward {early['reward_start']:.2f} -> "
+        f"{early['reward_end']:.2f}")
+  gate = {r["length_multiple"]: r for r in rows if r["mode"] == "gate"}
+  for multiple, r in sorted(gate.items()):
+    log(f"[demo] gate mode at {multiple}x: recall of relevant chunks {r['gate_recall']:.3f}, "
+        f"skip rate {r['skip_rate']:.3f}")
