@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -28,6 +29,7 @@ Array = jax.Array
 def memagent(params, setup: RecallSetup, chunk_ids: Array, chunk_mask: Array, question: Array,
              question_mask: Array, rng: Array) -> RecallOutput:
   """The MemAgent loop over raw chunks [B, N, S] (empty chunks are skipped)."""
+  setup = dataclasses.replace(setup, recall=dataclasses.replace(setup.recall, mode="all"))
   b, n, _ = chunk_ids.shape
   k, v, slots = no_prefix(setup.model, b)
   blocks = (jnp.broadcast_to(k, (n,) + k.shape), jnp.broadcast_to(v, (n,) + v.shape),

@@ -149,11 +149,12 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
   Blocks may carry raw `section, section_mask` too (the MemAgent baseline,
   with empty k/v): the update then uses the MemAgent prompt with the section.
 
-  forced_read: [N, B] decisions replacing the gate (topk mode, benchmarks).
+  forced_read: [N, B] decisions replacing the threshold (topk mode, benchmarks); in `gate`
+  mode the gate still runs on every block, so its cost is measured.
   Returns the final memory and rng, and per-block (score, read, memory) stacked on axis 0.
   """
   batch = question.shape[0]
-  gate_needed = setup.recall.mode == "gate" and forced_read is None
+  gate_needed = setup.recall.mode == "gate"
 
   def step(carry, xs):
     memory, rng = carry
@@ -163,10 +164,11 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
     if gate_needed:
       score = gate_probability(params, setup.model, setup.prompts.gate, k, v, slot_mask, question,
                                question_mask, memory)
-      read = (score >= setup.recall.threshold) & valid
+      read = score >= setup.recall.threshold
     else:
       score = jnp.full((batch,), jnp.nan, jnp.float32)
-      read = valid if forced is None else forced & valid
+      read = jnp.ones((batch,), bool)
+    read = (read if forced is None else forced) & valid
     rng, step_rng = jax.random.split(rng)
 
     def reason(memory):
