@@ -60,12 +60,14 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
       "eps_high": 0.2, "kl_coef": 1e-3, "kl_estimator": "low_var_kl", "aggregation": "token_mean",
       "mode": "all"})
   c.gate = ml_collections.ConfigDict({"threshold": 0.5, "positive_weight": 1.0})
+  # SFT can train the gate jointly (BCE beside the NLL), as DESIGN §8's prototype did.
+  c.sft = ml_collections.ConfigDict({"gate_weight": 0.0})
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 
   full = variant == "full"
   c.demo = ml_collections.ConfigDict({
       "compressor_steps": 400 if full else 150,
-      "sft_steps": 4000 if full else 2000,
+      "sft_steps": 6000 if full else 3500,
       "sft_early_step": 600,  # RL's starting point in its demonstration: imitation has gaps
       "rl_steps": 400 if full else 120,
       "gate_steps": 600 if full else 250,

@@ -84,6 +84,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   sft = cfg("sft")
   sft.init.checkpoint = path("compressor")
   sft.train.steps = demo.sft_steps
+  sft.optimizer.decay_steps = demo.sft_steps
   if not os.path.exists(path("sft_early")):
     early = cfg("sft")
     early.init.checkpoint = path("compressor")

@@ -33,6 +33,18 @@ def compiled_bytes(jitted, *args) -> int:
   return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
 
 
+def _timed(jitted, args, first: bool) -> tuple[object, float, int | None]:
+  """(host output, seconds, compiled bytes on the first batch) of jitted(*args); the first
+  batch is run once untimed, so compilation never counts as latency."""
+  peak = None
+  if first:
+    jax.device_get(jitted(*args))
+    peak = compiled_bytes(jitted, *args)
+  began = time.perf_counter()
+  out = jax.device_get(jitted(*args))
+  return out, time.perf_counter() - began, peak
+
+
 @dataclasses.dataclass
 class EvalResult:
   accuracy: float  # x100
@@ -60,14 +72,11 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
     ids, mask = chunked(group, compressor.chunk_size, n_chunks, setup.model.pad_token_id)
     question, question_mask = pad_ids([ex.question for ex in group], question_tokens)
     rng = jax.random.key(seed + start)
-    args = (params, setup, compressor, ids, mask, question, question_mask, rng)
-    run = lambda: jax.device_get(recall_documents(*args))
-    if start == 0:
-      run()  # compile outside the timing
-      peak = compiled_bytes(recall_documents, *args)
-    began = time.perf_counter()
-    out = run()
-    seconds += time.perf_counter() - began
+    out, elapsed, first_peak = _timed(
+        recall_documents, (params, setup, compressor, ids, mask, question, question_mask, rng),
+        start == 0)
+    seconds += elapsed
+    peak = first_peak if start == 0 else peak
     for i, ex in enumerate(group[:real]):
       n = int(out.answer.lengths[i])
       answer = [int(t) for t in out.answer.tokens[i, :n] if int(t) not in eos]
@@ -138,13 +147,8 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
     if mode == "memagent":
       n = max(-(-len(ex.context) // baseline.memagent_chunk) for ex in examples)
       ids, mask = chunked(group, baseline.memagent_chunk, n, pad)
-      args = (params, setup, ids, mask, question, question_mask, rng)
-      run = lambda: jax.device_get(baselines.memagent(*args))
-      if start == 0:
-        run()
-        peak = compiled_bytes(baselines.memagent, *args)
-      began = time.perf_counter()
-      out = run()
+      out, elapsed, first_peak = _timed(
+          baselines.memagent, (params, setup, ids, mask, question, question_mask, rng), start == 0)
       answer, read = out.answer, out.trace.read.sum(axis=1)
     else:
       contexts = []
@@ -158,15 +162,12 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
           contexts.append([t for i in best for t in pieces[i]])
       width = baseline.full_budget if mode == "full" else baseline.rag_topk * baseline.rag_chunk
       context, context_mask = pad_ids(contexts, width)
-      args = (params, setup, context, context_mask, question, question_mask, rng)
-      run = lambda: jax.device_get(baselines.answer_from_context(*args))
-      if start == 0:
-        run()
-        peak = compiled_bytes(baselines.answer_from_context, *args)
-      began = time.perf_counter()
-      answer = run()
+      answer, elapsed, first_peak = _timed(
+          baselines.answer_from_context,
+          (params, setup, context, context_mask, question, question_mask, rng), start == 0)
       read = np.zeros(len(group))
-    seconds += time.perf_counter() - began
+    seconds += elapsed
+    peak = first_peak if start == 0 else peak
     for i, ex in enumerate(group[:real]):
       n_tokens = int(answer.lengths[i])
       predicted = [int(t) for t in answer.tokens[i, :n_tokens] if int(t) not in eos]

@@ -15,6 +15,7 @@ def _small(arg):
   c.train.log_every = 1
   c.train.async_checkpoint = False
   c.rl.group_size = 2
+  c.optimizer.warmup_steps = 1
   c.demo.compressor_steps, c.demo.sft_steps, c.demo.sft_early_step = 2, 4, 2
   c.demo.rl_steps, c.demo.gate_steps = 2, 2
   c.demo.eval_lengths, c.demo.eval_examples, c.demo.eval_batch = (1, 2), 4, 4

@@ -52,8 +52,11 @@ def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chun
   targets = np.zeros((b, num_chunks, memory_size), np.int32)
   target_mask = np.zeros((b, num_chunks, memory_size), bool)
   finals, answers = [], []
+  labels = np.zeros((b, num_chunks), bool)
   for i, ex in enumerate(examples):
     trace = ex.oracle_trace(chunk_size, initial_memory)
+    example_labels = ex.chunk_labels(chunk_size)
+    labels[i, :len(example_labels)] = example_labels
     before = [initial_memory] + trace[:-1]
     for n in range(len(trace)):
       memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory")
@@ -67,7 +70,8 @@ def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chun
   return TurnBatch(chunk_ids=chunk_ids, chunk_mask=chunk_mask, question=question,
                    question_mask=question_mask, memory_ids=memory_ids, memory_mask=memory_mask,
                    targets=targets, target_mask=target_mask, final_memory_ids=final_ids,
-                   final_memory_mask=final_mask, answer=answer, answer_mask=answer_mask)
+                   final_memory_mask=final_mask, answer=answer, answer_mask=answer_mask,
+                   labels=labels)
 
 
 def gate_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chunks: int,

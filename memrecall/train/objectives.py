@@ -47,6 +47,7 @@ class TurnBatch:
                           an all-False row means the block was not read.
   final_memory_ids/_mask: [B, Mc] memory after the last block.
   answer/answer_mask:     [B, A] the answer's tokens (EOS included).
+  labels:                 [B, N] chunk relevance, for a gate trained jointly (optional).
   """
   chunk_ids: Array
   chunk_mask: Array
@@ -60,6 +61,7 @@ class TurnBatch:
   final_memory_mask: Array
   answer: Array
   answer_mask: Array
+  labels: Array | None = None
 
 
 def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Array, v: Array,
@@ -80,28 +82,34 @@ def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Arra
   return token_logp, jax.lax.stop_gradient(entropy)
 
 
-def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch):
-  """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A]."""
+def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch, with_gate: bool = False):
+  """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A];
+  with_gate also returns the gate's logit of every block [B, N] (same compressed chunks)."""
   cfg = setup.model
 
   @jax.checkpoint
   def block(carry, xs):
     ids, mask, mem_ids, mem_mask, targets, target_mask = xs
     chunk = compress(params, cfg, setup.compressor, ids, mask)
+    memory = WorkingMemory(mem_ids, mem_mask)
     logp, entropy = turn_logprobs(params, cfg, setup.prompts.update, chunk.k, chunk.v,
                                   chunk.slot_mask, batch.question, batch.question_mask,
-                                  WorkingMemory(mem_ids, mem_mask), targets, target_mask)
-    return carry, (logp, entropy)
+                                  memory, targets, target_mask)
+    gate = (gate_logits(params, cfg, setup.prompts.gate, chunk.k, chunk.v, chunk.slot_mask,
+                        batch.question, batch.question_mask, memory) if with_gate
+            else jnp.zeros(logp.shape[:1]))
+    return carry, (logp, entropy, gate)
 
   block_major = lambda x: jnp.moveaxis(x, 1, 0)
   xs = tuple(block_major(x) for x in (batch.chunk_ids, batch.chunk_mask, batch.memory_ids,
                                       batch.memory_mask, batch.targets, batch.target_mask))
-  _, (logp, entropy) = jax.lax.scan(block, None, xs)
+  _, (logp, entropy, gate) = jax.lax.scan(block, None, xs)
   answer_logp, answer_entropy = turn_logprobs(
       params, cfg, setup.prompts.final, *no_prefix(cfg, batch.question.shape[0]), batch.question,
       batch.question_mask, WorkingMemory(batch.final_memory_ids, batch.final_memory_mask),
       batch.answer, batch.answer_mask)
-  return (jnp.moveaxis(logp, 0, 1), jnp.moveaxis(entropy, 0, 1)), (answer_logp, answer_entropy)
+  outputs = (jnp.moveaxis(logp, 0, 1), jnp.moveaxis(entropy, 0, 1)), (answer_logp, answer_entropy)
+  return outputs + (gate.T,) if with_gate else outputs
 
 
 def _flat_tokens(blocks: Array, answer: Array) -> Array:
@@ -113,14 +121,25 @@ def trajectory_mask(batch: TurnBatch) -> Array:
   return _flat_tokens(batch.target_mask, batch.answer_mask).astype(jnp.float32)
 
 
-def sft_loss(params, setup: TrainSetup, batch: TurnBatch):
-  """Token-mean negative log-likelihood of the oracle memory updates and answers."""
-  (logp, _), (answer_logp, _) = trajectory_logprobs(params, setup, batch)
+def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0.0):
+  """Token-mean negative log-likelihood of the oracle memory updates and answers.
+
+  gate_weight > 0 adds the gate's BCE on the same compressed chunks (the gate trained
+  jointly, as in DESIGN §8's prototype: relevance is a direct signal for the memory).
+  """
+  outputs = trajectory_logprobs(params, setup, batch, with_gate=gate_weight > 0)
+  (logp, _), (answer_logp, _) = outputs[:2]
   mask = trajectory_mask(batch)
   token_logp = _flat_tokens(logp, answer_logp)
-  loss = -grpo.aggregate(token_logp, mask, "token_mean")
-  answer_nll = -grpo.aggregate(answer_logp, batch.answer_mask, "token_mean")
-  return loss, {"loss": loss, "answer_nll": answer_nll}
+  nll = -grpo.aggregate(token_logp, mask, "token_mean")
+  metrics = {"nll": nll,
+             "answer_nll": -grpo.aggregate(answer_logp, batch.answer_mask, "token_mean")}
+  loss = nll
+  if gate_weight > 0:
+    bce, gate_metrics = _gate_bce(outputs[2], batch.labels, batch.chunk_mask.any(-1))
+    loss = nll + gate_weight * bce
+    metrics.update({f"gate_{k}": v for k, v in gate_metrics.items()})
+  return loss, {"loss": loss, **metrics}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,14 +236,20 @@ def gate_loss(params, setup: TrainSetup, batch: GateBatch, threshold: float = 0.
               positive_weight: float = 1.0):
   """Binary cross-entropy on chunk relevance, with precision/recall/skip rate at `threshold`."""
   logits = gate_block_logits(params, setup, batch)
-  labels = batch.labels.astype(jnp.float32)
-  valid = batch.valid.astype(jnp.float32)
-  weights = valid * jnp.where(batch.labels, positive_weight, 1.0)
+  loss, metrics = _gate_bce(logits, batch.labels, batch.valid, threshold, positive_weight)
+  return loss, {"loss": loss, **metrics}
+
+
+def _gate_bce(logits, labels, valid, threshold: float = 0.5, positive_weight: float = 1.0):
+  """BCE of block logits [B, N] and precision / recall / skip rate at `threshold`."""
+  valid = valid.astype(jnp.float32)
+  weights = valid * jnp.where(labels, positive_weight, 1.0)
+  labels = labels.astype(jnp.float32)
   losses = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
   loss = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
   predicted = (jax.nn.sigmoid(logits) >= threshold).astype(jnp.float32) * valid
   tp = (predicted * labels).sum()
-  return loss, {"loss": loss,
+  return loss, {"bce": loss,
                 "precision": tp / jnp.maximum(predicted.sum(), 1.0),
                 "recall": tp / jnp.maximum((labels * valid).sum(), 1.0),
                 "skip_rate": 1.0 - predicted.sum() / jnp.maximum(valid.sum(), 1.0)}

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from memrecall import sharding as sharding_lib
+from memrecall.config import ConfigError
 from memrecall.model import abstract_params
 
 Array = jax.Array
@@ -78,6 +79,11 @@ class OptimizerConfig:
   b2: float = 0.999
   weight_decay: float = 0.01
   grad_clip: float = 1.0
+
+  def __post_init__(self):
+    if self.decay_steps and self.decay_steps <= self.warmup_steps:
+      raise ConfigError(f"optimizer.decay_steps ({self.decay_steps}) must exceed "
+                       f"optimizer.warmup_steps ({self.warmup_steps})")
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:

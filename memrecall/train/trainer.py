@@ -263,21 +263,22 @@ class CompressorStage(_Stage):
     return objectives.compressor_loss(params, self.run.setup, *batch)
 
 
+def oracle_turns(run: Run, examples) -> objectives.TurnBatch:
+  """Teacher-forced turns of examples from their oracle traces."""
+  return batches.sft_batch(
+      examples, chunk_size=run.compressor.chunk_size, num_chunks=run.num_chunks,
+      question_tokens=run.config.reasoner.question_tokens, memory_capacity=run.memory_capacity,
+      memory_size=run.reasoner.memory_size, answer_tokens=run.reasoner.answer_tokens,
+      initial_memory=run.prompts.initial_memory, eos_id=run.model.eos_token_ids[0],
+      pad_id=run.model.pad_token_id)
+
+
 class SFTStage(_Stage):
   def batch(self, step, state, rows):
-    return self._turns(self.examples(step, rows)), {}
-
-  def _turns(self, examples):
-    r = self.run
-    return batches.sft_batch(
-        examples, chunk_size=r.compressor.chunk_size, num_chunks=r.num_chunks,
-        question_tokens=r.config.reasoner.question_tokens, memory_capacity=r.memory_capacity,
-        memory_size=r.reasoner.memory_size, answer_tokens=r.reasoner.answer_tokens,
-        initial_memory=r.prompts.initial_memory, eos_id=r.model.eos_token_ids[0],
-        pad_id=r.model.pad_token_id)
+    return oracle_turns(self.run, self.examples(step, rows)), {}
 
   def loss(self, params, batch, rng):
-    return objectives.sft_loss(params, self.run.setup, batch)
+    return objectives.sft_loss(params, self.run.setup, batch, self.run.config.sft.gate_weight)
 
 
 class GateStage(_Stage):
@@ -335,7 +336,7 @@ class RLStage(_Stage):
     questions = slice(rows.start // self.group, rows.stop // self.group)
     examples = self.examples(step, questions, per_step=self.questions)
     rows = [ex for ex in examples for _ in range(self.group)]
-    turns = SFTStage._turns(self, rows)  # shapes, questions and chunks; targets replaced below
+    turns = oracle_turns(r, rows)  # chunks and questions; the turns are replaced by the rollout
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
     local = distributed.local_rows(self.batch_size)
     shared = to_global(turns, r.mesh)

@@ -42,9 +42,7 @@ def test_loss_falls_on_a_fixed_batch(stage, trainable):
 
 def _rl_batch(run, params, seed=0):
   """A fixed RL batch: SFT-shaped turns as the 'rollout', with fixed advantages."""
-  sft = trainer.SFTStage(run)
-  examples = run.examples(0, 4)
-  turns = jax.tree.map(jnp.asarray, sft._turns(examples))
+  turns = jax.tree.map(jnp.asarray, trainer.oracle_turns(run, run.examples(0, 4)))
   (lp, _), (alp, _) = objectives.trajectory_logprobs(params, run.setup, turns)
   return objectives.RLBatch(turns=turns, old_logprobs=lp, old_answer_logprobs=alp,
                             ref_logprobs=lp, ref_answer_logprobs=alp,
