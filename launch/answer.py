@@ -19,6 +19,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None, "HF LycheeMemory/Qwen2 checkpoint.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Or the workdir of a memrecall training run (orbax).")
 _DOCUMENT = flags.DEFINE_string("document", None,
                                 "Plain text; a JSON list of token ids; or JSON rows with 'context' "
                                 "and a question field (see --row).")
@@ -55,11 +57,15 @@ def main(argv):
   from memrecall.reasoner import ReasonerConfig
   from memrecall.sampling import SamplingConfig
 
-  if not _HF_CHECKPOINT.value or not _DOCUMENT.value:
-    raise app.UsageError("--hf_checkpoint and --document are required")
+  if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None) or not _DOCUMENT.value:
+    raise app.UsageError("--document and exactly one of --hf_checkpoint and --checkpoint are "
+                         "required")
   try:
-    model = pipeline.load_recall_model(_HF_CHECKPOINT.value, chunk_size=_CHUNK_SIZE.value,
-                                       gate_lora_rank=_GATE_LORA_RANK.value)
+    if _CHECKPOINT.value:
+      model = pipeline.load_trained_model(_CHECKPOINT.value)
+    else:
+      model = pipeline.load_recall_model(_HF_CHECKPOINT.value, chunk_size=_CHUNK_SIZE.value,
+                                         gate_lora_rank=_GATE_LORA_RANK.value)
     document = documents.read_document(_DOCUMENT.value, _ROW.value)
   except (OSError, ValueError) as e:
     raise app.UsageError(str(e)) from None

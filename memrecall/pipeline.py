@@ -42,3 +42,12 @@ def load_recall_model(directory: str | os.PathLike, *, chunk_size: int | None = 
   tok = load_tokenizer(directory, config.eos_token_ids, config.pad_token_id)
   prompts = Prompts.build(tok, chat_template_for(tok))
   return RecallModel(params, config, tok, prompts, compressor)
+
+
+def load_trained_model(workdir: str | os.PathLike) -> RecallModel:
+  """The model of a memrecall training run (its latest orbax checkpoint and saved config)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from memrecall.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
+  params, config = checkpoint.load_params(os.fspath(workdir))
+  run = trainer.build_run(ml_collections.ConfigDict(config))
+  return RecallModel(params, run.model, run.tokenizer, run.prompts, run.compressor)

@@ -72,3 +72,17 @@ def test_bad_inputs(tmp_path, lychee_dir):
   proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=What?",
               "--mode=gate")
   assert proc.returncode != 0 and "needs a gate" in proc.stderr
+
+
+def test_answer_from_a_training_run(tmp_path):
+  from memrecall.train import trainer
+  from tests.train.conftest import small_config
+  trainer.train(small_config("sft", steps=1), str(tmp_path / "run"), log=lambda *a: None)
+  doc = tmp_path / "doc.json"
+  doc.write_text(json.dumps([300 + (i % 60) for i in range(100)]))
+  out = tmp_path / "a.json"
+  proc = _run(f"--checkpoint={tmp_path / 'run'}", f"--document={doc}", "--question_ids=261,300,278",
+              "--memory_size=3", "--max_new_tokens=2", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr
+  result = json.load(open(out))
+  assert len(result["trace"]) == 4 and result["mode"] == "gate"  # the tiny config has a gate

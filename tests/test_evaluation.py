@@ -63,3 +63,18 @@ def test_eval_launcher_errors(tmp_path):
                          "--config=configs/tiny.py:sft", f"--checkpoint={tmp_path}"],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert proc.returncode != 0 and "has no checkpoints/ directory" in proc.stderr
+
+
+def test_analysis_draws_one_question(tmp_path):
+  from memrecall import analysis
+  trace = {"id": "q", "correct": 1.0, "gate_scores": [0.1, 0.9, None, 0.7],
+           "read": [False, True, False, True], "relevant": [False, True, False, False],
+           "memory_ids": [[1], [2, 3], [2, 3], [4]]}
+  assert analysis.memory_changes(trace) == [(0, [1]), (1, [2, 3]), (3, [4])]
+  path = tmp_path / "traces.json"
+  path.write_text(json.dumps([trace]))
+  loaded = analysis.load_trace(str(path), 0)
+  png = analysis.plot_question(loaded, str(tmp_path / "q.png"), decode=lambda ids: str(ids))
+  assert os.path.getsize(png) > 1000
+  with pytest.raises(IndexError, match="holds 1 traced questions"):
+    analysis.load_trace(str(path), 3)

@@ -1,0 +1,37 @@
+r"""Draws one evaluated question: gate score per chunk, which chunks were read, the memory.
+
+  python launch/analyze.py --checkpoint=workdir/demo/gate \
+      --trace=workdir/demo/eval/traces/lychee-gate-8x.json --question=0 --output=q0.png
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of the trained run (orbax).")
+_TRACE = flags.DEFINE_string("trace", None, "An evaluation's traces/*.json.")
+_QUESTION = flags.DEFINE_integer("question", 0, "Which traced question.")
+_OUTPUT = flags.DEFINE_string("output", "question.png", "Where to write the PNG.")
+flags.mark_flags_as_required(["checkpoint", "trace"])
+
+
+def main(argv):
+  del argv
+  from memrecall import analysis
+  from memrecall.data.synthetic import SmallVocab
+  model = analysis.load_model(_CHECKPOINT.value)
+  trace = analysis.load_trace(_TRACE.value, _QUESTION.value)
+  vocab = SmallVocab()
+  # Small-vocabulary tasks decode to their token names; text tasks through the tokenizer.
+  decode = lambda ids: (vocab.decode(ids) if all(i >= vocab.BASE for i in ids)
+                        else model.tokenizer.decode(ids))
+  print(analysis.plot_question(trace, _OUTPUT.value, decode=decode))
+  for chunk, memory in analysis.memory_changes(trace):
+    print(f"after chunk {chunk}: {decode(memory)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,67 @@
+"""Looking inside one question of an evaluation: gate scores, reads and the working memory.
+
+    from memrecall import analysis
+    model = analysis.load_model("runs/gate")            # orbax checkpoint + its config
+    trace = analysis.load_trace("runs/gate/eval/traces/lychee-gate-8x.json", question=0)
+    analysis.plot_question(trace, model.tokenizer, "question0.png", decode=model.decode)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence
+
+from memrecall.pipeline import load_trained_model as load_model  # noqa: F401  (re-exported)
+
+
+def load_trace(path: str, question: int = 0) -> dict:
+  """One question's trace from an evaluation's traces/*.json."""
+  with open(path) as f:
+    traces = json.load(f)
+  if not 0 <= question < len(traces):
+    raise IndexError(f"{path} holds {len(traces)} traced questions; {question} does not exist")
+  trace = traces[question]
+  if "gate_scores" not in trace:
+    raise ValueError(f"{path} is a baseline's trace (no per-chunk gate scores)")
+  return trace
+
+
+def memory_changes(trace: dict) -> list[tuple[int, list[int]]]:
+  """(chunk, memory ids after it) for every chunk where the memory changed."""
+  changes, before = [], None
+  for chunk, memory in enumerate(trace["memory_ids"]):
+    if memory != before:
+      changes.append((chunk, memory))
+    before = memory
+  return changes
+
+
+def plot_question(trace: dict, path: str, decode: Callable[[Sequence[int]], str] = str,
+                  title: str | None = None) -> str:
+  """Gate score per chunk (bars; read chunks filled, relevant chunks marked) and the memory
+  written at each change, for one question.  Returns the PNG path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  scores = [0.0 if s is None else s for s in trace["gate_scores"]]
+  read, relevant = trace["read"], trace["relevant"]
+  chunks = range(len(scores))
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, len(scores) * 0.15), 5),
+                                    gridspec_kw={"height_ratios": [3, 2]})
+  top.bar(chunks, scores, color=["tab:blue" if r else "lightgray" for r in read])
+  top.scatter([c for c in chunks if relevant[c]], [1.02] * sum(relevant), marker="v",
+              color="tab:red", label="holds a needed fact")
+  top.set_ylabel("gate probability")
+  top.set_ylim(0, 1.08)
+  top.set_xlim(-0.5, len(scores) - 0.5)
+  top.legend(loc="upper right")
+  top.set_title(title or f"{trace['id']}: answer {'right' if trace['correct'] else 'wrong'} "
+                f"({sum(read)} of {len(read)} chunks read)")
+  bottom.axis("off")
+  lines = [f"after chunk {c}: {decode(m)}" for c, m in memory_changes(trace)][:12]
+  bottom.text(0, 1, "working memory\n" + "\n".join(lines), va="top", family="monospace",
+              fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
