@@ -73,7 +73,7 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
       "gate_steps": 600 if full else 250,
       "eval_lengths": (1, 8, 64, 256),
       "eval_modes": ("gate", "all", "memagent"),
-      "eval_examples": 256 if full else 64,
+      "eval_examples": 256 if full else 32,
       "eval_batch": 32,
   })
 

@@ -23,7 +23,7 @@ def _fit(stage_name, steps, lr, trainable=None):
   optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
   state = state_lib.create_train_state(params, config.train.trainable, optimizer, 0)
   stage.start(state.params)
-  batch, _ = stage.batch(0, state)
+  batch, _ = stage.batch(0, state, slice(0, config.train.batch_size))
   step = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths))
   losses = []
   for _ in range(steps):
