@@ -59,12 +59,13 @@ def compression_flops(config: ModelConfig, compressor: CompressorConfig, chunks:
   return dense + attention * chunks
 
 
-def machine_ceilings(dtype=jnp.bfloat16, size: int = 8192, repeats: int = 5) -> dict:
+def machine_ceilings(dtype=jnp.bfloat16, size: int = 8192, repeats: int = 5,
+                     copy_bytes: int = 2**30) -> dict:
   """Measured bf16 matmul TFLOP/s and elementwise HBM GB/s of the default device."""
   a = jnp.ones((size, size), dtype)
   matmul = jax.jit(lambda x: x @ x)
   t = best_time(lambda: matmul(a), repeats)
-  big = jnp.ones((256 * 2**20,), jnp.float32)  # 1 GiB
+  big = jnp.ones((copy_bytes // 4,), jnp.float32)
   copy = jax.jit(lambda x: x * 1.0001)
   t_copy = best_time(lambda: copy(big), repeats)
   return {"matmul_tflops": 2 * size**3 / t / 1e12, "hbm_gbps": 2 * big.nbytes / t_copy / 1e9}
@@ -83,7 +84,7 @@ def decode_rate(params, config: ModelConfig, cache_tokens: int, steps: int, repe
   per_token = max(t_long - t_short, 1e-9) / (steps - 1)
   kv = (2 * config.num_layers * (cache_tokens + steps) * config.num_kv_heads * config.head_dim
         * np.dtype(config.jnp_dtype).itemsize)
-  weights = param_bytes(params) - (0 if config.tie_word_embeddings else 0)
+  weights = param_bytes(params)
   return {"seconds_per_token": per_token, "bytes_per_token": weights + kv,
           "gbps": (weights + kv) / per_token / 1e9}
 

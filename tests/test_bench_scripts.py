@@ -40,3 +40,31 @@ def test_bench_runs_on_the_tiny_model_and_writes_rows(tmp_path):
   gate = {r["context_tokens"]: r for r in rows if r["mode"] == "gate"}
   assert all(r["gate_s"] > 0 and r["compress_s"] > 0 for r in gate.values())
   assert "speed-up" in proc.stdout and "mem ratio" in proc.stdout
+
+
+def test_compression_flops_by_hand():
+  from memrecall import benchmark
+  from memrecall.compressor import CompressorConfig
+  from memrecall.config import ModelConfig
+  config = ModelConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_layers=2,
+                       num_heads=2, num_kv_heads=1, head_dim=4)
+  compressor = CompressorConfig(chunk_size=16, window=8, ratio=4)
+  # Per layer and row: q,k,v (8*(2+2)*4=128) + o (2*4*8=64) + MLP (3*8*16=384) = 576 MACs.
+  # Rows per window 8 + 2 = 10, 2 windows, 2 layers, 3 chunks.
+  dense = 2 * 576 * 2 * 10 * 2 * 3
+  # Attention: 4 * rows * keys * heads * head_dim per layer; keys = prefix + rows / 2.
+  attention = sum(4 * 10 * (w * 2 + 5) * 2 * 4 * 2 for w in range(2)) * 3
+  assert benchmark.compression_flops(config, compressor, 3) == dense + attention
+
+
+def test_decode_rate_and_ceilings_run_on_cpu():
+  import jax
+  from memrecall import benchmark, model
+  from memrecall.config import ModelConfig
+  config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                       num_heads=2, num_kv_heads=1, head_dim=8)
+  params = model.init_params(config, jax.random.key(0))
+  rate = benchmark.decode_rate(params, config, cache_tokens=8, steps=4, repeats=1)
+  assert rate["seconds_per_token"] > 0 and rate["bytes_per_token"] > benchmark.param_bytes(params)
+  ceilings = benchmark.machine_ceilings(size=64, repeats=1, copy_bytes=2**20)
+  assert ceilings["matmul_tflops"] > 0 and ceilings["hbm_gbps"] > 0
