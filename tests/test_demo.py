@@ -3,19 +3,12 @@
 import json
 import os
 
-from configs import tiny
 from memrecall import demo
+from tests.train.conftest import small_config
 
 
 def _small(arg):
-  c = tiny.get_config(arg)
-  c.model.num_layers = 2
-  c.task.length = 64
-  c.train.batch_size = 4
-  c.train.log_every = 1
-  c.train.async_checkpoint = False
-  c.rl.group_size = 2
-  c.optimizer.warmup_steps = 1
+  c = small_config(arg)
   c.demo.compressor_steps, c.demo.sft_steps, c.demo.sft_early_step = 2, 4, 2
   c.demo.rl_steps, c.demo.gate_steps = 2, 2
   c.demo.eval_lengths, c.demo.eval_examples, c.demo.eval_batch = (1, 2), 4, 4
