@@ -21,6 +21,7 @@ differ by at most one.
 
 from __future__ import annotations
 
+import abc
 import operator
 from typing import Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -41,7 +42,7 @@ class ExampleSource(Protocol):
     ...
 
 
-class IndexedSource:
+class IndexedSource(abc.ABC):
   """Checked indexing (negatives from the end) and iteration for a source that defines
   `__len__` and `_get(position)`."""
 
@@ -64,8 +65,9 @@ class IndexedSource:
     for i in range(len(self)):
       yield self._get(i)
 
+  @abc.abstractmethod
   def _get(self, position: int) -> Example:
-    raise NotImplementedError
+    """The example at a valid, non-negative position."""
 
 
 class SyntheticSource(IndexedSource):
