@@ -26,17 +26,23 @@ class Document:
   answers: tuple[str, ...] = ()
 
 
-def read_document(path: str | os.PathLike, row: int = 0) -> Document:
+def read_text(path: str | os.PathLike, what: str = "document", error=None, hint: str = "") -> str:
+  """A UTF-8 file's text (a byte-order mark dropped), with errors that name the file."""
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"document {path} does not exist")
+    raise FileNotFoundError(f"{what} {path} does not exist")
   with open(path, "rb") as f:
     raw = f.read()
   try:
-    text = raw.decode("utf-8")
+    return raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    raise DocumentError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); "
-                        "convert it or pass token ids as a JSON list") from None
+    raise (error or DocumentError)(
+        f"{path} is not UTF-8 text (invalid byte at offset {e.start}){hint}") from None
+
+
+def read_document(path: str | os.PathLike, row: int = 0) -> Document:
+  path = os.fspath(path)
+  text = read_text(path, hint="; convert it or pass token ids as a JSON list")
   if path.endswith(".json"):
     return _from_json(path, text, row)
   if not text.strip():

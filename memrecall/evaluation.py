@@ -65,6 +65,7 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
   n_chunks = max(-(-len(ex.context) // compressor.chunk_size) for ex in examples)
   eos = set(setup.model.eos_token_ids)
   scores, reads, relevant_read, relevant, blocks, seconds, traces = [], [], 0, 0, 0, 0.0, []
+  peak = None
   for start in range(0, len(examples), batch_size):
     group = list(examples[start:start + batch_size])
     real = len(group)
@@ -76,7 +77,7 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
         recall_documents, (params, setup, compressor, ids, mask, question, question_mask, rng),
         start == 0)
     seconds += elapsed
-    peak = first_peak if start == 0 else peak
+    peak = first_peak if first_peak is not None else peak
     for i, ex in enumerate(group[:real]):
       n = int(out.answer.lengths[i])
       answer = [int(t) for t in out.answer.tokens[i, :n] if int(t) not in eos]
@@ -137,7 +138,7 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
   from memrecall import baselines  # pylint: disable=g-import-not-at-top
   eos = set(setup.model.eos_token_ids)
   pad = setup.model.pad_token_id
-  scores, seconds, reads, traces = [], 0.0, [], []
+  scores, seconds, reads, traces, peak = [], 0.0, [], [], None
   for start in range(0, len(examples), batch_size):
     group = list(examples[start:start + batch_size])
     real = len(group)
@@ -167,7 +168,7 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
           (params, setup, context, context_mask, question, question_mask, rng), start == 0)
       read = np.zeros(len(group))
     seconds += elapsed
-    peak = first_peak if start == 0 else peak
+    peak = first_peak if first_peak is not None else peak
     for i, ex in enumerate(group[:real]):
       n_tokens = int(answer.lengths[i])
       predicted = [int(t) for t in answer.tokens[i, :n_tokens] if int(t) not in eos]

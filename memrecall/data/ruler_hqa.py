@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from memrecall.data.example import Example
-from memrecall.documents import QUESTION_FIELDS
+from memrecall.documents import QUESTION_FIELDS, read_text
 
 TASK = "ruler_hqa"
 DOCUMENT_TEMPLATE = "Document {i}:\n{document}"
@@ -70,14 +70,7 @@ def document_text(title: str, sentences: Sequence[str]) -> str:
 def _read_json(path: str | os.PathLike) -> tuple[str, list[Any]]:
   """The rows of a .json list (or single object) or .jsonl file, errors naming the file."""
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"dataset file {path} does not exist")
-  with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    text = raw.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    raise DatasetError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+  text = read_text(path, "dataset file", DatasetError)
   try:
     if path.endswith(".jsonl"):
       rows = [json.loads(line) for line in text.splitlines() if line.strip()]
