@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -113,10 +114,9 @@ def check_workdir(workdir: str) -> None:
   """Fails early, with the path, when the workdir cannot be written."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    # A uniquely named probe: every process of a multi-host run checks the same shared workdir.
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+      pass
   except OSError as e:
     raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
