@@ -20,7 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _MODEL = flags.DEFINE_string("model", "tiny", "A shape from configs/models.py (random weights).")
 _LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths in tokens (default per model).")
-_MODES = flags.DEFINE_list("modes", ["gate", "all", "memagent"], "Modes to time.")
+_MODES = flags.DEFINE_list("modes", ["gate", "gate_stream", "all", "memagent"],
+                           "Modes to time: gate, gate_stream (compression fused into the loop, "
+                           "flat memory), all, memagent.")
+_GROUP = flags.DEFINE_integer("group_size", 8, "gate_stream: chunks compressed per loop step.")
 _QUESTIONS = flags.DEFINE_integer("questions", None, "Questions per batch (default per model).")
 _SELECTED = flags.DEFINE_float("selected_fraction", 0.1, "Share of chunks the gate lets through.")
 _MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Tokens per memory update.")
@@ -57,7 +60,7 @@ def main(argv):
   settings = benchmark.BenchSettings(
       lengths=lengths, questions=_QUESTIONS.value or (4 if tiny else 8),
       selected_fraction=_SELECTED.value, memory_size=_MEMORY_SIZE.value or (16 if tiny else 1024),
-      answer_tokens=8 if tiny else 64, repeats=_REPEATS.value)
+      answer_tokens=8 if tiny else 64, repeats=_REPEATS.value, group_size=_GROUP.value)
   device = jax.devices()[0]
   machine = f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, jax {jax.__version__}"
   print(f"bench: {_MODEL.value} ({config.param_dtype}), chunk {chunk}, {settings.questions} "

@@ -4,7 +4,9 @@ Everything is measured in one process, one mode after another, on the same
 random weights: compression (all chunks, one batched call), the gate (the
 recall loop with no block read: one gate forward per block), the reasoner
 (the rest of a full run) and the total; `memagent` is MemAgent's loop on raw
-chunks.  Peak bytes are what XLA plans for the largest call (temporaries +
+chunks; `gate_stream` is gate mode with compression fused into the loop
+(`recall_streaming`: one group of chunks on device at a time, so its peak does
+not grow with the context).  Peak bytes are what XLA plans for the largest call (temporaries +
 arguments + outputs) minus the parameters.  On GPU the script also reports
 compression's achieved model TFLOP/s and batch-1 decoding's GB/s beside the
 machine's measured matmul and HBM ceilings.
@@ -26,7 +28,9 @@ from memrecall.config import ModelConfig
 from memrecall.evaluation import compiled_bytes
 from memrecall.prompts import Prompts, pad_ids
 from memrecall.reasoner import ReasonerConfig
-from memrecall.recall import DocumentBank, RecallConfig, RecallSetup, recall
+from memrecall.recall import DocumentBank, RecallConfig, RecallSetup, recall, recall_streaming
+
+MODES = ("gate", "gate_stream", "all", "memagent")
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -98,6 +102,7 @@ class BenchSettings:
   answer_tokens: int = 16
   memagent_chunk: int = 0  # 0: the compressor's chunk size
   repeats: int = 2
+  group_size: int = 8  # gate_stream: chunks compressed per step of the loop
 
 
 def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, prompts: Prompts,
@@ -111,14 +116,24 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
   b = settings.questions
   question, question_mask = pad_ids([[3 + i % 200 for i in range(16)]] * b)
   rng = np.random.default_rng(0)
+  unknown = set(modes) - set(MODES)
+  if unknown:
+    raise ValueError(f"unknown benchmark modes {sorted(unknown)}; choose from {MODES}")
   for length in settings.lengths:
     n = max(1, length // compressor.chunk_size)
+    if "gate_stream" in modes:  # whole groups of chunks
+      n = -(-n // settings.group_size) * settings.group_size
     ids = jnp.asarray(rng.integers(3, min(config.vocab_size, 30000), (n, compressor.chunk_size)),
                       jnp.int32)
     mask = jnp.ones(ids.shape, bool)
+    every = max(1, round(1 / settings.selected_fraction))
     for mode in modes:
       setup = RecallSetup(config, prompts, reasoner,
-                          RecallConfig(mode="gate" if mode == "gate" else "all"), greedy)
+                          RecallConfig(mode="all" if mode == "all" else "gate",
+                                       group_size=settings.group_size), greedy)
+      picks = np.zeros((b, n), bool)
+      picks[:, ::1 if mode == "all" else every] = True
+      compress_args = (params, config, compressor, ids, mask)
       if mode == "memagent":
         chunk = settings.memagent_chunk or compressor.chunk_size
         raw = jnp.asarray(rng.integers(3, min(config.vocab_size, 30000), (b, length // chunk, chunk)),
@@ -129,17 +144,23 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
         rows.append({"mode": mode, "context_tokens": length, "compress_s": 0.0, "gate_s": 0.0,
                      "reason_s": total, "total_s": total,
                      "peak_bytes": compiled_bytes(baselines.memagent, *args) - base})
+      elif mode == "gate_stream":
+        # One shared document [N, 1, C]; compression happens inside the loop, so the parts
+        # are: compression alone, the loop reading nothing (+ gate), the loop as selected.
+        stream = lambda read: (params, setup, compressor, ids[:, None], mask[:, None], question,
+                               question_mask, jax.random.key(0), jnp.asarray(read))
+        t_compress = best_time(lambda: compress(*compress_args).k, settings.repeats)
+        t_none = best_time(lambda: recall_streaming(*stream(np.zeros_like(picks))).answer.tokens,
+                           settings.repeats)
+        t_loop = best_time(lambda: recall_streaming(*stream(picks)).answer.tokens, settings.repeats)
+        rows.append({"mode": mode, "context_tokens": length, "compress_s": t_compress,
+                     "gate_s": max(t_none - t_compress, 0.0), "reason_s": max(t_loop - t_none, 0.0),
+                     "total_s": t_loop,
+                     "peak_bytes": int(compiled_bytes(recall_streaming, *stream(picks)) - base)})
       else:
-        compress_args = (params, config, compressor, ids, mask)
         t_compress = best_time(lambda: compress(*compress_args).k, settings.repeats)
         memory = compress(*compress_args)
         bank = DocumentBank.from_chunks([memory])
-        picks = np.zeros((b, n), bool)
-        if mode == "gate":
-          every = max(1, round(1 / settings.selected_fraction))
-          picks[:, ::every] = True
-        else:
-          picks[:] = True
         full_args = (params, setup, bank, question, question_mask, jax.random.key(0),
                      jnp.asarray(picks))
         t_loop = best_time(lambda: recall(*full_args).answer.tokens, settings.repeats)
@@ -152,20 +173,20 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
         rows.append({"mode": mode, "context_tokens": length, "compress_s": t_compress,
                      "gate_s": t_gate, "reason_s": t_loop - t_gate,
                      "total_s": t_compress + t_loop, "peak_bytes": int(peak)})
-      log(f"  {mode:<9} {length:>9} tokens: {rows[-1]['total_s']:.3f} s")
+      log(f"  {mode:<11} {length:>9} tokens: {rows[-1]['total_s']:.3f} s")
   return rows
 
 
 def table(rows: Sequence[dict]) -> str:
   reference = {r["context_tokens"]: r for r in rows if r["mode"] == "memagent"}
-  header = (f"{'mode':<9}{'tokens':>9}{'compress s':>12}{'gate s':>9}{'reason s':>10}"
+  header = (f"{'mode':<12}{'tokens':>9}{'compress s':>12}{'gate s':>9}{'reason s':>10}"
             f"{'total s':>10}{'peak MiB':>10}{'speed-up':>9}{'mem ratio':>10}")
   lines = [header, "-" * len(header)]
   for r in rows:
     ref = reference.get(r["context_tokens"])
     speed = ref["total_s"] / r["total_s"] if ref else float("nan")
     memory = r["peak_bytes"] / ref["peak_bytes"] if ref and ref["peak_bytes"] else float("nan")
-    lines.append(f"{r['mode']:<9}{r['context_tokens']:>9}{r['compress_s']:>12.4f}{r['gate_s']:>9.4f}"
+    lines.append(f"{r['mode']:<12}{r['context_tokens']:>9}{r['compress_s']:>12.4f}{r['gate_s']:>9.4f}"
                  f"{r['reason_s']:>10.4f}{r['total_s']:>10.4f}{r['peak_bytes'] / 2**20:>10.1f}"
                  f"{speed:>9.2f}{memory:>10.2f}")
   return "\n".join(lines)

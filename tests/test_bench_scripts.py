@@ -26,19 +26,23 @@ def test_bench_runs_on_the_tiny_model_and_writes_rows(tmp_path):
   out = tmp_path / "bench.json"
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"),
-                         "--lengths=512,1024", "--questions=2", "--memory_size=4", "--repeats=1",
+                         "--lengths=512,2048", "--questions=2", "--memory_size=4", "--repeats=1",
                          "--chunk_size=128", f"--output_json={out}"], capture_output=True,
                         text=True, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr
   rows = json.load(open(out))
   assert {(r["mode"], r["context_tokens"]) for r in rows} == {
-      (m, t) for m in ("gate", "all", "memagent") for t in (512, 1024)}
+      (m, t) for m in ("gate", "gate_stream", "all", "memagent") for t in (512, 2048)}
   for r in rows:
     assert set(r) == {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s",
                       "peak_bytes"}
     assert r["total_s"] > 0
   gate = {r["context_tokens"]: r for r in rows if r["mode"] == "gate"}
   assert all(r["gate_s"] > 0 and r["compress_s"] > 0 for r in gate.values())
+  # The device bank grows with the context; the streaming loop holds one group at a time.
+  stream = {r["context_tokens"]: r["peak_bytes"] for r in rows if r["mode"] == "gate_stream"}
+  assert gate[2048]["peak_bytes"] > 1.5 * gate[512]["peak_bytes"]
+  assert stream[2048] <= 1.1 * stream[512]
   assert "speed-up" in proc.stdout and "mem ratio" in proc.stdout
 
 
