@@ -33,6 +33,8 @@ def _metrics(workdir: str, stage: str) -> list[dict]:
 
 
 def _greedy_accuracy(params, config: ml_collections.ConfigDict, examples: int, batch: int) -> float:
+  """Greedy exact-match accuracy (%) at the training length, reading every chunk (raw chunks
+  for the memagent agent)."""
   run = trainer.build_run(config)
   from memrecall.data import example as example_lib, synthetic
   from memrecall.recall import RecallConfig, RecallSetup
@@ -42,9 +44,11 @@ def _greedy_accuracy(params, config: ml_collections.ConfigDict, examples: int, b
          for i in range(examples)]
   setup = RecallSetup(run.model, run.prompts, run.reasoner, RecallConfig(mode="all"),
                       SamplingConfig(eos_ids=run.model.eos_token_ids, pad_id=run.model.pad_token_id))
-  result = evaluation.evaluate(params, setup, run.compressor, exs, run.tokenizer,
-                               form=run.task.form, batch_size=batch,
-                               question_tokens=config.reasoner.question_tokens)
+  result = evaluation.evaluate_mode(
+      params, setup, run.compressor, exs, run.tokenizer,
+      mode="memagent" if run.agent == "memagent" else "all", form=run.task.form,
+      baseline=evaluation.BaselineConfig(memagent_chunk=run.compressor.chunk_size),
+      batch_size=batch, question_tokens=config.reasoner.question_tokens)
   return result.accuracy
 
 
@@ -79,22 +83,32 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   compressor.train.steps = demo.compressor_steps
   stage("compressor", compressor, path("compressor"))
 
-  # SFT to the early step first, snapshot it for the RL demonstration, then on to the end
-  # (an interrupted-and-resumed run equals an uninterrupted one).
+  # SFT until greedy accuracy first reaches `sft_early_accuracy` (checked at every
+  # checkpoint), snapshot that step as RL's starting point where imitation still leaves
+  # gaps, then on to the end (an interrupted-and-resumed run equals an uninterrupted one).
   sft = cfg("sft")
   sft.init.checkpoint = path("compressor")
   sft.train.steps = demo.sft_steps
   sft.optimizer.decay_steps = demo.sft_steps
   if not os.path.exists(path("sft_early")):
-    early = cfg("sft")
-    early.init.checkpoint = path("compressor")
-    early.train.steps = demo.sft_early_step
-    early.optimizer.decay_steps = sft.optimizer.decay_steps
-    early.train.checkpoint_every = demo.sft_early_step
-    trainer.train(early, path("sft"), log=lambda line: None)
-    checkpoint_dir = os.path.join(path("sft"), "checkpoints", str(demo.sft_early_step))
-    shutil.copytree(checkpoint_dir, os.path.join(path("sft_early"), "checkpoints",
-                                                 str(demo.sft_early_step)))
+    probe = {}
+
+    def reached(step: int, params) -> bool:
+      accuracy = _greedy_accuracy(params, sft, demo.eval_batch, demo.eval_batch)
+      log(f"  [early SFT] step {step}: greedy accuracy {accuracy:.1f}%")
+      probe.update(step=step, accuracy=accuracy)
+      return accuracy >= demo.sft_early_accuracy or step >= demo.sft_early_max_step
+
+    began = time.perf_counter()
+    trainer.train(sft, path("sft"), log=lambda line: None, stop_at=reached)
+    step = max(int(d) for d in os.listdir(os.path.join(path("sft"), "checkpoints")) if d.isdigit())
+    shutil.copytree(os.path.join(path("sft"), "checkpoints", str(step)),
+                    os.path.join(path("sft_early"), "checkpoints", str(step)))
+    stages["sft_early"] = {"wall_s": time.perf_counter() - began, "step": step,
+                           "accuracy_1x": probe["accuracy"] if probe.get("step") == step else None}
+    if is_primary():
+      with open(stages_path, "w") as f:
+        json.dump(stages, f, indent=1)
   stage("sft", sft, path("sft"), lambda: {
       "accuracy_1x": _greedy_accuracy(checkpoint.load_params(path("sft"))[0], sft,
                                       demo.eval_examples, demo.eval_batch)})
@@ -111,9 +125,9 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
       return {"reward_start": rows[0]["reward"] if rows else None,
               "reward_end": rows[-1]["reward"] if rows else None,
               "accuracy_before": _greedy_accuracy(checkpoint.load_params(init)[0], config,
-                                                  demo.eval_examples, demo.eval_batch),
+                                                  demo.rl_eval_examples, demo.eval_batch),
               "accuracy_after": _greedy_accuracy(checkpoint.load_params(directory)[0], config,
-                                                 demo.eval_examples, demo.eval_batch)}
+                                                 demo.rl_eval_examples, demo.eval_batch)}
     return summary
 
   rl_early = rl_config(path("sft_early"))
@@ -127,16 +141,34 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   gate.train.steps = demo.gate_steps
   stage("gate", gate, path("gate"))
 
-  # Evaluation of the final model (RL + gate).
-  params, _ = checkpoint.load_params(path("gate"))
+  if demo.train_memagent:
+    # The fair baseline: MemAgent's reader of raw chunks, same stages and budgets.
+    memagent_sft = cfg("sft")
+    memagent_sft.agent = "memagent"
+    memagent_sft.train.steps = demo.sft_steps
+    memagent_sft.optimizer.decay_steps = demo.sft_steps
+    stage("memagent_sft", memagent_sft, path("memagent_sft"), lambda: {
+        "accuracy_1x": _greedy_accuracy(checkpoint.load_params(path("memagent_sft"))[0],
+                                        memagent_sft, demo.eval_examples, demo.eval_batch)})
+    memagent_rl = rl_config(path("memagent_sft"))
+    memagent_rl.agent = "memagent"
+    stage("memagent_rl", memagent_rl, path("memagent_rl"),
+          rl_summary(path("memagent_rl"), path("memagent_sft"), memagent_rl))
+
+  # Evaluation of the final model (RL + gate), then of the trained baseline.
   run = trainer.build_run(cfg("sft"))
   began = time.perf_counter()
+  common = dict(lengths=list(demo.eval_lengths), batch_size=demo.eval_batch,
+                output_dir=path("eval"), threshold=gate.gate.threshold, log=log,
+                baseline=evaluation.BaselineConfig(memagent_chunk=run.compressor.chunk_size))
   rows = evaluation.evaluate_suite(
-      params, run, model_name="lychee", lengths=list(demo.eval_lengths),
-      modes=list(demo.eval_modes), examples=demo.eval_examples, batch_size=demo.eval_batch,
-      output_dir=path("eval"),
-      baseline=evaluation.BaselineConfig(memagent_chunk=run.compressor.chunk_size),
-      threshold=gate.gate.threshold, log=log)
+      checkpoint.load_params(path("gate"))[0], run, model_name="lychee",
+      modes=list(demo.eval_modes), examples=demo.eval_examples,
+      mode_examples={"memagent": demo.memagent_examples}, **common)
+  if demo.train_memagent:
+    rows = evaluation.evaluate_suite(
+        checkpoint.load_params(path("memagent_rl"))[0], run, model_name="memagent",
+        modes=["memagent"], examples=demo.memagent_examples, **common)
   stages.setdefault("eval", {"wall_s": time.perf_counter() - began})
   if is_primary():
     keys = ("model", "mode", "length_multiple", "context_tokens", "examples", "accuracy",
@@ -183,13 +215,26 @@ def _plot_rewards(workdir: str, stages: dict) -> None:
 
 
 def _summary(stages: dict, rows: list[dict], log) -> None:
-  log("[demo] stage wall times: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in stages.items()))
+  log("[demo] stage wall times: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in stages.items())
+      + f"; total {sum(v['wall_s'] for v in stages.values()):.0f}s")
   early = stages.get("rl_from_early_sft", {})
   if early:
-    log(f"[demo] RL from early SFT: greedy accuracy {early['accuracy_before']:.1f}% -> "
+    at = stages.get("sft_early", {}).get("step", "?")
+    log(f"[demo] RL from early SFT (step {at}): greedy accuracy {early['accuracy_before']:.1f}% -> "
         f"{early['accuracy_after']:.1f}%, reward {early['reward_start']:.2f} -> "
-        f"{early['reward_end']:.2f}")
-  gate = {r["length_multiple"]: r for r in rows if r["mode"] == "gate"}
-  for multiple, r in sorted(gate.items()):
-    log(f"[demo] gate mode at {multiple}x: recall of relevant chunks {r['gate_recall']:.3f}, "
-        f"skip rate {r['skip_rate']:.3f}")
+        f"{early['reward_end']:.2f}; final SFT {stages.get('sft', {}).get('accuracy_1x', 0):.1f}%")
+  by = {(r["model"], r["mode"], r["length_multiple"]): r for r in rows}
+  for multiple in sorted({r["length_multiple"] for r in rows}):
+    gate = by.get(("lychee", "gate", multiple))
+    if gate is None:
+      continue
+    line = (f"[demo] {multiple}x: gate accuracy {gate['accuracy']:.1f}%, recall of relevant "
+            f"chunks {gate['gate_recall']:.3f}, skip rate {gate['skip_rate']:.3f}")
+    same = by.get(("lychee", "memagent", multiple))
+    if same:
+      line += f"; {same['latency_s'] / gate['latency_s']:.1f}x faster than memagent mode"
+    trained = by.get(("memagent", "memagent", multiple))
+    if trained:
+      line += (f"; trained memagent {trained['accuracy']:.1f}% "
+               f"({trained['latency_s'] / gate['latency_s']:.1f}x slower)")
+    log(line)

@@ -188,11 +188,14 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
 def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], modes: Sequence[str],
                    examples: int, batch_size: int, output_dir: str, baseline: BaselineConfig,
                    seed_offset: int = 1000, keep_traces: int = 4, threshold: float = 0.5,
-                   topk: int = 4, log=print) -> list[dict]:
+                   topk: int = 4, mode_examples: dict[str, int] | None = None,
+                   log=print) -> list[dict]:
   """Every (length multiple, mode) not yet in OUTPUT_DIR/results.json; resumable.
 
   `run` is a `trainer.Run` (model, prompts, task at training length).  Examples
-  come from a stream (`seed_offset`) that training never reads.
+  come from a stream (`seed_offset`) that training never reads.  mode_examples
+  caps the questions of some modes (the first ones of the same stream), e.g. a
+  slow baseline that is run for its timing only.
   """
   from memrecall import eval_report  # pylint: disable=g-import-not-at-top
   from memrecall.data import example as example_lib, synthetic
@@ -218,7 +221,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       seed = run.config.task.seed + seed_offset
       cache = {multiple: [example_lib.tokenize(synthetic.make_example(task, seed, j, run.tokenizer),
                                                run.tokenizer) for j in range(examples)]}
-    batch = cache[multiple]
+    batch = cache[multiple][:(mode_examples or {}).get(mode, examples)]
     result = evaluate_mode(params, setup, run.compressor, batch, run.tokenizer, mode=mode,
                            form=run.task.form, baseline=baseline, batch_size=batch_size,
                            question_tokens=run.config.reasoner.question_tokens,

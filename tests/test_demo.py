@@ -9,29 +9,37 @@ from tests.train.conftest import small_config
 
 def _small(arg):
   c = small_config(arg)
-  c.demo.compressor_steps, c.demo.sft_steps, c.demo.sft_early_step = 2, 4, 2
+  c.demo.compressor_steps, c.demo.sft_steps, c.demo.sft_early_accuracy = 2, 4, 0.0
   c.demo.rl_steps, c.demo.gate_steps = 2, 2
   c.demo.eval_lengths, c.demo.eval_examples, c.demo.eval_batch = (1, 2), 4, 4
+  c.demo.memagent_examples, c.demo.rl_eval_examples = 2, 4
+  c.demo.train_memagent = True  # the full variant's fair baseline, on raw chunks
   return c
 
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   lines = []
   stages = demo.run_demo(_small, str(tmp_path), log=lines.append)
-  assert set(stages) == {"compressor", "sft", "rl_from_early_sft", "rl", "gate", "eval"}
+  assert set(stages) == {"compressor", "sft_early", "sft", "rl_from_early_sft", "rl", "gate",
+                         "memagent_sft", "memagent_rl", "eval"}
+  assert stages["sft_early"]["step"] == 2  # the first checkpoint reached 0% accuracy
   early = stages["rl_from_early_sft"]
   for key in ("reward_start", "reward_end", "accuracy_before", "accuracy_after"):
     assert early[key] is not None
   assert "accuracy_1x" in stages["sft"]
   rows = json.load(open(tmp_path / "results.json"))
-  assert {(r["mode"], r["length_multiple"]) for r in rows} == {
-      (m, n) for m in ("gate", "all", "memagent") for n in (1, 2)}
+  assert {(r["model"], r["mode"], r["length_multiple"]) for r in rows} == {
+      ("lychee", m, n) for m in ("gate", "all", "memagent") for n in (1, 2)} | {
+      ("memagent", "memagent", n) for n in (1, 2)}
+  assert {r["examples"] for r in rows if r["mode"] == "memagent"} == {2}
+  assert {r["examples"] for r in rows if r["mode"] != "memagent"} == {4}
   assert set(rows[0]) >= {"model", "mode", "length_multiple", "context_tokens", "examples",
                           "accuracy", "latency_s"}
   for png in ("accuracy_vs_length.png", "latency_vs_length.png", "rl_reward.png"):
     assert os.path.getsize(tmp_path / png) > 1000
-  assert any("RL from early SFT: greedy accuracy" in line for line in lines)
+  assert any(line.startswith("[demo] RL from early SFT (step 2): greedy accuracy") for line in lines)
+  assert any("faster than memagent mode; trained memagent" in line for line in lines)
   # A rerun trains nothing again.
   again = []
   demo.run_demo(_small, str(tmp_path), log=again.append)
-  assert sum("reused" in line for line in again) == 5
+  assert sum("reused" in line for line in again) == 7

@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_every_mode_at_three_lengths_with_plots(tmp_path):
   config = small_config("sft")
   config.task.length = 32  # one chunk; 64x = 2048 tokens
+  config.compressor.chunk_size = 32
   run = trainer.build_run(config)
   params = model.init_params(run.model, jax.random.key(0))
   baseline = evaluation.BaselineConfig(memagent_chunk=32, full_budget=128, rag_topk=2, rag_chunk=32)

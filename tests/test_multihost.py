@@ -40,8 +40,10 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   multi, _ = checkpoint.load_params(str(tmp_path / "multi"))  # written by 2 processes
   single, _ = checkpoint.load_params(str(tmp_path / "single"))
   flat_multi = flax.traverse_util.flatten_dict(multi)
+  # Cross-process reductions sum in another order; Adam's normalised steps (3 x lr 3e-3)
+  # can lift that rounding to ~1e-5, while a wrong row split moves parameters by ~1e-3.
   for key, value in flax.traverse_util.flatten_dict(single).items():
-    np.testing.assert_allclose(np.asarray(flat_multi[key]), np.asarray(value), atol=1e-6,
+    np.testing.assert_allclose(np.asarray(flat_multi[key]), np.asarray(value), atol=2e-5,
                                err_msg=str(key))
 
   # One result file, equal (timings aside) to a single-process evaluation.

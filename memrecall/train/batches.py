@@ -40,6 +40,24 @@ def chunked(examples: Sequence[TokenizedExample], chunk_size: int, num_chunks: i
   return ids, mask
 
 
+def recall_pretraining_chunks(ids: np.ndarray, mask: np.ndarray, ratio: int,
+                              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Rows [B, H] -> [B, 2H]: the row, then its `ratio`-token units again in shuffled order.
+
+  Predicting the repeat needs what the beacons of the first half kept, looked up by the
+  unit's first tokens — the compressor's job in recall.  Returns ids, mask and the
+  target mask (the repeated half only) [B, 2H].
+  """
+  b, h = ids.shape
+  if h % ratio:
+    raise BatchError(f"half-chunks of {h} tokens do not split into units of {ratio}")
+  order = rng.permuted(np.tile(np.arange(h // ratio), (b, 1)), axis=1)[..., None]  # [B, U, 1]
+  shuffle = lambda x: np.take_along_axis(x.reshape(b, h // ratio, ratio), order, 1).reshape(b, h)
+  repeat_mask = shuffle(mask)
+  return (np.concatenate([ids, shuffle(ids)], 1), np.concatenate([mask, repeat_mask], 1),
+          np.concatenate([np.zeros_like(mask), repeat_mask], 1))
+
+
 def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chunks: int,
               question_tokens: int, memory_capacity: int, memory_size: int, answer_tokens: int,
               initial_memory: Tokens, eos_id: int, pad_id: int) -> TurnBatch:

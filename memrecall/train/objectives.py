@@ -30,10 +30,15 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-  """What the objectives need to know statically (hashable)."""
+  """What the objectives need to know statically (hashable).
+
+  raw_chunks: the MemAgent reader — every update prompt carries its chunk's raw tokens
+  (the `memagent` template's {section}) instead of a compressed KV prefix.
+  """
   model: ModelConfig
   compressor: CompressorConfig
   prompts: Prompts
+  raw_chunks: bool = False
 
 
 @flax.struct.dataclass
@@ -66,9 +71,11 @@ class TurnBatch:
 
 def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Array, v: Array,
                   slot_mask: Array, question: Array, question_mask: Array, memory: WorkingMemory,
-                  targets: Array, target_mask: Array) -> tuple[Array, Array]:
+                  targets: Array, target_mask: Array, section: Array | None = None,
+                  section_mask: Array | None = None) -> tuple[Array, Array]:
   """Teacher-forced log-probs and entropies [B, M] of `targets` after [slots] + prompt."""
-  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask)
+  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask,
+                                        section, section_mask)
   tokens = jnp.concatenate([prompt, targets], axis=1)
   mask = jnp.concatenate([prompt_mask, target_mask.astype(bool)], axis=1)
   cache = prefix_cache(config, k, v, slot_mask, tokens.shape[1])
@@ -90,8 +97,13 @@ def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch, with_gate: 
   @jax.checkpoint
   def block(carry, xs):
     ids, mask, mem_ids, mem_mask, targets, target_mask = xs
-    chunk = compress(params, cfg, setup.compressor, ids, mask)
     memory = WorkingMemory(mem_ids, mem_mask)
+    if setup.raw_chunks:
+      logp, entropy = turn_logprobs(params, cfg, setup.prompts.memagent,
+                                    *no_prefix(cfg, ids.shape[0]), batch.question,
+                                    batch.question_mask, memory, targets, target_mask, ids, mask)
+      return carry, (logp, entropy, jnp.zeros(logp.shape[:1]))
+    chunk = compress(params, cfg, setup.compressor, ids, mask)
     logp, entropy = turn_logprobs(params, cfg, setup.prompts.update, chunk.k, chunk.v,
                                   chunk.slot_mask, batch.question, batch.question_mask,
                                   memory, targets, target_mask)
@@ -183,16 +195,21 @@ def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
                 "entropy": mean(_flat_tokens(entropy, answer_entropy))}
 
 
-def compressor_loss(params, setup: TrainSetup, chunk_ids: Array, chunk_mask: Array):
+def compressor_loss(params, setup: TrainSetup, chunk_ids: Array, chunk_mask: Array,
+                    target_mask: Array | None = None):
   """Next-token cross-entropy on raw tokens, conditioned on earlier windows' beacons only.
 
-  chunk_ids/chunk_mask: [B, C] (any text cut into chunks).
+  chunk_ids/chunk_mask: [B, C] (any text cut into chunks); target_mask [B, C]: the
+  tokens scored (default: all).
   """
   logits = compressor_logits(params, setup.model, setup.compressor, chunk_ids, chunk_mask)
   logp = jax.nn.log_softmax(logits[:, :-1])
   target = chunk_ids[:, 1:]
   token_logp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-  mask = (chunk_mask[:, 1:] & chunk_mask[:, :-1]).astype(jnp.float32)
+  mask = chunk_mask[:, 1:] & chunk_mask[:, :-1]
+  if target_mask is not None:
+    mask = mask & target_mask[:, 1:]
+  mask = mask.astype(jnp.float32)
   loss = -grpo.aggregate(token_logp, mask, "token_mean")
   # The tokens right after a window boundary see only beacons of what came before.
   w = setup.compressor.window

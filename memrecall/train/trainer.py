@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from memrecall import distributed, hf_checkpoint, model as model_lib, sharding as sharding_lib
+from memrecall import baselines, distributed, hf_checkpoint, model as model_lib
+from memrecall import sharding as sharding_lib
 from memrecall.compressor import CompressorConfig
 from memrecall.config import ConfigError, ModelConfig
 from memrecall.data import example as example_lib
@@ -40,6 +41,7 @@ from memrecall.train.checkpoint import Checkpointer, load_params
 from memrecall.train.metrics_writer import MetricsWriter
 
 STAGES = ("compressor", "sft", "rl", "gate")
+AGENTS = ("lychee", "memagent")
 
 
 class TrainingError(RuntimeError):
@@ -60,7 +62,13 @@ class Run:
 
   @property
   def setup(self) -> objectives.TrainSetup:
-    return objectives.TrainSetup(self.model, self.compressor, self.prompts)
+    return objectives.TrainSetup(self.model, self.compressor, self.prompts,
+                                 raw_chunks=self.agent == "memagent")
+
+  @property
+  def agent(self) -> str:
+    """lychee (reads compressed chunks) or memagent (reads raw chunks: the fair baseline)."""
+    return self.config.get("agent", "lychee")
 
   @property
   def num_chunks(self) -> int:
@@ -100,10 +108,19 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
                  if k not in ("seed", "curriculum_start", "curriculum_end")}
   task = synthetic.TaskConfig(**task_values)
   tokenizer = ByteTokenizer()
+  agent = config.get("agent", "lychee")
+  if agent not in AGENTS:
+    raise ConfigError(f"unknown agent {agent!r}; choose from {AGENTS}")
+  if agent == "memagent" and config.stage not in ("sft", "rl"):
+    raise ConfigError(f"the memagent agent reads raw chunks: it has no {config.stage} stage "
+                      "(train it with sft and rl)")
+  if agent == "memagent" and config.get("sft", {}).get("gate_weight", 0.0):
+    raise ConfigError("the memagent agent has no gate: set sft.gate_weight to 0")
   p = config.prompts
+  optional = {k: p[k] for k in ("memagent_template", "context_template") if p.get(k)}
   prompts = Prompts.build(tokenizer, p.chat_template or None, update_template=p.update_template,
                           final_template=p.final_template, gate_template=p.gate_template,
-                          initial_memory=synthetic.initial_memory(task))
+                          initial_memory=synthetic.initial_memory(task), **optional)
   mesh = sharding_lib.make_mesh(config.mesh.to_dict())
   if model.vocab_size < synthetic.SmallVocab(task.num_entities).size:
     raise ConfigError(f"vocab_size {model.vocab_size} is too small for the task's tokens")
@@ -169,8 +186,13 @@ class _Console:
     return f"step {step}/{self.total} {rate:.2f} steps/s ETA {eta:.0f}s | {shown}"
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
-  """Runs (or resumes) one stage; returns the last logged metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str, log=print,
+          stop_at: Callable[[int, Any], bool] | None = None) -> dict:
+  """Runs (or resumes) one stage; returns the last logged metrics.
+
+  stop_at(step, params): asked at every checkpoint step (`train.checkpoint_every`);
+  True saves that step and returns early (a later call resumes from it).
+  """
   check_workdir(workdir)
   run = build_run(config)
   stage = _STAGES[config.stage](run)
@@ -219,7 +241,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print) -> dict:
           if distributed.is_primary():
             log(console.line(done, metrics))
         last = metrics
-        checkpointer.save(done, state, config_json, data, force=done == config.train.steps)
+        stop = (stop_at is not None and done % config.train.checkpoint_every == 0
+                and stop_at(done, state.params))
+        checkpointer.save(done, state, config_json, data, force=done == config.train.steps or stop)
+        if stop:
+          break
     finally:
       checkpointer.close()
       writer.close()
@@ -252,12 +278,21 @@ class _Stage(abc.ABC):
 
 
 class CompressorStage(_Stage):
+  """Language modelling through beacons; with `pretrain.recall`, on chunks whose second half
+  repeats the first half's units shuffled (scored on the repeat only)."""
+
   def batch(self, step, state, rows):
+    r = self.run
     examples = self.examples(step, rows)
-    ids, mask = batches.chunked(examples, self.run.compressor.chunk_size, self.run.num_chunks,
-                                self.run.model.pad_token_id)
-    c = self.run.compressor.chunk_size
-    return (ids.reshape(-1, c), mask.reshape(-1, c)), {}
+    c = r.compressor.chunk_size
+    if not ("pretrain" in r.config and r.config.pretrain.recall):
+      ids, mask = batches.chunked(examples, c, r.num_chunks, r.model.pad_token_id)
+      return (ids.reshape(-1, c), mask.reshape(-1, c), mask.reshape(-1, c)), {}
+    half = c // 2
+    ids, mask = batches.chunked(examples, half, -(-r.task.length // half), r.model.pad_token_id)
+    rng = np.random.default_rng([r.config.seed, step, rows.start])
+    return batches.recall_pretraining_chunks(ids.reshape(-1, half), mask.reshape(-1, half),
+                                             r.compressor.ratio, rng), {}
 
   def loss(self, params, batch, rng):
     return objectives.compressor_loss(params, self.run.setup, *batch)
@@ -340,9 +375,13 @@ class RLStage(_Stage):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
     local = distributed.local_rows(self.batch_size)
     shared = to_global(turns, r.mesh)
-    out = distributed.to_host(recall_documents(state.params, self.recall_setup, r.compressor,
-                                               shared.chunk_ids, shared.chunk_mask, shared.question,
-                                               shared.question_mask, rng))
+    if r.agent == "memagent":
+      rollout = baselines.memagent(state.params, self.recall_setup, shared.chunk_ids,
+                                   shared.chunk_mask, shared.question, shared.question_mask, rng)
+    else:
+      rollout = recall_documents(state.params, self.recall_setup, r.compressor, shared.chunk_ids,
+                                 shared.chunk_mask, shared.question, shared.question_mask, rng)
+    out = distributed.to_host(rollout)
     out = jax.tree.map(lambda x: x[local], out)
     trace, answer = out.trace, out.answer
     m = r.reasoner.memory_size

@@ -32,11 +32,11 @@ def _fit(stage_name, steps, lr, trainable=None):
   return losses, params, state
 
 
-@pytest.mark.parametrize("stage,trainable", [
-    ("compressor", "backbone"),  # random ids: beacons alone on a random backbone learn little
-    ("sft", None), ("gate", None)])
-def test_loss_falls_on_a_fixed_batch(stage, trainable):
-  losses, _, _ = _fit(stage, 15, 1e-2, trainable)
+@pytest.mark.parametrize("stage,trainable,steps", [
+    ("compressor", "backbone", 15),  # random ids: beacons alone on a random backbone learn little
+    ("sft", None, 15), ("gate", None, 30)])
+def test_loss_falls_on_a_fixed_batch(stage, trainable, steps):
+  losses, _, _ = _fit(stage, steps, 1e-2, trainable)
   assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -104,3 +104,46 @@ def test_a_step_changes_only_the_trainable_subset(subset):
       assert changed, key
     if key not in trainable:
       assert not changed, key
+
+
+@pytest.mark.parametrize("agent", ["lychee", "memagent"])
+def test_rollout_logprobs_equal_the_teacher_forced_scores(agent):
+  """The RL stage's sampled turns, re-scored by the objective, give the sampler's own
+  log-probs: the loop and the loss see the same prompts (compressed or raw chunks)."""
+  config = small_config("rl")
+  config.agent = agent
+  run = trainer.build_run(config)
+  stage = trainer._STAGES["rl"](run)
+  params = model.init_params(run.model, jax.random.key(0))
+  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=1e-3))
+  state = state_lib.create_train_state(params, "backbone", optimizer, 0)
+  stage.start(state.params)
+  batch, _ = stage.batch(0, state, slice(0, config.train.batch_size))
+  mask = np.asarray(batch.turns.target_mask)
+  assert mask.sum() > 0
+  # The reference policy is the initial one, so its teacher-forced scores are the sampler's.
+  np.testing.assert_allclose(np.asarray(batch.ref_logprobs)[mask],
+                             np.asarray(batch.old_logprobs)[mask], atol=2e-4)
+  answer = np.asarray(batch.turns.answer_mask)
+  np.testing.assert_allclose(np.asarray(batch.ref_answer_logprobs)[answer],
+                             np.asarray(batch.old_answer_logprobs)[answer], atol=2e-4)
+
+
+def test_memagent_agent_learns_from_raw_chunks_and_has_no_gate():
+  config = small_config("sft")
+  config.agent = "memagent"
+  run = trainer.build_run(config)
+  assert run.setup.raw_chunks
+  stage = trainer._STAGES["sft"](run)
+  params = model.init_params(run.model, jax.random.key(0))
+  batch, _ = stage.batch(0, None, slice(0, config.train.batch_size))
+  loss = lambda p: objectives.sft_loss(p, run.setup, batch)[0]
+  grads = jax.grad(loss)(params)
+  flat = flax.traverse_util.flatten_dict(grads)
+  # Raw chunks: nothing flows through the beacon parameters.
+  assert all(float(jnp.abs(g).max()) == 0 for k, g in flat.items() if k[-1].startswith("beacon_"))
+  assert float(jnp.abs(flat[("embedding",)]).max()) > 0
+  gate = small_config("gate")
+  gate.agent = "memagent"
+  with pytest.raises(Exception, match="memagent agent reads raw chunks"):
+    trainer.build_run(gate)
