@@ -75,7 +75,7 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
 
   full = variant == "full"
   c.demo = ml_collections.ConfigDict({
-      "compressor_steps": 300 if full else 150,
+      "compressor_steps": 100,
       "sft_steps": 3000 if full else 2000,
       # RL's starting point in its demonstration, where imitation still leaves gaps: the first
       # SFT checkpoint (every 50 steps) at this greedy accuracy, or the max step.
@@ -97,7 +97,7 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
 
   if arg == "compressor":
     c.train.trainable = "beacon"
-    c.optimizer.learning_rate = 3e-4
+    c.optimizer.learning_rate = 1e-4
     # Chunks of 4 windows: two of the document, then its facts again, shuffled.  Random facts
     # are unpredictable, so plain language modelling gives beacons nothing to keep; the
     # repeat is predictable only through the first half's beacons.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import shutil
 import time
 from typing import Callable
@@ -182,8 +183,34 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     eval_report.plot(rows, workdir)
     _plot_rewards(workdir, stages)
     log(eval_report.table(rows))
-    _summary(stages, rows, log)
+    summary = _summary(stages, rows)
+    for line in summary:
+      log(line)
+    with open(path("report.md"), "w") as f:
+      f.write(_report(variant, stages, rows, summary))
+    log(f"[demo] report: {path('report.md')}")
   return stages
+
+
+def _machine() -> str:
+  import jax
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return (f"{platform.machine()}, {os.cpu_count()} CPUs, {memory:.0f} GiB, "
+          f"{jax.default_backend()} backend, jax {jax.__version__}, Python {platform.python_version()}")
+
+
+def _report(variant: str, stages: dict, rows: list[dict], summary: list[str]) -> str:
+  """Markdown of what the run measured: command, machine, stage times, results, summary."""
+  flag = "" if variant == "default" else f" --variant={variant}"
+  lines = [f"Command: `bash launch/demo.sh WORKDIR{flag}`; machine: {_machine()}; "
+           f"finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+           "| stage | seconds | steps |", "|---|---|---|"]
+  for name, record in stages.items():
+    lines.append(f"| {name} | {record['wall_s']:.0f} | {record.get('steps', record.get('step', ''))} |")
+  lines += [f"| total | {sum(r['wall_s'] for r in stages.values()):.0f} | |", "",
+            eval_report.markdown_table(rows), ""]
+  lines += [line.removeprefix("[demo] ") + "  " for line in summary]
+  return "\n".join(lines) + "\n"
 
 
 def _plot_rewards(workdir: str, stages: dict) -> None:
@@ -214,7 +241,10 @@ def _plot_rewards(workdir: str, stages: dict) -> None:
   plt.close(fig)
 
 
-def _summary(stages: dict, rows: list[dict], log) -> None:
+def _summary(stages: dict, rows: list[dict]) -> list[str]:
+  """The headline numbers, one line each: stage times, what RL added, gate vs memagent."""
+  lines = []
+  log = lines.append
   log("[demo] stage wall times: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in stages.items())
       + f"; total {sum(v['wall_s'] for v in stages.values()):.0f}s")
   early = stages.get("rl_from_early_sft", {})
@@ -238,3 +268,4 @@ def _summary(stages: dict, rows: list[dict], log) -> None:
       line += (f"; trained memagent {trained['accuracy']:.1f}% "
                f"({trained['latency_s'] / gate['latency_s']:.1f}x slower)")
     log(line)
+  return lines

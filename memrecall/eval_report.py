@@ -51,6 +51,20 @@ def table(rows: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
+def markdown_table(rows: Sequence[dict]) -> str:
+  """The results as a Markdown table (the README shows the demo's)."""
+  lines = ["| model | mode | length | tokens | questions | accuracy % | ± | s / question | "
+           "blocks read | gate recall | skip rate |", "|" + "---|" * 11]
+  fmt = lambda x, spec: "" if x is None else format(x, spec)
+  for r in rows:
+    lines.append(f"| {r.get('model', '')} | {r['mode']} | {r['length_multiple']}x | "
+                 f"{r['context_tokens']} | {r['examples']} | {r['accuracy']:.1f} | "
+                 f"{r.get('stderr', 0):.1f} | {r['latency_s']:.4f} | "
+                 f"{fmt(r.get('blocks_read'), '.1f')} | {fmt(r.get('gate_recall'), '.3f')} | "
+                 f"{fmt(r.get('skip_rate'), '.3f')} |")
+  return "\n".join(lines)
+
+
 def plot(rows: Sequence[dict], directory: str, prefix: str = "") -> dict[str, list[str]]:
   """accuracy / latency / peak memory vs context length, one line per (model, mode).
 

@@ -35,6 +35,9 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   assert {r["examples"] for r in rows if r["mode"] != "memagent"} == {4}
   assert set(rows[0]) >= {"model", "mode", "length_multiple", "context_tokens", "examples",
                           "accuracy", "latency_s"}
+  report = open(tmp_path / "report.md").read()
+  assert "| model | mode | length |" in report and "| total |" in report
+  assert report.count("| lychee | gate |") == 2
   for png in ("accuracy_vs_length.png", "latency_vs_length.png", "rl_reward.png"):
     assert os.path.getsize(tmp_path / png) > 1000
   assert any(line.startswith("[demo] RL from early SFT (step 2): greedy accuracy") for line in lines)
