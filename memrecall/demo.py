@@ -175,9 +175,9 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     keys = ("model", "mode", "length_multiple", "context_tokens", "examples", "accuracy",
             "latency_s")
     with open(path("results.json"), "w") as f:
-      json.dump([{k: r[k] for k in keys} | {"blocks_read": r["blocks_read"],
-                                             "gate_recall": r["gate_recall"],
-                                             "skip_rate": r["skip_rate"]} for r in rows], f, indent=1)
+      json.dump([eval_report.json_safe({k: r[k] for k in keys + ("blocks_read", "gate_recall",
+                                                                  "skip_rate")}) for r in rows],
+                f, indent=1)
     with open(stages_path, "w") as f:
       json.dump(stages, f, indent=1)
     eval_report.plot(rows, workdir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from typing import Sequence
 
@@ -24,9 +25,15 @@ def load_rows(path: str) -> list[dict]:
   return rows
 
 
+def json_safe(row: dict) -> dict:
+  """NaN (a figure that does not apply, e.g. gate recall of a baseline) as null: strict JSON."""
+  return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
 def save_rows(rows: Sequence[dict], directory: str, name: str = "results") -> None:
   """Writes `name`.json and `name`.csv atomically (a partial file never replaces a good one)."""
   os.makedirs(directory, exist_ok=True)
+  rows = [json_safe(r) for r in rows]
   path = os.path.join(directory, f"{name}.json")
   with open(path + ".tmp", "w") as f:
     json.dump(list(rows), f, indent=1)
@@ -46,8 +53,8 @@ def table(rows: Sequence[dict]) -> str:
   lines = [header, "-" * len(header)]
   for r in rows:
     lines.append(f"{r.get('model', ''):<9}{r['mode']:<10}{r['length_multiple']:>7}x"
-                 f"{r['context_tokens']:>9}{r['accuracy']:>8.1f}{r.get('stderr', 0):>6.1f}"
-                 f"{r['latency_s']:>11.4f}{r.get('blocks_read', 0):>7.1f}")
+                 f"{r['context_tokens']:>9}{r['accuracy']:>8.1f}{r.get('stderr') or 0:>6.1f}"
+                 f"{r['latency_s']:>11.4f}{r.get('blocks_read') or 0:>7.1f}")
   return "\n".join(lines)
 
 
@@ -55,11 +62,11 @@ def markdown_table(rows: Sequence[dict]) -> str:
   """The results as a Markdown table (the README shows the demo's)."""
   lines = ["| model | mode | length | tokens | questions | accuracy % | ± | s / question | "
            "blocks read | gate recall | skip rate |", "|" + "---|" * 11]
-  fmt = lambda x, spec: "" if x is None else format(x, spec)
+  fmt = lambda x, spec: "" if x is None or x != x else format(x, spec)  # x != x: NaN
   for r in rows:
     lines.append(f"| {r.get('model', '')} | {r['mode']} | {r['length_multiple']}x | "
                  f"{r['context_tokens']} | {r['examples']} | {r['accuracy']:.1f} | "
-                 f"{r.get('stderr', 0):.1f} | {r['latency_s']:.4f} | "
+                 f"{fmt(r.get('stderr'), '.1f')} | {r['latency_s']:.4f} | "
                  f"{fmt(r.get('blocks_read'), '.1f')} | {fmt(r.get('gate_recall'), '.3f')} | "
                  f"{fmt(r.get('skip_rate'), '.3f')} |")
   return "\n".join(lines)

@@ -231,7 +231,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
            "accuracy": result.accuracy, "stderr": result.stderr, "latency_s": result.latency_s,
            "peak_bytes": result.peak_bytes, "blocks_read": result.blocks_read,
            "gate_recall": result.gate_recall, "skip_rate": result.skip_rate}
-    rows.append(row)
+    rows.append(eval_report.json_safe(row))  # as a resumed run reads it back
     if is_primary():  # every process computes the same rows; one writes them
       eval_report.save_rows(rows, output_dir)
       os.makedirs(os.path.join(output_dir, "traces"), exist_ok=True)

@@ -27,7 +27,11 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   for key in ("reward_start", "reward_end", "accuracy_before", "accuracy_after"):
     assert early[key] is not None
   assert "accuracy_1x" in stages["sft"]
-  rows = json.load(open(tmp_path / "results.json"))
+  def strict(constant):
+    raise AssertionError(f"{constant} in results.json: not strict JSON")
+  rows = json.load(open(tmp_path / "results.json"), parse_constant=strict)
+  json.load(open(tmp_path / "eval" / "results.json"), parse_constant=strict)
+  assert {r["gate_recall"] for r in rows if r["mode"] == "memagent"} == {None}
   assert {(r["model"], r["mode"], r["length_multiple"]) for r in rows} == {
       ("lychee", m, n) for m in ("gate", "all", "memagent") for n in (1, 2)} | {
       ("memagent", "memagent", n) for n in (1, 2)}
