@@ -229,6 +229,9 @@ def _plot_rewards(workdir: str, stages: dict) -> None:
   if key.get("accuracy_before") is not None:
     ax.axhline(key["accuracy_before"] / 100, linestyle="--", color="gray",
                label="early SFT accuracy (greedy)")
+  if key.get("accuracy_after") is not None:
+    ax.axhline(key["accuracy_after"] / 100, linestyle="-.", color="C0",
+               label="after RL from early SFT (greedy)")
   if stages.get("sft", {}).get("accuracy_1x") is not None:
     ax.axhline(stages["sft"]["accuracy_1x"] / 100, linestyle=":", color="black",
                label="final SFT accuracy (greedy)")
@@ -262,10 +265,10 @@ def _summary(stages: dict, rows: list[dict]) -> list[str]:
             f"chunks {gate['gate_recall']:.3f}, skip rate {gate['skip_rate']:.3f}")
     same = by.get(("lychee", "memagent", multiple))
     if same:
-      line += f"; {same['latency_s'] / gate['latency_s']:.1f}x faster than memagent mode"
+      line += f"; memagent mode takes {same['latency_s'] / gate['latency_s']:.1f}x gate's time"
     trained = by.get(("memagent", "memagent", multiple))
     if trained:
-      line += (f"; trained memagent {trained['accuracy']:.1f}% "
-               f"({trained['latency_s'] / gate['latency_s']:.1f}x slower)")
+      line += (f"; trained memagent {trained['accuracy']:.1f}% in "
+               f"{trained['latency_s'] / gate['latency_s']:.1f}x gate's time")
     log(line)
   return lines
