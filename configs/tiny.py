@@ -1,10 +1,10 @@
 """The tiny model on the synthetic multi-hop task: `--config configs/tiny.py:STAGE[,VARIANT]`.
 
 STAGE is one of compressor, sft, rl, gate; VARIANT is `default` (the README's
-demo, about 15 minutes on a 2-core CPU) or `full` (longer budgets).  The
-`demo` block holds the pipeline's settings for launch/demo.py.  Everything runs
-on a laptop CPU (DESIGN §8: a 2-hop task, chunks of 32 tokens, a 2-token
-working memory).
+demo, about 10 minutes on a 2-core CPU) or `full` (longer budgets and a trained
+memagent baseline, about 27 minutes).  The `demo` block holds the pipeline's
+settings for launch/demo.py.  Everything runs on a laptop CPU (DESIGN §8: a
+2-hop task, each needed fact in its own chunk, a 2-token working memory).
 """
 
 import ml_collections
