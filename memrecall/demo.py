@@ -62,6 +62,11 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   stages_path = os.path.join(workdir, "stages.json")
   stages = json.load(open(stages_path)) if os.path.exists(stages_path) else {}
 
+  def save_stages():
+    if is_primary():
+      with open(stages_path, "w") as f:
+        json.dump(stages, f, indent=1)
+
   def stage(name: str, config, directory: str, extra: Callable[[], dict] | None = None):
     if name in stages:
       log(f"[demo] {name}: done earlier ({stages[name]['wall_s']:.0f} s), reused")
@@ -74,9 +79,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     if extra:
       record.update(extra())
     stages[name] = record
-    if is_primary():
-      with open(stages_path, "w") as f:
-        json.dump(stages, f, indent=1)
+    save_stages()
 
   path = lambda name: os.path.join(workdir, name)
 
@@ -87,10 +90,13 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   # SFT until greedy accuracy first reaches `sft_early_accuracy` (checked at every
   # checkpoint), snapshot that step as RL's starting point where imitation still leaves
   # gaps, then on to the end (an interrupted-and-resumed run equals an uninterrupted one).
-  sft = cfg("sft")
-  sft.init.checkpoint = path("compressor")
-  sft.train.steps = demo.sft_steps
-  sft.optimizer.decay_steps = demo.sft_steps
+  def sft_config(agent: str, init: str):
+    config = cfg("sft")
+    config.agent, config.init.checkpoint = agent, init
+    config.train.steps = config.optimizer.decay_steps = demo.sft_steps
+    return config
+
+  sft = sft_config("lychee", path("compressor"))
   if not os.path.exists(path("sft_early")):
     probe = {}
 
@@ -107,9 +113,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
                     os.path.join(path("sft_early"), "checkpoints", str(step)))
     stages["sft_early"] = {"wall_s": time.perf_counter() - began, "step": step,
                            "accuracy_1x": probe["accuracy"] if probe.get("step") == step else None}
-    if is_primary():
-      with open(stages_path, "w") as f:
-        json.dump(stages, f, indent=1)
+    save_stages()
   stage("sft", sft, path("sft"), lambda: {
       "accuracy_1x": _greedy_accuracy(checkpoint.load_params(path("sft"))[0], sft,
                                       demo.eval_examples, demo.eval_batch)})
@@ -144,10 +148,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
 
   if demo.train_memagent:
     # The fair baseline: MemAgent's reader of raw chunks, same stages and budgets.
-    memagent_sft = cfg("sft")
-    memagent_sft.agent = "memagent"
-    memagent_sft.train.steps = demo.sft_steps
-    memagent_sft.optimizer.decay_steps = demo.sft_steps
+    memagent_sft = sft_config("memagent", "")  # from random initialisation: no compressor
     stage("memagent_sft", memagent_sft, path("memagent_sft"), lambda: {
         "accuracy_1x": _greedy_accuracy(checkpoint.load_params(path("memagent_sft"))[0],
                                         memagent_sft, demo.eval_examples, demo.eval_batch)})
@@ -173,13 +174,10 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   stages.setdefault("eval", {"wall_s": time.perf_counter() - began})
   if is_primary():
     keys = ("model", "mode", "length_multiple", "context_tokens", "examples", "accuracy",
-            "latency_s")
+            "latency_s", "blocks_read", "gate_recall", "skip_rate")
     with open(path("results.json"), "w") as f:
-      json.dump([eval_report.json_safe({k: r[k] for k in keys + ("blocks_read", "gate_recall",
-                                                                  "skip_rate")}) for r in rows],
-                f, indent=1)
-    with open(stages_path, "w") as f:
-      json.dump(stages, f, indent=1)
+      json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
+    save_stages()
     eval_report.plot(rows, workdir)
     _plot_rewards(workdir, stages)
     log(eval_report.table(rows))

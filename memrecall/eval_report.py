@@ -33,7 +33,6 @@ def json_safe(row: dict) -> dict:
 def save_rows(rows: Sequence[dict], directory: str, name: str = "results") -> None:
   """Writes `name`.json and `name`.csv atomically (a partial file never replaces a good one)."""
   os.makedirs(directory, exist_ok=True)
-  rows = [json_safe(r) for r in rows]
   path = os.path.join(directory, f"{name}.json")
   with open(path + ".tmp", "w") as f:
     json.dump(list(rows), f, indent=1)

@@ -94,21 +94,22 @@ def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch, with_gate: 
   with_gate also returns the gate's logit of every block [B, N] (same compressed chunks)."""
   cfg = setup.model
 
+  if with_gate and setup.raw_chunks:
+    raise ValueError("a raw-chunk (memagent) reader has no gate to train")
+
   @jax.checkpoint
   def block(carry, xs):
     ids, mask, mem_ids, mem_mask, targets, target_mask = xs
     memory = WorkingMemory(mem_ids, mem_mask)
-    if setup.raw_chunks:
-      logp, entropy = turn_logprobs(params, cfg, setup.prompts.memagent,
-                                    *no_prefix(cfg, ids.shape[0]), batch.question,
-                                    batch.question_mask, memory, targets, target_mask, ids, mask)
-      return carry, (logp, entropy, jnp.zeros(logp.shape[:1]))
-    chunk = compress(params, cfg, setup.compressor, ids, mask)
-    logp, entropy = turn_logprobs(params, cfg, setup.prompts.update, chunk.k, chunk.v,
-                                  chunk.slot_mask, batch.question, batch.question_mask,
-                                  memory, targets, target_mask)
-    gate = (gate_logits(params, cfg, setup.prompts.gate, chunk.k, chunk.v, chunk.slot_mask,
-                        batch.question, batch.question_mask, memory) if with_gate
+    if setup.raw_chunks:  # MemAgent: the chunk's raw tokens in the prompt, no KV prefix
+      template, prefix, section = setup.prompts.memagent, no_prefix(cfg, ids.shape[0]), (ids, mask)
+    else:
+      chunk = compress(params, cfg, setup.compressor, ids, mask)
+      template, prefix, section = setup.prompts.update, (chunk.k, chunk.v, chunk.slot_mask), ()
+    logp, entropy = turn_logprobs(params, cfg, template, *prefix, batch.question,
+                                  batch.question_mask, memory, targets, target_mask, *section)
+    gate = (gate_logits(params, cfg, setup.prompts.gate, *prefix, batch.question,
+                        batch.question_mask, memory) if with_gate
             else jnp.zeros(logp.shape[:1]))
     return carry, (logp, entropy, gate)
 

@@ -285,9 +285,9 @@ class CompressorStage(_Stage):
     r = self.run
     examples = self.examples(step, rows)
     c = r.compressor.chunk_size
-    if not ("pretrain" in r.config and r.config.pretrain.recall):
+    if not r.config.get("pretrain", {}).get("recall", False):
       ids, mask = batches.chunked(examples, c, r.num_chunks, r.model.pad_token_id)
-      return (ids.reshape(-1, c), mask.reshape(-1, c), mask.reshape(-1, c)), {}
+      return (ids.reshape(-1, c), mask.reshape(-1, c)), {}
     half = c // 2
     ids, mask = batches.chunked(examples, half, -(-r.task.length // half), r.model.pad_token_id)
     rng = np.random.default_rng([r.config.seed, step, rows.start])
