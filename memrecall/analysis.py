@@ -3,7 +3,7 @@
     from memrecall import analysis
     model = analysis.load_model("runs/gate")            # orbax checkpoint + its config
     trace = analysis.load_trace("runs/gate/eval/traces/lychee-gate-8x.json", question=0)
-    analysis.plot_question(trace, model.tokenizer, "question0.png", decode=model.decode)
+    analysis.plot_question(trace, "question0.png", decode=model.tokenizer.decode)
 """
 
 from __future__ import annotations
