@@ -4,7 +4,8 @@ r"""Evaluates a trained checkpoint at several context lengths and modes.
       --lengths=1,8,64 --modes=gate,all,memagent --output_dir=/tmp/run/eval
 
 Writes OUTPUT_DIR/results.json and results.csv (one row per model, mode and
-length: accuracy with its standard error, latency, compiled peak bytes,
+length: accuracy with its standard error, latency (one question alone) and
+time per question in batches, compiled peak bytes,
 blocks read, gate recall and skip rate), traces/*.json for a few questions,
 and accuracy/latency/peak-memory-vs-length PNGs.  Rerunning skips the rows
 already in results.json.
@@ -28,6 +29,11 @@ _EXAMPLES = flags.DEFINE_integer("examples", 64, "Questions per length.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Questions per batch.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate threshold.")
 _TOPK = flags.DEFINE_integer("topk", 4, "Blocks read in topk mode.")
+_GATE_GROUP = flags.DEFINE_integer(
+    "gate_group", 1, "Blocks the gate scores per step against the current memory (same decisions; "
+    "fewer sequential steps).")
+_LATENCY_EXAMPLES = flags.DEFINE_integer(
+    "latency_examples", 4, "Questions per row also answered one at a time for the latency.")
 _MEMAGENT_CHUNK = flags.DEFINE_integer("memagent_chunk", None,
                                        "Raw tokens per MemAgent section (default: chunk size).")
 _FULL_BUDGET = flags.DEFINE_integer("full_budget", 512, "Token budget of the full-context mode.")
@@ -60,7 +66,8 @@ def main(argv):
     rows = evaluation.evaluate_suite(
         params, run, model_name=_MODEL_NAME.value, lengths=lengths, modes=_MODES.value,
         examples=_EXAMPLES.value, batch_size=_BATCH_SIZE.value, output_dir=output_dir,
-        baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value)
+        baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
+        gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   print(eval_report.table(rows))

@@ -45,11 +45,41 @@ def _timed(jitted, args, first: bool) -> tuple[object, float, int | None]:
   return out, time.perf_counter() - began, peak
 
 
+def _latency_alone(prepare, examples: Sequence[TokenizedExample], count: int) -> float:
+  """Mean seconds to answer one question by itself (a batch of 1), over the first `count`:
+  the latency a user waits for.  `prepare(group)` gives (jitted, args); compiled untimed."""
+  times = []
+  for i, ex in enumerate(examples[:count]):
+    jitted, args = prepare([ex])
+    if i == 0:
+      jax.device_get(jitted(*args))
+    began = time.perf_counter()
+    jax.device_get(jitted(*args))
+    times.append(time.perf_counter() - began)
+  return float(np.mean(times)) if times else float("nan")
+
+
+def _in_batches(prepare, examples: Sequence[TokenizedExample], batch_size: int):
+  """[(real examples, host output)] per batch (the last padded to one compiled shape), the
+  seconds they took and the compiled peak bytes of one batch."""
+  outputs, seconds, peak = [], 0.0, None
+  for start in range(0, len(examples), batch_size):
+    group = list(examples[start:start + batch_size])
+    real = len(group)
+    jitted, args = prepare(group + [group[-1]] * (batch_size - real), seed_offset=start)
+    out, elapsed, first_peak = _timed(jitted, args, start == 0)
+    seconds += elapsed
+    peak = first_peak if first_peak is not None else peak
+    outputs.append((group[:real], out))
+  return outputs, seconds, peak
+
+
 @dataclasses.dataclass
 class EvalResult:
   accuracy: float  # x100
   stderr: float  # x100
-  latency_s: float  # per question, wall time of compression + recall
+  latency_s: float  # one question answered by itself: compression + recall, seconds
+  batched_s: float  # wall time per question when answered `batch_size` at a time
   blocks_read: float  # per question
   gate_recall: float  # share of relevant blocks read
   skip_rate: float  # share of blocks skipped
@@ -58,29 +88,35 @@ class EvalResult:
   peak_bytes: int | None = None  # compiled device bytes of one batch
 
 
+def _answer_ids(answer, i: int, eos: set) -> list[int]:
+  n = int(answer.lengths[i])
+  return [int(t) for t in answer.tokens[i, :n] if int(t) not in eos]
+
+
+def _stderr(scores: np.ndarray) -> float:
+  return float(100 * scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else float("nan")
+
+
 def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
              examples: Sequence[TokenizedExample], tokenizer, *, form: str, batch_size: int = 16,
-             question_tokens: int = 64, seed: int = 0, keep_traces: int = 0) -> EvalResult:
-  """Runs compression + recall on `examples` in batches and scores the answers."""
+             question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
+             latency_examples: int = 4) -> EvalResult:
+  """Runs compression + recall on `examples` in batches and scores the answers; times the
+  first `latency_examples` questions alone too."""
   n_chunks = max(-(-len(ex.context) // compressor.chunk_size) for ex in examples)
   eos = set(setup.model.eos_token_ids)
-  scores, reads, relevant_read, relevant, blocks, seconds, traces = [], [], 0, 0, 0, 0.0, []
-  peak = None
-  for start in range(0, len(examples), batch_size):
-    group = list(examples[start:start + batch_size])
-    real = len(group)
-    group += [group[-1]] * (batch_size - real)  # one compiled shape for every batch
+
+  def prepare(group, seed_offset=0):
     ids, mask = chunked(group, compressor.chunk_size, n_chunks, setup.model.pad_token_id)
     question, question_mask = pad_ids([ex.question for ex in group], question_tokens)
-    rng = jax.random.key(seed + start)
-    out, elapsed, first_peak = _timed(
-        recall_documents, (params, setup, compressor, ids, mask, question, question_mask, rng),
-        start == 0)
-    seconds += elapsed
-    peak = first_peak if first_peak is not None else peak
-    for i, ex in enumerate(group[:real]):
-      n = int(out.answer.lengths[i])
-      answer = [int(t) for t in out.answer.tokens[i, :n] if int(t) not in eos]
+    return recall_documents, (params, setup, compressor, ids, mask, question, question_mask,
+                              jax.random.key(seed + seed_offset))
+
+  batches, seconds, peak = _in_batches(prepare, examples, batch_size)
+  scores, reads, relevant_read, relevant, blocks, traces = [], [], 0, 0, 0, []
+  for group, out in batches:
+    for i, ex in enumerate(group):
+      answer = _answer_ids(out.answer, i, eos)
       scores.append(is_correct(answer, ex.answers, tokenizer, form))
       labels = ex.chunk_labels(compressor.chunk_size)
       read = np.asarray(out.trace.read[i, :len(labels)])
@@ -98,9 +134,9 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
                        "memory_ids": [out.trace.memory_ids[i, c][out.trace.memory_mask[i, c]].tolist()
                                       for c in range(len(labels))]})
   scores = np.asarray(scores)
-  stderr = scores.std(ddof=1) / np.sqrt(len(scores)) if len(scores) > 1 else float("nan")
-  return EvalResult(accuracy=float(100 * scores.mean()), stderr=float(100 * stderr),
-                    latency_s=seconds / len(examples), blocks_read=float(np.mean(reads)),
+  return EvalResult(accuracy=float(100 * scores.mean()), stderr=_stderr(scores),
+                    latency_s=_latency_alone(prepare, examples, latency_examples),
+                    batched_s=seconds / len(examples), blocks_read=float(np.mean(reads)),
                     gate_recall=relevant_read / max(relevant, 1),
                     skip_rate=1 - float(np.sum(reads)) / max(blocks, 1), examples=len(examples),
                     traces=traces, peak_bytes=peak)
@@ -126,7 +162,8 @@ class BaselineConfig:
 def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                   examples: Sequence[TokenizedExample], tokenizer, *, mode: str, form: str,
                   baseline: BaselineConfig = BaselineConfig(), batch_size: int = 16,
-                  question_tokens: int = 64, seed: int = 0, keep_traces: int = 0) -> EvalResult:
+                  question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
+                  latency_examples: int = 4) -> EvalResult:
   """Any mode: the recall loop (`gate`, `all`, `topk`, read from `setup.recall`) or a baseline."""
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
@@ -134,53 +171,47 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
     setup = dataclasses.replace(setup, recall=dataclasses.replace(setup.recall, mode=mode))
     return evaluate(params, setup, compressor, examples, tokenizer, form=form,
                     batch_size=batch_size, question_tokens=question_tokens, seed=seed,
-                    keep_traces=keep_traces)
+                    keep_traces=keep_traces, latency_examples=latency_examples)
   from memrecall import baselines  # pylint: disable=g-import-not-at-top
   eos = set(setup.model.eos_token_ids)
   pad = setup.model.pad_token_id
-  scores, seconds, reads, traces, peak = [], 0.0, [], [], None
-  for start in range(0, len(examples), batch_size):
-    group = list(examples[start:start + batch_size])
-    real = len(group)
-    group += [group[-1]] * (batch_size - real)
+  n_sections = max(-(-len(ex.context) // baseline.memagent_chunk) for ex in examples)
+
+  def context_of(ex) -> list[int]:
+    ids = list(map(int, ex.context))
+    if mode == "full":
+      return baselines.middle_truncate(ids, baseline.full_budget)
+    pieces = [ids[i:i + baseline.rag_chunk] for i in range(0, len(ids), baseline.rag_chunk)]
+    best = baselines.bm25_top_chunks(pieces, ex.question, baseline.rag_topk)
+    return [t for i in best for t in pieces[i]]
+
+  def prepare(group, seed_offset=0):
     question, question_mask = pad_ids([ex.question for ex in group], question_tokens)
-    rng = jax.random.key(seed + start)
+    rng = jax.random.key(seed + seed_offset)
     if mode == "memagent":
-      n = max(-(-len(ex.context) // baseline.memagent_chunk) for ex in examples)
-      ids, mask = chunked(group, baseline.memagent_chunk, n, pad)
-      out, elapsed, first_peak = _timed(
-          baselines.memagent, (params, setup, ids, mask, question, question_mask, rng), start == 0)
-      answer, read = out.answer, out.trace.read.sum(axis=1)
-    else:
-      contexts = []
-      for ex in group:
-        ids = list(map(int, ex.context))
-        if mode == "full":
-          contexts.append(baselines.middle_truncate(ids, baseline.full_budget))
-        else:
-          pieces = [ids[i:i + baseline.rag_chunk] for i in range(0, len(ids), baseline.rag_chunk)]
-          best = baselines.bm25_top_chunks(pieces, ex.question, baseline.rag_topk)
-          contexts.append([t for i in best for t in pieces[i]])
-      width = baseline.full_budget if mode == "full" else baseline.rag_topk * baseline.rag_chunk
-      context, context_mask = pad_ids(contexts, width)
-      answer, elapsed, first_peak = _timed(
-          baselines.answer_from_context,
-          (params, setup, context, context_mask, question, question_mask, rng), start == 0)
-      read = np.zeros(len(group))
-    seconds += elapsed
-    peak = first_peak if first_peak is not None else peak
-    for i, ex in enumerate(group[:real]):
-      n_tokens = int(answer.lengths[i])
-      predicted = [int(t) for t in answer.tokens[i, :n_tokens] if int(t) not in eos]
+      ids, mask = chunked(group, baseline.memagent_chunk, n_sections, pad)
+      return baselines.memagent, (params, setup, ids, mask, question, question_mask, rng)
+    width = baseline.full_budget if mode == "full" else baseline.rag_topk * baseline.rag_chunk
+    context, context_mask = pad_ids([context_of(ex) for ex in group], width)
+    return baselines.answer_from_context, (params, setup, context, context_mask, question,
+                                           question_mask, rng)
+
+  batches, seconds, peak = _in_batches(prepare, examples, batch_size)
+  scores, reads, traces = [], [], []
+  for group, out in batches:
+    answer = out.answer if mode == "memagent" else out
+    read = out.trace.read.sum(axis=1) if mode == "memagent" else np.zeros(len(group))
+    for i, ex in enumerate(group):
+      predicted = _answer_ids(answer, i, eos)
       scores.append(is_correct(predicted, ex.answers, tokenizer, form))
       reads.append(float(read[i]))
       if len(traces) < keep_traces:
         traces.append({"id": ex.example.id, "answer_ids": predicted, "correct": scores[-1],
                        "gold_ids": [list(map(int, g)) for g in ex.answers]})
   scores = np.asarray(scores)
-  stderr = scores.std(ddof=1) / np.sqrt(len(scores)) if len(scores) > 1 else float("nan")
-  return EvalResult(accuracy=float(100 * scores.mean()), stderr=float(100 * stderr),
-                    latency_s=seconds / len(examples), blocks_read=float(np.mean(reads)),
+  return EvalResult(accuracy=float(100 * scores.mean()), stderr=_stderr(scores),
+                    latency_s=_latency_alone(prepare, examples, latency_examples),
+                    batched_s=seconds / len(examples), blocks_read=float(np.mean(reads)),
                     gate_recall=float("nan"), skip_rate=float("nan"), examples=len(examples),
                     traces=traces, peak_bytes=peak)
 
@@ -188,14 +219,16 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
 def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], modes: Sequence[str],
                    examples: int, batch_size: int, output_dir: str, baseline: BaselineConfig,
                    seed_offset: int = 1000, keep_traces: int = 4, threshold: float = 0.5,
-                   topk: int = 4, mode_examples: dict[str, int] | None = None,
-                   log=print) -> list[dict]:
+                   topk: int = 4, gate_group: int = 1, latency_examples: int = 4,
+                   mode_examples: dict[str, int] | None = None, log=print) -> list[dict]:
   """Every (length multiple, mode) not yet in OUTPUT_DIR/results.json; resumable.
 
   `run` is a `trainer.Run` (model, prompts, task at training length).  Examples
   come from a stream (`seed_offset`) that training never reads.  mode_examples
   caps the questions of some modes (the first ones of the same stream), e.g. a
-  slow baseline that is run for its timing only.
+  slow baseline that is run for its timing only.  Each row's latency is the mean
+  time of the first `latency_examples` questions answered one at a time;
+  `batched_s` is the time per question in batches of `batch_size`.
   """
   from memrecall import eval_report  # pylint: disable=g-import-not-at-top
   from memrecall.data import example as example_lib, synthetic
@@ -210,7 +243,8 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   done = {(r["model"], r["mode"], r["length_multiple"]) for r in rows}
   todo = [(m, mode) for m in lengths for mode in modes if (model_name, mode, m) not in done]
   setup = RecallSetup(model=run.model, prompts=run.prompts, reasoner=run.reasoner,
-                      recall=RecallConfig(mode="all", threshold=threshold, topk=topk),
+                      recall=RecallConfig(mode="all", threshold=threshold, topk=topk,
+                                          gate_group=gate_group),
                       sampling=SamplingConfig(eos_ids=run.model.eos_token_ids,
                                               pad_id=run.model.pad_token_id))
   progress = Progress(len(todo), "eval")
@@ -225,11 +259,12 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
     result = evaluate_mode(params, setup, run.compressor, batch, run.tokenizer, mode=mode,
                            form=run.task.form, baseline=baseline, batch_size=batch_size,
                            question_tokens=run.config.reasoner.question_tokens,
-                           keep_traces=keep_traces)
+                           keep_traces=keep_traces, latency_examples=latency_examples)
     row = {"model": model_name, "mode": mode, "length_multiple": multiple,
            "context_tokens": run.task.length * multiple, "examples": result.examples,
            "accuracy": result.accuracy, "stderr": result.stderr, "latency_s": result.latency_s,
-           "peak_bytes": result.peak_bytes, "blocks_read": result.blocks_read,
+           "batched_s": result.batched_s, "peak_bytes": result.peak_bytes,
+           "blocks_read": result.blocks_read,
            "gate_recall": result.gate_recall, "skip_rate": result.skip_rate}
     rows.append(eval_report.json_safe(row))  # as a resumed run reads it back
     if is_primary():  # every process computes the same rows; one writes them

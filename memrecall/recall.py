@@ -16,6 +16,12 @@ Where the blocks come from:
 Modes: `gate` (read where the probability reaches the threshold), `all` (read
 every block, as the public reference does) and `topk` (read each row's k
 highest-scoring blocks, scored against the initial memory in a first pass).
+
+In `gate` mode with `gate_group` G > 1 the gate scores G blocks at once
+against the current memory, reads the first that passes and goes on after it
+(`_gate_in_groups`): the same decisions as one block at a time, since a score
+is kept only while the memory it was computed with is still current, in about
+N/G + reads sequential steps instead of N.
 """
 
 from __future__ import annotations
@@ -44,16 +50,18 @@ MODES = ("gate", "all", "topk")
 @dataclasses.dataclass(frozen=True)
 class RecallConfig:
   """mode: gate | all | topk; threshold: the gate's cut-off; topk: blocks per row in topk mode;
-  group_size: chunks compressed (streaming) or transferred (host bank) at a time."""
+  group_size: chunks compressed (streaming) or transferred (host bank) at a time;
+  gate_group: blocks the gate scores in parallel per step in gate mode (1: one at a time)."""
   mode: str = "gate"
   threshold: float = 0.5
   topk: int = 4
   group_size: int = 8
+  gate_group: int = 1
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-    if self.topk <= 0 or self.group_size <= 0:
+    if self.topk <= 0 or self.group_size <= 0 or self.gate_group <= 0:
       raise ValueError(f"topk and group_size must be positive, got {self}")
 
 
@@ -155,6 +163,8 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
   """
   batch = question.shape[0]
   gate_needed = setup.recall.mode == "gate"
+  if gate_needed and forced_read is None and setup.recall.gate_group > 1:
+    return _gate_in_groups(params, setup, memory, rng, blocks, question, question_mask)
 
   def step(carry, xs):
     memory, rng = carry
@@ -190,6 +200,85 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
     return (memory, rng), (score, read, memory.ids, memory.mask) + sampled
 
   (memory, rng), per_block = jax.lax.scan(step, (memory, rng), (blocks, forced_read))
+  return memory, rng, per_block
+
+
+def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
+                    question: Array, question_mask: Array):
+  """Gate mode in about N/G + reads sequential steps; the same outputs as `_scan_blocks`.
+
+  Each step scores the next G blocks of every row against the row's current
+  memory and reads the first that passes (if any).  Scores up to and including
+  that block are final; the rest were computed with a memory that has just
+  changed, so the row's next step starts right after the block it read.
+  Decisions therefore equal the one-block-at-a-time loop's; what is wasted is
+  at most G - 1 scores per read.  With sampling the random keys differ from
+  the scan's (one per step, not per block).
+  """
+  k, v, slot_mask, valid = blocks[:4]  # [N, L, Bd, S, K, D], [N, Bd, S], [N, Bd]
+  n, batch = k.shape[0], question.shape[0]
+  g = min(setup.recall.gate_group, n)
+  rows = jnp.arange(batch)
+  doc = (rows if k.shape[2] > 1 else jnp.zeros_like(rows))[:, None]  # [B, 1]
+
+  def gather(index):  # index [B, G'] -> k, v [L, B*G', S, K, D], slot_mask [B*G', S], valid [B, G']
+    flat = lambda x: jnp.moveaxis(x, 2, 0).reshape((x.shape[2], -1) + x.shape[3:])
+    return (flat(k[index, :, doc]), flat(v[index, :, doc]),
+            slot_mask[index, doc].reshape((-1, slot_mask.shape[-1])), valid[index, doc])
+
+  repeat = lambda x, times: jnp.repeat(x, times, axis=0)  # each row's G copies side by side
+  capacity, m = memory.ids.shape[1], setup.reasoner.memory_size
+  per_block = (jnp.full((n, batch), jnp.nan, jnp.float32), jnp.zeros((n, batch), bool),
+               jnp.zeros((n, batch, capacity), memory.ids.dtype), jnp.zeros((n, batch, capacity), bool),
+               jnp.zeros((n, batch, m), jnp.int32), jnp.zeros((n, batch, m), jnp.float32),
+               jnp.zeros((n, batch), jnp.int32))
+
+  def step(carry):
+    memory, rng, position, per_block = carry  # position [B]: the row's next unscored block
+    index = position[:, None] + jnp.arange(g)  # [B, G]
+    in_document = index < n
+    gk, gv, gmask, gvalid = gather(jnp.minimum(index, n - 1))
+    score = gate_probability(
+        params, setup.model, setup.prompts.gate, gk, gv, gmask, repeat(question, g),
+        repeat(question_mask, g),
+        WorkingMemory(repeat(memory.ids, g), repeat(memory.mask, g))).reshape(batch, g)
+    passed = (score >= setup.recall.threshold) & gvalid & in_document
+    reads = passed.any(axis=1)  # [B]
+    first = jnp.where(reads, jnp.argmax(passed, axis=1), g)  # [B]; g: none in this group
+    chosen = jnp.minimum(position + first, n - 1)
+    rng, step_rng = jax.random.split(rng)
+
+    def reason(memory):
+      ck, cv, cmask, _ = gather(chosen[:, None])
+      new, sample, _, _ = update_memory(params, setup.model, setup.prompts.update, setup.reasoner,
+                                        setup.sampling, ck, cv, cmask, question, question_mask,
+                                        memory, step_rng)
+      keep = reads[:, None]
+      return (WorkingMemory(jnp.where(keep, new.ids, memory.ids),
+                            jnp.where(keep, new.mask, memory.mask)),
+              (sample.tokens, sample.logprobs, sample.lengths))
+
+    def skip(memory):
+      return memory, (jnp.zeros((batch, m), jnp.int32), jnp.zeros((batch, m), jnp.float32),
+                      jnp.zeros((batch,), jnp.int32))
+
+    new_memory, (tokens, logprobs, lengths) = jax.lax.cond(reads.any(), reason, skip, memory)
+    # Write the final decisions (blocks up to the first read); the others go out of range.
+    offset = jnp.arange(g)[None, :]
+    is_read = offset == first[:, None]  # [B, G]
+    target = jnp.where((offset <= first[:, None]) & in_document, index, n)
+    after = lambda new, old: jnp.where(is_read[..., None], new[:, None], old[:, None])
+    values = (score, is_read, after(new_memory.ids, memory.ids), after(new_memory.mask, memory.mask),
+              jnp.where(is_read[..., None], tokens[:, None], 0),
+              jnp.where(is_read[..., None], logprobs[:, None], 0.0),
+              jnp.where(is_read, lengths[:, None], 0))
+    per_block = tuple(out.at[target, rows[:, None]].set(value, mode="drop")
+                      for out, value in zip(per_block, values))
+    return new_memory, rng, position + jnp.where(reads, first + 1, g), per_block
+
+  memory, rng, _, per_block = jax.lax.while_loop(
+      lambda carry: (carry[2] < n).any(), step,
+      (memory, rng, jnp.zeros((batch,), jnp.int32), per_block))
   return memory, rng, per_block
 
 

@@ -12,7 +12,7 @@ def _small(arg):
   c.demo.compressor_steps, c.demo.sft_steps, c.demo.sft_early_accuracy = 2, 4, 0.0
   c.demo.rl_steps, c.demo.gate_steps = 2, 2
   c.demo.eval_lengths, c.demo.eval_examples, c.demo.eval_batch = (1, 2), 4, 4
-  c.demo.memagent_examples, c.demo.rl_eval_examples = 2, 4
+  c.demo.memagent_examples, c.demo.rl_eval_examples, c.demo.latency_examples = 2, 4, 2
   c.demo.train_memagent = True  # the full variant's fair baseline, on raw chunks
   return c
 
@@ -38,7 +38,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   assert {r["examples"] for r in rows if r["mode"] == "memagent"} == {2}
   assert {r["examples"] for r in rows if r["mode"] != "memagent"} == {4}
   assert set(rows[0]) >= {"model", "mode", "length_multiple", "context_tokens", "examples",
-                          "accuracy", "latency_s"}
+                          "accuracy", "latency_s", "batched_s"}
   report = open(tmp_path / "report.md").read()
   assert "| model | mode | length |" in report and "| total |" in report
   assert report.count("| lychee | gate |") == 2

@@ -30,7 +30,8 @@ def test_every_mode_at_three_lengths_with_plots(tmp_path):
   assert {(r["mode"], r["context_tokens"]) for r in rows} == {
       (m, t) for m in evaluation.MODES for t in (32, 256, 2048)}
   for r in rows:
-    assert 0 <= r["accuracy"] <= 100 and r["latency_s"] > 0 and r["peak_bytes"] > 0
+    assert 0 <= r["accuracy"] <= 100 and r["peak_bytes"] > 0
+    assert r["latency_s"] > 0 and r["batched_s"] > 0
   by = {(r["mode"], r["length_multiple"]): r for r in rows}
   assert by[("all", 64)]["blocks_read"] == 64 and by[("memagent", 64)]["blocks_read"] == 64
   assert by[("topk", 64)]["blocks_read"] == 4  # RecallConfig's default budget
@@ -46,6 +47,19 @@ def test_every_mode_at_three_lengths_with_plots(tmp_path):
     assert sorted(labels) == sorted(f"lychee {m}" for m in evaluation.MODES)
   traces = json.load(open(tmp_path / "traces" / "lychee-gate-8x.json"))
   assert len(traces) == 2 and len(traces[0]["gate_scores"]) == 8
+
+
+def test_latency_is_timed_one_question_at_a_time():
+  calls = []
+  def prepare(group, seed_offset=0):
+    calls.append(len(group))
+    return jax.jit(lambda x: x + 1), (np.zeros(3),)
+  examples = list(range(5))
+  latency = evaluation._latency_alone(prepare, examples, 3)
+  assert calls == [1, 1, 1] and latency > 0  # the first of them also compiled, untimed
+  groups, seconds, _ = evaluation._in_batches(prepare, examples, 2)
+  assert calls[3:] == [2, 2, 2] and [g for g, _ in groups] == [[0, 1], [2, 3], [4]]
+  assert np.isnan(evaluation._latency_alone(prepare, examples, 0))
 
 
 def test_is_correct_uses_the_shared_metric():

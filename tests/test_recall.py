@@ -78,6 +78,48 @@ def test_gate_mode_scores_with_the_current_memory_and_skips_below_threshold(lych
   assert 0 < int(trace.read.sum()) < 3
 
 
+@pytest.mark.parametrize("gate_group", [3, 64])
+def test_gate_groups_make_the_decisions_of_the_block_by_block_loop(lychee_model, document,
+                                                                   gate_group):
+  """Scoring several blocks per step against the current memory reads and writes exactly what
+  the one-block-at-a-time scan does, for rows that read at different places."""
+  _, _, memory, question, question_mask = document
+  noise = np.random.default_rng(0)
+  def variant(blocks):  # a longer document: the 3 blocks repeated, perturbed so scores differ
+    picks = [c % 3 for c in range(blocks)]
+    jitter = lambda x: x[:, picks] + 0.5 * noise.standard_normal(x[:, picks].shape).astype(x.dtype)
+    return compressor.ChunkMemory(k=jitter(memory.k), v=jitter(memory.v),
+                                  slot_mask=memory.slot_mask[jnp.asarray(picks)])
+  bank = recall.DocumentBank.from_chunks([variant(11), variant(7), variant(11)])
+  q, m = jnp.tile(question, (3, 1)), jnp.tile(question_mask, (3, 1))
+  # Scores fall once a block is read (the memory changes): a threshold at the median of the
+  # later scores makes rows read several blocks at different places.
+  probe = recall.recall(lychee_model.params, _setup(lychee_model, "gate", threshold=0.5), bank,
+                        q, m, jax.random.key(0)).trace.gate_scores
+  ranked = np.sort(np.asarray(probe)[np.asarray(bank.chunk_valid).T])
+  middle = len(ranked) // 2
+  threshold = float(ranked[middle - 1] + ranked[middle]) / 2  # between scores: rounding can't flip
+  one = recall.recall(lychee_model.params, _setup(lychee_model, "gate", threshold=threshold), bank,
+                      q, m, jax.random.key(0))
+  grouped = recall.recall(lychee_model.params,
+                          _setup(lychee_model, "gate", threshold=threshold, gate_group=gate_group),
+                          bank, q, m, jax.random.key(0))
+  reads = np.asarray(one.trace.read)
+  assert (reads.sum(axis=1) >= 2).all() and not reads.all()  # several reads, and skips
+  assert not reads[1, 7:].any()  # the shorter document's padding blocks
+  for name in ("gate_scores", "read", "memory_ids", "memory_mask", "update_tokens",
+               "update_lengths"):
+    np.testing.assert_allclose(getattr(grouped.trace, name), getattr(one.trace, name),
+                               rtol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(grouped.answer.tokens, one.answer.tokens)
+  host = recall.recall_from_host(
+      lychee_model.params, _setup(lychee_model, "gate", threshold=threshold,
+                                  gate_group=gate_group, group_size=4),
+      jax.tree.map(np.asarray, bank), q, m, jax.random.key(0))
+  np.testing.assert_array_equal(host.trace.read, one.trace.read)
+  np.testing.assert_array_equal(host.answer.tokens, one.answer.tokens)
+
+
 def test_topk_reads_the_k_best_blocks(lychee_model, document):
   _, _, memory, question, question_mask = document
   bank = recall.DocumentBank.from_chunks([memory])
@@ -181,6 +223,8 @@ def test_streaming_peak_memory_does_not_grow_with_the_document(lychee_model):
 
 
 def test_bad_recall_settings():
+  with pytest.raises(ValueError, match="positive"):
+    recall.RecallConfig(gate_group=0)
   with pytest.raises(ValueError, match="mode must be one of"):
     recall.RecallConfig(mode="some")
   with pytest.raises(ValueError, match="positive"):

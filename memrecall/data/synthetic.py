@@ -231,6 +231,9 @@ def _vartrack(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | Non
     question = (vocab["?"], val(value))
     answers = (tuple(ent(v) for v in variables),)
     oracle = [tuple(ent(v) for v in variables[:k + 1]) for k in range(h)]
+    # The memory starts from the value asked about: every lookup then matches the memory's
+    # last token against an assignment's right-hand side.
+    start = (val(value),)
   else:
     var = lambda i: f"X{names[i].upper()}"
     number = lambda v: str(10000 + 7919 * v % 90000)
@@ -244,8 +247,9 @@ def _vartrack(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | Non
     answers = (" ".join(var(v) for v in variables),)
     oracle = [f"Variables equal to {number(value)}: " + " ".join(var(v) for v in variables[:k + 1])
               for k in range(h)]
+    start = f"Variables equal to {number(value)}: none yet."
   return _Facts(needed, distractor, question, answers, oracle,
-                {"variables": [int(v) for v in variables], "value": value})
+                {"variables": [int(v) for v in variables], "value": value}, start)
 
 
 def _hotpot(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None) -> _Facts:

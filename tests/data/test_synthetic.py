@@ -142,6 +142,9 @@ def test_labels_and_oracle_trace_rederived_independently(task, form, seed):
     start = ((ex.question[1], synthetic.SmallVocab().hop(0)) if form == "ids" else
              example_lib.encode(f"After 0 of {config.hops} links: "
                                 f"{re.match(r'Start at (\w+)', ex.question).group(1)}.", TOK))
+  elif task == "vartrack":  # the value asked about
+    start = ((ex.question[1],) if form == "ids" else example_lib.encode(
+        f"Variables equal to {re.search(r'value (\d+)', ex.question).group(1)}: none yet.", TOK))
   expected, memory = [], start
   for c in range(len(labels)):
     for last, mem in needed:
