@@ -1,8 +1,9 @@
-"""The tiny model on the synthetic multi-hop task: `--config configs/tiny.py:STAGE[,VARIANT]`.
+"""The tiny model on a synthetic task: `--config configs/tiny.py:STAGE[,VARIANT[,TASK]]`.
 
 STAGE is one of compressor, sft, rl, gate; VARIANT is `default` (the README's
-demo, about 10 minutes on a 2-core CPU) or `full` (longer budgets and a trained
-memagent baseline, about 27 minutes).  The `demo` block holds the pipeline's
+demo, about 10 minutes on a 2-core CPU) or `full` (longer budgets, a trained
+memagent baseline and the vartrack task, about 40 minutes); TASK is
+`multihop` (default) or `vartrack`.  The `demo` block holds the pipeline's
 settings for launch/demo.py.  Everything runs on a laptop CPU (DESIGN §8: a
 2-hop task, each needed fact in its own chunk, a 2-token working memory).
 """
@@ -13,10 +14,13 @@ from configs import models
 
 
 def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
-  arg, _, variant = arg.partition(",")
-  variant = variant or "default"
+  arg, _, rest = arg.partition(",")
+  variant, _, task = rest.partition(",")
+  variant, task = variant or "default", task or "multihop"
   if variant not in ("default", "full"):
     raise ValueError(f"unknown variant {variant!r}; choose default or full")
+  if task not in ("multihop", "vartrack"):
+    raise ValueError(f"unknown task {task!r}; choose multihop or vartrack")
   c = ml_collections.ConfigDict()
   c.stage = arg
   c.variant = variant
@@ -55,6 +59,11 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
       "min_fact_gap": 16,
       # Distractors off for the first 10% of the steps, ramped to full density by half-way.
       "curriculum_start": 200, "curriculum_end": 1000})
+  if task == "vartrack":
+    # Variable tracking (RULER's): "which variables hold value v?" through X1 = v ... X2 = X1;
+    # the memory lists the variables found so far, the answer both of them.
+    c.task.task = "vartrack"
+    c.reasoner.answer_tokens = 3
 
   c.train = ml_collections.ConfigDict({
       "steps": 2000, "batch_size": 32, "trainable": "backbone", "log_every": 10,
@@ -97,6 +106,9 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
       # agent (raw chunks) with the same stages and budgets, the fair baseline.
       "memagent_examples": 64 if full else 32,
       "train_memagent": full,
+      # Harder tasks of the data issue, trained (SFT warm start, gate) and evaluated beside
+      # the main one in the full variant.
+      "extra_tasks": ("vartrack",) if full else (),
   })
 
   if arg == "compressor":

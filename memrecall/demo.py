@@ -157,7 +157,20 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     stage("memagent_rl", memagent_rl, path("memagent_rl"),
           rl_summary(path("memagent_rl"), path("memagent_sft"), memagent_rl))
 
-  # Evaluation of the final model (RL + gate), then of the trained baseline.
+  for task in demo.extra_tasks:  # SFT warm start and gate on each harder task
+    task_cfg = lambda stage, task=task: get_config(f"{stage},{variant},{task}")
+    task_sft = task_cfg("sft")
+    task_sft.init.checkpoint = path("compressor")
+    task_sft.train.steps = task_sft.optimizer.decay_steps = demo.sft_steps
+    stage(f"{task}_sft", task_sft, path(f"{task}_sft"), lambda task_sft=task_sft, task=task: {
+        "accuracy_1x": _greedy_accuracy(checkpoint.load_params(path(f"{task}_sft"))[0], task_sft,
+                                        demo.eval_examples, demo.eval_batch)})
+    task_gate = task_cfg("gate")
+    task_gate.init.checkpoint = path(f"{task}_sft")
+    task_gate.train.steps = demo.gate_steps
+    stage(f"{task}_gate", task_gate, path(f"{task}_gate"))
+
+  # Evaluation of the final model (RL + gate), the trained baseline, then the harder tasks.
   run = trainer.build_run(cfg("sft"))
   began = time.perf_counter()
   common = dict(lengths=list(demo.eval_lengths), batch_size=demo.eval_batch,
@@ -172,9 +185,14 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     rows = evaluation.evaluate_suite(
         checkpoint.load_params(path("memagent_rl"))[0], run, model_name="memagent",
         modes=["memagent"], examples=demo.memagent_examples, **common)
+  for task in demo.extra_tasks:
+    rows = evaluation.evaluate_suite(
+        checkpoint.load_params(path(f"{task}_gate"))[0],
+        trainer.build_run(get_config(f"sft,{variant},{task}")), model_name="lychee",
+        modes=["gate", "all"], examples=demo.eval_examples, **common)
   stages.setdefault("eval", {"wall_s": time.perf_counter() - began})
   if is_primary():
-    keys = ("model", "mode", "length_multiple", "context_tokens", "examples", "accuracy",
+    keys = ("model", "task", "mode", "length_multiple", "context_tokens", "examples", "accuracy",
             "latency_s", "batched_s", "blocks_read", "gate_recall", "skip_rate")
     with open(path("results.json"), "w") as f:
       json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
@@ -255,19 +273,21 @@ def _summary(stages: dict, rows: list[dict]) -> list[str]:
     log(f"[demo] RL from early SFT (step {at}): greedy accuracy {early['accuracy_before']:.1f}% -> "
         f"{early['accuracy_after']:.1f}%, reward {early['reward_start']:.2f} -> "
         f"{early['reward_end']:.2f}; final SFT {stages.get('sft', {}).get('accuracy_1x', 0):.1f}%")
-  by = {(r["model"], r["mode"], r["length_multiple"]): r for r in rows}
-  for multiple in sorted({r["length_multiple"] for r in rows}):
-    gate = by.get(("lychee", "gate", multiple))
+  by = {(r["model"], r["task"], r["mode"], r["length_multiple"]): r for r in rows}
+  for task, multiple in sorted({(r["task"], r["length_multiple"]) for r in rows},
+                               key=lambda x: (x[0] != "multihop", x)):
+    gate = by.get(("lychee", task, "gate", multiple))
     if gate is None:
       continue
-    line = (f"[demo] {multiple}x: gate accuracy {gate['accuracy']:.1f}%, recall of relevant "
-            f"chunks {gate['gate_recall']:.3f}, skip rate {gate['skip_rate']:.3f}")
+    line = (f"[demo] {'' if task == 'multihop' else task + ' '}{multiple}x: gate accuracy "
+            f"{gate['accuracy']:.1f}%, recall of relevant chunks {gate['gate_recall']:.3f}, "
+            f"skip rate {gate['skip_rate']:.3f}")
     ratio = lambda other, key: other[key] / gate[key]
-    same = by.get(("lychee", "memagent", multiple))
+    same = by.get(("lychee", task, "memagent", multiple))
     if same:
       line += (f"; memagent mode takes {ratio(same, 'latency_s'):.1f}x gate's time per question "
                f"alone ({ratio(same, 'batched_s'):.1f}x in batches)")
-    trained = by.get(("memagent", "memagent", multiple))
+    trained = by.get(("memagent", task, "memagent", multiple))
     if trained:
       line += (f"; trained memagent {trained['accuracy']:.1f}% in "
                f"{ratio(trained, 'latency_s'):.1f}x gate's time")

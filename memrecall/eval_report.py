@@ -8,7 +8,7 @@ import math
 import os
 from typing import Sequence
 
-ROW_KEYS = ("model", "mode", "length_multiple", "context_tokens", "examples", "accuracy", "stderr",
+ROW_KEYS = ("model", "task", "mode", "length_multiple", "context_tokens", "examples", "accuracy", "stderr",
             "latency_s", "batched_s", "peak_bytes", "blocks_read", "gate_recall", "skip_rate")
 
 
@@ -47,11 +47,12 @@ def save_rows(rows: Sequence[dict], directory: str, name: str = "results") -> No
 
 def table(rows: Sequence[dict]) -> str:
   """A fixed-width text table of the main columns."""
-  header = f"{'model':<9}{'mode':<10}{'length':>8}{'tokens':>9}{'acc %':>8}{'±':>6}" \
+  header = f"{'model':<9}{'task':<10}{'mode':<10}{'length':>8}{'tokens':>9}{'acc %':>8}{'±':>6}" \
            f"{'latency s':>11}{'read':>7}"
   lines = [header, "-" * len(header)]
   for r in rows:
-    lines.append(f"{r.get('model', ''):<9}{r['mode']:<10}{r['length_multiple']:>7}x"
+    lines.append(f"{r.get('model', ''):<9}{r.get('task') or '':<10}{r['mode']:<10}"
+                 f"{r['length_multiple']:>7}x"
                  f"{r['context_tokens']:>9}{r['accuracy']:>8.1f}{r.get('stderr') or 0:>6.1f}"
                  f"{r['latency_s']:>11.4f}{r.get('blocks_read') or 0:>7.1f}")
   return "\n".join(lines)
@@ -59,11 +60,12 @@ def table(rows: Sequence[dict]) -> str:
 
 def markdown_table(rows: Sequence[dict]) -> str:
   """The results as a Markdown table (the README shows the demo's)."""
-  lines = ["| model | mode | length | tokens | questions | accuracy % | ± | latency s | "
-           "s / question in batches | blocks read | gate recall | skip rate |", "|" + "---|" * 12]
+  lines = ["| model | task | mode | length | tokens | questions | accuracy % | ± | latency s | "
+           "s / question in batches | blocks read | gate recall | skip rate |", "|" + "---|" * 13]
   fmt = lambda x, spec: "" if x is None or x != x else format(x, spec)  # x != x: NaN
   for r in rows:
-    lines.append(f"| {r.get('model', '')} | {r['mode']} | {r['length_multiple']}x | "
+    lines.append(f"| {r.get('model', '')} | {r.get('task') or ''} | {r['mode']} | "
+                 f"{r['length_multiple']}x | "
                  f"{r['context_tokens']} | {r['examples']} | {r['accuracy']:.1f} | "
                  f"{fmt(r.get('stderr'), '.1f')} | {r['latency_s']:.4f} | "
                  f"{fmt(r.get('batched_s'), '.4f')} | "
@@ -85,17 +87,20 @@ def plot(rows: Sequence[dict], directory: str, prefix: str = "") -> dict[str, li
     print("matplotlib is not installed: no plots (pip install 'memrecall[plot]')")
     return {}
   written = {}
-  series = sorted({(r.get("model", ""), r["mode"]) for r in rows})
+  series = sorted({(r.get("model", ""), r.get("task") or "", r["mode"]) for r in rows})
+  tasks = {task for _, task, _ in series}
   for key, label, log_y in (("accuracy", "accuracy (%)", False), ("latency_s", "seconds per question (alone)", True),
                             ("peak_bytes", "peak bytes", True)):
     if not any(r.get(key) is not None for r in rows):
       continue
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model, mode in series:
+    for model, task, mode in series:
       points = sorted((r["context_tokens"], r[key]) for r in rows
-                      if r.get("model", "") == model and r["mode"] == mode and r.get(key) is not None)
+                      if (r.get("model", ""), r.get("task") or "", r["mode"]) == (model, task, mode)
+                      and r.get(key) is not None)
       if points:
-        ax.plot(*zip(*points), marker="o", label=f"{model} {mode}".strip())
+        label = f"{model} {mode}" + (f" ({task})" if len(tasks) > 1 else "")
+        ax.plot(*zip(*points), marker="o", label=label.strip())
     ax.set_xscale("log")
     if log_y:
       ax.set_yscale("log")

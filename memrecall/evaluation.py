@@ -216,6 +216,11 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                     traces=traces, peak_bytes=peak)
 
 
+def _trace_task(task: str) -> str:
+  """Trace files of the main task keep their short names; others carry the task."""
+  return "" if task == "multihop" else f"{task}-"
+
+
 def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], modes: Sequence[str],
                    examples: int, batch_size: int, output_dir: str, baseline: BaselineConfig,
                    seed_offset: int = 1000, keep_traces: int = 4, threshold: float = 0.5,
@@ -240,8 +245,10 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
     raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
   results_path = os.path.join(output_dir, "results.json")
   rows = eval_report.load_rows(results_path)
-  done = {(r["model"], r["mode"], r["length_multiple"]) for r in rows}
-  todo = [(m, mode) for m in lengths for mode in modes if (model_name, mode, m) not in done]
+  task_name = run.task.task
+  done = {(r["model"], r.get("task"), r["mode"], r["length_multiple"]) for r in rows}
+  todo = [(m, mode) for m in lengths for mode in modes
+          if (model_name, task_name, mode, m) not in done]
   setup = RecallSetup(model=run.model, prompts=run.prompts, reasoner=run.reasoner,
                       recall=RecallConfig(mode="all", threshold=threshold, topk=topk,
                                           gate_group=gate_group),
@@ -260,7 +267,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
                            form=run.task.form, baseline=baseline, batch_size=batch_size,
                            question_tokens=run.config.reasoner.question_tokens,
                            keep_traces=keep_traces, latency_examples=latency_examples)
-    row = {"model": model_name, "mode": mode, "length_multiple": multiple,
+    row = {"model": model_name, "task": task_name, "mode": mode, "length_multiple": multiple,
            "context_tokens": run.task.length * multiple, "examples": result.examples,
            "accuracy": result.accuracy, "stderr": result.stderr, "latency_s": result.latency_s,
            "batched_s": result.batched_s, "peak_bytes": result.peak_bytes,
@@ -270,7 +277,8 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
     if is_primary():  # every process computes the same rows; one writes them
       eval_report.save_rows(rows, output_dir)
       os.makedirs(os.path.join(output_dir, "traces"), exist_ok=True)
-      with open(os.path.join(output_dir, "traces", f"{model_name}-{mode}-{multiple}x.json"),
+      with open(os.path.join(output_dir, "traces",
+                             f"{model_name}-{_trace_task(task_name)}{mode}-{multiple}x.json"),
                 "w") as f:
         json.dump(result.traces, f)
       progress(i + 1)

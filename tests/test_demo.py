@@ -14,6 +14,7 @@ def _small(arg):
   c.demo.eval_lengths, c.demo.eval_examples, c.demo.eval_batch = (1, 2), 4, 4
   c.demo.memagent_examples, c.demo.rl_eval_examples, c.demo.latency_examples = 2, 4, 2
   c.demo.train_memagent = True  # the full variant's fair baseline, on raw chunks
+  c.demo.extra_tasks = ("vartrack",)  # and its harder task
   return c
 
 
@@ -21,7 +22,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   lines = []
   stages = demo.run_demo(_small, str(tmp_path), log=lines.append)
   assert set(stages) == {"compressor", "sft_early", "sft", "rl_from_early_sft", "rl", "gate",
-                         "memagent_sft", "memagent_rl", "eval"}
+                         "memagent_sft", "memagent_rl", "vartrack_sft", "vartrack_gate", "eval"}
   assert stages["sft_early"]["step"] == 2  # the first checkpoint reached 0% accuracy
   early = stages["rl_from_early_sft"]
   for key in ("reward_start", "reward_end", "accuracy_before", "accuracy_after"):
@@ -32,16 +33,18 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   rows = json.load(open(tmp_path / "results.json"), parse_constant=strict)
   json.load(open(tmp_path / "eval" / "results.json"), parse_constant=strict)
   assert {r["gate_recall"] for r in rows if r["mode"] == "memagent"} == {None}
-  assert {(r["model"], r["mode"], r["length_multiple"]) for r in rows} == {
-      ("lychee", m, n) for m in ("gate", "all", "memagent") for n in (1, 2)} | {
-      ("memagent", "memagent", n) for n in (1, 2)}
+  assert {(r["model"], r["task"], r["mode"], r["length_multiple"]) for r in rows} == {
+      ("lychee", "multihop", m, n) for m in ("gate", "all", "memagent") for n in (1, 2)} | {
+      ("memagent", "multihop", "memagent", n) for n in (1, 2)} | {
+      ("lychee", "vartrack", m, n) for m in ("gate", "all") for n in (1, 2)}
   assert {r["examples"] for r in rows if r["mode"] == "memagent"} == {2}
   assert {r["examples"] for r in rows if r["mode"] != "memagent"} == {4}
   assert set(rows[0]) >= {"model", "mode", "length_multiple", "context_tokens", "examples",
                           "accuracy", "latency_s", "batched_s"}
   report = open(tmp_path / "report.md").read()
-  assert "| model | mode | length |" in report and "| total |" in report
-  assert report.count("| lychee | gate |") == 2
+  assert "| model | task | mode | length |" in report and "| total |" in report
+  assert report.count("| lychee | multihop | gate |") == 2
+  assert report.count("| lychee | vartrack | gate |") == 2
   for png in ("accuracy_vs_length.png", "latency_vs_length.png", "rl_reward.png"):
     assert os.path.getsize(tmp_path / png) > 1000
   assert any(line.startswith("[demo] RL from early SFT (step 2): greedy accuracy") for line in lines)
@@ -49,4 +52,4 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   # A rerun trains nothing again.
   again = []
   demo.run_demo(_small, str(tmp_path), log=again.append)
-  assert sum("reused" in line for line in again) == 7
+  assert sum("reused" in line for line in again) == 9
