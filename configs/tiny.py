@@ -98,9 +98,9 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
       "eval_examples": 128 if full else 32,
       "eval_batch": 32,
       # Latency: each question answered by itself (a batch of 1), the first 8 per row; the
-      # gate scores 16 blocks per step against the current memory (the same decisions).
+      # gate scores 32 blocks per step against the current memory (the same decisions).
       "latency_examples": 8,
-      "gate_group": 16,
+      "gate_group": 32,
       # The default variant runs memagent mode on the same weights for its timing only (one
       # full batch, so per-question latencies compare); the full one also trains a memagent
       # agent (raw chunks) with the same stages and budgets, the fair baseline.

@@ -38,6 +38,9 @@ _MODE = flags.DEFINE_enum("mode", None, ["gate", "all", "topk"],
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate probability needed to read a block.")
 _TOPK = flags.DEFINE_integer("topk", 4, "Blocks read per question in topk mode.")
 _GROUP_SIZE = flags.DEFINE_integer("group_size", 8, "Chunks per device transfer / streaming step.")
+_GATE_GROUP = flags.DEFINE_integer(
+    "gate_group", 16, "gate mode: blocks scored per step against the current memory (the same "
+    "decisions in fewer sequential steps).")
 _STREAM = flags.DEFINE_bool("stream", False,
                             "Compress inside the loop group by group (flat device memory).")
 _GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
@@ -100,7 +103,7 @@ def main(argv):
       model=config, prompts=model.prompts,
       reasoner=ReasonerConfig(memory_size=_MEMORY_SIZE.value, answer_tokens=_MAX_NEW_TOKENS.value),
       recall=recall.RecallConfig(mode=mode, threshold=_THRESHOLD.value, topk=_TOPK.value,
-                                 group_size=_GROUP_SIZE.value),
+                                 group_size=_GROUP_SIZE.value, gate_group=_GATE_GROUP.value),
       sampling=SamplingConfig(temperature=_TEMPERATURE.value, eos_ids=config.eos_token_ids,
                               pad_id=config.pad_token_id))
   question, question_mask = prompts.pad_ids([question_ids])

@@ -30,7 +30,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Questions per batch.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate threshold.")
 _TOPK = flags.DEFINE_integer("topk", 4, "Blocks read in topk mode.")
 _GATE_GROUP = flags.DEFINE_integer(
-    "gate_group", 1, "Blocks the gate scores per step against the current memory (same decisions; "
+    "gate_group", 16, "Blocks the gate scores per step against the current memory (same decisions; "
     "fewer sequential steps).")
 _LATENCY_EXAMPLES = flags.DEFINE_integer(
     "latency_examples", 4, "Questions per row also answered one at a time for the latency.")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memrecall.config import ConfigError, ModelConfig
-from memrecall.model import Qwen2
+from memrecall.model import Qwen2, RMSNorm
 from memrecall.sharding import with_logical_constraint
 
 Array = jax.Array
@@ -151,6 +151,11 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
   w, g = compressor.window, compressor.beacons_per_window
   model = Qwen2(config, beacon_rows=g)
   variables = {"params": params}
+  # Without logits, the last layer contributes only its beacons' keys/values, which depend on
+  # its input alone: the layers before it run as a stack, then those projections.
+  shortcut = not raw_logits and config.num_layers > 1
+  stack, cut_prefix = (_all_but_last_layer(params, config, g) if shortcut else
+                       ((model, variables), lambda kv: kv))
   tokens = with_logical_constraint(tokens, ("chunks", None))
   ks, vs, logits = [], [], []
   for start in range(0, c, w):  # C/W windows, unrolled: each sees a longer prefix
@@ -160,8 +165,11 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
                                     compressor.ratio)
     prefix = {"k": jnp.concatenate(ks, axis=2) if ks else _empty_kv(config, n),
               "v": jnp.concatenate(vs, axis=2) if vs else _empty_kv(config, n)}
-    hidden, own = model.apply(variables, jnp.concatenate([raw, beacons], axis=1), positions, mask,
-                              prefix, method=Qwen2.decode)
+    hidden, own = stack[0].apply(stack[1], jnp.concatenate([raw, beacons], axis=1), positions,
+                                 mask, cut_prefix(prefix), final_norm=not shortcut,
+                                 method=Qwen2.decode)
+    if shortcut:
+      own = _with_last_layer(params, config, own, hidden[:, w:])
     ks.append(own["k"])  # [L, N, G, K, D]
     vs.append(own["v"])
     if raw_logits:
@@ -170,6 +178,27 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
   memory = ChunkMemory(k=jnp.concatenate(ks, axis=2), v=jnp.concatenate(vs, axis=2),
                        slot_mask=slot_mask)
   return memory, (jnp.concatenate(logits, axis=1) if raw_logits else None)
+
+
+def _all_but_last_layer(params, config: ModelConfig, beacon_rows: int):
+  """(module, variables) of the first L-1 layers (L >= 2), and a function cutting a [L, ...]
+  beacon prefix to them."""
+  shorter = dataclasses.replace(config, num_layers=config.num_layers - 1)
+  first = jax.tree.map(lambda x: x[:-1], params["layers"])
+  cut = lambda kv: {name: x[:-1] for name, x in kv.items()}
+  return (Qwen2(shorter, beacon_rows=beacon_rows), {"params": {**params, "layers": first}}), cut
+
+
+def _with_last_layer(params, config: ModelConfig, own: dict, beacon_input: Array) -> dict:
+  """Appends the last layer's beacon keys/values [N, G, K, D], projected from its input."""
+  last = jax.tree.map(lambda x: x[-1], params["layers"])
+  normed = RMSNorm(config.rms_norm_eps, config.jnp_dtype, config.jnp_param_dtype).apply(
+      {"params": last["input_norm"]}, beacon_input)
+  dtype = config.jnp_dtype
+  def project(name):  # as Attention.project for the beacon rows (no adapters in compression)
+    kernel, bias = (last["attention"][f"beacon_{name}_{part}"] for part in ("kernel", "bias"))
+    return jnp.einsum("bte,ehd->bthd", normed.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+  return {name: jnp.concatenate([own[name], project(name)[None]], axis=0) for name in "kv"}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compressor"))

@@ -45,18 +45,24 @@ def _timed(jitted, args, first: bool) -> tuple[object, float, int | None]:
   return out, time.perf_counter() - began, peak
 
 
-def _latency_alone(prepare, examples: Sequence[TokenizedExample], count: int) -> float:
-  """Mean seconds to answer one question by itself (a batch of 1), over the first `count`:
-  the latency a user waits for.  `prepare(group)` gives (jitted, args); compiled untimed."""
+def _latency_alone(prepare, examples: Sequence[TokenizedExample], count: int,
+                   repeats: int = 3) -> float:
+  """Seconds to answer one question by itself (a batch of 1): the latency a user waits for.
+
+  The median over `repeats` runs of each of the first `count` questions, so that a stray
+  pause of the machine does not move it.  `prepare(group)` gives (jitted, args); the
+  compilation is run untimed first.
+  """
   times = []
   for i, ex in enumerate(examples[:count]):
     jitted, args = prepare([ex])
     if i == 0:
       jax.device_get(jitted(*args))
-    began = time.perf_counter()
-    jax.device_get(jitted(*args))
-    times.append(time.perf_counter() - began)
-  return float(np.mean(times)) if times else float("nan")
+    for _ in range(repeats):
+      began = time.perf_counter()
+      jax.device_get(jitted(*args))
+      times.append(time.perf_counter() - began)
+  return float(np.median(times)) if times else float("nan")
 
 
 def _in_batches(prepare, examples: Sequence[TokenizedExample], batch_size: int):
@@ -78,7 +84,7 @@ def _in_batches(prepare, examples: Sequence[TokenizedExample], batch_size: int):
 class EvalResult:
   accuracy: float  # x100
   stderr: float  # x100
-  latency_s: float  # one question answered by itself: compression + recall, seconds
+  latency_s: float  # one question answered by itself: compression + recall, seconds (median)
   batched_s: float  # wall time per question when answered `batch_size` at a time
   blocks_read: float  # per question
   gate_recall: float  # share of relevant blocks read
@@ -224,7 +230,7 @@ def _trace_task(task: str) -> str:
 def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], modes: Sequence[str],
                    examples: int, batch_size: int, output_dir: str, baseline: BaselineConfig,
                    seed_offset: int = 1000, keep_traces: int = 4, threshold: float = 0.5,
-                   topk: int = 4, gate_group: int = 1, latency_examples: int = 4,
+                   topk: int = 4, gate_group: int = 16, latency_examples: int = 4,
                    mode_examples: dict[str, int] | None = None, log=print) -> list[dict]:
   """Every (length multiple, mode) not yet in OUTPUT_DIR/results.json; resumable.
 

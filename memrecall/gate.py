@@ -1,36 +1,87 @@
 """The Gate: is this compressed chunk worth a Reasoner pass, given the question and memory?
 
-DESIGN §5: LoRA adapters on the shared backbone plus a scalar relevance head
-on the last prompt token.  It reads the chunk's compressed slots exactly as
-the Reasoner does (unrotated prefix, prompt positions from C/r), then a gate
-prompt with the question and the *current* working memory.  One forward per
-chunk, no decoding: the skipped Reasoner decodes are the saving.
+DESIGN §5: LoRA adapters on the shared backbone plus a scalar relevance head.
+The gate prompt (question and *current* working memory) is run once per memory
+state, at positions from C/r as in the Reasoner; its last token — the scoring
+token — then reads that prompt and the chunk's compressed slots (unrotated)
+and the head turns its hidden state into a logit.  Since only the scoring
+token sees the chunk, one prompt serves every chunk scored against the same
+memory: a chunk costs one token's forward, not a whole prompt's.  No decoding:
+the skipped Reasoner decodes are the saving.
 """
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from memrecall.config import ConfigError, ModelConfig
-from memrecall.model import Qwen2, forward, last_valid
+from memrecall.model import KVCache, Qwen2, forward, init_cache
 from memrecall.prompts import PromptTemplate
-from memrecall.reasoner import WorkingMemory, prefix_cache
+from memrecall.reasoner import WorkingMemory
 
 Array = jax.Array
+
+
+@flax.struct.dataclass
+class GateContext:
+  """The gate prompt without its scoring token, run once per memory state.
+
+  k, v: [L, B, P, K, D] rotated keys/values; key_mask: [B, P];
+  scoring_token: [B, 1]; scoring_position: [B], its RoPE position.
+  """
+  k: Array
+  v: Array
+  key_mask: Array
+  scoring_token: Array
+  scoring_position: Array
+
+  def repeat(self, times: int) -> "GateContext":
+    """Each row `times` times side by side, to score that many chunks per row at once."""
+    rows = lambda x, axis: jnp.repeat(x, times, axis=axis)
+    return GateContext(rows(self.k, 1), rows(self.v, 1), rows(self.key_mask, 0),
+                       rows(self.scoring_token, 0), rows(self.scoring_position, 0))
+
+
+def gate_context(params, config: ModelConfig, template: PromptTemplate, question: Array,
+                 question_mask: Array, memory: WorkingMemory, slots: int) -> GateContext:
+  """Runs the gate prompt (with the adapters) at positions from `slots` (C/r) on.  Templates
+  end with literal text (PromptTemplate.build), so the last column is the scoring token."""
+  if not config.has_gate:
+    raise ConfigError("this model has no gate parameters (set gate_lora_rank > 0)")
+  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask)
+  batch, length = prompt.shape
+  cache = init_cache(config, batch, length - 1)
+  cache = cache.replace(next_position=jnp.full((batch,), slots, jnp.int32))
+  _, cache = forward(params, config, prompt[:, :-1], prompt_mask[:, :-1], cache, use_lora=True,
+                     return_hidden=True)
+  return GateContext(cache.k, cache.v, cache.key_mask, prompt[:, -1:], cache.next_position)
+
+
+def score_chunks(params, config: ModelConfig, context: GateContext, k: Array, v: Array,
+                 slot_mask: Array) -> Array:
+  """Relevance logits [B] (float32): row b's chunk (k, v [L, B, S, K, D]) against its context."""
+  layers, batch, slots, heads, dim = k.shape
+  room = jnp.zeros((layers, batch, 1, heads, dim), config.jnp_dtype)
+  cache = KVCache(  # [chunk slots (unrotated) | prompt | scoring token]
+      k=jnp.concatenate([k.astype(config.jnp_dtype), context.k, room], axis=2),
+      v=jnp.concatenate([v.astype(config.jnp_dtype), context.v, room], axis=2),
+      key_mask=jnp.concatenate([slot_mask.astype(bool), context.key_mask,
+                                jnp.zeros((batch, 1), bool)], axis=1),
+      index=jnp.asarray(slots + context.k.shape[2], jnp.int32),
+      next_position=context.scoring_position)
+  hidden, _ = forward(params, config, context.scoring_token, jnp.ones((batch, 1), bool), cache,
+                      use_lora=True, return_hidden=True)
+  return Qwen2(config).apply({"params": params}, hidden[:, 0], method=Qwen2.gate_logit)
 
 
 def gate_logits(params, config: ModelConfig, template: PromptTemplate, k: Array, v: Array,
                 slot_mask: Array, question: Array, question_mask: Array,
                 memory: WorkingMemory) -> Array:
   """Relevance logits [B] (float32) of one chunk per row; k, v: [L, B, S, K, D]."""
-  if not config.has_gate:
-    raise ConfigError("this model has no gate parameters (set gate_lora_rank > 0)")
-  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask)
-  cache = prefix_cache(config, k, v, slot_mask, prompt.shape[1])
-  hidden, _ = forward(params, config, prompt, prompt_mask, cache, use_lora=True, return_hidden=True)
-  return Qwen2(config).apply({"params": params}, last_valid(hidden, prompt_mask),
-                             method=Qwen2.gate_logit)
+  context = gate_context(params, config, template, question, question_mask, memory, k.shape[2])
+  return score_chunks(params, config, context, k, v, slot_mask)
 
 
 def gate_probability(*args, **kwargs) -> Array:

@@ -262,17 +262,18 @@ class Qwen2(nn.Module):
                             (batch, count, self.config.hidden_size))
 
   def decode(self, x: Array, positions: Array, mask: Array, cache_kv=None,
-             write_index: Array | None = None):
+             write_index: Array | None = None, final_norm: bool = True):
     """Runs every layer. x: [B, T, E]; positions: [B, T]; mask: [B, 1, T, S].
 
-    Returns the final-normed hidden states [B, T, E] and the updated stacked
-    cache (`{"k", "v"}` of [L, B, S, K, D]) or None.
+    Returns the final-normed (or, with `final_norm=False`, raw residual) hidden
+    states [B, T, E] and the updated stacked cache (`{"k", "v"}` of
+    [L, B, S, K, D]) or None.
     """
     cfg = self.config
     x = with_logical_constraint(x, ("batch", "length", "act_embed"))
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     x, cache_kv = self.layers(x, cache_kv, cos, sin, mask, write_index)
-    return self.final_norm(x), cache_kv
+    return (self.final_norm(x) if final_norm else x), cache_kv
 
   def logits(self, hidden: Array) -> Array:
     """hidden [B, T, E] -> float32 logits [B, T, V]."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from memrecall.compressor import ChunkMemory, CompressorConfig, compress
 from memrecall.config import ModelConfig
-from memrecall.gate import gate_probability
+from memrecall.gate import gate_context, gate_probability, score_chunks
 from memrecall.prompts import Prompts
 from memrecall.reasoner import (ReasonerConfig, WorkingMemory, final_answer, memory_capacity,
                                 update_memory)
@@ -51,12 +51,13 @@ MODES = ("gate", "all", "topk")
 class RecallConfig:
   """mode: gate | all | topk; threshold: the gate's cut-off; topk: blocks per row in topk mode;
   group_size: chunks compressed (streaming) or transferred (host bank) at a time;
-  gate_group: blocks the gate scores in parallel per step in gate mode (1: one at a time)."""
+  gate_group: blocks the gate scores in parallel per step in gate mode (1: one at a time, a
+  prompt per block; more: one prompt per step, `_gate_in_groups`)."""
   mode: str = "gate"
   threshold: float = 0.5
   topk: int = 4
   group_size: int = 8
-  gate_group: int = 1
+  gate_group: int = 16
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -226,7 +227,6 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
     return (flat(k[index, :, doc]), flat(v[index, :, doc]),
             slot_mask[index, doc].reshape((-1, slot_mask.shape[-1])), valid[index, doc])
 
-  repeat = lambda x, times: jnp.repeat(x, times, axis=0)  # each row's G copies side by side
   capacity, m = memory.ids.shape[1], setup.reasoner.memory_size
   per_block = (jnp.full((n, batch), jnp.nan, jnp.float32), jnp.zeros((n, batch), bool),
                jnp.zeros((n, batch, capacity), memory.ids.dtype), jnp.zeros((n, batch, capacity), bool),
@@ -238,10 +238,11 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
     index = position[:, None] + jnp.arange(g)  # [B, G]
     in_document = index < n
     gk, gv, gmask, gvalid = gather(jnp.minimum(index, n - 1))
-    score = gate_probability(
-        params, setup.model, setup.prompts.gate, gk, gv, gmask, repeat(question, g),
-        repeat(question_mask, g),
-        WorkingMemory(repeat(memory.ids, g), repeat(memory.mask, g))).reshape(batch, g)
+    # One gate prompt per row, its scoring token run against each of the row's G blocks.
+    context = gate_context(params, setup.model, setup.prompts.gate, question, question_mask,
+                           memory, slots=k.shape[3])
+    score = jax.nn.sigmoid(score_chunks(params, setup.model, context.repeat(g), gk, gv,
+                                        gmask)).reshape(batch, g)
     passed = (score >= setup.recall.threshold) & gvalid & in_document
     reads = passed.any(axis=1)  # [B]
     first = jnp.where(reads, jnp.argmax(passed, axis=1), g)  # [B]; g: none in this group

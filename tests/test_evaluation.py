@@ -56,7 +56,7 @@ def test_latency_is_timed_one_question_at_a_time():
     return jax.jit(lambda x: x + 1), (np.zeros(3),)
   examples = list(range(5))
   latency = evaluation._latency_alone(prepare, examples, 3)
-  assert calls == [1, 1, 1] and latency > 0  # the first of them also compiled, untimed
+  assert calls == [1, 1, 1] and latency > 0  # each timed 3 times; the first compiled untimed
   groups, seconds, _ = evaluation._in_batches(prepare, examples, 2)
   assert calls[3:] == [2, 2, 2] and [g for g, _ in groups] == [[0, 1], [2, 3], [4]]
   assert np.isnan(evaluation._latency_alone(prepare, examples, 0))

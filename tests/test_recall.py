@@ -92,15 +92,16 @@ def test_gate_groups_make_the_decisions_of_the_block_by_block_loop(lychee_model,
                                   slot_mask=memory.slot_mask[jnp.asarray(picks)])
   bank = recall.DocumentBank.from_chunks([variant(11), variant(7), variant(11)])
   q, m = jnp.tile(question, (3, 1)), jnp.tile(question_mask, (3, 1))
-  # Scores fall once a block is read (the memory changes): a threshold at the median of the
-  # later scores makes rows read several blocks at different places.
-  probe = recall.recall(lychee_model.params, _setup(lychee_model, "gate", threshold=0.5), bank,
+  # A threshold at the median of the scores when every block is read (the memory changing
+  # after each) makes rows read several blocks at different places.
+  probe = recall.recall(lychee_model.params, _setup(lychee_model, "gate", threshold=0.0), bank,
                         q, m, jax.random.key(0)).trace.gate_scores
   ranked = np.sort(np.asarray(probe)[np.asarray(bank.chunk_valid).T])
   middle = len(ranked) // 2
   threshold = float(ranked[middle - 1] + ranked[middle]) / 2  # between scores: rounding can't flip
-  one = recall.recall(lychee_model.params, _setup(lychee_model, "gate", threshold=threshold), bank,
-                      q, m, jax.random.key(0))
+  one = recall.recall(lychee_model.params,
+                      _setup(lychee_model, "gate", threshold=threshold, gate_group=1), bank, q, m,
+                      jax.random.key(0))
   grouped = recall.recall(lychee_model.params,
                           _setup(lychee_model, "gate", threshold=threshold, gate_group=gate_group),
                           bank, q, m, jax.random.key(0))
