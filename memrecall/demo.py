@@ -167,7 +167,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
                                         demo.eval_examples, demo.eval_batch)})
     task_gate = task_cfg("gate")
     task_gate.init.checkpoint = path(f"{task}_sft")
-    task_gate.train.steps = demo.gate_steps
+    task_gate.train.steps = demo.extra_task_gate_steps
     stage(f"{task}_gate", task_gate, path(f"{task}_gate"))
 
   # Evaluation of the final model (RL + gate), the trained baseline, then the harder tasks.

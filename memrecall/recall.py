@@ -164,8 +164,9 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
   """
   batch = question.shape[0]
   gate_needed = setup.recall.mode == "gate"
-  if gate_needed and forced_read is None and setup.recall.gate_group > 1:
-    return _gate_in_groups(params, setup, memory, rng, blocks, question, question_mask)
+  if gate_needed and setup.recall.gate_group > 1:
+    return _gate_in_groups(params, setup, memory, rng, blocks, question, question_mask,
+                           forced_read)
 
   def step(carry, xs):
     memory, rng = carry
@@ -205,7 +206,7 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
 
 
 def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
-                    question: Array, question_mask: Array):
+                    question: Array, question_mask: Array, forced_read: Array | None = None):
   """Gate mode in about N/G + reads sequential steps; the same outputs as `_scan_blocks`.
 
   Each step scores the next G blocks of every row against the row's current
@@ -214,7 +215,8 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
   changed, so the row's next step starts right after the block it read.
   Decisions therefore equal the one-block-at-a-time loop's; what is wasted is
   at most G - 1 scores per read.  With sampling the random keys differ from
-  the scan's (one per step, not per block).
+  the scan's (one per step, not per block).  forced_read [N, B] replaces the threshold
+  (benchmarks), the gate still scoring every block as it would.
   """
   k, v, slot_mask, valid = blocks[:4]  # [N, L, Bd, S, K, D], [N, Bd, S], [N, Bd]
   n, batch = k.shape[0], question.shape[0]
@@ -237,13 +239,15 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
     memory, rng, position, per_block = carry  # position [B]: the row's next unscored block
     index = position[:, None] + jnp.arange(g)  # [B, G]
     in_document = index < n
-    gk, gv, gmask, gvalid = gather(jnp.minimum(index, n - 1))
+    safe = jnp.minimum(index, n - 1)
+    gk, gv, gmask, gvalid = gather(safe)
     # One gate prompt per row, its scoring token run against each of the row's G blocks.
     context = gate_context(params, setup.model, setup.prompts.gate, question, question_mask,
                            memory, slots=k.shape[3])
     score = jax.nn.sigmoid(score_chunks(params, setup.model, context.repeat(g), gk, gv,
                                         gmask)).reshape(batch, g)
-    passed = (score >= setup.recall.threshold) & gvalid & in_document
+    passed = ((score >= setup.recall.threshold) if forced_read is None
+              else forced_read[safe, rows[:, None]]) & gvalid & in_document
     reads = passed.any(axis=1)  # [B]
     first = jnp.where(reads, jnp.argmax(passed, axis=1), g)  # [B]; g: none in this group
     chosen = jnp.minimum(position + first, n - 1)

@@ -113,6 +113,14 @@ def test_gate_groups_make_the_decisions_of_the_block_by_block_loop(lychee_model,
     np.testing.assert_allclose(getattr(grouped.trace, name), getattr(one.trace, name),
                                rtol=1e-5, err_msg=name)
   np.testing.assert_array_equal(grouped.answer.tokens, one.answer.tokens)
+  # Forced decisions (benchmarks) replace the threshold the same way.
+  picks = jnp.asarray(np.random.default_rng(1).random((3, 11)) < 0.3)
+  forced = [recall.recall(lychee_model.params, _setup(lychee_model, "gate", gate_group=group), bank,
+                          q, m, jax.random.key(0), forced_read=picks) for group in (1, gate_group)]
+  np.testing.assert_array_equal(forced[1].trace.read, forced[0].trace.read)
+  np.testing.assert_array_equal(forced[1].trace.read, picks & bank.chunk_valid.T)
+  np.testing.assert_array_equal(forced[1].trace.memory_ids, forced[0].trace.memory_ids)
+  np.testing.assert_allclose(forced[1].trace.gate_scores, forced[0].trace.gate_scores, rtol=1e-5)
   host = recall.recall_from_host(
       lychee_model.params, _setup(lychee_model, "gate", threshold=threshold,
                                   gate_group=gate_group, group_size=4),
