@@ -109,7 +109,7 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
       # Harder tasks of the data issue, trained (SFT warm start, gate) and evaluated beside
       # the main one in the full variant.
       "extra_tasks": ("vartrack",) if full else (),
-      # Its gate learns slower (bce 0.52 -> 0.21 in 500 steps, still falling).
+      # vartrack's gate learns slower (bce 0.52 -> 0.21 in 500 steps, still falling).
       "extra_task_gate_steps": 2000,
   })
 

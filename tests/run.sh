@@ -6,4 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
 memrecall_venv "test,hf,data"
-exec python -m pytest -q tests "$@"
+if [ "$#" -gt 0 ]; then
+  exec python -m pytest -q tests "$@"
+fi
+# Two processes: in one process, XLA's CPU compiler has crashed (SIGSEGV) compiling a recall
+# function in tests/test_recall.py after the ~270 tests before it, never in a shorter run.
+python -m pytest -q tests --ignore=tests/test_recall.py
+python -m pytest -q tests/test_recall.py

@@ -261,16 +261,18 @@ def _hotpot(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None)
   other_cities = cities[cities != city]
   if names is None:
     ent = vocab.entity
-    needed = [(ent(person), vocab["born"], vocab["in"], ent(city), vocab[";"]),
+    # Facts of 4 tokens, like the other tasks' (aligned with the beacons and the filler).
+    needed = [(ent(person), vocab["born"], ent(city), vocab[";"]),
               (ent(city), vocab["in"], ent(country), vocab[";"])]
     def distractor():
       if rng.random() < 0.5:
-        return (ent(rng.choice(other_people)), vocab["born"], vocab["in"], ent(rng.choice(cities)),
-                vocab[";"])
+        return (ent(rng.choice(other_people)), vocab["born"], ent(rng.choice(cities)), vocab[";"])
       return (ent(rng.choice(other_cities)), vocab["in"], ent(rng.choice(countries)), vocab[";"])
-    question = (vocab["?"], ent(person), vocab["born"], vocab["in"])
+    question = (vocab["?"], ent(person), vocab["born"])
     answers = ((ent(country),),)
-    oracle = [(ent(person), vocab["born"], ent(city)), (ent(person), vocab["born"], ent(country))]
+    # [pointer, hop] as in multihop: the person, then the city, then the country.
+    oracle = [(ent(city), vocab.hop(1)), (ent(country), vocab.hop(2))]
+    start = (ent(person), vocab.hop(0))
   else:
     nm = lambda i: names[i]
     needed = [f"{nm(person)} is a painter. {nm(person)} was born in {nm(city)}. ",
@@ -285,8 +287,9 @@ def _hotpot(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None)
     answers = (nm(country),)
     oracle = [f"{nm(person)} was born in {nm(city)}.",
               f"{nm(person)} was born in {nm(city)}, which lies in {nm(country)}."]
+    start = ()
   return _Facts(needed, distractor, question, answers, oracle,
-                {"person": int(person), "city": int(city), "country": int(country)})
+                {"person": int(person), "city": int(city), "country": int(country)}, start)
 
 
 _MAKERS = {"multihop": _multihop, "vartrack": _vartrack, "hotpot": _hotpot}

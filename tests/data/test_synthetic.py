@@ -98,10 +98,10 @@ def _rederive(task, form, ex, tokenized):
       city = country = None
       for start, end, f in facts:
         if f[0] == person and f[1] == v["born"]:
-          city = f[3]
-          needed.append((end - 1, (person, v["born"], city)))
+          city = f[2]
+          needed.append((end - 1, (city, v.hop(1))))
         elif city is not None and f[0] == city:
-          needed.append((end - 1, (person, v["born"], f[2])))
+          needed.append((end - 1, (f[2], v.hop(2))))
           break
     else:
       person = re.search(r"was (\w+) born", ex.question).group(1)
@@ -138,10 +138,11 @@ def test_labels_and_oracle_trace_rederived_independently(task, form, seed):
   initial = example_lib.encode(synthetic.initial_memory(config), TOK)
   trace = tokenized.oracle_trace(chunk, initial)
   start = initial
-  if task == "multihop":  # [pointer, hop]: the start is known from the question
-    start = ((ex.question[1], synthetic.SmallVocab().hop(0)) if form == "ids" else
-             example_lib.encode(f"After 0 of {config.hops} links: "
-                                f"{re.match(r'Start at (\w+)', ex.question).group(1)}.", TOK))
+  if task in ("multihop", "hotpot") and form == "ids":  # [pointer, hop] from the question
+    start = (ex.question[1], synthetic.SmallVocab().hop(0))
+  elif task == "multihop":
+    start = example_lib.encode(f"After 0 of {config.hops} links: "
+                               f"{re.match(r'Start at (\w+)', ex.question).group(1)}.", TOK)
   elif task == "vartrack":  # the value asked about
     start = ((ex.question[1],) if form == "ids" else example_lib.encode(
         f"Variables equal to {re.search(r'value (\d+)', ex.question).group(1)}: none yet.", TOK))
