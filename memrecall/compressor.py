@@ -182,7 +182,12 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
 
 def _all_but_last_layer(params, config: ModelConfig, beacon_rows: int):
   """(module, variables) of the first L-1 layers (L >= 2), and a function cutting a [L, ...]
-  beacon prefix to them."""
+  beacon prefix to them.
+
+  Known cost: XLA materialises the sliced layer stack as a copy (compiled temporaries ≈ the
+  parameters' size, measured on CPU).  Harmless for the tiny model; for large ones the skip
+  belongs inside the layer scan instead.
+  """
   shorter = dataclasses.replace(config, num_layers=config.num_layers - 1)
   first = jax.tree.map(lambda x: x[:-1], params["layers"])
   cut = lambda kv: {name: x[:-1] for name, x in kv.items()}

@@ -63,7 +63,7 @@ class RecallConfig:
     if self.mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
     if self.topk <= 0 or self.group_size <= 0 or self.gate_group <= 0:
-      raise ValueError(f"topk and group_size must be positive, got {self}")
+      raise ValueError(f"topk, group_size and gate_group must be positive, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,11 +290,13 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
 def _topk_selection(params, setup: RecallSetup, blocks, question, question_mask, memory) -> tuple[Array, Array]:
   """First pass of topk mode: every block scored against `memory`; [N, B] scores and picks."""
   batch = question.shape[0]
+  # One memory for every block: the gate prompt runs once.
+  context = gate_context(params, setup.model, setup.prompts.gate, question, question_mask, memory,
+                         slots=blocks[0].shape[3])
 
   def score(block):
     k, v, slot_mask, valid, _, _ = _block_inputs(block, batch)
-    p = gate_probability(params, setup.model, setup.prompts.gate, k, v, slot_mask, question,
-                         question_mask, memory)
+    p = jax.nn.sigmoid(score_chunks(params, setup.model, context, k, v, slot_mask))
     return jnp.where(valid, p, -jnp.inf)
 
   scores = jax.lax.map(score, blocks)  # [N, B]
