@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memrecall.config import ConfigError, ModelConfig
-from memrecall.model import Qwen2, RMSNorm
+from memrecall.model import REMAT_POLICIES, DecoderLayer, Qwen2, RMSNorm, rope_tables
 from memrecall.sharding import with_logical_constraint
 
 Array = jax.Array
@@ -152,10 +152,8 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
   model = Qwen2(config, beacon_rows=g)
   variables = {"params": params}
   # Without logits, the last layer contributes only its beacons' keys/values, which depend on
-  # its input alone: the layers before it run as a stack, then those projections.
-  shortcut = not raw_logits and config.num_layers > 1
-  stack, cut_prefix = (_all_but_last_layer(params, config, g) if shortcut else
-                       ((model, variables), lambda kv: kv))
+  # its input alone: `_beacon_kv_only` skips the rest of that layer.
+  beacon_kv_only = not raw_logits
   tokens = with_logical_constraint(tokens, ("chunks", None))
   ks, vs, logits = [], [], []
   for start in range(0, c, w):  # C/W windows, unrolled: each sees a longer prefix
@@ -165,11 +163,11 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
                                     compressor.ratio)
     prefix = {"k": jnp.concatenate(ks, axis=2) if ks else _empty_kv(config, n),
               "v": jnp.concatenate(vs, axis=2) if vs else _empty_kv(config, n)}
-    hidden, own = stack[0].apply(stack[1], jnp.concatenate([raw, beacons], axis=1), positions,
-                                 mask, cut_prefix(prefix), final_norm=not shortcut,
-                                 method=Qwen2.decode)
-    if shortcut:
-      own = _with_last_layer(params, config, own, hidden[:, w:])
+    x = jnp.concatenate([raw, beacons], axis=1)  # [N, W + G, E]
+    if beacon_kv_only:
+      own = _beacon_kv_only(params, config, g, x, positions, mask, prefix)
+    else:
+      hidden, own = model.apply(variables, x, positions, mask, prefix, method=Qwen2.decode)
     ks.append(own["k"])  # [L, N, G, K, D]
     vs.append(own["v"])
     if raw_logits:
@@ -180,30 +178,43 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
   return memory, (jnp.concatenate(logits, axis=1) if raw_logits else None)
 
 
-def _all_but_last_layer(params, config: ModelConfig, beacon_rows: int):
-  """(module, variables) of the first L-1 layers (L >= 2), and a function cutting a [L, ...]
-  beacon prefix to them.
+def _beacon_kv_only(params, config: ModelConfig, beacon_rows: int, x: Array, positions: Array,
+                    mask: Array, prefix: dict) -> dict:
+  """One window's beacon keys/values {"k", "v"} [L, N, G, K, D], skipping unused work.
 
-  Known cost: XLA materialises the sliced layer stack as a copy (compiled temporaries ≈ the
-  parameters' size, measured on CPU).  Harmless for the tiny model; for large ones the skip
-  belongs inside the layer scan instead.
+  Compression keeps only beacon K/V, and the last layer's are projected from its input, so
+  that layer's attention and MLP are never needed.  A `lax.cond` on the layer index inside
+  the scan over the stacked layers skips them; slicing the stack to its first L-1 layers
+  instead would make XLA copy those layers' weights (≈ the parameters' size in temporaries).
   """
-  shorter = dataclasses.replace(config, num_layers=config.num_layers - 1)
-  first = jax.tree.map(lambda x: x[:-1], params["layers"])
-  cut = lambda kv: {name: x[:-1] for name, x in kv.items()}
-  return (Qwen2(shorter, beacon_rows=beacon_rows), {"params": {**params, "layers": first}}), cut
-
-
-def _with_last_layer(params, config: ModelConfig, own: dict, beacon_input: Array) -> dict:
-  """Appends the last layer's beacon keys/values [N, G, K, D], projected from its input."""
-  last = jax.tree.map(lambda x: x[-1], params["layers"])
-  normed = RMSNorm(config.rms_norm_eps, config.jnp_dtype, config.jnp_param_dtype).apply(
-      {"params": last["input_norm"]}, beacon_input)
+  layer = DecoderLayer(config, beacon_rows=beacon_rows)
+  norm = RMSNorm(config.rms_norm_eps, config.jnp_dtype, config.jnp_param_dtype)
+  cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
   dtype = config.jnp_dtype
-  def project(name):  # as Attention.project for the beacon rows (no adapters in compression)
-    kernel, bias = (last["attention"][f"beacon_{name}_{part}"] for part in ("kernel", "bias"))
-    return jnp.einsum("bte,ehd->bthd", normed.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
-  return {name: jnp.concatenate([own[name], project(name)[None]], axis=0) for name in "kv"}
+  x = with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+  def whole_layer(x, layer_params, layer_prefix):
+    return layer.apply({"params": layer_params}, x, layer_prefix, cos, sin, mask, None)
+
+  def beacon_projections(x, layer_params, layer_prefix):
+    del layer_prefix
+    normed = norm.apply({"params": layer_params["input_norm"]}, x[:, -beacon_rows:])  # [N, G, E]
+    attention = layer_params["attention"]
+    def project(name):  # as Attention.project for beacon rows (no adapters in compression)
+      kernel, bias = attention[f"beacon_{name}_kernel"], attention[f"beacon_{name}_bias"]
+      return (jnp.einsum("bte,ehd->bthd", normed.astype(dtype), kernel.astype(dtype))
+              + bias.astype(dtype))  # [N, G, K, D]
+    return x, {"k": project("k"), "v": project("v")}
+
+  def body(x, scanned):
+    index, layer_params, layer_prefix = scanned
+    return jax.lax.cond(index == config.num_layers - 1, beacon_projections, whole_layer,
+                        x, layer_params, layer_prefix)
+
+  if config.remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
+  scanned = (jnp.arange(config.num_layers), params["layers"], prefix)
+  return jax.lax.scan(body, x, scanned)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compressor"))

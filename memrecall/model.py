@@ -201,7 +201,7 @@ class DecoderLayer(nn.Module):
     return x, layer_cache
 
 
-_REMAT_POLICIES = {
+REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
@@ -231,7 +231,7 @@ class Qwen2(nn.Module):
           (1, cfg.hidden_size), cfg.jnp_param_dtype)
     layer = DecoderLayer
     if cfg.remat != "none":
-      layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     self.layers = nn.scan(
         layer,
         variable_axes={"params": 0},
@@ -262,18 +262,17 @@ class Qwen2(nn.Module):
                             (batch, count, self.config.hidden_size))
 
   def decode(self, x: Array, positions: Array, mask: Array, cache_kv=None,
-             write_index: Array | None = None, final_norm: bool = True):
+             write_index: Array | None = None):
     """Runs every layer. x: [B, T, E]; positions: [B, T]; mask: [B, 1, T, S].
 
-    Returns the final-normed (or, with `final_norm=False`, raw residual) hidden
-    states [B, T, E] and the updated stacked cache (`{"k", "v"}` of
-    [L, B, S, K, D]) or None.
+    Returns the final-normed hidden states [B, T, E] and the updated stacked
+    cache (`{"k", "v"}` of [L, B, S, K, D]) or None.
     """
     cfg = self.config
     x = with_logical_constraint(x, ("batch", "length", "act_embed"))
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     x, cache_kv = self.layers(x, cache_kv, cos, sin, mask, write_index)
-    return (self.final_norm(x) if final_norm else x), cache_kv
+    return self.final_norm(x), cache_kv
 
   def logits(self, hidden: Array) -> Array:
     """hidden [B, T, E] -> float32 logits [B, T, V]."""

@@ -1,5 +1,6 @@
 """The compressor against a float64 per-window loop and against the public reference's outputs."""
 
+import dataclasses
 import json
 
 import jax
@@ -48,6 +49,43 @@ def test_matches_float64_window_loop(random_compressor_model, chunk, window, rat
       np.testing.assert_allclose(memory.v[layer, c], v, atol=1e-5)
     slots = mask[c].reshape(-1, ratio).any(-1)
     np.testing.assert_array_equal(memory.slot_mask[c], slots)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_rematerialised_compression_has_the_same_values_and_gradients(random_compressor_model,
+                                                                      remat):
+  params, config, _ = random_compressor_model
+  settings = compressor.CompressorConfig(chunk_size=16, window=8, ratio=4)
+  ids, mask = compressor.chunk_document(np.arange(3, 30), 16, pad_id=0)
+
+  def loss(params, config):
+    memory = compressor.compress(params, config, settings, jnp.asarray(ids), jnp.asarray(mask))
+    return jnp.sum(memory.k ** 2) + jnp.sum(jnp.sin(memory.v))
+
+  plain = jax.value_and_grad(loss)(params, config)
+  remat_config = dataclasses.replace(config, remat=remat)
+  rematerialised = jax.value_and_grad(loss)(params, remat_config)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
+               plain, rematerialised)
+  # The last layer's MLP never reaches the memory; the layers before it do.
+  mlp = plain[1]["layers"]["mlp"]["down_kernel"]  # [L, M, E]
+  assert np.abs(mlp[-1]).max() == 0 and np.abs(mlp[0]).max() > 0
+
+
+def test_compression_does_not_copy_the_layer_weights():
+  """Skipping the last layer's unused work must not materialise a slice of the layer stack."""
+  config = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=1024, num_layers=8,
+                       num_heads=4, num_kv_heads=2, head_dim=16, compressor=True)
+  params = model.init_params(config, jax.random.key(0))
+  settings = compressor.CompressorConfig(chunk_size=16, window=8, ratio=4)
+  ids = jnp.zeros((4, 16), jnp.int32)
+  compiled = compressor.compress.lower(params, config, settings, ids, ids > 0).compile()
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    pytest.skip("this backend reports no memory analysis")
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  assert analysis.temp_size_in_bytes < 0.5 * param_bytes, (analysis.temp_size_in_bytes,
+                                                            param_bytes)
 
 
 def test_matches_the_public_reference_fixture(lychee_reference, lychee_dir):
