@@ -161,13 +161,13 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     task_cfg = lambda stage, task=task: get_config(f"{stage},{variant},{task}")
     task_sft = task_cfg("sft")
     task_sft.init.checkpoint = path("compressor")
-    task_sft.train.steps = task_sft.optimizer.decay_steps = demo.sft_steps
+    task_sft.train.steps = task_sft.optimizer.decay_steps = task_sft.demo.sft_steps
     stage(f"{task}_sft", task_sft, path(f"{task}_sft"), lambda task_sft=task_sft, task=task: {
         "accuracy_1x": _greedy_accuracy(checkpoint.load_params(path(f"{task}_sft"))[0], task_sft,
                                         demo.eval_examples, demo.eval_batch)})
     task_gate = task_cfg("gate")
     task_gate.init.checkpoint = path(f"{task}_sft")
-    task_gate.train.steps = demo.extra_task_gate_steps
+    task_gate.train.steps = task_gate.demo.gate_steps
     stage(f"{task}_gate", task_gate, path(f"{task}_gate"))
 
   # Evaluation of the final model (RL + gate), the trained baseline, then the harder tasks.

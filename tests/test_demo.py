@@ -10,7 +10,7 @@ from tests.train.conftest import small_config
 def _small(arg):
   c = small_config(arg)
   c.demo.compressor_steps, c.demo.sft_steps, c.demo.sft_early_accuracy = 2, 4, 0.0
-  c.demo.rl_steps, c.demo.gate_steps, c.demo.extra_task_gate_steps = 2, 2, 2
+  c.demo.rl_steps, c.demo.gate_steps = 2, 2
   c.demo.eval_lengths, c.demo.eval_examples, c.demo.eval_batch = (1, 2), 4, 4
   c.demo.memagent_examples, c.demo.rl_eval_examples, c.demo.latency_examples = 2, 4, 2
   c.demo.train_memagent = True  # the full variant's fair baseline, on raw chunks

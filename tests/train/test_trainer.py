@@ -107,3 +107,17 @@ def test_corrupted_checkpoint_is_reported_and_kept(tmp_path):
   # The earlier checkpoint is intact and loads.
   params, _ = checkpoint.load_params(str(tmp_path), 1)
   assert params["embedding"].shape[0] == 512
+
+
+@pytest.mark.parametrize("task", ["multihop", "vartrack", "hotpot"])
+def test_every_tiny_task_makes_oracle_turns_that_fit(task):
+  """Each TASK of configs/tiny.py builds a run whose oracle traces fit its memory and answer."""
+  from configs import tiny
+  config = tiny.get_config(f"sft,full,{task}")
+  run = trainer.build_run(config)
+  assert run.task.task == task
+  turns = trainer.oracle_turns(run, run.examples(0, 4))  # raises if a trace does not fit
+  assert turns.target_mask.any(-1).all()  # every block rewrites the memory
+  assert turns.answer_mask.sum(-1).min() >= 2  # an answer token and EOS
+  with pytest.raises(ValueError, match="unknown task 'sudoku'"):
+    tiny.get_config("sft,full,sudoku")
