@@ -89,8 +89,9 @@ def plot(rows: Sequence[dict], directory: str, prefix: str = "") -> dict[str, li
   written = {}
   series = sorted({(r.get("model", ""), r.get("task") or "", r["mode"]) for r in rows})
   tasks = {task for _, task, _ in series}
-  for key, label, log_y in (("accuracy", "accuracy (%)", False), ("latency_s", "seconds per question (alone)", True),
-                            ("peak_bytes", "peak bytes", True)):
+  for key, axis_label, log_y in (("accuracy", "accuracy (%)", False),
+                                 ("latency_s", "seconds per question (alone)", True),
+                                 ("peak_bytes", "peak bytes", True)):
     if not any(r.get(key) is not None for r in rows):
       continue
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -99,14 +100,14 @@ def plot(rows: Sequence[dict], directory: str, prefix: str = "") -> dict[str, li
                       if (r.get("model", ""), r.get("task") or "", r["mode"]) == (model, task, mode)
                       and r.get(key) is not None)
       if points:
-        label = f"{model} {mode}" + (f" ({task})" if len(tasks) > 1 else "")
-        ax.plot(*zip(*points), marker="o", label=label.strip())
+        line = f"{model} {mode}" + (f" ({task})" if len(tasks) > 1 else "")
+        ax.plot(*zip(*points), marker="o", label=line.strip())
     ax.set_xscale("log")
     if log_y:
       ax.set_yscale("log")
     ax.set_xlabel("context tokens")
-    ax.set_ylabel(label)
-    ax.legend()
+    ax.set_ylabel(axis_label)
+    ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     path = os.path.join(directory, f"{prefix}{key.replace('_s', '').replace('_bytes', '')}_vs_length.png")
     fig.tight_layout()
