@@ -51,7 +51,7 @@ def _latency_alone(prepare, examples: Sequence[TokenizedExample], count: int,
 
   Each of the first `count` questions runs `repeats` times and keeps its fastest run (what
   the machine does without a stray pause: on a busy 2-core CPU the first runs after a large
-  batched evaluation were measured up to 1.6x slower); the result is the median over the
+  batched evaluation were measured up to twice as slow); the result is the median over the
   questions.  `prepare(group)` gives (jitted, args); the compilation is run untimed first.
   """
   fastest = []
