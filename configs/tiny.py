@@ -1,8 +1,8 @@
 """The tiny model on a synthetic task: `--config configs/tiny.py:STAGE[,VARIANT[,TASK]]`.
 
 STAGE is one of compressor, sft, rl, gate; VARIANT is `default` (the README's
-demo, about 11 minutes on a 2-core CPU) or `full` (longer budgets, a trained
-memagent baseline and the vartrack and hotpot tasks, under an hour); TASK is
+demo, about 10 minutes on a 2-core CPU) or `full` (longer budgets, a trained
+memagent baseline and the vartrack and hotpot tasks, about 46 minutes); TASK is
 `multihop` (default), `vartrack` or `hotpot`; a TASK's config sets its own
 demo budgets.  The `demo` block holds the pipeline's
 settings for launch/demo.py.  Everything runs on a laptop CPU (DESIGN §8: a
