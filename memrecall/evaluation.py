@@ -50,9 +50,9 @@ def _latency_alone(prepare, examples: Sequence[TokenizedExample], count: int,
   """Seconds to answer one question by itself (a batch of 1): the latency a user waits for.
 
   Each of the first `count` questions runs `repeats` times and keeps its fastest run (what
-  the machine does without a stray pause: on a busy 2-core CPU the first runs after a large
-  batched evaluation were measured up to twice as slow); the result is the median over the
-  questions.  `prepare(group)` gives (jitted, args); the compilation is run untimed first.
+  the machine does without a stray pause: on a 2-core CPU, 10 runs in a row of one compiled
+  question were measured up to twice as slow as the next 10); the result is the median over
+  the questions.  `prepare(group)` gives (jitted, args); the compilation is run untimed first.
   """
   fastest = []
   for i, ex in enumerate(examples[:count]):
