@@ -1,4 +1,4 @@
-"""Model shapes: `--config configs/models.py:NAME` with NAME one of tiny, qwen2.5-0.5b, qwen2.5-7b.
+"""Model shapes: `--config configs/models.py:NAME` with NAME tiny or qwen2.5-{0.5b,1.5b,3b,7b}.
 
 Each returns a ConfigDict whose `model` block is read by
 `memrecall.config.ModelConfig.from_dict`.
@@ -17,6 +17,14 @@ _MODELS = {
                          num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0,
                          tie_word_embeddings=True, param_dtype="bfloat16", dtype="bfloat16",
                          bos_token_id=151643, eos_token_ids=(151645, 151643), pad_token_id=151643),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                         num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0,
+                         tie_word_embeddings=True, param_dtype="bfloat16", dtype="bfloat16",
+                         bos_token_id=151643, eos_token_ids=(151645, 151643), pad_token_id=151643),
+    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
+                       num_heads=16, num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0,
+                       tie_word_embeddings=True, param_dtype="bfloat16", dtype="bfloat16",
+                       bos_token_id=151643, eos_token_ids=(151645, 151643), pad_token_id=151643),
     "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
                        num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1_000_000.0,
                        tie_word_embeddings=False, param_dtype="bfloat16", dtype="bfloat16",

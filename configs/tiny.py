@@ -39,7 +39,8 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
   c.model.gate_lora_alpha = 8.0
   c.model.gate_lora_targets = ("q", "v")
 
-  c.init = ml_collections.ConfigDict({"checkpoint": "", "hf_checkpoint": "", "seed": 0})
+  c.init = ml_collections.ConfigDict({"checkpoint": "", "hf_checkpoint": "", "seed": 0,
+                                      "tokenizer": ""})
   # Chunks of 16 tokens (4 facts, 4 beacons): 8 chunks at the training length of 128.
   c.compressor = ml_collections.ConfigDict({"chunk_size": 16, "window": 16, "ratio": 4})
   c.reasoner = ml_collections.ConfigDict({"memory_size": 3, "answer_tokens": 2, "question_tokens": 3})

@@ -21,17 +21,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None, "HF LycheeMemory/Qwen2 checkpoint.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "Or the workdir of a memrecall training run (orbax).")
-_DOCUMENT = flags.DEFINE_string("document", None,
-                                "Plain text; a JSON list of token ids; or JSON rows with 'context' "
-                                "and a question field (see --row).")
+_DOCUMENT = flags.DEFINE_string(
+    "document", None, "Plain text; a JSON list of token ids; or question rows (.json, .jsonl, "
+    ".parquet) in MemAgent's RL layout (context, prompt, reward_model, extra_info.question) or "
+    "its evaluation layout (context, input, answers); see --row.")
 _ROW = flags.DEFINE_integer("row", 0, "Row of a JSON rows document.")
 _QUESTION = flags.DEFINE_string("question", None, "Question text (default: the row's question).")
 _QUESTION_IDS = flags.DEFINE_list("question_ids", None, "Question token ids, e.g. 1,2,3.")
 _MAX_QUESTION_TOKENS = flags.DEFINE_integer("max_question_tokens", 1024, "Question budget.")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None,
                                    "Tokens per chunk (default: two compressor windows).")
-_MEMORY_SIZE = flags.DEFINE_integer("memory_size", 1024, "Max new tokens per memory update.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Max tokens of the answer.")
+_MEMORY_SIZE = flags.DEFINE_integer(
+    "memory_size", None, "Max new tokens per memory update (default: the run's; 1024 for HF).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "max_new_tokens", None, "Max tokens of the answer (default: the run's; 256 for HF).")
 _MEMORY_BANK = flags.DEFINE_string("memory_bank", None, "Reuse the bank here if present, else save.")
 _MODE = flags.DEFINE_enum("mode", None, ["gate", "all", "topk"],
                           "Block selection (default: gate if the model has a gate, else all).")
@@ -56,23 +59,25 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from memrecall import compressor, documents, memory_bank, pipeline, progress, prompts, recall
-  from memrecall.reasoner import ReasonerConfig
-  from memrecall.sampling import SamplingConfig
+  from memrecall import compressor, documents, memory_bank, progress, prompts, recall, runs
 
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None) or not _DOCUMENT.value:
     raise app.UsageError("--document and exactly one of --hf_checkpoint and --checkpoint are "
                          "required")
+  settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
+                  answer_tokens=_MAX_NEW_TOKENS.value)
   try:
     if _CHECKPOINT.value:
-      model = pipeline.load_trained_model(_CHECKPOINT.value)
+      run, params = runs.from_workdir(_CHECKPOINT.value, **settings)
     else:
-      model = pipeline.load_recall_model(_HF_CHECKPOINT.value, chunk_size=_CHUNK_SIZE.value,
-                                         gate_lora_rank=_GATE_LORA_RANK.value)
+      run = runs.from_hf_checkpoint(_HF_CHECKPOINT.value,
+                                    model={"gate_lora_rank": _GATE_LORA_RANK.value},
+                                    **{k: v for k, v in settings.items() if v})
+      params = run.params()
     document = documents.read_document(_DOCUMENT.value, _ROW.value)
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, ImportError) as e:
     raise app.UsageError(str(e)) from None
-  tok, config = model.tokenizer, model.config
+  tok, config = run.tokenizer, run.model
   mode = _MODE.value or ("gate" if config.has_gate else "all")
   if mode in ("gate", "topk") and not config.has_gate:
     raise app.UsageError(f"--mode={mode} needs a gate: this checkpoint has none "
@@ -94,18 +99,14 @@ def main(argv):
   bad = [i for i in doc_ids + question_ids if not 0 <= i < config.vocab_size]
   if bad:
     raise app.UsageError(f"token ids {bad[:5]} are outside the vocabulary ({config.vocab_size})")
-  settings = model.compressor
+  settings = run.compressor
   chunk_ids, chunk_mask = compressor.chunk_document(doc_ids, settings.chunk_size, config.pad_token_id)
   print(f"document: {len(doc_ids)} tokens -> {chunk_ids.shape[0]} chunks of {settings.chunk_size}",
         file=sys.stderr)
 
-  setup = recall.RecallSetup(
-      model=config, prompts=model.prompts,
-      reasoner=ReasonerConfig(memory_size=_MEMORY_SIZE.value, answer_tokens=_MAX_NEW_TOKENS.value),
-      recall=recall.RecallConfig(mode=mode, threshold=_THRESHOLD.value, topk=_TOPK.value,
-                                 group_size=_GROUP_SIZE.value, gate_group=_GATE_GROUP.value),
-      sampling=SamplingConfig(temperature=_TEMPERATURE.value, eos_ids=config.eos_token_ids,
-                              pad_id=config.pad_token_id))
+  setup = run.recall_setup(mode, threshold=_THRESHOLD.value, topk=_TOPK.value,
+                           group_size=_GROUP_SIZE.value, gate_group=_GATE_GROUP.value,
+                           temperature=_TEMPERATURE.value)
   question, question_mask = prompts.pad_ids([question_ids])
   rng = jax.random.key(_SEED.value)
 
@@ -116,7 +117,7 @@ def main(argv):
     pad = -chunk_ids.shape[0] % g
     ids = np.pad(chunk_ids, ((0, pad), (0, 0)))[:, None]
     mask = np.pad(chunk_mask, ((0, pad), (0, 0)))[:, None]
-    out = recall.recall_streaming(model.params, setup, settings, jnp.asarray(ids),
+    out = recall.recall_streaming(params, setup, settings, jnp.asarray(ids),
                                   jnp.asarray(mask), question, question_mask, rng)
     n_blocks = chunk_ids.shape[0]
   else:
@@ -124,7 +125,7 @@ def main(argv):
     bank_dir = _MEMORY_BANK.value
     if bank_dir and os.path.exists(os.path.join(bank_dir, "metadata.json")):
       expected = memory_bank.BankMetadata(
-          model_fingerprint=memory_bank.model_fingerprint(model.params, config),
+          model_fingerprint=memory_bank.model_fingerprint(params, config),
           chunk_size=settings.chunk_size, window=settings.window, ratio=settings.ratio,
           dtype=config.dtype, num_chunks=chunk_ids.shape[0], num_tokens=len(doc_ids))
       try:
@@ -133,15 +134,15 @@ def main(argv):
         raise app.UsageError(str(e)) from None
       print(f"reusing memory bank {bank_dir}", file=sys.stderr)
     else:
-      memory = compressor.compress(model.params, config, settings, jnp.asarray(chunk_ids),
+      memory = compressor.compress(params, config, settings, jnp.asarray(chunk_ids),
                                    jnp.asarray(chunk_mask))
       if bank_dir:
         memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
-            model.params, config, settings, memory, len(doc_ids)))
+            params, config, settings, memory, len(doc_ids)))
         print(f"saved memory bank {bank_dir}", file=sys.stderr)
       bank = jax.tree.map(np.asarray, recall.DocumentBank.from_chunks([memory]))
     n_blocks = bank.num_blocks
-    out = recall.recall_from_host(model.params, setup, bank, question, question_mask, rng,
+    out = recall.recall_from_host(params, setup, bank, question, question_mask, rng,
                                   progress=progress.Progress(n_blocks, "chunks"))
 
   n = int(out.answer.lengths[0])

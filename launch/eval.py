@@ -1,14 +1,27 @@
-r"""Evaluates a trained checkpoint at several context lengths and modes.
+r"""Evaluates a checkpoint: on data files (RULER-HQA, question rows) or on the synthetic task.
 
-  python launch/eval.py --config=configs/tiny.py:sft --checkpoint=/tmp/run \
-      --lengths=1,8,64 --modes=gate,all,memagent --output_dir=/tmp/run/eval
+Data files, from a HF checkpoint (e.g. the released LycheeMemory-7B) or a training workdir:
 
-Writes OUTPUT_DIR/results.json and results.csv (one row per model, mode and
-length: accuracy with its standard error, latency (one question alone) and
-time per question in batches, compiled peak bytes,
-blocks read, gate recall and skip rate), traces/*.json for a few questions,
-and accuracy/latency/peak-memory-vs-length PNGs.  Rerunning skips the rows
-already in results.json.
+  python launch/eval.py --hf_checkpoint=/ckpt/LycheeMemory-7B \
+      --data=ruler_hqa:/data/eval_50.json,/data/eval_100.json --modes=all,gate \
+      --output_dir=/tmp/eval_lychee
+  python launch/eval.py --checkpoint=/tmp/rl_run --data=rows:/data/test.json --limit=16
+
+writes OUTPUT_DIR/predictions.jsonl (one JSON object per (mode, row): prediction text and ids,
+answers, em, sub_em, strict_sub_em, blocks read, ...) and results.json / results.csv /
+sub_em_vs_length.png grouped by data file and number of documents.  Rerunning skips the rows
+already in predictions.jsonl.  --chunk_size, --memory_size, --answer_tokens and
+--question_tokens override the checkpoint's settings.
+
+The synthetic sweep (no --data), at multiples of the training length:
+
+  python launch/eval.py --checkpoint=/tmp/run --lengths=1,8,64 --modes=gate,all,memagent
+
+writes OUTPUT_DIR/results.json and results.csv (one row per model, mode and length:
+accuracy with its standard error, latency (one question alone) and time per question in
+batches, compiled peak bytes, blocks read, gate recall and skip rate), traces/*.json for a few
+questions, and accuracy/latency/peak-memory-vs-length PNGs.  OUTPUT_DIR defaults to
+CHECKPOINT/eval (or eval/NAME of the HF checkpoint under the current directory).
 """
 
 import os
@@ -19,58 +32,112 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config (model, task).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Synthetic sweep only: a training config to evaluate with instead of the "
+    "one the checkpoint saved.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of a training run (orbax).")
-_MODEL_NAME = flags.DEFINE_string("model_name", "lychee", "Label of the model in the results.")
-_LENGTHS = flags.DEFINE_list("lengths", ["1", "8", "64"], "Multiples of the training length.")
+_HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None,
+                                     "Or a HF LycheeMemory / Qwen2 checkpoint directory.")
+_DATA = flags.DEFINE_multi_string(
+    "data", None, "KIND:PATH[,PATH...] (rows, hotpotqa, ruler_hqa, synthetic, tfds); repeatable.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate the first N rows of each data file.")
+_NUM_DOCS = flags.DEFINE_integer("num_docs", 200, "hotpotqa data: documents per question.")
+_HOTPOTQA_DEV = flags.DEFINE_string(
+    "hotpotqa_dev", "", "ruler_hqa data: the HotpotQA dev file (labels; index-only contexts).")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "Tokens per chunk.")
+_MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Max tokens of a memory update.")
+_ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", None, "Max tokens of the answer.")
+_QUESTION_TOKENS = flags.DEFINE_integer("question_tokens", None, "Question budget in tokens.")
+_GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
+                                       "HF checkpoints: rank of the gate's adapters (0: none).")
+_MODEL_NAME = flags.DEFINE_string("model_name", None, "Label of the model in the results.")
+_LENGTHS = flags.DEFINE_list("lengths", ["1", "8", "64"], "Synthetic: multiples of the training "
+                             "length.")
 _MODES = flags.DEFINE_list("modes", ["gate", "all", "memagent"],
                            "Any of gate, all, topk, memagent, full, rag.")
-_EXAMPLES = flags.DEFINE_integer("examples", 64, "Questions per length.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Questions per batch.")
+_EXAMPLES = flags.DEFINE_integer("examples", 64, "Synthetic: questions per length.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Questions per batch (default 16 "
+                                   "synthetic, 8 data).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate threshold.")
 _TOPK = flags.DEFINE_integer("topk", 4, "Blocks read in topk mode.")
 _GATE_GROUP = flags.DEFINE_integer(
     "gate_group", 16, "Blocks the gate scores per step against the current memory (same decisions; "
     "fewer sequential steps).")
 _LATENCY_EXAMPLES = flags.DEFINE_integer(
-    "latency_examples", 4, "Questions per row also answered one at a time for the latency.")
-_MEMAGENT_CHUNK = flags.DEFINE_integer("memagent_chunk", None,
-                                       "Raw tokens per MemAgent section (default: chunk size).")
+    "latency_examples", 4, "Synthetic: questions per row also answered one at a time.")
+_MEMAGENT_CHUNK = flags.DEFINE_integer(
+    "memagent_chunk", None, "Raw tokens per MemAgent section (default: the chunk size; MemAgent's "
+    "own is 5000).")
 _FULL_BUDGET = flags.DEFINE_integer("full_budget", 512, "Token budget of the full-context mode.")
 _RAG_TOPK = flags.DEFINE_integer("rag_topk", 4, "Chunks retrieved by BM25 in rag mode.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval.")
-from memrecall import distributed  # noqa: E402  (defines --distributed and the coordinator flags)
-flags.mark_flags_as_required(["config", "checkpoint"])
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval, or eval/NAME.")
+from launch import distributed_flags  # noqa: E402  (--distributed and the coordinator flags)
+
+
+def _load():
+  """(run, params, default output dir, model name) of the checkpoint the flags name."""
+  from memrecall import runs
+  settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
+                  answer_tokens=_ANSWER_TOKENS.value)
+  if _HF_CHECKPOINT.value:
+    hf = _HF_CHECKPOINT.value
+    values = {k: v for k, v in settings.items() if v}
+    if _QUESTION_TOKENS.value:
+      values["question_tokens"] = _QUESTION_TOKENS.value
+    run = runs.from_hf_checkpoint(hf, model={"gate_lora_rank": _GATE_LORA_RANK.value}, **values)
+    name = os.path.basename(os.path.normpath(hf))
+    return run, run.params(), os.path.join("eval", name), name
+  run, params = runs.from_workdir(_CHECKPOINT.value, **settings)
+  if _CONFIG.value is not None:
+    run = runs.build_run(_CONFIG.value)
+  if _QUESTION_TOKENS.value:
+    run.config.reasoner.question_tokens = _QUESTION_TOKENS.value
+  return run, params, os.path.join(_CHECKPOINT.value, "eval"), "lychee"
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  distributed_flags.initialize()
   from memrecall import eval_report, evaluation
-  distributed.initialize_from_flags()
   from memrecall.config import ConfigError
-  from memrecall.train import checkpoint, trainer
+  from memrecall.data.ruler_hqa import DatasetError
 
+  if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None):
+    raise app.UsageError("give exactly one of --hf_checkpoint and --checkpoint")
+  if _HF_CHECKPOINT.value and not _DATA.value:
+    raise app.UsageError("--hf_checkpoint needs --data=KIND:PATH (a HF model has no synthetic task)")
   try:
-    lengths = [int(x) for x in _LENGTHS.value]
-    run = trainer.build_run(_CONFIG.value)
-    params, _ = checkpoint.load_params(_CHECKPOINT.value)
-  except (ValueError, ConfigError, OSError) as e:
+    run, params, default_dir, name = _load()
+    sources = [s for spec in _DATA.value or []
+               for s in run.sources(spec, num_docs=_NUM_DOCS.value,
+                                    hotpotqa_dev=_HOTPOTQA_DEV.value)]
+  except (ValueError, ConfigError, OSError, ImportError) as e:
     raise app.UsageError(str(e)) from None
+  output_dir = _OUTPUT_DIR.value or default_dir
+  model_name = _MODEL_NAME.value or name
   chunk = run.compressor.chunk_size
   baseline = evaluation.BaselineConfig(memagent_chunk=_MEMAGENT_CHUNK.value or chunk,
                                        full_budget=_FULL_BUDGET.value, rag_topk=_RAG_TOPK.value,
                                        rag_chunk=chunk)
-  output_dir = _OUTPUT_DIR.value or os.path.join(_CHECKPOINT.value, "eval")
   try:
-    rows = evaluation.evaluate_suite(
-        params, run, model_name=_MODEL_NAME.value, lengths=lengths, modes=_MODES.value,
-        examples=_EXAMPLES.value, batch_size=_BATCH_SIZE.value, output_dir=output_dir,
-        baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
-        gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value)
-  except ValueError as e:
+    if sources:
+      rows = evaluation.evaluate_data(
+          params, run, sources, modes=_MODES.value, output_dir=output_dir, model_name=model_name,
+          limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or 8, baseline=baseline,
+          threshold=_THRESHOLD.value, topk=_TOPK.value, gate_group=_GATE_GROUP.value)
+      print(eval_report.data_table(rows))
+    else:
+      if run.task is None:
+        raise app.UsageError("this run was not trained on synthetic data: pass --data=KIND:PATH")
+      rows = evaluation.evaluate_suite(
+          params, run, model_name=model_name, lengths=[int(x) for x in _LENGTHS.value],
+          modes=_MODES.value, examples=_EXAMPLES.value, batch_size=_BATCH_SIZE.value or 16,
+          output_dir=output_dir, baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
+          gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value)
+      print(eval_report.table(rows))
+  except (ValueError, DatasetError) as e:
     raise app.UsageError(str(e)) from None
-  print(eval_report.table(rows))
   print(f"results in {output_dir}")
 
 

@@ -15,20 +15,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file and its argument.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics go here.")
-from memrecall import distributed  # noqa: E402  (defines --distributed and the coordinator flags)
+from launch import distributed_flags  # noqa: E402  (--distributed and the coordinator flags)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
-  from memrecall import distributed
   from memrecall.config import ConfigError
+  from memrecall.data.ruler_hqa import DatasetError
   from memrecall.train import trainer
-  distributed.initialize_from_flags()
+  from memrecall.train.batches import BatchError
+  distributed_flags.initialize()
   try:
     trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, OSError) as e:
+  except (ConfigError, DatasetError, BatchError, OSError, ImportError) as e:
     raise app.UsageError(str(e)) from None
 
 

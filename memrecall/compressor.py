@@ -112,6 +112,22 @@ def chunk_document(tokens, chunk_size: int, pad_id: int) -> tuple[np.ndarray, np
   return ids.reshape(n, chunk_size), mask.reshape(n, chunk_size)
 
 
+def chunk_documents(documents, chunk_size: int, num_chunks: int, pad_id: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Several documents' ids as [B, N, C] ids and mask; shorter ones get empty trailing chunks.
+
+  A document over N chunks raises IndexError with its position in the list."""
+  ids = np.full((len(documents), num_chunks, chunk_size), pad_id, np.int32)
+  mask = np.zeros((len(documents), num_chunks, chunk_size), bool)
+  for b, tokens in enumerate(documents):
+    doc_ids, doc_mask = chunk_document(tokens, chunk_size, pad_id)
+    if doc_ids.shape[0] > num_chunks:
+      raise IndexError(b, doc_ids.shape[0])
+    ids[b, :doc_ids.shape[0]] = doc_ids
+    mask[b, :doc_ids.shape[0]] = doc_mask
+  return ids, mask
+
+
 def _interleaved_order(window: int, ratio: int) -> np.ndarray:
   """Index in the interleaved layout (t t t t B t ...) of each row in [raw..., beacons...] order."""
   raw = np.arange(window)

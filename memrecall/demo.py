@@ -21,7 +21,7 @@ from typing import Callable
 
 import ml_collections
 
-from memrecall import eval_report, evaluation
+from memrecall import eval_report, evaluation, runs
 from memrecall.distributed import is_primary
 from memrecall.train import checkpoint, trainer
 
@@ -36,20 +36,13 @@ def _metrics(workdir: str, stage: str) -> list[dict]:
 def _greedy_accuracy(params, config: ml_collections.ConfigDict, examples: int, batch: int) -> float:
   """Greedy exact-match accuracy (%) at the training length, reading every chunk (raw chunks
   for the memagent agent)."""
-  run = trainer.build_run(config)
-  from memrecall.data import example as example_lib, synthetic
-  from memrecall.recall import RecallConfig, RecallSetup
-  from memrecall.sampling import SamplingConfig
-  exs = [example_lib.tokenize(synthetic.make_example(run.task, config.task.seed + 1000, i,
-                                                     run.tokenizer), run.tokenizer)
-         for i in range(examples)]
-  setup = RecallSetup(run.model, run.prompts, run.reasoner, RecallConfig(mode="all"),
-                      SamplingConfig(eos_ids=run.model.eos_token_ids, pad_id=run.model.pad_token_id))
+  run = runs.build_run(config)
+  exs = run.examples(0, examples, seed_offset=1000)
   result = evaluation.evaluate_mode(
-      params, setup, run.compressor, exs, run.tokenizer,
-      mode="memagent" if run.agent == "memagent" else "all", form=run.task.form,
+      params, run.recall_setup("all"), run.compressor, exs, run.score,
+      mode="memagent" if run.agent == "memagent" else "all",
       baseline=evaluation.BaselineConfig(memagent_chunk=run.compressor.chunk_size),
-      batch_size=batch, question_tokens=config.reasoner.question_tokens)
+      batch_size=batch, question_tokens=run.question_tokens)
   return result.accuracy
 
 
@@ -171,7 +164,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     stage(f"{task}_gate", task_gate, path(f"{task}_gate"))
 
   # Evaluation of the final model (RL + gate), the trained baseline, then the harder tasks.
-  run = trainer.build_run(cfg("sft"))
+  run = runs.build_run(cfg("sft"))
   began = time.perf_counter()
   common = dict(lengths=list(demo.eval_lengths), batch_size=demo.eval_batch,
                 output_dir=path("eval"), threshold=gate.gate.threshold, log=log,
@@ -188,7 +181,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   for task in demo.extra_tasks:
     rows = evaluation.evaluate_suite(
         checkpoint.load_params(path(f"{task}_gate"))[0],
-        trainer.build_run(get_config(f"sft,{variant},{task}")), model_name="lychee",
+        runs.build_run(get_config(f"sft,{variant},{task}")), model_name="lychee",
         modes=["gate", "all"], examples=demo.eval_examples, **common)
   stages.setdefault("eval", {"wall_s": time.perf_counter() - began})
   if is_primary():

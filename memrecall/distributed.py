@@ -13,26 +13,21 @@ import os
 
 import jax
 import numpy as np
-from absl import flags
-
-DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Initialise jax.distributed (auto-detects Cloud TPU and SLURM).")
-COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def initialize_from_flags() -> None:
-  """Initialises the distributed runtime when --distributed or a coordinator is given."""
-  if not (DISTRIBUTED.value or COORDINATOR.value):
+def initialize(enabled: bool = False, coordinator_address: str | None = None,
+               num_processes: int | None = None, process_id: int | None = None) -> None:
+  """Initialises the distributed runtime when `enabled` or a coordinator is given (with no
+  coordinator, JAX detects Cloud TPU slices and SLURM jobs itself)."""
+  if not (enabled or coordinator_address):
     return
-  explicit = [COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value]
+  explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit) and any(v is None for v in explicit):
     raise ValueError("--coordinator_address, --num_processes and --process_id go together")
   if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=COORDINATOR.value,
-                             num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
 
 
 def is_primary() -> bool:

@@ -1,8 +1,11 @@
 """Reading a document (and maybe its question) from a file, with errors that name the problem.
 
-Formats: plain UTF-8 text; a JSON list of token ids (pre-tokenised); a JSON
-list of rows (or one row) in the LycheeMemory/MemAgent format, with `context`
-and a question field (`question`, `input` or `query`), picked by `row`.
+Formats: plain UTF-8 text; a JSON list of token ids (pre-tokenised); question
+rows in a .json list (or one object), .jsonl or .parquet file, in either of
+MemAgent's layouts (RL data: `context`, `prompt`, `reward_model.ground_truth`,
+`extra_info.question`; evaluation: `context`, `input`, `answers`), picked by
+`row` and read by the datasets' one row parser (`ruler_hqa.parse_row`), so a
+row means the same here as in training and evaluation.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import dataclasses
 import json
 import os
 
-QUESTION_FIELDS = ("question", "input", "query")
+ROW_FILES = (".json", ".jsonl", ".parquet")
 
 
 class DocumentError(ValueError):
@@ -41,35 +44,35 @@ def read_text(path: str | os.PathLike, what: str = "document", error=None, hint:
 
 
 def read_document(path: str | os.PathLike, row: int = 0) -> Document:
+  """The document at `path` (row `row` of a rows file); its question and answers if it has them.
+
+  Every error is a DocumentError (or FileNotFoundError), naming the file and the row.
+  """
   path = os.fspath(path)
+  if path.endswith(ROW_FILES):
+    return _from_rows(path, row)
   text = read_text(path, hint="; convert it or pass token ids as a JSON list")
-  if path.endswith(".json"):
-    return _from_json(path, text, row)
   if not text.strip():
     raise DocumentError(f"{path} is empty")
   return Document(text=text)
 
 
-def _from_json(path: str, text: str, row: int) -> Document:
+def _from_rows(path: str, row: int) -> Document:
+  # Imported here: ruler_hqa imports read_text from this module.
+  from memrecall.data import ruler_hqa  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"document {path} does not exist")
   try:
-    data = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DocumentError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-  if isinstance(data, list) and data and all(isinstance(x, int) for x in data):
-    return Document(ids=tuple(data))
-  rows = data if isinstance(data, list) else [data]
-  if not rows:
-    raise DocumentError(f"{path} holds an empty list")
-  if not 0 <= row < len(rows):
-    raise DocumentError(f"{path} has {len(rows)} rows; row {row} does not exist")
-  item = rows[row]
-  if not isinstance(item, dict):
-    raise DocumentError(f"{path} row {row}: expected an object with 'context', got "
-                        f"{type(item).__name__}")
-  context = item.get("context")
-  if not isinstance(context, str) or not context.strip():
-    raise DocumentError(f"{path} row {row}: missing or empty 'context' field")
-  question = next((item[k] for k in QUESTION_FIELDS if isinstance(item.get(k), str)), None)
-  answers = item.get("answers", item.get("answer", ()))
-  answers = (answers,) if isinstance(answers, str) else tuple(str(a) for a in answers)
-  return Document(text=context, question=question, answers=answers)
+    _, located = ruler_hqa.read_row_file(path)
+    items = [item for _, item in located]
+    if path.endswith(".json") and all(isinstance(x, int) and not isinstance(x, bool)
+                                      for x in items):
+      return Document(ids=tuple(items))
+    if not 0 <= row < len(located):
+      raise DocumentError(f"{path} has {len(located)} rows; row {row} does not exist")
+    # Only the chosen row is parsed: a damaged row elsewhere does not block this one.  No
+    # question is fine (the caller may supply one); no context is not.
+    parsed = ruler_hqa.parse_row(*located[row], need_question=False, need_answers=False)
+  except ruler_hqa.DatasetError as e:
+    raise DocumentError(str(e)) from None
+  return Document(text=parsed.context, question=parsed.question, answers=parsed.answers)

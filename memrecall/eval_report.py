@@ -30,14 +30,16 @@ def json_safe(row: dict) -> dict:
   return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
-def save_rows(rows: Sequence[dict], directory: str, name: str = "results") -> None:
+def save_rows(rows: Sequence[dict], directory: str, name: str = "results",
+              first_keys: Sequence[str] = ROW_KEYS) -> None:
   """Writes `name`.json and `name`.csv atomically (a partial file never replaces a good one)."""
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f"{name}.json")
   with open(path + ".tmp", "w") as f:
     json.dump(list(rows), f, indent=1)
   os.replace(path + ".tmp", path)
-  keys = list(ROW_KEYS) + sorted({k for r in rows for k in r} - set(ROW_KEYS))
+  keys = [k for k in first_keys if any(k in r for r in rows)]
+  keys += sorted({k for r in rows for k in r} - set(keys))
   with open(os.path.join(directory, f"{name}.csv.tmp"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=keys)
     writer.writeheader()
@@ -115,3 +117,47 @@ def plot(rows: Sequence[dict], directory: str, prefix: str = "") -> dict[str, li
     written[path] = [line.get_label() for line in ax.get_lines()]
     plt.close(fig)
   return written
+
+
+# --- results of data files (evaluation.evaluate_data) ------------------------------
+
+DATA_ROW_KEYS = ("model", "data", "num_docs", "mode", "examples", "context_tokens", "sub_em",
+                 "sub_em_stderr", "strict_sub_em", "strict_sub_em_stderr", "em", "em_stderr",
+                 "blocks_read")
+
+
+def data_table(rows: Sequence[dict]) -> str:
+  """Fixed-width text: one line per (model, data file, documents, mode)."""
+  header = (f"{'model':<12}{'data':<22}{'docs':>6}{'mode':>10}{'rows':>6}{'tokens':>10}"
+            f"{'sub-EM':>8}{'strict':>8}{'EM':>7}{'read':>7}")
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    lines.append(f"{r['model'][:11]:<12}{r['data'][:21]:<22}{r.get('num_docs') or '':>6}"
+                 f"{r['mode']:>10}{r['examples']:>6}{r['context_tokens']:>10.0f}"
+                 f"{r['sub_em']:>8.1f}{r['strict_sub_em']:>8.1f}{r['em']:>7.1f}"
+                 f"{r['blocks_read']:>7.1f}")
+  return "\n".join(lines)
+
+
+def save_data_rows(rows: Sequence[dict], directory: str) -> None:
+  """results.json / results.csv, and sub-EM vs context length (one line per model and mode)."""
+  save_rows([json_safe(r) for r in rows], directory, first_keys=DATA_ROW_KEYS)
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for model, mode in sorted({(r["model"], r["mode"]) for r in rows}):
+    points = sorted((r["context_tokens"], r["sub_em"]) for r in rows
+                    if (r["model"], r["mode"]) == (model, mode))
+    ax.plot(*zip(*points), marker="o", label=f"{model} {mode}")
+  ax.set_xscale("log")
+  ax.set_xlabel("context tokens")
+  ax.set_ylabel("sub-EM (%)")
+  ax.legend(fontsize="small")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(directory, "sub_em_vs_length.png"), dpi=100)
+  plt.close(fig)

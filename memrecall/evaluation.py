@@ -6,25 +6,26 @@ import dataclasses
 import json
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from memrecall.compressor import CompressorConfig
-from memrecall.data import metrics as metrics_lib
+from memrecall.compressor import CompressorConfig, chunk_documents
 from memrecall.data.example import TokenizedExample
 from memrecall.distributed import is_primary
 from memrecall.prompts import pad_ids
 from memrecall.recall import RecallSetup, recall_documents
-from memrecall.train.batches import chunked
+
+# score(prediction ids without EOS, example) -> {"em", "sub_em", "strict_sub_em"}: `runs.Run.score`.
+Scorer = Callable[[Sequence[int], TokenizedExample], dict]
+ACCURACY_METRIC = "sub_em"  # `accuracy` of a result: MemAgent-compatible sub-EM (the ids form: exact)
 
 
-def is_correct(prediction: Sequence[int], golds, tokenizer, form: str) -> float:
-  """Exact ids for the small-vocabulary form; MemAgent-compatible sub-EM for text."""
-  if form == "ids":
-    return float(any(tuple(prediction) == tuple(g) for g in golds))
-  return metrics_lib.sub_em(tokenizer.decode(prediction), [tokenizer.decode(g) for g in golds])
+def chunked(examples: Sequence[TokenizedExample], chunk_size: int, num_chunks: int,
+            pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Examples' documents as [B, N, C] ids and mask (`compressor.chunk_documents`)."""
+  return chunk_documents([ex.context for ex in examples], chunk_size, num_chunks, pad_id)
 
 
 def compiled_bytes(jitted, *args) -> int:
@@ -68,15 +69,17 @@ def _latency_alone(prepare, examples: Sequence[TokenizedExample], count: int,
   return float(np.median(fastest)) if fastest else float("nan")
 
 
-def _in_batches(prepare, examples: Sequence[TokenizedExample], batch_size: int):
+def _in_batches(prepare, examples: Sequence[TokenizedExample], batch_size: int,
+                timed: bool = True):
   """[(real examples, host output)] per batch (the last padded to one compiled shape), the
-  seconds they took and the compiled peak bytes of one batch."""
+  seconds they took and the compiled peak bytes of one batch (timed=False: no untimed first
+  run and no peak, for evaluations that only want the answers)."""
   outputs, seconds, peak = [], 0.0, None
   for start in range(0, len(examples), batch_size):
     group = list(examples[start:start + batch_size])
     real = len(group)
     jitted, args = prepare(group + [group[-1]] * (batch_size - real), seed_offset=start)
-    out, elapsed, first_peak = _timed(jitted, args, start == 0)
+    out, elapsed, first_peak = _timed(jitted, args, timed and start == 0)
     seconds += elapsed
     peak = first_peak if first_peak is not None else peak
     outputs.append((group[:real], out))
@@ -95,6 +98,8 @@ class EvalResult:
   examples: int
   traces: list[dict]
   peak_bytes: int | None = None  # compiled device bytes of one batch
+  # Per question, in order: prediction_ids, blocks_read and the scores of `Scorer`.
+  rows: list[dict] = dataclasses.field(default_factory=list)
 
 
 def _answer_ids(answer, i: int, eos: set) -> list[int]:
@@ -107,12 +112,15 @@ def _stderr(scores: np.ndarray) -> float:
 
 
 def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
-             examples: Sequence[TokenizedExample], tokenizer, *, form: str, batch_size: int = 16,
+             examples: Sequence[TokenizedExample], score: Scorer, *, batch_size: int = 16,
              question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
-             latency_examples: int = 4) -> EvalResult:
+             latency_examples: int = 4, timed: bool = True,
+             max_tokens: int | None = None) -> EvalResult:
   """Runs compression + recall on `examples` in batches and scores the answers; times the
-  first `latency_examples` questions alone too."""
-  n_chunks = max(-(-len(ex.context) // compressor.chunk_size) for ex in examples)
+  first `latency_examples` questions alone too.  max_tokens: pad every batch to this many
+  tokens' chunks (one compiled shape across calls; default: the longest example)."""
+  max_tokens = max_tokens or max(len(ex.context) for ex in examples)
+  n_chunks = -(-max_tokens // compressor.chunk_size)
   eos = set(setup.model.eos_token_ids)
 
   def prepare(group, seed_offset=0):
@@ -121,15 +129,17 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
     return recall_documents, (params, setup, compressor, ids, mask, question, question_mask,
                               jax.random.key(seed + seed_offset))
 
-  batches, seconds, peak = _in_batches(prepare, examples, batch_size)
-  scores, reads, relevant_read, relevant, blocks, traces = [], [], 0, 0, 0, []
+  batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
+  scores, reads, relevant_read, relevant, blocks, traces, rows = [], [], 0, 0, 0, [], []
   for group, out in batches:
     for i, ex in enumerate(group):
       answer = _answer_ids(out.answer, i, eos)
-      scores.append(is_correct(answer, ex.answers, tokenizer, form))
+      row_scores = score(answer, ex)
+      scores.append(row_scores[ACCURACY_METRIC])
       labels = ex.chunk_labels(compressor.chunk_size)
       read = np.asarray(out.trace.read[i, :len(labels)])
       reads.append(read.sum())
+      rows.append({"prediction_ids": answer, "blocks_read": int(read.sum()), **row_scores})
       relevant_read += int((read & labels).sum())
       relevant += int(labels.sum())
       blocks += len(labels)
@@ -148,7 +158,7 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
                     batched_s=seconds / len(examples), blocks_read=float(np.mean(reads)),
                     gate_recall=relevant_read / max(relevant, 1),
                     skip_rate=1 - float(np.sum(reads)) / max(blocks, 1), examples=len(examples),
-                    traces=traces, peak_bytes=peak)
+                    traces=traces, peak_bytes=peak, rows=rows)
 
 
 # --- baselines through the same scoring ----------------------------------------
@@ -169,22 +179,25 @@ class BaselineConfig:
 
 
 def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
-                  examples: Sequence[TokenizedExample], tokenizer, *, mode: str, form: str,
+                  examples: Sequence[TokenizedExample], score: Scorer, *, mode: str,
                   baseline: BaselineConfig = BaselineConfig(), batch_size: int = 16,
                   question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
-                  latency_examples: int = 4) -> EvalResult:
-  """Any mode: the recall loop (`gate`, `all`, `topk`, read from `setup.recall`) or a baseline."""
+                  latency_examples: int = 4, timed: bool = True,
+                  max_tokens: int | None = None) -> EvalResult:
+  """Any mode: the recall loop (`gate`, `all`, `topk`, read from `setup.recall`) or a baseline.
+  timed, max_tokens: as in `evaluate`."""
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
   if mode in RECALL_MODES:
     setup = dataclasses.replace(setup, recall=dataclasses.replace(setup.recall, mode=mode))
-    return evaluate(params, setup, compressor, examples, tokenizer, form=form,
-                    batch_size=batch_size, question_tokens=question_tokens, seed=seed,
-                    keep_traces=keep_traces, latency_examples=latency_examples)
+    return evaluate(params, setup, compressor, examples, score, batch_size=batch_size,
+                    question_tokens=question_tokens, seed=seed, keep_traces=keep_traces,
+                    latency_examples=latency_examples, timed=timed, max_tokens=max_tokens)
   from memrecall import baselines  # pylint: disable=g-import-not-at-top
   eos = set(setup.model.eos_token_ids)
   pad = setup.model.pad_token_id
-  n_sections = max(-(-len(ex.context) // baseline.memagent_chunk) for ex in examples)
+  max_tokens = max_tokens or max(len(ex.context) for ex in examples)
+  n_sections = -(-max_tokens // baseline.memagent_chunk)
 
   def context_of(ex) -> list[int]:
     ids = list(map(int, ex.context))
@@ -205,15 +218,17 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
     return baselines.answer_from_context, (params, setup, context, context_mask, question,
                                            question_mask, rng)
 
-  batches, seconds, peak = _in_batches(prepare, examples, batch_size)
-  scores, reads, traces = [], [], []
+  batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
+  scores, reads, traces, rows = [], [], [], []
   for group, out in batches:
     answer = out.answer if mode == "memagent" else out
     read = out.trace.read.sum(axis=1) if mode == "memagent" else np.zeros(len(group))
     for i, ex in enumerate(group):
       predicted = _answer_ids(answer, i, eos)
-      scores.append(is_correct(predicted, ex.answers, tokenizer, form))
+      row_scores = score(predicted, ex)
+      scores.append(row_scores[ACCURACY_METRIC])
       reads.append(float(read[i]))
+      rows.append({"prediction_ids": predicted, "blocks_read": int(read[i]), **row_scores})
       if len(traces) < keep_traces:
         traces.append({"id": ex.example.id, "answer_ids": predicted, "correct": scores[-1],
                        "gold_ids": [list(map(int, g)) for g in ex.answers]})
@@ -222,7 +237,7 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                     latency_s=_latency_alone(prepare, examples, latency_examples),
                     batched_s=seconds / len(examples), blocks_read=float(np.mean(reads)),
                     gate_recall=float("nan"), skip_rate=float("nan"), examples=len(examples),
-                    traces=traces, peak_bytes=peak)
+                    traces=traces, peak_bytes=peak, rows=rows)
 
 
 def _trace_task(task: str) -> str:
@@ -237,7 +252,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
                    mode_examples: dict[str, int] | None = None, log=print) -> list[dict]:
   """Every (length multiple, mode) not yet in OUTPUT_DIR/results.json; resumable.
 
-  `run` is a `trainer.Run` (model, prompts, task at training length).  Examples
+  `run` is a `runs.Run` (model, prompts, synthetic task at training length).  Examples
   come from a stream (`seed_offset`) that training never reads.  mode_examples
   caps the questions of some modes (the first ones of the same stream), e.g. a
   slow baseline that is run for its timing only.  Each row's latency is the mean
@@ -247,8 +262,6 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   from memrecall import eval_report  # pylint: disable=g-import-not-at-top
   from memrecall.data import example as example_lib, synthetic
   from memrecall.progress import Progress
-  from memrecall.recall import RecallConfig
-  from memrecall.sampling import SamplingConfig
   unknown = set(modes) - set(MODES)
   if unknown:
     raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
@@ -258,11 +271,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   done = {(r["model"], r.get("task"), r["mode"], r["length_multiple"]) for r in rows}
   todo = [(m, mode) for m in lengths for mode in modes
           if (model_name, task_name, mode, m) not in done]
-  setup = RecallSetup(model=run.model, prompts=run.prompts, reasoner=run.reasoner,
-                      recall=RecallConfig(mode="all", threshold=threshold, topk=topk,
-                                          gate_group=gate_group),
-                      sampling=SamplingConfig(eos_ids=run.model.eos_token_ids,
-                                              pad_id=run.model.pad_token_id))
+  setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
   progress = Progress(len(todo), "eval")
   cache: dict[int, list] = {}
   for i, (multiple, mode) in enumerate(todo):
@@ -272,9 +281,9 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       cache = {multiple: [example_lib.tokenize(synthetic.make_example(task, seed, j, run.tokenizer),
                                                run.tokenizer) for j in range(examples)]}
     batch = cache[multiple][:(mode_examples or {}).get(mode, examples)]
-    result = evaluate_mode(params, setup, run.compressor, batch, run.tokenizer, mode=mode,
-                           form=run.task.form, baseline=baseline, batch_size=batch_size,
-                           question_tokens=run.config.reasoner.question_tokens,
+    result = evaluate_mode(params, setup, run.compressor, batch, run.score, mode=mode,
+                           baseline=baseline, batch_size=batch_size,
+                           question_tokens=run.question_tokens,
                            keep_traces=keep_traces, latency_examples=latency_examples)
     row = {"model": model_name, "task": task_name, "mode": mode, "length_multiple": multiple,
            "context_tokens": run.task.length * multiple, "examples": result.examples,
@@ -294,3 +303,127 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   if is_primary():
     eval_report.plot(rows, output_dir)
   return rows
+
+
+# --- evaluation on data files (launch/eval.py --data) -----------------------------
+
+PREDICTION_KEYS = ("model", "data", "mode", "row", "id", "num_docs", "context_tokens", "question",
+                   "prediction", "prediction_ids", "answers", "em", "sub_em", "strict_sub_em",
+                   "blocks_read")
+METRIC_KEYS = ("sub_em", "strict_sub_em", "em")
+
+
+def read_predictions(path: str) -> list[dict]:
+  """The records of a predictions.jsonl (a torn last line, from a run that was killed, is
+  dropped: that row is simply evaluated again)."""
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  for number, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number == len(lines) - 1:
+        break
+      raise ValueError(f"{path} line {number + 1} is not JSON; move the file away to start "
+                       "over") from None
+  return records
+
+
+def summarize_predictions(records: Sequence[dict]) -> list[dict]:
+  """One result row per (model, data file, number of documents, mode): each metric x100 with
+  its standard error, mean context tokens and blocks read (the paper's table by length)."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in records:
+    groups.setdefault((r["model"], r["data"], r.get("num_docs"), r["mode"]), []).append(r)
+  rows = []
+  for (model, data, num_docs, mode), group in sorted(groups.items(), key=lambda kv: (
+      kv[0][0], kv[0][1], kv[0][2] if kv[0][2] is not None else -1, kv[0][3])):
+    row = {"model": model, "data": data, "num_docs": num_docs, "mode": mode,
+           "examples": len(group),
+           "context_tokens": float(np.mean([r["context_tokens"] for r in group])),
+           "blocks_read": float(np.mean([r["blocks_read"] for r in group]))}
+    for key in METRIC_KEYS:
+      values = np.asarray([r[key] for r in group], float)
+      row[key], row[f"{key}_stderr"] = float(100 * values.mean()), _stderr(values)
+    rows.append(row)
+  return rows
+
+
+def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str,
+                  model_name: str = "model", limit: int | None = None, batch_size: int = 8,
+                  baseline: BaselineConfig | None = None, threshold: float | None = None,
+                  topk: int = 4, gate_group: int = 16, log=print) -> list[dict]:
+  """Every (source, mode, row) not yet in OUTPUT_DIR/predictions.jsonl; resumable by row.
+
+  `sources` are `specs.NamedSource`s (their rows in order, the first `limit`); `run` a
+  `runs.Run`.  Each finished batch is appended to predictions.jsonl (one JSON object per
+  (mode, row): the fields of PREDICTION_KEYS), so a run that stops loses at most one batch;
+  results.json / results.csv (`summarize_predictions`) and plots are rewritten at the end.
+  A question over `reasoner.question_tokens` stops the run with an error naming its row,
+  after every earlier batch was saved.
+  """
+  from memrecall import eval_report  # pylint: disable=g-import-not-at-top
+  from memrecall.data.example import tokenize  # pylint: disable=g-import-not-at-top
+  unknown = set(modes) - set(MODES)
+  if unknown:
+    raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+  os.makedirs(output_dir, exist_ok=True)
+  path = os.path.join(output_dir, "predictions.jsonl")
+  records = read_predictions(path)
+  done = {(r["model"], r["data"], r["mode"], r["row"]) for r in records}
+  baseline = baseline or BaselineConfig(memagent_chunk=run.compressor.chunk_size,
+                                        rag_chunk=run.compressor.chunk_size)
+  setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
+  budget = run.question_tokens
+  for named in sources:
+    count = len(named.source) if limit is None else min(limit, len(named.source))
+    cache: dict[int, TokenizedExample] = {}
+
+    def example(i):
+      if i not in cache:
+        ex = tokenize(named.source[i], run.tokenizer)
+        if len(ex.question) > budget:
+          raise ValueError(f"{named.path} row {i}: the question has {len(ex.question)} tokens, "
+                           f"over the budget of {budget} (reasoner.question_tokens / "
+                           "--question_tokens)")
+        cache[i] = ex
+      return cache[i]
+
+    for mode in modes:
+      todo = [i for i in range(count) if (model_name, named.name, mode, i) not in done]
+      if not todo:
+        continue
+      longest = max(len(example(i).context) for i in todo)  # one compiled shape per file and mode
+      for start in range(0, len(todo), batch_size):
+        rows = todo[start:start + batch_size]
+        batch = [example(i) for i in rows]
+        result = evaluate_mode(params, setup, run.compressor, batch, run.score, mode=mode,
+                               baseline=baseline, batch_size=batch_size,
+                               question_tokens=budget, latency_examples=0, timed=False,
+                               max_tokens=longest)
+        new = []
+        for i, ex, out in zip(rows, batch, result.rows):
+          answers = [a if isinstance(a, str) else run.tokenizer.decode(a)
+                     for a in ex.example.answers]
+          question = ex.example.question
+          new.append(eval_report.json_safe({
+              "model": model_name, "data": named.name, "mode": mode, "row": i, "id": ex.example.id,
+              "num_docs": ex.example.metadata.get("num_docs"), "context_tokens": len(ex.context),
+              "question": question if isinstance(question, str) else run.tokenizer.decode(question),
+              "prediction": run.tokenizer.decode(out["prediction_ids"]), "answers": answers,
+              **out}))
+        if is_primary():
+          with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+        records.extend(new)
+        done.update((model_name, named.name, mode, i) for i in rows)
+        log(f"{named.name} {mode}: {min(start + batch_size, len(todo))}/{len(todo)} rows")
+  summary = summarize_predictions(records)
+  if is_primary():
+    eval_report.save_data_rows(summary, output_dir)
+  return summary

@@ -1,4 +1,4 @@
-"""Loading everything a recall run needs from one checkpoint directory."""
+"""Loading everything a recall run needs from one checkpoint directory (a notebook's entry point)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import dataclasses
 import os
 from typing import Any
 
-from memrecall import hf_checkpoint
+from memrecall import hf_checkpoint, runs
 from memrecall.compressor import CompressorConfig
 from memrecall.config import ModelConfig
-from memrecall.prompts import QWEN2_CHAT_TEMPLATE, Prompts
-from memrecall.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from memrecall.prompts import Prompts
+from memrecall.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
@@ -22,32 +22,24 @@ class RecallModel:
   compressor: CompressorConfig
 
 
-def chat_template_for(tokenizer: Tokenizer) -> str | None:
-  """The tokenizer's own chat template; Qwen2.5's for a tokenizer.json without one; none for bytes."""
-  if isinstance(tokenizer, HFTokenizer):
-    return tokenizer.config.get("chat_template") or QWEN2_CHAT_TEMPLATE
-  return None
-
-
 def load_recall_model(directory: str | os.PathLike, *, chunk_size: int | None = None, mesh=None,
                       **config_overrides) -> RecallModel:
   """A LycheeMemory (or plain Qwen2, beacons initialised from q/k/v) HF checkpoint, ready to recall.
 
-  The prompts default to the released model's, wrapped in the tokenizer's chat template.
+  The prompts default to the released model's, wrapped in the tokenizer's chat template;
+  `mesh` None puts every parameter on the first device.  config_overrides: `runs.MODEL_RUN_KEYS`.
+  A checkpoint without a tokenizer.json gets the byte tokenizer (for work on token ids).
   """
-  config_overrides.setdefault("compressor", True)
-  params, config = hf_checkpoint.load_hf_checkpoint(directory, mesh=mesh, **config_overrides)
-  _, raw = hf_checkpoint.read_config(directory)
-  compressor = CompressorConfig.from_hf_dict(raw, chunk_size)
-  tok = load_tokenizer(directory, config.eos_token_ids, config.pad_token_id)
-  prompts = Prompts.build(tok, chat_template_for(tok))
-  return RecallModel(params, config, tok, prompts, compressor)
+  directory = os.fspath(directory)
+  has_tokenizer = os.path.exists(os.path.join(directory, "tokenizer.json"))
+  run = runs.from_hf_checkpoint(directory, chunk_size=chunk_size or 0, model=config_overrides,
+                                tokenizer="" if has_tokenizer else "bytes")
+  params, _ = hf_checkpoint.load_hf_checkpoint(
+      directory, mesh=mesh, **{k: getattr(run.model, k) for k in runs.MODEL_RUN_KEYS})
+  return RecallModel(params, run.model, run.tokenizer, run.prompts, run.compressor)
 
 
 def load_trained_model(workdir: str | os.PathLike) -> RecallModel:
   """The model of a memrecall training run (its latest orbax checkpoint and saved config)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from memrecall.train import checkpoint, trainer  # pylint: disable=g-import-not-at-top
-  params, config = checkpoint.load_params(os.fspath(workdir))
-  run = trainer.build_run(ml_collections.ConfigDict(config))
+  run, params = runs.from_workdir(os.fspath(workdir))
   return RecallModel(params, run.model, run.tokenizer, run.prompts, run.compressor)

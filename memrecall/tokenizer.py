@@ -66,6 +66,10 @@ class HFTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  def token_id(self, token: str) -> int | None:
+    """The id of a (special) token's text, None if the vocabulary lacks it."""
+    return self._tokenizer.token_to_id(token)
+
 
 def load_tokenizer(directory: str | os.PathLike | None, eos_ids: Sequence[int] = (),
                    pad_id: int | None = None) -> Tokenizer:

@@ -20,7 +20,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
                            process_id=process_id)
 assert jax.device_count() == 8 and jax.local_device_count() == 4
 
-from memrecall import evaluation  # noqa: E402
+from memrecall import evaluation, runs  # noqa: E402
 from memrecall.train import checkpoint, trainer  # noqa: E402
 from tests.train.conftest import small_config  # noqa: E402
 
@@ -31,7 +31,7 @@ trainer.train(config, workdir, log=lambda *a: None)
 params, _ = checkpoint.load_params(workdir)
 eval_config = small_config("sft")
 eval_config.task.length = 32
-run = trainer.build_run(eval_config)
+run = runs.build_run(eval_config)
 evaluation.evaluate_suite(params, run, model_name="lychee", lengths=[1, 2], modes=["all", "gate"],
                           examples=4, batch_size=2, output_dir=evaldir,
                           baseline=evaluation.BaselineConfig(), log=lambda *a: None)

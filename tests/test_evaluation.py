@@ -1,5 +1,6 @@
 """Evaluation: every mode at 1x, 8x and 64x the training length, resumable results and plots."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,8 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from memrecall import eval_report, evaluation, model
-from memrecall.train import trainer
+from memrecall import eval_report, evaluation, model, runs
 from tests.train.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ def test_every_mode_at_three_lengths_with_plots(tmp_path):
   config = small_config("sft")
   config.task.length = 32  # one chunk; 64x = 2048 tokens
   config.compressor.chunk_size = 32
-  run = trainer.build_run(config)
+  run = runs.build_run(config)
   params = model.init_params(run.model, jax.random.key(0))
   baseline = evaluation.BaselineConfig(memagent_chunk=32, full_budget=128, rag_topk=2, rag_chunk=32)
   kwargs = dict(model_name="lychee", lengths=[1, 8, 64], examples=2, batch_size=2,
@@ -72,14 +72,22 @@ def test_latency_keeps_each_questions_fastest_run():
   assert 0.015 < latency < 0.045, latency
 
 
-def test_is_correct_uses_the_shared_metric():
+def test_runs_score_uses_the_shared_metric():
+  from memrecall.data import example as example_lib
   from memrecall.tokenizer import ByteTokenizer
   tok = ByteTokenizer()
-  assert evaluation.is_correct([5, 6], [(5, 6)], tok, "ids") == 1.0
-  assert evaluation.is_correct([5], [(5, 6)], tok, "ids") == 0.0
-  # Text: MemAgent's sub-EM (containment after normalisation).
-  assert evaluation.is_correct(tok.encode("It is Paris."), [tuple(tok.encode("paris"))], tok,
-                               "text") == 1.0
+  run = runs.build_run(small_config("sft"))
+  ids = example_lib.tokenize(example_lib.Example("q", "t", ((5, 6, 7),), (), (5,), ((5, 6),)))
+  assert run.score([5, 6], ids) == {"em": 1.0, "sub_em": 1.0, "strict_sub_em": 1.0}
+  assert run.score([5], ids)["sub_em"] == 0.0
+  # Text: MemAgent's sub-EM (containment after normalisation) beside the strict form; the
+  # golds are the example's own strings, not a decoding of their ids.
+  text = dataclasses.replace(run, task=None)
+  ex = example_lib.tokenize(example_lib.Example("q", "t", ("ctx",), (), "q?", ("Paris", "Lyon")), tok)
+  assert text.score(tok.encode("It is Paris."), ex) == {"em": 0.0, "sub_em": 1.0,
+                                                        "strict_sub_em": 1.0}
+  assert text.score(tok.encode("the"), ex) == {"em": 0.0, "sub_em": 1.0, "strict_sub_em": 0.0}
+  assert text.reward(tok.encode("the"), ex) == 0.0  # the RL default is strict
 
 
 def test_eval_launcher_errors(tmp_path):

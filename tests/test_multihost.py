@@ -9,7 +9,7 @@ import sys
 import flax.traverse_util
 import numpy as np
 
-from memrecall import evaluation
+from memrecall import evaluation, runs
 from memrecall.train import checkpoint, trainer
 from tests.train.conftest import small_config
 
@@ -49,7 +49,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   # One result file, equal (timings aside) to a single-process evaluation.
   eval_config = small_config("sft")
   eval_config.task.length = 32
-  rows = evaluation.evaluate_suite(multi, trainer.build_run(eval_config), model_name="lychee",
+  rows = evaluation.evaluate_suite(multi, runs.build_run(eval_config), model_name="lychee",
                                    lengths=[1, 2], modes=["all", "gate"], examples=4, batch_size=2,
                                    output_dir=str(tmp_path / "single_eval"),
                                    baseline=evaluation.BaselineConfig(), log=lambda *a: None)

@@ -106,6 +106,15 @@ METRICS: dict[str, Metric] = {"em": exact_match, "sub_em": sub_em,
                               "strict_sub_em": strict_sub_em, "f1": f1}
 
 
+ANSWER_METRICS = ("em", "sub_em", "strict_sub_em")
+
+
+def score_answer(prediction: str | None, golds: Sequence[str]) -> dict[str, float]:
+  """The one scoring of a decoded answer, for RL rewards and evaluation alike: EM, the
+  MemAgent-compatible sub-EM and the strict sub-EM, each 0 or 1."""
+  return {name: METRICS[name](prediction, golds) for name in ANSWER_METRICS}
+
+
 class Score(NamedTuple):
   mean: float    # × 100, as papers report
   stderr: float  # standard error of the mean × 100 (NaN for one question)

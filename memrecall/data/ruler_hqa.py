@@ -21,6 +21,10 @@ We keep the layout and the text format exactly; the random draws differ:
 MemAgent shuffles every question with `random.Random(4)` and samples with a
 process-global generator, whereas we seed each question from (seed, its row
 index), so a layout does not depend on which other questions are built.
+
+Question rows (MemAgent's RL data and eval files, LycheeMemory's examples) are
+read by one parser, `parse_row`, for every reader: `read_rows`,
+`read_memagent_eval`, specs.py's `rows` kind and `documents.read_document`.
 """
 
 from __future__ import annotations
@@ -33,13 +37,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from memrecall.data.example import Example
-from memrecall.documents import QUESTION_FIELDS, read_text
+from memrecall.documents import read_text
 
 TASK = "ruler_hqa"
 DOCUMENT_TEMPLATE = "Document {i}:\n{document}"
 SEPARATOR = "\n\n"
 PAPER_NUM_DOCS = (50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600)
-ANSWER_FIELDS = ("answers", "answer", "outputs")
+# Where a question row keeps its question and answers, first match wins: MemAgent's RL data
+# (`extra_info.question`, `reward_model.ground_truth`), its eval files (`input`, `answers`),
+# then other common names; `prompt` is a chat whose last user turn is the question.
+QUESTION_FIELDS = ("extra_info.question", "input", "question", "query", "prompt")
+ANSWER_FIELDS = ("reward_model.ground_truth", "answers", "answer", "outputs")
 MIN_DOCS = 10
 
 
@@ -67,21 +75,50 @@ def document_text(title: str, sentences: Sequence[str]) -> str:
   return f"{title}\n{''.join(sentences)}"
 
 
-def _read_json(path: str | os.PathLike) -> tuple[str, list[Any]]:
-  """The rows of a .json list (or single object) or .jsonl file, errors naming the file."""
+def read_row_file(path: str | os.PathLike) -> tuple[str, list[tuple[str, Any]]]:
+  """The rows of a .json list (or single object), .jsonl or .parquet file, each with where it
+  came from ("FILE row i", plus "(line n)" for JSONL) so that every error names file and row."""
   path = os.fspath(path)
-  text = read_text(path, "dataset file", DatasetError)
-  try:
+  if path.endswith(".parquet"):
+    rows = _read_parquet(path)
+    located = [(f"{path} row {i}", row) for i, row in enumerate(rows)]
+  else:
+    text = read_text(path, "dataset file", DatasetError)
+    if not text.strip():
+      raise DatasetError(f"{path} is empty")
     if path.endswith(".jsonl"):
-      rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+      located = []
+      for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+          located.append((f"{path} row {len(located)} (line {n})", _loads(path, line, n)))
     else:
-      rows = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DatasetError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-  rows = rows if isinstance(rows, list) else [rows]
-  if not rows:
+      rows = _loads(path, text)
+      located = [(f"{path} row {i}", row) for i, row in enumerate(rows if isinstance(rows, list)
+                                                                 else [rows])]
+  if not located:
     raise DatasetError(f"{path} holds no rows")
-  return path, rows
+  return path, located
+
+
+def _loads(path: str, text: str, line: int = 0) -> Any:
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DatasetError(f"{path}: invalid JSON at line {line or e.lineno}: {e.msg}") from None
+
+
+def _read_parquet(path: str) -> list[Any]:
+  # pyarrow is optional: only parquet files need it.
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"dataset file {path} does not exist")
+  try:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+  try:
+    return pq.read_table(path).to_pylist()
+  except Exception as e:  # pyarrow raises several types for a damaged file
+    raise DatasetError(f"{path} is not a readable parquet file: {e}") from None
 
 
 def _field(where: str, item: dict, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -122,8 +159,8 @@ def _parse_hotpot(where: str, item: Any) -> HotpotRow:
 
 def load_hotpotqa(path: str | os.PathLike) -> list[HotpotRow]:
   """Reads a HotpotQA dev (distractor) JSON file, validating every row."""
-  path, rows = _read_json(path)
-  return [_parse_hotpot(f"{path} row {i}", item) for i, item in enumerate(rows)]
+  _, located = read_row_file(path)
+  return [_parse_hotpot(where, item) for where, item in located]
 
 
 def document_pool(rows: Sequence[HotpotRow]) -> list[str]:
@@ -176,6 +213,43 @@ def _labelled(where: str, documents: Sequence[str], row: HotpotRow, **kwargs) ->
                  answers=(row.answer,), oracle_memory=tuple(memory), **kwargs)
 
 
+class HotpotPool:
+  """A HotpotQA file's rows and the pool of their paragraphs, laying out one RULER-HQA
+  question at a time: the one construction behind `build_ruler_hqa` and the `hotpotqa` data
+  kind (specs.py), which builds a 90K-question train file's examples only when read.
+
+  name: what errors call the rows (their file).
+  """
+
+  def __init__(self, rows: Sequence[HotpotRow], name: str = "HotpotQA"):
+    self.rows, self.name = rows, name
+    self.documents = document_pool(rows)
+    self._ids = {d: i for i, d in enumerate(self.documents)}
+
+  def check_num_docs(self, num_docs: int, need: int = MIN_DOCS, what: str = "") -> None:
+    if not need <= num_docs <= len(self.documents):
+      raise ValueError(f"num_docs={num_docs} must lie in [{need}, {len(self.documents)}]{what}: "
+                       "each question keeps its own paragraphs and the pool of "
+                       f"{self.name} has {len(self.documents)} distinct ones")
+
+  def example(self, q: int, num_docs: int, seed: int = 0, task: str = TASK,
+              **metadata: Any) -> Example:
+    """Row q's paragraphs plus `num_docs - own` others from the pool, shuffled by
+    `default_rng([seed, q])` (so a layout never depends on which other questions are built)."""
+    row = self.rows[q]
+    own = np.array([self._ids[d] for d in row.documents()], np.int64)
+    self.check_num_docs(num_docs, max(MIN_DOCS, len(own)), f" for {self.name} row {q}")
+    rng = np.random.default_rng([seed, q])
+    others = np.delete(np.arange(len(self.documents)), own)  # sorted, as setdiff1d
+    order = rng.permutation(np.concatenate([own, rng.choice(others, num_docs - len(own),
+                                                            replace=False)]))
+    return _labelled(
+        f"{self.name} row {q}", [self.documents[i] for i in order], row,
+        id=f"{row.id}/{num_docs}", task=task,
+        metadata={"num_docs": num_docs, "hotpot_id": row.id, "type": row.type,
+                  "level": row.level, "row": q, "seed": seed, **metadata})
+
+
 def build_ruler_hqa(rows: Sequence[HotpotRow], num_docs: int, num_questions: int = 128,
                     seed: int = 0, indices: Sequence[int] | None = None) -> list[Example]:
   """RULER-HQA examples with `num_docs` documents each (see the module doc).
@@ -190,43 +264,66 @@ def build_ruler_hqa(rows: Sequence[HotpotRow], num_docs: int, num_questions: int
     raise ValueError(f"indices must be distinct row numbers in [0, {len(rows)})")
   if num_questions > len(chosen):
     raise ValueError(f"num_questions={num_questions} but only {len(chosen)} questions available")
-  chosen = chosen[:num_questions]
-  pool = document_pool(rows)
-  own_docs = {q: rows[q].documents() for q in chosen}
-  need = max([MIN_DOCS] + [len(d) for d in own_docs.values()])
-  if not need <= num_docs <= len(pool):
-    raise ValueError(f"num_docs={num_docs} must lie in [{need}, {len(pool)}]: each question keeps "
-                     f"its own paragraphs and the dev pool has {len(pool)} distinct ones")
-  ids = {d: i for i, d in enumerate(pool)}
-  examples = []
-  for q in chosen:
-    row, own = rows[q], np.array([ids[d] for d in own_docs[q]], np.int64)
-    rng = np.random.default_rng([seed, q])
-    others = np.setdiff1d(np.arange(len(pool)), own, assume_unique=True)
-    order = rng.permutation(np.concatenate([own, rng.choice(others, num_docs - len(own), replace=False)]))
-    examples.append(_labelled(
-        f"HotpotQA row {q}", [pool[i] for i in order], row, id=f"{row.id}/{num_docs}", task=TASK,
-        metadata={"num_docs": num_docs, "hotpot_id": row.id, "type": row.type, "level": row.level,
-                  "row": q, "seed": seed}))
-  return examples
+  pool = HotpotPool(rows)
+  pool.check_num_docs(num_docs)  # before any work; each question checks its own count too
+  return [pool.example(q, num_docs, seed) for q in chosen[:num_questions]]
 
 
-def _answers(where: str, item: dict) -> tuple[str, ...]:
-  key = next((k for k in ANSWER_FIELDS if k in item), None)
+# --- question rows (LycheeMemory / MemAgent data) -------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestionRow:
+  """One question row, in MemAgent's RL-data layout (`context`, `prompt`,
+  `reward_model.ground_truth`, `extra_info`) or its evaluation layout (`context`, `input`,
+  `answers`, `num_docs`, `index`): what every reader of such rows gets from `parse_row`."""
+  context: str | tuple[int, ...]  # text, or pool indices (MemAgent's files over 10000 docs)
+  question: str | None
+  answers: tuple[str, ...]
+  extras: dict[str, Any]          # num_docs, index, length: where present
+
+
+def _lookup(item: dict, key: str) -> Any:
+  """item["a"]["b"] for key "a.b"; None where any level is missing."""
+  for part in key.split("."):
+    if not isinstance(item, dict) or part not in item:
+      return None
+    item = item[part]
+  return item
+
+
+def _prompt_question(prompt: Any) -> Any:
+  """The last user turn of a chat prompt (a list of {"role", "content"} messages)."""
+  if not isinstance(prompt, list):
+    return None
+  turns = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+  return turns[-1] if turns else None
+
+
+def _question(where: str, item: dict, required: bool = True) -> str | None:
+  for key in QUESTION_FIELDS:
+    value = _prompt_question(item.get(key)) if key == "prompt" else _lookup(item, key)
+    if isinstance(value, str) and value.strip():
+      return value
+  if required:
+    raise DatasetError(f"{where}: missing question (looked for a non-empty string in "
+                       f"{', '.join(QUESTION_FIELDS[:-1])} and the last user message of prompt)")
+  return None
+
+
+def _answers(where: str, item: dict, required: bool = True) -> tuple[str, ...]:
+  key = next((k for k in ANSWER_FIELDS if _lookup(item, k) is not None), None)
   if key is None:
-    raise DatasetError(f"{where}: missing answers (one of {', '.join(ANSWER_FIELDS)})")
-  value = item[key]
+    if required:
+      raise DatasetError(f"{where}: missing answers (one of {', '.join(ANSWER_FIELDS)})")
+    return ()
+  value = _lookup(item, key)
   answers = [value] if isinstance(value, str) else value
-  if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-    raise DatasetError(f"{where}: field '{key}' should be a string or a non-empty list of strings")
+  if (not isinstance(answers, list) or not answers
+      or not all(isinstance(a, str) and a.strip() for a in answers)):
+    raise DatasetError(f"{where}: field '{key}' should be a non-empty string or a non-empty list "
+                       f"of them, got {value!r:.80}")
   return tuple(answers)
-
-
-def _question(where: str, item: dict) -> str:
-  question = next((item[k] for k in QUESTION_FIELDS if isinstance(item.get(k), str)), None)
-  if question is None:
-    raise DatasetError(f"{where}: missing question (a string in one of {', '.join(QUESTION_FIELDS)})")
-  return question
 
 
 def _row_object(where: str, item: Any) -> dict:
@@ -235,11 +332,50 @@ def _row_object(where: str, item: Any) -> dict:
   return item
 
 
+def parse_row(where: str, item: Any, *, need_question: bool = True, need_answers: bool = True,
+              pool_indices: bool = False) -> QuestionRow:
+  """The one parser of question rows (read_rows, read_memagent_eval, the `rows` data kind,
+  documents.read_document); errors name `where` (file and row).
+
+  need_question / need_answers: a row without one is an error (else None / ()).
+  pool_indices: the context may be a list of pool indices instead of text.
+  """
+  item = _row_object(where, item)
+  context = _field(where, item, "context", (str, list) if pool_indices else str)
+  if isinstance(context, str):
+    if not context.strip():
+      raise DatasetError(f"{where}: empty context")
+  else:
+    context = tuple(context)
+  extras = {}
+  for key in ("num_docs", "index", "length"):
+    value = _lookup(item, f"extra_info.{key}")
+    value = item.get(key) if value is None else value
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+      extras[key] = value
+  return QuestionRow(context=context, question=_question(where, item, need_question),
+                     answers=_answers(where, item, need_answers), extras=extras)
+
+
+def read_question_rows(path: str | os.PathLike, **kwargs: Any) -> tuple[str, list[QuestionRow]]:
+  """Every row of a .json / .jsonl / .parquet file through `parse_row(..., **kwargs)`."""
+  path, located = read_row_file(path)
+  return path, [parse_row(where, item, **kwargs) for where, item in located]
+
+
 def memagent_indices(path: str | os.PathLike) -> list[int]:
   """The HotpotQA dev row numbers of a MemAgent eval file: its question set, in order."""
-  path, rows = _read_json(path)
-  return [_field(f"{path} row {i}", _row_object(f"{path} row {i}", item), "index", int)
-          for i, item in enumerate(rows)]
+  _, located = read_row_file(path)
+  return [_field(where, _row_object(where, item), "index", int) for where, item in located]
+
+
+def _extra(where: str, row: QuestionRow, key: str) -> int:
+  value = row.extras.get(key)
+  if value is None:
+    raise DatasetError(f"{where}: missing field '{key}'")
+  if not isinstance(value, int):
+    raise DatasetError(f"{where}: field '{key}' should be int, got {type(value).__name__}")
+  return value
 
 
 def read_memagent_eval(path: str | os.PathLike,
@@ -251,18 +387,16 @@ def read_memagent_eval(path: str | os.PathLike,
   row: the context is split into its "Document i:" blocks, labelled like
   `build_ruler_hqa`'s; files above 10000 documents store pool indices and need them.
   """
-  path, rows = _read_json(path)
+  path, located = read_row_file(path)
   pool = document_pool(hotpotqa) if hotpotqa is not None else None
   examples = []
-  for i, raw in enumerate(rows):
-    where = f"{path} row {i}"
-    item = _row_object(where, raw)
-    question, answers = _question(where, item), _answers(where, item)
-    num_docs, index = _field(where, item, "num_docs", int), _field(where, item, "index", int)
-    context = _field(where, item, "context", (str, list))
+  for where, item in located:
+    parsed = parse_row(where, item, pool_indices=True)
+    question, answers, context = parsed.question, parsed.answers, parsed.context
+    num_docs, index = _extra(where, parsed, "num_docs"), _extra(where, parsed, "index")
     common = dict(id=f"{index}/{num_docs}", task=TASK,
                   metadata={"num_docs": num_docs, "index": index, "source": os.path.basename(path)})
-    if isinstance(context, list):
+    if not isinstance(context, str):
       if pool is None:
         raise DatasetError(f"{where}: context holds pool indices (MemAgent's files over 10000 "
                            "documents); pass the HotpotQA dev rows to resolve them")
@@ -270,8 +404,6 @@ def read_memagent_eval(path: str | os.PathLike,
         raise DatasetError(f"{where}: context indices must be integers in [0, {len(pool)})")
       documents = [pool[k] for k in context]
     elif pool is None:
-      if not context.strip():
-        raise DatasetError(f"{where}: empty context")
       examples.append(Example(segments=(context,), supporting=(), question=question,
                               answers=answers, **common))
       continue
@@ -289,19 +421,13 @@ def read_memagent_eval(path: str | os.PathLike,
 
 
 def read_rows(path: str | os.PathLike, task: str | None = None) -> list[Example]:
-  """Reads LycheeMemory/MemAgent-style rows: `context`, a question, gold answers; no labels."""
-  path, rows = _read_json(path)
+  """Reads LycheeMemory/MemAgent-style rows: `context`, a question, gold answers; no labels.
+
+  Ids are row numbers and the task defaults to the file's stem; the `rows` data kind
+  (specs.py) names them by file instead.
+  """
+  path, rows = read_question_rows(path)
   task = task or os.path.splitext(os.path.basename(path))[0]
-  examples = []
-  for i, raw in enumerate(rows):
-    where = f"{path} row {i}"
-    item = _row_object(where, raw)
-    context = _field(where, item, "context", str)
-    if not context.strip():
-      raise DatasetError(f"{where}: empty context")
-    metadata = {"row": i, **{k: item[k] for k in ("num_docs", "index", "length")
-                             if isinstance(item.get(k), (int, str))}}
-    examples.append(Example(id=str(i), task=task, segments=(context,), supporting=(),
-                            question=_question(where, item), answers=_answers(where, item),
-                            metadata=metadata))
-  return examples
+  return [Example(id=str(i), task=task, segments=(row.context,), supporting=(),
+                  question=row.question, answers=row.answers, metadata={"row": i, **row.extras})
+          for i, row in enumerate(rows)]

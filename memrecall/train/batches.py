@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from memrecall.compressor import chunk_document
+from memrecall.compressor import chunk_documents
 from memrecall.data.example import Tokens, TokenizedExample
 from memrecall.train.objectives import GateBatch, TurnBatch
 
@@ -15,12 +15,22 @@ class BatchError(ValueError):
   """Examples that do not fit the configured shapes."""
 
 
-def _pad_rows(rows: Sequence[Sequence[int]], width: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+def describe(ex: TokenizedExample) -> str:
+  """Where an example comes from, for errors: its file and row when it has them."""
+  meta = ex.example.metadata
+  if "source" in meta and "row" in meta:
+    return f"{meta['source']} row {meta['row']} (example {ex.example.id})"
+  return f"example {ex.example.id}"
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], width: int, what: str,
+              examples: Sequence[TokenizedExample] | None = None) -> tuple[np.ndarray, np.ndarray]:
   ids = np.zeros((len(rows), width), np.int32)
   mask = np.zeros((len(rows), width), bool)
   for i, row in enumerate(rows):
     if len(row) > width:
-      raise BatchError(f"{what} of {len(row)} tokens exceeds its budget of {width}")
+      where = f"{describe(examples[i])}: " if examples is not None else ""
+      raise BatchError(f"{where}{what} of {len(row)} tokens exceeds its budget of {width}")
     ids[i, :len(row)] = row
     mask[i, :len(row)] = True
   return ids, mask
@@ -29,15 +39,14 @@ def _pad_rows(rows: Sequence[Sequence[int]], width: int, what: str) -> tuple[np.
 def chunked(examples: Sequence[TokenizedExample], chunk_size: int, num_chunks: int,
             pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Documents as [B, N, C] ids and mask; shorter documents get empty trailing chunks."""
-  ids = np.full((len(examples), num_chunks, chunk_size), pad_id, np.int32)
-  mask = np.zeros((len(examples), num_chunks, chunk_size), bool)
-  for b, ex in enumerate(examples):
-    doc_ids, doc_mask = chunk_document(ex.context, chunk_size, pad_id)
-    if doc_ids.shape[0] > num_chunks:
-      raise BatchError(f"example {ex.example.id} has {doc_ids.shape[0]} chunks, over {num_chunks}")
-    ids[b, :doc_ids.shape[0]] = doc_ids
-    mask[b, :doc_ids.shape[0]] = doc_mask
-  return ids, mask
+  try:
+    return chunk_documents([ex.context for ex in examples], chunk_size, num_chunks, pad_id)
+  except IndexError as e:
+    ex, n = examples[e.args[0]], e.args[1]
+    raise BatchError(f"{describe(ex)}: its {len(ex.context)} tokens make {n} chunks of "
+                     f"{chunk_size}, over the budget of {num_chunks} (data.max_chunks)") from None
+  except ValueError as e:  # an empty document
+    raise BatchError(str(e)) from None
 
 
 def recall_pretraining_chunks(ids: np.ndarray, mask: np.ndarray, ratio: int,
@@ -60,9 +69,12 @@ def recall_pretraining_chunks(ids: np.ndarray, mask: np.ndarray, ratio: int,
 
 def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chunks: int,
               question_tokens: int, memory_capacity: int, memory_size: int, answer_tokens: int,
-              initial_memory: Tokens, eos_id: int, pad_id: int) -> TurnBatch:
+              initial_memory: Tokens, eos_id: int, pad_id: int, oracle: bool = True) -> TurnBatch:
   """Teacher-forced turns from oracle traces: every block rewrites the memory (a block that
-  holds no needed fact rewrites it unchanged), then the answer."""
+  holds no needed fact rewrites it unchanged), then the answer.
+
+  oracle=False fills only chunks and questions (the rest stays empty): RL rollouts replace
+  the turns, and rows of question-answer data have no trace and answers of any length."""
   chunk_ids, chunk_mask = chunked(examples, chunk_size, num_chunks, pad_id)
   b = len(examples)
   memory_ids = np.zeros((b, num_chunks, memory_capacity), np.int32)
@@ -72,19 +84,24 @@ def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chun
   finals, answers = [], []
   labels = np.zeros((b, num_chunks), bool)
   for i, ex in enumerate(examples):
-    trace = ex.oracle_trace(chunk_size, initial_memory)
     example_labels = ex.chunk_labels(chunk_size)
     labels[i, :len(example_labels)] = example_labels
+    if not oracle:
+      finals.append(())
+      answers.append(())
+      continue
+    trace = ex.oracle_trace(chunk_size, initial_memory)
     before = [initial_memory] + trace[:-1]
     for n in range(len(trace)):
-      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory")
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory", [ex])
       targets[i, n], target_mask[i, n] = _pad_rows([tuple(trace[n]) + (eos_id,)], memory_size,
-                                                   "an oracle memory update (with EOS)")
+                                                   "an oracle memory update (with EOS)", [ex])
     finals.append(trace[-1])
     answers.append(tuple(ex.answers[0]) + (eos_id,))
-  question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens, "a question")
+  question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens,
+                                       "a question (reasoner.question_tokens)", examples)
   final_ids, final_mask = _pad_rows(finals, memory_capacity, "a final memory")
-  answer, answer_mask = _pad_rows(answers, answer_tokens, "an answer (with EOS)")
+  answer, answer_mask = _pad_rows(answers, answer_tokens, "an answer (with EOS)", examples)
   return TurnBatch(chunk_ids=chunk_ids, chunk_mask=chunk_mask, question=question,
                    question_mask=question_mask, memory_ids=memory_ids, memory_mask=memory_mask,
                    targets=targets, target_mask=target_mask, final_memory_ids=final_ids,
@@ -105,10 +122,11 @@ def gate_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chu
     trace = ex.oracle_trace(chunk_size, initial_memory)
     before = [initial_memory] + trace[:-1]
     for n in range(len(trace)):
-      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory")
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory", [ex])
     example_labels = ex.chunk_labels(chunk_size)
     labels[i, :len(example_labels)] = example_labels
-  question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens, "a question")
+  question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens,
+                                       "a question (reasoner.question_tokens)", examples)
   return GateBatch(chunk_ids=chunk_ids, chunk_mask=chunk_mask, question=question,
                    question_mask=question_mask, memory_ids=memory_ids, memory_mask=memory_mask,
                    labels=labels, valid=chunk_mask.any(-1))

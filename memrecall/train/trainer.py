@@ -23,108 +23,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from memrecall import baselines, distributed, hf_checkpoint, model as model_lib
+from memrecall import baselines, distributed
 from memrecall import sharding as sharding_lib
-from memrecall.compressor import CompressorConfig
-from memrecall.config import ConfigError, ModelConfig
-from memrecall.data import example as example_lib
-from memrecall.data import metrics as metrics_lib
-from memrecall.data import synthetic
-from memrecall.prompts import Prompts
-from memrecall.reasoner import ReasonerConfig, memory_capacity
-from memrecall.recall import RecallConfig, RecallSetup, recall_documents
-from memrecall.sampling import SamplingConfig
-from memrecall.tokenizer import ByteTokenizer
+from memrecall.config import ConfigError
+from memrecall.recall import recall_documents
+from memrecall.runs import Run, build_run
 from memrecall.train import batches, grpo, objectives
 from memrecall.train import state as state_lib
-from memrecall.train.checkpoint import Checkpointer, load_params
+from memrecall.train.checkpoint import Checkpointer
 from memrecall.train.metrics_writer import MetricsWriter
 
 STAGES = ("compressor", "sft", "rl", "gate")
-AGENTS = ("lychee", "memagent")
 
 
 class TrainingError(RuntimeError):
   """A run that must stop (non-finite loss or gradients)."""
-
-
-@dataclasses.dataclass
-class Run:
-  """Everything built from the config once."""
-  config: ml_collections.ConfigDict
-  model: ModelConfig
-  compressor: CompressorConfig
-  reasoner: ReasonerConfig
-  prompts: Prompts
-  task: synthetic.TaskConfig
-  tokenizer: Any
-  mesh: Any
-
-  @property
-  def setup(self) -> objectives.TrainSetup:
-    return objectives.TrainSetup(self.model, self.compressor, self.prompts,
-                                 raw_chunks=self.agent == "memagent")
-
-  @property
-  def agent(self) -> str:
-    """lychee (reads compressed chunks) or memagent (reads raw chunks: the fair baseline)."""
-    return self.config.get("agent", "lychee")
-
-  @property
-  def num_chunks(self) -> int:
-    return -(-self.task.length // self.compressor.chunk_size)
-
-  @property
-  def memory_capacity(self) -> int:
-    return memory_capacity(self.prompts.initial_memory, self.reasoner)
-
-  def task_at(self, step: int) -> synthetic.TaskConfig:
-    """The task with the curriculum's distractor density at `step` (DESIGN §8): none before
-    step `curriculum_start`, then a linear ramp to full density at step `curriculum_end`.
-    Absolute steps, so extending a run's budget never changes the data already seen."""
-    start, end = self.config.task.curriculum_start, self.config.task.curriculum_end
-    if end <= 0 or step >= end:
-      return self.task
-    fraction = max(0.0, (step - start) / max(end - start, 1))
-    return dataclasses.replace(self.task, distractor_density=self.task.distractor_density * fraction)
-
-  def examples(self, start: int, count: int, seed_offset: int = 0, step: int | None = None
-               ) -> list[example_lib.TokenizedExample]:
-    """Examples start..start+count of the training stream (`seed_offset` picks another stream)."""
-    seed = self.config.task.seed + seed_offset
-    task = self.task if step is None else self.task_at(step)
-    return [example_lib.tokenize(synthetic.make_example(task, seed, i, self.tokenizer),
-                                 self.tokenizer) for i in range(start, start + count)]
-
-
-def build_run(config: ml_collections.ConfigDict) -> Run:
-  if config.stage not in STAGES:
-    raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
-  model = ModelConfig.from_dict(config.model.to_dict())
-  compressor = CompressorConfig(**config.compressor.to_dict())
-  reasoner = ReasonerConfig(memory_size=config.reasoner.memory_size,
-                            answer_tokens=config.reasoner.answer_tokens)
-  task_values = {k: v for k, v in config.task.to_dict().items()
-                 if k not in ("seed", "curriculum_start", "curriculum_end")}
-  task = synthetic.TaskConfig(**task_values)
-  tokenizer = ByteTokenizer()
-  agent = config.get("agent", "lychee")
-  if agent not in AGENTS:
-    raise ConfigError(f"unknown agent {agent!r}; choose from {AGENTS}")
-  if agent == "memagent" and config.stage not in ("sft", "rl"):
-    raise ConfigError(f"the memagent agent reads raw chunks: it has no {config.stage} stage "
-                      "(train it with sft and rl)")
-  if agent == "memagent" and config.get("sft", {}).get("gate_weight", 0.0):
-    raise ConfigError("the memagent agent has no gate: set sft.gate_weight to 0")
-  p = config.prompts
-  optional = {k: p[k] for k in ("memagent_template", "context_template") if p.get(k)}
-  prompts = Prompts.build(tokenizer, p.chat_template or None, update_template=p.update_template,
-                          final_template=p.final_template, gate_template=p.gate_template,
-                          initial_memory=synthetic.initial_memory(task), **optional)
-  mesh = sharding_lib.make_mesh(config.mesh.to_dict())
-  if model.vocab_size < synthetic.SmallVocab(task.num_entities).size:
-    raise ConfigError(f"vocab_size {model.vocab_size} is too small for the task's tokens")
-  return Run(config, model, compressor, reasoner, prompts, task, tokenizer, mesh)
 
 
 def check_workdir(workdir: str) -> None:
@@ -136,28 +49,6 @@ def check_workdir(workdir: str) -> None:
       pass
   except OSError as e:
     raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
-
-
-def initial_params(run: Run):
-  """From an earlier stage's workdir, a HF checkpoint, or random; placed on the mesh."""
-  init = run.config.init
-  shardings = sharding_lib.param_shardings(model_lib.abstract_params(run.model), run.mesh)
-  if init.checkpoint:
-    params, _ = load_params(init.checkpoint)
-    want = jax.tree.map(lambda x: x.value.shape, model_lib.abstract_params(run.model),
-                        is_leaf=lambda x: hasattr(x, "names"))
-    got = jax.tree.map(lambda x: x.shape, params)
-    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-      raise ConfigError(f"the checkpoint in {init.checkpoint} does not match this model config")
-    return jax.device_put(jax.tree.map(lambda x: x.astype(run.model.jnp_param_dtype), params),
-                          shardings)
-  if init.hf_checkpoint:
-    overrides = {f.name: getattr(run.model, f.name) for f in dataclasses.fields(ModelConfig)
-                 if f.name in ("compressor", "gate_lora_rank", "gate_lora_alpha", "gate_lora_targets",
-                               "param_dtype", "dtype", "attention", "remat")}
-    params, _ = hf_checkpoint.load_hf_checkpoint(init.hf_checkpoint, mesh=run.mesh, **overrides)
-    return params
-  return model_lib.init_params(run.model, jax.random.key(init.seed), run.mesh)
 
 
 def _batch_shardings(local_batch, mesh):
@@ -194,13 +85,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   True saves that step and returns early (a later call resumes from it).
   """
   check_workdir(workdir)
+  if config.stage not in STAGES:
+    raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
   run = build_run(config)
+  if distributed.is_primary():
+    run.save_assets(workdir)
   stage = _STAGES[config.stage](run)
   optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
   checkpointer = Checkpointer(workdir, save_every=config.train.checkpoint_every,
                               keep=config.train.keep, async_save=config.train.async_checkpoint)
   with jax.set_mesh(run.mesh):
-    params = initial_params(run)
+    params = run.params()
     paths = state_lib.trainable_paths(params, config.train.trainable)
     create = lambda p: state_lib.create_train_state(p, config.train.trainable, optimizer,
                                                     config.seed)
@@ -289,7 +184,8 @@ class CompressorStage(_Stage):
       ids, mask = batches.chunked(examples, c, r.num_chunks, r.model.pad_token_id)
       return (ids.reshape(-1, c), mask.reshape(-1, c)), {}
     half = c // 2
-    ids, mask = batches.chunked(examples, half, -(-r.task.length // half), r.model.pad_token_id)
+    tokens = r.task.length if r.task is not None else r.num_chunks * c
+    ids, mask = batches.chunked(examples, half, -(-tokens // half), r.model.pad_token_id)
     rng = np.random.default_rng([r.config.seed, step, rows.start])
     return batches.recall_pretraining_chunks(ids.reshape(-1, half), mask.reshape(-1, half),
                                              r.compressor.ratio, rng), {}
@@ -298,14 +194,15 @@ class CompressorStage(_Stage):
     return objectives.compressor_loss(params, self.run.setup, *batch)
 
 
-def oracle_turns(run: Run, examples) -> objectives.TurnBatch:
-  """Teacher-forced turns of examples from their oracle traces."""
+def oracle_turns(run: Run, examples, oracle: bool = True) -> objectives.TurnBatch:
+  """Teacher-forced turns of examples from their oracle traces (oracle=False: chunks and
+  questions only, for rollouts of examples that have no trace)."""
   return batches.sft_batch(
       examples, chunk_size=run.compressor.chunk_size, num_chunks=run.num_chunks,
-      question_tokens=run.config.reasoner.question_tokens, memory_capacity=run.memory_capacity,
+      question_tokens=run.question_tokens, memory_capacity=run.memory_capacity,
       memory_size=run.reasoner.memory_size, answer_tokens=run.reasoner.answer_tokens,
       initial_memory=run.prompts.initial_memory, eos_id=run.model.eos_token_ids[0],
-      pad_id=run.model.pad_token_id)
+      pad_id=run.model.pad_token_id, oracle=oracle)
 
 
 class SFTStage(_Stage):
@@ -322,19 +219,12 @@ class GateStage(_Stage):
     examples = self.examples(step, rows)
     return batches.gate_batch(
         examples, chunk_size=r.compressor.chunk_size, num_chunks=r.num_chunks,
-        question_tokens=r.config.reasoner.question_tokens, memory_capacity=r.memory_capacity,
+        question_tokens=r.question_tokens, memory_capacity=r.memory_capacity,
         initial_memory=r.prompts.initial_memory, pad_id=r.model.pad_token_id), {}
 
   def loss(self, params, batch, rng):
     g = self.run.config.gate
     return objectives.gate_loss(params, self.run.setup, batch, g.threshold, g.positive_weight)
-
-
-def reward(prediction: list[int], golds, tokenizer, form: str) -> float:
-  """1 if the answer is right: exact ids for the small-vocabulary form, sub-EM for text."""
-  if form == "ids":
-    return float(any(tuple(prediction) == tuple(g) for g in golds))
-  return metrics_lib.sub_em(tokenizer.decode(prediction), [tokenizer.decode(g) for g in golds])
 
 
 class RLStage(_Stage):
@@ -354,11 +244,7 @@ class RLStage(_Stage):
     if self.batch_size % self.group:
       raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
                         f"rl.group_size ({self.group})")
-    self.recall_setup = RecallSetup(
-        model=r.model, prompts=r.prompts, reasoner=r.reasoner,
-        recall=RecallConfig(mode=rl.mode, threshold=r.config.gate.threshold),
-        sampling=SamplingConfig(temperature=rl.temperature, eos_ids=r.model.eos_token_ids,
-                                pad_id=r.model.pad_token_id))
+    self.recall_setup = r.recall_setup(rl.mode, temperature=rl.temperature)
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, r.setup, turns))
@@ -371,7 +257,7 @@ class RLStage(_Stage):
     questions = slice(rows.start // self.group, rows.stop // self.group)
     examples = self.examples(step, questions, per_step=self.questions)
     rows = [ex for ex in examples for _ in range(self.group)]
-    turns = oracle_turns(r, rows)  # chunks and questions; the turns are replaced by the rollout
+    turns = oracle_turns(r, rows, oracle=False)  # chunks and questions; turns come from the rollout
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
     local = distributed.local_rows(self.batch_size)
     shared = to_global(turns, r.mesh)
@@ -402,8 +288,8 @@ class RLStage(_Stage):
         answer=np.asarray(answer.tokens, np.int32), answer_mask=answer_mask)
     eos = set(r.model.eos_token_ids)
     rewards = np.asarray([
-        reward([t for t in answer.tokens[i, :answer.lengths[i]] if t not in eos],
-               row.answers, r.tokenizer, r.task.form) for i, row in enumerate(rows)], np.float32)
+        r.reward([t for t in answer.tokens[i, :answer.lengths[i]] if t not in eos], row)
+        for i, row in enumerate(rows)], np.float32)
     advantages = np.asarray(grpo.group_advantages(jnp.asarray(rewards), self.group,
                                                   r.config.rl.advantage))
     _, frozen = state_lib.split(state.params, self.paths)

@@ -4,6 +4,7 @@ import jax
 import pytest
 
 from configs import tiny
+from memrecall import runs
 from memrecall.train import trainer
 
 
@@ -28,5 +29,5 @@ def small_config(stage: str, **train):
 @pytest.fixture
 def run_of():
   def make(stage, **train):
-    return trainer.build_run(small_config(stage, **train))
+    return runs.build_run(small_config(stage, **train))
   return make

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall import model
+from memrecall import model, runs
 from memrecall.train import objectives, state as state_lib, trainer
 from tests.train.conftest import small_config
 
@@ -16,7 +16,7 @@ def _fit(stage_name, steps, lr, trainable=None):
   config.optimizer.learning_rate = lr
   if trainable:
     config.train.trainable = trainable
-  run = trainer.build_run(config)
+  run = runs.build_run(config)
   stage = trainer._STAGES[stage_name](run)
   params = model.init_params(run.model, jax.random.key(0))
   paths = state_lib.trainable_paths(params, config.train.trainable)
@@ -51,7 +51,7 @@ def _rl_batch(run, params, seed=0):
 
 def test_rl_loss_falls_on_a_fixed_batch():
   config = small_config("rl")
-  run = trainer.build_run(config)
+  run = runs.build_run(config)
   params = model.init_params(run.model, jax.random.key(0))
   batch = _rl_batch(run, params)
   rl = objectives.RLConfig(eps_low=0.2, eps_high=0.2, kl_coef=1e-3)
@@ -74,7 +74,7 @@ def test_rl_loss_falls_on_a_fixed_batch():
 
 
 def test_rl_gradient_reaches_the_compressor_and_not_frozen_parameters():
-  run = trainer.build_run(small_config("rl"))
+  run = runs.build_run(small_config("rl"))
   params = model.init_params(run.model, jax.random.key(0))
   batch = _rl_batch(run, params)
   # Perturb the old log-probs so the ratio is not 1 everywhere.
@@ -112,7 +112,7 @@ def test_rollout_logprobs_equal_the_teacher_forced_scores(agent):
   log-probs: the loop and the loss see the same prompts (compressed or raw chunks)."""
   config = small_config("rl")
   config.agent = agent
-  run = trainer.build_run(config)
+  run = runs.build_run(config)
   stage = trainer._STAGES["rl"](run)
   params = model.init_params(run.model, jax.random.key(0))
   optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=1e-3))
@@ -132,7 +132,7 @@ def test_rollout_logprobs_equal_the_teacher_forced_scores(agent):
 def test_memagent_agent_learns_from_raw_chunks_and_has_no_gate():
   config = small_config("sft")
   config.agent = "memagent"
-  run = trainer.build_run(config)
+  run = runs.build_run(config)
   assert run.setup.raw_chunks
   stage = trainer._STAGES["sft"](run)
   params = model.init_params(run.model, jax.random.key(0))
@@ -146,4 +146,4 @@ def test_memagent_agent_learns_from_raw_chunks_and_has_no_gate():
   gate = small_config("gate")
   gate.agent = "memagent"
   with pytest.raises(Exception, match="memagent agent reads raw chunks"):
-    trainer.build_run(gate)
+    runs.build_run(gate)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from memrecall import model
+from memrecall import model, runs
 from memrecall.train import checkpoint, objectives, state as state_lib, trainer
 from tests.train.conftest import small_config
 
@@ -114,7 +114,7 @@ def test_every_tiny_task_makes_oracle_turns_that_fit(task):
   """Each TASK of configs/tiny.py builds a run whose oracle traces fit its memory and answer."""
   from configs import tiny
   config = tiny.get_config(f"sft,full,{task}")
-  run = trainer.build_run(config)
+  run = runs.build_run(config)
   assert run.task.task == task
   turns = trainer.oracle_turns(run, run.examples(0, 4))  # raises if a trace does not fit
   assert turns.target_mask.any(-1).all()  # every block rewrites the memory

@@ -1,0 +1,409 @@
+"""One place that turns a config into a run: every launcher, the demo and the benchmarks start here.
+
+A run config (`configs/*.py`) names the model and where its parameters come
+from (`init`), the compressor / reasoner / recall settings, the prompts, the
+data (`data.train`, `data.eval` as `KIND:PATH[,PATH...]`, see
+`memrecall.data.specs`) and the reward.  `build_run` reads it once into a
+`Run`; `Run` answers every later question (the tokenizer, the prompts, the
+recall setup, the training examples of a step, the score of an answer), so no
+caller assembles those pieces by hand.
+
+Where things come from:
+* `init.hf_checkpoint` set: shapes from its `config.json` (the config's
+  `model` block then only sets numerics and the gate: see `MODEL_RUN_KEYS`),
+  the tokenizer from its `tokenizer.json`, the chat template from its
+  `tokenizer_config.json`, the compressor's window and ratio from its
+  `lychee_memory_*` keys.  Prompts default to the released model's.
+* otherwise: shapes from `model`, the byte tokenizer (random models).
+* a training workdir (`from_workdir`): the config it saved, and the
+  tokenizer and config files it copied at the start (`hf_assets/`), so a run
+  stays readable after its source checkpoint moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from memrecall import hf_checkpoint, model as model_lib
+from memrecall import sharding as sharding_lib
+from memrecall.compressor import CompressorConfig
+from memrecall.config import ConfigError, ModelConfig
+from memrecall.data import example as example_lib
+from memrecall.data import metrics as metrics_lib
+from memrecall.data import specs, synthetic
+from memrecall.prompts import (CONTEXT_TEMPLATE, FINAL_TEMPLATE, GATE_TEMPLATE, INITIAL_MEMORY,
+                               MEMAGENT_TEMPLATE, QWEN2_CHAT_TEMPLATE, UPDATE_TEMPLATE, Prompts)
+from memrecall.reasoner import ReasonerConfig, memory_capacity
+from memrecall.recall import RecallConfig, RecallSetup
+from memrecall.sampling import SamplingConfig
+from memrecall.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+STAGES = ("compressor", "sft", "rl", "gate", "eval")
+AGENTS = ("lychee", "memagent")
+REWARDS = ("strict_sub_em", "sub_em", "em")
+# ModelConfig fields a run config may set over a HF checkpoint's config.json (never shapes).
+MODEL_RUN_KEYS = ("compressor", "gate_lora_rank", "gate_lora_alpha", "gate_lora_targets",
+                  "param_dtype", "dtype", "attention", "remat")
+HF_ASSETS = "hf_assets"  # a training workdir's copy of the checkpoint's config and tokenizer files
+_ASSET_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+_DEFAULT_PROMPTS = {"update_template": UPDATE_TEMPLATE, "final_template": FINAL_TEMPLATE,
+                    "gate_template": GATE_TEMPLATE, "memagent_template": MEMAGENT_TEMPLATE,
+                    "context_template": CONTEXT_TEMPLATE}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from the config once (see the module doc)."""
+  config: ml_collections.ConfigDict
+  model: ModelConfig
+  compressor: CompressorConfig
+  reasoner: ReasonerConfig
+  prompts: Prompts
+  tokenizer: Tokenizer
+  mesh: Any
+  task: synthetic.TaskConfig | None  # the synthetic task, when the data is synthetic
+
+  # --- settings -------------------------------------------------------------
+
+  @property
+  def agent(self) -> str:
+    """lychee (reads compressed chunks) or memagent (reads raw chunks: the baseline)."""
+    return self.config.get("agent", "lychee")
+
+  @property
+  def form(self) -> str:
+    """How answers are scored: `ids` (the synthetic small-vocabulary form) or `text`."""
+    return self.task.form if self.task is not None else "text"
+
+  @property
+  def num_chunks(self) -> int:
+    """Chunks per training document (the synthetic task's length, or `data.max_chunks`)."""
+    if self.task is not None:
+      return -(-self.task.length // self.compressor.chunk_size)
+    return int(self.config.data.max_chunks)
+
+  @property
+  def question_tokens(self) -> int:
+    return int(self.config.reasoner.question_tokens)
+
+  @property
+  def memory_capacity(self) -> int:
+    return memory_capacity(self.prompts.initial_memory, self.reasoner)
+
+  @property
+  def setup(self):
+    """What the training objectives need statically (`objectives.TrainSetup`)."""
+    from memrecall.train import objectives  # pylint: disable=g-import-not-at-top
+    return objectives.TrainSetup(self.model, self.compressor, self.prompts,
+                                 raw_chunks=self.agent == "memagent")
+
+  def recall_setup(self, mode: str = "all", *, threshold: float | None = None, topk: int = 4,
+                   gate_group: int = 16, group_size: int = 8, temperature: float = 0.0
+                   ) -> RecallSetup:
+    """The static setup of the recall loop (and of the baselines) for this run's model."""
+    threshold = self.config.gate.threshold if threshold is None else threshold
+    return RecallSetup(
+        model=self.model, prompts=self.prompts, reasoner=self.reasoner,
+        recall=RecallConfig(mode=mode, threshold=threshold, topk=topk, gate_group=gate_group,
+                            group_size=group_size),
+        sampling=SamplingConfig(temperature=temperature, eos_ids=self.model.eos_token_ids,
+                                pad_id=self.model.pad_token_id))
+
+  # --- parameters -----------------------------------------------------------
+
+  def params(self):
+    """Initial parameters, placed on the mesh: an earlier stage's workdir (`init.checkpoint`),
+    the HF checkpoint (`init.hf_checkpoint`; beacons and gate initialised where it has none),
+    or random (`init.seed`)."""
+    from memrecall.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
+    init = self.config.init
+    shardings = sharding_lib.param_shardings(model_lib.abstract_params(self.model), self.mesh)
+    if init.checkpoint:
+      params, _ = load_params(init.checkpoint)
+      want = jax.tree.map(lambda x: x.value.shape, model_lib.abstract_params(self.model),
+                          is_leaf=lambda x: hasattr(x, "names"))
+      got = jax.tree.map(lambda x: x.shape, params)
+      if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise ConfigError(f"the checkpoint in {init.checkpoint} does not match this model config")
+      return jax.device_put(jax.tree.map(lambda x: x.astype(self.model.jnp_param_dtype), params),
+                            shardings)
+    if init.hf_checkpoint:
+      overrides = {k: getattr(self.model, k) for k in MODEL_RUN_KEYS}
+      params, _ = hf_checkpoint.load_hf_checkpoint(init.hf_checkpoint, mesh=self.mesh, **overrides)
+      return params
+    return model_lib.init_params(self.model, jax.random.key(init.seed), self.mesh)
+
+  # --- data -----------------------------------------------------------------
+
+  def data_options(self, **changes) -> specs.DataOptions:
+    d = self.config.data
+    return dataclasses.replace(
+        specs.DataOptions(num_docs=int(d.num_docs), hotpotqa_dev=d.hotpotqa_dev, seed=int(d.seed),
+                          text_tokens=self.compressor.chunk_size * self.num_chunks,
+                          task=self.task, size=int(d.synthetic_size)), **changes)
+
+  def sources(self, spec: str, **changes) -> list[specs.NamedSource]:
+    """The named sources of a `KIND:PATH[,PATH...]` spec, read with this run's tokenizer."""
+    return specs.open_sources(spec, self.data_options(**changes), self.tokenizer)
+
+  def task_at(self, step: int) -> synthetic.TaskConfig:
+    """The synthetic task with the curriculum's distractor density at `step` (DESIGN §8): none
+    before `task.curriculum_start`, then a linear ramp to full density at `task.curriculum_end`.
+    Absolute steps, so extending a run's budget never changes the data already seen."""
+    start, end = self.config.task.curriculum_start, self.config.task.curriculum_end
+    if end <= 0 or step >= end:
+      return self.task
+    fraction = max(0.0, (step - start) / max(end - start, 1))
+    return dataclasses.replace(self.task, distractor_density=self.task.distractor_density * fraction)
+
+  def examples(self, start: int, count: int, seed_offset: int = 0, step: int | None = None
+               ) -> list[example_lib.TokenizedExample]:
+    """Examples start..start+count of the training stream; each process asks only for its rows.
+
+    Synthetic data is generated on the fly (`seed_offset` picks another stream, `step` the
+    curriculum).  Files are read through `data.train`; position i of the stream is row
+    `perm_e[i mod n]` of epoch e = i // n, a fresh permutation per epoch (`data.seed`)."""
+    if self.task is not None:
+      seed = self.config.task.seed + seed_offset
+      task = self.task if step is None else self.task_at(step)
+      return [example_lib.tokenize(synthetic.make_example(task, seed, i, self.tokenizer),
+                                   self.tokenizer) for i in range(start, start + count)]
+    source = self.train_source
+    n = len(source)
+    out = []
+    for i in range(start, start + count):
+      epoch, position = divmod(i, n)
+      order = np.random.default_rng([int(self.config.data.seed), seed_offset, epoch]).permutation(n)
+      out.append(example_lib.tokenize(source[int(order[position])], self.tokenizer))
+    return out
+
+  @property
+  def train_source(self):
+    if not hasattr(self, "_train_source"):
+      if not self.config.data.train:
+        raise ConfigError("data.train is empty: name the training data as KIND:PATH[,PATH...]")
+      named = self.sources(self.config.data.train)
+      self._train_source = specs.ConcatSource([n.source for n in named])
+      if not len(self._train_source):
+        raise ConfigError(f"data.train {self.config.data.train!r} holds no examples")
+    return self._train_source
+
+  # --- scoring --------------------------------------------------------------
+
+  def score(self, prediction: Sequence[int], example: example_lib.TokenizedExample
+            ) -> dict[str, float]:
+    """em, sub_em (MemAgent-compatible), strict_sub_em of a decoded answer (EOS removed).
+
+    The ids form compares token ids exactly (all three equal); text is scored on the
+    decoded prediction against the example's own answer strings."""
+    if self.form == "ids":
+      hit = float(any(tuple(prediction) == tuple(g) for g in example.answers))
+      return {"em": hit, "sub_em": hit, "strict_sub_em": hit}
+    golds = [a if isinstance(a, str) else self.tokenizer.decode(a) for a in example.example.answers]
+    return metrics_lib.score_answer(self.tokenizer.decode(prediction), golds)
+
+  def reward(self, prediction: Sequence[int], example: example_lib.TokenizedExample) -> float:
+    """The RL reward: `rl.reward` of `score` (default strict sub-EM: an answer that normalises
+    to nothing earns 0, where MemAgent's compatible sub-EM pays 1.0 for "the")."""
+    return self.score(prediction, example)[self.config.rl.get("reward", "strict_sub_em")]
+
+  # --- saving ---------------------------------------------------------------
+
+  def save_assets(self, workdir: str) -> None:
+    """Copies the HF checkpoint's config and tokenizer files into `workdir/hf_assets` (once)."""
+    source = self.config.init.hf_checkpoint
+    target = os.path.join(workdir, HF_ASSETS)
+    if not source or os.path.abspath(source) == os.path.abspath(target):
+      return
+    os.makedirs(target, exist_ok=True)
+    for name in _ASSET_FILES:
+      if os.path.exists(os.path.join(source, name)):
+        shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+
+
+# --- building ---------------------------------------------------------------------
+
+
+def _tokenizer(setting: str, hf_dir: str | None, model: ModelConfig) -> Tokenizer:
+  """`init.tokenizer`: empty = the HF checkpoint's tokenizer.json (bytes for a random model);
+  `bytes`; or a directory holding a tokenizer.json (e.g. the base model's)."""
+  if setting == "bytes" or not (setting or hf_dir):
+    return ByteTokenizer()
+  directory = setting or hf_dir
+  if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+    raise ConfigError(f"{directory} has no tokenizer.json: memrecall needs the checkpoint's own "
+                      "tokenizer to read text (copy it from the base model, or point "
+                      "init.tokenizer at a directory that has one)")
+  return HFTokenizer(directory, model.eos_token_ids, model.pad_token_id)
+
+
+def _pad_from_tokenizer(model: ModelConfig, raw: dict, tokenizer: Tokenizer) -> ModelConfig:
+  """A config.json without `pad_token_id` takes the tokenizer's pad token (Qwen2.5's
+  `<|endoftext|>`), as the reference code pads with it."""
+  if raw.get("pad_token_id") is not None or not isinstance(tokenizer, HFTokenizer):
+    return model
+  pad = tokenizer.config.get("pad_token")
+  pad = pad.get("content") if isinstance(pad, dict) else pad
+  pad_id = tokenizer.token_id(pad) if isinstance(pad, str) else None
+  return model if pad_id is None else model.replace(pad_token_id=pad_id)
+
+
+def _chat_template(setting: str, tokenizer: Tokenizer) -> str | None:
+  """`auto`: the tokenizer's own, Qwen2.5's for a tokenizer.json without one, none for bytes;
+  empty: none; anything else is the template itself."""
+  if setting != "auto":
+    return setting or None
+  if isinstance(tokenizer, HFTokenizer):
+    return tokenizer.config.get("chat_template") or QWEN2_CHAT_TEMPLATE
+  return None
+
+
+def _compressor(config: ml_collections.ConfigDict, raw: dict | None) -> CompressorConfig:
+  """The config's settings; a LycheeMemory checkpoint's window and ratio (0 in the config: take
+  the checkpoint's, or 2048 and 4 for a plain Qwen2 one)."""
+  c = config.compressor
+  if raw is None or ("lychee_memory_window" not in raw and c.get("window") and c.get("ratio")):
+    return CompressorConfig(chunk_size=c.chunk_size, window=c.window, ratio=c.ratio)
+  from_checkpoint = CompressorConfig.from_hf_dict(raw, c.chunk_size or None)
+  for key in ("window", "ratio"):
+    if c.get(key) and c[key] != getattr(from_checkpoint, key):
+      raise ConfigError(f"compressor.{key}={c[key]} differs from the checkpoint's "
+                        f"lychee_memory_{key} ({getattr(from_checkpoint, key)}): the beacons were "
+                        f"trained with it; set compressor.{key}=0 to take the checkpoint's")
+  return from_checkpoint
+
+
+def _task(config: ml_collections.ConfigDict) -> synthetic.TaskConfig | None:
+  train = config.data.get("train", "") if "data" in config else ""
+  if (train and not train.startswith("synthetic:")) or (not train and "task" not in config):
+    return None
+  if "task" not in config:
+    raise ConfigError("the synthetic data needs a `task` block")
+  values = {k: v for k, v in config.task.to_dict().items()
+            if k not in ("seed", "curriculum_start", "curriculum_end")}
+  task = synthetic.TaskConfig(**values)
+  if train and train.partition(":")[2] != task.task:
+    raise ConfigError(f"data.train {train!r} names another task than task.task={task.task!r}")
+  return task
+
+
+def build_run(config: ml_collections.ConfigDict) -> Run:
+  """Reads a run config (see the module doc); every error names the key at fault."""
+  config = with_defaults(config)
+  if config.stage not in STAGES:
+    raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
+  agent = config.get("agent", "lychee")
+  if agent not in AGENTS:
+    raise ConfigError(f"unknown agent {agent!r}; choose from {AGENTS}")
+  if agent == "memagent" and config.stage not in ("sft", "rl", "eval"):
+    raise ConfigError(f"the memagent agent reads raw chunks: it has no {config.stage} stage "
+                      "(train it with sft and rl)")
+  if agent == "memagent" and config.get("sft", {}).get("gate_weight", 0.0):
+    raise ConfigError("the memagent agent has no gate: set sft.gate_weight to 0")
+  if config.rl.get("reward", "strict_sub_em") not in REWARDS:
+    raise ConfigError(f"unknown rl.reward {config.rl.reward!r}; choose from {REWARDS}")
+  hf_dir = config.init.hf_checkpoint or None
+  model_values = config.model.to_dict()
+  if hf_dir:
+    model, raw = hf_checkpoint.read_config(
+        hf_dir, **{k: model_values[k] for k in MODEL_RUN_KEYS if k in model_values})
+  else:
+    model, raw = ModelConfig.from_dict(model_values), None
+  tokenizer = _tokenizer(config.init.tokenizer, hf_dir, model)
+  if raw is not None:
+    model = _pad_from_tokenizer(model, raw, tokenizer)
+    tokenizer.pad_id = model.pad_token_id
+  compressor = _compressor(config, raw)
+  reasoner = ReasonerConfig(memory_size=config.reasoner.memory_size,
+                            answer_tokens=config.reasoner.answer_tokens)
+  task = _task(config)
+  p = config.prompts
+  templates = {k: p.get(k) or default for k, default in _DEFAULT_PROMPTS.items()}
+  initial = synthetic.initial_memory(task) if task is not None else (
+      p.get("initial_memory") or INITIAL_MEMORY)
+  prompts = Prompts.build(tokenizer, _chat_template(p.get("chat_template", "auto"), tokenizer),
+                          initial_memory=initial, **templates)
+  if task is not None and model.vocab_size < synthetic.SmallVocab(task.num_entities).size:
+    raise ConfigError(f"vocab_size {model.vocab_size} is too small for the task's tokens")
+  if isinstance(tokenizer, HFTokenizer) and model.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
+                      f"only {model.vocab_size}")
+  mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+  return Run(config, model, compressor, reasoner, prompts, tokenizer, mesh, task)
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with every block a run reads (older saved configs lack `data`)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  defaults = {
+      "data": {"train": "", "eval": "", "num_docs": 200, "hotpotqa_dev": "", "seed": 0,
+               "max_chunks": 8, "synthetic_size": 1024},
+      "init": {"checkpoint": "", "hf_checkpoint": "", "seed": 0, "tokenizer": ""},
+      "gate": {"threshold": 0.5, "positive_weight": 1.0},
+      "rl": {"reward": "strict_sub_em"},
+      "mesh": {"fsdp": -1},
+      "prompts": {"chat_template": "auto"},
+  }
+  for block, values in defaults.items():
+    if block not in config:
+      config[block] = ml_collections.ConfigDict()
+    for key, value in values.items():
+      if key not in config[block]:
+        config[block][key] = value
+  if "task" in config and not config.data.train:
+    config.data.train = f"synthetic:{config.task.task}"
+  return config
+
+
+def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0, memory_size: int = 1024,
+                answer_tokens: int = 256, question_tokens: int = 1024,
+                model: dict | None = None, tokenizer: str = "") -> ml_collections.ConfigDict:
+  """The run config of using a HF checkpoint as it is (launch/eval.py and launch/answer.py with
+  --hf_checkpoint).  chunk_size 0: two compressor windows; model: `MODEL_RUN_KEYS` to set;
+  tokenizer: as `init.tokenizer`."""
+  c = ml_collections.ConfigDict()
+  c.stage = "eval"
+  c.seed = 0
+  c.agent = "lychee"
+  c.model = ml_collections.ConfigDict({"compressor": True, **(model or {})})
+  c.init = ml_collections.ConfigDict({"checkpoint": "", "hf_checkpoint": hf_checkpoint_dir,
+                                      "seed": 0, "tokenizer": tokenizer})
+  c.compressor = ml_collections.ConfigDict({"chunk_size": chunk_size, "window": 0, "ratio": 0})
+  c.reasoner = ml_collections.ConfigDict({"memory_size": memory_size,
+                                          "answer_tokens": answer_tokens,
+                                          "question_tokens": question_tokens})
+  c.prompts = ml_collections.ConfigDict({"chat_template": "auto"})
+  return with_defaults(c)
+
+
+def from_hf_checkpoint(directory: str, **settings) -> Run:
+  """The run of evaluating (or answering with) a HF checkpoint; `settings` as in `eval_config`."""
+  return build_run(eval_config(directory, **settings))
+
+
+def from_workdir(workdir: str, **reasoner_overrides) -> tuple[Run, Any]:
+  """(run, params) of a memrecall training run: its latest orbax checkpoint and saved config.
+
+  reasoner_overrides: chunk_size / memory_size / answer_tokens to evaluate with other settings
+  (None or 0: the run's own).
+  """
+  from memrecall.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
+  params, saved = load_params(os.fspath(workdir))
+  config = with_defaults(ml_collections.ConfigDict(saved))
+  assets = os.path.join(os.fspath(workdir), HF_ASSETS)
+  if config.init.hf_checkpoint and os.path.exists(os.path.join(assets, "config.json")):
+    config.init.hf_checkpoint = assets
+  config.init.checkpoint = ""
+  if reasoner_overrides.get("chunk_size"):
+    config.compressor.chunk_size = reasoner_overrides["chunk_size"]
+  for key in ("memory_size", "answer_tokens"):
+    if reasoner_overrides.get(key):
+      config.reasoner[key] = reasoner_overrides[key]
+  return build_run(config), params

@@ -1,0 +1,124 @@
+"""The README's real-path commands, with the model and data swapped for fixtures."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.real.conftest import LYCHEE_TEXT, ROOT
+
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+# The toy-size overrides of tests/real/test_recipes.py's `recipe`, as flags.
+TOY = ["--config.model.param_dtype=float32", "--config.model.dtype=float32",
+       "--config.model.remat=none", "--config.model.gate_lora_rank=4",
+       "--config.compressor.chunk_size=64", "--config.compressor.window=64",
+       "--config.reasoner.memory_size=24", "--config.reasoner.answer_tokens=8",
+       "--config.reasoner.question_tokens=48", "--config.data.max_chunks=16",
+       "--config.train.steps=2", "--config.train.batch_size=2", "--config.train.checkpoint_every=1",
+       "--config.rl.group_size=2", "--config.mesh.fsdp=1"]
+
+
+def launch(script: str, *args: str, cwd: str = ROOT, check: bool = True):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args],
+                        capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+  if check:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return proc
+
+
+def predictions(path) -> list[dict]:
+  return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_eval_of_the_reference_checkpoint_reproduces_its_answer_ids(tmp_path):
+  """The issue's exact command: LycheeMemory's public code gave these ids on these rows."""
+  hf, rows = os.path.join(LYCHEE_TEXT, "hf"), os.path.join(LYCHEE_TEXT, "rows.json")
+  command = [f"--hf_checkpoint={hf}", f"--data=rows:{rows}", "--modes=all", "--chunk_size=1024",
+             "--memory_size=16", "--answer_tokens=12"]
+  launch("eval.py", *command, cwd=str(tmp_path))
+  expected = json.load(open(os.path.join(LYCHEE_TEXT, "expected.json")))
+  out = tmp_path / "eval" / "hf"
+  got = predictions(out / "predictions.jsonl")
+  assert [r["row"] for r in got] == [0, 1] and {r["mode"] for r in got} == {"all"}
+  for record, ids in zip(got, expected["answer_ids"]):
+    assert record["prediction_ids"] == [i for i in ids if i not in (0, 2)]  # EOS and pad removed
+    assert record["blocks_read"] == 8 and record["num_docs"] == 1
+    for key in ("prediction", "answers", "sub_em", "strict_sub_em", "em"):
+      assert key in record
+  assert got[1]["answers"] == ["4", "four"]
+  results = json.load(open(out / "results.json"))
+  assert [(r["data"], r["mode"], r["examples"]) for r in results] == [("rows.json", "all", 2)]
+  assert (out / "results.csv").exists()
+  # Rerunning skips the finished rows.
+  launch("eval.py", *command, cwd=str(tmp_path))
+  assert predictions(out / "predictions.jsonl") == got
+
+
+def test_train_rl_from_a_hf_checkpoint_then_evaluate_the_workdir(tiny_qwen, data_files, tmp_path):
+  work, hf = tmp_path / "rl", tmp_path / "hf"
+  shutil.copytree(tiny_qwen, hf)
+  launch("train.py", "--config=configs/lychee.py:rl", f"--config.init.hf_checkpoint={hf}",
+         f"--config.data.train=rows:{data_files['rows']}", f"--workdir={work}", *TOY)
+  assert sorted(os.listdir(work / "checkpoints")) == ["1", "2"]
+  shutil.rmtree(hf)  # the workdir keeps what it needs (hf_assets/)
+  out = tmp_path / "eval"
+  proc = launch("eval.py", f"--checkpoint={work}", f"--data=rows:{data_files['eval_rows']}",
+                f"--data=ruler_hqa:{data_files['ruler_hqa']}", "--modes=all,memagent",
+                "--limit=2", "--batch_size=2", f"--output_dir={out}")
+  got = predictions(out / "predictions.jsonl")
+  assert {(r["data"], r["mode"]) for r in got} == {
+      (d, m) for d in ("eval_rows.jsonl", "memagent_eval_20.json") for m in ("all", "memagent")}
+  assert len(got) == 8 and all(isinstance(r["prediction"], str) for r in got)
+  results = json.load(open(out / "results.json"))
+  assert {r["num_docs"] for r in results} == {4, 20}
+  assert "sub-EM" in proc.stdout
+
+
+def _rows_file(tmp_path, name, rows):
+  path = tmp_path / name
+  path.write_text(json.dumps(rows))
+  return str(path)
+
+
+def test_bad_input_is_a_clear_error_and_keeps_what_was_written(tiny_qwen, data_files, tmp_path):
+  good = json.load(open(data_files["rows"]))[:2]
+  base = [f"--hf_checkpoint={tiny_qwen}", "--modes=all", "--chunk_size=64",
+          "--memory_size=8", "--answer_tokens=4", f"--output_dir={tmp_path / 'out'}"]
+  cases = {
+      "no_answer.json": ([{**good[0], "reward_model": {}}], "no_answer.json row 0", "answer"),
+      "no_question.json": ([{"context": "Document 1:\nx", "answers": ["a"]}],
+                           "no_question.json row 0", "question"),
+      "empty.json": ([{**good[0], "context": "  "}], "empty.json row 0", "context"),
+  }
+  for name, (rows, where, what) in cases.items():
+    proc = launch("eval.py", *base, f"--data=rows:{_rows_file(tmp_path, name, rows)}", check=False)
+    assert proc.returncode != 0 and where in proc.stderr and what in proc.stderr, proc.stderr[-800:]
+  proc = launch("eval.py", *base, "--data=novel:/x.json", check=False)
+  assert proc.returncode != 0 and "novel" in proc.stderr and "ruler_hqa" in proc.stderr
+  # A question over its budget stops the run at its row; the rows already done stay.
+  rows = _rows_file(tmp_path, "two.json", [good[0], {**good[1], "extra_info": {
+      "question": "why " * 40}, "prompt": []}])
+  launch("eval.py", *base, f"--data=rows:{rows}", "--limit=1")
+  before = (tmp_path / "out" / "predictions.jsonl").read_text()
+  proc = launch("eval.py", *base, f"--data=rows:{rows}", "--question_tokens=16", check=False)
+  assert proc.returncode != 0 and "two.json row 1" in proc.stderr and "budget" in proc.stderr
+  assert (tmp_path / "out" / "predictions.jsonl").read_text() == before
+  # A checkpoint without its tokenizer.
+  bare = tmp_path / "bare"
+  shutil.copytree(tiny_qwen, bare)
+  os.remove(bare / "tokenizer.json")
+  proc = launch("eval.py", f"--hf_checkpoint={bare}", f"--data=rows:{data_files['rows']}",
+                check=False)
+  assert proc.returncode != 0 and "no tokenizer.json" in proc.stderr and str(bare) in proc.stderr
+
+
+def test_answer_reads_lycheememorys_row_layout():
+  """LycheeMemory's own example rows (context, prompt, reward_model, extra_info.question)."""
+  proc = launch("answer.py", f"--hf_checkpoint={os.path.join(LYCHEE_TEXT, 'hf')}",
+                f"--document={os.path.join(LYCHEE_TEXT, 'rows.json')}", "--row=1",
+                "--chunk_size=1024", "--memory_size=16", "--max_new_tokens=12", "--mode=all")
+  expected = json.load(open(os.path.join(LYCHEE_TEXT, "expected.json")))
+  assert f"answer: {expected['answers'][1]}" in proc.stdout

@@ -1,0 +1,149 @@
+"""Every stage of configs/lychee.py (and configs/memagent.py:rl) runs on a HF Qwen2 checkpoint
+with its own BPE tokenizer, on data files of each layout (the real path, at toy size)."""
+
+import glob
+import json
+import math
+import os
+
+import flax.traverse_util
+import jax
+import numpy as np
+import pytest
+
+from configs import lychee, memagent
+from memrecall import runs
+from memrecall.data import metrics
+from memrecall.train import checkpoint, state as state_lib, trainer
+
+STAGE_DATA = {"compressor": "text", "sft": "hotpotqa", "rl": "rows", "gate": "hotpotqa"}
+
+
+def recipe(module, stage: str, hf_dir: str, data: str, workdir: str = ""):
+  """A recipe at toy size: the paper's config with shapes from the checkpoint, small settings."""
+  c = module.get_config(f"{stage},0.5b,auto")
+  c.init.hf_checkpoint = hf_dir
+  c.model.update(param_dtype="float32", dtype="float32", remat="none")
+  if c.model.gate_lora_rank:
+    c.model.gate_lora_rank = 4
+  chunk = 64 if module is lychee else 128
+  c.compressor.update(chunk_size=chunk, window=chunk, ratio=4)
+  c.reasoner.update(memory_size=48, answer_tokens=12, question_tokens=48)
+  c.data.update(train=data, num_docs=12, max_chunks=1 if stage == "compressor" else 16)
+  c.train.update(steps=2, batch_size=2, log_every=1, checkpoint_every=1, async_checkpoint=False)
+  c.optimizer.update(learning_rate=1e-2, warmup_steps=0, decay_steps=0)
+  c.rl.group_size = 2
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  return c
+
+
+def _flat(params):
+  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+
+
+@pytest.mark.parametrize("module,stage", [(lychee, "compressor"), (lychee, "sft"), (lychee, "rl"),
+                                          (lychee, "gate"), (memagent, "rl")])
+def test_every_recipe_stage_trains_two_steps(module, stage, tiny_qwen, data_files, tmp_path):
+  spec = f"{STAGE_DATA[stage]}:{data_files[STAGE_DATA[stage]]}"
+  config = recipe(module, stage, tiny_qwen, spec)
+  run = runs.build_run(config)
+  assert run.tokenizer.vocab_size == run.model.vocab_size  # the checkpoint's own tokenizer
+  assert run.model.pad_token_id == run.tokenizer.token_id("<|endoftext|>")
+  before = _flat(run.params())
+  trainer.train(config, str(tmp_path), log=lambda line: None)
+  lines = [json.loads(x) for x in open(tmp_path / "logs" / stage / "metrics.jsonl")]
+  assert [x["step"] for x in lines] == [1, 2]
+  assert all(math.isfinite(x["loss"]) for x in lines), lines
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+  after = _flat(checkpoint.load_params(str(tmp_path))[0])
+  trained = set(state_lib.trainable_paths(jax.tree.map(lambda x: x, run.params()),
+                                          config.train.trainable))
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  assert changed and changed <= trained, (changed - trained)
+  # The run carries its tokenizer and model config, readable without the HF directory.
+  assert os.path.exists(tmp_path / runs.HF_ASSETS / "tokenizer.json")
+
+
+def _byte_decoder() -> dict[str, int]:
+  """The byte-level BPE alphabet (GPT-2's printable mapping of the 256 bytes), inverted."""
+  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+               + list(range(ord("®"), ord("ÿ") + 1)))
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + extra)] = b
+      extra += 1
+  return chars
+
+
+def test_gate_labels_match_an_independent_scan_of_the_text(tiny_qwen, data_files):
+  """Chunk c is labelled iff its bytes overlap a "Document i:" block whose paragraph holds a
+  supporting fact, found by searching the context string for the title."""
+  config = recipe(lychee, "gate", tiny_qwen, f"hotpotqa:{data_files['hotpotqa']}")
+  config.train.batch_size = 4
+  run = runs.build_run(config)
+  stage = trainer._STAGES["gate"](run)
+  batch, _ = stage.batch(3, None, slice(0, 4))
+  hotpot = {row["_id"]: row for row in json.load(open(data_files["hotpotqa"], encoding="utf-8"))}
+  vocab = {i: t for t, i in run.tokenizer._tokenizer.get_vocab().items()}
+  to_byte = _byte_decoder()
+  chunk = run.compressor.chunk_size
+  positives = 0
+  for b, ex in enumerate(run.examples(3 * 4, 4, step=3)):
+    context = "".join(ex.example.segments).encode("utf-8")
+    token_bytes = [bytes(to_byte[ch] for ch in vocab[int(t)]) for t in ex.context]
+    assert b"".join(token_bytes) == context  # the tokens cover the text exactly
+    ends = np.cumsum([len(x) for x in token_bytes])
+    starts = ends - np.asarray([len(x) for x in token_bytes])
+    row = hotpot[ex.example.metadata["hotpot_id"]]
+    spans = []
+    for title in {t for t, _ in row["supporting_facts"]}:
+      at = context.find(b":\n" + title.encode("utf-8") + b"\n")
+      assert at > 0
+      begin = context.rfind(b"Document ", 0, at)
+      end = context.find(b"\n\nDocument ", at)
+      spans.append((begin, len(context) if end < 0 else end + 2))  # the separator ends a block
+    n = -(-len(ex.context) // chunk)
+    want = np.zeros(batch.labels.shape[1], bool)
+    for c in range(n):
+      lo, hi = starts[c * chunk], ends[min((c + 1) * chunk, len(ex.context)) - 1]
+      want[c] = any(lo < e and b0 < hi for b0, e in spans)
+    np.testing.assert_array_equal(np.asarray(batch.labels[b]), want)
+    positives += want.sum()
+  assert 0 < positives
+
+
+def test_rl_reward_is_strict_sub_em_of_the_decoded_answer(tiny_qwen, data_files, tmp_path):
+  """Greedy rollouts twice: the second file's golds are the first pass's decoded answers (and
+  "the", which compatible sub-EM would pay), so the rewards are known and not all zero."""
+  def rollout(rows_path):
+    config = recipe(lychee, "rl", tiny_qwen, f"rows:{rows_path}")
+    config.rl.temperature = 0.0
+    run = runs.build_run(config)
+    stage = trainer._STAGES["rl"](run)
+    params = run.params()
+    stage.start(params)
+    optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
+    state = state_lib.create_train_state(params, config.train.trainable, optimizer, 0)
+    batch, extra = stage.batch(0, state, slice(0, 2))
+    eos = set(run.model.eos_token_ids)
+    answers = [[int(t) for t, keep in zip(batch.turns.answer[i], batch.turns.answer_mask[i])
+                if keep and int(t) not in eos] for i in range(2)]
+    return run, answers, extra
+  run, answers, extra = rollout(data_files["rows"])
+  rows = json.load(open(data_files["rows"]))
+  first = run.examples(0, 1)[0].example  # the question this step's group asked
+  row = next(r for r in rows if r["extra_info"]["question"] == first.question)
+  texts = [run.tokenizer.decode(a) for a in answers]
+  expected = np.mean([metrics.strict_sub_em(t, first.answers) for t in texts])
+  assert extra["reward"] == pytest.approx(expected)
+  assert metrics.normalize(texts[0]), texts[0]
+  row["reward_model"]["ground_truth"] = [texts[0]]
+  path = tmp_path / "rows.json"
+  path.write_text(json.dumps([row]))
+  assert rollout(str(path))[2]["reward"] == 1.0
+  row["reward_model"]["ground_truth"] = ["the"]
+  path.write_text(json.dumps([row]))
+  assert rollout(str(path))[2]["reward"] == 0.0
