@@ -72,9 +72,10 @@ def base_config(stage: str, size: str, mesh: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict({
       "train": "", "eval": "", "num_docs": 200, "hotpotqa_dev": "", "seed": 0, "max_chunks": 8,
       "synthetic_size": 1024})
+  # microbatches: rows of a step run in k parts one after another (set by `with_microbatches`).
   c.train = ml_collections.ConfigDict({
-      "steps": 500, "batch_size": 128, "trainable": "backbone", "log_every": 1,
-      "checkpoint_every": 25, "keep": 3, "async_checkpoint": True})
+      "steps": 500, "batch_size": 128, "microbatches": 1, "trainable": "backbone",
+      "log_every": 1, "checkpoint_every": 25, "keep": 3, "async_checkpoint": True})
   c.optimizer = ml_collections.ConfigDict({
       "learning_rate": 1e-6, "warmup_steps": 10, "decay_steps": 500, "final_fraction": 1.0,
       "b1": 0.9, "b2": 0.999, "weight_decay": 0.01, "grad_clip": 1.0})
@@ -86,6 +87,15 @@ def base_config(stage: str, size: str, mesh: str) -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict({"gate_weight": 0.0})
   c.pretrain = ml_collections.ConfigDict({"recall": False})
   c.mesh = ml_collections.ConfigDict(MESHES[mesh])
+  return c
+
+
+def with_microbatches(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """One row per device per microbatch on a fixed mesh: a step's activations are one turn's
+  (token-mean losses then average per microbatch, a close stand-in for the whole batch's)."""
+  devices = c.mesh.data * c.mesh.fsdp
+  if devices > 0 and c.train.batch_size % devices == 0:
+    c.train.microbatches = max(1, c.train.batch_size // devices)
   return c
 
 
@@ -113,4 +123,4 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
     c.optimizer.decay_steps = 1000
     # About 2 of every 7 chunks of a 200-document question hold a supporting paragraph.
     c.gate.positive_weight = 2.0
-  return c
+  return with_microbatches(c)

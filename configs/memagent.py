@@ -7,6 +7,7 @@ section in MemAgent's prompt (no compressor, no gate).  Sizes and meshes as in l
 import ml_collections
 
 from configs import lychee
+from memrecall.prompts import MEMAGENT_FINAL_TEMPLATE
 
 
 def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
@@ -18,9 +19,10 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
   # Raw sections of 5000 tokens (the window and ratio are unused without beacons).
   c.compressor = ml_collections.ConfigDict({"chunk_size": 5000, "window": 5000, "ratio": 4})
   c.data.max_chunks = 6  # 28K-token documents
+  c.prompts.final_template = MEMAGENT_FINAL_TEMPLATE  # its answers come in a box
   if stage == "rl":
     c.train.batch_size = 16 * c.rl.group_size
   else:
     c.train.steps, c.train.batch_size = 300, 32
     c.optimizer.learning_rate = 1e-5
-  return c
+  return lychee.with_microbatches(c)

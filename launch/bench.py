@@ -35,27 +35,25 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here.")
 def main(argv):
   del argv
   import jax
-  from configs import models
-  from memrecall import benchmark, model
-  from memrecall.compressor import CompressorConfig
-  from memrecall.config import ModelConfig
-  from memrecall.prompts import QWEN2_CHAT_TEMPLATE, Prompts
-  from memrecall.tokenizer import ByteTokenizer
+  import ml_collections
+  from configs import models, tiny as tiny_config
+  from memrecall import benchmark, model, runs
+  from memrecall.prompts import QWEN2_CHAT_TEMPLATE
 
   tiny = _MODEL.value == "tiny"
-  config = ModelConfig.from_dict(models.model_config(_MODEL.value).to_dict()).replace(
-      compressor=True, gate_lora_rank=8)
   chunk = _CHUNK.value or (256 if tiny else 4096)
-  compressor = CompressorConfig(chunk_size=chunk, window=chunk // 2, ratio=4)
   lengths = [int(x) for x in (_LENGTHS.value or ([2048, 16384] if tiny else [131072, 1048576]))]
-  tok = ByteTokenizer()
-  if tiny:  # short prompts: the tiny model's own
-    prompts = Prompts.build(tok, None, update_template="U{question}{memory}>",
-                            final_template="A{question}{memory}>", gate_template="G{question}{memory}>",
-                            memagent_template="M{question}{memory}{section}>",
-                            context_template="C{section}{question}>")
-  else:  # the released model's prompts in Qwen2.5's chat template, as a real run sends them
-    prompts = Prompts.build(tok, QWEN2_CHAT_TEMPLATE)
+  # The run of a random model of this shape (byte tokenizer): the tiny model's own short
+  # prompts, or the released model's in Qwen2.5's chat template, as a real run sends them.
+  c = runs.with_defaults(ml_collections.ConfigDict({
+      "stage": "eval", "model": models.model_config(_MODEL.value),
+      "compressor": {"chunk_size": chunk, "window": chunk // 2, "ratio": 4},
+      "reasoner": {"memory_size": 1, "answer_tokens": 1, "question_tokens": 16},
+      "prompts": (tiny_config.get_config().prompts.to_dict() if tiny
+                  else {"chat_template": QWEN2_CHAT_TEMPLATE})}))
+  c.model.compressor, c.model.gate_lora_rank = True, 8
+  run = runs.build_run(c)
+  config, compressor, prompts = run.model, run.compressor, run.prompts
   params = model.init_params(config, jax.random.key(0))
   settings = benchmark.BenchSettings(
       lengths=lengths, questions=_QUESTIONS.value or (4 if tiny else 8),

@@ -40,8 +40,10 @@ _HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None,
                                      "Or a HF LycheeMemory / Qwen2 checkpoint directory.")
 _DATA = flags.DEFINE_multi_string(
     "data", None, "KIND:PATH[,PATH...] (rows, hotpotqa, ruler_hqa, synthetic, tfds); repeatable.")
+# (`tfds:DIR` directories are written by launch/prepare_data.py.)
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate the first N rows of each data file.")
 _NUM_DOCS = flags.DEFINE_integer("num_docs", 200, "hotpotqa data: documents per question.")
+_SPLIT = flags.DEFINE_string("split", "test", "tfds and synthetic data: the split to read.")
 _HOTPOTQA_DEV = flags.DEFINE_string(
     "hotpotqa_dev", "", "ruler_hqa data: the HotpotQA dev file (labels; index-only contexts).")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "Tokens per chunk.")
@@ -50,6 +52,9 @@ _ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", None, "Max tokens of the 
 _QUESTION_TOKENS = flags.DEFINE_integer("question_tokens", None, "Question budget in tokens.")
 _GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
                                        "HF checkpoints: rank of the gate's adapters (0: none).")
+_PROMPTS = flags.DEFINE_enum(
+    "prompts", "lychee", ["lychee", "memagent"], "HF checkpoints: the final answer's prompt, "
+    "LycheeMemory's or MemAgent's (answers in \\boxed{}, for RL-MemAgent checkpoints).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Label of the model in the results.")
 _LENGTHS = flags.DEFINE_list("lengths", ["1", "8", "64"], "Synthetic: multiples of the training "
                              "length.")
@@ -77,6 +82,7 @@ from launch import distributed_flags  # noqa: E402  (--distributed and the coord
 def _load():
   """(run, params, default output dir, model name) of the checkpoint the flags name."""
   from memrecall import runs
+  from memrecall.prompts import MEMAGENT_FINAL_TEMPLATE
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
                   answer_tokens=_ANSWER_TOKENS.value)
   if _HF_CHECKPOINT.value:
@@ -84,6 +90,8 @@ def _load():
     values = {k: v for k, v in settings.items() if v}
     if _QUESTION_TOKENS.value:
       values["question_tokens"] = _QUESTION_TOKENS.value
+    if _PROMPTS.value == "memagent":
+      values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
     run = runs.from_hf_checkpoint(hf, model={"gate_lora_rank": _GATE_LORA_RANK.value}, **values)
     name = os.path.basename(os.path.normpath(hf))
     return run, run.params(), os.path.join("eval", name), name
@@ -111,7 +119,7 @@ def main(argv):
     run, params, default_dir, name = _load()
     sources = [s for spec in _DATA.value or []
                for s in run.sources(spec, num_docs=_NUM_DOCS.value,
-                                    hotpotqa_dev=_HOTPOTQA_DEV.value)]
+                                    hotpotqa_dev=_HOTPOTQA_DEV.value, split=_SPLIT.value)]
   except (ValueError, ConfigError, OSError, ImportError) as e:
     raise app.UsageError(str(e)) from None
   output_dir = _OUTPUT_DIR.value or default_dir

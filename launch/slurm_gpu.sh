@@ -11,11 +11,23 @@
 # environment (--distributed); other clusters pass --coordinator_address,
 # --num_processes and --process_id instead.  The workdir must be on a file
 # system every node sees.
+#
+# Preemption: SLURM sends SIGTERM (here 120 s before the time limit too, --signal); train.py
+# then finishes its step, saves it and exits with status 75, and this script requeues the job
+# (--requeue), which resumes from that checkpoint.
 #SBATCH --job-name=memrecall
 #SBATCH --ntasks-per-node=1
-set -euo pipefail
+#SBATCH --requeue
+#SBATCH --signal=TERM@120
+set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 source launch/env.sh
-memrecall_venv hf
+memrecall_venv hf,parquet
 script="$1"; shift
 srun --kill-on-bad-exit=1 python "launch/$script" --distributed "$@"
+rc=$?
+if [ "$rc" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  echo "[memrecall] preempted: requeueing job $SLURM_JOB_ID" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

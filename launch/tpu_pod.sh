@@ -9,7 +9,12 @@
 # Every worker runs the same command (JAX's multi-controller model); --distributed
 # lets jax.distributed detect the slice by itself.  The repository must be at
 # $REMOTE_DIR on every worker (set SYNC=1 to copy it there first with scp).
-set -euo pipefail
+#
+# Preemption: on SIGTERM (a maintenance event or preemption notice) train.py finishes its step,
+# every worker saves it, and it exits with status 75; this script then reruns the same command,
+# which resumes from that checkpoint (up to MAX_RESUMES times, default 20; a slice that was
+# taken away makes the ssh fail instead: rerun this script once the slice is back).
+set -uo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REMOTE_DIR="${REMOTE_DIR:-~/memrecall}"
 script="$1"; shift
@@ -18,6 +23,12 @@ if [ "${SYNC:-0}" = 1 ]; then
     "$(cd "$(dirname "$0")/.." && pwd)" "$TPU_NAME:$REMOTE_DIR"
 fi
 args=$(printf ' %q' "$@")
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command \
-  "cd $REMOTE_DIR && source launch/env.sh && memrecall_venv hf && \
-   pip install -q 'jax[tpu]' && python launch/$script --distributed$args"
+for attempt in $(seq 0 "${MAX_RESUMES:-20}"); do
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command \
+    "cd $REMOTE_DIR && source launch/env.sh && memrecall_venv hf,parquet && \
+     pip install -q 'jax[tpu]' && python launch/$script --distributed$args"
+  rc=$?
+  [ "$rc" -eq 75 ] || exit "$rc"
+  echo "[memrecall] preempted (resume $((attempt + 1))): rerunning $script" >&2
+done
+exit 75

@@ -2,7 +2,9 @@ r"""Trains one stage: `python launch/train.py --config=configs/tiny.py:sft --wor
 
 Override any config field on the command line (`--config.train.steps=500`,
 `--config.init.checkpoint=/tmp/sft_run`).  Rerunning the same command on the
-same workdir resumes from its latest checkpoint.
+same workdir resumes from its latest checkpoint.  On SIGTERM or SIGINT (a
+preemption notice) the run finishes its step, saves it and exits with status 75
+("resume me"; launch/slurm_gpu.sh and launch/tpu_pod.sh rerun it).
 """
 
 import os
@@ -31,6 +33,9 @@ def main(argv):
     trainer.train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DatasetError, BatchError, OSError, ImportError) as e:
     raise app.UsageError(str(e)) from None
+  except trainer.Preempted as e:
+    print(f"[memrecall] {e}", file=sys.stderr, flush=True)
+    sys.exit(trainer.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

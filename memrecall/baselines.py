@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memrecall.reasoner import final_answer, no_prefix
-from memrecall.recall import RecallOutput, RecallSetup, _finish, _initial_memory, _scan_blocks
+from memrecall.recall import RecallOutput, RecallSetup, finish_answer, initial_memory, scan_blocks
 from memrecall.sampling import SampleOutput
 
 Array = jax.Array
@@ -35,18 +35,18 @@ def memagent(params, setup: RecallSetup, chunk_ids: Array, chunk_mask: Array, qu
   blocks = (jnp.broadcast_to(k, (n,) + k.shape), jnp.broadcast_to(v, (n,) + v.shape),
             jnp.broadcast_to(slots, (n,) + slots.shape), jnp.moveaxis(chunk_mask.any(-1), 1, 0),
             jnp.moveaxis(chunk_ids, 1, 0), jnp.moveaxis(chunk_mask, 1, 0))
-  memory = _initial_memory(setup, b)
+  memory = initial_memory(setup, b)
   read = jnp.ones((b, n), bool)  # every real chunk, no gate
-  memory, rng, per_block = _scan_blocks(params, setup, memory, rng, blocks, question,
+  memory, rng, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
                                         question_mask, read.T)
-  return _finish(params, setup, question, question_mask, memory, rng, per_block)
+  return finish_answer(params, setup, question, question_mask, memory, rng, per_block)
 
 
 @functools.partial(jax.jit, static_argnames=("setup",))
 def answer_from_context(params, setup: RecallSetup, context: Array, context_mask: Array,
                         question: Array, question_mask: Array, rng: Array) -> SampleOutput:
   """One answer from raw text [B, T] and the question (the `full` and `rag` baselines)."""
-  memory = _initial_memory(setup, question.shape[0])
+  memory = initial_memory(setup, question.shape[0])
   answer, _, _ = final_answer(params, setup.model, setup.prompts.context, setup.reasoner,
                               setup.sampling, question, question_mask, memory, rng, context,
                               context_mask)

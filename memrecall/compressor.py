@@ -32,6 +32,22 @@ from memrecall.sharding import with_logical_constraint
 Array = jax.Array
 
 
+# The released LycheeMemory config keys whose other values would compute something else.
+SUPPORTED_HF_VALUES = {
+    "lychee_memory_attn": ("full-coverage",),
+    "lychee_memory_pos": ("interleave",),
+    "lychee_memory_attend_prev": (True,),
+    "lychee_memory_sink_size": (0,),
+    "lychee_memory_parallel_window": (1,),
+    "lychee_memory_param": (("k", "q", "v"),),
+}
+
+
+def _normalised(value):
+  """Lists compare as sorted tuples (the order of `lychee_memory_param` does not matter)."""
+  return tuple(sorted(value)) if isinstance(value, (list, tuple)) else value
+
+
 @dataclasses.dataclass(frozen=True)
 class CompressorConfig:
   """chunk_size C (tokens per chunk), window W (= stride), ratio r (tokens per beacon)."""
@@ -57,6 +73,10 @@ class CompressorConfig:
     windows (4096 for the released model's 2048-token window).  A plain Qwen2
     config has no window: 2048, or the chunk size if that is smaller.
     """
+    for key, supported in SUPPORTED_HF_VALUES.items():
+      if key in hf and _normalised(hf[key]) not in supported:
+        raise ConfigError(f"config.json sets {key}={hf[key]!r}, which memrecall does not implement; "
+                          f"supported: {' or '.join(repr(v) for v in supported)}")
     window = int(hf.get("lychee_memory_window") or min(2048, chunk_size or 2048))
     stride = int(hf.get("lychee_memory_stride", window))
     if stride != window:

@@ -260,42 +260,61 @@ def _summarise(names: Sequence[str], limit: int = 8) -> str:
   return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _host(leaf) -> np.ndarray:
+  """One parameter on the host (gathered from its shards)."""
+  return np.asarray(jax.device_get(leaf))
+
+
 def save_hf_checkpoint(params, config: ModelConfig, directory: str | os.PathLike, *,
                        max_shard_bytes: int = 4 << 30,
                        rules_fn: Callable[[ModelConfig], list[TensorRule]] = qwen2_rules,
                        extra_config: Mapping[str, Any] | None = None) -> None:
   """Writes params in the HF layout: config.json, safetensors shards and their index.
 
-  Tensors are fetched one parameter at a time, so the host holds at most one
-  stacked parameter plus the current shard.
+  Tensors are fetched one parameter at a time and each shard is written (under a temporary
+  name) and freed as soon as it is full, so the host holds at most one stacked parameter plus
+  one shard; the shards get their final `-of-N` names once N is known.
   """
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
-  shards: list[dict[str, np.ndarray]] = [{}]
+  for leftover in os.listdir(directory):  # of an export that was killed
+    if leftover.startswith(".shard-") and leftover.endswith(".partial"):
+      os.remove(os.path.join(directory, leftover))
+  metadata = {"format": "pt"}
+  written: list[tuple[str, list[str], int]] = []  # (temporary file, tensor names, bytes)
+  shard: dict[str, np.ndarray] = {}
   size = 0
+
+  def flush():
+    nonlocal shard, size
+    path = os.path.join(directory, f".shard-{len(written) + 1:05d}.safetensors.partial")
+    save_file(shard, path, metadata)
+    written.append((path, list(shard), size))
+    shard, size = {}, 0
+
   for rule in rules_fn(config):
-    value = np.asarray(jax.device_get(_get_path(params, rule.path)))
+    value = _host(_get_path(params, rule.path))
     for i in range(config.num_layers if rule.stacked else 1):
       tensor = np.ascontiguousarray(rule.to_hf(value[i] if rule.stacked else value))
       if size and size + tensor.nbytes > max_shard_bytes:
-        shards.append({})
-        size = 0
-      shards[-1][rule.hf_name.format(i=i)] = tensor
+        flush()
+      shard[rule.hf_name.format(i=i)] = tensor
       size += tensor.nbytes
+    del value
+  flush()
   # Remove files of an earlier export so that the directory stays consistent.
   for stale in os.listdir(directory):
     if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
       os.remove(os.path.join(directory, stale))
-  metadata = {"format": "pt"}
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata)
+  if len(written) == 1:
+    os.replace(written[0][0], os.path.join(directory, "model.safetensors"))
   else:
     weight_map, total = {}, 0
-    for k, shard in enumerate(shards):
-      filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, os.path.join(directory, filename), metadata)
-      weight_map.update({name: filename for name in shard})
-      total += sum(t.nbytes for t in shard.values())
+    for k, (path, names, nbytes) in enumerate(written):
+      filename = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+      os.replace(path, os.path.join(directory, filename))
+      weight_map.update({name: filename for name in names})
+      total += nbytes
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   hf_config = config.to_hf_dict()

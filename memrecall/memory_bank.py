@@ -17,7 +17,9 @@ import os
 import shutil
 import tempfile
 
+import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -48,14 +50,41 @@ class BankMetadata:
   CHECKED = ("format_version", "model_fingerprint", "chunk_size", "window", "ratio", "dtype")
 
 
+def _shapes_memory(path: tuple[str, ...]) -> bool:
+  """Every parameter the compressor reads: embeddings, every layer's projections (ordinary and
+  beacon), MLPs and norms; not the output head, the final norm or the gate."""
+  name = "/".join(path)
+  return not ("lm_head" in name or "final_norm" in name or "gate_" in name or "lora" in name)
+
+
+@jax.jit
+def _checksums(leaves):
+  """Two wrapping uint32 sums per leaf of its bits times odd position weights: any one changed
+  element changes them (an odd weight is invertible mod 2^32); computed where the leaves are."""
+  out = []
+  for x in leaves:
+    bits = jax.lax.bitcast_convert_type(x, {4: jnp.uint32, 2: jnp.uint16}[x.dtype.itemsize])
+    bits = bits.astype(jnp.uint32).reshape(-1)
+    position = jnp.arange(bits.size, dtype=jnp.uint32)
+    odd = position * jnp.uint32(2) + jnp.uint32(1)
+    mixed = (bits ^ (bits >> 16)) * jnp.uint32(0x85EBCA6B)
+    out.append(jnp.stack([jnp.sum(bits * odd * jnp.uint32(0x9E3779B1)), jnp.sum(mixed * odd)]))
+  return out
+
+
 def model_fingerprint(params, config: ModelConfig) -> str:
-  """A short hash of the model's shape and of the parameters that shape compressed memory."""
+  """A short hash of the model's shape and of every parameter that shapes compressed memory.
+
+  The parameters are reduced to checksums on their devices (one pass over the weights, a few
+  bytes to the host), once per bank: a model retrained in any layer makes another fingerprint.
+  """
   digest = hashlib.sha256(json.dumps(config.to_hf_dict(), sort_keys=True).encode())
-  attention = params["layers"]["attention"]
-  for leaf in (params.get("beacon_embedding"), attention.get("beacon_k_kernel", attention["k_kernel"])):
-    if leaf is not None:
-      first = np.asarray(jax.device_get(leaf[0] if leaf.ndim > 2 else leaf))
-      digest.update(np.ascontiguousarray(first.astype(np.float32)).tobytes())
+  flat = sorted(((p, x) for p, x in flax.traverse_util.flatten_dict(params).items()
+                 if _shapes_memory(p)), key=lambda item: item[0])
+  sums = jax.device_get(_checksums([x for _, x in flat]))
+  for (path, x), pair in zip(flat, sums):
+    digest.update(f"{'/'.join(path)}:{tuple(x.shape)}:{x.dtype}:".encode())
+    digest.update(np.asarray(pair, np.uint32).tobytes())
   return digest.hexdigest()[:16]
 
 

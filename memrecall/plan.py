@@ -55,8 +55,8 @@ class MemoryPlan:
 
 
 def plan(config: ModelConfig, mesh_sizes: Mapping[str, int], *, trainable: str = "backbone",
-         batch: int = 1, turn_tokens: int = 2048, bank_chunks: int = 0, slots: int = 1024
-         ) -> MemoryPlan:
+         batch: int = 1, turn_tokens: int = 2048, bank_chunks: int = 0, slots: int = 1024,
+         microbatches: int = 1) -> MemoryPlan:
   """Per-device bytes of parameters, AdamW moments, activations and a memory bank.
 
   batch: rows (questions x rollouts) per step; turn_tokens: tokens of one
@@ -64,7 +64,7 @@ def plan(config: ModelConfig, mesh_sizes: Mapping[str, int], *, trainable: str =
   Activation estimate (full remat, layers scanned): the saved layer inputs
   L x b x T x E, one layer's working set b x T x (4E + 3M + 2(H+2K)D), and the
   float32 logits b x T x V, in the compute dtype (logits float32), where b is
-  the per-device batch (batch / (data x fsdp)).
+  the per-device rows of one microbatch (batch / (data x fsdp x microbatches)).
   """
   boxed = abstract_params(config)
   flat = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -77,7 +77,7 @@ def plan(config: ModelConfig, mesh_sizes: Mapping[str, int], *, trainable: str =
   moments = sum(2 * sharded_bytes(leaf.value.shape, leaf.value.dtype, leaf.names, mesh_sizes)
                 for path, leaf in flat_boxed.items() if path in paths)
   sizes = _AxisSizes(mesh_sizes).shape
-  rows = max(1, math.ceil(batch / (sizes["data"] * sizes["fsdp"])))
+  rows = max(1, math.ceil(batch / (sizes["data"] * sizes["fsdp"] * microbatches)))
   dt = np.dtype(config.jnp_dtype).itemsize
   e, m, v = config.hidden_size, config.intermediate_size, config.vocab_size
   qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim

@@ -47,6 +47,12 @@ MEMAGENT_TEMPLATE = (
     "relevant details from the previous memory while adding any new, useful information.\n\n"
     "<problem> \n{question}\n</problem>\n\n<memory>\n{memory}\n</memory>\n\n<section>\n"
     "{section}\n</section>\n\nUpdated memory:\n")
+# MemAgent's final turn (its released recipe answers in \boxed{}; `metrics.score_answer` reads
+# the box).  Used by configs/memagent.py and `launch/eval.py --prompts=memagent`.
+MEMAGENT_FINAL_TEMPLATE = (
+    "You are presented with a problem and a previous memory. Please answer the problem based on "
+    "the previous memory and put the answer in \\boxed{}.\n\n<problem> \n{question}\n</problem>"
+    "\n\n<memory>\n{memory}\n</memory>\n\nYour answer:\n")
 CONTEXT_TEMPLATE = (
     "Please read the following text and answer the question below.\n\n<text>\n{section}\n"
     "</text>\n\n<problem> \n{question}\n</problem>\n\nYour answer:\n")

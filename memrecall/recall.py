@@ -151,7 +151,7 @@ def _block_inputs(block, batch):
           _rows(valid, batch, 0)) + section
 
 
-def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
+def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
                  question: Array, question_mask: Array, forced_read: Array | None):
   """Reads blocks (tuple of k, v, slot_mask, valid; chunk-major) in order.
 
@@ -207,7 +207,7 @@ def _scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, 
 
 def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
                     question: Array, question_mask: Array, forced_read: Array | None = None):
-  """Gate mode in about N/G + reads sequential steps; the same outputs as `_scan_blocks`.
+  """Gate mode in about N/G + reads sequential steps; the same outputs as `scan_blocks`.
 
   Each step scores the next G blocks of every row against the row's current
   memory and reads the first that passes (if any).  Scores up to and including
@@ -311,7 +311,9 @@ def _top_blocks(scores: Array, k: int) -> Array:
   return chosen.T & jnp.isfinite(scores)
 
 
-def _finish(params, setup, question, question_mask, memory, rng, per_block, extra_scores=None):
+def finish_answer(params, setup, question, question_mask, memory, rng, per_block,
+                  extra_scores=None) -> RecallOutput:
+  """The final answer from the working memory, and the per-block trace batch-major."""
   scores, read, ids, mask, tokens, logprobs, lengths = per_block
   if extra_scores is not None:
     scores = jnp.where(jnp.isfinite(extra_scores), extra_scores, jnp.nan)
@@ -324,7 +326,8 @@ def _finish(params, setup, question, question_mask, memory, rng, per_block, extr
   return RecallOutput(answer=answer, memory=memory, trace=trace)
 
 
-def _initial_memory(setup: RecallSetup, batch: int) -> WorkingMemory:
+def initial_memory(setup: RecallSetup, batch: int) -> WorkingMemory:
+  """Every row's starting working memory (the prompts' initial memory)."""
   return WorkingMemory.initial(setup.prompts.initial_memory, batch, setup.memory_capacity)
 
 
@@ -337,14 +340,14 @@ def recall(params, setup: RecallSetup, bank: DocumentBank, question: Array, ques
   """
   batch = question.shape[0]
   blocks = (bank.k, bank.v, bank.slot_mask, bank.chunk_valid)
-  memory = _initial_memory(setup, batch)
+  memory = initial_memory(setup, batch)
   scores = None
   forced = None if forced_read is None else forced_read.T
   if setup.recall.mode == "topk" and forced is None:
     scores, forced = _topk_selection(params, setup, blocks, question, question_mask, memory)
-  memory, rng, per_block = _scan_blocks(params, setup, memory, rng, blocks, question,
+  memory, rng, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
                                         question_mask, forced)
-  return _finish(params, setup, question, question_mask, memory, rng, per_block, scores)
+  return finish_answer(params, setup, question, question_mask, memory, rng, per_block, scores)
 
 
 @functools.partial(jax.jit, static_argnames=("setup", "compressor"))
@@ -390,21 +393,21 @@ def recall_streaming(params, setup: RecallSetup, compressor: CompressorConfig, c
       return jnp.moveaxis(x.reshape((x.shape[0], g, docs) + x.shape[2:]), 1, 0)
     blocks = (chunk_major(mem.k), chunk_major(mem.v), mem.slot_mask.reshape(g, docs, -1),
               mask.any(axis=-1))
-    memory, rng, per_block = _scan_blocks(params, setup, memory, rng, blocks, question,
+    memory, rng, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
                                           question_mask, group_forced)
     return (memory, rng), per_block
 
-  memory = _initial_memory(setup, batch)
+  memory = initial_memory(setup, batch)
   (memory, rng), per_group = jax.lax.scan(
       group_step, (memory, rng), (chunk_ids.reshape(n // g, g, docs, c),
                                   chunk_mask.reshape(n // g, g, docs, c), forced))
   per_block = jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), per_group)
-  return _finish(params, setup, question, question_mask, memory, rng, per_block)
+  return finish_answer(params, setup, question, question_mask, memory, rng, per_block)
 
 
-_scan_blocks_jit = jax.jit(_scan_blocks, static_argnames=("setup",))
+_scan_blocks_jit = jax.jit(scan_blocks, static_argnames=("setup",))
 _topk_selection_jit = jax.jit(_topk_selection, static_argnames=("setup",))
-_finish_jit = jax.jit(_finish, static_argnames=("setup",))
+_finish_answer_jit = jax.jit(finish_answer, static_argnames=("setup",))
 
 
 def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: Array,
@@ -422,7 +425,7 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
     return tuple(jnp.asarray(np.asarray(x[sl])) for x in
                  (bank.k, bank.v, bank.slot_mask, bank.chunk_valid))
 
-  memory = _initial_memory(setup, batch)
+  memory = initial_memory(setup, batch)
   scores = None
   forced = None if forced_read is None else jnp.asarray(forced_read).T
   if setup.recall.mode == "topk" and forced is None:
@@ -441,4 +444,4 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
       progress(sl.stop, n)
   per_block = tuple(jnp.concatenate([o[i] for o in outputs], axis=0)
                     for i in range(len(outputs[0])))
-  return _finish_jit(params, setup, question, question_mask, memory, rng, per_block, scores)
+  return _finish_answer_jit(params, setup, question, question_mask, memory, rng, per_block, scores)

@@ -23,6 +23,7 @@ Where things come from:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 from typing import Any, Sequence
@@ -180,8 +181,8 @@ class Run:
     out = []
     for i in range(start, start + count):
       epoch, position = divmod(i, n)
-      order = np.random.default_rng([int(self.config.data.seed), seed_offset, epoch]).permutation(n)
-      out.append(example_lib.tokenize(source[int(order[position])], self.tokenizer))
+      row = int(_epoch_order(int(self.config.data.seed), seed_offset, epoch, n)[position])
+      out.append(example_lib.tokenize(source[row], self.tokenizer))
     return out
 
   @property
@@ -226,6 +227,12 @@ class Run:
     for name in _ASSET_FILES:
       if os.path.exists(os.path.join(source, name)):
         shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, stream: int, epoch: int, n: int) -> np.ndarray:
+  """The rows of epoch `epoch` of a training stream, in the order it reads them."""
+  return np.random.default_rng([seed, stream, epoch]).permutation(n)
 
 
 # --- building ---------------------------------------------------------------------
@@ -364,10 +371,11 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0, memory_size: int = 1024,
                 answer_tokens: int = 256, question_tokens: int = 1024,
-                model: dict | None = None, tokenizer: str = "") -> ml_collections.ConfigDict:
+                model: dict | None = None, tokenizer: str = "",
+                prompts: dict | None = None) -> ml_collections.ConfigDict:
   """The run config of using a HF checkpoint as it is (launch/eval.py and launch/answer.py with
   --hf_checkpoint).  chunk_size 0: two compressor windows; model: `MODEL_RUN_KEYS` to set;
-  tokenizer: as `init.tokenizer`."""
+  tokenizer: as `init.tokenizer`; prompts: templates to replace (`prompts` block keys)."""
   c = ml_collections.ConfigDict()
   c.stage = "eval"
   c.seed = 0
@@ -379,7 +387,7 @@ def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0, memory_size
   c.reasoner = ml_collections.ConfigDict({"memory_size": memory_size,
                                           "answer_tokens": answer_tokens,
                                           "question_tokens": question_tokens})
-  c.prompts = ml_collections.ConfigDict({"chat_template": "auto"})
+  c.prompts = ml_collections.ConfigDict({"chat_template": "auto", **(prompts or {})})
   return with_defaults(c)
 
 

@@ -170,3 +170,66 @@ def test_lychee_checkpoint_exports_to_its_own_layout(tmp_path, lychee_dir):
     for key in path:
       a, b = a[key], b[key]
     np.testing.assert_array_equal(a, b)
+
+
+def test_export_writes_each_shard_before_fetching_the_next_parameters(tmp_path, tiny_dir,
+                                                                      monkeypatch):
+  """The host never holds the whole model: shard k is on disk (and dropped) before the
+  parameters of later shards are fetched."""
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  events = []
+  fetch, save = hf_checkpoint._host, hf_checkpoint.save_file
+  monkeypatch.setattr(hf_checkpoint, "_host", lambda leaf: events.append("fetch") or fetch(leaf))
+  monkeypatch.setattr(hf_checkpoint, "save_file",
+                      lambda *a, **k: events.append("save") or save(*a, **k))
+  hf_checkpoint.save_hf_checkpoint(params, config, tmp_path, max_shard_bytes=60_000)
+  saves = [i for i, e in enumerate(events) if e == "save"]
+  assert len(saves) > 2 and saves[0] < events.index("fetch", saves[0]) < saves[-1]
+  assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []  # no partials left
+  again, _ = hf_checkpoint.load_hf_checkpoint(tmp_path)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_checkpoint_written_by_the_safetensors_library_loads_bit_exactly(tmp_path, tiny_dir):
+  """As the released 7B is stored: bf16 tensors written by torch (or safetensors' numpy API)."""
+  import ml_dtypes
+  original = _tensors(tiny_dir)
+  rng = np.random.default_rng(0)
+  bf16 = {k: (v + rng.normal(0, 1e-2, v.shape)).astype(ml_dtypes.bfloat16)
+          for k, v in original.items()}
+  try:
+    import torch
+    from safetensors.torch import save_file as library_save
+    library_save({k: torch.from_numpy(v.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+                  for k, v in bf16.items()}, str(tmp_path / "model.safetensors"))
+  except ImportError:
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    safetensors_numpy.save_file(bf16, str(tmp_path / "model.safetensors"))
+  values = json.load(open(os.path.join(tiny_dir, "config.json")))
+  values["torch_dtype"] = "bfloat16"
+  json.dump(values, open(tmp_path / "config.json", "w"))
+  params, config = hf_checkpoint.load_hf_checkpoint(tmp_path)
+  assert config.param_dtype == "bfloat16"
+  np.testing.assert_array_equal(
+      np.asarray(params["embedding"]).view(np.uint16),
+      bf16["model.embed_tokens.weight"].view(np.uint16))
+  np.testing.assert_array_equal(  # [out, in] -> [in, out] for each stacked layer
+      np.asarray(params["layers"]["mlp"]["down_kernel"][1]).view(np.uint16),
+      bf16["model.layers.1.mlp.down_proj.weight"].T.view(np.uint16))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("lychee_memory_attn", "step-expansion"), ("lychee_memory_pos", "append"),
+    ("lychee_memory_attend_prev", False), ("lychee_memory_sink_size", 4),
+    ("lychee_memory_parallel_window", 2), ("lychee_memory_param", ["q", "k", "v", "o"])])
+def test_unsupported_lycheememory_settings_are_refused(key, value):
+  from memrecall.compressor import CompressorConfig
+  from memrecall.config import ConfigError
+  ok = {"lychee_memory_window": 512, "lychee_memory_stride": 512, "lychee_memory_ratio": [4],
+        "lychee_memory_attn": "full-coverage", "lychee_memory_pos": "interleave",
+        "lychee_memory_attend_prev": True, "lychee_memory_sink_size": 0,
+        "lychee_memory_parallel_window": 1, "lychee_memory_param": ["v", "q", "k"]}
+  assert CompressorConfig.from_hf_dict(ok).window == 512
+  with pytest.raises(ConfigError, match=f"{key}=.*supported: "):
+    CompressorConfig.from_hf_dict({**ok, key: value})

@@ -53,12 +53,29 @@ def test_mismatched_banks_are_refused(tmp_path, compressed, tiny_dir):
     memory_bank.load_bank(tmp_path)
 
 
-def test_fingerprint_tracks_the_beacon_parameters(lychee_model):
-  params = lychee_model.params
-  base = memory_bank.model_fingerprint(params, lychee_model.config)
-  assert base == memory_bank.model_fingerprint(params, lychee_model.config)
-  changed = {**params, "beacon_embedding": params["beacon_embedding"] + 1e-3}
-  assert memory_bank.model_fingerprint(changed, lychee_model.config) != base
+def test_fingerprint_tracks_every_parameter_that_shapes_compressed_memory(lychee_model):
+  """One element changed anywhere the compressor reads (any layer, not only the first) makes
+  another fingerprint; the output head, final norm and gate do not."""
+  import flax.traverse_util
+  params, config = lychee_model.params, lychee_model.config
+  base = memory_bank.model_fingerprint(params, config)
+  assert base == memory_bank.model_fingerprint(params, config)
+  flat = flax.traverse_util.flatten_dict(params)
+
+  def nudged(path):
+    x = np.array(flat[path])
+    index = (x.shape[0] - 1,) + (0,) * (x.ndim - 1)  # the last layer of a stacked parameter
+    x[index] += 1e-3
+    return memory_bank.model_fingerprint(
+        flax.traverse_util.unflatten_dict({**flat, path: jnp.asarray(x)}), config)
+
+  memory_paths = [p for p in flat if not any(k in "/".join(p) for k in
+                                             ("lm_head", "final_norm", "gate_", "lora"))]
+  assert len(memory_paths) > 10  # beacon and ordinary projections, MLPs, norms, embeddings
+  for path in memory_paths:
+    assert nudged(path) != base, path
+  for path in [p for p in flat if p not in memory_paths]:
+    assert nudged(path) == base, path
 
 
 def test_saving_over_a_bank_replaces_it_whole(tmp_path, compressed):

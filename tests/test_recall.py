@@ -78,6 +78,30 @@ def test_gate_mode_scores_with_the_current_memory_and_skips_below_threshold(lych
   assert 0 < int(trace.read.sum()) < 3
 
 
+def test_gate_mode_streaming_equals_the_device_bank(lychee_model, document):
+  """Gate mode as million-token documents run it (compressed group by group inside the loop)
+  makes the device-resident bank's decisions, scores, memories and answer."""
+  ids, mask, memory, question, question_mask = document
+  params = lychee_model.params
+  bank = recall.DocumentBank.from_chunks([memory])
+  scores = recall.recall(params, _setup(lychee_model, "gate", threshold=0.0), bank, question,
+                         question_mask, jax.random.key(0)).trace.gate_scores[0]
+  threshold = float(np.sort(np.asarray(scores))[1])  # some blocks read, some skipped
+  setup = _setup(lychee_model, "gate", threshold=threshold, group_size=2)
+  on_device = recall.recall(params, setup, bank, question, question_mask, jax.random.key(0))
+  s_ids, s_mask = _stream_inputs(ids, mask, 2)
+  streamed = recall.recall_streaming(params, setup, lychee_model.compressor, s_ids, s_mask,
+                                     question, question_mask, jax.random.key(0))
+  n = on_device.trace.read.shape[1]
+  assert 0 < int(on_device.trace.read.sum()) < n
+  np.testing.assert_array_equal(streamed.trace.read[:, :n], on_device.trace.read)
+  np.testing.assert_allclose(streamed.trace.gate_scores[:, :n], on_device.trace.gate_scores,
+                             rtol=1e-5)
+  np.testing.assert_array_equal(streamed.trace.memory_ids[:, :n], on_device.trace.memory_ids)
+  np.testing.assert_array_equal(streamed.answer.tokens, on_device.answer.tokens)
+  assert not streamed.trace.read[0, n:].any()  # the padding chunk
+
+
 @pytest.mark.parametrize("gate_group", [3, 64])
 def test_gate_groups_make_the_decisions_of_the_block_by_block_loop(lychee_model, document,
                                                                    gate_group):

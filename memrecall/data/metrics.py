@@ -107,11 +107,29 @@ METRICS: dict[str, Metric] = {"em": exact_match, "sub_em": sub_em,
 
 
 ANSWER_METRICS = ("em", "sub_em", "strict_sub_em")
+_BOX = "\\boxed{"
+
+
+def last_boxed(text: str) -> str | None:
+  """The contents of the last `\\boxed{...}` (braces balanced), None if there is none or it is
+  unclosed: MemAgent's released recipe answers in a box and its harness scores the box."""
+  start = text.rfind(_BOX)
+  if start < 0:
+    return None
+  depth, i = 1, start + len(_BOX)
+  for j in range(i, len(text)):
+    depth += {"{": 1, "}": -1}.get(text[j], 0)
+    if depth == 0:
+      return text[i:j]
+  return None
 
 
 def score_answer(prediction: str | None, golds: Sequence[str]) -> dict[str, float]:
   """The one scoring of a decoded answer, for RL rewards and evaluation alike: EM, the
-  MemAgent-compatible sub-EM and the strict sub-EM, each 0 or 1."""
+  MemAgent-compatible sub-EM and the strict sub-EM, each 0 or 1.  An answer with a
+  `\\boxed{}` is scored on the box's contents."""
+  boxed = last_boxed(prediction) if prediction else None
+  prediction = boxed if boxed is not None else prediction
   return {name: METRICS[name](prediction, golds) for name in ANSWER_METRICS}
 
 

@@ -136,21 +136,42 @@ def state_shardings(config, state_shape: TrainState, mesh) -> TrainState:
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    paths) -> Callable:
+                    paths, microbatches: int = 1) -> Callable:
   """A step (state, batch) -> (state, metrics) for loss_fn(params, batch, rng) -> (loss, metrics).
 
   A non-finite loss or gradient leaves the state unchanged and reports
   `finite = 0`, so the caller can stop without ever saving a bad state.
+  microbatches k > 1: the batch's rows are cut into k equal parts, run one after another in a
+  `lax.scan` (activations of one part live at a time), and the loss, metrics and gradients are
+  their means — the whole batch's when the loss is a mean over rows.
   """
+  def grads_of(trainable, frozen, batch, rng):
+    loss_of = lambda t: loss_fn(merge(t, frozen), batch, rng)
+    return jax.value_and_grad(loss_of, has_aux=True)(trainable)
+
+  def accumulated(trainable, frozen, batch, rng):
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    if rows % microbatches:
+      raise ValueError(f"a batch of {rows} rows does not split into {microbatches} microbatches")
+    parts = jax.tree.map(lambda x: x.reshape((microbatches, rows // microbatches) + x.shape[1:]),
+                         batch)
+
+    def one(total, xs):
+      part, key = xs
+      out = grads_of(trainable, frozen, part, key)
+      return jax.tree.map(lambda a, b: a + b / microbatches, total, out), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, trainable, frozen,
+                                                       jax.tree.map(lambda x: x[0], parts), rng))
+    total, _ = jax.lax.scan(one, zero, (parts, jax.random.split(rng, microbatches)))
+    return total
+
   def step(state: TrainState, batch):
     rng = jax.random.wrap_key_data(state.rng)
     rng, step_rng = jax.random.split(rng)
     trainable, frozen = split(state.params, paths)
-
-    def loss_of(trainable):
-      return loss_fn(merge(trainable, frozen), batch, step_rng)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    compute = grads_of if microbatches == 1 else accumulated
+    (loss, metrics), grads = compute(trainable, frozen, batch, step_rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)

@@ -13,8 +13,10 @@ import abc
 import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -38,6 +40,52 @@ STAGES = ("compressor", "sft", "rl", "gate")
 
 class TrainingError(RuntimeError):
   """A run that must stop (non-finite loss or gradients)."""
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: launchers (and schedulers' requeue hooks) rerun the command
+
+
+class Preempted(RuntimeError):
+  """SIGTERM or SIGINT arrived: the run saved its step and stopped; the same command resumes."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"preempted: saved step {step} in {directory}; rerun the same command to "
+                     "resume from it")
+    self.step = step
+
+
+class _StopSignals:
+  """Records SIGTERM / SIGINT instead of dying, so the loop can finish its step and save.
+
+  `requested()` is every process's answer at once (any process signalled -> all stop at the
+  same step), so the checkpoint they write together is complete."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.flag, self.previous = False, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self.previous[sig] = signal.signal(sig, self._record)
+    return self
+
+  def _record(self, signum, frame):
+    del frame
+    self.flag = True
+    print(f"[memrecall] {signal.Signals(signum).name}: stopping after this step", file=sys.stderr,
+          flush=True)
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
 
 
 def check_workdir(workdir: str) -> None:
@@ -83,6 +131,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
 
   stop_at(step, params): asked at every checkpoint step (`train.checkpoint_every`);
   True saves that step and returns early (a later call resumes from it).
+  SIGTERM / SIGINT (a preemption notice): the current step finishes, every process saves it,
+  the save completes, and `Preempted` is raised (launch/train.py exits with
+  PREEMPTED_EXIT_CODE); rerunning the command resumes exactly.
   """
   check_workdir(workdir)
   if config.stage not in STAGES:
@@ -110,37 +161,44 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
       if distributed.is_primary():
         log(f"resumed from {checkpointer.directory}/{latest}")
     stage.start(state.params)
-    step_fn = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths),
+    step_fn = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths,
+                                                config.train.get("microbatches", 1)),
                       donate_argnums=0)
     writer = MetricsWriter(os.path.join(workdir, "logs", config.stage))
     console = _Console(config.train.steps, int(state.step))
     last: dict = {}
     config_json = json.loads(config.to_json_best_effort())
     try:
-      while int(state.step) < config.train.steps:
-        step = int(state.step)
-        local, extra = stage.batch(step, state, distributed.local_rows(stage.batch_size))
-        batch = to_global(local, run.mesh)
-        state, metrics = step_fn(state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        metrics.update(extra)
-        if not metrics["finite"]:
-          raise TrainingError(
-              f"non-finite loss or gradient at step {step} ({config.stage} stage): loss="
-              f"{metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}; the state was not "
-              "updated and no checkpoint was written — lower the learning rate or check the data")
-        data = {"step": step + 1}
-        done = step + 1
-        if done % config.train.log_every == 0 or done == config.train.steps:
-          writer.write(done, metrics)
-          if distributed.is_primary():
-            log(console.line(done, metrics))
-        last = metrics
-        stop = (stop_at is not None and done % config.train.checkpoint_every == 0
-                and stop_at(done, state.params))
-        checkpointer.save(done, state, config_json, data, force=done == config.train.steps or stop)
-        if stop:
-          break
+      with _StopSignals() as signals:
+        while int(state.step) < config.train.steps:
+          step = int(state.step)
+          local, extra = stage.batch(step, state, distributed.local_rows(stage.batch_size))
+          batch = to_global(local, run.mesh)
+          state, metrics = step_fn(state, batch)
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          metrics.update(extra)
+          if not metrics["finite"]:
+            raise TrainingError(
+                f"non-finite loss or gradient at step {step} ({config.stage} stage): loss="
+                f"{metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}; the state was not "
+                "updated and no checkpoint was written — lower the learning rate or check the data")
+          data = {"step": step + 1}
+          done = step + 1
+          if done % config.train.log_every == 0 or done == config.train.steps:
+            writer.write(done, metrics)
+            if distributed.is_primary():
+              log(console.line(done, metrics))
+          last = metrics
+          stop = (stop_at is not None and done % config.train.checkpoint_every == 0
+                  and stop_at(done, state.params))
+          preempted = signals.requested()
+          checkpointer.save(done, state, config_json, data,
+                            force=done == config.train.steps or stop or preempted)
+          if preempted:
+            checkpointer.wait()
+            raise Preempted(done, checkpointer.directory)
+          if stop:
+            break
     finally:
       checkpointer.close()
       writer.close()

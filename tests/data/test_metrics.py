@@ -109,3 +109,14 @@ def test_score_batch_edges():
   with pytest.raises(ValueError, match="unknown metric"):
     score_batch(["a"], [["a"]], "accuracy")
   assert set(metrics.METRICS) == {"em", "sub_em", "strict_sub_em", "f1"}
+
+
+def test_score_answer_reads_the_last_box_and_reports_every_form():
+  from memrecall.data.metrics import last_boxed, score_answer
+  assert last_boxed(r"so \boxed{a} then \boxed{Paris {city}}") == "Paris {city}"
+  assert last_boxed(r"\boxed{open") is None and last_boxed("plain") is None
+  assert score_answer(r"The answer is \boxed{Paris}.", ["Paris"]) == {
+      "em": 1.0, "sub_em": 1.0, "strict_sub_em": 1.0}
+  # MemAgent's compatible sub-EM pays for an answer that normalises to nothing; strict does not.
+  assert score_answer("the", ["Paris"]) == {"em": 0.0, "sub_em": 1.0, "strict_sub_em": 0.0}
+  assert score_answer("no", ["Norway"]) == {"em": 0.0, "sub_em": 1.0, "strict_sub_em": 0.0}

@@ -64,16 +64,24 @@ def test_train_rl_from_a_hf_checkpoint_then_evaluate_the_workdir(tiny_qwen, data
          f"--config.data.train=rows:{data_files['rows']}", f"--workdir={work}", *TOY)
   assert sorted(os.listdir(work / "checkpoints")) == ["1", "2"]
   shutil.rmtree(hf)  # the workdir keeps what it needs (hf_assets/)
+  # A TFDS RULER-HQA dataset built once (as every host would stream it).
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  shutil.copy(data_files["hotpotqa"], manual / "hotpot_dev_distractor_v1.json")
+  prepared = launch("prepare_data.py", "--builder=ruler_hqa", "--num_docs=12", "--num_questions=3",
+                    f"--manual_dir={manual}", f"--data_dir={tmp_path / 'tfds'}")
+  tfds_dir = prepared.stdout.strip().splitlines()[-1]
   out = tmp_path / "eval"
   proc = launch("eval.py", f"--checkpoint={work}", f"--data=rows:{data_files['eval_rows']}",
-                f"--data=ruler_hqa:{data_files['ruler_hqa']}", "--modes=all,memagent",
-                "--limit=2", "--batch_size=2", f"--output_dir={out}")
+                f"--data=ruler_hqa:{data_files['ruler_hqa']}", f"--data=tfds:{tfds_dir}",
+                "--modes=all,memagent", "--limit=2", "--batch_size=2", f"--output_dir={out}")
   got = predictions(out / "predictions.jsonl")
   assert {(r["data"], r["mode"]) for r in got} == {
-      (d, m) for d in ("eval_rows.jsonl", "memagent_eval_20.json") for m in ("all", "memagent")}
-  assert len(got) == 8 and all(isinstance(r["prediction"], str) for r in got)
+      (d, m) for d in ("eval_rows.jsonl", "memagent_eval_20.json", "ruler_hqa/docs12-q3/1.0.0")
+      for m in ("all", "memagent")}
+  assert len(got) == 12 and all(isinstance(r["prediction"], str) for r in got)
   results = json.load(open(out / "results.json"))
-  assert {r["num_docs"] for r in results} == {4, 20}
+  assert {r["num_docs"] for r in results} == {4, 12, 20}
   assert "sub-EM" in proc.stdout
 
 

@@ -147,3 +147,12 @@ def test_rl_reward_is_strict_sub_em_of_the_decoded_answer(tiny_qwen, data_files,
   row["reward_model"]["ground_truth"] = ["the"]
   path.write_text(json.dumps([row]))
   assert rollout(str(path))[2]["reward"] == 0.0
+
+
+def test_training_stream_reads_every_row_once_an_epoch_and_any_slice_alone(tiny_qwen, data_files):
+  run = runs.build_run(recipe(lychee, "rl", tiny_qwen, f"rows:{data_files['rows']}"))
+  ids = lambda start, count: [ex.example.id for ex in run.examples(start, count)]
+  first, second = ids(0, 6), ids(6, 6)
+  assert sorted(first) == sorted(second) == sorted(f"train_rows.json/{i}" for i in range(6))
+  assert first != second  # a fresh order each epoch
+  assert ids(0, 2) + ids(2, 4) == first  # what each process builds for its rows

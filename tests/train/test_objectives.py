@@ -147,3 +147,35 @@ def test_memagent_agent_learns_from_raw_chunks_and_has_no_gate():
   gate.agent = "memagent"
   with pytest.raises(Exception, match="memagent agent reads raw chunks"):
     runs.build_run(gate)
+
+
+def test_microbatches_give_the_whole_batch_step():
+  """A loss that is a mean over rows: k microbatches make the same step as one batch."""
+  config = small_config("sft")
+  run = runs.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0))
+  paths = state_lib.trainable_paths(params, "backbone")
+  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
+
+  def loss_fn(p, batch, rng):
+    w = p["final_norm"]["scale"]  # [E]
+    per_row = jnp.tanh(batch["x"] @ w + batch["y"][:, 0]) ** 2  # [B]
+    return per_row.mean(), {"loss": per_row.mean(), "mean_x": batch["x"].mean()}
+
+  width = params["final_norm"]["scale"].shape[0]
+  batch = {"x": jax.random.normal(jax.random.key(1), (8, width)),
+           "y": jnp.arange(16.0).reshape(8, 2) / 16}
+  out = {}
+  for k in (1, 4):
+    state = state_lib.create_train_state(params, "backbone", optimizer, 0)
+    step = jax.jit(state_lib.make_train_step(loss_fn, optimizer, paths, microbatches=k))
+    out[k] = step(state, batch)
+  (s1, m1), (s4, m4) = out[1], out[4]
+  for key in ("loss", "grad_norm", "mean_x"):
+    np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5)
+  np.testing.assert_allclose(s4.params["final_norm"]["scale"], s1.params["final_norm"]["scale"],
+                             rtol=1e-6, atol=1e-7)
+  assert not np.allclose(s1.params["final_norm"]["scale"], params["final_norm"]["scale"])
+  with pytest.raises(ValueError, match="does not split into 3 microbatches"):
+    jax.jit(state_lib.make_train_step(loss_fn, optimizer, paths, microbatches=3))(
+        state_lib.create_train_state(params, "backbone", optimizer, 0), batch)
