@@ -31,8 +31,8 @@ setup(
         # MemAgent's RL data file (hotpotqa_train_32k.parquet) for `rows:` data.
         "parquet": ["pyarrow>=14"],
         # The test suite; `safetensors` serves as an independent reference there.
-        "test": ["pytest>=8", "safetensors>=0.4", "tokenizers>=0.19", "jinja2>=3.1", "matplotlib>=3.8",
-                 "pyarrow>=14"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "safetensors>=0.4", "tokenizers>=0.19",
+                 "jinja2>=3.1", "matplotlib>=3.8", "pyarrow>=14"],
         # PNG plots of evaluations and the demo.
         "plot": ["matplotlib>=3.8"],
     },

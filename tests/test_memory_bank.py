@@ -64,7 +64,7 @@ def test_fingerprint_tracks_every_parameter_that_shapes_compressed_memory(lychee
 
   def nudged(path):
     x = np.array(flat[path])
-    index = (x.shape[0] - 1,) + (0,) * (x.ndim - 1)  # the last layer of a stacked parameter
+    index = (x.shape[0] - 1,) + (0,) * (x.ndim - 1) if x.ndim else ()  # a stacked one's last layer
     x[index] += 1e-3
     return memory_bank.model_fingerprint(
         flax.traverse_util.unflatten_dict({**flat, path: jnp.asarray(x)}), config)

@@ -139,6 +139,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   if config.stage not in STAGES:
     raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
   run = build_run(config)
+  microbatches = config.train.get("microbatches", 1)
+  if microbatches < 1 or config.train.batch_size % microbatches:
+    raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be a multiple of "
+                      f"train.microbatches ({microbatches})")
   if distributed.is_primary():
     run.save_assets(workdir)
   stage = _STAGES[config.stage](run)
@@ -161,8 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
       if distributed.is_primary():
         log(f"resumed from {checkpointer.directory}/{latest}")
     stage.start(state.params)
-    step_fn = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths,
-                                                config.train.get("microbatches", 1)),
+    step_fn = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches),
                       donate_argnums=0)
     writer = MetricsWriter(os.path.join(workdir, "logs", config.stage))
     console = _Console(config.train.steps, int(state.step))

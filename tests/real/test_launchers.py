@@ -17,7 +17,8 @@ TOY = ["--config.model.param_dtype=float32", "--config.model.dtype=float32",
        "--config.compressor.chunk_size=64", "--config.compressor.window=64",
        "--config.reasoner.memory_size=24", "--config.reasoner.answer_tokens=8",
        "--config.reasoner.question_tokens=48", "--config.data.max_chunks=16",
-       "--config.train.steps=2", "--config.train.batch_size=2", "--config.train.checkpoint_every=1",
+       "--config.train.steps=2", "--config.train.batch_size=2", "--config.train.microbatches=1",
+       "--config.train.checkpoint_every=1",
        "--config.rl.group_size=2", "--config.mesh.fsdp=1"]
 
 
@@ -92,9 +93,10 @@ def _rows_file(tmp_path, name, rows):
 
 
 def test_bad_input_is_a_clear_error_and_keeps_what_was_written(tiny_qwen, data_files, tmp_path):
+  from memrecall import runs
+  from memrecall.config import ConfigError
   good = json.load(open(data_files["rows"]))[:2]
-  base = [f"--hf_checkpoint={tiny_qwen}", "--modes=all", "--chunk_size=64",
-          "--memory_size=8", "--answer_tokens=4", f"--output_dir={tmp_path / 'out'}"]
+  run = runs.from_hf_checkpoint(tiny_qwen, chunk_size=64, memory_size=8, answer_tokens=4)
   cases = {
       "no_answer.json": ([{**good[0], "reward_model": {}}], "no_answer.json row 0", "answer"),
       "no_question.json": ([{"context": "Document 1:\nx", "answers": ["a"]}],
@@ -102,11 +104,19 @@ def test_bad_input_is_a_clear_error_and_keeps_what_was_written(tiny_qwen, data_f
       "empty.json": ([{**good[0], "context": "  "}], "empty.json row 0", "context"),
   }
   for name, (rows, where, what) in cases.items():
-    proc = launch("eval.py", *base, f"--data=rows:{_rows_file(tmp_path, name, rows)}", check=False)
-    assert proc.returncode != 0 and where in proc.stderr and what in proc.stderr, proc.stderr[-800:]
-  proc = launch("eval.py", *base, "--data=novel:/x.json", check=False)
-  assert proc.returncode != 0 and "novel" in proc.stderr and "ruler_hqa" in proc.stderr
-  # A question over its budget stops the run at its row; the rows already done stay.
+    with pytest.raises(ValueError, match=f"{where}.*{what}"):
+      run.sources(f"rows:{_rows_file(tmp_path, name, rows)}")
+  with pytest.raises(ValueError, match="unknown kind 'novel'.*ruler_hqa"):
+    run.sources("novel:/x.json")
+  bare = tmp_path / "bare"  # a checkpoint without its tokenizer
+  shutil.copytree(tiny_qwen, bare)
+  os.remove(bare / "tokenizer.json")
+  with pytest.raises(ConfigError, match=f"{bare} has no tokenizer.json"):
+    runs.from_hf_checkpoint(str(bare))
+  # Through the launcher: a question over its budget stops the run at its row (a usage error
+  # naming it), and the rows already done stay.
+  base = [f"--hf_checkpoint={tiny_qwen}", "--modes=all", "--chunk_size=64", "--memory_size=8",
+          "--answer_tokens=4", f"--output_dir={tmp_path / 'out'}"]
   rows = _rows_file(tmp_path, "two.json", [good[0], {**good[1], "extra_info": {
       "question": "why " * 40}, "prompt": []}])
   launch("eval.py", *base, f"--data=rows:{rows}", "--limit=1")
@@ -114,13 +124,6 @@ def test_bad_input_is_a_clear_error_and_keeps_what_was_written(tiny_qwen, data_f
   proc = launch("eval.py", *base, f"--data=rows:{rows}", "--question_tokens=16", check=False)
   assert proc.returncode != 0 and "two.json row 1" in proc.stderr and "budget" in proc.stderr
   assert (tmp_path / "out" / "predictions.jsonl").read_text() == before
-  # A checkpoint without its tokenizer.
-  bare = tmp_path / "bare"
-  shutil.copytree(tiny_qwen, bare)
-  os.remove(bare / "tokenizer.json")
-  proc = launch("eval.py", f"--hf_checkpoint={bare}", f"--data=rows:{data_files['rows']}",
-                check=False)
-  assert proc.returncode != 0 and "no tokenizer.json" in proc.stderr and str(bare) in proc.stderr
 
 
 def test_answer_reads_lycheememorys_row_layout():

@@ -16,7 +16,7 @@ WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "preempt_worker.py")
 # Many more steps than run before the signal (step 3), so a run cannot finish first; two
 # processes step ~20x slower (gloo collectives on 2 cores).
-STEPS = {1: 200, 2: 16}
+STEPS = {1: 60, 2: 12}
 ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
 
 
