@@ -30,9 +30,9 @@ setup(
         "data": ["tensorflow-datasets>=4.9", "array-record>=0.5", "importlib_resources>=5"],
         # MemAgent's RL data file (hotpotqa_train_32k.parquet) for `rows:` data.
         "parquet": ["pyarrow>=14"],
-        # The test suite; `safetensors` serves as an independent reference there.
+        # The test suite; `safetensors` and `tensorboard` serve as independent references there.
         "test": ["pytest>=8", "pytest-xdist>=3", "safetensors>=0.4", "tokenizers>=0.19",
-                 "jinja2>=3.1", "matplotlib>=3.8", "pyarrow>=14"],
+                 "jinja2>=3.1", "matplotlib>=3.8", "pyarrow>=14", "tensorboard>=2.14"],
         # PNG plots of evaluations and the demo.
         "plot": ["matplotlib>=3.8"],
     },

@@ -11,7 +11,6 @@ row means the same here as in training and evaluation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 ROW_FILES = (".json", ".jsonl", ".parquet")

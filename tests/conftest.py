@@ -13,6 +13,24 @@ import pytest  # noqa: E402
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
+def pytest_addoption(parser):
+  parser.addoption("--slow", action="store_true",
+                   help="also run the tests marked slow (the learning test, minutes on a CPU)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: minutes of training; run with --slow (nightly)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--slow"):
+    return
+  skip = pytest.mark.skip(reason="slow: run with `bash tests/run.sh --slow -k test_learning`")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def hf_reference():
   return dict(np.load(os.path.join(FIXTURES, "hf_reference.npz"), allow_pickle=False))

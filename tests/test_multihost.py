@@ -1,4 +1,5 @@
-"""Two processes on localhost (jax.distributed, 4 CPU devices each) equal one 8-device process."""
+"""Two processes on localhost (jax.distributed, 4 CPU devices each) equal one 8-device process,
+and a preempted two-process run (SIGTERM to process 0 only) resumes to the same parameters."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import numpy as np
 from memrecall import evaluation, runs
 from memrecall.train import checkpoint, trainer
 from tests.train.conftest import small_config
+from tests.train.test_preemption import leaves, preempt_and_resume
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,3 +59,10 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   timing = ("latency_s", "batched_s", "peak_bytes")
   strip = lambda rs: json.dumps([{k: v for k, v in r.items() if k not in timing} for r in rs])
   assert strip(written) == strip(rows)
+
+  # Preempted after step 1 of the same 3 (one two-process step takes seconds: the signal lands
+  # first), resumed: bit for bit the uninterrupted two-process run.
+  preempt_and_resume(tmp_path / "preempted", 3, processes=2, port=_free_port, at=1)
+  resumed = leaves(tmp_path / "preempted")
+  for key, value in leaves(tmp_path / "multi").items():
+    np.testing.assert_array_equal(resumed[key], value, err_msg=str(key))

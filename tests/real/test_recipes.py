@@ -1,7 +1,6 @@
 """Every stage of configs/lychee.py (and configs/memagent.py:rl) runs on a HF Qwen2 checkpoint
 with its own BPE tokenizer, on data files of each layout (the real path, at toy size)."""
 
-import glob
 import json
 import math
 import os

@@ -1,4 +1,4 @@
-"""TensorBoard events written by hand, read back by an independent minimal parser."""
+"""TensorBoard events written by hand, read back by a minimal parser and by TensorBoard itself."""
 
 import glob
 import struct
@@ -63,3 +63,19 @@ def test_events_round_trip(tmp_path):
     fields = dict(_fields(value))
     values[fields[1].decode()] = struct.unpack("<f", fields[2])[0]
   assert values == {"loss": 1.5, "reward": 0.25}
+
+
+def test_tensorboards_own_reader_reads_the_events(tmp_path):
+  """TensorBoard's event accumulator (which checks the framing CRCs) reads what the writer wrote."""
+  accumulator = __import__("pytest").importorskip(
+      "tensorboard.backend.event_processing.event_accumulator")
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.write(3, {"loss": 0.75})
+  writer.write(4, {"loss": 0.5, "reward": 1.0})
+  writer.close()
+  (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  events = accumulator.EventAccumulator(path)
+  events.Reload()
+  assert sorted(events.Tags()["scalars"]) == ["loss", "reward"]
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [(3, 0.75), (4, 0.5)]
+  assert [(e.step, e.value) for e in events.Scalars("reward")] == [(4, 1.0)]

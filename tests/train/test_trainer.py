@@ -1,19 +1,17 @@
-"""The trainer: exact resume, sharded steps, restoring on another mesh, and bad input."""
+"""The trainer: sharded steps, restoring on another mesh, and bad input (exact resume after a
+SIGTERM: tests/train/test_preemption.py)."""
 
 import glob
-import json
 import os
-import shutil
 import subprocess
 import sys
 
 import flax.traverse_util
-import jax
 import numpy as np
 import pytest
 
-from memrecall import model, runs
-from memrecall.train import checkpoint, objectives, state as state_lib, trainer
+from memrecall import runs
+from memrecall.train import checkpoint, trainer
 from tests.train.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,25 +20,6 @@ quiet = lambda *a: None
 
 def _leaves(params):
   return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
-
-
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
-  full = small_config("sft", steps=5)
-  trainer.train(full, str(tmp_path / "full"), log=quiet)
-  # "Killed" after step 3: a run whose budget ended there, then the same command again.
-  trainer.train(small_config("sft", steps=3), str(tmp_path / "resumed"), log=quiet)
-  lines = []
-  trainer.train(full, str(tmp_path / "resumed"), log=lines.append)
-  assert any("resumed from" in line and line.endswith("/3") for line in lines)
-  a, _ = checkpoint.load_params(str(tmp_path / "full"))
-  b, config = checkpoint.load_params(str(tmp_path / "resumed"))
-  assert config["train"]["steps"] == 5
-  for key, value in _leaves(a).items():
-    np.testing.assert_array_equal(value, _leaves(b)[key], err_msg=str(key))
-  # Logs: TensorBoard events and the JSON lines, one row per step of each run.
-  rows = [json.loads(l) for l in open(tmp_path / "full" / "logs" / "sft" / "metrics.jsonl")]
-  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all("loss" in r for r in rows)
-  assert glob.glob(str(tmp_path / "full" / "logs" / "sft" / "events.out.tfevents.*"))
 
 
 def test_sharded_steps_match_one_device_and_restore_on_one_device(tmp_path):
