@@ -408,8 +408,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
                                max_tokens=longest)
         new = []
         for i, ex, out in zip(rows, batch, result.rows):
-          answers = [a if isinstance(a, str) else run.tokenizer.decode(a)
-                     for a in ex.example.answers]
+          answers = run.answer_texts(ex)
           question = ex.example.question
           new.append(eval_report.json_safe({
               "model": model_name, "data": named.name, "mode": mode, "row": i, "id": ex.example.id,

@@ -185,16 +185,15 @@ class Run:
       out.append(example_lib.tokenize(source[row], self.tokenizer))
     return out
 
-  @property
-  def train_source(self):
-    if not hasattr(self, "_train_source"):
-      if not self.config.data.train:
-        raise ConfigError("data.train is empty: name the training data as KIND:PATH[,PATH...]")
-      named = self.sources(self.config.data.train)
-      self._train_source = specs.ConcatSource([n.source for n in named])
-      if not len(self._train_source):
-        raise ConfigError(f"data.train {self.config.data.train!r} holds no examples")
-    return self._train_source
+  @functools.cached_property
+  def train_source(self) -> specs.ConcatSource:
+    """Every file of `data.train` as one source (opened once)."""
+    if not self.config.data.train:
+      raise ConfigError("data.train is empty: name the training data as KIND:PATH[,PATH...]")
+    source = specs.ConcatSource([n.source for n in self.sources(self.config.data.train)])
+    if not len(source):
+      raise ConfigError(f"data.train {self.config.data.train!r} holds no examples")
+    return source
 
   # --- scoring --------------------------------------------------------------
 
@@ -207,8 +206,11 @@ class Run:
     if self.form == "ids":
       hit = float(any(tuple(prediction) == tuple(g) for g in example.answers))
       return {"em": hit, "sub_em": hit, "strict_sub_em": hit}
-    golds = [a if isinstance(a, str) else self.tokenizer.decode(a) for a in example.example.answers]
-    return metrics_lib.score_answer(self.tokenizer.decode(prediction), golds)
+    return metrics_lib.score_answer(self.tokenizer.decode(prediction), self.answer_texts(example))
+
+  def answer_texts(self, example: example_lib.TokenizedExample) -> list[str]:
+    """The example's accepted answers as text (its own strings; ids decoded)."""
+    return [a if isinstance(a, str) else self.tokenizer.decode(a) for a in example.example.answers]
 
   def reward(self, prediction: Sequence[int], example: example_lib.TokenizedExample) -> float:
     """The RL reward: `rl.reward` of `score` (default strict sub-EM: an answer that normalises
