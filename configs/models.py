@@ -1,4 +1,4 @@
-"""Model shapes: `--config configs/models.py:NAME` with NAME tiny or qwen2.5-{0.5b,1.5b,3b,7b}.
+"""Model shapes: `--config configs/models.py:NAME` with NAME tiny, mid or qwen2.5-{0.5b,1.5b,3b,7b}.
 
 Each returns a ConfigDict whose `model` block is read by
 `memrecall.config.ModelConfig.from_dict`.
@@ -13,6 +13,11 @@ _MODELS = {
                  num_kv_heads=2, head_dim=16, rope_theta=10_000.0, tie_word_embeddings=False,
                  param_dtype="float32", dtype="float32", bos_token_id=1, eos_token_ids=(2,),
                  pad_token_id=0),
+    # A CPU benchmark shape (113 MB of f32 weights: decode reads far more than the caches hold).
+    "mid": dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                num_kv_heads=2, head_dim=64, rope_theta=10_000.0, tie_word_embeddings=False,
+                param_dtype="float32", dtype="float32", bos_token_id=1, eos_token_ids=(2,),
+                pad_token_id=0),
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
                          num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0,
                          tie_word_embeddings=True, param_dtype="bfloat16", dtype="bfloat16",

@@ -4,10 +4,13 @@ r"""Times compress / gate / reason / total per mode and context length, side by 
   python launch/bench.py --model=qwen2.5-7b --lengths=131072,1048576 --questions=8 \
       --selected_fraction=0.1 --output_json=bench.json  # one H100, random bf16 weights
 
+  python launch/bench.py --model=mid                    # hidden 512 x 8 layers, CPU-sized
+
 Prints a table with the speed-up and peak-memory ratio of every mode against
-`memagent` (MemAgent's raw-chunk loop on the same weights), and on GPU the
-achieved model TFLOP/s of compression and the GB/s of batch-1 decoding beside
-the machine's measured bf16 matmul and HBM ceilings.
+`memagent` (MemAgent's raw-chunk loop on the same weights), and, against the
+machine's matmul FLOP/s and read bandwidth measured in the same run, each
+mode's floor and time / floor, compression's achieved share of the matmul
+ceiling, the Reasoner's prefill FLOP/s and batch-1 decoding's bytes/s.
 """
 
 import json
@@ -18,12 +21,19 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_MODEL = flags.DEFINE_string("model", "tiny", "A shape from configs/models.py (random weights).")
+_MODEL = flags.DEFINE_string("model", "tiny", "A shape from configs/models.py, or `demo` (the "
+                             "demo's model and chunks, configs/tiny.py); random weights.")
 _LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths in tokens (default per model).")
 _MODES = flags.DEFINE_list("modes", ["gate", "gate_stream", "all", "memagent"],
                            "Modes to time: gate, gate_stream (compression fused into the loop, "
                            "flat memory), all, memagent.")
 _GROUP = flags.DEFINE_integer("group_size", 8, "gate_stream: chunks compressed per loop step.")
+_COMPRESS_GROUP = flags.DEFINE_integer("compress_group", None,
+                                       "Chunks per compression call (default per model; 0: all).")
+_SCALING_CHUNKS = flags.DEFINE_list("scaling_chunks", [],
+                                    "Also time compressing this many chunks (e.g. 512,2048) ...")
+_SCALING_GROUPS = flags.DEFINE_list("scaling_groups", ["0", "32", "64", "128", "256"],
+                                    "... with each of these group sizes (0: one call).")
 _QUESTIONS = flags.DEFINE_integer("questions", None, "Questions per batch (default per model).")
 _SELECTED = flags.DEFINE_float("selected_fraction", 0.1, "Share of chunks the gate lets through.")
 _MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Tokens per memory update.")
@@ -40,55 +50,83 @@ def main(argv):
   from memrecall import benchmark, model, runs
   from memrecall.prompts import QWEN2_CHAT_TEMPLATE
 
-  tiny = _MODEL.value == "tiny"
-  chunk = _CHUNK.value or (256 if tiny else 4096)
-  lengths = [int(x) for x in (_LENGTHS.value or ([2048, 16384] if tiny else [131072, 1048576]))]
+  tiny = _MODEL.value in ("tiny", "mid", "demo")  # CPU shapes: short prompts, small budgets
+  defaults = _DEFAULTS.get(_MODEL.value, _DEFAULTS["qwen2.5"])
+  chunk = _CHUNK.value or defaults["chunk"]
+  lengths = [int(x) for x in (_LENGTHS.value or defaults["lengths"])]
   # The run of a random model of this shape (byte tokenizer): the tiny model's own short
   # prompts, or the released model's in Qwen2.5's chat template, as a real run sends them.
+  demo = tiny_config.get_config()
   c = runs.with_defaults(ml_collections.ConfigDict({
-      "stage": "eval", "model": models.model_config(_MODEL.value),
-      "compressor": {"chunk_size": chunk, "window": chunk // 2, "ratio": 4},
+      "stage": "eval",
+      "model": demo.model if _MODEL.value == "demo" else models.model_config(_MODEL.value),
+      "compressor": {"chunk_size": chunk, "window": defaults.get("window", chunk // 2), "ratio": 4,
+                     "group_size": (defaults["compress_group"] if _COMPRESS_GROUP.value is None
+                                    else _COMPRESS_GROUP.value)},
       "reasoner": {"memory_size": 1, "answer_tokens": 1, "question_tokens": 16},
-      "prompts": (tiny_config.get_config().prompts.to_dict() if tiny
+      "prompts": (demo.prompts.to_dict() if tiny
                   else {"chat_template": QWEN2_CHAT_TEMPLATE})}))
   c.model.compressor, c.model.gate_lora_rank = True, 8
   run = runs.build_run(c)
   config, compressor, prompts = run.model, run.compressor, run.prompts
   params = model.init_params(config, jax.random.key(0))
   settings = benchmark.BenchSettings(
-      lengths=lengths, questions=_QUESTIONS.value or (4 if tiny else 8),
-      selected_fraction=_SELECTED.value, memory_size=_MEMORY_SIZE.value or (16 if tiny else 1024),
-      answer_tokens=8 if tiny else 64, repeats=_REPEATS.value, group_size=_GROUP.value)
+      lengths=lengths, questions=_QUESTIONS.value or defaults["questions"],
+      selected_fraction=_SELECTED.value, memory_size=_MEMORY_SIZE.value or defaults["memory"],
+      answer_tokens=defaults["answer"], repeats=_REPEATS.value, group_size=_GROUP.value)
   device = jax.devices()[0]
   machine = f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, jax {jax.__version__}"
-  print(f"bench: {_MODEL.value} ({config.param_dtype}), chunk {chunk}, {settings.questions} "
-        f"questions, selected fraction {settings.selected_fraction}, on {machine}")
-  rows = benchmark.run_benchmark(params, config, compressor, prompts, settings, _MODES.value)
+  print(f"bench: {_MODEL.value} ({config.param_dtype}), chunk {chunk} in groups of "
+        f"{compressor.group_size or 'all'}, {settings.questions} questions, selected fraction "
+        f"{settings.selected_fraction}, on {machine}")
+  ceilings = benchmark.measure_ceilings(config.jnp_dtype)
+  print(f"measured ceilings: matmul {ceilings.matmul_flops / 1e9:.0f} GFLOP/s, read "
+        f"{ceilings.read_bytes / 1e9:.1f} GB/s ({config.param_dtype})")
+  rows = benchmark.run_benchmark(params, config, compressor, prompts, settings, _MODES.value,
+                                 ceilings)
   print(benchmark.table(rows))
-  extra = {}
-  if jax.default_backend() == "gpu":
-    ceilings = benchmark.machine_ceilings()
-    n = 16
-    import jax.numpy as jnp
-    import numpy as np
-    ids = jnp.ones((n, chunk), jnp.int32)
-    from memrecall.compressor import compress
-    t = benchmark.best_time(lambda: compress(params, config, compressor, ids, ids > 0).k, 3)
-    tflops = benchmark.compression_flops(config, compressor, n) / t / 1e12
-    decode = benchmark.decode_rate(params, config, cache_tokens=2048, steps=64, repeats=3)
-    floor = decode["bytes_per_token"] / (ceilings["hbm_gbps"] * 1e9)
-    print(f"compression: {tflops:.0f} TFLOP/s = {100 * tflops / ceilings['matmul_tflops']:.0f}% "
-          f"of the measured bf16 matmul ceiling ({ceilings['matmul_tflops']:.0f} TFLOP/s)")
-    print(f"decoding (batch 1, 2048-token cache): {1e3 * decode['seconds_per_token']:.2f} ms/token, "
-          f"{decode['gbps']:.0f} GB/s = {100 * floor / decode['seconds_per_token']:.0f}% of the "
-          f"HBM floor ({1e3 * floor:.2f} ms at {ceilings['hbm_gbps']:.0f} GB/s)")
-    extra = {"ceilings": ceilings, "compression_tflops": tflops, "decode": decode}
+  if _SCALING_CHUNKS.value:
+    scaling = benchmark.compression_scaling(params, config, compressor,
+                                            [int(n) for n in _SCALING_CHUNKS.value],
+                                            [int(g) for g in _SCALING_GROUPS.value])
+    print("compression time by chunk count and group size (random chunks):")
+    print(benchmark.scaling_table(scaling))
+  decode = benchmark.decode_rate(params, config, cache_tokens=defaults["decode_cache"], steps=32,
+                                 repeats=3)
+  floor = decode["bytes_per_token"] / ceilings.read_bytes
+  prefill = decode["prefill_flops"] / decode["prefill_s"]
+  efficiency = {
+      "ceilings": {"matmul_flops": ceilings.matmul_flops, "read_bytes": ceilings.read_bytes},
+      "compress_efficiency": max((r["compress_efficiency"] or 0.0) for r in rows),
+      "prefill_efficiency": prefill / ceilings.matmul_flops,
+      "decode_floor_fraction": floor / decode["seconds_per_token"], "decode": decode}
+  print(f"compression: {100 * efficiency['compress_efficiency']:.0f}% of the matmul ceiling "
+        f"(best row)")
+  print(f"prefill ({defaults['decode_cache']} tokens, batch 1): {prefill / 1e9:.1f} GFLOP/s = "
+        f"{100 * efficiency['prefill_efficiency']:.0f}% of the matmul ceiling (one token decoded)")
+  print(f"decode (batch 1): {1e3 * decode['seconds_per_token']:.2f} ms/token, "
+        f"{decode['gbps']:.1f} GB/s = {efficiency['decode_floor_fraction']:.2f} of the floor "
+        f"({1e3 * floor:.2f} ms: {decode['bytes_per_token'] / 1e6:.1f} MB of weights and cache "
+        f"at the read bandwidth)")
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)
-    if extra:  # GPU efficiency figures beside the rows
-      with open(os.path.splitext(_OUTPUT_JSON.value)[0] + "_gpu.json", "w") as f:
-        json.dump(extra, f, indent=1)
+    with open(os.path.splitext(_OUTPUT_JSON.value)[0] + "_machine.json", "w") as f:
+      json.dump({"machine": machine, **efficiency}, f, indent=1)
+
+
+# Per shape: chunk, lengths, questions, memory-update and answer tokens, chunks per compression
+# call (measured: launch/bench_compress.py) and the prompt before the timed decode.
+_DEFAULTS = {
+    "demo": dict(chunk=16, window=16, lengths=[8192, 32768], questions=1, memory=3, answer=2,
+                 compress_group=128, decode_cache=128),
+    "tiny": dict(chunk=256, lengths=[2048, 16384], questions=4, memory=16, answer=8,
+                 compress_group=64, decode_cache=256),
+    "mid": dict(chunk=2048, lengths=[8192, 32768], questions=1, memory=32, answer=16,
+                compress_group=4, decode_cache=512),
+    "qwen2.5": dict(chunk=4096, lengths=[131072, 1048576], questions=8, memory=1024, answer=64,
+                    compress_group=8, decode_cache=2048),
+}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 
@@ -25,7 +24,7 @@ from memrecall.sampling import SampleOutput
 Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("setup",))
+@jax.jit
 def memagent(params, setup: RecallSetup, chunk_ids: Array, chunk_mask: Array, question: Array,
              question_mask: Array, rng: Array) -> RecallOutput:
   """The MemAgent loop over raw chunks [B, N, S] (empty chunks are skipped)."""
@@ -42,7 +41,7 @@ def memagent(params, setup: RecallSetup, chunk_ids: Array, chunk_mask: Array, qu
   return finish_answer(params, setup, question, question_mask, memory, rng, per_block)
 
 
-@functools.partial(jax.jit, static_argnames=("setup",))
+@jax.jit
 def answer_from_context(params, setup: RecallSetup, context: Array, context_mask: Array,
                         question: Array, question_mask: Array, rng: Array) -> SampleOutput:
   """One answer from raw text [B, T] and the question (the `full` and `rag` baselines)."""

@@ -1,15 +1,18 @@
 """Side-by-side timing and memory of compression, gating and reasoning, per mode and length.
 
 Everything is measured in one process, one mode after another, on the same
-random weights: compression (all chunks, one batched call), the gate (the
+random weights: compression (all chunks, in `group_size` groups), the gate (the
 recall loop with no block read: one gate forward per block), the reasoner
 (the rest of a full run) and the total; `memagent` is MemAgent's loop on raw
 chunks; `gate_stream` is gate mode with compression fused into the loop
 (`recall_streaming`: one group of chunks on device at a time, so its peak does
 not grow with the context).  Peak bytes are what XLA plans for the largest call (temporaries +
-arguments + outputs) minus the parameters.  On GPU the script also reports
-compression's achieved model TFLOP/s and batch-1 decoding's GB/s beside the
-machine's measured matmul and HBM ceilings.
+arguments + outputs) minus the parameters.
+
+Efficiency is judged against the machine, not against another program: the
+matmul FLOP/s and the read bandwidth are measured in the same run
+(`measure_ceilings`), and each mode's time is compared with its floor, the
+FLOPs and bytes its work needs at those ceilings (`mode_floor`).
 """
 
 from __future__ import annotations
@@ -48,36 +51,131 @@ def param_bytes(params) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
-def compression_flops(config: ModelConfig, compressor: CompressorConfig, chunks: int) -> float:
-  """Model FLOPs of compressing `chunks` chunks: 2 x (non-embedding weights) per row, plus
-  attention (QK^T and PV) over each window's prefix + causal own rows."""
+def _layer_weights(config: ModelConfig) -> int:
+  """Matmul weights of one decoder layer (q/k/v/o and the SwiGLU MLP)."""
   e, m, h, k, d = (config.hidden_size, config.intermediate_size, config.num_heads,
                    config.num_kv_heads, config.head_dim)
-  per_layer = e * (h + 2 * k) * d + h * d * e + 3 * e * m
-  rows_per_window = compressor.window + compressor.beacons_per_window
-  windows = compressor.chunk_size // compressor.window
-  dense = 2 * per_layer * config.num_layers * rows_per_window * windows * chunks
-  attention = 0
-  for w in range(windows):
-    keys = w * compressor.beacons_per_window + rows_per_window / 2  # causal on average
-    attention += 4 * rows_per_window * keys * h * d * config.num_layers
-  return dense + attention * chunks
+  return e * (h + 2 * k) * d + h * d * e + 3 * e * m
 
 
-def machine_ceilings(dtype=jnp.bfloat16, size: int = 8192, repeats: int = 5,
-                     copy_bytes: int = 2**30) -> dict:
-  """Measured bf16 matmul TFLOP/s and elementwise HBM GB/s of the default device."""
+def forward_flops(config: ModelConfig, rows: float, keys: float, logit_rows: float = 0) -> float:
+  """Model FLOPs of `rows` token rows through every layer, each attending to `keys` keys on
+  average (QK^T and PV), plus the LM head for `logit_rows` of them."""
+  per_row = 2 * _layer_weights(config) + 4 * keys * config.num_heads * config.head_dim
+  return (rows * per_row * config.num_layers
+          + 2 * logit_rows * config.hidden_size * config.vocab_size)
+
+
+def cache_bytes(config: ModelConfig, slots: float) -> float:
+  """Bytes of `slots` cached key/value positions across the layers."""
+  return (2 * config.num_layers * slots * config.num_kv_heads * config.head_dim
+          * np.dtype(config.jnp_dtype).itemsize)
+
+
+def compression_flops(config: ModelConfig, compressor: CompressorConfig, chunks: int) -> float:
+  """Model FLOPs of compressing `chunks` chunks: every window's raw and beacon rows through
+  every layer, attending to the earlier windows' beacons and causally to their own rows."""
+  rows = compressor.window + compressor.beacons_per_window
+  total = 0.0
+  for w in range(compressor.chunk_size // compressor.window):
+    total += forward_flops(config, rows, w * compressor.beacons_per_window + rows / 2)
+  return total * chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+  """What the machine measurably does: matmul FLOP/s and bytes/s read by a matrix-vector product
+  (decoding's access pattern: every weight read once per step)."""
+  matmul_flops: float
+  read_bytes: float
+
+  def seconds(self, flops: float, nbytes: float) -> float:
+    """The floor of a piece of work: its FLOPs at the matmul ceiling plus its bytes at the
+    read bandwidth (no overlap assumed, so the floor is reachable)."""
+    return flops / self.matmul_flops + nbytes / self.read_bytes
+
+
+def measure_ceilings(dtype=jnp.float32, matmul_size: int = 0, read_bytes: int = 0,
+                     repeats: int = 5) -> Ceilings:
+  """Measured on the default device in the model's dtype: a square matmul (default 2048 on
+  CPU, 8192 on accelerators) and a matrix-vector product over `read_bytes` (default 256 MiB
+  on CPU, 8x its last cache; 2 GiB on accelerators)."""
+  on_cpu = jax.default_backend() == "cpu"
+  size = matmul_size or (2048 if on_cpu else 8192)
   a = jnp.ones((size, size), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  t = best_time(lambda: matmul(a), repeats)
-  big = jnp.ones((copy_bytes // 4,), jnp.float32)
-  copy = jax.jit(lambda x: x * 1.0001)
-  t_copy = best_time(lambda: copy(big), repeats)
-  return {"matmul_tflops": 2 * size**3 / t / 1e12, "hbm_gbps": 2 * big.nbytes / t_copy / 1e9}
+  t_matmul = best_time(lambda: _matmul(a, a), repeats)
+  columns = 4096
+  rows = max(1, (read_bytes or (2**28 if on_cpu else 2**31)) // np.dtype(dtype).itemsize // columns)
+  matrix, vector = jnp.ones((rows, columns), dtype), jnp.ones((columns,), dtype)
+  t_read = best_time(lambda: _matmul(matrix, vector), repeats)
+  return Ceilings(matmul_flops=2 * size**3 / t_matmul, read_bytes=matrix.nbytes / t_read)
+
+
+_matmul = jax.jit(jnp.matmul)
+
+
+def generation_floor(config: ModelConfig, ceilings: Ceilings, weight_bytes: float, batch: int,
+                     prompt: int, prefix: int, new_tokens: int, logit_rows: int = 1) -> float:
+  """Seconds at the ceilings to prefill `prompt` tokens per row over `prefix` cached slots, then
+  decode `new_tokens` (the first from the prefill's logits: new_tokens - 1 decode steps, each
+  reading the weights once and every row's cache)."""
+  seconds = ceilings.seconds(
+      batch * forward_flops(config, prompt, prefix + prompt / 2, logit_rows), weight_bytes)
+  for step in range(1, new_tokens):
+    slots = prefix + prompt + step
+    seconds += ceilings.seconds(batch * forward_flops(config, 1, slots, 1),
+                                weight_bytes + batch * cache_bytes(config, slots))
+  return seconds
+
+
+def gate_steps(picks: np.ndarray, gate_group: int) -> int:
+  """Sequential steps of the grouped gate loop (`recall._gate_in_groups`) for read decisions
+  picks [B, N]: a row's step scores its next G blocks and moves past the first it reads."""
+  n = picks.shape[1]
+  positions, steps = np.zeros(picks.shape[0], int), 0
+  while (positions < n).any():
+    steps += 1
+    for row, position in enumerate(positions):
+      window = picks[row, position:position + gate_group]
+      positions[row] += (int(np.argmax(window)) + 1) if window.any() else gate_group
+  return steps
+
+
+def mode_floor(mode: str, config: ModelConfig, compressor: CompressorConfig, setup: RecallSetup,
+               ceilings: Ceilings, weight_bytes: float, picks: np.ndarray,
+               memagent_chunk: int) -> float:
+  """Seconds a mode's question batch needs at the machine's ceilings: compression, the gate's
+  forwards, every memory update the picks [B, N] read, and the answer."""
+  batch, n = picks.shape
+  question, capacity = 16, setup.memory_capacity
+  m, answer = setup.reasoner.memory_size, setup.reasoner.answer_tokens
+  prompts = setup.prompts
+  final = generation_floor(config, ceilings, weight_bytes, batch,
+                           prompts.final.length(question, capacity), 0, answer)
+  if mode == "memagent":
+    sections = n * compressor.chunk_size // memagent_chunk
+    update = generation_floor(config, ceilings, weight_bytes, batch,
+                              prompts.memagent.length(question, capacity, memagent_chunk), 0, m)
+    return sections * update + final
+  slots = compressor.slots
+  seconds = ceilings.seconds(compression_flops(config, compressor, n), weight_bytes)
+  update = generation_floor(config, ceilings, weight_bytes, batch,
+                            prompts.update.length(question, capacity), slots, m)
+  seconds += int(picks[0].sum()) * update + final
+  if mode in ("gate", "gate_stream"):
+    g = setup.recall.gate_group
+    gate_prompt = prompts.gate.length(question, capacity)
+    per_step = (ceilings.seconds(batch * forward_flops(config, gate_prompt, gate_prompt / 2),
+                                 weight_bytes)
+                + ceilings.seconds(batch * g * forward_flops(config, 1, slots + gate_prompt),
+                                   weight_bytes + batch * g * cache_bytes(config, slots)))
+    seconds += gate_steps(picks, g) * per_step
+  return seconds
 
 
 def decode_rate(params, config: ModelConfig, cache_tokens: int, steps: int, repeats: int) -> dict:
-  """Batch-1 decode: seconds per token and the bytes it must read (weights + KV cache)."""
+  """Batch-1 generation after a `cache_tokens` prompt: the prefill's seconds and FLOPs, and
+  per decode step its seconds and the bytes it must read (weights + KV cache)."""
   settings = sampling.SamplingConfig(eos_ids=(), pad_id=0)
   prompt = jnp.ones((1, cache_tokens), jnp.int32)
 
@@ -87,10 +185,11 @@ def decode_rate(params, config: ModelConfig, cache_tokens: int, steps: int, repe
   t_long = best_time(lambda: run(steps), repeats)
   t_short = best_time(lambda: run(1), repeats)
   per_token = max(t_long - t_short, 1e-9) / (steps - 1)
-  kv = (2 * config.num_layers * (cache_tokens + steps) * config.num_kv_heads * config.head_dim
-        * np.dtype(config.jnp_dtype).itemsize)
+  kv = cache_bytes(config, cache_tokens + steps / 2)
   weights = param_bytes(params)
-  return {"seconds_per_token": per_token, "bytes_per_token": weights + kv,
+  return {"prefill_s": t_short, "prefill_flops": forward_flops(config, cache_tokens,
+                                                               cache_tokens / 2, 1),
+          "seconds_per_token": per_token, "bytes_per_token": weights + kv,
           "gbps": (weights + kv) / per_token / 1e9}
 
 
@@ -108,8 +207,10 @@ class BenchSettings:
 
 def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, prompts: Prompts,
                   settings: BenchSettings, modes: Sequence[str] = MODES,
-                  log=print) -> list[dict]:
-  """Rows {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s", "peak_bytes"}."""
+                  ceilings: Ceilings | None = None, log=print) -> list[dict]:
+  """Rows {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s", "peak_bytes"},
+  and with `ceilings` also "floor_s" (`mode_floor`), "floor_ratio" (total / floor) and
+  "compress_efficiency" (compression's achieved FLOP/s over the matmul ceiling)."""
   reasoner = ReasonerConfig(memory_size=settings.memory_size, answer_tokens=settings.answer_tokens)
   greedy = sampling.SamplingConfig(eos_ids=(), pad_id=0)  # no EOS: every update decodes fully
   rows = []
@@ -176,14 +277,55 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
         rows.append({"mode": mode, "context_tokens": length, "compress_s": t_compress,
                      "gate_s": t_gate, "reason_s": t_loop - t_gate,
                      "total_s": t_compress + t_loop, "peak_bytes": int(peak)})
+      if ceilings is not None:
+        row = rows[-1]
+        row["floor_s"] = mode_floor(mode, config, compressor, setup, ceilings, base, picks,
+                                    settings.memagent_chunk or compressor.chunk_size)
+        row["floor_ratio"] = row["total_s"] / row["floor_s"]
+        row["compress_efficiency"] = (
+            compression_flops(config, compressor, n) / row["compress_s"] / ceilings.matmul_flops
+            if row["compress_s"] else None)
       log(f"  {mode:<11} {length:>9} tokens: {rows[-1]['total_s']:.3f} s")
   return rows
+
+
+def compression_scaling(params, config: ModelConfig, compressor: CompressorConfig,
+                        chunk_counts: Sequence[int], group_sizes: Sequence[int],
+                        repeats: int = 3) -> list[dict]:
+  """Seconds to compress each count of random chunks with each group size (0: one call), the
+  measurement behind a config's `compressor.group_size`: {"chunks", "group_size", "seconds"}."""
+  rng = np.random.default_rng(0)
+  rows = []
+  for chunks in chunk_counts:
+    ids = jnp.asarray(rng.integers(3, config.vocab_size, (chunks, compressor.chunk_size)),
+                      jnp.int32)
+    mask = jnp.ones(ids.shape, bool)
+    for group in group_sizes:
+      settings = dataclasses.replace(compressor, group_size=group)
+      rows.append({"chunks": chunks, "group_size": group, "seconds": best_time(
+          lambda: compress(params, config, settings, ids, mask).k, repeats)})
+  return rows
+
+
+def scaling_table(rows: Sequence[dict]) -> str:
+  """Milliseconds per chunk count (columns) and group size (rows), and largest / smallest."""
+  counts = sorted({r["chunks"] for r in rows})
+  by = {(r["group_size"], r["chunks"]): r["seconds"] for r in rows}
+  header = f"{'group':>8}" + "".join(f"{str(n) + ' chunks':>14}" for n in counts) + (
+      f"{'ratio':>8}{'(work ratio)':>14}")
+  lines = [header, "-" * len(header)]
+  for group in sorted({r["group_size"] for r in rows}):
+    times = [by[(group, n)] for n in counts]
+    lines.append(f"{group or 'all':>8}" + "".join(f"{1e3 * t:>11.1f} ms" for t in times)
+                 + f"{times[-1] / times[0]:>8.2f}{counts[-1] / counts[0]:>14.1f}")
+  return "\n".join(lines)
 
 
 def table(rows: Sequence[dict]) -> str:
   reference = {r["context_tokens"]: r for r in rows if r["mode"] == "memagent"}
   header = (f"{'mode':<12}{'tokens':>9}{'compress s':>12}{'gate s':>9}{'reason s':>10}"
-            f"{'total s':>10}{'peak MiB':>10}{'speed-up':>9}{'mem ratio':>10}")
+            f"{'total s':>10}{'peak MiB':>10}{'speed-up':>9}{'mem ratio':>10}{'compress %':>11}"
+            f"{'floor s':>10}{'x floor':>8}")
   lines = [header, "-" * len(header)]
   for r in rows:
     ref = reference.get(r["context_tokens"])
@@ -191,5 +333,7 @@ def table(rows: Sequence[dict]) -> str:
     memory = r["peak_bytes"] / ref["peak_bytes"] if ref and ref["peak_bytes"] else float("nan")
     lines.append(f"{r['mode']:<12}{r['context_tokens']:>9}{r['compress_s']:>12.4f}{r['gate_s']:>9.4f}"
                  f"{r['reason_s']:>10.4f}{r['total_s']:>10.4f}{r['peak_bytes'] / 2**20:>10.1f}"
-                 f"{speed:>9.2f}{memory:>10.2f}")
+                 f"{speed:>9.2f}{memory:>10.2f}"
+                 f"{100 * (r.get('compress_efficiency') or float('nan')):>11.0f}"
+                 f"{r.get('floor_s', float('nan')):>10.4f}{r.get('floor_ratio', float('nan')):>8.2f}")
   return "\n".join(lines)

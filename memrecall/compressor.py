@@ -12,7 +12,7 @@ Inside a window the rows are ordered [W raw tokens, W/r beacons] rather than
 interleaved: attention only sees order through the mask and the positions,
 which are both computed for the interleaved layout, and the split lets each
 group use its own projections without gathers.  Chunks are independent, so
-all chunks of a document are compressed in one batched call.
+they are compressed in batched groups of `group_size` chunks.
 """
 
 from __future__ import annotations
@@ -50,15 +50,24 @@ def _normalised(value):
 
 @dataclasses.dataclass(frozen=True)
 class CompressorConfig:
-  """chunk_size C (tokens per chunk), window W (= stride), ratio r (tokens per beacon)."""
+  """chunk_size C (tokens per chunk), window W (= stride), ratio r (tokens per beacon).
+
+  group_size: chunks compressed together; more are compressed group after group (a
+  `lax.map`), so a call's activations, and its cost per chunk, stay those of one group
+  however long the document.  0: all at once.  A run setting, not a model property.
+  """
   chunk_size: int = 4096
   window: int = 2048
   ratio: int = 4
+  group_size: int = 0
 
   def __post_init__(self):
     for name in ("chunk_size", "window", "ratio"):
       if getattr(self, name) <= 0:
         raise ConfigError(f"compressor {name} must be positive, got {getattr(self, name)}")
+    if self.group_size < 0:
+      raise ConfigError(f"compressor group_size must be >= 0 (0: all chunks at once), got "
+                        f"{self.group_size}")
     if self.chunk_size % self.window:
       raise ConfigError(f"chunk_size ({self.chunk_size}) must be a multiple of the window "
                         f"({self.window})")
@@ -66,7 +75,8 @@ class CompressorConfig:
       raise ConfigError(f"window ({self.window}) must be a multiple of the ratio ({self.ratio})")
 
   @classmethod
-  def from_hf_dict(cls, hf, chunk_size: int | None = None) -> "CompressorConfig":
+  def from_hf_dict(cls, hf, chunk_size: int | None = None, group_size: int = 0
+                   ) -> "CompressorConfig":
     """Reads `lychee_memory_{window,stride,ratio}` of a LycheeMemory config.json.
 
     The chunk size is a run setting, not a model property; it defaults to two
@@ -86,7 +96,8 @@ class CompressorConfig:
     ratios = ratio if isinstance(ratio, (list, tuple)) else [ratio]
     if len(ratios) != 1:
       raise ConfigError(f"only a single compression ratio is supported, got {ratios}")
-    return cls(chunk_size=chunk_size or 2 * window, window=window, ratio=int(ratios[0]))
+    return cls(chunk_size=chunk_size or 2 * window, window=window, ratio=int(ratios[0]),
+               group_size=group_size)
 
   def to_hf_dict(self) -> dict:
     return {"lychee_memory_window": self.window, "lychee_memory_stride": self.window,
@@ -256,8 +267,31 @@ def _beacon_kv_only(params, config: ModelConfig, beacon_rows: int, x: Array, pos
 @functools.partial(jax.jit, static_argnames=("config", "compressor"))
 def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
              token_mask: Array) -> ChunkMemory:
-  """Compresses chunks tokens/token_mask [N, C] into a ChunkMemory (one batched call)."""
-  return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=False)[0]
+  """Compresses chunks tokens/token_mask [N, C] into a ChunkMemory.
+
+  Chunks are independent, so N > group_size are compressed `group_size` at a time under a
+  `lax.map` (the last group padded with empty chunks, dropped from the result): one
+  compiled group whose working set does not grow with N, where a single batched call over
+  thousands of chunks spills out of the caches and costs more per chunk.
+  """
+  n, c = tokens.shape
+  g = compressor.group_size
+  if not g or n <= g:
+    return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=False)[0]
+  groups = -(-n // g)
+  pad = ((0, groups * g - n), (0, 0))
+  tokens = jnp.pad(tokens, pad).reshape(groups, g, c)
+  token_mask = jnp.pad(token_mask.astype(bool), pad).reshape(groups, g, c)
+  per_group = jax.lax.map(
+      lambda xs: _run_windows(params, config, compressor, *xs, raw_logits=False)[0],
+      (tokens, token_mask))  # k, v: [groups, L, G, S, K, D]; slot_mask: [groups, G, S]
+
+  def merge(x, chunk_axis):  # [groups, ..., G, ...] -> [..., N, ...]
+    x = jnp.moveaxis(x, 0, chunk_axis)
+    x = x.reshape(x.shape[:chunk_axis] + (groups * g,) + x.shape[chunk_axis + 2:])
+    return jax.lax.slice_in_dim(x, 0, n, axis=chunk_axis)
+  return ChunkMemory(k=merge(per_group.k, 1), v=merge(per_group.v, 1),
+                     slot_mask=merge(per_group.slot_mask, 0))
 
 
 def compressor_logits(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,

@@ -47,17 +47,23 @@ Array = jax.Array
 MODES = ("gate", "all", "topk")
 
 
-@dataclasses.dataclass(frozen=True)
+_static = functools.partial(flax.struct.field, pytree_node=False)
+
+
+@flax.struct.dataclass
 class RecallConfig:
   """mode: gate | all | topk; threshold: the gate's cut-off; topk: blocks per row in topk mode;
   group_size: chunks compressed (streaming) or transferred (host bank) at a time;
   gate_group: blocks the gate scores in parallel per step in gate mode (1: one at a time, a
-  prompt per block; more: one prompt per step, `_gate_in_groups`)."""
-  mode: str = "gate"
+  prompt per block; more: one prompt per step, `_gate_in_groups`).
+
+  A pytree whose only leaf is the threshold: under jit it is traced, so a threshold sweep
+  reuses one compiled loop; everything else shapes the program and is static."""
+  mode: str = _static(default="gate")
   threshold: float = 0.5
-  topk: int = 4
-  group_size: int = 8
-  gate_group: int = 16
+  topk: int = _static(default=4)
+  group_size: int = _static(default=8)
+  gate_group: int = _static(default=16)
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -66,14 +72,16 @@ class RecallConfig:
       raise ValueError(f"topk, group_size and gate_group must be positive, got {self}")
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class RecallSetup:
-  """Everything static about a recall run (hashable: a jit static argument)."""
-  model: ModelConfig
-  prompts: Prompts
-  reasoner: ReasonerConfig
-  recall: RecallConfig
-  sampling: SamplingConfig
+  """Everything about a recall run but its arrays: passed to jit as a pytree whose static
+  parts (model, prompts, budgets, sampling, mode) key the compiled program and whose one leaf,
+  `recall.threshold`, is traced."""
+  model: ModelConfig = _static()
+  prompts: Prompts = _static()
+  reasoner: ReasonerConfig = _static()
+  recall: RecallConfig = RecallConfig()
+  sampling: SamplingConfig = _static(default=SamplingConfig())
 
   @property
   def memory_capacity(self) -> int:
@@ -331,7 +339,7 @@ def initial_memory(setup: RecallSetup, batch: int) -> WorkingMemory:
   return WorkingMemory.initial(setup.prompts.initial_memory, batch, setup.memory_capacity)
 
 
-@functools.partial(jax.jit, static_argnames=("setup",))
+@jax.jit
 def recall(params, setup: RecallSetup, bank: DocumentBank, question: Array, question_mask: Array,
            rng: Array, forced_read: Array | None = None) -> RecallOutput:
   """The whole loop over a device-resident bank, then the answer; one jitted call.
@@ -350,7 +358,7 @@ def recall(params, setup: RecallSetup, bank: DocumentBank, question: Array, ques
   return finish_answer(params, setup, question, question_mask, memory, rng, per_block, scores)
 
 
-@functools.partial(jax.jit, static_argnames=("setup", "compressor"))
+@functools.partial(jax.jit, static_argnames=("compressor",))
 def recall_documents(params, setup: RecallSetup, compressor: CompressorConfig, chunk_ids: Array,
                      chunk_mask: Array, question: Array, question_mask: Array, rng: Array,
                      forced_read: Array | None = None) -> RecallOutput:
@@ -365,7 +373,7 @@ def recall_documents(params, setup: RecallSetup, compressor: CompressorConfig, c
   return recall(params, setup, bank, question, question_mask, rng, forced_read)
 
 
-@functools.partial(jax.jit, static_argnames=("setup", "compressor"))
+@functools.partial(jax.jit, static_argnames=("compressor",))
 def recall_streaming(params, setup: RecallSetup, compressor: CompressorConfig, chunk_ids: Array,
                      chunk_mask: Array, question: Array, question_mask: Array,
                      rng: Array, forced_read: Array | None = None) -> RecallOutput:
@@ -405,9 +413,9 @@ def recall_streaming(params, setup: RecallSetup, compressor: CompressorConfig, c
   return finish_answer(params, setup, question, question_mask, memory, rng, per_block)
 
 
-_scan_blocks_jit = jax.jit(scan_blocks, static_argnames=("setup",))
-_topk_selection_jit = jax.jit(_topk_selection, static_argnames=("setup",))
-_finish_answer_jit = jax.jit(finish_answer, static_argnames=("setup",))
+_scan_blocks_jit = jax.jit(scan_blocks)
+_topk_selection_jit = jax.jit(_topk_selection)
+_finish_answer_jit = jax.jit(finish_answer)
 
 
 def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: Array,

@@ -31,6 +31,22 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Drops every compiled program after each test module.
+
+  jit caches live as long as the process, and each XLA CPU executable keeps its
+  own mapped code pages: over the whole suite in one process they piled up to
+  a crash in XLA's compiler (tests/run.sh).  Modules share no compiled state
+  worth keeping; the persistent compilation cache is unaffected.
+  """
+  yield
+  import gc
+  import jax
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture(scope="session")
 def hf_reference():
   return dict(np.load(os.path.join(FIXTURES, "hf_reference.npz"), allow_pickle=False))

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,15 +37,20 @@ def test_bench_runs_on_the_tiny_model_and_writes_rows(tmp_path):
       (m, t) for m in ("gate", "gate_stream", "all", "memagent") for t in (512, 2048)}
   for r in rows:
     assert set(r) == {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s",
-                      "peak_bytes"}
-    assert r["total_s"] > 0
+                      "peak_bytes", "floor_s", "floor_ratio", "compress_efficiency"}
+    assert r["total_s"] > 0 and r["floor_s"] > 0
+    assert r["floor_ratio"] == pytest.approx(r["total_s"] / r["floor_s"])
+    assert (r["compress_efficiency"] is None) == (r["mode"] == "memagent")
   gate = {r["context_tokens"]: r for r in rows if r["mode"] == "gate"}
   assert all(r["gate_s"] > 0 and r["compress_s"] > 0 for r in gate.values())
   # The device bank grows with the context; the streaming loop holds one group at a time.
   stream = {r["context_tokens"]: r["peak_bytes"] for r in rows if r["mode"] == "gate_stream"}
   assert gate[2048]["peak_bytes"] > 1.5 * gate[512]["peak_bytes"]
   assert stream[2048] <= 1.1 * stream[512]
-  assert "speed-up" in proc.stdout and "mem ratio" in proc.stdout
+  assert "speed-up" in proc.stdout and "mem ratio" in proc.stdout and "x floor" in proc.stdout
+  machine = json.load(open(tmp_path / "bench_machine.json"))
+  assert machine["ceilings"]["matmul_flops"] > 0 and machine["decode_floor_fraction"] > 0
+  assert "of the floor" in proc.stdout and "of the matmul ceiling" in proc.stdout
 
 
 def test_compression_flops_by_hand():
@@ -70,5 +77,35 @@ def test_decode_rate_and_ceilings_run_on_cpu():
   params = model.init_params(config, jax.random.key(0))
   rate = benchmark.decode_rate(params, config, cache_tokens=8, steps=4, repeats=1)
   assert rate["seconds_per_token"] > 0 and rate["bytes_per_token"] > benchmark.param_bytes(params)
-  ceilings = benchmark.machine_ceilings(size=64, repeats=1, copy_bytes=2**20)
-  assert ceilings["matmul_tflops"] > 0 and ceilings["hbm_gbps"] > 0
+  assert rate["prefill_s"] > 0 and rate["prefill_flops"] > 0
+  ceilings = benchmark.measure_ceilings(matmul_size=64, read_bytes=2**20, repeats=1)
+  assert ceilings.matmul_flops > 0 and ceilings.read_bytes > 0
+  assert ceilings.seconds(ceilings.matmul_flops, ceilings.read_bytes) == 2.0
+
+
+def test_gate_steps_follow_the_grouped_loop_by_hand():
+  import numpy as np
+  from memrecall import benchmark
+  picks = np.zeros((2, 12), bool)
+  picks[0, [0, 10]] = True
+  # Row 0, groups of 4: [0-3] reads 0 -> 1; [1-4] none -> 5; [5-8] none -> 9; [9-12] reads 10
+  # -> 11; [11] none -> done: 5 steps.  Row 1 reads nothing: 3 steps; the loop runs the longer.
+  assert benchmark.gate_steps(picks, 4) == 5
+  assert benchmark.gate_steps(picks[1:], 4) == 3
+
+
+def test_generation_floor_by_hand():
+  from memrecall import benchmark
+  from memrecall.config import ModelConfig
+  config = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1,
+                       num_heads=2, num_kv_heads=1, head_dim=4)
+  ceilings = benchmark.Ceilings(matmul_flops=1.0, read_bytes=1.0)  # seconds = FLOPs + bytes
+  # 576 MACs per row (see above) -> 1152 FLOPs; attention 4 * keys * 2 heads * 4 = 32 * keys;
+  # LM head 2 * 8 * 10 = 160 per logit row.  Prefill: 3 rows over 5 + 1.5 keys, one logit row.
+  prefill = 3 * (1152 + 32 * 6.5) + 160 + 100  # + the weights' 100 bytes
+  # One decode step (2 new tokens: the first from the prefill): 1 row over 5 + 3 + 1 = 9 keys,
+  # weights + 9 cached slots x 2 (k, v) x 1 head x 4 x 4 bytes.
+  decode = 1152 + 32 * 9 + 160 + 100 + 9 * 2 * 4 * 4
+  floor = benchmark.generation_floor(config, ceilings, weight_bytes=100, batch=1, prompt=3,
+                                     prefix=5, new_tokens=2)
+  assert floor == pytest.approx(prefill + decode)

@@ -72,6 +72,31 @@ def test_rematerialised_compression_has_the_same_values_and_gradients(random_com
   assert np.abs(mlp[-1]).max() == 0 and np.abs(mlp[0]).max() > 0
 
 
+@pytest.mark.parametrize("group_size", [3, 5, 8])
+def test_compression_in_groups_equals_one_call(random_compressor_model, group_size):
+  """Groups (the last one padded when 8 % group_size != 0) give one call's values and gradients."""
+  params, config, _ = random_compressor_model
+  whole = compressor.CompressorConfig(chunk_size=16, window=8, ratio=4)
+  grouped = dataclasses.replace(whole, group_size=group_size)
+  document = np.random.default_rng(1).integers(3, config.vocab_size, 8 * 16 - 5)
+  ids, mask = (jnp.asarray(x) for x in compressor.chunk_document(document, 16, pad_id=0))
+
+  def loss(params, settings):
+    memory = compressor.compress(params, config, settings, ids, mask)
+    return jnp.sum(memory.k ** 2) + jnp.sum(jnp.sin(memory.v)), memory
+
+  (value, expected), grads = jax.value_and_grad(loss, has_aux=True)(params, whole)
+  (grouped_value, memory), grouped_grads = jax.value_and_grad(loss, has_aux=True)(params, grouped)
+  assert memory.k.shape == expected.k.shape == (2, 8, 4, 2, 8)
+  # Batched matmuls of another size round differently: float32 ulps, not exact.
+  np.testing.assert_allclose(memory.k, expected.k, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(memory.v, expected.v, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(memory.slot_mask, expected.slot_mask)
+  np.testing.assert_allclose(grouped_value, value, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),
+               grouped_grads, grads)
+
+
 def test_compression_does_not_copy_the_layer_weights():
   """Skipping the last layer's unused work must not materialise a slice of the layer stack."""
   config = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=1024, num_layers=8,
@@ -117,6 +142,8 @@ def test_plain_qwen2_checkpoint_gets_initialised_beacons(tiny_dir):
 
 
 def test_bad_settings_and_inputs():
+  with pytest.raises(ConfigError, match="group_size"):
+    compressor.CompressorConfig(chunk_size=16, window=8, ratio=4, group_size=-1)
   with pytest.raises(ConfigError, match="multiple of the window"):
     compressor.CompressorConfig(chunk_size=100, window=64, ratio=4)
   with pytest.raises(ConfigError, match="multiple of the ratio"):

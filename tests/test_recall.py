@@ -60,8 +60,11 @@ def test_gate_mode_scores_with_the_current_memory_and_skips_below_threshold(lych
   all_scores = recall.recall(params, _setup(lychee_model, "gate", threshold=0.0), bank, question,
                              question_mask, jax.random.key(0)).trace.gate_scores[0]
   threshold = float(np.sort(np.asarray(all_scores))[1])  # between the scores: some skipped
+  programs = recall.recall._cache_size()
   out = recall.recall(params, _setup(lychee_model, "gate", threshold=threshold), bank, question,
                       question_mask, jax.random.key(0))
+  # The threshold is traced: another threshold reuses the compiled loop.
+  assert recall.recall._cache_size() == programs
   trace = out.trace
   # Recompute each block's score from the memory before it.
   memory_before = reasoner.WorkingMemory.initial(lychee_model.prompts.initial_memory, 1, 18)
