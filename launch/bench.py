@@ -29,7 +29,8 @@ _MODES = flags.DEFINE_list("modes", ["gate", "gate_stream", "all", "memagent"],
                            "flat memory), all, memagent.")
 _GROUP = flags.DEFINE_integer("group_size", 8, "gate_stream: chunks compressed per loop step.")
 _COMPRESS_GROUP = flags.DEFINE_integer("compress_group", None,
-                                       "Chunks per compression call (default per model; 0: all).")
+                                       "Chunks per compression call (default: 4096 tokens' worth, "
+                                       "memrecall.compressor.GROUP_TOKENS; 0: all at once).")
 _SCALING_CHUNKS = flags.DEFINE_list("scaling_chunks", [],
                                     "Also time compressing this many chunks (e.g. 512,2048) ...")
 _SCALING_GROUPS = flags.DEFINE_list("scaling_groups", ["0", "32", "64", "128", "256"],
@@ -61,8 +62,7 @@ def main(argv):
       "stage": "eval",
       "model": demo.model if _MODEL.value == "demo" else models.model_config(_MODEL.value),
       "compressor": {"chunk_size": chunk, "window": defaults.get("window", chunk // 2), "ratio": 4,
-                     "group_size": (defaults["compress_group"] if _COMPRESS_GROUP.value is None
-                                    else _COMPRESS_GROUP.value)},
+                     "group_size": _COMPRESS_GROUP.value},
       "reasoner": {"memory_size": 1, "answer_tokens": 1, "question_tokens": 16},
       "prompts": (demo.prompts.to_dict() if tiny
                   else {"chat_template": QWEN2_CHAT_TEMPLATE})}))
@@ -77,7 +77,7 @@ def main(argv):
   device = jax.devices()[0]
   machine = f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, jax {jax.__version__}"
   print(f"bench: {_MODEL.value} ({config.param_dtype}), chunk {chunk} in groups of "
-        f"{compressor.group_size or 'all'}, {settings.questions} questions, selected fraction "
+        f"{compressor.chunks_per_group or 'all'}, {settings.questions} questions, selected fraction "
         f"{settings.selected_fraction}, on {machine}")
   ceilings = benchmark.measure_ceilings(config.jnp_dtype)
   print(f"measured ceilings: matmul {ceilings.matmul_flops / 1e9:.0f} GFLOP/s, read "
@@ -115,17 +115,17 @@ def main(argv):
       json.dump({"machine": machine, **efficiency}, f, indent=1)
 
 
-# Per shape: chunk, lengths, questions, memory-update and answer tokens, chunks per compression
-# call (measured: launch/bench_compress.py) and the prompt before the timed decode.
+# Per shape: chunk (and window), lengths, questions, memory-update and answer tokens, and the
+# prompt before the timed decode.
 _DEFAULTS = {
     "demo": dict(chunk=16, window=16, lengths=[8192, 32768], questions=1, memory=3, answer=2,
-                 compress_group=128, decode_cache=128),
+                 decode_cache=128),
     "tiny": dict(chunk=256, lengths=[2048, 16384], questions=4, memory=16, answer=8,
-                 compress_group=64, decode_cache=256),
+                 decode_cache=256),
     "mid": dict(chunk=2048, lengths=[8192, 32768], questions=1, memory=32, answer=16,
-                compress_group=4, decode_cache=512),
+                decode_cache=512),
     "qwen2.5": dict(chunk=4096, lengths=[131072, 1048576], questions=8, memory=1024, answer=64,
-                    compress_group=8, decode_cache=2048),
+                    decode_cache=2048),
 }
 
 

@@ -280,9 +280,9 @@ def _compressor(config: ml_collections.ConfigDict, raw: dict | None) -> Compress
   c = config.compressor
   if raw is None or ("lychee_memory_window" not in raw and c.get("window") and c.get("ratio")):
     return CompressorConfig(chunk_size=c.chunk_size, window=c.window, ratio=c.ratio,
-                            group_size=c.get("group_size", 0))
+                            group_size=c.get("group_size"))
   from_checkpoint = CompressorConfig.from_hf_dict(raw, c.chunk_size or None,
-                                                  c.get("group_size", 0))
+                                                  c.get("group_size"))
   for key in ("window", "ratio"):
     if c.get(key) and c[key] != getattr(from_checkpoint, key):
       raise ConfigError(f"compressor.{key}={c[key]} differs from the checkpoint's "
