@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memrecall import baselines, model as model_lib, sampling
+from memrecall import baselines, sampling
 from memrecall.compressor import CompressorConfig, compress
 from memrecall.config import ModelConfig
 from memrecall.evaluation import compiled_bytes
@@ -143,11 +143,11 @@ def gate_steps(picks: np.ndarray, gate_group: int) -> int:
 
 def mode_floor(mode: str, config: ModelConfig, compressor: CompressorConfig, setup: RecallSetup,
                ceilings: Ceilings, weight_bytes: float, picks: np.ndarray,
-               memagent_chunk: int) -> float:
+               memagent_chunk: int, question: int) -> float:
   """Seconds a mode's question batch needs at the machine's ceilings: compression, the gate's
-  forwards, every memory update the picks [B, N] read, and the answer."""
+  forwards, every memory update the picks [B, N] read, and the answer (`question` tokens)."""
   batch, n = picks.shape
-  question, capacity = 16, setup.memory_capacity
+  capacity = setup.memory_capacity
   m, answer = setup.reasoner.memory_size, setup.reasoner.answer_tokens
   prompts = setup.prompts
   final = generation_floor(config, ceilings, weight_bytes, batch,
@@ -280,7 +280,8 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
       if ceilings is not None:
         row = rows[-1]
         row["floor_s"] = mode_floor(mode, config, compressor, setup, ceilings, base, picks,
-                                    settings.memagent_chunk or compressor.chunk_size)
+                                    settings.memagent_chunk or compressor.chunk_size,
+                                    question.shape[1])
         row["floor_ratio"] = row["total_s"] / row["floor_s"]
         row["compress_efficiency"] = (
             compression_flops(config, compressor, n) / row["compress_s"] / ceilings.matmul_flops

@@ -26,7 +26,6 @@ N/G + reads sequential steps instead of N.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
