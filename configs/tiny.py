@@ -66,9 +66,11 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
       "min_fact_gap": 16,
       # Distractors off for the first 10% of the steps, ramped to full density by half-way.
       "curriculum_start": 200, "curriculum_end": 1000,
-      # Distractors may use the chain's entities where no reader follows them (multihop):
-      # without it they never do, and a lost reader drifts onto the answer in long contexts.
-      "chain_distractors": False})
+      # Distractors use the chain's entities too, where no reader follows them: without it
+      # they never do, so chain entities hold a reader that follows arrows, and one that
+      # lost the question drifts onto the answer in long contexts (a question-blind walk:
+      # 7% at 1x, 93% at 256x; with it 5-7% at every length).
+      "chain_distractors": task == "multihop"})
   if task == "vartrack":
     # Variable tracking (RULER's): "which variables hold value v?" through X1 = v ... X2 = X1;
     # the memory lists the variables found so far, the answer both of them.
