@@ -40,10 +40,15 @@ def _greedy_accuracy(params, config: ml_collections.ConfigDict, examples: int, b
   exs = run.examples(0, examples, seed_offset=1000)
   result = evaluation.evaluate_mode(
       params, run.recall_setup("all"), run.compressor, exs, run.score,
-      mode="memagent" if run.agent == "memagent" else "all",
-      baseline=evaluation.BaselineConfig(memagent_chunk=run.compressor.chunk_size),
+      mode="memagent" if run.agent == "memagent" else "all", baseline=_memagent_baseline(config),
       batch_size=batch, question_tokens=run.question_tokens)
   return result.accuracy
+
+
+def _memagent_baseline(config: ml_collections.ConfigDict) -> evaluation.BaselineConfig:
+  """MemAgent sections of the length of the chunks `config`'s run trains on: a raw reader
+  evaluated on other sections reads inputs laid out unlike any it learned from."""
+  return evaluation.BaselineConfig(memagent_chunk=runs.build_run(config).compressor.chunk_size)
 
 
 def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: str,
@@ -83,13 +88,9 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   # SFT until greedy accuracy first reaches `sft_early_accuracy` (checked at every
   # checkpoint), snapshot that step as RL's starting point where imitation still leaves
   # gaps, then on to the end (an interrupted-and-resumed run equals an uninterrupted one).
-  def sft_config(agent: str, init: str):
-    config = cfg("sft")
-    config.agent, config.init.checkpoint = agent, init
-    config.train.steps = config.optimizer.decay_steps = demo.sft_steps
-    return config
-
-  sft = sft_config("lychee", path("compressor"))
+  sft = cfg("sft")
+  sft.init.checkpoint = path("compressor")
+  sft.train.steps = sft.optimizer.decay_steps = demo.sft_steps
   if not os.path.exists(path("sft_early")):
     probe = {}
 
@@ -139,14 +140,21 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   gate.train.steps = demo.gate_steps
   stage("gate", gate, path("gate"))
 
+  # The fair baseline: MemAgent's reader of raw chunks, the same stages and step budgets,
+  # with its own settings (configs/tiny.py, AGENT memagent: the learning rate a raw reader
+  # needs).  SFT starts from random initialisation, which is the method's backbone too (the
+  # compressor stage trains only beacon parameters, which a raw reader never uses).
   if demo.train_memagent:
-    # The fair baseline: MemAgent's reader of raw chunks, same stages and budgets.
-    memagent_sft = sft_config("memagent", "")  # from random initialisation: no compressor
+    memagent_cfg = lambda stage: get_config(f"{stage},{variant},multihop,memagent")
+    memagent_sft = memagent_cfg("sft")
+    memagent_sft.train.steps = memagent_sft.optimizer.decay_steps = memagent_sft.demo.sft_steps
     stage("memagent_sft", memagent_sft, path("memagent_sft"), lambda: {
+        "learning_rate": memagent_sft.optimizer.learning_rate,
         "accuracy_1x": _greedy_accuracy(checkpoint.load_params(path("memagent_sft"))[0],
                                         memagent_sft, demo.eval_examples, demo.eval_batch)})
-    memagent_rl = rl_config(path("memagent_sft"))
-    memagent_rl.agent = "memagent"
+    memagent_rl = memagent_cfg("rl")
+    memagent_rl.init.checkpoint = path("memagent_sft")
+    memagent_rl.train.steps = demo.rl_steps
     stage("memagent_rl", memagent_rl, path("memagent_rl"),
           rl_summary(path("memagent_rl"), path("memagent_sft"), memagent_rl))
 
@@ -169,15 +177,17 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   common = dict(lengths=list(demo.eval_lengths), batch_size=demo.eval_batch,
                 output_dir=path("eval"), threshold=gate.gate.threshold, log=log,
                 gate_group=demo.gate_group, latency_examples=demo.latency_examples,
-                baseline=evaluation.BaselineConfig(memagent_chunk=run.compressor.chunk_size))
+                baseline=_memagent_baseline(cfg("sft")))
   rows = evaluation.evaluate_suite(
       checkpoint.load_params(path("gate"))[0], run, model_name="lychee",
       modes=list(demo.eval_modes), examples=demo.eval_examples,
       mode_examples={"memagent": demo.memagent_examples}, **common)
   if demo.train_memagent:
+    # The same questions (the method's run and task), sections cut as the agent was trained.
     rows = evaluation.evaluate_suite(
         checkpoint.load_params(path("memagent_rl"))[0], run, model_name="memagent",
-        modes=["memagent"], examples=demo.memagent_examples, **common)
+        modes=["memagent"], examples=demo.memagent_examples,
+        **{**common, "baseline": _memagent_baseline(memagent_sft)})
   for task in demo.extra_tasks:
     rows = evaluation.evaluate_suite(
         checkpoint.load_params(path(f"{task}_gate"))[0],

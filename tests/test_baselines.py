@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from memrecall import baselines, prompts, reasoner, recall, sampling
 
@@ -75,3 +76,21 @@ def test_bm25_by_hand():
   assert baselines.bm25_top_chunks(chunks, [4, 1], k=2) == [0, 1]
   assert baselines.bm25_top_chunks(chunks, [4, 1], k=1) == [1]
   assert baselines.bm25_top_chunks([], [1], k=3) == []
+
+
+def test_the_tiny_memagent_config_trains_a_raw_reader_at_its_own_learning_rate():
+  """At the method's 3e-3 the raw reader's lookup never formed (3000 SFT steps: 6% accuracy);
+  `configs/tiny.py:STAGE,VARIANT,TASK,memagent` gives it the 1e-3 it learns at (100%)."""
+  from configs import tiny
+  method, baseline = tiny.get_config("sft,full"), tiny.get_config("sft,full,multihop,memagent")
+  assert (method.agent, baseline.agent) == ("lychee", "memagent")
+  assert baseline.optimizer.learning_rate == 1e-3 < method.optimizer.learning_rate
+  assert baseline.task.curriculum_end == 0
+  assert baseline.demo.sft_steps == method.demo.sft_steps  # the same step budget
+  # Everything else, the backbone first, is the method's.
+  for block in ("model", "compressor", "reasoner", "prompts", "train"):
+    assert baseline[block].to_dict() == method[block].to_dict(), block
+  assert tiny.get_config("rl,full,multihop,memagent").agent == "memagent"
+  for stage in ("compressor", "gate"):
+    with pytest.raises(ValueError, match="no .* stage"):
+      tiny.get_config(f"{stage},full,multihop,memagent")

@@ -28,6 +28,12 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   for key in ("reward_start", "reward_end", "accuracy_before", "accuracy_after"):
     assert early[key] is not None
   assert "accuracy_1x" in stages["sft"]
+  # The baseline trains with its own settings (configs/tiny.py, AGENT memagent): at the
+  # method's learning rate its raw-chunk lookup never forms.
+  memagent = _small("sft,default,multihop,memagent")
+  assert memagent.agent == "memagent"
+  assert stages["memagent_sft"]["learning_rate"] == memagent.optimizer.learning_rate
+  assert memagent.optimizer.learning_rate < _small("sft").optimizer.learning_rate
   def strict(constant):
     raise AssertionError(f"{constant} in results.json: not strict JSON")
   rows = json.load(open(tmp_path / "results.json"), parse_constant=strict)
@@ -53,3 +59,10 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
   again = []
   demo.run_demo(_small, str(tmp_path), log=again.append)
   assert sum("reused" in line for line in again) == 9
+
+
+def test_a_memagent_agent_is_evaluated_on_sections_as_long_as_its_training_chunks():
+  config = _small("sft,default,multihop,memagent")
+  config.compressor.chunk_size = config.compressor.window = 8
+  assert demo._memagent_baseline(config).memagent_chunk == 8
+  assert demo._memagent_baseline(_small("sft")).memagent_chunk == 16

@@ -16,6 +16,16 @@ distractors (a `distractor_density` share of the rest), then filler.  The
 facts a question needs appear in reading order, so one left-to-right pass can
 answer (DESIGN §8: facts in any order need several passes).  Distractors never
 start from an entity of the chain, so exactly the supporting facts are relevant.
+
+That makes the chain's entities absorbing for a reader that follows arrows
+without the question: once on q, x or y nothing leads it off, and y holds it
+for good.  The longer the context, the likelier such a walk ends on the answer
+(multihop, from a random entity: 7% at 128 tokens, 17% at 1K, 65% at 8K, 93% at
+32K), so long contexts reward a reader that lost the thread.  `chain_distractors`
+(multihop) lets distractors start and end at chain entities too, except where
+a reader could follow them or be held by them: between the facts that make c_k
+the pointer and move it on, no distractor mentions c_k or c_(k-1) (the chunk
+of the fact may still hold c_(k-1) as its pointer).
 """
 
 from __future__ import annotations
@@ -44,6 +54,9 @@ class TaskConfig:
   distractor_density: float = 1.0
   num_entities: int = 64
   min_fact_gap: int = 0  # tokens between consecutive needed facts (= chunk size: one per chunk)
+  # multihop: distractors use chain entities too, never where a correct reader would follow
+  # them (see the module doc: without it, long contexts leak the answer to lost readers).
+  chain_distractors: bool = False
 
   def __post_init__(self):
     if self.task not in TASKS:
@@ -62,6 +75,8 @@ class TaskConfig:
       raise ValueError(f"length must be positive, got {self.length}")
     if self.min_fact_gap < 0:
       raise ValueError(f"min_fact_gap must be >= 0, got {self.min_fact_gap}")
+    if self.chain_distractors and self.task != "multihop":
+      raise ValueError(f"chain_distractors is a multihop setting, not {self.task}'s")
 
 
 # --- the small vocabulary -----------------------------------------------------
@@ -133,6 +148,8 @@ class _Facts:
   oracle: list[Piece]
   metadata: dict
   oracle_start: Piece = ()
+  # A distractor for the stretch after k needed facts (None: `distractor` fits everywhere).
+  distractor_after: Callable[[int], Piece] | None = None
 
 
 def _fill(rng, facts: _Facts, config: TaskConfig, tokenizer, filler: Callable[[int], Piece]
@@ -173,6 +190,7 @@ def _fill(rng, facts: _Facts, config: TaskConfig, tokenizer, filler: Callable[[i
   else:
     raise ValueError(f"could not place {len(facts.needed)} facts {config.min_fact_gap} tokens "
                      f"apart in {config.length} tokens; lengthen the context or lower the gap")
+  is_distractor = iter(order < len(distractors))
   segments: list[Piece] = []
   supporting: list[int] = []
   it = iter(others)
@@ -181,20 +199,48 @@ def _fill(rng, facts: _Facts, config: TaskConfig, tokenizer, filler: Callable[[i
     if len(supporting) < len(facts.needed) and i == slots[len(supporting)]:
       supporting.append(len(segments))
       segments.append(next(needed))
-    else:
-      segments.append(next(it))
+      continue
+    piece = next(it)
+    if next(is_distractor) and facts.distractor_after is not None:
+      piece = _redraw(piece, lambda: facts.distractor_after(len(supporting)), size)
+    segments.append(piece)
   return segments, supporting
+
+
+def _redraw(piece: Piece, make: Callable[[], Piece], size: Callable[[Piece], int],
+            tries: int = 50) -> Piece:
+  """A distractor from `make` of the same token length as `piece` (which was placed by its
+  length), or `piece` itself when none comes up (text names differ in length)."""
+  for _ in range(tries):
+    candidate = make()
+    if size(candidate) == size(piece):
+      return candidate
+  return piece
 
 
 def _multihop(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None) -> _Facts:
   h = config.hops
   chain = rng.choice(config.num_entities, h + 1, replace=False)  # q, x1, ..., xh
   others = np.setdiff1d(np.arange(config.num_entities), chain)
+  # With chain_distractors, the distractors placed by length use no chain entity (they fit
+  # anywhere); each is then redrawn for its stretch by `after`.
+  target = lambda: (rng.choice(others) if config.chain_distractors
+                    else rng.integers(config.num_entities))
+
+  def pair_after(k: int) -> tuple[int, int]:
+    """(source, target) of a distractor after k needed facts: neither is the pointer c_k nor
+    the previous pointer c_(k-1), and no needed fact is repeated."""
+    free = np.setdiff1d(np.arange(config.num_entities), chain[max(k - 1, 0):k + 1])
+    while True:
+      a, b = int(rng.choice(free)), int(rng.choice(free))
+      if not any(a == chain[j] and b == chain[j + 1] for j in range(h)):
+        return a, b
+
   if names is None:
     ent = vocab.entity
     needed = [(ent(chain[k]), vocab["->"], ent(chain[k + 1]), vocab[";"]) for k in range(h)]
-    distractor = lambda: (ent(rng.choice(others)), vocab["->"],
-                          ent(rng.integers(config.num_entities)), vocab[";"])
+    distractor = lambda: (ent(rng.choice(others)), vocab["->"], ent(target()), vocab[";"])
+    fact = lambda a, b: (ent(a), vocab["->"], ent(b), vocab[";"])
     question = (vocab["?"], ent(chain[0]), vocab.hop(h))
     answers = ((ent(chain[h]),),)
     oracle = [(ent(chain[k + 1]), vocab.hop(k + 1)) for k in range(h)]
@@ -203,14 +249,15 @@ def _multihop(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | Non
   else:
     name = lambda i: names[i]
     needed = [f"{name(chain[k])} leads to {name(chain[k + 1])}. " for k in range(h)]
-    distractor = lambda: (f"{name(rng.choice(others))} leads to "
-                          f"{name(rng.integers(config.num_entities))}. ")
+    distractor = lambda: f"{name(rng.choice(others))} leads to {name(target())}. "
+    fact = lambda a, b: f"{name(a)} leads to {name(b)}. "
     question = f"Start at {name(chain[0])} and follow {h} links. Where do you end?"
     answers = (name(chain[h]),)
     oracle = [f"After {k + 1} of {h} links: {name(chain[k + 1])}." for k in range(h)]
     start = f"After 0 of {h} links: {name(chain[0])}."
+  after = (lambda k: fact(*pair_after(k))) if config.chain_distractors else None
   return _Facts(needed, distractor, question, answers, oracle,
-                {"chain": [int(c) for c in chain]}, start)
+                {"chain": [int(c) for c in chain]}, start, after)
 
 
 def _vartrack(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None) -> _Facts:

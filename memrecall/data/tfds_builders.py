@@ -88,13 +88,17 @@ def _percent(density: float) -> str:
 
 def synthetic_config_name(task: TaskConfig, base_seed: int = 0,
                           split_sizes: Mapping[str, int] | None = None) -> str:
-  """`multihop-ids-L256-h2-d100`, plus `-e{entities}`, `-s{seed}` and `-{split}{size}...`
-  when they differ from the defaults: one name per distinct dataset, so a data_dir never
-  holds a stale build under a reused name."""
+  """`multihop-ids-L256-h2-d100`, plus `-e{entities}`, `-g{min_fact_gap}`, `-c` (chain
+  distractors), `-s{seed}` and `-{split}{size}...` when they differ from the defaults: one
+  name per distinct dataset, so a data_dir never holds a stale build under a reused name."""
   name = (f"{task.task}-{task.form}-L{task.length}-h{task.hops}"
           f"-d{_percent(task.distractor_density)}")
   if task.num_entities != _DEFAULT_ENTITIES:
     name += f"-e{task.num_entities}"
+  if task.min_fact_gap:
+    name += f"-g{task.min_fact_gap}"
+  if task.chain_distractors:
+    name += "-c"
   if base_seed:
     name += f"-s{base_seed}"
   if split_sizes is not None and dict(split_sizes) != default_split_sizes(task):

@@ -1,5 +1,6 @@
 """Synthetic tasks: determinism, exact lengths, and labels/oracle traces re-derived independently."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -202,3 +203,76 @@ def test_min_fact_gap_puts_each_needed_fact_in_its_own_chunk():
     assert tokenized.chunk_labels(32).sum() == 2  # two different chunks
   with pytest.raises(ValueError, match="could not place 3 facts 64 tokens apart"):
     synthetic.make_example(synthetic.TaskConfig(length=100, hops=3, min_fact_gap=64), 0, 0)
+
+
+def _chain_and_facts(ex, form):
+  """The chain (ids or names) and every fact of the context as (source, target), in order."""
+  if form == "ids":
+    v = synthetic.SmallVocab()
+    chain = [v.entity(c) for c in ex.metadata["chain"]]
+    return chain, [(s[0], s[2]) for s in ex.segments if s[0] != v["filler"]]
+  names = synthetic._names(np.random.default_rng([ex.metadata["seed"], 1]), 64)
+  chain = [names[c] for c in ex.metadata["chain"]]
+  facts = [re.fullmatch(r"(\w+) leads to (\w+)\. ", s) for s in ex.segments]
+  return chain, [f.groups() for f in facts if f]
+
+
+@pytest.mark.parametrize("form", synthetic.FORMS)
+def test_chain_distractors_never_where_a_correct_reader_would_follow_them(form):
+  config = synthetic.TaskConfig(form=form, length=2500, hops=3, distractor_density=0.7,
+                                chain_distractors=True)
+  chain_sources = chain_targets = 0
+  for index in range(3):
+    ex = synthetic.make_example(config, seed=index, index=index)
+    chain, facts = _chain_and_facts(ex, form)
+    needed = set(zip(chain, chain[1:]))
+    k = 0  # needed facts read so far: the pointer is chain[k]
+    for source, target in facts:
+      if (source, target) == (chain[k], chain[k + 1] if k < config.hops else None):
+        k += 1
+        continue
+      assert (source, target) not in needed  # no needed fact twice
+      near = chain[max(k - 1, 0):k + 1]  # the pointer, and the one its chunk may still hold
+      assert source not in near and target not in near, (k, source, target)
+      chain_sources += source in chain
+      chain_targets += target in chain
+    assert k == config.hops
+    tokenized = example_lib.tokenize(ex, TOK)
+    assert len(_rederive("multihop", form, ex, tokenized)) == len(ex.supporting)
+    assert abs(len(tokenized.context) - config.length) <= 0.01 * config.length
+  # Text names differ in length, so fewer of its distractors find a same-length redraw.
+  assert chain_sources > 0 and chain_targets > 0
+
+
+def _question_blind_walks(ex) -> np.ndarray:
+  """Where readers that never read the question end, one starting on each entity: every fact
+  whose source is a reader's pointer moves it on."""
+  v = synthetic.SmallVocab()
+  pointers = np.asarray([v.entity(i) for i in range(v.num_entities)])
+  for segment in ex.segments:
+    if segment[1] == v["->"]:
+      pointers[pointers == segment[0]] = segment[2]
+  return pointers
+
+
+def test_long_contexts_do_not_lead_a_lost_reader_to_the_answer():
+  """Without chain_distractors the chain's entities absorb such a walk (no distractor leaves
+  them), so the longer the context the likelier it ends on the answer (a memagent baseline
+  that had not learned the lookup answered 6% at 1x and 38% at 256x, 55 of its 64 answers
+  there on the chain).  With them the walk stays near chance."""
+  from configs import tiny
+  from memrecall import runs
+
+  def answered(config):
+    config = dataclasses.replace(config, length=2048)  # 16x the demo's training length
+    examples = [synthetic.make_example(config, seed=0, index=i) for i in range(30)]
+    return np.mean([(_question_blind_walks(ex) == ex.answers[0][0]).mean() for ex in examples])
+
+  assert answered(synthetic.TaskConfig(min_fact_gap=16)) > 0.2  # the leak, as it was (25%)
+  assert answered(synthetic.TaskConfig(min_fact_gap=16, chain_distractors=True)) < 0.08
+  assert answered(runs.build_run(tiny.get_config("sft")).task) < 0.08  # the demo's task
+
+
+def test_chain_distractors_are_a_multihop_setting():
+  with pytest.raises(ValueError, match="chain_distractors is a multihop setting"):
+    synthetic.TaskConfig(task="vartrack", chain_distractors=True)

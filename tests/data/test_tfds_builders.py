@@ -85,9 +85,11 @@ def test_config_names_and_predefined_configs():
   assert "train" not in tb.synthetic_config(TaskConfig(length=16384)).split_sizes
   names = {tb.synthetic_config(t).name for t in (
       TaskConfig(distractor_density=0.3), TaskConfig(distractor_density=0.333),
-      TaskConfig(num_entities=32), TaskConfig(hops=3))}
+      TaskConfig(num_entities=32), TaskConfig(hops=3), TaskConfig(min_fact_gap=16),
+      TaskConfig(chain_distractors=True))}
   assert names == {"multihop-ids-L256-h2-d30", "multihop-ids-L256-h2-d33.3",
-                   "multihop-ids-L256-h2-d100-e32", "multihop-ids-L256-h3-d100"}
+                   "multihop-ids-L256-h2-d100-e32", "multihop-ids-L256-h3-d100",
+                   "multihop-ids-L256-h2-d100-g16", "multihop-ids-L256-h2-d100-c"}
   assert tb.synthetic_config(TASKS["ids"], 2, SIZES).name == (
       "multihop-ids-L128-h2-d50-s2-train23-validation5-test7")
   configs = tb.SyntheticTasks.BUILDER_CONFIGS
