@@ -109,6 +109,8 @@ def main(argv):
                            temperature=_TEMPERATURE.value)
   question, question_mask = prompts.pad_ids([question_ids])
   rng = jax.random.key(_SEED.value)
+  # Per-layer weights for the loop's decode steps; the bank's fingerprint stays the stored tree's.
+  layer_params, setup = recall.inference_layout(params, setup)
 
   if _STREAM.value:
     if _MEMORY_BANK.value:
@@ -117,7 +119,7 @@ def main(argv):
     pad = -chunk_ids.shape[0] % g
     ids = np.pad(chunk_ids, ((0, pad), (0, 0)))[:, None]
     mask = np.pad(chunk_mask, ((0, pad), (0, 0)))[:, None]
-    out = recall.recall_streaming(params, setup, settings, jnp.asarray(ids),
+    out = recall.recall_streaming(layer_params, setup, settings, jnp.asarray(ids),
                                   jnp.asarray(mask), question, question_mask, rng)
     n_blocks = chunk_ids.shape[0]
   else:
@@ -134,7 +136,7 @@ def main(argv):
         raise app.UsageError(str(e)) from None
       print(f"reusing memory bank {bank_dir}", file=sys.stderr)
     else:
-      memory = compressor.compress(params, config, settings, jnp.asarray(chunk_ids),
+      memory = compressor.compress(layer_params, setup.model, settings, jnp.asarray(chunk_ids),
                                    jnp.asarray(chunk_mask))
       if bank_dir:
         memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
@@ -142,7 +144,7 @@ def main(argv):
         print(f"saved memory bank {bank_dir}", file=sys.stderr)
       bank = jax.tree.map(np.asarray, recall.DocumentBank.from_chunks([memory]))
     n_blocks = bank.num_blocks
-    out = recall.recall_from_host(params, setup, bank, question, question_mask, rng,
+    out = recall.recall_from_host(layer_params, setup, bank, question, question_mask, rng,
                                   progress=progress.Progress(n_blocks, "chunks"))
 
   n = int(out.answer.lengths[0])

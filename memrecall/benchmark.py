@@ -30,6 +30,7 @@ from memrecall import baselines, sampling
 from memrecall.compressor import CompressorConfig, compress
 from memrecall.config import ModelConfig
 from memrecall.evaluation import compiled_bytes
+from memrecall.model import unstack_layers
 from memrecall.prompts import Prompts, pad_ids
 from memrecall.reasoner import ReasonerConfig
 from memrecall.recall import DocumentBank, RecallConfig, RecallSetup, recall, recall_streaming
@@ -210,7 +211,9 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
                   ceilings: Ceilings | None = None, log=print) -> list[dict]:
   """Rows {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s", "peak_bytes"},
   and with `ceilings` also "floor_s" (`mode_floor`), "floor_ratio" (total / floor) and
-  "compress_efficiency" (compression's achieved FLOP/s over the matmul ceiling)."""
+  "compress_efficiency" (compression's achieved FLOP/s over the matmul ceiling).  Runs in the
+  inference layout (`model.unstack_layers`), as evaluation does."""
+  params, config = unstack_layers(params, config)
   reasoner = ReasonerConfig(memory_size=settings.memory_size, answer_tokens=settings.answer_tokens)
   greedy = sampling.SamplingConfig(eos_ids=(), pad_id=0)  # no EOS: every update decodes fully
   rows = []

@@ -64,6 +64,12 @@ class ModelConfig:
   gate_lora_rank: int = 0
   gate_lora_alpha: float = 16.0
   gate_lora_targets: tuple[str, ...] = ("q", "k", "v", "o")
+  # The parameters' layer layout.  True: every layer's parameters stacked on a leading
+  # `layers` axis and run under a scan (checkpoints and training: compile time does not grow
+  # with depth).  False: one subtree per layer (`layers_0`, ...) run in an unrolled loop, for
+  # inference: inside a decode loop XLA copies a scanned layer's weight slice at every step,
+  # where separate arrays are read in place (`model.unstack_layers` converts).
+  scan_layers: bool = True
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -90,6 +96,8 @@ class ModelConfig:
       raise ConfigError(f"unknown gate_lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")
     if self.gate_lora_rank < 0:
       raise ConfigError(f"gate_lora_rank must be >= 0, got {self.gate_lora_rank}")
+    if not isinstance(self.scan_layers, bool):
+      raise ConfigError(f"scan_layers must be True or False, got {self.scan_layers!r}")
 
   @property
   def has_gate(self) -> bool:

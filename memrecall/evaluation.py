@@ -15,7 +15,7 @@ from memrecall.compressor import CompressorConfig, chunk_documents
 from memrecall.data.example import TokenizedExample
 from memrecall.distributed import is_primary
 from memrecall.prompts import pad_ids
-from memrecall.recall import RecallSetup, recall_documents
+from memrecall.recall import RecallSetup, inference_layout, recall_documents
 
 # score(prediction ids without EOS, example) -> {"em", "sub_em", "strict_sub_em"}: `runs.Run.score`.
 Scorer = Callable[[Sequence[int], TokenizedExample], dict]
@@ -119,6 +119,7 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
   """Runs compression + recall on `examples` in batches and scores the answers; times the
   first `latency_examples` questions alone too.  max_tokens: pad every batch to this many
   tokens' chunks (one compiled shape across calls; default: the longest example)."""
+  params, setup = inference_layout(params, setup)
   max_tokens = max_tokens or max(len(ex.context) for ex in examples)
   n_chunks = -(-max_tokens // compressor.chunk_size)
   eos = set(setup.model.eos_token_ids)
@@ -188,6 +189,7 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
   timed, max_tokens: as in `evaluate`."""
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+  params, setup = inference_layout(params, setup)
   if mode in RECALL_MODES:
     setup = dataclasses.replace(setup, recall=dataclasses.replace(setup.recall, mode=mode))
     return evaluate(params, setup, compressor, examples, score, batch_size=batch_size,

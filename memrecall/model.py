@@ -2,7 +2,8 @@
 
 Parameters live in an explicit tree (`init_params`), every leaf annotated with
 logical axis names (see `sharding.py`); layers are stacked on a leading
-`layers` axis and run under `nn.scan`, so compile time does not grow with depth.
+`layers` axis and run under `nn.scan`, so compile time does not grow with depth
+(`ModelConfig.scan_layers`; inference may unstack them, see `unstack_layers`).
 The KV cache is a plain pytree (`KVCache`) passed in and returned, never a
 hidden Flax collection, so it can be donated, sharded and spliced (the
 Reasoner puts compressed memory slots in front of its prompt).
@@ -153,7 +154,10 @@ class Attention(nn.Module):
     out = with_logical_constraint(out, ("batch", "length", "act_heads", None))
     o_kernel = _param(self, "o_kernel", _KERNEL_INIT, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                       ("heads", "head_dim", "embed"), cfg.jnp_param_dtype)
-    y = jnp.einsum("bthd,hde->bte", out, o_kernel.astype(out.dtype))
+    # As one [B, T, H*D] x [H*D, E] product: the kernel's reshape is free, where the einsum
+    # let XLA CPU copy a transposed kernel at every decode step.
+    b, t = out.shape[:2]
+    y = out.reshape(b, t, -1) @ o_kernel.astype(out.dtype).reshape(-1, cfg.hidden_size)
     delta = lora_delta(self, "o", out, ("heads", "head_dim"), (cfg.hidden_size,), ("embed",),
                        self.use_lora)
     return (y if delta is None else y + delta), layer_kv
@@ -232,14 +236,17 @@ class Qwen2(nn.Module):
     layer = DecoderLayer
     if cfg.remat != "none":
       layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    self.layers = nn.scan(
-        layer,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, self.beacon_rows, self.use_lora, name="layers")
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          layer,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, self.beacon_rows, self.use_lora, name="layers")
+    else:  # subtrees layers_0, layers_1, ...
+      self.layers = [layer(cfg, self.beacon_rows, self.use_lora) for _ in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
     if cfg.has_gate:
       self.gate_head = self.param(
@@ -271,7 +278,16 @@ class Qwen2(nn.Module):
     cfg = self.config
     x = with_logical_constraint(x, ("batch", "length", "act_embed"))
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    x, cache_kv = self.layers(x, cache_kv, cos, sin, mask, write_index)
+    if cfg.scan_layers:
+      x, cache_kv = self.layers(x, cache_kv, cos, sin, mask, write_index)
+      return self.final_norm(x), cache_kv
+    out = []  # each layer's returned cache; the stacked cache keeps its [L, ...] layout
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache_kv is None else {n: a[i] for n, a in cache_kv.items()}
+      x, layer_cache = layer(x, layer_cache, cos, sin, mask, write_index)
+      out.append(layer_cache)
+    if out[0] is not None:
+      cache_kv = {n: jnp.stack([c[n] for c in out]) for n in out[0]}
     return self.final_norm(x), cache_kv
 
   def logits(self, hidden: Array) -> Array:
@@ -384,6 +400,34 @@ def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None
   cache = KVCache(k=kv["k"], v=kv["v"], key_mask=key_mask, index=cache.index + t,
                   next_position=cache.next_position + token_mask.sum(-1, dtype=jnp.int32))
   return logits, cache
+
+
+def unstack_layers(params, config: ModelConfig):
+  """The stacked `layers` subtree split into `layers_0` ... (the `scan_layers=False` layout;
+  one copy of the weights, made once outside any loop).  Returns (params, config)."""
+  if not config.scan_layers:
+    return params, config
+  if "layers" not in params:
+    raise ValueError("the parameters have no stacked `layers` subtree to split")
+  stacked = params["layers"]
+  params = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(config.num_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params, config.replace(scan_layers=False)
+
+
+def stack_layers(params, config: ModelConfig):
+  """Inverse of `unstack_layers`: back to the stacked layout of checkpoints and training."""
+  if config.scan_layers:
+    return params, config
+  names = [f"layers_{i}" for i in range(config.num_layers)]
+  missing = [n for n in names if n not in params]
+  if missing:
+    raise ValueError(f"the parameters lack per-layer subtrees {missing}")
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+  params = {k: v for k, v in params.items() if k not in names}
+  params["layers"] = stacked
+  return params, config.replace(scan_layers=True)
 
 
 def abstract_params(config: ModelConfig) -> Any:

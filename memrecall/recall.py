@@ -37,6 +37,7 @@ import numpy as np
 from memrecall.compressor import ChunkMemory, CompressorConfig, compress
 from memrecall.config import ModelConfig
 from memrecall.gate import gate_context, gate_probability, score_chunks
+from memrecall.model import unstack_layers
 from memrecall.prompts import Prompts
 from memrecall.reasoner import (ReasonerConfig, WorkingMemory, final_answer, memory_capacity,
                                 update_memory)
@@ -85,6 +86,14 @@ class RecallSetup:
   @property
   def memory_capacity(self) -> int:
     return memory_capacity(self.prompts.initial_memory, self.reasoner)
+
+
+def inference_layout(params, setup: RecallSetup) -> tuple[dict, RecallSetup]:
+  """(params, setup) with one parameter subtree per layer (`ModelConfig.scan_layers=False`):
+  the recall loop's decode steps then read each layer's weights in place instead of copying
+  a slice of the stack at every step.  One copy of the weights; a no-op if already split."""
+  params, model_config = unstack_layers(params, setup.model)
+  return params, setup.replace(model=model_config)
 
 
 @flax.struct.dataclass

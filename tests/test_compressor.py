@@ -97,6 +97,19 @@ def test_compression_in_groups_equals_one_call(random_compressor_model, group_si
                grouped_grads, grads)
 
 
+@pytest.mark.parametrize("group_size", [0, 3])
+def test_per_layer_layout_compresses_as_the_scanned_stack(random_compressor_model, group_size):
+  params, config, _ = random_compressor_model
+  settings = compressor.CompressorConfig(chunk_size=16, window=8, ratio=4, group_size=group_size)
+  document = np.random.default_rng(3).integers(3, config.vocab_size, 6 * 16 - 3)
+  ids, mask = (jnp.asarray(x) for x in compressor.chunk_document(document, 16, pad_id=0))
+  expected = compressor.compress(params, config, settings, ids, mask)
+  memory = compressor.compress(*model.unstack_layers(params, config), settings, ids, mask)
+  np.testing.assert_allclose(memory.k, expected.k, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(memory.v, expected.v, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(memory.slot_mask, expected.slot_mask)
+
+
 def test_compression_does_not_copy_the_layer_weights():
   """Skipping the last layer's unused work must not materialise a slice of the layer stack."""
   config = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=1024, num_layers=8,

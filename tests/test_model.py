@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,61 @@ def test_cached_decode_equals_full_forward_at_every_step(tiny_dir):
     np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
   assert int(cache.index) == 12
   np.testing.assert_array_equal(cache.next_position, [12, 10])
+
+
+def test_per_layer_layout_equals_the_scanned_stack(tiny_dir):
+  """`unstack_layers` (inference's layout) gives the scanned stack's logits and cache, and
+  `stack_layers` restores the checkpoint layout exactly."""
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  split, split_config = model.unstack_layers(params, config)
+  assert not split_config.scan_layers and "layers" not in split
+  assert sorted(k for k in split if k.startswith("layers_")) == [
+      f"layers_{i}" for i in range(config.num_layers)]
+  abstract = jax.tree.map(lambda x: x.shape, nn.unbox(model.abstract_params(split_config)))
+  assert abstract == jax.tree.map(lambda x: x.shape, split)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(3, config.vocab_size, (2, 9)))
+  mask = jnp.asarray([[1] * 9, [0, 0] + [1] * 7], bool)
+  np.testing.assert_allclose(model.forward(split, split_config, tokens, mask)[0],
+                             model.forward(params, config, tokens, mask)[0], atol=2e-5, rtol=1e-5)
+  caches = [model.init_cache(config, 2, 10), model.init_cache(config, 2, 10)]
+  for t in (tokens[:, :8], tokens[:, 8:]):
+    (a, caches[0]), (b, caches[1]) = (model.forward(params, config, t, None, caches[0]),
+                                      model.forward(split, split_config, t, None, caches[1]))
+    np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(caches[1].k, caches[0].k, atol=1e-5)
+  np.testing.assert_allclose(caches[1].v, caches[0].v, atol=1e-5)
+  restored, restored_config = model.stack_layers(split, split_config)
+  assert restored_config == config
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+  assert model.unstack_layers(split, split_config)[0] is split  # already split: unchanged
+  with pytest.raises(ValueError, match="lack per-layer subtrees"):
+    model.stack_layers({k: v for k, v in split.items() if k != "layers_1"}, split_config)
+
+
+def test_per_layer_decode_step_copies_no_weights():
+  """The reason for the layout: a scanned stack's decode step copies weight slices (XLA's
+  dynamic-slices of the stack); per-layer arrays are read where they lie."""
+  config = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_layers=3,
+                       num_heads=4, num_kv_heads=2, head_dim=32)
+  params = model.init_params(config, jax.random.key(0))
+  # A layer kernel's shapes: [128, 384], [384, 128], [128, 4, 32], [4, 32, 128] ...
+  kernels = {tuple(x.shape[1:]) for path, x in jax.tree_util.tree_leaves_with_path(params["layers"])
+             if "kernel" in jax.tree_util.keystr(path)}
+
+  def weight_sized_copies(params, config):
+    step = jax.jit(lambda p, c, t: model.forward(p, config, t, None, c))
+    text = step.lower(params, model.init_cache(config, 1, 8),
+                      jnp.ones((1, 1), jnp.int32)).compile().as_text()
+    shapes = re.findall(r"= f32\[([0-9,]+)\][^ ]* (?:fusion|copy|slice|dynamic-slice|transpose)\(",
+                        text)
+    shapes = [tuple(int(d) for d in s.split(",")) for s in shapes]
+    # A copied kernel, a slice of the stack ([1, ...]) or a reshaped/transposed kernel.
+    sizes = {np.prod(k) for k in kernels}
+    return sum(s in kernels or s[1:] in kernels or (len(s) == 2 and np.prod(s) in sizes)
+               for s in shapes)
+
+  assert weight_sized_copies(params, config) > 0  # the scanned stack does copy
+  assert weight_sized_copies(*model.unstack_layers(params, config)) == 0
 
 
 def test_bfloat16_compute_stays_close_to_float32(tiny_dir, hf_reference):
