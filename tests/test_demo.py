@@ -15,6 +15,7 @@ def _small(arg):
   c.demo.memagent_examples, c.demo.rl_eval_examples, c.demo.latency_examples = 2, 4, 2
   c.demo.train_memagent = True  # the full variant's fair baseline, on raw chunks
   c.demo.extra_tasks = ("vartrack",)  # and its harder task
+  c.demo.eval_modes = ("gate", "all", "memagent")  # the full variant's modes
   return c
 
 
