@@ -245,8 +245,9 @@ def _beacon_kv_only(params, config: ModelConfig, beacon_rows: int, x: Array, pos
 
   Compression keeps only beacon K/V, and the last layer's are projected from its input, so
   that layer's attention and MLP are never needed.  A `lax.cond` on the layer index inside
-  the scan over the stacked layers skips them (per-layer subtrees: a static skip); slicing the stack to its first L-1 layers
-  instead would make XLA copy those layers' weights (≈ the parameters' size in temporaries).
+  the scan over the stacked layers skips them (per-layer subtrees: a static skip); slicing
+  the stack to its first L-1 layers instead would make XLA copy those layers' weights (≈ the
+  parameters' size in temporaries).
   """
   layer = DecoderLayer(config, beacon_rows=beacon_rows)
   norm = RMSNorm(config.rms_norm_eps, config.jnp_dtype, config.jnp_param_dtype)
@@ -272,16 +273,15 @@ def _beacon_kv_only(params, config: ModelConfig, beacon_rows: int, x: Array, pos
     return jax.lax.cond(index == config.num_layers - 1, beacon_projections, whole_layer,
                         x, layer_params, layer_prefix)
 
-  if config.remat != "none":
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
-  if not config.scan_layers:  # per-layer subtrees: the loop is unrolled and skips statically
+  if not config.scan_layers:  # per-layer subtrees (inference): an unrolled loop, a static skip
     own = []
     for i in range(config.num_layers):
-      layer_prefix = {n: a[i] for n, a in prefix.items()}
       step = beacon_projections if i == config.num_layers - 1 else whole_layer
-      x, layer_kv = step(x, params[f"layers_{i}"], layer_prefix)
+      x, layer_kv = step(x, params[f"layers_{i}"], {n: a[i] for n, a in prefix.items()})
       own.append(layer_kv)
     return {n: jnp.stack([kv[n] for kv in own]) for n in own[0]}
+  if config.remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
   scanned = (jnp.arange(config.num_layers), params["layers"], prefix)
   return jax.lax.scan(body, x, scanned)[1]
 
