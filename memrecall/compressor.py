@@ -183,7 +183,9 @@ def _interleaved_order(window: int, ratio: int) -> np.ndarray:
 def window_inputs(raw_mask: Array, prefix: int, ratio: int) -> tuple[Array, Array]:
   """Positions [N, P + T] (prefix then own rows) and attention mask [N, 1, T, P + T] of a window.
 
-  raw_mask: [N, W] validity of the window's raw tokens; beacons are always valid.
+  raw_mask: [N, W] validity of the window's raw tokens; beacons are always valid.  The
+  mask's own key columns are in the interleaved order (`model.interleave_beacons`), so that
+  each block of raw query rows sees a prefix of the keys (`model.compression_key_limits`).
   """
   n, window = raw_mask.shape
   order = jnp.asarray(_interleaved_order(window, ratio))  # [T]
@@ -194,8 +196,8 @@ def window_inputs(raw_mask: Array, prefix: int, ratio: int) -> tuple[Array, Arra
   running = jnp.cumsum(valid_interleaved.astype(jnp.int32), axis=1)[:, order]
   own_pos = jnp.maximum(prefix + running - 1, 0)
   positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(prefix), (n, prefix)), own_pos], axis=1)
-  causal = order[None, :] <= order[:, None]  # [T(query), T(key)]
-  own_keys = causal[None] & own_valid[:, None, :]  # [N, T, T]
+  causal = jnp.arange(order.size)[None, :] <= order[:, None]  # [T(query row), T(interleaved key)]
+  own_keys = causal[None] & valid_interleaved[:, None, :]  # [N, T, T]
   prefix_keys = jnp.ones((n, order.size, prefix), bool)
   mask = jnp.concatenate([prefix_keys, own_keys], axis=2)[:, None]
   return positions, mask

@@ -86,6 +86,36 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
+# Raw query rows per attention block of a compression window (`compression_key_limits`).
+COMPRESSION_QUERY_BLOCK = 256
+
+
+def interleave_beacons(x: Array, beacon_rows: int) -> Array:
+  """A window's rows [W raw, G beacons] -> the interleaved order (r raw, 1 beacon, r raw, ...).
+
+  x: [N, W + G, ...]; a concatenation and reshapes, no gather."""
+  n, rows = x.shape[:2]
+  ratio = (rows - beacon_rows) // beacon_rows
+  raw = x[:, :rows - beacon_rows].reshape((n, beacon_rows, ratio) + x.shape[2:])
+  return jnp.concatenate([raw, x[:, rows - beacon_rows:, None]], axis=2).reshape(x.shape)
+
+
+def compression_key_limits(prefix: int, window: int, beacon_rows: int,
+                           block: int = COMPRESSION_QUERY_BLOCK):
+  """`attend`'s key_limits for a compression window, keys [prefix, own rows interleaved].
+
+  Raw row i sits at interleaved index i + i // r and sees the keys up to it, so a block of
+  raw rows ending at row b sees the first P + (b - 1) + (b - 1) // r + 1 keys; beacons are
+  spread over the window and see them all.  None when blocking skips nothing.
+  """
+  ratio = window // beacon_rows
+  ends = sorted(set(range(block, window, block)) | {window})
+  limits = tuple((end, prefix + end + (end - 1) // ratio) for end in ends)
+  if len(limits) == 1:  # one block of raw rows sees all but the last beacon: nothing to skip
+    return None
+  return limits + ((window + beacon_rows, prefix + window + beacon_rows),)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with q/k/v bias and rotary embeddings.
 
@@ -134,12 +164,18 @@ class Attention(nn.Module):
                write_index: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
     cfg = self.config
     q, k, v = self.qkv(x)  # [B, T, H, D], [B, T, K, D], [B, T, K, D]
+    key_limits = None
     if self.beacon_rows:
       own = {"k": k[:, -self.beacon_rows:], "v": v[:, -self.beacon_rows:]}
       prefix = layer_kv["k"].shape[1]
       q = apply_rope(q, cos[:, prefix:], sin[:, prefix:])
       k = apply_rope(jnp.concatenate([layer_kv["k"].astype(k.dtype), k], axis=1), cos, sin)
       v = jnp.concatenate([layer_kv["v"].astype(v.dtype), v], axis=1)
+      # Own keys in the interleaved order the mask's columns use (compressor.window_inputs).
+      k, v = (jnp.concatenate([a[:, :prefix], interleave_beacons(a[:, prefix:], self.beacon_rows)],
+                              axis=1) for a in (k, v))
+      key_limits = compression_key_limits(prefix, x.shape[1] - self.beacon_rows, self.beacon_rows,
+                                          COMPRESSION_QUERY_BLOCK)
       layer_kv = own
     else:
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -150,7 +186,7 @@ class Attention(nn.Module):
             "v": jax.lax.dynamic_update_slice(layer_kv["v"], v.astype(layer_kv["v"].dtype), start),
         }
         k, v = layer_kv["k"].astype(q.dtype), layer_kv["v"].astype(q.dtype)
-    out = attend(q, k, v, mask, cfg.attention)  # [B, T, H, D]
+    out = attend(q, k, v, mask, cfg.attention, key_limits)  # [B, T, H, D]
     out = with_logical_constraint(out, ("batch", "length", "act_heads", None))
     o_kernel = _param(self, "o_kernel", _KERNEL_INIT, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                       ("heads", "head_dim", "embed"), cfg.jnp_param_dtype)

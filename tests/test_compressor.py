@@ -34,8 +34,13 @@ def random_compressor_model(tmp_path_factory):
     (12, 12, 3, 7),   # one window, a chunk shorter than C
     (16, 16, 8, 30),
 ])
-def test_matches_float64_window_loop(random_compressor_model, chunk, window, ratio, length):
+@pytest.mark.parametrize("query_block", [model.COMPRESSION_QUERY_BLOCK, 3])
+def test_matches_float64_window_loop(random_compressor_model, monkeypatch, chunk, window, ratio,
+                                     length, query_block):
+  """query_block 3: raw query rows attend in blocks that skip the keys they cannot see."""
   params, config, weights = random_compressor_model
+  monkeypatch.setattr(model, "COMPRESSION_QUERY_BLOCK", query_block)
+  jax.clear_caches()  # `compress` was traced with the other block size
   settings = compressor.CompressorConfig(chunk_size=chunk, window=window, ratio=ratio)
   document = np.random.default_rng(length).integers(3, config.vocab_size, length)
   ids, mask = compressor.chunk_document(document, chunk, pad_id=0)
@@ -49,6 +54,27 @@ def test_matches_float64_window_loop(random_compressor_model, chunk, window, rat
       np.testing.assert_allclose(memory.v[layer, c], v, atol=1e-5)
     slots = mask[c].reshape(-1, ratio).any(-1)
     np.testing.assert_array_equal(memory.slot_mask[c], slots)
+
+
+@pytest.mark.parametrize("prefix,window,ratio,block", [(0, 8, 4, 3), (6, 8, 2, 4), (4, 12, 3, 5)])
+def test_key_limits_only_skip_keys_the_mask_hides(prefix, window, ratio, block):
+  raw_mask = np.random.default_rng(window).random((2, window)) < 0.8
+  _, mask = compressor.window_inputs(jnp.asarray(raw_mask), prefix, ratio)
+  mask = np.asarray(mask)[:, 0]  # [N, T, P + T]
+  limits = model.compression_key_limits(prefix, window, window // ratio, block)
+  _, all_valid = compressor.window_inputs(jnp.ones((1, window), bool), prefix, ratio)
+  start = 0
+  for end, count in limits:
+    assert not mask[:, start:end, count:].any()
+    assert np.asarray(all_valid)[0, 0, end - 1, count - 1]  # no tighter limit exists
+    start = end
+  assert start == window + window // ratio
+  assert len(limits) == -(-window // block) + 1
+  assert model.compression_key_limits(prefix, window, window // ratio, window) is None
+  # the interleaved key order the limits assume
+  rows = np.arange(window + window // ratio)[None, :, None]
+  interleaved = np.asarray(model.interleave_beacons(jnp.asarray(rows), window // ratio))[0, :, 0]
+  np.testing.assert_array_equal(interleaved, np.argsort(compressor._interleaved_order(window, ratio)))
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

@@ -1,0 +1,89 @@
+"""`attend`'s XLA path against a float64 loop over heads and against jax's own XLA attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memrecall.attention import attend, grouped_attention, resolve_implementation
+
+
+def naive_attention(query, key, value, mask):
+  """float64, one (batch, head) at a time: softmax(q k^T / sqrt(D)) v over the allowed keys."""
+  b, t, h, d = query.shape
+  kv_heads = key.shape[2]
+  mask = np.broadcast_to(mask, (b, h, t, key.shape[1]))
+  out = np.zeros((b, t, h, d))
+  for i in range(b):
+    for n in range(h):
+      j = n // (h // kv_heads)  # the key/value head query head n shares
+      logits = query[i, :, n].astype(np.float64) @ key[i, :, j].astype(np.float64).T / np.sqrt(d)
+      logits = np.where(mask[i, n], logits, -np.inf)
+      weights = np.exp(logits - logits.max(-1, keepdims=True))
+      out[i, :, n] = (weights / weights.sum(-1, keepdims=True)) @ value[i, :, j]
+  return out
+
+
+def _inputs(b=2, t=5, s=7, h=4, kv_heads=2, d=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(b, t, h, d)).astype(np.float32),
+          rng.normal(size=(b, s, kv_heads, d)).astype(np.float32),
+          rng.normal(size=(b, s, kv_heads, d)).astype(np.float32), rng)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 5, 7), (2, 4, 5, 7), (1, 1, 5, 7), (2, 1, 1, 7),
+                                        (5, 7)])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_attention_matches_a_float64_loop(mask_shape, kv_heads):
+  query, key, value, rng = _inputs(kv_heads=kv_heads)
+  mask = rng.random(mask_shape) < 0.7
+  mask[..., 0] = True  # every query row sees a key
+  out = grouped_attention(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value),
+                          jnp.asarray(mask))
+  np.testing.assert_allclose(out, naive_attention(query, key, value, mask), atol=2e-6)
+  expected = jax.nn.dot_product_attention(query, key, value, mask=jnp.asarray(mask),
+                                          implementation="xla")
+  np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_grouped_attention_without_mask_and_a_row_with_no_key_stays_finite():
+  query, key, value, _ = _inputs()
+  np.testing.assert_allclose(grouped_attention(query, key, value, None),
+                             naive_attention(query, key, value, np.ones((1, 1, 5, 7), bool)),
+                             atol=2e-6)
+  mask = np.ones((2, 1, 5, 7), bool)
+  mask[1, 0, 3] = False  # query row 3 of batch 1 may attend to nothing
+  assert np.isfinite(np.asarray(grouped_attention(query, key, value, jnp.asarray(mask)))).all()
+
+
+def test_grouped_attention_gradients_match_jax_attention():
+  query, key, value, rng = _inputs()
+  mask = jnp.asarray(np.tril(np.ones((5, 7), bool), k=2))[None, None]
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  ours = jax.grad(loss(lambda q, k, v: grouped_attention(q, k, v, mask)), argnums=(0, 1, 2))(
+      query, key, value)
+  theirs = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=mask, implementation="xla")), argnums=(0, 1, 2))(query, key, value)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+def test_bfloat16_inputs_keep_float32_logits_and_return_bfloat16():
+  query, key, value, _ = _inputs()
+  mask = jnp.ones((2, 1, 5, 7), bool)
+  out = grouped_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (query, key, value)), mask)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), naive_attention(query, key, value, mask),
+                             atol=5e-2)
+
+
+def test_attend_on_cpu_takes_the_xla_path_and_rejects_unknown_implementations():
+  assert resolve_implementation("auto", jnp.bfloat16, 64) == (
+      "cudnn" if jax.default_backend() == "gpu" else "xla")
+  query, key, value, _ = _inputs()
+  np.testing.assert_array_equal(attend(query, key, value, None, "xla"),
+                                grouped_attention(query, key, value, None))
+  with pytest.raises(ValueError, match="unknown attention implementation"):
+    attend(query, key, value, None, "flash")
