@@ -84,6 +84,16 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array |
   return jnp.concatenate(outputs, axis=1)
 
 
+def causal_key_limits(queries: int, keys: int, block: int) -> KeyLimits | None:
+  """key_limits of a causal mask whose T queries are the last T of S keys at most: row i sees
+  no key after S - T + i (a prompt written into a cache with room after it, or a
+  cacheless forward with S = T).  None when T fits one block."""
+  if queries <= block:
+    return None
+  ends = sorted(set(range(block, queries, block)) | {queries})
+  return tuple((end, keys - queries + end) for end in ends)
+
+
 def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       mask: jax.Array | None) -> jax.Array:
   """`attend`'s XLA path: the same computation as `jax.nn.dot_product_attention`'s, laid out

@@ -18,7 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from memrecall.attention import attend
+from memrecall.attention import attend, causal_key_limits
 from memrecall.config import ModelConfig
 from memrecall.sharding import with_logical_constraint
 
@@ -86,8 +86,9 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
-# Raw query rows per attention block of a compression window (`compression_key_limits`).
-COMPRESSION_QUERY_BLOCK = 256
+# Query rows per attention block where the mask has a static structure (causal prompts,
+# compression windows: `attention.attend`'s key_limits).
+QUERY_BLOCK = 128
 
 
 def interleave_beacons(x: Array, beacon_rows: int) -> Array:
@@ -100,8 +101,7 @@ def interleave_beacons(x: Array, beacon_rows: int) -> Array:
   return jnp.concatenate([raw, x[:, rows - beacon_rows:, None]], axis=2).reshape(x.shape)
 
 
-def compression_key_limits(prefix: int, window: int, beacon_rows: int,
-                           block: int = COMPRESSION_QUERY_BLOCK):
+def compression_key_limits(prefix: int, window: int, beacon_rows: int, block: int):
   """`attend`'s key_limits for a compression window, keys [prefix, own rows interleaved].
 
   Raw row i sits at interleaved index i + i // r and sees the keys up to it, so a block of
@@ -127,10 +127,14 @@ class Attention(nn.Module):
     and use their own q/k/v projections; `layer_kv` is the pre-RoPE prefix of
     earlier windows' beacons, rotated here with the leading part of cos/sin;
     the returned `layer_kv` is this window's beacon keys/values, pre-RoPE.
+  Compression windows, and with `causal` (the caller's mask is causal, its T queries the last
+  T of the S keys at most, as `forward`'s masks), have a static mask structure: blocks of
+  query rows skip the keys they cannot see (`attention.attend`'s key_limits).
   """
   config: ModelConfig
   beacon_rows: int = 0
   use_lora: bool = False
+  causal: bool = False
 
   def project(self, x: Array, name: str, num_heads: int, heads_axis: str) -> Array:
     cfg = self.config
@@ -175,7 +179,7 @@ class Attention(nn.Module):
       k, v = (jnp.concatenate([a[:, :prefix], interleave_beacons(a[:, prefix:], self.beacon_rows)],
                               axis=1) for a in (k, v))
       key_limits = compression_key_limits(prefix, x.shape[1] - self.beacon_rows, self.beacon_rows,
-                                          COMPRESSION_QUERY_BLOCK)
+                                          QUERY_BLOCK)
       layer_kv = own
     else:
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -186,6 +190,8 @@ class Attention(nn.Module):
             "v": jax.lax.dynamic_update_slice(layer_kv["v"], v.astype(layer_kv["v"].dtype), start),
         }
         k, v = layer_kv["k"].astype(q.dtype), layer_kv["v"].astype(q.dtype)
+      if self.causal:
+        key_limits = causal_key_limits(q.shape[1], k.shape[1], QUERY_BLOCK)
     out = attend(q, k, v, mask, cfg.attention, key_limits)  # [B, T, H, D]
     out = with_logical_constraint(out, ("batch", "length", "act_heads", None))
     o_kernel = _param(self, "o_kernel", _KERNEL_INIT, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
@@ -227,13 +233,15 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
   beacon_rows: int = 0
   use_lora: bool = False
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: Array, layer_cache, cos: Array, sin: Array, mask: Array,
                write_index: Array | None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
-    attn_out, layer_cache = Attention(cfg, self.beacon_rows, self.use_lora, name="attention")(
+    attn_out, layer_cache = Attention(cfg, self.beacon_rows, self.use_lora, self.causal,
+                                          name="attention")(
         norm("input_norm")(x), cos, sin, mask, layer_cache, write_index)
     x = x + attn_out
     x = x + MLP(cfg, self.use_lora, name="mlp")(norm("post_attention_norm")(x))
@@ -254,11 +262,13 @@ class Qwen2(nn.Module):
   build their own input embeddings (the compressor's beacon tokens) or need
   hidden states (the gate's head) reuse the same parameters.  `beacon_rows`
   switches the layers to compression (see `Attention`); the parameter tree is
-  the same either way; `use_lora` applies the gate's adapters.
+  the same either way; `use_lora` applies the gate's adapters; `causal` promises causal
+  masks (see `Attention`).
   """
   config: ModelConfig
   beacon_rows: int = 0
   use_lora: bool = False
+  causal: bool = False
 
   def setup(self):
     cfg = self.config
@@ -280,9 +290,10 @@ class Qwen2(nn.Module):
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, self.beacon_rows, self.use_lora, name="layers")
+      )(cfg, self.beacon_rows, self.use_lora, self.causal, name="layers")
     else:  # subtrees layers_0, layers_1, ...
-      self.layers = [layer(cfg, self.beacon_rows, self.use_lora) for _ in range(cfg.num_layers)]
+      self.layers = [layer(cfg, self.beacon_rows, self.use_lora, self.causal)
+                     for _ in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
     if cfg.has_gate:
       self.gate_head = self.param(
@@ -417,7 +428,7 @@ def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None
   `use_lora` applies the gate's adapters; `return_hidden` returns the final
   hidden states [B, T, E] instead of logits.
   """
-  model = Qwen2(config, use_lora=use_lora)
+  model = Qwen2(config, use_lora=use_lora, causal=True)  # the masks below are causal
   if token_mask is None:
     token_mask = jnp.ones(tokens.shape, bool)
   token_mask = token_mask.astype(bool)

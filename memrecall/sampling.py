@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from memrecall.config import ModelConfig
-from memrecall.model import KVCache, forward, init_cache, last_valid
+from memrecall.model import KVCache, Qwen2, forward, init_cache, last_valid
 
 Array = jax.Array
 
@@ -87,9 +87,12 @@ def sample_token(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def prefill(params, config: ModelConfig, cache: KVCache, tokens: Array,
             token_mask: Array) -> tuple[Array, KVCache]:
-  """Writes a (padded) prompt [B, T] into the cache; returns each row's next-token logits [B, V]."""
-  logits, cache = forward(params, config, tokens, token_mask, cache)
-  return last_valid(logits, token_mask), cache
+  """Writes a (padded) prompt [B, T] into the cache; returns each row's next-token logits [B, V]
+  (the LM head on each row's last real token only: on a 512-token prompt of the mid shape the
+  head over every row is 8% of the prefill's FLOPs)."""
+  hidden, cache = forward(params, config, tokens, token_mask, cache, return_hidden=True)
+  last = last_valid(hidden, token_mask)[:, None]  # [B, 1, E]
+  return Qwen2(config).apply({"params": params}, last, method=Qwen2.logits)[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling"),

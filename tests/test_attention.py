@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall.attention import attend, grouped_attention, resolve_implementation
+from memrecall.attention import attend, causal_key_limits, grouped_attention, resolve_implementation
 
 
 def naive_attention(query, key, value, mask):
@@ -87,3 +87,16 @@ def test_attend_on_cpu_takes_the_xla_path_and_rejects_unknown_implementations():
                                 grouped_attention(query, key, value, None))
   with pytest.raises(ValueError, match="unknown attention implementation"):
     attend(query, key, value, None, "flash")
+
+
+def test_key_limits_skip_only_what_the_mask_hides():
+  query, key, value, _ = _inputs(t=5, s=9)
+  causal = np.arange(9)[None, :] <= 4 + np.arange(5)[:, None]  # queries are keys 4..8
+  limits = causal_key_limits(5, 9, 2)
+  assert limits == ((2, 6), (4, 8), (5, 9))
+  assert causal_key_limits(5, 9, 5) is None
+  mask = jnp.asarray(causal)[None, None]
+  np.testing.assert_allclose(attend(query, key, value, mask, "xla", limits),
+                             naive_attention(query, key, value, causal[None, None]), atol=2e-6)
+  with pytest.raises(ValueError, match="do not cover"):
+    attend(query, key, value, mask, "xla", ((2, 6), (4, 8)))

@@ -34,12 +34,12 @@ def random_compressor_model(tmp_path_factory):
     (12, 12, 3, 7),   # one window, a chunk shorter than C
     (16, 16, 8, 30),
 ])
-@pytest.mark.parametrize("query_block", [model.COMPRESSION_QUERY_BLOCK, 3])
+@pytest.mark.parametrize("query_block", [model.QUERY_BLOCK, 3])
 def test_matches_float64_window_loop(random_compressor_model, monkeypatch, chunk, window, ratio,
                                      length, query_block):
   """query_block 3: raw query rows attend in blocks that skip the keys they cannot see."""
   params, config, weights = random_compressor_model
-  monkeypatch.setattr(model, "COMPRESSION_QUERY_BLOCK", query_block)
+  monkeypatch.setattr(model, "QUERY_BLOCK", query_block)
   jax.clear_caches()  # `compress` was traced with the other block size
   settings = compressor.CompressorConfig(chunk_size=chunk, window=window, ratio=ratio)
   document = np.random.default_rng(length).integers(3, config.vocab_size, length)

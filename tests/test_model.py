@@ -47,8 +47,11 @@ def test_logits_match_float64_loop_reference(hf_reference, tiny_dir):
   assert _valid_rel_error(logits, ref, mask) <= 1e-5
 
 
-def test_random_init_matches_reference_through_export(tmp_path):
-  """Random memrecall params, exported to HF names, agree with the float64 loop reference."""
+@pytest.mark.parametrize("query_block", [model.QUERY_BLOCK, 2])
+def test_random_init_matches_reference_through_export(tmp_path, monkeypatch, query_block):
+  """Random memrecall params, exported to HF names, agree with the float64 loop reference
+  (query_block 2: causal attention in blocks of 2 queries, each skipping the later keys)."""
+  monkeypatch.setattr(model, "QUERY_BLOCK", query_block)
   config = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=3,
                        num_heads=6, num_kv_heads=3, head_dim=8, rope_theta=500.0,
                        tie_word_embeddings=True)
@@ -63,7 +66,10 @@ def test_random_init_matches_reference_through_export(tmp_path):
   assert _valid_rel_error(logits, ref, mask) <= 1e-5
 
 
-def test_cached_decode_equals_full_forward_at_every_step(tiny_dir):
+@pytest.mark.parametrize("query_block", [model.QUERY_BLOCK, 2])
+def test_cached_decode_equals_full_forward_at_every_step(tiny_dir, monkeypatch, query_block):
+  """query_block 2: the prompt written into a cache with room after it attends in blocks."""
+  monkeypatch.setattr(model, "QUERY_BLOCK", query_block)
   params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
   rng = np.random.default_rng(1)
   tokens = jnp.asarray(rng.integers(3, config.vocab_size, (2, 12)))
@@ -74,7 +80,10 @@ def test_cached_decode_equals_full_forward_at_every_step(tiny_dir):
   logits, cache = model.forward(params, config, tokens[:, :5], prompt_mask, cache)
   np.testing.assert_allclose(logits[0], full[0, :5], atol=1e-5)
   np.testing.assert_allclose(logits[1, 2:], full[1, 2:5], atol=1e-5)
-  for t in range(5, 12):
+  # Four tokens at once after the prompt (queries in the middle of the cache), then one by one.
+  chunk_logits, cache = model.forward(params, config, tokens[:, 5:9], None, cache)
+  np.testing.assert_allclose(chunk_logits, full[:, 5:9], atol=1e-5, rtol=1e-5)
+  for t in range(9, 12):
     step_logits, cache = model.forward(params, config, tokens[:, t:t + 1], None, cache)
     np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
   assert int(cache.index) == 12
