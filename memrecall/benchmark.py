@@ -146,7 +146,8 @@ def mode_floor(mode: str, config: ModelConfig, compressor: CompressorConfig, set
                ceilings: Ceilings, weight_bytes: float, picks: np.ndarray,
                memagent_chunk: int, question: int) -> float:
   """Seconds a mode's question batch needs at the machine's ceilings: compression, the gate's
-  forwards, every memory update the picks [B, N] read, and the answer (`question` tokens)."""
+  forwards, every memory update the picks [B, N] read, and the answer (`question` tokens).
+  For memagent, picks is [B, sections]: the raw sections of `memagent_chunk` tokens it reads."""
   batch, n = picks.shape
   capacity = setup.memory_capacity
   m, answer = setup.reasoner.memory_size, setup.reasoner.answer_tokens
@@ -154,7 +155,7 @@ def mode_floor(mode: str, config: ModelConfig, compressor: CompressorConfig, set
   final = generation_floor(config, ceilings, weight_bytes, batch,
                            prompts.final.length(question, capacity), 0, answer)
   if mode == "memagent":
-    sections = n * compressor.chunk_size // memagent_chunk
+    sections = n
     update = generation_floor(config, ceilings, weight_bytes, batch,
                               prompts.memagent.length(question, capacity, memagent_chunk), 0, m)
     return sections * update + final
@@ -282,8 +283,10 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
                      "total_s": t_compress + t_loop, "peak_bytes": int(peak)})
       if ceilings is not None:
         row = rows[-1]
-        row["floor_s"] = mode_floor(mode, config, compressor, setup, ceilings, base, picks,
-                                    settings.memagent_chunk or compressor.chunk_size,
+        chunk = settings.memagent_chunk or compressor.chunk_size
+        if mode == "memagent":  # every raw section it runs, not the compressed modes' N chunks
+          picks = np.ones((b, length // chunk), bool)
+        row["floor_s"] = mode_floor(mode, config, compressor, setup, ceilings, base, picks, chunk,
                                     question.shape[1])
         row["floor_ratio"] = row["total_s"] / row["floor_s"]
         row["compress_efficiency"] = (

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,3 +110,23 @@ def test_generation_floor_by_hand():
   floor = benchmark.generation_floor(config, ceilings, weight_bytes=100, batch=1, prompt=3,
                                      prefix=5, new_tokens=2)
   assert floor == pytest.approx(prefill + decode)
+
+
+def test_memagent_floor_counts_the_sections_it_reads():
+  """memagent's floor is one update per raw section it runs (picks [B, sections]), whatever
+  the compressed modes' chunk count."""
+  from memrecall import benchmark, prompts, reasoner, recall, sampling, tokenizer
+  from memrecall.compressor import CompressorConfig
+  from memrecall.config import ModelConfig
+  config = ModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=2,
+                       num_heads=2, num_kv_heads=1, head_dim=8, compressor=True)
+  chat = prompts.Prompts.build(tokenizer.ByteTokenizer(), chat_template="")
+  setup = recall.RecallSetup(config, chat, reasoner.ReasonerConfig(memory_size=4, answer_tokens=2),
+                             recall.RecallConfig(mode="gate"), sampling.SamplingConfig())
+  ceilings = benchmark.Ceilings(matmul_flops=1e9, read_bytes=1e9)
+  floor = lambda sections: benchmark.mode_floor(
+      "memagent", config, CompressorConfig(chunk_size=16, window=8, ratio=4), setup, ceilings,
+      1e6, np.ones((2, sections), bool), memagent_chunk=32, question=3)
+  update = benchmark.generation_floor(
+      config, ceilings, 1e6, 2, chat.memagent.length(3, setup.memory_capacity, 32), 0, 4)
+  assert floor(8) - floor(4) == pytest.approx(4 * update)
