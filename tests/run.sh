@@ -13,5 +13,6 @@ fi
 # `-p no:xdist` runs it all in this one process.  The suite once crashed in one process
 # (SIGSEGV in XLA's compiler): every compiled program keeps its own memory maps, and they
 # reached the kernel's vm.max_map_count (65530).  tests/conftest.py now drops the compiled
-# programs after each module, which keeps the process under 28K maps.
-exec python -m pytest -q -n 2 --dist loadfile tests
+# programs after each module, which keeps the process under 28K maps.  The 15 slowest tests
+# are listed at the end (the suite's time target is 15 minutes on a 2-core machine).
+exec python -m pytest -q -n 2 --dist loadfile --durations=15 tests
