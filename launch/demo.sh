@@ -3,7 +3,7 @@
 # Trains the tiny model through every stage (compressor pre-training, SFT warm start,
 # RL, gate) and evaluates it from 1x to 256x its training length, on CPU.
 # Writes WORKDIR/results.json, stages.json, report.md and PNG plots; a rerun reuses
-# finished stages. About 9 minutes on 2 CPU cores, set-up included (the full variant: about 50).
+# finished stages. About 8-9 minutes on 2 CPU cores, set-up included (the full variant: about 57).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workdir="${1:-workdir/demo}"
