@@ -90,8 +90,12 @@ def causal_key_limits(queries: int, keys: int, block: int) -> KeyLimits | None:
   cacheless forward with S = T).  None when T fits one block."""
   if queries <= block:
     return None
-  ends = sorted(set(range(block, queries, block)) | {queries})
-  return tuple((end, keys - queries + end) for end in ends)
+  return tuple((end, keys - queries + end) for end in block_ends(queries, block))
+
+
+def block_ends(rows: int, block: int) -> list[int]:
+  """Where consecutive blocks of `block` rows end, the last one short: 5, 2 -> [2, 4, 5]."""
+  return sorted(set(range(block, rows, block)) | {rows})
 
 
 def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
