@@ -40,6 +40,12 @@ _SELECTED = flags.DEFINE_float("selected_fraction", 0.1, "Share of chunks the ga
 _MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Tokens per memory update.")
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Compressor chunk (default 4096; tiny 256).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per setting (best kept).")
+_DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1"],
+                                    "Time decoding (per-layer layout) at each of these batches, "
+                                    "against its floor; empty: no decode timing.")
+_DECODE_SCANNED = flags.DEFINE_bool("decode_scanned", True,
+                                    "Also time decoding in the scanned layer stack (training's "
+                                    "layout) at the first of --decode_batches.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here.")
 
 
@@ -82,47 +88,66 @@ def main(argv):
   ceilings = benchmark.measure_ceilings(config.jnp_dtype)
   print(f"measured ceilings: matmul {ceilings.matmul_flops / 1e9:.0f} GFLOP/s, read "
         f"{ceilings.read_bytes / 1e9:.1f} GB/s ({config.param_dtype})")
-  rows = benchmark.run_benchmark(params, config, compressor, prompts, settings, _MODES.value,
-                                 ceilings)
-  print(benchmark.table(rows))
+  rows = (benchmark.run_benchmark(params, config, compressor, prompts, settings, _MODES.value,
+                                  ceilings) if _MODES.value else [])
+  if rows:
+    print(benchmark.table(rows))
   if _SCALING_CHUNKS.value:
     scaling = benchmark.compression_scaling(params, config, compressor,
                                             [int(n) for n in _SCALING_CHUNKS.value],
                                             [int(g) for g in _SCALING_GROUPS.value])
     print("compression time by chunk count and group size (random chunks):")
     print(benchmark.scaling_table(scaling))
-  # Decode in both layer layouts, side by side: the scanned stack (training's) and the
-  # per-layer arrays inference runs on.
-  decode_by_layout = {
-      name: benchmark.decode_rate(*layout, cache_tokens=defaults["decode_cache"], steps=32,
-                                  repeats=3)
-      for name, layout in (("scanned", (params, config)),
-                           ("per_layer", model.unstack_layers(params, config)))}
-  decode = decode_by_layout["per_layer"]
-  floor = decode["bytes_per_token"] / ceilings.read_bytes
-  prefill = decode["prefill_flops"] / decode["prefill_s"]
   efficiency = {
-      "ceilings": {"matmul_flops": ceilings.matmul_flops, "read_bytes": ceilings.read_bytes},
-      "compress_efficiency": max((r["compress_efficiency"] or 0.0) for r in rows),
-      "prefill_efficiency": prefill / ceilings.matmul_flops,
-      "decode_floor_fraction": floor / decode["seconds_per_token"], "decode": decode,
-      "decode_scanned_floor_fraction": floor / decode_by_layout["scanned"]["seconds_per_token"],
-      "decode_scanned": decode_by_layout["scanned"]}
-  print(f"compression: {100 * efficiency['compress_efficiency']:.0f}% of the matmul ceiling "
-        f"(best row)")
-  print(f"prefill ({defaults['decode_cache']} tokens, batch 1): {prefill / 1e9:.1f} GFLOP/s = "
-        f"{100 * efficiency['prefill_efficiency']:.0f}% of the matmul ceiling (one token decoded)")
-  print(f"decode (batch 1): {1e3 * decode['seconds_per_token']:.2f} ms/token, "
-        f"{decode['gbps']:.1f} GB/s = {efficiency['decode_floor_fraction']:.2f} of the floor "
-        f"({1e3 * floor:.2f} ms: {decode['bytes_per_token'] / 1e6:.1f} MB of weights and cache "
-        f"at the read bandwidth); the scanned layer stack: "
-        f"{1e3 * decode_by_layout['scanned']['seconds_per_token']:.2f} ms/token = "
-        f"{efficiency['decode_scanned_floor_fraction']:.2f} of the floor")
+      "ceilings": {"matmul_flops": ceilings.matmul_flops, "read_bytes": ceilings.read_bytes}}
+  if rows:
+    efficiency["compress_efficiency"] = max((r["compress_efficiency"] or 0.0) for r in rows)
+    print(f"compression: {100 * efficiency['compress_efficiency']:.0f}% of the matmul ceiling "
+          f"(best row)")
+  if _DECODE_BATCHES.value:
+    efficiency.update(_decode(params, config, ceilings, defaults["decode_cache"],
+                              [int(b) for b in _DECODE_BATCHES.value]))
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)
     with open(os.path.splitext(_OUTPUT_JSON.value)[0] + "_machine.json", "w") as f:
       json.dump({"machine": machine, **efficiency}, f, indent=1)
+
+
+def _decode(params, config, ceilings, cache_tokens: int, batches: list[int]) -> dict:
+  """Decode in the per-layer layout inference runs on, at each batch, and (--decode_scanned)
+  in training's scanned layer stack at the first; each against its floor, the bytes a step
+  reads at the measured read bandwidth.  The machine JSON's entries: "decode" and its
+  "decode_floor_fraction" are the first batch's, "decode_by_batch" holds every batch."""
+  from memrecall import benchmark, model
+  per_layer = model.unstack_layers(params, config)
+  by_batch = {}
+  for batch in batches:
+    decode = benchmark.decode_rate(*per_layer, cache_tokens=cache_tokens, steps=32, repeats=3,
+                                   batch=batch)
+    floor = decode["bytes_per_token"] / ceilings.read_bytes
+    by_batch[str(batch)] = {**decode, "floor_s": floor,
+                            "floor_fraction": floor / decode["seconds_per_token"]}
+    print(f"decode (batch {batch}, {cache_tokens}-token prompt): "
+          f"{1e3 * decode['seconds_per_token']:.2f} ms/step, {decode['gbps']:.1f} GB/s = "
+          f"{floor / decode['seconds_per_token']:.2f} of the floor ({1e3 * floor:.2f} ms: "
+          f"{decode['bytes_per_token'] / 1e6:.1f} MB of weights and cache at the read bandwidth)")
+  first = by_batch[str(batches[0])]
+  prefill = first["prefill_flops"] / first["prefill_s"]
+  result = {"prefill_efficiency": prefill / ceilings.matmul_flops,
+            "decode_floor_fraction": first["floor_fraction"], "decode": first,
+            "decode_by_batch": by_batch}
+  print(f"prefill ({cache_tokens} tokens, batch {batches[0]}): {prefill / 1e9:.1f} GFLOP/s = "
+        f"{100 * result['prefill_efficiency']:.0f}% of the matmul ceiling (one token decoded)")
+  if _DECODE_SCANNED.value:
+    scanned = benchmark.decode_rate(params, config, cache_tokens=cache_tokens, steps=32,
+                                    repeats=3, batch=batches[0])
+    result["decode_scanned"] = scanned
+    result["decode_scanned_floor_fraction"] = first["floor_s"] / scanned["seconds_per_token"]
+    print(f"decode in the scanned layer stack (batch {batches[0]}): "
+          f"{1e3 * scanned['seconds_per_token']:.2f} ms/step = "
+          f"{result['decode_scanned_floor_fraction']:.2f} of the floor")
+  return result
 
 
 # Per shape: chunk (and window), lengths, questions, memory-update and answer tokens, and the

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 from typing import Callable, Sequence
 
@@ -29,7 +30,6 @@ import numpy as np
 from memrecall import baselines, sampling
 from memrecall.compressor import CompressorConfig, compress
 from memrecall.config import ModelConfig
-from memrecall.evaluation import compiled_bytes
 from memrecall.model import unstack_layers
 from memrecall.prompts import Prompts, pad_ids
 from memrecall.reasoner import ReasonerConfig
@@ -38,14 +38,47 @@ from memrecall.recall import DocumentBank, RecallConfig, RecallSetup, recall, re
 MODES = ("gate", "gate_stream", "all", "memagent")
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile and warm up
+def compile_ahead(jitted, *args) -> tuple[object, Callable[[], object]]:
+  """(compiled program, a call of it on args) for a `jax.jit` function, compiled without
+  running it.  Every argument is bound by name: the compiled program takes only the non-static
+  ones, and its `args_info` says which those are."""
+  bound = inspect.signature(jitted).bind(*args).arguments
+  compiled = jitted.lower(**bound).compile()
+  dynamic = {name: bound[name] for name in compiled.args_info[1]}
+  return compiled, lambda: compiled(**dynamic)
+
+
+def planned_bytes(compiled) -> int:
+  """Device bytes of one call as XLA plans it: temporaries + arguments + outputs."""
+  stats = compiled.memory_analysis()
+  return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
+
+
+def _best(call: Callable[[], object], repeats: int) -> float:
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn())
+    jax.block_until_ready(call())
     best = min(best, time.perf_counter() - start)
   return best
+
+
+def time_compiled(jitted, repeats: int, *args) -> tuple[float, int]:
+  """(best seconds of `repeats` runs, planned bytes) of a jitted function on args: one
+  compile ahead of time gives both, and nothing runs untimed (at 7B shapes one untimed run of
+  a memory-update loop is minutes, and another compile for the bytes as long again)."""
+  compiled, call = compile_ahead(jitted, *args)
+  return _best(call, repeats), planned_bytes(compiled)
+
+
+def best_time(fn: Callable[..., object], repeats: int, *args) -> float:
+  """Best seconds of `repeats` calls of fn(*args), compilation excluded.  A jitted fn is
+  compiled ahead of time (`repeats=1` runs it once); any other fn, Python around several
+  jitted programs like `sampling.generate`, runs once untimed to compile and warm up."""
+  if hasattr(fn, "lower"):
+    return time_compiled(fn, repeats, *args)[0]
+  jax.block_until_ready(fn(*args))
+  return _best(lambda: fn(*args), repeats)
 
 
 def param_bytes(params) -> int:
@@ -104,11 +137,11 @@ def measure_ceilings(dtype=jnp.float32, matmul_size: int = 0, read_bytes: int = 
   on_cpu = jax.default_backend() == "cpu"
   size = matmul_size or (2048 if on_cpu else 8192)
   a = jnp.ones((size, size), dtype)
-  t_matmul = best_time(lambda: _matmul(a, a), repeats)
+  t_matmul = best_time(_matmul, repeats, a, a)
   columns = 4096
   rows = max(1, (read_bytes or (2**28 if on_cpu else 2**31)) // np.dtype(dtype).itemsize // columns)
   matrix, vector = jnp.ones((rows, columns), dtype), jnp.ones((columns,), dtype)
-  t_read = best_time(lambda: _matmul(matrix, vector), repeats)
+  t_read = best_time(_matmul, repeats, matrix, vector)
   return Ceilings(matmul_flops=2 * size**3 / t_matmul, read_bytes=matrix.nbytes / t_read)
 
 
@@ -175,11 +208,13 @@ def mode_floor(mode: str, config: ModelConfig, compressor: CompressorConfig, set
   return seconds
 
 
-def decode_rate(params, config: ModelConfig, cache_tokens: int, steps: int, repeats: int) -> dict:
-  """Batch-1 generation after a `cache_tokens` prompt: the prefill's seconds and FLOPs, and
-  per decode step its seconds and the bytes it must read (weights + KV cache)."""
+def decode_rate(params, config: ModelConfig, cache_tokens: int, steps: int, repeats: int,
+                batch: int = 1) -> dict:
+  """Generation for `batch` rows after a `cache_tokens` prompt each: the prefill's seconds and
+  FLOPs, and per decode step (one token for every row) its seconds and the bytes it must read
+  (the weights once, every row's KV cache)."""
   settings = sampling.SamplingConfig(eos_ids=(), pad_id=0)
-  prompt = jnp.ones((1, cache_tokens), jnp.int32)
+  prompt = jnp.ones((batch, cache_tokens), jnp.int32)
 
   def run(n):
     return sampling.generate(params, config, prompt, None, jax.random.key(0), max_new_tokens=n,
@@ -187,10 +222,10 @@ def decode_rate(params, config: ModelConfig, cache_tokens: int, steps: int, repe
   t_long = best_time(lambda: run(steps), repeats)
   t_short = best_time(lambda: run(1), repeats)
   per_token = max(t_long - t_short, 1e-9) / (steps - 1)
-  kv = cache_bytes(config, cache_tokens + steps / 2)
+  kv = batch * cache_bytes(config, cache_tokens + steps / 2)
   weights = param_bytes(params)
-  return {"prefill_s": t_short, "prefill_flops": forward_flops(config, cache_tokens,
-                                                               cache_tokens / 2, 1),
+  return {"batch": batch, "prefill_s": t_short,
+          "prefill_flops": batch * forward_flops(config, cache_tokens, cache_tokens / 2, 1),
           "seconds_per_token": per_token, "bytes_per_token": weights + kv,
           "gbps": (weights + kv) / per_token / 1e9}
 
@@ -234,10 +269,12 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
     mask = jnp.ones(ids.shape, bool)
     every = max(1, round(1 / settings.selected_fraction))
     compress_args = (params, config, compressor, ids, mask)
-    # Compression is the same work in every compressed mode: timed once, banked once.
-    compress_seconds = functools.cache(
-        lambda: best_time(lambda: compress(*compress_args).k, settings.repeats))
-    bank = functools.cache(lambda: DocumentBank.from_chunks([compress(*compress_args)]))
+    # Compression is the same work in every compressed mode: compiled once, timed once,
+    # banked once (its compiled program's output: calling `compress` would compile it again).
+    compress_program = functools.cache(lambda: compile_ahead(compress, *compress_args))
+    compress_timed = functools.cache(lambda: (_best(compress_program()[1], settings.repeats),
+                                              planned_bytes(compress_program()[0])))
+    bank = functools.cache(lambda: DocumentBank.from_chunks([compress_program()[1]()]))
     for mode in modes:
       setup = RecallSetup(config, prompts, reasoner,
                           RecallConfig(mode="all" if mode == "all" else "gate",
@@ -250,34 +287,30 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
                           jnp.int32)
         raw_mask = jnp.ones(raw.shape, bool)
         args = (params, setup, raw, raw_mask, question, question_mask, jax.random.key(0))
-        total = best_time(lambda: baselines.memagent(*args).answer.tokens, settings.repeats)
+        total, peak = time_compiled(baselines.memagent, settings.repeats, *args)
         rows.append({"mode": mode, "context_tokens": length, "compress_s": 0.0, "gate_s": 0.0,
-                     "reason_s": total, "total_s": total,
-                     "peak_bytes": compiled_bytes(baselines.memagent, *args) - base})
+                     "reason_s": total, "total_s": total, "peak_bytes": peak - base})
       elif mode == "gate_stream":
         # One shared document [N, 1, C]; compression happens inside the loop, so the parts
         # are: compression alone, the loop reading nothing (+ gate), the loop as selected.
         stream = lambda read: (params, setup, compressor, ids[:, None], mask[:, None], question,
                                question_mask, jax.random.key(0), jnp.asarray(read))
-        t_compress = compress_seconds()
-        t_none = best_time(lambda: recall_streaming(*stream(np.zeros_like(picks))).answer.tokens,
-                           settings.repeats)
-        t_loop = best_time(lambda: recall_streaming(*stream(picks)).answer.tokens, settings.repeats)
+        t_compress = compress_timed()[0]
+        t_none = best_time(recall_streaming, settings.repeats, *stream(np.zeros_like(picks)))
+        t_loop, peak = time_compiled(recall_streaming, settings.repeats, *stream(picks))
         rows.append({"mode": mode, "context_tokens": length, "compress_s": t_compress,
                      "gate_s": max(t_none - t_compress, 0.0), "reason_s": max(t_loop - t_none, 0.0),
-                     "total_s": t_loop,
-                     "peak_bytes": int(compiled_bytes(recall_streaming, *stream(picks)) - base)})
+                     "total_s": t_loop, "peak_bytes": peak - base})
       else:
-        t_compress = compress_seconds()
+        t_compress, compress_peak = compress_timed()
         full_args = (params, setup, bank(), question, question_mask, jax.random.key(0),
                      jnp.asarray(picks))
-        t_loop = best_time(lambda: recall(*full_args).answer.tokens, settings.repeats)
+        t_loop, recall_peak = time_compiled(recall, settings.repeats, *full_args)
         t_gate = 0.0
         if mode == "gate":
           none_args = full_args[:-1] + (jnp.zeros((b, n), bool),)
-          t_gate = best_time(lambda: recall(*none_args).answer.tokens, settings.repeats)
-        peak = max(compiled_bytes(compress, *compress_args),
-                   compiled_bytes(recall, *full_args)) - base
+          t_gate = best_time(recall, settings.repeats, *none_args)
+        peak = max(compress_peak, recall_peak) - base
         rows.append({"mode": mode, "context_tokens": length, "compress_s": t_compress,
                      "gate_s": t_gate, "reason_s": t_loop - t_gate,
                      "total_s": t_compress + t_loop, "peak_bytes": int(peak)})

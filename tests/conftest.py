@@ -1,10 +1,25 @@
-"""Shared test setup: 8 simulated CPU devices (set before jax is imported) and fixture paths."""
+"""Shared test setup: the backend (8 simulated CPU devices unless asked), markers, fixture paths.
+
+MEMRECALL_TEST_BACKEND (read here, before jax is imported) picks where the tests run:
+`cpu` (the default) pins JAX to the CPU with 8 simulated devices, as every test expects;
+`default` leaves JAX its default backend, the GPU or TPU when one is present.
+`bash tests/run.sh --accelerator` runs the `numerics` tests that way, except those marked
+`multidevice`, and everything else on CPU.
+"""
 
 import os
 import sys
 
+BACKEND = os.environ.get("MEMRECALL_TEST_BACKEND", "cpu")
+if BACKEND not in ("cpu", "default"):
+  raise ValueError(f"MEMRECALL_TEST_BACKEND={BACKEND!r}: use cpu or default")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if BACKEND == "cpu":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+else:
+  # pytest-xdist's workers share one accelerator: each takes memory as it needs it rather
+  # than JAX's default 75% of the card up front.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
@@ -18,11 +33,56 @@ def pytest_addoption(parser):
                    help="also run the tests marked slow (the learning test, minutes on a CPU)")
 
 
+# The modules whose tests check numbers: against float64 loops, the public reference's
+# fixtures (lychee_reference, hf_reference) or each other.  `run.sh --accelerator` runs them
+# on the accelerator.  test_answer_launcher also reads the fixtures, but through launcher
+# subprocesses that run on CPU whatever this process does.
+NUMERICS_MODULES = frozenset({
+    "test_attention", "test_baselines", "test_compressor", "test_gate", "test_hf_checkpoint",
+    "test_memory_bank", "test_model", "test_reasoner", "test_recall", "test_sampling",
+    "test_sharding"})
+
+# What multidevice tests need: the simulated CPU devices this file asks for.
+DEVICES_NEEDED = 8
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: minutes of training; run with --slow (nightly)")
+  config.addinivalue_line("markers", "numerics: compares numbers (conftest.NUMERICS_MODULES); "
+                          "run on the accelerator by `run.sh --accelerator`")
+  config.addinivalue_line("markers", f"multidevice: needs {DEVICES_NEEDED} devices (meshes, "
+                          "sharding); skipped with fewer")
 
 
+def _devices() -> str:
+  import jax
+  devices = jax.devices()
+  return (f"jax {jax.__version__}, backend {jax.default_backend()}: {len(devices)} x "
+          f"{devices[0].device_kind} (MEMRECALL_TEST_BACKEND={BACKEND})")
+
+
+def pytest_report_header(config):
+  return f"memrecall tests on {_devices()}"
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The backend again at the end, where `-q` runs (tests/run.sh) show it."""
+  terminalreporter.write_line(f"memrecall tests ran on {_devices()}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers added here
 def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.module.__name__.rpartition(".")[2] in NUMERICS_MODULES:
+      item.add_marker(pytest.mark.numerics)
+  if any("multidevice" in item.keywords for item in items):
+    import jax
+    if jax.device_count() < DEVICES_NEEDED:
+      few = pytest.mark.skip(reason=f"needs {DEVICES_NEEDED} devices, {jax.default_backend()} has "
+                             f"{jax.device_count()}: runs on CPU (tests/run.sh)")
+      for item in items:
+        if "multidevice" in item.keywords:
+          item.add_marker(few)
   if config.getoption("--slow"):
     return
   skip = pytest.mark.skip(reason="slow: run with `bash tests/run.sh --slow -k test_learning`")

@@ -1,0 +1,255 @@
+r"""One call on an accelerator machine: versions, carried wheels, the numerics tests, the 7B bench.
+
+  bash launch/device_check.sh            # one H100/H200: ends within 8 minutes
+  bash launch/device_check.sh --smoke    # the same path at tiny shapes on CPU (< 3 minutes)
+
+Each step runs in its own process group under a time bound (`FULL_BOUNDS`, printed first; the
+bounds add up to at most 8 minutes, and time a step leaves unused passes to the next ones), so
+one slow step costs its own row ("TIMEOUT"), not the others.  The bench runs one mode per
+process: a 7B program takes minutes to compile, and one process per row keeps a timeout to one
+row; a persistent compilation cache shares what the rows have in common (compression at 32K).
+The end is one table (step, status, seconds, key numbers), also written as JSON with each
+step's full numbers to `--output_dir` ($OUT when set), beside the whole log.
+
+The orchestrator imports no JAX: on a GPU it would hold memory the steps need.  Wheels in
+`.whl/` at the repository root (packages the machine lacks, e.g. ml_collections on the GPU
+image, which has no network) are installed into /tmp/site first and put on the steps'
+PYTHONPATH; README.md says how to make that folder.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SITE = "/tmp/site"
+TOTAL_LIMIT_S = 480
+
+# Seconds per step on one H100/H200.  What the issue measured on an H200 says which rows can
+# finish: 7B programs compile for minutes, memagent's 32K run took 126 s and `all` reads as
+# many sections, so those rows need the decode work to pay off (or a longer check).
+FULL_BOUNDS = {"info": 15, "wheels": 15, "tests": 105, "decode": 75, "gate": 75, "memagent": 65,
+               "all": 65, "gate_stream": 65}
+SMOKE_BOUNDS = {"info": 15, "wheels": 15, "tests": 45, "decode": 25, "gate": 20, "memagent": 20,
+                "all": 20, "gate_stream": 20}
+
+# The bench at Qwen2.5-7B shapes: batch 8, 1024-token memory updates, 1/8 of the chunks read at
+# 32K.  At 1M tokens gate_stream reads 2 of its 256 chunks: 1/8 would be 32 memory updates,
+# over 7 minutes of decoding alone.
+FULL_BENCH = ["--model=qwen2.5-7b", "--questions=8", "--memory_size=1024", "--repeats=1"]
+FULL_MODES = {"gate": ["--lengths=32768", "--selected_fraction=0.125"],
+              "all": ["--lengths=32768"],
+              "memagent": ["--lengths=32768"],
+              "gate_stream": ["--lengths=1048576", "--selected_fraction=0.0078125"]}
+SMOKE_BENCH = ["--model=tiny", "--questions=2", "--memory_size=4", "--repeats=1",
+               "--chunk_size=128"]
+SMOKE_MODES = {"gate": ["--lengths=512", "--selected_fraction=0.25"],
+               "all": ["--lengths=512"],
+               "memagent": ["--lengths=512"],
+               "gate_stream": ["--lengths=2048", "--selected_fraction=0.0625"]}
+DECODE_BATCHES = "1,8"
+# A numerics module quick enough for the smoke's bound, to prove the path, not the numbers.
+SMOKE_TESTS = ["-k", "test_attention"]
+
+INFO = r"""
+import json, platform, jax, jaxlib, flax
+devices = jax.devices()
+print(json.dumps({"python": platform.python_version(), "jax": jax.__version__,
+                  "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                  "backend": jax.default_backend(), "devices": len(devices),
+                  "device_kind": devices[0].device_kind}))
+"""
+
+
+class Step:
+  """One bounded child process; its output goes to the shared log and is kept for parsing."""
+
+  def __init__(self, name, argv, env=None, parse=None):
+    self.name, self.argv, self.env, self.parse = name, argv, env or {}, parse or (lambda out: {})
+
+  def run(self, bound, log):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+    log.write(f"\n===== {self.name}: {' '.join(self.argv)} (bound {bound:.0f} s)\n")
+    log.flush()
+    start_offset = log.tell()
+    start = time.perf_counter()
+    # A new session: a timeout ends the step's whole process tree (pytest's workers too).
+    proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+      status = "ok" if proc.wait(timeout=bound) == 0 else "FAILED"
+    except subprocess.TimeoutExpired:
+      status = "TIMEOUT"
+      _end(proc)
+    seconds = time.perf_counter() - start
+    log.flush()
+    with open(log.name) as f:
+      f.seek(start_offset)
+      out = f.read()
+    try:
+      numbers = self.parse(out)
+    except (OSError, ValueError, KeyError, IndexError) as e:  # a step cut short has no numbers
+      numbers = {"unparsed": f"{type(e).__name__}: {e}"}
+    return {"step": self.name, "status": status, "seconds": round(seconds, 1), "bound_s": bound,
+            "numbers": numbers, "tail": out[-1500:] if status != "ok" else ""}
+
+
+def _end(proc):
+  for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    try:
+      os.killpg(proc.pid, sig)
+      proc.wait(timeout=wait)
+      return
+    except ProcessLookupError:
+      return
+    except subprocess.TimeoutExpired:
+      continue
+
+
+def _parse_info(out):
+  info = json.loads(out.strip().splitlines()[-1])
+  card = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() \
+      if shutil.which("nvidia-smi") else ""
+  return {**info, "card": card or info["device_kind"]}
+
+
+def _parse_tests(out):
+  summary = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed)", line)][-1]
+  counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)",
+                                              summary)}
+  backend = [line for line in out.splitlines() if line.startswith("memrecall tests ran on")]
+  return {**counts, "backend": backend[-1] if backend else "?"}
+
+
+def _bench_parse(path):
+  def parse(out):
+    del out
+    with open(path) as f:
+      rows = json.load(f)
+    with open(os.path.splitext(path)[0] + "_machine.json") as f:
+      machine = json.load(f)
+    return {"rows": rows, "machine": machine}
+  return parse
+
+
+def _key_numbers(result):
+  """The table's last column: what a reader looks for in each step."""
+  n = result["numbers"]
+  if "unparsed" in n:
+    return "-"
+  step = result["step"]
+  if step == "info":
+    return (f"{n['card']}; Python {n['python']}, jax {n['jax']}, jaxlib {n['jaxlib']}, "
+            f"flax {n['flax']}; {n['backend']} x {n['devices']}")
+  if step == "wheels":
+    return n.get("note", "")
+  if step == "tests":
+    counts = ", ".join(f"{v} {k}" for k, v in n.items() if k != "backend")
+    return f"{counts}; {n['backend'].removeprefix('memrecall tests ran on ')}"
+  machine = n["machine"]
+  ceilings = (f"ceilings {machine['ceilings']['matmul_flops'] / 1e12:.0f} TFLOP/s, "
+              f"{machine['ceilings']['read_bytes'] / 1e12:.2f} TB/s")
+  if step == "decode":
+    return "; ".join(f"batch {b}: {1e3 * d['seconds_per_token']:.2f} ms/step = "
+                     f"{d['floor_fraction']:.2f} of floor"
+                     for b, d in machine["decode_by_batch"].items()) + f"; {ceilings}"
+  r = n["rows"][0]
+  return (f"{r['context_tokens']} tokens: {r['total_s']:.2f} s = {r['floor_ratio']:.2f}x floor, "
+          f"peak {r['peak_bytes'] / 2**30:.2f} GiB")
+
+
+def _table(results):
+  lines = [f"{'step':<12}{'status':<9}{'seconds':>8}{'bound':>7}  key numbers", "-" * 100]
+  for r in results:
+    lines.append(f"{r['step']:<12}{r['status']:<9}{r['seconds']:>8.1f}{r['bound_s']:>7.0f}  "
+                 f"{_key_numbers(r)}")
+  return "\n".join(lines)
+
+
+def _steps(smoke, python, work):
+  bench = [python, "launch/bench.py"] + (SMOKE_BENCH if smoke else FULL_BENCH)
+  modes = SMOKE_MODES if smoke else FULL_MODES
+  # The smoke stays on the CPU wherever it runs; the full check's bench rows share compiled
+  # programs through a persistent cache.
+  bench_env = ({"JAX_PLATFORMS": "cpu"} if smoke else
+               {"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                                            "/tmp/memrecall_jax_cache")})
+  steps = [Step("info", [python, "-c", INFO], bench_env if smoke else {}, _parse_info)]
+  wheels = sorted(os.path.join(".whl", w) for w in os.listdir(os.path.join(ROOT, ".whl"))
+                  if w.endswith(".whl")) if os.path.isdir(os.path.join(ROOT, ".whl")) else []
+  if wheels:
+    steps.append(Step("wheels", [python, "-m", "pip", "install", "-q", "--no-index",
+                                 "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
+                                 "--target", SITE, *wheels],
+                      parse=lambda out: {"note": f"{len(wheels)} wheels into {SITE}"}))
+  steps.append(Step("tests", ["bash", "tests/run.sh", "--accelerator-only",
+                              *(SMOKE_TESTS if smoke else [])],
+                    {"MEMRECALL_VENV": "none", "MEMRECALL_PYTHON": python,
+                     "MEMRECALL_TEST_WORKERS": "2" if smoke else "8",
+                     **({"JAX_PLATFORMS": "cpu"} if smoke else {})}, _parse_tests))
+  out = os.path.join(work, "decode.json")
+  steps.append(Step("decode", bench + ["--modes=", f"--decode_batches={DECODE_BATCHES}",
+                                       "--nodecode_scanned", f"--output_json={out}"],
+                    bench_env, _bench_parse(out)))
+  for mode in ("gate", "memagent", "all", "gate_stream"):
+    out = os.path.join(work, f"{mode}.json")
+    steps.append(Step(mode, bench + [f"--modes={mode}", *modes[mode], "--decode_batches=",
+                                     f"--output_json={out}"], bench_env, _bench_parse(out)))
+  return steps, wheels
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny shapes on CPU: proves the path in under 3 minutes")
+  parser.add_argument("--output_dir", default=os.environ.get("OUT") or "/tmp/memrecall_check",
+                      help="device_check.json and device_check.log go here ($OUT when set)")
+  parser.add_argument("--steps", default=None,
+                      help="comma-separated subset of the steps to run (default: all)")
+  args = parser.parse_args()
+  bounds = SMOKE_BOUNDS if args.smoke else FULL_BOUNDS
+  assert sum(bounds.values()) <= TOTAL_LIMIT_S, bounds
+  os.makedirs(args.output_dir, exist_ok=True)
+  work = tempfile.mkdtemp(prefix="memrecall_check_")  # the bench's own JSON, read back per row
+  python = sys.executable
+  steps, wheels = _steps(args.smoke, python, work)
+  if args.steps:
+    keep = args.steps.split(",")
+    steps = [s for s in steps if s.name in keep]
+  print(f"device check ({'smoke: tiny shapes on CPU' if args.smoke else 'Qwen2.5-7B shapes'}), "
+        f"python {python}; bounds: "
+        + " + ".join(f"{s.name} {bounds[s.name]}" for s in steps)
+        + f" = {sum(bounds[s.name] for s in steps)} s (at most {TOTAL_LIMIT_S})", flush=True)
+  if wheels:  # the later steps import what they bring
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE,
+                                                              os.environ.get("PYTHONPATH")]))
+  results, spare = [], 0.0
+  log_path = os.path.join(args.output_dir, "device_check.log")
+  with open(log_path, "w") as log:
+    for step in steps:
+      # Time an earlier step left unused goes to the next: the total stays within the bounds.
+      result = step.run(bounds[step.name] + spare, log)
+      spare = max(0.0, bounds[step.name] + spare - result["seconds"])
+      results.append(result)
+      print(f"[{step.name}] {result['status']} in {result['seconds']:.1f} s: "
+            f"{_key_numbers(result)}", flush=True)
+      if result["tail"]:
+        print(result["tail"], flush=True)
+  table = _table(results)
+  print(f"\n{table}")
+  with open(os.path.join(args.output_dir, "device_check.json"), "w") as f:
+    json.dump({"smoke": args.smoke, "bounds": bounds, "steps": results, "table": table}, f,
+              indent=1)
+  print(f"wrote {os.path.join(args.output_dir, 'device_check.json')} and {log_path}")
+  return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One call on an accelerator machine (launch/device_check.py says what it runs):
+#   bash launch/device_check.sh [--smoke] [--output_dir=DIR] [--steps=tests,decode,...]
+# Runs on the repository's .venv when there is one, else on MEMRECALL_PYTHON or the python3
+# on PATH as it is: a GPU image brings jax and flax, and wheels carried in .whl/ bring the
+# rest (README.md, "Device check").  Nothing is created or downloaded here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "${MEMRECALL_PYTHON:-}" ]; then
+  py=$MEMRECALL_PYTHON
+elif [ -x .venv/bin/python ]; then
+  py=.venv/bin/python
+else
+  py=python3
+fi
+exec "$py" launch/device_check.py "$@"
