@@ -76,7 +76,7 @@ class Step:
 
   def run(self, bound, log):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-    log.write(f"\n===== {self.name}: {' '.join(self.argv)} (bound {bound:.0f} s)\n")
+    log.write(f"\n===== {self.name}: {' '.join(self.argv)} (limit {bound:.0f} s)\n")
     log.flush()
     start_offset = log.tell()
     start = time.perf_counter()
@@ -97,7 +97,7 @@ class Step:
       numbers = self.parse(out)
     except (OSError, ValueError, KeyError, IndexError) as e:  # a step cut short has no numbers
       numbers = {"unparsed": f"{type(e).__name__}: {e}"}
-    return {"step": self.name, "status": status, "seconds": round(seconds, 1), "bound_s": bound,
+    return {"step": self.name, "status": status, "seconds": round(seconds, 1), "limit_s": bound,
             "numbers": numbers, "tail": out[-1500:] if status != "ok" else ""}
 
 
@@ -154,22 +154,31 @@ def _key_numbers(result):
     counts = ", ".join(f"{v} {k}" for k, v in n.items() if k != "backend")
     return f"{counts}; {n['backend'].removeprefix('memrecall tests ran on ')}"
   machine = n["machine"]
-  ceilings = (f"ceilings {machine['ceilings']['matmul_flops'] / 1e12:.0f} TFLOP/s, "
-              f"{machine['ceilings']['read_bytes'] / 1e12:.2f} TB/s")
+  ceilings = (f"ceilings {_si(machine['ceilings']['matmul_flops'], 'FLOP/s')}, "
+              f"{_si(machine['ceilings']['read_bytes'], 'B/s')}")
   if step == "decode":
     return "; ".join(f"batch {b}: {1e3 * d['seconds_per_token']:.2f} ms/step = "
                      f"{d['floor_fraction']:.2f} of floor"
                      for b, d in machine["decode_by_batch"].items()) + f"; {ceilings}"
   r = n["rows"][0]
   return (f"{r['context_tokens']} tokens: {r['total_s']:.2f} s = {r['floor_ratio']:.2f}x floor, "
-          f"peak {r['peak_bytes'] / 2**30:.2f} GiB")
+          f"peak {_si(r['peak_bytes'], 'B')}")
+
+
+def _si(value, unit):
+  """1.23 T..., 45.6 G...: the table reads the same on a CPU and on an H200."""
+  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if value >= scale:
+      return f"{value / scale:.3g} {prefix}{unit}"
+  return f"{value:.3g} {unit}"
 
 
 def _table(results):
-  lines = [f"{'step':<12}{'status':<9}{'seconds':>8}{'bound':>7}  key numbers", "-" * 100]
+  lines = [f"{'step':<12}{'status':<9}{'seconds':>8}{'bound':>7}{'limit':>7}  key numbers",
+           "-" * 100]
   for r in results:
-    lines.append(f"{r['step']:<12}{r['status']:<9}{r['seconds']:>8.1f}{r['bound_s']:>7.0f}  "
-                 f"{_key_numbers(r)}")
+    lines.append(f"{r['step']:<12}{r['status']:<9}{r['seconds']:>8.1f}{r['bound_s']:>7.0f}"
+                 f"{r['limit_s']:>7.0f}  {_key_numbers(r)}")
   return "\n".join(lines)
 
 
@@ -235,7 +244,7 @@ def main():
   with open(log_path, "w") as log:
     for step in steps:
       # Time an earlier step left unused goes to the next: the total stays within the bounds.
-      result = step.run(bounds[step.name] + spare, log)
+      result = {**step.run(bounds[step.name] + spare, log), "bound_s": bounds[step.name]}
       spare = max(0.0, bounds[step.name] + spare - result["seconds"])
       results.append(result)
       print(f"[{step.name}] {result['status']} in {result['seconds']:.1f} s: "

@@ -8,31 +8,36 @@
 # or TPU when there is one, then everything else on CPU with its 8 simulated devices; each
 # part prints the backend it ran on.  `--accelerator-only` runs the first part alone
 # (launch/device_check.sh); MEMRECALL_TEST_WORKERS sets its pytest workers (default 2).
-# MEMRECALL_VENV=none uses the python3 on PATH as it is (an image that has the packages).
+# MEMRECALL_VENV=none uses MEMRECALL_PYTHON or the python3 on PATH as it is (an image that
+# has the packages, like the GPU image launch/device_check.sh runs on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=""
 case "${1:-}" in
   --accelerator|--accelerator-only) part="$1"; shift ;;
 esac
-if [ "${MEMRECALL_VENV:-}" != none ]; then
+py=python3
+if [ "${MEMRECALL_VENV:-}" = none ]; then
+  py=${MEMRECALL_PYTHON:-python3}
+else
   source launch/env.sh
   memrecall_venv "test,hf,data"
 fi
 if [ -n "$part" ]; then
   status=0
   echo "[run.sh] part 1: the numerics tests on JAX's default backend" >&2
-  MEMRECALL_TEST_BACKEND=default python3 -m pytest -q -n "${MEMRECALL_TEST_WORKERS:-2}" \
-    --dist loadfile -m "numerics and not multidevice" tests "$@" || status=$?
+  # Spread by test, not by file: one file (test_recall.py) is most of this part's time.
+  MEMRECALL_TEST_BACKEND=default "$py" -m pytest -q -n "${MEMRECALL_TEST_WORKERS:-2}" \
+    --dist load -m "numerics and not multidevice" tests "$@" || status=$?
   if [ "$part" = --accelerator ]; then
     echo "[run.sh] part 2: the rest on CPU" >&2
-    MEMRECALL_TEST_BACKEND=cpu python3 -m pytest -q -n 2 --dist loadfile --durations=15 \
+    MEMRECALL_TEST_BACKEND=cpu "$py" -m pytest -q -n 2 --dist loadfile --durations=15 \
       -m "not (numerics and not multidevice)" tests "$@" || status=$?
   fi
   exit "$status"
 fi
 if [ "$#" -gt 0 ]; then
-  exec python3 -m pytest -q tests "$@"
+  exec "$py" -m pytest -q tests "$@"
 fi
 # One pytest run, its files spread over two workers (pytest-xdist, one per core) for time;
 # `-p no:xdist` runs it all in this one process.  The suite once crashed in one process
@@ -40,4 +45,4 @@ fi
 # reached the kernel's vm.max_map_count (65530).  tests/conftest.py now drops the compiled
 # programs after each module, which keeps the process under 28K maps.  The 15 slowest tests
 # are listed at the end (the suite's time target is 15 minutes on a 2-core machine).
-exec python3 -m pytest -q -n 2 --dist loadfile --durations=15 tests
+exec "$py" -m pytest -q -n 2 --dist loadfile --durations=15 tests

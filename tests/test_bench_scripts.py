@@ -54,6 +54,33 @@ def test_bench_runs_on_the_tiny_model_and_writes_rows(tmp_path):
   assert "of the floor" in proc.stdout and "of the matmul ceiling" in proc.stdout
 
 
+def test_best_time_runs_a_jitted_program_only_the_timed_times():
+  """A jitted program is compiled ahead of time, not run untimed first (at 7B shapes that run
+  is minutes); static arguments may be passed positionally; anything else is warmed up once."""
+  import functools
+  import jax
+  import jax.numpy as jnp
+  from memrecall import benchmark, evaluation
+  runs = []
+
+  @functools.partial(jax.jit, static_argnames=("scale",))
+  def program(x, scale, y):
+    jax.debug.callback(lambda: runs.append(1))
+    return x * scale + y
+
+  x = jnp.ones((4, 4))
+  assert benchmark.best_time(program, 1, x, 2.0, x) > 0
+  assert len(runs) == 1
+  seconds, planned = benchmark.time_compiled(program, 3, x, 3.0, x)
+  assert seconds > 0 and len(runs) == 4
+  assert planned == evaluation.compiled_bytes(program, x, 3.0, x)
+  compiled, call = benchmark.compile_ahead(program, x, 5.0, x)
+  np.testing.assert_array_equal(call(), 6 * np.ones((4, 4)))
+  assert len(runs) == 5
+  benchmark.best_time(lambda: program(x, 2.0, x), 2)  # plain Python: one untimed call first
+  assert len(runs) == 8
+
+
 def test_compression_flops_by_hand():
   from memrecall import benchmark
   from memrecall.compressor import CompressorConfig
@@ -79,6 +106,11 @@ def test_decode_rate_and_ceilings_run_on_cpu():
   rate = benchmark.decode_rate(params, config, cache_tokens=8, steps=4, repeats=1)
   assert rate["seconds_per_token"] > 0 and rate["bytes_per_token"] > benchmark.param_bytes(params)
   assert rate["prefill_s"] > 0 and rate["prefill_flops"] > 0
+  # A step at batch 3 reads the weights once and three rows' caches.
+  batched = benchmark.decode_rate(params, config, cache_tokens=8, steps=4, repeats=1, batch=3)
+  weights = benchmark.param_bytes(params)
+  assert batched["batch"] == 3 and batched["prefill_flops"] == 3 * rate["prefill_flops"]
+  assert batched["bytes_per_token"] - weights == pytest.approx(3 * (rate["bytes_per_token"] - weights))
   ceilings = benchmark.measure_ceilings(matmul_size=64, read_bytes=2**20, repeats=1)
   assert ceilings.matmul_flops > 0 and ceilings.read_bytes > 0
   assert ceilings.seconds(ceilings.matmul_flops, ceilings.read_bytes) == 2.0

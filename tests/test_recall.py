@@ -200,6 +200,7 @@ def test_documents_of_different_lengths_in_one_batch(lychee_model, document):
   np.testing.assert_array_equal(out.answer.tokens[1], alone.answer.tokens[0])
 
 
+@pytest.mark.multidevice
 def test_sharded_loop_matches_one_device(lychee_dir, document):
   from memrecall import pipeline
   ids, mask, _, question, question_mask = document

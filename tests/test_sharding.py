@@ -8,6 +8,9 @@ from jax.sharding import PartitionSpec as P
 
 from memrecall import hf_checkpoint, model, sampling, sharding
 
+# Every test here builds a mesh over 8 devices (or checks make_mesh's errors against them).
+pytestmark = pytest.mark.multidevice
+
 
 @pytest.fixture(scope="module")
 def mesh():

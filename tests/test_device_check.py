@@ -1,0 +1,43 @@
+"""launch/device_check.sh --smoke: every step of the GPU check, at tiny shapes on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_smoke_runs_every_step_and_reports_a_table_and_json(tmp_path):
+  # The steps set their own backends and devices, as on the GPU machine, where none of these
+  # is set; $OUT would take the report.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "MEMRECALL_TEST_BACKEND", "OUT")}
+  env["MEMRECALL_PYTHON"] = sys.executable
+  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "device_check.sh"), "--smoke",
+                         f"--output_dir={tmp_path}"], capture_output=True, text=True, env=env,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  report = json.load(open(tmp_path / "device_check.json"))
+  steps = {s["step"]: s for s in report["steps"]}
+  expected = ["info", "tests", "decode", "gate", "memagent", "all", "gate_stream"]
+  assert [s for s in steps if s != "wheels"] == expected  # wheels: only with a .whl/ folder
+  assert all(s["status"] == "ok" and s["seconds"] <= s["limit_s"] for s in steps.values())
+  assert sum(report["bounds"].values()) <= 180
+  assert steps["info"]["numbers"]["backend"] == "cpu"
+  tests = steps["tests"]["numbers"]
+  assert tests["passed"] > 0 and "failed" not in tests and "backend cpu" in tests["backend"]
+  decode = steps["decode"]["numbers"]["machine"]["decode_by_batch"]
+  assert set(decode) == {"1", "8"}
+  assert all(d["floor_fraction"] > 0 and d["seconds_per_token"] > 0 for d in decode.values())
+  assert decode["8"]["bytes_per_token"] > decode["1"]["bytes_per_token"]
+  for mode in ("gate", "memagent", "all", "gate_stream"):
+    (row,) = steps[mode]["numbers"]["rows"]
+    assert row["mode"] == mode and row["total_s"] > 0 and row["floor_ratio"] > 0
+  assert steps["gate_stream"]["numbers"]["rows"][0]["context_tokens"] == 2048
+  # The printed table is the JSON's, one line per step after the header.
+  table = report["table"].splitlines()
+  assert table[0].split()[:5] == ["step", "status", "seconds", "bound", "limit"]
+  assert [line.split()[0] for line in table[2:]] == list(steps)
+  assert report["table"] in proc.stdout and "TIMEOUT" not in proc.stdout
+  assert os.path.getsize(tmp_path / "device_check.log") > 0
