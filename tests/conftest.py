@@ -79,7 +79,7 @@ def pytest_collection_modifyitems(config, items):
     import jax
     if jax.device_count() < DEVICES_NEEDED:
       few = pytest.mark.skip(reason=f"needs {DEVICES_NEEDED} devices, {jax.default_backend()} has "
-                             f"{jax.device_count()}: runs on CPU (tests/run.sh)")
+                             f"{jax.device_count()} (tests/run.sh runs it on simulated CPU ones)")
       for item in items:
         if "multidevice" in item.keywords:
           item.add_marker(few)
