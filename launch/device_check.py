@@ -37,8 +37,8 @@ TOTAL_LIMIT_S = 480
 # many sections, so those rows need the decode work to pay off (or a longer check).
 FULL_BOUNDS = {"info": 15, "wheels": 15, "tests": 105, "decode": 75, "gate": 75, "memagent": 65,
                "all": 65, "gate_stream": 65}
-SMOKE_BOUNDS = {"info": 10, "wheels": 10, "tests": 45, "decode": 30, "gate": 25, "memagent": 20,
-                "all": 20, "gate_stream": 20}
+SMOKE_BOUNDS = {"info": 10, "wheels": 10, "tests": 40, "decode": 40, "gate": 20, "memagent": 15,
+                "all": 15, "gate_stream": 25}
 
 # The bench at Qwen2.5-7B shapes: batch 8, 1024-token memory updates, 1/8 of the chunks read at
 # 32K.  At 1M tokens gate_stream reads 2 of its 256 chunks: 1/8 would be 32 memory updates,
