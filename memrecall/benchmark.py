@@ -73,8 +73,8 @@ def time_compiled(jitted, repeats: int, *args) -> tuple[float, int]:
 
 def best_time(fn: Callable[..., object], repeats: int, *args) -> float:
   """Best seconds of `repeats` calls of fn(*args), compilation excluded.  A jitted fn is
-  compiled ahead of time (`repeats=1` runs it once); any other fn, Python around several
-  jitted programs like `sampling.generate`, runs once untimed to compile and warm up."""
+  compiled ahead of time (`repeats=1` runs it once); any other fn (Python around jitted
+  programs) runs once untimed to compile and warm up."""
   if hasattr(fn, "lower"):
     return time_compiled(fn, repeats, *args)[0]
   jax.block_until_ready(fn(*args))
@@ -352,7 +352,7 @@ def compression_scaling(params, config: ModelConfig, compressor: CompressorConfi
     for group in group_sizes:
       settings = dataclasses.replace(compressor, group_size=group)
       rows.append({"chunks": chunks, "group_size": group, "seconds": best_time(
-          lambda: compress(params, config, settings, ids, mask).k, repeats)})
+          compress, repeats, params, config, settings, ids, mask)})
   return rows
 
 
