@@ -110,7 +110,8 @@ def test_decode_rate_and_ceilings_run_on_cpu():
   batched = benchmark.decode_rate(params, config, cache_tokens=8, steps=4, repeats=1, batch=3)
   weights = benchmark.param_bytes(params)
   assert batched["batch"] == 3 and batched["prefill_flops"] == 3 * rate["prefill_flops"]
-  assert batched["bytes_per_token"] - weights == pytest.approx(3 * (rate["bytes_per_token"] - weights))
+  cache = rate["bytes_per_token"] - weights
+  assert batched["bytes_per_token"] - weights == pytest.approx(3 * cache)
   ceilings = benchmark.measure_ceilings(matmul_size=64, read_bytes=2**20, repeats=1)
   assert ceilings.matmul_flops > 0 and ceilings.read_bytes > 0
   assert ceilings.seconds(ceilings.matmul_flops, ceilings.read_bytes) == 2.0
