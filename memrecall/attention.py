@@ -40,13 +40,15 @@ def resolve_implementation(requested: str, dtype, head_dim: int) -> str | None:
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
-           implementation: str = "auto", key_limits: KeyLimits | None = None) -> jax.Array:
+           implementation: str = "auto", key_limits: KeyLimits | None = None,
+           precision: str | None = None, heads_major: bool = False) -> jax.Array:
   """Grouped-query scaled dot-product attention.
 
   Args:
     query: [B, T, H, D].
     key, value: [B, S, K, D] with H % K == 0 (K key/value heads shared by H/K
-      query heads each).
+      query heads each); [B, K, S, D] with `heads_major` (the KV cache's layout, which the
+      XLA path's products read in place).
     mask: boolean, broadcastable to [B, H, T, S]; True where a query may attend.
       A query row with no allowed key returns finite values (its output is
       garbage and must be ignored by the caller).
@@ -56,12 +58,20 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array |
       first key_count keys.  The mask must already say so; the XLA path uses it to skip the
       keys a block cannot see (exactly: their softmax weights are zero), cuDNN's kernel
       ignores it.
+    precision: the XLA path's `precision=` ("highest" for float32 comparisons; cuDNN's
+      kernel only runs half precision).
+    heads_major: key and value are [B, K, S, D].
 
   Returns:
     [B, T, H, D] in the query's dtype.
   """
   impl = resolve_implementation(implementation, query.dtype, query.shape[-1])
+  if heads_major and impl == "cudnn" and implementation == "auto" and query.shape[1] == 1:
+    impl = "xla"  # a decode step: one pass over the cache, where cuDNN needs it transposed
   if impl == "cudnn":
+    if heads_major:
+      key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+      heads_major = False
     try:
       return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
     except (ValueError, NotImplementedError, RuntimeError):
@@ -69,17 +79,19 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array |
         raise
       # shapes or mask layout cuDNN rejects at trace time: the XLA path below
   if key_limits is None:
-    return grouped_attention(query, key, value, mask)
+    return grouped_attention(query, key, value, mask, precision, heads_major)
   if key_limits[-1][0] != query.shape[1]:
     raise ValueError(f"key_limits {key_limits} do not cover the {query.shape[1]} query rows")
   mask = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
   outputs, start = [], 0
+  keys = (slice(None), slice(None)) if heads_major else (slice(None),)
   for end, count in key_limits:  # a few static blocks
     block_mask = None if mask is None else mask[
         :, :, slice(start, end) if mask.shape[2] > 1 else slice(None),
         slice(0, count) if mask.shape[3] > 1 else slice(None)]
-    outputs.append(grouped_attention(query[:, start:end], key[:, :count], value[:, :count],
-                                     block_mask))
+    first = keys + (slice(0, count),)
+    outputs.append(grouped_attention(query[:, start:end], key[first], value[first], block_mask,
+                                     precision, heads_major))
     start = end
   return jnp.concatenate(outputs, axis=1)
 
@@ -99,7 +111,8 @@ def block_ends(rows: int, block: int) -> list[int]:
 
 
 def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                      mask: jax.Array | None) -> jax.Array:
+                      mask: jax.Array | None, precision: str | None = None,
+                      heads_major: bool = False) -> jax.Array:
   """`attend`'s XLA path: the same computation as `jax.nn.dot_product_attention`'s, laid out
   for large matmuls.
 
@@ -108,16 +121,20 @@ def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   On CPU the attention of a compression window (T = 1280, S = 1536, mid shape) measured 72
   against 115 ms for `jax.nn.dot_product_attention(implementation="xla")`, whose per-group
   products are small and strided.  Logits and softmax are float32; the probabilities are
-  cast to the values' dtype before the second product, as there.
+  cast to the values' dtype before the second product, as there.  Keys and values are
+  [B, S, K, D], or [B, K, S, D] with `heads_major` (then neither is copied).
   """
   b, t, h, d = query.shape
-  s, kv_heads = key.shape[1], key.shape[2]
+  if heads_major:
+    k, v = key, value  # [B, K, S, D]
+  else:
+    k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+  kv_heads, s = k.shape[1], k.shape[2]
   g = h // kv_heads
   logits_dtype = jnp.promote_types(query.dtype, jnp.float32)
   q = query.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)
-  k = key.transpose(0, 2, 1, 3)  # [B, K, S, D]
-  v = value.transpose(0, 2, 1, 3)
-  logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=logits_dtype)
+  logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=logits_dtype,
+                      precision=precision)
   logits = logits * jnp.asarray(1 / np.sqrt(d), logits_dtype)  # [B, K, G*T, S]
   if mask is not None:
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
@@ -130,5 +147,5 @@ def grouped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       mask = mask.reshape(mask_batch, kv_heads, g * t, s)
     logits = jnp.where(mask, logits, jnp.asarray(0.7 * jnp.finfo(logits_dtype).min, logits_dtype))
   probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B, K, G*T, D]
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v, precision=precision)  # [B, K, G*T, D]
   return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)

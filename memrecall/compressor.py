@@ -267,7 +267,8 @@ def _beacon_kv_only(params, config: ModelConfig, beacon_rows: int, x: Array, pos
     attention = layer_params["attention"]
     def project(name):  # as Attention.project for beacon rows (no adapters in compression)
       kernel, bias = attention[f"beacon_{name}_kernel"], attention[f"beacon_{name}_bias"]
-      return (jnp.einsum("bte,ehd->bthd", normed.astype(dtype), kernel.astype(dtype))
+      return (jnp.einsum("bte,ehd->bthd", normed.astype(dtype), kernel.astype(dtype),
+                         precision=config.precision)
               + bias.astype(dtype))  # [N, G, K, D]
     return x, {"k": project("k"), "v": project("v")}
 

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
+# "default": the backend's choice (bf16 runs; on NVIDIA GPUs float32 matmuls then run in TF32);
+# "highest": full float32 products, wherever float32 results are compared with references.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -53,6 +56,7 @@ class ModelConfig:
   dtype: str = "float32"
   attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
   remat: str = "none"  # one of REMAT_POLICIES
+  matmul_precision: str = "default"  # one of MATMUL_PRECISIONS, for every dot of the model
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
@@ -83,6 +87,9 @@ class ModelConfig:
           f"({self.num_kv_heads}) for grouped-query attention")
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ConfigError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ConfigError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
+                        f"got {self.matmul_precision!r}")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.head_dim % 2:
@@ -102,6 +109,11 @@ class ModelConfig:
   @property
   def has_gate(self) -> bool:
     return self.gate_lora_rank > 0
+
+  @property
+  def precision(self) -> str | None:
+    """The `precision=` of every dot: None leaves it to `jax_default_matmul_precision`."""
+    return None if self.matmul_precision == "default" else self.matmul_precision
 
   @property
   def jnp_dtype(self):

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from memrecall.config import ConfigError, ModelConfig
-from memrecall.model import KVCache, Qwen2, forward, init_cache
+from memrecall.model import (KVCache, Qwen2, cache_layout, concat_slots, forward, init_cache,
+                             repeat_rows, slots_to_cache)
 from memrecall.prompts import PromptTemplate
 from memrecall.reasoner import WorkingMemory
 
@@ -28,7 +29,7 @@ Array = jax.Array
 class GateContext:
   """The gate prompt without its scoring token, run once per memory state.
 
-  k, v: [L, B, P, K, D] rotated keys/values; key_mask: [B, P];
+  k, v: the prompt's rotated keys/values in `KVCache`'s layout; key_mask: [B, P];
   scoring_token: [B, 1]; scoring_position: [B], its RoPE position.
   """
   k: Array
@@ -39,9 +40,9 @@ class GateContext:
 
   def repeat(self, times: int) -> "GateContext":
     """Each row `times` times side by side, to score that many chunks per row at once."""
-    rows = lambda x, axis: jnp.repeat(x, times, axis=axis)
-    return GateContext(rows(self.k, 1), rows(self.v, 1), rows(self.key_mask, 0),
-                       rows(self.scoring_token, 0), rows(self.scoring_position, 0))
+    rows = lambda x: jnp.repeat(x, times, axis=0)
+    return GateContext(repeat_rows(self.k, times), repeat_rows(self.v, times),
+                       rows(self.key_mask), rows(self.scoring_token), rows(self.scoring_position))
 
 
 def gate_context(params, config: ModelConfig, template: PromptTemplate, question: Array,
@@ -63,13 +64,13 @@ def score_chunks(params, config: ModelConfig, context: GateContext, k: Array, v:
                  slot_mask: Array) -> Array:
   """Relevance logits [B] (float32): row b's chunk (k, v [L, B, S, K, D]) against its context."""
   layers, batch, slots, heads, dim = k.shape
-  room = jnp.zeros((layers, batch, 1, heads, dim), config.jnp_dtype)
+  room = lambda: cache_layout(config, jnp.zeros((layers, batch, heads, 1, dim), config.jnp_dtype))
   cache = KVCache(  # [chunk slots (unrotated) | prompt | scoring token]
-      k=jnp.concatenate([k.astype(config.jnp_dtype), context.k, room], axis=2),
-      v=jnp.concatenate([v.astype(config.jnp_dtype), context.v, room], axis=2),
+      k=concat_slots([slots_to_cache(config, k), context.k, room()]),
+      v=concat_slots([slots_to_cache(config, v), context.v, room()]),
       key_mask=jnp.concatenate([slot_mask.astype(bool), context.key_mask,
                                 jnp.zeros((batch, 1), bool)], axis=1),
-      index=jnp.asarray(slots + context.k.shape[2], jnp.int32),
+      index=jnp.asarray(slots + context.key_mask.shape[1], jnp.int32),
       next_position=context.scoring_position)
   hidden, _ = forward(params, config, context.scoring_token, jnp.ones((batch, 1), bool), cache,
                       use_lora=True, return_hidden=True)

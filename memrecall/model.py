@@ -51,9 +51,10 @@ def lora_delta(module: nn.Module, name: str, x: Array, in_axes: tuple, out_shape
   if not use:
     return None
   dtype = cfg.jnp_dtype
-  low = jnp.tensordot(x.astype(dtype), a.astype(dtype), axes=len(in_axes))  # [..., r]
+  low = jnp.tensordot(x.astype(dtype), a.astype(dtype), axes=len(in_axes),
+                      precision=cfg.precision)  # [..., r]
   scale = cfg.gate_lora_alpha / cfg.gate_lora_rank
-  return jnp.tensordot(low, b.astype(dtype), axes=1) * scale
+  return jnp.tensordot(low, b.astype(dtype), axes=1, precision=cfg.precision) * scale
 
 
 class RMSNorm(nn.Module):
@@ -143,7 +144,8 @@ class Attention(nn.Module):
     bias = _param(self, f"{name}_bias", nn.initializers.zeros, (num_heads, cfg.head_dim),
                   (heads_axis, "head_dim"), cfg.jnp_param_dtype)
     dtype = cfg.jnp_dtype
-    out = jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    out = jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel.astype(dtype),
+                     precision=cfg.precision) + bias.astype(dtype)
     delta = lora_delta(self, name, x, ("embed",), (num_heads, cfg.head_dim),
                        (heads_axis, "head_dim"), self.use_lora)
     return out if delta is None else out + delta
@@ -167,7 +169,7 @@ class Attention(nn.Module):
                write_index: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
     cfg = self.config
     q, k, v = self.qkv(x)  # [B, T, H, D], [B, T, K, D], [B, T, K, D]
-    key_limits = None
+    key_limits, heads_major = None, False
     if self.beacon_rows:
       own = {"k": k[:, -self.beacon_rows:], "v": v[:, -self.beacon_rows:]}
       prefix = layer_kv["k"].shape[1]
@@ -184,23 +186,25 @@ class Attention(nn.Module):
       layer_kv = own
     else:
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-      if layer_kv is not None:
-        start = (0, write_index, 0, 0)
-        layer_kv = {
-            "k": jax.lax.dynamic_update_slice(layer_kv["k"], k.astype(layer_kv["k"].dtype), start),
-            "v": jax.lax.dynamic_update_slice(layer_kv["v"], v.astype(layer_kv["v"].dtype), start),
-        }
+      if layer_kv is not None:  # the cache is kv-head major: [B, K, S, D]
+        start = (0, 0, write_index, 0)
+        layer_kv = {n: jax.lax.dynamic_update_slice(
+            layer_kv[n], new.transpose(0, 2, 1, 3).astype(layer_kv[n].dtype), start)
+                    for n, new in (("k", k), ("v", v))}
         k, v = layer_kv["k"].astype(q.dtype), layer_kv["v"].astype(q.dtype)
+        heads_major = True
       if self.causal:
-        key_limits = causal_key_limits(q.shape[1], k.shape[1], QUERY_BLOCK)
-    out = attend(q, k, v, mask, cfg.attention, key_limits)  # [B, T, H, D]
+        key_limits = causal_key_limits(q.shape[1], k.shape[2 if heads_major else 1], QUERY_BLOCK)
+    out = attend(q, k, v, mask, cfg.attention, key_limits, cfg.precision,
+                 heads_major)  # [B, T, H, D]
     out = with_logical_constraint(out, ("batch", "length", "act_heads", None))
     o_kernel = _param(self, "o_kernel", _KERNEL_INIT, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                       ("heads", "head_dim", "embed"), cfg.jnp_param_dtype)
     # As one [B, T, H*D] x [H*D, E] product: the kernel's reshape is free, where the einsum
     # let XLA CPU copy a transposed kernel at every decode step.
     b, t = out.shape[:2]
-    y = out.reshape(b, t, -1) @ o_kernel.astype(out.dtype).reshape(-1, cfg.hidden_size)
+    y = jnp.matmul(out.reshape(b, t, -1), o_kernel.astype(out.dtype).reshape(-1, cfg.hidden_size),
+                   precision=cfg.precision)
     delta = lora_delta(self, "o", out, ("heads", "head_dim"), (cfg.hidden_size,), ("embed",),
                        self.use_lora)
     return (y if delta is None else y + delta), layer_kv
@@ -219,7 +223,7 @@ class MLP(nn.Module):
 
     def linear(name, inputs, shape, axes):
       kernel = _param(self, f"{name}_kernel", _KERNEL_INIT, shape, axes, pdtype).astype(dtype)
-      out = inputs @ kernel
+      out = jnp.matmul(inputs, kernel, precision=cfg.precision)
       delta = lora_delta(self, name, inputs, axes[:1], shape[1:], axes[1:], self.use_lora)
       return out if delta is None else out + delta
 
@@ -320,8 +324,9 @@ class Qwen2(nn.Module):
              write_index: Array | None = None):
     """Runs every layer. x: [B, T, E]; positions: [B, T]; mask: [B, 1, T, S].
 
-    Returns the final-normed hidden states [B, T, E] and the updated stacked
-    cache (`{"k", "v"}` of [L, B, S, K, D]) or None.
+    Returns the final-normed hidden states [B, T, E] and the updated cache (`{"k", "v"}`, each
+    in `KVCache`'s layout: [L, B, K, S, D] for scanned layers, a tuple of L [B, K, S, D]
+    arrays for per-layer ones) or None.
     """
     cfg = self.config
     x = with_logical_constraint(x, ("batch", "length", "act_embed"))
@@ -329,26 +334,27 @@ class Qwen2(nn.Module):
     if cfg.scan_layers:
       x, cache_kv = self.layers(x, cache_kv, cos, sin, mask, write_index)
       return self.final_norm(x), cache_kv
-    out = []  # each layer's returned cache; the stacked cache keeps its [L, ...] layout
+    out = []  # each layer's returned cache: one array per layer, never restacked
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache_kv is None else {n: a[i] for n, a in cache_kv.items()}
       x, layer_cache = layer(x, layer_cache, cos, sin, mask, write_index)
       out.append(layer_cache)
     if out[0] is not None:
-      cache_kv = {n: jnp.stack([c[n] for c in out]) for n in out[0]}
+      cache_kv = {n: tuple(c[n] for c in out) for n in out[0]}
     return self.final_norm(x), cache_kv
 
   def logits(self, hidden: Array) -> Array:
     """hidden [B, T, E] -> float32 logits [B, T, V]."""
     head = self.embedding.T if self.config.tie_word_embeddings else self.lm_head
-    logits = hidden @ head.astype(hidden.dtype)
+    logits = jnp.matmul(hidden, head.astype(hidden.dtype), precision=self.config.precision)
     logits = with_logical_constraint(logits, ("batch", "length", "act_vocab"))
     return logits.astype(jnp.float32)
 
   def gate_logit(self, hidden: Array) -> Array:
     """The relevance head: hidden [..., E] -> float32 logit [...]."""
     h = hidden.astype(jnp.float32)
-    return h @ self.gate_head.astype(jnp.float32) + self.gate_bias.astype(jnp.float32)
+    return (jnp.matmul(h, self.gate_head.astype(jnp.float32), precision=self.config.precision)
+            + self.gate_bias.astype(jnp.float32))
 
   def __call__(self, tokens: Array, positions: Array, mask: Array, cache_kv=None,
                write_index: Array | None = None, return_hidden: bool = False):
@@ -367,29 +373,58 @@ class Qwen2(nn.Module):
 class KVCache:
   """Keys/values of every layer plus the bookkeeping to append to them.
 
-  k, v:         [L, B, S, K, D] keys (rotated) and values.
+  k, v:         keys (rotated) and values, kv-head major so that attention's products read
+                them where they lie (a [B, S, K, D] cache was transposed, i.e. copied whole, by
+                every layer at every decode step): [L, B, K, S, D] with scanned layers, a tuple
+                of L arrays [B, K, S, D] with per-layer ones (`ModelConfig.scan_layers`; each
+                array is then updated in place by the decode loop, where one stacked array was
+                rebuilt at every step).  `cache_layout` converts from [L, B, K, S, D].
   key_mask:     [B, S] bool, which slots hold a real token.
   index:        int32 scalar, the next slot to write (shared by all rows).
   next_position:[B] int32, the RoPE position of each row's next real token.
   """
-  k: Array
-  v: Array
+  k: Array | tuple[Array, ...]
+  v: Array | tuple[Array, ...]
   key_mask: Array
   index: Array
   next_position: Array
 
   @property
   def size(self) -> int:
-    return self.k.shape[2]
+    return self.key_mask.shape[1]
+
+
+def cache_layout(config: ModelConfig, x: Array) -> Array | tuple[Array, ...]:
+  """[L, B, K, S, D] -> `KVCache`'s layout for `config` (stacked, or one array per layer)."""
+  return x if config.scan_layers else tuple(x[i] for i in range(config.num_layers))
+
+
+def slots_to_cache(config: ModelConfig, x: Array) -> Array | tuple[Array, ...]:
+  """Compressed memory slots [L, B, S, K, D] (the compressor's layout) in `KVCache`'s layout:
+  one transpose per memory update, not per decode step."""
+  return cache_layout(config, x.astype(config.jnp_dtype).transpose(0, 1, 3, 2, 4))
+
+
+def concat_slots(parts: list) -> Array | tuple[Array, ...]:
+  """Concatenates caches' keys (or values) along their slot axis, in either layout."""
+  if isinstance(parts[0], tuple):
+    return tuple(jnp.concatenate(layer, axis=2) for layer in zip(*parts))
+  return jnp.concatenate(parts, axis=3)
+
+
+def repeat_rows(x: Array | tuple[Array, ...], times: int) -> Array | tuple[Array, ...]:
+  """Each batch row of a cache's keys (or values) `times` times side by side."""
+  if isinstance(x, tuple):
+    return tuple(jnp.repeat(a, times, axis=0) for a in x)
+  return jnp.repeat(x, times, axis=1)
 
 
 def init_cache(config: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
   """An empty cache with room for `size` tokens per row."""
-  dtype = config.jnp_dtype if dtype is None else dtype
-  shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+  shape = (config.num_layers, batch, config.num_kv_heads, size, config.head_dim)
+  empty = lambda: cache_layout(config, jnp.zeros(shape, config.jnp_dtype if dtype is None else dtype))
   return KVCache(
-      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-      key_mask=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32),
+      k=empty(), v=empty(), key_mask=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32),
       next_position=jnp.zeros((batch,), jnp.int32))
 
 

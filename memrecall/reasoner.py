@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from memrecall.config import ModelConfig
-from memrecall.model import KVCache
+from memrecall.model import KVCache, cache_layout, concat_slots, slots_to_cache
 from memrecall.prompts import PromptTemplate
 from memrecall.sampling import SampleOutput, SamplingConfig, prefill, sample_loop
 
@@ -60,10 +60,10 @@ def memory_capacity(initial_ids: tuple[int, ...], reasoner: ReasonerConfig) -> i
 def prefix_cache(config: ModelConfig, k: Array, v: Array, slot_mask: Array, room: int) -> KVCache:
   """A KV cache holding compressed slots k/v [L, B, S, K, D] unrotated, plus `room` free slots."""
   layers, batch, slots, heads, dim = k.shape
-  free = jnp.zeros((layers, batch, room, heads, dim), config.jnp_dtype)
+  free = lambda: cache_layout(config, jnp.zeros((layers, batch, heads, room, dim), config.jnp_dtype))
   return KVCache(
-      k=jnp.concatenate([k.astype(config.jnp_dtype), free], axis=2),
-      v=jnp.concatenate([v.astype(config.jnp_dtype), free], axis=2),
+      k=concat_slots([slots_to_cache(config, k), free()]),
+      v=concat_slots([slots_to_cache(config, v), free()]),
       key_mask=jnp.concatenate([slot_mask.astype(bool), jnp.zeros((batch, room), bool)], axis=1),
       index=jnp.asarray(slots, jnp.int32),
       next_position=jnp.full((batch,), slots, jnp.int32))

@@ -39,16 +39,17 @@ def test_grouped_attention_matches_a_float64_loop(mask_shape, kv_heads):
   mask = rng.random(mask_shape) < 0.7
   mask[..., 0] = True  # every query row sees a key
   out = grouped_attention(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value),
-                          jnp.asarray(mask))
+                          jnp.asarray(mask), "highest")
   np.testing.assert_allclose(out, naive_attention(query, key, value, mask), atol=2e-6)
-  expected = jax.nn.dot_product_attention(query, key, value, mask=jnp.asarray(mask),
-                                          implementation="xla")
+  with jax.default_matmul_precision("highest"):
+    expected = jax.nn.dot_product_attention(query, key, value, mask=jnp.asarray(mask),
+                                            implementation="xla")
   np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
 def test_grouped_attention_without_mask_and_a_row_with_no_key_stays_finite():
   query, key, value, _ = _inputs()
-  np.testing.assert_allclose(grouped_attention(query, key, value, None),
+  np.testing.assert_allclose(grouped_attention(query, key, value, None, "highest"),
                              naive_attention(query, key, value, np.ones((1, 1, 5, 7), bool)),
                              atol=2e-6)
   mask = np.ones((2, 1, 5, 7), bool)
@@ -62,10 +63,11 @@ def test_grouped_attention_gradients_match_jax_attention():
 
   def loss(fn):
     return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
-  ours = jax.grad(loss(lambda q, k, v: grouped_attention(q, k, v, mask)), argnums=(0, 1, 2))(
-      query, key, value)
-  theirs = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, mask=mask, implementation="xla")), argnums=(0, 1, 2))(query, key, value)
+  ours = jax.grad(loss(lambda q, k, v: grouped_attention(q, k, v, mask, "highest")),
+                  argnums=(0, 1, 2))(query, key, value)
+  with jax.default_matmul_precision("highest"):
+    theirs = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, mask=mask, implementation="xla")), argnums=(0, 1, 2))(query, key, value)
   for a, b in zip(ours, theirs):
     np.testing.assert_allclose(a, b, atol=2e-6)
 
@@ -96,7 +98,14 @@ def test_key_limits_skip_only_what_the_mask_hides():
   assert limits == ((2, 6), (4, 8), (5, 9))
   assert causal_key_limits(5, 9, 5) is None
   mask = jnp.asarray(causal)[None, None]
-  np.testing.assert_allclose(attend(query, key, value, mask, "xla", limits),
-                             naive_attention(query, key, value, causal[None, None]), atol=2e-6)
+  expected = naive_attention(query, key, value, causal[None, None])
+  np.testing.assert_allclose(attend(query, key, value, mask, "xla", limits, "highest"), expected,
+                             atol=2e-6)
+  # The KV cache's kv-head-major layout: the same function of the same keys.
+  heads_major = [jnp.asarray(x).transpose(0, 2, 1, 3) for x in (key, value)]
+  np.testing.assert_allclose(attend(query, *heads_major, mask, "xla", limits, "highest", True),
+                             expected, atol=2e-6)
+  np.testing.assert_allclose(attend(query, *heads_major, mask, "xla", None, "highest", True),
+                             expected, atol=2e-6)
   with pytest.raises(ValueError, match="do not cover"):
     attend(query, key, value, mask, "xla", ((2, 6), (4, 8)))

@@ -17,7 +17,8 @@ from memrecall.config import ConfigError, ModelConfig
 def random_compressor_model(tmp_path_factory):
   """A random model with beacon parameters, exported to HF names for the reference."""
   config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=300.0, compressor=True)
+                       num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=300.0, compressor=True,
+                       matmul_precision="highest")
   params = model.init_params(config, jax.random.key(0))
   params = jax.tree.map(
       lambda x: x + 0.2 * jax.random.normal(jax.random.key(x.size), x.shape), params)
@@ -139,7 +140,8 @@ def test_per_layer_layout_compresses_as_the_scanned_stack(random_compressor_mode
 def test_compression_does_not_copy_the_layer_weights():
   """Skipping the last layer's unused work must not materialise a slice of the layer stack."""
   config = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=1024, num_layers=8,
-                       num_heads=4, num_kv_heads=2, head_dim=16, compressor=True)
+                       num_heads=4, num_kv_heads=2, head_dim=16, compressor=True,
+                       matmul_precision="highest")
   params = model.init_params(config, jax.random.key(0))
   settings = compressor.CompressorConfig(chunk_size=16, window=8, ratio=4)
   ids = jnp.zeros((4, 16), jnp.int32)
@@ -153,7 +155,7 @@ def test_compression_does_not_copy_the_layer_weights():
 
 
 def test_matches_the_public_reference_fixture(lychee_reference, lychee_dir):
-  params, config = hf_checkpoint.load_hf_checkpoint(lychee_dir)
+  params, config = hf_checkpoint.load_hf_checkpoint(lychee_dir, matmul_precision="highest")
   assert config.compressor
   settings = compressor.CompressorConfig.from_hf_dict(
       json.loads(str(lychee_reference["config_json"])), chunk_size=1024)
@@ -171,7 +173,8 @@ def test_matches_the_public_reference_fixture(lychee_reference, lychee_dir):
 
 
 def test_plain_qwen2_checkpoint_gets_initialised_beacons(tiny_dir):
-  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, compressor=True)
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, compressor=True,
+                                                    matmul_precision="highest")
   attention = params["layers"]["attention"]
   for p in "qkv":
     np.testing.assert_array_equal(attention[f"beacon_{p}_kernel"], attention[f"{p}_kernel"])
@@ -190,7 +193,7 @@ def test_bad_settings_and_inputs():
   with pytest.raises(ValueError, match="document is empty"):
     compressor.chunk_document([], 16, 0)
   config = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=1,
-                       num_heads=4, num_kv_heads=2, head_dim=8)
+                       num_heads=4, num_kv_heads=2, head_dim=8, matmul_precision="highest")
   params = model.init_params(config, jax.random.key(0))
   with pytest.raises(ConfigError, match="no compressor parameters"):
     compressor.compress(params, config, compressor.CompressorConfig(16, 8, 4),

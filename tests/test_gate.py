@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from memrecall import compressor, gate, prompts, reasoner
-from memrecall.model import Qwen2, forward, init_cache
+from memrecall.model import Qwen2, forward, init_cache, slots_to_cache
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,8 @@ def _chunks_after_the_prompt(model, memory, question, question_mask, working):
   _, cache = forward(params, config, prompt[:, :-1], prompt_mask[:, :-1], cache, use_lora=True)
   at = length - 1
   cache = cache.replace(
-      k=cache.k.at[:, :, at:at + slots].set(memory.k), v=cache.v.at[:, :, at:at + slots].set(memory.v),
+      k=cache.k.at[:, :, :, at:at + slots].set(slots_to_cache(config, memory.k)),  # [L, B, K, S, D]
+      v=cache.v.at[:, :, :, at:at + slots].set(slots_to_cache(config, memory.v)),
       key_mask=cache.key_mask.at[:, at:at + slots].set(memory.slot_mask), index=jnp.asarray(at + slots))
   hidden, _ = forward(params, config, prompt[:, -1:], prompt_mask[:, -1:], cache, use_lora=True,
                       return_hidden=True)

@@ -12,7 +12,7 @@ import pytest
 
 import reference
 from conftest import FIXTURES
-from memrecall import hf_checkpoint, model
+from memrecall import hf_checkpoint, model, sampling
 from memrecall.config import ModelConfig
 from memrecall.safetensors_io import iter_checkpoint_files
 
@@ -30,7 +30,8 @@ def _valid_rel_error(ours, ref, mask):
                                               ("qwen2_tiny_sharded", "logits"),
                                               ("qwen2_tiny_tied", "tied_logits")])
 def test_logits_match_transformers_fixture(hf_reference, directory, prefix):
-  params, config = hf_checkpoint.load_hf_checkpoint(os.path.join(FIXTURES, directory))
+  params, config = hf_checkpoint.load_hf_checkpoint(os.path.join(FIXTURES, directory),
+                                                    matmul_precision="highest")
   tokens, mask = hf_reference[f"{prefix}/input_ids"], hf_reference[f"{prefix}/attention_mask"]
   # The batch mixes no padding, left padding and right padding.
   assert (mask == 0).any(axis=1).sum() == 2
@@ -39,7 +40,7 @@ def test_logits_match_transformers_fixture(hf_reference, directory, prefix):
 
 
 def test_logits_match_float64_loop_reference(hf_reference, tiny_dir):
-  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, matmul_precision="highest")
   hf_config = json.load(open(os.path.join(tiny_dir, "config.json")))
   tokens, mask = hf_reference["logits/input_ids"], hf_reference["logits/attention_mask"]
   ref = reference.forward(_hf_weights(tiny_dir), hf_config, tokens, mask)
@@ -54,7 +55,7 @@ def test_random_init_matches_reference_through_export(tmp_path, monkeypatch, que
   monkeypatch.setattr(model, "QUERY_BLOCK", query_block)
   config = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=3,
                        num_heads=6, num_kv_heads=3, head_dim=8, rope_theta=500.0,
-                       tie_word_embeddings=True)
+                       tie_word_embeddings=True, matmul_precision="highest")
   params = model.init_params(config, jax.random.key(3))
   # Make biases and norms non-trivial so that their paths are exercised.
   params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), params)
@@ -70,7 +71,7 @@ def test_random_init_matches_reference_through_export(tmp_path, monkeypatch, que
 def test_cached_decode_equals_full_forward_at_every_step(tiny_dir, monkeypatch, query_block):
   """query_block 2: the prompt written into a cache with room after it attends in blocks."""
   monkeypatch.setattr(model, "QUERY_BLOCK", query_block)
-  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, matmul_precision="highest")
   rng = np.random.default_rng(1)
   tokens = jnp.asarray(rng.integers(3, config.vocab_size, (2, 12)))
   prompt_mask = jnp.asarray([[1] * 5, [0, 0, 1, 1, 1]], bool)
@@ -93,7 +94,7 @@ def test_cached_decode_equals_full_forward_at_every_step(tiny_dir, monkeypatch, 
 def test_per_layer_layout_equals_the_scanned_stack(tiny_dir):
   """`unstack_layers` (inference's layout) gives the scanned stack's logits and cache, and
   `stack_layers` restores the checkpoint layout exactly."""
-  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, matmul_precision="highest")
   split, split_config = model.unstack_layers(params, config)
   assert not split_config.scan_layers and "layers" not in split
   assert sorted(k for k in split if k.startswith("layers_")) == [
@@ -104,13 +105,14 @@ def test_per_layer_layout_equals_the_scanned_stack(tiny_dir):
   mask = jnp.asarray([[1] * 9, [0, 0] + [1] * 7], bool)
   np.testing.assert_allclose(model.forward(split, split_config, tokens, mask)[0],
                              model.forward(params, config, tokens, mask)[0], atol=2e-5, rtol=1e-5)
-  caches = [model.init_cache(config, 2, 10), model.init_cache(config, 2, 10)]
+  caches = [model.init_cache(config, 2, 10), model.init_cache(split_config, 2, 10)]
+  assert isinstance(caches[1].k, tuple) and len(caches[1].k) == config.num_layers
   for t in (tokens[:, :8], tokens[:, 8:]):
     (a, caches[0]), (b, caches[1]) = (model.forward(params, config, t, None, caches[0]),
                                       model.forward(split, split_config, t, None, caches[1]))
     np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-5)
-  np.testing.assert_allclose(caches[1].k, caches[0].k, atol=1e-5)
-  np.testing.assert_allclose(caches[1].v, caches[0].v, atol=1e-5)
+  np.testing.assert_allclose(np.stack(caches[1].k), caches[0].k, atol=1e-5)
+  np.testing.assert_allclose(np.stack(caches[1].v), caches[0].v, atol=1e-5)
   restored, restored_config = model.stack_layers(split, split_config)
   assert restored_config == config
   jax.tree.map(np.testing.assert_array_equal, restored, params)
@@ -123,7 +125,7 @@ def test_per_layer_decode_step_copies_no_weights():
   """The reason for the layout: a scanned stack's decode step copies weight slices (XLA's
   dynamic-slices of the stack); per-layer arrays are read where they lie."""
   config = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_layers=3,
-                       num_heads=4, num_kv_heads=2, head_dim=32)
+                       num_heads=4, num_kv_heads=2, head_dim=32, matmul_precision="highest")
   params = model.init_params(config, jax.random.key(0))
   # A layer kernel's shapes: [128, 384], [384, 128], [128, 4, 32], [4, 32, 128] ...
   kernels = {tuple(x.shape[1:]) for path, x in jax.tree_util.tree_leaves_with_path(params["layers"])
@@ -145,6 +147,73 @@ def test_per_layer_decode_step_copies_no_weights():
   assert weight_sized_copies(*model.unstack_layers(params, config)) == 0
 
 
+def test_decode_loop_copies_neither_the_cache_nor_a_weight():
+  """A decode step must move only what it reads: in the compiled sampling loop (inference's
+  per-layer layout) every cache-sized array is a loop parameter or an in-place update (a
+  dynamic-update-slice), never a copy, transpose or concatenation (a [B, S, K, D] cache was
+  transposed by every layer, and the stacked one rebuilt, at every step), and no weight is
+  copied."""
+  config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=3,
+                       num_heads=4, num_kv_heads=2, head_dim=16)
+  params, config = model.unstack_layers(model.init_params(config, jax.random.key(0)), config)
+  batch, size = 3, 40
+  lowered = sampling.sample_loop.lower(
+      params, config, model.init_cache(config, batch, size), jnp.zeros((batch, 96)),
+      jax.random.key(1), max_new_tokens=4, sampling=sampling.SamplingConfig(eos_ids=(1,)))
+  text = lowered.compile().as_text()
+  layer = (batch, size, config.num_kv_heads, config.head_dim)
+  cache_shapes = {(batch, config.num_kv_heads, size, config.head_dim), layer,
+                  (config.num_layers, batch, config.num_kv_heads, size, config.head_dim),
+                  (config.num_layers,) + layer}
+  weight_shapes = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
+  found = {}
+  for name, shape, op in re.findall(r"%([\w.-]+) = f32\[([0-9,]+)\]\{[0-9,]*\} ([\w-]+)\(", text):
+    shape = tuple(int(d) for d in shape.split(","))
+    if shape in cache_shapes:
+      found.setdefault("cache", []).append((name, op))
+    elif shape in weight_shapes and op not in ("parameter", "get-tuple-element"):
+      found.setdefault("weight", []).append((name, op))
+  in_place = lambda name, op: op in ("parameter", "get-tuple-element", "dynamic-update-slice",
+                                     "bitcast") or (op == "fusion" and "dynamic-update-slice" in name)
+  assert found["cache"] and all(in_place(*x) for x in found["cache"]), found["cache"]
+  assert not found.get("weight"), found["weight"]
+
+
+def test_every_dot_takes_the_configured_precision(tiny_dir):
+  """`matmul_precision` reaches every dot of the model: the LM head, projections, MLP,
+  attention (with and without a cache), the compressor's beacon projections, the gate's
+  adapters and head.  ("default" leaves them to `jax_default_matmul_precision`.)"""
+  from memrecall import compressor
+  base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=8, compressor=True, gate_lora_rank=2)
+  settings = compressor.CompressorConfig(chunk_size=16, window=8, ratio=4)
+
+  def precisions(config):
+    params = model.init_params(config, jax.random.key(0))
+    tokens = jnp.ones((1, 6), jnp.int32)
+    programs = [
+        jax.jit(lambda p: model.forward(p, config, tokens, use_lora=True)).lower(params),
+        jax.jit(lambda p, c: model.forward(p, config, tokens[:, :1], None, c)).lower(
+            params, model.init_cache(config, 1, 8)),
+        jax.jit(lambda p: compressor.compress(p, config, settings, jnp.ones((2, 16), jnp.int32),
+                                              jnp.ones((2, 16), bool))).lower(params),
+        jax.jit(lambda p: model.Qwen2(config).apply({"params": p}, jnp.ones((1, 32)),
+                                                    method=model.Qwen2.gate_logit)).lower(params)]
+    found = []
+    for lowered in programs:
+      for line in lowered.as_text().splitlines():
+        if "stablehlo.dot_general" in line:
+          found.append(re.search(r"precision = \[(\w+), (\w+)\]", line).groups()
+                       if "precision" in line else ("DEFAULT", "DEFAULT"))
+    return found
+
+  highest = precisions(base.replace(matmul_precision="highest"))
+  assert len(highest) >= 20 and set(highest) == {("HIGHEST", "HIGHEST")}
+  assert set(precisions(base)) == {("DEFAULT", "DEFAULT")}
+  with pytest.raises(ValueError, match="matmul_precision must be one of"):
+    base.replace(matmul_precision="tf32")
+
+
 def test_bfloat16_compute_stays_close_to_float32(tiny_dir, hf_reference):
   params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, param_dtype="bfloat16",
                                                     dtype="bfloat16")
@@ -156,7 +225,7 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_dir, hf_reference):
 
 
 def test_remat_does_not_change_gradients(tiny_dir):
-  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, matmul_precision="highest")
   tokens = jnp.arange(3, 19).reshape(2, 8)
 
   def loss(p, cfg):
@@ -181,6 +250,6 @@ def test_live_transformers_comparison_when_installed(hf_reference, tiny_dir):
   with torch.no_grad():
     ref = hf_model(input_ids=torch.tensor(tokens).long(), attention_mask=torch.tensor(mask),
                    position_ids=torch.tensor(positions).long()).logits.numpy()
-  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, matmul_precision="highest")
   logits, _ = model.forward(params, config, jnp.asarray(tokens), jnp.asarray(mask))
   assert _valid_rel_error(logits, ref, mask) <= 1e-4

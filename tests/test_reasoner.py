@@ -12,7 +12,7 @@ from memrecall import compressor, hf_checkpoint, model, prompts, reasoner, sampl
 
 @pytest.fixture(scope="module")
 def lychee(lychee_reference, lychee_dir):
-  params, config = hf_checkpoint.load_hf_checkpoint(lychee_dir)
+  params, config = hf_checkpoint.load_hf_checkpoint(lychee_dir, matmul_precision="highest")
   tok = tokenizer.load_tokenizer(lychee_dir, eos_ids=(2,), pad_id=0)
   meta = json.loads(str(lychee_reference["meta_json"]))
   bank = prompts.Prompts.build(tok, meta["chat_template"])

@@ -205,8 +205,10 @@ def test_sharded_loop_matches_one_device(lychee_dir, document):
   from memrecall import pipeline
   ids, mask, _, question, question_mask = document
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  single = pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4)
-  sharded = pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4, mesh=mesh)
+  single = pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4,
+                                      matmul_precision="highest")
+  sharded = pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4, mesh=mesh,
+                                       matmul_precision="highest")
   assert sharded.params["layers"]["mlp"]["up_kernel"].sharding.spec == jax.sharding.PartitionSpec(
       None, "fsdp", "tensor")
   setup = _setup(single, "gate", threshold=0.0)

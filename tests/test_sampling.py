@@ -10,7 +10,7 @@ from memrecall import hf_checkpoint, model, sampling
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-  return hf_checkpoint.load_hf_checkpoint(tiny_dir)
+  return hf_checkpoint.load_hf_checkpoint(tiny_dir, matmul_precision="highest")
 
 
 def _settings(config, **kw):
