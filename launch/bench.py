@@ -5,12 +5,16 @@ r"""Times compress / gate / reason / total per mode and context length, side by 
       --selected_fraction=0.1 --output_json=bench.json  # one H100, random bf16 weights
 
   python launch/bench.py --model=mid                    # hidden 512 x 8 layers, CPU-sized
+  python launch/bench.py --model=qwen2.5-7b --modes= --decode_batches=1,8 \
+      --nodecode_scanned                                # decode alone, at batch 1 and 8
 
 Prints a table with the speed-up and peak-memory ratio of every mode against
 `memagent` (MemAgent's raw-chunk loop on the same weights), and, against the
 machine's matmul FLOP/s and read bandwidth measured in the same run, each
 mode's floor and time / floor, compression's achieved share of the matmul
-ceiling, the Reasoner's prefill FLOP/s and batch-1 decoding's bytes/s.
+ceiling, the Reasoner's prefill FLOP/s and decoding's bytes/s at each of
+--decode_batches.  Each jitted program is compiled ahead of time, so
+--repeats=1 runs it once.
 """
 
 import json
