@@ -269,6 +269,7 @@ def main():
     json.dump({"smoke": args.smoke, "bounds": bounds, "steps": results, "table": table}, f,
               indent=1)
   print(f"wrote {os.path.join(args.output_dir, 'device_check.json')} and {log_path}")
+  shutil.rmtree(work, ignore_errors=True)  # the rows are in the JSON; the smoke's cache is spent
   return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
