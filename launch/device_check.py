@@ -246,7 +246,7 @@ def main():
         + " + ".join(f"{name} {bound}" for name, bound in bounds.items())
         + f" = {sum(bounds.values())} s (+ {END_S} s to end an overrun: at most {limit} s)"
         + (f", each x {args.bound_scale}" if args.bound_scale != 1 else ""), flush=True)
-  if wheels:  # the later steps import what they bring
+  if wheels and "wheels" in bounds:  # the later steps import what they bring
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE,
                                                               os.environ.get("PYTHONPATH")]))
   results, deadline = [], time.monotonic()
