@@ -40,6 +40,9 @@ def test_smoke_runs_every_step_and_reports_a_table_and_json(tmp_path):
   # The printed table is the JSON's, one line per step after the header.
   table = report["table"].splitlines()
   assert table[0].split()[:5] == ["step", "status", "seconds", "bound", "limit"]
-  assert [line.split()[0] for line in table[2:]] == list(steps)
+  assert [line.split()[0] for line in table[2:2 + len(steps)]] == list(steps)
+  # Then the speed-up of the modes timed at memagent's length (512 tokens).
+  assert [line.split()[:4] for line in table[2 + len(steps):]] == [
+      ["speed-up:", "gate", "at", "512"], ["speed-up:", "all", "at", "512"]]
   assert report["table"] in proc.stdout and "TIMEOUT" not in proc.stdout
   assert os.path.getsize(tmp_path / "device_check.log") > 0
