@@ -85,6 +85,25 @@ def param_bytes(params) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
+def step_weight_bytes(params, config: ModelConfig) -> int:
+  """Weight bytes one generation step reads: the decoder layers' weights but not their beacon
+  projections or the gate's LoRA (read only when compressing or gating: about 1 GB of a 7B
+  model with both), the final norm and the LM head; of the other top-level tables the
+  embedding is read only as the rows it gathers (counted as none) unless it is the LM head,
+  and the beacon embedding and the gate's head not at all."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    top = path[0].key
+    if top.startswith("layers"):
+      name = jax.tree_util.keystr(path)
+      read = "beacon_" not in name and "_lora_" not in name
+    else:
+      read = top in ("final_norm", "lm_head") or (top == "embedding"
+                                                  and config.tie_word_embeddings)
+    total += leaf.size * leaf.dtype.itemsize if read else 0
+  return total
+
+
 def _layer_weights(config: ModelConfig) -> int:
   """Matmul weights of one decoder layer (q/k/v/o and the SwiGLU MLP)."""
   e, m, h, k, d = (config.hidden_size, config.intermediate_size, config.num_heads,
@@ -232,7 +251,7 @@ def decode_rate(params, config: ModelConfig, cache_tokens: int, steps: int, repe
   t_prefill = min(prefill for prefill, _ in rounds[1:])
   per_token = min(loop for _, loop in rounds[1:]) / steps
   kv = batch * cache_bytes(config, cache_tokens + steps / 2)
-  weights = param_bytes(params)
+  weights = step_weight_bytes(params, config)
   return {"batch": batch, "prefill_s": t_prefill,
           "prefill_flops": batch * forward_flops(config, cache_tokens, cache_tokens / 2, 1),
           "seconds_per_token": per_token, "bytes_per_token": weights + kv,

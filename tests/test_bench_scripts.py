@@ -104,17 +104,39 @@ def test_decode_rate_and_ceilings_run_on_cpu():
                        num_heads=2, num_kv_heads=1, head_dim=8)
   params = model.init_params(config, jax.random.key(0))
   rate = benchmark.decode_rate(params, config, cache_tokens=8, steps=4, repeats=1)
-  assert rate["seconds_per_token"] > 0 and rate["bytes_per_token"] > benchmark.param_bytes(params)
+  assert rate["seconds_per_token"] > 0
+  assert rate["bytes_per_token"] == (benchmark.step_weight_bytes(params, config)
+                                     + benchmark.cache_bytes(config, 8 + 4 / 2))
   assert rate["prefill_s"] > 0 and rate["prefill_flops"] > 0
   # A step at batch 3 reads the weights once and three rows' caches.
   batched = benchmark.decode_rate(params, config, cache_tokens=8, steps=4, repeats=1, batch=3)
-  weights = benchmark.param_bytes(params)
+  weights = benchmark.step_weight_bytes(params, config)
   assert batched["batch"] == 3 and batched["prefill_flops"] == 3 * rate["prefill_flops"]
   cache = rate["bytes_per_token"] - weights
   assert batched["bytes_per_token"] - weights == pytest.approx(3 * cache)
   ceilings = benchmark.measure_ceilings(matmul_size=64, read_bytes=2**20, repeats=1)
   assert ceilings.matmul_flops > 0 and ceilings.read_bytes > 0
   assert ceilings.seconds(ceilings.matmul_flops, ceilings.read_bytes) == 2.0
+
+
+def test_a_generation_step_reads_the_plain_forwards_weights_by_hand():
+  """Not the beacon projections or the gate's LoRA, and of an untied embedding table none."""
+  import dataclasses
+  import jax
+  from memrecall import benchmark, model
+  from memrecall.config import ModelConfig
+  plain = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8)
+  # q, k, v with biases (16*16 + 2*16*8 + 16 + 2*8), o (16*16), MLP (3*16*32), two layer
+  # norms and the final one (3*16), the LM head (16*64): 4 bytes each.
+  expected = 4 * (256 + 256 + 16 + 16 + 256 + 1536 + 48 + 1024)
+  for config in (plain, dataclasses.replace(plain, compressor=True, gate_lora_rank=4),
+                 dataclasses.replace(plain, tie_word_embeddings=True)):
+    params = model.init_params(config, jax.random.key(0))
+    for layout in ((params, config), model.unstack_layers(params, config)):
+      assert benchmark.step_weight_bytes(*layout) == expected, config
+  params = model.init_params(plain, jax.random.key(0))
+  assert benchmark.param_bytes(params) == expected + 4 * 64 * 16  # + the embedding table
 
 
 def test_gate_steps_follow_the_grouped_loop_by_hand():
