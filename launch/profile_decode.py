@@ -7,7 +7,8 @@ For each batch size, the sampling loop (`sampling.sample_loop`, the loop every m
 answer and RL rollout runs) decodes `--steps` tokens after a cache of `--cache_tokens` filled
 slots, random bfloat16 weights in inference's per-layer layout.  The floor of one step is its
 bytes (every weight once, the filled cache once) at the read bandwidth measured in the same run
-(`benchmark.measure_ceilings`).  `--trace` records one loop with `jax.profiler` and sums the
+(`benchmark.measure_ceilings`; the embedding table is not counted, since a step gathers only
+B rows of it).  `--trace` records one loop with `jax.profiler` and sums the
 device's kernel time by kernel name (the top rows, and the kernels per step), which says
 whether the time goes to the weights' matrix-vector products, attention, or launch-bound small
 kernels.  `--variants` adds side-by-side loops that change one thing: `scanned` (the stacked
@@ -99,7 +100,11 @@ def main(argv):
     split, split_config = layouts["per_layer"]
     layouts["xla_attention"] = (split, split_config.replace(attention="xla"))
   ceilings = benchmark.measure_ceilings(config.jnp_dtype)
-  weight_bytes = benchmark.param_bytes(layouts["per_layer"][0])
+  # A step reads every weight once, except the embedding table, of which it gathers B rows
+  # (unless the LM head is the same table).
+  split = layouts["per_layer"][0]
+  weight_bytes = benchmark.param_bytes(split) - (
+      0 if config.tie_word_embeddings else split["embedding"].nbytes)
   device = jax.devices()[0]
   print(f"profile_decode: {_MODEL.value} ({config.param_dtype}, {weight_bytes / 1e9:.2f} GB of "
         f"weights) on {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}; read "

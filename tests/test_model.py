@@ -121,9 +121,22 @@ def test_per_layer_layout_equals_the_scanned_stack(tiny_dir):
     model.stack_layers({k: v for k, v in split.items() if k != "layers_1"}, split_config)
 
 
+def _cpu():
+  """These tests read XLA:CPU's compiled HLO (its op names and fusions), on any machine."""
+  try:
+    return jax.default_device(jax.devices("cpu")[0])
+  except RuntimeError:
+    pytest.skip("JAX_PLATFORMS leaves out the CPU backend whose HLO this test reads")
+
+
 def test_per_layer_decode_step_copies_no_weights():
   """The reason for the layout: a scanned stack's decode step copies weight slices (XLA's
   dynamic-slices of the stack); per-layer arrays are read where they lie."""
+  with _cpu():
+    _per_layer_decode_step_copies_no_weights()
+
+
+def _per_layer_decode_step_copies_no_weights():
   config = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_layers=3,
                        num_heads=4, num_kv_heads=2, head_dim=32, matmul_precision="highest")
   params = model.init_params(config, jax.random.key(0))
@@ -153,6 +166,11 @@ def test_decode_loop_copies_neither_the_cache_nor_a_weight():
   dynamic-update-slice), never a copy, transpose or concatenation (a [B, S, K, D] cache was
   transposed by every layer, and the stacked one rebuilt, at every step), and no weight is
   copied."""
+  with _cpu():
+    _decode_loop_copies_neither_the_cache_nor_a_weight()
+
+
+def _decode_loop_copies_neither_the_cache_nor_a_weight():
   config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=3,
                        num_heads=4, num_kv_heads=2, head_dim=16)
   params, config = model.unstack_layers(model.init_params(config, jax.random.key(0)), config)
