@@ -37,8 +37,8 @@ FULL_LIMIT_S, SMOKE_LIMIT_S, END_S = 480, 180, 10
 # Seconds per step on one H100/H200.  What the issue measured on an H200 says which rows can
 # finish: 7B programs compile for minutes, memagent's 32K run took 126 s and `all` reads as
 # many sections, so those rows need the decode work to pay off (or a longer check).
-FULL_BOUNDS = {"info": 15, "wheels": 15, "tests": 150, "decode": 90, "gate": 80, "memagent": 40,
-               "all": 40, "gate_stream": 40}
+FULL_BOUNDS = {"info": 10, "wheels": 10, "tests": 130, "decode": 60, "gate": 60, "memagent": 75,
+               "all": 65, "gate_stream": 60}
 SMOKE_BOUNDS = {"info": 10, "wheels": 10, "tests": 40, "decode": 40, "gate": 20, "memagent": 15,
                 "all": 15, "gate_stream": 20}
 

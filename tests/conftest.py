@@ -149,4 +149,5 @@ def lychee_dir(lychee_reference, tmp_path_factory):
 def lychee_model(lychee_reference, lychee_dir):
   """The reference's tiny LycheeMemory model with a gate (its random similarity_head + fresh LoRA)."""
   from memrecall import pipeline
-  return pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4)
+  return pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4,
+                                    matmul_precision="highest")  # float32 products, on any card
