@@ -21,16 +21,13 @@ from typing import Callable
 
 import ml_collections
 
-from memrecall import eval_report, evaluation, runs
+from memrecall import eval_report, evaluation, jsonl, runs
 from memrecall.distributed import is_primary
 from memrecall.train import checkpoint, trainer
 
 
 def _metrics(workdir: str, stage: str) -> list[dict]:
-  path = os.path.join(workdir, "logs", stage, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  return [json.loads(line) for line in open(path)]
+  return jsonl.read(os.path.join(workdir, "logs", stage, "metrics.jsonl"))
 
 
 def _greedy_accuracy(params, config: ml_collections.ConfigDict, examples: int, batch: int) -> float:

@@ -167,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     stage.start(state.params)
     step_fn = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches),
                       donate_argnums=0)
-    writer = MetricsWriter(os.path.join(workdir, "logs", config.stage))
+    writer = MetricsWriter(os.path.join(workdir, "logs", config.stage), resumed_at=int(state.step))
     console = _Console(config.train.steps, int(state.step))
     last: dict = {}
     config_json = json.loads(config.to_json_best_effort())
