@@ -49,8 +49,9 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore(),
           data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for damaged files
+      first = (str(e).strip().splitlines() or [""])[0][:200]
       raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} cannot be "
-                            f"restored ({type(e).__name__}: {e}); it may be truncated or "
+                            f"restored ({type(e).__name__}: {first}); it may be truncated or "
                             "corrupted — delete it to resume from an earlier one") from e
     return restored.state, restored.config, restored.data
 
@@ -84,8 +85,11 @@ def load_params(workdir_or_checkpoint: str, step: int | None = None) -> tuple[An
                           getattr(metadata, "tree", metadata))
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
-  except Exception as e:
-    raise CheckpointError(f"checkpoint {directory}/{step} cannot be restored: {e}") from e
+  except Exception as e:  # orbax raises many types for damaged files
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise CheckpointError(f"checkpoint {directory}/{step} cannot be restored ({type(e).__name__}: "
+                          f"{first}); it may be truncated or corrupted — delete it to use an "
+                          "earlier one, or retrain") from e
   finally:
     manager.close()
   return restored.state["params"], restored.config
