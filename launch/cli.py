@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -61,10 +62,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
       message += " (leave the flag out for its default)"
     fail(f"{message} (--helpshort lists the flags)", e)
   except Exception as e:  # config files and --config.KEY overrides fail inside the parse
-    message = one_line(e)
-    if isinstance(e, (AttributeError, KeyError)):
-      message = f"unknown config key {message}"
-    fail(message, e)
+    fail(_config_message(e, argv), e)
+
+
+def _config_message(error: Exception, argv: list[str]) -> str:
+  """ml_collections' errors as one line naming the --config flag, file or key at fault."""
+  text = one_line(error)
+  if "Failed loading config file" in text:
+    reason = text.split("Attempted")[-1].strip(" :[]")
+    return f"--config: cannot load the config file ({reason})"
+  if isinstance(error, (AttributeError, KeyError)):
+    key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                 and key in a.split("=")[0].split(".")[1:]), "--config")
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return f"{flag}: unknown config key {key!r}" + (f" (did you mean {hint[1]!r}?)" if hint else "")
+  return text
 
 
 def _quiet_logs() -> None:
@@ -83,13 +96,12 @@ def run(main) -> None:
     _quiet_logs()
     try:
       return main(argv)
-    except app.UsageError as e:
-      fail(one_line(e), e)
-    except (ValueError, OSError, ImportError, KeyError) as e:
-      fail(one_line(e), e)
     except Exception as e:  # pylint: disable=broad-except
       from memrecall.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-      if isinstance(e, CheckpointError):
+      if "Failed loading config file" in str(e):  # a --config file is read lazily
+        fail(_config_message(e, sys.argv), e)
+      if isinstance(e, (app.UsageError, ValueError, OSError, ImportError, KeyError,
+                        CheckpointError)):
         fail(one_line(e), e)
       fail(f"{type(e).__name__}: {one_line(e)} (--verbose shows the traceback)", e, FAILURE_EXIT)
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file and its argument.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics go here.")
-from launch import distributed_flags  # noqa: E402  (--distributed and the coordinator flags)
+from launch import cli, distributed_flags  # noqa: E402  (--verbose; --distributed and the coordinator flags)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

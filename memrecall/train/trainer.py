@@ -138,6 +138,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   check_workdir(workdir)
   if config.stage not in STAGES:
     raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
+  for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep"):
+    value = config.train.get(key, 1)
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
   run = build_run(config)
   microbatches = config.train.get("microbatches", 1)
   if microbatches < 1 or config.train.batch_size % microbatches:
