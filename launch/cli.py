@@ -69,7 +69,7 @@ def _config_message(error: Exception, argv: list[str]) -> str:
   """ml_collections' errors as one line naming the --config flag, file or key at fault."""
   text = one_line(error)
   if "Failed loading config file" in text:
-    reason = text.split("Attempted")[-1].strip(" :[]")
+    reason = text[text.find("[Errno"):] if "[Errno" in text else text.split("Attempted")[-1]
     return f"--config: cannot load the config file ({reason})"
   if isinstance(error, (AttributeError, KeyError)):
     key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
@@ -100,7 +100,7 @@ def run(main) -> None:
       from memrecall.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
       if "Failed loading config file" in str(e):  # a --config file is read lazily
         fail(_config_message(e, sys.argv), e)
-      if isinstance(e, (app.UsageError, ValueError, OSError, ImportError, KeyError,
+      if isinstance(e, (app.UsageError, ValueError, OSError, ImportError, LookupError,
                         CheckpointError)):
         fail(one_line(e), e)
       fail(f"{type(e).__name__}: {one_line(e)} (--verbose shows the traceback)", e, FAILURE_EXIT)
