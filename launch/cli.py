@@ -50,7 +50,10 @@ def fail(message: str, error: BaseException | None = None, code: int = USAGE_EXI
   if error is not None and verbose():
     traceback.print_exception(error)
   print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
+  sys.stdout.flush()
+  # Not sys.exit: at interpreter shutdown orbax's and asyncio's leftover threads print
+  # tracebacks ("Event loop is closed") under the one line; nothing is left to clean up.
+  os._exit(code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

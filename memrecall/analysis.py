@@ -27,8 +27,12 @@ def load_trace(path: str, question: int = 0) -> dict:
   if not 0 <= question < len(traces):
     raise IndexError(f"{path} holds {len(traces)} traced questions; {question} does not exist")
   trace = traces[question]
-  if "gate_scores" not in trace:
+  if not isinstance(trace, dict) or "gate_scores" not in trace:
     raise ValueError(f"{path} is a baseline's trace (no per-chunk gate scores)")
+  missing = [k for k in ("id", "read", "relevant", "memory_ids") if k not in trace]
+  if missing:
+    raise ValueError(f"{path} question {question} lacks {', '.join(missing)}: not an "
+                     "evaluation's trace")
   return trace
 
 

@@ -9,8 +9,11 @@ onto 1 (or any other mesh).  `load_params` is the notebook entry point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -19,6 +22,32 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be read."""
+
+
+@contextlib.contextmanager
+def _stderr_kept_unless_failed():
+  """Holds back what is written to stderr (file descriptor 2) inside; passes it on unless the
+  block raises.  A failed orbax restore leaves tensorstore callbacks that print tracebacks
+  about a closed event loop from C++ threads: noise around the CheckpointError naming the
+  damaged checkpoint, which says all there is to say."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    failed = False
+    try:
+      yield
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+        sys.stderr.flush()
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -45,9 +74,10 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
     """(state, config, data) of `step`, the state placed as `abstract_state`'s shardings say."""
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore(),
-          data=ocp.args.JsonRestore()))
+      with _stderr_kept_unless_failed():
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore(),
+            data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for damaged files
       first = (str(e).strip().splitlines() or [""])[0][:200]
       raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} cannot be "
@@ -78,13 +108,14 @@ def load_params(workdir_or_checkpoint: str, step: int | None = None) -> tuple[An
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
   try:
-    # Whatever mesh wrote it, read it onto this process's first device.
-    metadata = manager.item_metadata(step)["state"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          getattr(metadata, "tree", metadata))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
+    with _stderr_kept_unless_failed():
+      # Whatever mesh wrote it, read it onto this process's first device.
+      metadata = manager.item_metadata(step)["state"]
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            getattr(metadata, "tree", metadata))
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises many types for damaged files
     first = (str(e).strip().splitlines() or [""])[0][:200]
     raise CheckpointError(f"checkpoint {directory}/{step} cannot be restored ({type(e).__name__}: "
