@@ -136,7 +136,8 @@ def _modes(run) -> list[str]:
 
 
 def _load():
-  """(run, params, default output dir, model name) of the checkpoint the flags name."""
+  """(run, a function giving its parameters, default output dir, model name) of the checkpoint
+  the flags name; a HF checkpoint's weights are read only when that function is called."""
   from memrecall import runs
   from memrecall.prompts import MEMAGENT_FINAL_TEMPLATE
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
@@ -150,14 +151,13 @@ def _load():
       values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
     run = runs.from_hf_checkpoint(hf, model={"gate_lora_rank": _GATE_LORA_RANK.value}, **values)
     name = os.path.basename(os.path.normpath(hf))
-    _modes(run)  # before the weights are read
-    return run, run.params(), os.path.join("eval", name), name
+    return run, run.params, os.path.join("eval", name), name
   run, params = runs.from_workdir(_CHECKPOINT.value, **settings)
   if _CONFIG.value is not None:
     run = runs.build_run(_CONFIG.value)
   if _QUESTION_TOKENS.value:
     run.config.reasoner.question_tokens = _QUESTION_TOKENS.value
-  return run, params, os.path.join(_CHECKPOINT.value, "eval"), "lychee"
+  return run, lambda: params, os.path.join(_CHECKPOINT.value, "eval"), "lychee"
 
 
 def main(argv):
@@ -166,7 +166,7 @@ def main(argv):
   distributed_flags.initialize()
   from memrecall import eval_report, evaluation
 
-  run, params, default_dir, name = _load()
+  run, load_params, default_dir, name = _load()
   modes = _modes(run)
   output_dir = _OUTPUT_DIR.value or default_dir
   cli.writable("output_dir", output_dir, directory=True)
@@ -175,6 +175,7 @@ def main(argv):
                                   hotpotqa_dev=_HOTPOTQA_DEV.value, split=_SPLIT.value)]
   if not sources and run.task is None:
     raise app.UsageError("this run was not trained on synthetic data: pass --data=KIND:PATH")
+  params = load_params()  # last: every check above is cheap
   model_name = _MODEL_NAME.value or name
   chunk = run.compressor.chunk_size
   baseline = evaluation.BaselineConfig(memagent_chunk=_MEMAGENT_CHUNK.value or chunk,

@@ -116,7 +116,7 @@ def test_a_write_killed_at_any_byte_is_followed_by_a_complete_rerun(finished, tm
   full = (done / "predictions.jsonl").read_bytes()
   first_end = full.index(b"\n") + 1
   expected = jsonl.read(done / "predictions.jsonl")
-  for offset in (1, first_end // 2, first_end - 1, first_end, first_end + 7, len(full) - 1):
+  for offset in (first_end // 2, first_end, len(full) - 1):
     directory = tmp_path / f"cut{offset}"
     shutil.copytree(done, directory)
     with open(directory / "predictions.jsonl", "r+b") as f:
