@@ -88,3 +88,28 @@ def test_answer_from_a_training_run(tmp_path):
   result = json.load(open(out))
   chunks = -(-100 // config.compressor.chunk_size)  # the run's own chunk size
   assert len(result["trace"]) == chunks and result["mode"] == "gate"  # the tiny config has a gate
+
+
+def test_a_bank_of_one_document_is_refused_for_another(tmp_path):
+  """The README's `--row=3 --memory_bank=...` pattern followed by another --row."""
+  fixture = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
+  common = [f"--hf_checkpoint={os.path.join(fixture, 'hf')}",
+            f"--document={os.path.join(fixture, 'rows.json')}", "--chunk_size=1024",
+            "--memory_size=4", "--max_new_tokens=4", f"--memory_bank={tmp_path / 'bank'}"]
+  made = _run(*common, "--row=1")
+  assert made.returncode == 0 and "saved memory bank" in made.stderr, made.stderr
+  bank = {name: (tmp_path / "bank" / name).read_bytes() for name in os.listdir(tmp_path / "bank")}
+  refused = _run(*common, "--row=0")
+  assert refused.returncode == 2, refused.stderr
+  message = refused.stderr.strip()
+  assert len(message.splitlines()) == 1 and "Traceback" not in message
+  assert "rows.json row 1" in message and "not from" in message and "rows.json row 0" in message
+  assert "--recompile_bank" in message
+  assert {n: (tmp_path / "bank" / n).read_bytes() for n in os.listdir(tmp_path / "bank")} == bank
+  # Asked to, it rebuilds the bank from this document, which is then reused for it.
+  rebuilt = _run(*common, "--row=0", "--recompile_bank")
+  assert rebuilt.returncode == 0 and "saved memory bank" in rebuilt.stderr, rebuilt.stderr
+  metadata = json.load(open(tmp_path / "bank" / "metadata.json"))
+  assert metadata["document"].endswith("rows.json row 0") and metadata["num_tokens"] == 7189
+  again = _run(*common, "--row=0")
+  assert again.returncode == 0 and "reusing memory bank" in again.stderr, again.stderr
