@@ -129,6 +129,12 @@ def writable(flag: str, path: str | None, directory: bool = False) -> None:
     raise app.UsageError(f"--{flag}: {path} is a file, not a directory")
   if not directory and os.path.isdir(path):
     raise app.UsageError(f"--{flag}: {path} is a directory, not a file")
+  if os.path.isfile(path):
+    try:  # append mode: opened for writing, nothing changed
+      open(path, "ab").close()
+    except OSError as e:
+      raise app.UsageError(f"--{flag}: cannot write {path} ({e.strerror})") from None
+    return
   existing = path
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)

@@ -60,9 +60,12 @@ def test_bad_inputs(tmp_path, lychee_dir):
 
   short = tmp_path / "short.txt"
   short.write_text("A document much shorter than one chunk.")
-  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=x" * 1,
-              "--max_question_tokens=0")
-  assert proc.returncode != 0 and "over the budget of 0" in proc.stderr
+  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}",
+              "--question=What is this document about?", "--max_question_tokens=1")
+  assert proc.returncode != 0 and "over the budget of 1" in proc.stderr
+  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=x",
+              "--max_question_tokens=0")  # 0 is no budget: an error before any work
+  assert proc.returncode == 2 and "--max_question_tokens=0: 0 is not a positive" in proc.stderr
   # A document shorter than one chunk is padded into one chunk and answered.
   proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=What?",
               "--chunk_size=1024", "--memory_size=4", "--max_new_tokens=4")
