@@ -40,8 +40,7 @@ def one_line(error: BaseException | str) -> str:
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if any(line.startswith("Traceback") for line in lines):
     lines = [lines[0], lines[-1]]
-  text = " ".join(lines).replace("'\\'", "'").strip("'\"")
-  text = " ".join(text.replace("\\n", " ").split()) or type(error).__name__
+  text = " ".join(" ".join(lines).split()) or type(error).__name__
   return text if len(text) <= _MAX_CHARS else text[:_MAX_CHARS - 3] + "..."
 
 
