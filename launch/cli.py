@@ -7,7 +7,7 @@ status 2; an unexpected failure prints its one line and exits with 1.  Neither
 prints the --help text or a traceback, unless --verbose (or the environment
 variable MEMRECALL_VERBOSE=1) asks for the traceback.  Library logs that bury
 the results (orbax's INFO lines, XLA's backend probes) are quiet unless
---verbose.  The helpers below check paths and modes the same way everywhere.
+--verbose.  `readable` and `writable` check paths the same way in every launcher.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def run(main) -> None:
   app.run(guarded, flags_parser=_parse_flags)
 
 
-def readable(flag: str, path: str | None, kind: str = "file or directory") -> None:
+def readable(flag: str, path: str | None) -> None:
   """A UsageError unless `path` (given to --flag) exists and can be read."""
   if path and not os.path.exists(path):
     raise app.UsageError(f"--{flag}: {path} does not exist")
