@@ -88,6 +88,8 @@ def test_answer_from_a_training_run(tmp_path):
   proc = _run(f"--checkpoint={tmp_path / 'run'}", f"--document={doc}", "--question_ids=261,300,278",
               "--memory_size=3", "--max_new_tokens=2", f"--output_json={out}")
   assert proc.returncode == 0, proc.stderr
+  assert "INFO" not in proc.stderr and not any(  # orbax's INFO lines are quiet
+      line[:1] in "IW" and line[1:5].isdigit() for line in proc.stderr.splitlines())
   result = json.load(open(out))
   chunks = -(-100 // config.compressor.chunk_size)  # the run's own chunk size
   assert len(result["trace"]) == chunks and result["mode"] == "gate"  # the tiny config has a gate
