@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from typing import Any
 
 import jax
@@ -22,6 +23,9 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be read."""
+
+
+_SETTLE_S = 1.0  # after a failed restore: long enough for tensorstore's stragglers on a busy host
 
 
 @contextlib.contextmanager
@@ -39,6 +43,7 @@ def _stderr_kept_unless_failed():
       yield
     except BaseException:
       failed = True
+      time.sleep(_SETTLE_S)  # the callbacks fire as the failed reads wind down
       raise
     finally:
       sys.stderr.flush()
