@@ -203,6 +203,8 @@ TRAIN = [
     ("mesh_larger_than_the_machine", ["--config={tiny}:sft", "--config.mesh.fsdp=64",
                                       "--workdir={out}/w"], "needs 64 devices"),
     ("unwritable_workdir", ["--config={tiny}:sft", "--workdir=/proc/memrecall_run"], "/proc"),
+    ("another_runs_workdir", ["--config={tiny}:sft", "--workdir={root}/run"],
+     "holds another run's checkpoints (model.num_layers 2 there, 4 now"),
     ("missing_init_checkpoint", ["--config={tiny}:sft", "--config.init.checkpoint=/nonexistent",
                                  "--workdir={out}/w"], "/nonexistent has no checkpoints/"),
 ]

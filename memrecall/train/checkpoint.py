@@ -71,6 +71,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def saved_config(self, step: int) -> dict:
+    """The run config saved with `step` (its JSON item alone: no arrays are read)."""
+    try:
+      with _stderr_kept_unless_failed():
+        return self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+    except Exception as e:  # orbax raises many types for damaged files
+      first = (str(e).strip().splitlines() or [""])[0][:200]
+      raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} has no "
+                            f"readable config ({type(e).__name__}: {first}); it may be truncated "
+                            "or corrupted — delete it to resume from an earlier one") from e
+
   def save(self, step: int, state, config: dict, data: dict, force: bool = False) -> bool:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
