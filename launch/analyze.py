@@ -2,28 +2,35 @@ r"""Draws one evaluated question: gate score per chunk, which chunks were read, 
 
   python launch/analyze.py --checkpoint=workdir/demo/gate \
       --trace=workdir/demo/eval/traces/lychee-gate-8x.json --question=0 --output=q0.png
+
+Paths and the question are checked before the model loads; errors are one line (--verbose:
+tracebacks).
 """
 
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of the trained run (orbax).")
 _TRACE = flags.DEFINE_string("trace", None, "An evaluation's traces/*.json.")
-_QUESTION = flags.DEFINE_integer("question", 0, "Which traced question.")
+_QUESTION = flags.DEFINE_integer("question", 0, "Which traced question.", lower_bound=0)
 _OUTPUT = flags.DEFINE_string("output", "question.png", "Where to write the PNG.")
 flags.mark_flags_as_required(["checkpoint", "trace"])
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 
 def main(argv):
   del argv
   from memrecall import analysis
   from memrecall.data.synthetic import SmallVocab
-  model = analysis.load_model(_CHECKPOINT.value)
+  cli.readable("checkpoint", _CHECKPOINT.value)
+  cli.readable("trace", _TRACE.value)
+  cli.writable("output", _OUTPUT.value)
   trace = analysis.load_trace(_TRACE.value, _QUESTION.value)
+  model = analysis.load_model(_CHECKPOINT.value)
   vocab = SmallVocab()
   # Small-vocabulary tasks decode to their token names; text tasks through the tokenizer.
   decode = lambda ids: (vocab.decode(ids) if all(i >= vocab.BASE for i in ids)
@@ -34,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

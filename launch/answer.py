@@ -6,8 +6,11 @@ r"""Answers a question about a long document with compressed memory.
       --memory_bank=/tmp/bank_row3 --output_json=/tmp/answer.json
 
 The document is compressed once (saved to --memory_bank if given, reused when
-it is already there and fits the model); the recall loop then walks its
-chunks, gating, rewriting the working memory, and answers.
+it is already there and fits the model and the document); the recall loop then
+walks its chunks, gating, rewriting the working memory, and answers.  A bank
+made from another document is refused, naming both; --recompile_bank rebuilds
+it from this one.  Sizes are positive (leave a flag out for its default);
+errors are one line, --verbose shows tracebacks.
 """
 
 import json
@@ -25,32 +28,43 @@ _DOCUMENT = flags.DEFINE_string(
     "document", None, "Plain text; a JSON list of token ids; or question rows (.json, .jsonl, "
     ".parquet) in MemAgent's RL layout (context, prompt, reward_model, extra_info.question) or "
     "its evaluation layout (context, input, answers); see --row.")
-_ROW = flags.DEFINE_integer("row", 0, "Row of a JSON rows document.")
+_ROW = flags.DEFINE_integer("row", 0, "Row of a JSON rows document.", lower_bound=0)
 _QUESTION = flags.DEFINE_string("question", None, "Question text (default: the row's question).")
 _QUESTION_IDS = flags.DEFINE_list("question_ids", None, "Question token ids, e.g. 1,2,3.")
-_MAX_QUESTION_TOKENS = flags.DEFINE_integer("max_question_tokens", 1024, "Question budget.")
+_MAX_QUESTION_TOKENS = flags.DEFINE_integer("max_question_tokens", 1024, "Question budget.",
+                                            lower_bound=1)
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None,
-                                   "Tokens per chunk (default: two compressor windows).")
+                                   "Tokens per chunk (default: two compressor windows).",
+                                   lower_bound=1)
 _MEMORY_SIZE = flags.DEFINE_integer(
-    "memory_size", None, "Max new tokens per memory update (default: the run's; 1024 for HF).")
+    "memory_size", None, "Max new tokens per memory update (default: the run's; 1024 for HF).",
+    lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
-    "max_new_tokens", None, "Max tokens of the answer (default: the run's; 256 for HF).")
+    "max_new_tokens", None, "Max tokens of the answer (default: the run's; 256 for HF).",
+    lower_bound=1)
 _MEMORY_BANK = flags.DEFINE_string("memory_bank", None, "Reuse the bank here if present, else save.")
+_RECOMPILE_BANK = flags.DEFINE_bool(
+    "recompile_bank", False, "Rebuild --memory_bank from this document even when it holds another "
+    "document's bank (which is otherwise refused).")
 _MODE = flags.DEFINE_enum("mode", None, ["gate", "all", "topk"],
                           "Block selection (default: gate if the model has a gate, else all).")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate probability needed to read a block.")
-_TOPK = flags.DEFINE_integer("topk", 4, "Blocks read per question in topk mode.")
-_GROUP_SIZE = flags.DEFINE_integer("group_size", 8, "Chunks per device transfer / streaming step.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate probability needed to read a block.",
+                                lower_bound=0.0, upper_bound=1.0)
+_TOPK = flags.DEFINE_integer("topk", 4, "Blocks read per question in topk mode.", lower_bound=1)
+_GROUP_SIZE = flags.DEFINE_integer("group_size", 8, "Chunks per device transfer / streaming step.",
+                                   lower_bound=1)
 _GATE_GROUP = flags.DEFINE_integer(
     "gate_group", 16, "gate mode: blocks scored per step against the current memory (the same "
-    "decisions in fewer sequential steps).")
+    "decisions in fewer sequential steps).", lower_bound=1)
 _STREAM = flags.DEFINE_bool("stream", False,
                             "Compress inside the loop group by group (flat device memory).")
 _GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
-                                       "Rank of the gate's adapters (0: the model has no gate).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+                                       "Rank of the gate's adapters (0: the model has no gate).",
+                                       lower_bound=0)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write answer and trace.")
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 
 def main(argv):
@@ -59,32 +73,52 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from memrecall import compressor, documents, memory_bank, progress, prompts, recall, runs
+  from memrecall import (compressor, documents, fingerprint, memory_bank, progress, prompts,
+                         recall, runs)
 
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None) or not _DOCUMENT.value:
     raise app.UsageError("--document and exactly one of --hf_checkpoint and --checkpoint are "
                          "required")
+  cli.readable("hf_checkpoint", _HF_CHECKPOINT.value)
+  cli.readable("checkpoint", _CHECKPOINT.value)
+  cli.readable("document", _DOCUMENT.value)
+  cli.writable("output_json", _OUTPUT_JSON.value)
+  cli.writable("memory_bank", _MEMORY_BANK.value, directory=True)
+  if _STREAM.value and _MEMORY_BANK.value:
+    raise app.UsageError("--stream compresses on the fly; it does not use --memory_bank")
+  try:
+    given_ids = [int(i) for i in _QUESTION_IDS.value or []]
+  except ValueError:
+    raise app.UsageError(f"--question_ids must be integers, got {','.join(_QUESTION_IDS.value)}"
+                         ) from None
+  document = documents.read_document(_DOCUMENT.value, _ROW.value)
+  source = _DOCUMENT.value + (f" row {_ROW.value}" if _DOCUMENT.value.endswith(
+      documents.ROW_FILES) and document.ids is None else "")
+  document_hash = fingerprint.value_hash({"text": document.text, "ids": document.ids})
+  bank_dir = _MEMORY_BANK.value
+  reuse_bank = bool(bank_dir) and os.path.exists(os.path.join(bank_dir, "metadata.json")) \
+      and not _RECOMPILE_BANK.value
+  if reuse_bank:
+    try:  # before any model is loaded
+      memory_bank.check_document(bank_dir, document_hash, source)
+    except memory_bank.BankMismatchError as e:
+      raise app.UsageError(f"{e}: pass --recompile_bank to rebuild it from this document, or "
+                           "another --memory_bank") from None
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
                   answer_tokens=_MAX_NEW_TOKENS.value)
-  try:
-    if _CHECKPOINT.value:
-      run, params = runs.from_workdir(_CHECKPOINT.value, **settings)
-    else:
-      run = runs.from_hf_checkpoint(_HF_CHECKPOINT.value,
-                                    model={"gate_lora_rank": _GATE_LORA_RANK.value},
-                                    **{k: v for k, v in settings.items() if v})
-      params = run.params()
-    document = documents.read_document(_DOCUMENT.value, _ROW.value)
-  except (OSError, ValueError, ImportError) as e:
-    raise app.UsageError(str(e)) from None
+  if _CHECKPOINT.value:
+    run, params = runs.from_workdir(_CHECKPOINT.value, **settings)
+  else:
+    run = runs.from_hf_checkpoint(_HF_CHECKPOINT.value,
+                                  model={"gate_lora_rank": _GATE_LORA_RANK.value},
+                                  **{k: v for k, v in settings.items() if v})
   tok, config = run.tokenizer, run.model
   mode = _MODE.value or ("gate" if config.has_gate else "all")
   if mode in ("gate", "topk") and not config.has_gate:
     raise app.UsageError(f"--mode={mode} needs a gate: this checkpoint has none "
                          "(use --mode=all, or a checkpoint trained with a gate)")
-
-  if _QUESTION_IDS.value:
-    question_ids = [int(i) for i in _QUESTION_IDS.value]
+  if given_ids:
+    question_ids = given_ids
   else:
     text = _QUESTION.value or document.question
     if not text:
@@ -99,6 +133,8 @@ def main(argv):
   bad = [i for i in doc_ids + question_ids if not 0 <= i < config.vocab_size]
   if bad:
     raise app.UsageError(f"token ids {bad[:5]} are outside the vocabulary ({config.vocab_size})")
+  if _HF_CHECKPOINT.value:
+    params = run.params()  # the weights last: every check above is cheap
   settings = run.compressor
   chunk_ids, chunk_mask = compressor.chunk_document(doc_ids, settings.chunk_size, config.pad_token_id)
   print(f"document: {len(doc_ids)} tokens -> {chunk_ids.shape[0]} chunks of {settings.chunk_size}",
@@ -113,8 +149,6 @@ def main(argv):
   layer_params, setup = recall.inference_layout(params, setup)
 
   if _STREAM.value:
-    if _MEMORY_BANK.value:
-      raise app.UsageError("--stream compresses on the fly; it does not use --memory_bank")
     g = setup.recall.group_size
     pad = -chunk_ids.shape[0] % g
     ids = np.pad(chunk_ids, ((0, pad), (0, 0)))[:, None]
@@ -123,24 +157,22 @@ def main(argv):
                                   jnp.asarray(mask), question, question_mask, rng)
     n_blocks = chunk_ids.shape[0]
   else:
-    expected = None
-    bank_dir = _MEMORY_BANK.value
-    if bank_dir and os.path.exists(os.path.join(bank_dir, "metadata.json")):
+    tokens_hash = fingerprint.value_hash(doc_ids)
+    if reuse_bank:
       expected = memory_bank.BankMetadata(
           model_fingerprint=memory_bank.model_fingerprint(params, config),
           chunk_size=settings.chunk_size, window=settings.window, ratio=settings.ratio,
-          dtype=config.dtype, num_chunks=chunk_ids.shape[0], num_tokens=len(doc_ids))
-      try:
-        bank, _ = memory_bank.load_bank(bank_dir, expected)
-      except memory_bank.BankMismatchError as e:
-        raise app.UsageError(str(e)) from None
+          dtype=config.dtype, num_chunks=chunk_ids.shape[0], num_tokens=len(doc_ids),
+          document_hash=document_hash, tokens_hash=tokens_hash, document=source)
+      bank, _ = memory_bank.load_bank(bank_dir, expected)
       print(f"reusing memory bank {bank_dir}", file=sys.stderr)
     else:
       memory = compressor.compress(layer_params, setup.model, settings, jnp.asarray(chunk_ids),
                                    jnp.asarray(chunk_mask))
       if bank_dir:
         memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
-            params, config, settings, memory, len(doc_ids)))
+            params, config, settings, memory, len(doc_ids), document_hash=document_hash,
+            tokens_hash=tokens_hash, document=source))
         print(f"saved memory bank {bank_dir}", file=sys.stderr)
       bank = jax.tree.map(np.asarray, recall.DocumentBank.from_chunks([memory]))
     n_blocks = bank.num_blocks
@@ -171,4 +203,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,7 +7,7 @@ training length; see memrecall/demo.py.  Rerunning reuses finished stages.
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,6 +15,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where every stage wri
 _VARIANT = flags.DEFINE_enum("variant", "default", ["default", "full"],
                              "default: ~15 minutes on 2 CPU cores; full: longer budgets.")
 
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 def main(argv):
   del argv
@@ -25,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,8 +10,12 @@ Data files, from a HF checkpoint (e.g. the released LycheeMemory-7B) or a traini
 writes OUTPUT_DIR/predictions.jsonl (one JSON object per (mode, row): prediction text and ids,
 answers, em, sub_em, strict_sub_em, blocks read, ...) and results.json / results.csv /
 sub_em_vs_length.png grouped by data file and number of documents.  Rerunning skips the rows
-already in predictions.jsonl.  --chunk_size, --memory_size, --answer_tokens and
---question_tokens override the checkpoint's settings.
+already in predictions.jsonl, and refuses (naming what differs) when they were made from other
+weights, data or settings (OUTPUT_DIR/keys.json): evaluate into another --output_dir, or under
+another --model_name beside them.  --chunk_size, --memory_size, --answer_tokens and
+--question_tokens override the checkpoint's settings (leave a flag out for the default; 0 is
+an error).  --modes defaults to gate,all,memagent for a checkpoint with a gate, else
+all,memagent.  Errors are one line; --verbose shows tracebacks.
 
 The synthetic sweep (no --data), at multiples of the training length:
 
@@ -27,7 +31,7 @@ CHECKPOINT/eval (or eval/NAME of the HF checkpoint under the current directory).
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,46 +45,99 @@ _HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None,
 _DATA = flags.DEFINE_multi_string(
     "data", None, "KIND:PATH[,PATH...] (rows, hotpotqa, ruler_hqa, synthetic, tfds); repeatable.")
 # (`tfds:DIR` directories are written by launch/prepare_data.py.)
-_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate the first N rows of each data file.")
-_NUM_DOCS = flags.DEFINE_integer("num_docs", 200, "hotpotqa data: documents per question.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate the first N rows of each data file.",
+                              lower_bound=1)
+_NUM_DOCS = flags.DEFINE_integer("num_docs", 200, "hotpotqa data: documents per question.",
+                                 lower_bound=1)
 _SPLIT = flags.DEFINE_string("split", "test", "tfds and synthetic data: the split to read.")
 _HOTPOTQA_DEV = flags.DEFINE_string(
     "hotpotqa_dev", "", "ruler_hqa data: the HotpotQA dev file (labels; index-only contexts).")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "Tokens per chunk.")
-_MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Max tokens of a memory update.")
-_ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", None, "Max tokens of the answer.")
-_QUESTION_TOKENS = flags.DEFINE_integer("question_tokens", None, "Question budget in tokens.")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None, "Tokens per chunk.", lower_bound=1)
+_MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Max tokens of a memory update.",
+                                    lower_bound=1)
+_ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", None, "Max tokens of the answer.",
+                                      lower_bound=1)
+_QUESTION_TOKENS = flags.DEFINE_integer("question_tokens", None, "Question budget in tokens.",
+                                        lower_bound=1)
 _GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
-                                       "HF checkpoints: rank of the gate's adapters (0: none).")
+                                       "HF checkpoints: rank of the gate's adapters (0: none).",
+                                       lower_bound=0)
 _PROMPTS = flags.DEFINE_enum(
     "prompts", "lychee", ["lychee", "memagent"], "HF checkpoints: the final answer's prompt, "
     "LycheeMemory's or MemAgent's (answers in \\boxed{}, for RL-MemAgent checkpoints).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Label of the model in the results.")
 _LENGTHS = flags.DEFINE_list("lengths", ["1", "8", "64"], "Synthetic: multiples of the training "
                              "length.")
-_MODES = flags.DEFINE_list("modes", ["gate", "all", "memagent"],
-                           "Any of gate, all, topk, memagent, full, rag.")
-_EXAMPLES = flags.DEFINE_integer("examples", 64, "Synthetic: questions per length.")
+_MODES = flags.DEFINE_list("modes", None, "Any of gate, all, topk, memagent, full, rag (default: "
+                           "gate,all,memagent with a gate, else all,memagent).")
+_EXAMPLES = flags.DEFINE_integer("examples", 64, "Synthetic: questions per length.", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Questions per batch (default 16 "
-                                   "synthetic, 8 data).")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate threshold.")
-_TOPK = flags.DEFINE_integer("topk", 4, "Blocks read in topk mode.")
+                                   "synthetic, 8 data).", lower_bound=1)
+_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate threshold.", lower_bound=0.0,
+                                upper_bound=1.0)
+_TOPK = flags.DEFINE_integer("topk", 4, "Blocks read in topk mode.", lower_bound=1)
 _GATE_GROUP = flags.DEFINE_integer(
     "gate_group", 16, "Blocks the gate scores per step against the current memory (same decisions; "
-    "fewer sequential steps).")
+    "fewer sequential steps).", lower_bound=1)
 _LATENCY_EXAMPLES = flags.DEFINE_integer(
-    "latency_examples", 4, "Synthetic: questions per row also answered one at a time.")
+    "latency_examples", 4, "Synthetic: questions per row also answered one at a time.",
+    lower_bound=0)
 _MEMAGENT_CHUNK = flags.DEFINE_integer(
     "memagent_chunk", None, "Raw tokens per MemAgent section (default: the chunk size; MemAgent's "
-    "own is 5000).")
-_FULL_BUDGET = flags.DEFINE_integer("full_budget", 512, "Token budget of the full-context mode.")
-_RAG_TOPK = flags.DEFINE_integer("rag_topk", 4, "Chunks retrieved by BM25 in rag mode.")
+    "own is 5000).", lower_bound=1)
+_FULL_BUDGET = flags.DEFINE_integer("full_budget", 512, "Token budget of the full-context mode.",
+                                    lower_bound=1)
+_RAG_TOPK = flags.DEFINE_integer("rag_topk", 4, "Chunks retrieved by BM25 in rag mode.",
+                                 lower_bound=1)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval, or eval/NAME.")
-from launch import distributed_flags  # noqa: E402  (--distributed and the coordinator flags)
+from launch import cli, distributed_flags  # noqa: E402  (--verbose; --distributed and the coordinator flags)
+
+
+def _check_flags():
+  """Every flag and path, before anything is loaded (see launch/cli.py)."""
+  from memrecall.data import specs
+  from memrecall.evaluation import MODES
+  if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None):
+    raise app.UsageError("give exactly one of --hf_checkpoint and --checkpoint")
+  if _HF_CHECKPOINT.value and not _DATA.value:
+    raise app.UsageError("--hf_checkpoint needs --data=KIND:PATH (a HF model has no synthetic task)")
+  cli.readable("hf_checkpoint", _HF_CHECKPOINT.value)
+  cli.readable("checkpoint", _CHECKPOINT.value)
+  unknown = [m for m in _MODES.value or [] if m not in MODES]
+  if unknown or _MODES.value == []:
+    raise app.UsageError(f"--modes: unknown {', '.join(unknown) or 'empty list'}; choose from "
+                         f"{', '.join(MODES)}")
+  for spec in _DATA.value or []:
+    parsed = specs.parse_spec(spec)
+    if parsed.kind not in specs.KINDS:
+      raise app.UsageError(f"--data={spec}: unknown kind {parsed.kind!r}; choose from "
+                           f"{', '.join(specs.KINDS)}")
+    if parsed.kind != "synthetic":
+      for path in parsed.paths:
+        cli.readable("data", path)
+  try:
+    lengths = [int(x) for x in _LENGTHS.value]
+  except ValueError:
+    lengths = []
+  if not lengths or min(lengths) < 1:
+    raise app.UsageError(f"--lengths must be positive integers, got {','.join(_LENGTHS.value)}")
+  cli.writable("output_dir", _OUTPUT_DIR.value, directory=True)
+
+
+def _modes(run) -> list[str]:
+  """--modes, or what the checkpoint has: a gate mode needs a gate."""
+  modes = _MODES.value or (["gate", "all", "memagent"] if run.model.has_gate else ["all", "memagent"])
+  gated = [m for m in modes if m in ("gate", "topk")]
+  if gated and not run.model.has_gate:
+    raise app.UsageError(f"--modes={','.join(modes)}: {', '.join(gated)} needs a gate and this "
+                         "checkpoint has none (drop it, or --gate_lora_rank for a HF checkpoint "
+                         "with a gate head)")
+  return modes
 
 
 def _load():
-  """(run, params, default output dir, model name) of the checkpoint the flags name."""
+  """(run, a function giving its parameters, default output dir, model name) of the checkpoint
+  the flags name; a HF checkpoint's weights are read only when that function is called."""
   from memrecall import runs
   from memrecall.prompts import MEMAGENT_FINAL_TEMPLATE
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
@@ -94,60 +151,51 @@ def _load():
       values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
     run = runs.from_hf_checkpoint(hf, model={"gate_lora_rank": _GATE_LORA_RANK.value}, **values)
     name = os.path.basename(os.path.normpath(hf))
-    return run, run.params(), os.path.join("eval", name), name
+    return run, run.params, os.path.join("eval", name), name
   run, params = runs.from_workdir(_CHECKPOINT.value, **settings)
   if _CONFIG.value is not None:
     run = runs.build_run(_CONFIG.value)
   if _QUESTION_TOKENS.value:
     run.config.reasoner.question_tokens = _QUESTION_TOKENS.value
-  return run, params, os.path.join(_CHECKPOINT.value, "eval"), "lychee"
+  return run, lambda: params, os.path.join(_CHECKPOINT.value, "eval"), "lychee"
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  _check_flags()
   distributed_flags.initialize()
   from memrecall import eval_report, evaluation
-  from memrecall.config import ConfigError
-  from memrecall.data.ruler_hqa import DatasetError
 
-  if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None):
-    raise app.UsageError("give exactly one of --hf_checkpoint and --checkpoint")
-  if _HF_CHECKPOINT.value and not _DATA.value:
-    raise app.UsageError("--hf_checkpoint needs --data=KIND:PATH (a HF model has no synthetic task)")
-  try:
-    run, params, default_dir, name = _load()
-    sources = [s for spec in _DATA.value or []
-               for s in run.sources(spec, num_docs=_NUM_DOCS.value,
-                                    hotpotqa_dev=_HOTPOTQA_DEV.value, split=_SPLIT.value)]
-  except (ValueError, ConfigError, OSError, ImportError) as e:
-    raise app.UsageError(str(e)) from None
+  run, load_params, default_dir, name = _load()
+  modes = _modes(run)
   output_dir = _OUTPUT_DIR.value or default_dir
+  cli.writable("output_dir", output_dir, directory=True)
+  sources = [s for spec in _DATA.value or []
+             for s in run.sources(spec, num_docs=_NUM_DOCS.value,
+                                  hotpotqa_dev=_HOTPOTQA_DEV.value, split=_SPLIT.value)]
+  if not sources and run.task is None:
+    raise app.UsageError("this run was not trained on synthetic data: pass --data=KIND:PATH")
+  params = load_params()  # last: every check above is cheap
   model_name = _MODEL_NAME.value or name
   chunk = run.compressor.chunk_size
   baseline = evaluation.BaselineConfig(memagent_chunk=_MEMAGENT_CHUNK.value or chunk,
                                        full_budget=_FULL_BUDGET.value, rag_topk=_RAG_TOPK.value,
                                        rag_chunk=chunk)
-  try:
-    if sources:
-      rows = evaluation.evaluate_data(
-          params, run, sources, modes=_MODES.value, output_dir=output_dir, model_name=model_name,
-          limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or 8, baseline=baseline,
-          threshold=_THRESHOLD.value, topk=_TOPK.value, gate_group=_GATE_GROUP.value)
-      print(eval_report.data_table(rows))
-    else:
-      if run.task is None:
-        raise app.UsageError("this run was not trained on synthetic data: pass --data=KIND:PATH")
-      rows = evaluation.evaluate_suite(
-          params, run, model_name=model_name, lengths=[int(x) for x in _LENGTHS.value],
-          modes=_MODES.value, examples=_EXAMPLES.value, batch_size=_BATCH_SIZE.value or 16,
-          output_dir=output_dir, baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
-          gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value)
-      print(eval_report.table(rows))
-  except (ValueError, DatasetError) as e:
-    raise app.UsageError(str(e)) from None
+  if sources:
+    rows = evaluation.evaluate_data(
+        params, run, sources, modes=modes, output_dir=output_dir, model_name=model_name,
+        limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or 8, baseline=baseline,
+        threshold=_THRESHOLD.value, topk=_TOPK.value, gate_group=_GATE_GROUP.value)
+    print(eval_report.data_table(rows))
+  else:
+    rows = evaluation.evaluate_suite(
+        params, run, model_name=model_name, lengths=[int(x) for x in _LENGTHS.value],
+        modes=modes, examples=_EXAMPLES.value, batch_size=_BATCH_SIZE.value or 16,
+        output_dir=output_dir, baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
+        gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value)
+    print(eval_report.table(rows))
   print(f"results in {output_dir}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

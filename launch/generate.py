@@ -5,7 +5,8 @@ r"""Generates text with a Qwen2 model: a HF checkpoint, or a random model of a n
   python launch/generate.py --model=tiny --prompt_ids=5,6,7 --temperature=0.8 --top_p=0.9 \
       --output_json=/tmp/out.json
 
-Writes `{"ids": [...], "text": "...", "logprobs": [...]}` to --output_json.
+Writes `{"ids": [...], "text": "...", "logprobs": [...]}` to --output_json.  Bad flags, paths,
+shapes or meshes are one-line errors before any model is built (--verbose: tracebacks).
 """
 
 import json
@@ -22,16 +23,19 @@ _MODEL = flags.DEFINE_string("model", "tiny",
                              "(only without --hf_checkpoint).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
 _PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt token ids, e.g. 1,2,3.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).",
+                              lower_bound=0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).", lower_bound=0.0,
+                            upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and init seed for a random model).")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
                                  "Override the parameter dtype.")
 _MESH = flags.DEFINE_string("mesh", None,
                             "Mesh axis sizes, e.g. 'fsdp=4,tensor=2' (default: one device).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the result.")
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 
 def parse_mesh(spec: str | None):
@@ -42,7 +46,12 @@ def parse_mesh(spec: str | None):
     shape = {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
   except ValueError:
     raise app.UsageError(f"--mesh must look like 'data=2,fsdp=2,tensor=2', got {spec!r}") from None
-  return sharding.make_mesh(shape)
+  if any(v < 1 and v != -1 for v in shape.values()):
+    raise app.UsageError(f"--mesh={spec}: axis sizes are positive (or -1: the rest)")
+  try:
+    return sharding.make_mesh(shape)
+  except ValueError as e:
+    raise app.UsageError(f"--mesh={spec}: {e}") from None
 
 
 def main(argv):
@@ -55,6 +64,18 @@ def main(argv):
 
   if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
+  cli.readable("hf_checkpoint", _HF_CHECKPOINT.value)
+  cli.writable("output_json", _OUTPUT_JSON.value)
+  if _PROMPT_IDS.value is not None:
+    try:
+      ids = [int(i) for i in _PROMPT_IDS.value]
+    except ValueError:
+      raise app.UsageError(f"--prompt_ids must be integers, got {_PROMPT_IDS.value}") from None
+  if not _HF_CHECKPOINT.value:
+    try:  # an unknown name, before anything is built
+      models.model_config(_MODEL.value)
+    except ValueError as e:
+      raise app.UsageError(f"--model: {e}") from None
   mesh = parse_mesh(_MESH.value)
   overrides = {"param_dtype": _PARAM_DTYPE.value, "dtype": _PARAM_DTYPE.value} \
       if _PARAM_DTYPE.value else {}
@@ -65,12 +86,7 @@ def main(argv):
     params = model.init_params(config, jax.random.key(_SEED.value), mesh)
   tok = tokenizer.load_tokenizer(_HF_CHECKPOINT.value, config.eos_token_ids, config.pad_token_id)
 
-  if _PROMPT_IDS.value is not None:
-    try:
-      ids = [int(i) for i in _PROMPT_IDS.value]
-    except ValueError:
-      raise app.UsageError(f"--prompt_ids must be integers, got {_PROMPT_IDS.value}") from None
-  else:
+  if _PROMPT_IDS.value is None:
     ids = tok.encode(_PROMPT.value)
   if not ids:
     raise app.UsageError("the prompt is empty")
@@ -95,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

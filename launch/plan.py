@@ -9,7 +9,8 @@ recipe; any flag given explicitly overrides it.
 
 Parameters and AdamW moments (for the trainable subset) come from the model's
 shapes and the logical-axis rules; activations are a stated estimate (see
-memrecall/plan.py); the memory bank is --bank_chunks compressed chunks.
+memrecall/plan.py); the memory bank is --bank_chunks compressed chunks.  Bad flags are
+one-line errors (sizes are positive; leave a flag out for its default).
 """
 
 import os
@@ -26,18 +27,21 @@ _MESH = flags.DEFINE_string("mesh", None, "Axis sizes, e.g. data=2,fsdp=4,tensor
                             "the config's, or fsdp=8).")
 _TRAINABLE = flags.DEFINE_string("trainable", None, "beacon | lora | gate | backbone | all "
                                  "(default: the config's, or backbone).")
-_BATCH = flags.DEFINE_integer("batch", None, "Rows per step (default: the config's, or 16).")
+_BATCH = flags.DEFINE_integer("batch", None, "Rows per step (default: the config's, or 16).",
+                              lower_bound=1)
 _MICROBATCHES = flags.DEFINE_integer("microbatches", None, "Parts of a step (default: the "
-                                     "config's, or 1).")
+                                     "config's, or 1).", lower_bound=1)
 _TURN_TOKENS = flags.DEFINE_integer("turn_tokens", None, "Tokens of one turn (slots + prompt + "
-                                    "update; default: from the config, or 2560).")
+                                    "update; default: from the config, or 2560).", lower_bound=1)
 _BANK_CHUNKS = flags.DEFINE_integer("bank_chunks", None, "Compressed chunks held on device "
                                     "(default: an RL recipe's rollout bank, batch x max_chunks; "
-                                    "else 0).")
+                                    "else 0).", lower_bound=0)
 _SLOTS = flags.DEFINE_integer("slots", None, "Compressed slots per chunk (C / r; default: the "
-                              "config's, or 1024).")
+                              "config's, or 1024).", lower_bound=1)
 _TEMPLATE_TOKENS = 300  # the released update prompt and chat markup, about
-_DEVICE_GIB = flags.DEFINE_float("device_gib", 80.0, "Device memory to compare with.")
+_DEVICE_GIB = flags.DEFINE_float("device_gib", 80.0, "Device memory to compare with.",
+                                 lower_bound=0.001)
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 
 def main(argv):
@@ -45,6 +49,7 @@ def main(argv):
   from configs import models
   from memrecall import plan
   from memrecall.config import ModelConfig
+  from memrecall.train.state import SUBSETS
 
   defaults = {"mesh": "fsdp=8", "trainable": "backbone", "batch": 16, "microbatches": 1,
               "turn_tokens": 2560, "slots": 1024, "bank_chunks": 0}
@@ -64,8 +69,11 @@ def main(argv):
     if c.stage == "rl" and not raw:  # the rollout compresses every row's document at once
       defaults["bank_chunks"] = c.train.batch_size * c.data.max_chunks
   elif _MODEL.value:
-    model = ModelConfig.from_dict(models.model_config(_MODEL.value).to_dict()).replace(
-        compressor=True)
+    try:
+      shape = models.model_config(_MODEL.value)
+    except ValueError as e:
+      raise app.UsageError(f"--model: {e}") from None
+    model = ModelConfig.from_dict(shape.to_dict()).replace(compressor=True)
   else:
     raise app.UsageError("give --config or --model")
   value = lambda flag, key: defaults[key] if flag.value is None else flag.value
@@ -75,8 +83,14 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f"--mesh must look like 'data=2,fsdp=4', got {mesh!r}") from None
   if any(v < 1 for v in sizes.values()):
-    raise app.UsageError(f"the mesh {mesh!r} needs explicit axis sizes (no -1) to plan")
-  result = plan.plan(model, sizes, trainable=value(_TRAINABLE, "trainable"),
+    raise app.UsageError(f"--mesh={mesh}: planning needs explicit positive axis sizes (no 0 or -1)")
+  unknown = set(sizes) - {"data", "fsdp", "tensor"}
+  if unknown:
+    raise app.UsageError(f"--mesh={mesh}: unknown axes {sorted(unknown)}; use data, fsdp, tensor")
+  trainable = value(_TRAINABLE, "trainable")
+  if trainable not in SUBSETS:
+    raise app.UsageError(f"--trainable={trainable}: choose from {', '.join(SUBSETS)}")
+  result = plan.plan(model, sizes, trainable=trainable,
                      batch=value(_BATCH, "batch"), turn_tokens=value(_TURN_TOKENS, "turn_tokens"),
                      bank_chunks=value(_BANK_CHUNKS, "bank_chunks"), slots=value(_SLOTS, "slots"),
                      microbatches=value(_MICROBATCHES, "microbatches"))
@@ -89,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

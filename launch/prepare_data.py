@@ -34,6 +34,7 @@ _LENGTH = flags.DEFINE_integer("length", 2048, "synthetic: context tokens.")
 _HOPS = flags.DEFINE_integer("hops", None, "synthetic: hops (default: the task's).")
 flags.mark_flags_as_required(["builder", "data_dir"])
 
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 def main(argv):
   del argv
@@ -66,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

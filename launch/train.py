@@ -2,7 +2,9 @@ r"""Trains one stage: `python launch/train.py --config=configs/tiny.py:sft --wor
 
 Override any config field on the command line (`--config.train.steps=500`,
 `--config.init.checkpoint=/tmp/sft_run`).  Rerunning the same command on the
-same workdir resumes from its latest checkpoint.  On SIGTERM or SIGINT (a
+same workdir resumes from its latest checkpoint (a config that changes the run
+itself, not just its budget, optimizer or mesh, is refused).  Bad flags, config
+keys and paths are one-line errors before any work; --verbose shows tracebacks.  On SIGTERM or SIGINT (a
 preemption notice) the run finishes its step, saves it and exits with status 75
 ("resume me"; launch/slurm_gpu.sh and launch/tpu_pod.sh rerun it).
 """
@@ -17,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file and its argument.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics go here.")
-from launch import distributed_flags  # noqa: E402  (--distributed and the coordinator flags)
+from launch import cli, distributed_flags  # noqa: E402  (--verbose; --distributed and the coordinator flags)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

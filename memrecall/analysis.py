@@ -17,12 +17,22 @@ from memrecall.pipeline import load_trained_model as load_model  # noqa: F401  (
 def load_trace(path: str, question: int = 0) -> dict:
   """One question's trace from an evaluation's traces/*.json."""
   with open(path) as f:
-    traces = json.load(f)
+    try:
+      traces = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); a truncated trace? rerun the "
+                       "evaluation") from None
+  if not isinstance(traces, list):
+    raise ValueError(f"{path} is not an evaluation's traces file (a list of traced questions)")
   if not 0 <= question < len(traces):
     raise IndexError(f"{path} holds {len(traces)} traced questions; {question} does not exist")
   trace = traces[question]
-  if "gate_scores" not in trace:
+  if not isinstance(trace, dict) or "gate_scores" not in trace:
     raise ValueError(f"{path} is a baseline's trace (no per-chunk gate scores)")
+  missing = [k for k in ("id", "read", "relevant", "memory_ids") if k not in trace]
+  if missing:
+    raise ValueError(f"{path} question {question} lacks {', '.join(missing)}: not an "
+                     "evaluation's trace")
   return trace
 
 

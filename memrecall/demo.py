@@ -6,7 +6,9 @@ training length in `gate`, `all` and `memagent` modes.  RL runs twice: from an
 policy gradient adds (accuracy before and after, the reward curve), and from
 the final SFT model to give the pipeline's model.  Every stage writes to
 WORKDIR/<stage>; a rerun reuses finished stages (each is a resumable training
-run) and finished evaluation rows.
+run) trained with the same config, and finished evaluation rows of the same
+weights and settings (`output_key`); another config or variant into the same
+WORKDIR is refused, naming the stage.
 """
 
 from __future__ import annotations
@@ -21,16 +23,13 @@ from typing import Callable
 
 import ml_collections
 
-from memrecall import eval_report, evaluation, runs
+from memrecall import eval_report, evaluation, fingerprint, jsonl, runs
 from memrecall.distributed import is_primary
 from memrecall.train import checkpoint, trainer
 
 
 def _metrics(workdir: str, stage: str) -> list[dict]:
-  path = os.path.join(workdir, "logs", stage, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  return [json.loads(line) for line in open(path)]
+  return jsonl.read(os.path.join(workdir, "logs", stage, "metrics.jsonl"))
 
 
 def _greedy_accuracy(params, config: ml_collections.ConfigDict, examples: int, batch: int) -> float:
@@ -66,13 +65,17 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
         json.dump(stages, f, indent=1)
 
   def stage(name: str, config, directory: str, extra: Callable[[], dict] | None = None):
+    key = fingerprint.value_hash(json.loads(config.to_json_best_effort()))
     if name in stages:
+      if stages[name].get("config", key) != key:  # stages of older runs recorded no key
+        raise ValueError(f"{workdir} holds the {name} stage trained with another config (another "
+                         "--variant?): use another --workdir, or delete it to start over")
       log(f"[demo] {name}: done earlier ({stages[name]['wall_s']:.0f} s), reused")
       return
     log(f"[demo] {name}: {config.train.steps} steps -> {directory}")
     began = time.perf_counter()
     last = trainer.train(config, directory, log=lambda line: log(f"  {line}"))
-    record = {"wall_s": time.perf_counter() - began, "steps": config.train.steps,
+    record = {"wall_s": time.perf_counter() - began, "steps": config.train.steps, "config": key,
               "final_metrics": {k: v for k, v in last.items() if k != "finite"}}
     if extra:
       record.update(extra())

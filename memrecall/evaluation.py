@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from memrecall import fingerprint, jsonl, output_key
 from memrecall.compressor import CompressorConfig, chunk_documents
 from memrecall.data.example import TokenizedExample
 from memrecall.distributed import is_primary
@@ -242,6 +243,25 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                     traces=traces, peak_bytes=peak, rows=rows)
 
 
+def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **extra) -> dict:
+  """Everything but the data that changes an evaluated row: the key `output_key.claim` checks.
+
+  The weights by content (not by directory name), the model's numerics, the compression and
+  reasoner budgets, the prompts, the recall and sampling settings, the baselines' settings.
+  """
+  return {"params": fingerprint.params_fingerprint(params),
+          "model": fingerprint.value_hash(dataclasses.asdict(run.model)),
+          "dtype": run.model.dtype, "param_dtype": run.model.param_dtype,
+          "chunk_size": run.compressor.chunk_size, "window": run.compressor.window,
+          "ratio": run.compressor.ratio, "memory_size": run.reasoner.memory_size,
+          "answer_tokens": run.reasoner.answer_tokens, "question_tokens": run.question_tokens,
+          "prompts": fingerprint.value_hash(dataclasses.asdict(run.prompts)),
+          "threshold": float(setup.recall.threshold), "topk": setup.recall.topk,
+          "gate_group": setup.recall.gate_group,
+          "sampling": fingerprint.value_hash(dataclasses.asdict(setup.sampling)),
+          **dataclasses.asdict(baseline), **extra}
+
+
 def _trace_task(task: str) -> str:
   """Trace files of the main task keep their short names; others carry the task."""
   return "" if task == "multihop" else f"{task}-"
@@ -270,10 +290,18 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   results_path = os.path.join(output_dir, "results.json")
   rows = eval_report.load_rows(results_path)
   task_name = run.task.task
+  setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
+  # Rows are reused only when made from these weights, this task and these settings.
+  group = f"{model_name}/{task_name}"
+  output_key.claim(output_dir, {group: row_settings(
+      params, run, setup, baseline, task=dataclasses.asdict(run.task),
+      task_seed=run.config.task.seed + seed_offset, examples=examples,
+      mode_examples=mode_examples or {}, batch_size=batch_size,
+      latency_examples=latency_examples)},
+      {f"{r['model']}/{r.get('task')}" for r in rows})
   done = {(r["model"], r.get("task"), r["mode"], r["length_multiple"]) for r in rows}
   todo = [(m, mode) for m in lengths for mode in modes
           if (model_name, task_name, mode, m) not in done]
-  setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
   progress = Progress(len(todo), "eval")
   cache: dict[int, list] = {}
   for i, (multiple, mode) in enumerate(todo):
@@ -295,12 +323,14 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
            "gate_recall": result.gate_recall, "skip_rate": result.skip_rate}
     rows.append(eval_report.json_safe(row))  # as a resumed run reads it back
     if is_primary():  # every process computes the same rows; one writes them
-      eval_report.save_rows(rows, output_dir)
+      # The traces first, each whole or not at all: a finished row always has its traces.
       os.makedirs(os.path.join(output_dir, "traces"), exist_ok=True)
-      with open(os.path.join(output_dir, "traces",
-                             f"{model_name}-{_trace_task(task_name)}{mode}-{multiple}x.json"),
-                "w") as f:
+      trace = os.path.join(output_dir, "traces",
+                           f"{model_name}-{_trace_task(task_name)}{mode}-{multiple}x.json")
+      with open(trace + ".tmp", "w") as f:
         json.dump(result.traces, f)
+      os.replace(trace + ".tmp", trace)
+      eval_report.save_rows(rows, output_dir)
       progress(i + 1)
   if is_primary():
     eval_report.plot(rows, output_dir)
@@ -317,23 +347,8 @@ METRIC_KEYS = ("sub_em", "strict_sub_em", "em")
 
 def read_predictions(path: str) -> list[dict]:
   """The records of a predictions.jsonl (a torn last line, from a run that was killed, is
-  dropped: that row is simply evaluated again)."""
-  if not os.path.exists(path):
-    return []
-  records = []
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
-  for number, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      if number == len(lines) - 1:
-        break
-      raise ValueError(f"{path} line {number + 1} is not JSON; move the file away to start "
-                       "over") from None
-  return records
+  left out: that row is simply evaluated again; see `memrecall.jsonl`)."""
+  return jsonl.read(path)
 
 
 def summarize_predictions(records: Sequence[dict]) -> list[dict]:
@@ -356,6 +371,11 @@ def summarize_predictions(records: Sequence[dict]) -> list[dict]:
   return rows
 
 
+def _content_hash(path: str) -> str:
+  """A data file's (or directory's) content hash; a synthetic source's path is its task name."""
+  return fingerprint.file_hash(path) if os.path.exists(path) else fingerprint.value_hash(path)
+
+
 def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str,
                   model_name: str = "model", limit: int | None = None, batch_size: int = 8,
                   baseline: BaselineConfig | None = None, threshold: float | None = None,
@@ -367,7 +387,8 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   (mode, row): the fields of PREDICTION_KEYS), so a run that stops loses at most one batch;
   results.json / results.csv (`summarize_predictions`) and plots are rewritten at the end.
   A question over `reasoner.question_tokens` stops the run with an error naming its row,
-  after every earlier batch was saved.
+  after every earlier batch was saved.  Rows are reused only from the same weights, data
+  content and settings (`row_settings`, checked by `output_key.claim` before any row).
   """
   from memrecall import eval_report  # pylint: disable=g-import-not-at-top
   from memrecall.data.example import tokenize  # pylint: disable=g-import-not-at-top
@@ -381,6 +402,12 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   baseline = baseline or BaselineConfig(memagent_chunk=run.compressor.chunk_size,
                                         rag_chunk=run.compressor.chunk_size)
   setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
+  # Rows are reused only when made from these weights, this data file and these settings.
+  settings = row_settings(params, run, setup, baseline,
+                          task=dataclasses.asdict(run.task) if run.task else None)
+  output_key.claim(output_dir, {
+      f"{model_name}/{named.name}": {**settings, "data": _content_hash(named.path)}
+      for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
   budget = run.question_tokens
   for named in sources:
     count = len(named.source) if limit is None else min(limit, len(named.source))
@@ -419,8 +446,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
               "prediction": run.tokenizer.decode(out["prediction_ids"]), "answers": answers,
               **out}))
         if is_primary():
-          with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+          jsonl.append(path, new)
         records.extend(new)
         done.update((model_name, named.name, mode, i) for i in rows)
         log(f"{named.name} {mode}: {min(start + batch_size, len(todo))}/{len(todo)} rows")

@@ -3,36 +3,37 @@
 A bank directory holds `k.npy`, `v.npy` ([N, L, S, K, D], chunk-major so a
 group of chunks is one contiguous slice of a memory-mapped file),
 `slot_mask.npy` ([N, S]) and `metadata.json`.  The metadata names the model
-(a fingerprint of its config and beacon parameters) and the compression
-settings; loading checks them, because a bank made by another model or with
-another chunk size, window, ratio or dtype would silently give wrong answers.
+(a fingerprint of its config and beacon parameters), the document (a hash of
+its content and one of its token ids, which tokenization decides) and the
+compression settings; loading checks them, because a bank made by another
+model, from another document or with another chunk size, window, ratio or
+dtype would silently give wrong answers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 
-import flax.traverse_util
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from memrecall import fingerprint
 
 from memrecall.compressor import ChunkMemory, CompressorConfig
 from memrecall.config import ModelConfig
 from memrecall.recall import DocumentBank
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the document's hashes
 _STORED_AS = {"bfloat16": np.uint16}  # numpy's .npy cannot name bfloat16
 
 
 class BankMismatchError(ValueError):
-  """A memory bank made by another model or with other settings."""
+  """A memory bank made by another model, from another document or with other settings."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +45,14 @@ class BankMetadata:
   dtype: str
   num_chunks: int
   num_tokens: int
+  document_hash: str = ""  # `fingerprint.value_hash` of the document's text (or given ids)
+  tokens_hash: str = ""  # of its token ids: the same text tokenized otherwise differs here
+  document: str = ""  # where it came from (path and row), to name it in errors
   format_version: int = FORMAT_VERSION
 
   # Fields that must agree for a bank to be usable; num_chunks/num_tokens describe the document.
-  CHECKED = ("format_version", "model_fingerprint", "chunk_size", "window", "ratio", "dtype")
+  CHECKED = ("format_version", "model_fingerprint", "document_hash", "tokens_hash", "chunk_size",
+             "window", "ratio", "dtype")
 
 
 def _shapes_memory(path: tuple[str, ...]) -> bool:
@@ -57,43 +62,35 @@ def _shapes_memory(path: tuple[str, ...]) -> bool:
   return not ("lm_head" in name or "final_norm" in name or "gate_" in name or "lora" in name)
 
 
-@jax.jit
-def _checksums(leaves):
-  """Two wrapping uint32 sums per leaf of its bits times odd position weights: any one changed
-  element changes them (an odd weight is invertible mod 2^32); computed where the leaves are."""
-  out = []
-  for x in leaves:
-    bits = jax.lax.bitcast_convert_type(x, {4: jnp.uint32, 2: jnp.uint16}[x.dtype.itemsize])
-    bits = bits.astype(jnp.uint32).reshape(-1)
-    position = jnp.arange(bits.size, dtype=jnp.uint32)
-    odd = position * jnp.uint32(2) + jnp.uint32(1)
-    mixed = (bits ^ (bits >> 16)) * jnp.uint32(0x85EBCA6B)
-    out.append(jnp.stack([jnp.sum(bits * odd * jnp.uint32(0x9E3779B1)), jnp.sum(mixed * odd)]))
-  return out
-
-
 def model_fingerprint(params, config: ModelConfig) -> str:
   """A short hash of the model's shape and of every parameter that shapes compressed memory.
 
   The parameters are reduced to checksums on their devices (one pass over the weights, a few
   bytes to the host), once per bank: a model retrained in any layer makes another fingerprint.
   """
-  digest = hashlib.sha256(json.dumps(config.to_hf_dict(), sort_keys=True).encode())
-  flat = sorted(((p, x) for p, x in flax.traverse_util.flatten_dict(params).items()
-                 if _shapes_memory(p)), key=lambda item: item[0])
-  sums = jax.device_get(_checksums([x for _, x in flat]))
-  for (path, x), pair in zip(flat, sums):
-    digest.update(f"{'/'.join(path)}:{tuple(x.shape)}:{x.dtype}:".encode())
-    digest.update(np.asarray(pair, np.uint32).tobytes())
-  return digest.hexdigest()[:16]
+  return fingerprint.params_fingerprint(
+      params, salt=json.dumps(config.to_hf_dict(), sort_keys=True), include=_shapes_memory)
 
 
 def describe(params, config: ModelConfig, compressor: CompressorConfig, memory: ChunkMemory,
-             num_tokens: int) -> BankMetadata:
+             num_tokens: int, document_hash: str = "", tokens_hash: str = "",
+             document: str = "") -> BankMetadata:
   return BankMetadata(model_fingerprint=model_fingerprint(params, config),
                       chunk_size=compressor.chunk_size, window=compressor.window,
                       ratio=compressor.ratio, dtype=str(memory.k.dtype),
-                      num_chunks=memory.num_chunks, num_tokens=int(num_tokens))
+                      num_chunks=memory.num_chunks, num_tokens=int(num_tokens),
+                      document_hash=document_hash, tokens_hash=tokens_hash, document=document)
+
+
+def check_document(directory: str | os.PathLike, document_hash: str, document: str) -> None:
+  """Refuses a bank made from another document, before any model is loaded; a BankMismatchError
+  names both documents."""
+  metadata = read_metadata(directory)
+  if metadata.document_hash != document_hash:
+    made_from = metadata.document or "an unrecorded document"
+    raise BankMismatchError(
+        f"memory bank {os.fspath(directory)} was made from {made_from} (content "
+        f"{metadata.document_hash or '?'}), not from {document} (content {document_hash})")
 
 
 def save_bank(directory: str | os.PathLike, memory: ChunkMemory, metadata: BankMetadata) -> None:

@@ -40,7 +40,8 @@ class SafetensorsFile:
         raise SafetensorsError(f"{self.path}: too short to be a safetensors file")
       (header_len,) = struct.unpack("<Q", prefix)
       if header_len > os.path.getsize(self.path) - 8:
-        raise SafetensorsError(f"{self.path}: header length {header_len} exceeds the file size")
+        raise SafetensorsError(f"{self.path}: header length {header_len} exceeds the file size "
+                               "(truncated or corrupted, or not a safetensors file)")
       try:
         header = json.loads(f.read(header_len))
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -49,6 +50,11 @@ class SafetensorsFile:
     self._entries = header
     self._data_start = 8 + header_len
     size = os.path.getsize(self.path) - self._data_start
+    ends = [(e["data_offsets"][1], name) for name, e in header.items()
+            if isinstance(e, dict) and len(e.get("data_offsets", ())) == 2]
+    if ends and max(ends)[0] > size:
+      raise SafetensorsError(f"{self.path} is truncated or corrupted: tensor {max(ends)[1]!r} ends "
+                             f"at byte {max(ends)[0]} of a {size}-byte data section")
     self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start,
                            shape=(size,)) if size else np.zeros((0,), np.uint8)
 

@@ -60,9 +60,12 @@ def test_bad_inputs(tmp_path, lychee_dir):
 
   short = tmp_path / "short.txt"
   short.write_text("A document much shorter than one chunk.")
-  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=x" * 1,
-              "--max_question_tokens=0")
-  assert proc.returncode != 0 and "over the budget of 0" in proc.stderr
+  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}",
+              "--question=What is this document about?", "--max_question_tokens=1")
+  assert proc.returncode != 0 and "over the budget of 1" in proc.stderr
+  proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=x",
+              "--max_question_tokens=0")  # 0 is no budget: an error before any work
+  assert proc.returncode == 2 and "--max_question_tokens=0: 0 is not a positive" in proc.stderr
   # A document shorter than one chunk is padded into one chunk and answered.
   proc = _run(f"--hf_checkpoint={lychee_dir}", f"--document={short}", "--question=What?",
               "--chunk_size=1024", "--memory_size=4", "--max_new_tokens=4")
@@ -85,6 +88,33 @@ def test_answer_from_a_training_run(tmp_path):
   proc = _run(f"--checkpoint={tmp_path / 'run'}", f"--document={doc}", "--question_ids=261,300,278",
               "--memory_size=3", "--max_new_tokens=2", f"--output_json={out}")
   assert proc.returncode == 0, proc.stderr
+  assert "INFO" not in proc.stderr and not any(  # orbax's INFO lines are quiet
+      line[:1] in "IW" and line[1:5].isdigit() for line in proc.stderr.splitlines())
   result = json.load(open(out))
   chunks = -(-100 // config.compressor.chunk_size)  # the run's own chunk size
   assert len(result["trace"]) == chunks and result["mode"] == "gate"  # the tiny config has a gate
+
+
+def test_a_bank_of_one_document_is_refused_for_another(tmp_path):
+  """The README's `--row=3 --memory_bank=...` pattern followed by another --row."""
+  fixture = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
+  common = [f"--hf_checkpoint={os.path.join(fixture, 'hf')}",
+            f"--document={os.path.join(fixture, 'rows.json')}", "--chunk_size=1024",
+            "--memory_size=4", "--max_new_tokens=4", f"--memory_bank={tmp_path / 'bank'}"]
+  made = _run(*common, "--row=1")
+  assert made.returncode == 0 and "saved memory bank" in made.stderr, made.stderr
+  bank = {name: (tmp_path / "bank" / name).read_bytes() for name in os.listdir(tmp_path / "bank")}
+  refused = _run(*common, "--row=0")
+  assert refused.returncode == 2, refused.stderr
+  message = refused.stderr.strip()
+  assert len(message.splitlines()) == 1 and "Traceback" not in message
+  assert "rows.json row 1" in message and "not from" in message and "rows.json row 0" in message
+  assert "--recompile_bank" in message
+  assert {n: (tmp_path / "bank" / n).read_bytes() for n in os.listdir(tmp_path / "bank")} == bank
+  # Asked to, it rebuilds the bank from this document, which is then reused for it.
+  rebuilt = _run(*common, "--row=0", "--recompile_bank")
+  assert rebuilt.returncode == 0 and "saved memory bank" in rebuilt.stderr, rebuilt.stderr
+  metadata = json.load(open(tmp_path / "bank" / "metadata.json"))
+  assert metadata["document"].endswith("rows.json row 0") and metadata["num_tokens"] == 7189
+  again = _run(*common, "--row=0")
+  assert again.returncode == 0 and "reusing memory bank" in again.stderr, again.stderr

@@ -49,3 +49,14 @@ def test_usage_errors_are_clear(tiny_dir, tmp_path):
   assert proc.returncode != 0 and "outside the vocabulary" in proc.stderr
   proc = _run(f"--hf_checkpoint={tmp_path}", "--prompt_ids=1")
   assert proc.returncode != 0 and "has no config.json" in proc.stderr
+
+
+def test_logs_are_quiet_by_default():
+  """No backend probes (`Unable to initialize backend 'tpu'`) or other library logs: the
+  result alone, unless --verbose."""
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "MEMRECALL_VERBOSE")}
+  command = [sys.executable, os.path.join(ROOT, "launch", "generate.py"), "--prompt_ids=5,6",
+             "--max_new_tokens=2"]
+  proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+  assert len(proc.stdout.strip().splitlines()) == 1

@@ -9,8 +9,12 @@ onto 1 (or any other mesh).  `load_params` is the notebook entry point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
+import time
 from typing import Any
 
 import jax
@@ -19,6 +23,36 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be read."""
+
+
+_SETTLE_S = 1.0  # after a failed restore: long enough for tensorstore's stragglers on a busy host
+
+
+@contextlib.contextmanager
+def _stderr_kept_unless_failed():
+  """Holds back what is written to stderr (file descriptor 2) inside; passes it on unless the
+  block raises.  A failed orbax restore leaves tensorstore callbacks that print tracebacks
+  about a closed event loop from C++ threads: noise around the CheckpointError naming the
+  damaged checkpoint, which says all there is to say."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    failed = False
+    try:
+      yield
+    except BaseException:
+      failed = True
+      time.sleep(_SETTLE_S)  # the callbacks fire as the failed reads wind down
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+        sys.stderr.flush()
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -37,6 +71,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def saved_config(self, step: int) -> dict:
+    """The run config saved with `step` (its JSON item alone: no arrays are read)."""
+    try:
+      with _stderr_kept_unless_failed():
+        return self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+    except Exception as e:  # orbax raises many types for damaged files
+      first = (str(e).strip().splitlines() or [""])[0][:200]
+      raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} has no "
+                            f"readable config ({type(e).__name__}: {first}); it may be truncated "
+                            "or corrupted — delete it to resume from an earlier one") from e
+
   def save(self, step: int, state, config: dict, data: dict, force: bool = False) -> bool:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
@@ -45,12 +91,14 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
     """(state, config, data) of `step`, the state placed as `abstract_state`'s shardings say."""
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore(),
-          data=ocp.args.JsonRestore()))
+      with _stderr_kept_unless_failed():
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore(),
+            data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for damaged files
+      first = (str(e).strip().splitlines() or [""])[0][:200]
       raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} cannot be "
-                            f"restored ({type(e).__name__}: {e}); it may be truncated or "
+                            f"restored ({type(e).__name__}: {first}); it may be truncated or "
                             "corrupted — delete it to resume from an earlier one") from e
     return restored.state, restored.config, restored.data
 
@@ -77,15 +125,19 @@ def load_params(workdir_or_checkpoint: str, step: int | None = None) -> tuple[An
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
   try:
-    # Whatever mesh wrote it, read it onto this process's first device.
-    metadata = manager.item_metadata(step)["state"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          getattr(metadata, "tree", metadata))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
-  except Exception as e:
-    raise CheckpointError(f"checkpoint {directory}/{step} cannot be restored: {e}") from e
+    with _stderr_kept_unless_failed():
+      # Whatever mesh wrote it, read it onto this process's first device.
+      metadata = manager.item_metadata(step)["state"]
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            getattr(metadata, "tree", metadata))
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax raises many types for damaged files
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise CheckpointError(f"checkpoint {directory}/{step} cannot be restored ({type(e).__name__}: "
+                          f"{first}); it may be truncated or corrupted — delete it to use an "
+                          "earlier one, or retrain") from e
   finally:
     manager.close()
   return restored.state["params"], restored.config

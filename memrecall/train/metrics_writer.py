@@ -9,7 +9,6 @@ CRC-32C checksums.  Only process 0 writes.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -17,6 +16,8 @@ import time
 from typing import Mapping
 
 import jax
+
+from memrecall import jsonl
 
 
 def _crc32c_table() -> list[int]:
@@ -83,16 +84,21 @@ def frame(record: bytes) -> bytes:
 class MetricsWriter:
   """Writes scalars to `logdir` (TensorBoard events + metrics.jsonl) from process 0 only."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, resumed_at: int = 0):
+    """resumed_at: the step a run resumed from; rows logged after it (by a run killed before
+    its next checkpoint) are dropped, as they are about to be logged again."""
     self.enabled = jax.process_index() == 0
-    self._events = self._jsonl = None
+    self._events = None
+    self._jsonl = os.path.join(logdir, "metrics.jsonl")  # appended through `jsonl`: kill-safe
     if not self.enabled:
       return
     os.makedirs(logdir, exist_ok=True)
+    rows = jsonl.read(self._jsonl)
+    if any(r.get("step", 0) > resumed_at for r in rows):
+      jsonl.rewrite(self._jsonl, [r for r in rows if r.get("step", 0) <= resumed_at])
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
     self._events = open(os.path.join(logdir, name), "ab")
     self._events.write(frame(encode_event(0, time.time(), file_version="brain.Event:2")))
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -100,10 +106,8 @@ class MetricsWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     self._events.write(frame(encode_event(step, time.time(), scalars)))
     self._events.flush()
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
+    jsonl.append(self._jsonl, [{"step": step, **scalars}])
 
   def close(self) -> None:
-    for f in (self._events, self._jsonl):
-      if f is not None:
-        f.close()
+    if self._events is not None:
+      self._events.close()

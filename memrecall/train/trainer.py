@@ -125,6 +125,36 @@ class _Console:
     return f"step {step}/{self.total} {rate:.2f} steps/s ETA {eta:.0f}s | {shown}"
 
 
+# Config blocks a resumed run may change: the step budget and checkpointing, the optimizer's
+# settings, the mesh (a checkpoint restores onto any) and the demo's evaluation sizes.
+RESUMABLE_CHANGES = ("train", "optimizer", "mesh", "demo")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _check_same_run(saved: dict, config: dict, workdir: str) -> None:
+  """A workdir resumes only the run that wrote it: another model, data, stage or objective
+  would continue someone else's checkpoint as if it were this run's (a ConfigError names
+  the keys)."""
+  keep = lambda tree: {k: v for k, v in _flat(tree).items()
+                       if k.split(".")[0] not in RESUMABLE_CHANGES}
+  old, new = keep(saved), keep(config)
+  diffs = [f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+           if old.get(k) != new.get(k)]
+  if diffs:
+    shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+    raise ConfigError(f"{workdir} holds another run's checkpoints ({shown}): use another "
+                      "--workdir, or the config it was trained with to resume it")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, log=print,
           stop_at: Callable[[int, Any], bool] | None = None) -> dict:
   """Runs (or resumes) one stage; returns the last logged metrics.
@@ -138,6 +168,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   check_workdir(workdir)
   if config.stage not in STAGES:
     raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
+  for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep"):
+    value = config.train.get(key, 1)
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
   run = build_run(config)
   microbatches = config.train.get("microbatches", 1)
   if microbatches < 1 or config.train.batch_size % microbatches:
@@ -149,6 +183,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
   checkpointer = Checkpointer(workdir, save_every=config.train.checkpoint_every,
                               keep=config.train.keep, async_save=config.train.async_checkpoint)
+  config_json = json.loads(config.to_json_best_effort())
+  if checkpointer.latest_step() is not None:  # before any parameter is built
+    _check_same_run(checkpointer.saved_config(checkpointer.latest_step()), config_json, workdir)
   with jax.set_mesh(run.mesh):
     params = run.params()
     paths = state_lib.trainable_paths(params, config.train.trainable)
@@ -167,10 +204,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     stage.start(state.params)
     step_fn = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches),
                       donate_argnums=0)
-    writer = MetricsWriter(os.path.join(workdir, "logs", config.stage))
+    writer = MetricsWriter(os.path.join(workdir, "logs", config.stage), resumed_at=int(state.step))
     console = _Console(config.train.steps, int(state.step))
     last: dict = {}
-    config_json = json.loads(config.to_json_best_effort())
     try:
       with _StopSignals() as signals:
         while int(state.step) < config.train.steps:

@@ -114,14 +114,15 @@ def test_bad_input_is_a_clear_error_and_keeps_what_was_written(tiny_qwen, data_f
   with pytest.raises(ConfigError, match=f"{bare} has no tokenizer.json"):
     runs.from_hf_checkpoint(str(bare))
   # Through the launcher: a question over its budget stops the run at its row (a usage error
-  # naming it), and the rows already done stay.
+  # naming it), and the rows already done stay.  (The same settings in both runs: a rerun with
+  # another budget is refused before any row, see tests/test_bad_inputs.py.)
   base = [f"--hf_checkpoint={tiny_qwen}", "--modes=all", "--chunk_size=64", "--memory_size=8",
-          "--answer_tokens=4", f"--output_dir={tmp_path / 'out'}"]
+          "--answer_tokens=4", "--question_tokens=32", f"--output_dir={tmp_path / 'out'}"]
   rows = _rows_file(tmp_path, "two.json", [good[0], {**good[1], "extra_info": {
       "question": "why " * 40}, "prompt": []}])
   launch("eval.py", *base, f"--data=rows:{rows}", "--limit=1")
   before = (tmp_path / "out" / "predictions.jsonl").read_text()
-  proc = launch("eval.py", *base, f"--data=rows:{rows}", "--question_tokens=16", check=False)
+  proc = launch("eval.py", *base, f"--data=rows:{rows}", check=False)
   assert proc.returncode != 0 and "two.json row 1" in proc.stderr and "budget" in proc.stderr
   assert (tmp_path / "out" / "predictions.jsonl").read_text() == before
 

@@ -79,3 +79,20 @@ def test_tensorboards_own_reader_reads_the_events(tmp_path):
   assert sorted(events.Tags()["scalars"]) == ["loss", "reward"]
   assert [(e.step, e.value) for e in events.Scalars("loss")] == [(3, 0.75), (4, 0.5)]
   assert [(e.step, e.value) for e in events.Scalars("reward")] == [(4, 1.0)]
+
+
+def test_metrics_survive_a_kill_and_a_resume(tmp_path):
+  from memrecall import jsonl
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  for step in (1, 2, 3, 4):
+    writer.write(step, {"loss": step / 10})
+  writer.close()
+  path = tmp_path / "metrics.jsonl"
+  path.write_bytes(path.read_bytes()[:-5])  # killed while writing step 4
+  # The last checkpoint was step 2: steps 3 and 4 are trained, and logged, again.
+  writer = metrics_writer.MetricsWriter(str(tmp_path), resumed_at=2)
+  for step in (3, 4):
+    writer.write(step, {"loss": step / 10})
+  writer.close()
+  assert [r["step"] for r in jsonl.read(path)] == [1, 2, 3, 4]
+  assert path.read_text().endswith("\n")

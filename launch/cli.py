@@ -1,0 +1,145 @@
+"""The launchers' edge: every bad input is one or two lines naming it, before any work.
+
+`cli.run(main)` replaces `app.run(main)` in every launcher.  A bad flag, an
+unknown config key, a missing file, a damaged checkpoint or a refused rerun
+print `SCRIPT: error: ...` (the flag, file or key and the fix) and exit with
+status 2; an unexpected failure prints its one line and exits with 1.  Neither
+prints the --help text or a traceback, unless --verbose (or the environment
+variable MEMRECALL_VERBOSE=1) asks for the traceback.  Library logs that bury
+the results (orbax's INFO lines, XLA's backend probes) are quiet unless
+--verbose.  `readable` and `writable` check paths the same way in every launcher.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import re
+import sys
+import tempfile
+import traceback
+
+from absl import app, flags, logging
+
+VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks and library logs (also: "
+                            "MEMRECALL_VERBOSE=1).")
+USAGE_EXIT = 2  # bad input: nothing was computed
+FAILURE_EXIT = 1  # anything else
+_MAX_CHARS = 400
+
+
+def verbose() -> bool:
+  """--verbose (read from argv too: flag parsing may be what failed) or MEMRECALL_VERBOSE=1."""
+  return ("--verbose" in sys.argv[1:] or os.environ.get("MEMRECALL_VERBOSE", "") not in ("", "0")
+          or (flags.FLAGS.is_parsed() and VERBOSE.value))
+
+
+def one_line(error: BaseException | str) -> str:
+  """An error's message on one line: a traceback inside it (config files) reduced to its last
+  line, whitespace collapsed, at most a few hundred characters."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = [lines[0], lines[-1]]
+  text = " ".join(" ".join(lines).split()) or type(error).__name__
+  return text if len(text) <= _MAX_CHARS else text[:_MAX_CHARS - 3] + "..."
+
+
+def fail(message: str, error: BaseException | None = None, code: int = USAGE_EXIT):
+  """Prints `SCRIPT: error: message` (and the traceback if verbose) and exits."""
+  if error is not None and verbose():
+    traceback.print_exception(error)
+  print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  # Not sys.exit: at interpreter shutdown orbax's and asyncio's leftover threads print
+  # tracebacks ("Event loop is closed") under the one line; nothing is left to clean up.
+  os._exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = one_line(e)
+    if "positive" in message or "non-negative" in message or "bounded" in message:
+      message += " (leave the flag out for its default)"
+    fail(f"{message} (--helpshort lists the flags)", e)
+  except Exception as e:  # config files and --config.KEY overrides fail inside the parse
+    fail(_config_message(e, argv), e)
+
+
+def _config_message(error: Exception, argv: list[str]) -> str:
+  """ml_collections' errors as one line naming the --config flag, file or key at fault."""
+  text = one_line(error)
+  if "Failed loading config file" in text:
+    reason = text[text.find("[Errno"):] if "[Errno" in text else text.split("Attempted")[-1]
+    return f"--config: cannot load the config file ({reason})"
+  if isinstance(error, (AttributeError, KeyError)):
+    key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                 and key in a.split("=")[0].split(".")[1:]), "--config")
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return f"{flag}: unknown config key {key!r}" + (f" (did you mean {hint[1]!r}?)" if hint else "")
+  return text
+
+
+def _quiet_logs() -> None:
+  if verbose():
+    return
+  logging.set_verbosity(logging.ERROR)  # orbax reports every file it reads and writes at INFO
+  for name in ("jax._src.xla_bridge", "jax._src.distributed", "absl"):
+    py_logging.getLogger(name).setLevel(py_logging.ERROR)
+
+
+def run(main) -> None:
+  """app.run(main) with one-line errors (see the module doc)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+  def guarded(argv):
+    _quiet_logs()
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      from memrecall.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+      if "Failed loading config file" in str(e):  # a --config file is read lazily
+        fail(_config_message(e, sys.argv), e)
+      if isinstance(e, (app.UsageError, ValueError, OSError, ImportError, LookupError,
+                        CheckpointError)):
+        fail(one_line(e), e)
+      fail(f"{type(e).__name__}: {one_line(e)} (--verbose shows the traceback)", e, FAILURE_EXIT)
+
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def readable(flag: str, path: str | None) -> None:
+  """A UsageError unless `path` (given to --flag) exists and can be read."""
+  if path and not os.path.exists(path):
+    raise app.UsageError(f"--{flag}: {path} does not exist")
+  if path and not os.access(path, os.R_OK):
+    raise app.UsageError(f"--{flag}: {path} is not readable")
+
+
+def writable(flag: str, path: str | None, directory: bool = False) -> None:
+  """A UsageError unless `path` (a file, or a directory when `directory`) can be created or
+  written: checked before any work, so a long run never fails at its last step."""
+  if not path:
+    return
+  path = os.path.abspath(path)
+  if directory and os.path.exists(path) and not os.path.isdir(path):
+    raise app.UsageError(f"--{flag}: {path} is a file, not a directory")
+  if not directory and os.path.isdir(path):
+    raise app.UsageError(f"--{flag}: {path} is a directory, not a file")
+  if os.path.isfile(path):
+    try:  # append mode: opened for writing, nothing changed
+      open(path, "ab").close()
+    except OSError as e:
+      raise app.UsageError(f"--{flag}: cannot write {path} ({e.strerror})") from None
+    return
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if existing != path and not os.path.isdir(existing):
+    raise app.UsageError(f"--{flag}: {existing} is a file, so {path} cannot be created")
+  try:  # a real write: permission bits say nothing for root or on a read-only mount
+    tempfile.TemporaryFile(dir=existing).close()
+  except OSError:
+    raise app.UsageError(f"--{flag}: cannot write in {existing}; choose another path") from None

@@ -1,0 +1,273 @@
+"""Every launcher on bad inputs: one short error naming the problem, before any work.
+
+Each case runs a launcher as a user would and checks the exit status (2), that the message is
+at most two lines and names the problem, that no traceback and no --help text is printed, and
+that no file already written (the case's own outputs, the shared checkpoints) changed.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV.pop("MEMRECALL_VERBOSE", None)
+
+
+def _orbax_workdir(directory: str) -> None:
+  """A training workdir holding one checkpoint of random tiny parameters (no training)."""
+  from memrecall import model, runs
+  from memrecall.train.checkpoint import Checkpointer
+  from tests.train.conftest import small_config
+  config = small_config("sft")
+  run = runs.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0), None)
+  checkpointer = Checkpointer(directory, save_every=1, keep=1, async_save=False)
+  checkpointer.save(1, {"params": params, "step": np.int32(1)},
+                    json.loads(config.to_json_best_effort()), {"step": 1}, force=True)
+  checkpointer.close()
+
+
+def _eval_key(hf: str, rows: str, memory_size: int) -> dict:
+  """The key eval.py records for `--chunk_size=1024 --answer_tokens=4 --modes=all`."""
+  from memrecall import evaluation, fingerprint, runs
+  run = runs.from_hf_checkpoint(hf, chunk_size=1024, memory_size=memory_size, answer_tokens=4)
+  baseline = evaluation.BaselineConfig(memagent_chunk=1024, full_budget=512, rag_topk=4,
+                                       rag_chunk=1024)
+  settings = evaluation.row_settings(run.params(), run, run.recall_setup("all", threshold=0.5),
+                                     baseline, task=None)
+  return {**settings, "data": fingerprint.file_hash(rows)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """Shared inputs: good and damaged checkpoints, data, a document and a trace."""
+  base = tmp_path_factory.mktemp("world")
+  w = {"hf": os.path.join(FIXTURE, "hf"), "rows": os.path.join(FIXTURE, "rows.json"),
+       "tiny": TINY, "root": str(base)}
+  _orbax_workdir(str(base / "run"))
+  shutil.copytree(base / "run", base / "corrupt")
+  for root, _, names in os.walk(base / "corrupt" / "checkpoints" / "1" / "state" / "d"):
+    for name in names:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(10)
+  os.makedirs(base / "empty_run")
+  for name, change in (("hf_truncated", "truncate"), ("hf_mismatched", "shape"),
+                       ("hf_missing_shard", "index")):
+    target = base / name
+    shutil.copytree(w["hf"], target)
+    for root, dirs, files in os.walk(target):
+      for n in dirs + files:
+        os.chmod(os.path.join(root, n), 0o755)
+    if change == "truncate":
+      with open(target / "model.safetensors", "r+b") as f:
+        f.truncate(500_000)
+    elif change == "shape":
+      config = json.load(open(target / "config.json"))
+      config["intermediate_size"] += 16
+      json.dump(config, open(target / "config.json", "w"))
+    else:
+      (target / "model.safetensors.index.json").write_text(json.dumps(
+          {"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}))
+  (base / "doc.txt").write_text("A short document about lychees. " * 20)
+  (base / "empty.txt").write_text("")
+  (base / "broken_rows.json").write_text('[{"context": "c", "input": "q", "answers": ["a"]},\n{"con')
+  (base / "a_file").write_text("not a directory")
+  trace = {"id": "q0", "gate_scores": [0.9, 0.1], "read": [1, 0], "relevant": [1, 0],
+           "memory_ids": [[5], [5]], "answer_ids": [5], "gold_ids": [[5]], "correct": 1.0}
+  (base / "trace.json").write_text(json.dumps([trace]))
+  (base / "torn_trace.json").write_text(json.dumps([trace])[:40])
+  w["key16"] = _eval_key(w["hf"], w["rows"], memory_size=16)
+  return w
+
+
+# --- prepared outputs of a case (already written; none may change) ----------------------------
+
+PREDICTION = {"model": "hf", "data": "rows.json", "mode": "all", "row": 0, "prediction": "x",
+              "prediction_ids": [5], "em": 0.0, "sub_em": 0.0, "strict_sub_em": 0.0}
+
+
+def _rerun_with_other_settings(w, out):
+  (out / "eval").mkdir()
+  (out / "eval" / "keys.json").write_text(json.dumps({"hf/rows.json": w["key16"]}))
+  (out / "eval" / "predictions.jsonl").write_text(json.dumps(PREDICTION) + "\n")
+
+
+def _damaged_predictions(w, out):
+  (out / "eval").mkdir()
+  (out / "eval" / "predictions.jsonl").write_text(
+      json.dumps(PREDICTION) + "\n" + '{"model": "hf", "da\n' + json.dumps(PREDICTION) + "\n")
+
+
+def _bank_of_another_document(w, out):
+  (out / "bank").mkdir()
+  (out / "bank" / "metadata.json").write_text(json.dumps({
+      "model_fingerprint": "0" * 16, "chunk_size": 1024, "window": 512, "ratio": 4,
+      "dtype": "float32", "num_chunks": 1, "num_tokens": 600, "document_hash": "0123456789abcdef",
+      "tokens_hash": "0" * 16, "document": "other_book.txt", "format_version": 2}))
+  np.save(out / "bank" / "slot_mask.npy", np.ones((1, 256), bool))
+
+
+def _shared(flags):
+  return ["--hf_checkpoint={hf}", "--data=rows:{rows}", *flags]
+
+
+EVAL = [
+    ("missing_hf_checkpoint", ["--hf_checkpoint=/nonexistent/ckpt", "--data=rows:{rows}"],
+     "/nonexistent/ckpt does not exist"),
+    ("two_checkpoints", _shared(["--checkpoint={root}/run"]), "exactly one of"),
+    ("hf_without_data", ["--hf_checkpoint={hf}"], "needs --data"),
+    ("unknown_data_kind", ["--hf_checkpoint={hf}", "--data=csv:{rows}"], "unknown kind 'csv'"),
+    ("missing_data_file", ["--hf_checkpoint={hf}", "--data=rows:/nonexistent.json"],
+     "/nonexistent.json does not exist"),
+    ("malformed_data", ["--hf_checkpoint={hf}", "--data=rows:{root}/broken_rows.json"],
+     "broken_rows.json"),
+    ("zero_memory_size", _shared(["--memory_size=0"]), "--memory_size=0: 0 is not a positive"),
+    ("zero_chunk_size", _shared(["--chunk_size=0"]), "--chunk_size=0"),
+    ("zero_batch_size", _shared(["--batch_size=0"]), "--batch_size=0"),
+    ("negative_limit", _shared(["--limit=-1"]), "--limit=-1"),
+    ("threshold_out_of_range", _shared(["--threshold=1.5"]), "--threshold=1.5"),
+    ("unknown_mode", _shared(["--modes=all,fast"]), "--modes: unknown fast"),
+    ("gate_mode_without_gate", _shared(["--modes=gate,all"]), "gate needs a gate"),
+    ("unknown_flag", _shared(["--memory=4"]), "Unknown command line flag 'memory'"),
+    ("unwritable_output", _shared(["--output_dir=/proc/memrecall_eval"]), "cannot write in /proc"),
+    ("output_dir_is_a_file", _shared(["--output_dir={root}/a_file"]), "is a file"),
+    ("truncated_shard", ["--hf_checkpoint={root}/hf_truncated", "--data=rows:{rows}"],
+     "truncated or corrupted"),
+    ("mismatched_checkpoint", ["--hf_checkpoint={root}/hf_mismatched", "--data=rows:{rows}"],
+     "has shape (144, 80), expected (160, 80)"),
+    ("missing_shard", ["--hf_checkpoint={root}/hf_missing_shard", "--data=rows:{rows}"],
+     "names model-00002-of-00002.safetensors, which is not in"),
+    ("corrupted_orbax_checkpoint", ["--checkpoint={root}/corrupt", "--lengths=1"],
+     "may be truncated or corrupted"),
+    ("workdir_without_checkpoints", ["--checkpoint={root}/empty_run"], "has no checkpoints/"),
+    ("zero_length", ["--checkpoint={root}/run", "--lengths=0"], "--lengths must be positive"),
+    ("changed_setting_on_rerun", _shared(["--chunk_size=1024", "--memory_size=4",
+                                          "--answer_tokens=4", "--modes=all",
+                                          "--output_dir={out}/eval"]),
+     "(memory_size 16 there, 4 now)", _rerun_with_other_settings),
+    ("damaged_predictions", _shared(["--modes=all", "--output_dir={out}/eval"]),
+     "line 2 is not JSON", _damaged_predictions),
+]
+ANSWER = [
+    ("bank_of_another_document", ["--hf_checkpoint={hf}", "--document={root}/doc.txt",
+                                  "--question=Which fruit?", "--memory_bank={out}/bank"],
+     "was made from other_book.txt", _bank_of_another_document),
+    ("missing_document", ["--hf_checkpoint={hf}", "--document=/nonexistent.txt"],
+     "/nonexistent.txt does not exist"),
+    ("empty_document", ["--hf_checkpoint={hf}", "--document={root}/empty.txt", "--question=q"],
+     "is empty"),
+    ("row_out_of_range", ["--hf_checkpoint={hf}", "--document={rows}", "--row=7"],
+     "row 7 does not exist"),
+    ("zero_chunk_size", ["--hf_checkpoint={hf}", "--document={rows}", "--chunk_size=0"],
+     "--chunk_size=0"),
+    ("gate_mode_without_gate", ["--hf_checkpoint={hf}", "--document={rows}", "--mode=gate"],
+     "needs a gate"),
+    ("unknown_mode", ["--hf_checkpoint={hf}", "--document={rows}", "--mode=fast"], "--mode"),
+    ("bad_question_ids", ["--hf_checkpoint={hf}", "--document={rows}", "--question_ids=1,x"],
+     "--question_ids must be integers"),
+    ("unwritable_output", ["--hf_checkpoint={hf}", "--document={rows}",
+                           "--output_json=/proc/memrecall/answer.json"], "cannot write in /proc"),
+    ("corrupted_orbax_checkpoint", ["--checkpoint={root}/corrupt", "--document={root}/doc.txt",
+                                    "--question_ids=1,2"], "may be truncated or corrupted"),
+]
+GENERATE = [
+    ("mesh_larger_than_the_machine", ["--prompt_ids=1,2", "--mesh=fsdp=64"], "needs 64 devices"),
+    ("zero_mesh_axis", ["--prompt_ids=1,2", "--mesh=fsdp=0"], "axis sizes are positive"),
+    ("unknown_model_size", ["--prompt_ids=1,2", "--model=huge"], "unknown model 'huge'"),
+    ("zero_new_tokens", ["--prompt_ids=1,2", "--max_new_tokens=0"], "--max_new_tokens=0"),
+    ("top_p_out_of_range", ["--prompt_ids=1,2", "--top_p=1.5"], "--top_p=1.5"),
+    ("bad_prompt_ids", ["--prompt_ids=1,two"], "--prompt_ids must be integers"),
+    ("truncated_shard", ["--hf_checkpoint={root}/hf_truncated", "--prompt_ids=1,2"],
+     "truncated or corrupted"),
+]
+TRAIN = [
+    ("unknown_config_key", ["--config={tiny}:sft", "--config.train.stepz=3",
+                            "--workdir={out}/w"], "--config.train.stepz: unknown config key 'stepz'"),
+    ("missing_config_file", ["--config=/nonexistent/config.py", "--workdir={out}/w"],
+     "cannot load the config file"),
+    ("unknown_stage", ["--config={tiny}:pretrain", "--workdir={out}/w"], "unknown stage 'pretrain'"),
+    ("zero_steps", ["--config={tiny}:sft", "--config.train.steps=0", "--workdir={out}/w"],
+     "train.steps must be a positive integer"),
+    ("zero_batch_size", ["--config={tiny}:sft", "--config.train.batch_size=0", "--workdir={out}/w"],
+     "train.batch_size must be a positive integer"),
+    ("mesh_larger_than_the_machine", ["--config={tiny}:sft", "--config.mesh.fsdp=64",
+                                      "--workdir={out}/w"], "needs 64 devices"),
+    ("unwritable_workdir", ["--config={tiny}:sft", "--workdir=/proc/memrecall_run"], "/proc"),
+    ("another_runs_workdir", ["--config={tiny}:sft", "--workdir={root}/run"],
+     "holds another run's checkpoints (model.num_layers 2 there, 4 now"),
+    ("missing_init_checkpoint", ["--config={tiny}:sft", "--config.init.checkpoint=/nonexistent",
+                                 "--workdir={out}/w"], "/nonexistent has no checkpoints/"),
+]
+PLAN = [
+    ("unknown_model_size", ["--model=huge"], "unknown model 'huge'"),
+    ("zero_mesh_axis", ["--model=tiny", "--mesh=fsdp=0"], "explicit positive axis sizes"),
+    ("unknown_topology", ["--model=tiny", "--mesh=pipeline=2"], "unknown axes ['pipeline']"),
+    ("zero_batch", ["--model=tiny", "--batch=0"], "--batch=0"),
+    ("unknown_trainable_kind", ["--model=tiny", "--trainable=most"], "--trainable=most"),
+    ("unknown_config_key", ["--config={tiny}:sft", "--config.model.hiddenz=4"],
+     "unknown config key 'hiddenz'"),
+]
+ANALYZE = [
+    ("corrupted_orbax_checkpoint", ["--checkpoint={root}/corrupt", "--trace={root}/trace.json",
+                                    "--output={out}/q.png"], "may be truncated or corrupted"),
+    ("missing_trace", ["--checkpoint={root}/run", "--trace=/nonexistent.json"],
+     "/nonexistent.json does not exist"),
+    ("torn_trace", ["--checkpoint={root}/run", "--trace={root}/torn_trace.json",
+                    "--output={out}/q.png"], "torn_trace.json is not valid JSON"),
+    ("question_out_of_range", ["--checkpoint={root}/run", "--trace={root}/trace.json",
+                               "--question=3", "--output={out}/q.png"],
+     "holds 1 traced questions; 3 does not exist"),
+    ("negative_question", ["--checkpoint={root}/run", "--trace={root}/trace.json",
+                           "--question=-1"], "--question=-1"),
+    ("unwritable_output", ["--checkpoint={root}/run", "--trace={root}/trace.json",
+                           "--output=/proc/memrecall/q.png"], "cannot write in /proc"),
+]
+CASES = [pytest.param(script, *case[:3], case[3] if len(case) > 3 else None,
+                      id=f"{script[:-3]}-{case[0]}")
+         for script, cases in (("eval.py", EVAL), ("answer.py", ANSWER),
+                               ("generate.py", GENERATE), ("train.py", TRAIN), ("plan.py", PLAN),
+                               ("analyze.py", ANALYZE)) for case in cases]
+
+
+def _snapshot(*directories) -> dict[str, str]:
+  files = {}
+  for directory in directories:
+    for root, _, names in os.walk(directory):
+      for name in names:
+        path = os.path.join(root, name)
+        files[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  return files
+
+
+def test_the_table_is_large_enough():
+  assert len(CASES) >= 30 and len({c.values[0] for c in CASES}) == 6
+
+
+@pytest.mark.parametrize("script,name,args,expected,prepare", CASES)
+def test_bad_input(world, tmp_path, script, name, args, expected, prepare):
+  del name
+  out = tmp_path / "out"
+  out.mkdir()
+  if prepare:
+    prepare(world, out)
+  before = _snapshot(out, world["root"])
+  command = [a.format(**world, out=out) for a in args]
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *command],
+                        capture_output=True, text=True, env=ENV, cwd=str(tmp_path), timeout=300)
+  output = (proc.stdout + proc.stderr).strip()
+  assert proc.returncode == 2, output
+  assert expected in output, output
+  assert len(output.splitlines()) <= 2, output
+  assert "Traceback" not in output and "\n  --" not in output and "flags:" not in output, output
+  after = _snapshot(out, world["root"])
+  assert {p: h for p, h in after.items() if p in before} == before, "a written file changed"

@@ -1,0 +1,149 @@
+"""Resumable evaluation rows are keyed by what made them, and survive a kill mid-write.
+
+In-process on the shared text fixture (a tiny LycheeMemory checkpoint, two question rows), so
+the compiled recall loop is reused across the reruns.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import pytest
+
+from memrecall import evaluation, jsonl, output_key, runs
+
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                       "shared", "fixtures", "lychee_reference_text")
+HF, ROWS = os.path.join(FIXTURE, "hf"), os.path.join(FIXTURE, "rows.json")
+
+
+def _run(memory_size=4):
+  return runs.from_hf_checkpoint(HF, chunk_size=1024, memory_size=memory_size, answer_tokens=4)
+
+
+def _evaluate(run, params, output_dir, model_name="hf"):
+  return evaluation.evaluate_data(params, run, run.sources(f"rows:{ROWS}"), modes=["all"],
+                                  output_dir=str(output_dir), model_name=model_name, batch_size=2,
+                                  log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """(run, params, directory of a finished evaluation of both rows)."""
+  run = _run()
+  params = run.params()
+  directory = tmp_path_factory.mktemp("finished")
+  _evaluate(run, params, directory)
+  return run, params, directory
+
+
+def _copy(finished_dir, tmp_path):
+  target = tmp_path / "eval"
+  shutil.copytree(finished_dir, target)
+  return target
+
+
+def _rows(directory):
+  return [(r["model"], r["mode"], r["row"]) for r in jsonl.read(directory / "predictions.jsonl")]
+
+
+def test_a_matching_rerun_skips_finished_rows(finished, tmp_path):
+  run, params, done = finished
+  directory = _copy(done, tmp_path)
+  before = (directory / "predictions.jsonl").read_bytes()
+  calls = []
+  original = evaluation.evaluate_mode
+  try:
+    evaluation.evaluate_mode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    summary = _evaluate(run, params, directory)
+  finally:
+    evaluation.evaluate_mode = original
+  assert calls == [] and (directory / "predictions.jsonl").read_bytes() == before
+  assert summary[0]["examples"] == 2
+
+
+def test_another_checkpoint_never_shares_a_row(finished, tmp_path):
+  run, params, done = finished
+  directory = _copy(done, tmp_path)
+  before = (directory / "predictions.jsonl").read_bytes()
+  # Other weights under the same name (two checkpoints in directories both called `hf`).
+  other = jax.tree.map(lambda x: x, params)
+  other["final_norm"] = {k: v + 0.5 for k, v in params["final_norm"].items()}
+  with pytest.raises(output_key.OutputKeyError, match="params '[0-9a-f]{16}' there"):
+    _evaluate(run, other, directory)
+  assert (directory / "predictions.jsonl").read_bytes() == before
+  # Under another name they are evaluated beside the first model's rows, each row its own.
+  _evaluate(run, other, directory, model_name="other")
+  rows = _rows(directory)
+  assert sorted(rows) == [("hf", "all", 0), ("hf", "all", 1), ("other", "all", 0),
+                          ("other", "all", 1)]
+  assert set(json.load(open(directory / "keys.json"))) == {"hf/rows.json", "other/rows.json"}
+
+
+def test_a_changed_setting_is_refused_naming_it(finished, tmp_path):
+  _, params, done = finished
+  directory = _copy(done, tmp_path)
+  before = (directory / "predictions.jsonl").read_bytes()
+  with pytest.raises(output_key.OutputKeyError, match="memory_size 4 there, 8 now"):
+    _evaluate(_run(memory_size=8), params, directory)
+  assert (directory / "predictions.jsonl").read_bytes() == before
+
+
+def test_changed_data_is_refused(finished, tmp_path):
+  run, params, done = finished
+  directory = _copy(done, tmp_path)
+  rows = json.load(open(ROWS))
+  rows[0]["context"] += " One more sentence."
+  changed = tmp_path / "rows.json"
+  changed.write_text(json.dumps(rows))
+  with pytest.raises(output_key.OutputKeyError, match="data '"):
+    evaluation.evaluate_data(params, run, run.sources(f"rows:{changed}"), modes=["all"],
+                             output_dir=str(directory), model_name="hf", batch_size=2,
+                             log=lambda *a: None)
+
+
+def test_rows_without_a_key_are_refused(finished, tmp_path):
+  run, params, done = finished
+  directory = _copy(done, tmp_path)
+  os.remove(directory / "keys.json")
+  with pytest.raises(output_key.OutputKeyError, match="no record of what made them"):
+    _evaluate(run, params, directory)
+
+
+def test_a_write_killed_at_any_byte_is_followed_by_a_complete_rerun(finished, tmp_path):
+  run, params, done = finished
+  full = (done / "predictions.jsonl").read_bytes()
+  first_end = full.index(b"\n") + 1
+  expected = jsonl.read(done / "predictions.jsonl")
+  for offset in (first_end // 2, first_end, len(full) - 1):
+    directory = tmp_path / f"cut{offset}"
+    shutil.copytree(done, directory)
+    with open(directory / "predictions.jsonl", "r+b") as f:
+      f.truncate(offset)
+    summary = _evaluate(run, params, directory)
+    text = (directory / "predictions.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines()]  # every line parses
+    assert text.endswith("\n") and sorted(r["row"] for r in records) == [0, 1], offset
+    assert sorted(records, key=lambda r: r["row"]) == expected, offset
+    assert summary[0]["examples"] == 2
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+  with pytest.raises(jsonl.JsonlError, match="line 2 is not JSON"):
+    jsonl.read(path)
+
+
+def test_append_drops_a_torn_tail_at_every_offset(tmp_path):
+  path = tmp_path / "m.jsonl"
+  rows = [{"step": i, "loss": i / 3} for i in range(3)]
+  jsonl.append(path, rows)
+  data = path.read_bytes()
+  for offset in range(len(data) + 1):
+    path.write_bytes(data[:offset])
+    kept = jsonl.read(path)
+    assert kept == rows[:data[:offset].count(b"\n")]
+    jsonl.append(path, rows[len(kept):])
+    assert jsonl.read(path) == rows and path.read_bytes() == data
