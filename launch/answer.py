@@ -61,6 +61,10 @@ _STREAM = flags.DEFINE_bool("stream", False,
 _GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
                                        "Rank of the gate's adapters (0: the model has no gate).",
                                        lower_bound=0)
+_MATMUL_PRECISION = flags.DEFINE_enum(
+    "matmul_precision", "default", ["default", "high", "highest"],
+    "Precision of every matmul (ModelConfig.matmul_precision): `highest` for float32 results "
+    "that are compared with a reference (on NVIDIA GPUs `default` runs float32 in TF32).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write answer and trace.")
@@ -107,10 +111,12 @@ def main(argv):
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
                   answer_tokens=_MAX_NEW_TOKENS.value)
   if _CHECKPOINT.value:
-    run, params = runs.from_workdir(_CHECKPOINT.value, **settings)
+    run, params = runs.from_workdir(_CHECKPOINT.value, matmul_precision=_MATMUL_PRECISION.value,
+                                    **settings)
   else:
     run = runs.from_hf_checkpoint(_HF_CHECKPOINT.value,
-                                  model={"gate_lora_rank": _GATE_LORA_RANK.value},
+                                  model={"gate_lora_rank": _GATE_LORA_RANK.value,
+                                         "matmul_precision": _MATMUL_PRECISION.value},
                                   **{k: v for k, v in settings.items() if v})
   tok, config = run.tokenizer, run.model
   mode = _MODE.value or ("gate" if config.has_gate else "all")

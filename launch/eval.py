@@ -62,6 +62,10 @@ _QUESTION_TOKENS = flags.DEFINE_integer("question_tokens", None, "Question budge
 _GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
                                        "HF checkpoints: rank of the gate's adapters (0: none).",
                                        lower_bound=0)
+_MATMUL_PRECISION = flags.DEFINE_enum(
+    "matmul_precision", "default", ["default", "high", "highest"],
+    "Precision of every matmul (ModelConfig.matmul_precision): `highest` for float32 results "
+    "that are compared with a reference (on NVIDIA GPUs `default` runs float32 in TF32).")
 _PROMPTS = flags.DEFINE_enum(
     "prompts", "lychee", ["lychee", "memagent"], "HF checkpoints: the final answer's prompt, "
     "LycheeMemory's or MemAgent's (answers in \\boxed{}, for RL-MemAgent checkpoints).")
@@ -149,11 +153,15 @@ def _load():
       values["question_tokens"] = _QUESTION_TOKENS.value
     if _PROMPTS.value == "memagent":
       values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
-    run = runs.from_hf_checkpoint(hf, model={"gate_lora_rank": _GATE_LORA_RANK.value}, **values)
+    run = runs.from_hf_checkpoint(hf, model={"gate_lora_rank": _GATE_LORA_RANK.value,
+                                             "matmul_precision": _MATMUL_PRECISION.value},
+                                  **values)
     name = os.path.basename(os.path.normpath(hf))
     return run, run.params, os.path.join("eval", name), name
-  run, params = runs.from_workdir(_CHECKPOINT.value, **settings)
+  run, params = runs.from_workdir(_CHECKPOINT.value, matmul_precision=_MATMUL_PRECISION.value,
+                                  **settings)
   if _CONFIG.value is not None:
+    _CONFIG.value.model.matmul_precision = _MATMUL_PRECISION.value
     run = runs.build_run(_CONFIG.value)
   if _QUESTION_TOKENS.value:
     run.config.reasoner.question_tokens = _QUESTION_TOKENS.value

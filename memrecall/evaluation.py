@@ -252,6 +252,7 @@ def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **ex
   return {"params": fingerprint.params_fingerprint(params),
           "model": fingerprint.value_hash(dataclasses.asdict(run.model)),
           "dtype": run.model.dtype, "param_dtype": run.model.param_dtype,
+          "matmul_precision": run.model.matmul_precision,
           "chunk_size": run.compressor.chunk_size, "window": run.compressor.window,
           "ratio": run.compressor.ratio, "memory_size": run.reasoner.memory_size,
           "answer_tokens": run.reasoner.answer_tokens, "question_tokens": run.question_tokens,

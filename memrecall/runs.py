@@ -400,9 +400,11 @@ def from_hf_checkpoint(directory: str, **settings) -> Run:
   return build_run(eval_config(directory, **settings))
 
 
-def from_workdir(workdir: str, **reasoner_overrides) -> tuple[Run, Any]:
+def from_workdir(workdir: str, matmul_precision: str | None = None,
+                 **reasoner_overrides) -> tuple[Run, Any]:
   """(run, params) of a memrecall training run: its latest orbax checkpoint and saved config.
 
+  matmul_precision: `ModelConfig.matmul_precision` to evaluate with (None: the run's own).
   reasoner_overrides: chunk_size / memory_size / answer_tokens to evaluate with other settings
   (None or 0: the run's own).
   """
@@ -413,6 +415,8 @@ def from_workdir(workdir: str, **reasoner_overrides) -> tuple[Run, Any]:
   if config.init.hf_checkpoint and os.path.exists(os.path.join(assets, "config.json")):
     config.init.hf_checkpoint = assets
   config.init.checkpoint = ""
+  if matmul_precision:
+    config.model.matmul_precision = matmul_precision
   if reasoner_overrides.get("chunk_size"):
     config.compressor.chunk_size = reasoner_overrides["chunk_size"]
   for key in ("memory_size", "answer_tokens"):

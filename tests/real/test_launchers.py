@@ -38,7 +38,7 @@ def test_eval_of_the_reference_checkpoint_reproduces_its_answer_ids(tmp_path):
   """The issue's exact command: LycheeMemory's public code gave these ids on these rows."""
   hf, rows = os.path.join(LYCHEE_TEXT, "hf"), os.path.join(LYCHEE_TEXT, "rows.json")
   command = [f"--hf_checkpoint={hf}", f"--data=rows:{rows}", "--modes=all", "--chunk_size=1024",
-             "--memory_size=16", "--answer_tokens=12"]
+             "--memory_size=16", "--answer_tokens=12", "--matmul_precision=highest"]
   launch("eval.py", *command, cwd=str(tmp_path))
   expected = json.load(open(os.path.join(LYCHEE_TEXT, "expected.json")))
   out = tmp_path / "eval" / "hf"
@@ -53,6 +53,7 @@ def test_eval_of_the_reference_checkpoint_reproduces_its_answer_ids(tmp_path):
   results = json.load(open(out / "results.json"))
   assert [(r["data"], r["mode"], r["examples"]) for r in results] == [("rows.json", "all", 2)]
   assert (out / "results.csv").exists()
+  assert '"matmul_precision": "highest"' in (out / "keys.json").read_text()  # in the rows' key
   # Rerunning skips the finished rows.
   launch("eval.py", *command, cwd=str(tmp_path))
   assert predictions(out / "predictions.jsonl") == got
