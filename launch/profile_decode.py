@@ -31,13 +31,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _MODEL = flags.DEFINE_string("model", "qwen2.5-7b", "A shape from configs/models.py.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Rows decoded at once.")
 _CACHE = flags.DEFINE_integer("cache_tokens", 4096, "Filled cache slots before decoding "
-                              "(a memory update's compressed chunk and prompt: about 1024 + 1.5K).")
-_STEPS = flags.DEFINE_integer("steps", 64, "Decode steps timed per loop.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed loops per setting (fastest kept).")
+                              "(a memory update's compressed chunk and prompt: about 1024 + 1.5K).",
+                              lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 64, "Decode steps timed per loop.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed loops per setting (fastest kept).",
+                                lower_bound=1)
 _VARIANTS = flags.DEFINE_list("variants", [], "Also time: scanned, xla_attention.")
 _TRACE = flags.DEFINE_bool("trace", False, "Profile one loop per batch and sum kernel time by name.")
 _TOP = flags.DEFINE_integer("top", 12, "Kernel names listed per profile.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here.")
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 
 def _filled_cache(model_lib, config, batch, filled, room, rng):
@@ -81,8 +84,24 @@ def _kernel_profile(run, top: int) -> dict:
           "device_names": sorted(names[p] for p in device_pids)}
 
 
+def _batches() -> list[int]:
+  try:
+    batches = [int(b) for b in _BATCHES.value]
+  except ValueError:
+    batches = []
+  if not batches or min(batches) < 1:
+    raise app.UsageError(f"--batches: {','.join(_BATCHES.value)} is not a list of positive "
+                         "integers")
+  return batches
+
+
 def main(argv):
   del argv
+  batches = _batches()
+  unknown = sorted(set(_VARIANTS.value) - {"scanned", "xla_attention"})
+  if unknown:
+    raise app.UsageError(f"--variants: unknown {unknown}; choose from scanned, xla_attention")
+  cli.writable("output_json", _OUTPUT_JSON.value)
   import jax
   import jax.numpy as jnp
   from configs import models
@@ -113,7 +132,7 @@ def main(argv):
   greedy = sampling.SamplingConfig(eos_ids=(), pad_id=0)  # no EOS: every step runs
   steps, filled = _STEPS.value, _CACHE.value
   rows = []
-  for batch in (int(b) for b in _BATCHES.value):
+  for batch in batches:
     for name, (params, config) in layouts.items():
       cache = _filled_cache(model_lib, config, batch, filled, steps, jax.random.key(1))
       logits = jax.random.normal(jax.random.key(2), (batch, config.vocab_size), jnp.float32)
@@ -166,4 +185,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

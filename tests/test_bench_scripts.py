@@ -54,6 +54,26 @@ def test_bench_runs_on_the_tiny_model_and_writes_rows(tmp_path):
   assert "of the floor" in proc.stdout and "of the matmul ceiling" in proc.stdout
 
 
+def test_profile_decode_times_each_batch_against_its_floor(tmp_path):
+  out = tmp_path / "profile.json"
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "profile_decode.py"),
+                         "--model=tiny", "--batches=1,3", "--steps=4", "--cache_tokens=16",
+                         "--repeats=1", "--variants=scanned", f"--output_json={out}"],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  rows = json.load(open(out))["rows"]
+  assert [(r["variant"], r["batch"]) for r in rows] == [
+      ("per_layer", 1), ("scanned", 1), ("per_layer", 3), ("scanned", 3)]
+  for r in rows:
+    # The floor is the step's bytes (weights less the embedding table, plus the filled cache)
+    # at the measured read bandwidth, so a bigger batch has a bigger floor.
+    assert r["ms_per_step"] > 0 and r["floor_fraction"] == pytest.approx(
+        r["floor_ms"] / r["ms_per_step"])
+  assert rows[2]["floor_ms"] > rows[0]["floor_ms"]
+  assert "of the floor" in proc.stdout
+
+
 def test_best_time_runs_a_jitted_program_only_the_timed_times():
   """A jitted program is compiled ahead of time, not run untimed first (at 7B shapes that run
   is minutes); static arguments may be passed positionally; anything else is warmed up once."""
