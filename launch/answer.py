@@ -58,17 +58,12 @@ _GATE_GROUP = flags.DEFINE_integer(
     "decisions in fewer sequential steps).", lower_bound=1)
 _STREAM = flags.DEFINE_bool("stream", False,
                             "Compress inside the loop group by group (flat device memory).")
-_GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
-                                       "Rank of the gate's adapters (0: the model has no gate).",
-                                       lower_bound=0)
-_MATMUL_PRECISION = flags.DEFINE_enum(
-    "matmul_precision", "default", ["default", "high", "highest"],
-    "Precision of every matmul (ModelConfig.matmul_precision): `highest` for float32 results "
-    "that are compared with a reference (on NVIDIA GPUs `default` runs float32 in TF32).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write answer and trace.")
-from launch import cli  # noqa: E402  (--verbose and one-line errors)
+# --verbose and one-line errors; --gate_lora_rank, --matmul_precision
+from launch import cli, model_flags  # noqa: E402
+flags.adopt_module_key_flags(model_flags)  # listed by --helpshort
 
 
 def main(argv):
@@ -111,12 +106,11 @@ def main(argv):
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
                   answer_tokens=_MAX_NEW_TOKENS.value)
   if _CHECKPOINT.value:
-    run, params = runs.from_workdir(_CHECKPOINT.value, matmul_precision=_MATMUL_PRECISION.value,
-                                    **settings)
+    run, params = runs.from_workdir(
+        _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, **settings)
   else:
     run = runs.from_hf_checkpoint(_HF_CHECKPOINT.value,
-                                  model={"gate_lora_rank": _GATE_LORA_RANK.value,
-                                         "matmul_precision": _MATMUL_PRECISION.value},
+                                  model=model_flags.hf_model_settings(),
                                   **{k: v for k, v in settings.items() if v})
   tok, config = run.tokenizer, run.model
   mode = _MODE.value or ("gate" if config.has_gate else "all")

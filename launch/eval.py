@@ -59,13 +59,6 @@ _ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", None, "Max tokens of the 
                                       lower_bound=1)
 _QUESTION_TOKENS = flags.DEFINE_integer("question_tokens", None, "Question budget in tokens.",
                                         lower_bound=1)
-_GATE_LORA_RANK = flags.DEFINE_integer("gate_lora_rank", 0,
-                                       "HF checkpoints: rank of the gate's adapters (0: none).",
-                                       lower_bound=0)
-_MATMUL_PRECISION = flags.DEFINE_enum(
-    "matmul_precision", "default", ["default", "high", "highest"],
-    "Precision of every matmul (ModelConfig.matmul_precision): `highest` for float32 results "
-    "that are compared with a reference (on NVIDIA GPUs `default` runs float32 in TF32).")
 _PROMPTS = flags.DEFINE_enum(
     "prompts", "lychee", ["lychee", "memagent"], "HF checkpoints: the final answer's prompt, "
     "LycheeMemory's or MemAgent's (answers in \\boxed{}, for RL-MemAgent checkpoints).")
@@ -94,7 +87,9 @@ _FULL_BUDGET = flags.DEFINE_integer("full_budget", 512, "Token budget of the ful
 _RAG_TOPK = flags.DEFINE_integer("rag_topk", 4, "Chunks retrieved by BM25 in rag mode.",
                                  lower_bound=1)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval, or eval/NAME.")
-from launch import cli, distributed_flags  # noqa: E402  (--verbose; --distributed and the coordinator flags)
+# --verbose; --distributed and the coordinator flags; --gate_lora_rank, --matmul_precision
+from launch import cli, distributed_flags, model_flags  # noqa: E402
+flags.adopt_module_key_flags(model_flags)  # listed by --helpshort
 
 
 def _check_flags():
@@ -153,15 +148,13 @@ def _load():
       values["question_tokens"] = _QUESTION_TOKENS.value
     if _PROMPTS.value == "memagent":
       values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
-    run = runs.from_hf_checkpoint(hf, model={"gate_lora_rank": _GATE_LORA_RANK.value,
-                                             "matmul_precision": _MATMUL_PRECISION.value},
-                                  **values)
+    run = runs.from_hf_checkpoint(hf, model=model_flags.hf_model_settings(), **values)
     name = os.path.basename(os.path.normpath(hf))
     return run, run.params, os.path.join("eval", name), name
-  run, params = runs.from_workdir(_CHECKPOINT.value, matmul_precision=_MATMUL_PRECISION.value,
-                                  **settings)
+  run, params = runs.from_workdir(
+      _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, **settings)
   if _CONFIG.value is not None:
-    _CONFIG.value.model.matmul_precision = _MATMUL_PRECISION.value
+    _CONFIG.value.model.matmul_precision = model_flags.MATMUL_PRECISION.value
     run = runs.build_run(_CONFIG.value)
   if _QUESTION_TOKENS.value:
     run.config.reasoner.question_tokens = _QUESTION_TOKENS.value
