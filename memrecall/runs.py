@@ -305,8 +305,11 @@ def _task(config: ml_collections.ConfigDict) -> synthetic.TaskConfig | None:
   return task
 
 
-def build_run(config: ml_collections.ConfigDict) -> Run:
-  """Reads a run config (see the module doc); every error names the key at fault."""
+def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Run:
+  """Reads a run config (see the module doc); every error names the key at fault.
+
+  devices: the mesh's devices (default: all of this process's job's); launch/compile.py
+  passes deviceless TPU devices to compile a recipe for a slice it does not have."""
   config = with_defaults(config)
   if config.stage not in STAGES:
     raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
@@ -346,7 +349,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   if isinstance(tokenizer, HFTokenizer) and model.vocab_size < tokenizer.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
                       f"only {model.vocab_size}")
-  mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+  mesh = sharding_lib.make_mesh(config.mesh.to_dict(), devices)
   return Run(config, model, compressor, reasoner, prompts, tokenizer, mesh, task)
 
 

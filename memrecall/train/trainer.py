@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from memrecall import baselines, distributed
+from memrecall import model as model_lib
 from memrecall import sharding as sharding_lib
 from memrecall.config import ConfigError
 from memrecall.recall import recall_documents
@@ -99,12 +100,24 @@ def check_workdir(workdir: str) -> None:
     raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
+def _row_sharding(shape, mesh):
+  """A global batch array's sharding: rows over the batch axes, the rest replicated."""
+  return sharding_lib.logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+
+
 def _batch_shardings(local_batch, mesh):
   """Shardings of the global batch whose rows this process holds a 1/process_count share of."""
-  def one(x):
-    shape = (np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:]
-    return sharding_lib.logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
-  return jax.tree.map(one, local_batch)
+  return jax.tree.map(
+      lambda x: _row_sharding((np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:], mesh),
+      local_batch)
+
+
+def abstract_batch(shapes, mesh):
+  """A global batch's ShapeDtypeStructs (`_Stage.batch_shapes`) with the shardings `to_global`
+  gives the real one: what a step is compiled for without data (launch/compile.py)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_row_sharding(x.shape, mesh)),
+      shapes)
 
 
 def to_global(local_batch, mesh):
@@ -173,14 +186,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
   run = build_run(config)
-  microbatches = config.train.get("microbatches", 1)
-  if microbatches < 1 or config.train.batch_size % microbatches:
-    raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be a multiple of "
-                      f"train.microbatches ({microbatches})")
+  microbatches = _microbatches(config)
   if distributed.is_primary():
     run.save_assets(workdir)
   stage = _STAGES[config.stage](run)
-  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
+  optimizer = make_optimizer(config)
   checkpointer = Checkpointer(workdir, save_every=config.train.checkpoint_every,
                               keep=config.train.keep, async_save=config.train.async_checkpoint)
   config_json = json.loads(config.to_json_best_effort())
@@ -202,8 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
       if distributed.is_primary():
         log(f"resumed from {checkpointer.directory}/{latest}")
     stage.start(state.params)
-    step_fn = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches),
-                      donate_argnums=0)
+    step_fn = jit_train_step(stage, optimizer, paths, microbatches)
     writer = MetricsWriter(os.path.join(workdir, "logs", config.stage), resumed_at=int(state.step))
     console = _Console(config.train.steps, int(state.step))
     last: dict = {}
@@ -244,6 +253,63 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   return last
 
 
+def _microbatches(config: ml_collections.ConfigDict) -> int:
+  microbatches = config.train.get("microbatches", 1)
+  if microbatches < 1 or config.train.batch_size % microbatches:
+    raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be a multiple of "
+                      f"train.microbatches ({microbatches})")
+  return microbatches
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+  return state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
+
+
+def jit_train_step(stage: "_Stage", optimizer, paths, microbatches: int):
+  """The stage's jitted step (state donated): what `train` runs and launch/compile.py compiles."""
+  return jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches),
+                 donate_argnums=0)
+
+
+def abstract_train_state(run: Run, optimizer):
+  """The TrainState `train` creates, as sharded ShapeDtypeStructs: nothing allocated."""
+  config = run.config
+  params = jax.tree.map(lambda x: x.value, model_lib.abstract_params(run.model),
+                        is_leaf=lambda x: hasattr(x, "names"))
+  create = lambda p: state_lib.create_train_state(p, config.train.trainable, optimizer,
+                                                  config.seed)
+  shape = jax.eval_shape(create, params)
+  shardings = state_lib.state_shardings(run.model, shape, run.mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shape, shardings)
+
+
+@dataclasses.dataclass
+class Program:
+  """One jitted program of a stage and the abstract arguments it runs on (launch/compile.py)."""
+  name: str
+  jitted: Any
+  args: tuple
+  kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def stage_programs(run: Run) -> list[Program]:
+  """Every jitted program `train` runs for `run`'s stage, with abstract arguments at the
+  recipe's shapes on `run.mesh`: the train step (with its microbatches) and, for RL, the
+  rollout and the reference log-prob pass.  The same code as `train`, nothing allocated."""
+  config = run.config
+  stage = _STAGES[config.stage](run)
+  optimizer = make_optimizer(config)
+  state = abstract_train_state(run, optimizer)
+  paths = state_lib.trainable_paths(state.params, config.train.trainable)
+  batch = abstract_batch(stage.batch_shapes(stage.batch_size), run.mesh)
+  step = jit_train_step(stage, optimizer, paths, _microbatches(config))
+  programs = [Program("train_step", step, (state, batch))]
+  if isinstance(stage, RLStage):
+    programs += stage.programs(state.params, batch.turns)
+  return programs
+
+
 # --- stages -------------------------------------------------------------------
 
 
@@ -259,6 +325,11 @@ class _Stage(abc.ABC):
   def batch(self, step: int, state, rows: slice) -> tuple[Any, dict]:
     """This process's `rows` of the global batch of `step` (deterministic in step), and extra
     metrics; each process builds only its own rows."""
+
+  @abc.abstractmethod
+  def batch_shapes(self, rows: int):
+    """ShapeDtypeStructs of a global batch of `rows` rows (what `batch` builds for them), so a
+    step can be compiled without data; tests/train/test_batch_shapes.py holds them to `batch`."""
 
   def examples(self, step: int, rows: slice, per_step: int | None = None):
     per_step = per_step or self.batch_size
@@ -287,6 +358,17 @@ class CompressorStage(_Stage):
     return batches.recall_pretraining_chunks(ids.reshape(-1, half), mask.reshape(-1, half),
                                              r.compressor.ratio, rng), {}
 
+  def batch_shapes(self, rows):
+    r = self.run
+    c = r.compressor.chunk_size
+    if not r.config.get("pretrain", {}).get("recall", False):
+      return (_shape((rows * r.num_chunks, c), np.int32), _shape((rows * r.num_chunks, c), bool))
+    half = c // 2
+    tokens = r.task.length if r.task is not None else r.num_chunks * c
+    lines = rows * -(-tokens // half)
+    return (_shape((lines, 2 * half), np.int32), _shape((lines, 2 * half), bool),
+            _shape((lines, 2 * half), bool))
+
   def loss(self, params, batch, rng):
     return objectives.compressor_loss(params, self.run.setup, *batch)
 
@@ -302,9 +384,29 @@ def oracle_turns(run: Run, examples, oracle: bool = True) -> objectives.TurnBatc
       pad_id=run.model.pad_token_id, oracle=oracle)
 
 
+def _shape(shape, dtype) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+
+
+def turn_shapes(run: Run, rows: int) -> objectives.TurnBatch:
+  """The shapes `oracle_turns` gives `rows` examples (its arrays, labels included)."""
+  n, c, mc = run.num_chunks, run.compressor.chunk_size, run.memory_capacity
+  m, a, q = run.reasoner.memory_size, run.reasoner.answer_tokens, run.question_tokens
+  ids = lambda *shape: _shape((rows,) + shape, np.int32)
+  mask = lambda *shape: _shape((rows,) + shape, bool)
+  return objectives.TurnBatch(
+      chunk_ids=ids(n, c), chunk_mask=mask(n, c), question=ids(q), question_mask=mask(q),
+      memory_ids=ids(n, mc), memory_mask=mask(n, mc), targets=ids(n, m), target_mask=mask(n, m),
+      final_memory_ids=ids(mc), final_memory_mask=mask(mc), answer=ids(a), answer_mask=mask(a),
+      labels=mask(n))
+
+
 class SFTStage(_Stage):
   def batch(self, step, state, rows):
     return oracle_turns(self.run, self.examples(step, rows)), {}
+
+  def batch_shapes(self, rows):
+    return turn_shapes(self.run, rows)
 
   def loss(self, params, batch, rng):
     return objectives.sft_loss(params, self.run.setup, batch, self.run.config.sft.gate_weight)
@@ -319,6 +421,13 @@ class GateStage(_Stage):
         question_tokens=r.question_tokens, memory_capacity=r.memory_capacity,
         initial_memory=r.prompts.initial_memory, pad_id=r.model.pad_token_id), {}
 
+  def batch_shapes(self, rows):
+    t = turn_shapes(self.run, rows)
+    return objectives.GateBatch(
+        chunk_ids=t.chunk_ids, chunk_mask=t.chunk_mask, question=t.question,
+        question_mask=t.question_mask, memory_ids=t.memory_ids, memory_mask=t.memory_mask,
+        labels=t.labels, valid=t.labels)
+
   def loss(self, params, batch, rng):
     g = self.run.config.gate
     return objectives.gate_loss(params, self.run.setup, batch, g.threshold, g.positive_weight)
@@ -326,6 +435,19 @@ class GateStage(_Stage):
 
 class RLStage(_Stage):
   """Rollouts with the recall loop (G per question), rewards, advantages, one clipped update."""
+
+  def __init__(self, run: Run):
+    super().__init__(run)
+    rl = run.config.rl
+    self.group = rl.group_size
+    self.questions = self.batch_size // self.group
+    if self.batch_size % self.group:
+      raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
+                        f"rl.group_size ({self.group})")
+    self.recall_setup = run.recall_setup(rl.mode, temperature=rl.temperature)
+    self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
+                                  kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
+    self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, run.setup, turns))
 
   def start(self, params):
     r = self.run
@@ -335,16 +457,38 @@ class RLStage(_Stage):
     self.paths = state_lib.trainable_paths(params, r.config.train.trainable)
     trainable, _ = state_lib.split(params, self.paths)
     self.reference_trainable = jax.tree.map(jnp.copy, trainable)
-    rl = r.config.rl
-    self.group = rl.group_size
-    self.questions = self.batch_size // self.group
-    if self.batch_size % self.group:
-      raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
-                        f"rl.group_size ({self.group})")
-    self.recall_setup = r.recall_setup(rl.mode, temperature=rl.temperature)
-    self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
-                                  kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
-    self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, r.setup, turns))
+
+  def _rollout(self):
+    """(jitted rollout, its static arguments before the arrays): MemAgent's loop over raw
+    chunks, or compression and the recall loop."""
+    if self.run.agent == "memagent":
+      return baselines.memagent, (self.recall_setup,)
+    return recall_documents, (self.recall_setup, self.run.compressor)
+
+  def rollout(self, params, turns, rng):
+    """G rollouts per question: [B, N, C] chunks and [B, Q] questions of `turns`."""
+    fn, static = self._rollout()
+    return fn(params, *static, turns.chunk_ids, turns.chunk_mask, turns.question,
+              turns.question_mask, rng)
+
+  def programs(self, params, turns) -> list["Program"]:
+    """The rollout and the reference log-prob pass on abstract `params` and `turns` (the train
+    step's batch): the programs `batch` runs besides the step."""
+    fn, static = self._rollout()
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    replicated = jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
+    rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
+    return [Program("rollout", fn, (params, *static, turns.chunk_ids, turns.chunk_mask,
+                                    turns.question, turns.question_mask, rng)),
+            Program("reference_logprobs", self._score, (params, turns))]
+
+  def batch_shapes(self, rows):
+    r = self.run
+    n, m, a = r.num_chunks, r.reasoner.memory_size, r.reasoner.answer_tokens
+    logprobs = lambda *shape: _shape((rows,) + shape, np.float32)
+    return objectives.RLBatch(
+        turns=turn_shapes(r, rows), old_logprobs=logprobs(n, m), old_answer_logprobs=logprobs(a),
+        ref_logprobs=logprobs(n, m), ref_answer_logprobs=logprobs(a), advantages=logprobs())
 
   def batch(self, step, state, rows):
     r = self.run
@@ -358,13 +502,7 @@ class RLStage(_Stage):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
     local = distributed.local_rows(self.batch_size)
     shared = to_global(turns, r.mesh)
-    if r.agent == "memagent":
-      rollout = baselines.memagent(state.params, self.recall_setup, shared.chunk_ids,
-                                   shared.chunk_mask, shared.question, shared.question_mask, rng)
-    else:
-      rollout = recall_documents(state.params, self.recall_setup, r.compressor, shared.chunk_ids,
-                                 shared.chunk_mask, shared.question, shared.question_mask, rng)
-    out = distributed.to_host(rollout)
+    out = distributed.to_host(self.rollout(state.params, shared, rng))
     out = jax.tree.map(lambda x: x[local], out)
     trace, answer = out.trace, out.answer
     m = r.reasoner.memory_size

@@ -1,0 +1,129 @@
+r"""Compiles a recipe for its TPU slice on any machine, and prints what each chip must hold.
+
+  python launch/compile.py --config=configs/lychee.py:rl,7b,v5p-64
+  python launch/compile.py --config=configs/lychee.py:sft,1.5b,auto --topology=v5e:4x4
+  python launch/compile.py --config=configs/tiny.py:sft --topology=v5e:2x2 --output_json=plan.json
+
+Every jitted program the stage runs (the train step with its microbatches; for RL the
+rollout and the reference log-prob pass; evaluation's recall loop) is lowered with
+abstract inputs at the recipe's shapes (nothing is allocated) and compiled by the TPU
+compiler for deviceless TPU devices (`libtpu` installed, no TPU needed).  One row per
+program: per-chip arguments, temporaries, outputs and total from the compiler's memory
+plan, the share of the chip's HBM, and the compile time; a program over 90% of HBM says
+by how much it does not fit and what would make it fit.
+
+--topology defaults to the recipe's mesh when it names a TPU slice (`v5p-64` -> v5p:2x4x4,
+32 chips); the mesh must use every chip of the slice (a mesh axis of -1 fills it).
+A 7B recipe takes minutes of CPU per program.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Compiling needs no backend but the CPU; never let jax probe for a TPU runtime.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py recipe and its "
+                                          "argument, e.g. configs/lychee.py:rl,7b,v5p-64.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice (v5p-64, v5e-4) or topology "
+                                "(v5p:2x4x4, v5e:2x2); default: the recipe's mesh name.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 16, "Questions per evaluation batch (eval.py's "
+                                   "default).", lower_bound=1)
+_EVAL_TOKENS = flags.DEFINE_integer("eval_tokens", None, "Document tokens per evaluation question "
+                                    "(default: the recipe's training documents, "
+                                    "max_chunks x chunk_size).", lower_bound=1)
+_EVAL_MODES = flags.DEFINE_list("eval_modes", ["gate"], "Recall modes of the evaluation loop to "
+                                "compile (gate, all, topk); empty: none.")
+_ONLY = flags.DEFINE_list("programs", [], "Compile only these programs (train_step, rollout, "
+                          "reference_logprobs, eval_recall_MODE); default: all.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here as JSON too.")
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.mark_flags_as_required(["config"])
+
+
+def _recipe_slice_name() -> str:
+  """The MESH part of `--config=FILE:STAGE,SIZE,MESH` (empty when absent)."""
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  arg = spec.partition(":")[2]
+  parts = arg.split(",")
+  return parts[2] if len(parts) > 2 else ""
+
+
+def _slice():
+  from memrecall import tpu_topology
+  if _TOPOLOGY.value:
+    return tpu_topology.parse_slice(_TOPOLOGY.value)
+  name = _recipe_slice_name()
+  try:
+    return tpu_topology.parse_slice(name)
+  except tpu_topology.TopologyError:
+    raise app.UsageError(f"--topology: the recipe's mesh {name or '(default)'!r} names no TPU "
+                         "slice; give one, e.g. --topology=v5p-8 or --topology=v5e:2x2") from None
+
+
+def _fit_mesh(config, devices: int) -> None:
+  """The recipe's mesh must cover the slice exactly: a mesh for another slice is a bad input."""
+  import math
+  shape = {k: int(v) for k, v in config.mesh.to_dict().items() if k != "dcn"}
+  known = math.prod(v for v in shape.values() if v != -1)
+  if -1 in shape.values():
+    if devices % known:
+      raise app.UsageError(f"mesh {shape} cannot fill the slice's {devices} devices")
+  elif known != devices:
+    raise app.UsageError(f"mesh {shape} has {known} devices, the slice {devices}: pick the "
+                         "recipe's mesh for this slice, or --config.mesh.fsdp=-1 to fill it")
+
+
+def main(argv):
+  del argv
+  import jax
+  from memrecall import aot, tpu_topology
+  from memrecall.config import ConfigError
+  from memrecall.runs import build_run
+
+  cli.writable("output_json", _OUTPUT_JSON.value)
+  tpu = _slice()
+  devices = tpu_topology.deviceless_devices(tpu)
+  config = _CONFIG.value
+  _fit_mesh(config, len(devices))
+  try:
+    run = build_run(config, devices)
+    modes = [m for m in _EVAL_MODES.value if m]
+    tokens = _EVAL_TOKENS.value or run.num_chunks * run.compressor.chunk_size
+    programs = aot.recipe_programs(run, eval_batch=_EVAL_BATCH.value, eval_tokens=tokens,
+                                   eval_modes=modes)
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  names = [p.name for p in programs]
+  unknown = sorted(set(_ONLY.value) - set(names))
+  if unknown:
+    raise app.UsageError(f"--programs: {unknown} are not programs of this stage; it has {names}")
+  if _ONLY.value:
+    programs = [p for p in programs if p.name in _ONLY.value]
+  hbm = tpu_topology.hbm_bytes_per_device(tpu, len(devices))
+  from memrecall.tpu_topology import libtpu_version
+  print(f"{tpu.topology} ({tpu.accelerator_type}, {tpu.chips} chips, {len(devices)} devices, "
+        f"{hbm / tpu_topology.GiB:.0f} GiB HBM each), mesh {dict(run.mesh.shape)}, stage "
+        f"{config.stage}, jax {jax.__version__}, libtpu {libtpu_version()}", flush=True)
+  print(aot.HEADER, flush=True)
+  rows = aot.compile_rows(programs, run.mesh, hbm, log=lambda line: print(line, flush=True))
+  if _OUTPUT_JSON.value:
+    report = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
+              "stage": config.stage, "topology": tpu.topology,
+              "accelerator_type": tpu.accelerator_type, "chips": tpu.chips,
+              "devices": len(devices), "mesh": dict(run.mesh.shape),
+              "hbm_gib_per_device": hbm / tpu_topology.GiB, "jax": jax.__version__,
+              "libtpu": libtpu_version(), "rows": [r.to_json() for r in rows]}
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump(report, f, indent=1)
+  if not all(r.fits for r in rows):
+    print(f"{sum(not r.fits for r in rows)} of {len(rows)} programs do not fit", flush=True)
+
+
+if __name__ == "__main__":
+  cli.run(main)

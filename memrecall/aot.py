@@ -1,0 +1,146 @@
+"""Ahead-of-time compilation of a recipe's programs, and the compiler's memory plan per device.
+
+`recipe_programs` gathers every jitted program a stage runs, each with abstract
+arguments (ShapeDtypeStructs carrying NamedShardings) at the recipe's shapes: the
+trainer's own (`trainer.stage_programs`: train step, RL rollout and reference pass)
+and evaluation's recall loop.  `compile_rows` lowers and compiles each for the
+run's mesh, whose devices may be deviceless TPUs (memrecall.tpu_topology), and
+reads `memory_analysis()`: what one device holds.  Nothing is allocated, so a
+7B recipe for a 32-chip slice compiles on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from memrecall import sharding as sharding_lib
+from memrecall.model import abstract_params
+from memrecall.recall import inference_layout, recall_documents
+from memrecall.runs import Run
+from memrecall.tpu_topology import GiB
+from memrecall.train import trainer
+from memrecall.train.trainer import Program
+
+FIT_FRACTION = 0.9  # above this share of HBM a program is reported as not fitting
+
+
+def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate"
+                  ) -> list[Program]:
+  """Evaluation's recall loop (`evaluation.evaluate`: the parameters in the inference layout,
+  each question's document compressed into a device bank, then read) for `batch` questions of
+  `tokens` tokens, rows spread over the mesh's batch axes."""
+  setup = run.recall_setup(mode)
+  split = {}
+
+  def layout_of(p):
+    out, split["setup"] = inference_layout(p, setup)  # the setup closed over: nothing traced
+    return out
+
+  layout = jax.eval_shape(layout_of, params)
+  setup = split["setup"]
+  shardings = sharding_lib.param_shardings(abstract_params(setup.model), run.mesh)
+  layout = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        layout, shardings)
+  c = run.compressor.chunk_size
+  n = -(-tokens // c)
+  q = run.question_tokens
+  rows = trainer.abstract_batch(
+      (jax.ShapeDtypeStruct((batch, n, c), np.int32), jax.ShapeDtypeStruct((batch, n, c), bool),
+       jax.ShapeDtypeStruct((batch, q), np.int32), jax.ShapeDtypeStruct((batch, q), bool)),
+      run.mesh)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(
+      run.mesh, jax.sharding.PartitionSpec()))
+  return [Program(f"eval_recall_{mode}", recall_documents,
+                  (layout, setup, run.compressor, *rows, key))]
+
+
+def recipe_programs(run: Run, *, eval_batch: int, eval_tokens: int,
+                    eval_modes: Sequence[str] = ("gate",)) -> list[Program]:
+  """The stage's training programs, then evaluation's recall loop for each mode (the memagent
+  agent has no compressor to build a bank with: its rollout is its loop)."""
+  programs = trainer.stage_programs(run)
+  if run.agent == "lychee" and run.model.compressor:
+    params = programs[0].args[0].params
+    for mode in eval_modes:
+      programs += eval_programs(run, params, batch=eval_batch, tokens=eval_tokens, mode=mode)
+  return programs
+
+
+@dataclasses.dataclass
+class Row:
+  """One compiled program's per-device memory (GiB) and compile time."""
+  program: str
+  argument_gib: float
+  temp_gib: float
+  output_gib: float
+  alias_gib: float
+  total_gib: float
+  hbm_gib: float
+  compile_s: float
+  advice: str = ""
+
+  @property
+  def share(self) -> float:
+    return self.total_gib / self.hbm_gib if self.hbm_gib else float("nan")
+
+  @property
+  def fits(self) -> bool:
+    return self.share <= FIT_FRACTION
+
+  def to_json(self) -> dict:
+    return {**dataclasses.asdict(self), "share_of_hbm": self.share, "fits": self.fits}
+
+
+def _advice(program: str, total: float, hbm: float, temp: float, argument: float) -> str:
+  over = total - FIT_FRACTION * hbm
+  if over <= 0:
+    return ""
+  if temp >= argument:
+    fix = ("more microbatches (train.microbatches), a stronger remat policy (model.remat) or "
+           "more fsdp/tensor devices") if program == "train_step" else (
+               "fewer rows per batch or a smaller memory / answer budget")
+  else:
+    fix = "more fsdp or tensor devices (parameters and optimizer state shard over them)"
+  return f"does not fit by {over:.2f} GiB (over {FIT_FRACTION:.0%} of {hbm:.0f} GiB): {fix}"
+
+
+def compile_program(program: Program, mesh, hbm_bytes: float) -> Row:
+  """Lowers and compiles one program for `mesh` and reads the compiler's memory plan."""
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  gib = lambda name: float(getattr(memory, name, 0) or 0) / GiB
+  argument, temp = gib("argument_size_in_bytes"), gib("temp_size_in_bytes")
+  output, alias = gib("output_size_in_bytes"), gib("alias_size_in_bytes")
+  # Donated arguments alias outputs: those bytes are counted once.
+  total = argument + temp + output - alias
+  hbm = hbm_bytes / GiB
+  return Row(program.name, argument, temp, output, alias, total, hbm, seconds,
+             _advice(program.name, total, hbm, temp, argument))
+
+
+def compile_rows(programs: Sequence[Program], mesh, hbm_bytes: float, log=None) -> list[Row]:
+  rows = []
+  for program in programs:
+    rows.append(compile_program(program, mesh, hbm_bytes))
+    if log is not None:
+      log(format_row(rows[-1]))
+  return rows
+
+
+HEADER = (f"{'program':<24} {'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'total GiB':>10} "
+          f"{'of HBM':>7} {'compile s':>9}")
+
+
+def format_row(row: Row) -> str:
+  line = (f"{row.program:<24} {row.argument_gib:>9.3f} {row.temp_gib:>9.3f} "
+          f"{row.output_gib:>8.3f} {row.total_gib:>10.3f} {row.share:>7.1%} {row.compile_s:>9.1f}")
+  return line + (f"  {row.advice}" if row.advice else "")
