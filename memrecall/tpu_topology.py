@@ -108,6 +108,9 @@ def quiet_libtpu(accelerator_type: str) -> None:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # libtpu takes /tmp/libtpu_lockfile for a real TPU; deviceless compiles share no chip, so
+  # two of them (parallel tests, a background 7B compile) may run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
   os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
 

@@ -1,0 +1,105 @@
+"""launch/compile.py: the tiny recipe compiled by the TPU compiler for deviceless v5e chips.
+
+A change that stops the train step or evaluation's recall loop from compiling for a
+TPU fails here, on a machine without one.  Needs `libtpu` (the `test` extra).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from memrecall import tpu_topology
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+needs_libtpu = pytest.mark.skipif(tpu_topology.libtpu_version() is None,
+                                  reason="libtpu is not installed (pip install libtpu, or the "
+                                  "`test` extra): no deviceless TPU compiler")
+
+
+def _compile(*args, timeout=300):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "compile.py"), *args],
+                        capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+@pytest.mark.parametrize("name,topology,chips", [
+    ("v5p-64", "v5p:2x4x4", 32), ("v5p-8", "v5p:2x2x1", 4), ("v5p-128", "v5p:4x4x4", 64),
+    ("v4-32", "v4:2x2x4", 16), ("v5e-16", "v5e:4x4", 16), ("v5litepod-8", "v5e:2x4", 8),
+    ("v6e-4", "v6e:2x2", 4), ("v5p:2x2x2", "v5p:2x2x2", 8), ("v5e:2x2", "v5e:2x2", 4)])
+def test_slice_names_give_cloud_tpu_topologies(name, topology, chips):
+  tpu = tpu_topology.parse_slice(name)
+  assert (tpu.topology, tpu.chips) == (topology, chips)
+  assert tpu_topology.parse_slice(tpu.accelerator_type) == tpu
+
+
+@pytest.mark.parametrize("name", ["v9x-8", "v5p", "v5p-12", "v5e:2x2x2", "v5p-3", "tpu"])
+def test_bad_slice_names_are_refused(name):
+  with pytest.raises(tpu_topology.TopologyError):
+    tpu_topology.parse_slice(name)
+
+
+@needs_libtpu
+def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = _compile("--config=configs/tiny.py:sft", "--topology=v5e:2x2", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.load(open(out))
+  assert (report["topology"], report["devices"], report["mesh"]["fsdp"]) == ("v5e:2x2", 4, 4)
+  assert report["libtpu"] == tpu_topology.libtpu_version()
+  rows = {r["program"]: r for r in report["rows"]}
+  assert list(rows) == ["train_step", "eval_recall_gate"]
+  for row in rows.values():
+    assert min(row["argument_gib"], row["temp_gib"], row["output_gib"], row["compile_s"]) > 0
+    assert row["total_gib"] == pytest.approx(row["argument_gib"] + row["temp_gib"]
+                                             + row["output_gib"] - row["alias_gib"])
+    assert row["share_of_hbm"] == pytest.approx(row["total_gib"] / 16.0)
+    assert row["fits"] and not row["advice"]
+  step = rows["train_step"]
+  # The state is donated: its outputs alias its arguments (updated in place).
+  assert step["alias_gib"] == pytest.approx(step["output_gib"], rel=0.05)
+  # Parameters (f32) and AdamW's two moments of the backbone, over 4 devices: each device's
+  # arguments hold its share of them, about 3 x (a quarter of the parameters) plus the batch.
+  assert step["argument_gib"] > 2.5 * _param_bytes() / 4 / 2**30
+  assert step["argument_gib"] < 3.5 * _param_bytes() / 2**30
+  # The printed table: a header, then one line per program with the JSON's numbers.
+  lines = proc.stdout.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("program"))
+  for line, row in zip(lines[header + 1:], report["rows"]):
+    name, args, temp, output, total = line.split()[:5]
+    assert name == row["program"]
+    assert float(total) == pytest.approx(row["total_gib"], abs=1e-3)
+  assert "v5e:2x2" in proc.stdout and "libtpu" in proc.stdout
+
+
+def _param_bytes() -> int:
+  from configs import tiny
+  from memrecall.config import ModelConfig
+  from memrecall.model import abstract_params
+  import jax
+  config = ModelConfig.from_dict(tiny.get_config("sft").model.to_dict())
+  leaves = jax.tree.leaves(jax.tree.map(lambda x: x.value, abstract_params(config),
+                                        is_leaf=lambda x: hasattr(x, "names")))
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/tiny.py:sft", "--topology=v9x:2x2"], "unknown TPU generation"),
+    (["--config=configs/tiny.py:sft", "--topology=v5p-64", "--config.mesh.fsdp=8"],
+     "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} has 8 devices, the slice 32"),
+    (["--config=configs/lychee.py:rl,0.5b,gpu8"], "names no TPU slice"),
+    (["--config=configs/lychee.py:rl,0.5b,v5p-64", "--topology=v5e:2x2"], "has 32 devices"),
+    (["--config=configs/nope.py:rl", "--topology=v5e:2x2"], "--config"),
+    (["--config=configs/lychee.py:dance,0.5b,v5p-64"], "unknown stage 'dance'"),
+])
+@needs_libtpu
+def test_bad_input_is_one_line(args, message):
+  proc = _compile(*args, timeout=120)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  err = proc.stderr.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("compile.py: error:"), proc.stderr
+  assert message in err[0]
