@@ -1,0 +1,44 @@
+"""Each stage's `batch_shapes` (what launch/compile.py compiles the step for, with no data)
+against the batch the stage really builds: same tree, shapes and dtypes."""
+
+import jax
+import pytest
+
+from memrecall import runs
+from memrecall.train import state as state_lib
+from memrecall.train import trainer
+from tests.train.conftest import small_config
+
+
+def _assert_same_layout(real, shapes):
+  assert jax.tree.structure(real) == jax.tree.structure(shapes)
+  for path, x, want in zip(jax.tree_util.tree_leaves_with_path(real),
+                           jax.tree.leaves(real), jax.tree.leaves(shapes)):
+    assert (x.shape, x.dtype) == (want.shape, want.dtype), jax.tree_util.keystr(path[0])
+
+
+@pytest.mark.parametrize("stage,recall", [("compressor", True), ("compressor", False),
+                                          ("sft", None), ("gate", None)])
+def test_batch_shapes_match_the_built_batch(stage, recall):
+  config = small_config(stage)
+  if recall is not None:
+    config.pretrain.recall = recall
+  run = runs.build_run(config)
+  built = trainer._STAGES[stage](run)
+  batch, _ = built.batch(0, None, slice(0, 4))
+  _assert_same_layout(batch, built.batch_shapes(4))
+
+
+def test_rl_batch_shapes_match_a_batch_built_from_rollouts():
+  run = runs.build_run(small_config("rl"))
+  stage = trainer.RLStage(run)
+  optimizer = trainer.make_optimizer(run.config)
+  with jax.set_mesh(run.mesh):
+    params = run.params()
+    state = state_lib.create_train_state(params, run.config.train.trainable, optimizer, 0)
+    stage.start(params)
+    batch, _ = stage.batch(0, state, slice(0, stage.batch_size))
+  _assert_same_layout(batch, stage.batch_shapes(stage.batch_size))
+  # The abstract state `stage_programs` compiles the step for is the one `train` creates.
+  abstract = trainer.abstract_train_state(run, optimizer)
+  _assert_same_layout(state, abstract)
