@@ -103,3 +103,16 @@ def test_bad_input_is_one_line(args, message):
   err = proc.stderr.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("compile.py: error:"), proc.stderr
   assert message in err[0]
+
+
+def test_a_program_over_90_percent_of_hbm_says_by_how_much_and_what_to_change():
+  from memrecall import aot
+  fits = aot.Row("train_step", 10.0, 70.0, 10.0, 10.0, 80.0, 95.0, 1.0)
+  assert fits.fits and fits.share == pytest.approx(80 / 95)
+  over = aot._advice("train_step", 90.0, 95.0, temp=70.0, argument=20.0)
+  assert over.startswith(f"does not fit by {90 - 0.9 * 95:.2f} GiB") and "microbatches" in over
+  assert "fsdp" in aot._advice("rollout", 20.0, 16.0, temp=2.0, argument=18.0)
+  assert aot._advice("train_step", 14.0, 16.0, temp=10.0, argument=4.0) == ""
+  row = aot.Row("rollout", 18.0, 2.0, 0.0, 0.0, 20.0, 16.0, 1.0, "does not fit by 5.60 GiB")
+  assert not row.fits and row.to_json()["share_of_hbm"] == pytest.approx(1.25)
+  assert aot.format_row(row).endswith("does not fit by 5.60 GiB")
