@@ -5,7 +5,8 @@ r"""Compiles a recipe for its TPU slice on any machine, and prints what each chi
   python launch/compile.py --config=configs/tiny.py:sft --topology=v5e:2x2 --output_json=plan.json
 
 Every jitted program the stage runs (the train step with its microbatches; for RL the
-rollout and the reference log-prob pass; evaluation's recall loop) is lowered with
+rollout and the reference log-prob pass; evaluation's recall loop over a device bank and
+answer.py's streaming loop) is lowered with
 abstract inputs at the recipe's shapes (nothing is allocated) and compiled by the TPU
 compiler for deviceless TPU devices (`libtpu` installed, no TPU needed).  One row per
 program: per-chip arguments, temporaries, outputs and total from the compiler's memory
@@ -37,10 +38,11 @@ _EVAL_BATCH = flags.DEFINE_integer("eval_batch", 16, "Questions per evaluation b
 _EVAL_TOKENS = flags.DEFINE_integer("eval_tokens", None, "Document tokens per evaluation question "
                                     "(default: the recipe's training documents, "
                                     "max_chunks x chunk_size).", lower_bound=1)
-_EVAL_MODES = flags.DEFINE_list("eval_modes", ["gate"], "Recall modes of the evaluation loop to "
-                                "compile (gate, all, topk); empty: none.")
+_EVAL_MODES = flags.DEFINE_list("eval_modes", ["gate", "stream"], "Evaluation loops to compile: "
+                                "recall modes over a device bank (gate, all, topk; eval.py's) "
+                                "and stream (answer.py --stream's, one question); empty: none.")
 _ONLY = flags.DEFINE_list("programs", [], "Compile only these programs (train_step, rollout, "
-                          "reference_logprobs, eval_recall_MODE); default: all.")
+                          "reference_logprobs, eval_recall_MODE, answer_stream); default: all.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here as JSON too.")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
 flags.mark_flags_as_required(["config"])

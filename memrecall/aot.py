@@ -20,7 +20,7 @@ import numpy as np
 
 from memrecall import sharding as sharding_lib
 from memrecall.model import abstract_params
-from memrecall.recall import inference_layout, recall_documents
+from memrecall.recall import inference_layout, recall_documents, recall_streaming
 from memrecall.runs import Run
 from memrecall.tpu_topology import GiB
 from memrecall.train import trainer
@@ -29,12 +29,9 @@ from memrecall.train.trainer import Program
 FIT_FRACTION = 0.9  # above this share of HBM a program is reported as not fitting
 
 
-def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate"
-                  ) -> list[Program]:
-  """Evaluation's recall loop (`evaluation.evaluate`: the parameters in the inference layout,
-  each question's document compressed into a device bank, then read) for `batch` questions of
-  `tokens` tokens, rows spread over the mesh's batch axes."""
-  setup = run.recall_setup(mode)
+def _inference_params(run: Run, params, setup):
+  """Abstract `params` in the inference layout (`recall.inference_layout`, as evaluation and
+  answering run the loop), sharded by the rules, and the setup that goes with them."""
   split = {}
 
   def layout_of(p):
@@ -44,8 +41,29 @@ def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gat
   layout = jax.eval_shape(layout_of, params)
   setup = split["setup"]
   shardings = sharding_lib.param_shardings(abstract_params(setup.model), run.mesh)
-  layout = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        layout, shardings)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      layout, shardings), setup
+
+
+def _replicated(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+
+
+def _key(mesh) -> jax.ShapeDtypeStruct:
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return _replicated(mesh, key.shape, key.dtype)
+
+
+def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate"
+                  ) -> list[Program]:
+  """Evaluation's recall loop (`evaluation.evaluate`: each question's document compressed into
+  a device bank, then read) for `batch` questions of `tokens` tokens, rows spread over the
+  mesh's batch axes.  mode `stream`: launch/answer.py --stream's loop instead (one question;
+  its document compressed and read a group of chunks at a time, `recall_streaming`)."""
+  if mode == "stream":
+    return [_stream_program(run, params, tokens)]
+  layout, setup = _inference_params(run, params, run.recall_setup(mode))
   c = run.compressor.chunk_size
   n = -(-tokens // c)
   q = run.question_tokens
@@ -53,11 +71,20 @@ def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gat
       (jax.ShapeDtypeStruct((batch, n, c), np.int32), jax.ShapeDtypeStruct((batch, n, c), bool),
        jax.ShapeDtypeStruct((batch, q), np.int32), jax.ShapeDtypeStruct((batch, q), bool)),
       run.mesh)
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(
-      run.mesh, jax.sharding.PartitionSpec()))
   return [Program(f"eval_recall_{mode}", recall_documents,
-                  (layout, setup, run.compressor, *rows, key))]
+                  (layout, setup, run.compressor, *rows, _key(run.mesh)))]
+
+
+def _stream_program(run: Run, params, tokens: int) -> Program:
+  layout, setup = _inference_params(run, params, run.recall_setup("gate"))
+  c, g = run.compressor.chunk_size, setup.recall.group_size
+  n = -(-tokens // c)
+  n += -n % g  # padded to whole groups, as launch/answer.py does
+  q = run.question_tokens
+  return Program("answer_stream", recall_streaming,
+                 (layout, setup, run.compressor, _replicated(run.mesh, (n, 1, c), np.int32),
+                  _replicated(run.mesh, (n, 1, c), bool), _replicated(run.mesh, (1, q), np.int32),
+                  _replicated(run.mesh, (1, q), bool), _key(run.mesh)))
 
 
 def recipe_programs(run: Run, *, eval_batch: int, eval_tokens: int,

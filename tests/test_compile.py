@@ -52,7 +52,7 @@ def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
   assert (report["topology"], report["devices"], report["mesh"]["fsdp"]) == ("v5e:2x2", 4, 4)
   assert report["libtpu"] == tpu_topology.libtpu_version()
   rows = {r["program"]: r for r in report["rows"]}
-  assert list(rows) == ["train_step", "eval_recall_gate"]
+  assert list(rows) == ["train_step", "eval_recall_gate", "answer_stream"]
   for row in rows.values():
     assert min(row["argument_gib"], row["temp_gib"], row["output_gib"], row["compile_s"]) > 0
     assert row["total_gib"] == pytest.approx(row["argument_gib"] + row["temp_gib"]
