@@ -6,9 +6,9 @@ r"""Compiles a recipe for its TPU slice on any machine, and prints what each chi
 
 Every jitted program the stage runs (the train step with its microbatches; for RL the
 rollout and the reference log-prob pass; evaluation's recall loop over a device bank and
-answer.py's streaming loop) is lowered with
-abstract inputs at the recipe's shapes (nothing is allocated) and compiled by the TPU
-compiler for deviceless TPU devices (`libtpu` installed, no TPU needed).  One row per
+answer.py's streaming loop) is lowered with abstract inputs at the recipe's shapes (nothing
+is allocated) and compiled by the TPU compiler for deviceless TPU devices (`libtpu`
+installed, no TPU needed).  One row per
 program: per-chip arguments, temporaries, outputs and total from the compiler's memory
 plan, the share of the chip's HBM, and the compile time; a program over 90% of HBM says
 by how much it does not fit and what would make it fit.
