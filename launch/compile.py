@@ -88,14 +88,18 @@ def main(argv):
   from memrecall.config import ConfigError
   from memrecall.runs import build_run
 
+  from memrecall.recall import MODES
   cli.writable("output_json", _OUTPUT_JSON.value)
+  modes = [m for m in _EVAL_MODES.value if m]
+  bad = sorted(set(modes) - set(MODES + ("stream",)))
+  if bad:
+    raise app.UsageError(f"--eval_modes: unknown {bad}; choose from {MODES + ('stream',)}")
   tpu = _slice()
   devices = tpu_topology.deviceless_devices(tpu)
   config = _CONFIG.value
   _fit_mesh(config, len(devices))
   try:
     run = build_run(config, devices)
-    modes = [m for m in _EVAL_MODES.value if m]
     tokens = _EVAL_TOKENS.value or run.num_chunks * run.compressor.chunk_size
     programs = aot.recipe_programs(run, eval_batch=_EVAL_BATCH.value, eval_tokens=tokens,
                                    eval_modes=modes)

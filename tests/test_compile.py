@@ -95,6 +95,10 @@ def _param_bytes() -> int:
     (["--config=configs/lychee.py:rl,0.5b,v5p-64", "--topology=v5e:2x2"], "has 32 devices"),
     (["--config=configs/nope.py:rl", "--topology=v5e:2x2"], "--config"),
     (["--config=configs/lychee.py:dance,0.5b,v5p-64"], "unknown stage 'dance'"),
+    (["--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--eval_modes=gate,foo"],
+     "--eval_modes: unknown ['foo']"),
+    (["--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--programs=rollout"],
+     "--programs: ['rollout'] are not programs of this stage"),
 ])
 @needs_libtpu
 def test_bad_input_is_one_line(args, message):
