@@ -1,7 +1,7 @@
 """launch/compile.py: the tiny recipe compiled by the TPU compiler for deviceless v5e chips.
 
 A change that stops the train step or evaluation's recall loop from compiling for a
-TPU fails here, on a machine without one.  Needs `libtpu` (the `test` extra).
+TPU fails here, on a machine without one.  Needs `libtpu` (the `tpu` extra).
 """
 
 import json
@@ -18,8 +18,8 @@ from memrecall import tpu_topology
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 needs_libtpu = pytest.mark.skipif(tpu_topology.libtpu_version() is None,
-                                  reason="libtpu is not installed (pip install libtpu, or the "
-                                  "`test` extra): no deviceless TPU compiler")
+                                  reason="libtpu is not installed (the `tpu` extra: pip install "
+                                  "-e '.[tpu]'): no deviceless TPU compiler")
 
 
 def _compile(*args, timeout=300):
