@@ -34,9 +34,9 @@ SITE = "/tmp/site"
 # END_S (SIGTERM, then SIGKILL), so the bounds add up to at most the limit less that.
 FULL_LIMIT_S, SMOKE_LIMIT_S, END_S = 480, 180, 10
 
-# Seconds per step on one H100/H200.  What the issue measured on an H200 says which rows can
-# finish: 7B programs compile for minutes, memagent's 32K run took 126 s and `all` reads as
-# many sections, so those rows need the decode work to pay off (or a longer check).
+# Seconds per step on one H100/H200.  At 7B a decode step took 4.8 ms at batch 8 on an H200
+# (docs/2026-12-04-h200-decode.md), so memagent's and all's 8 updates of 1024 tokens at 32K are
+# about 40 s of decoding each, plus their compile: those rows get the most.
 FULL_BOUNDS = {"info": 10, "wheels": 10, "tests": 130, "decode": 60, "gate": 60, "memagent": 75,
                "all": 65, "gate_stream": 60}
 SMOKE_BOUNDS = {"info": 10, "wheels": 10, "tests": 40, "decode": 40, "gate": 20, "memagent": 15,
