@@ -17,6 +17,13 @@ another --model_name beside them.  --chunk_size, --memory_size, --answer_tokens 
 an error).  --modes defaults to gate,all,memagent for a checkpoint with a gate, else
 all,memagent.  Errors are one line; --verbose shows tracebacks.
 
+Each process runs on a mesh of its own devices (--mesh, default the run's; every device on fsdp
+for a HF checkpoint): the weights sharded by training's rules, a batch's questions split over
+data x fsdp.  With several processes (--distributed, or --coordinator_address, --num_processes,
+--process_id) each evaluates only its rows of each file (row i on process i mod N) into its own
+predictions-IIIII-of-NNNNN.jsonl, and process 0 merges them into predictions.jsonl once all are
+done; a rerun, after any process was killed, skips every row already in any of these files.
+
 The synthetic sweep (no --data), at multiples of the training length:
 
   python launch/eval.py --checkpoint=/tmp/run --lengths=1,8,64 --modes=gate,all,memagent
