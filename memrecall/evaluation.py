@@ -270,8 +270,9 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
   scores = np.asarray(scores)
   return EvalResult(accuracy=float(100 * scores.mean()), stderr=_stderr(scores),
                     latency_s=latency, batched_s=seconds / len(examples),
-                    blocks_read=float(np.mean(reads)), gate_recall=float("nan"), skip_rate=float("nan"), examples=len(examples),
-                    traces=traces, peak_bytes=peak, rows=rows)
+                    blocks_read=float(np.mean(reads)), gate_recall=float("nan"),
+                    skip_rate=float("nan"), examples=len(examples), traces=traces,
+                    peak_bytes=peak, rows=rows)
 
 
 def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **extra) -> dict:
@@ -325,12 +326,12 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   length, timed); process 0 writes them.
   """
   from memrecall import eval_report  # pylint: disable=g-import-not-at-top
-  _check_own_devices(mesh)
   from memrecall.data import example as example_lib, synthetic
   from memrecall.progress import Progress
   unknown = set(modes) - set(MODES)
   if unknown:
     raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+  _check_own_devices(mesh)
   results_path = os.path.join(output_dir, "results.json")
   rows = eval_report.load_rows(results_path)
   task_name = run.task.task
@@ -391,7 +392,7 @@ METRIC_KEYS = ("sub_em", "strict_sub_em", "em")
 
 
 PREDICTIONS = "predictions.jsonl"
-_PROCESS_FILE = re.compile(r"^predictions-(\d{5})-of-(\d{5})\.jsonl$")
+_PROCESS_FILE = re.compile(r"^predictions-\d{5}-of-\d{5}\.jsonl$")  # `predictions_path`'s
 
 
 def read_predictions(path: str) -> list[dict]:
@@ -550,7 +551,11 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
         jsonl.append(path, new)
         done.update((model_name, named.name, mode, i) for i in rows)
         log(f"{named.name} {mode}: {min(start + batch_size, len(todo))}/{len(todo)} rows{whose}")
-  distributed.barrier("memrecall.evaluation.evaluate_data: every process's rows are written")
+  try:
+    distributed.barrier("memrecall.evaluation.evaluate_data: every process's rows are written")
+  except jax.errors.JaxRuntimeError as e:  # a process that stopped never arrives
+    raise RuntimeError(f"process {process}: not every process finished its rows (did one stop?); "
+                       f"this one's are saved in {path}, and a rerun resumes") from e
   if is_primary():
     records = merge_predictions(output_dir)
   else:  # the same rows, read: process 0 may be appending them to predictions.jsonl
