@@ -9,8 +9,11 @@ The document is compressed once (saved to --memory_bank if given, reused when
 it is already there and fits the model and the document); the recall loop then
 walks its chunks, gating, rewriting the working memory, and answers.  A bank
 made from another document is refused, naming both; --recompile_bank rebuilds
-it from this one.  Sizes are positive (leave a flag out for its default);
-errors are one line, --verbose shows tracebacks.
+it from this one.  The weights are sharded over the run's mesh (--mesh, default
+the run's: every device on fsdp for a HF checkpoint) by training's rules, so a
+model larger than one device is answered with; the document's chunks are
+compressed split over the mesh's batch axes.  Sizes are positive (leave a flag
+out for its default); errors are one line, --verbose shows tracebacks.
 """
 
 import json
@@ -72,8 +75,8 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from memrecall import (compressor, documents, fingerprint, memory_bank, progress, prompts,
-                         recall, runs)
+  from memrecall import (compressor, documents, evaluation, fingerprint, memory_bank, progress,
+                         prompts, recall, runs, sharding)
 
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None) or not _DOCUMENT.value:
     raise app.UsageError("--document and exactly one of --hf_checkpoint and --checkpoint are "
@@ -85,6 +88,7 @@ def main(argv):
   cli.writable("memory_bank", _MEMORY_BANK.value, directory=True)
   if _STREAM.value and _MEMORY_BANK.value:
     raise app.UsageError("--stream compresses on the fly; it does not use --memory_bank")
+  mesh = model_flags.mesh_shape()
   try:
     given_ids = [int(i) for i in _QUESTION_IDS.value or []]
   except ValueError:
@@ -105,13 +109,16 @@ def main(argv):
                            "another --memory_bank") from None
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
                   answer_tokens=_MAX_NEW_TOKENS.value)
-  if _CHECKPOINT.value:
-    run, params = runs.from_workdir(
-        _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, **settings)
-  else:
-    run = runs.from_hf_checkpoint(_HF_CHECKPOINT.value,
-                                  model=model_flags.hf_model_settings(),
-                                  **{k: v for k, v in settings.items() if v})
+  try:  # the run's mesh: --mesh or the run's shape, over this machine's devices
+    if _CHECKPOINT.value:
+      run, params = runs.from_workdir(
+          _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, mesh=mesh,
+          **settings)
+    else:
+      run = runs.from_hf_checkpoint(_HF_CHECKPOINT.value, model=model_flags.hf_model_settings(),
+                                    mesh=mesh, **{k: v for k, v in settings.items() if v})
+  except sharding.MeshError as e:
+    raise app.UsageError(model_flags.mesh_error(e, len(jax.local_devices()))) from None
   tok, config = run.tokenizer, run.model
   mode = _MODE.value or ("gate" if config.has_gate else "all")
   if mode in ("gate", "topk") and not config.has_gate:
@@ -145,39 +152,42 @@ def main(argv):
                            temperature=_TEMPERATURE.value)
   question, question_mask = prompts.pad_ids([question_ids])
   rng = jax.random.key(_SEED.value)
-  # Per-layer weights for the loop's decode steps; the bank's fingerprint stays the stored tree's.
-  layer_params, setup = recall.inference_layout(params, setup)
-
-  if _STREAM.value:
-    g = setup.recall.group_size
-    pad = -chunk_ids.shape[0] % g
-    ids = np.pad(chunk_ids, ((0, pad), (0, 0)))[:, None]
-    mask = np.pad(chunk_mask, ((0, pad), (0, 0)))[:, None]
-    out = recall.recall_streaming(layer_params, setup, settings, jnp.asarray(ids),
-                                  jnp.asarray(mask), question, question_mask, rng)
-    n_blocks = chunk_ids.shape[0]
-  else:
-    tokens_hash = fingerprint.value_hash(doc_ids)
-    if reuse_bank:
-      expected = memory_bank.BankMetadata(
-          model_fingerprint=memory_bank.model_fingerprint(params, config),
-          chunk_size=settings.chunk_size, window=settings.window, ratio=settings.ratio,
-          dtype=config.dtype, num_chunks=chunk_ids.shape[0], num_tokens=len(doc_ids),
-          document_hash=document_hash, tokens_hash=tokens_hash, document=source)
-      bank, _ = memory_bank.load_bank(bank_dir, expected)
-      print(f"reusing memory bank {bank_dir}", file=sys.stderr)
+  # Per-layer weights for the loop's decode steps, sharded over the run's mesh by training's
+  # rules (the bank's fingerprint stays the stored tree's); the document's chunks split over
+  # its batch axes.
+  layer_params, setup = evaluation.on_mesh(params, setup, run.mesh)
+  rows = lambda x: jax.device_put(x, sharding.rows_sharding(np.shape(x), run.mesh))
+  with jax.set_mesh(run.mesh):
+    if _STREAM.value:
+      g = setup.recall.group_size
+      pad = -chunk_ids.shape[0] % g
+      ids = np.pad(chunk_ids, ((0, pad), (0, 0)))[:, None]
+      mask = np.pad(chunk_mask, ((0, pad), (0, 0)))[:, None]
+      out = recall.recall_streaming(layer_params, setup, settings, jnp.asarray(ids),
+                                    jnp.asarray(mask), question, question_mask, rng)
+      n_blocks = chunk_ids.shape[0]
     else:
-      memory = compressor.compress(layer_params, setup.model, settings, jnp.asarray(chunk_ids),
-                                   jnp.asarray(chunk_mask))
-      if bank_dir:
-        memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
-            params, config, settings, memory, len(doc_ids), document_hash=document_hash,
-            tokens_hash=tokens_hash, document=source))
-        print(f"saved memory bank {bank_dir}", file=sys.stderr)
-      bank = jax.tree.map(np.asarray, recall.DocumentBank.from_chunks([memory]))
-    n_blocks = bank.num_blocks
-    out = recall.recall_from_host(layer_params, setup, bank, question, question_mask, rng,
-                                  progress=progress.Progress(n_blocks, "chunks"))
+      tokens_hash = fingerprint.value_hash(doc_ids)
+      if reuse_bank:
+        expected = memory_bank.BankMetadata(
+            model_fingerprint=memory_bank.model_fingerprint(params, config),
+            chunk_size=settings.chunk_size, window=settings.window, ratio=settings.ratio,
+            dtype=config.dtype, num_chunks=chunk_ids.shape[0], num_tokens=len(doc_ids),
+            document_hash=document_hash, tokens_hash=tokens_hash, document=source)
+        bank, _ = memory_bank.load_bank(bank_dir, expected)
+        print(f"reusing memory bank {bank_dir}", file=sys.stderr)
+      else:
+        memory = compressor.compress(layer_params, setup.model, settings, rows(chunk_ids),
+                                     rows(chunk_mask))
+        if bank_dir:
+          memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
+              params, config, settings, memory, len(doc_ids), document_hash=document_hash,
+              tokens_hash=tokens_hash, document=source))
+          print(f"saved memory bank {bank_dir}", file=sys.stderr)
+        bank = jax.tree.map(np.asarray, recall.DocumentBank.from_chunks([memory]))
+      n_blocks = bank.num_blocks
+      out = recall.recall_from_host(layer_params, setup, bank, question, question_mask, rng,
+                                    progress=progress.Progress(n_blocks, "chunks"))
 
   n = int(out.answer.lengths[0])
   answer_ids = [int(i) for i in out.answer.tokens[0, :n] if int(i) not in config.eos_token_ids]

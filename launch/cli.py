@@ -143,3 +143,18 @@ def writable(flag: str, path: str | None, directory: bool = False) -> None:
     tempfile.TemporaryFile(dir=existing).close()
   except OSError:
     raise app.UsageError(f"--{flag}: cannot write in {existing}; choose another path") from None
+
+
+def mesh_shape(flag: str, spec: str | None) -> dict[str, int] | None:
+  """`--FLAG=data=2,fsdp=2,tensor=2` as axis sizes (None when not given); a UsageError naming
+  the flag for anything else (the axis names are checked where the mesh is built)."""
+  if not spec:
+    return None
+  try:
+    shape = {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
+  except ValueError:
+    raise app.UsageError(f"--{flag} must look like 'data=2,fsdp=2,tensor=2', got {spec!r}"
+                         ) from None
+  if any(v < 1 and v != -1 for v in shape.values()):
+    raise app.UsageError(f"--{flag}={spec}: axis sizes are positive (or -1: the rest)")
+  return shape

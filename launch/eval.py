@@ -17,6 +17,13 @@ another --model_name beside them.  --chunk_size, --memory_size, --answer_tokens 
 an error).  --modes defaults to gate,all,memagent for a checkpoint with a gate, else
 all,memagent.  Errors are one line; --verbose shows tracebacks.
 
+Each process runs on a mesh of its own devices (--mesh, default the run's; every device on fsdp
+for a HF checkpoint): the weights sharded by training's rules, a batch's questions split over
+data x fsdp.  With several processes (--distributed, or --coordinator_address, --num_processes,
+--process_id) each evaluates only its rows of each file (row i on process i mod N) into its own
+predictions-IIIII-of-NNNNN.jsonl, and process 0 merges them into predictions.jsonl once all are
+done; a rerun, after any process was killed, skips every row already in any of these files.
+
 The synthetic sweep (no --data), at multiples of the training length:
 
   python launch/eval.py --checkpoint=/tmp/run --lengths=1,8,64 --modes=gate,all,memagent
@@ -121,6 +128,7 @@ def _check_flags():
   if not lengths or min(lengths) < 1:
     raise app.UsageError(f"--lengths must be positive integers, got {','.join(_LENGTHS.value)}")
   cli.writable("output_dir", _OUTPUT_DIR.value, directory=True)
+  model_flags.mesh_shape()
 
 
 def _modes(run) -> list[str]:
@@ -136,26 +144,37 @@ def _modes(run) -> list[str]:
 
 def _load():
   """(run, a function giving its parameters, default output dir, model name) of the checkpoint
-  the flags name; a HF checkpoint's weights are read only when that function is called."""
-  from memrecall import runs
+  the flags name, on a mesh of this process's own devices (--mesh, or the run's shape); a HF
+  checkpoint's weights are read only when that function is called."""
+  import jax
+  import ml_collections
+  from memrecall import runs, sharding
   from memrecall.prompts import MEMAGENT_FINAL_TEMPLATE
+  devices, mesh = jax.local_devices(), model_flags.mesh_shape()
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
                   answer_tokens=_ANSWER_TOKENS.value)
-  if _HF_CHECKPOINT.value:
-    hf = _HF_CHECKPOINT.value
-    values = {k: v for k, v in settings.items() if v}
-    if _QUESTION_TOKENS.value:
-      values["question_tokens"] = _QUESTION_TOKENS.value
-    if _PROMPTS.value == "memagent":
-      values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
-    run = runs.from_hf_checkpoint(hf, model=model_flags.hf_model_settings(), **values)
-    name = os.path.basename(os.path.normpath(hf))
-    return run, run.params, os.path.join("eval", name), name
-  run, params = runs.from_workdir(
-      _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, **settings)
-  if _CONFIG.value is not None:
-    _CONFIG.value.model.matmul_precision = model_flags.MATMUL_PRECISION.value
-    run = runs.build_run(_CONFIG.value)
+  try:
+    if _HF_CHECKPOINT.value:
+      hf = _HF_CHECKPOINT.value
+      values = {k: v for k, v in settings.items() if v}
+      if _QUESTION_TOKENS.value:
+        values["question_tokens"] = _QUESTION_TOKENS.value
+      if _PROMPTS.value == "memagent":
+        values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
+      run = runs.from_hf_checkpoint(hf, devices, model=model_flags.hf_model_settings(),
+                                    mesh=mesh, **values)
+      name = os.path.basename(os.path.normpath(hf))
+      return run, run.params, os.path.join("eval", name), name
+    run, params = runs.from_workdir(
+        _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value,
+        devices=devices, mesh=mesh, **settings)
+    if _CONFIG.value is not None:
+      _CONFIG.value.model.matmul_precision = model_flags.MATMUL_PRECISION.value
+      if mesh:
+        _CONFIG.value.mesh = ml_collections.ConfigDict(mesh)
+      run = runs.build_run(_CONFIG.value, devices)  # evaluation places the weights on its mesh
+  except sharding.MeshError as e:
+    raise app.UsageError(model_flags.mesh_error(e, len(devices))) from None
   if _QUESTION_TOKENS.value:
     run.config.reasoner.question_tokens = _QUESTION_TOKENS.value
   return run, lambda: params, os.path.join(_CHECKPOINT.value, "eval"), "lychee"
@@ -186,14 +205,15 @@ def main(argv):
     rows = evaluation.evaluate_data(
         params, run, sources, modes=modes, output_dir=output_dir, model_name=model_name,
         limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or 8, baseline=baseline,
-        threshold=_THRESHOLD.value, topk=_TOPK.value, gate_group=_GATE_GROUP.value)
+        threshold=_THRESHOLD.value, topk=_TOPK.value, gate_group=_GATE_GROUP.value,
+        mesh=run.mesh)
     print(eval_report.data_table(rows))
   else:
     rows = evaluation.evaluate_suite(
         params, run, model_name=model_name, lengths=[int(x) for x in _LENGTHS.value],
         modes=modes, examples=_EXAMPLES.value, batch_size=_BATCH_SIZE.value or 16,
         output_dir=output_dir, baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
-        gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value)
+        gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value, mesh=run.mesh)
     print(eval_report.table(rows))
   print(f"results in {output_dir}")
 

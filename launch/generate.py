@@ -40,14 +40,9 @@ from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 def parse_mesh(spec: str | None):
   from memrecall import sharding
-  if not spec:
+  shape = cli.mesh_shape("mesh", spec)
+  if shape is None:
     return None
-  try:
-    shape = {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
-  except ValueError:
-    raise app.UsageError(f"--mesh must look like 'data=2,fsdp=2,tensor=2', got {spec!r}") from None
-  if any(v < 1 and v != -1 for v in shape.values()):
-    raise app.UsageError(f"--mesh={spec}: axis sizes are positive (or -1: the rest)")
   try:
     return sharding.make_mesh(shape)
   except ValueError as e:

@@ -10,6 +10,23 @@ MATMUL_PRECISION = flags.DEFINE_enum(
     "Precision of every matmul (ModelConfig.matmul_precision): `highest` for float32 results "
     "that are compared with a reference (on NVIDIA GPUs `default` runs float32 in TF32).")
 
+MESH = flags.DEFINE_string(
+    "mesh", None, "Axis sizes of the mesh each process runs on, over its own devices, e.g. "
+    "fsdp=4,tensor=2: the weights shard by training's rules, a batch's questions split over "
+    "data x fsdp (default: the run's mesh; every device on fsdp for a HF checkpoint).")
+
+
+def mesh_shape() -> dict | None:
+  """--mesh as axis sizes (None: the run's own); a one-line error when malformed."""
+  from launch import cli  # pylint: disable=g-import-not-at-top
+  return cli.mesh_shape("mesh", MESH.value)
+
+
+def mesh_error(error: Exception, devices: int) -> str:
+  """A mesh these devices cannot form, as the one line that says how to fix it."""
+  return (f"{error}: each process runs on its own {devices} device(s); pass --mesh with "
+          "fewer (e.g. --mesh=fsdp=-1, every device on fsdp)")
+
 
 def hf_model_settings() -> dict:
   """The `model` settings of `runs.from_hf_checkpoint` these flags give."""

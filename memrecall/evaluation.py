@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from memrecall import fingerprint, jsonl, output_key
+from memrecall import distributed, fingerprint, jsonl, output_key
+from memrecall import sharding as sharding_lib
 from memrecall.compressor import CompressorConfig, chunk_documents
 from memrecall.data.example import TokenizedExample
 from memrecall.distributed import is_primary
+from memrecall.model import place_params
 from memrecall.prompts import pad_ids
 from memrecall.recall import RecallSetup, inference_layout, recall_documents
 
@@ -27,6 +31,26 @@ def chunked(examples: Sequence[TokenizedExample], chunk_size: int, num_chunks: i
             pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Examples' documents as [B, N, C] ids and mask (`compressor.chunk_documents`)."""
   return chunk_documents([ex.context for ex in examples], chunk_size, num_chunks, pad_id)
+
+
+def on_mesh(params, setup: RecallSetup, mesh) -> tuple[dict, RecallSetup]:
+  """(params, setup) in the recall loop's per-layer layout (`inference_layout`), the weights
+  sharded over `mesh` by the rules training uses (None: left where they are)."""
+  params, setup = inference_layout(params, setup)
+  return (params if mesh is None else place_params(params, setup.model, mesh)), setup
+
+
+def _rows_on(mesh, *arrays) -> tuple:
+  """Batch arrays ([B, ...]) with their rows split over the mesh's batch axes (`data`, `fsdp`),
+  so each device runs its share of the questions; as they are without a mesh."""
+  if mesh is None:
+    return arrays
+  return tuple(jax.device_put(x, sharding_lib.rows_sharding(np.shape(x), mesh)) for x in arrays)
+
+
+def _within(mesh):
+  """The mesh the activations' logical constraints refer to while a batch runs (None: none)."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def compiled_bytes(jitted, *args) -> int:
@@ -116,11 +140,13 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
              examples: Sequence[TokenizedExample], score: Scorer, *, batch_size: int = 16,
              question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
              latency_examples: int = 4, timed: bool = True,
-             max_tokens: int | None = None) -> EvalResult:
+             max_tokens: int | None = None, mesh=None) -> EvalResult:
   """Runs compression + recall on `examples` in batches and scores the answers; times the
   first `latency_examples` questions alone too.  max_tokens: pad every batch to this many
-  tokens' chunks (one compiled shape across calls; default: the longest example)."""
-  params, setup = inference_layout(params, setup)
+  tokens' chunks (one compiled shape across calls; default: the longest example).  mesh:
+  the weights sharded over it and each batch's rows split over its batch axes (`on_mesh`);
+  None: computed where the parameters are."""
+  params, setup = on_mesh(params, setup, mesh)
   max_tokens = max_tokens or max(len(ex.context) for ex in examples)
   n_chunks = -(-max_tokens // compressor.chunk_size)
   eos = set(setup.model.eos_token_ids)
@@ -128,10 +154,13 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
   def prepare(group, seed_offset=0):
     ids, mask = chunked(group, compressor.chunk_size, n_chunks, setup.model.pad_token_id)
     question, question_mask = pad_ids([ex.question for ex in group], question_tokens)
-    return recall_documents, (params, setup, compressor, ids, mask, question, question_mask,
+    return recall_documents, (params, setup, compressor,
+                              *_rows_on(mesh, ids, mask, question, question_mask),
                               jax.random.key(seed + seed_offset))
 
-  batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
+  with _within(mesh):
+    batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
+    latency = _latency_alone(prepare, examples, latency_examples)
   scores, reads, relevant_read, relevant, blocks, traces, rows = [], [], 0, 0, 0, [], []
   for group, out in batches:
     for i, ex in enumerate(group):
@@ -156,9 +185,8 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
                                       for c in range(len(labels))]})
   scores = np.asarray(scores)
   return EvalResult(accuracy=float(100 * scores.mean()), stderr=_stderr(scores),
-                    latency_s=_latency_alone(prepare, examples, latency_examples),
-                    batched_s=seconds / len(examples), blocks_read=float(np.mean(reads)),
-                    gate_recall=relevant_read / max(relevant, 1),
+                    latency_s=latency, batched_s=seconds / len(examples),
+                    blocks_read=float(np.mean(reads)), gate_recall=relevant_read / max(relevant, 1),
                     skip_rate=1 - float(np.sum(reads)) / max(blocks, 1), examples=len(examples),
                     traces=traces, peak_bytes=peak, rows=rows)
 
@@ -185,17 +213,18 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                   baseline: BaselineConfig = BaselineConfig(), batch_size: int = 16,
                   question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
                   latency_examples: int = 4, timed: bool = True,
-                  max_tokens: int | None = None) -> EvalResult:
+                  max_tokens: int | None = None, mesh=None) -> EvalResult:
   """Any mode: the recall loop (`gate`, `all`, `topk`, read from `setup.recall`) or a baseline.
-  timed, max_tokens: as in `evaluate`."""
+  timed, max_tokens, mesh: as in `evaluate`."""
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-  params, setup = inference_layout(params, setup)
+  params, setup = on_mesh(params, setup, mesh)
   if mode in RECALL_MODES:
     setup = dataclasses.replace(setup, recall=dataclasses.replace(setup.recall, mode=mode))
     return evaluate(params, setup, compressor, examples, score, batch_size=batch_size,
                     question_tokens=question_tokens, seed=seed, keep_traces=keep_traces,
-                    latency_examples=latency_examples, timed=timed, max_tokens=max_tokens)
+                    latency_examples=latency_examples, timed=timed, max_tokens=max_tokens,
+                    mesh=mesh)
   from memrecall import baselines  # pylint: disable=g-import-not-at-top
   eos = set(setup.model.eos_token_ids)
   pad = setup.model.pad_token_id
@@ -215,13 +244,16 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
     rng = jax.random.key(seed + seed_offset)
     if mode == "memagent":
       ids, mask = chunked(group, baseline.memagent_chunk, n_sections, pad)
-      return baselines.memagent, (params, setup, ids, mask, question, question_mask, rng)
+      return baselines.memagent, (params, setup,
+                                  *_rows_on(mesh, ids, mask, question, question_mask), rng)
     width = baseline.full_budget if mode == "full" else baseline.rag_topk * baseline.rag_chunk
     context, context_mask = pad_ids([context_of(ex) for ex in group], width)
-    return baselines.answer_from_context, (params, setup, context, context_mask, question,
-                                           question_mask, rng)
+    return baselines.answer_from_context, (
+        params, setup, *_rows_on(mesh, context, context_mask, question, question_mask), rng)
 
-  batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
+  with _within(mesh):
+    batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
+    latency = _latency_alone(prepare, examples, latency_examples)
   scores, reads, traces, rows = [], [], [], []
   for group, out in batches:
     answer = out.answer if mode == "memagent" else out
@@ -237,10 +269,10 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                        "gold_ids": [list(map(int, g)) for g in ex.answers]})
   scores = np.asarray(scores)
   return EvalResult(accuracy=float(100 * scores.mean()), stderr=_stderr(scores),
-                    latency_s=_latency_alone(prepare, examples, latency_examples),
-                    batched_s=seconds / len(examples), blocks_read=float(np.mean(reads)),
-                    gate_recall=float("nan"), skip_rate=float("nan"), examples=len(examples),
-                    traces=traces, peak_bytes=peak, rows=rows)
+                    latency_s=latency, batched_s=seconds / len(examples),
+                    blocks_read=float(np.mean(reads)), gate_recall=float("nan"),
+                    skip_rate=float("nan"), examples=len(examples), traces=traces,
+                    peak_bytes=peak, rows=rows)
 
 
 def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **extra) -> dict:
@@ -263,6 +295,14 @@ def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **ex
           **dataclasses.asdict(baseline), **extra}
 
 
+def _check_own_devices(mesh) -> None:
+  """Evaluation runs each process on a mesh of its own devices (rows, not batches, are split
+  between processes): a mesh reaching into another process is a caller's mistake."""
+  if mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+    raise ValueError("evaluation runs each process on its own devices: build the run with "
+                     "devices=jax.local_devices() (launch/eval.py does)")
+
+
 def _trace_task(task: str) -> str:
   """Trace files of the main task keep their short names; others carry the task."""
   return "" if task == "multihop" else f"{task}-"
@@ -272,7 +312,8 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
                    examples: int, batch_size: int, output_dir: str, baseline: BaselineConfig,
                    seed_offset: int = 1000, keep_traces: int = 4, threshold: float = 0.5,
                    topk: int = 4, gate_group: int = 16, latency_examples: int = 4,
-                   mode_examples: dict[str, int] | None = None, log=print) -> list[dict]:
+                   mode_examples: dict[str, int] | None = None, mesh=None,
+                   log=print) -> list[dict]:
   """Every (length multiple, mode) not yet in OUTPUT_DIR/results.json; resumable.
 
   `run` is a `runs.Run` (model, prompts, synthetic task at training length).  Examples
@@ -280,7 +321,9 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   caps the questions of some modes (the first ones of the same stream), e.g. a
   slow baseline that is run for its timing only.  Each row's latency is the mean
   time of the first `latency_examples` questions answered one at a time;
-  `batched_s` is the time per question in batches of `batch_size`.
+  `batched_s` is the time per question in batches of `batch_size`.  mesh: as in `evaluate`
+  (this process's devices).  Every process computes every row (each row is one mode at one
+  length, timed); process 0 writes them.
   """
   from memrecall import eval_report  # pylint: disable=g-import-not-at-top
   from memrecall.data import example as example_lib, synthetic
@@ -288,6 +331,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   unknown = set(modes) - set(MODES)
   if unknown:
     raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+  _check_own_devices(mesh)
   results_path = os.path.join(output_dir, "results.json")
   rows = eval_report.load_rows(results_path)
   task_name = run.task.task
@@ -300,6 +344,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       mode_examples=mode_examples or {}, batch_size=batch_size,
       latency_examples=latency_examples)},
       {f"{r['model']}/{r.get('task')}" for r in rows})
+  layer_params, layer_setup = on_mesh(params, setup, mesh)  # once, not per row
   done = {(r["model"], r.get("task"), r["mode"], r["length_multiple"]) for r in rows}
   todo = [(m, mode) for m in lengths for mode in modes
           if (model_name, task_name, mode, m) not in done]
@@ -312,10 +357,10 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       cache = {multiple: [example_lib.tokenize(synthetic.make_example(task, seed, j, run.tokenizer),
                                                run.tokenizer) for j in range(examples)]}
     batch = cache[multiple][:(mode_examples or {}).get(mode, examples)]
-    result = evaluate_mode(params, setup, run.compressor, batch, run.score, mode=mode,
-                           baseline=baseline, batch_size=batch_size,
-                           question_tokens=run.question_tokens,
-                           keep_traces=keep_traces, latency_examples=latency_examples)
+    result = evaluate_mode(layer_params, layer_setup, run.compressor, batch, run.score,
+                           mode=mode, baseline=baseline, batch_size=batch_size,
+                           question_tokens=run.question_tokens, keep_traces=keep_traces,
+                           latency_examples=latency_examples, mesh=mesh)
     row = {"model": model_name, "task": task_name, "mode": mode, "length_multiple": multiple,
            "context_tokens": run.task.length * multiple, "examples": result.examples,
            "accuracy": result.accuracy, "stderr": result.stderr, "latency_s": result.latency_s,
@@ -346,10 +391,54 @@ PREDICTION_KEYS = ("model", "data", "mode", "row", "id", "num_docs", "context_to
 METRIC_KEYS = ("sub_em", "strict_sub_em", "em")
 
 
+PREDICTIONS = "predictions.jsonl"
+_PROCESS_FILE = re.compile(r"^predictions-\d{5}-of-\d{5}\.jsonl$")  # `predictions_path`'s
+
+
 def read_predictions(path: str) -> list[dict]:
   """The records of a predictions.jsonl (a torn last line, from a run that was killed, is
   left out: that row is simply evaluated again; see `memrecall.jsonl`)."""
   return jsonl.read(path)
+
+
+def predictions_path(output_dir: str, process: int = 0, processes: int = 1) -> str:
+  """Where a process appends the rows it computes: predictions.jsonl itself when it is the only
+  one; else its own predictions-IIIII-of-NNNNN.jsonl (no two processes write one file)."""
+  if processes == 1:
+    return os.path.join(output_dir, PREDICTIONS)
+  return os.path.join(output_dir, f"predictions-{process:05d}-of-{processes:05d}.jsonl")
+
+
+def prediction_key(record: dict) -> tuple:
+  """What makes a row the same row: model, data file, mode and row index."""
+  return record["model"], record["data"], record["mode"], record["row"]
+
+
+def read_all_predictions(output_dir: str) -> tuple[list[dict], list[dict]]:
+  """(rows of predictions.jsonl, rows only in the per-process files): every row once.
+
+  The per-process files of any earlier run count whatever its process count, so a rerun
+  with another number of processes skips them too."""
+  merged = read_predictions(os.path.join(output_dir, PREDICTIONS))
+  seen = {prediction_key(r) for r in merged}
+  extra = []
+  names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+  for name in filter(_PROCESS_FILE.match, names):
+    for record in read_predictions(os.path.join(output_dir, name)):
+      if prediction_key(record) not in seen:
+        seen.add(prediction_key(record))
+        extra.append(record)
+  return merged, extra
+
+
+def merge_predictions(output_dir: str) -> list[dict]:
+  """Appends to predictions.jsonl the per-process files' rows it lacks (kill-safe, and a no-op
+  when none is missing: a rerun merges what an interrupted merge left); returns every row."""
+  merged, extra = read_all_predictions(output_dir)
+  extra.sort(key=prediction_key)
+  if extra:
+    jsonl.append(os.path.join(output_dir, PREDICTIONS), extra)
+  return merged + extra
 
 
 def summarize_predictions(records: Sequence[dict]) -> list[dict]:
@@ -380,26 +469,36 @@ def _content_hash(path: str) -> str:
 def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str,
                   model_name: str = "model", limit: int | None = None, batch_size: int = 8,
                   baseline: BaselineConfig | None = None, threshold: float | None = None,
-                  topk: int = 4, gate_group: int = 16, log=print) -> list[dict]:
-  """Every (source, mode, row) not yet in OUTPUT_DIR/predictions.jsonl; resumable by row.
+                  topk: int = 4, gate_group: int = 16, mesh=None, log=print) -> list[dict]:
+  """Every (source, mode, row) not yet in OUTPUT_DIR's predictions; resumable by row.
 
   `sources` are `specs.NamedSource`s (their rows in order, the first `limit`); `run` a
-  `runs.Run`.  Each finished batch is appended to predictions.jsonl (one JSON object per
-  (mode, row): the fields of PREDICTION_KEYS), so a run that stops loses at most one batch;
-  results.json / results.csv (`summarize_predictions`) and plots are rewritten at the end.
-  A question over `reasoner.question_tokens` stops the run with an error naming its row,
-  after every earlier batch was saved.  Rows are reused only from the same weights, data
-  content and settings (`row_settings`, checked by `output_key.claim` before any row).
+  `runs.Run`; mesh: as in `evaluate` (this process's devices).  Each finished batch is
+  appended to predictions.jsonl (one JSON object per (mode, row): the fields of
+  PREDICTION_KEYS), so a run that stops loses at most one batch; results.json / results.csv
+  (`summarize_predictions`) and plots are rewritten at the end.  A question over
+  `reasoner.question_tokens` stops the run with an error naming its row, after every earlier
+  batch was saved.  Rows are reused only from the same weights, data content and settings
+  (`row_settings`, checked by `output_key.claim` before any row).
+
+  With N processes (jax.distributed) each computes only the rows it owns (row i: process
+  i mod N, `distributed.round_robin`) on its own devices, appending them to its own
+  `predictions_path` file; after a barrier process 0 merges them all into predictions.jsonl
+  (`merge_predictions`) and writes the results.  A rerun, with any number of processes,
+  skips every row found in any of these files.
   """
   from memrecall import eval_report  # pylint: disable=g-import-not-at-top
   from memrecall.data.example import tokenize  # pylint: disable=g-import-not-at-top
   unknown = set(modes) - set(MODES)
   if unknown:
     raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+  _check_own_devices(mesh)
   os.makedirs(output_dir, exist_ok=True)
-  path = os.path.join(output_dir, "predictions.jsonl")
-  records = read_predictions(path)
-  done = {(r["model"], r["data"], r["mode"], r["row"]) for r in records}
+  process, processes = jax.process_index(), jax.process_count()
+  path = predictions_path(output_dir, process, processes)
+  merged, extra = read_all_predictions(output_dir)
+  records = merged + extra
+  done = {prediction_key(r) for r in records}
   baseline = baseline or BaselineConfig(memagent_chunk=run.compressor.chunk_size,
                                         rag_chunk=run.compressor.chunk_size)
   setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
@@ -409,7 +508,9 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   output_key.claim(output_dir, {
       f"{model_name}/{named.name}": {**settings, "data": _content_hash(named.path)}
       for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
+  params, setup = on_mesh(params, setup, mesh)  # once, not per batch
   budget = run.question_tokens
+  whose = f" (process {process} of {processes})" if processes > 1 else ""
   for named in sources:
     count = len(named.source) if limit is None else min(limit, len(named.source))
     cache: dict[int, TokenizedExample] = {}
@@ -424,8 +525,9 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
         cache[i] = ex
       return cache[i]
 
+    owned = distributed.round_robin(count, process, processes)
     for mode in modes:
-      todo = [i for i in range(count) if (model_name, named.name, mode, i) not in done]
+      todo = [i for i in owned if (model_name, named.name, mode, i) not in done]
       if not todo:
         continue
       longest = max(len(example(i).context) for i in todo)  # one compiled shape per file and mode
@@ -435,7 +537,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
         result = evaluate_mode(params, setup, run.compressor, batch, run.score, mode=mode,
                                baseline=baseline, batch_size=batch_size,
                                question_tokens=budget, latency_examples=0, timed=False,
-                               max_tokens=longest)
+                               max_tokens=longest, mesh=mesh)
         new = []
         for i, ex, out in zip(rows, batch, result.rows):
           answers = run.answer_texts(ex)
@@ -446,11 +548,19 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
               "question": question if isinstance(question, str) else run.tokenizer.decode(question),
               "prediction": run.tokenizer.decode(out["prediction_ids"]), "answers": answers,
               **out}))
-        if is_primary():
-          jsonl.append(path, new)
-        records.extend(new)
+        jsonl.append(path, new)
         done.update((model_name, named.name, mode, i) for i in rows)
-        log(f"{named.name} {mode}: {min(start + batch_size, len(todo))}/{len(todo)} rows")
+        log(f"{named.name} {mode}: {min(start + batch_size, len(todo))}/{len(todo)} rows{whose}")
+  try:
+    distributed.barrier("memrecall.evaluation.evaluate_data: every process's rows are written")
+  except jax.errors.JaxRuntimeError as e:  # a process that stopped never arrives
+    raise RuntimeError(f"process {process}: not every process finished its rows (did one stop?); "
+                       f"this one's are saved in {path}, and a rerun resumes") from e
+  if is_primary():
+    records = merge_predictions(output_dir)
+  else:  # the same rows, read: process 0 may be appending them to predictions.jsonl
+    merged, extra = read_all_predictions(output_dir)
+    records = merged + extra
   summary = summarize_predictions(records)
   if is_primary():
     eval_report.save_data_rows(summary, output_dir)

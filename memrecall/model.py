@@ -523,6 +523,13 @@ def abstract_params(config: ModelConfig) -> Any:
   return variables["params"]
 
 
+def place_params(params, config: ModelConfig, mesh) -> Any:
+  """`params` (in `config`'s layout: stacked or per-layer) on `mesh`, each sharded by the
+  logical-axis rules as training shards it; arrays already placed so are not copied."""
+  from memrecall import sharding  # local: avoids a cycle for notebook users importing model only
+  return jax.device_put(params, sharding.param_shardings(abstract_params(config), mesh))
+
+
 def init_params(config: ModelConfig, rng: Array, mesh=None) -> Any:
   """Randomly initialised parameters, created directly with their target shardings."""
   from memrecall import sharding  # local: avoids a cycle for notebook users importing model only

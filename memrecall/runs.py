@@ -119,13 +119,18 @@ class Run:
 
   # --- parameters -----------------------------------------------------------
 
+  def param_shardings(self):
+    """Where each parameter lives on this run's mesh: the logical-axis rules' NamedShardings
+    (stacked layout, as checkpoints and training hold them)."""
+    return sharding_lib.param_shardings(model_lib.abstract_params(self.model), self.mesh)
+
   def params(self):
     """Initial parameters, placed on the mesh: an earlier stage's workdir (`init.checkpoint`),
     the HF checkpoint (`init.hf_checkpoint`; beacons and gate initialised where it has none),
     or random (`init.seed`)."""
     from memrecall.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
     init = self.config.init
-    shardings = sharding_lib.param_shardings(model_lib.abstract_params(self.model), self.mesh)
+    shardings = self.param_shardings()
     if init.checkpoint:
       params, _ = load_params(init.checkpoint)
       want = jax.tree.map(lambda x: x.value.shape, model_lib.abstract_params(self.model),
@@ -379,10 +384,11 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0, memory_size: int = 1024,
                 answer_tokens: int = 256, question_tokens: int = 1024,
                 model: dict | None = None, tokenizer: str = "",
-                prompts: dict | None = None) -> ml_collections.ConfigDict:
+                prompts: dict | None = None, mesh: dict | None = None) -> ml_collections.ConfigDict:
   """The run config of using a HF checkpoint as it is (launch/eval.py and launch/answer.py with
   --hf_checkpoint).  chunk_size 0: two compressor windows; model: `MODEL_RUN_KEYS` to set;
-  tokenizer: as `init.tokenizer`; prompts: templates to replace (`prompts` block keys)."""
+  tokenizer: as `init.tokenizer`; prompts: templates to replace (`prompts` block keys); mesh:
+  axis sizes (default: every device on fsdp)."""
   c = ml_collections.ConfigDict()
   c.stage = "eval"
   c.seed = 0
@@ -395,34 +401,48 @@ def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0, memory_size
                                           "answer_tokens": answer_tokens,
                                           "question_tokens": question_tokens})
   c.prompts = ml_collections.ConfigDict({"chat_template": "auto", **(prompts or {})})
+  if mesh:
+    c.mesh = ml_collections.ConfigDict(dict(mesh))
   return with_defaults(c)
 
 
-def from_hf_checkpoint(directory: str, **settings) -> Run:
-  """The run of evaluating (or answering with) a HF checkpoint; `settings` as in `eval_config`."""
-  return build_run(eval_config(directory, **settings))
+def from_hf_checkpoint(directory: str, devices: Sequence[Any] | None = None, **settings) -> Run:
+  """The run of evaluating (or answering with) a HF checkpoint; `settings` as in `eval_config`,
+  devices as in `build_run` (an evaluation process passes its own: `jax.local_devices()`)."""
+  return build_run(eval_config(directory, **settings), devices)
 
 
-def from_workdir(workdir: str, matmul_precision: str | None = None,
+def from_workdir(workdir: str, matmul_precision: str | None = None, *,
+                 devices: Sequence[Any] | None = None, mesh: dict | None = None,
                  **reasoner_overrides) -> tuple[Run, Any]:
-  """(run, params) of a memrecall training run: its latest orbax checkpoint and saved config.
+  """(run, params) of a memrecall training run: its latest orbax checkpoint and saved config,
+  the parameters read straight onto the run's mesh (sharded by the rules, as in training).
 
   matmul_precision: `ModelConfig.matmul_precision` to evaluate with (None: the run's own).
+  devices, mesh: the mesh's devices (`build_run`) and axis sizes (None: the saved run's).
   reasoner_overrides: chunk_size / memory_size / answer_tokens to evaluate with other settings
   (None or 0: the run's own).
   """
   from memrecall.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
-  params, saved = load_params(os.fspath(workdir))
-  config = with_defaults(ml_collections.ConfigDict(saved))
-  assets = os.path.join(os.fspath(workdir), HF_ASSETS)
-  if config.init.hf_checkpoint and os.path.exists(os.path.join(assets, "config.json")):
-    config.init.hf_checkpoint = assets
-  config.init.checkpoint = ""
-  if matmul_precision:
-    config.model.matmul_precision = matmul_precision
-  if reasoner_overrides.get("chunk_size"):
-    config.compressor.chunk_size = reasoner_overrides["chunk_size"]
-  for key in ("memory_size", "answer_tokens"):
-    if reasoner_overrides.get(key):
-      config.reasoner[key] = reasoner_overrides[key]
-  return build_run(config), params
+  built = []
+
+  def run_of(saved: dict):
+    config = with_defaults(ml_collections.ConfigDict(saved))
+    assets = os.path.join(os.fspath(workdir), HF_ASSETS)
+    if config.init.hf_checkpoint and os.path.exists(os.path.join(assets, "config.json")):
+      config.init.hf_checkpoint = assets
+    config.init.checkpoint = ""
+    if matmul_precision:
+      config.model.matmul_precision = matmul_precision
+    if mesh:
+      config.mesh = ml_collections.ConfigDict(dict(mesh))
+    if reasoner_overrides.get("chunk_size"):
+      config.compressor.chunk_size = reasoner_overrides["chunk_size"]
+    for key in ("memory_size", "answer_tokens"):
+      if reasoner_overrides.get(key):
+        config.reasoner[key] = reasoner_overrides[key]
+    built.append(build_run(config, devices))
+    return built[0].param_shardings()
+
+  params, _ = load_params(os.fspath(workdir), shardings=run_of)
+  return built[0], params

@@ -22,6 +22,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+
+class MeshError(ValueError):
+  """A mesh shape these devices cannot form (too many devices asked, or a size that does not
+  divide them): launchers turn it into a one-line error naming their --mesh flag."""
+
 # logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # activations
@@ -75,10 +80,10 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot fill mesh {dict(shape)}")
+      raise MeshError(f"{len(devices)} devices cannot fill mesh {dict(shape)}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) > len(devices):
-    raise ValueError(
+    raise MeshError(
         f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
         f"but {len(devices)} are available")
   device_array = np.asarray(devices[:math.prod(sizes)]).reshape(sizes)
@@ -96,7 +101,7 @@ def _hybrid_mesh(ici: Mapping[str, int], dcn: Mapping[str, int], devices) -> Mes
   if -1 in ici_shape or -1 in dcn_shape:
     raise ValueError("a mesh with a DCN part needs explicit sizes (no -1)")
   if math.prod(ici_shape) * math.prod(dcn_shape) != len(devices):
-    raise ValueError(f"ICI {ici_shape} x DCN {dcn_shape} does not cover {len(devices)} devices")
+    raise MeshError(f"ICI {ici_shape} x DCN {dcn_shape} does not cover {len(devices)} devices")
   # Slices on TPU; on other platforms each process is one granule (a host of GPUs).
   granule_is_process = jax.default_backend() != "tpu"
   array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
@@ -135,6 +140,12 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
 def logical_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                      rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
+
+
+def rows_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+  """A batch array's sharding ([B, ...]): rows over the `batch` axes of the rules, the rest
+  replicated (all of it when the mesh's batch axes do not divide B)."""
+  return logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
 
 
 def param_shardings(boxed_tree: Any, mesh: Mesh,

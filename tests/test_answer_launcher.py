@@ -10,8 +10,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*flags):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+def _run(*flags, devices=1):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "answer.py"), *flags],
                         capture_output=True, text=True, env=env, timeout=600)
 
@@ -34,15 +35,20 @@ def test_answer_bank_reuse_and_mismatch(tmp_path, lychee_dir, lychee_reference):
   assert result["trace"][-1]["memory_ids"] == lychee_reference["gf27/input_ids"][0][-46:-38].tolist()
   assert "chunk     2" in proc.stdout and "answer:" in proc.stdout
 
-  again = _run(*common, f"--memory_bank={tmp_path / 'bank'}", f"--output_json={out}")
-  assert again.returncode == 0 and "reusing memory bank" in again.stderr
+  # On 4 devices, the weights sharded over fsdp x tensor: the bank made on one device is
+  # recognised (its fingerprint is the weights', wherever they live) and the answer is the same.
+  sharded = ["--mesh=fsdp=2,tensor=2"]
+  again = _run(*common, *sharded, f"--memory_bank={tmp_path / 'bank'}", f"--output_json={out}",
+               devices=4)
+  assert again.returncode == 0 and "reusing memory bank" in again.stderr, again.stderr
   assert json.load(open(out))["answer_ids"] == result["answer_ids"]
 
   other = _run(*[f for f in common if not f.startswith("--chunk_size")], "--chunk_size=512",
                f"--memory_bank={tmp_path / 'bank'}")
   assert other.returncode != 0 and "chunk_size: bank has 1024, expected 512" in other.stderr
 
-  streamed = _run(*common, "--stream", "--group_size=2", f"--output_json={out}")
+  streamed = _run(*common, *sharded, "--stream", "--group_size=2", f"--output_json={out}",
+                  devices=4)
   assert streamed.returncode == 0, streamed.stderr
   assert json.load(open(out))["answer_ids"] == result["answer_ids"]
 

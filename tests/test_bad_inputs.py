@@ -157,6 +157,9 @@ EVAL = [
      "(memory_size 16 there, 4 now)", _rerun_with_other_settings),
     ("damaged_predictions", _shared(["--modes=all", "--output_dir={out}/eval"]),
      "line 2 is not JSON", _damaged_predictions),
+    ("mesh_larger_than_the_machine", ["--checkpoint={root}/run", "--lengths=1", "--mesh=fsdp=64"],
+     "needs 64 devices, but 1 are available: each process runs on its own 1 device(s)"),
+    ("malformed_mesh", _shared(["--mesh=fsdp"]), "--mesh must look like"),
 ]
 ANSWER = [
     ("bank_of_another_document", ["--hf_checkpoint={hf}", "--document={root}/doc.txt",
@@ -179,6 +182,8 @@ ANSWER = [
                            "--output_json=/proc/memrecall/answer.json"], "cannot write in /proc"),
     ("corrupted_orbax_checkpoint", ["--checkpoint={root}/corrupt", "--document={root}/doc.txt",
                                     "--question_ids=1,2"], "may be truncated or corrupted"),
+    ("mesh_larger_than_the_machine", ["--hf_checkpoint={hf}", "--document={rows}",
+                                      "--mesh=fsdp=2,tensor=2"], "needs 4 devices"),
 ]
 GENERATE = [
     ("mesh_larger_than_the_machine", ["--prompt_ids=1,2", "--mesh=fsdp=64"], "needs 64 devices"),

@@ -72,6 +72,30 @@ def test_latency_keeps_each_questions_fastest_run():
   assert 0.015 < latency < 0.045, latency
 
 
+def test_evaluation_shards_the_weights_as_training_does():
+  """`on_mesh` places the recall loop's per-layer weights by training's rules: each layer's
+  sharding is the stacked tree's less its (replicated) layer axis, and the rest is the same."""
+  import flax.traverse_util
+  config = small_config("sft")
+  config.mesh.fsdp, config.mesh.tensor = 2, 2
+  run = runs.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0), None)  # on one device
+  placed, setup = evaluation.on_mesh(params, run.recall_setup("all"), run.mesh)
+  assert not setup.model.scan_layers
+  training = flax.traverse_util.flatten_dict(run.param_shardings())
+  leaves = flax.traverse_util.flatten_dict(placed)
+  split = 0
+  for path, leaf in leaves.items():
+    if path[0].startswith("layers_"):
+      want = training[("layers",) + path[1:]].spec
+      assert want[0] is None and tuple(leaf.sharding.spec) == tuple(want[1:]), path
+    else:
+      assert leaf.sharding.spec == training[path].spec, path
+    assert leaf.sharding.mesh == run.mesh
+    split += any(axis is not None for axis in leaf.sharding.spec)
+  assert split > len(leaves) // 2, (split, len(leaves))  # most are split over fsdp or tensor
+
+
 def test_runs_score_uses_the_shared_metric():
   from memrecall.data import example as example_lib
   from memrecall.tokenizer import ByteTokenizer

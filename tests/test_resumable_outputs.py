@@ -129,6 +129,58 @@ def test_a_write_killed_at_any_byte_is_followed_by_a_complete_rerun(finished, tm
     assert summary[0]["examples"] == 2
 
 
+def _count_evaluated(run, params, directory):
+  """(summary, rows computed) of a rerun into `directory`."""
+  calls = []
+  original = evaluation.evaluate_mode
+  try:
+    evaluation.evaluate_mode = lambda *a, **k: calls.append(len(a[3])) or original(*a, **k)
+    summary = _evaluate(run, params, directory)
+  finally:
+    evaluation.evaluate_mode = original
+  return summary, sum(calls)
+
+
+def test_rows_of_an_interrupted_multiprocess_run_are_reused_and_merged(finished, tmp_path):
+  """A 2-process run stopped before its merge, resumed by one process: nothing is recomputed,
+  and every row reaches predictions.jsonl once."""
+  run, params, done = finished
+  directory = _copy(done, tmp_path)
+  expected = jsonl.read(directory / "predictions.jsonl")
+  for record in expected:  # each row where its process (row mod 2) wrote it
+    jsonl.append(evaluation.predictions_path(str(directory), record["row"] % 2, 2), [record])
+  os.remove(directory / "predictions.jsonl")
+  summary, computed = _count_evaluated(run, params, directory)
+  assert computed == 0 and summary[0]["examples"] == 2
+  assert sorted(jsonl.read(directory / "predictions.jsonl"), key=lambda r: r["row"]) == expected
+
+
+def test_the_merge_keeps_every_row_once_and_is_idempotent(tmp_path):
+  row = lambda i, text="x": {"model": "m", "data": "d.json", "mode": "all", "row": i,
+                             "prediction": text}
+  jsonl.append(tmp_path / "predictions.jsonl", [row(0)])
+  jsonl.append(evaluation.predictions_path(str(tmp_path), 0, 2), [row(0, "again"), row(2)])
+  jsonl.append(evaluation.predictions_path(str(tmp_path), 1, 2), [row(3), row(1)])
+  with open(evaluation.predictions_path(str(tmp_path), 1, 2), "a") as f:
+    f.write('{"model": "m", "da')  # a process killed mid-write
+  jsonl.append(tmp_path / "predictions-backup.jsonl", [row(7)])  # not a process's file
+  merged = evaluation.merge_predictions(str(tmp_path))
+  assert [r["row"] for r in merged] == [0, 1, 2, 3] and merged[0]["prediction"] == "x"
+  assert jsonl.read(tmp_path / "predictions.jsonl") == merged
+  data = (tmp_path / "predictions.jsonl").read_bytes()
+  assert evaluation.merge_predictions(str(tmp_path)) == merged  # a rerun's merge adds nothing
+  assert (tmp_path / "predictions.jsonl").read_bytes() == data
+
+
+def test_round_robin_gives_every_row_to_exactly_one_process():
+  from memrecall import distributed
+  for count in (0, 1, 5, 8):
+    for processes in (1, 2, 3):
+      shares = [distributed.round_robin(count, p, processes) for p in range(processes)]
+      assert sorted(i for share in shares for i in share) == list(range(count))
+  assert distributed.round_robin(5, 1, 2) == [1, 3]
+
+
 def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
   path = tmp_path / "p.jsonl"
   path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')

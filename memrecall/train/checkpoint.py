@@ -110,34 +110,55 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(workdir_or_checkpoint: str, step: int | None = None) -> tuple[Any, dict]:
-  """Parameters (on the default device, as numpy-backed jax arrays) and the run config.
+def load_params(workdir_or_checkpoint: str, step: int | None = None,
+                shardings: Any = None) -> tuple[Any, dict]:
+  """The parameters alone (no optimizer state is read) and the run config of a checkpoint.
 
-  Accepts a workdir (latest checkpoint, or `step`) for analysis in a notebook.
+  Accepts a workdir (latest checkpoint, or `step`) for analysis in a notebook.  shardings:
+  where each parameter goes — a tree of Shardings like the parameters, or a function from
+  the saved config to one (`runs.from_workdir`: the run's mesh, so a model larger than one
+  device is read straight onto its shards); default: this process's first device.
   """
   directory = checkpoint_dir(workdir_or_checkpoint)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory")
   manager = ocp.CheckpointManager(directory, item_handlers={
-      "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+      "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
       "data": ocp.JsonCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
   try:
-    with _stderr_kept_unless_failed():
-      # Whatever mesh wrote it, read it onto this process's first device.
+    with _restore_errors(directory, step):
+      config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
       metadata = manager.item_metadata(step)["state"]
+      stored = getattr(metadata, "tree", metadata)["params"]
+    if callable(shardings):  # outside: its errors (a mesh too large, ...) are not the checkpoint's
+      shardings = shardings(config)
+    if shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            getattr(metadata, "tree", metadata))
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax raises many types for damaged files
+      shardings = jax.tree.map(lambda _: device, stored)
+    with _restore_errors(directory, step):
+      # Whatever mesh wrote it, read it onto these shardings; the rest of the state stays on disk.
+      target = {"params": jax.tree.map(
+          lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), stored, shardings)}
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
+  finally:
+    manager.close()
+  return restored.state["params"], config
+
+
+@contextlib.contextmanager
+def _restore_errors(directory: str, step: int):
+  """Any failure inside as one CheckpointError naming the checkpoint (orbax raises many types
+  for damaged files), with orbax's stderr noise held back."""
+  try:
+    with _stderr_kept_unless_failed():
+      yield
+  except Exception as e:
     first = (str(e).strip().splitlines() or [""])[0][:200]
     raise CheckpointError(f"checkpoint {directory}/{step} cannot be restored ({type(e).__name__}: "
                           f"{first}); it may be truncated or corrupted — delete it to use an "
                           "earlier one, or retrain") from e
-  finally:
-    manager.close()
-  return restored.state["params"], restored.config

@@ -102,7 +102,7 @@ def check_workdir(workdir: str) -> None:
 
 def _row_sharding(shape, mesh):
   """A global batch array's sharding: rows over the batch axes, the rest replicated."""
-  return sharding_lib.logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+  return sharding_lib.rows_sharding(shape, mesh)
 
 
 def _batch_shardings(local_batch, mesh):

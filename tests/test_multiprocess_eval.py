@@ -1,0 +1,126 @@
+"""launch/eval.py in two processes (jax.distributed on localhost, 2 CPU devices each): disjoint
+rows, one merged output equal to a one-process run's, and a resume after one process is killed.
+
+All three runs share a persistent compilation cache, so only the first compiles the loop.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from memrecall import jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
+ROWS = 8  # 4 per process: 2 batches of 2, so a kill after the first lands mid-run
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _rows_file(path) -> str:
+  """ROWS question rows cut from the fixture's text; the questions differ so that the random
+  model's answers differ too (a row given another's prediction shows)."""
+  rows = json.load(open(os.path.join(FIXTURE, "rows.json")))
+  text = rows[0]["context"] + rows[1]["context"]
+  questions = ["Which baseline reads raw chunks?", "What is compressed?", "Who gates?",
+               "Where is memory kept?"]
+  json.dump([{"context": text[i * 700:i * 700 + 650], "input": questions[i % 4],
+              "answers": [f"part {i}"]} for i in range(ROWS)], open(path, "w"))
+  return str(path)
+
+
+def _start(tmp_path, output_dir, process=None, port=None):
+  """One launcher process (the whole run when `process` is None)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "compilation_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env.pop("MEMRECALL_VERBOSE", None)
+  flags = [f"--hf_checkpoint={FIXTURE}/hf", f"--data=rows:{tmp_path / 'rows.json'}",
+           "--modes=all", "--chunk_size=512", "--memory_size=8", "--answer_tokens=8",
+           "--batch_size=2", f"--output_dir={output_dir}"]
+  if process is not None:
+    flags += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+              f"--process_id={process}"]
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "eval.py"), *flags],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _two(tmp_path, output_dir):
+  port = _free_port()
+  return [_start(tmp_path, output_dir, i, port) for i in range(2)]
+
+
+def _finish(proc, timeout=300) -> str:
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _own_file(directory, process):
+  return directory / f"predictions-{process:05d}-of-00002.jsonl"
+
+
+def _wait_for_rows(path, count, proc, timeout=240):
+  """Polls until `path` holds `count` complete rows (fails if `proc` exits first)."""
+  deadline = time.monotonic() + timeout
+  while len(jsonl.read(path)) < count:
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert time.monotonic() < deadline, f"{path} never reached {count} rows"
+    time.sleep(0.05)
+
+
+def _by_row(path) -> dict:
+  records = jsonl.read(path)
+  by_row = {(r["model"], r["data"], r["mode"], r["row"]): r for r in records}
+  assert len(by_row) == len(records), f"{path} holds a row twice"
+  return by_row
+
+
+def test_two_processes_split_rows_merge_like_one_and_resume_after_a_kill(tmp_path):
+  _rows_file(tmp_path / "rows.json")
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  _finish(_start(tmp_path, single))
+  expected = _by_row(single / "predictions.jsonl")
+  assert len(expected) == ROWS and len({tuple(r["prediction_ids"]) for r in expected.values()}) > 1
+  # One process keeps the layout it always had: no per-process files.
+  assert {"keys.json", "predictions.jsonl", "results.json"} <= set(os.listdir(single))
+  assert not [name for name in os.listdir(single) if name.startswith("predictions-")]
+
+  # Process 1 is killed once its first batch is on disk; process 0 finishes its share and
+  # waits at the barrier before the merge, where the job is then stopped too.
+  procs = _two(tmp_path, multi)
+  _wait_for_rows(_own_file(multi, 1), 1, procs[1])
+  procs[1].send_signal(signal.SIGKILL)
+  _wait_for_rows(_own_file(multi, 0), ROWS // 2, procs[0])
+  procs[0].send_signal(signal.SIGKILL)
+  for p in procs:
+    p.communicate(timeout=60)
+  before = {i: jsonl.read(_own_file(multi, i)) for i in range(2)}
+  assert not (multi / "predictions.jsonl").exists()  # no merge: process 1 never got there
+  killed_at = len(before[1])
+  assert 0 < killed_at < ROWS // 2, f"process 1 wrote {killed_at} rows before the kill"
+  # Disjoint: each process computed only its own rows (row i: process i mod 2).
+  for i in range(2):
+    assert {r["row"] % 2 for r in before[i]} == {i}
+  own_bytes = _own_file(multi, 0).read_bytes()
+
+  logs = [_finish(p) for p in _two(tmp_path, multi)]
+  assert "(process 1 of 2)" in logs[1] and "(process 0 of 2)" not in logs[0]
+  # Nothing finished was computed again: process 0's file is untouched, process 1 appended
+  # exactly its missing rows after the ones it had written.
+  assert _own_file(multi, 0).read_bytes() == own_bytes
+  after = jsonl.read(_own_file(multi, 1))
+  assert after[:killed_at] == before[1] and len(after) == ROWS // 2
+  assert sorted(r["row"] for r in after) == list(range(1, ROWS, 2))
+  # One merged output, every row once, equal to the one-process run's.
+  assert _by_row(multi / "predictions.jsonl") == expected
+  assert json.load(open(multi / "results.json")) == json.load(open(single / "results.json"))
