@@ -21,6 +21,17 @@ else:
   # than JAX's default 75% of the card up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# One persistent compilation cache per test run, shared by pytest-xdist's workers and every
+# launcher subprocess a test starts (they inherit this environment from the process that
+# started the run): the suite compiles the same tiny-model programs in dozens of processes,
+# and a cache hit skips XLA's compiler.  The directory is new for each run, so no run reads
+# programs another run compiled, and is removed at its end.  A JAX_COMPILATION_CACHE_DIR
+# already set is used as it is and kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="memrecall-tests-jax-cache-")
+  os.environ["MEMRECALL_TEST_JAX_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -89,6 +100,14 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+  """Removes this run's compilation cache, in the process that made it (not in a worker)."""
+  if os.environ.get("MEMRECALL_TEST_JAX_CACHE_OWNER") != str(os.getpid()):
+    return
+  import shutil
+  shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -40,9 +40,7 @@ def _rows_file(path) -> str:
 def _start(tmp_path, output_dir, process=None, port=None):
   """One launcher process (the whole run when `process` is None)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "compilation_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   env.pop("MEMRECALL_VERBOSE", None)
   flags = [f"--hf_checkpoint={FIXTURE}/hf", f"--data=rows:{tmp_path / 'rows.json'}",
            "--modes=all", "--chunk_size=512", "--memory_size=8", "--answer_tokens=8",
