@@ -118,6 +118,12 @@ class Row:
   advice: str = ""
   held_gib: float = 0.0
   compiled: bool = True  # False: the compiler refused it for lack of HBM (outputs unknown)
+  # The compiler's heap simulation: bytes live at once at the program's worst moment,
+  # arguments included (`peak_memory_in_bytes`); and what its buffers take once laid out
+  # (`total_allocation_bytes`).  Both at most args + temp + out: `temp` adds up temporaries
+  # that a loop's iterations or disjoint live ranges may share.
+  peak_gib: float = 0.0
+  allocation_gib: float = 0.0
 
   @property
   def share(self) -> float:
@@ -198,7 +204,8 @@ def compile_program(program: Program, mesh, hbm_bytes: float) -> Row:
   total = argument + temp + output - alias + held
   hbm = hbm_bytes / GiB
   return Row(program.name, argument, temp, output, alias, total, hbm, seconds,
-             _advice(program.name, total, hbm, temp, argument + held), held)
+             _advice(program.name, total, hbm, temp, argument + held), held,
+             peak_gib=gib("peak_memory_in_bytes"), allocation_gib=gib("total_allocation_bytes"))
 
 
 def compile_rows(programs: Sequence[Program], mesh, hbm_bytes: float, log=None) -> list[Row]:

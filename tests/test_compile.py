@@ -169,3 +169,29 @@ def test_a_program_over_90_percent_of_hbm_says_by_how_much_and_what_to_change():
   row = aot.Row("rollout", 18.0, 2.0, 0.0, 0.0, 20.0, 16.0, 1.0, "does not fit by 5.60 GiB")
   assert not row.fits and row.to_json()["share_of_hbm"] == pytest.approx(1.25)
   assert aot.format_row(row).endswith("does not fit by 5.60 GiB")
+
+
+def test_training_compression_keeps_no_attention_scores_per_layer():
+  """The train step differentiates through compression: under full remat it keeps each
+  layer's input, not each layer's float32 attention scores (a `lax.cond` in the layer scan
+  made JAX keep those: 27 GiB per chip of configs/lychee.py:rl,7b,v5p-64's step)."""
+  import re
+  import jax
+  from configs import tiny
+  from memrecall.model import QUERY_BLOCK
+  from memrecall.runs import build_run
+  from memrecall.train import trainer
+  config = tiny.get_config("sft")
+  config.model.remat = "full"
+  # Windows of 512 tokens: attention runs in blocks of QUERY_BLOCK query rows.
+  config.compressor.chunk_size, config.compressor.window = 1024, 512
+  config.mesh.fsdp = 1
+  run = build_run(config, jax.devices()[:1])
+  step = trainer.stage_programs(run)[0]
+  with jax.set_mesh(run.mesh):
+    text = step.jitted.lower(*step.args).as_text()
+  m = run.model
+  rows = m.num_heads // m.num_kv_heads * QUERY_BLOCK
+  # [layers, chunks, kv heads, query rows, keys] float32: one block's scores for every layer.
+  stacked = re.findall(rf"tensor<{m.num_layers}x\d+x{m.num_kv_heads}x{rows}x(\d+)xf32>", text)
+  assert [k for k in stacked if int(k) > m.head_dim] == [], stacked
