@@ -154,8 +154,15 @@ def device_bytes(tree) -> int:
   """Bytes one device holds of abstract arrays (ShapeDtypeStructs with shardings)."""
   total = 0
   for leaf in jax.tree.leaves(tree):
+    if not hasattr(leaf, "sharding"):  # a Python scalar (e.g. the gate's threshold)
+      total += np.asarray(leaf).nbytes
+      continue
     shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    dtype = leaf.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # a typed key: its raw data's bytes
+      dtype, shape = np.uint32, tuple(shape) + jax.eval_shape(
+          lambda: jax.random.key_data(jax.random.key(0))).shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
   return total
 
 
