@@ -126,7 +126,8 @@ def main(argv):
               "accelerator_type": tpu.accelerator_type, "chips": tpu.chips,
               "devices": len(devices), "mesh": dict(run.mesh.shape),
               "hbm_gib_per_device": hbm / tpu_topology.GiB, "jax": jax.__version__,
-              "libtpu": libtpu_version(), "rows": [r.to_json() for r in rows]}
+              "libtpu": libtpu_version(), "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
+              "eval_tokens": tokens, "rows": [r.to_json() for r in rows]}
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(report, f, indent=1)
   over = [r for r in rows if not r.fits]

@@ -164,9 +164,12 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     devices = _devices(tpu.chips if tpu is not None and -1 in mesh.values() else known)
   try:
     run = build_run(config, devices)
-    tokens = run.num_chunks * run.compressor.chunk_size
+    # A record's evaluation settings (launch/compile.py's flags), else compile.py's defaults.
+    tokens = (record or {}).get("eval_tokens") or run.num_chunks * run.compressor.chunk_size
+    eval_batch = (record or {}).get("eval_batch") or eval_batch
+    modes = (record or {}).get("eval_modes", ["gate", "stream"])
     programs = aot.recipe_programs(run, eval_batch=eval_batch, eval_tokens=tokens,
-                                   eval_modes=["gate", "stream"])
+                                   eval_modes=modes)
     estimates = plan.estimate_programs(run, programs, eval_batch=eval_batch)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
