@@ -148,6 +148,11 @@ def _devices(count: int):
   return devices[:count]
 
 
+def _gib(x: float) -> str:
+  """Two decimals, or four below 1 GiB (a tiny recipe's MiB)."""
+  return f"{x:.2f}" if x >= 1 else f"{x:.4f}"
+
+
 def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, compile_for,
                  eval_batch: int, out: list) -> list[str]:
   """The table's lines for one recipe; its rows appended to `out`."""
@@ -202,14 +207,14 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
                 "ratio": est / allocated if allocated else None,
                 "topology": (record or {}).get("topology") or (tpu.topology if tpu else None)})
     if allocated:
-      cells = (f"{allocated:>10.2f} {est / allocated:>6.2f} {row['total_gib']:>8.2f} "
+      cells = (f"{_gib(allocated):>10} {est / allocated:>6.2f} {_gib(row['total_gib']):>8} "
                f"{row['total_gib'] / device_gib:>7.1%}")
     elif row:
-      cells = f"{'?':>10} {'':>6} {row['total_gib']:>8.2f} {row['total_gib'] / device_gib:>7.1%}"
+      cells = f"{'?':>10} {'':>6} {_gib(row['total_gib']):>8} {row['total_gib'] / device_gib:>7.1%}"
     else:
       label = "estimate" if tpu is None else "not compiled"
       cells = f"{'-':>10} {'':>6} {'-':>8} {est / device_gib:>7.1%}  ({label})"
-    lines.append(f"  {e.program:<20} {est:>9.2f} {cells}")
+    lines.append(f"  {e.program:<20} {_gib(est):>9} {cells}")
     if _TERMS.value:
       lines.append(f"    arguments {e.arguments / GiB:.3f}, held {e.held / GiB:.3f}, "
                    f"temporaries {e.temporaries / GiB:.3f} (phase: {e.phase})")

@@ -288,31 +288,42 @@ def _train_turns(s: _Shapes, rows: int, with_logits: bool = True) -> list[Term]:
   return terms
 
 
-def _compression_terms(s: _Shapes, rows: int) -> list[Term]:
-  """A chunk's compression with gradients (remat): each window's layer inputs for every
-  layer, and one block of its attention scores."""
-  w = s.W + s.W // s.r
-  windows = s.C // s.W
-  keys = (windows - 1) * (s.W // s.r) + w
-  return [Term("remat: the compression windows' layer inputs", windows * s.L * rows * w * s.E * s.dt,
-               f"{windows} windows x L {s.L} x {rows} rows x {w} positions x E {s.E} x {s.dt} B"),
-          _scores_term(s, rows, keys, "one compression block")]
+def _compression_backward(s: _Shapes, rows_mb: int) -> list[Term]:
+  """A chunk's compression in the backward pass of its block (remat): the windows' saved
+  layer inputs, the first windows' beacon K/V (the later windows' prefix) and the windows'
+  masks, each held twice (the recompute's and the loop's copy).  The compiled step lays
+  them out for all `rows_mb` rows of the microbatch, the hidden dimension split over fsdp
+  (docs/2026-12-04-tpu-compile.md): rows_mb / (data x fsdp) x fsdp times the bytes of a
+  row-sharded layout."""
+  windows, g = s.C // s.W, s.W // s.r
+  w = s.W + g
+  fsdp = s.sizes["fsdp"]
+  inputs = 2 * windows * rows_mb * s.L * w * s.E * s.dt // fsdp
+  prefix = 2 * s.kv(rows_mb, (windows - 1) * g)
+  masks = 2 * sum(rows_mb * w * (i * g + w) for i in range(windows))
+  return [Term("remat: the compression windows' layer inputs", inputs,
+               f"2 copies x {windows} windows x {rows_mb} rows x L {s.L} x {w} positions x "
+               f"E {s.E} / fsdp {fsdp} x {s.dt} B"),
+          Term("the windows' beacon K/V prefix", prefix,
+               f"2 copies x " + s.kv_formula(rows_mb, f"{windows - 1} x {g}", (windows - 1) * g)),
+          Term("the windows' masks", masks,
+               f"2 copies x {rows_mb} rows x {w} queries x (prefix + {w}) keys x 1 B, summed over "
+               f"{windows} windows")]
 
 
-def _gradient_terms(s: _Shapes, trainable: int, microbatches: int) -> list[Term]:
-  copies = 3 if microbatches > 1 else 2
-  why = "the microbatch's, the accumulated, AdamW's update" if microbatches > 1 else \
-      "the gradient, AdamW's update"
-  return [Term("gradients and optimizer temporaries", copies * trainable,
-               f"{copies} x the trainable leaves' {trainable / GiB:.3f} GiB per device ({why})")]
+def _gradient_terms(s: _Shapes, trainable: int) -> list[Term]:
+  return [Term("gradients", 2 * trainable,
+               f"2 x the trainable leaves' {trainable / GiB:.3f} GiB per device (the step's "
+               "accumulated gradient and the block loop's gradient carry)")]
 
 
 def _train_step(s: _Shapes, program, trainable: int) -> dict[str, list[Term]]:
   config = s.run.config
   k = int(config.train.get("microbatches", 1))
   stage = config.stage
-  rows = max(1, math.ceil(config.train.batch_size / (s.batch_shards * k)))
-  grads = _gradient_terms(s, trainable, k)
+  rows_mb = config.train.batch_size // k  # the microbatch's rows, all batch shards
+  rows = max(1, math.ceil(rows_mb / s.batch_shards))
+  grads = _gradient_terms(s, trainable)
   if stage == "compressor":
     w = s.W + s.W // s.r
     windows = s.C // s.W
@@ -332,10 +343,14 @@ def _train_step(s: _Shapes, program, trainable: int) -> dict[str, list[Term]]:
         Term("compressed chunk and the gate's cache", s.kv(rows, 2 * s.S + t),
              s.kv_formula(rows, f"2 x {s.S} + {t}", 2 * s.S + t)),
         _mlp_term(s, rows, s.W + s.W // s.r)]}
-  terms = grads + _train_turns(s, rows)
+  answer = s.P_final + s.A
+  answer_inputs = Term("remat: the answer turn's layer inputs", s.L * rows * answer * s.E * s.dt,
+                       f"L {s.L} x {rows} rows x {answer} tokens x E {s.E} x {s.dt} B")
+  phases = {"a turn's backward": grads + _train_turns(s, rows) + [answer_inputs]}
   if not s.raw:
-    terms += _compression_terms(s, rows)
-  return {"backward": terms}
+    phases["compression's backward"] = (grads + [_head_term(s, 1, "gathered for the turns")]
+                                        + _compression_backward(s, rows_mb) + [answer_inputs])
+  return phases
 
 
 def _reference(s: _Shapes, rows: int) -> dict[str, list[Term]]:
