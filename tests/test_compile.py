@@ -171,17 +171,19 @@ def test_a_program_over_90_percent_of_hbm_says_by_how_much_and_what_to_change():
   assert aot.format_row(row).endswith("does not fit by 5.60 GiB")
 
 
-def test_training_compression_keeps_no_attention_scores_per_layer():
-  """The train step differentiates through compression: under full remat it keeps each
-  layer's input, not each layer's float32 attention scores (a `lax.cond` in the layer scan
-  made JAX keep those: 27 GiB per chip of configs/lychee.py:rl,7b,v5p-64's step)."""
+@pytest.mark.parametrize("stage", ["sft", "gate"])
+def test_training_compression_keeps_no_attention_scores_per_layer(stage):
+  """The train step differentiates through compression (the gate stage too: its adapters
+  sit in the layer stack compression scans over): under full remat it keeps each layer's
+  input, not each layer's float32 attention scores (a `lax.cond` in the layer scan made JAX
+  keep those: 27 GiB per chip of configs/lychee.py:rl,7b,v5p-64's step, 24 of gate's)."""
   import re
   import jax
   from configs import tiny
   from memrecall.model import QUERY_BLOCK
   from memrecall.runs import build_run
   from memrecall.train import trainer
-  config = tiny.get_config("sft")
+  config = tiny.get_config(stage)
   config.model.remat = "full"
   # Windows of 512 tokens: attention runs in blocks of QUERY_BLOCK query rows.
   config.compressor.chunk_size, config.compressor.window = 1024, 512

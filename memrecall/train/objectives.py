@@ -240,7 +240,9 @@ def gate_block_logits(params, setup: TrainSetup, batch: GateBatch) -> Array:
   @jax.checkpoint
   def block(carry, xs):
     ids, mask, mem_ids, mem_mask = xs
-    chunk = compress(params, cfg, setup.compressor, ids, mask)
+    # Differentiated (the adapters ride in the layer stack), so no `lax.cond` skip: see
+    # `compress`.
+    chunk = compress(params, cfg, setup.compressor, ids, mask, for_gradients=True)
     return carry, gate_logits(params, cfg, setup.prompts.gate, chunk.k, chunk.v, chunk.slot_mask,
                               batch.question, batch.question_mask, WorkingMemory(mem_ids, mem_mask))
 
