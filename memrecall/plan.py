@@ -226,8 +226,9 @@ def _logits_term(s: _Shapes, rows: int, tokens: int, what: str, f32_copies: int 
 
 
 def _mlp_term(s: _Shapes, rows: int, tokens: int) -> Term:
-  return Term("one layer's MLP", 2 * rows * tokens * s.F * s.dt // s.tensor,
-              f"2 (gate, up) x {rows} rows x {tokens} tokens x F {s.F} x {s.dt} B")
+  """One layer's MLP activation (the compiled programs fuse silu(gate) x up into one)."""
+  return Term("one layer's MLP", rows * tokens * s.F * s.dt // s.tensor,
+              f"{rows} rows x {tokens} tokens x F {s.F} x {s.dt} B")
 
 
 def _scores_term(s: _Shapes, rows: int, keys: int, what: str) -> Term:
@@ -330,8 +331,10 @@ def _train_step(s: _Shapes, program, trainable: int) -> dict[str, list[Term]]:
     return {"backward": grads + [
         Term("remat: the windows' layer inputs", windows * s.L * rows * w * s.E * s.dt,
              f"{windows} windows x L {s.L} x {rows} rows x {w} positions x E {s.E} x {s.dt} B"),
-        _head_term(s, 3, "forward, backward, and its gradient"),
-        _logits_term(s, rows, s.C, "every raw token, and its gradient", 2),
+        _head_term(s, 1, "gathered for the windows' logits"),
+        Term("logits: every raw token", rows * s.C * s.V * (2 * s.dt + 4) // s.tensor,
+             f"{rows} rows x {s.C} tokens x V {s.V} x (2 x {s.dt} B: the windows' LM head "
+             "outputs and their concatenation, + 4 B: the float32 log-softmax)"),
         _mlp_term(s, rows, w)]}
   if stage == "gate":
     # The gate's adapters only: compression and the gate prompt need no backward through
@@ -358,12 +361,13 @@ def _reference(s: _Shapes, rows: int) -> dict[str, list[Term]]:
   the chunk compressed, the turn's prefix cache, one layer, and the written tokens' logits."""
   t = s.P_update + s.M
   slots = 0 if s.raw else s.S
-  return {"memory updates": [
-      _head_term(s, 1, "the turn's logits"),
-      _logits_term(s, rows, s.M, "the written tokens"),
-      Term("prefix cache of the turn", s.kv(rows, slots + t),
-           s.kv_formula(rows, f"{slots} + {t}", slots + t)),
-      _mlp_term(s, rows, t)]}
+  terms = [_head_term(s, 1, "the turn's logits"),
+           _logits_term(s, rows, s.M, "the written tokens"),
+           _mlp_term(s, rows, t)]
+  if slots:  # the chunk's slots and room for the turn, every layer (MemAgent reads no slots)
+    terms.append(Term("prefix cache of the turn", s.kv(rows, slots + t),
+                      s.kv_formula(rows, f"{slots} + {t}", slots + t)))
+  return {"memory updates": terms}
 
 
 def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | None = None,
