@@ -238,12 +238,14 @@ def _scores_term(s: _Shapes, rows: int, keys: int, what: str) -> Term:
 
 def _decode_phase(s: _Shapes, rows: int, slots: int, prompt: int, room: int, what: str
                   ) -> list[Term]:
-  """A prompt prefilled into a cache of slots + prompt + room, then decoded: the cache as
-  built and as the prefill writes it (k and v each), the LM head gathered for the logits,
-  one layer's MLP and one block of attention scores over the prompt."""
+  """A prompt prefilled into a cache of slots + prompt + room, then decoded: the cache (k and
+  v) as built by concatenating the chunk's slots and as the prefill writes it (with no slots
+  the prefill writes the empty cache in place: one copy), the LM head gathered for the
+  logits, one layer's MLP and one block of attention scores over the prompt."""
   n = slots + prompt + room
-  return [Term(f"decode cache: {what}", 2 * s.kv(rows, n),
-               "2 (built, prefilled) x " + s.kv_formula(rows, f"{slots} + {prompt} + {room}", n)),
+  copies, why = (2, "built, prefilled") if slots else (1, "prefilled in place")
+  return [Term(f"decode cache: {what}", copies * s.kv(rows, n),
+               f"{copies} ({why}) x " + s.kv_formula(rows, f"{slots} + {prompt} + {room}", n)),
           _head_term(s, 1, "the next-token logits"),
           _mlp_term(s, rows, prompt),
           _scores_term(s, rows, n, "one query block of the prefill")]
@@ -279,9 +281,10 @@ def _train_turns(s: _Shapes, rows: int, with_logits: bool = True) -> list[Term]:
   slots = 0 if s.raw else s.S
   terms = [Term("remat: the turn's layer inputs", s.L * rows * t * s.E * s.dt,
                 f"L {s.L} x {rows} rows x {t} tokens x E {s.E} x {s.dt} B"),
-           Term("prefix cache of the turn", s.kv(rows, slots + t),
-                s.kv_formula(rows, f"{slots} + {t}", slots + t)),
            _mlp_term(s, rows, t), _scores_term(s, rows, slots + t, "one query block")]
+  if slots:  # the chunk's slots and room for the turn (MemAgent's raw turns have none)
+    terms.append(Term("prefix cache of the turn", s.kv(rows, slots + t),
+                      s.kv_formula(rows, f"{slots} + {t}", slots + t)))
   if with_logits:
     terms += [_head_term(s, 3, "forward, backward, and its gradient"),
               _logits_term(s, rows, t, "the turn's LM head output (bf16)", 0),
