@@ -191,9 +191,19 @@ class _Shapes:
     self.P_gate = p.gate.length(self.Q, self.Mc) if m.has_gate else 0
 
   def rows(self, n: int) -> int:
-    """Rows per device of a recall loop over n rows: n over every batch shard when they
-    divide it, else all n (the compiled loop's compression and bank then hold every row on
-    every device, as the compiler's plans of 16 evaluation questions on 32 chips show)."""
+    """Rows per device of an n-row batch under the rules table: split over the batch axes
+    that divide it (16 questions on data 4 x fsdp 8: 4 per device)."""
+    spec = sharding_lib.logical_to_spec(("batch",), (n,), _AxisSizes(self.sizes))
+    split = math.prod(self.sizes[a] for entry in spec if entry is not None
+                      for a in (entry if isinstance(entry, tuple) else (entry,)))
+    return n // split
+
+  def bank_rows(self, n: int) -> int:
+    """Rows per device of the compressed chunks of n rows: compression runs one small group
+    of chunks at a time (`CompressorConfig.chunks_per_group`, one 4096-token chunk at 7B),
+    and the compiled programs keep the stacked result split over every batch shard when
+    they divide the rows, else whole on every device (the compiler's plans of 16 evaluation
+    questions on 32 chips: all 16 rows' banks on each)."""
     return n // self.batch_shards if n % self.batch_shards == 0 else n
 
   def kv(self, rows: int, positions: int) -> int:
@@ -257,14 +267,15 @@ def _bank_term(s: _Shapes, rows: int, copies: int, what: str) -> Term:
               f"{copies} x " + s.kv_formula(rows, f"N {s.N} x S {s.S}", n))
 
 
-def _rollout(s: _Shapes, rows: int, what: str) -> dict[str, list[Term]]:
-  """The recall loop over each row's own document (rollout, evaluation): its chunks
+def _rollout(s: _Shapes, n: int, what: str) -> dict[str, list[Term]]:
+  """The recall loop over each of n rows' own document (rollout, evaluation): its chunks
   compressed into a bank (the compressor's output and the bank's chunk-major copy), then
   each memory update decoded from one chunk's slots; MemAgent reads raw sections instead."""
   phases = {}
+  rows, bank = s.rows(n), s.bank_rows(n)
   if not s.raw:
-    phases["compression"] = [_bank_term(s, rows, 2, f"{what}: compressed chunks and the bank")]
-    read = [_bank_term(s, rows, 1, f"{what}: the bank")]
+    phases["compression"] = [_bank_term(s, bank, 2, f"{what}: compressed chunks and the bank")]
+    read = [_bank_term(s, bank, 1, f"{what}: the bank")]
     slots = s.S
   else:
     read, slots = [], 0
@@ -391,11 +402,11 @@ def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | N
       trainable = aot.device_bytes(state_lib.split(state.params, paths)[0])
       phases = _train_step(s, program, trainable)
     elif name == "rollout":
-      phases = _rollout(s, s.rows(run.config.train.batch_size), "rollout")
+      phases = _rollout(s, run.config.train.batch_size, "rollout")
     elif name == "reference_logprobs":
       phases = _reference(s, s.rows(run.config.train.batch_size))
     elif name.startswith("eval_recall_"):
-      phases = _rollout(s, s.rows(eval_batch), "evaluation")
+      phases = _rollout(s, eval_batch, "evaluation")
     elif name == "answer_stream":
       phases = _stream(s)
     else:
