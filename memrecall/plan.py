@@ -189,6 +189,11 @@ class _Shapes:
                      else p.update.length(self.Q, self.Mc))
     self.P_final = p.final.length(self.Q, self.Mc)
     self.P_gate = p.gate.length(self.Q, self.Mc) if m.has_gate else 0
+    # One layer's weights, unsharded, in the compute dtype (the stacked `layers` subtree / L).
+    layers = jax.tree.leaves(jax.tree.map(
+        lambda x: x.value, abstract_params(m)["layers"], is_leaf=lambda x: isinstance(
+            x, nn.Partitioned)))
+    self.layer_bytes = sum(int(np.prod(x.shape)) for x in layers) * self.dt // self.L
 
   def rows(self, n: int) -> int:
     """Rows per device of an n-row batch under the rules table: split over the batch axes
@@ -327,9 +332,18 @@ def _compression_backward(s: _Shapes, rows_mb: int) -> list[Term]:
 
 
 def _gradient_terms(s: _Shapes, trainable: int) -> list[Term]:
+  """What every train step's backward pass holds besides activations: the gradients, one
+  layer's weights gathered over fsdp (for the layer's recompute and for its backward), and
+  the stacked MLP kernels copied into the layout the backward's matmuls read them in."""
+  fsdp = s.sizes["fsdp"]
   return [Term("gradients", 2 * trainable,
                f"2 x the trainable leaves' {trainable / GiB:.3f} GiB per device (the step's "
-               "accumulated gradient and the block loop's gradient carry)")]
+               "accumulated gradient and the block loop's gradient carry)"),
+          Term("one layer's weights gathered", 2 * s.layer_bytes,
+               f"2 (its recompute, its backward) x one layer's {s.layer_bytes / GiB:.3f} GiB of "
+               "weights, unsharded"),
+          Term("MLP kernels in the backward's layout", 2 * s.L * s.E * s.F * s.dt // (fsdp * s.tensor),
+               f"2 kernels x L {s.L} x E {s.E} x F {s.F} x {s.dt} B / fsdp {fsdp}")]
 
 
 def _train_step(s: _Shapes, program, trainable: int) -> dict[str, list[Term]]:
