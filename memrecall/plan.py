@@ -42,8 +42,7 @@ import numpy as np
 
 from memrecall import sharding as sharding_lib
 from memrecall.config import ModelConfig
-from memrecall.model import QUERY_BLOCK, abstract_params, compression_key_limits
-from memrecall.attention import block_ends
+from memrecall.model import QUERY_BLOCK, abstract_params
 from memrecall.train import state as state_lib
 
 GiB = 1024 ** 3
@@ -346,7 +345,7 @@ def _gradient_terms(s: _Shapes, trainable: int) -> list[Term]:
                f"2 kernels x L {s.L} x E {s.E} x F {s.F} x {s.dt} B / fsdp {fsdp}")]
 
 
-def _train_step(s: _Shapes, program, trainable: int) -> dict[str, list[Term]]:
+def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
   config = s.run.config
   k = int(config.train.get("microbatches", 1))
   stage = config.stage
@@ -414,7 +413,7 @@ def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | N
       state = program.args[0]
       paths = state_lib.trainable_paths(state.params, run.config.train.trainable)
       trainable = aot.device_bytes(state_lib.split(state.params, paths)[0])
-      phases = _train_step(s, program, trainable)
+      phases = _train_step(s, trainable)
     elif name == "rollout":
       phases = _rollout(s, run.config.train.batch_size, "rollout")
     elif name == "reference_logprobs":
