@@ -30,12 +30,14 @@ setup(
         "data": ["tensorflow-datasets>=4.9", "array-record>=0.5", "importlib_resources>=5"],
         # MemAgent's RL data file (hotpotqa_train_32k.parquet) for `rows:` data.
         "parquet": ["pyarrow>=14"],
-        # The test suite; `safetensors` and `tensorboard` serve as independent references there.
+        # The test suite; `safetensors` and `tensorboard` serve as independent references there;
+        # libtpu (jax[tpu]) so that tests/test_compile.py compiles for a TPU in CI.
         "test": ["pytest>=8", "pytest-xdist>=3", "safetensors>=0.4", "tokenizers>=0.19",
-                 "jinja2>=3.1", "matplotlib>=3.8", "pyarrow>=14", "tensorboard>=2.14"],
+                 "jinja2>=3.1", "matplotlib>=3.8", "pyarrow>=14", "tensorboard>=2.14",
+                 "jax[tpu]; sys_platform == 'linux'"],
         # The TPU compiler (libtpu, the version jax pins) for launch/compile.py's deviceless
-        # compile and tests/test_compile.py, no TPU needed.  Not in `test`: wherever libtpu is
-        # installed, every jax process without JAX_PLATFORMS prints libtpu's failed TPU probe.
+        # compile, no TPU needed.  On a host with no accelerator the launchers then choose the
+        # CPU themselves (launch/cli.py: choose_platform), so libtpu's probe stays silent.
         "tpu": ["jax[tpu]; sys_platform == 'linux'"],
         # PNG plots of evaluations and the demo.
         "plot": ["matplotlib>=3.8"],

@@ -12,6 +12,8 @@ the results (orbax's INFO lines, XLA's backend probes) are quiet unless
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging as py_logging
 import os
 import re
@@ -90,9 +92,42 @@ def _quiet_logs() -> None:
     py_logging.getLogger(name).setLevel(py_logging.ERROR)
 
 
+def _accelerator_present() -> bool:
+  """Whether this host may have a TPU or GPU: jax's own PCI check for TPU chips (what jax uses
+  to decide it runs on a TPU VM), TPU and GPU device nodes, and True when unsure."""
+  nodes = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia*", "/dev/dxg", "/dev/kfd")
+  if any(glob.glob(pattern) for pattern in nodes):
+    return True
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except Exception:  # pylint: disable=broad-except
+    return True
+
+
+def choose_platform() -> None:
+  """The CPU backend on a host with no accelerator, when libtpu is installed and the user chose
+  no backend (JAX_PLATFORMS unset).
+
+  libtpu (the `tpu` extra: launch/compile.py's TPU compiler) makes every jax process try to
+  start a TPU runtime even where no TPU is attached; libtpu's failed probe of the TPU VM's
+  metadata prints warnings to stderr, then jax falls back to the CPU anyway.  Choosing the
+  CPU here gives the same backend without the futile probe.  Anything present (a TPU chip,
+  a GPU's device nodes) or a JAX_PLATFORMS the user set leaves jax to choose as always.
+  """
+  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    return
+  if _accelerator_present():
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"  # read by jax at import, and by child processes
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def run(main) -> None:
   """app.run(main) with one-line errors (see the module doc)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  choose_platform()
 
   def guarded(argv):
     _quiet_logs()

@@ -9,9 +9,11 @@ rollout and the reference log-prob pass; evaluation's recall loop over a device 
 answer.py's streaming loop) is lowered with abstract inputs at the recipe's shapes (nothing
 is allocated) and compiled by the TPU compiler for deviceless TPU devices (`libtpu`
 installed, no TPU needed).  One row per
-program: per-chip arguments, temporaries, outputs and total from the compiler's memory
-plan, the share of the chip's HBM, and the compile time; a program over 90% of HBM says
-by how much it does not fit and what would make it fit.
+program: per-chip arguments, temporaries, outputs from the compiler's memory plan, what the
+trainer holds on device besides them meanwhile (RL: the optimizer state during the rollout,
+the KL reference's copy), their total, the share of the chip's HBM, and the compile time.
+A program over 90% of HBM says by how much it does not fit and what would make it fit, and
+the command exits with status 3 once every program is compiled.
 
 --topology defaults to the recipe's mesh when it names a TPU slice (`v5p-64` -> v5p:2x4x4,
 32 chips); the mesh must use every chip of the slice (a mesh axis of -1 fills it).
@@ -120,15 +122,27 @@ def main(argv):
   rows = aot.compile_rows(programs, run.mesh, hbm, log=lambda line: print(line, flush=True))
   if _OUTPUT_JSON.value:
     report = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
-              "stage": config.stage, "topology": tpu.topology,
+              "overrides": config_overrides(sys.argv[1:]), "stage": config.stage, "topology": tpu.topology,
               "accelerator_type": tpu.accelerator_type, "chips": tpu.chips,
               "devices": len(devices), "mesh": dict(run.mesh.shape),
               "hbm_gib_per_device": hbm / tpu_topology.GiB, "jax": jax.__version__,
-              "libtpu": libtpu_version(), "rows": [r.to_json() for r in rows]}
+              "libtpu": libtpu_version(), "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
+              "eval_tokens": tokens, "rows": [r.to_json() for r in rows]}
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(report, f, indent=1)
-  if not all(r.fits for r in rows):
-    print(f"{sum(not r.fits for r in rows)} of {len(rows)} programs do not fit", flush=True)
+  over = [r for r in rows if not r.fits]
+  if over:
+    cli.fail(f"{len(over)} of {len(rows)} programs do not fit: "
+             + "; ".join(f"{r.program} by {r.total_gib - aot.FIT_FRACTION * r.hbm_gib:.2f} GiB"
+                         for r in over), code=NO_FIT_EXIT)
+
+
+NO_FIT_EXIT = 3  # compiled, but some program does not fit the chip (its row says by how much)
+
+
+def config_overrides(argv) -> list[str]:
+  """The --config.KEY=VALUE flags given: a record names the recipe as it was compiled."""
+  return [a for a in argv if a.startswith("--config.")]
 
 
 if __name__ == "__main__":

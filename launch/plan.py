@@ -1,18 +1,29 @@
-r"""Prints per-device memory of a setup before launching it.
+r"""Per-device memory of a recipe before it runs: the estimate, and the TPU compiler's beside it.
 
+  python launch/plan.py --config=configs/lychee.py:rl,7b,v5p-64
+  python launch/plan.py --all                  # every recipe with a compiler record
+  python launch/plan.py --config=configs/tiny.py:sft --config.mesh.fsdp=4 --compile=v5e:2x2
   python launch/plan.py --config=configs/lychee.py:rl,7b,gpu8
   python launch/plan.py --model=qwen2.5-7b --mesh=fsdp=8 --batch=16 --turn_tokens=2560
 
-With --config, the mesh, trainable subset, batch, microbatches, compressed slots and the
-turn length (slots + question + memory in and out + ~300 template tokens) come from the
-recipe; any flag given explicitly overrides it.
+With --config, one row per program the stage runs (the train step; for RL the rollout and
+the reference log-prob pass; evaluation's recall loop and answer.py's streaming loop), built
+by the same code that compiles them (memrecall/aot.py): the arguments and what RL holds on
+device beside them are exact, the temporaries a sum of named terms (memrecall/plan.py;
+--terms lists them with their formulas).  Beside it, for a TPU mesh, the compiler's numbers:
+from a record that launch/compile.py --output_json wrote (--records, default
+docs/compile/), or compiled now (--compile=TOPOLOGY: minutes of CPU for a 7B recipe, seconds
+for a tiny one).  `allocated` is what the compiled program's buffers take once laid out,
+plus what RL holds; `total` adds the compiler's temporaries as it counts them
+(args + temp + out - alias + held, what launch/compile.py's fit check uses); the ratio is
+estimate / allocated.  A GPU mesh has no deviceless compiler: its rows are the estimate.
 
-Parameters and AdamW moments (for the trainable subset) come from the model's
-shapes and the logical-axis rules; activations are a stated estimate (see
-memrecall/plan.py); the memory bank is --bank_chunks compressed chunks.  Bad flags are
-one-line errors (sizes are positive; leave a flag out for its default).
+With --model, the older summary of one setup: parameters and AdamW moments (exact), a stated
+activation estimate and a memory bank.  Bad flags are one-line errors.
 """
 
+import glob
+import json
 import os
 import sys
 
@@ -21,63 +32,212 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A training config (its model).")
-_MODEL = flags.DEFINE_string("model", None, "Or a shape from configs/models.py.")
-_MESH = flags.DEFINE_string("mesh", None, "Axis sizes, e.g. data=2,fsdp=4,tensor=1 (default: "
-                            "the config's, or fsdp=8).")
-_TRAINABLE = flags.DEFINE_string("trainable", None, "beacon | lora | gate | backbone | all "
-                                 "(default: the config's, or backbone).")
-_BATCH = flags.DEFINE_integer("batch", None, "Rows per step (default: the config's, or 16).",
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A recipe, e.g. "
+                                          "configs/lychee.py:rl,7b,v5p-64.")
+_ALL = flags.DEFINE_bool("all", False, "Every recipe that has a compiler record in --records.")
+_RECORDS = flags.DEFINE_string("records", os.path.join(ROOT, "docs", "compile"),
+                               "Directory of launch/compile.py --output_json records.")
+_COMPILE = flags.DEFINE_string("compile", None, "Compile the recipe now for this TPU topology "
+                               "(or `recipe`: the slice its mesh names) instead of reading a "
+                               "record.")
+_TERMS = flags.DEFINE_bool("terms", False, "List each estimate's terms and formulas.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write every row (estimate with its "
+                                   "terms, the compiler's numbers, the ratio) here as JSON too.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 16, "Questions per evaluation batch.",
+                                   lower_bound=1)
+_MODEL = flags.DEFINE_string("model", None, "Or a shape from configs/models.py (the summary).")
+_MESH = flags.DEFINE_string("mesh", None, "--model: axis sizes, e.g. data=2,fsdp=4,tensor=1 "
+                            "(default fsdp=8).")
+_TRAINABLE = flags.DEFINE_string("trainable", None, "--model: beacon | lora | gate | backbone "
+                                 "| all (default backbone).")
+_BATCH = flags.DEFINE_integer("batch", None, "--model: rows per step (default 16).",
                               lower_bound=1)
-_MICROBATCHES = flags.DEFINE_integer("microbatches", None, "Parts of a step (default: the "
-                                     "config's, or 1).", lower_bound=1)
-_TURN_TOKENS = flags.DEFINE_integer("turn_tokens", None, "Tokens of one turn (slots + prompt + "
-                                    "update; default: from the config, or 2560).", lower_bound=1)
-_BANK_CHUNKS = flags.DEFINE_integer("bank_chunks", None, "Compressed chunks held on device "
-                                    "(default: an RL recipe's rollout bank, batch x max_chunks; "
-                                    "else 0).", lower_bound=0)
-_SLOTS = flags.DEFINE_integer("slots", None, "Compressed slots per chunk (C / r; default: the "
-                              "config's, or 1024).", lower_bound=1)
-_TEMPLATE_TOKENS = 300  # the released update prompt and chat markup, about
-_DEVICE_GIB = flags.DEFINE_float("device_gib", 80.0, "Device memory to compare with.",
-                                 lower_bound=0.001)
+_MICROBATCHES = flags.DEFINE_integer("microbatches", None, "--model: parts of a step "
+                                     "(default 1).", lower_bound=1)
+_TURN_TOKENS = flags.DEFINE_integer("turn_tokens", None, "--model: tokens of one turn "
+                                    "(default 2560).", lower_bound=1)
+_BANK_CHUNKS = flags.DEFINE_integer("bank_chunks", None, "--model: compressed chunks held on "
+                                    "device (default 0).", lower_bound=0)
+_SLOTS = flags.DEFINE_integer("slots", None, "--model: compressed slots per chunk (default "
+                              "1024).", lower_bound=1)
+_DEVICE_GIB = flags.DEFINE_float("device_gib", None, "Device memory to compare with (default: "
+                                 "the TPU's HBM, or 80 for other meshes).", lower_bound=0.001)
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
+GiB = 1024 ** 3
 
-def main(argv):
-  del argv
+
+def _mesh_sizes(config) -> dict:
+  return {k: int(v) for k, v in config.mesh.to_dict().items() if k != "dcn"}
+
+
+def _recipe_spec() -> str:
+  return config_flags.get_config_filename(flags.FLAGS["config"])
+
+
+def _tpu_slice(spec: str, mesh: dict, topology: str | None):
+  """The TPU slice a recipe targets (its MESH name, or `topology`), or None (a GPU mesh)."""
+  from memrecall import tpu_topology
+  name = topology if topology and topology != "recipe" else (spec.partition(":")[2].split(",")
+                                                             + ["", "", ""])[2]
+  try:
+    return tpu_topology.parse_slice(name)
+  except tpu_topology.TopologyError:
+    if topology and topology != "recipe":
+      raise
+    return None
+
+
+def load_recipe(spec: str, overrides: list[str]):
+  """A recipe's config from `FILE:ARG` and `--config.KEY=VALUE` overrides (a record's)."""
+  import ast
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  full = path if os.path.isabs(path) else os.path.join(ROOT, path)
+  module_spec = importlib.util.spec_from_file_location("recipe", full)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for override in overrides:
+    key, _, value = override[len("--config."):].partition("=")
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    old = node[leaf]
+    if isinstance(old, bool):
+      new = value.lower() in ("1", "true", "yes")
+    elif isinstance(old, (int, float)):
+      new = type(old)(value)
+    elif isinstance(old, str):
+      new = value
+    else:
+      new = ast.literal_eval(value)
+    node[leaf] = new
+  return config
+
+
+def _records(directory: str) -> list[dict]:
+  """Every record in `directory`, rows of one recipe (config + overrides) merged: a later
+  file's row for a program replaces an earlier one's."""
+  merged: dict[tuple, dict] = {}
+  for path in sorted(glob.glob(os.path.join(directory, "*.json")), key=os.path.getmtime):
+    try:
+      record = json.load(open(path))
+    except (OSError, ValueError):
+      continue
+    if not isinstance(record, dict) or "rows" not in record or "config" not in record:
+      continue
+    key = (record["config"], tuple(record.get("overrides", [])), record.get("topology"))
+    into = merged.setdefault(key, {**record, "rows": []})
+    rows = {r["program"]: r for r in into["rows"]}
+    rows.update({r["program"]: r for r in record["rows"]})
+    into["rows"] = list(rows.values())
+    into.update({k: v for k, v in record.items() if k != "rows"})
+  return list(merged.values())
+
+
+def _devices(count: int):
+  """`count` CPU devices (only their number matters to the estimate's shardings)."""
+  import jax
+  devices = jax.devices("cpu")
+  if len(devices) < count:
+    raise app.UsageError(f"the mesh needs {count} devices; run with XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count={count} or more")
+  return devices[:count]
+
+
+def _gib(x: float) -> str:
+  """Two decimals, or four below 1 GiB (a tiny recipe's MiB)."""
+  return f"{x:.2f}" if x >= 1 else f"{x:.4f}"
+
+
+def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, compile_for,
+                 eval_batch: int, out: list) -> list[str]:
+  """The table's lines for one recipe; its rows appended to `out`."""
+  import math
+  from memrecall import aot, plan, tpu_topology
+  from memrecall.config import ConfigError
+  from memrecall.runs import build_run
+  mesh = _mesh_sizes(config)
+  tpu = compile_for or _tpu_slice(spec, mesh, None)
+  if compile_for is not None:
+    devices = tpu_topology.deviceless_devices(compile_for)
+  else:
+    known = math.prod(v for v in mesh.values() if v != -1)
+    devices = _devices(tpu.chips if tpu is not None and -1 in mesh.values() else known)
+  try:
+    run = build_run(config, devices)
+    # A record's evaluation settings (launch/compile.py's flags), else compile.py's defaults.
+    tokens = (record or {}).get("eval_tokens") or run.num_chunks * run.compressor.chunk_size
+    eval_batch = (record or {}).get("eval_batch") or eval_batch
+    modes = (record or {}).get("eval_modes", ["gate", "stream"])
+    programs = aot.recipe_programs(run, eval_batch=eval_batch, eval_tokens=tokens,
+                                   eval_modes=modes)
+    estimates = plan.estimate_programs(run, programs, eval_batch=eval_batch)
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  rows = {}
+  if record is not None:
+    rows = {r["program"]: r for r in record["rows"]}
+  elif compile_for is not None:
+    hbm = tpu_topology.hbm_bytes_per_device(compile_for, len(devices))
+    rows = {r.program: r.to_json() for r in aot.compile_rows(programs, run.mesh, hbm)}
+  hbm_gib = (record or {}).get("hbm_gib_per_device") or (
+      tpu.hbm_gib_per_chip if tpu is not None else None)
+  device_gib = _DEVICE_GIB.value or hbm_gib or 80.0
+  where = (f"{record['topology']}, compiler record (jax {record.get('jax')}, libtpu "
+           f"{record.get('libtpu')})" if record else
+           f"{compile_for.topology}, compiled now" if compile_for is not None else
+           f"{tpu.topology}: no compiler record (launch/compile.py --output_json, or --compile)"
+           if tpu is not None else "a GPU mesh: estimate only, no deviceless compiler for GPUs")
+  lines = [f"{spec}{' ' + ' '.join(overrides) if overrides else ''}  mesh {dict(run.mesh.shape)}"
+           f"  [{where}]",
+           f"  {'program':<20} {'estimate':>9} {'allocated':>10} {'ratio':>6} {'total':>8} "
+           f"{'of HBM':>7}  GiB per device"]
+  for e in estimates:
+    row = rows.get(e.program)
+    est = e.total / GiB
+    allocated = (row["allocation_gib"] + row.get("held_gib", 0.0)
+                 if row and row.get("allocation_gib") else None)
+    out.append({"config": spec, "overrides": overrides, "mesh": dict(run.mesh.shape),
+                "program": e.program, "estimate": e.to_json(),
+                "compiler": row, "allocated_gib": allocated,
+                "ratio": est / allocated if allocated else None,
+                "topology": (record or {}).get("topology") or (tpu.topology if tpu else None)})
+    if allocated:
+      cells = (f"{_gib(allocated):>10} {est / allocated:>6.2f} {_gib(row['total_gib']):>8} "
+               f"{row['total_gib'] / device_gib:>7.1%}")
+    elif row:
+      cells = f"{'?':>10} {'':>6} {_gib(row['total_gib']):>8} {row['total_gib'] / device_gib:>7.1%}"
+    else:
+      label = "estimate" if tpu is None else "not compiled"
+      cells = f"{'-':>10} {'':>6} {'-':>8} {est / device_gib:>7.1%}  ({label})"
+    lines.append(f"  {e.program:<20} {_gib(est):>9} {cells}")
+    if _TERMS.value:
+      lines.append(f"    arguments {e.arguments / GiB:.3f}, held {e.held / GiB:.3f}, "
+                   f"temporaries {e.temporaries / GiB:.3f} (phase: {e.phase})")
+      for phase, terms in e.phases.items():
+        for t in terms:
+          mark = "*" if phase == e.phase else " "
+          lines.append(f"    {mark}{phase:<15} {t.bytes / GiB:7.3f}  {t.name}: {t.formula}")
+  return lines
+
+
+def _summary(argv_model: str) -> None:
+  """--model: the older one-setup summary."""
   from configs import models
   from memrecall import plan
   from memrecall.config import ModelConfig
   from memrecall.train.state import SUBSETS
-
-  defaults = {"mesh": "fsdp=8", "trainable": "backbone", "batch": 16, "microbatches": 1,
-              "turn_tokens": 2560, "slots": 1024, "bank_chunks": 0}
-  c = _CONFIG.value
-  if c is not None:
-    model = ModelConfig.from_dict(c.model.to_dict())
-    slots = c.compressor.chunk_size // c.compressor.ratio
-    question, memory = c.reasoner.question_tokens, c.reasoner.memory_size
-    raw = c.compressor.chunk_size if c.get("agent") == "memagent" else 0
-    defaults.update(
-        mesh=",".join(f"{k}={v}" for k, v in c.mesh.to_dict().items() if k != "dcn"),
-        trainable=c.train.trainable, batch=c.train.batch_size,
-        microbatches=c.train.get("microbatches", 1), slots=slots,
-        turn_tokens=(0 if raw else slots) + raw + question + 2 * memory + _TEMPLATE_TOKENS)
-    if c.stage == "compressor":  # a chunk with its beacons
-      defaults["turn_tokens"] = c.compressor.chunk_size + slots
-    if c.stage == "rl" and not raw:  # the rollout compresses every row's document at once
-      defaults["bank_chunks"] = c.train.batch_size * c.data.max_chunks
-  elif _MODEL.value:
-    try:
-      shape = models.model_config(_MODEL.value)
-    except ValueError as e:
-      raise app.UsageError(f"--model: {e}") from None
-    model = ModelConfig.from_dict(shape.to_dict()).replace(compressor=True)
-  else:
-    raise app.UsageError("give --config or --model")
-  value = lambda flag, key: defaults[key] if flag.value is None else flag.value
-  mesh = value(_MESH, "mesh")
+  try:
+    shape = models.model_config(argv_model)
+  except ValueError as e:
+    raise app.UsageError(f"--model: {e}") from None
+  model = ModelConfig.from_dict(shape.to_dict()).replace(compressor=True)
+  value = lambda flag, default: default if flag.value is None else flag.value
+  mesh = value(_MESH, "fsdp=8")
   try:
     sizes = {k.strip(): int(v) for k, v in (i.split("=") for i in mesh.split(","))}
   except ValueError:
@@ -87,20 +247,89 @@ def main(argv):
   unknown = set(sizes) - {"data", "fsdp", "tensor"}
   if unknown:
     raise app.UsageError(f"--mesh={mesh}: unknown axes {sorted(unknown)}; use data, fsdp, tensor")
-  trainable = value(_TRAINABLE, "trainable")
+  trainable = value(_TRAINABLE, "backbone")
   if trainable not in SUBSETS:
     raise app.UsageError(f"--trainable={trainable}: choose from {', '.join(SUBSETS)}")
-  result = plan.plan(model, sizes, trainable=trainable,
-                     batch=value(_BATCH, "batch"), turn_tokens=value(_TURN_TOKENS, "turn_tokens"),
-                     bank_chunks=value(_BANK_CHUNKS, "bank_chunks"), slots=value(_SLOTS, "slots"),
-                     microbatches=value(_MICROBATCHES, "microbatches"))
-  gib = lambda b: b / 2**30
-  print(f"mesh {sizes} ({result.devices} devices), per device:")
+  result = plan.plan(model, sizes, trainable=trainable, batch=value(_BATCH, 16),
+                     turn_tokens=value(_TURN_TOKENS, 2560), bank_chunks=value(_BANK_CHUNKS, 0),
+                     slots=value(_SLOTS, 1024), microbatches=value(_MICROBATCHES, 1))
+  gib = lambda b: b / GiB
+  device = _DEVICE_GIB.value or 80.0
+  print(f"mesh {sizes} ({result.devices} devices), per device (an estimate):")
   for name in ("params", "optimizer", "activations", "memory_bank"):
     print(f"  {name:<12}{gib(getattr(result, name)):10.2f} GiB")
-  print(f"  {'total':<12}{gib(result.total):10.2f} GiB of {_DEVICE_GIB.value:.0f} GiB: "
-        f"{'fits' if gib(result.total) <= _DEVICE_GIB.value else 'does NOT fit'}")
+  print(f"  {'total':<12}{gib(result.total):10.2f} GiB of {device:.0f} GiB: "
+        f"{'fits' if gib(result.total) <= device else 'does NOT fit'}")
+
+
+def main(argv):
+  del argv
+  given = sum(bool(x) for x in (_CONFIG.value is not None, _ALL.value, _MODEL.value))
+  if given != 1:
+    raise app.UsageError("give one of --config, --all or --model")
+  if _MODEL.value:
+    return _summary(_MODEL.value)
+  cli.writable("output_json", _OUTPUT_JSON.value)
+  out: list = []
+  if _ALL.value:
+    records = _records(_RECORDS.value)
+    if not records:
+      raise app.UsageError(f"--records: no launch/compile.py records in {_RECORDS.value}")
+    import math
+    count = max(r.get("devices", 1) for r in records)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={count}")
+    for record in sorted(records, key=lambda r: (r["config"], r.get("overrides", []))):
+      config = load_recipe(record["config"], record.get("overrides", []))
+      for line in _plan_recipe(record["config"], record.get("overrides", []), config, record,
+                               None, _EVAL_BATCH.value, out):
+        print(line, flush=True)
+    return _write(out)
+  spec = _recipe_spec()
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  config = _CONFIG.value
+  mesh = _mesh_sizes(config)
+  if any(v < -1 or v == 0 for v in mesh.values()):
+    raise app.UsageError(f"mesh {mesh}: axis sizes are positive (or -1 to fill the slice)")
+  compile_for = None
+  from memrecall import tpu_topology
+  if _COMPILE.value:
+    try:
+      compile_for = _tpu_slice(spec, mesh, _COMPILE.value)
+    except tpu_topology.TopologyError as e:
+      raise app.UsageError(f"--compile: {e}") from None
+    if compile_for is None:
+      raise app.UsageError(f"--compile=recipe: the recipe's mesh names no TPU slice; give a "
+                           "topology, e.g. --compile=v5e:2x2")
+  tpu = compile_for or _tpu_slice(spec, mesh, None)
+  import math
+  known = math.prod(v for v in mesh.values() if v != -1)
+  if tpu is not None:
+    if (-1 in mesh.values() and tpu.chips % known) or (-1 not in mesh.values()
+                                                       and known != tpu.chips):
+      raise app.UsageError(f"mesh {mesh} does not cover the slice's {tpu.chips} chips "
+                           f"({tpu.topology})")
+  elif -1 in mesh.values():
+    raise app.UsageError(f"mesh {mesh}: a GPU mesh needs explicit axis sizes (no -1)")
+  count = tpu.chips if tpu is not None else known
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={count}")
+  record = None
+  if compile_for is None and tpu is not None:
+    for r in _records(_RECORDS.value):
+      if r["config"] == spec and r.get("overrides", []) == overrides:
+        record = r
+  for line in _plan_recipe(spec, overrides, config, record, compile_for, _EVAL_BATCH.value, out):
+    print(line, flush=True)
+  _write(out)
+
+
+def _write(rows: list) -> None:
+  if _OUTPUT_JSON.value:
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   cli.run(main)

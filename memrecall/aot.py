@@ -12,6 +12,7 @@ reads `memory_analysis()`: what one device holds.  Nothing is allocated, so a
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Sequence
 
@@ -101,7 +102,11 @@ def recipe_programs(run: Run, *, eval_batch: int, eval_tokens: int,
 
 @dataclasses.dataclass
 class Row:
-  """One compiled program's per-device memory (GiB) and compile time."""
+  """One compiled program's per-device memory (GiB) and compile time.
+
+  argument/temp/output/alias: the compiler's memory plan; held: what the process keeps on
+  device besides the arguments meanwhile (`Program.held`); total: all of it, donated
+  arguments counted once."""
   program: str
   argument_gib: float
   temp_gib: float
@@ -111,6 +116,14 @@ class Row:
   hbm_gib: float
   compile_s: float
   advice: str = ""
+  held_gib: float = 0.0
+  compiled: bool = True  # False: the compiler refused it for lack of HBM (outputs unknown)
+  # The compiler's heap simulation: bytes live at once at the program's worst moment,
+  # arguments included (`peak_memory_in_bytes`); and what its buffers take once laid out
+  # (`total_allocation_bytes`).  Both at most args + temp + out: `temp` adds up temporaries
+  # that a loop's iterations or disjoint live ranges may share.
+  peak_gib: float = 0.0
+  allocation_gib: float = 0.0
 
   @property
   def share(self) -> float:
@@ -118,7 +131,7 @@ class Row:
 
   @property
   def fits(self) -> bool:
-    return self.share <= FIT_FRACTION
+    return self.compiled and self.share <= FIT_FRACTION
 
   def to_json(self) -> dict:
     return {**dataclasses.asdict(self), "share_of_hbm": self.share, "fits": self.fits}
@@ -137,21 +150,69 @@ def _advice(program: str, total: float, hbm: float, temp: float, argument: float
   return f"does not fit by {over:.2f} GiB (over {FIT_FRACTION:.0%} of {hbm:.0f} GiB): {fix}"
 
 
+def device_bytes(tree) -> int:
+  """Bytes one device holds of abstract arrays (ShapeDtypeStructs with shardings)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if not hasattr(leaf, "sharding"):  # a Python scalar (e.g. the gate's threshold)
+      total += np.asarray(leaf).nbytes
+      continue
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    dtype = leaf.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # a typed key: its raw data's bytes
+      dtype, shape = np.uint32, tuple(shape) + jax.eval_shape(
+          lambda: jax.random.key_data(jax.random.key(0))).shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+  return total
+
+
+_SIZE = r"([0-9.]+)([KMGT]?)i?B?"
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _hbm_oom_gib(message: str) -> float | None:
+  """GiB of temporaries from the TPU compiler's out-of-memory refusal ("the total memory
+  required for HLO temporaries (26.83G) exceeds available HBM (15.75G)", or "Used 17.5G of
+  15.48G hbm"), None for any other error."""
+  for pattern in (r"required for HLO temporaries \(" + _SIZE + r"\)",
+                  r"Used " + _SIZE + r" of " + _SIZE + r" hbm"):
+    found = re.search(pattern, message)
+    if found:
+      return float(found[1]) * _UNITS[found[2]] / GiB
+  return None
+
+
 def compile_program(program: Program, mesh, hbm_bytes: float) -> Row:
-  """Lowers and compiles one program for `mesh` and reads the compiler's memory plan."""
+  """Lowers and compiles one program for `mesh` and reads the compiler's memory plan.  A
+  program the TPU compiler refuses for lack of HBM is a row too: its temporaries as the
+  refusal gives them, and by how much it does not fit."""
   start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
+  try:
+    with jax.set_mesh(mesh):
+      compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
+  except jax.errors.JaxRuntimeError as e:
+    temp = _hbm_oom_gib(str(e))
+    if temp is None:
+      raise
+    argument, held = device_bytes((program.args, program.kwargs)) / GiB, device_bytes(
+        program.held) / GiB
+    total, hbm = argument + temp + held, hbm_bytes / GiB
+    advice = _advice(program.name, total, hbm, temp, argument + held) or (
+        f"does not fit: the compiler ran out of HBM ({temp:.2f} GiB of temporaries)")
+    return Row(program.name, argument, temp, 0.0, 0.0, total, hbm,
+               time.perf_counter() - start, advice, held, compiled=False)
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   gib = lambda name: float(getattr(memory, name, 0) or 0) / GiB
   argument, temp = gib("argument_size_in_bytes"), gib("temp_size_in_bytes")
   output, alias = gib("output_size_in_bytes"), gib("alias_size_in_bytes")
+  held = device_bytes(program.held) / GiB
   # Donated arguments alias outputs: those bytes are counted once.
-  total = argument + temp + output - alias
+  total = argument + temp + output - alias + held
   hbm = hbm_bytes / GiB
   return Row(program.name, argument, temp, output, alias, total, hbm, seconds,
-             _advice(program.name, total, hbm, temp, argument))
+             _advice(program.name, total, hbm, temp, argument + held), held,
+             peak_gib=gib("peak_memory_in_bytes"), allocation_gib=gib("total_allocation_bytes"))
 
 
 def compile_rows(programs: Sequence[Program], mesh, hbm_bytes: float, log=None) -> list[Row]:
@@ -163,11 +224,12 @@ def compile_rows(programs: Sequence[Program], mesh, hbm_bytes: float, log=None) 
   return rows
 
 
-HEADER = (f"{'program':<24} {'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'total GiB':>10} "
-          f"{'of HBM':>7} {'compile s':>9}")
+HEADER = (f"{'program':<24} {'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'held GiB':>9} "
+          f"{'total GiB':>10} {'of HBM':>7} {'compile s':>9}")
 
 
 def format_row(row: Row) -> str:
   line = (f"{row.program:<24} {row.argument_gib:>9.3f} {row.temp_gib:>9.3f} "
-          f"{row.output_gib:>8.3f} {row.total_gib:>10.3f} {row.share:>7.1%} {row.compile_s:>9.1f}")
+          f"{row.output_gib:>8.3f} {row.held_gib:>9.3f} {row.total_gib:>10.3f} {row.share:>7.1%} "
+          f"{row.compile_s:>9.1f}")
   return line + (f"  {row.advice}" if row.advice else "")

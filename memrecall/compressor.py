@@ -205,7 +205,7 @@ def window_inputs(raw_mask: Array, prefix: int, ratio: int) -> tuple[Array, Arra
 
 
 def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
-                 token_mask: Array, raw_logits: bool):
+                 token_mask: Array, raw_logits: bool, skip_last: bool = True):
   """The window loop shared by `compress` and `compressor_logits`."""
   if not config.compressor:
     raise ConfigError("this model has no compressor parameters (ModelConfig.compressor=False)")
@@ -217,7 +217,7 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
   variables = {"params": params}
   # Without logits, the last layer contributes only its beacons' keys/values, which depend on
   # its input alone: `_beacon_kv_only` skips the rest of that layer.
-  beacon_kv_only = not raw_logits
+  beacon_kv_only = not raw_logits and skip_last
   tokens = with_logical_constraint(tokens, ("chunks", None))
   ks, vs, logits = [], [], []
   for start in range(0, c, w):  # C/W windows, unrolled: each sees a longer prefix
@@ -290,26 +290,35 @@ def _beacon_kv_only(params, config: ModelConfig, beacon_rows: int, x: Array, pos
   return jax.lax.scan(body, x, scanned)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compressor"))
+@functools.partial(jax.jit, static_argnames=("config", "compressor", "for_gradients"))
 def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
-             token_mask: Array) -> ChunkMemory:
+             token_mask: Array, *, for_gradients: bool = False) -> ChunkMemory:
   """Compresses chunks tokens/token_mask [N, C] into a ChunkMemory.
 
   Chunks are independent, so N > group_size are compressed `group_size` at a time under a
   `lax.map` (the last group padded with empty chunks, dropped from the result): one
   compiled group whose working set does not grow with N, where a single batched call over
   thousands of chunks spills out of the caches and costs more per chunk.
+
+  for_gradients: a loss differentiates through the compression (the training objectives).
+  Every layer then runs whole, under the model's remat: the last layer's skip
+  (`_beacon_kv_only`) is a `lax.cond` in the layer scan, and JAX keeps the residuals of a
+  cond's branches for the backward pass even under remat: every layer's float32 attention
+  scores, 27 GiB per chip for configs/lychee.py:rl,7b,v5p-64 (docs/2026-12-04-tpu-compile.md).
   """
   n, c = tokens.shape
   g = compressor.chunks_per_group
+  skip = not for_gradients
   if not g or n <= g:
-    return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=False)[0]
+    return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=False,
+                        skip_last=skip)[0]
   groups = -(-n // g)
   pad = ((0, groups * g - n), (0, 0))
   tokens = jnp.pad(tokens, pad).reshape(groups, g, c)
   token_mask = jnp.pad(token_mask.astype(bool), pad).reshape(groups, g, c)
   per_group = jax.lax.map(
-      lambda xs: _run_windows(params, config, compressor, *xs, raw_logits=False)[0],
+      lambda xs: _run_windows(params, config, compressor, *xs, raw_logits=False,
+                              skip_last=skip)[0],
       (tokens, token_mask))  # k, v: [groups, L, G, S, K, D]; slot_mask: [groups, G, S]
 
   def merge(x, chunk_axis):  # [groups, ..., G, ...] -> [..., N, ...]

@@ -1,16 +1,40 @@
-"""Per-device memory of a training or evaluation setup, before any device is touched.
+"""Per-device memory of a recipe's programs, estimated before any device is touched.
 
-Parameter and optimizer shapes come from `jax.eval_shape`; their shardings
-from the logical-axis rules on a mesh of the requested shape (no devices are
-needed: only the axis sizes matter).  Activations are an estimate, stated
-with its formula, for a rematerialised layer scan.
+Two levels:
+
+* `plan` (launch/plan.py --model): parameters and AdamW moments of a model on a mesh of
+  the given axis sizes, exact from the shapes and the logical-axis rules, plus a stated
+  activation estimate for a rematerialised layer scan.
+* `estimate_programs` (launch/plan.py --config): every program a stage runs, as
+  `aot.recipe_programs` builds it for compilation (the trainer's and evaluation's own
+  builders).  Each program's arguments and what the trainer holds beside them come exactly
+  from those abstract arrays; its temporaries are a sum of named terms, each a formula of
+  the model's shapes and the recipe, for the phase of the program that needs the most
+  (the largest sum over its phases).  `Term.formula` says how each number was computed.
+
+What the terms count (E hidden, F MLP width, V vocabulary, L layers, K key/value heads, D
+head size, G = query heads / K; b rows per device; dt bytes of the compute dtype):
+
+* KV of n positions for b rows: b x n x L x 2 (k, v) x K x D x dt.  The rollout's and
+  evaluation's bank holds N chunks of S = C/r slots per row; a decode cache holds the
+  chunk's slots, the prompt and the room for what it writes.
+* Gathered weights: fsdp shards each weight over its embed dimension; a layer's matmuls
+  all-gather it, and the LM head (V x E x dt, 1 GiB at 7B) is gathered whole.
+* Logits over the vocabulary: the LM head's bf16 output and its float32 copy for the
+  log-softmax, over the tokens a turn scores; a train step also holds their gradient.
+* Remat: a layer scan under full remat saves each layer's input (L x b x T x E x dt) and
+  recomputes the rest one layer at a time in the backward pass.
+* Attention scores: float32, one block of QUERY_BLOCK query rows (x G heads) against the
+  keys it may see, at a time.
+* Gradients and optimizer temporaries: parameter-sized buffers of the trainable leaves
+  (the microbatch's gradient, the accumulated one, AdamW's update).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,8 +42,10 @@ import numpy as np
 
 from memrecall import sharding as sharding_lib
 from memrecall.config import ModelConfig
-from memrecall.model import abstract_params
+from memrecall.model import QUERY_BLOCK, abstract_params
 from memrecall.train import state as state_lib
+
+GiB = 1024 ** 3
 
 
 class _AxisSizes:
@@ -94,3 +120,321 @@ def plan(config: ModelConfig, mesh_sizes: Mapping[str, int], *, trainable: str =
 def flax_flatten(tree) -> dict:
   import flax.traverse_util  # pylint: disable=g-import-not-at-top
   return flax.traverse_util.flatten_dict(tree, is_leaf=lambda _, x: isinstance(x, nn.Partitioned))
+
+
+# --- every program of a recipe ------------------------------------------------
+
+
+@dataclasses.dataclass
+class Term:
+  """One named part of an estimate: bytes per device and the formula that gave them."""
+  name: str
+  bytes: int
+  formula: str
+
+
+@dataclasses.dataclass
+class Estimate:
+  """A program's estimate: exact arguments and held arrays, temporaries by phase."""
+  program: str
+  arguments: int
+  held: int
+  phases: dict[str, list[Term]]
+
+  @property
+  def phase(self) -> str:
+    """The phase that needs the most temporaries."""
+    return max(self.phases, key=lambda p: sum(t.bytes for t in self.phases[p]))
+
+  @property
+  def temporaries(self) -> int:
+    return sum(t.bytes for t in self.phases[self.phase]) if self.phases else 0
+
+  @property
+  def total(self) -> int:
+    return self.arguments + self.held + self.temporaries
+
+  def to_json(self) -> dict:
+    return {"program": self.program, "arguments_gib": self.arguments / GiB,
+            "held_gib": self.held / GiB, "temporaries_gib": self.temporaries / GiB,
+            "total_gib": self.total / GiB, "phase": self.phase,
+            "phases": {p: [dataclasses.asdict(t) | {"gib": t.bytes / GiB} for t in terms]
+                       for p, terms in self.phases.items()}}
+
+
+class _Shapes:
+  """The model's and recipe's sizes that the terms are formulas of."""
+
+  def __init__(self, run, mesh_sizes: Mapping[str, int]):
+    m = run.model
+    self.run, self.model = run, m
+    self.sizes = _AxisSizes(mesh_sizes).shape
+    self.batch_shards = self.sizes["data"] * self.sizes["fsdp"]
+    self.tensor = self.sizes["tensor"]
+    self.dt = np.dtype(m.jnp_dtype).itemsize
+    self.E, self.F, self.V = m.hidden_size, m.intermediate_size, m.vocab_size
+    self.L, self.H, self.K, self.D = m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim
+    self.G = self.H // self.K
+    c = run.compressor
+    self.C, self.W, self.r, self.S = c.chunk_size, c.window, c.ratio, c.chunk_size // c.ratio
+    self.N = run.num_chunks
+    self.Q, self.M, self.A = run.question_tokens, run.reasoner.memory_size, \
+        run.reasoner.answer_tokens
+    self.Mc = run.memory_capacity
+    p = run.prompts
+    self.raw = run.agent == "memagent"
+    # Rendered prompt lengths (the recipe's templates and tokenizer).
+    self.P_update = (p.memagent.length(self.Q, self.Mc, self.C) if self.raw
+                     else p.update.length(self.Q, self.Mc))
+    self.P_final = p.final.length(self.Q, self.Mc)
+    self.P_gate = p.gate.length(self.Q, self.Mc) if m.has_gate else 0
+    # One layer's weights, unsharded, in the compute dtype (the stacked `layers` subtree / L).
+    layers = jax.tree.leaves(jax.tree.map(
+        lambda x: x.value, abstract_params(m)["layers"], is_leaf=lambda x: isinstance(
+            x, nn.Partitioned)))
+    self.layer_bytes = sum(int(np.prod(x.shape)) for x in layers) * self.dt // self.L
+
+  def rows(self, n: int) -> int:
+    """Rows per device of an n-row batch under the rules table: split over the batch axes
+    that divide it (16 questions on data 4 x fsdp 8: 4 per device)."""
+    spec = sharding_lib.logical_to_spec(("batch",), (n,), _AxisSizes(self.sizes))
+    split = math.prod(self.sizes[a] for entry in spec if entry is not None
+                      for a in (entry if isinstance(entry, tuple) else (entry,)))
+    return n // split
+
+  def bank_rows(self, n: int) -> int:
+    """Rows per device of the compressed chunks of n rows: compression runs one small group
+    of chunks at a time (`CompressorConfig.chunks_per_group`, one 4096-token chunk at 7B),
+    and the compiled programs keep the stacked result split over every batch shard when
+    they divide the rows, else whole on every device (the compiler's plans of 16 evaluation
+    questions on 32 chips: all 16 rows' banks on each)."""
+    return n // self.batch_shards if n % self.batch_shards == 0 else n
+
+  def kv(self, rows: int, positions: int) -> int:
+    return rows * positions * self.L * 2 * self.K * self.D * self.dt // self.tensor_kv
+
+  @property
+  def tensor_kv(self) -> int:
+    return self.tensor if self.K % self.tensor == 0 else 1
+
+  def kv_formula(self, rows: int, positions: str, n: int) -> str:
+    return (f"{rows} rows x {positions} = {n} positions x L {self.L} x 2 x K {self.K} x "
+            f"D {self.D} x {self.dt} B")
+
+  @property
+  def head(self) -> int:
+    return self.V * self.E * self.dt // self.tensor
+
+  def logits(self, rows: int, tokens: int, copies_f32: int = 1) -> int:
+    return rows * tokens * self.V * (self.dt + 4 * copies_f32) // self.tensor
+
+
+def _head_term(s: _Shapes, copies: int, why: str) -> Term:
+  return Term("LM head gathered", copies * s.head,
+              f"{copies} x V {s.V} x E {s.E} x {s.dt} B ({why})")
+
+
+def _logits_term(s: _Shapes, rows: int, tokens: int, what: str, f32_copies: int = 1) -> Term:
+  return Term(f"logits: {what}", s.logits(rows, tokens, f32_copies),
+              f"{rows} rows x {tokens} tokens x V {s.V} x ({s.dt} B + {f32_copies} x 4 B float32)")
+
+
+def _mlp_term(s: _Shapes, rows: int, tokens: int) -> Term:
+  """One layer's MLP activation (the compiled programs fuse silu(gate) x up into one)."""
+  return Term("one layer's MLP", rows * tokens * s.F * s.dt // s.tensor,
+              f"{rows} rows x {tokens} tokens x F {s.F} x {s.dt} B")
+
+
+def _scores_term(s: _Shapes, rows: int, keys: int, what: str) -> Term:
+  return Term(f"attention scores: {what}", rows * s.H * QUERY_BLOCK * keys * 4 // s.tensor,
+              f"{rows} rows x H {s.H} x {QUERY_BLOCK} query rows x {keys} keys x 4 B")
+
+
+def _decode_phase(s: _Shapes, rows: int, slots: int, prompt: int, room: int, what: str
+                  ) -> list[Term]:
+  """A prompt prefilled into a cache of slots + prompt + room, then decoded: the cache (k and
+  v) as built by concatenating the chunk's slots and as the prefill writes it (with no slots
+  the prefill writes the empty cache in place: one copy), the LM head gathered for the
+  logits, one layer's MLP and one block of attention scores over the prompt."""
+  n = slots + prompt + room
+  copies, why = (2, "built, prefilled") if slots else (1, "prefilled in place")
+  return [Term(f"decode cache: {what}", copies * s.kv(rows, n),
+               f"{copies} ({why}) x " + s.kv_formula(rows, f"{slots} + {prompt} + {room}", n)),
+          _head_term(s, 1, "the next-token logits"),
+          _mlp_term(s, rows, prompt),
+          _scores_term(s, rows, n, "one query block of the prefill")]
+
+
+def _bank_term(s: _Shapes, rows: int, copies: int, what: str) -> Term:
+  n = s.N * s.S
+  return Term(what, copies * s.kv(rows, n),
+              f"{copies} x " + s.kv_formula(rows, f"N {s.N} x S {s.S}", n))
+
+
+def _rollout(s: _Shapes, n: int, what: str) -> dict[str, list[Term]]:
+  """The recall loop over each of n rows' own document (rollout, evaluation): its chunks
+  compressed into a bank (the compressor's output and the bank's chunk-major copy), then
+  each memory update decoded from one chunk's slots; MemAgent reads raw sections instead."""
+  phases = {}
+  rows, bank = s.rows(n), s.bank_rows(n)
+  if not s.raw:
+    phases["compression"] = [_bank_term(s, bank, 2, f"{what}: compressed chunks and the bank")]
+    read = [_bank_term(s, bank, 1, f"{what}: the bank")]
+    slots = s.S
+  else:
+    read, slots = [], 0
+  phases["memory updates"] = read + _decode_phase(s, rows, slots, s.P_update, s.M, "update")
+  phases["answer"] = read + _decode_phase(s, rows, 0, s.P_final, s.A, "answer")
+  return phases
+
+
+def _train_turns(s: _Shapes, rows: int, with_logits: bool = True) -> list[Term]:
+  """One teacher-forced memory update (the largest turn) in the backward pass of its block:
+  the turn's saved layer inputs, its prefix cache, one layer recomputed, the logits of the
+  written tokens with their gradient."""
+  t = s.P_update + s.M
+  slots = 0 if s.raw else s.S
+  terms = [Term("remat: the turn's layer inputs", s.L * rows * t * s.E * s.dt,
+                f"L {s.L} x {rows} rows x {t} tokens x E {s.E} x {s.dt} B"),
+           _mlp_term(s, rows, t), _scores_term(s, rows, slots + t, "one query block")]
+  if slots:  # the chunk's slots and room for the turn (MemAgent's raw turns have none)
+    terms.append(Term("prefix cache of the turn", s.kv(rows, slots + t),
+                      s.kv_formula(rows, f"{slots} + {t}", slots + t)))
+  if with_logits:
+    terms += [_head_term(s, 3, "forward, backward, and its gradient"),
+              _logits_term(s, rows, t, "the turn's LM head output (bf16)", 0),
+              _logits_term(s, rows, s.M, "the written tokens, and their gradient", 2)]
+  return terms
+
+
+def _compression_backward(s: _Shapes, rows_mb: int) -> list[Term]:
+  """A chunk's compression in the backward pass of its block (remat): the windows' saved
+  layer inputs, the first windows' beacon K/V (the later windows' prefix) and the windows'
+  masks, each held twice (the recompute's and the loop's copy).  The compiled step lays
+  them out for all `rows_mb` rows of the microbatch, the hidden dimension split over fsdp
+  (docs/2026-12-04-tpu-compile.md): rows_mb / (data x fsdp) x fsdp times the bytes of a
+  row-sharded layout."""
+  windows, g = s.C // s.W, s.W // s.r
+  w = s.W + g
+  fsdp = s.sizes["fsdp"]
+  inputs = 2 * windows * rows_mb * s.L * w * s.E * s.dt // fsdp
+  prefix = 2 * s.kv(rows_mb, (windows - 1) * g)
+  masks = 2 * sum(rows_mb * w * (i * g + w) for i in range(windows))
+  return [Term("remat: the compression windows' layer inputs", inputs,
+               f"2 copies x {windows} windows x {rows_mb} rows x L {s.L} x {w} positions x "
+               f"E {s.E} / fsdp {fsdp} x {s.dt} B"),
+          Term("the windows' beacon K/V prefix", prefix,
+               f"2 copies x " + s.kv_formula(rows_mb, f"{windows - 1} x {g}", (windows - 1) * g)),
+          Term("the windows' masks", masks,
+               f"2 copies x {rows_mb} rows x {w} queries x (prefix + {w}) keys x 1 B, summed over "
+               f"{windows} windows")]
+
+
+def _gradient_terms(s: _Shapes, trainable: int) -> list[Term]:
+  """What every train step's backward pass holds besides activations: the gradients, one
+  layer's weights gathered over fsdp (for the layer's recompute and for its backward), and
+  the stacked MLP kernels copied into the layout the backward's matmuls read them in."""
+  fsdp = s.sizes["fsdp"]
+  return [Term("gradients", 2 * trainable,
+               f"2 x the trainable leaves' {trainable / GiB:.3f} GiB per device (the step's "
+               "accumulated gradient and the block loop's gradient carry)"),
+          Term("one layer's weights gathered", 2 * s.layer_bytes,
+               f"2 (its recompute, its backward) x one layer's {s.layer_bytes / GiB:.3f} GiB of "
+               "weights, unsharded"),
+          Term("MLP kernels in the backward's layout", 2 * s.L * s.E * s.F * s.dt // (fsdp * s.tensor),
+               f"2 kernels x L {s.L} x E {s.E} x F {s.F} x {s.dt} B / fsdp {fsdp}")]
+
+
+def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
+  config = s.run.config
+  k = int(config.train.get("microbatches", 1))
+  stage = config.stage
+  rows_mb = config.train.batch_size // k  # the microbatch's rows, all batch shards
+  rows = max(1, math.ceil(rows_mb / s.batch_shards))
+  grads = _gradient_terms(s, trainable)
+  if stage == "compressor":
+    w = s.W + s.W // s.r
+    windows = s.C // s.W
+    return {"backward": grads + [
+        Term("remat: the windows' layer inputs", windows * s.L * rows * w * s.E * s.dt,
+             f"{windows} windows x L {s.L} x {rows} rows x {w} positions x E {s.E} x {s.dt} B"),
+        _head_term(s, 1, "gathered for the windows' logits"),
+        Term("logits: every raw token", rows * s.C * s.V * (2 * s.dt + 4) // s.tensor,
+             f"{rows} rows x {s.C} tokens x V {s.V} x (2 x {s.dt} B: the windows' LM head "
+             "outputs and their concatenation, + 4 B: the float32 log-softmax)"),
+        _mlp_term(s, rows, w)]}
+  if stage == "gate":
+    # The gate's adapters only: compression and the gate prompt need no backward through
+    # the backbone beyond the adapters'; no logits.
+    t = s.P_gate
+    return {"backward": grads + [
+        Term("remat: the gate prompt's layer inputs", s.L * rows * t * s.E * s.dt,
+             f"L {s.L} x {rows} rows x {t} tokens x E {s.E} x {s.dt} B"),
+        Term("compressed chunk and the gate's cache", s.kv(rows, 2 * s.S + t),
+             s.kv_formula(rows, f"2 x {s.S} + {t}", 2 * s.S + t)),
+        _mlp_term(s, rows, s.W + s.W // s.r)]}
+  answer = s.P_final + s.A
+  answer_inputs = Term("remat: the answer turn's layer inputs", s.L * rows * answer * s.E * s.dt,
+                       f"L {s.L} x {rows} rows x {answer} tokens x E {s.E} x {s.dt} B")
+  phases = {"a turn's backward": grads + _train_turns(s, rows) + [answer_inputs]}
+  if not s.raw:
+    phases["compression's backward"] = (grads + [_head_term(s, 1, "gathered for the turns")]
+                                        + _compression_backward(s, rows_mb) + [answer_inputs])
+  return phases
+
+
+def _reference(s: _Shapes, rows: int) -> dict[str, list[Term]]:
+  """The teacher-forced log-probs of every turn of every rollout (no gradient): per block,
+  the chunk compressed, the turn's prefix cache, one layer, and the written tokens' logits."""
+  t = s.P_update + s.M
+  slots = 0 if s.raw else s.S
+  terms = [_head_term(s, 1, "the turn's logits"),
+           _logits_term(s, rows, s.M, "the written tokens"),
+           _mlp_term(s, rows, t)]
+  if slots:  # the chunk's slots and room for the turn, every layer (MemAgent reads no slots)
+    terms.append(Term("prefix cache of the turn", s.kv(rows, slots + t),
+                      s.kv_formula(rows, f"{slots} + {t}", slots + t)))
+  return {"memory updates": terms}
+
+
+def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | None = None,
+                      eval_batch: int = 16) -> list[Estimate]:
+  """Estimates for `programs` (`aot.recipe_programs(run, ...)`, whose abstract arguments
+  carry the recipe's shardings) on `run.mesh`."""
+  from memrecall import aot  # pylint: disable=g-import-not-at-top
+  sizes = dict(run.mesh.shape) if mesh_sizes is None else mesh_sizes
+  s = _Shapes(run, sizes)
+  out = []
+  for program in programs:
+    arguments = aot.device_bytes((program.args, program.kwargs))
+    held = aot.device_bytes(program.held)
+    name = program.name
+    if name == "train_step":
+      state = program.args[0]
+      paths = state_lib.trainable_paths(state.params, run.config.train.trainable)
+      trainable = aot.device_bytes(state_lib.split(state.params, paths)[0])
+      phases = _train_step(s, trainable)
+    elif name == "rollout":
+      phases = _rollout(s, run.config.train.batch_size, "rollout")
+    elif name == "reference_logprobs":
+      phases = _reference(s, s.rows(run.config.train.batch_size))
+    elif name.startswith("eval_recall_"):
+      phases = _rollout(s, eval_batch, "evaluation")
+    elif name == "answer_stream":
+      phases = _stream(s)
+    else:
+      raise ValueError(f"no estimate for program {name!r}")
+    out.append(Estimate(name, arguments, held,
+                        {p: [t for t in terms if t.bytes] for p, terms in phases.items()}))
+  return out
+
+
+def _stream(s: _Shapes) -> dict[str, list[Term]]:
+  """answer.py --stream: one question, its document compressed and read a group of chunks at
+  a time; the group's compressed chunks, then each update's decode."""
+  g = 8  # RecallConfig.group_size, the streaming group
+  n = g * s.S
+  group = Term("a group's compressed chunks (and their chunk-major copy)", 2 * s.kv(1, n),
+               "2 x " + s.kv_formula(1, f"{g} chunks x S {s.S}", n))
+  return {"memory updates": [group] + _decode_phase(s, 1, s.S, s.P_update, s.M, "update"),
+          "answer": _decode_phase(s, 1, 0, s.P_final, s.A, "answer")}

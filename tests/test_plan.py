@@ -50,3 +50,111 @@ def test_bank_and_activation_estimates():
   expected = (L * rows * 2560 * E * 2 + rows * 2560 * (4 * E + 3 * M + 2 * (H + 2 * K) * D) * 2
               + rows * 2560 * V * 4)
   assert result.activations == expected
+
+
+# --- every program of a recipe: launch/plan.py --config ------------------------------------
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV.pop("MEMRECALL_VERBOSE", None)
+
+
+def _programs(config, devices):
+  from memrecall import aot
+  from memrecall.runs import build_run
+  run = build_run(config, devices)
+  programs = aot.recipe_programs(run, eval_batch=16, eval_tokens=run.num_chunks *
+                                 run.compressor.chunk_size, eval_modes=["gate", "stream"])
+  return run, programs
+
+
+def test_every_program_has_exact_arguments_and_named_terms():
+  from configs import tiny
+  from memrecall import aot
+  config = tiny.get_config("rl")
+  config.mesh.fsdp = 4
+  run, programs = _programs(config, jax.devices()[:4])
+  estimates = plan.estimate_programs(run, programs)
+  assert [e.program for e in estimates] == ["train_step", "rollout", "reference_logprobs",
+                                            "eval_recall_gate", "answer_stream"]
+  for e, p in zip(estimates, programs):
+    assert e.arguments == aot.device_bytes((p.args, p.kwargs)) > 0
+    assert e.held == aot.device_bytes(p.held)
+    assert e.total == e.arguments + e.held + e.temporaries and e.temporaries > 0
+    for terms in e.phases.values():
+      assert all(t.bytes > 0 and t.name and "x" in t.formula for t in terms)
+  by_name = {e.program: e for e in estimates}
+  # RL keeps the KL reference's copy beside the step, and the optimizer state besides.
+  trainable = by_name["train_step"].held
+  assert trainable > 0 and by_name["rollout"].held > 2 * trainable
+
+
+def test_the_7b_terms_by_hand():
+  """The rollout's bank and caches of configs/lychee.py:rl,7b,gpu8 (8 devices, 256 rows: 32
+  per device), from the 7B shapes."""
+  from configs import lychee
+  run, programs = _programs(lychee.get_config("rl,7b,gpu8"), jax.devices()[:8])
+  rollout = plan.estimate_programs(run, programs)[1]
+  terms = {t.name: t.bytes for t in rollout.phases["memory updates"]}
+  kv = lambda rows, positions: rows * positions * L * 2 * K * D * 2
+  assert terms["rollout: the bank"] == kv(32, 8 * 1024)
+  prompt = run.prompts.update.length(256, 1024)  # the update template around Q and memory
+  assert terms["decode cache: update"] == 2 * kv(32, 1024 + prompt + 1024)
+  assert terms["LM head gathered"] == V * E * 2
+  assert rollout.phases["compression"][0].bytes == 2 * kv(32, 8 * 1024)
+
+
+def _plan(*args, timeout=300):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), *args],
+                        capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
+
+
+def test_the_estimate_is_within_25_percent_of_every_compiler_record(tmp_path):
+  """docs/compile/ holds launch/compile.py's records of every 7B recipe on its TPU slice:
+  every program of each has a compiler row, and its estimate is within 25% of what the
+  compiled program allocates (plus what RL holds beside it)."""
+  records = [f for f in os.listdir(os.path.join(ROOT, "docs", "compile")) if f.endswith(".json")]
+  assert records
+  out = tmp_path / "plan.json"
+  proc = _plan("--all", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr
+  rows = json.load(open(out))
+  assert {r["config"] for r in rows} == {json.load(open(os.path.join(
+      ROOT, "docs", "compile", f)))["config"] for f in records}
+  missing = [(r["config"], r["program"]) for r in rows if r["ratio"] is None]
+  assert not missing, f"programs without a compiler record: {missing}"
+  off = {(r["config"], r["program"]): round(r["ratio"], 2) for r in rows
+         if not 0.75 <= r["ratio"] <= 1.25}
+  assert not off, off
+  for r in rows:  # the printed table carries the same ratios
+    assert f"{r['ratio']:.2f}" in proc.stdout
+
+
+def test_a_gpu_mesh_is_an_estimate():
+  proc = _plan("--config=configs/lychee.py:sft,0.5b,gpu8")
+  assert proc.returncode == 0, proc.stderr
+  assert "a GPU mesh: estimate only, no deviceless compiler for GPUs" in proc.stdout
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("  train_step")]
+  assert len(lines) == 1 and "(estimate)" in lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/lychee.py:rl,0.5b,v5p-64", "--config.mesh.fsdp=4"],
+     "does not cover the slice's 32 chips"),
+    (["--config=configs/tiny.py:sft", "--compile=v9x:2x2"], "--compile: unknown TPU generation"),
+    (["--config=configs/lychee.py:rl,0.5b,gpu8", "--compile=recipe"], "names no TPU slice"),
+    (["--all", "--records=/nonexistent"], "no launch/compile.py records in /nonexistent"),
+    (["--all", "--model=tiny"], "give one of --config, --all or --model"),
+])
+def test_bad_input_is_one_line(args, message):
+  proc = _plan(*args)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  err = proc.stderr.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("plan.py: error:") and message in err[0], proc.stderr

@@ -104,7 +104,7 @@ def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch, with_gate: 
     if setup.raw_chunks:  # MemAgent: the chunk's raw tokens in the prompt, no KV prefix
       template, prefix, section = setup.prompts.memagent, no_prefix(cfg, ids.shape[0]), (ids, mask)
     else:
-      chunk = compress(params, cfg, setup.compressor, ids, mask)
+      chunk = compress(params, cfg, setup.compressor, ids, mask, for_gradients=True)
       template, prefix, section = setup.prompts.update, (chunk.k, chunk.v, chunk.slot_mask), ()
     logp, entropy = turn_logprobs(params, cfg, template, *prefix, batch.question,
                                   batch.question_mask, memory, targets, target_mask, *section)
@@ -240,7 +240,9 @@ def gate_block_logits(params, setup: TrainSetup, batch: GateBatch) -> Array:
   @jax.checkpoint
   def block(carry, xs):
     ids, mask, mem_ids, mem_mask = xs
-    chunk = compress(params, cfg, setup.compressor, ids, mask)
+    # Differentiated (the adapters ride in the layer stack), so no `lax.cond` skip: see
+    # `compress`.
+    chunk = compress(params, cfg, setup.compressor, ids, mask, for_gradients=True)
     return carry, gate_logits(params, cfg, setup.prompts.gate, chunk.k, chunk.v, chunk.slot_mask,
                               batch.question, batch.question_mask, WorkingMemory(mem_ids, mem_mask))
 

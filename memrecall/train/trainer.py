@@ -286,11 +286,16 @@ def abstract_train_state(run: Run, optimizer):
 
 @dataclasses.dataclass
 class Program:
-  """One jitted program of a stage and the abstract arguments it runs on (launch/compile.py)."""
+  """One jitted program of a stage and the abstract arguments it runs on (launch/compile.py).
+
+  held: abstract arrays the process keeps on device while the program runs, besides its
+  arguments (RL: the optimizer state during the rollout, the KL reference's copy): device
+  memory the program's own plan does not count but the chip must hold too."""
   name: str
   jitted: Any
   args: tuple
   kwargs: dict = dataclasses.field(default_factory=dict)
+  held: Any = None
 
 
 def stage_programs(run: Run) -> list[Program]:
@@ -304,10 +309,12 @@ def stage_programs(run: Run) -> list[Program]:
   paths = state_lib.trainable_paths(state.params, config.train.trainable)
   batch = abstract_batch(stage.batch_shapes(stage.batch_size), run.mesh)
   step = jit_train_step(stage, optimizer, paths, _microbatches(config))
-  programs = [Program("train_step", step, (state, batch))]
-  if isinstance(stage, RLStage):
-    programs += stage.programs(state.params, batch.turns)
-  return programs
+  if not isinstance(stage, RLStage):
+    return [Program("train_step", step, (state, batch))]
+  # RL keeps the KL reference's copy of the trainable leaves on device all along (`start`).
+  reference, _ = state_lib.split(state.params, paths)
+  return [Program("train_step", step, (state, batch), held=reference)] + stage.programs(
+      state, batch.turns, reference)
 
 
 # --- stages -------------------------------------------------------------------
@@ -471,16 +478,23 @@ class RLStage(_Stage):
     return fn(params, *static, turns.chunk_ids, turns.chunk_mask, turns.question,
               turns.question_mask, rng)
 
-  def programs(self, params, turns) -> list["Program"]:
-    """The rollout and the reference log-prob pass on abstract `params` and `turns` (the train
-    step's batch): the programs `batch` runs besides the step."""
+  def programs(self, state, turns, reference) -> list["Program"]:
+    """The rollout and the reference log-prob pass on the abstract `state`, `turns` (the train
+    step's batch) and `reference` (the KL reference's trainable leaves): the programs `batch`
+    runs besides the step, each with what stays on device meanwhile."""
     fn, static = self._rollout()
     rng = jax.eval_shape(lambda: jax.random.key(0))
     replicated = jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
     rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
+    params = state.params
+    # The reference pass scores the reference's leaves merged with the state's frozen ones
+    # (the same shapes as `params`); the policy's trainable leaves stay on device meanwhile.
+    policy, _ = state_lib.split(params, list(reference))
     return [Program("rollout", fn, (params, *static, turns.chunk_ids, turns.chunk_mask,
-                                    turns.question, turns.question_mask, rng)),
-            Program("reference_logprobs", self._score, (params, turns))]
+                                    turns.question, turns.question_mask, rng),
+                    held=(state.opt_state, reference)),
+            Program("reference_logprobs", self._score, (params, turns),
+                    held=(state.opt_state, policy))]
 
   def batch_shapes(self, rows):
     r = self.run

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Regenerates docs/compile/: every 7B recipe compiled for its TPU slice by launch/compile.py
+# (deviceless, libtpu installed), then launch/plan.py's estimate beside each record.
+# Hours of CPU (a 7B program takes minutes to tens of minutes).  Extra arguments go to every
+# compile, e.g. --programs=train_step.
+#
+# Evaluation's programs depend on the model and the evaluation length only: they are compiled
+# with the rl recipe (32K-token documents; the same programs for sft and gate) and with the
+# compressor recipe (its one-chunk documents).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+out=docs/compile
+mkdir -p "$out"
+compile() {  # recipe, then compile.py flags
+  local recipe=$1 name status=0
+  shift
+  name=$(echo "$recipe" | sed 's/\.py:/_/; s/,/_/g')
+  echo "[compile_recipes] $recipe" >&2
+  "$PYTHON" launch/compile.py --config="configs/$recipe" --output_json="$out/$name.json" "$@" \
+    || status=$?
+  # 3: compiled, and some program does not fit (its row says by how much).
+  [ "$status" -eq 0 ] || [ "$status" -eq 3 ] || exit "$status"
+}
+compile lychee.py:compressor,7b,v5p-64 "$@"
+compile lychee.py:sft,7b,v5p-64 --eval_modes= "$@"
+compile lychee.py:rl,7b,v5p-64 "$@"
+compile lychee.py:gate,7b,v5p-64 --eval_modes= "$@"
+compile memagent.py:sft,7b,v5p-64 "$@"
+compile memagent.py:rl,7b,v5p-64 "$@"
+"$PYTHON" launch/plan.py --all --records="$out"
