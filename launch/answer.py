@@ -156,7 +156,6 @@ def main(argv):
   # rules (the bank's fingerprint stays the stored tree's); the document's chunks split over
   # its batch axes.
   layer_params, setup = evaluation.on_mesh(params, setup, run.mesh)
-  rows = lambda x: jax.device_put(x, sharding.rows_sharding(np.shape(x), run.mesh))
   with jax.set_mesh(run.mesh):
     if _STREAM.value:
       g = setup.recall.group_size
@@ -177,8 +176,8 @@ def main(argv):
         bank, _ = memory_bank.load_bank(bank_dir, expected)
         print(f"reusing memory bank {bank_dir}", file=sys.stderr)
       else:
-        memory = compressor.compress(layer_params, setup.model, settings, rows(chunk_ids),
-                                     rows(chunk_mask))
+        memory = compressor.compress(layer_params, setup.model, settings,
+                                     *evaluation.rows_on(run.mesh, chunk_ids, chunk_mask))
         if bank_dir:
           memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
               params, config, settings, memory, len(doc_ids), document_hash=document_hash,

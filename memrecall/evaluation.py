@@ -40,7 +40,7 @@ def on_mesh(params, setup: RecallSetup, mesh) -> tuple[dict, RecallSetup]:
   return (params if mesh is None else place_params(params, setup.model, mesh)), setup
 
 
-def _rows_on(mesh, *arrays) -> tuple:
+def rows_on(mesh, *arrays) -> tuple:
   """Batch arrays ([B, ...]) with their rows split over the mesh's batch axes (`data`, `fsdp`),
   so each device runs its share of the questions; as they are without a mesh."""
   if mesh is None:
@@ -155,7 +155,7 @@ def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
     ids, mask = chunked(group, compressor.chunk_size, n_chunks, setup.model.pad_token_id)
     question, question_mask = pad_ids([ex.question for ex in group], question_tokens)
     return recall_documents, (params, setup, compressor,
-                              *_rows_on(mesh, ids, mask, question, question_mask),
+                              *rows_on(mesh, ids, mask, question, question_mask),
                               jax.random.key(seed + seed_offset))
 
   with _within(mesh):
@@ -245,11 +245,11 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
     if mode == "memagent":
       ids, mask = chunked(group, baseline.memagent_chunk, n_sections, pad)
       return baselines.memagent, (params, setup,
-                                  *_rows_on(mesh, ids, mask, question, question_mask), rng)
+                                  *rows_on(mesh, ids, mask, question, question_mask), rng)
     width = baseline.full_budget if mode == "full" else baseline.rag_topk * baseline.rag_chunk
     context, context_mask = pad_ids([context_of(ex) for ex in group], width)
     return baselines.answer_from_context, (
-        params, setup, *_rows_on(mesh, context, context_mask, question, question_mask), rng)
+        params, setup, *rows_on(mesh, context, context_mask, question, question_mask), rng)
 
   with _within(mesh):
     batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)

@@ -423,26 +423,22 @@ def from_workdir(workdir: str, matmul_precision: str | None = None, *,
   reasoner_overrides: chunk_size / memory_size / answer_tokens to evaluate with other settings
   (None or 0: the run's own).
   """
-  from memrecall.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
-  built = []
-
-  def run_of(saved: dict):
-    config = with_defaults(ml_collections.ConfigDict(saved))
-    assets = os.path.join(os.fspath(workdir), HF_ASSETS)
-    if config.init.hf_checkpoint and os.path.exists(os.path.join(assets, "config.json")):
-      config.init.hf_checkpoint = assets
-    config.init.checkpoint = ""
-    if matmul_precision:
-      config.model.matmul_precision = matmul_precision
-    if mesh:
-      config.mesh = ml_collections.ConfigDict(dict(mesh))
-    if reasoner_overrides.get("chunk_size"):
-      config.compressor.chunk_size = reasoner_overrides["chunk_size"]
-    for key in ("memory_size", "answer_tokens"):
-      if reasoner_overrides.get(key):
-        config.reasoner[key] = reasoner_overrides[key]
-    built.append(build_run(config, devices))
-    return built[0].param_shardings()
-
-  params, _ = load_params(os.fspath(workdir), shardings=run_of)
-  return built[0], params
+  from memrecall.train import checkpoint  # pylint: disable=g-import-not-at-top
+  saved, step = checkpoint.load_config(os.fspath(workdir))
+  config = with_defaults(ml_collections.ConfigDict(saved))
+  assets = os.path.join(os.fspath(workdir), HF_ASSETS)
+  if config.init.hf_checkpoint and os.path.exists(os.path.join(assets, "config.json")):
+    config.init.hf_checkpoint = assets
+  config.init.checkpoint = ""
+  if matmul_precision:
+    config.model.matmul_precision = matmul_precision
+  if mesh:
+    config.mesh = ml_collections.ConfigDict(dict(mesh))
+  if reasoner_overrides.get("chunk_size"):
+    config.compressor.chunk_size = reasoner_overrides["chunk_size"]
+  for key in ("memory_size", "answer_tokens"):
+    if reasoner_overrides.get(key):
+      config.reasoner[key] = reasoner_overrides[key]
+  run = build_run(config, devices)  # before the weights: they are read onto its mesh
+  params, _ = checkpoint.load_params(os.fspath(workdir), step, run.param_shardings())
+  return run, params

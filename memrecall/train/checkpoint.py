@@ -110,15 +110,8 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(workdir_or_checkpoint: str, step: int | None = None,
-                shardings: Any = None) -> tuple[Any, dict]:
-  """The parameters alone (no optimizer state is read) and the run config of a checkpoint.
-
-  Accepts a workdir (latest checkpoint, or `step`) for analysis in a notebook.  shardings:
-  where each parameter goes — a tree of Shardings like the parameters, or a function from
-  the saved config to one (`runs.from_workdir`: the run's mesh, so a model larger than one
-  device is read straight onto its shards); default: this process's first device.
-  """
+def _open(workdir_or_checkpoint: str, step: int | None):
+  """(manager, directory, step) of a workdir's checkpoint `step` (default: the latest)."""
   directory = checkpoint_dir(workdir_or_checkpoint)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory")
@@ -127,18 +120,41 @@ def load_params(workdir_or_checkpoint: str, step: int | None = None,
       "data": ocp.JsonCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
+    manager.close()
     raise FileNotFoundError(f"no checkpoint in {directory}")
+  return manager, directory, step
+
+
+def load_config(workdir_or_checkpoint: str, step: int | None = None) -> tuple[dict, int]:
+  """(the run config a checkpoint saved, its step): what to build the run from before its
+  parameters are read onto that run's mesh (`runs.from_workdir`)."""
+  manager, directory, step = _open(workdir_or_checkpoint, step)
+  try:
+    with _restore_errors(directory, step):
+      return manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore())).config, step
+  finally:
+    manager.close()
+
+
+def load_params(workdir_or_checkpoint: str, step: int | None = None,
+                shardings: Any = None) -> tuple[Any, dict]:
+  """The parameters alone (no optimizer state is read) and the run config of a checkpoint.
+
+  Accepts a workdir (latest checkpoint, or `step`) for analysis in a notebook.  shardings:
+  a tree of Shardings like the parameters, where each goes (`runs.from_workdir`: the run's
+  mesh, so a model larger than one device is read straight onto its shards); default: this
+  process's first device.
+  """
+  manager, directory, step = _open(workdir_or_checkpoint, step)
   try:
     with _restore_errors(directory, step):
       config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
       metadata = manager.item_metadata(step)["state"]
       stored = getattr(metadata, "tree", metadata)["params"]
-    if callable(shardings):  # outside: its errors (a mesh too large, ...) are not the checkpoint's
-      shardings = shardings(config)
-    if shardings is None:
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      shardings = jax.tree.map(lambda _: device, stored)
-    with _restore_errors(directory, step):
+      if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, stored)
       # Whatever mesh wrote it, read it onto these shardings; the rest of the state stays on disk.
       target = {"params": jax.tree.map(
           lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), stored, shardings)}
