@@ -62,7 +62,7 @@ def base_config(stage: str, size: str, mesh: str) -> ml_collections.ConfigDict:
   c.compressor = ml_collections.ConfigDict({"chunk_size": 4096, "window": 2048, "ratio": 4})
   c.reasoner = ml_collections.ConfigDict({"memory_size": 1024, "answer_tokens": 256,
                                           "question_tokens": 256})
-  # Empty templates take the released model's (memrecall/prompts.py); `auto` wraps them in the
+  # Empty templates take the released model's (memrecall/method/prompts.py); `auto` wraps them in the
   # checkpoint's chat template.
   c.prompts = ml_collections.ConfigDict({
       "chat_template": "auto", "update_template": "", "final_template": "", "gate_template": "",

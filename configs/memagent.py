@@ -7,7 +7,7 @@ section in MemAgent's prompt (no compressor, no gate).  Sizes and meshes as in l
 import ml_collections
 
 from configs import lychee
-from memrecall.prompts import MEMAGENT_FINAL_TEMPLATE
+from memrecall.method.prompts import MEMAGENT_FINAL_TEMPLATE
 
 
 def get_config(arg: str = "rl") -> ml_collections.ConfigDict:

@@ -75,8 +75,11 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from memrecall import (compressor, documents, evaluation, fingerprint, memory_bank, progress,
-                         prompts, recall, runs, sharding)
+  from memrecall.method import compressor, memory_bank, prompts, recall
+  from memrecall.data import documents
+  from memrecall.evaluate import evaluator
+  from memrecall.runtime import fingerprint, progress, sharding
+  from memrecall import run_builder
 
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None) or not _DOCUMENT.value:
     raise app.UsageError("--document and exactly one of --hf_checkpoint and --checkpoint are "
@@ -111,11 +114,11 @@ def main(argv):
                   answer_tokens=_MAX_NEW_TOKENS.value)
   try:  # the run's mesh: --mesh or the run's shape, over this machine's devices
     if _CHECKPOINT.value:
-      run, params = runs.from_workdir(
+      run, params = run_builder.from_workdir(
           _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, mesh=mesh,
           **settings)
     else:
-      run = runs.from_hf_checkpoint(_HF_CHECKPOINT.value, model=model_flags.hf_model_settings(),
+      run = run_builder.from_hf_checkpoint(_HF_CHECKPOINT.value, model=model_flags.hf_model_settings(),
                                     mesh=mesh, **{k: v for k, v in settings.items() if v})
   except sharding.MeshError as e:
     raise app.UsageError(model_flags.mesh_error(e, len(jax.local_devices()))) from None
@@ -155,7 +158,7 @@ def main(argv):
   # Per-layer weights for the loop's decode steps, sharded over the run's mesh by training's
   # rules (the bank's fingerprint stays the stored tree's); the document's chunks split over
   # its batch axes.
-  layer_params, setup = evaluation.on_mesh(params, setup, run.mesh)
+  layer_params, setup = evaluator.on_mesh(params, setup, run.mesh)
   with jax.set_mesh(run.mesh):
     if _STREAM.value:
       g = setup.recall.group_size
@@ -177,7 +180,7 @@ def main(argv):
         print(f"reusing memory bank {bank_dir}", file=sys.stderr)
       else:
         memory = compressor.compress(layer_params, setup.model, settings,
-                                     *evaluation.rows_on(run.mesh, chunk_ids, chunk_mask))
+                                     *evaluator.rows_on(run.mesh, chunk_ids, chunk_mask))
         if bank_dir:
           memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
               params, config, settings, memory, len(doc_ids), document_hash=document_hash,

@@ -58,8 +58,10 @@ def main(argv):
   import jax
   import ml_collections
   from configs import models, tiny as tiny_config
-  from memrecall import benchmark, model, runs
-  from memrecall.prompts import QWEN2_CHAT_TEMPLATE
+  from memrecall.evaluate import benchmark
+  from memrecall.models import qwen2 as model
+  from memrecall import run_builder
+  from memrecall.method.prompts import QWEN2_CHAT_TEMPLATE
 
   tiny = _MODEL.value in ("tiny", "mid", "demo")  # CPU shapes: short prompts, small budgets
   defaults = _DEFAULTS.get(_MODEL.value, _DEFAULTS["qwen2.5"])
@@ -68,7 +70,7 @@ def main(argv):
   # The run of a random model of this shape (byte tokenizer): the tiny model's own short
   # prompts, or the released model's in Qwen2.5's chat template, as a real run sends them.
   demo = tiny_config.get_config()
-  c = runs.with_defaults(ml_collections.ConfigDict({
+  c = run_builder.with_defaults(ml_collections.ConfigDict({
       "stage": "eval",
       "model": demo.model if _MODEL.value == "demo" else models.model_config(_MODEL.value),
       "compressor": {"chunk_size": chunk, "window": defaults.get("window", chunk // 2), "ratio": 4,
@@ -77,7 +79,7 @@ def main(argv):
       "prompts": (demo.prompts.to_dict() if tiny
                   else {"chat_template": QWEN2_CHAT_TEMPLATE})}))
   c.model.compressor, c.model.gate_lora_rank = True, 8
-  run = runs.build_run(c)
+  run = run_builder.build_run(c)
   config, compressor, prompts = run.model, run.compressor, run.prompts
   params = model.init_params(config, jax.random.key(0))
   settings = benchmark.BenchSettings(
@@ -123,7 +125,8 @@ def _decode(params, config, ceilings, cache_tokens: int, batches: list[int]) -> 
   in training's scanned layer stack at the first; each against its floor, the bytes a step
   reads at the measured read bandwidth.  The machine JSON's entries: "decode" and its
   "decode_floor_fraction" are the first batch's, "decode_by_batch" holds every batch."""
-  from memrecall import benchmark, model
+  from memrecall.evaluate import benchmark
+  from memrecall.models import qwen2 as model
   per_layer = model.unstack_layers(params, config)
   by_batch = {}
   for batch in batches:

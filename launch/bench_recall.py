@@ -33,8 +33,9 @@ def main(argv):
   import numpy as np
 
   from configs import models
-  from memrecall import compressor, model, prompts, reasoner, recall, sampling, tokenizer
-  from memrecall.config import ModelConfig
+  from memrecall.method import compressor, prompts, reasoner, recall
+  from memrecall.models import qwen2 as model, sampling, tokenizer
+  from memrecall.models.config import ModelConfig
 
   config = ModelConfig.from_dict(models.model_config("tiny").to_dict()).replace(
       compressor=True, gate_lora_rank=4)

@@ -134,7 +134,7 @@ def run(main) -> None:
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
-      from memrecall.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+      from memrecall.runtime.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
       if "Failed loading config file" in str(e):  # a --config file is read lazily
         fail(_config_message(e, sys.argv), e)
       if isinstance(e, (app.UsageError, ValueError, OSError, ImportError, LookupError,

@@ -59,13 +59,13 @@ def _recipe_slice_name() -> str:
 
 
 def _slice():
-  from memrecall import tpu_topology
+  from memrecall.capacity import tpu_slices
   if _TOPOLOGY.value:
-    return tpu_topology.parse_slice(_TOPOLOGY.value)
+    return tpu_slices.parse_slice(_TOPOLOGY.value)
   name = _recipe_slice_name()
   try:
-    return tpu_topology.parse_slice(name)
-  except tpu_topology.TopologyError:
+    return tpu_slices.parse_slice(name)
+  except tpu_slices.TopologyError:
     raise app.UsageError(f"--topology: the recipe's mesh {name or '(default)'!r} names no TPU "
                          "slice; give one, e.g. --topology=v5p-8 or --topology=v5e:2x2") from None
 
@@ -86,18 +86,18 @@ def _fit_mesh(config, devices: int) -> None:
 def main(argv):
   del argv
   import jax
-  from memrecall import aot, tpu_topology
-  from memrecall.config import ConfigError
-  from memrecall.runs import build_run
+  from memrecall.capacity import aot, tpu_slices
+  from memrecall.models.config import ConfigError
+  from memrecall.run_builder import build_run
 
-  from memrecall.recall import MODES
+  from memrecall.method.recall import MODES
   cli.writable("output_json", _OUTPUT_JSON.value)
   modes = [m for m in _EVAL_MODES.value if m]
   bad = sorted(set(modes) - set(MODES + ("stream",)))
   if bad:
     raise app.UsageError(f"--eval_modes: unknown {bad}; choose from {MODES + ('stream',)}")
   tpu = _slice()
-  devices = tpu_topology.deviceless_devices(tpu)
+  devices = tpu_slices.deviceless_devices(tpu)
   config = _CONFIG.value
   _fit_mesh(config, len(devices))
   try:
@@ -113,10 +113,10 @@ def main(argv):
     raise app.UsageError(f"--programs: {unknown} are not programs of this stage; it has {names}")
   if _ONLY.value:
     programs = [p for p in programs if p.name in _ONLY.value]
-  hbm = tpu_topology.hbm_bytes_per_device(tpu, len(devices))
-  from memrecall.tpu_topology import libtpu_version
+  hbm = tpu_slices.hbm_bytes_per_device(tpu, len(devices))
+  from memrecall.capacity.tpu_slices import libtpu_version
   print(f"{tpu.topology} ({tpu.accelerator_type}, {tpu.chips} chips, {len(devices)} devices, "
-        f"{hbm / tpu_topology.GiB:.0f} GiB HBM each), mesh {dict(run.mesh.shape)}, stage "
+        f"{hbm / tpu_slices.GiB:.0f} GiB HBM each), mesh {dict(run.mesh.shape)}, stage "
         f"{config.stage}, jax {jax.__version__}, libtpu {libtpu_version()}", flush=True)
   print(aot.HEADER, flush=True)
   rows = aot.compile_rows(programs, run.mesh, hbm, log=lambda line: print(line, flush=True))
@@ -125,7 +125,7 @@ def main(argv):
               "overrides": config_overrides(sys.argv[1:]), "stage": config.stage, "topology": tpu.topology,
               "accelerator_type": tpu.accelerator_type, "chips": tpu.chips,
               "devices": len(devices), "mesh": dict(run.mesh.shape),
-              "hbm_gib_per_device": hbm / tpu_topology.GiB, "jax": jax.__version__,
+              "hbm_gib_per_device": hbm / tpu_slices.GiB, "jax": jax.__version__,
               "libtpu": libtpu_version(), "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
               "eval_tokens": tokens, "rows": [r.to_json() for r in rows]}
     with open(_OUTPUT_JSON.value, "w") as f:

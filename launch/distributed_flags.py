@@ -11,6 +11,6 @@ PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def initialize() -> None:
   """jax.distributed from the flags (a no-op for a single process)."""
-  from memrecall import distributed  # pylint: disable=g-import-not-at-top
+  from memrecall.runtime import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(DISTRIBUTED.value, COORDINATOR.value, NUM_PROCESSES.value,
                          PROCESS_ID.value)

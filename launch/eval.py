@@ -102,7 +102,7 @@ flags.adopt_module_key_flags(model_flags)  # listed by --helpshort
 def _check_flags():
   """Every flag and path, before anything is loaded (see launch/cli.py)."""
   from memrecall.data import specs
-  from memrecall.evaluation import MODES
+  from memrecall.evaluate.evaluator import MODES
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None):
     raise app.UsageError("give exactly one of --hf_checkpoint and --checkpoint")
   if _HF_CHECKPOINT.value and not _DATA.value:
@@ -148,8 +148,9 @@ def _load():
   checkpoint's weights are read only when that function is called."""
   import jax
   import ml_collections
-  from memrecall import runs, sharding
-  from memrecall.prompts import MEMAGENT_FINAL_TEMPLATE
+  from memrecall import run_builder
+  from memrecall.runtime import sharding
+  from memrecall.method.prompts import MEMAGENT_FINAL_TEMPLATE
   devices, mesh = jax.local_devices(), model_flags.mesh_shape()
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
                   answer_tokens=_ANSWER_TOKENS.value)
@@ -161,18 +162,18 @@ def _load():
         values["question_tokens"] = _QUESTION_TOKENS.value
       if _PROMPTS.value == "memagent":
         values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
-      run = runs.from_hf_checkpoint(hf, devices, model=model_flags.hf_model_settings(),
+      run = run_builder.from_hf_checkpoint(hf, devices, model=model_flags.hf_model_settings(),
                                     mesh=mesh, **values)
       name = os.path.basename(os.path.normpath(hf))
       return run, run.params, os.path.join("eval", name), name
-    run, params = runs.from_workdir(
+    run, params = run_builder.from_workdir(
         _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value,
         devices=devices, mesh=mesh, **settings)
     if _CONFIG.value is not None:
       _CONFIG.value.model.matmul_precision = model_flags.MATMUL_PRECISION.value
       if mesh:
         _CONFIG.value.mesh = ml_collections.ConfigDict(mesh)
-      run = runs.build_run(_CONFIG.value, devices)  # evaluation places the weights on its mesh
+      run = run_builder.build_run(_CONFIG.value, devices)  # evaluation places the weights on its mesh
   except sharding.MeshError as e:
     raise app.UsageError(model_flags.mesh_error(e, len(devices))) from None
   if _QUESTION_TOKENS.value:
@@ -184,7 +185,7 @@ def main(argv):
   del argv
   _check_flags()
   distributed_flags.initialize()
-  from memrecall import eval_report, evaluation
+  from memrecall.evaluate import report, evaluator
 
   run, load_params, default_dir, name = _load()
   modes = _modes(run)
@@ -198,23 +199,23 @@ def main(argv):
   params = load_params()  # last: every check above is cheap
   model_name = _MODEL_NAME.value or name
   chunk = run.compressor.chunk_size
-  baseline = evaluation.BaselineConfig(memagent_chunk=_MEMAGENT_CHUNK.value or chunk,
+  baseline = evaluator.BaselineConfig(memagent_chunk=_MEMAGENT_CHUNK.value or chunk,
                                        full_budget=_FULL_BUDGET.value, rag_topk=_RAG_TOPK.value,
                                        rag_chunk=chunk)
   if sources:
-    rows = evaluation.evaluate_data(
+    rows = evaluator.evaluate_data(
         params, run, sources, modes=modes, output_dir=output_dir, model_name=model_name,
         limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or 8, baseline=baseline,
         threshold=_THRESHOLD.value, topk=_TOPK.value, gate_group=_GATE_GROUP.value,
         mesh=run.mesh)
-    print(eval_report.data_table(rows))
+    print(report.data_table(rows))
   else:
-    rows = evaluation.evaluate_suite(
+    rows = evaluator.evaluate_suite(
         params, run, model_name=model_name, lengths=[int(x) for x in _LENGTHS.value],
         modes=modes, examples=_EXAMPLES.value, batch_size=_BATCH_SIZE.value or 16,
         output_dir=output_dir, baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
         gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value, mesh=run.mesh)
-    print(eval_report.table(rows))
+    print(report.table(rows))
   print(f"results in {output_dir}")
 
 

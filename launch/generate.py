@@ -39,7 +39,7 @@ from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 
 def parse_mesh(spec: str | None):
-  from memrecall import sharding
+  from memrecall.runtime import sharding
   shape = cli.mesh_shape("mesh", spec)
   if shape is None:
     return None
@@ -54,8 +54,8 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from configs import models
-  from memrecall import hf_checkpoint, model, sampling, tokenizer
-  from memrecall.config import ModelConfig
+  from memrecall.models import hf_checkpoint, qwen2 as model, sampling, tokenizer
+  from memrecall.models.config import ModelConfig
 
   if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")

@@ -29,5 +29,5 @@ def mesh_error(error: Exception, devices: int) -> str:
 
 
 def hf_model_settings() -> dict:
-  """The `model` settings of `runs.from_hf_checkpoint` these flags give."""
+  """The `model` settings of `run_builder.from_hf_checkpoint` these flags give."""
   return {"gate_lora_rank": GATE_LORA_RANK.value, "matmul_precision": MATMUL_PRECISION.value}

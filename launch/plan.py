@@ -8,8 +8,8 @@ r"""Per-device memory of a recipe before it runs: the estimate, and the TPU comp
 
 With --config, one row per program the stage runs (the train step; for RL the rollout and
 the reference log-prob pass; evaluation's recall loop and answer.py's streaming loop), built
-by the same code that compiles them (memrecall/aot.py): the arguments and what RL holds on
-device beside them are exact, the temporaries a sum of named terms (memrecall/plan.py;
+by the same code that compiles them (memrecall/capacity/aot.py): the arguments and what RL holds on
+device beside them are exact, the temporaries a sum of named terms (memrecall/capacity/memory_plan.py;
 --terms lists them with their formulas).  Beside it, for a TPU mesh, the compiler's numbers:
 from a record that launch/compile.py --output_json wrote (--records, default
 docs/compile/), or compiled now (--compile=TOPOLOGY: minutes of CPU for a 7B recipe, seconds
@@ -78,12 +78,12 @@ def _recipe_spec() -> str:
 
 def _tpu_slice(spec: str, mesh: dict, topology: str | None):
   """The TPU slice a recipe targets (its MESH name, or `topology`), or None (a GPU mesh)."""
-  from memrecall import tpu_topology
+  from memrecall.capacity import tpu_slices
   name = topology if topology and topology != "recipe" else (spec.partition(":")[2].split(",")
                                                              + ["", "", ""])[2]
   try:
-    return tpu_topology.parse_slice(name)
-  except tpu_topology.TopologyError:
+    return tpu_slices.parse_slice(name)
+  except tpu_slices.TopologyError:
     if topology and topology != "recipe":
       raise
     return None
@@ -157,13 +157,13 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
                  eval_batch: int, out: list) -> list[str]:
   """The table's lines for one recipe; its rows appended to `out`."""
   import math
-  from memrecall import aot, plan, tpu_topology
-  from memrecall.config import ConfigError
-  from memrecall.runs import build_run
+  from memrecall.capacity import aot, memory_plan, tpu_slices
+  from memrecall.models.config import ConfigError
+  from memrecall.run_builder import build_run
   mesh = _mesh_sizes(config)
   tpu = compile_for or _tpu_slice(spec, mesh, None)
   if compile_for is not None:
-    devices = tpu_topology.deviceless_devices(compile_for)
+    devices = tpu_slices.deviceless_devices(compile_for)
   else:
     known = math.prod(v for v in mesh.values() if v != -1)
     devices = _devices(tpu.chips if tpu is not None and -1 in mesh.values() else known)
@@ -175,14 +175,14 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     modes = (record or {}).get("eval_modes", ["gate", "stream"])
     programs = aot.recipe_programs(run, eval_batch=eval_batch, eval_tokens=tokens,
                                    eval_modes=modes)
-    estimates = plan.estimate_programs(run, programs, eval_batch=eval_batch)
+    estimates = memory_plan.estimate_programs(run, programs, eval_batch=eval_batch)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   rows = {}
   if record is not None:
     rows = {r["program"]: r for r in record["rows"]}
   elif compile_for is not None:
-    hbm = tpu_topology.hbm_bytes_per_device(compile_for, len(devices))
+    hbm = tpu_slices.hbm_bytes_per_device(compile_for, len(devices))
     rows = {r.program: r.to_json() for r in aot.compile_rows(programs, run.mesh, hbm)}
   hbm_gib = (record or {}).get("hbm_gib_per_device") or (
       tpu.hbm_gib_per_chip if tpu is not None else None)
@@ -228,8 +228,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
 def _summary(argv_model: str) -> None:
   """--model: the older one-setup summary."""
   from configs import models
-  from memrecall import plan
-  from memrecall.config import ModelConfig
+  from memrecall.capacity import memory_plan
+  from memrecall.models.config import ModelConfig
   from memrecall.train.state import SUBSETS
   try:
     shape = models.model_config(argv_model)
@@ -250,7 +250,7 @@ def _summary(argv_model: str) -> None:
   trainable = value(_TRAINABLE, "backbone")
   if trainable not in SUBSETS:
     raise app.UsageError(f"--trainable={trainable}: choose from {', '.join(SUBSETS)}")
-  result = plan.plan(model, sizes, trainable=trainable, batch=value(_BATCH, 16),
+  result = memory_plan.plan(model, sizes, trainable=trainable, batch=value(_BATCH, 16),
                      turn_tokens=value(_TURN_TOKENS, 2560), bank_chunks=value(_BANK_CHUNKS, 0),
                      slots=value(_SLOTS, 1024), microbatches=value(_MICROBATCHES, 1))
   gib = lambda b: b / GiB
@@ -292,11 +292,11 @@ def main(argv):
   if any(v < -1 or v == 0 for v in mesh.values()):
     raise app.UsageError(f"mesh {mesh}: axis sizes are positive (or -1 to fill the slice)")
   compile_for = None
-  from memrecall import tpu_topology
+  from memrecall.capacity import tpu_slices
   if _COMPILE.value:
     try:
       compile_for = _tpu_slice(spec, mesh, _COMPILE.value)
-    except tpu_topology.TopologyError as e:
+    except tpu_slices.TopologyError as e:
       raise app.UsageError(f"--compile: {e}") from None
     if compile_for is None:
       raise app.UsageError(f"--compile=recipe: the recipe's mesh names no TPU slice; give a "

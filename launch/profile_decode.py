@@ -105,8 +105,9 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from configs import models
-  from memrecall import benchmark, model as model_lib, sampling
-  from memrecall.config import ModelConfig
+  from memrecall.evaluate import benchmark
+  from memrecall.models import qwen2 as model_lib, sampling
+  from memrecall.models.config import ModelConfig
 
   config = ModelConfig.from_dict(models.model_config(_MODEL.value).to_dict())
   params = model_lib.init_params(config, jax.random.key(0))

@@ -26,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
-  from memrecall.config import ConfigError
+  from memrecall.models.config import ConfigError
   from memrecall.data.ruler_hqa import DatasetError
   from memrecall.train import trainer
   from memrecall.train.batches import BatchError

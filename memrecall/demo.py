@@ -23,9 +23,11 @@ from typing import Callable
 
 import ml_collections
 
-from memrecall import eval_report, evaluation, fingerprint, jsonl, runs
-from memrecall.distributed import is_primary
-from memrecall.train import checkpoint, trainer
+from memrecall import run_builder
+from memrecall.evaluate import evaluator, report
+from memrecall.runtime import checkpoint, fingerprint, jsonl
+from memrecall.runtime.distributed import is_primary
+from memrecall.train import trainer
 
 
 def _metrics(workdir: str, stage: str) -> list[dict]:
@@ -35,19 +37,19 @@ def _metrics(workdir: str, stage: str) -> list[dict]:
 def _greedy_accuracy(params, config: ml_collections.ConfigDict, examples: int, batch: int) -> float:
   """Greedy exact-match accuracy (%) at the training length, reading every chunk (raw chunks
   for the memagent agent)."""
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   exs = run.examples(0, examples, seed_offset=1000)
-  result = evaluation.evaluate_mode(
+  result = evaluator.evaluate_mode(
       params, run.recall_setup("all"), run.compressor, exs, run.score,
       mode="memagent" if run.agent == "memagent" else "all", baseline=_memagent_baseline(config),
       batch_size=batch, question_tokens=run.question_tokens)
   return result.accuracy
 
 
-def _memagent_baseline(config: ml_collections.ConfigDict) -> evaluation.BaselineConfig:
+def _memagent_baseline(config: ml_collections.ConfigDict) -> evaluator.BaselineConfig:
   """MemAgent sections of the length of the chunks `config`'s run trains on: a raw reader
   evaluated on other sections reads inputs laid out unlike any it learned from."""
-  return evaluation.BaselineConfig(memagent_chunk=runs.build_run(config).compressor.chunk_size)
+  return evaluator.BaselineConfig(memagent_chunk=run_builder.build_run(config).compressor.chunk_size)
 
 
 def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: str,
@@ -175,26 +177,26 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     stage(f"{task}_gate", task_gate, path(f"{task}_gate"))
 
   # Evaluation of the final model (RL + gate), the trained baseline, then the harder tasks.
-  run = runs.build_run(cfg("sft"))
+  run = run_builder.build_run(cfg("sft"))
   began = time.perf_counter()
   common = dict(lengths=list(demo.eval_lengths), batch_size=demo.eval_batch,
                 output_dir=path("eval"), threshold=gate.gate.threshold, log=log,
                 gate_group=demo.gate_group, latency_examples=demo.latency_examples,
                 baseline=_memagent_baseline(cfg("sft")))
-  rows = evaluation.evaluate_suite(
+  rows = evaluator.evaluate_suite(
       checkpoint.load_params(path("gate"))[0], run, model_name="lychee",
       modes=list(demo.eval_modes), examples=demo.eval_examples,
       mode_examples={"memagent": demo.memagent_examples}, **common)
   if demo.train_memagent:
     # The same questions (the method's run and task), sections cut as the agent was trained.
-    rows = evaluation.evaluate_suite(
+    rows = evaluator.evaluate_suite(
         checkpoint.load_params(path("memagent_rl"))[0], run, model_name="memagent",
         modes=["memagent"], examples=demo.memagent_examples,
         **{**common, "baseline": _memagent_baseline(memagent_sft)})
   for task in demo.extra_tasks:
-    rows = evaluation.evaluate_suite(
+    rows = evaluator.evaluate_suite(
         checkpoint.load_params(path(f"{task}_gate"))[0],
-        runs.build_run(get_config(f"sft,{variant},{task}")), model_name="lychee",
+        run_builder.build_run(get_config(f"sft,{variant},{task}")), model_name="lychee",
         modes=["gate", "all"], examples=demo.eval_examples, **common)
   stages.setdefault("eval", {"wall_s": time.perf_counter() - began})
   if is_primary():
@@ -203,9 +205,9 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     with open(path("results.json"), "w") as f:
       json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
     save_stages()
-    eval_report.plot(rows, workdir)
+    report.plot(rows, workdir)
     _plot_rewards(workdir, stages)
-    log(eval_report.table(rows))
+    log(report.table(rows))
     summary = _summary(stages, rows)
     for line in summary:
       log(line)
@@ -231,7 +233,7 @@ def _report(variant: str, stages: dict, rows: list[dict], summary: list[str]) ->
   for name, record in stages.items():
     lines.append(f"| {name} | {record['wall_s']:.0f} | {record.get('steps', record.get('step', ''))} |")
   lines += [f"| total | {sum(r['wall_s'] for r in stages.values()):.0f} | |", "",
-            eval_report.markdown_table(rows), ""]
+            report.markdown_table(rows), ""]
   lines += [line.removeprefix("[demo] ") + "  " for line in summary]
   return "\n".join(lines) + "\n"
 

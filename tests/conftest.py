@@ -150,7 +150,7 @@ def lychee_reference():
 def lychee_dir(lychee_reference, tmp_path_factory):
   """The fixture's weights and config written as a HF checkpoint directory."""
   import json
-  from memrecall.safetensors_io import save_file
+  from memrecall.models.safetensors_io import save_file
   directory = tmp_path_factory.mktemp("lychee_tiny")
   weights = {k[2:]: v for k, v in lychee_reference.items() if k.startswith("w/")}
   save_file(weights, directory / "model.safetensors")
@@ -167,6 +167,6 @@ def lychee_dir(lychee_reference, tmp_path_factory):
 @pytest.fixture(scope="session")
 def lychee_model(lychee_reference, lychee_dir):
   """The reference's tiny LycheeMemory model with a gate (its random similarity_head + fresh LoRA)."""
-  from memrecall import pipeline
-  return pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4,
+  from memrecall import run_builder
+  return run_builder.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4,
                                     matmul_precision="highest")  # float32 products, on any card

@@ -20,8 +20,10 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
                            process_id=process_id)
 assert jax.device_count() == 8 and jax.local_device_count() == 4
 
-from memrecall import evaluation, runs  # noqa: E402
-from memrecall.train import checkpoint, trainer  # noqa: E402
+from memrecall.evaluate import evaluator
+from memrecall import run_builder  # noqa: E402
+from memrecall.runtime import checkpoint  # noqa: E402
+from memrecall.train import trainer  # noqa: E402
 from tests.train.conftest import small_config  # noqa: E402
 
 config = small_config("sft", steps=3)
@@ -31,8 +33,8 @@ trainer.train(config, workdir, log=lambda *a: None)
 params, _ = checkpoint.load_params(workdir)
 eval_config = small_config("sft")
 eval_config.task.length = 32
-run = runs.build_run(eval_config)
-evaluation.evaluate_suite(params, run, model_name="lychee", lengths=[1, 2], modes=["all", "gate"],
+run = run_builder.build_run(eval_config)
+evaluator.evaluate_suite(params, run, model_name="lychee", lengths=[1, 2], modes=["all", "gate"],
                           examples=4, batch_size=2, output_dir=evaldir,
-                          baseline=evaluation.BaselineConfig(), log=lambda *a: None)
+                          baseline=evaluator.BaselineConfig(), log=lambda *a: None)
 print(f"process {process_id} done")

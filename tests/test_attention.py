@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall.attention import attend, causal_key_limits, grouped_attention, resolve_implementation
+from memrecall.models.attention import (attend, causal_key_limits, grouped_attention,
+                                        resolve_implementation)
 
 
 def naive_attention(query, key, value, mask):

@@ -25,11 +25,12 @@ ENV.pop("MEMRECALL_VERBOSE", None)
 
 def _orbax_workdir(directory: str) -> None:
   """A training workdir holding one checkpoint of random tiny parameters (no training)."""
-  from memrecall import model, runs
-  from memrecall.train.checkpoint import Checkpointer
+  from memrecall.models import qwen2 as model
+  from memrecall import run_builder
+  from memrecall.runtime.checkpoint import Checkpointer
   from tests.train.conftest import small_config
   config = small_config("sft")
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   params = model.init_params(run.model, jax.random.key(0), None)
   checkpointer = Checkpointer(directory, save_every=1, keep=1, async_save=False)
   checkpointer.save(1, {"params": params, "step": np.int32(1)},
@@ -39,11 +40,13 @@ def _orbax_workdir(directory: str) -> None:
 
 def _eval_key(hf: str, rows: str, memory_size: int) -> dict:
   """The key eval.py records for `--chunk_size=1024 --answer_tokens=4 --modes=all`."""
-  from memrecall import evaluation, fingerprint, runs
-  run = runs.from_hf_checkpoint(hf, chunk_size=1024, memory_size=memory_size, answer_tokens=4)
-  baseline = evaluation.BaselineConfig(memagent_chunk=1024, full_budget=512, rag_topk=4,
+  from memrecall.evaluate import evaluator
+  from memrecall.runtime import fingerprint
+  from memrecall import run_builder
+  run = run_builder.from_hf_checkpoint(hf, chunk_size=1024, memory_size=memory_size, answer_tokens=4)
+  baseline = evaluator.BaselineConfig(memagent_chunk=1024, full_budget=512, rag_topk=4,
                                        rag_chunk=1024)
-  settings = evaluation.row_settings(run.params(), run, run.recall_setup("all", threshold=0.5),
+  settings = evaluator.row_settings(run.params(), run, run.recall_setup("all", threshold=0.5),
                                      baseline, task=None)
   return {**settings, "data": fingerprint.file_hash(rows)}
 

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall import baselines, prompts, reasoner, recall, sampling
+from memrecall.method import prompts, reasoner, recall
+from memrecall.models import sampling
+from memrecall.readers import baselines
 
 
 def _setup(model):

@@ -80,7 +80,7 @@ def test_best_time_runs_a_jitted_program_only_the_timed_times():
   import functools
   import jax
   import jax.numpy as jnp
-  from memrecall import benchmark, evaluation
+  from memrecall.evaluate import benchmark, evaluator
   runs = []
 
   @functools.partial(jax.jit, static_argnames=("scale",))
@@ -93,7 +93,7 @@ def test_best_time_runs_a_jitted_program_only_the_timed_times():
   assert len(runs) == 1
   seconds, planned = benchmark.time_compiled(program, 3, x, 3.0, x)
   assert seconds > 0 and len(runs) == 4
-  assert planned == evaluation.compiled_bytes(program, x, 3.0, x)
+  assert planned == evaluator.compiled_bytes(program, x, 3.0, x)
   compiled, call = benchmark.compile_ahead(program, x, 5.0, x)
   np.testing.assert_array_equal(call(), 6 * np.ones((4, 4)))
   assert len(runs) == 5
@@ -102,9 +102,9 @@ def test_best_time_runs_a_jitted_program_only_the_timed_times():
 
 
 def test_compression_flops_by_hand():
-  from memrecall import benchmark
-  from memrecall.compressor import CompressorConfig
-  from memrecall.config import ModelConfig
+  from memrecall.evaluate import benchmark
+  from memrecall.method.compressor import CompressorConfig
+  from memrecall.models.config import ModelConfig
   config = ModelConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_layers=2,
                        num_heads=2, num_kv_heads=1, head_dim=4)
   compressor = CompressorConfig(chunk_size=16, window=8, ratio=4)
@@ -118,8 +118,9 @@ def test_compression_flops_by_hand():
 
 def test_decode_rate_and_ceilings_run_on_cpu():
   import jax
-  from memrecall import benchmark, model
-  from memrecall.config import ModelConfig
+  from memrecall.evaluate import benchmark
+  from memrecall.models import qwen2 as model
+  from memrecall.models.config import ModelConfig
   config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
                        num_heads=2, num_kv_heads=1, head_dim=8)
   params = model.init_params(config, jax.random.key(0))
@@ -143,8 +144,9 @@ def test_a_generation_step_reads_the_plain_forwards_weights_by_hand():
   """Not the beacon projections or the gate's LoRA, and of an untied embedding table none."""
   import dataclasses
   import jax
-  from memrecall import benchmark, model
-  from memrecall.config import ModelConfig
+  from memrecall.evaluate import benchmark
+  from memrecall.models import qwen2 as model
+  from memrecall.models.config import ModelConfig
   plain = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=8)
   # q, k, v with biases (16*16 + 2*16*8 + 16 + 2*8), o (16*16), MLP (3*16*32), two layer
@@ -161,7 +163,7 @@ def test_a_generation_step_reads_the_plain_forwards_weights_by_hand():
 
 def test_gate_steps_follow_the_grouped_loop_by_hand():
   import numpy as np
-  from memrecall import benchmark
+  from memrecall.evaluate import benchmark
   picks = np.zeros((2, 12), bool)
   picks[0, [0, 10]] = True
   # Row 0, groups of 4: [0-3] reads 0 -> 1; [1-4] none -> 5; [5-8] none -> 9; [9-12] reads 10
@@ -171,8 +173,8 @@ def test_gate_steps_follow_the_grouped_loop_by_hand():
 
 
 def test_generation_floor_by_hand():
-  from memrecall import benchmark
-  from memrecall.config import ModelConfig
+  from memrecall.evaluate import benchmark
+  from memrecall.models.config import ModelConfig
   config = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1,
                        num_heads=2, num_kv_heads=1, head_dim=4)
   ceilings = benchmark.Ceilings(matmul_flops=1.0, read_bytes=1.0)  # seconds = FLOPs + bytes
@@ -190,9 +192,11 @@ def test_generation_floor_by_hand():
 def test_memagent_floor_counts_the_sections_it_reads():
   """memagent's floor is one update per raw section it runs (picks [B, sections]), whatever
   the compressed modes' chunk count."""
-  from memrecall import benchmark, prompts, reasoner, recall, sampling, tokenizer
-  from memrecall.compressor import CompressorConfig
-  from memrecall.config import ModelConfig
+  from memrecall.evaluate import benchmark
+  from memrecall.method import prompts, reasoner, recall
+  from memrecall.models import sampling, tokenizer
+  from memrecall.method.compressor import CompressorConfig
+  from memrecall.models.config import ModelConfig
   config = ModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=2,
                        num_heads=2, num_kv_heads=1, head_dim=8, compressor=True)
   chat = prompts.Prompts.build(tokenizer.ByteTokenizer(), chat_template="")

@@ -15,12 +15,12 @@ import sys
 import numpy as np
 import pytest
 
-from memrecall import tpu_topology
+from memrecall.capacity import tpu_slices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 ENV.pop("MEMRECALL_VERBOSE", None)
-needs_libtpu = pytest.mark.skipif(tpu_topology.libtpu_version() is None,
+needs_libtpu = pytest.mark.skipif(tpu_slices.libtpu_version() is None,
                                   reason="libtpu is not installed (the `test` and `tpu` extras "
                                   "install it): no deviceless TPU compiler")
 
@@ -39,15 +39,15 @@ def _compile(*args, timeout=300):
     ("v4-32", "v4:2x2x4", 16), ("v5e-16", "v5e:4x4", 16), ("v5litepod-8", "v5e:2x4", 8),
     ("v6e-4", "v6e:2x2", 4), ("v5p:2x2x2", "v5p:2x2x2", 8), ("v5e:2x2", "v5e:2x2", 4)])
 def test_slice_names_give_cloud_tpu_topologies(name, topology, chips):
-  tpu = tpu_topology.parse_slice(name)
+  tpu = tpu_slices.parse_slice(name)
   assert (tpu.topology, tpu.chips) == (topology, chips)
-  assert tpu_topology.parse_slice(tpu.accelerator_type) == tpu
+  assert tpu_slices.parse_slice(tpu.accelerator_type) == tpu
 
 
 @pytest.mark.parametrize("name", ["v9x-8", "v5p", "v5p-12", "v5e:2x2x2", "v5p-3", "tpu"])
 def test_bad_slice_names_are_refused(name):
-  with pytest.raises(tpu_topology.TopologyError):
-    tpu_topology.parse_slice(name)
+  with pytest.raises(tpu_slices.TopologyError):
+    tpu_slices.parse_slice(name)
 
 
 @needs_libtpu
@@ -59,7 +59,7 @@ def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
   assert proc.stderr == "", proc.stderr  # libtpu's own logs stay quiet too
   report = json.load(open(out))
   assert (report["topology"], report["devices"], report["mesh"]["fsdp"]) == ("v5e:2x2", 4, 4)
-  assert report["libtpu"] == tpu_topology.libtpu_version()
+  assert report["libtpu"] == tpu_slices.libtpu_version()
   assert report["config"] == "configs/tiny.py:sft" and report["overrides"] == []
   rows = {r["program"]: r for r in report["rows"]}
   assert list(rows) == ["train_step", "eval_recall_gate"]
@@ -89,8 +89,8 @@ def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
 
 def _param_bytes() -> int:
   from configs import tiny
-  from memrecall.config import ModelConfig
-  from memrecall.model import abstract_params
+  from memrecall.models.config import ModelConfig
+  from memrecall.models.qwen2 import abstract_params
   import jax
   config = ModelConfig.from_dict(tiny.get_config("sft").model.to_dict())
   leaves = jax.tree.leaves(jax.tree.map(lambda x: x.value, abstract_params(config),
@@ -159,7 +159,7 @@ def test_bad_input_is_one_line(bad_input_runs, case):
 
 
 def test_a_program_over_90_percent_of_hbm_says_by_how_much_and_what_to_change():
-  from memrecall import aot
+  from memrecall.capacity import aot
   fits = aot.Row("train_step", 10.0, 70.0, 10.0, 10.0, 80.0, 95.0, 1.0)
   assert fits.fits and fits.share == pytest.approx(80 / 95)
   over = aot._advice("train_step", 90.0, 95.0, temp=70.0, argument=20.0)
@@ -180,8 +180,8 @@ def test_training_compression_keeps_no_attention_scores_per_layer(stage):
   import re
   import jax
   from configs import tiny
-  from memrecall.model import QUERY_BLOCK
-  from memrecall.runs import build_run
+  from memrecall.models.qwen2 import QUERY_BLOCK
+  from memrecall.run_builder import build_run
   from memrecall.train import trainer
   config = tiny.get_config(stage)
   config.model.remat = "full"

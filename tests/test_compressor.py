@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import reference
-from memrecall import compressor, hf_checkpoint, model
-from memrecall.config import ConfigError, ModelConfig
+from memrecall.method import compressor
+from memrecall.models import hf_checkpoint, qwen2 as model
+from memrecall.models.config import ConfigError, ModelConfig
 
 
 @pytest.fixture(scope="module")

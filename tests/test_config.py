@@ -3,7 +3,7 @@
 import pytest
 
 from configs import models
-from memrecall.config import ConfigError, ModelConfig
+from memrecall.models.config import ConfigError, ModelConfig
 
 
 @pytest.mark.parametrize("name", ["tiny", "qwen2.5-0.5b", "qwen2.5-7b"])

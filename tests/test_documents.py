@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from memrecall import documents
+from memrecall.data import documents
 
 
 def test_formats(tmp_path):

@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from memrecall import eval_report, evaluation, model, runs
+from memrecall import run_builder
+from memrecall.evaluate import evaluator, report
+from memrecall.models import qwen2 as model
 from tests.train.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,15 +23,15 @@ def test_every_mode_at_three_lengths_with_plots(tmp_path):
   config = small_config("sft")
   config.task.length = 32  # one chunk; 64x = 2048 tokens
   config.compressor.chunk_size = 32
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   params = model.init_params(run.model, jax.random.key(0))
-  baseline = evaluation.BaselineConfig(memagent_chunk=32, full_budget=128, rag_topk=2, rag_chunk=32)
+  baseline = evaluator.BaselineConfig(memagent_chunk=32, full_budget=128, rag_topk=2, rag_chunk=32)
   kwargs = dict(model_name="lychee", lengths=[1, 8, 64], examples=2, batch_size=2,
                 output_dir=str(tmp_path), baseline=baseline, log=lambda *a: None)
-  rows = evaluation.evaluate_suite(params, run, modes=list(evaluation.MODES), **kwargs)
+  rows = evaluator.evaluate_suite(params, run, modes=list(evaluator.MODES), **kwargs)
   assert len(rows) == 18
   assert {(r["mode"], r["context_tokens"]) for r in rows} == {
-      (m, t) for m in evaluation.MODES for t in (32, 256, 2048)}
+      (m, t) for m in evaluator.MODES for t in (32, 256, 2048)}
   for r in rows:
     assert 0 <= r["accuracy"] <= 100 and r["peak_bytes"] > 0
     assert r["latency_s"] > 0 and r["batched_s"] > 0
@@ -37,15 +39,15 @@ def test_every_mode_at_three_lengths_with_plots(tmp_path):
   assert by[("all", 64)]["blocks_read"] == 64 and by[("memagent", 64)]["blocks_read"] == 64
   assert by[("topk", 64)]["blocks_read"] == 4  # RecallConfig's default budget
   # Resuming recomputes nothing; the files hold every row.
-  again = evaluation.evaluate_suite(params, run, modes=["all", "gate"], **kwargs)
+  again = evaluator.evaluate_suite(params, run, modes=["all", "gate"], **kwargs)
   assert json.dumps(again) == json.dumps(rows)
   assert len(json.load(open(tmp_path / "results.json"))) == 18
   assert open(tmp_path / "results.csv").read().count("\n") == 19
-  plots = eval_report.plot(rows, str(tmp_path))
+  plots = report.plot(rows, str(tmp_path))
   assert len(plots) == 3
   for path, labels in plots.items():
     assert os.path.getsize(path) > 1000
-    assert sorted(labels) == sorted(f"lychee {m}" for m in evaluation.MODES)
+    assert sorted(labels) == sorted(f"lychee {m}" for m in evaluator.MODES)
   traces = json.load(open(tmp_path / "traces" / "lychee-gate-8x.json"))
   assert len(traces) == 2 and len(traces[0]["gate_scores"]) == 8
 
@@ -56,11 +58,11 @@ def test_latency_is_timed_one_question_at_a_time():
     calls.append(len(group))
     return jax.jit(lambda x: x + 1), (np.zeros(3),)
   examples = list(range(5))
-  latency = evaluation._latency_alone(prepare, examples, 3)
+  latency = evaluator._latency_alone(prepare, examples, 3)
   assert calls == [1, 1, 1] and latency > 0  # each timed 3 times; the first compiled untimed
-  groups, seconds, _ = evaluation._in_batches(prepare, examples, 2)
+  groups, seconds, _ = evaluator._in_batches(prepare, examples, 2)
   assert calls[3:] == [2, 2, 2] and [g for g, _ in groups] == [[0, 1], [2, 3], [4]]
-  assert np.isnan(evaluation._latency_alone(prepare, examples, 0))
+  assert np.isnan(evaluator._latency_alone(prepare, examples, 0))
 
 
 def test_latency_keeps_each_questions_fastest_run():
@@ -68,7 +70,7 @@ def test_latency_keeps_each_questions_fastest_run():
   durations = iter([0.0] + [0.06, 0.06, 0.02] * 3)  # the untimed compile, then 3 x 3 runs
   def prepare(group, seed_offset=0):
     return (lambda: time.sleep(next(durations))), ()
-  latency = evaluation._latency_alone(prepare, list(range(3)), 3)
+  latency = evaluator._latency_alone(prepare, list(range(3)), 3)
   assert 0.015 < latency < 0.045, latency
 
 
@@ -78,9 +80,9 @@ def test_evaluation_shards_the_weights_as_training_does():
   import flax.traverse_util
   config = small_config("sft")
   config.mesh.fsdp, config.mesh.tensor = 2, 2
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   params = model.init_params(run.model, jax.random.key(0), None)  # on one device
-  placed, setup = evaluation.on_mesh(params, run.recall_setup("all"), run.mesh)
+  placed, setup = evaluator.on_mesh(params, run.recall_setup("all"), run.mesh)
   assert not setup.model.scan_layers
   training = flax.traverse_util.flatten_dict(run.param_shardings())
   leaves = flax.traverse_util.flatten_dict(placed)
@@ -98,9 +100,9 @@ def test_evaluation_shards_the_weights_as_training_does():
 
 def test_runs_score_uses_the_shared_metric():
   from memrecall.data import example as example_lib
-  from memrecall.tokenizer import ByteTokenizer
+  from memrecall.models.tokenizer import ByteTokenizer
   tok = ByteTokenizer()
-  run = runs.build_run(small_config("sft"))
+  run = run_builder.build_run(small_config("sft"))
   ids = example_lib.tokenize(example_lib.Example("q", "t", ((5, 6, 7),), (), (5,), ((5, 6),)))
   assert run.score([5, 6], ids) == {"em": 1.0, "sub_em": 1.0, "strict_sub_em": 1.0}
   assert run.score([5], ids)["sub_em"] == 0.0
@@ -123,15 +125,15 @@ def test_eval_launcher_errors(tmp_path):
 
 
 def test_analysis_draws_one_question(tmp_path):
-  from memrecall import analysis
+  from memrecall.evaluate import traces
   trace = {"id": "q", "correct": 1.0, "gate_scores": [0.1, 0.9, None, 0.7],
            "read": [False, True, False, True], "relevant": [False, True, False, False],
            "memory_ids": [[1], [2, 3], [2, 3], [4]]}
-  assert analysis.memory_changes(trace) == [(0, [1]), (1, [2, 3]), (3, [4])]
+  assert traces.memory_changes(trace) == [(0, [1]), (1, [2, 3]), (3, [4])]
   path = tmp_path / "traces.json"
   path.write_text(json.dumps([trace]))
-  loaded = analysis.load_trace(str(path), 0)
-  png = analysis.plot_question(loaded, str(tmp_path / "q.png"), decode=lambda ids: str(ids))
+  loaded = traces.load_trace(str(path), 0)
+  png = traces.plot_question(loaded, str(tmp_path / "q.png"), decode=lambda ids: str(ids))
   assert os.path.getsize(png) > 1000
   with pytest.raises(IndexError, match="holds 1 traced questions"):
-    analysis.load_trace(str(path), 3)
+    traces.load_trace(str(path), 3)

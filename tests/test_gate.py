@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall import compressor, gate, prompts, reasoner
-from memrecall.model import Qwen2, forward, init_cache, slots_to_cache
+from memrecall.method import compressor, gate, prompts, reasoner
+from memrecall.models.qwen2 import Qwen2, forward, init_cache, slots_to_cache
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from memrecall import hf_checkpoint, sampling
+from memrecall.models import hf_checkpoint, sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

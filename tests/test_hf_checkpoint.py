@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from memrecall import hf_checkpoint
-from memrecall.config import ConfigError
-from memrecall.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
+from memrecall.models import hf_checkpoint
+from memrecall.models.config import ConfigError
+from memrecall.models.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
 
 
 def _copy(src, dst):
@@ -152,7 +152,7 @@ def test_truncated_safetensors_file(tmp_path):
 
 
 def test_lychee_checkpoint_exports_to_its_own_layout(tmp_path, lychee_dir):
-  from memrecall import compressor
+  from memrecall.method import compressor
   params, config = hf_checkpoint.load_hf_checkpoint(lychee_dir, gate_lora_rank=2)
   _, raw = hf_checkpoint.read_config(lychee_dir)
   settings = compressor.CompressorConfig.from_hf_dict(raw, chunk_size=1024)
@@ -224,8 +224,8 @@ def test_bfloat16_checkpoint_written_by_the_safetensors_library_loads_bit_exactl
     ("lychee_memory_attend_prev", False), ("lychee_memory_sink_size", 4),
     ("lychee_memory_parallel_window", 2), ("lychee_memory_param", ["q", "k", "v", "o"])])
 def test_unsupported_lycheememory_settings_are_refused(key, value):
-  from memrecall.compressor import CompressorConfig
-  from memrecall.config import ConfigError
+  from memrecall.method.compressor import CompressorConfig
+  from memrecall.models.config import ConfigError
   ok = {"lychee_memory_window": 512, "lychee_memory_stride": 512, "lychee_memory_ratio": [4],
         "lychee_memory_attn": "full-coverage", "lychee_memory_pos": "interleave",
         "lychee_memory_attend_prev": True, "lychee_memory_sink_size": 0,

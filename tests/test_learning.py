@@ -10,8 +10,10 @@ import dataclasses
 import pytest
 
 from configs import tiny
-from memrecall import evaluation, runs
-from memrecall.train import checkpoint, trainer
+from memrecall import run_builder
+from memrecall.evaluate import evaluator
+from memrecall.runtime import checkpoint
+from memrecall.train import trainer
 
 
 @pytest.mark.slow
@@ -25,13 +27,13 @@ def test_tiny_sft_leaves_the_plateau(tmp_path):
   sft.train.steps = sft.optimizer.decay_steps = sft.demo.sft_steps
   trainer.train(sft, str(tmp_path / "sft"), log=quiet)
   params, _ = checkpoint.load_params(str(tmp_path / "sft"))
-  run = runs.build_run(sft)
+  run = run_builder.build_run(sft)
   accuracy = {}
   for multiple in (1, 8):
     task = dataclasses.replace(run.task, length=run.task.length * multiple)
     long_run = dataclasses.replace(run, task=task)
     examples = long_run.examples(0, 64, seed_offset=1000)
-    accuracy[multiple] = evaluation.evaluate_mode(
+    accuracy[multiple] = evaluator.evaluate_mode(
         params, run.recall_setup("all"), run.compressor, examples, run.score, mode="all",
         batch_size=32, question_tokens=run.question_tokens, latency_examples=0,
         timed=False).accuracy

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall import compressor, memory_bank, pipeline
+from memrecall import run_builder
+from memrecall.method import compressor, memory_bank
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_mismatched_banks_are_refused(tmp_path, compressed, tiny_dir):
     memory_bank.load_bank(tmp_path / "bank", dataclasses.replace(meta, chunk_size=2048))
   with pytest.raises(memory_bank.BankMismatchError, match="ratio"):
     memory_bank.load_bank(tmp_path / "bank", dataclasses.replace(meta, ratio=8))
-  other = pipeline.load_recall_model(tiny_dir, chunk_size=1024, matmul_precision="highest")
+  other = run_builder.load_recall_model(tiny_dir, chunk_size=1024, matmul_precision="highest")
   other_meta = dataclasses.replace(
       meta, model_fingerprint=memory_bank.model_fingerprint(other.params, other.config))
   with pytest.raises(memory_bank.BankMismatchError, match="model_fingerprint"):

@@ -12,9 +12,9 @@ import pytest
 
 import reference
 from conftest import FIXTURES
-from memrecall import hf_checkpoint, model, sampling
-from memrecall.config import ModelConfig
-from memrecall.safetensors_io import iter_checkpoint_files
+from memrecall.models import hf_checkpoint, qwen2 as model, sampling
+from memrecall.models.config import ModelConfig
+from memrecall.models.safetensors_io import iter_checkpoint_files
 
 
 def _hf_weights(directory):
@@ -201,7 +201,7 @@ def test_every_dot_takes_the_configured_precision(tiny_dir):
   """`matmul_precision` reaches every dot of the model: the LM head, projections, MLP,
   attention (with and without a cache), the compressor's beacon projections, the gate's
   adapters and head.  ("default" leaves them to `jax_default_matmul_precision`.)"""
-  from memrecall import compressor
+  from memrecall.method import compressor
   base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8, compressor=True, gate_lora_rank=2)
   settings = compressor.CompressorConfig(chunk_size=16, window=8, ratio=4)

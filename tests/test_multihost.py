@@ -10,8 +10,10 @@ import sys
 import flax.traverse_util
 import numpy as np
 
-from memrecall import evaluation, runs
-from memrecall.train import checkpoint, trainer
+from memrecall import run_builder
+from memrecall.evaluate import evaluator
+from memrecall.runtime import checkpoint
+from memrecall.train import trainer
 from tests.train.conftest import small_config
 from tests.train.test_preemption import leaves, preempt_and_resume
 
@@ -51,10 +53,10 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   # One result file, equal (timings aside) to a single-process evaluation.
   eval_config = small_config("sft")
   eval_config.task.length = 32
-  rows = evaluation.evaluate_suite(multi, runs.build_run(eval_config), model_name="lychee",
+  rows = evaluator.evaluate_suite(multi, run_builder.build_run(eval_config), model_name="lychee",
                                    lengths=[1, 2], modes=["all", "gate"], examples=4, batch_size=2,
                                    output_dir=str(tmp_path / "single_eval"),
-                                   baseline=evaluation.BaselineConfig(), log=lambda *a: None)
+                                   baseline=evaluator.BaselineConfig(), log=lambda *a: None)
   written = json.load(open(tmp_path / "multi_eval" / "results.json"))
   timing = ("latency_s", "batched_s", "peak_bytes")
   strip = lambda rs: json.dumps([{k: v for k, v in r.items() if k not in timing} for r in rs])

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from memrecall import jsonl
+from memrecall.runtime import jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")

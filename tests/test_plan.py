@@ -3,8 +3,8 @@
 import pytest
 
 from configs import models
-from memrecall import plan
-from memrecall.config import ModelConfig
+from memrecall.capacity import memory_plan
+from memrecall.models.config import ModelConfig
 
 E, M, V, L, H, K, D = 3584, 18944, 152064, 28, 28, 4, 128
 
@@ -29,21 +29,21 @@ def _by_hand(fsdp: int, tensor: int) -> int:
 
 @pytest.mark.parametrize("fsdp,tensor", [(8, 1), (4, 2), (2, 4)])
 def test_param_and_optimizer_bytes_match_hand_counts(fsdp, tensor):
-  result = plan.plan(_qwen7b(), {"fsdp": fsdp, "tensor": tensor}, trainable="backbone")
+  result = memory_plan.plan(_qwen7b(), {"fsdp": fsdp, "tensor": tensor}, trainable="backbone")
   assert result.params == _by_hand(fsdp, tensor)
   assert result.optimizer == 2 * result.params  # AdamW's two moments, bf16 like the params
   assert result.devices == 8
 
 
 def test_beacon_only_training_keeps_moments_small():
-  result = plan.plan(_qwen7b(), {"fsdp": 8}, trainable="beacon")
+  result = memory_plan.plan(_qwen7b(), {"fsdp": 8}, trainable="beacon")
   beacon = (L * (E * H * D + 2 * E * K * D)) // 8 + E // 8 + L * (H * D + 2 * K * D)
   assert result.optimizer == 2 * 2 * beacon
 
 
 def test_bank_and_activation_estimates():
   config = _qwen7b()
-  result = plan.plan(config, {"data": 2, "fsdp": 4}, batch=16, turn_tokens=2560, bank_chunks=64)
+  result = memory_plan.plan(config, {"data": 2, "fsdp": 4}, batch=16, turn_tokens=2560, bank_chunks=64)
   # 64 chunks x 28 layers x k,v x 1024 slots x 4 heads x 128 x 2 bytes, chunks over 8 devices.
   assert result.memory_bank == 64 * L * 2 * 1024 * K * D * 2 // 8
   rows = 2
@@ -67,8 +67,8 @@ ENV.pop("MEMRECALL_VERBOSE", None)
 
 
 def _programs(config, devices):
-  from memrecall import aot
-  from memrecall.runs import build_run
+  from memrecall.capacity import aot
+  from memrecall.run_builder import build_run
   run = build_run(config, devices)
   programs = aot.recipe_programs(run, eval_batch=16, eval_tokens=run.num_chunks *
                                  run.compressor.chunk_size, eval_modes=["gate", "stream"])
@@ -77,11 +77,11 @@ def _programs(config, devices):
 
 def test_every_program_has_exact_arguments_and_named_terms():
   from configs import tiny
-  from memrecall import aot
+  from memrecall.capacity import aot
   config = tiny.get_config("rl")
   config.mesh.fsdp = 4
   run, programs = _programs(config, jax.devices()[:4])
-  estimates = plan.estimate_programs(run, programs)
+  estimates = memory_plan.estimate_programs(run, programs)
   assert [e.program for e in estimates] == ["train_step", "rollout", "reference_logprobs",
                                             "eval_recall_gate", "answer_stream"]
   for e, p in zip(estimates, programs):
@@ -101,7 +101,7 @@ def test_the_7b_terms_by_hand():
   per device), from the 7B shapes."""
   from configs import lychee
   run, programs = _programs(lychee.get_config("rl,7b,gpu8"), jax.devices()[:8])
-  rollout = plan.estimate_programs(run, programs)[1]
+  rollout = memory_plan.estimate_programs(run, programs)[1]
   terms = {t.name: t.bytes for t in rollout.phases["memory updates"]}
   kv = lambda rows, positions: rows * positions * L * 2 * K * D * 2
   assert terms["rollout: the bank"] == kv(32, 8 * 1024)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall import compressor, hf_checkpoint, model, prompts, reasoner, sampling, tokenizer
+from memrecall.method import compressor, prompts, reasoner
+from memrecall.models import hf_checkpoint, qwen2 as model, sampling, tokenizer
 
 
 @pytest.fixture(scope="module")

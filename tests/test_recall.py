@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall import compressor, gate, prompts, recall, reasoner, sampling, sharding
+from memrecall.method import compressor, gate, prompts, reasoner, recall
+from memrecall.models import sampling
+from memrecall.runtime import sharding
 
 
 def _setup(model, mode="all", memory_size=8, answer_tokens=8, **kw):
@@ -202,12 +204,12 @@ def test_documents_of_different_lengths_in_one_batch(lychee_model, document):
 
 @pytest.mark.multidevice
 def test_sharded_loop_matches_one_device(lychee_dir, document):
-  from memrecall import pipeline
+  from memrecall import run_builder
   ids, mask, _, question, question_mask = document
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  single = pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4,
+  single = run_builder.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4,
                                       matmul_precision="highest")
-  sharded = pipeline.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4, mesh=mesh,
+  sharded = run_builder.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4, mesh=mesh,
                                        matmul_precision="highest")
   assert sharded.params["layers"]["mlp"]["up_kernel"].sharding.spec == jax.sharding.PartitionSpec(
       None, "fsdp", "tensor")

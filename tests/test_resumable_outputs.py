@@ -11,7 +11,9 @@ import shutil
 import jax
 import pytest
 
-from memrecall import evaluation, jsonl, output_key, runs
+from memrecall import run_builder
+from memrecall.evaluate import evaluator, output_key
+from memrecall.runtime import jsonl
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                        "shared", "fixtures", "lychee_reference_text")
@@ -19,11 +21,11 @@ HF, ROWS = os.path.join(FIXTURE, "hf"), os.path.join(FIXTURE, "rows.json")
 
 
 def _run(memory_size=4):
-  return runs.from_hf_checkpoint(HF, chunk_size=1024, memory_size=memory_size, answer_tokens=4)
+  return run_builder.from_hf_checkpoint(HF, chunk_size=1024, memory_size=memory_size, answer_tokens=4)
 
 
 def _evaluate(run, params, output_dir, model_name="hf"):
-  return evaluation.evaluate_data(params, run, run.sources(f"rows:{ROWS}"), modes=["all"],
+  return evaluator.evaluate_data(params, run, run.sources(f"rows:{ROWS}"), modes=["all"],
                                   output_dir=str(output_dir), model_name=model_name, batch_size=2,
                                   log=lambda *a: None)
 
@@ -53,12 +55,12 @@ def test_a_matching_rerun_skips_finished_rows(finished, tmp_path):
   directory = _copy(done, tmp_path)
   before = (directory / "predictions.jsonl").read_bytes()
   calls = []
-  original = evaluation.evaluate_mode
+  original = evaluator.evaluate_mode
   try:
-    evaluation.evaluate_mode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    evaluator.evaluate_mode = lambda *a, **k: calls.append(1) or original(*a, **k)
     summary = _evaluate(run, params, directory)
   finally:
-    evaluation.evaluate_mode = original
+    evaluator.evaluate_mode = original
   assert calls == [] and (directory / "predictions.jsonl").read_bytes() == before
   assert summary[0]["examples"] == 2
 
@@ -98,7 +100,7 @@ def test_changed_data_is_refused(finished, tmp_path):
   changed = tmp_path / "rows.json"
   changed.write_text(json.dumps(rows))
   with pytest.raises(output_key.OutputKeyError, match="data '"):
-    evaluation.evaluate_data(params, run, run.sources(f"rows:{changed}"), modes=["all"],
+    evaluator.evaluate_data(params, run, run.sources(f"rows:{changed}"), modes=["all"],
                              output_dir=str(directory), model_name="hf", batch_size=2,
                              log=lambda *a: None)
 
@@ -132,12 +134,12 @@ def test_a_write_killed_at_any_byte_is_followed_by_a_complete_rerun(finished, tm
 def _count_evaluated(run, params, directory):
   """(summary, rows computed) of a rerun into `directory`."""
   calls = []
-  original = evaluation.evaluate_mode
+  original = evaluator.evaluate_mode
   try:
-    evaluation.evaluate_mode = lambda *a, **k: calls.append(len(a[3])) or original(*a, **k)
+    evaluator.evaluate_mode = lambda *a, **k: calls.append(len(a[3])) or original(*a, **k)
     summary = _evaluate(run, params, directory)
   finally:
-    evaluation.evaluate_mode = original
+    evaluator.evaluate_mode = original
   return summary, sum(calls)
 
 
@@ -148,7 +150,7 @@ def test_rows_of_an_interrupted_multiprocess_run_are_reused_and_merged(finished,
   directory = _copy(done, tmp_path)
   expected = jsonl.read(directory / "predictions.jsonl")
   for record in expected:  # each row where its process (row mod 2) wrote it
-    jsonl.append(evaluation.predictions_path(str(directory), record["row"] % 2, 2), [record])
+    jsonl.append(evaluator.predictions_path(str(directory), record["row"] % 2, 2), [record])
   os.remove(directory / "predictions.jsonl")
   summary, computed = _count_evaluated(run, params, directory)
   assert computed == 0 and summary[0]["examples"] == 2
@@ -159,21 +161,21 @@ def test_the_merge_keeps_every_row_once_and_is_idempotent(tmp_path):
   row = lambda i, text="x": {"model": "m", "data": "d.json", "mode": "all", "row": i,
                              "prediction": text}
   jsonl.append(tmp_path / "predictions.jsonl", [row(0)])
-  jsonl.append(evaluation.predictions_path(str(tmp_path), 0, 2), [row(0, "again"), row(2)])
-  jsonl.append(evaluation.predictions_path(str(tmp_path), 1, 2), [row(3), row(1)])
-  with open(evaluation.predictions_path(str(tmp_path), 1, 2), "a") as f:
+  jsonl.append(evaluator.predictions_path(str(tmp_path), 0, 2), [row(0, "again"), row(2)])
+  jsonl.append(evaluator.predictions_path(str(tmp_path), 1, 2), [row(3), row(1)])
+  with open(evaluator.predictions_path(str(tmp_path), 1, 2), "a") as f:
     f.write('{"model": "m", "da')  # a process killed mid-write
   jsonl.append(tmp_path / "predictions-backup.jsonl", [row(7)])  # not a process's file
-  merged = evaluation.merge_predictions(str(tmp_path))
+  merged = evaluator.merge_predictions(str(tmp_path))
   assert [r["row"] for r in merged] == [0, 1, 2, 3] and merged[0]["prediction"] == "x"
   assert jsonl.read(tmp_path / "predictions.jsonl") == merged
   data = (tmp_path / "predictions.jsonl").read_bytes()
-  assert evaluation.merge_predictions(str(tmp_path)) == merged  # a rerun's merge adds nothing
+  assert evaluator.merge_predictions(str(tmp_path)) == merged  # a rerun's merge adds nothing
   assert (tmp_path / "predictions.jsonl").read_bytes() == data
 
 
 def test_round_robin_gives_every_row_to_exactly_one_process():
-  from memrecall import distributed
+  from memrecall.runtime import distributed
   for count in (0, 1, 5, 8):
     for processes in (1, 2, 3):
       shares = [distributed.round_robin(count, p, processes) for p in range(processes)]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall import hf_checkpoint, model, sampling
+from memrecall.models import hf_checkpoint, qwen2 as model, sampling
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from memrecall import hf_checkpoint, model, sampling, sharding
+from memrecall.models import hf_checkpoint, qwen2 as model, sampling
+from memrecall.runtime import sharding
 
 # Every test here builds a mesh over 8 devices (or checks make_mesh's errors against them).
 pytestmark = pytest.mark.multidevice

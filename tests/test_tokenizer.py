@@ -2,7 +2,7 @@
 
 import pytest
 
-from memrecall import tokenizer
+from memrecall.models import tokenizer
 
 
 def test_byte_tokenizer_round_trips_unicode():

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from memrecall.data.example import Example
-from memrecall.documents import read_text
+from memrecall.data.files import read_text
 
 TASK = "ruler_hqa"
 DOCUMENT_TEMPLATE = "Document {i}:\n{document}"

@@ -24,11 +24,11 @@ import numpy as np
 
 from memrecall.data import ruler_hqa
 from memrecall.data.example import Example
+from memrecall.data.files import read_text
 from memrecall.data.ruler_hqa import DatasetError
 from memrecall.data.sources import (ExampleSource, IndexedSource, ListSource, SyntheticSource,
                                     split_seed)
 from memrecall.data.synthetic import TaskConfig
-from memrecall.documents import read_text
 
 KINDS = ("rows", "hotpotqa", "ruler_hqa", "text", "synthetic", "tfds")
 _FILE_KINDS = ("rows", "hotpotqa", "ruler_hqa", "text", "tfds")

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from memrecall.data.example import Example, Piece, encode
-from memrecall.tokenizer import ByteTokenizer
+from memrecall.models.tokenizer import ByteTokenizer
 
 TASKS = ("multihop", "vartrack", "hotpot")
 FORMS = ("ids", "text")

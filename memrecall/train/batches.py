@@ -6,8 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from memrecall.compressor import chunk_documents
-from memrecall.data.example import Tokens, TokenizedExample
+from memrecall.data.example import TokenizedExample, Tokens
+from memrecall.method.compressor import chunk_documents
 from memrecall.train.objectives import GateBatch, TurnBatch
 
 

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import jax
 
-from memrecall import jsonl
+from memrecall.runtime import jsonl
 
 
 def _crc32c_table() -> list[int]:

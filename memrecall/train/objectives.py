@@ -17,12 +17,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from memrecall.compressor import CompressorConfig, compress, compressor_logits
-from memrecall.config import ModelConfig
-from memrecall.gate import gate_logits
-from memrecall.model import forward
-from memrecall.prompts import PromptTemplate, Prompts
-from memrecall.reasoner import WorkingMemory, no_prefix, prefix_cache
+from memrecall.method.compressor import CompressorConfig, compress, compressor_logits
+from memrecall.method.gate import gate_logits
+from memrecall.method.prompts import PromptTemplate, Prompts
+from memrecall.method.reasoner import WorkingMemory, no_prefix, prefix_cache
+from memrecall.models.config import ModelConfig
+from memrecall.models.qwen2 import forward
 from memrecall.train import grpo
 
 Array = jax.Array
@@ -39,6 +39,11 @@ class TrainSetup:
   compressor: CompressorConfig
   prompts: Prompts
   raw_chunks: bool = False
+
+  @classmethod
+  def of_run(cls, run) -> "TrainSetup":
+    """The setup of a `run_builder.Run` (its model, compressor, prompts and agent)."""
+    return cls(run.model, run.compressor, run.prompts, raw_chunks=run.agent == "memagent")
 
 
 @flax.struct.dataclass

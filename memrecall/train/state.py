@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from memrecall import sharding as sharding_lib
-from memrecall.config import ConfigError
-from memrecall.model import abstract_params
+from memrecall.models.config import ConfigError
+from memrecall.models.qwen2 import abstract_params
+from memrecall.runtime import sharding as sharding_lib
 
 Array = jax.Array
 SUBSETS = ("beacon", "lora", "gate", "backbone", "all")

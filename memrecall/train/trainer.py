@@ -25,15 +25,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from memrecall import baselines, distributed
-from memrecall import model as model_lib
-from memrecall import sharding as sharding_lib
-from memrecall.config import ConfigError
-from memrecall.recall import recall_documents
-from memrecall.runs import Run, build_run
-from memrecall.train import batches, grpo, objectives
-from memrecall.train import state as state_lib
-from memrecall.train.checkpoint import Checkpointer
+from memrecall.method.recall import recall_documents
+from memrecall.models import qwen2 as model_lib
+from memrecall.models.config import ConfigError
+from memrecall.readers import baselines
+from memrecall.run_builder import Run, build_run
+from memrecall.runtime import distributed, sharding as sharding_lib
+from memrecall.runtime.checkpoint import Checkpointer
+from memrecall.train import batches, grpo, objectives, state as state_lib
 from memrecall.train.metrics_writer import MetricsWriter
 
 STAGES = ("compressor", "sft", "rl", "gate")
@@ -323,6 +322,7 @@ def stage_programs(run: Run) -> list[Program]:
 class _Stage(abc.ABC):
   def __init__(self, run: Run):
     self.run = run
+    self.setup = objectives.TrainSetup.of_run(run)
     self.batch_size = run.config.train.batch_size
 
   def start(self, params) -> None:
@@ -377,7 +377,7 @@ class CompressorStage(_Stage):
             _shape((lines, 2 * half), bool))
 
   def loss(self, params, batch, rng):
-    return objectives.compressor_loss(params, self.run.setup, *batch)
+    return objectives.compressor_loss(params, self.setup, *batch)
 
 
 def oracle_turns(run: Run, examples, oracle: bool = True) -> objectives.TurnBatch:
@@ -416,7 +416,7 @@ class SFTStage(_Stage):
     return turn_shapes(self.run, rows)
 
   def loss(self, params, batch, rng):
-    return objectives.sft_loss(params, self.run.setup, batch, self.run.config.sft.gate_weight)
+    return objectives.sft_loss(params, self.setup, batch, self.run.config.sft.gate_weight)
 
 
 class GateStage(_Stage):
@@ -437,7 +437,7 @@ class GateStage(_Stage):
 
   def loss(self, params, batch, rng):
     g = self.run.config.gate
-    return objectives.gate_loss(params, self.run.setup, batch, g.threshold, g.positive_weight)
+    return objectives.gate_loss(params, self.setup, batch, g.threshold, g.positive_weight)
 
 
 class RLStage(_Stage):
@@ -454,7 +454,7 @@ class RLStage(_Stage):
     self.recall_setup = run.recall_setup(rl.mode, temperature=rl.temperature)
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
-    self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, run.setup, turns))
+    self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, self.setup, turns))
 
   def start(self, params):
     r = self.run
@@ -556,7 +556,7 @@ class RLStage(_Stage):
     return batch, extra
 
   def loss(self, params, batch, rng):
-    return objectives.rl_loss(params, self.run.setup, self.rl, batch)
+    return objectives.rl_loss(params, self.setup, self.rl, batch)
 
 
 _STAGES: dict[str, Callable[[Run], _Stage]] = {

@@ -13,7 +13,7 @@ from memrecall.data import ruler_hqa, specs
 from memrecall.data.ruler_hqa import DatasetError
 from memrecall.data.sources import ListSource, SyntheticSource, split_seed, synthetic_splits
 from memrecall.data.synthetic import TaskConfig
-from memrecall.tokenizer import ByteTokenizer
+from memrecall.models.tokenizer import ByteTokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")

@@ -6,9 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from memrecall.data import example as example_lib
-from memrecall.data import synthetic
-from memrecall.tokenizer import ByteTokenizer
+from memrecall.data import example as example_lib, synthetic
+from memrecall.models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
@@ -261,7 +260,7 @@ def test_long_contexts_do_not_lead_a_lost_reader_to_the_answer():
   that had not learned the lookup answered 6% at 1x and 38% at 256x, 55 of its 64 answers
   there on the chain).  With them the walk stays near chance."""
   from configs import tiny
-  from memrecall import runs
+  from memrecall import run_builder
 
   def answered(config):
     config = dataclasses.replace(config, length=2048)  # 16x the demo's training length
@@ -270,7 +269,7 @@ def test_long_contexts_do_not_lead_a_lost_reader_to_the_answer():
 
   assert answered(synthetic.TaskConfig(min_fact_gap=16)) > 0.2  # the leak, as it was (25%)
   assert answered(synthetic.TaskConfig(min_fact_gap=16, chain_distractors=True)) < 0.08
-  assert answered(runs.build_run(tiny.get_config("sft")).task) < 0.08  # the demo's task
+  assert answered(run_builder.build_run(tiny.get_config("sft")).task) < 0.08  # the demo's task
 
 
 def test_chain_distractors_are_a_multihop_setting():

@@ -33,9 +33,9 @@ def make_tiny_qwen(directory: str, vocab_size: int = 384) -> str:
   """Writes the checkpoint (random weights, seed 0) and returns its directory."""
   import jax
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from memrecall import hf_checkpoint, model as model_lib
-  from memrecall.config import ModelConfig
-  from memrecall.prompts import QWEN2_CHAT_TEMPLATE
+  from memrecall.models import hf_checkpoint, qwen2 as model_lib
+  from memrecall.models.config import ModelConfig
+  from memrecall.method.prompts import QWEN2_CHAT_TEMPLATE
 
   os.makedirs(directory, exist_ok=True)
   tok = Tokenizer(models.BPE())

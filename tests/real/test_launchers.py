@@ -94,10 +94,10 @@ def _rows_file(tmp_path, name, rows):
 
 
 def test_bad_input_is_a_clear_error_and_keeps_what_was_written(tiny_qwen, data_files, tmp_path):
-  from memrecall import runs
-  from memrecall.config import ConfigError
+  from memrecall import run_builder
+  from memrecall.models.config import ConfigError
   good = json.load(open(data_files["rows"]))[:2]
-  run = runs.from_hf_checkpoint(tiny_qwen, chunk_size=64, memory_size=8, answer_tokens=4)
+  run = run_builder.from_hf_checkpoint(tiny_qwen, chunk_size=64, memory_size=8, answer_tokens=4)
   cases = {
       "no_answer.json": ([{**good[0], "reward_model": {}}], "no_answer.json row 0", "answer"),
       "no_question.json": ([{"context": "Document 1:\nx", "answers": ["a"]}],
@@ -113,7 +113,7 @@ def test_bad_input_is_a_clear_error_and_keeps_what_was_written(tiny_qwen, data_f
   shutil.copytree(tiny_qwen, bare)
   os.remove(bare / "tokenizer.json")
   with pytest.raises(ConfigError, match=f"{bare} has no tokenizer.json"):
-    runs.from_hf_checkpoint(str(bare))
+    run_builder.from_hf_checkpoint(str(bare))
   # Through the launcher: a question over its budget stops the run at its row (a usage error
   # naming it), and the rows already done stay.  (The same settings in both runs: a rerun with
   # another budget is refused before any row, see tests/test_bad_inputs.py.)

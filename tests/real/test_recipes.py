@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from configs import lychee, memagent
-from memrecall import runs
+from memrecall import run_builder
 from memrecall.data import metrics
-from memrecall.train import checkpoint, state as state_lib, trainer
+from memrecall.runtime import checkpoint
+from memrecall.train import state as state_lib, trainer
 
 STAGE_DATA = {"compressor": "text", "sft": "hotpotqa", "rl": "rows", "gate": "hotpotqa"}
 
@@ -45,7 +46,7 @@ def _flat(params):
 def test_every_recipe_stage_trains_two_steps(module, stage, tiny_qwen, data_files, tmp_path):
   spec = f"{STAGE_DATA[stage]}:{data_files[STAGE_DATA[stage]]}"
   config = recipe(module, stage, tiny_qwen, spec)
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   assert run.tokenizer.vocab_size == run.model.vocab_size  # the checkpoint's own tokenizer
   assert run.model.pad_token_id == run.tokenizer.token_id("<|endoftext|>")
   before = _flat(run.params())
@@ -60,7 +61,7 @@ def test_every_recipe_stage_trains_two_steps(module, stage, tiny_qwen, data_file
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   assert changed and changed <= trained, (changed - trained)
   # The run carries its tokenizer and model config, readable without the HF directory.
-  assert os.path.exists(tmp_path / runs.HF_ASSETS / "tokenizer.json")
+  assert os.path.exists(tmp_path / run_builder.HF_ASSETS / "tokenizer.json")
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -82,7 +83,7 @@ def test_gate_labels_match_an_independent_scan_of_the_text(tiny_qwen, data_files
   supporting fact, found by searching the context string for the title."""
   config = recipe(lychee, "gate", tiny_qwen, f"hotpotqa:{data_files['hotpotqa']}")
   config.train.batch_size = 4
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   stage = trainer._STAGES["gate"](run)
   batch, _ = stage.batch(3, None, slice(0, 4))
   hotpot = {row["_id"]: row for row in json.load(open(data_files["hotpotqa"], encoding="utf-8"))}
@@ -120,7 +121,7 @@ def test_rl_reward_is_strict_sub_em_of_the_decoded_answer(tiny_qwen, data_files,
   def rollout(rows_path):
     config = recipe(lychee, "rl", tiny_qwen, f"rows:{rows_path}")
     config.rl.temperature = 0.0
-    run = runs.build_run(config)
+    run = run_builder.build_run(config)
     stage = trainer._STAGES["rl"](run)
     params = run.params()
     stage.start(params)
@@ -149,7 +150,7 @@ def test_rl_reward_is_strict_sub_em_of_the_decoded_answer(tiny_qwen, data_files,
 
 
 def test_training_stream_reads_every_row_once_an_epoch_and_any_slice_alone(tiny_qwen, data_files):
-  run = runs.build_run(recipe(lychee, "rl", tiny_qwen, f"rows:{data_files['rows']}"))
+  run = run_builder.build_run(recipe(lychee, "rl", tiny_qwen, f"rows:{data_files['rows']}"))
   ids = lambda start, count: [ex.example.id for ex in run.examples(start, count)]
   first, second = ids(0, 6), ids(6, 6)
   assert sorted(first) == sorted(second) == sorted(f"train_rows.json/{i}" for i in range(6))

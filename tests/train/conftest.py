@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from configs import tiny
-from memrecall import runs
+from memrecall import run_builder
 from memrecall.train import trainer
 
 
@@ -29,5 +29,5 @@ def small_config(stage: str, **train):
 @pytest.fixture
 def run_of():
   def make(stage, **train):
-    return runs.build_run(small_config(stage, **train))
+    return run_builder.build_run(small_config(stage, **train))
   return make

@@ -4,9 +4,8 @@ against the batch the stage really builds: same tree, shapes and dtypes."""
 import jax
 import pytest
 
-from memrecall import runs
-from memrecall.train import state as state_lib
-from memrecall.train import trainer
+from memrecall import run_builder
+from memrecall.train import state as state_lib, trainer
 from tests.train.conftest import small_config
 
 
@@ -23,14 +22,14 @@ def test_batch_shapes_match_the_built_batch(stage, recall):
   config = small_config(stage)
   if recall is not None:
     config.pretrain.recall = recall
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   built = trainer._STAGES[stage](run)
   batch, _ = built.batch(0, None, slice(0, 4))
   _assert_same_layout(batch, built.batch_shapes(4))
 
 
 def test_rl_batch_shapes_match_a_batch_built_from_rollouts():
-  run = runs.build_run(small_config("rl"))
+  run = run_builder.build_run(small_config("rl"))
   stage = trainer.RLStage(run)
   optimizer = trainer.make_optimizer(run.config)
   with jax.set_mesh(run.mesh):

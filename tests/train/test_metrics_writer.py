@@ -82,7 +82,7 @@ def test_tensorboards_own_reader_reads_the_events(tmp_path):
 
 
 def test_metrics_survive_a_kill_and_a_resume(tmp_path):
-  from memrecall import jsonl
+  from memrecall.runtime import jsonl
   writer = metrics_writer.MetricsWriter(str(tmp_path))
   for step in (1, 2, 3, 4):
     writer.write(step, {"loss": step / 10})

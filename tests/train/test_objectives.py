@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall import model, runs
+from memrecall import run_builder
+from memrecall.models import qwen2 as model
 from memrecall.train import objectives, state as state_lib, trainer
 from tests.train.conftest import small_config
 
@@ -16,7 +17,7 @@ def _fit(stage_name, steps, lr, trainable=None):
   config.optimizer.learning_rate = lr
   if trainable:
     config.train.trainable = trainable
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   stage = trainer._STAGES[stage_name](run)
   params = model.init_params(run.model, jax.random.key(0))
   paths = state_lib.trainable_paths(params, config.train.trainable)
@@ -43,7 +44,7 @@ def test_loss_falls_on_a_fixed_batch(stage, trainable, steps):
 def _rl_batch(run, params, seed=0):
   """A fixed RL batch: SFT-shaped turns as the 'rollout', with fixed advantages."""
   turns = jax.tree.map(jnp.asarray, trainer.oracle_turns(run, run.examples(0, 4)))
-  (lp, _), (alp, _) = objectives.trajectory_logprobs(params, run.setup, turns)
+  (lp, _), (alp, _) = objectives.trajectory_logprobs(params, objectives.TrainSetup.of_run(run), turns)
   return objectives.RLBatch(turns=turns, old_logprobs=lp, old_answer_logprobs=alp,
                             ref_logprobs=lp, ref_answer_logprobs=alp,
                             advantages=jnp.asarray([1.0, -1.0, 0.5, -0.5]))
@@ -51,7 +52,7 @@ def _rl_batch(run, params, seed=0):
 
 def test_rl_loss_falls_on_a_fixed_batch():
   config = small_config("rl")
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   params = model.init_params(run.model, jax.random.key(0))
   batch = _rl_batch(run, params)
   rl = objectives.RLConfig(eps_low=0.2, eps_high=0.2, kl_coef=1e-3)
@@ -59,7 +60,7 @@ def test_rl_loss_falls_on_a_fixed_batch():
   paths = state_lib.trainable_paths(params, "backbone")
   state = state_lib.create_train_state(params, "backbone", optimizer, 0)
   step = jax.jit(state_lib.make_train_step(
-      lambda p, b, rng: objectives.rl_loss(p, run.setup, rl, b), optimizer, paths))
+      lambda p, b, rng: objectives.rl_loss(p, objectives.TrainSetup.of_run(run), rl, b), optimizer, paths))
   losses = []
   for _ in range(8):
     state, metrics = step(state, batch)
@@ -74,13 +75,13 @@ def test_rl_loss_falls_on_a_fixed_batch():
 
 
 def test_rl_gradient_reaches_the_compressor_and_not_frozen_parameters():
-  run = runs.build_run(small_config("rl"))
+  run = run_builder.build_run(small_config("rl"))
   params = model.init_params(run.model, jax.random.key(0))
   batch = _rl_batch(run, params)
   # Perturb the old log-probs so the ratio is not 1 everywhere.
   batch = batch.replace(old_logprobs=batch.old_logprobs - 0.1)
   rl = objectives.RLConfig()
-  grads = jax.grad(lambda p: objectives.rl_loss(p, run.setup, rl, batch)[0])(params)
+  grads = jax.grad(lambda p: objectives.rl_loss(p, objectives.TrainSetup.of_run(run), rl, batch)[0])(params)
   flat = flax.traverse_util.flatten_dict(grads)
   beacon = [k for k in flat if k[-1].startswith("beacon_")]
   assert len(beacon) == 7  # embedding + q/k/v kernels and biases
@@ -112,7 +113,7 @@ def test_rollout_logprobs_equal_the_teacher_forced_scores(agent):
   log-probs: the loop and the loss see the same prompts (compressed or raw chunks)."""
   config = small_config("rl")
   config.agent = agent
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   stage = trainer._STAGES["rl"](run)
   params = model.init_params(run.model, jax.random.key(0))
   optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=1e-3))
@@ -132,12 +133,12 @@ def test_rollout_logprobs_equal_the_teacher_forced_scores(agent):
 def test_memagent_agent_learns_from_raw_chunks_and_has_no_gate():
   config = small_config("sft")
   config.agent = "memagent"
-  run = runs.build_run(config)
-  assert run.setup.raw_chunks
+  run = run_builder.build_run(config)
+  assert objectives.TrainSetup.of_run(run).raw_chunks
   stage = trainer._STAGES["sft"](run)
   params = model.init_params(run.model, jax.random.key(0))
   batch, _ = stage.batch(0, None, slice(0, config.train.batch_size))
-  loss = lambda p: objectives.sft_loss(p, run.setup, batch)[0]
+  loss = lambda p: objectives.sft_loss(p, objectives.TrainSetup.of_run(run), batch)[0]
   grads = jax.grad(loss)(params)
   flat = flax.traverse_util.flatten_dict(grads)
   # Raw chunks: nothing flows through the beacon parameters.
@@ -146,13 +147,13 @@ def test_memagent_agent_learns_from_raw_chunks_and_has_no_gate():
   gate = small_config("gate")
   gate.agent = "memagent"
   with pytest.raises(Exception, match="memagent agent reads raw chunks"):
-    runs.build_run(gate)
+    run_builder.build_run(gate)
 
 
 def test_microbatches_give_the_whole_batch_step():
   """A loss that is a mean over rows: k microbatches make the same step as one batch."""
   config = small_config("sft")
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   params = model.init_params(run.model, jax.random.key(0))
   paths = state_lib.trainable_paths(params, "backbone")
   optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))

@@ -11,7 +11,8 @@ import sys
 import flax.traverse_util
 import numpy as np
 
-from memrecall.train import checkpoint, trainer
+from memrecall.runtime import checkpoint
+from memrecall.train import trainer
 
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "preempt_worker.py")

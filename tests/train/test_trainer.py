@@ -10,8 +10,9 @@ import flax.traverse_util
 import numpy as np
 import pytest
 
-from memrecall import runs
-from memrecall.train import checkpoint, trainer
+from memrecall import run_builder
+from memrecall.runtime import checkpoint
+from memrecall.train import trainer
 from tests.train.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -93,7 +94,7 @@ def test_every_tiny_task_makes_oracle_turns_that_fit(task):
   """Each TASK of configs/tiny.py builds a run whose oracle traces fit its memory and answer."""
   from configs import tiny
   config = tiny.get_config(f"sft,full,{task}")
-  run = runs.build_run(config)
+  run = run_builder.build_run(config)
   assert run.task.task == task
   turns = trainer.oracle_turns(run, run.examples(0, 4))  # raises if a trace does not fit
   assert turns.target_mask.any(-1).all()  # every block rewrites the memory

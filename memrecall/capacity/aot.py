@@ -4,7 +4,7 @@
 arguments (ShapeDtypeStructs carrying NamedShardings) at the recipe's shapes: the
 trainer's own (`trainer.stage_programs`: train step, RL rollout and reference pass)
 and evaluation's recall loop.  `compile_rows` lowers and compiles each for the
-run's mesh, whose devices may be deviceless TPUs (memrecall.tpu_topology), and
+run's mesh, whose devices may be deviceless TPUs (memrecall.capacity.tpu_slices), and
 reads `memory_analysis()`: what one device holds.  Nothing is allocated, so a
 7B recipe for a 32-chip slice compiles on a laptop.
 """
@@ -19,11 +19,11 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from memrecall import sharding as sharding_lib
-from memrecall.model import abstract_params
-from memrecall.recall import inference_layout, recall_documents, recall_streaming
-from memrecall.runs import Run
-from memrecall.tpu_topology import GiB
+from memrecall.capacity.tpu_slices import GiB
+from memrecall.method.recall import inference_layout, recall_documents, recall_streaming
+from memrecall.models.qwen2 import abstract_params
+from memrecall.run_builder import Run
+from memrecall.runtime import sharding as sharding_lib
 from memrecall.train import trainer
 from memrecall.train.trainer import Program
 
@@ -58,7 +58,7 @@ def _key(mesh) -> jax.ShapeDtypeStruct:
 
 def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate"
                   ) -> list[Program]:
-  """Evaluation's recall loop (`evaluation.evaluate`: each question's document compressed into
+  """Evaluation's recall loop (`evaluator.evaluate`: each question's document compressed into
   a device bank, then read) for `batch` questions of `tokens` tokens, rows spread over the
   mesh's batch axes.  mode `stream`: launch/answer.py --stream's loop instead (one question;
   its document compressed and read a group of chunks at a time, `recall_streaming`)."""

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memrecall.reasoner import final_answer, no_prefix
-from memrecall.recall import RecallOutput, RecallSetup, finish_answer, initial_memory, scan_blocks
-from memrecall.sampling import SampleOutput
+from memrecall.method.reasoner import final_answer, no_prefix
+from memrecall.method.recall import (RecallOutput, RecallSetup, finish_answer, initial_memory,
+                                     scan_blocks)
+from memrecall.models.sampling import SampleOutput
 
 Array = jax.Array
 

@@ -16,8 +16,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from memrecall.config import ModelConfig
-from memrecall.model import KVCache, Qwen2, forward, init_cache, last_valid
+from memrecall.models.config import ModelConfig
+from memrecall.models.qwen2 import KVCache, Qwen2, forward, init_cache, last_valid
 
 Array = jax.Array
 

@@ -27,13 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memrecall import baselines, sampling
-from memrecall.compressor import CompressorConfig, compress
-from memrecall.config import ModelConfig
-from memrecall.model import init_cache, unstack_layers
-from memrecall.prompts import Prompts, pad_ids
-from memrecall.reasoner import ReasonerConfig
-from memrecall.recall import DocumentBank, RecallConfig, RecallSetup, recall, recall_streaming
+from memrecall.method.compressor import CompressorConfig, compress
+from memrecall.method.prompts import Prompts, pad_ids
+from memrecall.method.reasoner import ReasonerConfig
+from memrecall.method.recall import (DocumentBank, RecallConfig, RecallSetup, recall,
+                                     recall_streaming)
+from memrecall.models import sampling
+from memrecall.models.config import ModelConfig
+from memrecall.models.qwen2 import init_cache, unstack_layers
+from memrecall.readers import baselines
 
 MODES = ("gate", "gate_stream", "all", "memagent")
 
@@ -276,7 +278,7 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
   """Rows {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s", "peak_bytes"},
   and with `ceilings` also "floor_s" (`mode_floor`), "floor_ratio" (total / floor) and
   "compress_efficiency" (compression's achieved FLOP/s over the matmul ceiling).  Runs in the
-  inference layout (`model.unstack_layers`), as evaluation does."""
+  inference layout (`qwen2.unstack_layers`), as evaluation does."""
   params, config = unstack_layers(params, config)
   reasoner = ReasonerConfig(memory_size=settings.memory_size, answer_tokens=settings.answer_tokens)
   greedy = sampling.SamplingConfig(eos_ids=(), pad_id=0)  # no EOS: every update decodes fully

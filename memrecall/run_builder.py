@@ -32,19 +32,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from memrecall import hf_checkpoint, model as model_lib
-from memrecall import sharding as sharding_lib
-from memrecall.compressor import CompressorConfig
-from memrecall.config import ConfigError, ModelConfig
-from memrecall.data import example as example_lib
-from memrecall.data import metrics as metrics_lib
-from memrecall.data import specs, synthetic
-from memrecall.prompts import (CONTEXT_TEMPLATE, FINAL_TEMPLATE, GATE_TEMPLATE, INITIAL_MEMORY,
-                               MEMAGENT_TEMPLATE, QWEN2_CHAT_TEMPLATE, UPDATE_TEMPLATE, Prompts)
-from memrecall.reasoner import ReasonerConfig, memory_capacity
-from memrecall.recall import RecallConfig, RecallSetup
-from memrecall.sampling import SamplingConfig
-from memrecall.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from memrecall.data import example as example_lib, metrics as metrics_lib, specs, synthetic
+from memrecall.method.compressor import CompressorConfig
+from memrecall.method.prompts import (CONTEXT_TEMPLATE, FINAL_TEMPLATE, GATE_TEMPLATE,
+                                      INITIAL_MEMORY, MEMAGENT_TEMPLATE, Prompts,
+                                      QWEN2_CHAT_TEMPLATE, UPDATE_TEMPLATE)
+from memrecall.method.reasoner import ReasonerConfig, memory_capacity
+from memrecall.method.recall import RecallConfig, RecallSetup
+from memrecall.models import hf_checkpoint, qwen2 as model_lib
+from memrecall.models.config import ConfigError, ModelConfig
+from memrecall.models.sampling import SamplingConfig
+from memrecall.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from memrecall.runtime import checkpoint, sharding as sharding_lib
 
 STAGES = ("compressor", "sft", "rl", "gate", "eval")
 AGENTS = ("lychee", "memagent")
@@ -98,13 +97,6 @@ class Run:
   def memory_capacity(self) -> int:
     return memory_capacity(self.prompts.initial_memory, self.reasoner)
 
-  @property
-  def setup(self):
-    """What the training objectives need statically (`objectives.TrainSetup`)."""
-    from memrecall.train import objectives  # pylint: disable=g-import-not-at-top
-    return objectives.TrainSetup(self.model, self.compressor, self.prompts,
-                                 raw_chunks=self.agent == "memagent")
-
   def recall_setup(self, mode: str = "all", *, threshold: float | None = None, topk: int = 4,
                    gate_group: int = 16, group_size: int = 8, temperature: float = 0.0
                    ) -> RecallSetup:
@@ -128,11 +120,10 @@ class Run:
     """Initial parameters, placed on the mesh: an earlier stage's workdir (`init.checkpoint`),
     the HF checkpoint (`init.hf_checkpoint`; beacons and gate initialised where it has none),
     or random (`init.seed`)."""
-    from memrecall.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
     init = self.config.init
     shardings = self.param_shardings()
     if init.checkpoint:
-      params, _ = load_params(init.checkpoint)
+      params, _ = checkpoint.load_params(init.checkpoint)
       want = jax.tree.map(lambda x: x.value.shape, model_lib.abstract_params(self.model),
                           is_leaf=lambda x: hasattr(x, "names"))
       got = jax.tree.map(lambda x: x.shape, params)
@@ -423,7 +414,6 @@ def from_workdir(workdir: str, matmul_precision: str | None = None, *,
   reasoner_overrides: chunk_size / memory_size / answer_tokens to evaluate with other settings
   (None or 0: the run's own).
   """
-  from memrecall.train import checkpoint  # pylint: disable=g-import-not-at-top
   saved, step = checkpoint.load_config(os.fspath(workdir))
   config = with_defaults(ml_collections.ConfigDict(saved))
   assets = os.path.join(os.fspath(workdir), HF_ASSETS)
@@ -442,3 +432,38 @@ def from_workdir(workdir: str, matmul_precision: str | None = None, *,
   run = build_run(config, devices)  # before the weights: they are read onto its mesh
   params, _ = checkpoint.load_params(os.fspath(workdir), step, run.param_shardings())
   return run, params
+
+
+# --- loaded models (a notebook's entry point) ----------------------------------
+
+
+@dataclasses.dataclass
+class RecallModel:
+  params: Any
+  config: ModelConfig
+  tokenizer: Tokenizer
+  prompts: Prompts
+  compressor: CompressorConfig
+
+
+def load_recall_model(directory: str | os.PathLike, *, chunk_size: int | None = None, mesh=None,
+                      **config_overrides) -> RecallModel:
+  """A LycheeMemory (or plain Qwen2, beacons initialised from q/k/v) HF checkpoint, ready to recall.
+
+  The prompts default to the released model's, wrapped in the tokenizer's chat template;
+  `mesh` None puts every parameter on the first device.  config_overrides: `MODEL_RUN_KEYS`.
+  A checkpoint without a tokenizer.json gets the byte tokenizer (for work on token ids).
+  """
+  directory = os.fspath(directory)
+  has_tokenizer = os.path.exists(os.path.join(directory, "tokenizer.json"))
+  run = from_hf_checkpoint(directory, chunk_size=chunk_size or 0, model=config_overrides,
+                                tokenizer="" if has_tokenizer else "bytes")
+  params, _ = hf_checkpoint.load_hf_checkpoint(
+      directory, mesh=mesh, **{k: getattr(run.model, k) for k in MODEL_RUN_KEYS})
+  return RecallModel(params, run.model, run.tokenizer, run.prompts, run.compressor)
+
+
+def load_trained_model(workdir: str | os.PathLike) -> RecallModel:
+  """The model of a memrecall training run (its latest orbax checkpoint and saved config)."""
+  run, params = from_workdir(os.fspath(workdir))
+  return RecallModel(params, run.model, run.tokenizer, run.prompts, run.compressor)

@@ -72,7 +72,7 @@ class ModelConfig:
   # `layers` axis and run under a scan (checkpoints and training: compile time does not grow
   # with depth).  False: one subtree per layer (`layers_0`, ...) run in an unrolled loop, for
   # inference: inside a decode loop XLA copies a scanned layer's weight slice at every step,
-  # where separate arrays are read in place (`model.unstack_layers` converts).
+  # where separate arrays are read in place (`qwen2.unstack_layers` converts).
   scan_layers: bool = True
 
   def __post_init__(self):

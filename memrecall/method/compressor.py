@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memrecall.config import ConfigError, ModelConfig
-from memrecall.model import REMAT_POLICIES, DecoderLayer, Qwen2, RMSNorm, rope_tables
-from memrecall.sharding import with_logical_constraint
+from memrecall.models.config import ConfigError, ModelConfig
+from memrecall.models.qwen2 import DecoderLayer, Qwen2, REMAT_POLICIES, RMSNorm, rope_tables
+from memrecall.runtime.sharding import with_logical_constraint
 
 Array = jax.Array
 
@@ -185,8 +185,8 @@ def window_inputs(raw_mask: Array, prefix: int, ratio: int) -> tuple[Array, Arra
   """Positions [N, P + T] (prefix then own rows) and attention mask [N, 1, T, P + T] of a window.
 
   raw_mask: [N, W] validity of the window's raw tokens; beacons are always valid.  The
-  mask's own key columns are in the interleaved order (`model.interleave_beacons`), so that
-  each block of raw query rows sees a prefix of the keys (`model.compression_key_limits`).
+  mask's own key columns are in the interleaved order (`qwen2.interleave_beacons`), so that
+  each block of raw query rows sees a prefix of the keys (`qwen2.compression_key_limits`).
   """
   n, window = raw_mask.shape
   order = jnp.asarray(_interleaved_order(window, ratio))  # [T]

@@ -18,9 +18,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from memrecall.attention import attend, block_ends, causal_key_limits
-from memrecall.config import ModelConfig
-from memrecall.sharding import with_logical_constraint
+from memrecall.models.attention import attend, block_ends, causal_key_limits
+from memrecall.models.config import ModelConfig
+from memrecall.runtime import sharding
+from memrecall.runtime.sharding import with_logical_constraint
 
 Array = jax.Array
 _KERNEL_INIT = nn.initializers.normal(stddev=0.02)
@@ -526,14 +527,11 @@ def abstract_params(config: ModelConfig) -> Any:
 def place_params(params, config: ModelConfig, mesh) -> Any:
   """`params` (in `config`'s layout: stacked or per-layer) on `mesh`, each sharded by the
   logical-axis rules as training shards it; arrays already placed so are not copied."""
-  from memrecall import sharding  # local: avoids a cycle for notebook users importing model only
   return jax.device_put(params, sharding.param_shardings(abstract_params(config), mesh))
 
 
 def init_params(config: ModelConfig, rng: Array, mesh=None) -> Any:
   """Randomly initialised parameters, created directly with their target shardings."""
-  from memrecall import sharding  # local: avoids a cycle for notebook users importing model only
-
   model = Qwen2(config)
   tokens = jnp.zeros((1, 1), jnp.int32)
 

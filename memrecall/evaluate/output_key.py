@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from memrecall.distributed import is_primary
+from memrecall.runtime.distributed import is_primary
 
 KEYS_FILE = "keys.json"
 

@@ -34,14 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memrecall.compressor import ChunkMemory, CompressorConfig, compress
-from memrecall.config import ModelConfig
-from memrecall.gate import gate_context, gate_probability, score_chunks
-from memrecall.model import unstack_layers
-from memrecall.prompts import Prompts
-from memrecall.reasoner import (ReasonerConfig, WorkingMemory, final_answer, memory_capacity,
-                                update_memory)
-from memrecall.sampling import SampleOutput, SamplingConfig
+from memrecall.method.compressor import ChunkMemory, CompressorConfig, compress
+from memrecall.method.gate import gate_context, gate_probability, score_chunks
+from memrecall.method.prompts import Prompts
+from memrecall.method.reasoner import (ReasonerConfig, WorkingMemory, final_answer, memory_capacity,
+                                       update_memory)
+from memrecall.models.config import ModelConfig
+from memrecall.models.qwen2 import unstack_layers
+from memrecall.models.sampling import SampleOutput, SamplingConfig
 
 Array = jax.Array
 MODES = ("gate", "all", "topk")

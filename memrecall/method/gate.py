@@ -16,11 +16,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from memrecall.config import ConfigError, ModelConfig
-from memrecall.model import (KVCache, Qwen2, cache_layout, concat_slots, forward, init_cache,
-                             repeat_rows, slots_to_cache)
-from memrecall.prompts import PromptTemplate
-from memrecall.reasoner import WorkingMemory
+from memrecall.method.prompts import PromptTemplate
+from memrecall.method.reasoner import WorkingMemory
+from memrecall.models.config import ConfigError, ModelConfig
+from memrecall.models.qwen2 import (KVCache, Qwen2, cache_layout, concat_slots, forward, init_cache,
+                                    repeat_rows, slots_to_cache)
 
 Array = jax.Array
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from memrecall.data import ruler_hqa
+from memrecall.data.files import read_text
+
 ROW_FILES = (".json", ".jsonl", ".parquet")
 
 
@@ -28,20 +31,6 @@ class Document:
   answers: tuple[str, ...] = ()
 
 
-def read_text(path: str | os.PathLike, what: str = "document", error=None, hint: str = "") -> str:
-  """A UTF-8 file's text (a byte-order mark dropped), with errors that name the file."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{what} {path} does not exist")
-  with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    return raw.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    raise (error or DocumentError)(
-        f"{path} is not UTF-8 text (invalid byte at offset {e.start}){hint}") from None
-
-
 def read_document(path: str | os.PathLike, row: int = 0) -> Document:
   """The document at `path` (row `row` of a rows file); its question and answers if it has them.
 
@@ -50,15 +39,13 @@ def read_document(path: str | os.PathLike, row: int = 0) -> Document:
   path = os.fspath(path)
   if path.endswith(ROW_FILES):
     return _from_rows(path, row)
-  text = read_text(path, hint="; convert it or pass token ids as a JSON list")
+  text = read_text(path, error=DocumentError, hint="; convert it or pass token ids as a JSON list")
   if not text.strip():
     raise DocumentError(f"{path} is empty")
   return Document(text=text)
 
 
 def _from_rows(path: str, row: int) -> Document:
-  # Imported here: ruler_hqa imports read_text from this module.
-  from memrecall.data import ruler_hqa  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise FileNotFoundError(f"document {path} does not exist")
   try:

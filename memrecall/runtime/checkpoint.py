@@ -127,7 +127,7 @@ def _open(workdir_or_checkpoint: str, step: int | None):
 
 def load_config(workdir_or_checkpoint: str, step: int | None = None) -> tuple[dict, int]:
   """(the run config a checkpoint saved, its step): what to build the run from before its
-  parameters are read onto that run's mesh (`runs.from_workdir`)."""
+  parameters are read onto that run's mesh (`run_builder.from_workdir`)."""
   manager, directory, step = _open(workdir_or_checkpoint, step)
   try:
     with _restore_errors(directory, step):
@@ -142,7 +142,7 @@ def load_params(workdir_or_checkpoint: str, step: int | None = None,
   """The parameters alone (no optimizer state is read) and the run config of a checkpoint.
 
   Accepts a workdir (latest checkpoint, or `step`) for analysis in a notebook.  shardings:
-  a tree of Shardings like the parameters, where each goes (`runs.from_workdir`: the run's
+  a tree of Shardings like the parameters, where each goes (`run_builder.from_workdir`: the run's
   mesh, so a model larger than one device is read straight onto its shards); default: this
   process's first device.
   """

@@ -15,7 +15,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from memrecall.tokenizer import Tokenizer
+from memrecall.models.tokenizer import Tokenizer
 
 Array = jax.Array
 

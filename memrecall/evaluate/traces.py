@@ -1,9 +1,9 @@
 """Looking inside one question of an evaluation: gate scores, reads and the working memory.
 
-    from memrecall import analysis
-    model = analysis.load_model("runs/gate")            # orbax checkpoint + its config
-    trace = analysis.load_trace("runs/gate/eval/traces/lychee-gate-8x.json", question=0)
-    analysis.plot_question(trace, "question0.png", decode=model.tokenizer.decode)
+    from memrecall.evaluate import traces
+    model = traces.load_model("runs/gate")            # orbax checkpoint + its config
+    trace = traces.load_trace("runs/gate/eval/traces/lychee-gate-8x.json", question=0)
+    traces.plot_question(trace, "question0.png", decode=model.tokenizer.decode)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Sequence
 
-from memrecall.pipeline import load_trained_model as load_model  # noqa: F401  (re-exported)
+from memrecall.run_builder import load_trained_model as load_model  # noqa: F401  (re-exported)
 
 
 def load_trace(path: str, question: int = 0) -> dict:

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from memrecall import sharding as sharding_lib
-from memrecall.config import ConfigError, ModelConfig, dtype_from_name
-from memrecall.model import Qwen2, abstract_params
-from memrecall.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
+from memrecall.models.config import ConfigError, ModelConfig, dtype_from_name
+from memrecall.models.qwen2 import Qwen2, abstract_params
+from memrecall.models.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
+from memrecall.runtime import sharding as sharding_lib
 
 
 class CheckpointError(ValueError):

@@ -40,9 +40,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from memrecall import sharding as sharding_lib
-from memrecall.config import ModelConfig
-from memrecall.model import QUERY_BLOCK, abstract_params
+from memrecall.capacity import aot
+from memrecall.models.config import ModelConfig
+from memrecall.models.qwen2 import QUERY_BLOCK, abstract_params
+from memrecall.runtime import sharding as sharding_lib
 from memrecall.train import state as state_lib
 
 GiB = 1024 ** 3
@@ -401,7 +402,6 @@ def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | N
                       eval_batch: int = 16) -> list[Estimate]:
   """Estimates for `programs` (`aot.recipe_programs(run, ...)`, whose abstract arguments
   carry the recipe's shardings) on `run.mesh`."""
-  from memrecall import aot  # pylint: disable=g-import-not-at-top
   sizes = dict(run.mesh.shape) if mesh_sizes is None else mesh_sizes
   s = _Shapes(run, sizes)
   out = []

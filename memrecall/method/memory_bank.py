@@ -22,11 +22,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from memrecall import fingerprint
+from memrecall.runtime import fingerprint
 
-from memrecall.compressor import ChunkMemory, CompressorConfig
-from memrecall.config import ModelConfig
-from memrecall.recall import DocumentBank
+from memrecall.method.compressor import ChunkMemory, CompressorConfig
+from memrecall.method.recall import DocumentBank
+from memrecall.models.config import ModelConfig
 
 FORMAT_VERSION = 2  # 2: the document's hashes
 _STORED_AS = {"bfloat16": np.uint16}  # numpy's .npy cannot name bfloat16

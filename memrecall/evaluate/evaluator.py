@@ -13,16 +13,19 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from memrecall import distributed, fingerprint, jsonl, output_key
-from memrecall import sharding as sharding_lib
-from memrecall.compressor import CompressorConfig, chunk_documents
-from memrecall.data.example import TokenizedExample
-from memrecall.distributed import is_primary
-from memrecall.model import place_params
-from memrecall.prompts import pad_ids
-from memrecall.recall import RecallSetup, inference_layout, recall_documents
+from memrecall.data import example as example_lib, synthetic
+from memrecall.data.example import TokenizedExample, tokenize
+from memrecall.evaluate import output_key, report
+from memrecall.method.compressor import CompressorConfig, chunk_documents
+from memrecall.method.prompts import pad_ids
+from memrecall.method.recall import RecallSetup, inference_layout, recall_documents
+from memrecall.models.qwen2 import place_params
+from memrecall.readers import baselines
+from memrecall.runtime import distributed, fingerprint, jsonl, sharding as sharding_lib
+from memrecall.runtime.distributed import is_primary
+from memrecall.runtime.progress import Progress
 
-# score(prediction ids without EOS, example) -> {"em", "sub_em", "strict_sub_em"}: `runs.Run.score`.
+# score(prediction ids without EOS, example) -> {"em", "sub_em", "strict_sub_em"}: `run_builder.Run.score`.
 Scorer = Callable[[Sequence[int], TokenizedExample], dict]
 ACCURACY_METRIC = "sub_em"  # `accuracy` of a result: MemAgent-compatible sub-EM (the ids form: exact)
 
@@ -225,7 +228,6 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                     question_tokens=question_tokens, seed=seed, keep_traces=keep_traces,
                     latency_examples=latency_examples, timed=timed, max_tokens=max_tokens,
                     mesh=mesh)
-  from memrecall import baselines  # pylint: disable=g-import-not-at-top
   eos = set(setup.model.eos_token_ids)
   pad = setup.model.pad_token_id
   max_tokens = max_tokens or max(len(ex.context) for ex in examples)
@@ -316,7 +318,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
                    log=print) -> list[dict]:
   """Every (length multiple, mode) not yet in OUTPUT_DIR/results.json; resumable.
 
-  `run` is a `runs.Run` (model, prompts, synthetic task at training length).  Examples
+  `run` is a `run_builder.Run` (model, prompts, synthetic task at training length).  Examples
   come from a stream (`seed_offset`) that training never reads.  mode_examples
   caps the questions of some modes (the first ones of the same stream), e.g. a
   slow baseline that is run for its timing only.  Each row's latency is the mean
@@ -325,15 +327,12 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   (this process's devices).  Every process computes every row (each row is one mode at one
   length, timed); process 0 writes them.
   """
-  from memrecall import eval_report  # pylint: disable=g-import-not-at-top
-  from memrecall.data import example as example_lib, synthetic
-  from memrecall.progress import Progress
   unknown = set(modes) - set(MODES)
   if unknown:
     raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
   _check_own_devices(mesh)
   results_path = os.path.join(output_dir, "results.json")
-  rows = eval_report.load_rows(results_path)
+  rows = report.load_rows(results_path)
   task_name = run.task.task
   setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
   # Rows are reused only when made from these weights, this task and these settings.
@@ -367,7 +366,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
            "batched_s": result.batched_s, "peak_bytes": result.peak_bytes,
            "blocks_read": result.blocks_read,
            "gate_recall": result.gate_recall, "skip_rate": result.skip_rate}
-    rows.append(eval_report.json_safe(row))  # as a resumed run reads it back
+    rows.append(report.json_safe(row))  # as a resumed run reads it back
     if is_primary():  # every process computes the same rows; one writes them
       # The traces first, each whole or not at all: a finished row always has its traces.
       os.makedirs(os.path.join(output_dir, "traces"), exist_ok=True)
@@ -376,10 +375,10 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       with open(trace + ".tmp", "w") as f:
         json.dump(result.traces, f)
       os.replace(trace + ".tmp", trace)
-      eval_report.save_rows(rows, output_dir)
+      report.save_rows(rows, output_dir)
       progress(i + 1)
   if is_primary():
-    eval_report.plot(rows, output_dir)
+    report.plot(rows, output_dir)
   return rows
 
 
@@ -473,7 +472,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   """Every (source, mode, row) not yet in OUTPUT_DIR's predictions; resumable by row.
 
   `sources` are `specs.NamedSource`s (their rows in order, the first `limit`); `run` a
-  `runs.Run`; mesh: as in `evaluate` (this process's devices).  Each finished batch is
+  `run_builder.Run`; mesh: as in `evaluate` (this process's devices).  Each finished batch is
   appended to predictions.jsonl (one JSON object per (mode, row): the fields of
   PREDICTION_KEYS), so a run that stops loses at most one batch; results.json / results.csv
   (`summarize_predictions`) and plots are rewritten at the end.  A question over
@@ -487,8 +486,6 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   (`merge_predictions`) and writes the results.  A rerun, with any number of processes,
   skips every row found in any of these files.
   """
-  from memrecall import eval_report  # pylint: disable=g-import-not-at-top
-  from memrecall.data.example import tokenize  # pylint: disable=g-import-not-at-top
   unknown = set(modes) - set(MODES)
   if unknown:
     raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
@@ -542,7 +539,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
         for i, ex, out in zip(rows, batch, result.rows):
           answers = run.answer_texts(ex)
           question = ex.example.question
-          new.append(eval_report.json_safe({
+          new.append(report.json_safe({
               "model": model_name, "data": named.name, "mode": mode, "row": i, "id": ex.example.id,
               "num_docs": ex.example.metadata.get("num_docs"), "context_tokens": len(ex.context),
               "question": question if isinstance(question, str) else run.tokenizer.decode(question),
@@ -563,5 +560,5 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
     records = merged + extra
   summary = summarize_predictions(records)
   if is_primary():
-    eval_report.save_data_rows(summary, output_dir)
+    report.save_data_rows(summary, output_dir)
   return summary

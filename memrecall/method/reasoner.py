@@ -16,10 +16,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from memrecall.config import ModelConfig
-from memrecall.model import KVCache, cache_layout, concat_slots, slots_to_cache
-from memrecall.prompts import PromptTemplate
-from memrecall.sampling import SampleOutput, SamplingConfig, prefill, sample_loop
+from memrecall.method.prompts import PromptTemplate
+from memrecall.models.config import ModelConfig
+from memrecall.models.qwen2 import KVCache, cache_layout, concat_slots, slots_to_cache
+from memrecall.models.sampling import SampleOutput, SamplingConfig, prefill, sample_loop
 
 Array = jax.Array
 
