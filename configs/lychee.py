@@ -23,16 +23,16 @@ clip 0.2, AdamW, gradient clip 1.0.
 import ml_collections
 
 from configs import models
+from memrecall import run_builder
 
 SIZES = {"0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b", "3b": "qwen2.5-3b", "7b": "qwen2.5-7b"}
 # data x fsdp x tensor.  One 8-GPU host: parameters and optimizer state sharded 8 ways.
 # A v5p-64 slice is 32 chips: 4 data-parallel groups of 8-way fsdp.
 MESHES = {"gpu8": {"data": 1, "fsdp": 8, "tensor": 1}, "v5p-64": {"data": 4, "fsdp": 8, "tensor": 1},
           "auto": {"data": 1, "fsdp": -1, "tensor": 1}}
-STAGES = ("compressor", "sft", "rl", "gate")
 
 
-def parse(arg: str, stages=STAGES) -> tuple[str, str, str]:
+def parse(arg: str, stages=run_builder.TRAINING_STAGES) -> tuple[str, str, str]:
   stage, size, mesh = (arg.split(",") + ["", ""])[:3]
   size, mesh = size or "7b", mesh or "gpu8"
   if stage not in stages:
@@ -45,11 +45,11 @@ def parse(arg: str, stages=STAGES) -> tuple[str, str, str]:
 
 
 def base_config(stage: str, size: str, mesh: str) -> ml_collections.ConfigDict:
-  """The settings every stage (and configs/memagent.py) shares."""
-  c = ml_collections.ConfigDict()
+  """The settings every stage (and configs/memagent.py) shares: `run_builder.default_config()`
+  (which holds the paper's training recipe) with this backbone, its gate and the paper's
+  compressor, reasoner and mesh."""
+  c = run_builder.default_config()
   c.stage = stage
-  c.seed = 0
-  c.agent = "lychee"
   c.model = models.model_config(SIZES[size])
   c.model.compressor = True
   # The gate's adapters exist from the first stage, so every stage's checkpoint has one tree.
@@ -57,35 +57,8 @@ def base_config(stage: str, size: str, mesh: str) -> ml_collections.ConfigDict:
   c.model.gate_lora_alpha = 32.0
   c.model.gate_lora_targets = ("q", "k", "v", "o")
   c.model.remat = "full"
-  c.init = ml_collections.ConfigDict({"checkpoint": "", "hf_checkpoint": "", "seed": 0,
-                                      "tokenizer": ""})
   c.compressor = ml_collections.ConfigDict({"chunk_size": 4096, "window": 2048, "ratio": 4})
-  c.reasoner = ml_collections.ConfigDict({"memory_size": 1024, "answer_tokens": 256,
-                                          "question_tokens": 256})
-  # Empty templates take the released model's (memrecall/method/prompts.py); `auto` wraps them in the
-  # checkpoint's chat template.
-  c.prompts = ml_collections.ConfigDict({
-      "chat_template": "auto", "update_template": "", "final_template": "", "gate_template": "",
-      "memagent_template": "", "context_template": "", "initial_memory": ""})
-  # KIND:PATH[,PATH...] (memrecall/data/specs.py).  hotpotqa: documents per question (200 ~ 28K
-  # tokens, MemAgent's RL length); max_chunks: chunks per training document (28K / 4096 -> 7).
-  c.data = ml_collections.ConfigDict({
-      "train": "", "eval": "", "num_docs": 200, "hotpotqa_dev": "", "seed": 0, "max_chunks": 8,
-      "synthetic_size": 1024})
-  # microbatches: rows of a step run in k parts one after another (set by `with_microbatches`).
-  c.train = ml_collections.ConfigDict({
-      "steps": 500, "batch_size": 128, "microbatches": 1, "trainable": "backbone",
-      "log_every": 1, "checkpoint_every": 25, "keep": 3, "async_checkpoint": True})
-  c.optimizer = ml_collections.ConfigDict({
-      "learning_rate": 1e-6, "warmup_steps": 10, "decay_steps": 500, "final_fraction": 1.0,
-      "b1": 0.9, "b2": 0.999, "weight_decay": 0.01, "grad_clip": 1.0})
-  c.rl = ml_collections.ConfigDict({
-      "group_size": 16, "advantage": "grpo_no_std", "temperature": 1.0, "eps_low": 0.2,
-      "eps_high": 0.2, "kl_coef": 1e-3, "kl_estimator": "low_var_kl", "aggregation": "token_mean",
-      "mode": "all", "reward": "strict_sub_em"})
-  c.gate = ml_collections.ConfigDict({"threshold": 0.5, "positive_weight": 1.0})
-  c.sft = ml_collections.ConfigDict({"gate_weight": 0.0})
-  c.pretrain = ml_collections.ConfigDict({"recall": False})
+  c.reasoner.question_tokens = 256
   c.mesh = ml_collections.ConfigDict(MESHES[mesh])
   return c
 

@@ -14,6 +14,7 @@ settings for launch/demo.py.  Everything runs on a laptop CPU (DESIGN §8: a
 import ml_collections
 
 from configs import models
+from memrecall import run_builder
 
 
 def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
@@ -27,10 +28,9 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown task {task!r}; choose multihop, vartrack or hotpot")
   if agent not in ("lychee", "memagent"):
     raise ValueError(f"unknown agent {agent!r}; choose lychee or memagent")
-  c = ml_collections.ConfigDict()
+  c = run_builder.default_config()
   c.stage = arg
   c.variant = variant
-  c.seed = 0
 
   c.model = models.model_config("tiny")
   # Retrieval through compressed memory needs depth: with 3 layers the model stays on the
@@ -44,19 +44,16 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
   c.model.gate_lora_alpha = 8.0
   c.model.gate_lora_targets = ("q", "v")
 
-  c.init = ml_collections.ConfigDict({"checkpoint": "", "hf_checkpoint": "", "seed": 0,
-                                      "tokenizer": ""})
   # Chunks of 16 tokens (4 facts, 4 beacons): 8 chunks at the training length of 128.
   c.compressor = ml_collections.ConfigDict({"chunk_size": 16, "window": 16, "ratio": 4})
-  c.reasoner = ml_collections.ConfigDict({"memory_size": 3, "answer_tokens": 2, "question_tokens": 3})
+  c.reasoner.update({"memory_size": 3, "answer_tokens": 2, "question_tokens": 3})
   # Short prompts: the tiny model reads ids, not instructions.
-  c.prompts = ml_collections.ConfigDict({
+  c.prompts.update({
       "update_template": "U{question}{memory}>", "final_template": "A{question}{memory}>",
       "gate_template": "G{question}{memory}>", "chat_template": "",
       "memagent_template": "M{question}{memory}{section}>", "context_template": "C{section}{question}>"})
   # lychee: the method (compressed chunks); memagent: MemAgent's reader of raw chunks, trained
   # with the same SFT and RL stages as a fair baseline (`--config.agent=memagent`).
-  c.agent = "lychee"
   c.task = ml_collections.ConfigDict({
       "task": "multihop", "form": "ids", "length": 128, "hops": 2, "distractor_density": 1.0,
       "num_entities": 64, "seed": 0,
@@ -81,22 +78,14 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
     # memory follows [pointer, hop] from the person to the city to the country.
     c.task.task = "hotpot"
 
-  c.train = ml_collections.ConfigDict({
-      "steps": 2000, "batch_size": 32, "trainable": "backbone", "log_every": 10,
-      "checkpoint_every": 50, "keep": 3, "async_checkpoint": True})
-  c.optimizer = ml_collections.ConfigDict({
-      "learning_rate": 3e-3, "warmup_steps": 20, "decay_steps": 2000, "final_fraction": 0.1,
-      "b1": 0.9, "b2": 0.99, "weight_decay": 0.01, "grad_clip": 1.0})
-  c.rl = ml_collections.ConfigDict({
-      "group_size": 4, "advantage": "grpo_no_std", "temperature": 1.0, "eps_low": 0.2,
-      "eps_high": 0.2, "kl_coef": 1e-3, "kl_estimator": "low_var_kl", "aggregation": "token_mean",
-      "mode": "all"})
-  c.gate = ml_collections.ConfigDict({"threshold": 0.5, "positive_weight": 1.0})
-  # SFT can train the gate jointly (BCE beside the NLL), as DESIGN §8's prototype did.
-  c.sft = ml_collections.ConfigDict({"gate_weight": 0.0})
-  # Compressor pre-training: plain language modelling, or `recall` (see the compressor stage).
-  c.pretrain = ml_collections.ConfigDict({"recall": True})
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  c.train.update({"steps": 2000, "batch_size": 32, "log_every": 10, "checkpoint_every": 50})
+  c.optimizer.update({"learning_rate": 3e-3, "warmup_steps": 20, "decay_steps": 2000,
+                      "final_fraction": 0.1, "b2": 0.99})
+  c.rl.group_size = 4
+  # SFT can train the gate jointly (sft.gate_weight: BCE beside the NLL), as DESIGN §8's
+  # prototype did.  Compressor pre-training: plain language modelling, or `recall` (see the
+  # compressor stage).
+  c.pretrain.recall = True
 
   full = variant == "full"
   c.demo = ml_collections.ConfigDict({
@@ -150,8 +139,8 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
   elif arg == "gate":
     c.train.trainable = "gate"
     c.task.curriculum_end = 0
-  elif arg != "sft":
-    raise ValueError(f"unknown stage {arg!r}; choose compressor, sft, rl or gate")
+  elif arg not in run_builder.TRAINING_STAGES:
+    raise ValueError(f"unknown stage {arg!r}; choose from {run_builder.TRAINING_STAGES}")
 
   if agent == "memagent":
     if arg in ("compressor", "gate"):

@@ -45,7 +45,9 @@ from memrecall.models.sampling import SamplingConfig
 from memrecall.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from memrecall.runtime import checkpoint, sharding as sharding_lib
 
-STAGES = ("compressor", "sft", "rl", "gate", "eval")
+# The training stages in order (each starts from the one before), and a run that only evaluates.
+TRAINING_STAGES = ("compressor", "sft", "rl", "gate")
+STAGES = TRAINING_STAGES + ("eval",)
 AGENTS = ("lychee", "memagent")
 REWARDS = ("strict_sub_em", "sub_em", "em")
 # ModelConfig fields a run config may set over a HF checkpoint's config.json (never shapes).
@@ -349,27 +351,58 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   return Run(config, model, compressor, reasoner, prompts, tokenizer, mesh, task)
 
 
-def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config with every block a run reads (older saved configs lack `data`)."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  defaults = {
+def default_config() -> ml_collections.ConfigDict:
+  """Every block and key a run reads, at its default: the one base every recipe extends
+  (configs/*.py start here), and what fills the gaps of a config saved by an older memrecall.
+
+  The `model` block is empty: shapes and numerics come from configs/models.py or a HF
+  checkpoint's config.json.  Compressor sizes of 0 take the checkpoint's (two windows per
+  chunk, see `_compressor`).  The training blocks hold the paper's recipe (configs/lychee.py).
+  """
+  return ml_collections.ConfigDict({
+      "stage": "eval", "seed": 0, "agent": "lychee",
+      "model": {},
+      "init": {"checkpoint": "", "hf_checkpoint": "", "seed": 0, "tokenizer": ""},
+      "compressor": {"chunk_size": 0, "window": 0, "ratio": 0},
+      "reasoner": {"memory_size": 1024, "answer_tokens": 256, "question_tokens": 1024},
+      # Empty templates take the released model's (memrecall/method/prompts.py); `auto` wraps
+      # them in the checkpoint's chat template.
+      "prompts": {"chat_template": "auto", "update_template": "", "final_template": "",
+                  "gate_template": "", "memagent_template": "", "context_template": "",
+                  "initial_memory": ""},
+      # KIND:PATH[,PATH...] (memrecall/data/specs.py).  hotpotqa: documents per question (200 ~
+      # 28K tokens, MemAgent's RL length); max_chunks: chunks per training document.
       "data": {"train": "", "eval": "", "num_docs": 200, "hotpotqa_dev": "", "seed": 0,
                "max_chunks": 8, "synthetic_size": 1024},
-      "init": {"checkpoint": "", "hf_checkpoint": "", "seed": 0, "tokenizer": ""},
+      # microbatches: rows of a step run in k parts one after another.
+      "train": {"steps": 500, "batch_size": 128, "microbatches": 1, "trainable": "backbone",
+                "log_every": 1, "checkpoint_every": 25, "keep": 3, "async_checkpoint": True},
+      "optimizer": {"learning_rate": 1e-6, "warmup_steps": 10, "decay_steps": 500,
+                    "final_fraction": 1.0, "b1": 0.9, "b2": 0.999, "weight_decay": 0.01,
+                    "grad_clip": 1.0},
+      "rl": {"group_size": 16, "advantage": "grpo_no_std", "temperature": 1.0, "eps_low": 0.2,
+             "eps_high": 0.2, "kl_coef": 1e-3, "kl_estimator": "low_var_kl",
+             "aggregation": "token_mean", "mode": "all", "reward": "strict_sub_em"},
       "gate": {"threshold": 0.5, "positive_weight": 1.0},
-      "rl": {"reward": "strict_sub_em"},
-      "mesh": {"fsdp": -1},
-      "prompts": {"chat_template": "auto"},
-  }
-  for block, values in defaults.items():
-    if block not in config:
-      config[block] = ml_collections.ConfigDict()
-    for key, value in values.items():
-      if key not in config[block]:
-        config[block][key] = value
-  if "task" in config and not config.data.train:
-    config.data.train = f"synthetic:{config.task.task}"
-  return config
+      "sft": {"gate_weight": 0.0},
+      "pretrain": {"recall": False},
+      # data x fsdp x tensor; -1: every remaining device.
+      "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+  })
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` over `default_config()`: every block a run reads exists (configs saved by older
+  versions lack some); a synthetic task with no `data.train` names itself there."""
+  merged = default_config()
+  for block, values in config.to_dict().items():
+    if isinstance(values, dict) and isinstance(merged.get(block), ml_collections.ConfigDict):
+      merged[block].update(values)
+    else:
+      merged[block] = values
+  if "task" in merged and not merged.data.train:
+    merged.data.train = f"synthetic:{merged.task.task}"
+  return merged
 
 
 def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0, memory_size: int = 1024,
@@ -380,21 +413,17 @@ def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0, memory_size
   --hf_checkpoint).  chunk_size 0: two compressor windows; model: `MODEL_RUN_KEYS` to set;
   tokenizer: as `init.tokenizer`; prompts: templates to replace (`prompts` block keys); mesh:
   axis sizes (default: every device on fsdp)."""
-  c = ml_collections.ConfigDict()
-  c.stage = "eval"
-  c.seed = 0
-  c.agent = "lychee"
+  c = default_config()
   c.model = ml_collections.ConfigDict({"compressor": True, **(model or {})})
-  c.init = ml_collections.ConfigDict({"checkpoint": "", "hf_checkpoint": hf_checkpoint_dir,
-                                      "seed": 0, "tokenizer": tokenizer})
-  c.compressor = ml_collections.ConfigDict({"chunk_size": chunk_size, "window": 0, "ratio": 0})
-  c.reasoner = ml_collections.ConfigDict({"memory_size": memory_size,
-                                          "answer_tokens": answer_tokens,
-                                          "question_tokens": question_tokens})
-  c.prompts = ml_collections.ConfigDict({"chat_template": "auto", **(prompts or {})})
+  c.init.hf_checkpoint = hf_checkpoint_dir
+  c.init.tokenizer = tokenizer
+  c.compressor.chunk_size = chunk_size
+  c.reasoner.update({"memory_size": memory_size, "answer_tokens": answer_tokens,
+                     "question_tokens": question_tokens})
+  c.prompts.update(prompts or {})
   if mesh:
     c.mesh = ml_collections.ConfigDict(dict(mesh))
-  return with_defaults(c)
+  return c
 
 
 def from_hf_checkpoint(directory: str, devices: Sequence[Any] | None = None, **settings) -> Run:

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from memrecall.models.config import ConfigError, ModelConfig
-from memrecall.models.qwen2 import DecoderLayer, Qwen2, REMAT_POLICIES, RMSNorm, rope_tables
+from memrecall.models.qwen2 import (DecoderLayer, Qwen2, REMAT_POLICIES, RMSNorm,
+                                    head_projection, rope_tables)
 from memrecall.runtime.sharding import with_logical_constraint
 
 Array = jax.Array
@@ -255,7 +256,6 @@ def _beacon_kv_only(params, config: ModelConfig, beacon_rows: int, x: Array, pos
   layer = DecoderLayer(config, beacon_rows=beacon_rows)
   norm = RMSNorm(config.rms_norm_eps, config.jnp_dtype, config.jnp_param_dtype)
   cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
-  dtype = config.jnp_dtype
   x = with_logical_constraint(x, ("batch", "length", "act_embed"))
 
   def whole_layer(x, layer_params, layer_prefix):
@@ -265,11 +265,9 @@ def _beacon_kv_only(params, config: ModelConfig, beacon_rows: int, x: Array, pos
     del layer_prefix
     normed = norm.apply({"params": layer_params["input_norm"]}, x[:, -beacon_rows:])  # [N, G, E]
     attention = layer_params["attention"]
-    def project(name):  # as Attention.project for beacon rows (no adapters in compression)
-      kernel, bias = attention[f"beacon_{name}_kernel"], attention[f"beacon_{name}_bias"]
-      return (jnp.einsum("bte,ehd->bthd", normed.astype(dtype), kernel.astype(dtype),
-                         precision=config.precision)
-              + bias.astype(dtype))  # [N, G, K, D]
+    def project(name):  # the beacon rows' own projection (no adapters in compression)
+      return head_projection(normed, attention[f"beacon_{name}_kernel"],
+                             attention[f"beacon_{name}_bias"], config)  # [N, G, K, D]
     return x, {"k": project("k"), "v": project("v")}
 
   def body(x, scanned):

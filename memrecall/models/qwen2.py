@@ -117,6 +117,14 @@ def compression_key_limits(prefix: int, window: int, beacon_rows: int, block: in
   return limits + ((window + beacon_rows, prefix + window + beacon_rows),)
 
 
+def head_projection(x: Array, kernel: Array, bias: Array, config: ModelConfig) -> Array:
+  """x [B, T, E] @ kernel [E, H, D] + bias [H, D] -> [B, T, H, D] in the compute dtype: a
+  q/k/v projection (also the compressor's, which projects beacon rows alone)."""
+  dtype = config.jnp_dtype
+  return jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel.astype(dtype),
+                    precision=config.precision) + bias.astype(dtype)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with q/k/v bias and rotary embeddings.
 
@@ -144,9 +152,7 @@ class Attention(nn.Module):
                     cfg.jnp_param_dtype)
     bias = _param(self, f"{name}_bias", nn.initializers.zeros, (num_heads, cfg.head_dim),
                   (heads_axis, "head_dim"), cfg.jnp_param_dtype)
-    dtype = cfg.jnp_dtype
-    out = jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel.astype(dtype),
-                     precision=cfg.precision) + bias.astype(dtype)
+    out = head_projection(x, kernel, bias, cfg)
     delta = lora_delta(self, name, x, ("embed",), (num_heads, cfg.head_dim),
                        (heads_axis, "head_dim"), self.use_lora)
     return out if delta is None else out + delta
