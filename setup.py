@@ -20,6 +20,8 @@ setup(
         "chex>=0.1.92",
         "absl-py>=2.1",
         "ml-collections>=1.0",
+        # TensorBoard event files, as MaxText writes them (pure Python; protobuf comes with orbax).
+        "tensorboardX>=2.6",
         "numpy>=1.26",
         "ml_dtypes>=0.5",
     ],
