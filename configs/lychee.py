@@ -1,6 +1,6 @@
 """LycheeMemory from a Qwen2.5-Instruct backbone: `--config configs/lychee.py:STAGE[,SIZE[,MESH]]`.
 
-STAGE (DESIGN §6, in order):
+STAGE (in order; docs/architecture.md#training-stages):
   compressor  beacon pre-training: language modelling through the beacons on `text` data.
   sft         optional warm start on oracle memory traces (`hotpotqa` data builds them).
   rl          end-to-end GRPO of compressor + reasoner on `rows` (MemAgent's RL file) or

@@ -7,8 +7,8 @@ memagent baseline and the vartrack and hotpot tasks, about 57 minutes); TASK is
 demo budgets.  AGENT is `lychee` (the method, default) or `memagent` (the
 baseline reading raw chunks: `agent` and the training settings such a reader
 needs, see below).  The `demo` block holds the pipeline's
-settings for launch/demo.py.  Everything runs on a laptop CPU (DESIGN §8: a
-2-hop task, each needed fact in its own chunk, a 2-token working memory).
+settings for launch/demo.py.  Everything runs on a laptop CPU (a 2-hop task, each
+needed fact in its own chunk, a 2-token working memory: docs/architecture.md#the-toy-task).
 """
 
 import ml_collections
@@ -34,7 +34,8 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
 
   c.model = models.model_config("tiny")
   # Retrieval through compressed memory needs depth: with 3 layers the model stays on the
-  # copy plateau (DESIGN §8), with 4 it breaks through within a few hundred steps.
+  # copy plateau (docs/architecture.md#the-copy-plateau), with 4 it breaks through within a
+  # few hundred steps.
   c.model.num_layers = 4
   c.model.num_heads = 2
   c.model.num_kv_heads = 2
@@ -57,9 +58,10 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict({
       "task": "multihop", "form": "ids", "length": 128, "hops": 2, "distractor_density": 1.0,
       "num_entities": 64, "seed": 0,
-      # Each needed fact in its own chunk, as in DESIGN §8's prototype: a chunk holding two
-      # hops would need two lookups in one turn.  With it, SFT leaves the copy plateau
-      # within ~500 steps (without it: ~800, to 73% accuracy).
+      # Each needed fact in its own chunk, as in the prototype (see
+      # docs/architecture.md#the-toy-task): a chunk holding two hops would need two lookups
+      # in one turn.  With it, SFT leaves the copy plateau within ~500 steps (without it:
+      # ~800, to 73% accuracy).
       "min_fact_gap": 16,
       # Distractors off for the first 10% of the steps, ramped to full density by half-way.
       "curriculum_start": 200, "curriculum_end": 1000,
@@ -82,9 +84,9 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
   c.optimizer.update({"learning_rate": 3e-3, "warmup_steps": 20, "decay_steps": 2000,
                       "final_fraction": 0.1, "b2": 0.99})
   c.rl.group_size = 4
-  # SFT can train the gate jointly (sft.gate_weight: BCE beside the NLL), as DESIGN §8's
-  # prototype did.  Compressor pre-training: plain language modelling, or `recall` (see the
-  # compressor stage).
+  # SFT can train the gate jointly (sft.gate_weight: BCE beside the NLL), as the prototype did
+  # (docs/architecture.md#the-toy-task).  Compressor pre-training: plain language modelling,
+  # or `recall` (see the compressor stage).
   c.pretrain.recall = True
 
   full = variant == "full"

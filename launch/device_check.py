@@ -14,7 +14,7 @@ step's full numbers to `--output_dir` ($OUT when set), beside the whole log.
 The orchestrator imports no JAX: on a GPU it would hold memory the steps need.  Wheels in
 `.whl/` at the repository root (packages the machine lacks, e.g. ml_collections on the GPU
 image, which has no network) are installed into /tmp/site first and put on the steps'
-PYTHONPATH; README.md says how to make that folder.
+PYTHONPATH; docs/scaling.md#device-check-launchdevice_checksh says how to make that folder.
 """
 
 import argparse

@@ -3,7 +3,8 @@
 #   bash launch/device_check.sh [--smoke] [--output_dir=DIR] [--steps=tests,decode,...]
 # Runs on the repository's .venv when there is one, else on MEMRECALL_PYTHON or the python3
 # on PATH as it is: a GPU image brings jax and flax, and wheels carried in .whl/ bring the
-# rest (README.md, "Device check").  Nothing is created or downloaded here.
+# rest (docs/scaling.md#device-check-launchdevice_checksh).  Nothing is created or downloaded
+# here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${MEMRECALL_PYTHON:-}" ]; then

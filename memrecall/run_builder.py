@@ -153,8 +153,9 @@ class Run:
     return specs.open_sources(spec, self.data_options(**changes), self.tokenizer)
 
   def task_at(self, step: int) -> synthetic.TaskConfig:
-    """The synthetic task with the curriculum's distractor density at `step` (DESIGN §8): none
-    before `task.curriculum_start`, then a linear ramp to full density at `task.curriculum_end`.
+    """The synthetic task with the curriculum's distractor density at `step`
+    (docs/architecture.md#curriculum): none before `task.curriculum_start`, then a linear ramp
+    to full density at `task.curriculum_end`.
     Absolute steps, so extending a run's budget never changes the data already seen."""
     start, end = self.config.task.curriculum_start, self.config.task.curriculum_end
     if end <= 0 or step >= end:

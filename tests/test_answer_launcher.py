@@ -102,7 +102,7 @@ def test_answer_from_a_training_run(tmp_path):
 
 
 def test_a_bank_of_one_document_is_refused_for_another(tmp_path):
-  """The README's `--row=3 --memory_bank=...` pattern followed by another --row."""
+  """docs/usage.md's `--row=3 --memory_bank=...` pattern followed by another --row."""
   fixture = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
   common = [f"--hf_checkpoint={os.path.join(fixture, 'hf')}",
             f"--document={os.path.join(fixture, 'rows.json')}", "--chunk_size=1024",

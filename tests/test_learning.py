@@ -1,8 +1,9 @@
 """Learning, not just running: the tiny SFT stage leaves its copy plateau (slow: `--slow`).
 
 The demo's default budgets (configs/tiny.py): 100 compressor steps, then 2000 SFT steps with the
-distractor curriculum.  The README's demo reports 100% at 1x and 8x in `all` mode after SFT and
-RL; SFT alone must clear these floors.  With SFT's learning rate at 0 the model stays at chance.
+distractor curriculum.  The demo's reports (docs/results.md) show 100% at 1x and 8x in `all`
+mode after SFT and RL; SFT alone must clear these floors.  With SFT's learning rate at 0 the model
+stays at chance.
 """
 
 import dataclasses

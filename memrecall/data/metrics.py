@@ -1,7 +1,8 @@
 """Answer-accuracy metrics: the project's single source of EM, sub-EM and F1.
 
-Published MemAgent RULER-HQA numbers (and LycheeMemory's, DESIGN §6) come from
-MemAgent's evaluation code (taskutils/memory_eval/utils/__init__.py: `normalize_answer`,
+Published MemAgent RULER-HQA numbers (and LycheeMemory's, see
+docs/architecture.md#evaluation-protocol) come from MemAgent's evaluation code
+(taskutils/memory_eval/utils/__init__.py: `normalize_answer`,
 `sub_exact_match_score`, `f1_score`; applied per question in
 taskutils/memory_eval/ruler_hqa.py).  `sub_em` reproduces it so our numbers are
 comparable, quirks included on purpose:

@@ -4,7 +4,7 @@ Training and evaluation read examples through `ExampleSource` (`len` and
 `source[i] -> Example`), whoever made them: the synthetic generator directly,
 a list, or a TFDS array_record dataset (`tfds_builders.tfds_source`).  This
 module imports nothing beyond memrecall and numpy, because the target GPU
-image has no tensorflow_datasets (DESIGN §7).
+image has no tensorflow_datasets (docs/architecture.md#data-without-tensorflow).
 
 Split seeds: a synthetic split is `make_example(task, split_seed(base, split), i)`
 for i in [0, size).  `split_seed` maps (base seed, split) one-to-one onto

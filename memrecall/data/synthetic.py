@@ -14,8 +14,9 @@ Generation is deterministic in (seed, index).  A context is built to a target
 length in tokens (of the given tokenizer for the text form): the facts, then
 distractors (a `distractor_density` share of the rest), then filler.  The
 facts a question needs appear in reading order, so one left-to-right pass can
-answer (DESIGN §8: facts in any order need several passes).  Distractors never
-start from an entity of the chain, so exactly the supporting facts are relevant.
+answer (facts in any order need several passes: docs/architecture.md#the-toy-task).
+Distractors never start from an entity of the chain, so exactly the supporting
+facts are relevant.
 
 That makes the chain's entities absorbing for a reader that follows arrows
 without the question: once on q, x or y nothing leads it off, and y holds it
@@ -244,7 +245,8 @@ def _multihop(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | Non
     question = (vocab["?"], ent(chain[0]), vocab.hop(h))
     answers = ((ent(chain[h]),),)
     oracle = [(ent(chain[k + 1]), vocab.hop(k + 1)) for k in range(h)]
-    # DESIGN §8's memory, [pointer, hop]: it holds the start from the first chunk on.
+    # The toy task's memory, [pointer, hop] (docs/architecture.md#the-toy-task): it holds the
+    # start from the first chunk on.
     start = (ent(chain[0]), vocab.hop(0))
   else:
     name = lambda i: names[i]

@@ -2,9 +2,10 @@
 
 They write array_record files and are read through `as_data_source()` (random
 access); `as_dataset()` / `tfds.load()` and the tfrecord format would need
-TensorFlow (DESIGN §7).  Every record is `{"id", "example_json"}`, the whole
-`Example` as JSON, so a stored dataset decodes to exactly what the Python
-generators return and the Example format stays the one mechanism.
+TensorFlow (docs/architecture.md#data-without-tensorflow).  Every record is
+`{"id", "example_json"}`, the whole `Example` as JSON, so a stored dataset
+decodes to exactly what the Python generators return and the Example format
+stays the one mechanism.
 
 Records are written unshuffled with integer keys 0..n-1 (`disable_shuffling`),
 so index i of a data source is generation index i: example i of
@@ -225,7 +226,9 @@ def ruler_hqa_config(num_docs: int, num_questions: int = PAPER_NUM_QUESTIONS, se
 
 
 class RulerHqa(_ExampleBuilder):
-  """RULER-HQA (DESIGN §6) from a HotpotQA dev (distractor) file; one split, `test`."""
+  """RULER-HQA from a HotpotQA dev (distractor) file; one split, `test`.
+
+  The construction: docs/architecture.md#evaluation-protocol."""
 
   DESCRIPTION = ("RULER-HQA: HotpotQA dev questions among other dev paragraphs, as "
                  "'Document i:' blocks (MemAgent's construction); one Example as JSON per record.")

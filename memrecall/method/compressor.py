@@ -1,12 +1,13 @@
 """The Compressor: every chunk of a document becomes C/r beacon key/value slots per layer.
 
-Layout (DESIGN §3, reproducing the released LycheeMemory model): a chunk of C
-tokens is split into C/W windows; after every r raw tokens of a window sits a
-beacon token (own embedding, own q/k/v projections).  Window w attends
-causally to [beacons of windows < w of the same chunk] ++ [its own W + W/r
-tokens]; raw keys of earlier windows are dropped.  Positions are
-`max(cumsum(mask) - 1, 0)` over that concatenation.  What is kept per layer is
-each beacon's key and value *before* RoPE, window 1's beacons first.
+Layout (docs/architecture.md#compressor-layout, reproducing the released
+LycheeMemory model): a chunk of C tokens is split into C/W windows; after
+every r raw tokens of a window sits a beacon token (own embedding, own q/k/v
+projections).  Window w attends causally to [beacons of windows < w of the
+same chunk] ++ [its own W + W/r tokens]; raw keys of earlier windows are
+dropped.  Positions are `max(cumsum(mask) - 1, 0)` over that concatenation.
+What is kept per layer is each beacon's key and value *before* RoPE, window
+1's beacons first.
 
 Inside a window the rows are ordered [W raw tokens, W/r beacons] rather than
 interleaved: attention only sees order through the mask and the positions,
@@ -333,7 +334,8 @@ def compressor_logits(params, config: ModelConfig, compressor: CompressorConfig,
 
   A raw token attends to its own window and only the *beacons* of earlier
   windows, so predicting the tokens after a window boundary trains the
-  beacons to carry what came before (the pre-training objective, DESIGN §3).
+  beacons to carry what came before (the pre-training objective, see
+  docs/architecture.md#compressor-pre-training).
   """
   return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=True)[1]
 

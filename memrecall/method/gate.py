@@ -1,13 +1,13 @@
 """The Gate: is this compressed chunk worth a Reasoner pass, given the question and memory?
 
-DESIGN §5: LoRA adapters on the shared backbone plus a scalar relevance head.
-The gate prompt (question and *current* working memory) is run once per memory
-state, at positions from C/r as in the Reasoner; its last token — the scoring
-token — then reads that prompt and the chunk's compressed slots (unrotated)
-and the head turns its hidden state into a logit.  Since only the scoring
-token sees the chunk, one prompt serves every chunk scored against the same
-memory: a chunk costs one token's forward, not a whole prompt's.  No decoding:
-the skipped Reasoner decodes are the saving.
+LoRA adapters on the shared backbone plus a scalar relevance head
+(docs/architecture.md#gate).  The gate prompt (question and *current* working
+memory) is run once per memory state, at positions from C/r as in the
+Reasoner; its last token — the scoring token — then reads that prompt and the
+chunk's compressed slots (unrotated) and the head turns its hidden state into
+a logit.  Since only the scoring token sees the chunk, one prompt serves every
+chunk scored against the same memory: a chunk costs one token's forward, not a
+whole prompt's.  No decoding: the skipped Reasoner decodes are the saving.
 """
 
 from __future__ import annotations

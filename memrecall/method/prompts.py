@@ -2,8 +2,9 @@
 
 A template is wrapped in the tokenizer's chat template, split at its slots,
 and each literal piece is encoded on its own; question and memory *ids* are
-spliced in between, never re-tokenised (DESIGN §4).  The result is a static,
-hashable `PromptTemplate` that renders batched prompts inside jit.
+spliced in between, never re-tokenised (docs/architecture.md#prompt-templates).
+The result is a static, hashable `PromptTemplate` that renders batched prompts
+inside jit.
 """
 
 from __future__ import annotations

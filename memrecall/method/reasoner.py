@@ -1,11 +1,12 @@
 """The Reasoner: rewrite a text working memory from one compressed chunk, then answer.
 
-Memory update (DESIGN §4): the KV cache starts with the chunk's C/r compressed
-slots, stored as they come from the compressor — *unrotated*, i.e. at RoPE
-position 0 — with invalid slots masked; the chat prompt follows at positions
-C/r, C/r + 1, ...; at most M tokens are generated and, without pad and EOS,
-become the new memory (overwritten, never appended).  The final answer is an
-ordinary generation from a prompt with the question and the memory only.
+Memory update (docs/architecture.md#memory-update): the KV cache starts with
+the chunk's C/r compressed slots, stored as they come from the compressor —
+*unrotated*, i.e. at RoPE position 0 — with invalid slots masked; the chat
+prompt follows at positions C/r, C/r + 1, ...; at most M tokens are generated
+and, without pad and EOS, become the new memory (overwritten, never appended).
+The final answer is an ordinary generation from a prompt with the question and
+the memory only.
 """
 
 from __future__ import annotations

@@ -61,9 +61,9 @@ class ModelConfig:
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
   # Whether the parameter tree holds the compressor's beacon embedding and
-  # per-layer beacon q/k/v projections (DESIGN §3).
+  # per-layer beacon q/k/v projections (docs/architecture.md#compressor-layout).
   compressor: bool = False
-  # The gate (DESIGN §5): LoRA adapters of this rank on `gate_lora_targets`
+  # The gate (docs/architecture.md#gate): LoRA adapters of this rank on `gate_lora_targets`
   # plus a scalar relevance head; 0 = the tree has no gate parameters.
   gate_lora_rank: int = 0
   gate_lora_alpha: float = 16.0

@@ -1,4 +1,6 @@
-"""Group-relative policy-gradient maths (DESIGN §6), as pure functions of arrays.
+"""Group-relative policy-gradient maths, as pure functions of arrays.
+
+The recipe: docs/architecture.md#reward-and-policy-gradient.
 
 A trajectory is every memory update of one question plus its final answer;
 G trajectories share a question.  One scalar reward per trajectory becomes an

@@ -1,4 +1,4 @@
-"""The README's real-path commands, with the model and data swapped for fixtures."""
+"""The real-path commands of docs/scaling.md, with the model and data swapped for fixtures."""
 
 import json
 import os
