@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -127,3 +129,14 @@ def test_function_level_imports_only_for_optional_dependencies():
 @pytest.mark.parametrize("unit", sorted({u for units in LAYERS for u in units} - {"__init__"}))
 def test_every_layer_exists(unit):
   assert (PACKAGE / unit).is_dir() or (PACKAGE / f"{unit}.py").is_file()
+
+
+def test_the_public_face_names_what_its_modules_define_and_imports_nothing_eagerly():
+  code = ("import sys, memrecall; loaded = [m for m in sys.modules if m.startswith('memrecall.')];"
+          "print(len(loaded)); [getattr(memrecall, n) for n in memrecall.__all__]")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=PACKAGE.parent)
+  assert out.stdout.split() == ["0"]  # `import memrecall` alone loads no submodule
+  import memrecall  # pylint: disable=g-import-not-at-top
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    memrecall.nope  # pylint: disable=pointless-statement
