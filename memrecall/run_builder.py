@@ -43,10 +43,13 @@ from memrecall.models import hf_checkpoint, qwen2 as model_lib
 from memrecall.models.config import ConfigError, ModelConfig
 from memrecall.models.sampling import SamplingConfig
 from memrecall.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from memrecall.readers import BaselineConfig, Reader, get as get_reader, reader_class
 from memrecall.runtime import checkpoint, sharding as sharding_lib
 
 STAGES = ("compressor", "sft", "rl", "gate", "eval")
-AGENTS = ("lychee", "memagent")
+# `agent` -> the reader (`memrecall.readers`) its runs train and read with; None: the method's,
+# in the mode a caller asks for (`rl.mode`, an evaluation's).
+AGENTS = {"lychee": None, "memagent": "memagent"}
 REWARDS = ("strict_sub_em", "sub_em", "em")
 # ModelConfig fields a run config may set over a HF checkpoint's config.json (never shapes).
 MODEL_RUN_KEYS = ("compressor", "gate_lora_rank", "gate_lora_alpha", "gate_lora_targets",
@@ -76,6 +79,10 @@ class Run:
   def agent(self) -> str:
     """lychee (reads compressed chunks) or memagent (reads raw chunks: the baseline)."""
     return self.config.get("agent", "lychee")
+
+  def reader_name(self, mode: str = "all") -> str:
+    """The reader this run's agent reads with: its own (`AGENTS`), or the method in `mode`."""
+    return AGENTS[self.agent] or mode
 
   @property
   def form(self) -> str:
@@ -108,6 +115,17 @@ class Run:
                             group_size=group_size),
         sampling=SamplingConfig(temperature=temperature, eos_ids=self.model.eos_token_ids,
                                 pad_id=self.model.pad_token_id))
+
+  def reader(self, mode: str = "all", *, baseline: BaselineConfig | None = None,
+             placement: str | None = None, **recall) -> Reader:
+    """The agent's reader (`reader_name`) on this run's `recall_setup(**recall)`; baseline:
+    the baselines' cuts (default: sections of the run's chunk size, as it trains on);
+    placement: where the method's compressed blocks live (`readers.method`)."""
+    baseline = baseline or BaselineConfig(memagent_chunk=self.compressor.chunk_size,
+                                          rag_chunk=self.compressor.chunk_size)
+    options = {} if placement is None else {"placement": placement}
+    return get_reader(self.reader_name(mode), self.recall_setup("all", **recall),
+                      self.compressor, baseline, **options)
 
   # --- parameters -----------------------------------------------------------
 
@@ -311,12 +329,14 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
   agent = config.get("agent", "lychee")
   if agent not in AGENTS:
-    raise ConfigError(f"unknown agent {agent!r}; choose from {AGENTS}")
-  if agent == "memagent" and config.stage not in ("sft", "rl", "eval"):
-    raise ConfigError(f"the memagent agent reads raw chunks: it has no {config.stage} stage "
-                      "(train it with sft and rl)")
-  if agent == "memagent" and config.get("sft", {}).get("gate_weight", 0.0):
-    raise ConfigError("the memagent agent has no gate: set sft.gate_weight to 0")
+    raise ConfigError(f"unknown agent {agent!r}; choose from {tuple(AGENTS)}")
+  reads = reader_class(AGENTS[agent] or "all")
+  if config.stage not in reads.stages:
+    trained = " and ".join(s for s in reads.stages if s != "eval")
+    raise ConfigError(f"the {agent} agent {reads.summary}: it has no {config.stage} stage "
+                      f"(train it with {trained})")
+  if not reads.has_gate and config.get("sft", {}).get("gate_weight", 0.0):
+    raise ConfigError(f"the {agent} agent has no gate: set sft.gate_weight to 0")
   if config.rl.get("reward", "strict_sub_em") not in REWARDS:
     raise ConfigError(f"unknown rl.reward {config.rl.reward!r}; choose from {REWARDS}")
   hf_dir = config.init.hf_checkpoint or None

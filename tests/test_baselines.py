@@ -9,7 +9,7 @@ import pytest
 
 from memrecall.method import prompts, reasoner, recall
 from memrecall.models import sampling
-from memrecall.readers import baselines
+from memrecall.readers import context as baselines, memagent as memagent_reader
 
 
 def _setup(model):
@@ -25,8 +25,8 @@ def test_memagent_equals_a_plain_loop_of_section_updates(lychee_model):
   chunks = jnp.asarray(rng.integers(3, 259, (1, 3, 40)), jnp.int32)
   chunk_mask = jnp.ones((1, 3, 40), bool).at[0, 2, 25:].set(False)
   question, question_mask = prompts.pad_ids([[300, 301]])
-  out = baselines.memagent(lychee_model.params, setup, chunks, chunk_mask, question, question_mask,
-                           jax.random.key(0))
+  out = memagent_reader.memagent(lychee_model.params, setup, chunks, chunk_mask, question,
+                                 question_mask, jax.random.key(0))
   memory = reasoner.WorkingMemory.initial(lychee_model.prompts.initial_memory, 1,
                                           setup.memory_capacity)
   empty = reasoner.no_prefix(lychee_model.config, 1)
