@@ -93,8 +93,8 @@ def test_the_same_reader_answers_like_the_full_baseline_cut_to_one_chunk(first_c
 
 def test_unknown_reader_names_are_refused_listing_the_registered(tmp_path):
   run = run_builder.build_run(small_config("sft"))
-  with pytest.raises(readers.UnknownReaderError,
-                     match=r"unknown reader 'fast'; registered: gate, all, topk, memagent, full, rag"):
+  listed = "registered: gate, all, topk, memagent, full, rag"
+  with pytest.raises(readers.UnknownReaderError, match=f"unknown reader 'fast'; {listed}"):
     readers.get("fast", run.recall_setup(), run.compressor)
   with pytest.raises(ValueError, match=r"unknown mode 'fast'; registered: gate, all"):
     evaluator.evaluate_suite(None, run, model_name="m", lengths=[1], modes=["all", "fast"],

@@ -174,7 +174,8 @@ def mode_floor(mode: str, config: ModelConfig, compressor: CompressorConfig, set
   forwards, every memory update the picks [B, N] read, and the answer (`question` tokens).
   For a raw reader (memagent) picks is [B, sections]: the raw sections of `memagent_chunk`
   tokens it reads."""
-  reader = mode_reader(mode, setup, compressor, readers.BaselineConfig(memagent_chunk=memagent_chunk))
+  reader = mode_reader(mode, setup, compressor,
+                       readers.BaselineConfig(memagent_chunk=memagent_chunk))
   batch, n = picks.shape
   capacity = setup.memory_capacity
   m, answer = setup.reasoner.memory_size, setup.reasoner.answer_tokens

@@ -45,7 +45,8 @@ def middle_truncate(ids: Sequence[int], budget: int) -> list[int]:
 
 def bm25_top_chunks(chunks: Sequence[Sequence[int]], query: Sequence[int], k: int,
                     k1: float = 1.5, b: float = 0.75) -> list[int]:
-  """Indices of the k chunks (token-id bags) with the highest Okapi BM25 score, in document order."""
+  """Indices of the k chunks (token-id bags) with the highest Okapi BM25 score, in document
+  order."""
   n = len(chunks)
   if n == 0:
     return []
