@@ -24,17 +24,18 @@ from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 def main(argv):
   del argv
+  from memrecall import run_builder
   from memrecall.evaluate import traces
   from memrecall.data.synthetic import SmallVocab
   cli.readable("checkpoint", _CHECKPOINT.value)
   cli.readable("trace", _TRACE.value)
   cli.writable("output", _OUTPUT.value)
   trace = traces.load_trace(_TRACE.value, _QUESTION.value)
-  model = traces.load_model(_CHECKPOINT.value)
+  run, _ = run_builder.from_workdir(_CHECKPOINT.value)
   vocab = SmallVocab()
   # Small-vocabulary tasks decode to their token names; text tasks through the tokenizer.
   decode = lambda ids: (vocab.decode(ids) if all(i >= vocab.BASE for i in ids)
-                        else model.tokenizer.decode(ids))
+                        else run.tokenizer.decode(ids))
   print(traces.plot_question(trace, _OUTPUT.value, decode=decode))
   for chunk, memory in traces.memory_changes(trace):
     print(f"after chunk {chunk}: {decode(memory)}")

@@ -75,11 +75,11 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from memrecall.method import compressor, memory_bank, prompts, recall
+  from memrecall import readers, run_builder
   from memrecall.data import documents
-  from memrecall.evaluate import evaluator
+  from memrecall.evaluate import evaluator, traces
+  from memrecall.method import memory_bank, prompts, recall
   from memrecall.runtime import fingerprint, progress, sharding
-  from memrecall import run_builder
 
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None) or not _DOCUMENT.value:
     raise app.UsageError("--document and exactly one of --hf_checkpoint and --checkpoint are "
@@ -145,29 +145,27 @@ def main(argv):
     raise app.UsageError(f"token ids {bad[:5]} are outside the vocabulary ({config.vocab_size})")
   if _HF_CHECKPOINT.value:
     params = run.params()  # the weights last: every check above is cheap
-  settings = run.compressor
-  chunk_ids, chunk_mask = compressor.chunk_document(doc_ids, settings.chunk_size, config.pad_token_id)
-  print(f"document: {len(doc_ids)} tokens -> {chunk_ids.shape[0]} chunks of {settings.chunk_size}",
-        file=sys.stderr)
-
   setup = run.recall_setup(mode, threshold=_THRESHOLD.value, topk=_TOPK.value,
                            group_size=_GROUP_SIZE.value, gate_group=_GATE_GROUP.value,
                            temperature=_TEMPERATURE.value)
+  # Per-layer weights for the loop's decode steps, sharded over the run's mesh by training's
+  # rules (the bank's fingerprint stays the stored tree's).  The method's reader in `mode`,
+  # its blocks compressed inside the loop (--stream) or banked in host memory.
+  layer_params, setup = evaluator.on_mesh(params, setup, run.mesh)
+  reader = readers.get(mode, setup, run.compressor,
+                       placement="stream" if _STREAM.value else "host")
+  settings = run.compressor
+  chunk_ids, chunk_mask = reader.chunk_document(doc_ids)
+  print(f"document: {len(doc_ids)} tokens -> {chunk_ids.shape[0]} chunks of {settings.chunk_size}",
+        file=sys.stderr)
   question, question_mask = prompts.pad_ids([question_ids])
   rng = jax.random.key(_SEED.value)
-  # Per-layer weights for the loop's decode steps, sharded over the run's mesh by training's
-  # rules (the bank's fingerprint stays the stored tree's); the document's chunks split over
-  # its batch axes.
-  layer_params, setup = evaluator.on_mesh(params, setup, run.mesh)
+  n_blocks = chunk_ids.shape[0]
   with jax.set_mesh(run.mesh):
     if _STREAM.value:
-      g = setup.recall.group_size
-      pad = -chunk_ids.shape[0] % g
-      ids = np.pad(chunk_ids, ((0, pad), (0, 0)))[:, None]
-      mask = np.pad(chunk_mask, ((0, pad), (0, 0)))[:, None]
-      out = recall.recall_streaming(layer_params, setup, settings, jnp.asarray(ids),
-                                    jnp.asarray(mask), question, question_mask, rng)
-      n_blocks = chunk_ids.shape[0]
+      ids, mask = reader.chunk_major(chunk_ids[None], chunk_mask[None])  # whole groups
+      out = reader.read(layer_params, (jnp.asarray(ids), jnp.asarray(mask), question,
+                                       question_mask), rng)
     else:
       tokens_hash = fingerprint.value_hash(doc_ids)
       if reuse_bank:
@@ -178,9 +176,8 @@ def main(argv):
             document_hash=document_hash, tokens_hash=tokens_hash, document=source)
         bank, _ = memory_bank.load_bank(bank_dir, expected)
         print(f"reusing memory bank {bank_dir}", file=sys.stderr)
-      else:
-        memory = compressor.compress(layer_params, setup.model, settings,
-                                     *evaluator.rows_on(run.mesh, chunk_ids, chunk_mask))
+      else:  # the document's chunks split over the mesh's batch axes
+        memory = reader.compress(layer_params, chunk_ids, chunk_mask, run.mesh)
         if bank_dir:
           memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
               params, config, settings, memory, len(doc_ids), document_hash=document_hash,
@@ -188,19 +185,12 @@ def main(argv):
           print(f"saved memory bank {bank_dir}", file=sys.stderr)
         bank = jax.tree.map(np.asarray, recall.DocumentBank.from_chunks([memory]))
       n_blocks = bank.num_blocks
-      out = recall.recall_from_host(layer_params, setup, bank, question, question_mask, rng,
-                                    progress=progress.Progress(n_blocks, "chunks"))
+      out = reader.read(layer_params, (bank, question, question_mask), rng,
+                        progress=progress.Progress(n_blocks, "chunks"))
 
   n = int(out.answer.lengths[0])
   answer_ids = [int(i) for i in out.answer.tokens[0, :n] if int(i) not in config.eos_token_ids]
-  trace = []
-  for c in range(n_blocks):
-    keep = np.asarray(out.trace.memory_mask[0, c])
-    memory_ids = [int(i) for i in np.asarray(out.trace.memory_ids[0, c])[keep]]
-    score = float(out.trace.gate_scores[0, c])
-    trace.append({"chunk": c, "gate_score": None if np.isnan(score) else score,
-                  "read": bool(out.trace.read[0, c]), "memory_ids": memory_ids,
-                  "memory": tok.decode(memory_ids)})
+  trace = traces.block_records(out.trace, 0, n_blocks, decode=tok.decode)
   answer = tok.decode(answer_ids)
   for row in trace:
     score = "   -  " if row["gate_score"] is None else f"{row['gate_score']:.3f}"

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 from absl import app, flags
 
@@ -30,66 +29,64 @@ def main(argv):
   del argv
   import jax
   import jax.numpy as jnp
+  import ml_collections
   import numpy as np
 
   from configs import models
-  from memrecall.method import compressor, prompts, reasoner, recall
-  from memrecall.models import qwen2 as model, sampling, tokenizer
-  from memrecall.models.config import ModelConfig
+  from memrecall import readers, run_builder
+  from memrecall.evaluate import timing
+  from memrecall.method import prompts, recall
+  from memrecall.models import qwen2 as model, sampling
 
-  config = ModelConfig.from_dict(models.model_config("tiny").to_dict()).replace(
-      compressor=True, gate_lora_rank=4)
-  params = model.init_params(config, jax.random.key(0))
-  settings = compressor.CompressorConfig(chunk_size=_CHUNK_SIZE.value,
-                                         window=_CHUNK_SIZE.value // 2, ratio=4)
-  tok = tokenizer.ByteTokenizer()
-  setup = recall.RecallSetup(
-      model=config, prompts=prompts.Prompts.build(tok, chat_template=None),
-      reasoner=reasoner.ReasonerConfig(memory_size=_MEMORY_SIZE.value, answer_tokens=8),
-      recall=recall.RecallConfig(mode="gate", group_size=8),
-      # No EOS: every memory update decodes its full budget, the worst case.
+  # The run of a random tiny model with a gate (byte tokenizer, the default prompts, no chat
+  # template), as every launcher builds one.
+  config = run_builder.with_defaults(ml_collections.ConfigDict({
+      "stage": "eval",
+      "model": {**models.model_config("tiny").to_dict(), "compressor": True, "gate_lora_rank": 4},
+      "compressor": {"chunk_size": _CHUNK_SIZE.value, "window": _CHUNK_SIZE.value // 2,
+                     "ratio": 4},
+      "reasoner": {"memory_size": _MEMORY_SIZE.value, "answer_tokens": 8, "question_tokens": 64},
+      "prompts": {"chat_template": ""}}))
+  run = run_builder.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0))
+  settings, tok = run.compressor, run.tokenizer
+  # No EOS: every memory update decodes its full budget, the worst case.
+  setup = run.recall_setup("gate", group_size=8).replace(
       sampling=sampling.SamplingConfig(eos_ids=(), pad_id=0))
+  bank_reader = readers.get("gate", setup, settings, placement="bank")
+  stream_reader = readers.get("gate", setup, settings, placement="stream")
   n = _CHUNKS.value
   rng = np.random.default_rng(0)
   ids = rng.integers(3, 259, (n, settings.chunk_size)).astype(np.int32)
-  memory = compressor.compress(params, config, settings, jnp.asarray(ids),
-                               jnp.ones(ids.shape, bool))
+  memory = bank_reader.compress(params, jnp.asarray(ids), jnp.ones(ids.shape, bool))
   bank = recall.DocumentBank.from_chunks([memory])
   question, question_mask = prompts.pad_ids([tok.encode("Where is the key?")])
 
   def timed(read):
-    run = lambda: recall.recall(params, setup, bank, question, question_mask, jax.random.key(1),
-                                read).answer.tokens.block_until_ready()
-    run()  # compile
-    best = float("inf")
-    for _ in range(_REPEATS.value):
-      start = time.perf_counter()
-      run()
-      best = min(best, time.perf_counter() - start)
-    return best
+    program, args = bank_reader.call(params, (bank, question, question_mask), jax.random.key(1),
+                                     read)
+    run_once = lambda: program(*args).answer.tokens
+    jax.block_until_ready(run_once())  # compile
+    return timing.best_seconds(run_once, _REPEATS.value)
 
   eighth = jnp.asarray((np.arange(n) % 8 == 0)[None])
   t_eighth = timed(eighth)
   t_all = timed(jnp.ones((1, n), bool))
-
-  def device_bytes(fn, *args):
-    stats = fn.lower(*args).compile().memory_analysis()
-    return stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
 
   group = setup.recall.group_size
   stream, device_bank = {}, {}
   for multiple in (1, 64):
     chunks = group * multiple
     shape = jax.ShapeDtypeStruct((chunks, 1, settings.chunk_size), jnp.int32)
-    stream[multiple] = device_bytes(recall.recall_streaming, params, setup, settings, shape,
-                                    jax.ShapeDtypeStruct(shape.shape, bool), question,
-                                    question_mask, jax.random.key(0))
+    stream[multiple] = timing.compiled_bytes(*_flat(stream_reader.call(
+        params, (shape, jax.ShapeDtypeStruct(shape.shape, bool), question, question_mask),
+        jax.random.key(0))))
     kv = jax.ShapeDtypeStruct((chunks,) + bank.k.shape[1:], bank.k.dtype)
     abstract_bank = recall.DocumentBank(
         k=kv, v=kv, slot_mask=jax.ShapeDtypeStruct((chunks, 1, settings.slots), bool),
         chunk_valid=jax.ShapeDtypeStruct((chunks, 1), bool))
-    device_bank[multiple] = device_bytes(recall.recall, params, setup, abstract_bank, question,
-                                         question_mask, jax.random.key(0))
+    device_bank[multiple] = timing.compiled_bytes(*_flat(bank_reader.call(
+        params, (abstract_bank, question, question_mask), jax.random.key(0))))
 
   machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
             f"jax {jax.__version__} on {jax.default_backend()}"
@@ -111,6 +108,12 @@ def main(argv):
       json.dump({"machine": machine, "blocks": n, "seconds_eighth": t_eighth, "seconds_all": t_all,
                  "ratio": t_eighth / t_all, "streaming_bytes": stream, "bank_bytes": device_bank}, f,
                 indent=1)
+
+
+def _flat(program_and_args) -> tuple:
+  """A reader's (program, arguments) as one argument list: (program, *arguments)."""
+  program, args = program_and_args
+  return (program, *args)
 
 
 if __name__ == "__main__":

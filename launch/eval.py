@@ -101,18 +101,18 @@ flags.adopt_module_key_flags(model_flags)  # listed by --helpshort
 
 def _check_flags():
   """Every flag and path, before anything is loaded (see launch/cli.py)."""
+  from memrecall import readers
   from memrecall.data import specs
-  from memrecall.evaluate.evaluator import MODES
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None):
     raise app.UsageError("give exactly one of --hf_checkpoint and --checkpoint")
   if _HF_CHECKPOINT.value and not _DATA.value:
     raise app.UsageError("--hf_checkpoint needs --data=KIND:PATH (a HF model has no synthetic task)")
   cli.readable("hf_checkpoint", _HF_CHECKPOINT.value)
   cli.readable("checkpoint", _CHECKPOINT.value)
-  unknown = [m for m in _MODES.value or [] if m not in MODES]
+  unknown = [m for m in _MODES.value or [] if m not in readers.names()]  # any registered reader
   if unknown or _MODES.value == []:
     raise app.UsageError(f"--modes: unknown {', '.join(unknown) or 'empty list'}; choose from "
-                         f"{', '.join(MODES)}")
+                         f"{', '.join(readers.names())}")
   for spec in _DATA.value or []:
     parsed = specs.parse_spec(spec)
     if parsed.kind not in specs.KINDS:

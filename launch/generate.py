@@ -33,20 +33,35 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and init seed for a rand
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
                                  "Override the parameter dtype.")
 _MESH = flags.DEFINE_string("mesh", None,
-                            "Mesh axis sizes, e.g. 'fsdp=4,tensor=2' (default: one device).")
+                            "Mesh axis sizes, e.g. 'fsdp=4,tensor=2' (default: every device on "
+                            "fsdp).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the result.")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 
-def parse_mesh(spec: str | None):
-  from memrecall.runtime import sharding
-  shape = cli.mesh_shape("mesh", spec)
-  if shape is None:
-    return None
-  try:
-    return sharding.make_mesh(shape)
-  except ValueError as e:
-    raise app.UsageError(f"--mesh={spec}: {e}") from None
+def _run(mesh_shape):
+  """The run of the checkpoint (or random model) the flags name, from `run_builder` as every
+  launcher builds one: its model, tokenizer, mesh (--mesh; default every device on fsdp)."""
+  import ml_collections
+  from configs import models
+  from memrecall import run_builder
+  dtypes = {"param_dtype": _PARAM_DTYPE.value, "dtype": _PARAM_DTYPE.value} \
+      if _PARAM_DTYPE.value else {}
+  if _HF_CHECKPOINT.value:
+    has_tokenizer = os.path.exists(os.path.join(_HF_CHECKPOINT.value, "tokenizer.json"))
+    return run_builder.from_hf_checkpoint(
+        _HF_CHECKPOINT.value, model={"compressor": False, **dtypes}, mesh=mesh_shape,
+        tokenizer="" if has_tokenizer else "bytes")
+  config = ml_collections.ConfigDict({
+      "stage": "eval", "model": {**models.model_config(_MODEL.value).to_dict(), **dtypes},
+      "init": {"seed": _SEED.value},
+      # Unused by generation, read by every run: a compressor and the reasoner's budgets.
+      "compressor": {"chunk_size": 256, "window": 128, "ratio": 4},
+      "reasoner": {"memory_size": 1, "answer_tokens": _MAX_NEW_TOKENS.value,
+                   "question_tokens": 1}})
+  if mesh_shape:
+    config.mesh = ml_collections.ConfigDict(mesh_shape)
+  return run_builder.build_run(run_builder.with_defaults(config))
 
 
 def main(argv):
@@ -54,8 +69,8 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from configs import models
-  from memrecall.models import hf_checkpoint, qwen2 as model, sampling, tokenizer
-  from memrecall.models.config import ModelConfig
+  from memrecall.models import sampling
+  from memrecall.runtime import sharding
 
   if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
@@ -71,15 +86,12 @@ def main(argv):
       models.model_config(_MODEL.value)
     except ValueError as e:
       raise app.UsageError(f"--model: {e}") from None
-  mesh = parse_mesh(_MESH.value)
-  overrides = {"param_dtype": _PARAM_DTYPE.value, "dtype": _PARAM_DTYPE.value} \
-      if _PARAM_DTYPE.value else {}
-  if _HF_CHECKPOINT.value:
-    params, config = hf_checkpoint.load_hf_checkpoint(_HF_CHECKPOINT.value, mesh=mesh, **overrides)
-  else:
-    config = ModelConfig.from_dict(models.model_config(_MODEL.value).to_dict()).replace(**overrides)
-    params = model.init_params(config, jax.random.key(_SEED.value), mesh)
-  tok = tokenizer.load_tokenizer(_HF_CHECKPOINT.value, config.eos_token_ids, config.pad_token_id)
+  mesh_shape = cli.mesh_shape("mesh", _MESH.value)
+  try:
+    run = _run(mesh_shape)
+  except sharding.MeshError as e:
+    raise app.UsageError(f"--mesh={_MESH.value or 'fsdp=-1'}: {e}") from None
+  config, tok = run.model, run.tokenizer
 
   if _PROMPT_IDS.value is None:
     ids = tok.encode(_PROMPT.value)
@@ -92,8 +104,10 @@ def main(argv):
   settings = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                      top_p=_TOP_P.value, eos_ids=config.eos_token_ids,
                                      pad_id=config.pad_token_id)
-  out = sampling.generate(params, config, jnp.asarray([ids]), None, jax.random.key(_SEED.value),
-                          max_new_tokens=_MAX_NEW_TOKENS.value, sampling=settings)
+  params = run.params()  # the weights last: every check above is cheap
+  with jax.set_mesh(run.mesh):
+    out = sampling.generate(params, config, jnp.asarray([ids]), None, jax.random.key(_SEED.value),
+                            max_new_tokens=_MAX_NEW_TOKENS.value, sampling=settings)
   n = int(out.lengths[0])
   new_ids = [int(i) for i in out.tokens[0, :n]]
   result = {"ids": new_ids, "text": tok.decode(new_ids),

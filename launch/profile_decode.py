@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 from absl import app, flags
 
@@ -105,7 +104,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from configs import models
-  from memrecall.evaluate import benchmark
+  from memrecall.evaluate import benchmark, timing
   from memrecall.models import qwen2 as model_lib, sampling
   from memrecall.models.config import ModelConfig
 
@@ -137,23 +136,18 @@ def main(argv):
     for name, (params, config) in layouts.items():
       cache = _filled_cache(model_lib, config, batch, filled, steps, jax.random.key(1))
       logits = jax.random.normal(jax.random.key(2), (batch, config.vocab_size), jnp.float32)
-      began = time.perf_counter()
-      compiled = sampling.sample_loop.lower(params, config, cache, logits, jax.random.key(3),
-                                            max_new_tokens=steps, sampling=greedy).compile()
-      compile_s = time.perf_counter() - began
+      compiled, compile_s = timing.timed(
+          lambda: sampling.sample_loop.lower(params, config, cache, logits, jax.random.key(3),
+                                             max_new_tokens=steps, sampling=greedy).compile(),
+          wait=lambda compiled: compiled)
 
       def run(fresh):  # the loop donates its cache: each run gets a copy, made untimed
         return lambda: compiled(params, fresh, logits, jax.random.key(3))[0].tokens
 
       fresh = lambda: jax.block_until_ready(jax.tree.map(jnp.copy, cache))
       jax.block_until_ready(run(fresh())())
-      seconds = []
-      for _ in range(_REPEATS.value):
-        timed = run(fresh())
-        began = time.perf_counter()
-        jax.block_until_ready(timed())
-        seconds.append(time.perf_counter() - began)
-      per_step = min(seconds) / steps
+      # The fastest of the repeats, each on a fresh copy made before its clock starts.
+      per_step = min(timing.timed(run(fresh()))[1] for _ in range(_REPEATS.value)) / steps
       step_bytes = weight_bytes + benchmark.cache_bytes(config, batch * (filled + steps / 2))
       floor = step_bytes / ceilings.read_bytes
       row = {"variant": name, "batch": batch, "cache_tokens": filled, "steps": steps,

@@ -34,14 +34,18 @@ def _metrics(workdir: str, stage: str) -> list[dict]:
   return jsonl.read(os.path.join(workdir, "logs", stage, "metrics.jsonl"))
 
 
+# The configs' agent (configs/tiny.py) trained beside the method as the fair baseline.
+BASELINE_AGENT = "memagent"
+
+
 def _greedy_accuracy(params, config: ml_collections.ConfigDict, examples: int, batch: int) -> float:
-  """Greedy exact-match accuracy (%) at the training length, reading every chunk (raw chunks
-  for the memagent agent)."""
+  """Greedy exact-match accuracy (%) at the training length, reading every chunk with the
+  run's reader (raw chunks for the memagent agent)."""
   run = run_builder.build_run(config)
   exs = run.examples(0, examples, seed_offset=1000)
   result = evaluator.evaluate_mode(
       params, run.recall_setup("all"), run.compressor, exs, run.score,
-      mode="memagent" if run.agent == "memagent" else "all", baseline=_memagent_baseline(config),
+      mode=run.reader_name("all"), baseline=_memagent_baseline(config),
       batch_size=batch, question_tokens=run.question_tokens)
   return result.accuracy
 
@@ -150,7 +154,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   # needs).  SFT starts from random initialisation, which is the method's backbone too (the
   # compressor stage trains only beacon parameters, which a raw reader never uses).
   if demo.train_memagent:
-    memagent_cfg = lambda stage: get_config(f"{stage},{variant},multihop,memagent")
+    memagent_cfg = lambda stage: get_config(f"{stage},{variant},multihop,{BASELINE_AGENT}")
     memagent_sft = memagent_cfg("sft")
     memagent_sft.train.steps = memagent_sft.optimizer.decay_steps = memagent_sft.demo.sft_steps
     stage("memagent_sft", memagent_sft, path("memagent_sft"), lambda: {
@@ -178,6 +182,8 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
 
   # Evaluation of the final model (RL + gate), the trained baseline, then the harder tasks.
   run = run_builder.build_run(cfg("sft"))
+  # The baseline's reader, by its agent's name (MemAgent's raw chunks).
+  baseline_reader = run_builder.AGENTS[BASELINE_AGENT]
   began = time.perf_counter()
   common = dict(lengths=list(demo.eval_lengths), batch_size=demo.eval_batch,
                 output_dir=path("eval"), threshold=gate.gate.threshold, log=log,
@@ -186,12 +192,12 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   rows = evaluator.evaluate_suite(
       checkpoint.load_params(path("gate"))[0], run, model_name="lychee",
       modes=list(demo.eval_modes), examples=demo.eval_examples,
-      mode_examples={"memagent": demo.memagent_examples}, **common)
+      mode_examples={baseline_reader: demo.memagent_examples}, **common)
   if demo.train_memagent:
     # The same questions (the method's run and task), sections cut as the agent was trained.
     rows = evaluator.evaluate_suite(
-        checkpoint.load_params(path("memagent_rl"))[0], run, model_name="memagent",
-        modes=["memagent"], examples=demo.memagent_examples,
+        checkpoint.load_params(path("memagent_rl"))[0], run, model_name=BASELINE_AGENT,
+        modes=[baseline_reader], examples=demo.memagent_examples,
         **{**common, "baseline": _memagent_baseline(memagent_sft)})
   for task in demo.extra_tasks:
     rows = evaluator.evaluate_suite(
@@ -291,11 +297,12 @@ def _summary(stages: dict, rows: list[dict]) -> list[str]:
             f"{gate['accuracy']:.1f}%, recall of relevant chunks {gate['gate_recall']:.3f}, "
             f"skip rate {gate['skip_rate']:.3f}")
     ratio = lambda other, key: other[key] / gate[key]
-    same = by.get(("lychee", task, "memagent", multiple))
+    baseline = run_builder.AGENTS[BASELINE_AGENT]
+    same = by.get(("lychee", task, baseline, multiple))
     if same:
       line += (f"; memagent mode takes {ratio(same, 'latency_s'):.1f}x gate's time per question "
                f"alone ({ratio(same, 'batched_s'):.1f}x in batches)")
-    trained = by.get(("memagent", task, "memagent", multiple))
+    trained = by.get((BASELINE_AGENT, task, baseline, multiple))
     if trained:
       line += (f"; trained memagent {trained['accuracy']:.1f}% in "
                f"{ratio(trained, 'latency_s'):.1f}x gate's time")

@@ -43,12 +43,15 @@ from memrecall.models import hf_checkpoint, qwen2 as model_lib
 from memrecall.models.config import ConfigError, ModelConfig
 from memrecall.models.sampling import SamplingConfig
 from memrecall.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from memrecall.readers import BaselineConfig, Reader, get as get_reader, reader_class
 from memrecall.runtime import checkpoint, sharding as sharding_lib
 
 # The training stages in order (each starts from the one before), and a run that only evaluates.
 TRAINING_STAGES = ("compressor", "sft", "rl", "gate")
 STAGES = TRAINING_STAGES + ("eval",)
-AGENTS = ("lychee", "memagent")
+# `agent` -> the reader (`memrecall.readers`) its runs train and read with; None: the method's,
+# in the mode a caller asks for (`rl.mode`, an evaluation's).
+AGENTS = {"lychee": None, "memagent": "memagent"}
 REWARDS = ("strict_sub_em", "sub_em", "em")
 # ModelConfig fields a run config may set over a HF checkpoint's config.json (never shapes).
 MODEL_RUN_KEYS = ("compressor", "gate_lora_rank", "gate_lora_alpha", "gate_lora_targets",
@@ -78,6 +81,10 @@ class Run:
   def agent(self) -> str:
     """lychee (reads compressed chunks) or memagent (reads raw chunks: the baseline)."""
     return self.config.get("agent", "lychee")
+
+  def reader_name(self, mode: str = "all") -> str:
+    """The reader this run's agent reads with: its own (`AGENTS`), or the method in `mode`."""
+    return AGENTS[self.agent] or mode
 
   @property
   def form(self) -> str:
@@ -110,6 +117,17 @@ class Run:
                             group_size=group_size),
         sampling=SamplingConfig(temperature=temperature, eos_ids=self.model.eos_token_ids,
                                 pad_id=self.model.pad_token_id))
+
+  def reader(self, mode: str = "all", *, baseline: BaselineConfig | None = None,
+             placement: str | None = None, **recall) -> Reader:
+    """The agent's reader (`reader_name`) on this run's `recall_setup(**recall)`; baseline:
+    the baselines' cuts (default: sections of the run's chunk size, as it trains on);
+    placement: where the method's compressed blocks live (`readers.method`)."""
+    baseline = baseline or BaselineConfig(memagent_chunk=self.compressor.chunk_size,
+                                          rag_chunk=self.compressor.chunk_size)
+    options = {} if placement is None else {"placement": placement}
+    return get_reader(self.reader_name(mode), self.recall_setup("all", **recall),
+                      self.compressor, baseline, **options)
 
   # --- parameters -----------------------------------------------------------
 
@@ -314,12 +332,14 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
   agent = config.get("agent", "lychee")
   if agent not in AGENTS:
-    raise ConfigError(f"unknown agent {agent!r}; choose from {AGENTS}")
-  if agent == "memagent" and config.stage not in ("sft", "rl", "eval"):
-    raise ConfigError(f"the memagent agent reads raw chunks: it has no {config.stage} stage "
-                      "(train it with sft and rl)")
-  if agent == "memagent" and config.get("sft", {}).get("gate_weight", 0.0):
-    raise ConfigError("the memagent agent has no gate: set sft.gate_weight to 0")
+    raise ConfigError(f"unknown agent {agent!r}; choose from {tuple(AGENTS)}")
+  reads = reader_class(AGENTS[agent] or "all")
+  if config.stage not in reads.stages:
+    trained = " and ".join(s for s in reads.stages if s != "eval")
+    raise ConfigError(f"the {agent} agent {reads.summary}: it has no {config.stage} stage "
+                      f"(train it with {trained})")
+  if not reads.has_gate and config.get("sft", {}).get("gate_weight", 0.0):
+    raise ConfigError(f"the {agent} agent has no gate: set sft.gate_weight to 0")
   if config.rl.get("reward", "strict_sub_em") not in REWARDS:
     raise ConfigError(f"unknown rl.reward {config.rl.reward!r}; choose from {REWARDS}")
   hf_dir = config.init.hf_checkpoint or None
@@ -464,36 +484,19 @@ def from_workdir(workdir: str, matmul_precision: str | None = None, *,
   return run, params
 
 
-# --- loaded models (a notebook's entry point) ----------------------------------
-
-
-@dataclasses.dataclass
-class RecallModel:
-  params: Any
-  config: ModelConfig
-  tokenizer: Tokenizer
-  prompts: Prompts
-  compressor: CompressorConfig
-
-
-def load_recall_model(directory: str | os.PathLike, *, chunk_size: int | None = None, mesh=None,
-                      **config_overrides) -> RecallModel:
-  """A LycheeMemory (or plain Qwen2, beacons initialised from q/k/v) HF checkpoint, ready to recall.
+def load_hf_checkpoint(directory: str | os.PathLike, *, chunk_size: int = 0, mesh=None,
+                       **model_settings) -> tuple[Run, Any]:
+  """(run, params) of a LycheeMemory (or plain Qwen2: beacons initialised from q/k/v) HF
+  checkpoint, ready to recall, as `from_workdir` gives a training run's.
 
   The prompts default to the released model's, wrapped in the tokenizer's chat template;
-  `mesh` None puts every parameter on the first device.  config_overrides: `MODEL_RUN_KEYS`.
+  `mesh` None puts every parameter on the first device.  model_settings: `MODEL_RUN_KEYS`.
   A checkpoint without a tokenizer.json gets the byte tokenizer (for work on token ids).
   """
   directory = os.fspath(directory)
   has_tokenizer = os.path.exists(os.path.join(directory, "tokenizer.json"))
-  run = from_hf_checkpoint(directory, chunk_size=chunk_size or 0, model=config_overrides,
-                                tokenizer="" if has_tokenizer else "bytes")
+  run = from_hf_checkpoint(directory, chunk_size=chunk_size, model=model_settings,
+                           tokenizer="" if has_tokenizer else "bytes")
   params, _ = hf_checkpoint.load_hf_checkpoint(
       directory, mesh=mesh, **{k: getattr(run.model, k) for k in MODEL_RUN_KEYS})
-  return RecallModel(params, run.model, run.tokenizer, run.prompts, run.compressor)
-
-
-def load_trained_model(workdir: str | os.PathLike) -> RecallModel:
-  """The model of a memrecall training run (its latest orbax checkpoint and saved config)."""
-  run, params = from_workdir(os.fspath(workdir))
-  return RecallModel(params, run.model, run.tokenizer, run.prompts, run.compressor)
+  return run, params

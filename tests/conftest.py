@@ -9,6 +9,7 @@ MEMRECALL_TEST_BACKEND (read here, before jax is imported) picks where the tests
 
 import os
 import sys
+from typing import Any, NamedTuple
 
 BACKEND = os.environ.get("MEMRECALL_TEST_BACKEND", "cpu")
 if BACKEND not in ("cpu", "default"):
@@ -164,9 +165,15 @@ def lychee_dir(lychee_reference, tmp_path_factory):
   return directory
 
 
+class Loaded(NamedTuple):
+  """A run and its parameters, as `run_builder.load_hf_checkpoint` returns them."""
+  run: Any
+  params: Any
+
+
 @pytest.fixture(scope="session")
 def lychee_model(lychee_reference, lychee_dir):
   """The reference's tiny LycheeMemory model with a gate (its random similarity_head + fresh LoRA)."""
   from memrecall import run_builder
-  return run_builder.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4,
-                                    matmul_precision="highest")  # float32 products, on any card
+  return Loaded(*run_builder.load_hf_checkpoint(  # float32 products, on any card
+      lychee_dir, chunk_size=1024, gate_lora_rank=4, matmul_precision="highest"))

@@ -9,11 +9,11 @@ import pytest
 
 from memrecall.method import prompts, reasoner, recall
 from memrecall.models import sampling
-from memrecall.readers import baselines
+from memrecall.readers import context as baselines, memagent as memagent_reader
 
 
 def _setup(model):
-  return recall.RecallSetup(model=model.config, prompts=model.prompts,
+  return recall.RecallSetup(model=model.run.model, prompts=model.run.prompts,
                             reasoner=reasoner.ReasonerConfig(memory_size=4, answer_tokens=4),
                             recall=recall.RecallConfig(mode="all"),
                             sampling=sampling.SamplingConfig(eos_ids=(2,), pad_id=0))
@@ -25,14 +25,14 @@ def test_memagent_equals_a_plain_loop_of_section_updates(lychee_model):
   chunks = jnp.asarray(rng.integers(3, 259, (1, 3, 40)), jnp.int32)
   chunk_mask = jnp.ones((1, 3, 40), bool).at[0, 2, 25:].set(False)
   question, question_mask = prompts.pad_ids([[300, 301]])
-  out = baselines.memagent(lychee_model.params, setup, chunks, chunk_mask, question, question_mask,
-                           jax.random.key(0))
-  memory = reasoner.WorkingMemory.initial(lychee_model.prompts.initial_memory, 1,
+  out = memagent_reader.memagent(lychee_model.params, setup, chunks, chunk_mask, question,
+                                 question_mask, jax.random.key(0))
+  memory = reasoner.WorkingMemory.initial(lychee_model.run.prompts.initial_memory, 1,
                                           setup.memory_capacity)
-  empty = reasoner.no_prefix(lychee_model.config, 1)
+  empty = reasoner.no_prefix(lychee_model.run.model, 1)
   for n in range(3):
     memory, _, prompt, prompt_mask = reasoner.update_memory(
-        lychee_model.params, lychee_model.config, lychee_model.prompts.memagent, setup.reasoner,
+        lychee_model.params, lychee_model.run.model, lychee_model.run.prompts.memagent, setup.reasoner,
         setup.sampling, *empty, question, question_mask, memory, jax.random.key(0),
         chunks[:, n], chunk_mask[:, n])
     # The raw section is inside the prompt.
@@ -49,11 +49,11 @@ def test_answer_from_context_equals_generate_on_the_rendered_prompt(lychee_model
   question, question_mask = prompts.pad_ids([[300, 301]])
   answer = baselines.answer_from_context(lychee_model.params, setup, context, context_mask,
                                          question, question_mask, jax.random.key(0))
-  memory = reasoner.WorkingMemory.initial(lychee_model.prompts.initial_memory, 1,
+  memory = reasoner.WorkingMemory.initial(lychee_model.run.prompts.initial_memory, 1,
                                           setup.memory_capacity)
-  prompt, mask = lychee_model.prompts.context.render(question, question_mask, memory.ids,
+  prompt, mask = lychee_model.run.prompts.context.render(question, question_mask, memory.ids,
                                                      memory.mask, context, context_mask)
-  expected = sampling.generate(lychee_model.params, lychee_model.config, prompt, mask,
+  expected = sampling.generate(lychee_model.params, lychee_model.run.model, prompt, mask,
                                jax.random.key(0), max_new_tokens=4, sampling=setup.sampling)
   np.testing.assert_array_equal(answer.tokens, expected.tokens)
 

@@ -80,7 +80,7 @@ def test_best_time_runs_a_jitted_program_only_the_timed_times():
   import functools
   import jax
   import jax.numpy as jnp
-  from memrecall.evaluate import benchmark, evaluator
+  from memrecall.evaluate import timing
   runs = []
 
   @functools.partial(jax.jit, static_argnames=("scale",))
@@ -89,15 +89,15 @@ def test_best_time_runs_a_jitted_program_only_the_timed_times():
     return x * scale + y
 
   x = jnp.ones((4, 4))
-  assert benchmark.best_time(program, 1, x, 2.0, x) > 0
+  assert timing.best_time(program, 1, x, 2.0, x) > 0
   assert len(runs) == 1
-  seconds, planned = benchmark.time_compiled(program, 3, x, 3.0, x)
+  seconds, planned = timing.time_compiled(program, 3, x, 3.0, x)
   assert seconds > 0 and len(runs) == 4
-  assert planned == evaluator.compiled_bytes(program, x, 3.0, x)
-  compiled, call = benchmark.compile_ahead(program, x, 5.0, x)
+  assert planned == timing.compiled_bytes(program, x, 3.0, x)
+  compiled, call = timing.compile_ahead(program, x, 5.0, x)
   np.testing.assert_array_equal(call(), 6 * np.ones((4, 4)))
   assert len(runs) == 5
-  benchmark.best_time(lambda: program(x, 2.0, x), 2)  # plain Python: one untimed call first
+  timing.best_time(lambda: program(x, 2.0, x), 2)  # plain Python: one untimed call first
   assert len(runs) == 8
 
 

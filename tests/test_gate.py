@@ -12,7 +12,7 @@ from memrecall.models.qwen2 import Qwen2, forward, init_cache, slots_to_cache
 @pytest.fixture(scope="module")
 def inputs(lychee_model, lychee_reference):
   ids, mask = compressor.chunk_document(lychee_reference["in/text_ids"][0], 1024, pad_id=0)
-  memory = compressor.compress(lychee_model.params, lychee_model.config, lychee_model.compressor,
+  memory = compressor.compress(lychee_model.params, lychee_model.run.model, lychee_model.run.compressor,
                                jnp.asarray(ids), jnp.asarray(mask))  # 3 chunks
   question, question_mask = prompts.pad_ids([lychee_reference["in/question_ids"][0].tolist()] * 3)
   working = reasoner.WorkingMemory(jnp.asarray([[5, 6, 7, 0], [8, 0, 9, 0], [5, 6, 0, 0]]),
@@ -24,8 +24,8 @@ def _chunks_after_the_prompt(model, memory, question, question_mask, working):
   """The same computation laid out the other way: the prompt first, then the chunk's slots
   written into the cache by hand (causality keeps the prompt from seeing them), then the
   scoring token."""
-  config, params = model.config, model.params
-  prompt, prompt_mask = model.prompts.gate.render(question, question_mask, working.ids, working.mask)
+  config, params = model.run.model, model.params
+  prompt, prompt_mask = model.run.prompts.gate.render(question, question_mask, working.ids, working.mask)
   batch, length = prompt.shape
   slots = memory.k.shape[2]
   cache = init_cache(config, batch, length - 1 + slots + 1)
@@ -43,7 +43,7 @@ def _chunks_after_the_prompt(model, memory, question, question_mask, working):
 
 def test_scoring_token_reads_the_prompt_and_the_chunk(lychee_model, inputs):
   memory, question, question_mask, working = inputs
-  args = (lychee_model.params, lychee_model.config, lychee_model.prompts.gate)
+  args = (lychee_model.params, lychee_model.run.model, lychee_model.run.prompts.gate)
   logits = gate.gate_logits(*args, memory.k, memory.v, memory.slot_mask, question, question_mask,
                             working)
   np.testing.assert_allclose(
@@ -67,8 +67,8 @@ def test_scoring_token_reads_the_prompt_and_the_chunk(lychee_model, inputs):
 
 def test_one_prompt_scores_many_chunks(lychee_model, inputs):
   memory, question, question_mask, working = inputs
-  config, params = lychee_model.config, lychee_model.params
-  context = gate.gate_context(params, config, lychee_model.prompts.gate, question[:2],
+  config, params = lychee_model.run.model, lychee_model.params
+  context = gate.gate_context(params, config, lychee_model.run.prompts.gate, question[:2],
                               question_mask[:2], jax.tree.map(lambda x: x[:2], working),
                               slots=memory.k.shape[2])
   # Row 0 against chunks 0, 1, 2 and row 1 against the same three, in one call.
@@ -77,7 +77,7 @@ def test_one_prompt_scores_many_chunks(lychee_model, inputs):
                               memory.v[:, chunks], memory.slot_mask[chunks])
   for row in range(2):
     for c in range(3):
-      alone = gate.gate_logits(params, config, lychee_model.prompts.gate, memory.k[:, c:c + 1],
+      alone = gate.gate_logits(params, config, lychee_model.run.prompts.gate, memory.k[:, c:c + 1],
                                memory.v[:, c:c + 1], memory.slot_mask[c:c + 1],
                                question[row:row + 1], question_mask[row:row + 1],
                                jax.tree.map(lambda x: x[row:row + 1], working))

@@ -11,14 +11,15 @@ import pytest
 
 from memrecall import run_builder
 from memrecall.method import compressor, memory_bank
+from tests.conftest import Loaded
 
 
 @pytest.fixture(scope="module")
 def compressed(lychee_model, lychee_reference):
   ids, mask = compressor.chunk_document(lychee_reference["in/text_ids"][0], 1024, pad_id=0)
-  memory = compressor.compress(lychee_model.params, lychee_model.config, lychee_model.compressor,
+  memory = compressor.compress(lychee_model.params, lychee_model.run.model, lychee_model.run.compressor,
                                jnp.asarray(ids), jnp.asarray(mask))
-  meta = memory_bank.describe(lychee_model.params, lychee_model.config, lychee_model.compressor,
+  meta = memory_bank.describe(lychee_model.params, lychee_model.run.model, lychee_model.run.compressor,
                               memory, int(mask.sum()))
   return memory, meta
 
@@ -45,9 +46,10 @@ def test_mismatched_banks_are_refused(tmp_path, compressed, tiny_dir):
     memory_bank.load_bank(tmp_path / "bank", dataclasses.replace(meta, chunk_size=2048))
   with pytest.raises(memory_bank.BankMismatchError, match="ratio"):
     memory_bank.load_bank(tmp_path / "bank", dataclasses.replace(meta, ratio=8))
-  other = run_builder.load_recall_model(tiny_dir, chunk_size=1024, matmul_precision="highest")
+  other = Loaded(*run_builder.load_hf_checkpoint(tiny_dir, chunk_size=1024,
+                                                 matmul_precision="highest"))
   other_meta = dataclasses.replace(
-      meta, model_fingerprint=memory_bank.model_fingerprint(other.params, other.config))
+      meta, model_fingerprint=memory_bank.model_fingerprint(other.params, other.run.model))
   with pytest.raises(memory_bank.BankMismatchError, match="model_fingerprint"):
     memory_bank.load_bank(tmp_path / "bank", other_meta)
   with pytest.raises(FileNotFoundError, match="not a memory bank"):
@@ -58,7 +60,7 @@ def test_fingerprint_tracks_every_parameter_that_shapes_compressed_memory(lychee
   """One element changed anywhere the compressor reads (any layer, not only the first) makes
   another fingerprint; the output head, final norm and gate do not."""
   import flax.traverse_util
-  params, config = lychee_model.params, lychee_model.config
+  params, config = lychee_model.params, lychee_model.run.model
   base = memory_bank.model_fingerprint(params, config)
   assert base == memory_bank.model_fingerprint(params, config)
   flat = flax.traverse_util.flatten_dict(params)

@@ -8,11 +8,12 @@ import pytest
 from memrecall.method import compressor, gate, prompts, reasoner, recall
 from memrecall.models import sampling
 from memrecall.runtime import sharding
+from tests.conftest import Loaded
 
 
 def _setup(model, mode="all", memory_size=8, answer_tokens=8, **kw):
   return recall.RecallSetup(
-      model=model.config, prompts=model.prompts,
+      model=model.run.model, prompts=model.run.prompts,
       reasoner=reasoner.ReasonerConfig(memory_size=memory_size, answer_tokens=answer_tokens),
       recall=recall.RecallConfig(mode=mode, **kw),
       sampling=sampling.SamplingConfig(eos_ids=(2,), pad_id=0))
@@ -21,7 +22,7 @@ def _setup(model, mode="all", memory_size=8, answer_tokens=8, **kw):
 @pytest.fixture(scope="module")
 def document(lychee_model, lychee_reference):
   ids, mask = compressor.chunk_document(lychee_reference["in/text_ids"][0], 1024, pad_id=0)
-  memory = compressor.compress(lychee_model.params, lychee_model.config, lychee_model.compressor,
+  memory = compressor.compress(lychee_model.params, lychee_model.run.model, lychee_model.run.compressor,
                                jnp.asarray(ids), jnp.asarray(mask))
   question, question_mask = prompts.pad_ids([lychee_reference["in/question_ids"][0].tolist()])
   return ids, mask, memory, question, question_mask
@@ -44,7 +45,7 @@ def test_read_all_reproduces_the_reference_and_every_source_agrees(lychee_model,
   host = recall.recall_from_host(params, setup, jax.tree.map(np.asarray, bank), question,
                                  question_mask, jax.random.key(0))
   s_ids, s_mask = _stream_inputs(ids, mask, 2)
-  streamed = recall.recall_streaming(params, setup, lychee_model.compressor, s_ids, s_mask, question,
+  streamed = recall.recall_streaming(params, setup, lychee_model.run.compressor, s_ids, s_mask, question,
                                      question_mask, jax.random.key(0))
   for other in (host, streamed):
     np.testing.assert_array_equal(other.answer.tokens, on_device.answer.tokens)
@@ -57,7 +58,7 @@ def test_read_all_reproduces_the_reference_and_every_source_agrees(lychee_model,
 
 def test_gate_mode_scores_with_the_current_memory_and_skips_below_threshold(lychee_model, document):
   ids, mask, memory, question, question_mask = document
-  params, config = lychee_model.params, lychee_model.config
+  params, config = lychee_model.params, lychee_model.run.model
   bank = recall.DocumentBank.from_chunks([memory])
   all_scores = recall.recall(params, _setup(lychee_model, "gate", threshold=0.0), bank, question,
                              question_mask, jax.random.key(0)).trace.gate_scores[0]
@@ -69,9 +70,9 @@ def test_gate_mode_scores_with_the_current_memory_and_skips_below_threshold(lych
   assert recall.recall._cache_size() == programs
   trace = out.trace
   # Recompute each block's score from the memory before it.
-  memory_before = reasoner.WorkingMemory.initial(lychee_model.prompts.initial_memory, 1, 18)
+  memory_before = reasoner.WorkingMemory.initial(lychee_model.run.prompts.initial_memory, 1, 18)
   for c in range(3):
-    expected = gate.gate_probability(params, config, lychee_model.prompts.gate, memory.k[:, c:c + 1],
+    expected = gate.gate_probability(params, config, lychee_model.run.prompts.gate, memory.k[:, c:c + 1],
                                      memory.v[:, c:c + 1], memory.slot_mask[c:c + 1], question,
                                      question_mask, memory_before)
     np.testing.assert_allclose(trace.gate_scores[0, c], expected[0], rtol=1e-5)
@@ -95,7 +96,7 @@ def test_gate_mode_streaming_equals_the_device_bank(lychee_model, document):
   setup = _setup(lychee_model, "gate", threshold=threshold, group_size=2)
   on_device = recall.recall(params, setup, bank, question, question_mask, jax.random.key(0))
   s_ids, s_mask = _stream_inputs(ids, mask, 2)
-  streamed = recall.recall_streaming(params, setup, lychee_model.compressor, s_ids, s_mask,
+  streamed = recall.recall_streaming(params, setup, lychee_model.run.compressor, s_ids, s_mask,
                                      question, question_mask, jax.random.key(0))
   n = on_device.trace.read.shape[1]
   assert 0 < int(on_device.trace.read.sum()) < n
@@ -207,23 +208,23 @@ def test_sharded_loop_matches_one_device(lychee_dir, document):
   from memrecall import run_builder
   ids, mask, _, question, question_mask = document
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  single = run_builder.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4,
-                                      matmul_precision="highest")
-  sharded = run_builder.load_recall_model(lychee_dir, chunk_size=1024, gate_lora_rank=4, mesh=mesh,
-                                       matmul_precision="highest")
+  single = Loaded(*run_builder.load_hf_checkpoint(lychee_dir, chunk_size=1024, gate_lora_rank=4,
+                                                  matmul_precision="highest"))
+  sharded = Loaded(*run_builder.load_hf_checkpoint(lychee_dir, chunk_size=1024, gate_lora_rank=4,
+                                                   mesh=mesh, matmul_precision="highest"))
   assert sharded.params["layers"]["mlp"]["up_kernel"].sharding.spec == jax.sharding.PartitionSpec(
       None, "fsdp", "tensor")
   setup = _setup(single, "gate", threshold=0.0)
   ids4 = np.concatenate([ids, ids[:1]])  # 4 chunks, so the chunk axis splits over data x fsdp
   mask4 = np.concatenate([mask, mask[:1]])
-  expected_memory = compressor.compress(single.params, single.config, single.compressor,
+  expected_memory = compressor.compress(single.params, single.run.model, single.run.compressor,
                                         jnp.asarray(ids4), jnp.asarray(mask4))
   expected = recall.recall(single.params, setup, recall.DocumentBank.from_chunks([expected_memory]),
                            question, question_mask, jax.random.key(0))
   with jax.set_mesh(mesh):
     chunks = jax.device_put(jnp.asarray(ids4), sharding.logical_sharding(("chunks", None), ids4.shape, mesh))
     chunk_mask = jax.device_put(jnp.asarray(mask4), chunks.sharding)
-    memory = compressor.compress(sharded.params, sharded.config, sharded.compressor, chunks, chunk_mask)
+    memory = compressor.compress(sharded.params, sharded.run.model, sharded.run.compressor, chunks, chunk_mask)
     out = recall.recall(sharded.params, setup, recall.DocumentBank.from_chunks([memory]), question,
                         question_mask, jax.random.key(0))
   np.testing.assert_allclose(memory.k, expected_memory.k, atol=1e-5)
@@ -245,7 +246,7 @@ def test_streaming_peak_memory_does_not_grow_with_the_document(lychee_model):
   def streaming_peak(n):
     ids = jax.ShapeDtypeStruct((n, 1, 1024), jnp.int32)
     mask = jax.ShapeDtypeStruct((n, 1, 1024), bool)
-    return peak(recall.recall_streaming, lychee_model.params, setup, lychee_model.compressor, ids,
+    return peak(recall.recall_streaming, lychee_model.params, setup, lychee_model.run.compressor, ids,
                 mask, question, question_mask, jax.random.key(0))
 
   def bank_peak(n):
@@ -279,9 +280,9 @@ def test_streaming_refuses_topk_and_ragged_groups(lychee_model):
   ids = jnp.zeros((3, 1, 1024), jnp.int32)
   with pytest.raises(ValueError, match="topk mode needs every block"):
     recall.recall_streaming(lychee_model.params, _setup(lychee_model, "topk"),
-                            lychee_model.compressor, ids, ids > 0, question, question_mask,
+                            lychee_model.run.compressor, ids, ids > 0, question, question_mask,
                             jax.random.key(0))
   with pytest.raises(ValueError, match="not a multiple of group_size"):
     recall.recall_streaming(lychee_model.params, _setup(lychee_model, "all", group_size=2),
-                            lychee_model.compressor, ids, ids > 0, question, question_mask,
+                            lychee_model.run.compressor, ids, ids > 0, question, question_mask,
                             jax.random.key(0))

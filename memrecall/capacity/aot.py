@@ -19,8 +19,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from memrecall import readers
 from memrecall.capacity.tpu_slices import GiB
-from memrecall.method.recall import inference_layout, recall_documents, recall_streaming
+from memrecall.method.recall import inference_layout
 from memrecall.models.qwen2 import abstract_params
 from memrecall.run_builder import Run
 from memrecall.runtime import sharding as sharding_lib
@@ -58,10 +59,11 @@ def _key(mesh) -> jax.ShapeDtypeStruct:
 
 def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate"
                   ) -> list[Program]:
-  """Evaluation's recall loop (`evaluator.evaluate`: each question's document compressed into
-  a device bank, then read) for `batch` questions of `tokens` tokens, rows spread over the
-  mesh's batch axes.  mode `stream`: launch/answer.py --stream's loop instead (one question;
-  its document compressed and read a group of chunks at a time, `recall_streaming`)."""
+  """Evaluation's program for the method's reader `mode` (`evaluator.evaluate_mode`: each
+  question's document compressed into a device bank, then read) for `batch` questions of
+  `tokens` tokens, rows spread over the mesh's batch axes.  mode `stream`: launch/answer.py
+  --stream's loop instead (one question; its document compressed and read a group of chunks
+  at a time: the reader's streaming placement)."""
   if mode == "stream":
     return [_stream_program(run, params, tokens)]
   layout, setup = _inference_params(run, params, run.recall_setup(mode))
@@ -72,8 +74,8 @@ def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gat
       (jax.ShapeDtypeStruct((batch, n, c), np.int32), jax.ShapeDtypeStruct((batch, n, c), bool),
        jax.ShapeDtypeStruct((batch, q), np.int32), jax.ShapeDtypeStruct((batch, q), bool)),
       run.mesh)
-  return [Program(f"eval_recall_{mode}", recall_documents,
-                  (layout, setup, run.compressor, *rows, _key(run.mesh)))]
+  reader = readers.get(mode, setup, run.compressor)
+  return [Program(f"eval_recall_{mode}", *reader.call(layout, rows, _key(run.mesh)))]
 
 
 def _stream_program(run: Run, params, tokens: int) -> Program:
@@ -82,18 +84,18 @@ def _stream_program(run: Run, params, tokens: int) -> Program:
   n = -(-tokens // c)
   n += -n % g  # padded to whole groups, as launch/answer.py does
   q = run.question_tokens
-  return Program("answer_stream", recall_streaming,
-                 (layout, setup, run.compressor, _replicated(run.mesh, (n, 1, c), np.int32),
-                  _replicated(run.mesh, (n, 1, c), bool), _replicated(run.mesh, (1, q), np.int32),
-                  _replicated(run.mesh, (1, q), bool), _key(run.mesh)))
+  reader = readers.get("gate", setup, run.compressor, placement="stream")
+  inputs = (_replicated(run.mesh, (n, 1, c), np.int32), _replicated(run.mesh, (n, 1, c), bool),
+            _replicated(run.mesh, (1, q), np.int32), _replicated(run.mesh, (1, q), bool))
+  return Program("answer_stream", *reader.call(layout, inputs, _key(run.mesh)))
 
 
 def recipe_programs(run: Run, *, eval_batch: int, eval_tokens: int,
                     eval_modes: Sequence[str] = ("gate",)) -> list[Program]:
-  """The stage's training programs, then evaluation's recall loop for each mode (the memagent
-  agent has no compressor to build a bank with: its rollout is its loop)."""
+  """The stage's training programs, then evaluation's recall loop for each mode (a raw reader,
+  MemAgent's, has no compressor to build a bank with: its rollout is its loop)."""
   programs = trainer.stage_programs(run)
-  if run.agent == "lychee" and run.model.compressor:
+  if run.reader().compressed and run.model.compressor:
     params = programs[0].args[0].params
     for mode in eval_modes:
       programs += eval_programs(run, params, batch=eval_batch, tokens=eval_tokens, mode=mode)

@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from memrecall import readers
 from memrecall.capacity import aot
 from memrecall.models.config import ModelConfig
 from memrecall.models.qwen2 import QUERY_BLOCK, abstract_params
@@ -183,7 +184,7 @@ class _Shapes:
         run.reasoner.answer_tokens
     self.Mc = run.memory_capacity
     p = run.prompts
-    self.raw = run.agent == "memagent"
+    self.raw = not readers.reader_class(run.reader_name()).compressed  # raw sections (MemAgent)
     # Rendered prompt lengths (the recipe's templates and tokenizer).
     self.P_update = (p.memagent.length(self.Q, self.Mc, self.C) if self.raw
                      else p.update.length(self.Q, self.Mc))

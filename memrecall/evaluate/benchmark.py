@@ -19,68 +19,39 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memrecall import readers
+from memrecall.evaluate.timing import best_seconds, best_time, compile_ahead, planned_bytes, \
+    time_compiled, timed
 from memrecall.method.compressor import CompressorConfig, compress
 from memrecall.method.prompts import Prompts, pad_ids
 from memrecall.method.reasoner import ReasonerConfig
-from memrecall.method.recall import (DocumentBank, RecallConfig, RecallSetup, recall,
-                                     recall_streaming)
+from memrecall.method.recall import DocumentBank, RecallConfig, RecallSetup
 from memrecall.models import sampling
 from memrecall.models.config import ModelConfig
 from memrecall.models.qwen2 import init_cache, unstack_layers
-from memrecall.readers import baselines
 
-MODES = ("gate", "gate_stream", "all", "memagent")
-
-
-def compile_ahead(jitted, *args) -> tuple[object, Callable[[], object]]:
-  """(compiled program, a call of it on args) for a `jax.jit` function, compiled without
-  running it.  Every argument is bound by name: the compiled program takes only the non-static
-  ones, and its `args_info` says which those are."""
-  bound = inspect.signature(jitted).bind(*args).arguments
-  compiled = jitted.lower(**bound).compile()
-  dynamic = {name: bound[name] for name in compiled.args_info[1]}
-  return compiled, lambda: compiled(**dynamic)
+STREAM = "_stream"  # benchmark mode NAME_stream: the reader NAME, compressing inside its loop
 
 
-def planned_bytes(compiled) -> int:
-  """Device bytes of one call as XLA plans it: temporaries + arguments + outputs."""
-  stats = compiled.memory_analysis()
-  return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
-
-
-def _best(call: Callable[[], object], repeats: int) -> float:
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
-def time_compiled(jitted, repeats: int, *args) -> tuple[float, int]:
-  """(best seconds of `repeats` runs, planned bytes) of a jitted function on args: one
-  compile ahead of time gives both, and nothing runs untimed (at 7B shapes one untimed run of
-  a memory-update loop is minutes, and another compile for the bytes as long again)."""
-  compiled, call = compile_ahead(jitted, *args)
-  return _best(call, repeats), planned_bytes(compiled)
-
-
-def best_time(fn: Callable[..., object], repeats: int, *args) -> float:
-  """Best seconds of `repeats` calls of fn(*args), compilation excluded.  A jitted fn is
-  compiled ahead of time (`repeats=1` runs it once); any other fn (Python around jitted
-  programs) runs once untimed to compile and warm up."""
-  if hasattr(fn, "lower"):
-    return time_compiled(fn, repeats, *args)[0]
-  jax.block_until_ready(fn(*args))
-  return _best(lambda: fn(*args), repeats)
+def mode_reader(mode: str, setup: RecallSetup, compressor: CompressorConfig,
+                baseline: readers.BaselineConfig) -> readers.Reader:
+  """The reader a benchmark mode times: a registered name (a compressed reader reads a device
+  bank, compression timed apart), or NAME_stream (its streaming placement)."""
+  name = mode.removesuffix(STREAM)
+  readers.check([name], "benchmark mode")
+  if not readers.reader_class(name).compressed:
+    if name != mode:
+      raise ValueError(f"benchmark mode {mode}: the {name} reader has no compressed blocks to "
+                       "stream")
+    return readers.get(name, setup, compressor, baseline)
+  return readers.get(name, setup, compressor, baseline,
+                     placement="stream" if name != mode else "bank")
 
 
 def param_bytes(params) -> int:
@@ -201,24 +172,22 @@ def mode_floor(mode: str, config: ModelConfig, compressor: CompressorConfig, set
                memagent_chunk: int, question: int) -> float:
   """Seconds a mode's question batch needs at the machine's ceilings: compression, the gate's
   forwards, every memory update the picks [B, N] read, and the answer (`question` tokens).
-  For memagent, picks is [B, sections]: the raw sections of `memagent_chunk` tokens it reads."""
+  For a raw reader (memagent) picks is [B, sections]: the raw sections of `memagent_chunk`
+  tokens it reads."""
+  reader = mode_reader(mode, setup, compressor,
+                       readers.BaselineConfig(memagent_chunk=memagent_chunk))
   batch, n = picks.shape
   capacity = setup.memory_capacity
   m, answer = setup.reasoner.memory_size, setup.reasoner.answer_tokens
   prompts = setup.prompts
   final = generation_floor(config, ceilings, weight_bytes, batch,
                            prompts.final.length(question, capacity), 0, answer)
-  if mode == "memagent":
-    sections = n
-    update = generation_floor(config, ceilings, weight_bytes, batch,
-                              prompts.memagent.length(question, capacity, memagent_chunk), 0, m)
-    return sections * update + final
-  slots = compressor.slots
-  seconds = ceilings.seconds(compression_flops(config, compressor, n), weight_bytes)
-  update = generation_floor(config, ceilings, weight_bytes, batch,
-                            prompts.update.length(question, capacity), slots, m)
+  prompt, slots = reader.update_shape(question)
+  update = generation_floor(config, ceilings, weight_bytes, batch, prompt, slots, m)
+  seconds = (ceilings.seconds(compression_flops(config, compressor, n), weight_bytes)
+             if reader.compressed else 0.0)
   seconds += int(picks[0].sum()) * update + final
-  if mode in ("gate", "gate_stream"):
+  if reader.gated:
     g = setup.recall.gate_group
     gate_prompt = prompts.gate.length(question, capacity)
     per_step = (ceilings.seconds(batch * forward_flops(config, gate_prompt, gate_prompt / 2),
@@ -243,13 +212,12 @@ def decode_rate(params, config: ModelConfig, cache_tokens: int, steps: int, repe
   for _ in range(1 + repeats):  # the first round compiles and warms up
     # Both programs donate the cache: every round starts from a new one, made untimed.
     cache = jax.block_until_ready(init_cache(config, batch, cache_tokens + steps))
-    start = time.perf_counter()
-    logits, cache = jax.block_until_ready(
-        sampling.prefill(params, config, cache, prompt, prompt_mask))
-    middle = time.perf_counter()
-    jax.block_until_ready(sampling.sample_loop(params, config, cache, logits, jax.random.key(0),
-                                               max_new_tokens=steps, sampling=settings))
-    rounds.append((middle - start, time.perf_counter() - middle))
+    (logits, cache), t_prefill = timed(
+        lambda: sampling.prefill(params, config, cache, prompt, prompt_mask))
+    _, t_loop = timed(lambda: sampling.sample_loop(params, config, cache, logits,
+                                                   jax.random.key(0), max_new_tokens=steps,
+                                                   sampling=settings))
+    rounds.append((t_prefill, t_loop))
   t_prefill = min(prefill for prefill, _ in rounds[1:])
   per_token = min(loop for _, loop in rounds[1:]) / steps
   kv = batch * cache_bytes(config, cache_tokens + steps / 2)
@@ -273,27 +241,29 @@ class BenchSettings:
 
 
 def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, prompts: Prompts,
-                  settings: BenchSettings, modes: Sequence[str] = MODES,
+                  settings: BenchSettings, modes: Sequence[str],
                   ceilings: Ceilings | None = None, log=print) -> list[dict]:
   """Rows {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s", "peak_bytes"},
   and with `ceilings` also "floor_s" (`mode_floor`), "floor_ratio" (total / floor) and
   "compress_efficiency" (compression's achieved FLOP/s over the matmul ceiling).  Runs in the
-  inference layout (`qwen2.unstack_layers`), as evaluation does."""
+  inference layout (`qwen2.unstack_layers`), as evaluation does.  modes: `mode_reader`'s."""
   params, config = unstack_layers(params, config)
   reasoner = ReasonerConfig(memory_size=settings.memory_size, answer_tokens=settings.answer_tokens)
   greedy = sampling.SamplingConfig(eos_ids=(), pad_id=0)  # no EOS: every update decodes fully
+  chunk = settings.memagent_chunk or compressor.chunk_size  # a raw reader's sections
+  setup = RecallSetup(config, prompts, reasoner, RecallConfig(group_size=settings.group_size),
+                      greedy)
+  by_mode = {mode: mode_reader(mode, setup, compressor,
+                               readers.BaselineConfig(memagent_chunk=chunk)) for mode in modes}
   rows = []
   base = param_bytes(params)
   b = settings.questions
   question, question_mask = pad_ids([[3 + i % 200 for i in range(16)]] * b)
   rng = np.random.default_rng(0)
-  unknown = set(modes) - set(MODES)
-  if unknown:
-    raise ValueError(f"unknown benchmark modes {sorted(unknown)}; choose from {MODES}")
   for length in settings.lengths:
     n = max(1, length // compressor.chunk_size)
-    if "gate_stream" in modes:  # whole groups of chunks
-      n = -(-n // settings.group_size) * settings.group_size
+    if any(getattr(r, "placement", None) == "stream" for r in by_mode.values()):
+      n = -(-n // settings.group_size) * settings.group_size  # whole groups of chunks
     ids = jnp.asarray(rng.integers(3, min(config.vocab_size, 30000), (n, compressor.chunk_size)),
                       jnp.int32)
     mask = jnp.ones(ids.shape, bool)
@@ -302,61 +272,60 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
     # Compression is the same work in every compressed mode: compiled once, timed once,
     # banked once (its compiled program's output: calling `compress` would compile it again).
     compress_program = functools.cache(lambda: compile_ahead(compress, *compress_args))
-    compress_timed = functools.cache(lambda: (_best(compress_program()[1], settings.repeats),
+    compress_timed = functools.cache(lambda: (best_seconds(compress_program()[1], settings.repeats),
                                               planned_bytes(compress_program()[0])))
     bank = functools.cache(lambda: DocumentBank.from_chunks([compress_program()[1]()]))
-    for mode in modes:
-      setup = RecallSetup(config, prompts, reasoner,
-                          RecallConfig(mode="all" if mode == "all" else "gate",
-                                       group_size=settings.group_size), greedy)
+    for mode, reader in by_mode.items():
       picks = np.zeros((b, n), bool)
-      picks[:, ::1 if mode == "all" else every] = True
-      if mode == "memagent":
-        chunk = settings.memagent_chunk or compressor.chunk_size
+      picks[:, ::every if reader.gated else 1] = True
+      key = jax.random.key(0)
+      if not reader.compressed:  # raw sections: the whole loop is the reasoning
         raw = jnp.asarray(rng.integers(3, min(config.vocab_size, 30000), (b, length // chunk, chunk)),
                           jnp.int32)
-        raw_mask = jnp.ones(raw.shape, bool)
-        args = (params, setup, raw, raw_mask, question, question_mask, jax.random.key(0))
-        total, peak = time_compiled(baselines.memagent, settings.repeats, *args)
+        total, peak = _timed(time_compiled, settings.repeats, reader.call(
+            params, (raw, jnp.ones(raw.shape, bool), question, question_mask), key))
         rows.append({"mode": mode, "context_tokens": length, "compress_s": 0.0, "gate_s": 0.0,
                      "reason_s": total, "total_s": total, "peak_bytes": peak - base})
-      elif mode == "gate_stream":
+        picks = np.ones((b, length // chunk), bool)  # every raw section it runs, for the floor
+      elif reader.placement == "stream":
         # One shared document [N, 1, C]; compression happens inside the loop, so the parts
         # are: compression alone, the loop reading nothing (+ gate), the loop as selected.
-        stream = lambda read: (params, setup, compressor, ids[:, None], mask[:, None], question,
-                               question_mask, jax.random.key(0), jnp.asarray(read))
+        stream = lambda read: reader.call(params, (ids[:, None], mask[:, None], question,
+                                                   question_mask), key, jnp.asarray(read))
         t_compress = compress_timed()[0]
-        t_none = best_time(recall_streaming, settings.repeats, *stream(np.zeros_like(picks)))
-        t_loop, peak = time_compiled(recall_streaming, settings.repeats, *stream(picks))
+        t_none = _timed(best_time, settings.repeats, stream(np.zeros_like(picks)))
+        t_loop, peak = _timed(time_compiled, settings.repeats, stream(picks))
         rows.append({"mode": mode, "context_tokens": length, "compress_s": t_compress,
                      "gate_s": max(t_none - t_compress, 0.0), "reason_s": max(t_loop - t_none, 0.0),
                      "total_s": t_loop, "peak_bytes": peak - base})
       else:
         t_compress, compress_peak = compress_timed()
-        full_args = (params, setup, bank(), question, question_mask, jax.random.key(0),
-                     jnp.asarray(picks))
-        t_loop, recall_peak = time_compiled(recall, settings.repeats, *full_args)
+        loop = lambda read: reader.call(params, (bank(), question, question_mask), key,
+                                        jnp.asarray(read))
+        t_loop, recall_peak = _timed(time_compiled, settings.repeats, loop(picks))
         t_gate = 0.0
-        if mode == "gate":
-          none_args = full_args[:-1] + (jnp.zeros((b, n), bool),)
-          t_gate = best_time(recall, settings.repeats, *none_args)
+        if reader.gated:  # the loop reading nothing: the gate's forwards alone
+          t_gate = _timed(best_time, settings.repeats, loop(np.zeros((b, n), bool)))
         peak = max(compress_peak, recall_peak) - base
         rows.append({"mode": mode, "context_tokens": length, "compress_s": t_compress,
                      "gate_s": t_gate, "reason_s": t_loop - t_gate,
                      "total_s": t_compress + t_loop, "peak_bytes": int(peak)})
       if ceilings is not None:
         row = rows[-1]
-        chunk = settings.memagent_chunk or compressor.chunk_size
-        if mode == "memagent":  # every raw section it runs, not the compressed modes' N chunks
-          picks = np.ones((b, length // chunk), bool)
-        row["floor_s"] = mode_floor(mode, config, compressor, setup, ceilings, base, picks, chunk,
-                                    question.shape[1])
+        row["floor_s"] = mode_floor(mode, config, compressor, reader.setup, ceilings, base, picks,
+                                    chunk, question.shape[1])
         row["floor_ratio"] = row["total_s"] / row["floor_s"]
         row["compress_efficiency"] = (
             compression_flops(config, compressor, n) / row["compress_s"] / ceilings.matmul_flops
             if row["compress_s"] else None)
       log(f"  {mode:<11} {length:>9} tokens: {rows[-1]['total_s']:.3f} s")
   return rows
+
+
+def _timed(timer, repeats: int, program_and_args):
+  """timer(program, repeats, *arguments) of a reader's `call`."""
+  program, args = program_and_args
+  return timer(program, repeats, *args)
 
 
 def compression_scaling(params, config: ModelConfig, compressor: CompressorConfig,
@@ -392,9 +361,10 @@ def scaling_table(rows: Sequence[dict]) -> str:
 
 
 def table(rows: Sequence[dict]) -> str:
-  """One line per row; speed-up, memory ratio and floor speed-up are against memagent's row of
-  the same length."""
-  reference = {r["context_tokens"]: r for r in rows if r["mode"] == "memagent"}
+  """One line per row; speed-up, memory ratio and floor speed-up are against the row of the
+  same length whose reader reads raw chunks (memagent's)."""
+  raw = lambda mode: not readers.reader_class(mode.removesuffix(STREAM)).compressed
+  reference = {r["context_tokens"]: r for r in rows if raw(r["mode"])}
   header = (f"{'mode':<12}{'tokens':>9}{'compress s':>12}{'gate s':>9}{'reason s':>10}"
             f"{'total s':>10}{'peak MiB':>10}{'speed-up':>9}{'mem ratio':>10}{'compress %':>11}"
             f"{'floor s':>10}{'x floor':>8}{'floor speed-up':>15}")

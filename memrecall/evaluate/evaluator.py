@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import re
-import time
 from typing import Callable, Sequence
 
 import jax
@@ -15,25 +14,19 @@ import numpy as np
 
 from memrecall.data import example as example_lib, synthetic
 from memrecall.data.example import TokenizedExample, tokenize
-from memrecall.evaluate import output_key, report
-from memrecall.method.compressor import CompressorConfig, chunk_documents
-from memrecall.method.prompts import pad_ids
-from memrecall.method.recall import RecallSetup, inference_layout, recall_documents
+from memrecall import readers
+from memrecall.evaluate import output_key, report, timing, traces
+from memrecall.method.compressor import CompressorConfig
+from memrecall.method.recall import RecallSetup, inference_layout
 from memrecall.models.qwen2 import place_params
-from memrecall.readers import baselines
-from memrecall.runtime import distributed, fingerprint, jsonl, sharding as sharding_lib
+from memrecall.readers import BaselineConfig, rows_on  # noqa: F401  (re-exported)
+from memrecall.runtime import distributed, fingerprint, jsonl
 from memrecall.runtime.distributed import is_primary
 from memrecall.runtime.progress import Progress
 
 # score(prediction ids without EOS, example) -> {"em", "sub_em", "strict_sub_em"}: `run_builder.Run.score`.
 Scorer = Callable[[Sequence[int], TokenizedExample], dict]
 ACCURACY_METRIC = "sub_em"  # `accuracy` of a result: MemAgent-compatible sub-EM (the ids form: exact)
-
-
-def chunked(examples: Sequence[TokenizedExample], chunk_size: int, num_chunks: int,
-            pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Examples' documents as [B, N, C] ids and mask (`compressor.chunk_documents`)."""
-  return chunk_documents([ex.context for ex in examples], chunk_size, num_chunks, pad_id)
 
 
 def on_mesh(params, setup: RecallSetup, mesh) -> tuple[dict, RecallSetup]:
@@ -43,35 +36,9 @@ def on_mesh(params, setup: RecallSetup, mesh) -> tuple[dict, RecallSetup]:
   return (params if mesh is None else place_params(params, setup.model, mesh)), setup
 
 
-def rows_on(mesh, *arrays) -> tuple:
-  """Batch arrays ([B, ...]) with their rows split over the mesh's batch axes (`data`, `fsdp`),
-  so each device runs its share of the questions; as they are without a mesh."""
-  if mesh is None:
-    return arrays
-  return tuple(jax.device_put(x, sharding_lib.rows_sharding(np.shape(x), mesh)) for x in arrays)
-
-
 def _within(mesh):
   """The mesh the activations' logical constraints refer to while a batch runs (None: none)."""
   return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
-
-
-def compiled_bytes(jitted, *args) -> int:
-  """Device bytes of one call as XLA plans it: temporaries + arguments + outputs."""
-  stats = jitted.lower(*args).compile().memory_analysis()
-  return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
-
-
-def _timed(jitted, args, first: bool) -> tuple[object, float, int | None]:
-  """(host output, seconds, compiled bytes on the first batch) of jitted(*args); the first
-  batch is run once untimed, so compilation never counts as latency."""
-  peak = None
-  if first:
-    jax.device_get(jitted(*args))
-    peak = compiled_bytes(jitted, *args)
-  began = time.perf_counter()
-  out = jax.device_get(jitted(*args))
-  return out, time.perf_counter() - began, peak
 
 
 def _latency_alone(prepare, examples: Sequence[TokenizedExample], count: int,
@@ -88,12 +55,7 @@ def _latency_alone(prepare, examples: Sequence[TokenizedExample], count: int,
     jitted, args = prepare([ex])
     if i == 0:
       jax.device_get(jitted(*args))
-    times = []
-    for _ in range(repeats):
-      began = time.perf_counter()
-      jax.device_get(jitted(*args))
-      times.append(time.perf_counter() - began)
-    fastest.append(min(times))
+    fastest.append(timing.best_seconds(lambda: jitted(*args), repeats, wait=jax.device_get))
   return float(np.median(fastest)) if fastest else float("nan")
 
 
@@ -107,9 +69,11 @@ def _in_batches(prepare, examples: Sequence[TokenizedExample], batch_size: int,
     group = list(examples[start:start + batch_size])
     real = len(group)
     jitted, args = prepare(group + [group[-1]] * (batch_size - real), seed_offset=start)
-    out, elapsed, first_peak = _timed(jitted, args, timed and start == 0)
+    if timed and start == 0:  # compiled and run once untimed: compilation is not latency
+      jax.device_get(jitted(*args))
+      peak = timing.compiled_bytes(jitted, *args)
+    out, elapsed = timing.timed(lambda: jitted(*args), wait=jax.device_get)
     seconds += elapsed
-    peak = first_peak if first_peak is not None else peak
     outputs.append((group[:real], out))
   return outputs, seconds, peak
 
@@ -139,76 +103,8 @@ def _stderr(scores: np.ndarray) -> float:
   return float(100 * scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else float("nan")
 
 
-def evaluate(params, setup: RecallSetup, compressor: CompressorConfig,
-             examples: Sequence[TokenizedExample], score: Scorer, *, batch_size: int = 16,
-             question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
-             latency_examples: int = 4, timed: bool = True,
-             max_tokens: int | None = None, mesh=None) -> EvalResult:
-  """Runs compression + recall on `examples` in batches and scores the answers; times the
-  first `latency_examples` questions alone too.  max_tokens: pad every batch to this many
-  tokens' chunks (one compiled shape across calls; default: the longest example).  mesh:
-  the weights sharded over it and each batch's rows split over its batch axes (`on_mesh`);
-  None: computed where the parameters are."""
-  params, setup = on_mesh(params, setup, mesh)
-  max_tokens = max_tokens or max(len(ex.context) for ex in examples)
-  n_chunks = -(-max_tokens // compressor.chunk_size)
-  eos = set(setup.model.eos_token_ids)
-
-  def prepare(group, seed_offset=0):
-    ids, mask = chunked(group, compressor.chunk_size, n_chunks, setup.model.pad_token_id)
-    question, question_mask = pad_ids([ex.question for ex in group], question_tokens)
-    return recall_documents, (params, setup, compressor,
-                              *rows_on(mesh, ids, mask, question, question_mask),
-                              jax.random.key(seed + seed_offset))
-
-  with _within(mesh):
-    batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
-    latency = _latency_alone(prepare, examples, latency_examples)
-  scores, reads, relevant_read, relevant, blocks, traces, rows = [], [], 0, 0, 0, [], []
-  for group, out in batches:
-    for i, ex in enumerate(group):
-      answer = _answer_ids(out.answer, i, eos)
-      row_scores = score(answer, ex)
-      scores.append(row_scores[ACCURACY_METRIC])
-      labels = ex.chunk_labels(compressor.chunk_size)
-      read = np.asarray(out.trace.read[i, :len(labels)])
-      reads.append(read.sum())
-      rows.append({"prediction_ids": answer, "blocks_read": int(read.sum()), **row_scores})
-      relevant_read += int((read & labels).sum())
-      relevant += int(labels.sum())
-      blocks += len(labels)
-      if len(traces) < keep_traces:
-        traces.append({"id": ex.example.id, "answer_ids": answer,
-                       "gold_ids": [list(map(int, g)) for g in ex.answers],
-                       "correct": scores[-1],
-                       "gate_scores": [None if np.isnan(s) else float(s)
-                                       for s in out.trace.gate_scores[i, :len(labels)]],
-                       "read": read.tolist(), "relevant": labels.tolist(),
-                       "memory_ids": [out.trace.memory_ids[i, c][out.trace.memory_mask[i, c]].tolist()
-                                      for c in range(len(labels))]})
-  scores = np.asarray(scores)
-  return EvalResult(accuracy=float(100 * scores.mean()), stderr=_stderr(scores),
-                    latency_s=latency, batched_s=seconds / len(examples),
-                    blocks_read=float(np.mean(reads)), gate_recall=relevant_read / max(relevant, 1),
-                    skip_rate=1 - float(np.sum(reads)) / max(blocks, 1), examples=len(examples),
-                    traces=traces, peak_bytes=peak, rows=rows)
-
-
-# --- baselines through the same scoring ----------------------------------------
-
-RECALL_MODES = ("gate", "all", "topk")
-BASELINE_MODES = ("memagent", "full", "rag")
-MODES = RECALL_MODES + BASELINE_MODES
-
-
-@dataclasses.dataclass(frozen=True)
-class BaselineConfig:
-  """memagent_chunk: raw tokens per MemAgent section; full_budget: tokens the `full` baseline
-  keeps (middle-truncated); rag_topk / rag_chunk: retrieved chunks and their size."""
-  memagent_chunk: int = 32
-  full_budget: int = 512
-  rag_topk: int = 4
-  rag_chunk: int = 32
+# The built-in readers, in the order they were registered (any registered name is a mode).
+MODES = readers.names()
 
 
 def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
@@ -217,64 +113,59 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                   question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
                   latency_examples: int = 4, timed: bool = True,
                   max_tokens: int | None = None, mesh=None) -> EvalResult:
-  """Any mode: the recall loop (`gate`, `all`, `topk`, read from `setup.recall`) or a baseline.
-  timed, max_tokens, mesh: as in `evaluate`."""
-  if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-  params, setup = on_mesh(params, setup, mesh)
-  if mode in RECALL_MODES:
-    setup = dataclasses.replace(setup, recall=dataclasses.replace(setup.recall, mode=mode))
-    return evaluate(params, setup, compressor, examples, score, batch_size=batch_size,
-                    question_tokens=question_tokens, seed=seed, keep_traces=keep_traces,
-                    latency_examples=latency_examples, timed=timed, max_tokens=max_tokens,
-                    mesh=mesh)
-  eos = set(setup.model.eos_token_ids)
-  pad = setup.model.pad_token_id
-  max_tokens = max_tokens or max(len(ex.context) for ex in examples)
-  n_sections = -(-max_tokens // baseline.memagent_chunk)
+  """Reads `examples` in batches with the reader registered as `mode` (`memrecall.readers`:
+  `gate`, `all`, `topk`, `memagent`, `full`, `rag`, or any other registered) and scores the
+  answers; times the first `latency_examples` questions alone too.
 
-  def context_of(ex) -> list[int]:
-    ids = list(map(int, ex.context))
-    if mode == "full":
-      return baselines.middle_truncate(ids, baseline.full_budget)
-    pieces = [ids[i:i + baseline.rag_chunk] for i in range(0, len(ids), baseline.rag_chunk)]
-    best = baselines.bm25_top_chunks(pieces, ex.question, baseline.rag_topk)
-    return [t for i in best for t in pieces[i]]
+  timed=False: no untimed first run and no peak (evaluations that only want the answers).
+  max_tokens: every batch cut for this many tokens (one compiled shape across calls; default:
+  the longest example).  mesh: the weights sharded over it and each batch's rows split over
+  its batch axes (`on_mesh`); None: computed where the parameters are."""
+  params, setup = on_mesh(params, setup, mesh)
+  reader = readers.get(mode, setup, compressor, baseline)
+  max_tokens = max_tokens or max(len(ex.context) for ex in examples)
+  eos = set(setup.model.eos_token_ids)
 
   def prepare(group, seed_offset=0):
-    question, question_mask = pad_ids([ex.question for ex in group], question_tokens)
-    rng = jax.random.key(seed + seed_offset)
-    if mode == "memagent":
-      ids, mask = chunked(group, baseline.memagent_chunk, n_sections, pad)
-      return baselines.memagent, (params, setup,
-                                  *rows_on(mesh, ids, mask, question, question_mask), rng)
-    width = baseline.full_budget if mode == "full" else baseline.rag_topk * baseline.rag_chunk
-    context, context_mask = pad_ids([context_of(ex) for ex in group], width)
-    return baselines.answer_from_context, (
-        params, setup, *rows_on(mesh, context, context_mask, question, question_mask), rng)
+    inputs = reader.inputs(group, question_tokens=question_tokens, max_tokens=max_tokens)
+    return reader.call(params, reader.place(mesh, inputs), jax.random.key(seed + seed_offset))
 
   with _within(mesh):
     batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
     latency = _latency_alone(prepare, examples, latency_examples)
-  scores, reads, traces, rows = [], [], [], []
+  scores, reads, relevant_read, relevant, blocks, trace_rows, rows = [], [], 0, 0, 0, [], []
   for group, out in batches:
-    answer = out.answer if mode == "memagent" else out
-    read = out.trace.read.sum(axis=1) if mode == "memagent" else np.zeros(len(group))
+    answer, trace = reader.answer(out), reader.trace(out)
     for i, ex in enumerate(group):
       predicted = _answer_ids(answer, i, eos)
       row_scores = score(predicted, ex)
       scores.append(row_scores[ACCURACY_METRIC])
-      reads.append(float(read[i]))
-      rows.append({"prediction_ids": predicted, "blocks_read": int(read[i]), **row_scores})
-      if len(traces) < keep_traces:
-        traces.append({"id": ex.example.id, "answer_ids": predicted, "correct": scores[-1],
-                       "gold_ids": [list(map(int, g)) for g in ex.answers]})
+      labels = reader.block_labels(ex)
+      read = np.zeros((0,), bool) if trace is None else np.asarray(trace.read[i])
+      read = read if labels is None else read[:len(labels)]
+      reads.append(int(read.sum()))
+      rows.append({"prediction_ids": predicted, "blocks_read": int(read.sum()), **row_scores})
+      if labels is not None:
+        relevant_read += int((read & labels).sum())
+        relevant += int(labels.sum())
+        blocks += len(labels)
+      if len(trace_rows) < keep_traces:
+        trace_rows.append({"id": ex.example.id, "answer_ids": predicted,
+                           "gold_ids": [list(map(int, g)) for g in ex.answers],
+                           "correct": scores[-1]})
+        if labels is not None:  # the blocks are the chunks the labels describe
+          columns = traces.block_columns(trace, i, len(labels))
+          trace_rows[-1].update(gate_scores=columns["gate_scores"], read=columns["read"],
+                                relevant=labels.tolist(), memory_ids=columns["memory_ids"])
   scores = np.asarray(scores)
+  labelled = reader.block_labels(examples[0]) is not None  # gate recall and skips have a meaning
   return EvalResult(accuracy=float(100 * scores.mean()), stderr=_stderr(scores),
                     latency_s=latency, batched_s=seconds / len(examples),
-                    blocks_read=float(np.mean(reads)), gate_recall=float("nan"),
-                    skip_rate=float("nan"), examples=len(examples), traces=traces,
-                    peak_bytes=peak, rows=rows)
+                    blocks_read=float(np.mean(reads)),
+                    gate_recall=relevant_read / max(relevant, 1) if labelled else float("nan"),
+                    skip_rate=(1 - float(np.sum(reads)) / max(blocks, 1) if labelled
+                               else float("nan")),
+                    examples=len(examples), traces=trace_rows, peak_bytes=peak, rows=rows)
 
 
 def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **extra) -> dict:
@@ -327,9 +218,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   (this process's devices).  Every process computes every row (each row is one mode at one
   length, timed); process 0 writes them.
   """
-  unknown = set(modes) - set(MODES)
-  if unknown:
-    raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+  readers.check(modes, "mode")
   _check_own_devices(mesh)
   results_path = os.path.join(output_dir, "results.json")
   rows = report.load_rows(results_path)
@@ -486,9 +375,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   (`merge_predictions`) and writes the results.  A rerun, with any number of processes,
   skips every row found in any of these files.
   """
-  unknown = set(modes) - set(MODES)
-  if unknown:
-    raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+  readers.check(modes, "mode")
   _check_own_devices(mesh)
   os.makedirs(output_dir, exist_ok=True)
   process, processes = jax.process_index(), jax.process_count()

@@ -61,7 +61,7 @@ def table(rows: Sequence[dict]) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-  """The results as a Markdown table (the README shows the demo's)."""
+  """The results as a Markdown table (docs/results.md shows the demo's)."""
   lines = ["| model | task | mode | length | tokens | questions | accuracy % | ± | latency s | "
            "s / question in batches | blocks read | gate recall | skip rate |", "|" + "---|" * 13]
   fmt = lambda x, spec: "" if x is None or x != x else format(x, spec)  # x != x: NaN

@@ -1,9 +1,13 @@
 """Looking inside one question of an evaluation: gate scores, reads and the working memory.
 
+Also where a reader's per-block trace becomes JSON, for evaluation's traces/*.json
+(`block_columns`) and launch/answer.py's --output_json (`block_records`).
+
+    from memrecall import run_builder
     from memrecall.evaluate import traces
-    model = traces.load_model("runs/gate")            # orbax checkpoint + its config
+    run, _ = run_builder.from_workdir("runs/gate")    # its config, tokenizer and weights
     trace = traces.load_trace("runs/gate/eval/traces/lychee-gate-8x.json", question=0)
-    traces.plot_question(trace, "question0.png", decode=model.tokenizer.decode)
+    traces.plot_question(trace, "question0.png", decode=run.tokenizer.decode)
 """
 
 from __future__ import annotations
@@ -11,7 +15,34 @@ from __future__ import annotations
 import json
 from typing import Callable, Sequence
 
-from memrecall.run_builder import load_trained_model as load_model  # noqa: F401  (re-exported)
+import numpy as np
+
+from memrecall.method.recall import RecallTrace
+
+
+def block_columns(trace: RecallTrace, row: int, blocks: int) -> dict[str, list]:
+  """Question `row`'s first `blocks` blocks as JSON columns: "gate_scores" (None where no gate
+  ran), "read", and "memory_ids" (the working memory after each block)."""
+  scores = np.asarray(trace.gate_scores[row, :blocks])
+  ids, mask = np.asarray(trace.memory_ids[row]), np.asarray(trace.memory_mask[row])
+  return {"gate_scores": [None if np.isnan(s) else float(s) for s in scores],
+          "read": np.asarray(trace.read[row, :blocks]).tolist(),
+          "memory_ids": [ids[c][mask[c]].tolist() for c in range(blocks)]}
+
+
+def block_records(trace: RecallTrace, row: int, blocks: int,
+                  decode: Callable[[Sequence[int]], str] | None = None) -> list[dict]:
+  """The same, one record per block: {"chunk", "gate_score", "read", "memory_ids"} and, with
+  `decode`, "memory" (the memory's text)."""
+  columns = block_columns(trace, row, blocks)
+  records = []
+  for c in range(blocks):
+    record = {"chunk": c, "gate_score": columns["gate_scores"][c], "read": columns["read"][c],
+              "memory_ids": columns["memory_ids"][c]}
+    if decode is not None:
+      record["memory"] = decode(record["memory_ids"])
+    records.append(record)
+  return records
 
 
 def load_trace(path: str, question: int = 0) -> dict:

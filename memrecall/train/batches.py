@@ -7,20 +7,9 @@ from typing import Sequence
 import numpy as np
 
 from memrecall.data.example import TokenizedExample, Tokens
-from memrecall.method.compressor import chunk_documents
+# One chunking for training and reading (`readers.chunked`); re-exported for the stages.
+from memrecall.readers import BatchError, chunked, describe  # noqa: F401
 from memrecall.train.objectives import GateBatch, TurnBatch
-
-
-class BatchError(ValueError):
-  """Examples that do not fit the configured shapes."""
-
-
-def describe(ex: TokenizedExample) -> str:
-  """Where an example comes from, for errors: its file and row when it has them."""
-  meta = ex.example.metadata
-  if "source" in meta and "row" in meta:
-    return f"{meta['source']} row {meta['row']} (example {ex.example.id})"
-  return f"example {ex.example.id}"
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], width: int, what: str,
@@ -34,19 +23,6 @@ def _pad_rows(rows: Sequence[Sequence[int]], width: int, what: str,
     ids[i, :len(row)] = row
     mask[i, :len(row)] = True
   return ids, mask
-
-
-def chunked(examples: Sequence[TokenizedExample], chunk_size: int, num_chunks: int,
-            pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Documents as [B, N, C] ids and mask; shorter documents get empty trailing chunks."""
-  try:
-    return chunk_documents([ex.context for ex in examples], chunk_size, num_chunks, pad_id)
-  except IndexError as e:
-    ex, n = examples[e.args[0]], e.args[1]
-    raise BatchError(f"{describe(ex)}: its {len(ex.context)} tokens make {n} chunks of "
-                     f"{chunk_size}, over the budget of {num_chunks} (data.max_chunks)") from None
-  except ValueError as e:  # an empty document
-    raise BatchError(str(e)) from None
 
 
 def recall_pretraining_chunks(ids: np.ndarray, mask: np.ndarray, ratio: int,

@@ -1,12 +1,12 @@
 """The stages' objectives, all differentiable end to end through the compressed memory.
 
-Every memory-update turn of every question is teacher-forced: the chunk is
+Every memory-update turn of every question is teacher-forced by the run's reader
+(`memrecall.readers`, `Reader.trajectory_logprobs`): for the method the chunk is
 compressed (with gradients), its slots prefix the update prompt rendered from
 the memory *before* the chunk, and the log-probabilities of the tokens the
-turn wrote are read off.  A `lax.scan` over blocks with `jax.checkpoint` on its
-body keeps activation memory to one block however many chunks a document has.
-SFT maximises those log-probabilities on oracle traces; RL weights them with
-advantages (PPO clip + KL); the gate is a BCE on per-chunk labels.
+turn wrote are read off.  SFT maximises those log-probabilities on oracle
+traces; RL weights them with advantages (PPO clip + KL); the gate is a BCE on
+per-chunk labels.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import jax.numpy as jnp
 
 from memrecall.method.compressor import CompressorConfig, compress, compressor_logits
 from memrecall.method.gate import gate_logits
-from memrecall.method.prompts import PromptTemplate, Prompts
-from memrecall.method.reasoner import WorkingMemory, no_prefix, prefix_cache
+from memrecall.method.prompts import Prompts
+from memrecall.method.reasoner import WorkingMemory
 from memrecall.models.config import ModelConfig
-from memrecall.models.qwen2 import forward
+from memrecall.readers import Reader
+from memrecall.readers.trajectory import TurnBatch, turn_logprobs  # noqa: F401  (re-exported)
 from memrecall.train import grpo
 
 Array = jax.Array
@@ -30,104 +31,26 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-  """What the objectives need to know statically (hashable).
+  """What the objectives need to know statically.
 
-  raw_chunks: the MemAgent reader — every update prompt carries its chunk's raw tokens
-  (the `memagent` template's {section}) instead of a compressed KV prefix.
+  reader: the `memrecall.readers.Reader` the run trains: its `trajectory_logprobs` says
+  what a block puts before its update (compressed KV, or the raw section in the prompt).
   """
   model: ModelConfig
   compressor: CompressorConfig
   prompts: Prompts
-  raw_chunks: bool = False
+  reader: Reader
 
   @classmethod
   def of_run(cls, run) -> "TrainSetup":
-    """The setup of a `run_builder.Run` (its model, compressor, prompts and agent)."""
-    return cls(run.model, run.compressor, run.prompts, raw_chunks=run.agent == "memagent")
-
-
-@flax.struct.dataclass
-class TurnBatch:
-  """B trajectories over N blocks, teacher-forced.
-
-  chunk_ids/chunk_mask:   [B, N, C] the document's chunks.
-  question(_mask):        [B, Q].
-  memory_ids/_mask:       [B, N, Mc] working memory *before* each block.
-  targets/target_mask:    [B, N, M] tokens each block's update wrote (EOS included);
-                          an all-False row means the block was not read.
-  final_memory_ids/_mask: [B, Mc] memory after the last block.
-  answer/answer_mask:     [B, A] the answer's tokens (EOS included).
-  labels:                 [B, N] chunk relevance, for a gate trained jointly (optional).
-  """
-  chunk_ids: Array
-  chunk_mask: Array
-  question: Array
-  question_mask: Array
-  memory_ids: Array
-  memory_mask: Array
-  targets: Array
-  target_mask: Array
-  final_memory_ids: Array
-  final_memory_mask: Array
-  answer: Array
-  answer_mask: Array
-  labels: Array | None = None
-
-
-def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Array, v: Array,
-                  slot_mask: Array, question: Array, question_mask: Array, memory: WorkingMemory,
-                  targets: Array, target_mask: Array, section: Array | None = None,
-                  section_mask: Array | None = None) -> tuple[Array, Array]:
-  """Teacher-forced log-probs and entropies [B, M] of `targets` after [slots] + prompt."""
-  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask,
-                                        section, section_mask)
-  tokens = jnp.concatenate([prompt, targets], axis=1)
-  mask = jnp.concatenate([prompt_mask, target_mask.astype(bool)], axis=1)
-  cache = prefix_cache(config, k, v, slot_mask, tokens.shape[1])
-  logits, _ = forward(params, config, tokens, mask, cache)
-  p, m = prompt.shape[1], targets.shape[1]
-  # The prompt ends with literal text and targets are contiguous, so token j is
-  # predicted at position p - 1 + j.
-  logp = jax.nn.log_softmax(logits[:, p - 1:p - 1 + m])
-  token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  entropy = -(jnp.exp(logp) * logp).sum(-1)
-  return token_logp, jax.lax.stop_gradient(entropy)
+    """The setup of a `run_builder.Run` (its model, compressor, prompts and agent's reader)."""
+    return cls(run.model, run.compressor, run.prompts, reader=run.reader())
 
 
 def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch, with_gate: bool = False):
   """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A];
   with_gate also returns the gate's logit of every block [B, N] (same compressed chunks)."""
-  cfg = setup.model
-
-  if with_gate and setup.raw_chunks:
-    raise ValueError("a raw-chunk (memagent) reader has no gate to train")
-
-  @jax.checkpoint
-  def block(carry, xs):
-    ids, mask, mem_ids, mem_mask, targets, target_mask = xs
-    memory = WorkingMemory(mem_ids, mem_mask)
-    if setup.raw_chunks:  # MemAgent: the chunk's raw tokens in the prompt, no KV prefix
-      template, prefix, section = setup.prompts.memagent, no_prefix(cfg, ids.shape[0]), (ids, mask)
-    else:
-      chunk = compress(params, cfg, setup.compressor, ids, mask, for_gradients=True)
-      template, prefix, section = setup.prompts.update, (chunk.k, chunk.v, chunk.slot_mask), ()
-    logp, entropy = turn_logprobs(params, cfg, template, *prefix, batch.question,
-                                  batch.question_mask, memory, targets, target_mask, *section)
-    gate = (gate_logits(params, cfg, setup.prompts.gate, *prefix, batch.question,
-                        batch.question_mask, memory) if with_gate
-            else jnp.zeros(logp.shape[:1]))
-    return carry, (logp, entropy, gate)
-
-  block_major = lambda x: jnp.moveaxis(x, 1, 0)
-  xs = tuple(block_major(x) for x in (batch.chunk_ids, batch.chunk_mask, batch.memory_ids,
-                                      batch.memory_mask, batch.targets, batch.target_mask))
-  _, (logp, entropy, gate) = jax.lax.scan(block, None, xs)
-  answer_logp, answer_entropy = turn_logprobs(
-      params, cfg, setup.prompts.final, *no_prefix(cfg, batch.question.shape[0]), batch.question,
-      batch.question_mask, WorkingMemory(batch.final_memory_ids, batch.final_memory_mask),
-      batch.answer, batch.answer_mask)
-  outputs = (jnp.moveaxis(logp, 0, 1), jnp.moveaxis(entropy, 0, 1)), (answer_logp, answer_entropy)
-  return outputs + (gate.T,) if with_gate else outputs
+  return setup.reader.trajectory_logprobs(params, batch, with_gate)
 
 
 def _flat_tokens(blocks: Array, answer: Array) -> Array:
@@ -143,7 +66,8 @@ def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0
   """Token-mean negative log-likelihood of the oracle memory updates and answers.
 
   gate_weight > 0 adds the gate's BCE on the same compressed chunks (the gate trained
-  jointly, as in DESIGN §8's prototype: relevance is a direct signal for the memory).
+  jointly, as in the prototype of docs/architecture.md#the-toy-task: relevance is a
+  direct signal for the memory).
   """
   outputs = trajectory_logprobs(params, setup, batch, with_gate=gate_weight > 0)
   (logp, _), (answer_logp, _) = outputs[:2]
@@ -162,7 +86,7 @@ def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  """The policy-gradient objective's settings (DESIGN §6 defaults)."""
+  """The policy-gradient objective's settings (docs/architecture.md#reward-and-policy-gradient)."""
   eps_low: float = 0.2
   eps_high: float = 0.2
   kl_coef: float = 1e-3

@@ -1,8 +1,9 @@
 """The training driver shared by every stage: init or resume, the step loop, logging, checkpoints.
 
-Stages (DESIGN §6): `compressor` (beacon pre-training), `sft` (teacher-forced
-warm start on oracle memory traces), `rl` (multi-conversation GRPO with
-rollouts from the recall loop) and `gate` (the BCE relevance classifier).
+Stages (docs/architecture.md#training-stages): `compressor` (beacon
+pre-training), `sft` (teacher-forced warm start on oracle memory traces), `rl`
+(multi-conversation GRPO with rollouts from the recall loop) and `gate` (the
+BCE relevance classifier).
 Rerunning the same command on the same workdir resumes exactly: the state,
 the RNG and the data position all come back from the latest checkpoint.
 """
@@ -25,17 +26,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from memrecall.method.recall import recall_documents
 from memrecall.models import qwen2 as model_lib
 from memrecall.models.config import ConfigError
-from memrecall.readers import baselines
-from memrecall.run_builder import Run, build_run
+from memrecall.run_builder import TRAINING_STAGES, Run, build_run
 from memrecall.runtime import distributed, sharding as sharding_lib
 from memrecall.runtime.checkpoint import Checkpointer
 from memrecall.train import batches, grpo, objectives, state as state_lib
 from memrecall.train.metrics_writer import MetricsWriter
 
-STAGES = ("compressor", "sft", "rl", "gate")
 
 
 class TrainingError(RuntimeError):
@@ -178,8 +176,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   PREEMPTED_EXIT_CODE); rerunning the command resumes exactly.
   """
   check_workdir(workdir)
-  if config.stage not in STAGES:
-    raise ConfigError(f"unknown stage {config.stage!r}; choose from {STAGES}")
+  if config.stage not in TRAINING_STAGES:
+    raise ConfigError(f"unknown stage {config.stage!r}; choose from {TRAINING_STAGES}")
   for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep"):
     value = config.train.get(key, 1)
     if not isinstance(value, int) or value < 1:
@@ -451,7 +449,8 @@ class RLStage(_Stage):
     if self.batch_size % self.group:
       raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
                         f"rl.group_size ({self.group})")
-    self.recall_setup = run.recall_setup(rl.mode, temperature=rl.temperature)
+    # The rollout's reader: the agent's (the method in `rl.mode`, or MemAgent's), sampling.
+    self.reader = run.reader(rl.mode, temperature=rl.temperature)
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, self.setup, turns))
@@ -465,24 +464,19 @@ class RLStage(_Stage):
     trainable, _ = state_lib.split(params, self.paths)
     self.reference_trainable = jax.tree.map(jnp.copy, trainable)
 
-  def _rollout(self):
-    """(jitted rollout, its static arguments before the arrays): MemAgent's loop over raw
-    chunks, or compression and the recall loop."""
-    if self.run.agent == "memagent":
-      return baselines.memagent, (self.recall_setup,)
-    return recall_documents, (self.recall_setup, self.run.compressor)
+  @staticmethod
+  def _inputs(turns) -> tuple:
+    """What the reader reads of `turns`: [B, N, C] chunks and [B, Q] questions."""
+    return turns.chunk_ids, turns.chunk_mask, turns.question, turns.question_mask
 
   def rollout(self, params, turns, rng):
-    """G rollouts per question: [B, N, C] chunks and [B, Q] questions of `turns`."""
-    fn, static = self._rollout()
-    return fn(params, *static, turns.chunk_ids, turns.chunk_mask, turns.question,
-              turns.question_mask, rng)
+    """G rollouts per question, read by the run's reader from the chunks of `turns`."""
+    return self.reader.read(params, self._inputs(turns), rng)
 
   def programs(self, state, turns, reference) -> list["Program"]:
     """The rollout and the reference log-prob pass on the abstract `state`, `turns` (the train
     step's batch) and `reference` (the KL reference's trainable leaves): the programs `batch`
     runs besides the step, each with what stays on device meanwhile."""
-    fn, static = self._rollout()
     rng = jax.eval_shape(lambda: jax.random.key(0))
     replicated = jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
     rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
@@ -490,8 +484,7 @@ class RLStage(_Stage):
     # The reference pass scores the reference's leaves merged with the state's frozen ones
     # (the same shapes as `params`); the policy's trainable leaves stay on device meanwhile.
     policy, _ = state_lib.split(params, list(reference))
-    return [Program("rollout", fn, (params, *static, turns.chunk_ids, turns.chunk_mask,
-                                    turns.question, turns.question_mask, rng),
+    return [Program("rollout", *self.reader.call(params, self._inputs(turns), rng),
                     held=(state.opt_state, reference)),
             Program("reference_logprobs", self._score, (params, turns),
                     held=(state.opt_state, policy))]

@@ -134,7 +134,7 @@ def test_memagent_agent_learns_from_raw_chunks_and_has_no_gate():
   config = small_config("sft")
   config.agent = "memagent"
   run = run_builder.build_run(config)
-  assert objectives.TrainSetup.of_run(run).raw_chunks
+  assert not objectives.TrainSetup.of_run(run).reader.compressed  # raw chunks
   stage = trainer._STAGES["sft"](run)
   params = model.init_params(run.model, jax.random.key(0))
   batch, _ = stage.batch(0, None, slice(0, config.train.batch_size))

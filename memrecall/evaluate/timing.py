@@ -1,0 +1,67 @@
+"""Timing and planned device memory of compiled programs: one home for evaluation, the
+benchmark, the launchers' measurements and the capacity compiles.
+
+Compilation never counts as time: a jitted program is compiled ahead of time
+(`compile_ahead`), and what is timed is the fastest of a few runs (`best_seconds`),
+what the machine does without a stray pause.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Callable
+
+import jax
+
+
+def compile_ahead(jitted, *args) -> tuple[object, Callable[[], object]]:
+  """(compiled program, a call of it on args) for a `jax.jit` function, compiled without
+  running it.  Every argument is bound by name: the compiled program takes only the non-static
+  ones, and its `args_info` says which those are."""
+  bound = inspect.signature(jitted).bind(*args).arguments
+  compiled = jitted.lower(**bound).compile()
+  dynamic = {name: bound[name] for name in compiled.args_info[1]}
+  return compiled, lambda: compiled(**dynamic)
+
+
+def planned_bytes(compiled) -> int:
+  """Device bytes of one call as XLA plans it: temporaries + arguments + outputs."""
+  stats = compiled.memory_analysis()
+  return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
+
+
+def compiled_bytes(jitted, *args) -> int:
+  """`planned_bytes` of jitted(*args) (compiled, not run)."""
+  return planned_bytes(compile_ahead(jitted, *args)[0])
+
+
+def timed(call: Callable[[], object], wait=jax.block_until_ready) -> tuple[object, float]:
+  """(waited output, seconds) of one call; `wait` (default: block until ready; `jax.device_get`
+  counts the copy to the host too) ends the clock."""
+  began = time.perf_counter()
+  out = wait(call())
+  return out, time.perf_counter() - began
+
+
+def best_seconds(call: Callable[[], object], repeats: int, wait=jax.block_until_ready) -> float:
+  """The fastest of `repeats` timed calls (`timed`)."""
+  return min(timed(call, wait)[1] for _ in range(repeats))
+
+
+def time_compiled(jitted, repeats: int, *args) -> tuple[float, int]:
+  """(best seconds of `repeats` runs, planned bytes) of a jitted function on args: one
+  compile ahead of time gives both, and nothing runs untimed (at 7B shapes one untimed run of
+  a memory-update loop is minutes, and another compile for the bytes as long again)."""
+  compiled, call = compile_ahead(jitted, *args)
+  return best_seconds(call, repeats), planned_bytes(compiled)
+
+
+def best_time(fn: Callable[..., object], repeats: int, *args) -> float:
+  """Best seconds of `repeats` calls of fn(*args), compilation excluded.  A jitted fn is
+  compiled ahead of time (`repeats=1` runs it once); any other fn (Python around jitted
+  programs) runs once untimed to compile and warm up."""
+  if hasattr(fn, "lower"):
+    return time_compiled(fn, repeats, *args)[0]
+  jax.block_until_ready(fn(*args))
+  return best_seconds(lambda: fn(*args), repeats)

@@ -1,0 +1,109 @@
+"""A trajectory — every memory update of one question, then its answer — and its scores.
+
+Readers that train (the method, MemAgent) walk the same loop and differ only in
+what a block puts before its update prompt: compressed KV slots, or the raw
+section inside the prompt.  `score_trajectory` teacher-forces every turn with
+that one difference passed in (`BlockTurn`), so each reader's
+`trajectory_logprobs` is a line, and the RL loss scores exactly what the reader's
+rollout sampled.  A `lax.scan` over blocks with `jax.checkpoint` on its body
+keeps activation memory to one block however many chunks a document has.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from memrecall.method.gate import gate_logits
+from memrecall.method.prompts import PromptTemplate, Prompts
+from memrecall.method.reasoner import WorkingMemory, no_prefix, prefix_cache
+from memrecall.models.config import ModelConfig
+from memrecall.models.qwen2 import forward
+
+Array = jax.Array
+# (chunk ids [B, C], chunk mask [B, C]) -> (update template, (k, v, slot_mask) prefix,
+# () or (section, section_mask)): what one block puts before and into its update prompt.
+BlockTurn = Callable[[Array, Array], tuple]
+
+
+@flax.struct.dataclass
+class TurnBatch:
+  """B trajectories over N blocks, teacher-forced.
+
+  chunk_ids/chunk_mask:   [B, N, C] the document's chunks.
+  question(_mask):        [B, Q].
+  memory_ids/_mask:       [B, N, Mc] working memory *before* each block.
+  targets/target_mask:    [B, N, M] tokens each block's update wrote (EOS included);
+                          an all-False row means the block was not read.
+  final_memory_ids/_mask: [B, Mc] memory after the last block.
+  answer/answer_mask:     [B, A] the answer's tokens (EOS included).
+  labels:                 [B, N] chunk relevance, for a gate trained jointly (optional).
+  """
+  chunk_ids: Array
+  chunk_mask: Array
+  question: Array
+  question_mask: Array
+  memory_ids: Array
+  memory_mask: Array
+  targets: Array
+  target_mask: Array
+  final_memory_ids: Array
+  final_memory_mask: Array
+  answer: Array
+  answer_mask: Array
+  labels: Array | None = None
+
+
+def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Array, v: Array,
+                  slot_mask: Array, question: Array, question_mask: Array, memory: WorkingMemory,
+                  targets: Array, target_mask: Array, section: Array | None = None,
+                  section_mask: Array | None = None) -> tuple[Array, Array]:
+  """Teacher-forced log-probs and entropies [B, M] of `targets` after [slots] + prompt."""
+  prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask,
+                                        section, section_mask)
+  tokens = jnp.concatenate([prompt, targets], axis=1)
+  mask = jnp.concatenate([prompt_mask, target_mask.astype(bool)], axis=1)
+  cache = prefix_cache(config, k, v, slot_mask, tokens.shape[1])
+  logits, _ = forward(params, config, tokens, mask, cache)
+  p, m = prompt.shape[1], targets.shape[1]
+  # The prompt ends with literal text and targets are contiguous, so token j is
+  # predicted at position p - 1 + j.
+  logp = jax.nn.log_softmax(logits[:, p - 1:p - 1 + m])
+  token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  entropy = -(jnp.exp(logp) * logp).sum(-1)
+  return token_logp, jax.lax.stop_gradient(entropy)
+
+
+def score_trajectory(params, config: ModelConfig, prompts: Prompts, batch: TurnBatch,
+                     block_turn: BlockTurn, with_gate: bool = False):
+  """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A];
+  with_gate also returns the gate's logit of every block [B, N] (on the same prefix).
+
+  block_turn runs inside the checkpointed block, so a compression there is differentiated
+  and rematerialised with the block."""
+
+  @jax.checkpoint
+  def block(carry, xs):
+    ids, mask, mem_ids, mem_mask, targets, target_mask = xs
+    memory = WorkingMemory(mem_ids, mem_mask)
+    template, prefix, section = block_turn(ids, mask)
+    logp, entropy = turn_logprobs(params, config, template, *prefix, batch.question,
+                                  batch.question_mask, memory, targets, target_mask, *section)
+    gate = (gate_logits(params, config, prompts.gate, *prefix, batch.question,
+                        batch.question_mask, memory) if with_gate
+            else jnp.zeros(logp.shape[:1]))
+    return carry, (logp, entropy, gate)
+
+  block_major = lambda x: jnp.moveaxis(x, 1, 0)
+  xs = tuple(block_major(x) for x in (batch.chunk_ids, batch.chunk_mask, batch.memory_ids,
+                                      batch.memory_mask, batch.targets, batch.target_mask))
+  _, (logp, entropy, gate) = jax.lax.scan(block, None, xs)
+  answer_logp, answer_entropy = turn_logprobs(
+      params, config, prompts.final, *no_prefix(config, batch.question.shape[0]), batch.question,
+      batch.question_mask, WorkingMemory(batch.final_memory_ids, batch.final_memory_mask),
+      batch.answer, batch.answer_mask)
+  outputs = (jnp.moveaxis(logp, 0, 1), jnp.moveaxis(entropy, 0, 1)), (answer_logp, answer_entropy)
+  return outputs + (gate.T,) if with_gate else outputs

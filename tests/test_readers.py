@@ -1,0 +1,110 @@
+"""The reader registry: a reader defined here, registered by name, runs through evaluation's
+own path; unknown names are refused with the registered ones listed."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from memrecall import readers, run_builder
+from memrecall.evaluate import evaluator
+from memrecall.method.prompts import pad_ids
+from memrecall.models import qwen2 as model
+from memrecall.readers import context
+from tests.train.conftest import small_config
+
+
+class FirstChunk(readers.Reader):
+  """Answers from the document's first `compressor.chunk_size` tokens in one prompt."""
+
+  summary = "reads the first chunk only"
+
+  def inputs(self, examples, *, question_tokens, max_tokens):
+    del max_tokens
+    c = self.compressor.chunk_size
+    first, first_mask = pad_ids([list(map(int, ex.context[:c])) for ex in examples], c)
+    question, question_mask = pad_ids([ex.question for ex in examples], question_tokens)
+    return first, first_mask, question, question_mask
+
+  def call(self, params, inputs, rng):
+    return context.answer_from_context, (params, self.setup, *inputs, rng)
+
+  def answer(self, output):
+    return output
+
+  def trace(self, output):
+    return None
+
+
+@pytest.fixture
+def first_chunk():
+  readers.register("first_chunk")(FirstChunk)
+  yield "first_chunk"
+  readers.unregister("first_chunk")
+
+
+def test_builtin_readers_are_registered_in_order():
+  assert readers.names() == ("gate", "all", "topk", "memagent", "full", "rag")
+  assert readers.reader_class("gate") is readers.reader_class("topk")
+  assert readers.reader_class("memagent").trains and not readers.reader_class("full").trains
+  assert not readers.reader_class("memagent").compressed
+
+
+def test_a_registered_reader_is_evaluated_through_the_suite(tmp_path, first_chunk):
+  config = small_config("sft")
+  config.task.length = 32
+  config.compressor.chunk_size = 16
+  run = run_builder.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0))
+  rows = evaluator.evaluate_suite(
+      params, run, model_name="lychee", lengths=[1, 2], modes=[first_chunk], examples=2,
+      batch_size=2, output_dir=str(tmp_path), baseline=evaluator.BaselineConfig(),
+      latency_examples=1, log=lambda *a: None)
+  assert [(r["mode"], r["length_multiple"]) for r in rows] == [(first_chunk, 1), (first_chunk, 2)]
+  for r in rows:
+    assert r["examples"] == 2 and 0 <= r["accuracy"] <= 100 and r["blocks_read"] == 0
+    assert r["gate_recall"] is None and r["latency_s"] > 0 and r["peak_bytes"] > 0  # NaN: None
+  saved = json.load(open(tmp_path / "results.json"))
+  assert {r["mode"] for r in saved} == {first_chunk}
+  traces = json.load(open(tmp_path / "traces" / f"lychee-{first_chunk}-2x.json"))
+  assert len(traces) == 2 and set(traces[0]) == {"id", "answer_ids", "gold_ids", "correct"}
+
+
+def test_the_same_reader_answers_like_the_full_baseline_cut_to_one_chunk(first_chunk):
+  """Its rows through `evaluate_mode` equal the `full` reader's with a budget of one chunk
+  whenever the document fits in it: the registry adds no behaviour of its own."""
+  config = small_config("sft")
+  config.task.length = 32
+  config.compressor.chunk_size = 32
+  run = run_builder.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0))
+  examples = [ex for ex in run.examples(0, 6) if len(ex.context) <= 32][:2]
+  assert examples
+  common = dict(batch_size=2, question_tokens=run.question_tokens, latency_examples=0,
+                timed=False)
+  mine = evaluator.evaluate_mode(params, run.recall_setup(), run.compressor, examples,
+                                 run.score, mode=first_chunk, **common)
+  full = evaluator.evaluate_mode(params, run.recall_setup(), run.compressor, examples,
+                                 run.score, mode="full",
+                                 baseline=evaluator.BaselineConfig(full_budget=32), **common)
+  assert mine.rows == full.rows
+
+
+def test_unknown_reader_names_are_refused_listing_the_registered(tmp_path):
+  run = run_builder.build_run(small_config("sft"))
+  listed = "registered: gate, all, topk, memagent, full, rag"
+  with pytest.raises(readers.UnknownReaderError, match=f"unknown reader 'fast'; {listed}"):
+    readers.get("fast", run.recall_setup(), run.compressor)
+  with pytest.raises(ValueError, match=r"unknown mode 'fast'; registered: gate, all"):
+    evaluator.evaluate_suite(None, run, model_name="m", lengths=[1], modes=["all", "fast"],
+                             examples=1, batch_size=1, output_dir=str(tmp_path),
+                             baseline=evaluator.BaselineConfig(), log=lambda *a: None)
+
+
+def test_registering_a_taken_name_for_another_class_is_refused():
+  class Other(FirstChunk):
+    pass
+  with pytest.raises(ValueError, match="'all' is already registered"):
+    readers.register("all")(Other)
+  assert readers.reader_class("all").__name__ == "MethodReader"
