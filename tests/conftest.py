@@ -14,7 +14,21 @@ from typing import Any, NamedTuple
 BACKEND = os.environ.get("MEMRECALL_TEST_BACKEND", "cpu")
 if BACKEND not in ("cpu", "default"):
   raise ValueError(f"MEMRECALL_TEST_BACKEND={BACKEND!r}: use cpu or default")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM's optimisation of CPU code off in every test process: the suite compiles hundreds of
+# programs at tiny shapes, where that optimisation is much of the compile time (30% of
+# test_recall.py's CPU seconds) and buys nothing measurable.  Only code generation changes (the
+# same HLO, no fast-math).  Tests that time code (the benchmarks, the device check) start their
+# processes with XLA's defaults.
+FAST_CPU_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def cpu_env(devices: int = 1) -> dict:
+  """The environment of a test's JAX subprocess: the CPU, `devices` simulated devices."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_CPU_COMPILE}"}
+
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_CPU_COMPILE}")
 if BACKEND == "cpu":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 else:

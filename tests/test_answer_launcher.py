@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import numpy as np
+from tests.conftest import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*flags, devices=1):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""}
+  env = cpu_env(devices)
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "answer.py"), *flags],
                         capture_output=True, text=True, env=env, timeout=600)
 

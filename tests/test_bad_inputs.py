@@ -15,11 +15,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tests.conftest import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
 TINY = os.path.join(ROOT, "configs", "tiny.py")
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV = cpu_env()
 ENV.pop("MEMRECALL_VERBOSE", None)
 
 

@@ -14,6 +14,7 @@ import pytest
 from memrecall import run_builder
 from memrecall.evaluate import evaluator, report
 from memrecall.models import qwen2 as model
+from tests.conftest import cpu_env
 from tests.train.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +118,7 @@ def test_runs_score_uses_the_shared_metric():
 
 
 def test_eval_launcher_errors(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = cpu_env()
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "eval.py"),
                          "--config=configs/tiny.py:sft", f"--checkpoint={tmp_path}"],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

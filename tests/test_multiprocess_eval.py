@@ -13,6 +13,7 @@ import sys
 import time
 
 from memrecall.runtime import jsonl
+from tests.conftest import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
@@ -39,8 +40,7 @@ def _rows_file(path) -> str:
 
 def _start(tmp_path, output_dir, process=None, port=None):
   """One launcher process (the whole run when `process` is None)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = cpu_env(devices=2)
   env.pop("MEMRECALL_VERBOSE", None)
   flags = [f"--hf_checkpoint={FIXTURE}/hf", f"--data=rows:{tmp_path / 'rows.json'}",
            "--modes=all", "--chunk_size=512", "--memory_size=8", "--answer_tokens=8",

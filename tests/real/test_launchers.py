@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
+from tests.conftest import cpu_env
 from tests.real.conftest import LYCHEE_TEXT, ROOT
 
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV = cpu_env()
 # The toy-size overrides of tests/real/test_recipes.py's `recipe`, as flags.
 TOY = ["--config.model.param_dtype=float32", "--config.model.dtype=float32",
        "--config.model.remat=none", "--config.model.gate_lora_rank=4",
