@@ -32,8 +32,10 @@ def planned_bytes(compiled) -> int:
 
 
 def compiled_bytes(jitted, *args) -> int:
-  """`planned_bytes` of jitted(*args) (compiled, not run)."""
-  return planned_bytes(compile_ahead(jitted, *args)[0])
+  """`planned_bytes` of jitted(*args) (compiled, not run).  Lowered with the arguments as a
+  call passes them, so that after jitted(*args) ran this is the program that call compiled
+  (JAX's cache), not a second compile (binding them by name, as `compile_ahead` must, is)."""
+  return planned_bytes(jitted.lower(*args).compile())
 
 
 def timed(call: Callable[[], object], wait=jax.block_until_ready) -> tuple[object, float]:
