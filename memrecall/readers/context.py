@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Sequence
 
@@ -72,9 +73,9 @@ class ContextReader(Reader):
   summary = "reads the context in one prompt"
   width: int  # context tokens of the prompt
 
+  @abc.abstractmethod
   def context_of(self, example: TokenizedExample) -> list[int]:
     """The context tokens this baseline puts in the prompt."""
-    raise NotImplementedError
 
   def inputs(self, examples: Sequence[TokenizedExample], *, question_tokens: int,
              max_tokens: int) -> tuple:

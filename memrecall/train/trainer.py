@@ -97,24 +97,19 @@ def check_workdir(workdir: str) -> None:
     raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
-def _row_sharding(shape, mesh):
-  """A global batch array's sharding: rows over the batch axes, the rest replicated."""
-  return sharding_lib.rows_sharding(shape, mesh)
-
-
 def _batch_shardings(local_batch, mesh):
   """Shardings of the global batch whose rows this process holds a 1/process_count share of."""
-  return jax.tree.map(
-      lambda x: _row_sharding((np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:], mesh),
-      local_batch)
+  def global_rows(x):  # rows over the batch axes, the rest replicated
+    return sharding_lib.rows_sharding((np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:],
+                                      mesh)
+  return jax.tree.map(global_rows, local_batch)
 
 
 def abstract_batch(shapes, mesh):
   """A global batch's ShapeDtypeStructs (`_Stage.batch_shapes`) with the shardings `to_global`
   gives the real one: what a step is compiled for without data (launch/compile.py)."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_row_sharding(x.shape, mesh)),
-      shapes)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sharding_lib.rows_sharding(x.shape, mesh)), shapes)
 
 
 def to_global(local_batch, mesh):
