@@ -137,6 +137,13 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
   return PartitionSpec(*spec)
 
 
+def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> int:
+  """How many parts the rules split a batch's rows into on `mesh` (when they divide it)."""
+  target = dict(rules).get("batch")
+  axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+  return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
 def logical_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                      rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))

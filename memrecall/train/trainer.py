@@ -130,9 +130,17 @@ class _Console:
     return f"step {step}/{self.total} {rate:.2f} steps/s ETA {eta:.0f}s | {shown}"
 
 
-# Config blocks a resumed run may change: the step budget and checkpointing, the optimizer's
-# settings, the mesh (a checkpoint restores onto any) and the demo's evaluation sizes.
-RESUMABLE_CHANGES = ("train", "optimizer", "mesh", "demo")
+# Config keys (or whole blocks) a resumed run may change: the step budget, logging and
+# checkpointing, microbatches (the same step in fewer or more parts), the optimizer's settings,
+# the mesh (a checkpoint restores onto any) and the demo's evaluation sizes.  Not
+# train.batch_size (a step's rows are `step * batch_size` on in the data) nor train.trainable
+# (the optimizer state holds the trainable leaves).
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep",
+                     "train.async_checkpoint", "train.microbatches", "optimizer", "mesh", "demo")
+
+
+def _resumable(key: str) -> bool:
+  return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -149,8 +157,7 @@ def _check_same_run(saved: dict, config: dict, workdir: str) -> None:
   """A workdir resumes only the run that wrote it: another model, data, stage or objective
   would continue someone else's checkpoint as if it were this run's (a ConfigError names
   the keys)."""
-  keep = lambda tree: {k: v for k, v in _flat(tree).items()
-                       if k.split(".")[0] not in RESUMABLE_CHANGES}
+  keep = lambda tree: {k: v for k, v in _flat(tree).items() if not _resumable(k)}
   old, new = keep(saved), keep(config)
   diffs = [f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
            if old.get(k) != new.get(k)]
@@ -178,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
   run = build_run(config)
-  microbatches = _microbatches(config)
+  microbatches = _microbatches(config, sharding_lib.batch_shards(run.mesh))
   if distributed.is_primary():
     run.save_assets(workdir)
   stage = _STAGES[config.stage](run)
@@ -203,7 +210,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
       state, _, data = checkpointer.restore(latest, abstract)
       if distributed.is_primary():
         log(f"resumed from {checkpointer.directory}/{latest}")
-    stage.start(state.params)
+    # The run's initial parameters, also on a resume: RL's KL reference is the policy the
+    # stage started from, not the one it resumed with.
+    stage.start(params)
+    del params  # the state holds its own copy; this one would double the weights' memory
     step_fn = jit_train_step(stage, optimizer, paths, microbatches)
     writer = MetricsWriter(os.path.join(workdir, "logs", config.stage), resumed_at=int(state.step))
     console = _Console(config.train.steps, int(state.step))
@@ -245,11 +255,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   return last
 
 
-def _microbatches(config: ml_collections.ConfigDict) -> int:
+def _microbatches(config: ml_collections.ConfigDict, batch_shards: int = 1) -> int:
+  """train.microbatches, checked: a microbatch's rows split evenly over the mesh's batch shards
+  (else the rules replicate them and every device computes more than its share, silently)."""
   microbatches = config.train.get("microbatches", 1)
-  if microbatches < 1 or config.train.batch_size % microbatches:
-    raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be a multiple of "
+  batch = config.train.batch_size
+  if microbatches < 1 or batch % microbatches:
+    raise ConfigError(f"train.batch_size ({batch}) must be a multiple of "
                       f"train.microbatches ({microbatches})")
+  if (batch // microbatches) % batch_shards:
+    raise ConfigError(f"a step's {batch // microbatches} rows (train.batch_size {batch} / "
+                      f"train.microbatches {microbatches}) do not split over the mesh's "
+                      f"{batch_shards} batch shards (mesh.data x mesh.fsdp): use a multiple of "
+                      f"{batch_shards} rows per microbatch")
   return microbatches
 
 
@@ -300,7 +318,8 @@ def stage_programs(run: Run) -> list[Program]:
   state = abstract_train_state(run, optimizer)
   paths = state_lib.trainable_paths(state.params, config.train.trainable)
   batch = abstract_batch(stage.batch_shapes(stage.batch_size), run.mesh)
-  step = jit_train_step(stage, optimizer, paths, _microbatches(config))
+  step = jit_train_step(stage, optimizer, paths,
+                        _microbatches(config, sharding_lib.batch_shards(run.mesh)))
   if not isinstance(stage, RLStage):
     return [Program("train_step", step, (state, batch))]
   # RL keeps the KL reference's copy of the trainable leaves on device all along (`start`).
@@ -319,7 +338,8 @@ class _Stage(abc.ABC):
     self.batch_size = run.config.train.batch_size
 
   def start(self, params) -> None:
-    """Called once with the initial (or resumed) parameters."""
+    """Called once with the run's initial parameters (a resumed run's too: not the restored
+    ones)."""
 
   @abc.abstractmethod
   def batch(self, step: int, state, rows: slice) -> tuple[Any, dict]:

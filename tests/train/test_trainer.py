@@ -2,6 +2,7 @@
 SIGTERM: tests/train/test_preemption.py)."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,10 @@ def test_bad_input_gives_clear_errors(tmp_path):
   bad.stage = "pretrain"
   with pytest.raises(Exception, match="unknown stage 'pretrain'"):
     trainer.train(bad, str(tmp_path / "x"), log=quiet)
+  unsharded = small_config("sft", batch_size=16, microbatches=4)
+  unsharded.mesh.data, unsharded.mesh.fsdp = 2, 4  # 4 rows a microbatch on 8 batch shards
+  with pytest.raises(trainer.ConfigError, match="do not split over the mesh's 8 batch shards"):
+    trainer.train(unsharded, str(tmp_path / "z"), log=quiet)
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
                          "--config=configs/tiny.py:sft", f"--workdir={tmp_path / 'y'}",
@@ -101,3 +106,35 @@ def test_every_tiny_task_makes_oracle_turns_that_fit(task):
   assert turns.answer_mask.sum(-1).min() >= 2  # an answer token and EOS
   with pytest.raises(ValueError, match="unknown task 'sudoku'"):
     tiny.get_config("sft,full,sudoku")
+
+
+def test_rl_resumed_mid_run_keeps_the_initial_policy_as_its_kl_reference(tmp_path):
+  # Stopped at step 2 and resumed, RL must end bit for bit where an uninterrupted run ends: its
+  # KL term is measured against the initial policy, not the policy it resumed with (with the
+  # resumed one as reference the KL gradient vanishes at step 3 and the parameters differ).
+  config = small_config("rl", steps=4)
+  config.rl.kl_coef = 0.5  # large enough that the reference moves the parameters visibly
+  trainer.train(config, str(tmp_path / "straight"), log=quiet)
+  trainer.train(config, str(tmp_path / "resumed"), log=quiet, stop_at=lambda step, p: step == 2)
+  assert max(map(int, os.listdir(tmp_path / "resumed" / "checkpoints"))) == 2
+  trainer.train(config, str(tmp_path / "resumed"), log=quiet)
+  straight, _ = checkpoint.load_params(str(tmp_path / "straight"))
+  resumed, _ = checkpoint.load_params(str(tmp_path / "resumed"))
+  for key, value in _leaves(straight).items():
+    np.testing.assert_array_equal(_leaves(resumed)[key], value, err_msg=str(key))
+
+
+def test_a_resume_may_change_the_budget_and_layout_but_not_the_rows_or_the_trainable_set():
+  saved = json.loads(small_config("sft").to_json_best_effort())
+  def resume_with(**changes):
+    config = small_config("sft")
+    for key, value in changes.items():
+      block, name = key.split("__")
+      setattr(config[block], name, value)
+    trainer._check_same_run(saved, json.loads(config.to_json_best_effort()), "WORKDIR")
+  resume_with(train__steps=40, train__microbatches=2, train__keep=1, optimizer__learning_rate=1.0,
+              mesh__fsdp=2)
+  with pytest.raises(trainer.ConfigError, match=r"train.batch_size 4 there, 8 now"):
+    resume_with(train__batch_size=8)
+  with pytest.raises(trainer.ConfigError, match=r"train.trainable 'backbone' there, 'all' now"):
+    resume_with(train__trainable="all")
