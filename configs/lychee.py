@@ -51,6 +51,9 @@ def base_config(stage: str, size: str, mesh: str) -> ml_collections.ConfigDict:
   c = run_builder.default_config()
   c.stage = stage
   c.model = models.model_config(SIZES[size])
+  # float32 master weights (and so Adam's moments); products run in bfloat16 (`model.dtype`).
+  # Evaluation and RL's rollouts read a bfloat16 copy (`qwen2.inference_params`).
+  c.model.param_dtype = "float32"
   c.model.compressor = True
   # The gate's adapters exist from the first stage, so every stage's checkpoint has one tree.
   c.model.gate_lora_rank = 16

@@ -121,6 +121,31 @@ def test_per_layer_layout_equals_the_scanned_stack(tiny_dir):
     model.stack_layers({k: v for k, v in split.items() if k != "layers_1"}, split_config)
 
 
+def test_inference_params_hold_the_compute_dtype_and_change_no_output(tiny_dir):
+  """float32 master weights computed in bfloat16: the inference copy stores what each product
+  casts to (bfloat16; the gate's float32 head as it is), and its logits and cache are those of
+  the master weights bit for bit."""
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, dtype="bfloat16", gate_lora_rank=2,
+                                                    compressor=True)
+  assert config.param_dtype == "float32"
+  cast, cast_config = model.inference_params(params, config)
+  split, split_config = model.unstack_layers(params, config)
+  assert cast_config == split_config.replace(param_dtype="bfloat16")
+  assert cast["layers_0"]["mlp"]["up_kernel"].dtype == jnp.bfloat16
+  assert cast["embedding"].dtype == cast["beacon_embedding"].dtype == jnp.bfloat16
+  assert cast["gate_head"].dtype == cast["gate_bias"].dtype == jnp.float32  # read in float32
+  tokens = jnp.asarray(np.random.default_rng(3).integers(3, config.vocab_size, (2, 7)))
+  mask = jnp.asarray([[1] * 7, [0] + [1] * 6], bool)
+  caches = [model.init_cache(split_config, 2, 8), model.init_cache(cast_config, 2, 8)]
+  (a, caches[0]), (b, caches[1]) = (model.forward(split, split_config, tokens, mask, caches[0]),
+                                    model.forward(cast, cast_config, tokens, mask, caches[1]))
+  np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+  jax.tree.map(np.testing.assert_array_equal, caches[1], caches[0])
+  # Already in the inference layout and the compute dtype: nothing to do.
+  same, same_config = model.inference_params(cast, cast_config)
+  assert same is cast and same_config == cast_config
+
+
 def _cpu():
   """These tests read XLA:CPU's compiled HLO (its op names and fusions), on any machine."""
   try:

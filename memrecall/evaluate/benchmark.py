@@ -34,7 +34,7 @@ from memrecall.method.reasoner import ReasonerConfig
 from memrecall.method.recall import DocumentBank, RecallConfig, RecallSetup
 from memrecall.models import sampling
 from memrecall.models.config import ModelConfig
-from memrecall.models.qwen2 import init_cache, unstack_layers
+from memrecall.models.qwen2 import inference_params, init_cache
 
 STREAM = "_stream"  # benchmark mode NAME_stream: the reader NAME, compressing inside its loop
 
@@ -246,8 +246,8 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
   """Rows {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s", "peak_bytes"},
   and with `ceilings` also "floor_s" (`mode_floor`), "floor_ratio" (total / floor) and
   "compress_efficiency" (compression's achieved FLOP/s over the matmul ceiling).  Runs in the
-  inference layout (`qwen2.unstack_layers`), as evaluation does.  modes: `mode_reader`'s."""
-  params, config = unstack_layers(params, config)
+  inference layout (`qwen2.inference_params`), as evaluation does.  modes: `mode_reader`'s."""
+  params, config = inference_params(params, config)
   reasoner = ReasonerConfig(memory_size=settings.memory_size, answer_tokens=settings.answer_tokens)
   greedy = sampling.SamplingConfig(eos_ids=(), pad_id=0)  # no EOS: every update decodes fully
   chunk = settings.memagent_chunk or compressor.chunk_size  # a raw reader's sections

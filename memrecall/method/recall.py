@@ -40,7 +40,7 @@ from memrecall.method.prompts import Prompts
 from memrecall.method.reasoner import (ReasonerConfig, WorkingMemory, final_answer, memory_capacity,
                                        update_memory)
 from memrecall.models.config import ModelConfig
-from memrecall.models.qwen2 import unstack_layers
+from memrecall.models.qwen2 import inference_params
 from memrecall.models.sampling import SampleOutput, SamplingConfig
 
 Array = jax.Array
@@ -89,10 +89,12 @@ class RecallSetup:
 
 
 def inference_layout(params, setup: RecallSetup) -> tuple[dict, RecallSetup]:
-  """(params, setup) with one parameter subtree per layer (`ModelConfig.scan_layers=False`):
-  the recall loop's decode steps then read each layer's weights in place instead of copying
-  a slice of the stack at every step.  One copy of the weights; a no-op if already split."""
-  params, model_config = unstack_layers(params, setup.model)
+  """(params, setup) with one parameter subtree per layer (`ModelConfig.scan_layers=False`)
+  in the compute dtype (`qwen2.inference_params`): the recall loop's decode steps then read
+  each layer's weights in place instead of copying a slice of the stack at every step, and
+  float32 master weights as the bfloat16 they are computed in.  One copy of the weights; a
+  no-op if already so."""
+  params, model_config = inference_params(params, setup.model)
   return params, setup.replace(model=model_config)
 
 

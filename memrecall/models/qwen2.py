@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -353,7 +354,10 @@ class Qwen2(nn.Module):
   def logits(self, hidden: Array) -> Array:
     """hidden [B, T, E] -> float32 logits [B, T, V]."""
     head = self.embedding.T if self.config.tie_word_embeddings else self.lm_head
-    logits = jnp.matmul(hidden, head.astype(hidden.dtype), precision=self.config.precision)
+    # Accumulated and returned in float32: bfloat16 logits near 20 are 0.125 apart, noise the
+    # sampler's and the learner's log-probs (RL's ratio) would each round differently.
+    logits = jnp.matmul(hidden, head.astype(hidden.dtype), precision=self.config.precision,
+                        preferred_element_type=jnp.float32)
     logits = with_logical_constraint(logits, ("batch", "length", "act_vocab"))
     return logits.astype(jnp.float32)
 
@@ -504,6 +508,28 @@ def unstack_layers(params, config: ModelConfig):
   for i in range(config.num_layers):
     params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return params, config.replace(scan_layers=False)
+
+
+# Parameters the model reads in float32 whatever the compute dtype (the gate's relevance
+# head): the inference layout keeps them as stored.
+FLOAT32_READ = frozenset({"gate_head", "gate_bias"})
+
+
+def inference_params(params, config: ModelConfig):
+  """(params, config) for reading, not training: one subtree per layer (`unstack_layers`) and
+  every weight the model casts to the compute dtype at use stored in it already.
+
+  Training keeps float32 master weights (an update of ~lr 1e-6 is lost in a bfloat16 weight of
+  ~0.02, whose spacing is ~1e-4) while computing in `dtype`; every product casts them anyway,
+  so casting once here changes no output, and a decode step reads half the bytes."""
+  params, config = unstack_layers(params, config)
+  dtype = config.jnp_dtype
+  if config.jnp_param_dtype == dtype:
+    return params, config
+  flat = flax.traverse_util.flatten_dict(params)
+  cast = {k: v if k[-1] in FLOAT32_READ or not jnp.issubdtype(v.dtype, jnp.floating)
+          else v.astype(dtype) for k, v in flat.items()}
+  return flax.traverse_util.unflatten_dict(cast), config.replace(param_dtype=config.dtype)
 
 
 def stack_layers(params, config: ModelConfig):

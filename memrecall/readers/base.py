@@ -24,6 +24,7 @@ loss calls it, as a rollout calls `read`.
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -127,6 +128,12 @@ class Reader(abc.ABC):
     """The reader's output on `inputs` (see `answer`, `trace`)."""
     program, args = self.call(params, inputs, rng)
     return program(*args)
+
+  def with_setup(self, setup: RecallSetup) -> "Reader":
+    """This reader on another setup (e.g. the inference layout's model config)."""
+    other = copy.copy(self)
+    other.setup = setup
+    return other
 
   def answer(self, output) -> SampleOutput:
     """The answer sampled in an output of `read`."""

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from memrecall.method.recall import inference_layout
 from memrecall.models import qwen2 as model_lib
 from memrecall.models.config import ConfigError
 from memrecall.run_builder import TRAINING_STAGES, Run, build_run
@@ -185,6 +186,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
   run = build_run(config)
+  if run.model.param_dtype != "float32":
+    raise ConfigError(
+        f"model.param_dtype is {run.model.param_dtype}: training needs float32 master weights "
+        "(an update of ~1e-6 is lost in a 16-bit weight, whose spacing near 0.02 is ~1e-4); "
+        "set --config.model.param_dtype=float32 (products still run in model.dtype)")
   microbatches = _microbatches(config, sharding_lib.batch_shards(run.mesh))
   if distributed.is_primary():
     run.save_assets(workdir)
@@ -466,6 +472,7 @@ class RLStage(_Stage):
                         f"rl.group_size ({self.group})")
     # The rollout's reader: the agent's (the method in `rl.mode`, or MemAgent's), sampling.
     self.reader = run.reader(rl.mode, temperature=rl.temperature)
+    self._rollout = jax.jit(self._read_for_inference)
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, self.setup, turns))
@@ -484,9 +491,16 @@ class RLStage(_Stage):
     """What the reader reads of `turns`: [B, N, C] chunks and [B, Q] questions."""
     return turns.chunk_ids, turns.chunk_mask, turns.question, turns.question_mask
 
+  def _read_for_inference(self, params, inputs, rng):
+    # The weights in the inference layout first, as evaluation reads them: one array per layer
+    # in the compute dtype, so the decode loop reads each in place (the training layout
+    # sliced, and under fsdp gathered, the stack at every decode step).
+    params, setup = inference_layout(params, self.reader.setup)
+    return self.reader.with_setup(setup).read(params, inputs, rng)
+
   def rollout(self, params, turns, rng):
     """G rollouts per question, read by the run's reader from the chunks of `turns`."""
-    return self.reader.read(params, self._inputs(turns), rng)
+    return self._rollout(params, self._inputs(turns), rng)
 
   def programs(self, state, turns, reference) -> list["Program"]:
     """The rollout and the reference log-prob pass on the abstract `state`, `turns` (the train
@@ -499,7 +513,7 @@ class RLStage(_Stage):
     # The reference pass scores the reference's leaves merged with the state's frozen ones
     # (the same shapes as `params`); the policy's trainable leaves stay on device meanwhile.
     policy, _ = state_lib.split(params, list(reference))
-    return [Program("rollout", *self.reader.call(params, self._inputs(turns), rng),
+    return [Program("rollout", self._rollout, (params, self._inputs(turns), rng),
                     held=(state.opt_state, reference)),
             Program("reference_logprobs", self._score, (params, turns),
                     held=(state.opt_state, policy))]

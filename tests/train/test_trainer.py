@@ -65,6 +65,10 @@ def test_bad_input_gives_clear_errors(tmp_path):
   bad.stage = "pretrain"
   with pytest.raises(Exception, match="unknown stage 'pretrain'"):
     trainer.train(bad, str(tmp_path / "x"), log=quiet)
+  low = small_config("sft")
+  low.model.param_dtype = "bfloat16"
+  with pytest.raises(trainer.ConfigError, match="training needs float32 master weights"):
+    trainer.train(low, str(tmp_path / "b"), log=quiet)
   unsharded = small_config("sft", batch_size=16, microbatches=4)
   unsharded.mesh.data, unsharded.mesh.fsdp = 2, 4  # 4 rows a microbatch on 8 batch shards
   with pytest.raises(trainer.ConfigError, match="do not split over the mesh's 8 batch shards"):
