@@ -185,6 +185,7 @@ def main(argv):
   del argv
   _check_flags()
   distributed_flags.initialize()
+  from memrecall.data import specs
   from memrecall.evaluate import report, evaluator
 
   run, load_params, default_dir, name = _load()
@@ -196,6 +197,7 @@ def main(argv):
                                   hotpotqa_dev=_HOTPOTQA_DEV.value, split=_SPLIT.value)]
   if not sources and run.task is None:
     raise app.UsageError("this run was not trained on synthetic data: pass --data=KIND:PATH")
+  specs.check_names(sources)  # before the weights: two files of one name would share rows
   params = load_params()  # last: every check above is cheap
   model_name = _MODEL_NAME.value or name
   chunk = run.compressor.chunk_size

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from memrecall.data import example as example_lib, synthetic
+from memrecall.data import example as example_lib, specs, synthetic
 from memrecall.data.example import TokenizedExample, tokenize
 from memrecall import readers
 from memrecall.evaluate import output_key, report, timing, traces
@@ -354,6 +354,14 @@ def _content_hash(path: str) -> str:
   return fingerprint.file_hash(path) if os.path.exists(path) else fingerprint.value_hash(path)
 
 
+def data_key(named) -> dict:
+  """What identifies a source's rows: its content, and the options that change which rows it
+  yields (`specs.row_options`: hotpotqa's num_docs, a split, ...; a file option by content)."""
+  options = {f"data.{name}": _content_hash(value) if name in specs.FILE_OPTIONS and value
+             else value for name, value in named.options.items()}
+  return {"data": _content_hash(named.path), **options}
+
+
 def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str,
                   model_name: str = "model", limit: int | None = None, batch_size: int = 8,
                   baseline: BaselineConfig | None = None, threshold: float | None = None,
@@ -376,6 +384,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   skips every row found in any of these files.
   """
   readers.check(modes, "mode")
+  specs.check_names(sources)
   _check_own_devices(mesh)
   os.makedirs(output_dir, exist_ok=True)
   process, processes = jax.process_index(), jax.process_count()
@@ -386,11 +395,12 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   baseline = baseline or BaselineConfig(memagent_chunk=run.compressor.chunk_size,
                                         rag_chunk=run.compressor.chunk_size)
   setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
-  # Rows are reused only when made from these weights, this data file and these settings.
+  # Rows are reused only when made from these weights, these data (file and options) and these
+  # settings.
   settings = row_settings(params, run, setup, baseline,
                           task=dataclasses.asdict(run.task) if run.task else None)
   output_key.claim(output_dir, {
-      f"{model_name}/{named.name}": {**settings, "data": _content_hash(named.path)}
+      f"{model_name}/{named.name}": {**settings, **data_key(named)}
       for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
   params, setup = on_mesh(params, setup, mesh)  # once, not per batch
   budget = run.question_tokens
