@@ -8,8 +8,9 @@ Data files, from a HF checkpoint (e.g. the released LycheeMemory-7B) or a traini
   python launch/eval.py --checkpoint=/tmp/rl_run --data=rows:/data/test.json --limit=16
 
 writes OUTPUT_DIR/predictions.jsonl (one JSON object per (mode, row): prediction text and ids,
-answers, em, sub_em, strict_sub_em, blocks read, ...) and results.json / results.csv /
-sub_em_vs_length.png grouped by data file and number of documents.  Rerunning skips the rows
+answers, em, sub_em, strict_sub_em, blocks read, whether the answer was cut off at
+--answer_tokens, ...) and results.json / results.csv / sub_em_vs_length.png grouped by data file
+and number of documents.  Rerunning skips the rows
 already in predictions.jsonl, and refuses (naming what differs) when they were made from other
 weights, data or settings (OUTPUT_DIR/keys.json): evaluate into another --output_dir, or under
 another --model_name beside them.  --chunk_size, --memory_size, --answer_tokens and

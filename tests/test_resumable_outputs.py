@@ -238,3 +238,23 @@ def test_two_data_files_of_one_name_are_refused_naming_both(finished, tmp_path):
                              output_dir=str(tmp_path / "eval"), model_name="hf", batch_size=2,
                              log=lambda *a: None)
   assert not os.path.exists(tmp_path / "eval" / "predictions.jsonl")
+
+
+def test_answers_cut_off_at_answer_tokens_are_marked_truncated(finished, tmp_path):
+  """The random model never says EOS within answer_tokens=4: each row is marked cut off, and
+  results.json counts them; a row whose answer ends (EOS among its first tokens) is not."""
+  import dataclasses
+  run, params, done = finished
+  records = jsonl.read(done / "predictions.jsonl")
+  assert [r["truncated"] for r in records] == [True, True]
+  results = json.load(open(done / "results.json"))
+  assert [(r["truncated"], r["truncated_fraction"]) for r in results] == [(2, 1.0)]
+  # Its first answer token (as it comes) made an EOS: the answer ends at once.
+  first = records[0]["prediction_ids"][0]
+  ends = dataclasses.replace(run, model=dataclasses.replace(
+      run.model, eos_token_ids=run.model.eos_token_ids + (first,)))
+  evaluator.evaluate_data(params, ends, ends.sources(f"rows:{ROWS}"), modes=["all"],
+                          output_dir=str(tmp_path), model_name="hf", batch_size=2, limit=1,
+                          log=lambda *a: None)
+  record, = jsonl.read(tmp_path / "predictions.jsonl")
+  assert record["truncated"] is False and len(record["prediction_ids"]) < 4

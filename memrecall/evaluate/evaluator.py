@@ -90,7 +90,8 @@ class EvalResult:
   examples: int
   traces: list[dict]
   peak_bytes: int | None = None  # compiled device bytes of one batch
-  # Per question, in order: prediction_ids, blocks_read and the scores of `Scorer`.
+  # Per question, in order: prediction_ids, blocks_read, the scores of `Scorer` and truncated
+  # (the answer reached answer_tokens without an EOS: scored on what was cut off).
   rows: list[dict] = dataclasses.field(default_factory=list)
 
 
@@ -144,7 +145,8 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
       read = np.zeros((0,), bool) if trace is None else np.asarray(trace.read[i])
       read = read if labels is None else read[:len(labels)]
       reads.append(int(read.sum()))
-      rows.append({"prediction_ids": predicted, "blocks_read": int(read.sum()), **row_scores})
+      rows.append({"prediction_ids": predicted, "blocks_read": int(read.sum()), **row_scores,
+                   "truncated": not bool(answer.done[i])})
       if labels is not None:
         relevant_read += int((read & labels).sum())
         relevant += int(labels.sum())
@@ -275,7 +277,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
 
 PREDICTION_KEYS = ("model", "data", "mode", "row", "id", "num_docs", "context_tokens", "question",
                    "prediction", "prediction_ids", "answers", "em", "sub_em", "strict_sub_em",
-                   "blocks_read")
+                   "blocks_read", "truncated")
 METRIC_KEYS = ("sub_em", "strict_sub_em", "em")
 
 
@@ -331,7 +333,8 @@ def merge_predictions(output_dir: str) -> list[dict]:
 
 def summarize_predictions(records: Sequence[dict]) -> list[dict]:
   """One result row per (model, data file, number of documents, mode): each metric x100 with
-  its standard error, mean context tokens and blocks read (the paper's table by length)."""
+  its standard error, mean context tokens and blocks read (the paper's table by length), and
+  how many answers were cut off at answer_tokens (None when a row predates the record)."""
   groups: dict[tuple, list[dict]] = {}
   for r in records:
     groups.setdefault((r["model"], r["data"], r.get("num_docs"), r["mode"]), []).append(r)
@@ -345,6 +348,9 @@ def summarize_predictions(records: Sequence[dict]) -> list[dict]:
     for key in METRIC_KEYS:
       values = np.asarray([r[key] for r in group], float)
       row[key], row[f"{key}_stderr"] = float(100 * values.mean()), _stderr(values)
+    known = all("truncated" in r for r in group)
+    cut = sum(bool(r["truncated"]) for r in group) if known else None
+    row["truncated"], row["truncated_fraction"] = cut, cut / len(group) if known else None
     rows.append(row)
   return rows
 

@@ -123,20 +123,26 @@ def plot(rows: Sequence[dict], directory: str, prefix: str = "") -> dict[str, li
 
 DATA_ROW_KEYS = ("model", "data", "num_docs", "mode", "examples", "context_tokens", "sub_em",
                  "sub_em_stderr", "strict_sub_em", "strict_sub_em_stderr", "em", "em_stderr",
-                 "blocks_read")
+                 "blocks_read", "truncated", "truncated_fraction")
 
 
 def data_table(rows: Sequence[dict]) -> str:
-  """Fixed-width text: one line per (model, data file, documents, mode)."""
+  """Fixed-width text: one line per (model, data file, documents, mode); `cut off` counts the
+  answers scored as they stood at answer_tokens."""
   header = (f"{'model':<12}{'data':<22}{'docs':>6}{'mode':>10}{'rows':>6}{'tokens':>10}"
-            f"{'sub-EM':>8}{'strict':>8}{'EM':>7}{'read':>7}")
+            f"{'sub-EM':>8}{'strict':>8}{'EM':>7}{'read':>7}{'cut off':>9}")
   lines = [header, "-" * len(header)]
   for r in rows:
     lines.append(f"{r['model'][:11]:<12}{r['data'][:21]:<22}{r.get('num_docs') or '':>6}"
                  f"{r['mode']:>10}{r['examples']:>6}{r['context_tokens']:>10.0f}"
                  f"{r['sub_em']:>8.1f}{r['strict_sub_em']:>8.1f}{r['em']:>7.1f}"
-                 f"{r['blocks_read']:>7.1f}")
+                 f"{r['blocks_read']:>7.1f}{_cut_off(r):>9}")
   return "\n".join(lines)
+
+
+def _cut_off(row: dict) -> str:
+  """Answers that reached answer_tokens without an EOS ('?': rows from before the record)."""
+  return "?" if row.get("truncated") is None else str(row["truncated"])
 
 
 def save_data_rows(rows: Sequence[dict], directory: str) -> None:
