@@ -138,3 +138,12 @@ def test_analysis_draws_one_question(tmp_path):
   assert os.path.getsize(png) > 1000
   with pytest.raises(IndexError, match="holds 1 traced questions"):
     traces.load_trace(str(path), 3)
+
+
+def test_tables_leave_a_latency_that_was_not_measured_blank():
+  """--latency_examples=0 (allowed) gives no latency: null in results.json, blank in the tables."""
+  row = report.json_safe({"model": "m", "task": "t", "mode": "all", "length_multiple": 1,
+                          "context_tokens": 64, "examples": 2, "accuracy": 50.0, "stderr": 1.0,
+                          "latency_s": float("nan"), "blocks_read": 2.0})
+  assert row["latency_s"] is None
+  assert "50.0" in report.table([row]) and "| 50.0 | 1.0 |  |" in report.markdown_table([row])

@@ -47,6 +47,11 @@ def save_rows(rows: Sequence[dict], directory: str, name: str = "results",
   os.replace(os.path.join(directory, f"{name}.csv.tmp"), os.path.join(directory, f"{name}.csv"))
 
 
+def _fmt(x, spec: str) -> str:
+  """A figure that may not apply (None, NaN: e.g. no latency with --latency_examples=0) as ''."""
+  return "" if x is None or x != x else format(x, spec)  # x != x: NaN
+
+
 def table(rows: Sequence[dict]) -> str:
   """A fixed-width text table of the main columns."""
   header = f"{'model':<9}{'task':<10}{'mode':<10}{'length':>8}{'tokens':>9}{'acc %':>8}{'±':>6}" \
@@ -56,7 +61,7 @@ def table(rows: Sequence[dict]) -> str:
     lines.append(f"{r.get('model', ''):<9}{r.get('task') or '':<10}{r['mode']:<10}"
                  f"{r['length_multiple']:>7}x"
                  f"{r['context_tokens']:>9}{r['accuracy']:>8.1f}{r.get('stderr') or 0:>6.1f}"
-                 f"{r['latency_s']:>11.4f}{r.get('blocks_read') or 0:>7.1f}")
+                 f"{_fmt(r.get('latency_s'), '.4f'):>11}{r.get('blocks_read') or 0:>7.1f}")
   return "\n".join(lines)
 
 
@@ -64,12 +69,12 @@ def markdown_table(rows: Sequence[dict]) -> str:
   """The results as a Markdown table (docs/results.md shows the demo's)."""
   lines = ["| model | task | mode | length | tokens | questions | accuracy % | ± | latency s | "
            "s / question in batches | blocks read | gate recall | skip rate |", "|" + "---|" * 13]
-  fmt = lambda x, spec: "" if x is None or x != x else format(x, spec)  # x != x: NaN
+  fmt = _fmt
   for r in rows:
     lines.append(f"| {r.get('model', '')} | {r.get('task') or ''} | {r['mode']} | "
                  f"{r['length_multiple']}x | "
                  f"{r['context_tokens']} | {r['examples']} | {r['accuracy']:.1f} | "
-                 f"{fmt(r.get('stderr'), '.1f')} | {r['latency_s']:.4f} | "
+                 f"{fmt(r.get('stderr'), '.1f')} | {fmt(r.get('latency_s'), '.4f')} | "
                  f"{fmt(r.get('batched_s'), '.4f')} | "
                  f"{fmt(r.get('blocks_read'), '.1f')} | {fmt(r.get('gate_recall'), '.3f')} | "
                  f"{fmt(r.get('skip_rate'), '.3f')} |")
