@@ -78,7 +78,8 @@ _MODES = flags.DEFINE_list("modes", None, "Any of gate, all, topk, memagent, ful
 _EXAMPLES = flags.DEFINE_integer("examples", 64, "Synthetic: questions per length.", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Questions per batch (default 16 "
                                    "synthetic, 8 data).", lower_bound=1)
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate threshold.", lower_bound=0.0,
+_THRESHOLD = flags.DEFINE_float("threshold", None, "Gate threshold (default: the run's own "
+                                "gate.threshold; 0.5 for a HF checkpoint).", lower_bound=0.0,
                                 upper_bound=1.0)
 _TOPK = flags.DEFINE_integer("topk", 4, "Blocks read in topk mode.", lower_bound=1)
 _GATE_GROUP = flags.DEFINE_integer(
@@ -171,7 +172,8 @@ def _load():
         _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value,
         devices=devices, mesh=mesh, **settings)
     if _CONFIG.value is not None:
-      _CONFIG.value.model.matmul_precision = model_flags.MATMUL_PRECISION.value
+      if model_flags.MATMUL_PRECISION.value:
+        _CONFIG.value.model.matmul_precision = model_flags.MATMUL_PRECISION.value
       if mesh:
         _CONFIG.value.mesh = ml_collections.ConfigDict(mesh)
       run = run_builder.build_run(_CONFIG.value, devices)  # evaluation places the weights on its mesh

@@ -205,7 +205,8 @@ def _trace_task(task: str) -> str:
 
 def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], modes: Sequence[str],
                    examples: int, batch_size: int, output_dir: str, baseline: BaselineConfig,
-                   seed_offset: int = 1000, keep_traces: int = 4, threshold: float = 0.5,
+                   seed_offset: int = 1000, keep_traces: int = 4,
+                   threshold: float | None = None,
                    topk: int = 4, gate_group: int = 16, latency_examples: int = 4,
                    mode_examples: dict[str, int] | None = None, mesh=None,
                    log=print) -> list[dict]:
@@ -216,7 +217,8 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   caps the questions of some modes (the first ones of the same stream), e.g. a
   slow baseline that is run for its timing only.  Each row's latency is the mean
   time of the first `latency_examples` questions answered one at a time;
-  `batched_s` is the time per question in batches of `batch_size`.  mesh: as in `evaluate`
+  `batched_s` is the time per question in batches of `batch_size`.  threshold: the gate's
+  (None: the run's gate.threshold).  mesh: as in `evaluate`
   (this process's devices).  Every process computes every row (each row is one mode at one
   length, timed); process 0 writes them.
   """
