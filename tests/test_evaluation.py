@@ -185,3 +185,20 @@ def test_tables_leave_a_latency_that_was_not_measured_blank():
                           "latency_s": float("nan"), "blocks_read": 2.0})
   assert row["latency_s"] is None
   assert "50.0" in report.table([row]) and "| 50.0 | 1.0 |  |" in report.markdown_table([row])
+
+
+def test_config_sweep_takes_the_size_flags(tmp_path):
+  """--config replaces the checkpoint's config, and --chunk_size, --memory_size and
+  --answer_tokens still apply to it (they were dropped: only --question_tokens was kept)."""
+  _untrained_workdir(tmp_path / "run", small_config("sft"))
+  shapes = ["--config.model.num_layers=2", "--config.task.length=64", "--config.mesh.fsdp=1"]
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "eval.py"), f"--checkpoint={tmp_path / 'run'}",
+       "--config=configs/tiny.py:sft", *shapes, "--chunk_size=32", "--memory_size=6",
+       "--answer_tokens=5", "--question_tokens=4", "--lengths=1", "--examples=2", "--modes=all",
+       "--batch_size=2", "--latency_examples=1", f"--output_dir={tmp_path / 'eval'}"],
+      capture_output=True, text=True, env=cpu_env(), cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  key, = json.load(open(tmp_path / "eval" / "keys.json")).values()
+  assert [key[k] for k in ("chunk_size", "memory_size", "answer_tokens", "question_tokens")] == [
+      32, 6, 5, 4]
