@@ -51,8 +51,9 @@ _RECOMPILE_BANK = flags.DEFINE_bool(
     "document's bank (which is otherwise refused).")
 _MODE = flags.DEFINE_enum("mode", None, ["gate", "all", "topk"],
                           "Block selection (default: gate if the model has a gate, else all).")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate probability needed to read a block.",
-                                lower_bound=0.0, upper_bound=1.0)
+_THRESHOLD = flags.DEFINE_float("threshold", None, "Gate probability needed to read a block "
+                                "(default: the run's own gate.threshold; 0.5 for a HF "
+                                "checkpoint).", lower_bound=0.0, upper_bound=1.0)
 _TOPK = flags.DEFINE_integer("topk", 4, "Blocks read per question in topk mode.", lower_bound=1)
 _GROUP_SIZE = flags.DEFINE_integer("group_size", 8, "Chunks per device transfer / streaming step.",
                                    lower_bound=1)

@@ -8,8 +8,9 @@ Data files, from a HF checkpoint (e.g. the released LycheeMemory-7B) or a traini
   python launch/eval.py --checkpoint=/tmp/rl_run --data=rows:/data/test.json --limit=16
 
 writes OUTPUT_DIR/predictions.jsonl (one JSON object per (mode, row): prediction text and ids,
-answers, em, sub_em, strict_sub_em, blocks read, ...) and results.json / results.csv /
-sub_em_vs_length.png grouped by data file and number of documents.  Rerunning skips the rows
+answers, em, sub_em, strict_sub_em, blocks read, whether the answer was cut off at
+--answer_tokens, ...) and results.json / results.csv / sub_em_vs_length.png grouped by data file
+and number of documents.  Rerunning skips the rows
 already in predictions.jsonl, and refuses (naming what differs) when they were made from other
 weights, data or settings (OUTPUT_DIR/keys.json): evaluate into another --output_dir, or under
 another --model_name beside them.  --chunk_size, --memory_size, --answer_tokens and
@@ -44,8 +45,9 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Synthetic sweep only: a training config to evaluate with instead of the "
-    "one the checkpoint saved.")
+    "config", None, "Synthetic sweep only (refused with --data): a training config to evaluate "
+    "with instead of the one the checkpoint saved, of the checkpoint's model shapes; the size "
+    "flags and --matmul_precision apply to it.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of a training run (orbax).")
 _HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None,
                                      "Or a HF LycheeMemory / Qwen2 checkpoint directory.")
@@ -77,7 +79,8 @@ _MODES = flags.DEFINE_list("modes", None, "Any of gate, all, topk, memagent, ful
 _EXAMPLES = flags.DEFINE_integer("examples", 64, "Synthetic: questions per length.", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Questions per batch (default 16 "
                                    "synthetic, 8 data).", lower_bound=1)
-_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Gate threshold.", lower_bound=0.0,
+_THRESHOLD = flags.DEFINE_float("threshold", None, "Gate threshold (default: the run's own "
+                                "gate.threshold; 0.5 for a HF checkpoint).", lower_bound=0.0,
                                 upper_bound=1.0)
 _TOPK = flags.DEFINE_integer("topk", 4, "Blocks read in topk mode.", lower_bound=1)
 _GATE_GROUP = flags.DEFINE_integer(
@@ -107,6 +110,9 @@ def _check_flags():
     raise app.UsageError("give exactly one of --hf_checkpoint and --checkpoint")
   if _HF_CHECKPOINT.value and not _DATA.value:
     raise app.UsageError("--hf_checkpoint needs --data=KIND:PATH (a HF model has no synthetic task)")
+  if _CONFIG.value is not None and _DATA.value:
+    raise app.UsageError("--config is for the synthetic sweep only (the config's task): drop "
+                         "--data, or drop --config to evaluate the run on data as it was saved")
   cli.readable("hf_checkpoint", _HF_CHECKPOINT.value)
   cli.readable("checkpoint", _CHECKPOINT.value)
   unknown = [m for m in _MODES.value or [] if m not in readers.names()]  # any registered reader
@@ -142,42 +148,75 @@ def _modes(run) -> list[str]:
   return modes
 
 
+def _settings() -> dict[tuple[str, str], int]:
+  """The run settings the size flags override, by config block and key: one list every way of
+  building the run takes them from (a flag left out: the run's own)."""
+  given = {("compressor", "chunk_size"): _CHUNK_SIZE.value,
+           ("reasoner", "memory_size"): _MEMORY_SIZE.value,
+           ("reasoner", "answer_tokens"): _ANSWER_TOKENS.value,
+           ("reasoner", "question_tokens"): _QUESTION_TOKENS.value}
+  return {where: value for where, value in given.items() if value}
+
+
+def _check_shapes(run, params) -> None:
+  """--config's model against the checkpoint's parameters, naming the first that differs: a
+  config of other shapes would otherwise be evaluated with these weights without a word."""
+  import flax.traverse_util
+  import jax
+  from memrecall.models import qwen2
+  shape = lambda x: tuple(getattr(x, "value", x).shape)
+  boxed = lambda x: hasattr(x, "names")
+  want = flax.traverse_util.flatten_dict(
+      jax.tree.map(shape, qwen2.abstract_params(run.model), is_leaf=boxed))
+  got = flax.traverse_util.flatten_dict(jax.tree.map(shape, params))
+  for path in sorted(set(want) | set(got)):
+    if want.get(path) != got.get(path):
+      raise app.UsageError(
+          f"--config: the checkpoint's parameter {'/'.join(path)} is "
+          f"{got.get(path, 'missing')}, the config's model has {want.get(path, 'none')}: give "
+          "a config of the checkpoint's shapes (or leave --config out: the run's own)")
+
+
 def _load():
   """(run, a function giving its parameters, default output dir, model name) of the checkpoint
   the flags name, on a mesh of this process's own devices (--mesh, or the run's shape); a HF
-  checkpoint's weights are read only when that function is called."""
+  checkpoint's weights are read only when that function is called.  The size flags
+  (`_settings`) and --matmul_precision apply to whichever config the run is built from."""
   import jax
   import ml_collections
   from memrecall import run_builder
   from memrecall.runtime import sharding
   from memrecall.method.prompts import MEMAGENT_FINAL_TEMPLATE
   devices, mesh = jax.local_devices(), model_flags.mesh_shape()
-  settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
-                  answer_tokens=_ANSWER_TOKENS.value)
+  settings = _settings()
+  values = {key: value for (_, key), value in settings.items()}
   try:
     if _HF_CHECKPOINT.value:
       hf = _HF_CHECKPOINT.value
-      values = {k: v for k, v in settings.items() if v}
-      if _QUESTION_TOKENS.value:
-        values["question_tokens"] = _QUESTION_TOKENS.value
       if _PROMPTS.value == "memagent":
         values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
       run = run_builder.from_hf_checkpoint(hf, devices, model=model_flags.hf_model_settings(),
                                     mesh=mesh, **values)
       name = os.path.basename(os.path.normpath(hf))
       return run, run.params, os.path.join("eval", name), name
+    question_tokens = values.pop("question_tokens", None)  # read from the config when used
     run, params = run_builder.from_workdir(
         _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value,
-        devices=devices, mesh=mesh, **settings)
-    if _CONFIG.value is not None:
-      _CONFIG.value.model.matmul_precision = model_flags.MATMUL_PRECISION.value
+        devices=devices, mesh=mesh, **values)
+    if question_tokens:
+      run.config.reasoner.question_tokens = question_tokens
+    if _CONFIG.value is not None:  # the same overrides, on the config given
+      config = run_builder.with_defaults(_CONFIG.value)
+      for (block, key), value in settings.items():
+        config[block][key] = value
+      if model_flags.MATMUL_PRECISION.value:
+        config.model.matmul_precision = model_flags.MATMUL_PRECISION.value
       if mesh:
-        _CONFIG.value.mesh = ml_collections.ConfigDict(mesh)
-      run = run_builder.build_run(_CONFIG.value, devices)  # evaluation places the weights on its mesh
+        config.mesh = ml_collections.ConfigDict(mesh)
+      run = run_builder.build_run(config, devices)  # evaluation places the weights on its mesh
+      _check_shapes(run, params)
   except sharding.MeshError as e:
     raise app.UsageError(model_flags.mesh_error(e, len(devices))) from None
-  if _QUESTION_TOKENS.value:
-    run.config.reasoner.question_tokens = _QUESTION_TOKENS.value
   return run, lambda: params, os.path.join(_CHECKPOINT.value, "eval"), "lychee"
 
 
@@ -185,6 +224,7 @@ def main(argv):
   del argv
   _check_flags()
   distributed_flags.initialize()
+  from memrecall.data import specs
   from memrecall.evaluate import report, evaluator
 
   run, load_params, default_dir, name = _load()
@@ -196,6 +236,7 @@ def main(argv):
                                   hotpotqa_dev=_HOTPOTQA_DEV.value, split=_SPLIT.value)]
   if not sources and run.task is None:
     raise app.UsageError("this run was not trained on synthetic data: pass --data=KIND:PATH")
+  specs.check_names(sources)  # before the weights: two files of one name would share rows
   params = load_params()  # last: every check above is cheap
   model_name = _MODEL_NAME.value or name
   chunk = run.compressor.chunk_size

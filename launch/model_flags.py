@@ -6,9 +6,10 @@ GATE_LORA_RANK = flags.DEFINE_integer(
     "gate_lora_rank", 0, "HF checkpoints: rank of the gate's adapters, a fresh gate for a "
     "checkpoint without one (0: no gate).", lower_bound=0)
 MATMUL_PRECISION = flags.DEFINE_enum(
-    "matmul_precision", "default", ["default", "high", "highest"],
+    "matmul_precision", None, ["default", "high", "highest"],
     "Precision of every matmul (ModelConfig.matmul_precision): `highest` for float32 results "
-    "that are compared with a reference (on NVIDIA GPUs `default` runs float32 in TF32).")
+    "that are compared with a reference (on NVIDIA GPUs `default` runs float32 in TF32).  "
+    "Default: the run's own model.matmul_precision (`default` for a HF checkpoint).")
 
 MESH = flags.DEFINE_string(
     "mesh", None, "Axis sizes of the mesh each process runs on, over its own devices, e.g. "
@@ -29,5 +30,9 @@ def mesh_error(error: Exception, devices: int) -> str:
 
 
 def hf_model_settings() -> dict:
-  """The `model` settings of `run_builder.from_hf_checkpoint` these flags give."""
-  return {"gate_lora_rank": GATE_LORA_RANK.value, "matmul_precision": MATMUL_PRECISION.value}
+  """The `model` settings of `run_builder.from_hf_checkpoint` these flags give (a flag left out
+  leaves the run's own)."""
+  settings = {"gate_lora_rank": GATE_LORA_RANK.value}
+  if MATMUL_PRECISION.value is not None:
+    settings["matmul_precision"] = MATMUL_PRECISION.value
+  return settings

@@ -86,6 +86,8 @@ def world(tmp_path_factory):
   (base / "empty.txt").write_text("")
   (base / "broken_rows.json").write_text('[{"context": "c", "input": "q", "answers": ["a"]},\n{"con')
   (base / "a_file").write_text("not a directory")
+  (base / "copy").mkdir()  # a second rows.json
+  shutil.copy(w["rows"], base / "copy" / "rows.json")
   trace = {"id": "q0", "gate_scores": [0.9, 0.1], "read": [1, 0], "relevant": [1, 0],
            "memory_ids": [[5], [5]], "answer_ids": [5], "gold_ids": [[5]], "correct": 1.0}
   (base / "trace.json").write_text(json.dumps([trace]))
@@ -163,6 +165,12 @@ EVAL = [
      "line 2 is not JSON", _damaged_predictions),
     ("mesh_larger_than_the_machine", ["--checkpoint={root}/run", "--lengths=1", "--mesh=fsdp=64"],
      "needs 64 devices, but 1 are available: each process runs on its own 1 device(s)"),
+    ("two_data_files_of_one_name", ["--hf_checkpoint={hf}", "--data=rows:{rows},{root}/copy/rows.json"],
+     "/copy/rows.json are both named rows.json"),
+    ("config_with_data", ["--checkpoint={root}/run", "--config={tiny}:sft", "--data=rows:{rows}"],
+     "--config is for the synthetic sweep"),
+    ("config_of_other_shapes", ["--checkpoint={root}/run", "--config={tiny}:sft", "--lengths=1"],
+     "--config: the checkpoint's parameter "),
     ("malformed_mesh", _shared(["--mesh=fsdp"]), "--mesh must look like"),
 ]
 ANSWER = [

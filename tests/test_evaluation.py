@@ -138,3 +138,67 @@ def test_analysis_draws_one_question(tmp_path):
   assert os.path.getsize(png) > 1000
   with pytest.raises(IndexError, match="holds 1 traced questions"):
     traces.load_trace(str(path), 3)
+
+
+def _untrained_workdir(directory, config) -> None:
+  """A training workdir holding one checkpoint of `config`'s random parameters (no training)."""
+  from memrecall.runtime.checkpoint import Checkpointer
+  run = run_builder.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0), None)
+  checkpointer = Checkpointer(str(directory), save_every=1, keep=1, async_save=False)
+  checkpointer.save(1, {"params": params, "step": np.int32(1)},
+                    json.loads(config.to_json_best_effort()), {"step": 1}, force=True)
+  checkpointer.close()
+
+
+def test_launchers_evaluate_with_the_runs_own_threshold_and_precision(tmp_path):
+  """--threshold and --matmul_precision left out mean the run's own (gate.threshold,
+  model.matmul_precision), not the flags' former defaults 0.5 and `default`."""
+  config = small_config("sft")
+  config.gate.threshold = 0.75  # the fresh gate scores every block 0.5: none passes
+  config.model.matmul_precision = "highest"
+  _untrained_workdir(tmp_path / "run", config)
+  env = cpu_env()
+  launch = lambda script, *flags: subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", script), f"--checkpoint={tmp_path / 'run'}",
+       *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  proc = launch("eval.py", "--lengths=1", "--examples=2", "--modes=gate", "--batch_size=2",
+                "--latency_examples=0", f"--output_dir={tmp_path / 'eval'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  key, = json.load(open(tmp_path / "eval" / "keys.json")).values()
+  assert (key["threshold"], key["matmul_precision"]) == (0.75, "highest")  # resolved, not null
+  doc = tmp_path / "doc.json"
+  doc.write_text(json.dumps([300 + (i % 60) for i in range(100)]))
+  out = tmp_path / "answer.json"
+  proc = launch("answer.py", f"--document={doc}", "--question_ids=261,300,278", "--mode=gate",
+                f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  trace = json.load(open(out))["trace"]
+  assert max(t["gate_score"] for t in trace) >= 0.5  # 0.5 would read a block
+  assert not any(t["read"] for t in trace)
+
+
+def test_tables_leave_a_latency_that_was_not_measured_blank():
+  """--latency_examples=0 (allowed) gives no latency: null in results.json, blank in the tables."""
+  row = report.json_safe({"model": "m", "task": "t", "mode": "all", "length_multiple": 1,
+                          "context_tokens": 64, "examples": 2, "accuracy": 50.0, "stderr": 1.0,
+                          "latency_s": float("nan"), "blocks_read": 2.0})
+  assert row["latency_s"] is None
+  assert "50.0" in report.table([row]) and "| 50.0 | 1.0 |  |" in report.markdown_table([row])
+
+
+def test_config_sweep_takes_the_size_flags(tmp_path):
+  """--config replaces the checkpoint's config, and --chunk_size, --memory_size and
+  --answer_tokens still apply to it (they were dropped: only --question_tokens was kept)."""
+  _untrained_workdir(tmp_path / "run", small_config("sft"))
+  shapes = ["--config.model.num_layers=2", "--config.task.length=64", "--config.mesh.fsdp=1"]
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "eval.py"), f"--checkpoint={tmp_path / 'run'}",
+       "--config=configs/tiny.py:sft", *shapes, "--chunk_size=32", "--memory_size=6",
+       "--answer_tokens=5", "--question_tokens=4", "--lengths=1", "--examples=2", "--modes=all",
+       "--batch_size=2", "--latency_examples=1", f"--output_dir={tmp_path / 'eval'}"],
+      capture_output=True, text=True, env=cpu_env(), cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  key, = json.load(open(tmp_path / "eval" / "keys.json")).values()
+  assert [key[k] for k in ("chunk_size", "memory_size", "answer_tokens", "question_tokens")] == [
+      32, 6, 5, 4]

@@ -201,3 +201,60 @@ def test_append_drops_a_torn_tail_at_every_offset(tmp_path):
     assert kept == rows[:data[:offset].count(b"\n")]
     jsonl.append(path, rows[len(kept):])
     assert jsonl.read(path) == rows and path.read_bytes() == data
+
+
+HOTPOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fixtures",
+                      "hotpot_dev_tiny.json")
+
+
+def test_other_data_options_are_refused_naming_them(finished, tmp_path):
+  """The options that change which rows a source yields (here hotpotqa's documents per question)
+  are part of its rows' key: a rerun with others is refused, as another data file is."""
+  run, params, _ = finished
+  spec = f"hotpotqa:{HOTPOT}"
+  evaluate = lambda sources: evaluator.evaluate_data(
+      params, run, sources, modes=["all"], output_dir=str(tmp_path), model_name="hf", limit=1,
+      batch_size=1, log=lambda *a: None)
+  evaluate(run.sources(spec, num_docs=10))
+  before = (tmp_path / "predictions.jsonl").read_bytes()
+  with pytest.raises(output_key.OutputKeyError, match="data.num_docs 10 there, 12 now"):
+    evaluate(run.sources(spec, num_docs=12))
+  with pytest.raises(output_key.OutputKeyError, match="data.seed 0 there, 1 now"):
+    evaluate(run.sources(spec, num_docs=10, seed=1))
+  assert (tmp_path / "predictions.jsonl").read_bytes() == before
+  assert evaluate(run.sources(spec, num_docs=10))[0]["examples"] == 1  # the same options resume
+
+
+def test_two_data_files_of_one_name_are_refused_naming_both(finished, tmp_path):
+  """Rows are grouped by file name: a second rows.json would find the first one's rows done."""
+  run, params, _ = finished
+  paths = []
+  for sub in ("a", "b"):
+    (tmp_path / sub).mkdir()
+    shutil.copy(ROWS, tmp_path / sub / "rows.json")
+    paths.append(str(tmp_path / sub / "rows.json"))
+  with pytest.raises(ValueError, match=f"{paths[0]} and {paths[1]} are both named rows.json"):
+    evaluator.evaluate_data(params, run, run.sources(f"rows:{','.join(paths)}"), modes=["all"],
+                             output_dir=str(tmp_path / "eval"), model_name="hf", batch_size=2,
+                             log=lambda *a: None)
+  assert not os.path.exists(tmp_path / "eval" / "predictions.jsonl")
+
+
+def test_answers_cut_off_at_answer_tokens_are_marked_truncated(finished, tmp_path):
+  """The random model never says EOS within answer_tokens=4: each row is marked cut off, and
+  results.json counts them; a row whose answer ends (EOS among its first tokens) is not."""
+  import dataclasses
+  run, params, done = finished
+  records = jsonl.read(done / "predictions.jsonl")
+  assert [r["truncated"] for r in records] == [True, True]
+  results = json.load(open(done / "results.json"))
+  assert [(r["truncated"], r["truncated_fraction"]) for r in results] == [(2, 1.0)]
+  # Its first answer token (as it comes) made an EOS: the answer ends at once.
+  first = records[0]["prediction_ids"][0]
+  ends = dataclasses.replace(run, model=dataclasses.replace(
+      run.model, eos_token_ids=run.model.eos_token_ids + (first,)))
+  evaluator.evaluate_data(params, ends, ends.sources(f"rows:{ROWS}"), modes=["all"],
+                          output_dir=str(tmp_path), model_name="hf", batch_size=2, limit=1,
+                          log=lambda *a: None)
+  record, = jsonl.read(tmp_path / "predictions.jsonl")
+  assert record["truncated"] is False and len(record["prediction_ids"]) < 4

@@ -73,11 +73,41 @@ class DataOptions:
   split: str = "train"       # synthetic (seed via sources.split_seed(seed, split)) and tfds
 
 
+# The DataOptions each kind reads to decide its rows (its file's content aside): they identify
+# a source's rows beside the file, so a resumed evaluation never takes rows made with others.
+ROW_OPTIONS = {"rows": (), "hotpotqa": ("num_docs", "seed"), "ruler_hqa": ("hotpotqa_dev",),
+               "text": ("text_tokens",), "synthetic": ("task", "size", "seed", "split"),
+               "tfds": ("split",)}
+FILE_OPTIONS = ("hotpotqa_dev",)  # options that name a file: what counts is its content
+
+
+def row_options(kind: str, options: DataOptions) -> dict:
+  """{option: value} of the options that change the rows a source of `kind` yields."""
+  values = {name: getattr(options, name) for name in ROW_OPTIONS[kind]}
+  if values.get("task") is not None:
+    values["task"] = dataclasses.asdict(values["task"])
+  return values
+
+
 @dataclasses.dataclass(frozen=True)
 class NamedSource:
   name: str            # the file's basename (synthetic: the task); groups evaluation results
   path: str
   source: ExampleSource   # len() and [i] -> Example
+  options: dict = dataclasses.field(default_factory=dict)  # its `row_options`
+
+
+def check_names(sources: Sequence[NamedSource]) -> None:
+  """Evaluation groups rows by source name: two sources of one name (data files of one basename
+  in different directories) would share rows, the second finding the first's done."""
+  first: dict[str, str] = {}
+  for named in sources:
+    if named.name in first:
+      what = ("is given twice" if first[named.name] == named.path else
+              f"and {named.path} are both named {named.name}")
+      raise DatasetError(f"data {first[named.name]} {what}: evaluation groups rows by file "
+                         "name; give each file once, under a name of its own (copy or rename one)")
+    first[named.name] = named.path
 
 
 class ConcatSource(IndexedSource):
@@ -233,7 +263,8 @@ def open_sources(spec: str | DataSpec, options: DataOptions = DataOptions(),
       source = TextSource(path, tokenizer, options.text_tokens)
     else:
       name, source = _tfds(path, options.split)
-    named.append(NamedSource(name=name, path=path, source=source))
+    named.append(NamedSource(name=name, path=path, source=source,
+                             options=row_options(spec.kind, options)))
   return named
 
 
@@ -245,4 +276,5 @@ def _synthetic(spec: DataSpec, options: DataOptions, tokenizer) -> NamedSource:
                        f"DataOptions.task is {options.task.task!r}")
   source = SyntheticSource(options.task, split_seed(options.seed, options.split), options.size,
                            tokenizer)
-  return NamedSource(name=options.task.task, path=options.task.task, source=source)
+  return NamedSource(name=options.task.task, path=options.task.task, source=source,
+                     options=row_options("synthetic", options))

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from memrecall.data import example as example_lib, synthetic
+from memrecall.data import example as example_lib, specs, synthetic
 from memrecall.data.example import TokenizedExample, tokenize
 from memrecall import readers
 from memrecall.evaluate import output_key, report, timing, traces
@@ -90,7 +90,8 @@ class EvalResult:
   examples: int
   traces: list[dict]
   peak_bytes: int | None = None  # compiled device bytes of one batch
-  # Per question, in order: prediction_ids, blocks_read and the scores of `Scorer`.
+  # Per question, in order: prediction_ids, blocks_read, the scores of `Scorer` and truncated
+  # (the answer reached answer_tokens without an EOS: scored on what was cut off).
   rows: list[dict] = dataclasses.field(default_factory=list)
 
 
@@ -144,7 +145,8 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
       read = np.zeros((0,), bool) if trace is None else np.asarray(trace.read[i])
       read = read if labels is None else read[:len(labels)]
       reads.append(int(read.sum()))
-      rows.append({"prediction_ids": predicted, "blocks_read": int(read.sum()), **row_scores})
+      rows.append({"prediction_ids": predicted, "blocks_read": int(read.sum()), **row_scores,
+                   "truncated": not bool(answer.done[i])})
       if labels is not None:
         relevant_read += int((read & labels).sum())
         relevant += int(labels.sum())
@@ -203,7 +205,8 @@ def _trace_task(task: str) -> str:
 
 def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], modes: Sequence[str],
                    examples: int, batch_size: int, output_dir: str, baseline: BaselineConfig,
-                   seed_offset: int = 1000, keep_traces: int = 4, threshold: float = 0.5,
+                   seed_offset: int = 1000, keep_traces: int = 4,
+                   threshold: float | None = None,
                    topk: int = 4, gate_group: int = 16, latency_examples: int = 4,
                    mode_examples: dict[str, int] | None = None, mesh=None,
                    log=print) -> list[dict]:
@@ -214,7 +217,8 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   caps the questions of some modes (the first ones of the same stream), e.g. a
   slow baseline that is run for its timing only.  Each row's latency is the mean
   time of the first `latency_examples` questions answered one at a time;
-  `batched_s` is the time per question in batches of `batch_size`.  mesh: as in `evaluate`
+  `batched_s` is the time per question in batches of `batch_size`.  threshold: the gate's
+  (None: the run's gate.threshold).  mesh: as in `evaluate`
   (this process's devices).  Every process computes every row (each row is one mode at one
   length, timed); process 0 writes them.
   """
@@ -275,7 +279,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
 
 PREDICTION_KEYS = ("model", "data", "mode", "row", "id", "num_docs", "context_tokens", "question",
                    "prediction", "prediction_ids", "answers", "em", "sub_em", "strict_sub_em",
-                   "blocks_read")
+                   "blocks_read", "truncated")
 METRIC_KEYS = ("sub_em", "strict_sub_em", "em")
 
 
@@ -331,7 +335,8 @@ def merge_predictions(output_dir: str) -> list[dict]:
 
 def summarize_predictions(records: Sequence[dict]) -> list[dict]:
   """One result row per (model, data file, number of documents, mode): each metric x100 with
-  its standard error, mean context tokens and blocks read (the paper's table by length)."""
+  its standard error, mean context tokens and blocks read (the paper's table by length), and
+  how many answers were cut off at answer_tokens (None when a row predates the record)."""
   groups: dict[tuple, list[dict]] = {}
   for r in records:
     groups.setdefault((r["model"], r["data"], r.get("num_docs"), r["mode"]), []).append(r)
@@ -345,6 +350,9 @@ def summarize_predictions(records: Sequence[dict]) -> list[dict]:
     for key in METRIC_KEYS:
       values = np.asarray([r[key] for r in group], float)
       row[key], row[f"{key}_stderr"] = float(100 * values.mean()), _stderr(values)
+    known = all("truncated" in r for r in group)
+    cut = sum(bool(r["truncated"]) for r in group) if known else None
+    row["truncated"], row["truncated_fraction"] = cut, cut / len(group) if known else None
     rows.append(row)
   return rows
 
@@ -352,6 +360,14 @@ def summarize_predictions(records: Sequence[dict]) -> list[dict]:
 def _content_hash(path: str) -> str:
   """A data file's (or directory's) content hash; a synthetic source's path is its task name."""
   return fingerprint.file_hash(path) if os.path.exists(path) else fingerprint.value_hash(path)
+
+
+def data_key(named) -> dict:
+  """What identifies a source's rows: its content, and the options that change which rows it
+  yields (`specs.row_options`: hotpotqa's num_docs, a split, ...; a file option by content)."""
+  options = {f"data.{name}": _content_hash(value) if name in specs.FILE_OPTIONS and value
+             else value for name, value in named.options.items()}
+  return {"data": _content_hash(named.path), **options}
 
 
 def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str,
@@ -376,6 +392,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   skips every row found in any of these files.
   """
   readers.check(modes, "mode")
+  specs.check_names(sources)
   _check_own_devices(mesh)
   os.makedirs(output_dir, exist_ok=True)
   process, processes = jax.process_index(), jax.process_count()
@@ -386,11 +403,12 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   baseline = baseline or BaselineConfig(memagent_chunk=run.compressor.chunk_size,
                                         rag_chunk=run.compressor.chunk_size)
   setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
-  # Rows are reused only when made from these weights, this data file and these settings.
+  # Rows are reused only when made from these weights, these data (file and options) and these
+  # settings.
   settings = row_settings(params, run, setup, baseline,
                           task=dataclasses.asdict(run.task) if run.task else None)
   output_key.claim(output_dir, {
-      f"{model_name}/{named.name}": {**settings, "data": _content_hash(named.path)}
+      f"{model_name}/{named.name}": {**settings, **data_key(named)}
       for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
   params, setup = on_mesh(params, setup, mesh)  # once, not per batch
   budget = run.question_tokens

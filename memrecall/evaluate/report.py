@@ -47,6 +47,11 @@ def save_rows(rows: Sequence[dict], directory: str, name: str = "results",
   os.replace(os.path.join(directory, f"{name}.csv.tmp"), os.path.join(directory, f"{name}.csv"))
 
 
+def _fmt(x, spec: str) -> str:
+  """A figure that may not apply (None, NaN: e.g. no latency with --latency_examples=0) as ''."""
+  return "" if x is None or x != x else format(x, spec)  # x != x: NaN
+
+
 def table(rows: Sequence[dict]) -> str:
   """A fixed-width text table of the main columns."""
   header = f"{'model':<9}{'task':<10}{'mode':<10}{'length':>8}{'tokens':>9}{'acc %':>8}{'±':>6}" \
@@ -56,7 +61,7 @@ def table(rows: Sequence[dict]) -> str:
     lines.append(f"{r.get('model', ''):<9}{r.get('task') or '':<10}{r['mode']:<10}"
                  f"{r['length_multiple']:>7}x"
                  f"{r['context_tokens']:>9}{r['accuracy']:>8.1f}{r.get('stderr') or 0:>6.1f}"
-                 f"{r['latency_s']:>11.4f}{r.get('blocks_read') or 0:>7.1f}")
+                 f"{_fmt(r.get('latency_s'), '.4f'):>11}{r.get('blocks_read') or 0:>7.1f}")
   return "\n".join(lines)
 
 
@@ -64,12 +69,12 @@ def markdown_table(rows: Sequence[dict]) -> str:
   """The results as a Markdown table (docs/results.md shows the demo's)."""
   lines = ["| model | task | mode | length | tokens | questions | accuracy % | ± | latency s | "
            "s / question in batches | blocks read | gate recall | skip rate |", "|" + "---|" * 13]
-  fmt = lambda x, spec: "" if x is None or x != x else format(x, spec)  # x != x: NaN
+  fmt = _fmt
   for r in rows:
     lines.append(f"| {r.get('model', '')} | {r.get('task') or ''} | {r['mode']} | "
                  f"{r['length_multiple']}x | "
                  f"{r['context_tokens']} | {r['examples']} | {r['accuracy']:.1f} | "
-                 f"{fmt(r.get('stderr'), '.1f')} | {r['latency_s']:.4f} | "
+                 f"{fmt(r.get('stderr'), '.1f')} | {fmt(r.get('latency_s'), '.4f')} | "
                  f"{fmt(r.get('batched_s'), '.4f')} | "
                  f"{fmt(r.get('blocks_read'), '.1f')} | {fmt(r.get('gate_recall'), '.3f')} | "
                  f"{fmt(r.get('skip_rate'), '.3f')} |")
@@ -123,20 +128,26 @@ def plot(rows: Sequence[dict], directory: str, prefix: str = "") -> dict[str, li
 
 DATA_ROW_KEYS = ("model", "data", "num_docs", "mode", "examples", "context_tokens", "sub_em",
                  "sub_em_stderr", "strict_sub_em", "strict_sub_em_stderr", "em", "em_stderr",
-                 "blocks_read")
+                 "blocks_read", "truncated", "truncated_fraction")
 
 
 def data_table(rows: Sequence[dict]) -> str:
-  """Fixed-width text: one line per (model, data file, documents, mode)."""
+  """Fixed-width text: one line per (model, data file, documents, mode); `cut off` counts the
+  answers scored as they stood at answer_tokens."""
   header = (f"{'model':<12}{'data':<22}{'docs':>6}{'mode':>10}{'rows':>6}{'tokens':>10}"
-            f"{'sub-EM':>8}{'strict':>8}{'EM':>7}{'read':>7}")
+            f"{'sub-EM':>8}{'strict':>8}{'EM':>7}{'read':>7}{'cut off':>9}")
   lines = [header, "-" * len(header)]
   for r in rows:
     lines.append(f"{r['model'][:11]:<12}{r['data'][:21]:<22}{r.get('num_docs') or '':>6}"
                  f"{r['mode']:>10}{r['examples']:>6}{r['context_tokens']:>10.0f}"
                  f"{r['sub_em']:>8.1f}{r['strict_sub_em']:>8.1f}{r['em']:>7.1f}"
-                 f"{r['blocks_read']:>7.1f}")
+                 f"{r['blocks_read']:>7.1f}{_cut_off(r):>9}")
   return "\n".join(lines)
+
+
+def _cut_off(row: dict) -> str:
+  """Answers that reached answer_tokens without an EOS ('?': rows from before the record)."""
+  return "?" if row.get("truncated") is None else str(row["truncated"])
 
 
 def save_data_rows(rows: Sequence[dict], directory: str) -> None:
