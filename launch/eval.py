@@ -148,33 +148,12 @@ def _modes(run) -> list[str]:
   return modes
 
 
-def _settings() -> dict[tuple[str, str], int]:
-  """The run settings the size flags override, by config block and key: one list every way of
-  building the run takes them from (a flag left out: the run's own)."""
-  given = {("compressor", "chunk_size"): _CHUNK_SIZE.value,
-           ("reasoner", "memory_size"): _MEMORY_SIZE.value,
-           ("reasoner", "answer_tokens"): _ANSWER_TOKENS.value,
-           ("reasoner", "question_tokens"): _QUESTION_TOKENS.value}
-  return {where: value for where, value in given.items() if value}
-
-
-def _check_shapes(run, params) -> None:
-  """--config's model against the checkpoint's parameters, naming the first that differs: a
-  config of other shapes would otherwise be evaluated with these weights without a word."""
-  import flax.traverse_util
-  import jax
-  from memrecall.models import qwen2
-  shape = lambda x: tuple(getattr(x, "value", x).shape)
-  boxed = lambda x: hasattr(x, "names")
-  want = flax.traverse_util.flatten_dict(
-      jax.tree.map(shape, qwen2.abstract_params(run.model), is_leaf=boxed))
-  got = flax.traverse_util.flatten_dict(jax.tree.map(shape, params))
-  for path in sorted(set(want) | set(got)):
-    if want.get(path) != got.get(path):
-      raise app.UsageError(
-          f"--config: the checkpoint's parameter {'/'.join(path)} is "
-          f"{got.get(path, 'missing')}, the config's model has {want.get(path, 'none')}: give "
-          "a config of the checkpoint's shapes (or leave --config out: the run's own)")
+def _settings() -> dict[str, int]:
+  """The run settings the size flags override (`run_builder.SIZE_OVERRIDES`): one list every
+  way of building the run takes them from (a flag left out: the run's own)."""
+  given = {"chunk_size": _CHUNK_SIZE.value, "memory_size": _MEMORY_SIZE.value,
+           "answer_tokens": _ANSWER_TOKENS.value, "question_tokens": _QUESTION_TOKENS.value}
+  return {key: value for key, value in given.items() if value}
 
 
 def _load():
@@ -183,13 +162,11 @@ def _load():
   checkpoint's weights are read only when that function is called.  The size flags
   (`_settings`) and --matmul_precision apply to whichever config the run is built from."""
   import jax
-  import ml_collections
   from memrecall import run_builder
   from memrecall.runtime import sharding
   from memrecall.method.prompts import MEMAGENT_FINAL_TEMPLATE
   devices, mesh = jax.local_devices(), model_flags.mesh_shape()
-  settings = _settings()
-  values = {key: value for (_, key), value in settings.items()}
+  values = _settings()
   try:
     if _HF_CHECKPOINT.value:
       hf = _HF_CHECKPOINT.value
@@ -199,22 +176,10 @@ def _load():
                                     mesh=mesh, **values)
       name = os.path.basename(os.path.normpath(hf))
       return run, run.params, os.path.join("eval", name), name
-    question_tokens = values.pop("question_tokens", None)  # read from the config when used
+    # --config: another config over the same weights (its shapes checked against them).
     run, params = run_builder.from_workdir(
         _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value,
-        devices=devices, mesh=mesh, **values)
-    if question_tokens:
-      run.config.reasoner.question_tokens = question_tokens
-    if _CONFIG.value is not None:  # the same overrides, on the config given
-      config = run_builder.with_defaults(_CONFIG.value)
-      for (block, key), value in settings.items():
-        config[block][key] = value
-      if model_flags.MATMUL_PRECISION.value:
-        config.model.matmul_precision = model_flags.MATMUL_PRECISION.value
-      if mesh:
-        config.mesh = ml_collections.ConfigDict(mesh)
-      run = run_builder.build_run(config, devices)  # evaluation places the weights on its mesh
-      _check_shapes(run, params)
+        devices=devices, mesh=mesh, config=_CONFIG.value, **values)
   except sharding.MeshError as e:
     raise app.UsageError(model_flags.mesh_error(e, len(devices))) from None
   return run, lambda: params, os.path.join(_CHECKPOINT.value, "eval"), "lychee"

@@ -28,6 +28,7 @@ import os
 import shutil
 from typing import Any, Sequence
 
+import flax.traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -143,12 +144,8 @@ class Run:
     init = self.config.init
     shardings = self.param_shardings()
     if init.checkpoint:
+      check_param_shapes(self.model, checkpoint.param_shapes(init.checkpoint), init.checkpoint)
       params, _ = checkpoint.load_params(init.checkpoint)
-      want = jax.tree.map(lambda x: x.value.shape, model_lib.abstract_params(self.model),
-                          is_leaf=lambda x: hasattr(x, "names"))
-      got = jax.tree.map(lambda x: x.shape, params)
-      if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-        raise ConfigError(f"the checkpoint in {init.checkpoint} does not match this model config")
       return jax.device_put(jax.tree.map(lambda x: x.astype(self.model.jnp_param_dtype), params),
                             shardings)
     if init.hf_checkpoint:
@@ -322,6 +319,13 @@ def _task(config: ml_collections.ConfigDict) -> synthetic.TaskConfig | None:
   return task
 
 
+def workdir_assets(workdir: str) -> str | None:
+  """The HF assets a training workdir keeps (`Run.save_assets`: the backbone's config.json,
+  tokenizer and chat template), or None for a run with no HF backbone."""
+  assets = os.path.join(os.fspath(workdir), HF_ASSETS)
+  return assets if os.path.exists(os.path.join(assets, "config.json")) else None
+
+
 def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Run:
   """Reads a run config (see the module doc); every error names the key at fault.
 
@@ -342,6 +346,10 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     raise ConfigError(f"the {agent} agent has no gate: set sft.gate_weight to 0")
   if config.rl.get("reward", "strict_sub_em") not in REWARDS:
     raise ConfigError(f"unknown rl.reward {config.rl.reward!r}; choose from {REWARDS}")
+  if config.init.checkpoint and not config.init.hf_checkpoint:
+    # An earlier stage's workdir: its backbone's config, tokenizer and chat template come too
+    # (without them a Qwen2.5 run would read byte ids with another EOS, and say nothing).
+    config.init.hf_checkpoint = workdir_assets(config.init.checkpoint) or ""
   hf_dir = config.init.hf_checkpoint or None
   model_values = config.model.to_dict()
   if hf_dir:
@@ -453,34 +461,69 @@ def from_hf_checkpoint(directory: str, devices: Sequence[Any] | None = None, **s
   return build_run(eval_config(directory, **settings), devices)
 
 
+# The run settings evaluation may change, by key: the config block each lives in.
+SIZE_OVERRIDES = {"chunk_size": "compressor", "memory_size": "reasoner",
+                  "answer_tokens": "reasoner", "question_tokens": "reasoner"}
+
+
+def apply_overrides(config: ml_collections.ConfigDict, *, matmul_precision: str | None = None,
+                    mesh: dict | None = None, **sizes) -> ml_collections.ConfigDict:
+  """`config` with the settings an evaluation asks for (each None or 0: the config's own):
+  matmul_precision, mesh axis sizes and the `SIZE_OVERRIDES`.  Changes `config` and returns it."""
+  unknown = sorted(set(sizes) - set(SIZE_OVERRIDES))
+  if unknown:
+    raise TypeError(f"unknown overrides {unknown}; choose from {sorted(SIZE_OVERRIDES)}")
+  if matmul_precision:
+    config.model.matmul_precision = matmul_precision
+  if mesh:
+    config.mesh = ml_collections.ConfigDict(dict(mesh))
+  for key, value in sizes.items():
+    if value:
+      config[SIZE_OVERRIDES[key]][key] = value
+  return config
+
+
+def check_param_shapes(model: ModelConfig, shapes: Any, source: str) -> None:
+  """`model`'s parameter shapes against `shapes` (a tree of tuples, e.g. a checkpoint's
+  `checkpoint.param_shapes`), naming the first parameter that differs: weights of other shapes
+  would fail deep inside a restore, or be read into a config they do not belong to."""
+  want = flax.traverse_util.flatten_dict(jax.tree.map(
+      lambda x: tuple(x.value.shape), model_lib.abstract_params(model),
+      is_leaf=lambda x: hasattr(x, "names")))
+  got = flax.traverse_util.flatten_dict(shapes)
+  for path in sorted(set(want) | set(got)):
+    if want.get(path) != got.get(path):
+      raise ConfigError(f"the parameters in {source} do not match this model config: "
+                        f"{'/'.join(path)} is {got.get(path, 'missing')} there, "
+                        f"{want.get(path, 'absent')} in the config")
+
+
 def from_workdir(workdir: str, matmul_precision: str | None = None, *,
                  devices: Sequence[Any] | None = None, mesh: dict | None = None,
-                 **reasoner_overrides) -> tuple[Run, Any]:
+                 config: ml_collections.ConfigDict | None = None,
+                 **sizes) -> tuple[Run, Any]:
   """(run, params) of a memrecall training run: its latest orbax checkpoint and saved config,
   the parameters read straight onto the run's mesh (sharded by the rules, as in training).
 
   matmul_precision: `ModelConfig.matmul_precision` to evaluate with (None: the run's own).
   devices, mesh: the mesh's devices (`build_run`) and axis sizes (None: the saved run's).
-  reasoner_overrides: chunk_size / memory_size / answer_tokens to evaluate with other settings
+  config: a config to build the run from instead of the saved one (its model must have the
+  checkpoint's parameter shapes).  sizes: `SIZE_OVERRIDES` to evaluate with other settings
   (None or 0: the run's own).
   """
-  saved, step = checkpoint.load_config(os.fspath(workdir))
-  config = with_defaults(ml_collections.ConfigDict(saved))
-  assets = os.path.join(os.fspath(workdir), HF_ASSETS)
-  if config.init.hf_checkpoint and os.path.exists(os.path.join(assets, "config.json")):
-    config.init.hf_checkpoint = assets
+  workdir = os.fspath(workdir)
+  saved, step = checkpoint.load_config(workdir)
+  if config is None:
+    config = with_defaults(ml_collections.ConfigDict(saved))
+    if config.init.hf_checkpoint and workdir_assets(workdir):
+      config.init.hf_checkpoint = workdir_assets(workdir)
+  else:
+    config = with_defaults(config)
   config.init.checkpoint = ""
-  if matmul_precision:
-    config.model.matmul_precision = matmul_precision
-  if mesh:
-    config.mesh = ml_collections.ConfigDict(dict(mesh))
-  if reasoner_overrides.get("chunk_size"):
-    config.compressor.chunk_size = reasoner_overrides["chunk_size"]
-  for key in ("memory_size", "answer_tokens"):
-    if reasoner_overrides.get(key):
-      config.reasoner[key] = reasoner_overrides[key]
+  apply_overrides(config, matmul_precision=matmul_precision, mesh=mesh, **sizes)
   run = build_run(config, devices)  # before the weights: they are read onto its mesh
-  params, _ = checkpoint.load_params(os.fspath(workdir), step, run.param_shardings())
+  check_param_shapes(run.model, checkpoint.param_shapes(workdir, step), workdir)
+  params, _ = checkpoint.load_params(workdir, step, run.param_shardings())
   return run, params
 
 

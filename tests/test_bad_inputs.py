@@ -170,7 +170,7 @@ EVAL = [
     ("config_with_data", ["--checkpoint={root}/run", "--config={tiny}:sft", "--data=rows:{rows}"],
      "--config is for the synthetic sweep"),
     ("config_of_other_shapes", ["--checkpoint={root}/run", "--config={tiny}:sft", "--lengths=1"],
-     "--config: the checkpoint's parameter "),
+     "do not match this model config: layers/"),
     ("malformed_mesh", _shared(["--mesh=fsdp"]), "--mesh must look like"),
 ]
 ANSWER = [

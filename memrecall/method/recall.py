@@ -253,15 +253,18 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
                jnp.zeros((n, batch, m), jnp.int32), jnp.zeros((n, batch, m), jnp.float32),
                jnp.zeros((n, batch), jnp.int32))
 
+  # One gate prompt per row, its scoring token run against each of the row's G blocks; the
+  # prompt holds the memory, so it runs again only after a step that changed the memory.
+  context_of = lambda memory: gate_context(params, setup.model, setup.prompts.gate, question,
+                                           question_mask, memory, slots=k.shape[3])
+
   def step(carry):
-    memory, rng, position, per_block = carry  # position [B]: the row's next unscored block
+    # position [B]: the row's next unscored block; context: the gate prompt of `memory`.
+    memory, context, rng, position, per_block = carry
     index = position[:, None] + jnp.arange(g)  # [B, G]
     in_document = index < n
     safe = jnp.minimum(index, n - 1)
     gk, gv, gmask, gvalid = gather(safe)
-    # One gate prompt per row, its scoring token run against each of the row's G blocks.
-    context = gate_context(params, setup.model, setup.prompts.gate, question, question_mask,
-                           memory, slots=k.shape[3])
     score = jax.nn.sigmoid(score_chunks(params, setup.model, context.repeat(g), gk, gv,
                                         gmask)).reshape(batch, g)
     passed = ((score >= setup.recall.threshold) if forced_read is None
@@ -277,15 +280,17 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
                                         setup.sampling, ck, cv, cmask, question, question_mask,
                                         memory, step_rng)
       keep = reads[:, None]
-      return (WorkingMemory(jnp.where(keep, new.ids, memory.ids),
-                            jnp.where(keep, new.mask, memory.mask)),
-              (sample.tokens, sample.logprobs, sample.lengths))
+      new = WorkingMemory(jnp.where(keep, new.ids, memory.ids),
+                          jnp.where(keep, new.mask, memory.mask))
+      # Rows that read nothing keep their memory, so their new context equals the old one.
+      return new, context_of(new), (sample.tokens, sample.logprobs, sample.lengths)
 
     def skip(memory):
-      return memory, (jnp.zeros((batch, m), jnp.int32), jnp.zeros((batch, m), jnp.float32),
-                      jnp.zeros((batch,), jnp.int32))
+      return memory, context, (jnp.zeros((batch, m), jnp.int32),
+                               jnp.zeros((batch, m), jnp.float32), jnp.zeros((batch,), jnp.int32))
 
-    new_memory, (tokens, logprobs, lengths) = jax.lax.cond(reads.any(), reason, skip, memory)
+    new_memory, new_context, (tokens, logprobs, lengths) = jax.lax.cond(reads.any(), reason, skip,
+                                                                        memory)
     # Write the final decisions (blocks up to the first read); the others go out of range.
     offset = jnp.arange(g)[None, :]
     is_read = offset == first[:, None]  # [B, G]
@@ -297,11 +302,11 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
               jnp.where(is_read, lengths[:, None], 0))
     per_block = tuple(out.at[target, rows[:, None]].set(value, mode="drop")
                       for out, value in zip(per_block, values))
-    return new_memory, rng, position + jnp.where(reads, first + 1, g), per_block
+    return new_memory, new_context, rng, position + jnp.where(reads, first + 1, g), per_block
 
-  memory, rng, _, per_block = jax.lax.while_loop(
-      lambda carry: (carry[2] < n).any(), step,
-      (memory, rng, jnp.zeros((batch,), jnp.int32), per_block))
+  memory, _, rng, _, per_block = jax.lax.while_loop(
+      lambda carry: (carry[3] < n).any(), step,
+      (memory, context_of(memory), rng, jnp.zeros((batch,), jnp.int32), per_block))
   return memory, rng, per_block
 
 

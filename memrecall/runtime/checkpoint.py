@@ -137,6 +137,18 @@ def load_config(workdir_or_checkpoint: str, step: int | None = None) -> tuple[di
     manager.close()
 
 
+def param_shapes(workdir_or_checkpoint: str, step: int | None = None) -> Any:
+  """The shapes of a checkpoint's parameters (a tree of tuples), from its metadata alone: what
+  to check a model config against before any weight is read."""
+  manager, directory, step = _open(workdir_or_checkpoint, step)
+  try:
+    with _restore_errors(directory, step):
+      metadata = manager.item_metadata(step)["state"]
+  finally:
+    manager.close()
+  return jax.tree.map(lambda m: tuple(m.shape), getattr(metadata, "tree", metadata)["params"])
+
+
 def load_params(workdir_or_checkpoint: str, step: int | None = None,
                 shardings: Any = None) -> tuple[Any, dict]:
   """The parameters alone (no optimizer state is read) and the run config of a checkpoint.

@@ -30,7 +30,7 @@ from memrecall.method.recall import inference_layout
 from memrecall.models import qwen2 as model_lib
 from memrecall.models.config import ConfigError
 from memrecall.run_builder import TRAINING_STAGES, Run, build_run
-from memrecall.runtime import distributed, sharding as sharding_lib
+from memrecall.runtime import checkpoint, distributed, sharding as sharding_lib
 from memrecall.runtime.checkpoint import Checkpointer
 from memrecall.train import batches, grpo, objectives, state as state_lib
 from memrecall.train.metrics_writer import MetricsWriter
@@ -192,15 +192,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
         "(an update of ~1e-6 is lost in a 16-bit weight, whose spacing near 0.02 is ~1e-4); "
         "set --config.model.param_dtype=float32 (products still run in model.dtype)")
   microbatches = _microbatches(config, sharding_lib.batch_shards(run.mesh))
+  stage = _STAGES[config.stage](run)
+  stage.check_data()
   if distributed.is_primary():
     run.save_assets(workdir)
-  stage = _STAGES[config.stage](run)
   optimizer = make_optimizer(config)
   checkpointer = Checkpointer(workdir, save_every=config.train.checkpoint_every,
                               keep=config.train.keep, async_save=config.train.async_checkpoint)
   config_json = json.loads(config.to_json_best_effort())
   if checkpointer.latest_step() is not None:  # before any parameter is built
     _check_same_run(checkpointer.saved_config(checkpointer.latest_step()), config_json, workdir)
+  if config.init.checkpoint and distributed.is_primary():
+    earlier, at = checkpoint.load_config(config.init.checkpoint)
+    planned = earlier.get("train", {}).get("steps")
+    log(f"starting from {config.init.checkpoint} at step {at}"
+        + (f" of its {planned}: that stage did not finish" if planned and at < planned else ""))
   with jax.set_mesh(run.mesh):
     params = run.params()
     paths = state_lib.trainable_paths(params, config.train.trainable)
@@ -338,10 +344,33 @@ def stage_programs(run: Run) -> list[Program]:
 
 
 class _Stage(abc.ABC):
+  # What the stage's examples must carry: questions (every stage that reads to answer) and
+  # supporting facts with their oracle memories (the stages trained on oracle traces/labels).
+  needs_questions = True
+  needs_oracle = False
+  # Examples looked at before training starts (`check_data`).
+  DATA_PEEK = 8
+
   def __init__(self, run: Run):
     self.run = run
     self.setup = objectives.TrainSetup.of_run(run)
     self.batch_size = run.config.train.batch_size
+
+  def check_data(self) -> None:
+    """Refuses data that cannot train this stage, before any weight is built: `text:` data has
+    no questions (any answer would score), and `rows:` data no supporting facts (SFT would
+    learn never to update the memory, the gate that no chunk matters)."""
+    run = self.run
+    examples = [ex.example for ex in run.examples(0, min(self.DATA_PEEK, self.batch_size))]
+    where = f"data.train {run.config.data.train!r}"
+    stage = run.config.stage
+    if self.needs_questions and not any(len(ex.question) for ex in examples):
+      raise ConfigError(f"the {stage} stage needs questions and {where} has none (text: data "
+                        "trains the compressor stage)")
+    if self.needs_oracle and not any(ex.supporting and ex.oracle_memory for ex in examples):
+      raise ConfigError(f"the {stage} stage learns from supporting facts and oracle memories, "
+                        f"and {where} has none in its first {len(examples)} examples (rows: "
+                        "layouts carry none; use hotpotqa: or synthetic: data)")
 
   def start(self, params) -> None:
     """Called once with the run's initial parameters (a resumed run's too: not the restored
@@ -369,6 +398,7 @@ class _Stage(abc.ABC):
 class CompressorStage(_Stage):
   """Language modelling through beacons; with `pretrain.recall`, on chunks whose second half
   repeats the first half's units shuffled (scored on the repeat only)."""
+  needs_questions = False
 
   def batch(self, step, state, rows):
     r = self.run
@@ -428,6 +458,8 @@ def turn_shapes(run: Run, rows: int) -> objectives.TurnBatch:
 
 
 class SFTStage(_Stage):
+  needs_oracle = True
+
   def batch(self, step, state, rows):
     return oracle_turns(self.run, self.examples(step, rows)), {}
 
@@ -439,6 +471,8 @@ class SFTStage(_Stage):
 
 
 class GateStage(_Stage):
+  needs_oracle = True
+
   def batch(self, step, state, rows):
     r = self.run
     examples = self.examples(step, rows)

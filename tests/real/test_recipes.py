@@ -156,3 +156,41 @@ def test_training_stream_reads_every_row_once_an_epoch_and_any_slice_alone(tiny_
   assert sorted(first) == sorted(second) == sorted(f"train_rows.json/{i}" for i in range(6))
   assert first != second  # a fresh order each epoch
   assert ids(0, 2) + ids(2, 4) == first  # what each process builds for its rows
+
+
+@pytest.mark.parametrize("stage,kind,message", [
+    ("sft", "rows", "the sft stage learns from supporting facts and oracle memories"),
+    ("gate", "rows", "the gate stage learns from supporting facts"),
+    ("rl", "text", "the rl stage needs questions"),
+    ("sft", "text", "the sft stage needs questions")])
+def test_a_stage_refuses_data_it_cannot_learn_from(stage, kind, message, tiny_qwen, data_files,
+                                                   tmp_path):
+  config = recipe(lychee, stage, tiny_qwen, f"{kind}:{data_files[kind]}")
+  with pytest.raises(trainer.ConfigError, match=message):
+    trainer.train(config, str(tmp_path), log=lambda line: None)
+  assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+def test_a_stage_started_from_an_earlier_workdir_keeps_its_backbone_tokenizer(tiny_qwen, data_files,
+                                                                               tmp_path):
+  # `--config.init.checkpoint=WORKDIR` alone, as configs/lychee.py tells: the HF backbone's
+  # tokenizer, EOS and chat template come from the earlier stage's workdir (they were the byte
+  # tokenizer's, silently, when only the weights came).
+  first = recipe(lychee, "compressor", tiny_qwen, f"text:{data_files['text']}")
+  first.train.steps = 1
+  trainer.train(first, str(tmp_path / "compressor"), log=lambda line: None)
+  config = recipe(lychee, "sft", tiny_qwen, f"hotpotqa:{data_files['hotpotqa']}")
+  config.init.hf_checkpoint = ""
+  config.init.checkpoint = str(tmp_path / "compressor")
+  run, direct = run_builder.build_run(config), run_builder.build_run(
+      recipe(lychee, "sft", tiny_qwen, f"hotpotqa:{data_files['hotpotqa']}"))
+  assert type(run.tokenizer) is type(direct.tokenizer)
+  assert run.tokenizer.vocab_size == direct.tokenizer.vocab_size == run.model.vocab_size
+  assert run.model.eos_token_ids == direct.model.eos_token_ids
+  assert run.prompts == direct.prompts
+  jax.tree.map(np.testing.assert_array_equal, run.params(),
+               checkpoint.load_params(str(tmp_path / "compressor"))[0])
+  lines = []
+  config.train.steps = 1
+  trainer.train(config, str(tmp_path / "sft"), log=lines.append)
+  assert f"starting from {tmp_path / 'compressor'} at step 1" in lines
