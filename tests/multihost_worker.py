@@ -7,8 +7,8 @@ of the single-process tests.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
-                           "--xla_backend_optimization_level=0")  # as tests/conftest.py
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")  # as tests/conftest.py
 os.environ["JAX_PLATFORMS"] = "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

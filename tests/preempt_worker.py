@@ -12,8 +12,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 multi = len(sys.argv) > 3
-os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={4 if multi else 1} "
-                           "--xla_backend_optimization_level=0")  # as tests/conftest.py
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 if multi else 1}"
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")  # as tests/conftest.py
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -8,12 +8,14 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import xla_defaults_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_recall_runs_and_reports(tmp_path):
   out = tmp_path / "bench.json"
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = xla_defaults_env()
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_recall.py"),
                          "--chunks=8", "--chunk_size=64", "--memory_size=4", "--repeats=1",
                          f"--output_json={out}"], capture_output=True, text=True, env=env,
@@ -27,7 +29,7 @@ def test_bench_recall_runs_and_reports(tmp_path):
 
 def test_bench_runs_on_the_tiny_model_and_writes_rows(tmp_path):
   out = tmp_path / "bench.json"
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = xla_defaults_env()
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"),
                          "--lengths=512,2048", "--questions=2", "--memory_size=4", "--repeats=1",
                          "--chunk_size=128", f"--output_json={out}"], capture_output=True,
@@ -56,7 +58,7 @@ def test_bench_runs_on_the_tiny_model_and_writes_rows(tmp_path):
 
 def test_profile_decode_times_each_batch_against_its_floor(tmp_path):
   out = tmp_path / "profile.json"
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = xla_defaults_env()
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "profile_decode.py"),
                          "--model=tiny", "--batches=1,3", "--steps=4", "--cache_tokens=16",
                          "--repeats=1", "--variants=scanned", f"--output_json={out}"],

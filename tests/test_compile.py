@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from memrecall.capacity import tpu_slices
+from tests.conftest import xla_defaults_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV = xla_defaults_env()
 ENV.pop("MEMRECALL_VERBOSE", None)
 needs_libtpu = pytest.mark.skipif(tpu_slices.libtpu_version() is None,
                                   reason="libtpu is not installed (the `test` and `tpu` extras "

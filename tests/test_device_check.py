@@ -12,7 +12,8 @@ def test_smoke_runs_every_step_and_reports_a_table_and_json(tmp_path):
   # The steps set their own backends and devices, as on the GPU machine, where none of these
   # is set; $OUT would take the report.
   env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "MEMRECALL_TEST_BACKEND", "OUT")}
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "MEMRECALL_TEST_BACKEND", "OUT",
+                      "JAX_DISABLE_MOST_OPTIMIZATIONS")}
   env["MEMRECALL_PYTHON"] = sys.executable
   # Bounds x 3: this test shares its CPU with the rest of the suite; the smoke's own bounds
   # (3 minutes in all) are asserted below, and hold on an idle 2-core machine.

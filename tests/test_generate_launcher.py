@@ -9,12 +9,13 @@ import jax
 import numpy as np
 
 from memrecall.models import hf_checkpoint, sampling
+from tests.conftest import xla_defaults_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*flags):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = xla_defaults_env()
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"), *flags],
                         capture_output=True, text=True, env=env, timeout=300)
 

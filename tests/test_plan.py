@@ -61,8 +61,10 @@ import sys
 
 import jax
 
+from tests.conftest import xla_defaults_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV = xla_defaults_env()
 ENV.pop("MEMRECALL_VERBOSE", None)
 
 

@@ -14,6 +14,7 @@ import pytest
 from memrecall import run_builder
 from memrecall.runtime import checkpoint
 from memrecall.train import trainer
+from tests.conftest import xla_defaults_env
 from tests.train.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,7 +74,7 @@ def test_bad_input_gives_clear_errors(tmp_path):
   unsharded.mesh.data, unsharded.mesh.fsdp = 2, 4  # 4 rows a microbatch on 8 batch shards
   with pytest.raises(trainer.ConfigError, match="do not split over the mesh's 8 batch shards"):
     trainer.train(unsharded, str(tmp_path / "z"), log=quiet)
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = xla_defaults_env()
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
                          "--config=configs/tiny.py:sft", f"--workdir={tmp_path / 'y'}",
                          "--config.train.no_such_key=3"], capture_output=True, text=True,
