@@ -139,9 +139,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
 
 def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> int:
   """How many parts the rules split a batch's rows into on `mesh` (when they divide it)."""
-  target = dict(rules).get("batch")
-  axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-  return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+  axes = logical_to_spec(("batch",), mesh=mesh, rules=rules)[0] or ()
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def logical_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
