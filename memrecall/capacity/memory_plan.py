@@ -293,7 +293,7 @@ def _rollout(s: _Shapes, n: int, what: str) -> dict[str, list[Term]]:
 def _train_turns(s: _Shapes, rows: int, with_logits: bool = True) -> list[Term]:
   """One teacher-forced memory update (the largest turn) in the backward pass of its block:
   the turn's saved layer inputs, its prefix cache, one layer recomputed, the logits of the
-  written tokens with their gradient."""
+  written tokens with their gradient (the LM head runs on those M positions only)."""
   t = s.P_update + s.M
   slots = 0 if s.raw else s.S
   terms = [Term("remat: the turn's layer inputs", s.L * rows * t * s.E * s.dt,
@@ -304,7 +304,6 @@ def _train_turns(s: _Shapes, rows: int, with_logits: bool = True) -> list[Term]:
                       s.kv_formula(rows, f"{slots} + {t}", slots + t)))
   if with_logits:
     terms += [_head_term(s, 3, "forward, backward, and its gradient"),
-              _logits_term(s, rows, t, "the turn's LM head output (bf16)", 0),
               _logits_term(s, rows, s.M, "the written tokens, and their gradient", 2)]
   return terms
 

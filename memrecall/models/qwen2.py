@@ -496,6 +496,13 @@ def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None
   return logits, cache
 
 
+def head_logits(params, config: ModelConfig, hidden: Array) -> Array:
+  """The LM head on hidden states [B, T, E] -> float32 logits [B, T, V]: for callers that
+  take `forward(..., return_hidden=True)` and need logits at a few positions only (at 152K
+  vocabulary entries the head's output is the largest activation of a turn)."""
+  return Qwen2(config).apply({"params": params}, hidden, method=Qwen2.logits)
+
+
 def unstack_layers(params, config: ModelConfig):
   """The stacked `layers` subtree split into `layers_0` ... (the `scan_layers=False` layout;
   one copy of the weights, made once outside any loop).  Returns (params, config)."""

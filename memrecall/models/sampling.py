@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from memrecall.models.config import ModelConfig
-from memrecall.models.qwen2 import KVCache, Qwen2, forward, init_cache, last_valid
+from memrecall.models.qwen2 import KVCache, forward, head_logits, init_cache, last_valid
 
 Array = jax.Array
 
@@ -92,7 +92,7 @@ def prefill(params, config: ModelConfig, cache: KVCache, tokens: Array,
   head over every row is 8% of the prefill's FLOPs)."""
   hidden, cache = forward(params, config, tokens, token_mask, cache, return_hidden=True)
   last = last_valid(hidden, token_mask)[:, None]  # [B, 1, E]
-  return Qwen2(config).apply({"params": params}, last, method=Qwen2.logits)[:, 0], cache
+  return head_logits(params, config, last)[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling"),

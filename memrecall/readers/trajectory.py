@@ -21,7 +21,7 @@ from memrecall.method.gate import gate_logits
 from memrecall.method.prompts import PromptTemplate, Prompts
 from memrecall.method.reasoner import WorkingMemory, no_prefix, prefix_cache
 from memrecall.models.config import ModelConfig
-from memrecall.models.qwen2 import forward
+from memrecall.models.qwen2 import forward, head_logits
 
 Array = jax.Array
 # (chunk ids [B, C], chunk mask [B, C]) -> (update template, (k, v, slot_mask) prefix,
@@ -67,11 +67,12 @@ def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Arra
   tokens = jnp.concatenate([prompt, targets], axis=1)
   mask = jnp.concatenate([prompt_mask, target_mask.astype(bool)], axis=1)
   cache = prefix_cache(config, k, v, slot_mask, tokens.shape[1])
-  logits, _ = forward(params, config, tokens, mask, cache)
+  hidden, _ = forward(params, config, tokens, mask, cache, return_hidden=True)  # [B, P + M, E]
   p, m = prompt.shape[1], targets.shape[1]
   # The prompt ends with literal text and targets are contiguous, so token j is
-  # predicted at position p - 1 + j.
-  logp = jax.nn.log_softmax(logits[:, p - 1:p - 1 + m])
+  # predicted at position p - 1 + j: the head runs on those M positions only (over the
+  # whole prompt its [B, P + M, V] output and gradient dwarfed the turn's other activations).
+  logp = jax.nn.log_softmax(head_logits(params, config, hidden[:, p - 1:p - 1 + m]))  # [B, M, V]
   token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   entropy = -(jnp.exp(logp) * logp).sum(-1)
   return token_logp, jax.lax.stop_gradient(entropy)

@@ -1,5 +1,7 @@
 """Every stage's loss falls on a fixed batch; the RL gradient reaches the compressor."""
 
+import re
+
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from memrecall import run_builder
+from memrecall.method import reasoner
 from memrecall.models import qwen2 as model
 from memrecall.train import objectives, state as state_lib, trainer
 from tests.train.conftest import small_config
@@ -180,3 +183,49 @@ def test_microbatches_give_the_whole_batch_step():
   with pytest.raises(ValueError, match="does not split into 3 microbatches"):
     jax.jit(state_lib.make_train_step(loss_fn, optimizer, paths, microbatches=3))(
         state_lib.create_train_state(params, "backbone", optimizer, 0), batch)
+
+
+def test_turn_logprobs_equal_the_whole_forward_and_run_the_head_on_the_written_tokens_only():
+  """A turn's scores are the log-softmax of the full forward's logits at the positions that
+  predict the written tokens, and no array of the step (forward or gradient) spans the whole
+  prompt by the vocabulary: the LM head runs on the M written positions only."""
+  run = run_builder.build_run(small_config("sft"))
+  cfg, template = run.model, run.prompts.update
+  params = model.init_params(cfg, jax.random.key(0))
+  b, q, mc, m, slots = 2, 6, 8, 5, 4
+  rng = np.random.default_rng(0)
+  ids = lambda *shape: jnp.asarray(rng.integers(3, cfg.vocab_size, shape), jnp.int32)
+  question, memory, targets = ids(b, q), ids(b, mc), ids(b, m)
+  question_mask = jnp.ones((b, q), bool)
+  memory_mask = jnp.asarray(np.arange(mc)[None] < np.array([[mc], [3]]))  # a padded row
+  target_mask = jnp.asarray(np.arange(m)[None] < np.array([[m], [2]]))
+  kv = lambda: jnp.asarray(rng.normal(size=(cfg.num_layers, b, slots, cfg.num_kv_heads,
+                                              cfg.head_dim)), cfg.jnp_dtype)
+  k, v, slot_mask = kv(), kv(), jnp.ones((b, slots), bool)
+  working = reasoner.WorkingMemory(memory, memory_mask)
+
+  def scores(params):
+    return objectives.turn_logprobs(params, cfg, template, k, v, slot_mask, question,
+                                    question_mask, working, targets, target_mask)
+
+  logp, entropy = scores(params)
+  # Naive: the whole sequence's logits from the model's own forward, then the slice.
+  prompt, prompt_mask = template.render(question, question_mask, memory, memory_mask)
+  tokens = jnp.concatenate([prompt, targets], axis=1)
+  cache = reasoner.prefix_cache(cfg, k, v, slot_mask, tokens.shape[1])
+  logits, _ = model.forward(params, cfg, tokens, jnp.concatenate([prompt_mask, target_mask], 1),
+                            cache)
+  p = prompt.shape[1]
+  full = np.asarray(jax.nn.log_softmax(logits[:, p - 1:p - 1 + m]), np.float64)
+  expected = np.take_along_axis(full, np.asarray(targets)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(logp), expected, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(entropy), -(np.exp(full) * full).sum(-1), atol=1e-4)
+
+  total = p + m
+  # Every array of the gradient's program whose last axis is the vocabulary.
+  text = jax.jit(jax.grad(lambda params: scores(params)[0].sum())).lower(params).as_text()
+  vocab_shapes = {tuple(int(d) for d in shape.split("x"))
+                  for shape in re.findall(r"tensor<([0-9x]+)x[a-z]+[0-9]*>", text)
+                  if shape.endswith(f"x{cfg.vocab_size}")}
+  assert (b, m, cfg.vocab_size) in vocab_shapes, vocab_shapes
+  assert not any(len(s) >= 2 and s[-2] == p + m for s in vocab_shapes), vocab_shapes
