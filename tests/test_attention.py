@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memrecall.models.attention import (attend, causal_key_limits, grouped_attention,
-                                        resolve_implementation)
+from memrecall.models.attention import (attend, attend_with_shared_prefix, causal_key_limits,
+                                        grouped_attention, resolve_implementation)
 
 
 def naive_attention(query, key, value, mask):
@@ -46,6 +46,40 @@ def test_grouped_attention_matches_a_float64_loop(mask_shape, kv_heads):
     expected = jax.nn.dot_product_attention(query, key, value, mask=jnp.asarray(mask),
                                             implementation="xla")
   np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("runs", [1, 3])
+def test_a_shared_prefix_is_the_float64_softmax_over_prefix_and_own_keys(kv_heads, runs):
+  """Rows i*R .. i*R + R - 1 over prefix i's keys and their own, as one softmax over the keys
+  laid side by side: a causal own mask (T=2), a prefix row with holes, a query row whose own
+  keys are all masked (it still reads the prefix), and a prefix with no valid key."""
+  groups, t, s, p, h, d = 2, 2, 5, 6, 4, 8
+  rows = groups * runs
+  query, key, value, rng = _inputs(b=rows, t=t, s=s, h=h, kv_heads=kv_heads)
+  shared_key, shared_value = (rng.normal(size=(groups, p, kv_heads, d)).astype(np.float32)
+                              for _ in range(2))
+  own_mask = np.broadcast_to(np.arange(s)[None] <= np.arange(s - t, s)[:, None], (rows, t, s)).copy()
+  own_mask[1] = rng.random((t, s)) < 0.6
+  own_mask[0, 0] = False  # this query row reads the prefix only
+  shared_mask = rng.random((groups, p)) < 0.7
+  shared_mask[0, 0] = True
+  if runs > 1:
+    shared_mask[1] = False  # these rows read their own keys only
+  heads_major = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3))
+  out = attend_with_shared_prefix(jnp.asarray(query), heads_major(key), heads_major(value),
+                                  jnp.asarray(own_mask)[:, None], heads_major(shared_key),
+                                  heads_major(shared_value), jnp.asarray(shared_mask), "highest")
+  prefix_of = np.arange(rows) // runs
+  keys = np.concatenate([shared_key[prefix_of], key], axis=1)
+  values = np.concatenate([shared_value[prefix_of], value], axis=1)
+  mask = np.concatenate([np.broadcast_to(shared_mask[prefix_of][:, None], (rows, t, p)), own_mask],
+                        axis=2)[:, None]
+  np.testing.assert_allclose(out, naive_attention(query, keys, values, mask), atol=2e-6)
+  with pytest.raises(ValueError, match="do not split"):
+    attend_with_shared_prefix(jnp.asarray(query[:rows - 1]), heads_major(key[:rows - 1]),
+                              heads_major(value[:rows - 1]), None, heads_major(shared_key),
+                              heads_major(shared_value), jnp.asarray(shared_mask))
 
 
 def test_grouped_attention_without_mask_and_a_row_with_no_key_stays_finite():

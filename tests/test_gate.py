@@ -73,7 +73,7 @@ def test_one_prompt_scores_many_chunks(lychee_model, inputs):
                               slots=memory.k.shape[2])
   # Row 0 against chunks 0, 1, 2 and row 1 against the same three, in one call.
   chunks = jnp.asarray([0, 1, 2, 0, 1, 2])
-  grouped = gate.score_chunks(params, config, context.repeat(3), memory.k[:, chunks],
+  grouped = gate.score_chunks(params, config, context, memory.k[:, chunks],
                               memory.v[:, chunks], memory.slot_mask[chunks])
   for row in range(2):
     for c in range(3):

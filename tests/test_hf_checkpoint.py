@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from tests.conftest import FIXTURES
 from memrecall.models import hf_checkpoint
 from memrecall.models.config import ConfigError
 from memrecall.models.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import FIXTURES
+from tests.conftest import FIXTURES
 from memrecall.models import hf_checkpoint, qwen2 as model, sampling
 from memrecall.models.config import ModelConfig
 from memrecall.models.safetensors_io import iter_checkpoint_files

@@ -20,7 +20,7 @@ from memrecall.method.prompts import PromptTemplate
 from memrecall.method.reasoner import WorkingMemory
 from memrecall.models.config import ConfigError, ModelConfig
 from memrecall.models.qwen2 import (KVCache, Qwen2, cache_layout, concat_slots, forward, init_cache,
-                                    repeat_rows, slots_to_cache)
+                                    slots_to_cache)
 
 Array = jax.Array
 
@@ -37,12 +37,6 @@ class GateContext:
   key_mask: Array
   scoring_token: Array
   scoring_position: Array
-
-  def repeat(self, times: int) -> "GateContext":
-    """Each row `times` times side by side, to score that many chunks per row at once."""
-    rows = lambda x: jnp.repeat(x, times, axis=0)
-    return GateContext(repeat_rows(self.k, times), repeat_rows(self.v, times),
-                       rows(self.key_mask), rows(self.scoring_token), rows(self.scoring_position))
 
 
 def gate_context(params, config: ModelConfig, template: PromptTemplate, question: Array,
@@ -62,18 +56,21 @@ def gate_context(params, config: ModelConfig, template: PromptTemplate, question
 
 def score_chunks(params, config: ModelConfig, context: GateContext, k: Array, v: Array,
                  slot_mask: Array) -> Array:
-  """Relevance logits [B] (float32): row b's chunk (k, v [L, B, S, K, D]) against its context."""
-  layers, batch, slots, heads, dim = k.shape
-  room = lambda: cache_layout(config, jnp.zeros((layers, batch, heads, 1, dim), config.jnp_dtype))
-  cache = KVCache(  # [chunk slots (unrotated) | prompt | scoring token]
-      k=concat_slots([slots_to_cache(config, k), context.k, room()]),
-      v=concat_slots([slots_to_cache(config, v), context.v, room()]),
-      key_mask=jnp.concatenate([slot_mask.astype(bool), context.key_mask,
-                                jnp.zeros((batch, 1), bool)], axis=1),
-      index=jnp.asarray(slots + context.key_mask.shape[1], jnp.int32),
-      next_position=context.scoring_position)
-  hidden, _ = forward(params, config, context.scoring_token, jnp.ones((batch, 1), bool), cache,
-                      use_lora=True, return_hidden=True)
+  """Relevance logits [R*B] (float32) of R*B chunks (k, v [L, R*B, S, K, D]), row i's against
+  the context's row i // R: R chunks of a row scored at once against its one prompt, which
+  is read once for all R (`forward`'s shared_prefix), not copied per chunk."""
+  layers, rows, slots, heads, dim = k.shape
+  per_prompt = rows // context.key_mask.shape[0]
+  room = lambda: cache_layout(config, jnp.zeros((layers, rows, heads, 1, dim), config.jnp_dtype))
+  cache = KVCache(  # [chunk slots (unrotated) | scoring token], after the shared prompt
+      k=concat_slots([slots_to_cache(config, k), room()]),
+      v=concat_slots([slots_to_cache(config, v), room()]),
+      key_mask=jnp.concatenate([slot_mask.astype(bool), jnp.zeros((rows, 1), bool)], axis=1),
+      index=jnp.asarray(slots, jnp.int32),
+      next_position=jnp.repeat(context.scoring_position, per_prompt))
+  hidden, _ = forward(params, config, jnp.repeat(context.scoring_token, per_prompt, axis=0),
+                      jnp.ones((rows, 1), bool), cache, use_lora=True, return_hidden=True,
+                      shared_prefix=(context.k, context.v, context.key_mask))
   return Qwen2(config).apply({"params": params}, hidden[:, 0], method=Qwen2.gate_logit)
 
 

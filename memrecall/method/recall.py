@@ -265,7 +265,7 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
     in_document = index < n
     safe = jnp.minimum(index, n - 1)
     gk, gv, gmask, gvalid = gather(safe)
-    score = jax.nn.sigmoid(score_chunks(params, setup.model, context.repeat(g), gk, gv,
+    score = jax.nn.sigmoid(score_chunks(params, setup.model, context, gk, gv,
                                         gmask)).reshape(batch, g)
     passed = ((score >= setup.recall.threshold) if forced_read is None
               else forced_read[safe, rows[:, None]]) & gvalid & in_document

@@ -19,7 +19,8 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
-from memrecall.models.attention import attend, block_ends, causal_key_limits
+from memrecall.models.attention import (attend, attend_with_shared_prefix, block_ends,
+                                        causal_key_limits)
 from memrecall.models.config import ModelConfig
 from memrecall.runtime import sharding
 from memrecall.runtime.sharding import with_logical_constraint
@@ -132,7 +133,9 @@ class Attention(nn.Module):
   Three ways to run, chosen by what `layer_kv` holds:
   * None: attend over the current tokens only (training forward).
   * a KV cache `{"k", "v"}` (rotated keys): write the new keys/values at
-    `write_index`, attend over the whole cache (`mask` says which slots).
+    `write_index`, attend over the whole cache (`mask` says which slots).  With
+    `{"shared_k", "shared_v"}` beside them (`forward`'s shared_prefix), each run of R rows also
+    attends to one row of those, and `mask` is (the cache's mask, the prefix's [B/R, P]).
   * compression (`beacon_rows > 0`): the last `beacon_rows` rows are beacons
     and use their own q/k/v projections; `layer_kv` is the pre-RoPE prefix of
     earlier windows' beacons, rotated here with the leading part of cos/sin;
@@ -177,7 +180,7 @@ class Attention(nn.Module):
                write_index: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
     cfg = self.config
     q, k, v = self.qkv(x)  # [B, T, H, D], [B, T, K, D], [B, T, K, D]
-    key_limits, heads_major = None, False
+    key_limits, heads_major, shared = None, False, None
     if self.beacon_rows:
       own = {"k": k[:, -self.beacon_rows:], "v": v[:, -self.beacon_rows:]}
       prefix = layer_kv["k"].shape[1]
@@ -194,6 +197,10 @@ class Attention(nn.Module):
       layer_kv = own
     else:
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      if layer_kv is not None and "shared_k" in layer_kv:  # `forward`'s shared_prefix
+        shared = (layer_kv["shared_k"].astype(q.dtype), layer_kv["shared_v"].astype(q.dtype))
+        layer_kv = {"k": layer_kv["k"], "v": layer_kv["v"]}
+        mask, shared_mask = mask
       if layer_kv is not None:  # the cache is kv-head major: [B, K, S, D]
         start = (0, 0, write_index, 0)
         layer_kv = {n: jax.lax.dynamic_update_slice(
@@ -203,8 +210,11 @@ class Attention(nn.Module):
         heads_major = True
       if self.causal:
         key_limits = causal_key_limits(q.shape[1], k.shape[2 if heads_major else 1], QUERY_BLOCK)
-    out = attend(q, k, v, mask, cfg.attention, key_limits, cfg.precision,
-                 heads_major)  # [B, T, H, D]
+    if shared is None:
+      out = attend(q, k, v, mask, cfg.attention, key_limits, cfg.precision,
+                   heads_major)  # [B, T, H, D]
+    else:
+      out = attend_with_shared_prefix(q, k, v, mask, *shared, shared_mask, cfg.precision)
     out = with_logical_constraint(out, ("batch", "length", "act_heads", None))
     o_kernel = _param(self, "o_kernel", _KERNEL_INIT, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                       ("heads", "head_dim", "embed"), cfg.jnp_param_dtype)
@@ -423,13 +433,6 @@ def concat_slots(parts: list) -> Array | tuple[Array, ...]:
   return jnp.concatenate(parts, axis=3)
 
 
-def repeat_rows(x: Array | tuple[Array, ...], times: int) -> Array | tuple[Array, ...]:
-  """Each batch row of a cache's keys (or values) `times` times side by side."""
-  if isinstance(x, tuple):
-    return tuple(jnp.repeat(a, times, axis=0) for a in x)
-  return jnp.repeat(x, times, axis=1)
-
-
 def init_cache(config: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
   """An empty cache with room for `size` tokens per row."""
   shape = (config.num_layers, batch, config.num_kv_heads, size, config.head_dim)
@@ -464,7 +467,9 @@ def causal_mask(token_mask: Array) -> Array:
 
 def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None = None,
             cache: KVCache | None = None, *, use_lora: bool = False,
-            return_hidden: bool = False) -> tuple[Array, KVCache | None]:
+            return_hidden: bool = False,
+            shared_prefix: tuple[Array, Array, Array] | None = None
+            ) -> tuple[Array, KVCache | None]:
   """Logits for `tokens` [B, T] (float32 [B, T, V]), optionally appending to `cache`.
 
   Without a cache this is the training forward: causal attention over the
@@ -474,12 +479,19 @@ def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None
   The caller must leave room: `cache.index + T <= cache.size`.
   `use_lora` applies the gate's adapters; `return_hidden` returns the final
   hidden states [B, T, E] instead of logits.
+
+  `shared_prefix` (k, v in `KVCache`'s layout with B/R rows, key_mask [B/R, P]; with a cache
+  only): keys every run of R consecutive rows also attends to, rotated, before the cache's
+  (`attention.attend_with_shared_prefix`): R rows that share a prompt read it once instead
+  of each holding a copy.
   """
   model = Qwen2(config, use_lora=use_lora, causal=True)  # the masks below are causal
   if token_mask is None:
     token_mask = jnp.ones(tokens.shape, bool)
   token_mask = token_mask.astype(bool)
   if cache is None:
+    if shared_prefix is not None:
+      raise ValueError("shared_prefix needs a cache (it is read beside the cache's keys)")
     positions = positions_from_mask(token_mask)
     logits, _ = model.apply({"params": params}, tokens, positions, causal_mask(token_mask),
                             return_hidden=return_hidden)
@@ -489,8 +501,13 @@ def forward(params, config: ModelConfig, tokens: Array, token_mask: Array | None
   t, s = tokens.shape[1], cache.size
   causal = jnp.arange(s)[None, :] <= cache.index + jnp.arange(t)[:, None]  # [T, S]
   mask = causal[None, None] & key_mask[:, None, None, :]
-  logits, kv = model.apply({"params": params}, tokens, positions, mask,
-                           {"k": cache.k, "v": cache.v}, cache.index, return_hidden=return_hidden)
+  cache_kv = {"k": cache.k, "v": cache.v}
+  if shared_prefix is not None:
+    shared_k, shared_v, shared_mask = shared_prefix
+    cache_kv.update(shared_k=shared_k, shared_v=shared_v)
+    mask = (mask, shared_mask.astype(bool))
+  logits, kv = model.apply({"params": params}, tokens, positions, mask, cache_kv, cache.index,
+                           return_hidden=return_hidden)
   cache = KVCache(k=kv["k"], v=kv["v"], key_mask=key_mask, index=cache.index + t,
                   next_position=cache.next_position + token_mask.sum(-1, dtype=jnp.int32))
   return logits, cache
