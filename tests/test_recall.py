@@ -56,6 +56,39 @@ def test_read_all_reproduces_the_reference_and_every_source_agrees(lychee_model,
   assert not streamed.trace.read[0, 3]
 
 
+def test_a_host_bank_of_any_length_reads_through_one_compiled_group(lychee_model, document,
+                                                                   monkeypatch):
+  """The last group is padded to the group size: banks of 3 and 4 blocks in groups of 2 send
+  the loop groups of one shape (one compiled program), with the results of the
+  device-resident bank, and progress is reported per group in real blocks."""
+  _, _, memory, question, question_mask = document
+  setup = _setup(lychee_model, "all", group_size=2)
+  params = lychee_model.params
+  shapes, loop = set(), recall._scan_blocks_jit
+  def recorded(*args):
+    shapes.add(jax.tree.map(lambda x: (x.shape, x.dtype), args[4]))
+    return loop(*args)
+  monkeypatch.setattr(recall, "_scan_blocks_jit", recorded)
+  for blocks in (3, 4):  # the fixture's 3 chunks, then a fourth (the first again)
+    chunks = memory
+    if blocks == 4:
+      chunks = compressor.ChunkMemory(k=jnp.concatenate([memory.k, memory.k[:, :1]], axis=1),
+                                      v=jnp.concatenate([memory.v, memory.v[:, :1]], axis=1),
+                                      slot_mask=jnp.concatenate([memory.slot_mask,
+                                                                 memory.slot_mask[:1]]))
+    bank = recall.DocumentBank.from_chunks([chunks])
+    seen = []
+    host = recall.recall_from_host(params, setup, jax.tree.map(np.asarray, bank), question,
+                                   question_mask, jax.random.key(0),
+                                   progress=lambda done, total: seen.append((done, total)))
+    on_device = recall.recall(params, setup, bank, question, question_mask, jax.random.key(0))
+    assert seen == [(2, blocks), (blocks, blocks)]
+    assert host.trace.read.shape == (1, blocks)
+    np.testing.assert_array_equal(host.trace.memory_ids, on_device.trace.memory_ids)
+    np.testing.assert_array_equal(host.answer.tokens, on_device.answer.tokens)
+  assert len(shapes) == 1, shapes
+
+
 def test_gate_mode_scores_with_the_current_memory_and_skips_below_threshold(lychee_model, document):
   ids, mask, memory, question, question_mask = document
   params, config = lychee_model.params, lychee_model.run.model

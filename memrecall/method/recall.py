@@ -438,33 +438,46 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
                      progress=None) -> RecallOutput:
   """Like `recall`, for a bank of host (numpy, possibly memory-mapped) arrays, sent group by group.
 
+  Every group has `recall.group_size` blocks (the last padded with invalid ones, never read), so
+  one compiled loop serves any document length, and the next group is read from the host and
+  sent while the device reads the current one: two groups are on the device at a time.
   progress: optional callable(blocks_done, blocks_total) after each group.
   """
   batch = question.shape[0]
   n, g = bank.num_blocks, setup.recall.group_size
-  groups = [slice(i, min(i + g, n)) for i in range(0, n, g)]
+  starts = range(0, n, g)
 
-  def device_group(sl):
-    return tuple(jnp.asarray(np.asarray(x[sl])) for x in
-                 (bank.k, bank.v, bank.slot_mask, bank.chunk_valid))
+  def padded(x, start):  # blocks [start, start + g) of a chunk-major array, zeros past the end
+    x = np.asarray(x[start:start + g])
+    return np.pad(x, [(0, g - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+  def send(start):
+    return tuple(jax.device_put(padded(x, start))
+                 for x in (bank.k, bank.v, bank.slot_mask, bank.chunk_valid))
 
   memory = initial_memory(setup, batch)
   scores = None
   forced = None if forced_read is None else jnp.asarray(forced_read).T
+  if forced is not None:
+    forced = jnp.pad(forced, ((0, -n % g), (0, 0)))
   if setup.recall.mode == "topk" and forced is None:
-    # Per-group scores, then the selection over all of them.
-    parts = [_topk_selection_jit(params, setup, device_group(sl), question, question_mask, memory)[0]
-             for sl in groups]
-    scores = jnp.concatenate(parts, axis=0)
+    # Per-group scores, then the selection over all of them (padding blocks score -inf).
+    scores = jnp.concatenate([_topk_selection_jit(params, setup, send(start), question,
+                                                  question_mask, memory)[0]
+                              for start in starts], axis=0)
     forced = _top_blocks(scores, setup.recall.topk)
-  outputs = []
-  for sl in groups:
-    memory, rng, per_block = _scan_blocks_jit(params, setup, memory, rng, device_group(sl),
-                                              question, question_mask,
-                                              None if forced is None else forced[sl])
-    outputs.append(jax.device_get(per_block))
+    scores = scores[:n]
+  outputs, upcoming = [], send(0)
+  for start in starts:
+    memory, rng, per_block = _scan_blocks_jit(params, setup, memory, rng, upcoming, question,
+                                              question_mask,
+                                              None if forced is None else forced[start:start + g])
+    if start + g < n:  # read and sent while this group is being read on the device
+      upcoming = send(start + g)
+    outputs.append(per_block)
     if progress is not None:
-      progress(sl.stop, n)
-  per_block = tuple(jnp.concatenate([o[i] for o in outputs], axis=0)
+      jax.block_until_ready(per_block)
+      progress(min(start + g, n), n)
+  per_block = tuple(jnp.concatenate([o[i] for o in outputs], axis=0)[:n]
                     for i in range(len(outputs[0])))
   return _finish_answer_jit(params, setup, question, question_mask, memory, rng, per_block, scores)
