@@ -40,7 +40,8 @@ _MODELS = {
 def model_config(name: str) -> ml_collections.ConfigDict:
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
-  values = dict(rms_norm_eps=1e-6, attention="auto", remat="none", matmul_precision="default",
+  values = dict(rms_norm_eps=1e-6, attention="auto", remat="none", remat_blocks=True,
+                matmul_precision="default",
                 **_MODELS[name])
   return ml_collections.ConfigDict(values)
 

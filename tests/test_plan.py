@@ -118,6 +118,26 @@ def _plan(*args, timeout=300):
                         capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
 
 
+def test_keeping_every_blocks_residuals_adds_them_for_all_blocks():
+  """model.remat_blocks=False (configs/memagent.py:sft,7b,gpu8: raw sections, one row per
+  device, 8 blocks): every phase of the step holds N blocks' turn inputs and written-token
+  log-probabilities besides what it held."""
+  from configs import memagent
+  estimates = {}
+  for keep in (False, True):
+    config = memagent.get_config("sft,7b,gpu8")
+    config.model.remat_blocks = not keep
+    run, programs = _programs(config, jax.devices()[:8])
+    estimates[keep] = memory_plan.estimate_programs(run, programs)[0]  # train_step
+  rows, n = 1, run.num_chunks
+  turn = run.prompts.memagent.length(run.question_tokens, run.memory_capacity,
+                                     run.compressor.chunk_size) + run.reasoner.memory_size
+  by_hand = n * (L * rows * turn * E * 2 + rows * run.reasoner.memory_size * V * 4)
+  for phase, terms in estimates[True].phases.items():
+    extra = sum(t.bytes for t in terms) - sum(t.bytes for t in estimates[False].phases[phase])
+    assert extra == by_hand, phase
+
+
 def test_the_estimate_is_within_25_percent_of_every_compiler_record(tmp_path):
   """docs/compile/ holds launch/compile.py's records of every 7B recipe on its TPU slice:
   every program of each has a compiler row, and its estimate is within 25% of what the

@@ -346,6 +346,28 @@ def _gradient_terms(s: _Shapes, trainable: int) -> list[Term]:
                f"2 kernels x L {s.L} x E {s.E} x F {s.F} x {s.dt} B / fsdp {fsdp}")]
 
 
+def _block_residuals(s: _Shapes, rows: int, rows_mb: int, turn_tokens: int,
+                     logits: bool) -> list[Term]:
+  """With `model.remat_blocks=False`, what the forward keeps of every one of the N blocks for
+  the backward (else it recomputes one block at a time): the turn's layer inputs, the written
+  tokens' float32 log-probabilities (logits) and the chunk's compression windows' layer
+  inputs, laid out as in `_compression_backward`."""
+  if s.model.remat_blocks:
+    return []
+  per_block = s.L * rows * turn_tokens * s.E * s.dt
+  formula = f"L {s.L} x {rows} rows x {turn_tokens} tokens x E {s.E} x {s.dt} B"
+  if logits:
+    per_block += rows * s.M * s.V * 4 // s.tensor
+    formula += f" + {rows} rows x M {s.M} x V {s.V} x 4 B"
+  if not s.raw:
+    windows, w = s.C // s.W, s.W + s.W // s.r
+    per_block += windows * rows_mb * s.L * w * s.E * s.dt // s.sizes["fsdp"]
+    formula += (f" + {windows} windows x {rows_mb} rows x L {s.L} x {w} positions x E {s.E} / "
+                f"fsdp {s.sizes['fsdp']} x {s.dt} B")
+  return [Term("every block's residuals (model.remat_blocks=False)", s.N * per_block,
+               f"N {s.N} blocks x ({formula})")]
+
+
 def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
   config = s.run.config
   k = int(config.train.get("microbatches", 1))
@@ -373,10 +395,11 @@ def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
              f"L {s.L} x {rows} rows x {t} tokens x E {s.E} x {s.dt} B"),
         Term("compressed chunk and the gate's cache", s.kv(rows, 2 * s.S + t),
              s.kv_formula(rows, f"2 x {s.S} + {t}", 2 * s.S + t)),
-        _mlp_term(s, rows, s.W + s.W // s.r)]}
+        _mlp_term(s, rows, s.W + s.W // s.r)] + _block_residuals(s, rows, rows_mb, t, False)}
   answer = s.P_final + s.A
   answer_inputs = Term("remat: the answer turn's layer inputs", s.L * rows * answer * s.E * s.dt,
                        f"L {s.L} x {rows} rows x {answer} tokens x E {s.E} x {s.dt} B")
+  grads += _block_residuals(s, rows, rows_mb, s.P_update + s.M, True)
   phases = {"a turn's backward": grads + _train_turns(s, rows) + [answer_inputs]}
   if not s.raw:
     phases["compression's backward"] = (grads + [_head_term(s, 1, "gathered for the turns")]

@@ -56,6 +56,12 @@ class ModelConfig:
   dtype: str = "float32"
   attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
   remat: str = "none"  # one of REMAT_POLICIES
+  # Training's scans over a document's blocks recompute each block's forward in the backward
+  # pass (`jax.checkpoint` on the body): activation memory is one block's however many blocks,
+  # at the price of one more forward per block (with `remat` on, ~25% more step FLOPs: each
+  # layer then runs three times).  False keeps every block's residuals instead (memory grows
+  # with the number of blocks; `launch/plan.py` estimates it).
+  remat_blocks: bool = True
   matmul_precision: str = "default"  # one of MATMUL_PRECISIONS, for every dot of the model
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()

@@ -6,7 +6,8 @@ section inside the prompt.  `score_trajectory` teacher-forces every turn with
 that one difference passed in (`BlockTurn`), so each reader's
 `trajectory_logprobs` is a line, and the RL loss scores exactly what the reader's
 rollout sampled.  A `lax.scan` over blocks with `jax.checkpoint` on its body
-keeps activation memory to one block however many chunks a document has.
+keeps activation memory to one block however many chunks a document has
+(`ModelConfig.remat_blocks`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class TurnBatch:
   labels: Array | None = None
 
 
+def remat_block(body, config: ModelConfig):
+  """A scan body over a document's blocks, under `jax.checkpoint` if `config.remat_blocks`."""
+  return jax.checkpoint(body) if config.remat_blocks else body
+
+
 def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Array, v: Array,
                   slot_mask: Array, question: Array, question_mask: Array, memory: WorkingMemory,
                   targets: Array, target_mask: Array, section: Array | None = None,
@@ -83,10 +89,9 @@ def score_trajectory(params, config: ModelConfig, prompts: Prompts, batch: TurnB
   """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A];
   with_gate also returns the gate's logit of every block [B, N] (on the same prefix).
 
-  block_turn runs inside the checkpointed block, so a compression there is differentiated
-  and rematerialised with the block."""
+  block_turn runs inside the block, so a compression there is differentiated (and, with
+  `config.remat_blocks`, rematerialised) with the block."""
 
-  @jax.checkpoint
   def block(carry, xs):
     ids, mask, mem_ids, mem_mask, targets, target_mask = xs
     memory = WorkingMemory(mem_ids, mem_mask)
@@ -101,7 +106,7 @@ def score_trajectory(params, config: ModelConfig, prompts: Prompts, batch: TurnB
   block_major = lambda x: jnp.moveaxis(x, 1, 0)
   xs = tuple(block_major(x) for x in (batch.chunk_ids, batch.chunk_mask, batch.memory_ids,
                                       batch.memory_mask, batch.targets, batch.target_mask))
-  _, (logp, entropy, gate) = jax.lax.scan(block, None, xs)
+  _, (logp, entropy, gate) = jax.lax.scan(remat_block(block, config), None, xs)
   answer_logp, answer_entropy = turn_logprobs(
       params, config, prompts.final, *no_prefix(config, batch.question.shape[0]), batch.question,
       batch.question_mask, WorkingMemory(batch.final_memory_ids, batch.final_memory_mask),

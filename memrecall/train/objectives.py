@@ -23,7 +23,8 @@ from memrecall.method.prompts import Prompts
 from memrecall.method.reasoner import WorkingMemory
 from memrecall.models.config import ModelConfig
 from memrecall.readers import Reader
-from memrecall.readers.trajectory import TurnBatch, turn_logprobs  # noqa: F401  (re-exported)
+from memrecall.readers.trajectory import (TurnBatch, remat_block,  # noqa: F401  (re-exported)
+                                          turn_logprobs)
 from memrecall.train import grpo
 
 Array = jax.Array
@@ -166,7 +167,6 @@ def gate_block_logits(params, setup: TrainSetup, batch: GateBatch) -> Array:
   """The gate's logit for every block [B, N], memory teacher-forced."""
   cfg = setup.model
 
-  @jax.checkpoint
   def block(carry, xs):
     ids, mask, mem_ids, mem_mask = xs
     # Differentiated (the adapters ride in the layer stack), so no `lax.cond` skip: see
@@ -177,7 +177,7 @@ def gate_block_logits(params, setup: TrainSetup, batch: GateBatch) -> Array:
 
   xs = tuple(jnp.moveaxis(x, 1, 0) for x in (batch.chunk_ids, batch.chunk_mask, batch.memory_ids,
                                              batch.memory_mask))
-  _, logits = jax.lax.scan(block, None, xs)
+  _, logits = jax.lax.scan(remat_block(block, cfg), None, xs)
   return jnp.moveaxis(logits, 0, 1)
 
 

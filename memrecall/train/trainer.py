@@ -137,7 +137,8 @@ class _Console:
 # train.batch_size (a step's rows are `step * batch_size` on in the data) nor train.trainable
 # (the optimizer state holds the trainable leaves).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep",
-                     "train.async_checkpoint", "train.microbatches", "optimizer", "mesh", "demo")
+                     "train.async_checkpoint", "train.microbatches", "optimizer", "mesh", "demo",
+                     "model.remat", "model.remat_blocks")  # what is recomputed, not what is computed
 
 
 def _resumable(key: str) -> bool:

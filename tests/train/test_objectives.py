@@ -5,6 +5,7 @@ import re
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
@@ -229,3 +230,37 @@ def test_turn_logprobs_equal_the_whole_forward_and_run_the_head_on_the_written_t
                   if shape.endswith(f"x{cfg.vocab_size}")}
   assert (b, m, cfg.vocab_size) in vocab_shapes, vocab_shapes
   assert not any(len(s) >= 2 and s[-2] == p + m for s in vocab_shapes), vocab_shapes
+
+
+def _matmuls(jaxpr) -> int:
+  """dot_general equations a program runs: inside a scan, once per iteration."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += eqn.primitive.name == "dot_general"
+    inner = sum(_matmuls(sub) for sub in jax_core.jaxprs_in_params(eqn.params))
+    total += inner * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+  return total
+
+
+def test_keeping_every_blocks_residuals_gives_the_same_gradient_with_fewer_matmuls():
+  """model.remat_blocks=False drops the block-level recompute: the same gradient, one forward
+  per block fewer in the gradient's program (XLA's cost analysis counts a loop's body once,
+  so the matmuls are counted in the jaxpr, per scan iteration), more memory held."""
+  matmuls, grads, temp = {}, {}, {}
+  for remat_blocks in (True, False):
+    config = small_config("sft")
+    config.model.remat = "full"
+    config.model.remat_blocks = remat_blocks
+    run = run_builder.build_run(config)
+    stage = trainer._STAGES["sft"](run)
+    params = model.init_params(run.model, jax.random.key(0))
+    stage.start(params)
+    batch, _ = stage.batch(0, None, slice(0, config.train.batch_size))
+    grad = jax.grad(lambda p: stage.loss(p, batch, jax.random.key(0))[0])
+    matmuls[remat_blocks] = _matmuls(jax.make_jaxpr(grad)(params).jaxpr)
+    temp[remat_blocks] = jax.jit(grad).lower(params).compile().memory_analysis().temp_size_in_bytes
+    grads[remat_blocks] = jax.jit(grad)(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads[True], grads[False])
+  assert matmuls[False] < matmuls[True], matmuls
+  assert temp[False] > temp[True], temp

@@ -138,7 +138,9 @@ def test_a_resume_may_change_the_budget_and_layout_but_not_the_rows_or_the_train
       setattr(config[block], name, value)
     trainer._check_same_run(saved, json.loads(config.to_json_best_effort()), "WORKDIR")
   resume_with(train__steps=40, train__microbatches=2, train__keep=1, optimizer__learning_rate=1.0,
-              mesh__fsdp=2)
+              mesh__fsdp=2, model__remat="full", model__remat_blocks=False)
+  with pytest.raises(trainer.ConfigError, match=r"model.num_layers"):
+    resume_with(model__num_layers=3)
   with pytest.raises(trainer.ConfigError, match=r"train.batch_size 4 there, 8 now"):
     resume_with(train__batch_size=8)
   with pytest.raises(trainer.ConfigError, match=r"train.trainable 'backbone' there, 'all' now"):
