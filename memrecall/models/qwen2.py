@@ -547,13 +547,21 @@ def inference_params(params, config: ModelConfig):
   ~0.02, whose spacing is ~1e-4) while computing in `dtype`; every product casts them anyway,
   so casting once here changes no output, and a decode step reads half the bytes."""
   params, config = unstack_layers(params, config)
-  dtype = config.jnp_dtype
-  if config.jnp_param_dtype == dtype:
+  if config.jnp_param_dtype == config.jnp_dtype:
     return params, config
+  return read_dtype(params, config), config.replace(param_dtype=config.dtype)
+
+
+def read_dtype(params, config: ModelConfig):
+  """params (the whole tree or a subtree, either layer layout) with every leaf the model casts
+  to the compute dtype at use cast already: the same outputs from half the bytes, for copies
+  that are only read (the inference layout, RL's KL reference).  Leaves already in that dtype
+  are returned as they are, not copied."""
+  dtype = config.jnp_dtype
   flat = flax.traverse_util.flatten_dict(params)
   cast = {k: v if k[-1] in FLOAT32_READ or not jnp.issubdtype(v.dtype, jnp.floating)
           else v.astype(dtype) for k, v in flat.items()}
-  return flax.traverse_util.unflatten_dict(cast), config.replace(param_dtype=config.dtype)
+  return flax.traverse_util.unflatten_dict(cast)
 
 
 def stack_layers(params, config: ModelConfig):

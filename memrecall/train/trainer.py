@@ -336,9 +336,21 @@ def stage_programs(run: Run) -> list[Program]:
   if not isinstance(stage, RLStage):
     return [Program("train_step", step, (state, batch))]
   # RL keeps the KL reference's copy of the trainable leaves on device all along (`start`).
-  reference, _ = state_lib.split(state.params, paths)
+  reference = jax.eval_shape(lambda p: reference_leaves(p, paths, run.model), state.params)
+  reference = jax.tree.map(lambda r, p: jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=p.sharding),
+                           reference, state_lib.split(state.params, paths)[0])
   return [Program("train_step", step, (state, batch), held=reference)] + stage.programs(
       state, batch.turns, reference)
+
+
+def reference_leaves(params, paths, model_config):
+  """RL's KL reference: a copy of the trainable leaves of `params` as the model reads them
+  (`qwen2.read_dtype`: float32 master weights held in the compute dtype, half the bytes, the
+  same reference log-probs), never an alias of a leaf the train step donates."""
+  trainable, _ = state_lib.split(params, paths)  # {path: leaf}
+  cast, _ = state_lib.split(model_lib.read_dtype(state_lib.merge(trainable, {}), model_config),
+                            paths)
+  return {p: jnp.copy(cast[p]) if cast[p] is trainable[p] else cast[p] for p in trainable}
 
 
 # --- stages -------------------------------------------------------------------
@@ -516,10 +528,10 @@ class RLStage(_Stage):
     r = self.run
     # The KL term's reference is the initial policy.  Its frozen leaves always
     # equal the current ones (and are donated with the state), so only the
-    # trainable leaves are copied; the rest is taken from the state each step.
+    # trainable leaves are copied, in the compute dtype (`reference_leaves`); the rest is
+    # taken from the state each step.
     self.paths = state_lib.trainable_paths(params, r.config.train.trainable)
-    trainable, _ = state_lib.split(params, self.paths)
-    self.reference_trainable = jax.tree.map(jnp.copy, trainable)
+    self.reference_trainable = reference_leaves(params, self.paths, r.model)
 
   @staticmethod
   def _inputs(turns) -> tuple:
@@ -546,12 +558,12 @@ class RLStage(_Stage):
     rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
     params = state.params
     # The reference pass scores the reference's leaves merged with the state's frozen ones
-    # (the same shapes as `params`); the policy's trainable leaves stay on device meanwhile.
-    policy, _ = state_lib.split(params, list(reference))
+    # (`batch`); the policy's trainable leaves stay on device meanwhile.
+    policy, frozen = state_lib.split(params, list(reference))
     return [Program("rollout", self._rollout, (params, self._inputs(turns), rng),
                     held=(state.opt_state, reference)),
-            Program("reference_logprobs", self._score, (params, turns),
-                    held=(state.opt_state, policy))]
+            Program("reference_logprobs", self._score,
+                    (state_lib.merge(reference, frozen), turns), held=(state.opt_state, policy))]
 
   def batch_shapes(self, rows):
     r = self.run

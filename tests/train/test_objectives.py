@@ -264,3 +264,30 @@ def test_keeping_every_blocks_residuals_gives_the_same_gradient_with_fewer_matmu
                grads[True], grads[False])
   assert matmuls[False] < matmuls[True], matmuls
   assert temp[False] > temp[True], temp
+
+
+def test_the_kl_reference_is_held_in_the_compute_dtype_and_scores_as_the_master_weights():
+  """float32 master weights computed in bfloat16: RL's KL reference holds its copy of the
+  trainable leaves in bfloat16 (half the bytes) and scores every turn exactly as the float32
+  weights it was copied from; a leaf already in the compute dtype is copied, never aliased
+  (the train step donates the state)."""
+  config = small_config("rl")
+  config.model.dtype = "bfloat16"
+  run = run_builder.build_run(config)
+  stage = trainer._STAGES["rl"](run)
+  params = model.init_params(run.model, jax.random.key(0))
+  assert run.model.param_dtype == "float32"
+  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=1e-3))
+  state = state_lib.create_train_state(params, "backbone", optimizer, 0)
+  stage.start(state.params)
+  floating = {p: v for p, v in stage.reference_trainable.items()
+              if jnp.issubdtype(v.dtype, jnp.floating) and p[-1] not in model.FLOAT32_READ}
+  assert floating and all(v.dtype == jnp.bfloat16 for v in floating.values())
+  batch, _ = stage.batch(0, state, slice(0, config.train.batch_size))
+  _, frozen = state_lib.split(state.params, stage.paths)
+  from_reference = stage._score(state_lib.merge(stage.reference_trainable, frozen), batch.turns)
+  from_master = stage._score(state.params, batch.turns)
+  jax.tree.map(np.testing.assert_array_equal, from_reference, from_master)
+  ids = trainer.reference_leaves(params, stage.paths, run.model.replace(dtype="float32"))
+  flat = flax.traverse_util.flatten_dict(params)
+  assert all(ids[p] is not flat[p] for p in ids)
