@@ -472,12 +472,16 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
     memory, rng, per_block = _scan_blocks_jit(params, setup, memory, rng, upcoming, question,
                                               question_mask,
                                               None if forced is None else forced[start:start + g])
+    if outputs:  # the previous group read (its blocks freed) before another is sent
+      jax.block_until_ready(outputs[-1])
+      if progress is not None:
+        progress(start, n)
     if start + g < n:  # read and sent while this group is being read on the device
       upcoming = send(start + g)
     outputs.append(per_block)
-    if progress is not None:
-      jax.block_until_ready(per_block)
-      progress(min(start + g, n), n)
+  if progress is not None:
+    jax.block_until_ready(outputs[-1])
+    progress(n, n)
   per_block = tuple(jnp.concatenate([o[i] for o in outputs], axis=0)[:n]
                     for i in range(len(outputs[0])))
   return _finish_answer_jit(params, setup, question, question_mask, memory, rng, per_block, scores)
