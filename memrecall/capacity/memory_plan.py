@@ -308,27 +308,28 @@ def _train_turns(s: _Shapes, rows: int, with_logits: bool = True) -> list[Term]:
   return terms
 
 
-def _compression_backward(s: _Shapes, rows_mb: int) -> list[Term]:
+def _compression_backward(s: _Shapes, rows_mb: int, copies: int = 2) -> list[Term]:
   """A chunk's compression in the backward pass of its block (remat): the windows' saved
   layer inputs, the first windows' beacon K/V (the later windows' prefix) and the windows'
-  masks, each held twice (the recompute's and the loop's copy).  The compiled step lays
-  them out for all `rows_mb` rows of the microbatch, the hidden dimension split over fsdp
+  masks, each held twice (the recompute's and the loop's copy; `copies`).  The compiled step
+  lays them out for all `rows_mb` rows of the microbatch, the hidden dimension split over fsdp
   (docs/2026-12-04-tpu-compile.md): rows_mb / (data x fsdp) x fsdp times the bytes of a
   row-sharded layout."""
   windows, g = s.C // s.W, s.W // s.r
   w = s.W + g
   fsdp = s.sizes["fsdp"]
-  inputs = 2 * windows * rows_mb * s.L * w * s.E * s.dt // fsdp
-  prefix = 2 * s.kv(rows_mb, (windows - 1) * g)
-  masks = 2 * sum(rows_mb * w * (i * g + w) for i in range(windows))
+  inputs = copies * windows * rows_mb * s.L * w * s.E * s.dt // fsdp
+  prefix = copies * s.kv(rows_mb, (windows - 1) * g)
+  masks = copies * sum(rows_mb * w * (i * g + w) for i in range(windows))
   return [Term("remat: the compression windows' layer inputs", inputs,
-               f"2 copies x {windows} windows x {rows_mb} rows x L {s.L} x {w} positions x "
+               f"{copies} copies x {windows} windows x {rows_mb} rows x L {s.L} x {w} positions x "
                f"E {s.E} / fsdp {fsdp} x {s.dt} B"),
           Term("the windows' beacon K/V prefix", prefix,
-               f"2 copies x " + s.kv_formula(rows_mb, f"{windows - 1} x {g}", (windows - 1) * g)),
+               f"{copies} copies x " + s.kv_formula(rows_mb, f"{windows - 1} x {g}",
+                                                    (windows - 1) * g)),
           Term("the windows' masks", masks,
-               f"2 copies x {rows_mb} rows x {w} queries x (prefix + {w}) keys x 1 B, summed over "
-               f"{windows} windows")]
+               f"{copies} copies x {rows_mb} rows x {w} queries x (prefix + {w}) keys x 1 B, "
+               f"summed over {windows} windows")]
 
 
 def _gradient_terms(s: _Shapes, trainable: int) -> list[Term]:
@@ -350,8 +351,9 @@ def _block_residuals(s: _Shapes, rows: int, rows_mb: int, turn_tokens: int,
                      logits: bool) -> list[Term]:
   """With `model.remat_blocks=False`, what the forward keeps of every one of the N blocks for
   the backward (else it recomputes one block at a time): the turn's layer inputs, the written
-  tokens' float32 log-probabilities (logits) and the chunk's compression windows' layer
-  inputs, laid out as in `_compression_backward`."""
+  tokens' float32 log-probabilities (logits) and one copy of what the chunk's compression
+  keeps for its backward (`_compression_backward`).  Checked against the TPU compile of
+  `lychee.py:sft,7b,v5p-64` (docs/2026-12-05-memory-and-traffic.md)."""
   if s.model.remat_blocks:
     return []
   per_block = s.L * rows * turn_tokens * s.E * s.dt
@@ -360,10 +362,9 @@ def _block_residuals(s: _Shapes, rows: int, rows_mb: int, turn_tokens: int,
     per_block += rows * s.M * s.V * 4 // s.tensor
     formula += f" + {rows} rows x M {s.M} x V {s.V} x 4 B"
   if not s.raw:
-    windows, w = s.C // s.W, s.W + s.W // s.r
-    per_block += windows * rows_mb * s.L * w * s.E * s.dt // s.sizes["fsdp"]
-    formula += (f" + {windows} windows x {rows_mb} rows x L {s.L} x {w} positions x E {s.E} / "
-                f"fsdp {s.sizes['fsdp']} x {s.dt} B")
+    compression = sum(t.bytes for t in _compression_backward(s, rows_mb, copies=1))
+    per_block += compression
+    formula += f" + one copy of the compression's backward terms, {compression / GiB:.2f} GiB"
   return [Term("every block's residuals (model.remat_blocks=False)", s.N * per_block,
                f"N {s.N} blocks x ({formula})")]
 
