@@ -28,7 +28,7 @@ import numpy as np
 
 from memrecall.models.config import ConfigError, ModelConfig
 from memrecall.models.qwen2 import (DecoderLayer, Qwen2, REMAT_POLICIES, RMSNorm,
-                                    head_projection, rope_tables)
+                                    head_logits, head_projection, rope_tables)
 from memrecall.runtime.sharding import with_logical_constraint
 
 Array = jax.Array
@@ -237,7 +237,7 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
     ks.append(own["k"])  # [L, N, G, K, D]
     vs.append(own["v"])
     if raw_logits:
-      logits.append(model.apply(variables, hidden[:, :w], method=Qwen2.logits))  # [N, W, V]
+      logits.append(head_logits(params, config, hidden[:, :w]))  # [N, W, V]
   slot_mask = token_mask.reshape(n, compressor.slots, compressor.ratio).any(axis=-1)
   memory = ChunkMemory(k=jnp.concatenate(ks, axis=2), v=jnp.concatenate(vs, axis=2),
                        slot_mask=slot_mask)
