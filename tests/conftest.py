@@ -69,6 +69,16 @@ import pytest  # noqa: E402
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
+def _libtpu_installed() -> bool:
+  from memrecall.capacity import tpu_slices  # pylint: disable=g-import-not-at-top
+  return tpu_slices.libtpu_version() is not None
+
+
+needs_libtpu = pytest.mark.skipif(not _libtpu_installed(),
+                                  reason="libtpu is not installed (the `test` and `tpu` extras "
+                                  "install it): no deviceless TPU compiler")
+
+
 def pytest_addoption(parser):
   parser.addoption("--slow", action="store_true",
                    help="also run the tests marked slow (the learning test, minutes on a CPU)")

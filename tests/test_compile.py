@@ -16,14 +16,11 @@ import numpy as np
 import pytest
 
 from memrecall.capacity import tpu_slices
-from tests.conftest import xla_defaults_env
+from tests.conftest import needs_libtpu, xla_defaults_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = xla_defaults_env()
 ENV.pop("MEMRECALL_VERBOSE", None)
-needs_libtpu = pytest.mark.skipif(tpu_slices.libtpu_version() is None,
-                                  reason="libtpu is not installed (the `test` and `tpu` extras "
-                                  "install it): no deviceless TPU compiler")
 
 
 def _command(*args):

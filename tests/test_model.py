@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ml_dtypes
+
 import reference
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, needs_libtpu
 from memrecall.models import hf_checkpoint, qwen2 as model, sampling
 from memrecall.models.config import ModelConfig
 from memrecall.models.safetensors_io import iter_checkpoint_files
@@ -265,6 +267,63 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_dir, hf_reference):
   logits, _ = model.forward(params, config, jnp.asarray(tokens), jnp.asarray(mask))
   assert logits.dtype == jnp.float32
   assert _valid_rel_error(logits, hf_reference["logits/logits"], mask) <= 0.05
+
+
+def test_compute_copy_rounds_as_astype_and_passes_gradients_back():
+  rng = np.random.default_rng(0)
+  scale = np.float32(10.0) ** rng.integers(-44, 38, 60_000).astype(np.float32)
+  values = np.concatenate([
+      (rng.standard_normal(60_000) * scale).astype(np.float32),
+      # every half-way case (ties to even, both parities) and every NaN/Inf exponent pattern
+      ((np.arange(1 << 16, dtype=np.uint32) << 16) | 0x8000).view(np.float32),
+      np.array([np.inf, -np.inf, np.nan, -np.nan, 0.0, -0.0, 3.4028235e38, 1e-45, 1.2e-38],
+               np.float32)])
+  ours = np.asarray(jax.jit(lambda x: model.compute_copy(x, jnp.bfloat16))(values))
+  with np.errstate(invalid="ignore"):  # the NaNs
+    want = values.astype(ml_dtypes.bfloat16)  # ml_dtypes' own rounding, not XLA's
+  assert ours.dtype == want.dtype
+  nan = np.isnan(want.astype(np.float32))
+  np.testing.assert_array_equal(np.isnan(ours.astype(np.float32)), nan)
+  np.testing.assert_array_equal(ours.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+  weights = jnp.asarray(values[:1000])
+  cotangent = jnp.asarray(rng.standard_normal(1000), jnp.bfloat16)
+  grad = lambda cast: jax.grad(lambda w: jnp.vdot(cast(w), cotangent).astype(jnp.float32))(weights)
+  np.testing.assert_array_equal(grad(lambda w: model.compute_copy(w, jnp.bfloat16)),
+                                grad(lambda w: w.astype(jnp.bfloat16)))
+  assert model.compute_copy(weights, jnp.float32) is weights
+
+
+@needs_libtpu
+def test_tpu_step_holds_no_bfloat16_copy_of_a_weight_stack(monkeypatch):
+  """float32 weights, bfloat16 products, two passes over the layers (as a step's block scan
+  makes): compiled for a TPU, no bfloat16 buffer shaped like a whole [L, ...] weight stack
+  (the compiler's bfloat16 propagation hoists a plain cast's; the control shows it still does)."""
+  from jax.sharding import SingleDeviceSharding
+  from memrecall.capacity import tpu_slices
+  config = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=3,
+                       num_heads=2, num_kv_heads=1, head_dim=64, param_dtype="float32",
+                       dtype="bfloat16", remat="full", gate_lora_rank=4)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        nn.unbox(model.abstract_params(config)))
+  tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+  stacks = {"bf16[%s]" % ",".join(map(str, leaf.shape)) for leaf in jax.tree.leaves(params["layers"])}
+  device = SingleDeviceSharding(tpu_slices.deviceless_devices(tpu_slices.parse_slice("v5e:2x2"))[0])
+
+  def loss(p, tokens):
+    def block(total, _):
+      logits, _ = model.forward(p, config, tokens)
+      return total + logits.mean(), None
+    return jax.lax.scan(block, 0.0, None, length=2)[0]
+
+  def bfloat16_stacks():
+    text = jax.jit(jax.grad(loss), in_shardings=device, out_shardings=device).lower(
+        params, tokens).compile().as_text()
+    return sorted(s for s in stacks if s in text)
+
+  assert bfloat16_stacks() == []
+  monkeypatch.setattr(model, "compute_copy", lambda w, dtype: w.astype(dtype))
+  assert bfloat16_stacks() != []  # a plain cast is still hoisted: the check above can fail
 
 
 def test_remat_does_not_change_gradients(tiny_dir):

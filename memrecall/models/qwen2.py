@@ -33,6 +33,35 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+@jax.custom_vjp
+def _bfloat16_by_bits(x: Array) -> Array:
+  """float32 -> bfloat16 rounded to nearest even, bit for bit `astype`'s, in integer ops."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  rounded = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16
+  rounded = jnp.where(jnp.isnan(x), jnp.uint32(0x7FC0), rounded)  # a NaN stays a quiet NaN
+  return jax.lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)
+
+
+_bfloat16_by_bits.defvjp(lambda x: (_bfloat16_by_bits(x), None),
+                         lambda _, g: (g.astype(jnp.float32),))
+
+
+def compute_copy(weight: Array, dtype) -> Array:
+  """A parameter as the products read it, in the compute dtype, cast where it is read.
+
+  float32 master weights with bfloat16 products are cast in integer ops (the same bits as
+  `astype`): a plain convert of a scanned layer's slice is moved out of the loop by the TPU
+  compiler's bfloat16 propagation, which then holds a bfloat16 copy of the whole weight stack
+  for every loop over it (3.0 of the gate step's 7.9 GiB at 7B; docs/2026-12-05-memory-and-
+  traffic.md).  The gradient is the cotangent cast back, as `astype`'s.
+  """
+  if weight.dtype == dtype:
+    return weight
+  if weight.dtype == jnp.float32 and dtype == jnp.bfloat16:
+    return _bfloat16_by_bits(weight)
+  return weight.astype(dtype)
+
+
 # --- building blocks ---------------------------------------------------------
 
 
@@ -54,10 +83,10 @@ def lora_delta(module: nn.Module, name: str, x: Array, in_axes: tuple, out_shape
   if not use:
     return None
   dtype = cfg.jnp_dtype
-  low = jnp.tensordot(x.astype(dtype), a.astype(dtype), axes=len(in_axes),
+  low = jnp.tensordot(x.astype(dtype), compute_copy(a, dtype), axes=len(in_axes),
                       precision=cfg.precision)  # [..., r]
   scale = cfg.gate_lora_alpha / cfg.gate_lora_rank
-  return jnp.tensordot(low, b.astype(dtype), axes=1, precision=cfg.precision) * scale
+  return jnp.tensordot(low, compute_copy(b, dtype), axes=1, precision=cfg.precision) * scale
 
 
 class RMSNorm(nn.Module):
@@ -71,7 +100,7 @@ class RMSNorm(nn.Module):
     scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(self.dtype) * normed.astype(self.dtype)
+    return compute_copy(scale, self.dtype) * normed.astype(self.dtype)
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
@@ -123,8 +152,8 @@ def head_projection(x: Array, kernel: Array, bias: Array, config: ModelConfig) -
   """x [B, T, E] @ kernel [E, H, D] + bias [H, D] -> [B, T, H, D] in the compute dtype: a
   q/k/v projection (also the compressor's, which projects beacon rows alone)."""
   dtype = config.jnp_dtype
-  return jnp.einsum("bte,ehd->bthd", x.astype(dtype), kernel.astype(dtype),
-                    precision=config.precision) + bias.astype(dtype)
+  return jnp.einsum("bte,ehd->bthd", x.astype(dtype), compute_copy(kernel, dtype),
+                    precision=config.precision) + compute_copy(bias, dtype)
 
 
 class Attention(nn.Module):
@@ -221,8 +250,8 @@ class Attention(nn.Module):
     # As one [B, T, H*D] x [H*D, E] product: the kernel's reshape is free, where the einsum
     # let XLA CPU copy a transposed kernel at every decode step.
     b, t = out.shape[:2]
-    y = jnp.matmul(out.reshape(b, t, -1), o_kernel.astype(out.dtype).reshape(-1, cfg.hidden_size),
-                   precision=cfg.precision)
+    o_kernel = compute_copy(o_kernel, out.dtype).reshape(-1, cfg.hidden_size)
+    y = jnp.matmul(out.reshape(b, t, -1), o_kernel, precision=cfg.precision)
     delta = lora_delta(self, "o", out, ("heads", "head_dim"), (cfg.hidden_size,), ("embed",),
                        self.use_lora)
     return (y if delta is None else y + delta), layer_kv
@@ -240,7 +269,8 @@ class MLP(nn.Module):
     shape, axes = (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp")
 
     def linear(name, inputs, shape, axes):
-      kernel = _param(self, f"{name}_kernel", _KERNEL_INIT, shape, axes, pdtype).astype(dtype)
+      kernel = compute_copy(_param(self, f"{name}_kernel", _KERNEL_INIT, shape, axes, pdtype),
+                            dtype)
       out = jnp.matmul(inputs, kernel, precision=cfg.precision)
       delta = lora_delta(self, name, inputs, axes[:1], shape[1:], axes[1:], self.use_lora)
       return out if delta is None else out + delta
@@ -331,11 +361,11 @@ class Qwen2(nn.Module):
 
   def embed(self, tokens: Array) -> Array:
     """tokens [B, T] -> [B, T, E] in the compute dtype."""
-    return jnp.take(self.embedding, tokens, axis=0).astype(self.config.jnp_dtype)
+    return compute_copy(jnp.take(self.embedding, tokens, axis=0), self.config.jnp_dtype)
 
   def beacons(self, batch: int, count: int) -> Array:
     """The beacon embedding repeated: [batch, count, E]."""
-    return jnp.broadcast_to(self.beacon_embedding.astype(self.config.jnp_dtype),
+    return jnp.broadcast_to(compute_copy(self.beacon_embedding, self.config.jnp_dtype),
                             (batch, count, self.config.hidden_size))
 
   def decode(self, x: Array, positions: Array, mask: Array, cache_kv=None,
@@ -366,7 +396,7 @@ class Qwen2(nn.Module):
     head = self.embedding.T if self.config.tie_word_embeddings else self.lm_head
     # Accumulated and returned in float32: bfloat16 logits near 20 are 0.125 apart, noise the
     # sampler's and the learner's log-probs (RL's ratio) would each round differently.
-    logits = jnp.matmul(hidden, head.astype(hidden.dtype), precision=self.config.precision,
+    logits = jnp.matmul(hidden, compute_copy(head, hidden.dtype), precision=self.config.precision,
                         preferred_element_type=jnp.float32)
     logits = with_logical_constraint(logits, ("batch", "length", "act_vocab"))
     return logits.astype(jnp.float32)
