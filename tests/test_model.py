@@ -294,6 +294,22 @@ def test_compute_copy_rounds_as_astype_and_passes_gradients_back():
   assert model.compute_copy(weights, jnp.float32) is weights
 
 
+def test_float32_weights_in_bfloat16_products_give_astypes_loss_and_gradient(tiny_dir, monkeypatch):
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, param_dtype="float32",
+                                                    dtype="bfloat16")
+  tokens = jnp.arange(3, 19).reshape(2, 8)
+
+  def loss(p):
+    logits, _ = model.forward(p, config.replace(remat="full"), tokens)
+    return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+  ours = jax.value_and_grad(loss)(params)
+  monkeypatch.setattr(model, "compute_copy", lambda w, dtype: w.astype(dtype))
+  plain = jax.value_and_grad(loss)(params)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 @needs_libtpu
 def test_tpu_step_holds_no_bfloat16_copy_of_a_weight_stack(monkeypatch):
   """float32 weights, bfloat16 products, two passes over the layers (as a step's block scan
