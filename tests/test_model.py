@@ -269,7 +269,7 @@ def test_bfloat16_compute_stays_close_to_float32(tiny_dir, hf_reference):
   assert _valid_rel_error(logits, hf_reference["logits/logits"], mask) <= 0.05
 
 
-def test_compute_copy_rounds_as_astype_and_passes_gradients_back():
+def test_compute_copy_rounds_as_astype_with_astypes_derivatives():
   rng = np.random.default_rng(0)
   scale = np.float32(10.0) ** rng.integers(-44, 38, 60_000).astype(np.float32)
   values = np.concatenate([
@@ -291,6 +291,11 @@ def test_compute_copy_rounds_as_astype_and_passes_gradients_back():
   grad = lambda cast: jax.grad(lambda w: jnp.vdot(cast(w), cotangent).astype(jnp.float32))(weights)
   np.testing.assert_array_equal(grad(lambda w: model.compute_copy(w, jnp.bfloat16)),
                                 grad(lambda w: w.astype(jnp.bfloat16)))
+  tangent = jnp.asarray(rng.standard_normal(1000), jnp.float32)
+  jvp = lambda cast: jax.jvp(cast, (weights,), (tangent,))
+  for ours, theirs in zip(jvp(lambda w: model.compute_copy(w, jnp.bfloat16)),
+                          jvp(lambda w: w.astype(jnp.bfloat16))):
+    np.testing.assert_array_equal(ours, theirs)
   assert model.compute_copy(weights, jnp.float32) is weights
 
 

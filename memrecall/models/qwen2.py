@@ -33,7 +33,7 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _bfloat16_by_bits(x: Array) -> Array:
   """float32 -> bfloat16 rounded to nearest even, bit for bit `astype`'s, in integer ops."""
   bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
@@ -42,8 +42,9 @@ def _bfloat16_by_bits(x: Array) -> Array:
   return jax.lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)
 
 
-_bfloat16_by_bits.defvjp(lambda x: (_bfloat16_by_bits(x), None),
-                         lambda _, g: (g.astype(jnp.float32),))
+@_bfloat16_by_bits.defjvp
+def _bfloat16_by_bits_jvp(primals, tangents):  # linear, as astype: its transpose casts back
+  return _bfloat16_by_bits(*primals), tangents[0].astype(jnp.bfloat16)
 
 
 def compute_copy(weight: Array, dtype) -> Array:
@@ -52,8 +53,8 @@ def compute_copy(weight: Array, dtype) -> Array:
   float32 master weights with bfloat16 products are cast in integer ops (the same bits as
   `astype`): a plain convert of a scanned layer's slice is moved out of the loop by the TPU
   compiler's bfloat16 propagation, which then holds a bfloat16 copy of the whole weight stack
-  for every loop over it (3.0 of the gate step's 7.9 GiB at 7B; docs/2026-12-05-memory-and-
-  traffic.md).  The gradient is the cotangent cast back, as `astype`'s.
+  for every loop over it (docs/2026-12-05-weights-cast-where-read.md).  Derivatives are
+  `astype`'s: the tangent cast, the cotangent cast back.
   """
   if weight.dtype == dtype:
     return weight
