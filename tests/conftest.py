@@ -121,18 +121,8 @@ def pytest_terminal_summary(terminalreporter):
   terminalreporter.write_line(f"memrecall tests ran on {_devices()}")
 
 
-# The modules that take longest (the suite's --durations), handed to the workers first: with
-# `--dist loadfile` a worker takes whole files in collection order, and a long file collected
-# last leaves the other worker idle at the end.
-SLOWEST_MODULES = ("test_demo", "test_multihost", "test_bench_scripts", "test_evaluation",
-                   "test_recall", "test_device_check", "test_resumable_outputs", "test_launchers",
-                   "test_multiprocess_eval", "test_trainer", "test_compile")
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers added here
 def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
-  items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
   for item in items:
     if item.module.__name__.rpartition(".")[2] in NUMERICS_MODULES:
       item.add_marker(pytest.mark.numerics)
