@@ -1,7 +1,8 @@
-"""The MemAgent baseline (raw-chunk recurrent reading): `--config configs/memagent.py:rl[,SIZE[,MESH]]`.
+"""The MemAgent baseline (raw-chunk recurrent reading): `--config configs/memagent.py:STAGE[,SIZE[,MESH]]`.
 
-The same GRPO recipe as configs/lychee.py:rl, but each memory update reads a raw 5000-token
-section in MemAgent's prompt (no compressor, no gate).  Sizes and meshes as in lychee.py.
+STAGE `rl` (default) is the same GRPO recipe as configs/lychee.py:rl, but each memory update
+reads a raw 5000-token section in MemAgent's prompt (no compressor, no gate); `sft` warm-starts
+it on oracle traces as lychee.py:sft does.  Sizes and meshes as in lychee.py.
 """
 
 import ml_collections

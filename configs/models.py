@@ -1,7 +1,7 @@
 """Model shapes: `--config configs/models.py:NAME` with NAME tiny, mid or qwen2.5-{0.5b,1.5b,3b,7b}.
 
 Each returns a ConfigDict whose `model` block is read by
-`memrecall.config.ModelConfig.from_dict`.
+`memrecall.models.config.ModelConfig.from_dict`.
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 """The tiny model on a synthetic task: `--config configs/tiny.py:STAGE[,VARIANT[,TASK[,AGENT]]]`.
 
 STAGE is one of compressor, sft, rl, gate; VARIANT is `default` (the README's
-demo, about 8-9 minutes on a 2-core CPU) or `full` (longer budgets, a trained
+demo, about 8 minutes on a 2-core CPU) or `full` (longer budgets, a trained
 memagent baseline and the vartrack and hotpot tasks, about 57 minutes); TASK is
 `multihop` (default), `vartrack` or `hotpot`; a TASK's config sets its own
 demo budgets.  AGENT is `lychee` (the method, default) or `memagent` (the

@@ -34,7 +34,7 @@ _MODES = flags.DEFINE_list("modes", ["gate", "gate_stream", "all", "memagent"],
 _GROUP = flags.DEFINE_integer("group_size", 8, "gate_stream: chunks compressed per loop step.")
 _COMPRESS_GROUP = flags.DEFINE_integer("compress_group", None,
                                        "Chunks per compression call (default: 4096 tokens' worth, "
-                                       "memrecall.compressor.GROUP_TOKENS; 0: all at once).")
+                                       "memrecall.method.compressor.GROUP_TOKENS; 0: all at once).")
 _SCALING_CHUNKS = flags.DEFINE_list("scaling_chunks", [],
                                     "Also time compressing this many chunks (e.g. 512,2048) ...")
 _SCALING_GROUPS = flags.DEFINE_list("scaling_groups", ["0", "32", "64", "128", "256"],

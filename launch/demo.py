@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Where every stage writes.")
 _VARIANT = flags.DEFINE_enum("variant", "default", ["default", "full"],
-                             "default: ~15 minutes on 2 CPU cores; full: longer budgets.")
+                             "default: about 8 minutes on 2 CPU cores; full: longer budgets, about an hour.")
 
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
 

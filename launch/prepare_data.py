@@ -44,17 +44,24 @@ def main(argv):
     from memrecall.data.synthetic import TaskConfig
   except ImportError as e:
     raise app.UsageError(f"{e}: pip install -e '.[data]'") from None
+  cli.writable("data_dir", _DATA_DIR.value, directory=True)
+  if _HOPS.value is not None and _HOPS.value < 1:
+    raise app.UsageError(f"--hops={_HOPS.value}: a question needs at least one hop")
   try:
     if _BUILDER.value == "ruler_hqa":
       if not _MANUAL_DIR.value:
         raise app.UsageError("--builder=ruler_hqa needs --manual_dir (the HotpotQA dev file)")
+      for name in (tfds_builders.HOTPOT_DEV_FILE, _INDICES_FILE.value):
+        if name and not os.path.isfile(os.path.join(_MANUAL_DIR.value, name)):
+          raise app.UsageError(f"--manual_dir: {_MANUAL_DIR.value} holds no {name}")
       config = tfds_builders.ruler_hqa_config(_NUM_DOCS.value, _NUM_QUESTIONS.value, _SEED.value,
                                               _INDICES_FILE.value)
       builder = tfds_builders.RulerHqa(config=config, data_dir=_DATA_DIR.value)
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           manual_dir=_MANUAL_DIR.value))
     else:
-      hops = _HOPS.value or tfds_builders.DEFAULT_HOPS.get(_TASK.value, 2)
+      hops = _HOPS.value if _HOPS.value is not None else tfds_builders.DEFAULT_HOPS.get(
+          _TASK.value, 2)
       task = TaskConfig(task=_TASK.value, form=_FORM.value, length=_LENGTH.value, hops=hops)
       builder = tfds_builders.SyntheticTasks(config=tfds_builders.synthetic_config(task, _SEED.value),
                                              data_dir=_DATA_DIR.value)

@@ -68,6 +68,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+# Outputs of the public LycheeMemory code, made with its own code (each folder's README says
+# how): `../shared/fixtures` beside the checkout, where CI puts them.
+SHARED_FIXTURES = os.path.normpath(os.path.join(os.path.dirname(FIXTURES), "..", "..", "shared",
+                                                "fixtures"))
+LYCHEE_TEXT = os.path.join(SHARED_FIXTURES, "lychee_reference_text")
 
 
 def _libtpu_installed() -> bool:
@@ -120,6 +125,9 @@ def pytest_report_header(config):
 def pytest_terminal_summary(terminalreporter):
   """The backend again at the end, where `-q` runs (tests/run.sh) show it."""
   terminalreporter.write_line(f"memrecall tests ran on {_devices()}")
+  if not os.path.isdir(SHARED_FIXTURES):
+    terminalreporter.write_line(f"{SHARED_FIXTURES} is missing: the tests that compare with the "
+                                "public reference's outputs fail without it (docs/testing.md)")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers added here
@@ -189,14 +197,13 @@ def hf_reference():
 def tiny_dir():
   return os.path.join(FIXTURES, "qwen2_tiny")
 
-LYCHEE_FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                              "shared", "fixtures", "lychee_reference_tiny", "reference.npz")
+LYCHEE_FIXTURE = os.path.join(SHARED_FIXTURES, "lychee_reference_tiny", "reference.npz")
 
 
 @pytest.fixture(scope="session")
 def lychee_reference():
   """Outputs of the public PyTorch LycheeMemory code on a tiny random model (../shared)."""
-  assert os.path.exists(LYCHEE_FIXTURE), f"missing {LYCHEE_FIXTURE} (../shared beside the checkout)"
+  assert os.path.exists(LYCHEE_FIXTURE), f"missing {LYCHEE_FIXTURE} (../shared/fixtures beside the checkout)"
   return dict(np.load(LYCHEE_FIXTURE, allow_pickle=False))
 
 

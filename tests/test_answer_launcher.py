@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
-from tests.conftest import cpu_env
+from tests.conftest import LYCHEE_TEXT, cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +103,7 @@ def test_answer_from_a_training_run(tmp_path):
 
 def test_a_bank_of_one_document_is_refused_for_another(tmp_path):
   """docs/usage.md's `--row=3 --memory_bank=...` pattern followed by another --row."""
-  fixture = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
+  fixture = LYCHEE_TEXT
   common = [f"--hf_checkpoint={os.path.join(fixture, 'hf')}",
             f"--document={os.path.join(fixture, 'rows.json')}", "--chunk_size=1024",
             "--memory_size=4", "--max_new_tokens=4", f"--memory_bank={tmp_path / 'bank'}"]

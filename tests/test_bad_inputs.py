@@ -1,4 +1,4 @@
-"""Every launcher on bad inputs: one short error naming the problem, before any work.
+"""The launchers on bad inputs: one short error naming the problem, before any work.
 
 Each case runs a launcher as a user would and checks the exit status (2), that the message is
 at most two lines and names the problem, that no traceback and no --help text is printed, and
@@ -15,10 +15,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from tests.conftest import cpu_env
+from tests.conftest import LYCHEE_TEXT, cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
+FIXTURE = LYCHEE_TEXT
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 ENV = cpu_env()
 ENV.pop("MEMRECALL_VERBOSE", None)
@@ -249,11 +249,22 @@ ANALYZE = [
     ("unwritable_output", ["--checkpoint={root}/run", "--trace={root}/trace.json",
                            "--output=/proc/memrecall/q.png"], "cannot write in /proc"),
 ]
+PREPARE_DATA = [
+    ("unknown_task", ["--builder=synthetic", "--task=novel", "--data_dir={out}/tfds"],
+     "unknown task 'novel'"),
+    ("zero_hops", ["--builder=synthetic", "--hops=0", "--data_dir={out}/tfds"], "--hops=0"),
+    ("manual_dir_without_hotpotqa", ["--builder=ruler_hqa", "--manual_dir={root}",
+                                     "--data_dir={out}/tfds"],
+     "holds no hotpot_dev_distractor_v1.json"),
+    ("unwritable_data_dir", ["--builder=synthetic", "--data_dir=/proc/memrecall_tfds"],
+     "cannot write in /proc"),
+]
 CASES = [pytest.param(script, *case[:3], case[3] if len(case) > 3 else None,
                       id=f"{script[:-3]}-{case[0]}")
          for script, cases in (("eval.py", EVAL), ("answer.py", ANSWER),
                                ("generate.py", GENERATE), ("train.py", TRAIN), ("plan.py", PLAN),
-                               ("analyze.py", ANALYZE)) for case in cases]
+                               ("analyze.py", ANALYZE), ("prepare_data.py", PREPARE_DATA))
+         for case in cases]
 
 
 def _snapshot(*directories) -> dict[str, str]:
@@ -267,7 +278,7 @@ def _snapshot(*directories) -> dict[str, str]:
 
 
 def test_the_table_is_large_enough():
-  assert len(CASES) >= 30 and len({c.values[0] for c in CASES}) == 6
+  assert len(CASES) >= 30 and len({c.values[0] for c in CASES}) == 7
 
 
 @pytest.mark.parametrize("script,name,args,expected,prepare", CASES)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from memrecall.data import documents
+from tests.conftest import LYCHEE_TEXT
 
 
 def test_formats(tmp_path):
@@ -75,9 +76,8 @@ def test_every_row_layout_reads_through_the_one_parser(tmp_path):
 
 def test_lychee_example_rows():
   # LycheeMemory's example file: context, prompt, reward_model.ground_truth, extra_info.question.
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                      "fixtures", "lychee_reference_text", "rows.json")
-  assert os.path.exists(path), f"missing {path} (../shared beside the checkout)"
+  path = os.path.join(LYCHEE_TEXT, "rows.json")
+  assert os.path.exists(path), f"missing {path} (../shared/fixtures beside the checkout)"
   first, second = documents.read_document(path), documents.read_document(path, row=1)
   assert (first.question, first.answers) == ("Which baseline reads raw chunks?", ("MemAgent",))
   assert (second.question, second.answers) == ("How many KV heads does the 7B backbone have?",

@@ -13,10 +13,10 @@ import sys
 import time
 
 from memrecall.runtime import jsonl
-from tests.conftest import cpu_env
+from tests.conftest import LYCHEE_TEXT, cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
+FIXTURE = LYCHEE_TEXT
 ROWS = 8  # 4 per process: 2 batches of 2, so a kill after the first lands mid-run
 
 

@@ -14,10 +14,9 @@ import pytest
 from memrecall import run_builder
 from memrecall.evaluate import evaluator, output_key
 from memrecall.runtime import jsonl
+from tests.conftest import LYCHEE_TEXT
 
-FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                       "shared", "fixtures", "lychee_reference_text")
-HF, ROWS = os.path.join(FIXTURE, "hf"), os.path.join(FIXTURE, "rows.json")
+HF, ROWS = os.path.join(LYCHEE_TEXT, "hf"), os.path.join(LYCHEE_TEXT, "rows.json")
 
 
 def _run(memory_size=4):

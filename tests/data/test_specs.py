@@ -14,14 +14,14 @@ from memrecall.data.ruler_hqa import DatasetError
 from memrecall.data.sources import ListSource, SyntheticSource, split_seed, synthetic_splits
 from memrecall.data.synthetic import TaskConfig
 from memrecall.models.tokenizer import ByteTokenizer
+from tests.conftest import LYCHEE_TEXT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
 DEV = os.path.join(FIXTURES, "hotpot_dev_tiny.json")
 EVAL = os.path.join(FIXTURES, "memagent_eval_20.json")
 EVAL_INDICES = os.path.join(FIXTURES, "memagent_eval_idx_20.json")
-LYCHEE_ROWS = os.path.join(HERE, "..", "..", "..", "shared", "fixtures", "lychee_reference_text",
-                           "rows.json")
+LYCHEE_ROWS = os.path.join(LYCHEE_TEXT, "rows.json")
 POOL_SIZE = 139
 
 RL_ROW = {"data_source": "fixture", "context": "Ada was born in Oslo.",
@@ -111,7 +111,7 @@ def test_concat_source():
 
 
 def test_lychee_rows_in_the_rl_layout():
-  assert os.path.exists(LYCHEE_ROWS), f"missing {LYCHEE_ROWS} (../shared beside the checkout)"
+  assert os.path.exists(LYCHEE_ROWS), f"missing {LYCHEE_ROWS} (../shared/fixtures beside the checkout)"
   named = _one("rows:" + LYCHEE_ROWS)
   assert (named.name, named.path) == ("rows.json", LYCHEE_ROWS)
   first, second = named.source

@@ -15,7 +15,6 @@ TESTS = os.path.dirname(HERE)
 ROOT = os.path.dirname(TESTS)
 HOTPOT_DEV = os.path.join(TESTS, "data", "fixtures", "hotpot_dev_tiny.json")
 MEMAGENT_EVAL = os.path.join(TESTS, "data", "fixtures", "memagent_eval_20.json")
-LYCHEE_TEXT = os.path.join(ROOT, "..", "shared", "fixtures", "lychee_reference_text")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 

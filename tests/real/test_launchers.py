@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from tests.conftest import cpu_env
-from tests.real.conftest import LYCHEE_TEXT, ROOT
+from tests.conftest import LYCHEE_TEXT
+from tests.real.conftest import ROOT
 
 ENV = cpu_env()
 # The toy-size overrides of tests/real/test_recipes.py's `recipe`, as flags.
