@@ -12,6 +12,7 @@ import reference
 from memrecall.method import compressor
 from memrecall.models import hf_checkpoint, qwen2 as model
 from memrecall.models.config import ConfigError, ModelConfig
+from memrecall.runtime import sharding
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,48 @@ def test_compression_in_groups_equals_one_call(random_compressor_model, group_si
   np.testing.assert_allclose(grouped_value, value, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),
                grouped_grads, grads)
+
+
+@pytest.mark.multidevice
+def test_groups_on_a_mesh_take_each_devices_own_chunks(random_compressor_model):
+  """Under a mesh splitting 24 chunks over 8 devices (3 each), groups of 2 take 2 chunks from
+  every device (the last padded): the values of one call, the output still split by chunk,
+  and no data moved between devices (the parameters are replicated here).  Groups of the
+  whole batch made every device compress every chunk of a group and replicated the output."""
+  params, config, _ = random_compressor_model
+  whole = compressor.CompressorConfig(chunk_size=16, window=8, ratio=4, group_size=0)
+  document = np.random.default_rng(4).integers(3, config.vocab_size, 24 * 16 - 7)
+  ids, mask = (jnp.asarray(x) for x in compressor.chunk_document(document, 16, pad_id=0))
+  expected = compressor.compress(params, config, whole, ids, mask)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  with jax.set_mesh(mesh):
+    split = sharding.logical_sharding(("chunks", None), ids.shape, mesh)
+    ids, mask = jax.device_put(ids, split), jax.device_put(mask, split)
+    grouped = dataclasses.replace(whole, group_size=2)
+    compiled = jax.jit(compressor.compress, static_argnums=(1, 2)).lower(
+        params, config, grouped, ids, mask).compile()
+    memory = compiled(params, ids, mask)
+  assert memory.k.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"))
+  hlo = compiled.as_text()
+  assert " while(" in hlo  # the groups' loop
+  for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+    assert collective not in hlo, collective
+  np.testing.assert_allclose(memory.k, expected.k, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(memory.v, expected.v, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(memory.slot_mask, expected.slot_mask)
+
+
+def test_compression_for_gradients_is_one_call_whatever_the_group_size(random_compressor_model):
+  """A training loss compresses its rows in one call: a group loop would add a float32
+  gradient accumulator of the parameters' size to the step."""
+  params, config, _ = random_compressor_model
+  ids = jnp.ones((6, 16), jnp.int32)
+  def program(group_size):
+    settings = compressor.CompressorConfig(chunk_size=16, window=8, ratio=4, group_size=group_size)
+    loss = lambda p: jnp.sum(compressor.compress(p, config, settings, ids, ids > 0,
+                                                 for_gradients=True).k)
+    return jax.jit(jax.grad(loss)).lower(params).as_text()
+  assert program(1) == program(0)
 
 
 @pytest.mark.parametrize("group_size", [0, 3])

@@ -266,6 +266,40 @@ def test_sharded_loop_matches_one_device(lychee_dir, document):
   np.testing.assert_allclose(out.trace.gate_scores, expected.trace.gate_scores, atol=1e-5)
 
 
+@pytest.mark.multidevice
+def test_streaming_documents_split_over_devices_read_their_own_chunks(lychee_model, document,
+                                                                    lychee_reference):
+  """Two different documents streamed in groups of 2 chunks on a mesh that splits them over
+  devices read what a bank of each document reads: no chunk of one reaches the other."""
+  ids, mask, memory, question, question_mask = document
+  other_ids, other_mask = compressor.chunk_document(lychee_reference["in/text_ids"][0][::-1], 1024,
+                                                    pad_id=0)
+  other = compressor.compress(lychee_model.params, lychee_model.run.model,
+                              lychee_model.run.compressor, jnp.asarray(other_ids),
+                              jnp.asarray(other_mask))
+  setup = _setup(lychee_model, "gate", threshold=0.0, group_size=2)  # scores every chunk
+  questions, question_masks = jnp.tile(question, (2, 1)), jnp.tile(question_mask, (2, 1))
+  expected = recall.recall(lychee_model.params, setup, recall.DocumentBank.from_chunks(
+      [memory, other]), questions, question_masks, jax.random.key(0))
+  s_ids, s_mask = (jnp.concatenate(pair, axis=1) for pair in zip(
+      _stream_inputs(ids, mask, 2), _stream_inputs(other_ids, other_mask, 2)))  # [4, 2, C]
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  with jax.set_mesh(mesh):
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params, questions, question_masks = jax.device_put(
+        (lychee_model.params, questions, question_masks), everywhere)
+    streamed = recall.recall_streaming(params, setup, lychee_model.run.compressor,
+                                       jax.device_put(s_ids, split), jax.device_put(s_mask, split),
+                                       questions, question_masks,
+                                       jax.device_put(jax.random.key(0), everywhere))
+  scores = np.asarray(expected.trace.gate_scores)
+  assert np.abs(scores[0] - scores[1]).min() > 1e-3  # every chunk of one differs from the other's
+  np.testing.assert_allclose(streamed.trace.gate_scores[:, :3], scores, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(streamed.trace.memory_ids[:, :3], expected.trace.memory_ids)
+  np.testing.assert_array_equal(streamed.answer.tokens, expected.answer.tokens)
+
+
 def test_streaming_peak_memory_does_not_grow_with_the_document(lychee_model):
   """Compiled device memory (temporaries + arguments + outputs) at 64x the chunks stays within
   10% of 1x in streaming mode, while a device-resident bank grows with the document."""

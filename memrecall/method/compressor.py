@@ -29,7 +29,7 @@ import numpy as np
 from memrecall.models.config import ConfigError, ModelConfig
 from memrecall.models.qwen2 import (DecoderLayer, Qwen2, REMAT_POLICIES, RMSNorm,
                                     head_logits, head_projection, rope_tables)
-from memrecall.runtime.sharding import with_logical_constraint
+from memrecall.runtime.sharding import logical_shards, with_logical_constraint
 
 Array = jax.Array
 
@@ -294,36 +294,50 @@ def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: 
              token_mask: Array, *, for_gradients: bool = False) -> ChunkMemory:
   """Compresses chunks tokens/token_mask [N, C] into a ChunkMemory.
 
-  Chunks are independent, so N > group_size are compressed `group_size` at a time under a
-  `lax.map` (the last group padded with empty chunks, dropped from the result): one
-  compiled group whose working set does not grow with N, where a single batched call over
-  thousands of chunks spills out of the caches and costs more per chunk.
+  Chunks are independent, so when a device holds more than `chunks_per_group` of them they
+  are compressed that many per device at a time under a `lax.map` (each device's last group
+  padded with empty chunks, dropped from the result): one compiled group whose working set
+  does not grow with N, where a single batched call over thousands of chunks spills out of
+  the caches and costs more per chunk.  Under a mesh (`jax.set_mesh`) that splits the
+  chunks over devices, a group takes `chunks_per_group` chunks from every device, so each
+  device compresses its own chunks, in place; groups of the whole batch would make every
+  device compress every chunk of a group, one group after another.
 
   for_gradients: a loss differentiates through the compression (the training objectives).
   Every layer then runs whole, under the model's remat: the last layer's skip
   (`_beacon_kv_only`) is a `lax.cond` in the layer scan, and JAX keeps the residuals of a
   cond's branches for the backward pass even under remat: every layer's float32 attention
   scores, 27 GiB per chip for configs/lychee.py:rl,7b,v5p-64 (docs/2026-12-04-tpu-compile.md).
+  The chunks are then compressed in one call, never in groups: a training batch is its
+  microbatch's rows (`train.microbatches` bounds it), and a loop level over the weights would
+  add a float32 gradient accumulator of the parameters' size to the step.
   """
   n, c = tokens.shape
   g = compressor.chunks_per_group
   skip = not for_gradients
-  if not g or n <= g:
+  shards = logical_shards("chunks", n)
+  per_device = n // shards
+  if for_gradients or not g or per_device <= g:
     return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=False,
                         skip_last=skip)[0]
-  groups = -(-n // g)
-  pad = ((0, groups * g - n), (0, 0))
-  tokens = jnp.pad(tokens, pad).reshape(groups, g, c)
-  token_mask = jnp.pad(token_mask.astype(bool), pad).reshape(groups, g, c)
+  groups = -(-per_device // g)
+
+  def grouped(x):  # [N, C] -> [groups, shards * g, C]: each device's chunks stay on it
+    x = jnp.pad(x.reshape(shards, per_device, c), ((0, 0), (0, groups * g - per_device), (0, 0)))
+    return jnp.moveaxis(x.reshape(shards, groups, g, c), 1, 0).reshape(groups, shards * g, c)
   per_group = jax.lax.map(
       lambda xs: _run_windows(params, config, compressor, *xs, raw_logits=False,
                               skip_last=skip)[0],
-      (tokens, token_mask))  # k, v: [groups, L, G, S, K, D]; slot_mask: [groups, G, S]
+      (grouped(tokens), grouped(token_mask.astype(bool))))
+  # k, v: [groups, L, shards * g, S, K, D]; slot_mask: [groups, shards * g, S]
 
-  def merge(x, chunk_axis):  # [groups, ..., G, ...] -> [..., N, ...]
-    x = jnp.moveaxis(x, 0, chunk_axis)
-    x = x.reshape(x.shape[:chunk_axis] + (groups * g,) + x.shape[chunk_axis + 2:])
-    return jax.lax.slice_in_dim(x, 0, n, axis=chunk_axis)
+  def merge(x, chunk_axis):  # [groups, ..., shards * g, ...] -> [..., N, ...]
+    rest = x.shape[chunk_axis + 2:]
+    x = x.reshape(x.shape[:chunk_axis + 1] + (shards, g) + rest)
+    x = jnp.moveaxis(x, 0, chunk_axis + 1)  # [..., shards, groups, g, ...]
+    x = x.reshape(x.shape[:chunk_axis] + (shards, groups * g) + rest)
+    x = jax.lax.slice_in_dim(x, 0, per_device, axis=chunk_axis + 1)
+    return x.reshape(x.shape[:chunk_axis] + (n,) + rest)
   return ChunkMemory(k=merge(per_group.k, 1), v=merge(per_group.v, 1),
                      slot_mask=merge(per_group.slot_mask, 0))
 

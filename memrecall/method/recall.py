@@ -410,12 +410,14 @@ def recall_streaming(params, setup: RecallSetup, compressor: CompressorConfig, c
   def group_step(carry, xs):
     memory, rng = carry
     ids, mask, group_forced = xs  # [G, Bd, C]
-    mem = compress(params, setup.model, compressor, ids.reshape(g * docs, c),
-                   mask.reshape(g * docs, c))
-    def chunk_major(x):  # [L, G*Bd, ...] -> [G, L, Bd, ...]
-      return jnp.moveaxis(x.reshape((x.shape[0], g, docs) + x.shape[2:]), 1, 0)
-    blocks = (chunk_major(mem.k), chunk_major(mem.v), mem.slot_mask.reshape(g, docs, -1),
-              mask.any(axis=-1))
+    # Document-major rows, so a mesh that splits the documents keeps each one's chunks on its
+    # device (`compress` groups by device).
+    doc_major = lambda x: jnp.swapaxes(x, 0, 1).reshape(docs * g, c)
+    mem = compress(params, setup.model, compressor, doc_major(ids), doc_major(mask))
+    def chunk_major(x):  # [L, Bd*G, ...] -> [G, L, Bd, ...]
+      return jnp.moveaxis(x.reshape((x.shape[0], docs, g) + x.shape[2:]), 2, 0)
+    blocks = (chunk_major(mem.k), chunk_major(mem.v),
+              jnp.swapaxes(mem.slot_mask.reshape(docs, g, -1), 0, 1), mask.any(axis=-1))
     memory, rng, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
                                           question_mask, group_forced)
     return (memory, rng), per_block

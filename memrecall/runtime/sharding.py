@@ -177,10 +177,28 @@ def logical_axes_tree(boxed_tree: Any) -> Any:
   return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Constrains an activation's sharding when running under `jax.set_mesh`; else a no-op."""
+def _current_mesh():
+  """The mesh of `jax.set_mesh` when it has memrecall's axes, else None."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return None
+  return mesh
+
+
+def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation's sharding when running under `jax.set_mesh`; else a no-op."""
+  mesh = _current_mesh()
+  if mesh is None:
     return x
   spec = logical_to_spec(logical_axes, x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def logical_shards(logical_axis: str, size: int) -> int:
+  """How many devices a dimension of `size` named `logical_axis` is split over under the
+  current `jax.set_mesh` (1 without one, or when its mesh axes do not divide `size`)."""
+  mesh = _current_mesh()
+  if mesh is None:
+    return 1
+  axes = logical_to_spec((logical_axis,), (size,), mesh)[0] or ()
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
