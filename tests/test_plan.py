@@ -100,17 +100,24 @@ def test_every_program_has_exact_arguments_and_named_terms():
 
 def test_the_7b_terms_by_hand():
   """The rollout's bank and caches of configs/lychee.py:rl,7b,gpu8 (8 devices, 256 rows: 32
-  per device), from the 7B shapes."""
+  per device), from the 7B shapes, and its train step's float32 gradient buffers."""
   from configs import lychee
   run, programs = _programs(lychee.get_config("rl,7b,gpu8"), jax.devices()[:8])
-  rollout = memory_plan.estimate_programs(run, programs)[1]
+  step, rollout = memory_plan.estimate_programs(run, programs)[:2]
+  # The microbatches' sum, the block loop's carry and the turn's layer scan; in the
+  # compression's backward also its 2 windows' layer scans (4096-token chunks, 2048 windows).
+  trainable = next(t.bytes for t in step.phases["a turn's backward"] if t.name == "gradients") / 3
+  assert run.config.train.microbatches > 1 and trainable > 0
+  assert next(t.bytes for t in step.phases["compression's backward"]
+              if t.name == "gradients") == 5 * trainable
   terms = {t.name: t.bytes for t in rollout.phases["memory updates"]}
   kv = lambda rows, positions: rows * positions * L * 2 * K * D * 2
   assert terms["rollout: the bank"] == kv(32, 8 * 1024)
   prompt = run.prompts.update.length(256, 1024)  # the update template around Q and memory
   assert terms["decode cache: update"] == 2 * kv(32, 1024 + prompt + 1024)
   assert terms["LM head gathered"] == V * E * 2
-  assert rollout.phases["compression"][0].bytes == 2 * kv(32, 8 * 1024)
+  # Each device compresses its own 32 x 8 chunks, then the bank holds them.
+  assert [t.bytes for t in rollout.phases["compression"]] == [kv(1, 256 * 1024), kv(32, 8 * 1024)]
 
 
 def _plan(*args, timeout=300):

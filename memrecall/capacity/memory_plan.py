@@ -205,12 +205,16 @@ class _Shapes:
     return n // split
 
   def bank_rows(self, n: int) -> int:
-    """Rows per device of the compressed chunks of n rows: compression runs one small group
-    of chunks at a time (`CompressorConfig.chunks_per_group`, one 4096-token chunk at 7B),
-    and the compiled programs keep the stacked result split over every batch shard when
-    they divide the rows, else whole on every device (the compiler's plans of 16 evaluation
-    questions on 32 chips: all 16 rows' banks on each)."""
+    """Rows per device of the bank of n rows: split over every batch shard when they divide
+    the rows, else whole on every device (the compiler's plans of 16 evaluation questions on
+    32 chips: all 16 rows' banks on each)."""
     return n // self.batch_shards if n % self.batch_shards == 0 else n
+
+  def chunks(self, n: int) -> int:
+    """Chunks per device that compression writes for n rows: the chunk axis (n x N) split
+    over every batch shard (`compress` groups each device's own chunks)."""
+    total = n * self.N
+    return total // self.batch_shards if total % self.batch_shards == 0 else total
 
   def kv(self, rows: int, positions: int) -> int:
     return rows * positions * self.L * 2 * self.K * self.D * self.dt // self.tensor_kv
@@ -275,12 +279,16 @@ def _bank_term(s: _Shapes, rows: int, copies: int, what: str) -> Term:
 
 def _rollout(s: _Shapes, n: int, what: str) -> dict[str, list[Term]]:
   """The recall loop over each of n rows' own document (rollout, evaluation): its chunks
-  compressed into a bank (the compressor's output and the bank's chunk-major copy), then
+  compressed (each device its own) into a bank (the chunk-major copy the loop reads), then
   each memory update decoded from one chunk's slots; MemAgent reads raw sections instead."""
   phases = {}
   rows, bank = s.rows(n), s.bank_rows(n)
   if not s.raw:
-    phases["compression"] = [_bank_term(s, bank, 2, f"{what}: compressed chunks and the bank")]
+    chunks = s.chunks(n)
+    phases["compression"] = [
+        Term(f"{what}: compressed chunks", s.kv(1, chunks * s.S),
+             s.kv_formula(1, f"{chunks} chunks x S {s.S}", chunks * s.S)),
+        _bank_term(s, bank, 1, f"{what}: the bank")]
     read = [_bank_term(s, bank, 1, f"{what}: the bank")]
     slots = s.S
   else:
@@ -308,38 +316,54 @@ def _train_turns(s: _Shapes, rows: int, with_logits: bool = True) -> list[Term]:
   return terms
 
 
-def _compression_backward(s: _Shapes, rows_mb: int, copies: int = 2) -> list[Term]:
-  """A chunk's compression in the backward pass of its block (remat): the windows' saved
-  layer inputs, the first windows' beacon K/V (the later windows' prefix) and the windows'
-  masks, each held twice (the recompute's and the loop's copy; `copies`).  The compiled step
-  lays them out for all `rows_mb` rows of the microbatch, the hidden dimension split over fsdp
-  (docs/2026-12-04-tpu-compile.md): rows_mb / (data x fsdp) x fsdp times the bytes of a
-  row-sharded layout."""
+def _compression_backward(s: _Shapes, rows: int) -> list[Term]:
+  """A chunk's compression in the backward pass of its block (remat), for the device's `rows`:
+  the windows' saved layer inputs, the first windows' beacon K/V (the later windows' prefix)
+  and the windows' masks (docs/2026-12-05-compression-per-device.md)."""
   windows, g = s.C // s.W, s.W // s.r
   w = s.W + g
-  fsdp = s.sizes["fsdp"]
-  inputs = copies * windows * rows_mb * s.L * w * s.E * s.dt // fsdp
-  prefix = copies * s.kv(rows_mb, (windows - 1) * g)
-  masks = copies * sum(rows_mb * w * (i * g + w) for i in range(windows))
+  inputs = windows * rows * s.L * w * s.E * s.dt
+  prefix = s.kv(rows, (windows - 1) * g)
+  masks = sum(rows * w * (i * g + w) for i in range(windows))
   return [Term("remat: the compression windows' layer inputs", inputs,
-               f"{copies} copies x {windows} windows x {rows_mb} rows x L {s.L} x {w} positions x "
-               f"E {s.E} / fsdp {fsdp} x {s.dt} B"),
+               f"{windows} windows x {rows} rows x L {s.L} x {w} positions x E {s.E} x {s.dt} B"),
           Term("the windows' beacon K/V prefix", prefix,
-               f"{copies} copies x " + s.kv_formula(rows_mb, f"{windows - 1} x {g}",
-                                                    (windows - 1) * g)),
+               s.kv_formula(rows, f"{windows - 1} x {g}", (windows - 1) * g)),
           Term("the windows' masks", masks,
-               f"{copies} copies x {rows_mb} rows x {w} queries x (prefix + {w}) keys x 1 B, "
-               f"summed over {windows} windows")]
+               f"{rows} rows x {w} queries x (prefix + {w}) keys x 1 B, summed over {windows} "
+               "windows")]
 
 
-def _gradient_terms(s: _Shapes, trainable: int) -> list[Term]:
-  """What every train step's backward pass holds besides activations: the gradients, one
-  layer's weights gathered over fsdp (for the layer's recompute and for its backward), and
-  the stacked MLP kernels copied into the layout the backward's matmuls read them in."""
+def _gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
+  """Float32 buffers of the trainable leaves' size a train step holds at once: the sum over
+  microbatches, the block loop's gradient carry, and the weight gradients of each layer scan
+  of the block whose backward has run (its turn or gate prompt first, then, `compressing`, each
+  compression window), which JAX adds into the carry only at the end of the block's backward
+  (the TPU compile's buffers, docs/2026-12-05-compression-per-device.md).  The compressor
+  stage has no block loop: one layer scan per window."""
+  config = s.run.config
+  windows = s.C // s.W
+  parts = []
+  if int(config.train.get("microbatches", 1)) > 1:
+    parts.append((1, "the microbatches' sum"))
+  if config.stage == "compressor":
+    parts.append((windows, f"{windows} windows' layer scans"))
+  else:
+    parts += [(1, "the block loop's carry"), (1, "the turn's layer scan")]
+    if compressing:
+      parts.append((windows, f"{windows} compression windows' layer scans"))
+  return sum(n for n, _ in parts), ", ".join(why for _, why in parts)
+
+
+def _gradient_terms(s: _Shapes, trainable: int, compressing: bool = False) -> list[Term]:
+  """What every train step's backward pass holds besides activations: the gradients
+  (`_gradient_copies`), one layer's weights gathered over fsdp (for the layer's recompute and
+  for its backward), and the stacked MLP kernels copied into the layout the backward's
+  matmuls read them in."""
   fsdp = s.sizes["fsdp"]
-  return [Term("gradients", 2 * trainable,
-               f"2 x the trainable leaves' {trainable / GiB:.3f} GiB per device (the step's "
-               "accumulated gradient and the block loop's gradient carry)"),
+  copies, why = _gradient_copies(s, compressing)
+  return [Term("gradients", copies * trainable,
+               f"{copies} x the trainable leaves' {trainable / GiB:.3f} GiB per device ({why})"),
           Term("one layer's weights gathered", 2 * s.layer_bytes,
                f"2 (its recompute, its backward) x one layer's {s.layer_bytes / GiB:.3f} GiB of "
                "weights, unsharded"),
@@ -347,8 +371,7 @@ def _gradient_terms(s: _Shapes, trainable: int) -> list[Term]:
                f"2 kernels x L {s.L} x E {s.E} x F {s.F} x {s.dt} B / fsdp {fsdp}")]
 
 
-def _block_residuals(s: _Shapes, rows: int, rows_mb: int, turn_tokens: int,
-                     logits: bool) -> list[Term]:
+def _block_residuals(s: _Shapes, rows: int, turn_tokens: int, logits: bool) -> list[Term]:
   """With `model.remat_blocks=False`, what the forward keeps of every one of the N blocks for
   the backward (else it recomputes one block at a time): the turn's layer inputs, the written
   tokens' float32 log-probabilities (logits) and one copy of what the chunk's compression
@@ -362,7 +385,7 @@ def _block_residuals(s: _Shapes, rows: int, rows_mb: int, turn_tokens: int,
     per_block += rows * s.M * s.V * 4 // s.tensor
     formula += f" + {rows} rows x M {s.M} x V {s.V} x 4 B"
   if not s.raw:
-    compression = sum(t.bytes for t in _compression_backward(s, rows_mb, copies=1))
+    compression = sum(t.bytes for t in _compression_backward(s, rows))
     per_block += compression
     formula += f" + one copy of the compression's backward terms, {compression / GiB:.2f} GiB"
   return [Term("every block's residuals (model.remat_blocks=False)", s.N * per_block,
@@ -375,7 +398,7 @@ def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
   stage = config.stage
   rows_mb = config.train.batch_size // k  # the microbatch's rows, all batch shards
   rows = max(1, math.ceil(rows_mb / s.batch_shards))
-  grads = _gradient_terms(s, trainable)
+  grads = _gradient_terms(s, trainable, compressing=not s.raw)
   if stage == "compressor":
     w = s.W + s.W // s.r
     windows = s.C // s.W
@@ -396,15 +419,17 @@ def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
              f"L {s.L} x {rows} rows x {t} tokens x E {s.E} x {s.dt} B"),
         Term("compressed chunk and the gate's cache", s.kv(rows, 2 * s.S + t),
              s.kv_formula(rows, f"2 x {s.S} + {t}", 2 * s.S + t)),
-        _mlp_term(s, rows, s.W + s.W // s.r)] + _block_residuals(s, rows, rows_mb, t, False)}
+        _mlp_term(s, rows, s.W + s.W // s.r)] + _block_residuals(s, rows, t, False)}
   answer = s.P_final + s.A
   answer_inputs = Term("remat: the answer turn's layer inputs", s.L * rows * answer * s.E * s.dt,
                        f"L {s.L} x {rows} rows x {answer} tokens x E {s.E} x {s.dt} B")
-  grads += _block_residuals(s, rows, rows_mb, s.P_update + s.M, True)
-  phases = {"a turn's backward": grads + _train_turns(s, rows) + [answer_inputs]}
+  residuals = _block_residuals(s, rows, s.P_update + s.M, True)
+  phases = {"a turn's backward": (_gradient_terms(s, trainable) + residuals
+                                  + _train_turns(s, rows) + [answer_inputs])}
   if not s.raw:
-    phases["compression's backward"] = (grads + [_head_term(s, 1, "gathered for the turns")]
-                                        + _compression_backward(s, rows_mb) + [answer_inputs])
+    phases["compression's backward"] = (grads + residuals
+                                        + [_head_term(s, 1, "gathered for the turns")]
+                                        + _compression_backward(s, rows) + [answer_inputs])
   return phases
 
 

@@ -61,10 +61,10 @@ GROUP_TOKENS = 4096
 class CompressorConfig:
   """chunk_size C (tokens per chunk), window W (= stride), ratio r (tokens per beacon).
 
-  group_size: chunks compressed together; more are compressed group after group (a
-  `lax.map`), so a call's activations, and its cost per chunk, stay those of one group
+  group_size: chunks each device compresses together; more are compressed group after group
+  (a `lax.map`), so a call's activations, and its cost per chunk, stay those of one group
   however long the document.  None: `GROUP_TOKENS` tokens' worth; 0: all at once.  A run
-  setting, not a model property.
+  setting, not a model property; training compresses in one call (`compress`).
   """
   chunk_size: int = 4096
   window: int = 2048
