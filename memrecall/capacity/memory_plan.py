@@ -199,10 +199,7 @@ class _Shapes:
   def rows(self, n: int) -> int:
     """Rows per device of an n-row batch under the rules table: split over the batch axes
     that divide it (16 questions on data 4 x fsdp 8: 4 per device)."""
-    spec = sharding_lib.logical_to_spec(("batch",), (n,), _AxisSizes(self.sizes))
-    split = math.prod(self.sizes[a] for entry in spec if entry is not None
-                      for a in (entry if isinstance(entry, tuple) else (entry,)))
-    return n // split
+    return n // sharding_lib.logical_split("batch", _AxisSizes(self.sizes), n)
 
   def bank_rows(self, n: int) -> int:
     """Rows per device of the bank of n rows: split over every batch shard when they divide
@@ -211,10 +208,10 @@ class _Shapes:
     return n // self.batch_shards if n % self.batch_shards == 0 else n
 
   def chunks(self, n: int) -> int:
-    """Chunks per device that compression writes for n rows: the chunk axis (n x N) split
-    over every batch shard (`compress` groups each device's own chunks)."""
+    """Chunks per device that compression writes for n rows: the chunk axis (n x N) split as
+    the rules split `chunks` (`compress` groups each device's own chunks)."""
     total = n * self.N
-    return total // self.batch_shards if total % self.batch_shards == 0 else total
+    return total // sharding_lib.logical_split("chunks", _AxisSizes(self.sizes), total)
 
   def kv(self, rows: int, positions: int) -> int:
     return rows * positions * self.L * 2 * self.K * self.D * self.dt // self.tensor_kv

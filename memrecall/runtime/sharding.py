@@ -137,10 +137,18 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
   return PartitionSpec(*spec)
 
 
+def logical_split(logical_axis: str, mesh, size: int | None = None,
+                  rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> int:
+  """How many parts the rules split a dimension named `logical_axis` into on `mesh` (anything
+  with a `.shape` of axis sizes); given its `size`, only over the mesh axes that divide it."""
+  entry = logical_to_spec((logical_axis,), None if size is None else (size,), mesh, rules)[0]
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> int:
   """How many parts the rules split a batch's rows into on `mesh` (when they divide it)."""
-  axes = logical_to_spec(("batch",), mesh=mesh, rules=rules)[0] or ()
-  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return logical_split("batch", mesh, rules=rules)
 
 
 def logical_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
@@ -198,7 +206,4 @@ def logical_shards(logical_axis: str, size: int) -> int:
   """How many devices a dimension of `size` named `logical_axis` is split over under the
   current `jax.set_mesh` (1 without one, or when its mesh axes do not divide `size`)."""
   mesh = _current_mesh()
-  if mesh is None:
-    return 1
-  axes = logical_to_spec((logical_axis,), (size,), mesh)[0] or ()
-  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return 1 if mesh is None else logical_split(logical_axis, mesh, size)
