@@ -119,7 +119,7 @@ def _bank_of_another_document(w, out):
   (out / "bank" / "metadata.json").write_text(json.dumps({
       "model_fingerprint": "0" * 16, "chunk_size": 1024, "window": 512, "ratio": 4,
       "dtype": "float32", "num_chunks": 1, "num_tokens": 600, "document_hash": "0123456789abcdef",
-      "tokens_hash": "0" * 16, "document": "other_book.txt", "format_version": 2}))
+      "tokens_hash": "0" * 16, "document": "other_book.txt", "format_version": 3}))
   np.save(out / "bank" / "slot_mask.npy", np.ones((1, 256), bool))
 
 

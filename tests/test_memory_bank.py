@@ -72,9 +72,13 @@ def test_fingerprint_tracks_every_parameter_that_shapes_compressed_memory(lychee
     return memory_bank.model_fingerprint(
         flax.traverse_util.unflatten_dict({**flat, path: jnp.asarray(x)}), config)
 
-  memory_paths = [p for p in flat if not any(k in "/".join(p) for k in
-                                             ("lm_head", "final_norm", "gate_", "lora"))]
+  # Named here, not by the module's predicate: the head, final norm, gate head and bias, LoRA.
+  not_read = lambda p: (p[0] in ("lm_head", "final_norm", "gate_head", "gate_bias")
+                        or "_lora_" in p[-1])
+  memory_paths = [p for p in flat if not not_read(p)]
   assert len(memory_paths) > 10  # beacon and ordinary projections, MLPs, norms, embeddings
+  # Every MLP projection, the gate projection too (a substring test on "gate_" once left it out).
+  assert {("layers", "mlp", f"{k}_kernel") for k in ("gate", "up", "down")} <= set(memory_paths)
   for path in memory_paths:
     assert nudged(path) != base, path
   for path in [p for p in flat if p not in memory_paths]:

@@ -26,9 +26,13 @@ from memrecall.runtime import fingerprint
 
 from memrecall.method.compressor import ChunkMemory, CompressorConfig
 from memrecall.method.recall import DocumentBank
+from memrecall.models import qwen2
 from memrecall.models.config import ModelConfig
 
-FORMAT_VERSION = 2  # 2: the document's hashes
+# 2: the document's hashes; 3: the model fingerprint covers the MLPs' gate projections (until
+# 3 a substring test left every layer's `gate_kernel` out, so a bank was reused by a model that
+# differed there).
+FORMAT_VERSION = 3
 _STORED_AS = {"bfloat16": np.uint16}  # numpy's .npy cannot name bfloat16
 
 
@@ -58,8 +62,7 @@ class BankMetadata:
 def _shapes_memory(path: tuple[str, ...]) -> bool:
   """Every parameter the compressor reads: embeddings, every layer's projections (ordinary and
   beacon), MLPs and norms; not the output head, the final norm or the gate."""
-  name = "/".join(path)
-  return not ("lm_head" in name or "final_norm" in name or "gate_" in name or "lora" in name)
+  return path[0] not in ("lm_head", "final_norm") and not qwen2.is_gate_param(path)
 
 
 def model_fingerprint(params, config: ModelConfig) -> str:

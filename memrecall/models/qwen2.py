@@ -565,6 +565,12 @@ def unstack_layers(params, config: ModelConfig):
   return params, config.replace(scan_layers=False)
 
 
+def is_gate_param(path: tuple[str, ...]) -> bool:
+  """The gate's own parameters (its LoRA on the attention projections, its relevance head),
+  by a flattened path's last name: not the MLP's `gate_kernel`, which every reader uses."""
+  return "_lora_" in path[-1] or path[-1] in ("gate_head", "gate_bias")
+
+
 # Parameters the model reads in float32 whatever the compute dtype (the gate's relevance
 # head): the inference layout keeps them as stored.
 FLOAT32_READ = frozenset({"gate_head", "gate_bias"})

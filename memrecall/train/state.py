@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from memrecall.models.config import ConfigError
+from memrecall.models import qwen2
 from memrecall.models.qwen2 import abstract_params
 from memrecall.runtime import sharding as sharding_lib
 
@@ -34,15 +35,11 @@ def _is_lora(path: tuple[str, ...]) -> bool:
   return "_lora_" in path[-1]
 
 
-def _is_gate(path: tuple[str, ...]) -> bool:
-  return _is_lora(path) or path[-1] in ("gate_head", "gate_bias")
-
-
 _PREDICATES: dict[str, Callable[[tuple[str, ...]], bool]] = {
     "beacon": _is_beacon,
     "lora": _is_lora,
-    "gate": _is_gate,
-    "backbone": lambda path: not _is_gate(path),  # compressor + reasoner, jointly
+    "gate": qwen2.is_gate_param,
+    "backbone": lambda path: not qwen2.is_gate_param(path),  # compressor + reasoner, jointly
     "all": lambda path: True,
 }
 
