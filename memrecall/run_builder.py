@@ -137,15 +137,16 @@ class Run:
     (stacked layout, as checkpoints and training hold them)."""
     return sharding_lib.param_shardings(model_lib.abstract_params(self.model), self.mesh)
 
-  def params(self):
-    """Initial parameters, placed on the mesh: an earlier stage's workdir (`init.checkpoint`),
-    the HF checkpoint (`init.hf_checkpoint`; beacons and gate initialised where it has none),
-    or random (`init.seed`)."""
+  def params(self, init_step: int | None = None):
+    """Initial parameters, placed on the mesh: an earlier stage's workdir (`init.checkpoint`,
+    its latest step or `init_step`), the HF checkpoint (`init.hf_checkpoint`; beacons and gate
+    initialised where it has none), or random (`init.seed`)."""
     init = self.config.init
     shardings = self.param_shardings()
     if init.checkpoint:
-      check_param_shapes(self.model, checkpoint.param_shapes(init.checkpoint), init.checkpoint)
-      params, _ = checkpoint.load_params(init.checkpoint)
+      check_param_shapes(self.model, checkpoint.param_shapes(init.checkpoint, init_step),
+                         init.checkpoint)
+      params, _ = checkpoint.load_params(init.checkpoint, init_step)
       return jax.device_put(jax.tree.map(lambda x: x.astype(self.model.jnp_param_dtype), params),
                             shardings)
     if init.hf_checkpoint:
@@ -200,11 +201,16 @@ class Run:
     return out
 
   @functools.cached_property
-  def train_source(self) -> specs.ConcatSource:
-    """Every file of `data.train` as one source (opened once)."""
+  def train_sources(self) -> list[specs.NamedSource]:
+    """The files of `data.train`, each opened once."""
     if not self.config.data.train:
       raise ConfigError("data.train is empty: name the training data as KIND:PATH[,PATH...]")
-    source = specs.ConcatSource([n.source for n in self.sources(self.config.data.train)])
+    return self.sources(self.config.data.train)
+
+  @functools.cached_property
+  def train_source(self) -> specs.ConcatSource:
+    """Every file of `data.train` as one source."""
+    source = specs.ConcatSource([n.source for n in self.train_sources])
     if not len(source):
       raise ConfigError(f"data.train {self.config.data.train!r} holds no examples")
     return source

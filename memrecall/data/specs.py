@@ -29,6 +29,7 @@ from memrecall.data.ruler_hqa import DatasetError
 from memrecall.data.sources import (ExampleSource, IndexedSource, ListSource, SyntheticSource,
                                     split_seed)
 from memrecall.data.synthetic import TaskConfig
+from memrecall.runtime import fingerprint
 
 KINDS = ("rows", "hotpotqa", "ruler_hqa", "text", "synthetic", "tfds")
 _FILE_KINDS = ("rows", "hotpotqa", "ruler_hqa", "text", "tfds")
@@ -95,6 +96,19 @@ class NamedSource:
   path: str
   source: ExampleSource   # len() and [i] -> Example
   options: dict = dataclasses.field(default_factory=dict)  # its `row_options`
+
+  def key(self) -> dict:
+    """What identifies its rows, for reuse checks (evaluation rows, a training resume): the
+    file's content and the options that change which rows it yields, a file option by its
+    content."""
+    options = {f"data.{name}": _content_hash(value) if name in FILE_OPTIONS and value else value
+               for name, value in self.options.items()}
+    return {"data": _content_hash(self.path), **options}
+
+
+def _content_hash(path: str) -> str:
+  """A data file's (or directory's) content hash; a synthetic or TFDS source's path is a name."""
+  return fingerprint.file_hash(path) if os.path.exists(path) else fingerprint.value_hash(path)
 
 
 def check_names(sources: Sequence[NamedSource]) -> None:

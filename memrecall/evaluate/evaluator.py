@@ -357,19 +357,6 @@ def summarize_predictions(records: Sequence[dict]) -> list[dict]:
   return rows
 
 
-def _content_hash(path: str) -> str:
-  """A data file's (or directory's) content hash; a synthetic source's path is its task name."""
-  return fingerprint.file_hash(path) if os.path.exists(path) else fingerprint.value_hash(path)
-
-
-def data_key(named) -> dict:
-  """What identifies a source's rows: its content, and the options that change which rows it
-  yields (`specs.row_options`: hotpotqa's num_docs, a split, ...; a file option by content)."""
-  options = {f"data.{name}": _content_hash(value) if name in specs.FILE_OPTIONS and value
-             else value for name, value in named.options.items()}
-  return {"data": _content_hash(named.path), **options}
-
-
 def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str,
                   model_name: str = "model", limit: int | None = None, batch_size: int = 8,
                   baseline: BaselineConfig | None = None, threshold: float | None = None,
@@ -408,7 +395,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   settings = row_settings(params, run, setup, baseline,
                           task=dataclasses.asdict(run.task) if run.task else None)
   output_key.claim(output_dir, {
-      f"{model_name}/{named.name}": {**settings, **data_key(named)}
+      f"{model_name}/{named.name}": {**settings, **named.key()}
       for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
   params, setup = on_mesh(params, setup, mesh)  # once, not per batch
   budget = run.question_tokens

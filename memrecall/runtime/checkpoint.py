@@ -71,16 +71,16 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def saved_config(self, step: int) -> dict:
-    """The run config saved with `step` (its JSON item alone: no arrays are read)."""
+  def saved_json(self, step: int, item: str = "config") -> dict:
+    """A JSON item saved with `step`, the run's `config` or its `data` (no arrays are read)."""
     try:
       with _stderr_kept_unless_failed():
         return self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore())).config
+            **{item: ocp.args.JsonRestore()}))[item]
     except Exception as e:  # orbax raises many types for damaged files
       first = (str(e).strip().splitlines() or [""])[0][:200]
       raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} has no "
-                            f"readable config ({type(e).__name__}: {first}); it may be truncated "
+                            f"readable {item} ({type(e).__name__}: {first}); it may be truncated "
                             "or corrupted — delete it to resume from an earlier one") from e
 
   def save(self, step: int, state, config: dict, data: dict, force: bool = False) -> bool:
@@ -118,11 +118,21 @@ def _open(workdir_or_checkpoint: str, step: int | None):
   manager = ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
       "data": ocp.JsonCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  steps = manager.all_steps()
+  if not steps or (step is not None and step not in steps):
     manager.close()
-    raise FileNotFoundError(f"no checkpoint in {directory}")
-  return manager, directory, step
+    raise FileNotFoundError(f"no checkpoint in {directory}" if not steps else
+                            f"{directory} has no step {step} (it holds {sorted(steps)})")
+  return manager, directory, max(steps) if step is None else step
+
+
+def steps(workdir: str) -> list[int]:
+  """The steps a workdir holds checkpoints of, in order (a FileNotFoundError if none)."""
+  manager, _, _ = _open(workdir, None)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
 
 
 def load_config(workdir_or_checkpoint: str, step: int | None = None) -> tuple[dict, int]:

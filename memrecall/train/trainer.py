@@ -30,7 +30,7 @@ from memrecall.method.recall import inference_layout
 from memrecall.models import qwen2 as model_lib
 from memrecall.models.config import ConfigError
 from memrecall.run_builder import TRAINING_STAGES, Run, build_run
-from memrecall.runtime import checkpoint, distributed, sharding as sharding_lib
+from memrecall.runtime import checkpoint, distributed, fingerprint, sharding as sharding_lib
 from memrecall.runtime.checkpoint import Checkpointer
 from memrecall.train import batches, grpo, objectives, state as state_lib
 from memrecall.train.metrics_writer import MetricsWriter
@@ -169,6 +169,42 @@ def _check_same_run(saved: dict, config: dict, workdir: str) -> None:
                       "--workdir, or the config it was trained with to resume it")
 
 
+def _check_same_data(saved: list[dict], now: list[dict], workdir: str) -> None:
+  """A resumed run reads the data its checkpoints were trained on: a file rewritten in place
+  (same name, other rows) would silently change the stream from the resumed step on."""
+  if saved != now:
+    changed = [f"{new['file']}: {k} {old.get(k)} there, {new.get(k)} now"
+               for old, new in zip(saved, now) for k in sorted(set(old) | set(new))
+               if k != "file" and old.get(k) != new.get(k)
+               ] or [f"{len(saved)} files there, {len(now)} now"]
+    raise ConfigError(f"{workdir}'s checkpoints were trained on other data.train content "
+                      f"({'; '.join(changed)}): restore the data, or train in another --workdir")
+
+
+def _init_source(config: ml_collections.ConfigDict) -> str:
+  init = config.init
+  return (f"init.checkpoint {init.checkpoint}" if init.checkpoint else
+          f"init.hf_checkpoint {init.hf_checkpoint}" if init.hf_checkpoint else
+          f"init.seed {init.seed}")
+
+
+def _init_step(config: ml_collections.ConfigDict, recorded: int | None, workdir: str
+               ) -> int | None:
+  """The step of `init.checkpoint` the run starts from: its latest, or on a resume that needs
+  the initial parameters the one recorded when the run started (refused if it is gone)."""
+  if not config.init.checkpoint:
+    return None
+  steps = checkpoint.steps(config.init.checkpoint)
+  if recorded is None:
+    return max(steps)
+  if recorded not in steps:
+    raise ConfigError(f"{workdir} holds an RL run that started from step {recorded} of "
+                      f"init.checkpoint {config.init.checkpoint}, which holds steps {steps} now: "
+                      "its KL reference (the policy it started from) cannot be rebuilt; start "
+                      "the run again in another --workdir")
+  return recorded
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, log=print,
           stop_at: Callable[[int, Any], bool] | None = None) -> dict:
   """Runs (or resumes) one stage; returns the last logged metrics.
@@ -195,28 +231,46 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   microbatches = _microbatches(config, sharding_lib.batch_shards(run.mesh))
   stage = _STAGES[config.stage](run)
   stage.check_data()
-  if distributed.is_primary():
-    run.save_assets(workdir)
   optimizer = make_optimizer(config)
   checkpointer = Checkpointer(workdir, save_every=config.train.checkpoint_every,
                               keep=config.train.keep, async_save=config.train.async_checkpoint)
   config_json = json.loads(config.to_json_best_effort())
-  if checkpointer.latest_step() is not None:  # before any parameter is built
-    _check_same_run(checkpointer.saved_config(checkpointer.latest_step()), config_json, workdir)
-  if config.init.checkpoint and distributed.is_primary():
-    earlier, at = checkpoint.load_config(config.init.checkpoint)
+  latest = checkpointer.latest_step()
+  saved_inputs = None
+  if latest is not None:  # before any parameter is built
+    _check_same_run(checkpointer.saved_json(latest, "config"), config_json, workdir)
+    saved_inputs = checkpointer.saved_json(latest, "data").get("inputs")
+  data_keys = ([{"file": named.path, **named.key()} for named in run.train_sources]
+               if run.task is None else [])
+  if saved_inputs is not None:
+    _check_same_data(saved_inputs["data"], data_keys, workdir)
+  # A resumed RL run rebuilds its KL reference from the step of `init.checkpoint` it started
+  # from, not from whatever that workdir has reached since.
+  keeps_reference = saved_inputs is not None and stage.reads_initial_params
+  init_step = _init_step(config, saved_inputs["init_step"] if keeps_reference else None, workdir)
+  if init_step is not None and distributed.is_primary():
+    earlier, at = checkpoint.load_config(config.init.checkpoint, init_step)
     planned = earlier.get("train", {}).get("steps")
     log(f"starting from {config.init.checkpoint} at step {at}"
         + (f" of its {planned}: that stage did not finish" if planned and at < planned else ""))
   with jax.set_mesh(run.mesh):
-    params = run.params()
+    params = run.params(init_step)
+    initial = fingerprint.params_fingerprint(params)
+    if keeps_reference and saved_inputs["initial_params"] != initial:
+      raise ConfigError(
+          f"{workdir} holds an RL run whose KL reference is the policy it started from "
+          f"(parameters {saved_inputs['initial_params']}), and {_init_source(config)} now "
+          f"holds other weights (parameters {initial}): restore them, or start the run in "
+          "another --workdir")
+    inputs = {"data": data_keys, "init_step": init_step, "initial_params": initial}
+    if distributed.is_primary():  # after every check: a refused run changes nothing
+      run.save_assets(workdir)
     paths = state_lib.trainable_paths(params, config.train.trainable)
     create = lambda p: state_lib.create_train_state(p, config.train.trainable, optimizer,
                                                     config.seed)
     shardings = state_lib.state_shardings(run.model, jax.eval_shape(create, params), run.mesh)
     state = jax.jit(create, out_shardings=shardings)(params)
-    data = {"step": 0}
-    latest = checkpointer.latest_step()
+    data = {"step": 0, "inputs": inputs}
     if latest is not None:
       abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               state, shardings)
@@ -245,7 +299,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
                 f"non-finite loss or gradient at step {step} ({config.stage} stage): loss="
                 f"{metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}; the state was not "
                 "updated and no checkpoint was written — lower the learning rate or check the data")
-          data = {"step": step + 1}
+          data = {"step": step + 1, "inputs": inputs}
           done = step + 1
           if done % config.train.log_every == 0 or done == config.train.steps:
             writer.write(done, metrics)
@@ -385,6 +439,10 @@ class _Stage(abc.ABC):
                         f"and {where} has none in its first {len(examples)} examples (rows: "
                         "layouts carry none; use hotpotqa: or synthetic: data)")
 
+  # Whether `start`'s parameters matter after a resume (RL's KL reference): a resumed run
+  # then rebuilds them exactly as they were (`_init_step`, the recorded fingerprint).
+  reads_initial_params = False
+
   def start(self, params) -> None:
     """Called once with the run's initial parameters (a resumed run's too: not the restored
     ones)."""
@@ -508,6 +566,8 @@ class GateStage(_Stage):
 
 class RLStage(_Stage):
   """Rollouts with the recall loop (G per question), rewards, advantages, one clipped update."""
+
+  reads_initial_params = True  # the KL term's reference
 
   def __init__(self, run: Run):
     super().__init__(run)

@@ -116,17 +116,45 @@ def test_every_tiny_task_makes_oracle_turns_that_fit(task):
 def test_rl_resumed_mid_run_keeps_the_initial_policy_as_its_kl_reference(tmp_path):
   # Stopped at step 2 and resumed, RL must end bit for bit where an uninterrupted run ends: its
   # KL term is measured against the initial policy, not the policy it resumed with (with the
-  # resumed one as reference the KL gradient vanishes at step 3 and the parameters differ).
+  # resumed one as reference the KL gradient vanishes at step 3 and the parameters differ), nor
+  # the later checkpoint its init.checkpoint (an SFT workdir) has reached in the meantime.
+  sft = str(tmp_path / "sft")
+  trainer.train(small_config("sft", steps=2), sft, log=quiet)
   config = small_config("rl", steps=4)
+  config.init.checkpoint = sft
   config.rl.kl_coef = 0.5  # large enough that the reference moves the parameters visibly
   trainer.train(config, str(tmp_path / "straight"), log=quiet)
   trainer.train(config, str(tmp_path / "resumed"), log=quiet, stop_at=lambda step, p: step == 2)
   assert max(map(int, os.listdir(tmp_path / "resumed" / "checkpoints"))) == 2
+  trainer.train(small_config("sft", steps=4), sft, log=quiet)  # the SFT run goes on to step 4
   trainer.train(config, str(tmp_path / "resumed"), log=quiet)
   straight, _ = checkpoint.load_params(str(tmp_path / "straight"))
   resumed, _ = checkpoint.load_params(str(tmp_path / "resumed"))
   for key, value in _leaves(straight).items():
     np.testing.assert_array_equal(_leaves(resumed)[key], value, err_msg=str(key))
+  before = sorted(os.listdir(tmp_path / "resumed" / "checkpoints"))
+  # The step it started from gone, the reference cannot be rebuilt: refused, nothing changed.
+  import shutil
+  shutil.rmtree(os.path.join(sft, "checkpoints", "2"))
+  config.train.steps = 6
+  with pytest.raises(trainer.ConfigError, match=r"started from step 2 of init.checkpoint"):
+    trainer.train(config, str(tmp_path / "resumed"), log=quiet)
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == before
+
+
+def test_a_resume_refuses_training_data_rewritten_in_place(tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("alpha beta gamma delta " * 400)
+  config = small_config("compressor", steps=2)
+  config.data.train = f"text:{corpus}"
+  trainer.train(config, str(tmp_path / "run"), log=quiet)
+  corpus.write_text("zeta eta theta iota " * 400)  # the same name, other rows
+  config.train.steps = 4
+  with pytest.raises(trainer.ConfigError, match=r"corpus.txt: data \w+ there, \w+ now"):
+    trainer.train(config, str(tmp_path / "run"), log=quiet)
+  corpus.write_text("alpha beta gamma delta " * 400)  # restored: it resumes
+  trainer.train(config, str(tmp_path / "run"), log=quiet)
+  assert checkpoint.steps(str(tmp_path / "run"))[-1] == 4
 
 
 def test_a_resume_may_change_the_budget_and_layout_but_not_the_rows_or_the_trainable_set():
