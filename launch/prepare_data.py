@@ -56,9 +56,7 @@ def main(argv):
           raise app.UsageError(f"--manual_dir: {_MANUAL_DIR.value} holds no {name}")
       config = tfds_builders.ruler_hqa_config(_NUM_DOCS.value, _NUM_QUESTIONS.value, _SEED.value,
                                               _INDICES_FILE.value)
-      builder = tfds_builders.RulerHqa(config=config, data_dir=_DATA_DIR.value)
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=_MANUAL_DIR.value))
+      builder = tfds_builders.prepare_ruler_hqa(config, _DATA_DIR.value, _MANUAL_DIR.value)
     else:
       hops = _HOPS.value if _HOPS.value is not None else tfds_builders.DEFAULT_HOPS.get(
           _TASK.value, 2)

@@ -22,7 +22,9 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pathlib
 from typing import Mapping, Sequence
 
 import tensorflow_datasets as tfds
@@ -30,6 +32,7 @@ import tensorflow_datasets as tfds
 from memrecall.data import ruler_hqa, sources
 from memrecall.data.example import Example
 from memrecall.data.synthetic import TaskConfig
+from memrecall.runtime import fingerprint
 
 FILE_FORMAT = "array_record"
 
@@ -261,6 +264,36 @@ class RulerHqa(_ExampleBuilder):
       example, = ruler_hqa.build_ruler_hqa(rows, config.num_docs, num_questions=1,
                                            seed=config.seed, indices=[row])
       yield key, _record(example)
+
+
+# Beside a prepared RULER-HQA dataset: the content hashes of the manual files it was built from.
+# TFDS reuses a prepared dataset by config name alone, which names the files but not their content.
+SOURCES_RECORD = "memrecall_sources.json"
+
+
+def prepare_ruler_hqa(config: RulerHqaConfig, data_dir: str, manual_dir: str) -> RulerHqa:
+  """Builds `config` from the files in manual_dir, or reuses the dataset already prepared
+  under its name in data_dir when it was built from the same files' content (a ValueError
+  names the difference otherwise: another HotpotQA file would silently keep the old rows)."""
+  builder = RulerHqa(config=config, data_dir=data_dir)
+  names = [HOTPOT_DEV_FILE] + ([config.indices_file] if config.indices_file else [])
+  made_from = {name: fingerprint.file_hash(_manual_file(pathlib.Path(manual_dir), name))
+               for name in names}
+  record = os.path.join(builder.data_dir, SOURCES_RECORD)
+  if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    recorded = json.load(open(record)) if os.path.exists(record) else None
+    if recorded != made_from:
+      raise ValueError(
+          f"{builder.data_dir} was prepared from "
+          + (f"other files (content {recorded})" if recorded else "unrecorded files")
+          + f", not from {manual_dir}'s (content {made_from}): use another data_dir, or "
+          "delete that directory to build it again")
+    return builder
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir))
+  with open(record, "w") as f:
+    json.dump(made_from, f)
+  return builder
 
 
 def _manual_file(manual_dir, name: str):

@@ -124,9 +124,7 @@ def hotpot_dirs(tmp_path_factory):
 
 def _build_ruler(config, hotpot_dirs):
   data_dir, manual = hotpot_dirs
-  builder = tb.RulerHqa(config=config, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
-  return builder
+  return tb.prepare_ruler_hqa(config, data_dir, manual)
 
 
 def test_ruler_hqa_builds_from_manual_dir(hotpot_dirs):
@@ -146,6 +144,22 @@ def test_ruler_hqa_question_set_from_an_indices_file(hotpot_dirs):
   builder = _build_ruler(tb.ruler_hqa_config(100, 2, indices_file="eval_mini.json"), hotpot_dirs)
   expected = ruler_hqa.build_ruler_hqa(ruler_hqa.load_hotpotqa(FIXTURE), 100, 2, indices=[11, 3])
   assert _jsons(tb.tfds_source(builder, "test")) == _jsons(expected)
+
+
+def test_ruler_hqa_is_reused_only_from_the_same_files(hotpot_dirs, tmp_path):
+  data_dir, manual = hotpot_dirs
+  config = tb.ruler_hqa_config(50, num_questions=5)
+  built = _build_ruler(config, hotpot_dirs)
+  first = _jsons(tb.tfds_source(built, "test"))
+  assert _jsons(tb.tfds_source(_build_ruler(config, hotpot_dirs), "test")) == first  # reused
+  changed = tmp_path / "changed"
+  changed.mkdir()
+  rows = json.load(open(FIXTURE))
+  rows[0]["answer"] = "CHANGED " + rows[0]["answer"]
+  json.dump(rows, open(changed / tb.HOTPOT_DEV_FILE, "w"))
+  with pytest.raises(ValueError, match="was prepared from other files"):
+    tb.prepare_ruler_hqa(config, data_dir, str(changed))
+  assert _jsons(tb.tfds_source(built, "test")) == first  # nothing rebuilt or lost
 
 
 def test_ruler_hqa_errors_name_the_problem(hotpot_dirs, tmp_path):
