@@ -119,8 +119,10 @@ def load_recipe(spec: str, overrides: list[str]):
 
 
 def _records(directory: str) -> list[dict]:
-  """Every record in `directory`, rows of one recipe (config + overrides) merged: a later
-  file's row for a program replaces an earlier one's."""
+  """Every record in `directory`, rows of one recipe (config + overrides, topology and the
+  evaluation settings the programs were built with) merged: a later file's row for a program
+  replaces an earlier one's.  Records of other evaluation settings stay apart, so no row is
+  estimated with settings it was not compiled with."""
   merged: dict[tuple, dict] = {}
   for path in sorted(glob.glob(os.path.join(directory, "*.json")), key=os.path.getmtime):
     try:
@@ -129,7 +131,9 @@ def _records(directory: str) -> list[dict]:
       continue
     if not isinstance(record, dict) or "rows" not in record or "config" not in record:
       continue
-    key = (record["config"], tuple(record.get("overrides", [])), record.get("topology"))
+    key = (record["config"], tuple(record.get("overrides", [])), record.get("topology"),
+           record.get("eval_batch"), record.get("eval_tokens"),
+           tuple(record.get("eval_modes", ())))
     into = merged.setdefault(key, {**record, "rows": []})
     rows = {r["program"]: r for r in into["rows"]}
     rows.update({r["program"]: r for r in record["rows"]})

@@ -166,6 +166,25 @@ def test_the_estimate_is_within_25_percent_of_every_compiler_record(tmp_path):
     assert f"{r['ratio']:.2f}" in proc.stdout
 
 
+def test_records_of_other_evaluation_settings_are_not_merged(tmp_path):
+  """A later record of one program compiled with other evaluation settings stays apart: merged,
+  its settings would relabel the earlier record's evaluation rows (estimated for 64 questions
+  of 128K tokens against a program compiled for 16 of 32K)."""
+  name = "lychee_rl_7b_v5p-64.json"
+  record = json.load(open(os.path.join(ROOT, "docs", "compile", name)))
+  (tmp_path / name).write_text(json.dumps(record))
+  later = {**record, "eval_batch": 64, "eval_tokens": 131072,
+           "rows": [r for r in record["rows"] if r["program"] == "train_step"]}
+  (tmp_path / "later.json").write_text(json.dumps(later))
+  os.utime(tmp_path / "later.json", (2e9, 2e9))  # written after
+  out = tmp_path / "plan.json"
+  proc = _plan("--all", f"--records={tmp_path}", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr
+  rows = json.load(open(out))
+  evaluation = [r for r in rows if r["program"] == "eval_recall_gate" and r["ratio"]]
+  assert len(evaluation) == 1 and 0.75 <= evaluation[0]["ratio"] <= 1.25, evaluation
+
+
 def test_a_gpu_mesh_is_an_estimate():
   proc = _plan("--config=configs/lychee.py:sft,0.5b,gpu8")
   assert proc.returncode == 0, proc.stderr
