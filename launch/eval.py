@@ -96,7 +96,8 @@ _FULL_BUDGET = flags.DEFINE_integer("full_budget", 512, "Token budget of the ful
                                     lower_bound=1)
 _RAG_TOPK = flags.DEFINE_integer("rag_topk", 4, "Chunks retrieved by BM25 in rag mode.",
                                  lower_bound=1)
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval, or eval/NAME.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval (the synthetic "
+                                   "sweep), CHECKPOINT/eval_data (--data), or eval/NAME.")
 # --verbose; --distributed and the coordinator flags; --gate_lora_rank, --matmul_precision
 from launch import cli, distributed_flags, model_flags  # noqa: E402
 flags.adopt_module_key_flags(model_flags)  # listed by --helpshort
@@ -182,7 +183,9 @@ def _load():
         devices=devices, mesh=mesh, config=_CONFIG.value, **values)
   except sharding.MeshError as e:
     raise app.UsageError(model_flags.mesh_error(e, len(devices))) from None
-  return run, lambda: params, os.path.join(_CHECKPOINT.value, "eval"), "lychee"
+  # Data files and the synthetic sweep each rewrite results.json: apart by default.
+  where = "eval_data" if _DATA.value else "eval"
+  return run, lambda: params, os.path.join(_CHECKPOINT.value, where), "lychee"
 
 
 def main(argv):

@@ -51,6 +51,17 @@ def test_every_mode_at_two_lengths_with_plots(tmp_path):
     assert sorted(labels) == sorted(f"lychee {m}" for m in evaluator.MODES)
   traces = json.load(open(tmp_path / "traces" / "lychee-gate-64x.json"))
   assert len(traces) == 2 and len(traces[0]["gate_scores"]) == 64
+  # A data evaluation would rewrite results.json, where the sweep's rows live: refused.
+  written = open(tmp_path / "results.json").read()
+  with pytest.raises(ValueError, match="holds a synthetic sweep's results"):
+    evaluator.evaluate_data(params, run, [], modes=["all"], output_dir=str(tmp_path))
+  assert open(tmp_path / "results.json").read() == written
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "results.json").write_text(json.dumps(
+      [{"model": "lychee", "data": "rows.json", "mode": "all", "num_docs": None}]))
+  with pytest.raises(ValueError, match="holds a data evaluation's results"):
+    evaluator.evaluate_suite(params, run, modes=["all"], **{**kwargs,
+                                                            "output_dir": str(tmp_path / "data")})
 
 
 def test_latency_is_timed_one_question_at_a_time():

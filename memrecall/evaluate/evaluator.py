@@ -224,6 +224,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   """
   readers.check(modes, "mode")
   _check_own_devices(mesh)
+  report.check_results_kind(output_dir, "sweep")
   results_path = os.path.join(output_dir, "results.json")
   rows = report.load_rows(results_path)
   task_name = run.task.task
@@ -381,6 +382,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   readers.check(modes, "mode")
   specs.check_names(sources)
   _check_own_devices(mesh)
+  report.check_results_kind(output_dir, "data")
   os.makedirs(output_dir, exist_ok=True)
   process, processes = jax.process_index(), jax.process_count()
   path = predictions_path(output_dir, process, processes)

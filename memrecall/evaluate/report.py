@@ -25,6 +25,22 @@ def load_rows(path: str) -> list[dict]:
   return rows
 
 
+# What marks a results.json row as a synthetic sweep's (evaluate_suite) or a data file's
+# (evaluate_data): the two cannot share a directory, each rewrites results.json whole.
+RESULT_KINDS = {"sweep": "length_multiple", "data": "data"}
+
+
+def check_results_kind(directory: str, kind: str) -> None:
+  """Refuses a directory whose results.json holds the other kind's rows: writing there would
+  replace them (a sweep's rows live only in that file)."""
+  other = next(k for k in RESULT_KINDS if k != kind)
+  path = os.path.join(directory, "results.json")
+  if any(RESULT_KINDS[other] in r for r in load_rows(path)):
+    described = {"sweep": "a synthetic sweep", "data": "a data evaluation"}
+    raise ValueError(f"{path} holds {described[other]}'s results, which {described[kind]} "
+                     "would replace: give it another output directory (--output_dir)")
+
+
 def json_safe(row: dict) -> dict:
   """NaN (a figure that does not apply, e.g. gate recall of a baseline) as null: strict JSON."""
   return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
