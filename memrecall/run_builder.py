@@ -240,7 +240,8 @@ class Run:
   # --- saving ---------------------------------------------------------------
 
   def save_assets(self, workdir: str) -> None:
-    """Copies the HF checkpoint's config and tokenizer files into `workdir/hf_assets` (once)."""
+    """Copies the HF checkpoint's config and tokenizer files into `workdir/hf_assets` (at each
+    start of a stage, after its resume checks)."""
     source = self.config.init.hf_checkpoint
     target = os.path.join(workdir, HF_ASSETS)
     if not source or os.path.abspath(source) == os.path.abspath(target):
