@@ -31,30 +31,85 @@ _LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths in tokens (defaul
 _MODES = flags.DEFINE_list("modes", ["gate", "gate_stream", "all", "memagent"],
                            "Modes to time: gate, gate_stream (compression fused into the loop, "
                            "flat memory), all, memagent.")
-_GROUP = flags.DEFINE_integer("group_size", 8, "gate_stream: chunks compressed per loop step.")
+_GROUP = flags.DEFINE_integer("group_size", 8, "gate_stream: chunks compressed per loop step.",
+                              lower_bound=1)
 _COMPRESS_GROUP = flags.DEFINE_integer("compress_group", None,
                                        "Chunks per compression call (default: 4096 tokens' worth, "
-                                       "memrecall.method.compressor.GROUP_TOKENS; 0: all at once).")
+                                       "memrecall.method.compressor.GROUP_TOKENS; 0: all at once).",
+                                       lower_bound=0)
 _SCALING_CHUNKS = flags.DEFINE_list("scaling_chunks", [],
                                     "Also time compressing this many chunks (e.g. 512,2048) ...")
 _SCALING_GROUPS = flags.DEFINE_list("scaling_groups", ["0", "32", "64", "128", "256"],
                                     "... with each of these group sizes (0: one call).")
-_QUESTIONS = flags.DEFINE_integer("questions", None, "Questions per batch (default per model).")
-_SELECTED = flags.DEFINE_float("selected_fraction", 0.1, "Share of chunks the gate lets through.")
-_MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Tokens per memory update.")
-_CHUNK = flags.DEFINE_integer("chunk_size", None, "Compressor chunk (default 4096; tiny 256).")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per setting (best kept).")
+_QUESTIONS = flags.DEFINE_integer("questions", None, "Questions per batch (default per model).",
+                                  lower_bound=1)
+_SELECTED = flags.DEFINE_float("selected_fraction", 0.1, "Share of chunks the gate lets through, "
+                               "in (0, 1].")
+_MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Tokens per memory update.",
+                                    lower_bound=1)
+_CHUNK = flags.DEFINE_integer("chunk_size", None, "Compressor chunk (default 4096; tiny 256).",
+                              lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per setting (best kept).",
+                                lower_bound=1)
 _DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1"],
                                     "Time decoding (per-layer layout) at each of these batches, "
                                     "against its floor; empty: no decode timing.")
 _DECODE_SCANNED = flags.DEFINE_bool("decode_scanned", True,
                                     "Also time decoding in the scanned layer stack (training's "
                                     "layout) at the first of --decode_batches.")
-_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here (and the machine's "
+                                    "numbers beside them, in NAME_machine.json).")
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
+
+
+def _defaults() -> dict:
+  return _DEFAULTS.get(_MODEL.value, _DEFAULTS["qwen2.5"])
+
+
+def _chunking() -> tuple[int, int]:
+  """(chunk, window): --chunk_size or the shape's default, and the window that goes with it."""
+  chunk = _CHUNK.value or _defaults()["chunk"]
+  return chunk, _defaults().get("window", chunk // 2)
+
+
+def _lengths() -> list[int]:
+  return cli.int_list("lengths", _LENGTHS.value or [str(n) for n in _defaults()["lengths"]])
+
+
+def _check_flags() -> dict[str, list[int]]:
+  """Every flag, before the model is built (see launch/cli.py); returns the integer lists."""
+  from memrecall.evaluate import benchmark
+  from memrecall.method.compressor import CompressorConfig
+  from memrecall.models.config import ConfigError
+  cli.model_name("model", _MODEL.value, extra=("demo",))
+  if not 0 < _SELECTED.value <= 1:
+    raise app.UsageError(f"--selected_fraction={_SELECTED.value}: the share of chunks read is in "
+                         "(0, 1]")
+  chunk, window = _chunking()
+  try:  # the library's own check of the chunking: one rule, named by the flag here
+    CompressorConfig(chunk_size=chunk, window=window, ratio=4, group_size=_COMPRESS_GROUP.value)
+  except ConfigError as e:
+    raise app.UsageError(f"--chunk_size={chunk}: {e}") from None
+  lengths = _lengths()
+  if min(lengths) < chunk:
+    raise app.UsageError(f"--lengths: {min(lengths)} tokens is shorter than one chunk of {chunk} "
+                         "(--chunk_size)")
+  cli.known("modes", _MODES.value, benchmark.mode_names())
+  cli.writable("output_json", _OUTPUT_JSON.value)
+  cli.writable("output_json", _machine_json(_OUTPUT_JSON.value))
+  return {"lengths": lengths,
+          "decode_batches": cli.int_list("decode_batches", _DECODE_BATCHES.value),
+          "scaling_chunks": cli.int_list("scaling_chunks", _SCALING_CHUNKS.value),
+          "scaling_groups": cli.int_list("scaling_groups", _SCALING_GROUPS.value, minimum=0)}
+
+
+def _machine_json(path: str | None) -> str | None:
+  return path and os.path.splitext(path)[0] + "_machine.json"
 
 
 def main(argv):
   del argv
+  lists = _check_flags()
   import jax
   import ml_collections
   from configs import models, tiny as tiny_config
@@ -64,16 +119,16 @@ def main(argv):
   from memrecall.method.prompts import QWEN2_CHAT_TEMPLATE
 
   tiny = _MODEL.value in ("tiny", "mid", "demo")  # CPU shapes: short prompts, small budgets
-  defaults = _DEFAULTS.get(_MODEL.value, _DEFAULTS["qwen2.5"])
-  chunk = _CHUNK.value or defaults["chunk"]
-  lengths = [int(x) for x in (_LENGTHS.value or defaults["lengths"])]
+  defaults = _defaults()
+  chunk, window = _chunking()
+  lengths = lists["lengths"]
   # The run of a random model of this shape (byte tokenizer): the tiny model's own short
   # prompts, or the released model's in Qwen2.5's chat template, as a real run sends them.
   demo = tiny_config.get_config()
   c = run_builder.with_defaults(ml_collections.ConfigDict({
       "stage": "eval",
       "model": demo.model if _MODEL.value == "demo" else models.model_config(_MODEL.value),
-      "compressor": {"chunk_size": chunk, "window": defaults.get("window", chunk // 2), "ratio": 4,
+      "compressor": {"chunk_size": chunk, "window": window, "ratio": 4,
                      "group_size": _COMPRESS_GROUP.value},
       "reasoner": {"memory_size": 1, "answer_tokens": 1, "question_tokens": 16},
       "prompts": (demo.prompts.to_dict() if tiny
@@ -99,9 +154,8 @@ def main(argv):
   if rows:
     print(benchmark.table(rows))
   if _SCALING_CHUNKS.value:
-    scaling = benchmark.compression_scaling(params, config, compressor,
-                                            [int(n) for n in _SCALING_CHUNKS.value],
-                                            [int(g) for g in _SCALING_GROUPS.value])
+    scaling = benchmark.compression_scaling(params, config, compressor, lists["scaling_chunks"],
+                                            lists["scaling_groups"])
     print("compression time by chunk count and group size (random chunks):")
     print(benchmark.scaling_table(scaling))
   efficiency = {
@@ -110,13 +164,13 @@ def main(argv):
     efficiency["compress_efficiency"] = max((r["compress_efficiency"] or 0.0) for r in rows)
     print(f"compression: {100 * efficiency['compress_efficiency']:.0f}% of the matmul ceiling "
           f"(best row)")
-  if _DECODE_BATCHES.value:
+  if lists["decode_batches"]:
     efficiency.update(_decode(params, config, ceilings, defaults["decode_cache"],
-                              [int(b) for b in _DECODE_BATCHES.value]))
+                              lists["decode_batches"]))
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(rows, f, indent=1)
-    with open(os.path.splitext(_OUTPUT_JSON.value)[0] + "_machine.json", "w") as f:
+    with open(_machine_json(_OUTPUT_JSON.value), "w") as f:
       json.dump({"machine": machine, **efficiency}, f, indent=1)
 
 
@@ -172,4 +226,4 @@ _DEFAULTS = {
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,16 +17,34 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CHUNKS = flags.DEFINE_integer("chunks", 32, "Blocks in the timed document.")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 256, "Tokens per chunk.")
+_CHUNKS = flags.DEFINE_integer("chunks", 32, "Blocks in the timed document.", lower_bound=1)
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 256, "Tokens per chunk (a multiple of 8: the "
+                                   "window is half a chunk, in whole groups of 4 tokens).",
+                                   lower_bound=1)
 _MEMORY_SIZE = flags.DEFINE_integer(
-    "memory_size", 64, "Tokens per memory update (the released model allows 1024).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per setting (the best is kept).")
+    "memory_size", 64, "Tokens per memory update (the released model allows 1024).",
+    lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per setting (the best is kept).",
+                                lower_bound=1)
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the measurements here.")
+from launch import cli  # noqa: E402  (--verbose and one-line errors)
+
+
+def _check_flags() -> None:
+  """Every flag, before the model is built (see launch/cli.py)."""
+  from memrecall.method.compressor import CompressorConfig
+  from memrecall.models.config import ConfigError
+  size = _CHUNK_SIZE.value
+  try:  # the library's own check of the chunking, named by the flag here
+    CompressorConfig(chunk_size=size, window=size // 2, ratio=4)
+  except ConfigError as e:
+    raise app.UsageError(f"--chunk_size={size}: {e}") from None
+  cli.writable("output_json", _OUTPUT_JSON.value)
 
 
 def main(argv):
   del argv
+  _check_flags()
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -117,4 +135,4 @@ def _flat(program_and_args) -> tuple:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,7 +7,9 @@ status 2; an unexpected failure prints its one line and exits with 1.  Neither
 prints the --help text or a traceback, unless --verbose (or the environment
 variable MEMRECALL_VERBOSE=1) asks for the traceback.  Library logs that bury
 the results (orbax's INFO lines, XLA's backend probes) are quiet unless
---verbose.  `readable` and `writable` check paths the same way in every launcher.
+--verbose.  A positional argument left after the flags is refused (no launcher takes one).
+`readable` and `writable` check paths, `int_list`, `known`, `model_name` and `mesh_axes` flag
+values, the same way in every launcher.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import re
 import sys
 import tempfile
 import traceback
+from typing import Sequence
 
 from absl import app, flags, logging
 
@@ -131,18 +134,36 @@ def run(main) -> None:
 
   def guarded(argv):
     _quiet_logs()
+    _no_positionals(argv[1:])
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
-      from memrecall.runtime.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
       if "Failed loading config file" in str(e):  # a --config file is read lazily
         fail(_config_message(e, sys.argv), e)
-      if isinstance(e, (app.UsageError, ValueError, OSError, ImportError, LookupError,
-                        CheckpointError)):
+      if _is_bad_input(e):
         fail(one_line(e), e)
       fail(f"{type(e).__name__}: {one_line(e)} (--verbose shows the traceback)", e, FAILURE_EXIT)
 
   app.run(guarded, flags_parser=_parse_flags)
+
+
+def _no_positionals(extra: list[str]) -> None:
+  """No launcher takes positional arguments: one left after the flags (`--trace true`, a
+  WORKDIR without --workdir=) is a mistake that would otherwise be ignored silently."""
+  if extra:
+    fail(f"unexpected argument{'s' if len(extra) > 1 else ''} {' '.join(map(repr, extra))}: "
+         "give flags as --name=value (--helpshort lists the flags)")
+
+
+_BAD_INPUT = (app.UsageError, ValueError, OSError, ImportError, LookupError)
+
+
+def _is_bad_input(error: Exception) -> bool:
+  """A bad flag, path, config or checkpoint.  CheckpointError counts only once its module is
+  loaded (nothing else raises it): importing it (orbax, jax) for a usage error cost a second."""
+  checkpoint = sys.modules.get("memrecall.runtime.checkpoint")
+  kinds = _BAD_INPUT + ((checkpoint.CheckpointError,) if checkpoint else ())
+  return isinstance(error, kinds)
 
 
 def readable(flag: str, path: str | None) -> None:
@@ -190,6 +211,52 @@ def mesh_shape(flag: str, spec: str | None) -> dict[str, int] | None:
   except ValueError:
     raise app.UsageError(f"--{flag} must look like 'data=2,fsdp=2,tensor=2', got {spec!r}"
                          ) from None
-  if any(v < 1 and v != -1 for v in shape.values()):
-    raise app.UsageError(f"--{flag}={spec}: axis sizes are positive (or -1: the rest)")
+  mesh_axes(f"--{flag}={spec}", shape)
   return shape
+
+
+def mesh_axes(what: str, shape: dict[str, int]) -> None:
+  """A UsageError naming `what` (a flag, the recipe's mesh) unless every axis size is positive
+  or -1, and at most one is -1: jax's own error ("can only specify one unknown dimension")
+  names no mesh."""
+  if any(v < 1 and v != -1 for v in shape.values()):
+    raise app.UsageError(f"{what}: axis sizes are positive (or -1: the rest)")
+  if list(shape.values()).count(-1) > 1:
+    filled = [k for k, v in shape.items() if v == -1]
+    raise app.UsageError(f"{what}: only one axis may be -1 (the rest of the devices), not "
+                         f"{', '.join(filled)}")
+
+
+def int_list(flag: str, values: Sequence[str], minimum: int = 1, empty: bool = True
+             ) -> list[int]:
+  """--FLAG's comma-separated integers, each at least `minimum` (and at least one unless
+  `empty`): a bad entry is named here, not found as a crash deep in the run."""
+  try:
+    numbers = [int(v) for v in values]
+  except ValueError:
+    numbers = None
+  if numbers is None or any(n < minimum for n in numbers) or not (numbers or empty):
+    kind = {0: "non-negative", 1: "positive"}.get(minimum, f">= {minimum}")
+    raise app.UsageError(f"--{flag}: {','.join(values) or '(empty)'} is not a list of {kind} "
+                         "integers")
+  return numbers
+
+
+def known(flag: str, given: Sequence[str], valid: Sequence[str]) -> None:
+  """A UsageError naming --FLAG's unknown entries and the valid ones, before any work."""
+  unknown = [name for name in given if name not in valid]
+  if unknown:
+    raise app.UsageError(f"--{flag}: unknown {unknown}; choose from {', '.join(valid)}")
+
+
+def model_name(flag: str, name: str, extra: Sequence[str] = ()) -> None:
+  """A UsageError naming --FLAG unless `name` is a shape of configs/models.py or one of
+  `extra`."""
+  from configs import models  # pylint: disable=g-import-not-at-top
+  if name in extra:
+    return
+  try:
+    models.model_config(name)
+  except ValueError as e:
+    raise app.UsageError(f"--{flag}: {e}" + (f", or {', '.join(extra)}" if extra else "")
+                         ) from None

@@ -70,10 +70,31 @@ def _slice():
                          "slice; give one, e.g. --topology=v5p-8 or --topology=v5e:2x2") from None
 
 
+# The training recipes (`--config=FILE:ARG`); configs/models.py holds model shapes alone.
+RECIPES = ("configs/tiny.py:STAGE", "configs/lychee.py:STAGE,SIZE,MESH",
+           "configs/memagent.py:STAGE,SIZE,MESH")
+
+
+def _check_recipe(config) -> None:
+  """A config without a stage or mesh (configs/models.py's shapes) is not something to compile:
+  said here, not as an AttributeError on `mesh`."""
+  missing = [key for key in ("stage", "mesh", "train") if key not in config]
+  if missing:
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    raise app.UsageError(f"--config={spec} is not a training recipe (it has no "
+                         f"{', '.join(missing)}); give one of {', '.join(RECIPES)}")
+  shape = _mesh(config)
+  cli.mesh_axes(f"the recipe's mesh {shape} (--config.mesh)", shape)
+
+
+def _mesh(config) -> dict[str, int]:
+  return {k: int(v) for k, v in config.mesh.to_dict().items() if k != "dcn"}
+
+
 def _fit_mesh(config, devices: int) -> None:
   """The recipe's mesh must cover the slice exactly: a mesh for another slice is a bad input."""
   import math
-  shape = {k: int(v) for k, v in config.mesh.to_dict().items() if k != "dcn"}
+  shape = _mesh(config)
   known = math.prod(v for v in shape.values() if v != -1)
   if -1 in shape.values():
     if devices % known:
@@ -89,6 +110,7 @@ def main(argv):
   from memrecall.capacity import aot, tpu_slices
   from memrecall.models.config import ConfigError
   from memrecall.run_builder import build_run
+  from memrecall.train import trainer
 
   from memrecall.method.recall import MODES
   cli.writable("output_json", _OUTPUT_JSON.value)
@@ -96,6 +118,11 @@ def main(argv):
   bad = sorted(set(modes) - set(MODES + ("stream",)))
   if bad:
     raise app.UsageError(f"--eval_modes: unknown {bad}; choose from {MODES + ('stream',)}")
+  _check_recipe(_CONFIG.value)
+  try:
+    trainer.check_config(_CONFIG.value)  # train.py's own check of the stage and train.*
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
   tpu = _slice()
   devices = tpu_slices.deviceless_devices(tpu)
   config = _CONFIG.value

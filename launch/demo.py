@@ -19,6 +19,7 @@ from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
 def main(argv):
   del argv
+  cli.writable("workdir", _WORKDIR.value, directory=True)
   logging.set_verbosity(logging.WARNING)
   from configs import tiny
   from memrecall import demo

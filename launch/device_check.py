@@ -29,6 +29,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from absl import app  # noqa: E402
+from launch import cli  # noqa: E402  (absl only, no JAX: the path checks every launcher makes)
 SITE = "/tmp/site"
 # The whole check's limits, full and smoke; a step that overruns its limit is ended within
 # END_S (SIGTERM, then SIGKILL), so the bounds add up to at most the limit less that.
@@ -209,8 +212,7 @@ def _steps(smoke, python, work):
   if smoke:
     bench_env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   steps = [Step("info", [python, "-c", INFO], bench_env if smoke else {}, _parse_info)]
-  wheels = sorted(os.path.join(".whl", w) for w in os.listdir(os.path.join(ROOT, ".whl"))
-                  if w.endswith(".whl")) if os.path.isdir(os.path.join(ROOT, ".whl")) else []
+  wheels = _wheels()
   if wheels:
     steps.append(Step("wheels", [python, "-m", "pip", "install", "-q", "--no-index",
                                  "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
@@ -232,8 +234,36 @@ def _steps(smoke, python, work):
   return steps, wheels
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _wheels() -> list[str]:
+  folder = os.path.join(ROOT, ".whl")
+  return sorted(os.path.join(".whl", w) for w in os.listdir(folder)
+                if w.endswith(".whl")) if os.path.isdir(folder) else []
+
+
+def _check_args(parser, args) -> list[str] | None:
+  """The step names --steps keeps (None: all), every argument checked before anything runs: a
+  typo must not run nothing and overwrite the last report (one line, status 2, as cli.run)."""
+  refuse = lambda message: parser.exit(cli.USAGE_EXIT, f"{parser.prog}: error: {message}\n")
+  if not args.bound_scale > 0:
+    refuse(f"--bound_scale={args.bound_scale}: the bounds' multiplier must be > 0")
+  try:
+    cli.writable("output_dir", args.output_dir, directory=True)
+  except app.UsageError as e:
+    refuse(str(e))
+  if not args.steps:
+    return None
+  names = args.steps.split(",")
+  unknown = [name for name in names if name not in FULL_BOUNDS]
+  if unknown:
+    refuse(f"--steps: unknown {unknown}; choose from {', '.join(FULL_BOUNDS)}")
+  if "wheels" in names and not _wheels():
+    refuse("--steps: wheels has nothing to install (no .whl/ folder at the repository root)")
+  return names
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
+                                   description=__doc__.split("\n\n")[0])
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes on CPU: proves the path in under 3 minutes")
   parser.add_argument("--output_dir", default=os.environ.get("OUT") or "/tmp/memrecall_check",
@@ -243,13 +273,13 @@ def main():
   parser.add_argument("--bound_scale", type=float, default=1.0,
                       help="multiplies every bound: a test on a loaded shared CPU checks the "
                       "path, not the timing")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  keep = _check_args(parser, args)
   os.makedirs(args.output_dir, exist_ok=True)
   work = tempfile.mkdtemp(prefix="memrecall_check_")  # the bench's own JSON, read back per row
   python = sys.executable
   steps, wheels = _steps(args.smoke, python, work)
-  if args.steps:
-    keep = args.steps.split(",")
+  if keep:
     steps = [s for s in steps if s.name in keep]
   bounds = {s.name: (SMOKE_BOUNDS if args.smoke else FULL_BOUNDS)[s.name] for s in steps}
   limit = SMOKE_LIMIT_S if args.smoke else FULL_LIMIT_S

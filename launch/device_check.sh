@@ -14,4 +14,8 @@ elif [ -x .venv/bin/python ]; then
 else
   py=python3
 fi
+if ! command -v "$py" >/dev/null; then  # bash's own error would name a line, not the variable
+  echo "launch/device_check.sh: error: no python at $py (MEMRECALL_PYTHON, or python3)" >&2
+  exit 2
+fi
 exec "$py" launch/device_check.py "$@"

@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,7 +37,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed loops per setting (fastest 
                                 lower_bound=1)
 _VARIANTS = flags.DEFINE_list("variants", [], "Also time: scanned, xla_attention.")
 _TRACE = flags.DEFINE_bool("trace", False, "Profile one loop per batch and sum kernel time by name.")
-_TOP = flags.DEFINE_integer("top", 12, "Kernel names listed per profile.")
+_TOP = flags.DEFINE_integer("top", 12, "Kernel names listed per profile.", lower_bound=1)
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here.")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
 
@@ -83,23 +83,11 @@ def _kernel_profile(run, top: int) -> dict:
           "device_names": sorted(names[p] for p in device_pids)}
 
 
-def _batches() -> list[int]:
-  try:
-    batches = [int(b) for b in _BATCHES.value]
-  except ValueError:
-    batches = []
-  if not batches or min(batches) < 1:
-    raise app.UsageError(f"--batches: {','.join(_BATCHES.value)} is not a list of positive "
-                         "integers")
-  return batches
-
-
 def main(argv):
   del argv
-  batches = _batches()
-  unknown = sorted(set(_VARIANTS.value) - {"scanned", "xla_attention"})
-  if unknown:
-    raise app.UsageError(f"--variants: unknown {unknown}; choose from scanned, xla_attention")
+  batches = cli.int_list("batches", _BATCHES.value, empty=False)
+  cli.known("variants", _VARIANTS.value, ("scanned", "xla_attention"))
+  cli.model_name("model", _MODEL.value)
   cli.writable("output_json", _OUTPUT_JSON.value)
   import jax
   import jax.numpy as jnp

@@ -8,7 +8,8 @@ the final SFT model to give the pipeline's model.  Every stage writes to
 WORKDIR/<stage>; a rerun reuses finished stages (each is a resumable training
 run) trained with the same config, and finished evaluation rows of the same
 weights and settings (`output_key`); another config or variant into the same
-WORKDIR is refused, naming the stage.
+WORKDIR is refused, naming the stage.  The early SFT snapshot is reused only as
+stages.json records it (the SFT step it was copied from), never for its directory alone.
 """
 
 from __future__ import annotations
@@ -56,22 +57,96 @@ def _memagent_baseline(config: ml_collections.ConfigDict) -> evaluator.BaselineC
   return evaluator.BaselineConfig(memagent_chunk=run_builder.build_run(config).compressor.chunk_size)
 
 
+def _read_stages(path: str, workdir: str) -> dict:
+  """stages.json, the record of the finished stages a rerun reuses; a damaged one is named
+  before any work (json's own message names no file, and a list failed only after a stage)."""
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      stages = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    stages, problem = None, f"is not valid JSON ({e})"
+  else:
+    problem = f"holds a JSON {type(stages).__name__}, not an object of stages"
+  if not isinstance(stages, dict):
+    raise ValueError(f"{path} {problem}: it records which stages finished; restore it, or "
+                     f"delete {workdir} (or use another --workdir) to start over")
+  return stages
+
+
+def _write_json(path: str, value) -> None:
+  """Written whole or not at all: a run killed mid-write leaves the old file, not a torn one."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _config_key(config: ml_collections.ConfigDict) -> str:
+  return fingerprint.value_hash(json.loads(config.to_json_best_effort()))
+
+
+def _steps(directory: str) -> list[int]:
+  """The checkpoint steps a stage directory holds (none: [])."""
+  try:
+    return checkpoint.steps(directory)
+  except FileNotFoundError:
+    return []
+
+
+def _copy_step(source: str, step: int, target: str) -> None:
+  """`source`'s checkpoint `step` as `target`'s only one; renamed into place once whole, so an
+  interrupted copy leaves no `target` that a rerun would take for a finished one."""
+  partial = target + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  shutil.copytree(os.path.join(source, "checkpoints", str(step)),
+                  os.path.join(partial, "checkpoints", str(step)))
+  os.rename(partial, target)
+
+
+def _reuse_early_sft(stages: dict, key: str, early: str, sft: str) -> bool:
+  """Whether the early SFT snapshot is there as stages.json records it (copied again from `sft`
+  when only the copy is gone); False: it is still to be chosen.  Its directory alone proves
+  nothing: made after SFT finished, it would hold the final SFT checkpoint, not the early one."""
+  record = stages.get("sft_early")
+  record_file = os.path.join(os.path.dirname(early), "stages.json")
+  if record is None:
+    if os.path.exists(early):
+      raise ValueError(f"{early} has no record in {record_file} of the SFT step it holds: "
+                       "delete it to choose the early SFT checkpoint again")
+    return False
+  if record.get("config", key) != key:  # records of older runs have no key
+    raise ValueError(f"{early} was copied from an SFT run of another config (another "
+                     "--variant?): use another --workdir, or delete it to start over")
+  step, held = record["step"], _steps(early)
+  if held == [step]:
+    return True
+  if os.path.exists(early):
+    raise ValueError(f"{early} holds steps {held}, not step {step} of {sft} that {record_file} "
+                     "records: delete it to copy that step again")
+  if step not in _steps(sft):
+    raise ValueError(f"{early} is gone and {sft} no longer holds step {step} it was copied from "
+                     "(the early SFT checkpoint RL starts from): use another --workdir, or "
+                     "delete this one to start over")
+  _copy_step(sft, step, early)
+  return True
+
+
 def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: str,
              variant: str = "default", log=print) -> dict:
   """Runs (or resumes) the whole pipeline; returns the contents of stages.json."""
+  stages_path = os.path.join(workdir, "stages.json")
+  stages = _read_stages(stages_path, workdir)
   os.makedirs(workdir, exist_ok=True)
   cfg = lambda stage: get_config(f"{stage},{variant}")
   demo = cfg("sft").demo
-  stages_path = os.path.join(workdir, "stages.json")
-  stages = json.load(open(stages_path)) if os.path.exists(stages_path) else {}
 
   def save_stages():
     if is_primary():
-      with open(stages_path, "w") as f:
-        json.dump(stages, f, indent=1)
+      _write_json(stages_path, stages)
 
   def stage(name: str, config, directory: str, extra: Callable[[], dict] | None = None):
-    key = fingerprint.value_hash(json.loads(config.to_json_best_effort()))
+    key = _config_key(config)
     if name in stages:
       if stages[name].get("config", key) != key:  # stages of older runs recorded no key
         raise ValueError(f"{workdir} holds the {name} stage trained with another config (another "
@@ -100,7 +175,8 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   sft = cfg("sft")
   sft.init.checkpoint = path("compressor")
   sft.train.steps = sft.optimizer.decay_steps = demo.sft_steps
-  if not os.path.exists(path("sft_early")):
+  sft_key = _config_key(sft)
+  if not _reuse_early_sft(stages, sft_key, path("sft_early"), path("sft")):
     probe = {}
 
     def reached(step: int, params) -> bool:
@@ -110,11 +186,15 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
       return accuracy >= demo.sft_early_accuracy or step >= demo.sft_early_max_step
 
     began = time.perf_counter()
+    before = _steps(path("sft"))
     trainer.train(sft, path("sft"), log=lambda line: None, stop_at=reached)
-    step = max(int(d) for d in os.listdir(os.path.join(path("sft"), "checkpoints")) if d.isdigit())
-    shutil.copytree(os.path.join(path("sft"), "checkpoints", str(step)),
-                    os.path.join(path("sft_early"), "checkpoints", str(step)))
-    stages["sft_early"] = {"wall_s": time.perf_counter() - began, "step": step,
+    step = max(_steps(path("sft")))
+    if before and step == max(before):  # nothing trained now: the step was never probed
+      raise ValueError(f"{path('sft')} has trained past the early checkpoint RL starts from "
+                       f"(it holds step {step}), and no copy of that one is recorded: delete "
+                       f"{path('sft')} to train SFT again, or use another --workdir")
+    _copy_step(path("sft"), step, path("sft_early"))
+    stages["sft_early"] = {"wall_s": time.perf_counter() - began, "step": step, "config": sft_key,
                            "accuracy_1x": probe["accuracy"] if probe.get("step") == step else None}
     save_stages()
   stage("sft", sft, path("sft"), lambda: {

@@ -259,11 +259,47 @@ PREPARE_DATA = [
     ("unwritable_data_dir", ["--builder=synthetic", "--data_dir=/proc/memrecall_tfds"],
      "cannot write in /proc"),
 ]
+# The benchmarks, profile_decode.py, compile.py and demo.py: each refused before a model is built.
+BENCH = [
+    ("unknown_model", ["--model=huge"], "--model: unknown model 'huge'"),
+    ("lengths_not_integers", ["--lengths=2k"], "--lengths: 2k is not a list of positive integers"),
+    ("length_shorter_than_a_chunk", ["--lengths=100,2048"], "100 tokens is shorter than one chunk"),
+    ("unknown_mode", ["--modes=gate,fast"], "--modes: unknown ['fast']; choose from gate, all"),
+    ("zero_questions", ["--questions=0"], "--questions=0: 0 is not a positive integer"),
+    ("zero_selected_fraction", ["--selected_fraction=0"], "--selected_fraction=0.0"),
+    ("zero_scaling_chunks", ["--scaling_chunks=0"], "--scaling_chunks: 0 is not a list"),
+    ("unwritable_output", ["--output_json=/proc/memrecall/bench.json"], "cannot write in /proc"),
+]
+BENCH_RECALL = [
+    ("zero_chunks", ["--chunks=0"], "--chunks=0: 0 is not a positive integer"),
+    ("chunk_of_odd_windows", ["--chunk_size=10"], "--chunk_size=10: window (5) must be a multiple"),
+    ("unwritable_output", ["--output_json=/proc/memrecall/bench.json"], "cannot write in /proc"),
+]
+PROFILE_DECODE = [
+    ("negative_top", ["--top=-1"], "--top=-1: -1 is not a positive integer"),
+    ("stray_positional_argument", ["--model=tiny", "true"], "unexpected argument 'true'"),
+]
+COMPILE = [
+    ("model_shapes_for_a_recipe", [f"--config={os.path.join(ROOT, 'configs', 'models.py')}:tiny"],
+     "is not a training recipe (it has no stage, mesh, train); give one of configs/tiny.py"),
+    ("zero_batch_size", ["--config={tiny}:sft", "--topology=v5e:2x2",
+                         "--config.train.batch_size=0"],
+     "train.batch_size must be a positive integer"),
+    ("two_filled_mesh_axes", ["--config={tiny}:sft", "--topology=v5e:2x2",
+                              "--config.mesh.fsdp=-1", "--config.mesh.data=-1"],
+     "the recipe's mesh {'data': -1, 'fsdp': -1, 'tensor': 1} (--config.mesh): only one axis"),
+]
+DEMO = [
+    ("workdir_is_a_file", ["--workdir={root}/a_file"], "a_file is a file, not a directory"),
+]
 CASES = [pytest.param(script, *case[:3], case[3] if len(case) > 3 else None,
                       id=f"{script[:-3]}-{case[0]}")
          for script, cases in (("eval.py", EVAL), ("answer.py", ANSWER),
                                ("generate.py", GENERATE), ("train.py", TRAIN), ("plan.py", PLAN),
-                               ("analyze.py", ANALYZE), ("prepare_data.py", PREPARE_DATA))
+                               ("analyze.py", ANALYZE), ("prepare_data.py", PREPARE_DATA),
+                               ("bench.py", BENCH), ("bench_recall.py", BENCH_RECALL),
+                               ("profile_decode.py", PROFILE_DECODE), ("compile.py", COMPILE),
+                               ("demo.py", DEMO))
          for case in cases]
 
 
@@ -278,7 +314,7 @@ def _snapshot(*directories) -> dict[str, str]:
 
 
 def test_the_table_is_large_enough():
-  assert len(CASES) >= 30 and len({c.values[0] for c in CASES}) == 7
+  assert len(CASES) >= 30 and len({c.values[0] for c in CASES}) == 12
 
 
 @pytest.mark.parametrize("script,name,args,expected,prepare", CASES)
@@ -299,3 +335,28 @@ def test_bad_input(world, tmp_path, script, name, args, expected, prepare):
   assert "Traceback" not in output and "\n  --" not in output and "flags:" not in output, output
   after = _snapshot(out, world["root"])
   assert {p: h for p, h in after.items() if p in before} == before, "a written file changed"
+
+
+# --- library entry points: the same errors for a caller that is not a launcher ---------------
+
+def test_recall_documents_refuses_an_empty_document_before_compiling():
+  from memrecall.method import recall
+  ids = np.ones((2, 0, 4), np.int32)  # no chunk: compression would divide by zero deep in JAX
+  # Refused while tracing (a static shape): no model is needed to be refused.
+  with pytest.raises(ValueError, match=r"at least one chunk \(an empty document\), got shape "
+                     r"\(2, 0, 4\)"):
+    recall.recall_documents(None, None, None, ids, ids.astype(bool), None, None, None)
+
+
+@pytest.mark.parametrize("name,damage,expected", [
+    ("tokenizer.json", 10, "tokenizer.json cannot be read as a tokenizer (EOF while parsing"),
+    ("tokenizer_config.json", 5, "tokenizer_config.json is not valid JSON"),
+])
+def test_a_truncated_tokenizer_file_is_named(tmp_path, name, damage, expected):
+  from memrecall.models.tokenizer import HFTokenizer
+  for file in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(FIXTURE, "hf", file), tmp_path / file)
+  (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:damage])
+  with pytest.raises(ValueError) as error:
+    HFTokenizer(tmp_path)
+  assert str(tmp_path / name) in str(error.value) and expected in str(error.value)

@@ -212,3 +212,16 @@ def test_memagent_floor_counts_the_sections_it_reads():
   update = benchmark.generation_floor(
       config, ceilings, 1e6, 2, chat.memagent.length(3, setup.memory_capacity, 32), 0, 4)
   assert floor(8) - floor(4) == pytest.approx(4 * update)
+
+
+def test_benchmark_settings_and_modes_out_of_range_are_refused_by_name():
+  """A zero once ran as the default (`value or default`), divided by zero or timed nothing."""
+  from memrecall.evaluate import benchmark
+  with pytest.raises(ValueError, match=r"range: questions=0, repeats=0, .*selected_fraction"):
+    benchmark.BenchSettings(lengths=[512], questions=0, repeats=0, selected_fraction=0.0)
+  with pytest.raises(ValueError, match=r"lengths=\[512, -1\]"):
+    benchmark.BenchSettings(lengths=[512, -1])
+  modes = benchmark.mode_names()
+  assert {"gate", "gate_stream", "all", "memagent"} <= set(modes) and "memagent_stream" not in modes
+  with pytest.raises(ValueError, match=r"unknown benchmark mode 'fast'; choose from .*gate_st"):
+    benchmark.mode_reader("fast", None, None, None)

@@ -2,9 +2,14 @@
 
 import json
 import os
+import subprocess
+
+import pytest
 
 from memrecall import demo
 from tests.train.conftest import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _small(arg):
@@ -67,3 +72,107 @@ def test_a_memagent_agent_is_evaluated_on_sections_as_long_as_its_training_chunk
   config.compressor.chunk_size = config.compressor.window = 8
   assert demo._memagent_baseline(config).memagent_chunk == 8
   assert demo._memagent_baseline(_small("sft")).memagent_chunk == 16
+
+
+# --- bad input and the reuse of finished stages, without training ---------------------------
+
+class _Trained(Exception):
+  """Raised by a stand-in for `trainer.train`: the demo reached a stage it would train."""
+
+
+def _no_training(monkeypatch, finished: bool = False):
+  """trainer.train replaced: raises _Trained, or (finished) returns at once as a stage whose
+  checkpoints are all there does."""
+  def train(config, directory, log=print, stop_at=None):
+    if finished:
+      return {}
+    raise _Trained(directory)
+  monkeypatch.setattr(demo.trainer, "train", train)
+
+
+def _checkpoints(directory, *steps):
+  for step in steps:
+    os.makedirs(directory / "checkpoints" / str(step))
+    (directory / "checkpoints" / str(step) / "state").write_text(str(step))
+
+
+@pytest.mark.parametrize("content,problem", [
+    ('{"compressor": {"wall_s": 1', "is not valid JSON"), ("", "is not valid JSON"),
+    ('[{"wall_s": 1}]', "holds a JSON list, not an object of stages")])
+def test_a_damaged_stages_record_is_named_before_any_training(tmp_path, monkeypatch, content,
+                                                               problem):
+  _no_training(monkeypatch)
+  (tmp_path / "stages.json").write_text(content)
+  with pytest.raises(ValueError) as error:
+    demo.run_demo(_small, str(tmp_path), log=lambda line: None)
+  assert str(error.value).startswith(f"{tmp_path / 'stages.json'} {problem}")
+  assert "delete" in str(error.value)
+  assert (tmp_path / "stages.json").read_text() == content
+
+
+def test_a_deleted_early_sft_copy_is_made_again_from_its_recorded_step(tmp_path, monkeypatch):
+  """Not from SFT's latest (final) checkpoint, which is what the copy's absence led to."""
+  _no_training(monkeypatch)
+  records = {"compressor": {"wall_s": 1.0}, "sft_early": {"wall_s": 1.0, "step": 2},
+             "sft": {"wall_s": 1.0}}
+  (tmp_path / "stages.json").write_text(json.dumps(records))
+  _checkpoints(tmp_path / "sft", 2, 4)
+  with pytest.raises(_Trained, match="rl_early"):  # every stage before RL reused
+    demo.run_demo(_small, str(tmp_path), log=lambda line: None)
+  assert os.listdir(tmp_path / "sft_early" / "checkpoints") == ["2"]
+  assert (tmp_path / "sft_early" / "checkpoints" / "2" / "state").read_text() == "2"
+
+
+@pytest.mark.parametrize("recorded,sft_steps,early_steps,message", [
+    (True, (4,), (), "is gone and {sft} no longer holds step 2 it was copied from"),
+    (True, (2, 4), (4,), "holds steps [4], not step 2 of {sft}"),
+    (False, (4,), (4,), "has no record in {stages} of the SFT step it holds"),
+    (False, (4,), (), "{sft} has trained past the early checkpoint RL starts from (it holds"),
+])
+def test_an_early_sft_copy_that_cannot_be_checked_is_refused(tmp_path, monkeypatch, recorded,
+                                                             sft_steps, early_steps, message):
+  _no_training(monkeypatch, finished=True)
+  records = {"compressor": {"wall_s": 1.0}}
+  if recorded:
+    records["sft_early"] = {"wall_s": 1.0, "step": 2}
+  (tmp_path / "stages.json").write_text(json.dumps(records))
+  _checkpoints(tmp_path / "sft", *sft_steps)
+  if early_steps:
+    _checkpoints(tmp_path / "sft_early", *early_steps)
+  with pytest.raises(ValueError) as error:
+    demo.run_demo(_small, str(tmp_path), log=lambda line: None)
+  assert message.format(sft=tmp_path / "sft", stages=tmp_path / "stages.json") in str(error.value)
+  assert sorted(os.listdir(tmp_path / "sft" / "checkpoints")) == [str(s) for s in sft_steps]
+
+
+@pytest.fixture
+def echo_venv(tmp_path):
+  """A virtual environment for launch/demo.sh whose python prints its arguments: the command
+  demo.sh would run, and nothing installed or trained."""
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "python").write_text('#!/bin/sh\necho "$@"\n')
+  (venv / "bin" / "python").chmod(0o755)
+  (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
+  (venv / ".memrecall-installed-hf,plot").touch()  # newer than setup.py: nothing to install
+  return venv
+
+
+@pytest.mark.parametrize("args,code,output", [
+    (["mywd", "--variant=full"], 0, "launch/demo.py --workdir={cwd}/mywd --variant=full"),
+    (["--workdir=mywd"], 0, "launch/demo.py --workdir=workdir/demo --workdir={cwd}/mywd"),
+    (["full"], 2, "launch/demo.sh: error: 'full' is a variant: give --variant=full"),
+    (["mywd", "full"], 2, "launch/demo.sh: error: 'full' is a variant"),
+    (["mywd", "extra"], 2, "launch/demo.sh: error: unexpected argument 'extra'"),
+])
+def test_demo_sh_reads_workdir_under_the_callers_directory(tmp_path, echo_venv, args, code,
+                                                           output):
+  cwd = tmp_path / "caller"
+  cwd.mkdir()
+  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "demo.sh"), *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "MEMRECALL_VENV": str(echo_venv)})
+  assert proc.returncode == code, proc.stdout + proc.stderr
+  said = (proc.stdout + proc.stderr).strip()
+  assert said == output.format(cwd=cwd) if code == 0 else said.startswith(output), said
+  assert len(said.splitlines()) == 1 and os.listdir(cwd) == []

@@ -1,9 +1,12 @@
-"""launch/device_check.sh --smoke: every step of the GPU check, at tiny shapes on CPU."""
+"""launch/device_check.sh --smoke: every step of the GPU check, at tiny shapes on CPU; bad
+arguments refused before any step runs."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,3 +50,32 @@ def test_smoke_runs_every_step_and_reports_a_table_and_json(tmp_path):
       ["speed-up:", "gate", "at", "512"], ["speed-up:", "all", "at", "512"]]
   assert report["table"] in proc.stdout and "TIMEOUT" not in proc.stdout
   assert os.path.getsize(tmp_path / "device_check.log") > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps=info,tets"], "--steps: unknown ['tets']; choose from info, wheels, tests"),
+    (["--bound_scale=0"], "--bound_scale=0.0: the bounds' multiplier must be > 0"),
+    (["--output_dir={file}"], "is a file, not a directory"),
+    (["--output_dir=/proc/memrecall_check"], "--output_dir: cannot write in /proc"),
+])
+def test_bad_arguments_run_nothing_and_keep_the_last_report(tmp_path, capsys, args, message):
+  from launch import device_check
+  (tmp_path / "device_check.json").write_text("{}")  # the last check's report
+  (tmp_path / "a_file").write_text("")
+  args = [a.format(file=tmp_path / "a_file") for a in args]
+  with pytest.raises(SystemExit) as exit_:
+    device_check.main(["--smoke", f"--output_dir={tmp_path}", *args])
+  err = capsys.readouterr().err.strip()
+  assert exit_.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+  assert err.startswith("device_check.py: error: ")
+  assert (tmp_path / "device_check.json").read_text() == "{}"
+  assert not (tmp_path / "device_check.log").exists()
+
+
+def test_the_shell_launcher_names_a_missing_python():
+  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "device_check.sh"), "--smoke"],
+                        capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "MEMRECALL_PYTHON": "/nonexistent/python3"})
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip() == ("launch/device_check.sh: error: no python at "
+                                 "/nonexistent/python3 (MEMRECALL_PYTHON, or python3)")

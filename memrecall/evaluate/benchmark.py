@@ -39,12 +39,21 @@ from memrecall.models.qwen2 import inference_params, init_cache
 STREAM = "_stream"  # benchmark mode NAME_stream: the reader NAME, compressing inside its loop
 
 
+def mode_names() -> list[str]:
+  """Every mode `mode_reader` times: the registered readers, then NAME_stream of each compressed
+  one (launch/bench.py checks --modes against these before any work)."""
+  names = readers.names()
+  return [*names, *(name + STREAM for name in names if readers.reader_class(name).compressed)]
+
+
 def mode_reader(mode: str, setup: RecallSetup, compressor: CompressorConfig,
                 baseline: readers.BaselineConfig) -> readers.Reader:
   """The reader a benchmark mode times: a registered name (a compressed reader reads a device
   bank, compression timed apart), or NAME_stream (its streaming placement)."""
   name = mode.removesuffix(STREAM)
-  readers.check([name], "benchmark mode")
+  if name not in readers.names():
+    raise readers.UnknownReaderError(f"unknown benchmark mode {mode!r}; choose from "
+                                     f"{', '.join(mode_names())}")
   if not readers.reader_class(name).compressed:
     if name != mode:
       raise ValueError(f"benchmark mode {mode}: the {name} reader has no compressed blocks to "
@@ -239,6 +248,17 @@ class BenchSettings:
   repeats: int = 2
   group_size: int = 8  # gate_stream: chunks compressed per step of the loop
 
+  def __post_init__(self):
+    """A zero here ran as a default, divided by zero or timed nothing: refused by name."""
+    counts = ("questions", "memory_size", "answer_tokens", "repeats", "group_size")
+    bad = [f"{name}={getattr(self, name)}" for name in counts if getattr(self, name) < 1]
+    bad += [f"lengths={list(self.lengths)}"] if not self.lengths or min(self.lengths) < 1 else []
+    bad += [f"memagent_chunk={self.memagent_chunk}"] if self.memagent_chunk < 0 else []
+    if not 0 < self.selected_fraction <= 1:
+      bad.append(f"selected_fraction={self.selected_fraction} (the share read, in (0, 1])")
+    if bad:
+      raise ValueError(f"benchmark settings out of range: {', '.join(bad)}")
+
 
 def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, prompts: Prompts,
                   settings: BenchSettings, modes: Sequence[str],
@@ -255,6 +275,11 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
                       greedy)
   by_mode = {mode: mode_reader(mode, setup, compressor,
                                readers.BaselineConfig(memagent_chunk=chunk)) for mode in modes}
+  shortest = max((compressor.chunk_size if r.compressed else chunk for r in by_mode.values()),
+                 default=0)
+  if min(settings.lengths) < shortest:  # no chunk (or raw section) to time: a bogus row
+    raise ValueError(f"context length {min(settings.lengths)} is shorter than one chunk of "
+                     f"{shortest} tokens")
   rows = []
   base = param_bytes(params)
   b = settings.questions

@@ -377,7 +377,11 @@ def recall(params, setup: RecallSetup, bank: DocumentBank, question: Array, ques
 def recall_documents(params, setup: RecallSetup, compressor: CompressorConfig, chunk_ids: Array,
                      chunk_mask: Array, question: Array, question_mask: Array, rng: Array,
                      forced_read: Array | None = None) -> RecallOutput:
-  """Compresses each row's own document ([B, N, C]; empty chunks are never read), then `recall`."""
+  """Compresses each row's own document ([B, N, C]; empty chunks are never read, and a row of
+  them answers from an empty memory), then `recall`."""
+  if chunk_ids.ndim != 3 or chunk_ids.shape[1] == 0:  # static: refused at trace time
+    raise ValueError(f"recall_documents: chunk_ids must be [rows, chunks, chunk tokens] with at "
+                     f"least one chunk (an empty document), got shape {tuple(chunk_ids.shape)}")
   b, n, c = chunk_ids.shape
   memory = compress(params, setup.model, compressor, chunk_ids.reshape(b * n, c),
                     chunk_mask.reshape(b * n, c))

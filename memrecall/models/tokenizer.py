@@ -10,6 +10,8 @@ import json
 import os
 from typing import Protocol, Sequence
 
+from memrecall.models.config import ConfigError
+
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -53,12 +55,16 @@ class HFTokenizer:
       raise ImportError("reading tokenizer.json needs the `tokenizers` package: "
                         "pip install 'memrecall[hf]'") from e
     path = os.path.join(os.fspath(directory), "tokenizer.json")
-    self._tokenizer = _Tokenizer.from_file(path)
+    try:
+      self._tokenizer = _Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception ("EOF while parsing a value")
+      raise ConfigError(f"{path} cannot be read as a tokenizer ({e}); it may be truncated: copy "
+                        "it again from the checkpoint") from None
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self.eos_ids = tuple(eos_ids)
     self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
     config_path = os.path.join(os.fspath(directory), "tokenizer_config.json")
-    self.config = json.load(open(config_path)) if os.path.exists(config_path) else {}
+    self.config = _read_json(config_path) if os.path.exists(config_path) else {}
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -69,6 +75,16 @@ class HFTokenizer:
   def token_id(self, token: str) -> int | None:
     """The id of a (special) token's text, None if the vocabulary lacks it."""
     return self._tokenizer.token_to_id(token)
+
+
+def _read_json(path: str) -> dict:
+  """A JSON file named in its own error: json's message ("Invalid control character") names none."""
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path} is not valid JSON ({e}); it may be truncated: copy it again "
+                        "from the checkpoint") from None
 
 
 def load_tokenizer(directory: str | os.PathLike | None, eos_ids: Sequence[int] = (),

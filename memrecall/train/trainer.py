@@ -205,6 +205,17 @@ def _init_step(config: ml_collections.ConfigDict, recorded: int | None, workdir:
   return recorded
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The stage and the train block's counts, before any work: `train`'s, and launch/compile.py's
+  for the same step (a batch of 0 rows ended there in a ZeroDivisionError)."""
+  if config.stage not in TRAINING_STAGES:
+    raise ConfigError(f"unknown stage {config.stage!r}; choose from {TRAINING_STAGES}")
+  for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep"):
+    value = config.train.get(key, 1)
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, log=print,
           stop_at: Callable[[int, Any], bool] | None = None) -> dict:
   """Runs (or resumes) one stage; returns the last logged metrics.
@@ -216,12 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   PREEMPTED_EXIT_CODE); rerunning the command resumes exactly.
   """
   check_workdir(workdir)
-  if config.stage not in TRAINING_STAGES:
-    raise ConfigError(f"unknown stage {config.stage!r}; choose from {TRAINING_STAGES}")
-  for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep"):
-    value = config.train.get(key, 1)
-    if not isinstance(value, int) or value < 1:
-      raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
+  check_config(config)
   run = build_run(config)
   if run.model.param_dtype != "float32":
     raise ConfigError(
