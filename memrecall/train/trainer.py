@@ -261,7 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
         + (f" of its {planned}: that stage did not finish" if planned and at < planned else ""))
   with jax.set_mesh(run.mesh):
     params = run.params(init_step)
-    initial = fingerprint.params_fingerprint(params)
+    # Recorded only where a resume needs the initial parameters again.
+    initial = fingerprint.params_fingerprint(params) if stage.reads_initial_params else None
     if keeps_reference and saved_inputs["initial_params"] != initial:
       raise ConfigError(
           f"{workdir} holds an RL run whose KL reference is the policy it started from "
