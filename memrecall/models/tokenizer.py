@@ -10,8 +10,6 @@ import json
 import os
 from typing import Protocol, Sequence
 
-from memrecall.models.config import ConfigError
-
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -58,7 +56,7 @@ class HFTokenizer:
     try:
       self._tokenizer = _Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception ("EOF while parsing a value")
-      raise ConfigError(f"{path} cannot be read as a tokenizer ({e}); it may be truncated: copy "
+      raise ValueError(f"{path} cannot be read as a tokenizer ({e}); it may be truncated: copy "
                         "it again from the checkpoint") from None
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self.eos_ids = tuple(eos_ids)
@@ -83,7 +81,7 @@ def _read_json(path: str) -> dict:
     try:
       return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ConfigError(f"{path} is not valid JSON ({e}); it may be truncated: copy it again "
+      raise ValueError(f"{path} is not valid JSON ({e}); it may be truncated: copy it again "
                         "from the checkpoint") from None
 
 
