@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from memrecall import run_builder
-from memrecall.evaluate import evaluator, output_key
+from memrecall.evaluate import evaluator, output_key, report
 from memrecall.runtime import jsonl
 from tests.conftest import LYCHEE_TEXT
 
@@ -80,6 +80,29 @@ def test_another_checkpoint_never_shares_a_row(finished, tmp_path):
   assert sorted(rows) == [("hf", "all", 0), ("hf", "all", 1), ("other", "all", 0),
                           ("other", "all", 1)]
   assert set(json.load(open(directory / "keys.json"))) == {"hf/rows.json", "other/rows.json"}
+
+
+def test_another_tokenizer_never_shares_a_row(finished, tmp_path):
+  """A tokenizer.json edited inside the checkpoint directory, in ids no prompt uses (the
+  prompts' template ids are unchanged), still keys its rows apart: decoded answers differ."""
+  run, params, done = finished
+  directory = _copy(done, tmp_path)
+  checkpoint = tmp_path / "hf"
+  shutil.copytree(HF, checkpoint)
+  copied = run_builder.from_hf_checkpoint(str(checkpoint), chunk_size=1024, memory_size=4,
+                                          answer_tokens=4)
+  assert copied.tokenizer.fingerprint == run.tokenizer.fingerprint
+  tokens = json.load(open(checkpoint / "tokenizer.json"))
+  vocab = tokens["model"]["vocab"]
+  vocab["\u00fd"], vocab["\u00fe"] = vocab["\u00fe"], vocab["\u00fd"]  # bytes 0xFD, 0xFE
+  (checkpoint / "tokenizer.json").write_text(json.dumps(tokens))
+  edited = run_builder.from_hf_checkpoint(str(checkpoint), chunk_size=1024, memory_size=4,
+                                          answer_tokens=4)
+  assert edited.prompts == run.prompts
+  before = (directory / "predictions.jsonl").read_bytes()
+  with pytest.raises(output_key.OutputKeyError, match="tokenizer '[0-9a-f]{16}' there"):
+    _evaluate(edited, params, directory)
+  assert (directory / "predictions.jsonl").read_bytes() == before
 
 
 def test_a_changed_setting_is_refused_naming_it(finished, tmp_path):
@@ -180,6 +203,23 @@ def test_round_robin_gives_every_row_to_exactly_one_process():
       shares = [distributed.round_robin(count, p, processes) for p in range(processes)]
       assert sorted(i for share in shares for i in share) == list(range(count))
   assert distributed.round_robin(5, 1, 2) == [1, 3]
+
+
+def test_results_summarise_the_rows_asked_for_beside_other_models(finished, tmp_path):
+  """A rerun with a smaller --limit reports the rows it asked for, not every row an earlier run
+  left; results.json keeps another model's rows evaluated beside them."""
+  run, params, done = finished
+  directory = _copy(done, tmp_path)
+  _evaluate(run, params, directory, model_name="other")
+  records = {(r["model"], r["row"]): r for r in jsonl.read(directory / "predictions.jsonl")}
+  summary = evaluator.evaluate_data(params, run, run.sources(f"rows:{ROWS}"), modes=["all"],
+                                    output_dir=str(directory), model_name="hf", batch_size=2,
+                                    limit=1, log=lambda *a: None)
+  assert [(r["model"], r["examples"]) for r in summary] == [("hf", 1)]
+  assert summary[0]["sub_em"] == 100 * records["hf", 0]["sub_em"]
+  results = json.load(open(directory / "results.json"))
+  assert [(r["model"], r["examples"]) for r in results] == [("hf", 1), ("other", 2)]
+  assert results[0] == report.json_safe(summary[0])
 
 
 def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):

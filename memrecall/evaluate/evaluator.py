@@ -173,10 +173,12 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
 def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **extra) -> dict:
   """Everything but the data that changes an evaluated row: the key `output_key.claim` checks.
 
-  The weights by content (not by directory name), the model's numerics, the compression and
-  reasoner budgets, the prompts, the recall and sampling settings, the baselines' settings.
+  The weights and the tokenizer by content (not by directory name), the model's numerics, the
+  compression and reasoner budgets, the prompts, the recall and sampling settings, the
+  baselines' settings.
   """
   return {"params": fingerprint.params_fingerprint(params),
+          "tokenizer": run.tokenizer.fingerprint,
           "model": fingerprint.value_hash(dataclasses.asdict(run.model)),
           "dtype": run.model.dtype, "param_dtype": run.model.param_dtype,
           "matmul_precision": run.model.matmul_precision,
@@ -334,6 +336,16 @@ def merge_predictions(output_dir: str) -> list[dict]:
   return merged + extra
 
 
+def _summary_order(group: tuple) -> tuple:
+  """(model, data, num_docs, mode) in that order, a row without num_docs first."""
+  model, data, num_docs, mode = group
+  return model, data, -1 if num_docs is None else num_docs, mode
+
+
+def _summary_group(row: dict) -> tuple:
+  return row["model"], row["data"], row.get("num_docs"), row["mode"]
+
+
 def summarize_predictions(records: Sequence[dict]) -> list[dict]:
   """One result row per (model, data file, number of documents, mode): each metric x100 with
   its standard error, mean context tokens and blocks read (the paper's table by length), and
@@ -342,8 +354,8 @@ def summarize_predictions(records: Sequence[dict]) -> list[dict]:
   for r in records:
     groups.setdefault((r["model"], r["data"], r.get("num_docs"), r["mode"]), []).append(r)
   rows = []
-  for (model, data, num_docs, mode), group in sorted(groups.items(), key=lambda kv: (
-      kv[0][0], kv[0][1], kv[0][2] if kv[0][2] is not None else -1, kv[0][3])):
+  for (model, data, num_docs, mode), group in sorted(groups.items(),
+                                                      key=lambda kv: _summary_order(kv[0])):
     row = {"model": model, "data": data, "num_docs": num_docs, "mode": mode,
            "examples": len(group),
            "context_tokens": float(np.mean([r["context_tokens"] for r in group])),
@@ -358,6 +370,11 @@ def summarize_predictions(records: Sequence[dict]) -> list[dict]:
   return rows
 
 
+def _row_count(named, limit: int | None) -> int:
+  """The rows of a source evaluated: its first `limit` (all of them when None)."""
+  return len(named.source) if limit is None else min(limit, len(named.source))
+
+
 def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str,
                   model_name: str = "model", limit: int | None = None, batch_size: int = 8,
                   baseline: BaselineConfig | None = None, threshold: float | None = None,
@@ -368,7 +385,8 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   `run_builder.Run`; mesh: as in `evaluate` (this process's devices).  Each finished batch is
   appended to predictions.jsonl (one JSON object per (mode, row): the fields of
   PREDICTION_KEYS), so a run that stops loses at most one batch; results.json / results.csv
-  (`summarize_predictions`) and plots are rewritten at the end.  A question over
+  and plots are rewritten at the end: `summarize_predictions` of the rows asked for (the
+  returned rows), beside the earlier rows of other models, files or modes.  A question over
   `reasoner.question_tokens` stops the run with an error naming its row, after every earlier
   batch was saved.  Rows are reused only from the same weights, data content and settings
   (`row_settings`, checked by `output_key.claim` before any row).
@@ -403,7 +421,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   budget = run.question_tokens
   whose = f" (process {process} of {processes})" if processes > 1 else ""
   for named in sources:
-    count = len(named.source) if limit is None else min(limit, len(named.source))
+    count = _row_count(named, limit)
     cache: dict[int, TokenizedExample] = {}
 
     def example(i):
@@ -452,7 +470,17 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   else:  # the same rows, read: process 0 may be appending them to predictions.jsonl
     merged, extra = read_all_predictions(output_dir)
     records = merged + extra
-  summary = summarize_predictions(records)
+  # The summary is of the rows asked for: a rerun with a smaller `limit` (or fewer files or
+  # modes) reports those, not every row an earlier run left in the directory.  results.json
+  # keeps the earlier rows of the (model, data file, mode)s this run did not ask for, e.g.
+  # another model evaluated beside this one.
+  asked = {(model_name, named.name, mode, i) for named in sources for mode in modes
+           for i in range(_row_count(named, limit))}
+  summary = summarize_predictions([r for r in records if prediction_key(r) in asked])
   if is_primary():
-    report.save_data_rows(summary, output_dir)
+    covered = {key[:3] for key in asked}
+    kept = [r for r in report.load_rows(os.path.join(output_dir, "results.json"))
+            if (r["model"], r["data"], r["mode"]) not in covered]
+    report.save_data_rows(sorted(kept + summary, key=lambda r: _summary_order(_summary_group(r))),
+                          output_dir)
   return summary

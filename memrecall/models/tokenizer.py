@@ -1,11 +1,13 @@
 """Tokenizers: a byte-level default that needs no files, and HF `tokenizer.json`.
 
-Both expose `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`
-and the special ids, so the rest of memrecall never asks which one it has.
+Both expose `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`,
+the special ids and a `fingerprint` of what defines them (evaluation keys its rows by it), so
+the rest of memrecall never asks which one it has.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Protocol, Sequence
@@ -15,6 +17,7 @@ class Tokenizer(Protocol):
   vocab_size: int
   eos_ids: tuple[int, ...]
   pad_id: int
+  fingerprint: str  # 16 hex digits: equal when the text <-> ids mapping is
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -34,6 +37,8 @@ class ByteTokenizer:
     self.pad_id, self.bos_id = pad_id, bos_id
     self.eos_ids = (eos_id,)
     self.vocab_size = offset + 256
+    self.fingerprint = hashlib.sha256(
+        f"bytes {offset} {pad_id} {bos_id} {eos_id}".encode()).hexdigest()[:16]
 
   def encode(self, text: str) -> list[int]:
     return [b + self.offset for b in text.encode("utf-8")]
@@ -53,8 +58,10 @@ class HFTokenizer:
       raise ImportError("reading tokenizer.json needs the `tokenizers` package: "
                         "pip install 'memrecall[hf]'") from e
     path = os.path.join(os.fspath(directory), "tokenizer.json")
+    with open(path, "rb") as f:
+      data = f.read()
     try:
-      self._tokenizer = _Tokenizer.from_file(path)
+      self._tokenizer = _Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception ("EOF while parsing a value")
       raise ValueError(f"{path} cannot be read as a tokenizer ({e}); it may be truncated: copy "
                         "it again from the checkpoint") from None
@@ -63,6 +70,10 @@ class HFTokenizer:
     self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
     config_path = os.path.join(os.fspath(directory), "tokenizer_config.json")
     self.config = _read_json(config_path) if os.path.exists(config_path) else {}
+    # tokenizer.json's bytes and tokenizer_config.json's content (chat template, special tokens).
+    digest = hashlib.sha256(data)
+    digest.update(json.dumps(self.config, sort_keys=True).encode())
+    self.fingerprint = digest.hexdigest()[:16]
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids

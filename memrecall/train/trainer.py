@@ -181,6 +181,18 @@ def _check_same_data(saved: list[dict], now: list[dict], workdir: str) -> None:
                       f"({'; '.join(changed)}): restore the data, or train in another --workdir")
 
 
+def _check_same_tokenizer(saved: str | None, now: str, config: ml_collections.ConfigDict,
+                          workdir: str) -> None:
+  """A resumed run reads text with the tokenizer its checkpoints were trained with: one edited
+  in place (same directory, other ids) would silently change every row from the resumed step.
+  (None: a checkpoint from before the record.)"""
+  if saved is not None and saved != now:
+    where = config.init.tokenizer or config.init.hf_checkpoint or "the byte tokenizer"
+    raise ConfigError(f"{workdir}'s checkpoints were trained with another tokenizer (tokenizer "
+                      f"{saved} there, {now} now, from {where}): restore its tokenizer.json and "
+                      "tokenizer_config.json, or train in another --workdir")
+
+
 def _init_source(config: ml_collections.ConfigDict) -> str:
   init = config.init
   return (f"init.checkpoint {init.checkpoint}" if init.checkpoint else
@@ -250,6 +262,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
                if run.task is None else [])
   if saved_inputs is not None:
     _check_same_data(saved_inputs["data"], data_keys, workdir)
+    _check_same_tokenizer(saved_inputs.get("tokenizer"), run.tokenizer.fingerprint, config,
+                          workdir)
   # A resumed RL run rebuilds its KL reference from the step of `init.checkpoint` it started
   # from, not from whatever that workdir has reached since.
   keeps_reference = saved_inputs is not None and stage.reads_initial_params
@@ -269,7 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
           f"(parameters {saved_inputs['initial_params']}), and {_init_source(config)} now "
           f"holds other weights (parameters {initial}): restore them, or start the run in "
           "another --workdir")
-    inputs = {"data": data_keys, "init_step": init_step, "initial_params": initial}
+    inputs = {"data": data_keys, "init_step": init_step, "initial_params": initial,
+              "tokenizer": run.tokenizer.fingerprint}
     if distributed.is_primary():  # after every check: a refused run changes nothing
       run.save_assets(workdir)
     paths = state_lib.trainable_paths(params, config.train.trainable)

@@ -4,6 +4,7 @@ SIGTERM: tests/train/test_preemption.py)."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 from memrecall import run_builder
 from memrecall.runtime import checkpoint
 from memrecall.train import trainer
-from tests.conftest import xla_defaults_env
+from tests.conftest import LYCHEE_TEXT, xla_defaults_env
 from tests.train.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -134,7 +135,6 @@ def test_rl_resumed_mid_run_keeps_the_initial_policy_as_its_kl_reference(tmp_pat
     np.testing.assert_array_equal(_leaves(resumed)[key], value, err_msg=str(key))
   before = sorted(os.listdir(tmp_path / "resumed" / "checkpoints"))
   # The step it started from gone, the reference cannot be rebuilt: refused, nothing changed.
-  import shutil
   shutil.rmtree(os.path.join(sft, "checkpoints", "2"))
   config.train.steps = 6
   with pytest.raises(trainer.ConfigError, match=r"started from step 2 of init.checkpoint"):
@@ -153,6 +153,29 @@ def test_a_resume_refuses_training_data_rewritten_in_place(tmp_path):
   with pytest.raises(trainer.ConfigError, match=r"corpus.txt: data \w+ there, \w+ now"):
     trainer.train(config, str(tmp_path / "run"), log=quiet)
   corpus.write_text("alpha beta gamma delta " * 400)  # restored: it resumes
+  trainer.train(config, str(tmp_path / "run"), log=quiet)
+  assert checkpoint.steps(str(tmp_path / "run"))[-1] == 4
+
+
+def test_a_resume_refuses_a_tokenizer_edited_in_place(tmp_path):
+  shutil.copytree(os.path.join(LYCHEE_TEXT, "hf"), tmp_path / "tok")
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("alpha beta gamma delta " * 400)
+  config = small_config("compressor", steps=2)
+  config.data.train = f"text:{corpus}"
+  config.init.tokenizer = str(tmp_path / "tok")
+  trainer.train(config, str(tmp_path / "run"), log=quiet)
+  saved = checkpoint.steps(str(tmp_path / "run"))
+  original = (tmp_path / "tok" / "tokenizer.json").read_text()
+  tokens = json.loads(original)
+  vocab = tokens["model"]["vocab"]
+  vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # the same files, other ids
+  (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(tokens))
+  config.train.steps = 4
+  with pytest.raises(trainer.ConfigError, match=r"tokenizer [0-9a-f]{16} there, [0-9a-f]{16} now"):
+    trainer.train(config, str(tmp_path / "run"), log=quiet)
+  assert checkpoint.steps(str(tmp_path / "run")) == saved  # nothing written
+  (tmp_path / "tok" / "tokenizer.json").write_text(original)  # restored: it resumes
   trainer.train(config, str(tmp_path / "run"), log=quiet)
   assert checkpoint.steps(str(tmp_path / "run"))[-1] == 4
 
