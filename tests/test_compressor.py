@@ -198,6 +198,30 @@ def test_compression_does_not_copy_the_layer_weights():
                                                             param_bytes)
 
 
+def test_compression_backward_keeps_no_weight_gradient_per_window():
+  """The layer loop is the outer one (`compressor._window_layers`), so the backward pass makes
+  one stacked weight gradient for all of a chunk's windows.  With the window loop outside, each
+  window's layer scan made its own (a stack of the layers' size, alive until the block's
+  backward ended); 4 windows then needed about 3.5 stacks of temporaries at 4 layers, 2
+  windows 1.7.  Now each window more costs one layer's gradient and its activations."""
+  config = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=1024, num_layers=8,
+                       num_heads=4, num_kv_heads=2, head_dim=16, compressor=True, remat="full",
+                       matmul_precision="highest")
+  params = model.init_params(config, jax.random.key(0))
+  stack_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
+  def temp_bytes(windows):
+    settings = compressor.CompressorConfig(chunk_size=8 * windows, window=8, ratio=4)
+    ids = jnp.ones((2, 8 * windows), jnp.int32)
+    loss = lambda p: jnp.sum(compressor.compress(p, config, settings, ids, ids > 0,
+                                                 for_gradients=True).k ** 2)
+    analysis = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis()
+    if analysis is None:
+      pytest.skip("this backend reports no memory analysis")
+    return analysis.temp_size_in_bytes
+  per_window = (temp_bytes(4) - temp_bytes(2)) / 2
+  assert per_window < 0.25 * stack_bytes, (per_window, stack_bytes)
+
+
 def test_matches_the_public_reference_fixture(lychee_reference, lychee_dir):
   params, config = hf_checkpoint.load_hf_checkpoint(lychee_dir, matmul_precision="highest")
   assert config.compressor

@@ -334,21 +334,20 @@ def _compression_backward(s: _Shapes, rows: int) -> list[Term]:
 def _gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
   """Float32 buffers of the trainable leaves' size a train step holds at once: the sum over
   microbatches, the block loop's gradient carry, and the weight gradients of each layer scan
-  of the block whose backward has run (its turn or gate prompt first, then, `compressing`, each
-  compression window), which JAX adds into the carry only at the end of the block's backward
-  (the TPU compile's buffers, docs/2026-12-05-compression-per-device.md).  The compressor
-  stage has no block loop: one layer scan per window."""
+  of the block whose backward has run (its turn or gate prompt first, then, `compressing`, the
+  compression's: one scan for all the chunk's windows, `compressor._window_layers`), which JAX
+  adds into the carry only at the end of the block's backward (the TPU compile's buffers,
+  docs/2026-12-05-compression-per-device.md).  The compressor stage has no block loop."""
   config = s.run.config
-  windows = s.C // s.W
   parts = []
   if int(config.train.get("microbatches", 1)) > 1:
     parts.append((1, "the microbatches' sum"))
   if config.stage == "compressor":
-    parts.append((windows, f"{windows} windows' layer scans"))
+    parts.append((1, "the compression's layer scan"))
   else:
     parts += [(1, "the block loop's carry"), (1, "the turn's layer scan")]
     if compressing:
-      parts.append((windows, f"{windows} compression windows' layer scans"))
+      parts.append((1, "the compression's layer scan"))
   return sum(n for n, _ in parts), ", ".join(why for _, why in parts)
 
 

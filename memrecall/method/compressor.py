@@ -208,7 +208,8 @@ def window_inputs(raw_mask: Array, prefix: int, ratio: int) -> tuple[Array, Arra
 
 def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
                  token_mask: Array, raw_logits: bool, skip_last: bool = True):
-  """The window loop shared by `compress` and `compressor_logits`."""
+  """The windows of every chunk through every layer, shared by `compress` and
+  `compressor_logits`: (ChunkMemory, raw tokens' logits [N, C, V] or None)."""
   if not config.compressor:
     raise ConfigError("this model has no compressor parameters (ModelConfig.compressor=False)")
   n, c = tokens.shape
@@ -217,76 +218,90 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
   w, g = compressor.window, compressor.beacons_per_window
   model = Qwen2(config, beacon_rows=g)
   variables = {"params": params}
-  # Without logits, the last layer contributes only its beacons' keys/values, which depend on
-  # its input alone: `_beacon_kv_only` skips the rest of that layer.
-  beacon_kv_only = not raw_logits and skip_last
   tokens = with_logical_constraint(tokens, ("chunks", None))
-  ks, vs, logits = [], [], []
-  for start in range(0, c, w):  # C/W windows, unrolled: each sees a longer prefix
-    raw = model.apply(variables, tokens[:, start:start + w], method=Qwen2.embed)  # [N, W, E]
-    beacons = model.apply(variables, n, g, method=Qwen2.beacons)  # [N, G, E]
-    positions, mask = window_inputs(token_mask[:, start:start + w].astype(bool), len(ks) * g,
-                                    compressor.ratio)
-    prefix = {"k": jnp.concatenate(ks, axis=2) if ks else _empty_kv(config, n),
-              "v": jnp.concatenate(vs, axis=2) if vs else _empty_kv(config, n)}
-    x = jnp.concatenate([raw, beacons], axis=1)  # [N, W + G, E]
-    if beacon_kv_only:
-      own = _beacon_kv_only(params, config, g, x, positions, mask, prefix)
-    else:
-      hidden, own = model.apply(variables, x, positions, mask, prefix, method=Qwen2.decode)
-    ks.append(own["k"])  # [L, N, G, K, D]
-    vs.append(own["v"])
-    if raw_logits:
-      logits.append(head_logits(params, config, hidden[:, :w]))  # [N, W, V]
+  beacons = model.apply(variables, n, g, method=Qwen2.beacons)  # [N, G, E]
+  starts = range(0, c, w)
+  windows = [window_inputs(token_mask[:, start:start + w].astype(bool), i * g, compressor.ratio)
+             for i, start in enumerate(starts)]  # (positions [N, P + T], mask [N, 1, T, P + T])
+  xs = [jnp.concatenate([model.apply(variables, tokens[:, start:start + w], method=Qwen2.embed),
+                         beacons], axis=1) for start in starts]  # C/W x [N, W + G, E]
+  # Without logits, the last layer contributes only its beacons' keys/values, which depend on
+  # its input alone: that layer's attention and MLP are skipped.
+  hidden, kv = _window_layers(params, config, g, xs, windows,
+                              beacon_kv_only=not raw_logits and skip_last)
   slot_mask = token_mask.reshape(n, compressor.slots, compressor.ratio).any(axis=-1)
-  memory = ChunkMemory(k=jnp.concatenate(ks, axis=2), v=jnp.concatenate(vs, axis=2),
-                       slot_mask=slot_mask)
-  return memory, (jnp.concatenate(logits, axis=1) if raw_logits else None)
+  memory = ChunkMemory(k=kv["k"], v=kv["v"], slot_mask=slot_mask)
+  if not raw_logits:
+    return memory, None
+  final_norm = lambda module, x: module.final_norm(x)
+  logits = [head_logits(params, config, model.apply(variables, x[:, :w], method=final_norm))
+            for x in hidden]  # C/W x [N, W, V]
+  return memory, jnp.concatenate(logits, axis=1)
 
 
-def _beacon_kv_only(params, config: ModelConfig, beacon_rows: int, x: Array, positions: Array,
-                    mask: Array, prefix: dict) -> dict:
-  """One window's beacon keys/values {"k", "v"} [L, N, G, K, D], skipping unused work.
+def _window_layers(params, config: ModelConfig, beacon_rows: int, xs: list[Array],
+                   windows: list[tuple[Array, Array]], beacon_kv_only: bool):
+  """Every window of a chunk through every layer: (last layer's outputs, one [N, W + G, E] per
+  window; beacon keys/values {"k", "v"} [L, N, S, K, D], window 1's first).
 
-  Compression keeps only beacon K/V, and the last layer's are projected from its input, so
-  that layer's attention and MLP are never needed.  A `lax.cond` on the layer index inside
-  the scan over the stacked layers skips them (per-layer subtrees: a static skip); slicing
-  the stack to its first L-1 layers instead would make XLA copy those layers' weights (≈ the
-  parameters' size in temporaries).
+  One pass over the layers, each running the windows in order: window w's attention at a layer
+  reads the beacon keys/values windows < w made at that layer, so the layer loop can be the
+  outer one.  Each layer's weights are then read once per chunk, not once per window, and a
+  loss's backward pass produces one weight gradient for the whole compression (the layer
+  scan's) rather than one per window, each alive until the block's backward ends
+  (docs/2026-12-05-compression-per-device.md).
+
+  beacon_kv_only: the last layer only projects its beacons' keys/values (its attention and MLP
+  are skipped): a static skip with per-layer subtrees, a `lax.cond` in the layer scan (slicing
+  the stack to its first L-1 layers instead would make XLA copy those layers' weights).
+  A loss does not skip (`compress`'s for_gradients: a cond's residuals outlive remat).
   """
   layer = DecoderLayer(config, beacon_rows=beacon_rows)
   norm = RMSNorm(config.rms_norm_eps, config.jnp_dtype, config.jnp_param_dtype)
-  cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
-  x = with_logical_constraint(x, ("batch", "length", "act_embed"))
+  tables = [rope_tables(positions, config.head_dim, config.rope_theta) for positions, _ in windows]
+  masks = [mask for _, mask in windows]
+  xs = [with_logical_constraint(x, ("batch", "length", "act_embed")) for x in xs]
+  n = xs[0].shape[0]
+  empty = jnp.zeros((n, 0, config.num_kv_heads, config.head_dim), config.jnp_dtype)
 
-  def whole_layer(x, layer_params, layer_prefix):
-    return layer.apply({"params": layer_params}, x, layer_prefix, cos, sin, mask, None)
+  def whole_layer(xs, layer_params):
+    out, ks, vs = [], [], []
+    for x, (cos, sin), mask in zip(xs, tables, masks):
+      prefix = {"k": jnp.concatenate(ks, axis=1) if ks else empty,
+                "v": jnp.concatenate(vs, axis=1) if vs else empty}  # [N, P, K, D]
+      x, own = layer.apply({"params": layer_params}, x, prefix, cos, sin, mask, None)
+      out.append(x)
+      ks.append(own["k"])  # [N, G, K, D]
+      vs.append(own["v"])
+    return out, {"k": jnp.concatenate(ks, axis=1), "v": jnp.concatenate(vs, axis=1)}
 
-  def beacon_projections(x, layer_params, layer_prefix):
-    del layer_prefix
-    normed = norm.apply({"params": layer_params["input_norm"]}, x[:, -beacon_rows:])  # [N, G, E]
+  def beacon_projections(xs, layer_params):
     attention = layer_params["attention"]
+    normed = [norm.apply({"params": layer_params["input_norm"]}, x[:, -beacon_rows:])
+              for x in xs]  # [N, G, E] each
     def project(name):  # the beacon rows' own projection (no adapters in compression)
-      return head_projection(normed, attention[f"beacon_{name}_kernel"],
-                             attention[f"beacon_{name}_bias"], config)  # [N, G, K, D]
-    return x, {"k": project("k"), "v": project("v")}
+      return jnp.concatenate([head_projection(x, attention[f"beacon_{name}_kernel"],
+                                              attention[f"beacon_{name}_bias"], config)
+                              for x in normed], axis=1)  # [N, S, K, D]
+    return xs, {"k": project("k"), "v": project("v")}
 
-  def body(x, scanned):
-    index, layer_params, layer_prefix = scanned
-    return jax.lax.cond(index == config.num_layers - 1, beacon_projections, whole_layer,
-                        x, layer_params, layer_prefix)
+  def last_layer_step(i):
+    return beacon_projections if beacon_kv_only and i == config.num_layers - 1 else whole_layer
 
+  remat = (lambda f: jax.checkpoint(f, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
+           ) if config.remat != "none" else (lambda f: f)
   if not config.scan_layers:  # per-layer subtrees (inference): an unrolled loop, a static skip
     own = []
     for i in range(config.num_layers):
-      step = beacon_projections if i == config.num_layers - 1 else whole_layer
-      x, layer_kv = step(x, params[f"layers_{i}"], {n: a[i] for n, a in prefix.items()})
+      xs, layer_kv = remat(last_layer_step(i))(xs, params[f"layers_{i}"])
       own.append(layer_kv)
-    return {n: jnp.stack([kv[n] for kv in own]) for n in own[0]}
-  if config.remat != "none":
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
-  scanned = (jnp.arange(config.num_layers), params["layers"], prefix)
-  return jax.lax.scan(body, x, scanned)[1]
+    return xs, {name: jnp.stack([kv[name] for kv in own]) for name in own[0]}
+  if beacon_kv_only:
+    body = lambda xs, scanned: jax.lax.cond(scanned[0] == config.num_layers - 1,
+                                            beacon_projections, whole_layer, xs, scanned[1])
+  else:
+    body = lambda xs, scanned: whole_layer(xs, scanned[1])
+  return jax.lax.scan(remat(body), xs, (jnp.arange(config.num_layers), params["layers"]))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compressor", "for_gradients"))
@@ -305,7 +320,7 @@ def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: 
 
   for_gradients: a loss differentiates through the compression (the training objectives).
   Every layer then runs whole, under the model's remat: the last layer's skip
-  (`_beacon_kv_only`) is a `lax.cond` in the layer scan, and JAX keeps the residuals of a
+  (`_window_layers`) is a `lax.cond` in the layer scan, and JAX keeps the residuals of a
   cond's branches for the backward pass even under remat: every layer's float32 attention
   scores, 27 GiB per chip for configs/lychee.py:rl,7b,v5p-64 (docs/2026-12-04-tpu-compile.md).
   The chunks are then compressed in one call, never in groups: a training batch is its
@@ -354,6 +369,3 @@ def compressor_logits(params, config: ModelConfig, compressor: CompressorConfig,
   return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=True)[1]
 
 
-def _empty_kv(config: ModelConfig, n: int) -> Array:
-  return jnp.zeros((config.num_layers, n, 0, config.num_kv_heads, config.head_dim),
-                   config.jnp_dtype)
