@@ -108,3 +108,61 @@ def test_registering_a_taken_name_for_another_class_is_refused():
   with pytest.raises(ValueError, match="'all' is already registered"):
     readers.register("all")(Other)
   assert readers.reader_class("all").__name__ == "MethodReader"
+
+
+def _toy_trajectory(layers=6, width=64, hidden=512):
+  """A block and an answer in the shape of a trajectory's: each a scan over stacked layers."""
+  import jax.numpy as jnp
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {"up": 0.05 * jax.random.normal(keys[0], (layers, width, hidden)),
+            "down": 0.05 * jax.random.normal(keys[1], (layers, hidden, width)),
+            "head": 0.05 * jax.random.normal(keys[2], (width,))}
+
+  def layers_of(params, x):  # [T, width]
+    def layer(x, w):
+      return x + jnp.tanh(x @ w[0]) @ w[1], None
+    return jax.lax.scan(jax.checkpoint(layer), x, (params["up"], params["down"]))[0] @ params["head"]
+
+  block = lambda params, x: (layers_of(params, x), jnp.zeros(()))
+  answer = lambda params: layers_of(params, jnp.ones((16, width)))
+  xs = jax.random.normal(jax.random.key(1), (5, 16, width))
+  return params, block, answer, xs
+
+
+def test_blocks_then_answer_has_autodiffs_gradient_in_one_accumulator():
+  """The trajectory's hand-written backward: the gradient of plain autodiff (a rematerialised
+  block scan, then the answer) for every leaf or for one alone, with no float32 buffer of the
+  weights' size beside the block loop's carry (JAX's rules hold the answer's gradients
+  through the whole loop's backward, `trajectory.blocks_then_answer`)."""
+  import jax.numpy as jnp
+  from memrecall.readers import trajectory
+  params, block, answer, xs = _toy_trajectory()
+
+  def plain(params):
+    outs = jax.lax.scan(jax.checkpoint(lambda c, x: (c, block(params, x))), None, xs)[1]
+    return outs, answer(params)
+
+  def loss(run, params):
+    (blocks, _), final = run(params)
+    return jnp.sum(jnp.sin(blocks)) + jnp.sum(final ** 2)
+
+  ours = lambda params: trajectory.blocks_then_answer(block, answer, params, xs)
+  for run in (ours, plain):
+    np.testing.assert_allclose(run(params)[1], plain(params)[1], rtol=1e-6)
+  grads = {name: jax.jit(jax.grad(lambda p: loss(run, p)))(params)
+           for name, run in (("ours", ours), ("plain", plain))}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+               grads["ours"], grads["plain"])
+  # Only the head differentiated: the same gradient for it, and no stack-sized work.
+  head_only = lambda run: jax.jit(jax.grad(
+      lambda head: loss(run, {**params, "head": head})))
+  np.testing.assert_allclose(head_only(ours)(params["head"]), head_only(plain)(params["head"]),
+                             rtol=2e-5, atol=1e-6)
+
+  def temp(run, argument, grad):
+    return jax.jit(grad).lower(argument).compile().memory_analysis().temp_size_in_bytes
+  stack = params["up"].nbytes + params["down"].nbytes
+  whole = {name: temp(run, params, jax.grad(lambda p: loss(run, p)))
+           for name, run in (("ours", ours), ("plain", plain))}
+  assert whole["ours"] <= whole["plain"] - 0.75 * stack, (whole, stack)
+  assert temp(ours, params["head"], head_only(ours)) < 0.25 * stack

@@ -121,7 +121,7 @@ class MethodReader(Reader):
     """Each block's chunk compressed (with gradients) into the KV prefix of its update."""
     config = self.setup.model
 
-    def block_turn(ids, mask):
+    def block_turn(params, ids, mask):
       chunk = compress(params, config, self.compressor, ids, mask, for_gradients=True)
       return self.setup.prompts.update, (chunk.k, chunk.v, chunk.slot_mask), ()
 

@@ -17,6 +17,7 @@ from typing import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from memrecall.method.gate import gate_logits
 from memrecall.method.prompts import PromptTemplate, Prompts
@@ -25,9 +26,9 @@ from memrecall.models.config import ModelConfig
 from memrecall.models.qwen2 import forward, head_logits
 
 Array = jax.Array
-# (chunk ids [B, C], chunk mask [B, C]) -> (update template, (k, v, slot_mask) prefix,
+# (params, chunk ids [B, C], chunk mask [B, C]) -> (update template, (k, v, slot_mask) prefix,
 # () or (section, section_mask)): what one block puts before and into its update prompt.
-BlockTurn = Callable[[Array, Array], tuple]
+BlockTurn = Callable[[object, Array, Array], tuple]
 
 
 @flax.struct.dataclass
@@ -92,24 +93,83 @@ def score_trajectory(params, config: ModelConfig, prompts: Prompts, batch: TurnB
   block_turn runs inside the block, so a compression there is differentiated (and, with
   `config.remat_blocks`, rematerialised) with the block."""
 
-  def block(carry, xs):
+  def block(params, xs):
     ids, mask, mem_ids, mem_mask, targets, target_mask = xs
     memory = WorkingMemory(mem_ids, mem_mask)
-    template, prefix, section = block_turn(ids, mask)
+    template, prefix, section = block_turn(params, ids, mask)
     logp, entropy = turn_logprobs(params, config, template, *prefix, batch.question,
                                   batch.question_mask, memory, targets, target_mask, *section)
     gate = (gate_logits(params, config, prompts.gate, *prefix, batch.question,
                         batch.question_mask, memory) if with_gate
             else jnp.zeros(logp.shape[:1]))
-    return carry, (logp, entropy, gate)
+    return logp, entropy, gate
+
+  def answer(params):
+    return turn_logprobs(
+        params, config, prompts.final, *no_prefix(config, batch.question.shape[0]),
+        batch.question, batch.question_mask,
+        WorkingMemory(batch.final_memory_ids, batch.final_memory_mask), batch.answer,
+        batch.answer_mask)
 
   block_major = lambda x: jnp.moveaxis(x, 1, 0)
   xs = tuple(block_major(x) for x in (batch.chunk_ids, batch.chunk_mask, batch.memory_ids,
                                       batch.memory_mask, batch.targets, batch.target_mask))
-  _, (logp, entropy, gate) = jax.lax.scan(remat_block(block, config), None, xs)
-  answer_logp, answer_entropy = turn_logprobs(
-      params, config, prompts.final, *no_prefix(config, batch.question.shape[0]), batch.question,
-      batch.question_mask, WorkingMemory(batch.final_memory_ids, batch.final_memory_mask),
-      batch.answer, batch.answer_mask)
+  if config.remat_blocks:
+    (logp, entropy, gate), (answer_logp, answer_entropy) = blocks_then_answer(
+        block, answer, params, xs)
+  else:  # every block's residuals kept: plain autodiff
+    logp, entropy, gate = jax.lax.scan(lambda c, x: (c, block(params, x)), None, xs)[1]
+    answer_logp, answer_entropy = answer(params)
   outputs = (jnp.moveaxis(logp, 0, 1), jnp.moveaxis(entropy, 0, 1)), (answer_logp, answer_entropy)
   return outputs + (gate.T,) if with_gate else outputs
+
+
+def blocks_then_answer(block, answer, params, xs):
+  """(`block(params, x)` for each x of xs, stacked; `answer(params)`), for the gradient of a
+  rematerialised trajectory: each block recomputed in the backward pass, as `jax.checkpoint`
+  on a scan's body does, but with the weight gradients summed in one buffer from the start.
+
+  Under JAX's own rules the block loop's gradient carry starts at zero and the answer's weight
+  gradients, made before the loop's backward pass, are added after it: a float32 buffer of
+  the trainable weights' size held through every block's backward
+  (docs/2026-12-06-compression-layer-loop.md).  Here the answer's backward runs first and its
+  gradients are the carry the blocks' are added into.  Only the leaves being differentiated
+  get gradients (a stage that trains the gate's adapters computes none for the backbone).
+  """
+  treedef = jax.tree.structure(params)
+  differentiated: list[bool] = []  # per leaf of params, set while the forward rule is traced
+
+  def primal(params, xs):
+    return jax.lax.scan(lambda c, x: (c, block(params, x)), None, xs)[1], answer(params)
+
+  def forward_rule(params, xs):
+    differentiated[:] = [leaf.perturbed for leaf in treedef.flatten_up_to(params)]
+    params, xs = jax.tree.map(lambda p: p.value, (params, xs))
+    return primal(params, xs), (params, xs)
+
+  def backward_rule(residuals, cotangents):
+    params, xs = residuals
+    (block_cts, answer_cts) = jax.tree.map(
+        lambda ct: jnp.zeros(ct.shape, ct.dtype) if isinstance(ct, SymbolicZero) else ct,
+        cotangents, is_leaf=lambda ct: isinstance(ct, SymbolicZero))
+    flat = treedef.flatten_up_to(params)
+
+    def with_trained(trained):  # params with the differentiated leaves replaced
+      trained = iter(trained)
+      return treedef.unflatten([next(trained) if d else leaf
+                                for leaf, d in zip(flat, differentiated)])
+
+    trained = [leaf for leaf, d in zip(flat, differentiated) if d]
+    grads = jax.vjp(lambda t: answer(with_trained(t)), trained)[1](answer_cts)[0]
+
+    def step(grads, x_and_ct):
+      x, ct = x_and_ct
+      block_grads = jax.vjp(lambda t: block(with_trained(t), x), trained)[1](ct)[0]
+      return jax.tree.map(jnp.add, grads, block_grads), None
+
+    grads = iter(jax.lax.scan(step, grads, (xs, block_cts), reverse=True)[0])
+    return treedef.unflatten([next(grads) if d else None for d in differentiated]), None
+
+  run = jax.custom_vjp(primal)
+  run.defvjp(forward_rule, backward_rule, symbolic_zeros=True)
+  return run(params, xs)
