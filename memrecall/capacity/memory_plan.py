@@ -333,9 +333,9 @@ def _compression_backward(s: _Shapes, rows: int) -> list[Term]:
 
 def _gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
   """Float32 buffers of the trainable leaves' size a train step holds at once: the sum over
-  microbatches, the block loop's gradient carry, the answer turn's (made before the block
-  loop's backward starts, added after it ends), and the weight gradients of each layer scan of
-  the block whose backward has run (its turn or gate prompt first, then, `compressing`, the
+  microbatches, the block loop's gradient carry (which starts from the answer turn's,
+  `trajectory.blocks_then_answer`), and the weight gradients of each layer scan of the block
+  whose backward has run (its turn or gate prompt first, then, `compressing`, the
   compression's: one scan for all the chunk's windows, `compressor._window_layers`), which JAX
   adds into the carry only at the end of the block's backward (the TPU compile's buffers,
   docs/2026-12-06-compression-layer-loop.md).  The compressor stage has no block loop."""
@@ -346,10 +346,7 @@ def _gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
   if config.stage == "compressor":
     parts.append((1, "the compression's layer scan"))
   else:
-    parts.append((1, "the block loop's carry"))
-    if config.stage != "gate":  # the gate stage has no answer turn
-      parts.append((1, "the answer turn's layer scan"))
-    parts.append((1, "the turn's layer scan"))
+    parts += [(1, "the block loop's carry"), (1, "the turn's layer scan")]
     if compressing:
       parts.append((1, "the compression's layer scan"))
   return sum(n for n, _ in parts), ", ".join(why for _, why in parts)

@@ -57,7 +57,8 @@ class ModelConfig:
   attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
   remat: str = "none"  # one of REMAT_POLICIES
   # Training's scans over a document's blocks recompute each block's forward in the backward
-  # pass (`jax.checkpoint` on the body): activation memory is one block's however many blocks,
+  # pass (`jax.checkpoint` on the gate stage's body, `trajectory.blocks_then_answer` on a
+  # trajectory's): activation memory is one block's however many blocks,
   # at the price of one more forward per block (with `remat` on, ~25% more step FLOPs: each
   # layer then runs three times).  False keeps every block's residuals instead (memory grows
   # with the number of blocks; `launch/plan.py` estimates it).

@@ -5,9 +5,9 @@ what a block puts before its update prompt: compressed KV slots, or the raw
 section inside the prompt.  `score_trajectory` teacher-forces every turn with
 that one difference passed in (`BlockTurn`), so each reader's
 `trajectory_logprobs` is a line, and the RL loss scores exactly what the reader's
-rollout sampled.  A `lax.scan` over blocks with `jax.checkpoint` on its body
-keeps activation memory to one block however many chunks a document has
-(`ModelConfig.remat_blocks`).
+rollout sampled.  A `lax.scan` over blocks whose backward pass recomputes each
+block (`blocks_then_answer`) keeps activation memory to one block however many
+chunks a document has (`ModelConfig.remat_blocks`).
 """
 
 from __future__ import annotations
