@@ -121,7 +121,8 @@ def _toy_trajectory(layers=6, width=64, hidden=512):
   def layers_of(params, x):  # [T, width]
     def layer(x, w):
       return x + jnp.tanh(x @ w[0]) @ w[1], None
-    return jax.lax.scan(jax.checkpoint(layer), x, (params["up"], params["down"]))[0] @ params["head"]
+    x = jax.lax.scan(jax.checkpoint(layer), x, (params["up"], params["down"]))[0]
+    return x @ params["head"]
 
   block = lambda params, x: (layers_of(params, x), jnp.zeros(()))
   answer = lambda params: layers_of(params, jnp.ones((16, width)))

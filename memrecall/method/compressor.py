@@ -248,8 +248,8 @@ def _window_layers(params, config: ModelConfig, beacon_rows: int, xs: list[Array
   reads the beacon keys/values windows < w made at that layer, so the layer loop can be the
   outer one.  Each layer's weights are then read once per chunk, not once per window, and a
   loss's backward pass produces one weight gradient for the whole compression (the layer
-  scan's) rather than one per window, each alive until the block's backward ends
-  (docs/2026-12-05-compression-per-device.md).
+  scan's) rather than one per window, each alive until the block's backward ended
+  (docs/2026-12-06-compression-layer-loop.md).
 
   beacon_kv_only: the last layer only projects its beacons' keys/values (its attention and MLP
   are skipped): a static skip with per-layer subtrees, a `lax.cond` in the layer scan (slicing
@@ -285,7 +285,7 @@ def _window_layers(params, config: ModelConfig, beacon_rows: int, xs: list[Array
                               for x in normed], axis=1)  # [N, S, K, D]
     return xs, {"k": project("k"), "v": project("v")}
 
-  def last_layer_step(i):
+  def layer_step(i):
     return beacon_projections if beacon_kv_only and i == config.num_layers - 1 else whole_layer
 
   remat = (lambda f: jax.checkpoint(f, policy=REMAT_POLICIES[config.remat], prevent_cse=False)
@@ -293,7 +293,7 @@ def _window_layers(params, config: ModelConfig, beacon_rows: int, xs: list[Array
   if not config.scan_layers:  # per-layer subtrees (inference): an unrolled loop, a static skip
     own = []
     for i in range(config.num_layers):
-      xs, layer_kv = remat(last_layer_step(i))(xs, params[f"layers_{i}"])
+      xs, layer_kv = remat(layer_step(i))(xs, params[f"layers_{i}"])
       own.append(layer_kv)
     return xs, {name: jnp.stack([kv[name] for kv in own]) for name in own[0]}
   if beacon_kv_only:

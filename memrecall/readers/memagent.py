@@ -69,5 +69,6 @@ class MemAgentReader(Reader):
     if with_gate:
       raise ValueError("a raw-chunk (memagent) reader has no gate to train")
     config, prompts = self.setup.model, self.setup.prompts
-    block_turn = lambda params, ids, mask: (prompts.memagent, no_prefix(config, ids.shape[0]), (ids, mask))
+    block_turn = lambda _, ids, mask: (prompts.memagent, no_prefix(config, ids.shape[0]),
+                                       (ids, mask))  # no parameters of its own
     return score_trajectory(params, config, prompts, batch, block_turn)
