@@ -129,7 +129,8 @@ def _plan(*args, timeout=300):
 def test_keeping_every_blocks_residuals_adds_them_for_all_blocks():
   """model.remat_blocks=False (configs/memagent.py:sft,7b,gpu8: raw sections, one row per
   device, 8 blocks): every phase of the step holds N blocks' turn inputs and written-token
-  log-probabilities besides what it held."""
+  log-probabilities besides what it held, and the answer's weight gradients in a buffer of
+  their own (plain autodiff; `trajectory.blocks_then_answer` starts its carry from them)."""
   from configs import memagent
   estimates = {}
   for keep in (False, True):
@@ -141,9 +142,13 @@ def test_keeping_every_blocks_residuals_adds_them_for_all_blocks():
   turn = run.prompts.memagent.length(run.question_tokens, run.memory_capacity,
                                      run.compressor.chunk_size) + run.reasoner.memory_size
   by_hand = n * (L * rows * turn * E * 2 + rows * run.reasoner.memory_size * V * 4)
+  gradients = lambda keep, phase: next(t.bytes for t in estimates[keep].phases[phase]
+                                       if t.name == "gradients")
   for phase, terms in estimates[True].phases.items():
+    # The microbatches' sum, the block loop's carry and the turn's scan; then the answer's.
+    assert 3 * gradients(True, phase) == 4 * gradients(False, phase), phase
     extra = sum(t.bytes for t in terms) - sum(t.bytes for t in estimates[False].phases[phase])
-    assert extra == by_hand, phase
+    assert extra == by_hand + gradients(True, phase) - gradients(False, phase), phase
 
 
 def test_the_estimate_is_within_25_percent_of_every_compiler_record(tmp_path):

@@ -334,7 +334,8 @@ def _compression_backward(s: _Shapes, rows: int) -> list[Term]:
 def _gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
   """Float32 buffers of the trainable leaves' size a train step holds at once: the sum over
   microbatches, the block loop's gradient carry (which starts from the answer turn's,
-  `trajectory.blocks_then_answer`), and the weight gradients of each layer scan of the block
+  `trajectory.blocks_then_answer`; with `model.remat_blocks=False` the answer's are a buffer
+  of their own), and the weight gradients of each layer scan of the block
   whose backward has run (its turn or gate prompt first, then, `compressing`, the
   compression's: one scan for all the chunk's windows, `compressor._window_layers`), which JAX
   adds into the carry only at the end of the block's backward (the TPU compile's buffers,
@@ -347,6 +348,8 @@ def _gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
     parts.append((1, "the compression's layer scan"))
   else:
     parts += [(1, "the block loop's carry"), (1, "the turn's layer scan")]
+    if not s.model.remat_blocks and config.stage != "gate":  # plain autodiff's block loop
+      parts.append((1, "the answer turn's, added after the block loop's backward"))
     if compressing:
       parts.append((1, "the compression's layer scan"))
   return sum(n for n, _ in parts), ", ".join(why for _, why in parts)
