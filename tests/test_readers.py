@@ -148,22 +148,20 @@ def test_blocks_then_answer_has_autodiffs_gradient_in_one_accumulator():
     return jnp.sum(jnp.sin(blocks)) + jnp.sum(final ** 2)
 
   ours = lambda params: trajectory.blocks_then_answer(block, answer, params, xs)
-  for run in (ours, plain):
-    np.testing.assert_allclose(run(params)[1], plain(params)[1], rtol=1e-6)
-  grads = {name: jax.jit(jax.grad(lambda p: loss(run, p)))(params)
-           for name, run in (("ours", ours), ("plain", plain))}
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
-               grads["ours"], grads["plain"])
-  # Only the head differentiated: the same gradient for it, and no stack-sized work.
-  head_only = lambda run: jax.jit(jax.grad(
-      lambda head: loss(run, {**params, "head": head})))
-  np.testing.assert_allclose(head_only(ours)(params["head"]), head_only(plain)(params["head"]),
-                             rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(ours(params)[1], plain(params)[1], rtol=1e-6)
 
-  def temp(run, argument, grad):
-    return jax.jit(grad).lower(argument).compile().memory_analysis().temp_size_in_bytes
+  def compiled(run, head_only=False):  # the gradient program, compiled once
+    if head_only:  # only the head differentiated
+      grad = jax.grad(lambda head: loss(run, {**params, "head": head}))
+      return jax.jit(grad).lower(params["head"]).compile()
+    return jax.jit(jax.grad(lambda p: loss(run, p))).lower(params).compile()
+
+  programs = {(name, head): compiled(run, head) for name, run in (("ours", ours), ("plain", plain))
+              for head in (False, True)}
+  same = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  jax.tree.map(same, programs["ours", False](params), programs["plain", False](params))
+  same(programs["ours", True](params["head"]), programs["plain", True](params["head"]))
+  temp = {key: program.memory_analysis().temp_size_in_bytes for key, program in programs.items()}
   stack = params["up"].nbytes + params["down"].nbytes
-  whole = {name: temp(run, params, jax.grad(lambda p: loss(run, p)))
-           for name, run in (("ours", ours), ("plain", plain))}
-  assert whole["ours"] <= whole["plain"] - 0.75 * stack, (whole, stack)
-  assert temp(ours, params["head"], head_only(ours)) < 0.25 * stack
+  assert temp["ours", False] <= temp["plain", False] - 0.75 * stack, (temp, stack)
+  assert temp["ours", True] < 0.25 * stack, (temp, stack)
