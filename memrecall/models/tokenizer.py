@@ -17,7 +17,7 @@ class Tokenizer(Protocol):
   vocab_size: int
   eos_ids: tuple[int, ...]
   pad_id: int
-  fingerprint: str  # 16 hex digits: equal when the text <-> ids mapping is
+  fingerprint: str  # 16 hex digits of what defines it (an HF tokenizer's files)
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -57,7 +57,8 @@ class HFTokenizer:
     except ImportError as e:
       raise ImportError("reading tokenizer.json needs the `tokenizers` package: "
                         "pip install 'memrecall[hf]'") from e
-    path = os.path.join(os.fspath(directory), "tokenizer.json")
+    self.directory = os.fspath(directory)
+    path = os.path.join(self.directory, "tokenizer.json")
     with open(path, "rb") as f:
       data = f.read()
     try:
@@ -68,7 +69,7 @@ class HFTokenizer:
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self.eos_ids = tuple(eos_ids)
     self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
-    config_path = os.path.join(os.fspath(directory), "tokenizer_config.json")
+    config_path = os.path.join(self.directory, "tokenizer_config.json")
     self.config = _read_json(config_path) if os.path.exists(config_path) else {}
     # tokenizer.json's bytes and tokenizer_config.json's content (chat template, special tokens).
     digest = hashlib.sha256(data)

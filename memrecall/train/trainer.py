@@ -181,16 +181,15 @@ def _check_same_data(saved: list[dict], now: list[dict], workdir: str) -> None:
                       f"({'; '.join(changed)}): restore the data, or train in another --workdir")
 
 
-def _check_same_tokenizer(saved: str | None, now: str, config: ml_collections.ConfigDict,
-                          workdir: str) -> None:
+def _check_same_tokenizer(saved: str | None, tokenizer, workdir: str) -> None:
   """A resumed run reads text with the tokenizer its checkpoints were trained with: one edited
   in place (same directory, other ids) would silently change every row from the resumed step.
   (None: a checkpoint from before the record.)"""
-  if saved is not None and saved != now:
-    where = config.init.tokenizer or config.init.hf_checkpoint or "the byte tokenizer"
+  if saved is not None and saved != tokenizer.fingerprint:
+    where = getattr(tokenizer, "directory", None) or "the byte tokenizer"
     raise ConfigError(f"{workdir}'s checkpoints were trained with another tokenizer (tokenizer "
-                      f"{saved} there, {now} now, from {where}): restore its tokenizer.json and "
-                      "tokenizer_config.json, or train in another --workdir")
+                      f"{saved} there, {tokenizer.fingerprint} now, from {where}): restore its "
+                      "tokenizer.json and tokenizer_config.json, or train in another --workdir")
 
 
 def _init_source(config: ml_collections.ConfigDict) -> str:
@@ -262,8 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
                if run.task is None else [])
   if saved_inputs is not None:
     _check_same_data(saved_inputs["data"], data_keys, workdir)
-    _check_same_tokenizer(saved_inputs.get("tokenizer"), run.tokenizer.fingerprint, config,
-                          workdir)
+    _check_same_tokenizer(saved_inputs.get("tokenizer"), run.tokenizer, workdir)
   # A resumed RL run rebuilds its KL reference from the step of `init.checkpoint` it started
   # from, not from whatever that workdir has reached since.
   keeps_reference = saved_inputs is not None and stage.reads_initial_params
