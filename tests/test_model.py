@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,31 @@ def test_per_layer_layout_equals_the_scanned_stack(tiny_dir):
   assert model.unstack_layers(split, split_config)[0] is split  # already split: unchanged
   with pytest.raises(ValueError, match="lack per-layer subtrees"):
     model.stack_layers({k: v for k, v in split.items() if k != "layers_1"}, split_config)
+
+
+def test_a_forward_traces_no_initializer_and_names_a_parameter_of_the_wrong_shape(tiny_dir,
+                                                                                 monkeypatch):
+  """Reading existing parameters traces none of their initializers (Flax's own check traced
+  each one at every read: a third of a recall program's tracing), and a parameter of another
+  shape is still refused by name."""
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, gate_lora_rank=2)
+  tokens, mask = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool)
+  traced = []  # the functions Flax's parameter reads trace (Scope.param's lambdas)
+  eval_shape = jax.eval_shape
+  monkeypatch.setattr(jax, "eval_shape", lambda f, *a, **k: (
+      traced.append(f.__qualname__) if ".param." in f.__qualname__ else None,
+      eval_shape(f, *a, **k))[1])
+  jax.make_jaxpr(lambda p: model.forward(p, config, tokens, mask))(params)
+  assert traced == []
+  for path, wrong in ((("final_norm", "scale"), (config.hidden_size + 1,)),
+                      (("layers", "attention", "q_kernel"), (config.num_layers, 3, 4, 5))):
+    bad = jax.tree.map(lambda x: x, params)
+    node = bad
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = jnp.zeros(wrong)
+    with pytest.raises(flax.errors.ScopeParamShapeError, match=f'"{path[-1]}"'):
+      model.forward(bad, config, tokens, mask)
 
 
 def test_inference_params_hold_the_compute_dtype_and_change_no_output(tiny_dir):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import flax.struct
 import flax.traverse_util
@@ -30,6 +31,18 @@ _KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
 
 def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+  """`module.param`, reading an existing parameter without tracing its initializer.
+
+  Flax checks an existing parameter's shape by `jax.eval_shape` of the initializer, at every
+  read of every parameter in every trace: a third of tracing a recall program. The shape is
+  known here, so it is compared directly, with Flax's error.
+  """
+  if module.has_variable("params", name):
+    value = nn.meta.unbox(module.get_variable("params", name))
+    if jnp.shape(value) != tuple(shape):
+      raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, jnp.shape(value),
+                                             tuple(shape))
+    return value
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
@@ -326,13 +339,11 @@ class Qwen2(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
-        (cfg.vocab_size, cfg.hidden_size), cfg.jnp_param_dtype)
+    self.embedding = _param(self, "embedding", _KERNEL_INIT, (cfg.vocab_size, cfg.hidden_size),
+                            ("vocab", "embed"), cfg.jnp_param_dtype)
     if cfg.compressor:
-      self.beacon_embedding = self.param(
-          "beacon_embedding", nn.with_logical_partitioning(_KERNEL_INIT, (None, "embed")),
-          (1, cfg.hidden_size), cfg.jnp_param_dtype)
+      self.beacon_embedding = _param(self, "beacon_embedding", _KERNEL_INIT, (1, cfg.hidden_size),
+                                     (None, "embed"), cfg.jnp_param_dtype)
     layer = DecoderLayer
     if cfg.remat != "none":
       layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -350,15 +361,13 @@ class Qwen2(nn.Module):
                      for _ in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
     if cfg.has_gate:
-      self.gate_head = self.param(
-          "gate_head", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-          (cfg.hidden_size,), cfg.jnp_param_dtype)
-      self.gate_bias = self.param("gate_bias", nn.with_logical_partitioning(
-          nn.initializers.zeros, ()), (), cfg.jnp_param_dtype)
+      self.gate_head = _param(self, "gate_head", nn.initializers.zeros, (cfg.hidden_size,),
+                              ("embed",), cfg.jnp_param_dtype)
+      self.gate_bias = _param(self, "gate_bias", nn.initializers.zeros, (), (),
+                              cfg.jnp_param_dtype)
     if not cfg.tie_word_embeddings:
-      self.lm_head = self.param(
-          "lm_head", nn.with_logical_partitioning(_KERNEL_INIT, ("embed", "vocab")),
-          (cfg.hidden_size, cfg.vocab_size), cfg.jnp_param_dtype)
+      self.lm_head = _param(self, "lm_head", _KERNEL_INIT, (cfg.hidden_size, cfg.vocab_size),
+                            ("embed", "vocab"), cfg.jnp_param_dtype)
 
   def embed(self, tokens: Array) -> Array:
     """tokens [B, T] -> [B, T, E] in the compute dtype."""
