@@ -36,6 +36,6 @@ eval_config = small_config("sft")
 eval_config.task.length = 32
 run = run_builder.build_run(eval_config)
 evaluator.evaluate_suite(params, run, model_name="lychee", lengths=[1], modes=["all", "gate"],
-                          examples=4, batch_size=2, output_dir=evaldir,
+                          examples=4, batch_size=2, latency_examples=1, output_dir=evaldir,
                           baseline=evaluator.BaselineConfig(), log=lambda *a: None)
 print(f"process {process_id} done")

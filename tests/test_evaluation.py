@@ -28,7 +28,8 @@ def test_every_mode_at_two_lengths_with_plots(tmp_path):
   params = model.init_params(run.model, jax.random.key(0))
   baseline = evaluator.BaselineConfig(memagent_chunk=32, full_budget=128, rag_topk=2, rag_chunk=32)
   kwargs = dict(model_name="lychee", lengths=[1, 64], examples=2, batch_size=2,
-                output_dir=str(tmp_path), baseline=baseline, log=lambda *a: None)
+                latency_examples=1, output_dir=str(tmp_path), baseline=baseline,
+                log=lambda *a: None)
   rows = evaluator.evaluate_suite(params, run, modes=list(evaluator.MODES), **kwargs)
   assert len(rows) == 12
   assert {(r["mode"], r["context_tokens"]) for r in rows} == {

@@ -55,6 +55,7 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   eval_config.task.length = 32
   rows = evaluator.evaluate_suite(multi, run_builder.build_run(eval_config), model_name="lychee",
                                    lengths=[1], modes=["all", "gate"], examples=4, batch_size=2,
+                                   latency_examples=1,  # timings are not compared
                                    output_dir=str(tmp_path / "single_eval"),
                                    baseline=evaluator.BaselineConfig(), log=lambda *a: None)
   written = json.load(open(tmp_path / "multi_eval" / "results.json"))
