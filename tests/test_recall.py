@@ -157,8 +157,10 @@ def test_gate_groups_make_the_decisions_of_the_block_by_block_loop(lychee_model,
   q, m = jnp.tile(question, (3, 1)), jnp.tile(question_mask, (3, 1))
   # A threshold at the median of the scores when every block is read (the memory changing
   # after each) makes rows read several blocks at different places.
-  probe = recall.recall(lychee_model.params, _setup(lychee_model, "gate", threshold=0.0), bank,
-                        q, m, jax.random.key(0)).trace.gate_scores
+  # (gate_group=1: the program `one` below runs, the threshold being traced)
+  probe = recall.recall(lychee_model.params,
+                        _setup(lychee_model, "gate", threshold=0.0, gate_group=1), bank, q, m,
+                        jax.random.key(0)).trace.gate_scores
   ranked = np.sort(np.asarray(probe)[np.asarray(bank.chunk_valid).T])
   middle = len(ranked) // 2
   threshold = float(ranked[middle - 1] + ranked[middle]) / 2  # between scores: rounding can't flip
