@@ -133,9 +133,11 @@ def test_a_forward_traces_no_initializer_and_names_a_parameter_of_the_wrong_shap
   tokens, mask = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool)
   traced = []  # the functions Flax's parameter reads trace (Scope.param's lambdas)
   eval_shape = jax.eval_shape
-  monkeypatch.setattr(jax, "eval_shape", lambda f, *a, **k: (
-      traced.append(f.__qualname__) if ".param." in f.__qualname__ else None,
-      eval_shape(f, *a, **k))[1])
+  def recording(f, *args, **kwargs):
+    if ".param." in f.__qualname__:
+      traced.append(f.__qualname__)
+    return eval_shape(f, *args, **kwargs)
+  monkeypatch.setattr(jax, "eval_shape", recording)
   jax.make_jaxpr(lambda p: model.forward(p, config, tokens, mask))(params)
   assert traced == []
   for path, wrong in ((("final_norm", "scale"), (config.hidden_size + 1,)),
