@@ -1,21 +1,22 @@
 """The launchers on bad inputs: one short error naming the problem, before any work.
 
-Each case runs a launcher as a user would and checks the exit status (2), that the message is
-at most two lines and names the problem, that no traceback and no --help text is printed, and
-that no file already written (the case's own outputs, the shared checkpoints) changed.
+Each case runs a launcher as `python launch/SCRIPT.py ARGS` would (in a process forked from one
+that imported JAX and memrecall once: tests/forked_launchers.py) and checks the exit status (2),
+that the message is at most two lines and names the problem, that no traceback and no --help
+text is printed, and that no file already written (the case's own outputs, the shared
+checkpoints) changed.
 """
 
 import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from tests.conftest import LYCHEE_TEXT, cpu_env
+from tests.forked_launchers import LauncherServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = LYCHEE_TEXT
@@ -303,6 +304,13 @@ CASES = [pytest.param(script, *case[:3], case[3] if len(case) > 3 else None,
          for case in cases]
 
 
+@pytest.fixture(scope="module")
+def launchers():
+  server = LauncherServer(ENV)
+  yield server
+  server.close()
+
+
 def _snapshot(*directories) -> dict[str, str]:
   files = {}
   for directory in directories:
@@ -318,7 +326,7 @@ def test_the_table_is_large_enough():
 
 
 @pytest.mark.parametrize("script,name,args,expected,prepare", CASES)
-def test_bad_input(world, tmp_path, script, name, args, expected, prepare):
+def test_bad_input(world, launchers, tmp_path, script, name, args, expected, prepare):
   del name
   out = tmp_path / "out"
   out.mkdir()
@@ -326,10 +334,9 @@ def test_bad_input(world, tmp_path, script, name, args, expected, prepare):
     prepare(world, out)
   before = _snapshot(out, world["root"])
   command = [a.format(**world, out=out) for a in args]
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *command],
-                        capture_output=True, text=True, env=ENV, cwd=str(tmp_path), timeout=300)
-  output = (proc.stdout + proc.stderr).strip()
-  assert proc.returncode == 2, output
+  code, output = launchers.run(os.path.join(ROOT, "launch", script), command, str(tmp_path))
+  output = output.strip()
+  assert code == 2, output
   assert expected in output, output
   assert len(output.splitlines()) <= 2, output
   assert "Traceback" not in output and "\n  --" not in output and "flags:" not in output, output

@@ -1,0 +1,152 @@
+"""Launcher commands run as `python launch/SCRIPT.py ARGS` would, each in a process forked from
+one server that imported JAX, Flax, Orbax and memrecall once.
+
+tests/test_bad_inputs.py runs ~90 launcher commands that each stop at their first check; as
+fresh interpreters, importing those packages was most of each command's second.  The server
+imports them (with nothing printed: `LauncherServer` refuses to start otherwise, since a user's
+launcher would print it too), then for each command forks a child that changes to the
+command's directory, takes its argv and sys.path[0], sends file descriptors 1 and 2 to a file,
+runs the script as `__main__`, runs the exit handlers and exits with the status the
+interpreter would give.  No JAX backend is started before the fork (the children start their
+own), and the server has no thread of its own but numpy's BLAS pool, which is fork-safe.
+
+Protocol: one JSON request per line on the server's stdin ({"script", "args", "cwd",
+"timeout"}), one JSON reply per line on its stdout ({"code", "output"}).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+# What every launcher imports before it reads a flag: importing these is what the fork saves.
+PRELOADED = ("numpy", "jax", "jax.numpy", "flax", "flax.linen", "optax", "orbax.checkpoint",
+             "absl.app", "absl.flags", "absl.logging", "ml_collections", "memrecall.run_builder",
+             "memrecall.evaluate.evaluator", "memrecall.train.trainer")
+
+
+class LauncherServer:
+  """A server process started with `env`; `run` one command at a time, `close` at the end."""
+
+  def __init__(self, env: dict):
+    self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ready = json.loads(self._proc.stdout.readline() or "null")
+    if not ready or ready.get("import_output"):
+      self.close()
+      raise RuntimeError("the launcher server did not start cleanly: importing "
+                         f"{', '.join(PRELOADED)} printed {ready and ready['import_output']!r}")
+
+  def run(self, script: str, args: list[str], cwd: str, timeout: float = 300) -> tuple[int, str]:
+    """(exit status, stdout and stderr together) of `python script *args` run in `cwd`."""
+    self._proc.stdin.write(json.dumps({"script": script, "args": args, "cwd": cwd,
+                                       "timeout": timeout}) + "\n")
+    self._proc.stdin.flush()
+    line = self._proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the launcher server exited (status {self._proc.wait()}) running "
+                         f"{script} {' '.join(args)}")
+    reply = json.loads(line)
+    return reply["code"], reply["output"]
+
+  def close(self) -> None:
+    self._proc.stdin.close()
+    self._proc.wait(timeout=60)
+
+
+def _exit_status(exit: SystemExit) -> int:
+  """The status the interpreter gives for an uncaught SystemExit (a message: printed, 1)."""
+  if exit.code is None:
+    return 0
+  if isinstance(exit.code, int):
+    return exit.code
+  print(exit.code, file=sys.stderr)
+  return 1
+
+
+def _child(request: dict, output_path: str) -> None:
+  """Runs one request in this forked process and never returns."""
+  import atexit
+  import runpy
+  import traceback
+  code = 1
+  try:
+    fd = os.open(output_path, os.O_WRONLY | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.chdir(request["cwd"])
+    sys.argv = [request["script"], *request["args"]]
+    sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))
+    try:
+      runpy.run_path(request["script"], run_name="__main__")
+      code = 0
+    except SystemExit as exit:
+      code = _exit_status(exit)
+    except BaseException:  # pylint: disable=broad-except
+      traceback.print_exc()
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+  finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+
+
+def _wait(pid: int, timeout: float) -> int:
+  """The child's exit status; killed (-9) after `timeout` seconds."""
+  import time
+  deadline = time.monotonic() + timeout
+  while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+      return os.waitstatus_to_exitcode(status)
+    if time.monotonic() > deadline:
+      os.kill(pid, 9)
+      return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    time.sleep(0.01)
+
+
+def serve() -> None:
+  import importlib
+  import warnings
+  # fork() in a process with numpy's BLAS thread warns (DeprecationWarning) on Python 3.12.
+  warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+  protocol = os.fdopen(os.dup(1), "w")
+  # Not a TemporaryDirectory: its clean-up runs at exit, and the children run the exit handlers.
+  scratch = tempfile.mkdtemp(prefix="memrecall-launcher-server-")
+  output_path = os.path.join(scratch, "output")
+  try:
+    with open(output_path, "w"):
+      pass
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(output_path, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for module in PRELOADED:
+      importlib.import_module(module)
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if xla_bridge._backends:  # pylint: disable=protected-access
+      raise RuntimeError("importing the launchers' packages started a JAX backend: its threads "
+                         "would not survive a fork")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    protocol.write(json.dumps({"import_output": open(output_path).read()}) + "\n")
+    protocol.flush()
+    for line in sys.stdin:
+      request = json.loads(line)
+      pid = os.fork()
+      if pid == 0:
+        _child(request, output_path)
+      code = _wait(pid, request["timeout"])
+      protocol.write(json.dumps({"code": code, "output": open(output_path).read()}) + "\n")
+      protocol.flush()
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  serve()
