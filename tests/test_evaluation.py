@@ -27,7 +27,9 @@ def test_every_mode_at_two_lengths_with_plots(tmp_path):
   run = run_builder.build_run(config)
   params = model.init_params(run.model, jax.random.key(0))
   baseline = evaluator.BaselineConfig(memagent_chunk=32, full_budget=128, rag_topk=2, rag_chunk=32)
-  kwargs = dict(model_name="lychee", lengths=[1, 64], examples=2, batch_size=2,
+  # Batches of one: a question timed alone runs the batches' compiled program (one compile per
+  # mode and length, not two).
+  kwargs = dict(model_name="lychee", lengths=[1, 64], examples=2, batch_size=1,
                 latency_examples=1, output_dir=str(tmp_path), baseline=baseline,
                 log=lambda *a: None)
   rows = evaluator.evaluate_suite(params, run, modes=list(evaluator.MODES), **kwargs)
