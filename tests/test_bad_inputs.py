@@ -321,6 +321,30 @@ def _snapshot(*directories) -> dict[str, str]:
   return files
 
 
+@pytest.mark.parametrize("body", [
+    'import sys\nprint("to stdout")\nsys.exit(2)',
+    'import sys\nsys.exit("a message")',
+    'import atexit, os\natexit.register(print, "at exit")\nos.write(2, b"fd 2\\n")\n'
+    'print(__name__, os.path.basename(os.getcwd()))',
+    'raise ValueError("unexpected")'], ids=["exit_2", "exit_message", "fd_2_and_exit_handler",
+                                             "uncaught"])
+def test_a_forked_command_reports_what_a_fresh_interpreter_does(launchers, tmp_path, body):
+  """The status and output of tests/forked_launchers.py are a fresh `python script` run's (the
+  traceback's frames aside: runpy's and the server's sit above the script's)."""
+  import subprocess
+  import sys
+  script = tmp_path / "script.py"
+  script.write_text(body + "\n")
+  fresh = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV,
+                         cwd=str(tmp_path), timeout=120)
+  code, output = launchers.run(str(script), [], str(tmp_path))
+  assert code == fresh.returncode
+  if "raise" in body:
+    assert output.startswith("Traceback") and output.endswith("ValueError: unexpected\n")
+  else:
+    assert sorted(output.splitlines()) == sorted((fresh.stdout + fresh.stderr).splitlines())
+
+
 def test_the_table_is_large_enough():
   assert len(CASES) >= 30 and len({c.values[0] for c in CASES}) == 12
 
