@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -331,8 +333,6 @@ def _snapshot(*directories) -> dict[str, str]:
 def test_a_forked_command_reports_what_a_fresh_interpreter_does(launchers, tmp_path, body):
   """The status and output of tests/forked_launchers.py are a fresh `python script` run's (the
   traceback's frames aside: runpy's and the server's sit above the script's)."""
-  import subprocess
-  import sys
   script = tmp_path / "script.py"
   script.write_text(body + "\n")
   fresh = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV,
