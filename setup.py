@@ -41,6 +41,9 @@ setup(
         # compile, no TPU needed.  On a host with no accelerator the launchers then choose the
         # CPU themselves (launch/cli.py: choose_platform), so libtpu's probe stays silent.
         "tpu": ["jax[tpu]; sys_platform == 'linux'"],
+        # XLA's GPU compiler (jax's CUDA plugin at jax's version, without the CUDA libraries:
+        # about 200 MB) for launch/compile.py's deviceless GPU compile, no GPU or driver needed.
+        "gpu-aot": ["jax[cuda12-local]; sys_platform == 'linux'"],
         # PNG plots of evaluations and the demo.
         "plot": ["matplotlib>=3.8"],
     },

@@ -15,7 +15,6 @@ values, the same way in every launcher.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import logging as py_logging
 import os
 import re
@@ -25,6 +24,8 @@ import traceback
 from typing import Sequence
 
 from absl import app, flags, logging
+
+from memrecall.capacity import gpu_hosts
 
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks and library logs (also: "
                             "MEMRECALL_VERBOSE=1).")
@@ -108,17 +109,24 @@ def _accelerator_present() -> bool:
     return True
 
 
+# Compilers for hardware that may be absent: libtpu (the `tpu` extra) and jax's CUDA plugins
+# (the `gpu-aot` extra), each launch/compile.py's deviceless compiler.
+_ACCELERATOR_PACKAGES = ("libtpu",) + tuple(module for module, _ in gpu_hosts.PLUGINS)
+
+
 def choose_platform() -> None:
-  """The CPU backend on a host with no accelerator, when libtpu is installed and the user chose
-  no backend (JAX_PLATFORMS unset).
+  """The CPU backend on a host with no accelerator, when libtpu or a CUDA plugin is installed
+  and the user chose no backend (JAX_PLATFORMS unset).
 
   libtpu (the `tpu` extra: launch/compile.py's TPU compiler) makes every jax process try to
   start a TPU runtime even where no TPU is attached; libtpu's failed probe of the TPU VM's
-  metadata prints warnings to stderr, then jax falls back to the CPU anyway.  Choosing the
-  CPU here gives the same backend without the futile probe.  Anything present (a TPU chip,
-  a GPU's device nodes) or a JAX_PLATFORMS the user set leaves jax to choose as always.
+  metadata prints warnings to stderr, then jax falls back to the CPU anyway.  A CUDA plugin
+  without a GPU prints its failed initialisation's traceback.  Choosing the CPU here gives
+  the same backend without the futile probe.  Anything present (a TPU chip, a GPU's device
+  nodes) or a JAX_PLATFORMS the user set leaves jax to choose as always.
   """
-  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+  if "JAX_PLATFORMS" in os.environ or not any(map(gpu_hosts.installed,
+                                                              _ACCELERATOR_PACKAGES)):
     return
   if _accelerator_present():
     return

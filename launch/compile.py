@@ -1,23 +1,30 @@
-r"""Compiles a recipe for its TPU slice on any machine, and prints what each chip must hold.
+r"""Compiles a recipe for its TPU slice or GPU hosts on any machine, and prints what each
+device must hold.
 
   python launch/compile.py --config=configs/lychee.py:rl,7b,v5p-64
+  python launch/compile.py --config=configs/lychee.py:rl,7b,gpu8 --topology=h100:8
   python launch/compile.py --config=configs/lychee.py:sft,1.5b,auto --topology=v5e:4x4
   python launch/compile.py --config=configs/tiny.py:sft --topology=v5e:2x2 --output_json=plan.json
 
 Every jitted program the stage runs (the train step with its microbatches; for RL the
 rollout and the reference log-prob pass; evaluation's recall loop over a device bank and
 answer.py's streaming loop) is lowered with abstract inputs at the recipe's shapes (nothing
-is allocated) and compiled by the TPU compiler for deviceless TPU devices (`libtpu`
-installed, no TPU needed).  One row per
-program: per-chip arguments, temporaries, outputs from the compiler's memory plan, what the
+is allocated) and compiled for devices that exist only for the compiler: deviceless TPUs
+(`libtpu` installed) or deviceless GPUs (the CUDA plugin installed: `pip install
+jax-cuda12-plugin jax-cuda12-pjrt` at jax's version; XLA's GPU compiler then needs the card's
+target config, which the plugin carries for H100, H200, B200 and A100, or
+--gpu_target_config gives).  No TPU or GPU is needed.  One row per
+program: per-device arguments, temporaries, outputs from the compiler's memory plan, what the
 trainer holds on device besides them meanwhile (RL: the optimizer state during the rollout,
-the KL reference's copy), their total, the share of the chip's HBM, and the compile time.
-A program over 90% of HBM says by how much it does not fit and what would make it fit, and
-the command exits with status 3 once every program is compiled.
+the KL reference's copy), their total, the share of the device's memory, and the compile time.
+A program over 90% of it says by how much it does not fit and what would make it fit, and
+the command exits with status 3 once every program is compiled.  On a GPU that memory is the
+whole card's; JAX's allocator starts with 75% of it (XLA_PYTHON_CLIENT_MEM_FRACTION).
 
 --topology defaults to the recipe's mesh when it names a TPU slice (`v5p-64` -> v5p:2x4x4,
-32 chips); the mesh must use every chip of the slice (a mesh axis of -1 fills it).
-A 7B recipe takes minutes of CPU per program.
+32 chips); a GPU recipe's mesh (`gpu8`) names no card, so --topology names the hosts
+(`h100:8`: one host of 8; `h200:2x8`: two).  The mesh must use every device (a mesh axis
+of -1 fills it).  A 7B recipe takes minutes of CPU per program.
 """
 
 import json
@@ -34,7 +41,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py recipe and its "
                                           "argument, e.g. configs/lychee.py:rl,7b,v5p-64.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice (v5p-64, v5e-4) or topology "
-                                "(v5p:2x4x4, v5e:2x2); default: the recipe's mesh name.")
+                                "(v5p:2x4x4, v5e:2x2), or GPU hosts (h100:8, h200:2x8); "
+                                "default: the recipe's mesh name.")
+_GPU_TARGET_CONFIG = flags.DEFINE_string("gpu_target_config", None, "GPU hosts: the card's "
+                                         "GpuTargetConfigProto as a text file (default: the "
+                                         "one the CUDA plugin carries).")
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch", 16, "Questions per evaluation batch (eval.py's "
                                    "default).", lower_bound=1)
 _EVAL_TOKENS = flags.DEFINE_integer("eval_tokens", None, "Document tokens per evaluation question "
@@ -58,16 +69,17 @@ def _recipe_slice_name() -> str:
   return parts[2] if len(parts) > 2 else ""
 
 
-def _slice():
-  from memrecall.capacity import tpu_slices
+def _target():
+  from memrecall.capacity import targets
   if _TOPOLOGY.value:
-    return tpu_slices.parse_slice(_TOPOLOGY.value)
+    return targets.parse_target(_TOPOLOGY.value)
   name = _recipe_slice_name()
   try:
-    return tpu_slices.parse_slice(name)
-  except tpu_slices.TopologyError:
+    return targets.parse_target(name)
+  except targets.TopologyError:
     raise app.UsageError(f"--topology: the recipe's mesh {name or '(default)'!r} names no TPU "
-                         "slice; give one, e.g. --topology=v5p-8 or --topology=v5e:2x2") from None
+                         "slice or GPU card; give one, e.g. --topology=v5p-8, v5e:2x2 or "
+                         "h100:8") from None
 
 
 # The training recipes (`--config=FILE:ARG`); configs/models.py holds model shapes alone.
@@ -107,7 +119,7 @@ def _fit_mesh(config, devices: int) -> None:
 def main(argv):
   del argv
   import jax
-  from memrecall.capacity import aot, tpu_slices
+  from memrecall.capacity import aot, targets, tpu_slices
   from memrecall.models.config import ConfigError
   from memrecall.run_builder import build_run
   from memrecall.train import trainer
@@ -123,8 +135,11 @@ def main(argv):
     trainer.check_config(_CONFIG.value)  # train.py's own check of the stage and train.*
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
-  tpu = _slice()
-  devices = tpu_slices.deviceless_devices(tpu)
+  target = _target()
+  if _GPU_TARGET_CONFIG.value and not targets.is_gpu(target):
+    raise app.UsageError(f"--gpu_target_config is for GPU hosts; {target.topology} is a TPU")
+  deviceless = targets.deviceless(target, _GPU_TARGET_CONFIG.value)
+  devices = deviceless.devices
   config = _CONFIG.value
   _fit_mesh(config, len(devices))
   try:
@@ -140,20 +155,19 @@ def main(argv):
     raise app.UsageError(f"--programs: {unknown} are not programs of this stage; it has {names}")
   if _ONLY.value:
     programs = [p for p in programs if p.name in _ONLY.value]
-  hbm = tpu_slices.hbm_bytes_per_device(tpu, len(devices))
-  from memrecall.capacity.tpu_slices import libtpu_version
-  print(f"{tpu.topology} ({tpu.accelerator_type}, {tpu.chips} chips, {len(devices)} devices, "
-        f"{hbm / tpu_slices.GiB:.0f} GiB HBM each), mesh {dict(run.mesh.shape)}, stage "
-        f"{config.stage}, jax {jax.__version__}, libtpu {libtpu_version()}", flush=True)
+  hbm = deviceless.memory_bytes_per_device
+  print(f"{target.topology} ({target.accelerator_type}, {target.chips} chips, {len(devices)} "
+        f"devices, {hbm / tpu_slices.GiB:.1f} GiB each), mesh {dict(run.mesh.shape)}, stage "
+        f"{config.stage}, jax {jax.__version__}, {deviceless.compiler}", flush=True)
   print(aot.HEADER, flush=True)
   rows = aot.compile_rows(programs, run.mesh, hbm, log=lambda line: print(line, flush=True))
   if _OUTPUT_JSON.value:
     report = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
-              "overrides": config_overrides(sys.argv[1:]), "stage": config.stage, "topology": tpu.topology,
-              "accelerator_type": tpu.accelerator_type, "chips": tpu.chips,
+              "overrides": config_overrides(sys.argv[1:]), "stage": config.stage, "topology": target.topology,
+              "accelerator_type": target.accelerator_type, "chips": target.chips,
               "devices": len(devices), "mesh": dict(run.mesh.shape),
               "hbm_gib_per_device": hbm / tpu_slices.GiB, "jax": jax.__version__,
-              "libtpu": libtpu_version(), "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
+              "compiler": deviceless.compiler, "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
               "eval_tokens": tokens, "rows": [r.to_json() for r in rows]}
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(report, f, indent=1)

@@ -1,22 +1,24 @@
-r"""Per-device memory of a recipe before it runs: the estimate, and the TPU compiler's beside it.
+r"""Per-device memory of a recipe before it runs: the estimate, and the compiler's beside it.
 
   python launch/plan.py --config=configs/lychee.py:rl,7b,v5p-64
   python launch/plan.py --all                  # every recipe with a compiler record
   python launch/plan.py --config=configs/tiny.py:sft --config.mesh.fsdp=4 --compile=v5e:2x2
   python launch/plan.py --config=configs/lychee.py:rl,7b,gpu8
+  python launch/plan.py --config=configs/lychee.py:rl,7b,gpu8 --compile=h100:8
   python launch/plan.py --model=qwen2.5-7b --mesh=fsdp=8 --batch=16 --turn_tokens=2560
 
 With --config, one row per program the stage runs (the train step; for RL the rollout and
 the reference log-prob pass; evaluation's recall loop and answer.py's streaming loop), built
 by the same code that compiles them (memrecall/capacity/aot.py): the arguments and what RL holds on
 device beside them are exact, the temporaries a sum of named terms (memrecall/capacity/memory_plan.py;
---terms lists them with their formulas).  Beside it, for a TPU mesh, the compiler's numbers:
-from a record that launch/compile.py --output_json wrote (--records, default
-docs/compile/), or compiled now (--compile=TOPOLOGY: minutes of CPU for a 7B recipe, seconds
-for a tiny one).  `allocated` is what the compiled program's buffers take once laid out,
+--terms lists them with their formulas).  Beside it, the compiler's numbers: from a record
+that launch/compile.py --output_json wrote (--records, default docs/compile/), or compiled
+now for deviceless TPUs or GPUs (--compile=TOPOLOGY, a TPU slice or GPU hosts such as h100:8:
+minutes of CPU for a 7B recipe, seconds for a tiny one).  `allocated` is what the compiled program's buffers take once laid out,
 plus what RL holds; `total` adds the compiler's temporaries as it counts them
 (args + temp + out - alias + held, what launch/compile.py's fit check uses); the ratio is
-estimate / allocated.  A GPU mesh has no deviceless compiler: its rows are the estimate.
+estimate / allocated.  A GPU mesh (gpu8) names no card: without --compile or a record its
+rows are the estimate alone.
 
 With --model, the older summary of one setup: parameters and AdamW moments (exact), a stated
 activation estimate and a memory bank.  Bad flags are one-line errors.
@@ -38,9 +40,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A recipe, e.g. "
 _ALL = flags.DEFINE_bool("all", False, "Every recipe that has a compiler record in --records.")
 _RECORDS = flags.DEFINE_string("records", os.path.join(ROOT, "docs", "compile"),
                                "Directory of launch/compile.py --output_json records.")
-_COMPILE = flags.DEFINE_string("compile", None, "Compile the recipe now for this TPU topology "
-                               "(or `recipe`: the slice its mesh names) instead of reading a "
-                               "record.")
+_COMPILE = flags.DEFINE_string("compile", None, "Compile the recipe now for this TPU slice or "
+                               "GPU hosts (v5e:2x2, h100:8; or `recipe`: the slice its mesh "
+                               "names) instead of reading a record.")
 _TERMS = flags.DEFINE_bool("terms", False, "List each estimate's terms and formulas.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write every row (estimate with its "
                                    "terms, the compiler's numbers, the ratio) here as JSON too.")
@@ -76,14 +78,15 @@ def _recipe_spec() -> str:
   return config_flags.get_config_filename(flags.FLAGS["config"])
 
 
-def _tpu_slice(spec: str, mesh: dict, topology: str | None):
-  """The TPU slice a recipe targets (its MESH name, or `topology`), or None (a GPU mesh)."""
-  from memrecall.capacity import tpu_slices
+def _target(spec: str, topology: str | None):
+  """What a recipe is compiled for: `topology` (a TPU slice or GPU hosts), or the TPU slice
+  its MESH name gives; None for a mesh that names neither (gpu8: no card named)."""
+  from memrecall.capacity import targets
   name = topology if topology and topology != "recipe" else (spec.partition(":")[2].split(",")
                                                              + ["", "", ""])[2]
   try:
-    return tpu_slices.parse_slice(name)
-  except tpu_slices.TopologyError:
+    return targets.parse_target(name)
+  except targets.TopologyError:
     if topology and topology != "recipe":
       raise
     return None
@@ -161,13 +164,14 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
                  eval_batch: int, out: list) -> list[str]:
   """The table's lines for one recipe; its rows appended to `out`."""
   import math
-  from memrecall.capacity import aot, memory_plan, tpu_slices
+  from memrecall.capacity import aot, memory_plan, targets
   from memrecall.models.config import ConfigError
   from memrecall.run_builder import build_run
   mesh = _mesh_sizes(config)
-  tpu = compile_for or _tpu_slice(spec, mesh, None)
-  if compile_for is not None:
-    devices = tpu_slices.deviceless_devices(compile_for)
+  tpu = compile_for or _target(spec, None)
+  deviceless = targets.deviceless(compile_for) if compile_for is not None else None
+  if deviceless is not None:
+    devices = deviceless.devices
   else:
     known = math.prod(v for v in mesh.values() if v != -1)
     devices = _devices(tpu.chips if tpu is not None and -1 in mesh.values() else known)
@@ -185,17 +189,18 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
   rows = {}
   if record is not None:
     rows = {r["program"]: r for r in record["rows"]}
-  elif compile_for is not None:
-    hbm = tpu_slices.hbm_bytes_per_device(compile_for, len(devices))
-    rows = {r.program: r.to_json() for r in aot.compile_rows(programs, run.mesh, hbm)}
-  hbm_gib = (record or {}).get("hbm_gib_per_device") or (
-      tpu.hbm_gib_per_chip if tpu is not None else None)
+  elif deviceless is not None:
+    rows = {r.program: r.to_json() for r in aot.compile_rows(
+        programs, run.mesh, deviceless.memory_bytes_per_device)}
+  hbm_gib = ((record or {}).get("hbm_gib_per_device")
+             or (deviceless.memory_bytes_per_device / GiB if deviceless else None)
+             or getattr(tpu, "hbm_gib_per_chip", None))
   device_gib = _DEVICE_GIB.value or hbm_gib or 80.0
-  where = (f"{record['topology']}, compiler record (jax {record.get('jax')}, libtpu "
-           f"{record.get('libtpu')})" if record else
+  where = (f"{record['topology']}, compiler record (jax {record.get('jax')}, "
+           f"{record.get('compiler')})" if record else
            f"{compile_for.topology}, compiled now" if compile_for is not None else
            f"{tpu.topology}: no compiler record (launch/compile.py --output_json, or --compile)"
-           if tpu is not None else "a GPU mesh: estimate only, no deviceless compiler for GPUs")
+           if tpu is not None else "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)")
   lines = [f"{spec}{' ' + ' '.join(overrides) if overrides else ''}  mesh {dict(run.mesh.shape)}"
            f"  [{where}]",
            f"  {'program':<20} {'estimate':>9} {'allocated':>10} {'ratio':>6} {'total':>8} "
@@ -296,30 +301,30 @@ def main(argv):
   if any(v < -1 or v == 0 for v in mesh.values()):
     raise app.UsageError(f"mesh {mesh}: axis sizes are positive (or -1 to fill the slice)")
   compile_for = None
-  from memrecall.capacity import tpu_slices
+  from memrecall.capacity import targets
   if _COMPILE.value:
     try:
-      compile_for = _tpu_slice(spec, mesh, _COMPILE.value)
-    except tpu_slices.TopologyError as e:
+      compile_for = _target(spec, _COMPILE.value)
+    except targets.TopologyError as e:
       raise app.UsageError(f"--compile: {e}") from None
     if compile_for is None:
       raise app.UsageError(f"--compile=recipe: the recipe's mesh names no TPU slice; give a "
-                           "topology, e.g. --compile=v5e:2x2")
-  tpu = compile_for or _tpu_slice(spec, mesh, None)
+                           "topology, e.g. --compile=v5e:2x2 or --compile=h100:8")
+  tpu = compile_for or _target(spec, None)
   import math
   known = math.prod(v for v in mesh.values() if v != -1)
   if tpu is not None:
     if (-1 in mesh.values() and tpu.chips % known) or (-1 not in mesh.values()
                                                        and known != tpu.chips):
-      raise app.UsageError(f"mesh {mesh} does not cover the slice's {tpu.chips} chips "
-                           f"({tpu.topology})")
+      raise app.UsageError(f"mesh {mesh} does not cover the {tpu.chips} devices of "
+                           f"{tpu.topology}")
   elif -1 in mesh.values():
     raise app.UsageError(f"mesh {mesh}: a GPU mesh needs explicit axis sizes (no -1)")
   count = tpu.chips if tpu is not None else known
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={count}")
   record = None
-  if compile_for is None and tpu is not None:
+  if compile_for is None:  # a GPU mesh's record names its hosts: the latest one is read
     for r in _records(_RECORDS.value):
       if r["config"] == spec and r.get("overrides", []) == overrides:
         record = r

@@ -86,6 +86,16 @@ needs_libtpu = pytest.mark.skipif(not _libtpu_installed(),
                                   "install it): no deviceless TPU compiler")
 
 
+def _cuda_plugin_installed() -> bool:
+  from memrecall.capacity import gpu_hosts  # pylint: disable=g-import-not-at-top
+  return gpu_hosts.plugin() is not None
+
+
+needs_cuda_plugin = pytest.mark.skipif(not _cuda_plugin_installed(),
+                                       reason="no CUDA plugin (the `gpu-aot` extra installs "
+                                       "one): no deviceless GPU compiler")
+
+
 def pytest_addoption(parser):
   parser.addoption("--slow", action="store_true",
                    help="also run the tests marked slow (the learning test, minutes on a CPU)")

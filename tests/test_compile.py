@@ -1,4 +1,5 @@
-"""launch/compile.py: the tiny recipe compiled by the TPU compiler for deviceless v5e chips.
+"""launch/compile.py: the tiny recipe compiled by the TPU compiler for deviceless v5e chips
+(and by XLA's GPU compiler for deviceless H100s, where the `gpu-aot` extra is installed).
 
 A change that stops the train step or evaluation's recall loop from compiling for a TPU
 fails here, on a machine without one (libtpu comes with the `test` extra).  Bad input (an
@@ -15,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from memrecall.capacity import tpu_slices
-from tests.conftest import needs_libtpu, xla_defaults_env
+from memrecall.capacity import gpu_hosts, targets, tpu_slices
+from tests.conftest import needs_cuda_plugin, needs_libtpu, xla_defaults_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = xla_defaults_env()
@@ -48,6 +49,72 @@ def test_bad_slice_names_are_refused(name):
     tpu_slices.parse_slice(name)
 
 
+@pytest.mark.parametrize("name,card,hosts,gpus,topology", [
+    ("h100:8", "h100", 1, 8, "h100:8"), ("H200:2x8", "h200", 2, 8, "h200:2x8"),
+    ("a100:1x4", "a100", 1, 4, "a100:4"), ("b200:1", "b200", 1, 1, "b200:1")])
+def test_gpu_host_names(name, card, hosts, gpus, topology):
+  target = targets.parse_target(name)
+  assert targets.is_gpu(target)
+  assert (target.card, target.hosts, target.gpus_per_host) == (card, hosts, gpus)
+  assert (target.topology, target.chips) == (topology, hosts * gpus)
+  assert targets.parse_target(target.topology) == target
+  assert target.accelerator_type == gpu_hosts.CARDS[card]
+
+
+@pytest.mark.parametrize("name", ["h100", "h100:0", "h100:2x0", "h100:8x", "gpu8", "h7:8"])
+def test_bad_gpu_host_names_are_refused(name):
+  with pytest.raises(targets.TopologyError):
+    targets.parse_target(name)
+
+
+def _spec(name: str, memory: int) -> bytes:
+  return (b'gpu_device_info {\n  core_count: 132\n  device_memory_size: %d\n}\n'
+          b'platform_name: "CUDA"\ndevice_description_str: "%s"\n' % (memory, name.encode()))
+
+
+def test_target_configs_are_read_from_the_plugins_library(tmp_path):
+  """XLA compiles its cards' target configs into the plugin as NUL-ended text protos; a
+  format string that starts the same way but is not a config is passed over."""
+  library = tmp_path / "xla_cuda_plugin.so"
+  library.write_bytes(b"\x7fELF\0junk\0" + _spec("NVIDIA H100 80GB HBM3", 84942979072) + b"\0"
+                      + b"gpu_device_info {\n%s\0" + _spec("NVIDIA B200", 191) + b"\0tail")
+  configs = gpu_hosts.embedded_target_configs(str(library))
+  assert sorted(configs) == ["NVIDIA B200", "NVIDIA H100 80GB HBM3"]
+  assert gpu_hosts.device_memory_bytes(configs["NVIDIA H100 80GB HBM3"]) == 84942979072
+  assert configs["NVIDIA B200"].endswith('device_description_str: "NVIDIA B200"\n')
+  given = tmp_path / "h100.txtpb"
+  given.write_bytes(_spec("NVIDIA H100 80GB HBM3", 5))
+  h100 = targets.parse_target("h100:8")
+  assert gpu_hosts.device_memory_bytes(gpu_hosts.target_config(h100, str(given))) == 5
+  with pytest.raises(targets.TopologyError, match="no device_memory_size"):
+    gpu_hosts.device_memory_bytes("gpu_device_info {\n}\n")
+
+
+@needs_cuda_plugin
+def test_the_cuda_plugin_carries_a_target_config_for_every_named_card():
+  configs = gpu_hosts.embedded_target_configs(gpu_hosts._plugin_library(gpu_hosts.plugin()[0]))
+  assert set(gpu_hosts.CARDS.values()) <= set(configs)
+  h100 = gpu_hosts.device_memory_bytes(configs[gpu_hosts.CARDS["h100"]])
+  assert 79 * 2**30 < h100 < 80 * 2**30  # "80GB": 80e9 bytes less what the driver keeps
+
+
+@needs_cuda_plugin
+def test_tiny_recipe_compiles_for_two_deviceless_h100s(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = _compile("--config=configs/tiny.py:sft", "--config.mesh.fsdp=2", "--topology=h100:2",
+                  "--eval_modes=gate", "--programs=eval_recall_gate", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stderr == "", proc.stderr
+  report = json.load(open(out))
+  assert (report["topology"], report["devices"], report["chips"]) == ("h100:2", 2, 2)
+  assert report["compiler"] == gpu_hosts.plugin()[1]
+  assert report["accelerator_type"] == "NVIDIA H100 80GB HBM3"
+  assert 79 < report["hbm_gib_per_device"] < 80
+  (row,) = report["rows"]
+  assert row["program"] == "eval_recall_gate" and row["fits"]
+  assert min(row["argument_gib"], row["temp_gib"], row["compile_s"]) > 0
+
+
 @needs_libtpu
 def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
   out = tmp_path / "plan.json"
@@ -57,7 +124,7 @@ def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
   assert proc.stderr == "", proc.stderr  # libtpu's own logs stay quiet too
   report = json.load(open(out))
   assert (report["topology"], report["devices"], report["mesh"]["fsdp"]) == ("v5e:2x2", 4, 4)
-  assert report["libtpu"] == tpu_slices.libtpu_version()
+  assert report["compiler"] == f"libtpu {tpu_slices.libtpu_version()}"
   assert report["config"] == "configs/tiny.py:sft" and report["overrides"] == []
   rows = {r["program"]: r for r in report["rows"]}
   assert list(rows) == ["train_step", "eval_recall_gate"]
@@ -123,7 +190,13 @@ BAD_INPUTS = [
     (["--config=configs/tiny.py:sft", "--topology=tpu-pod"], "unknown TPU topology 'tpu-pod'"),
     (["--config=configs/tiny.py:sft", "--topology=v5p-64", "--config.mesh.fsdp=8"],
      "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} has 8 devices, the slice 32"),
-    (["--config=configs/lychee.py:rl,0.5b,gpu8"], "names no TPU slice"),
+    (["--config=configs/lychee.py:rl,0.5b,gpu8"], "names no TPU slice or GPU card"),
+    (["--config=configs/tiny.py:sft", "--topology=h100:0"], "GPUs per host are at least 1"),
+    (["--config=configs/tiny.py:sft", "--topology=h7:8"], "or GPU hosts such as h100:8"),
+    (["--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--gpu_target_config=x.txtpb"],
+     "--gpu_target_config is for GPU hosts; v5e:2x2 is a TPU"),
+    (["--config=configs/tiny.py:sft", "--topology=h100:4", "--gpu_target_config=/nonexistent"],
+     "--gpu_target_config: cannot read /nonexistent"),
     (["--config=configs/lychee.py:rl,0.5b,v5p-64", "--topology=v5e:2x2"], "has 32 devices"),
     (["--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--config.mesh.fsdp=3",
       "--config.mesh.data=-1"], "cannot fill the slice's 4 devices"),

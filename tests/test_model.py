@@ -14,7 +14,7 @@ import pytest
 import ml_dtypes
 
 import reference
-from tests.conftest import FIXTURES, needs_libtpu
+from tests.conftest import FIXTURES, needs_cuda_plugin, needs_libtpu
 from memrecall.models import hf_checkpoint, qwen2 as model, sampling
 from memrecall.models.config import ModelConfig
 from memrecall.models.safetensors_io import iter_checkpoint_files
@@ -225,14 +225,31 @@ def test_decode_loop_copies_neither_the_cache_nor_a_weight():
     _decode_loop_copies_neither_the_cache_nor_a_weight()
 
 
-def _decode_loop_copies_neither_the_cache_nor_a_weight():
+@needs_cuda_plugin
+def test_decode_loop_compiled_for_an_h100_copies_neither_the_cache_nor_a_weight():
+  """The same loop compiled by XLA's GPU compiler for a deviceless H100 (its own layouts and
+  fusions: a GPU's gemm fusions might want a transposed weight, which CPU's HLO cannot show)."""
+  from memrecall.capacity import targets
+  device = targets.deviceless(targets.parse_target("h100:1")).devices[0]
+  _decode_loop_copies_neither_the_cache_nor_a_weight(device)
+
+
+def _decode_loop_copies_neither_the_cache_nor_a_weight(device=None):
+  """device: compile abstract inputs for it (a deviceless GPU), else for the default device."""
   config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=3,
                        num_heads=4, num_kv_heads=2, head_dim=16)
   params, config = model.unstack_layers(model.init_params(config, jax.random.key(0)), config)
   batch, size = 3, 40
+  inputs = (params, model.init_cache(config, batch, size), jnp.zeros((batch, 96)),
+            jax.random.key(1))
+  if device is not None:
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device),
+                          inputs)
+  params, cache, logits, key = inputs
   lowered = sampling.sample_loop.lower(
-      params, config, model.init_cache(config, batch, size), jnp.zeros((batch, 96)),
-      jax.random.key(1), max_new_tokens=4, sampling=sampling.SamplingConfig(eos_ids=(1,)))
+      params, config, cache, logits, key, max_new_tokens=4,
+      sampling=sampling.SamplingConfig(eos_ids=(1,)))
   text = lowered.compile().as_text()
   layer = (batch, size, config.num_kv_heads, config.head_dim)
   cache_shapes = {(batch, config.num_kv_heads, size, config.head_dim), layer,
@@ -246,8 +263,11 @@ def _decode_loop_copies_neither_the_cache_nor_a_weight():
       found.setdefault("cache", []).append((name, op))
     elif shape in weight_shapes and op not in ("parameter", "get-tuple-element"):
       found.setdefault("weight", []).append((name, op))
+  # An in-place update fusion is named for its root: dynamic-update-slice (CPU) or
+  # loop_dynamic_update_slice_fusion (GPU).
   in_place = lambda name, op: op in ("parameter", "get-tuple-element", "dynamic-update-slice",
-                                     "bitcast") or (op == "fusion" and "dynamic-update-slice" in name)
+                                     "bitcast") or (op == "fusion" and re.search(
+                                         "dynamic.update.slice", name))
   assert found["cache"] and all(in_place(*x) for x in found["cache"]), found["cache"]
   assert not found.get("weight"), found["weight"]
 

@@ -191,17 +191,37 @@ def test_records_of_other_evaluation_settings_are_not_merged(tmp_path):
   assert len(evaluation) == 1 and 0.75 <= evaluation[0]["ratio"] <= 1.25, evaluation
 
 
-def test_a_gpu_mesh_is_an_estimate():
-  proc = _plan("--config=configs/lychee.py:sft,0.5b,gpu8")
+def test_a_gpu_mesh_is_an_estimate_until_a_record_names_its_hosts(tmp_path):
+  """gpu8 names no card: the estimate alone, until a launch/compile.py record for GPU hosts
+  (h100:8) of the same recipe is in --records; then its rows stand beside the estimate."""
+  out = tmp_path / "estimate.json"
+  proc = _plan("--config=configs/lychee.py:sft,0.5b,gpu8", f"--records={tmp_path}",
+               f"--output_json={out}")
   assert proc.returncode == 0, proc.stderr
-  assert "a GPU mesh: estimate only, no deviceless compiler for GPUs" in proc.stdout
+  assert "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)" in proc.stdout
   lines = [l for l in proc.stdout.splitlines() if l.startswith("  train_step")]
   assert len(lines) == 1 and "(estimate)" in lines[0]
+  estimates = {r["program"]: r["estimate"]["total_gib"] for r in json.load(open(out))}
+  # A record as compile.py writes it, each program allocating twice its estimate.
+  rows = [{"program": name, "allocation_gib": 2 * gib, "held_gib": 0.0, "total_gib": 3 * gib}
+          for name, gib in estimates.items()]
+  (tmp_path / "sft_h100.json").write_text(json.dumps({
+      "config": "configs/lychee.py:sft,0.5b,gpu8", "overrides": [], "topology": "h100:8",
+      "hbm_gib_per_device": 79.1, "jax": "0.12.0.1", "compiler": "jax-cuda12-plugin 0.12.0.1",
+      "eval_batch": 16, "eval_modes": ["gate", "stream"], "rows": rows}))
+  proc = _plan("--config=configs/lychee.py:sft,0.5b,gpu8", f"--records={tmp_path}",
+               f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert "[h100:8, compiler record (jax 0.12.0.1, jax-cuda12-plugin 0.12.0.1)]" in proc.stdout
+  assert {r["program"]: r["ratio"] for r in json.load(open(out))} == {
+      name: pytest.approx(0.5) for name in estimates}
 
 
 @pytest.mark.parametrize("args,message", [
     (["--config=configs/lychee.py:rl,0.5b,v5p-64", "--config.mesh.fsdp=4"],
-     "does not cover the slice's 32 chips"),
+     "does not cover the 32 devices of v5p:2x4x4"),
+    (["--config=configs/lychee.py:rl,0.5b,gpu8", "--compile=h100:4"],
+     "does not cover the 4 devices of h100:4"),
     (["--config=configs/tiny.py:sft", "--compile=v9x:2x2"], "--compile: unknown TPU generation"),
     (["--config=configs/lychee.py:rl,0.5b,gpu8", "--compile=recipe"], "names no TPU slice"),
     (["--all", "--records=/nonexistent"], "no launch/compile.py records in /nonexistent"),
