@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates docs/compile/: every 7B recipe compiled for its TPU slice by launch/compile.py
-# (deviceless, libtpu installed), then launch/plan.py's estimate beside each record.
+# (deviceless, libtpu installed), and the GPU recipes for one host of 8 H100s where jax's CUDA
+# plugin is installed (the gpu-aot extra), then launch/plan.py's estimate beside each record.
 # Hours of CPU (a 7B program takes minutes to tens of minutes).  Extra arguments go to every
 # compile, e.g. --programs=train_step.
 #
@@ -12,10 +13,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 out=docs/compile
 mkdir -p "$out"
-compile() {  # recipe, then compile.py flags
-  local recipe=$1 name status=0
+compile() {  # recipe, then compile.py flags (a --topology=CARD:N names the record after it)
+  local recipe=$1 name status=0 hosts
   shift
   name=$(echo "$recipe" | sed 's/\.py:/_/; s/,/_/g')
+  hosts=$(printf '%s\n' "$@" | sed -n 's/^--topology=\([a-z0-9]*\):\(.*\)$/_\1-\2/p')
+  name=$name$hosts
   echo "[compile_recipes] $recipe" >&2
   "$PYTHON" launch/compile.py --config="configs/$recipe" --output_json="$out/$name.json" "$@" \
     || status=$?
@@ -28,4 +31,10 @@ compile lychee.py:rl,7b,v5p-64 "$@"
 compile lychee.py:gate,7b,v5p-64 --eval_modes= "$@"
 compile memagent.py:sft,7b,v5p-64 "$@"
 compile memagent.py:rl,7b,v5p-64 "$@"
+if "$PYTHON" -c "from memrecall.capacity import gpu_hosts; assert gpu_hosts.plugin()" 2>/dev/null
+then
+  compile lychee.py:rl,7b,gpu8 --topology=h100:8 "$@"
+else
+  echo "[compile_recipes] no CUDA plugin (pip install -e .[gpu-aot]): GPU recipes not compiled" >&2
+fi
 "$PYTHON" launch/plan.py --all --records="$out"

@@ -226,29 +226,58 @@ def test_decode_loop_copies_neither_the_cache_nor_a_weight():
 
 
 @needs_cuda_plugin
-def test_decode_loop_compiled_for_an_h100_copies_neither_the_cache_nor_a_weight():
-  """The same loop compiled by XLA's GPU compiler for a deviceless H100 (its own layouts and
-  fusions: a GPU's gemm fusions might want a transposed weight, which CPU's HLO cannot show)."""
+def test_7b_decode_loop_compiled_for_an_h100_copies_neither_the_cache_nor_a_weight():
+  """The loop at Qwen2.5-7B shapes (bfloat16, batch 8; abstract inputs, nothing allocated)
+  compiled by XLA's GPU compiler for a deviceless H100: its own layouts and fusions, which the
+  CPU's HLO cannot show.  XLA merges each layer's q/k/v products into one gemm fusion that
+  reads the three kernels where they lie; at toy shapes it materialises their concatenation
+  at every step instead, so this runs at the shape that matters."""
+  from configs import models
   from memrecall.capacity import targets
   device = targets.deviceless(targets.parse_target("h100:1")).devices[0]
-  _decode_loop_copies_neither_the_cache_nor_a_weight(device)
+  config = ModelConfig.from_dict(models.model_config("qwen2.5-7b").to_dict())
+  _decode_loop_copies_neither_the_cache_nor_a_weight(config, batch=8, size=1024, device=device)
 
 
-def _decode_loop_copies_neither_the_cache_nor_a_weight(device=None):
-  """device: compile abstract inputs for it (a deviceless GPU), else for the default device."""
-  config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=3,
-                       num_heads=4, num_kv_heads=2, head_dim=16)
-  params, config = model.unstack_layers(model.init_params(config, jax.random.key(0)), config)
-  batch, size = 3, 40
-  inputs = (params, model.init_cache(config, batch, size), jnp.zeros((batch, 96)),
-            jax.random.key(1))
-  if device is not None:
+def _top_level_instructions(text: str):
+  """(name, dtype, shape, op) of every instruction outside fused computations (a fusion's
+  body is one kernel: what it reads and writes is the fusion's own operands and result)."""
+  fused = set(re.findall(r"kind=k\w+, calls=%([\w.-]+)", text))
+  keep = True
+  for line in text.splitlines():
+    header = re.match(r"(?:ENTRY )?%([\w.-]+) .*\{$", line)
+    if header:
+      keep = header[1] not in fused
+    found = re.match(r"\s*(?:ROOT )?%([\w.-]+) = (f32|bf16)\[([0-9,]+)\]\{[0-9,]*\} ([\w-]+)\(",
+                     line)
+    if keep and found:
+      yield found[1], found[2], tuple(int(d) for d in found[3].split(",")), found[4]
+
+
+def _decode_loop_copies_neither_the_cache_nor_a_weight(config=None, batch=3, size=40,
+                                                       device=None):
+  """device: compile abstract inputs for it (a deviceless GPU), else real ones for the default
+  device.  A weight is copied if an array shaped like one, or like a merged or transposed
+  [hidden, n] projection, is made anywhere but as a parameter."""
+  if config is None:
+    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=3,
+                         num_heads=4, num_kv_heads=2, head_dim=16)
+  layout = {}
+
+  def inputs():
+    params, layout["config"] = model.unstack_layers(
+        model.init_params(config, jax.random.key(0)), config)
+    return (params, model.init_cache(layout["config"], batch, size),
+            jnp.zeros((batch, config.vocab_size)), jax.random.key(1))
+  if device is None:
+    args = inputs()
+  else:
     on_device = jax.sharding.SingleDeviceSharding(device)
-    inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device),
-                          inputs)
-  params, cache, logits, key = inputs
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device),
+                        jax.eval_shape(inputs))
+  params, cache, logits, key = args
   lowered = sampling.sample_loop.lower(
-      params, config, cache, logits, key, max_new_tokens=4,
+      params, layout["config"], cache, logits, key, max_new_tokens=4,
       sampling=sampling.SamplingConfig(eos_ids=(1,)))
   text = lowered.compile().as_text()
   layer = (batch, size, config.num_kv_heads, config.head_dim)
@@ -256,12 +285,14 @@ def _decode_loop_copies_neither_the_cache_nor_a_weight(device=None):
                   (config.num_layers, batch, config.num_kv_heads, size, config.head_dim),
                   (config.num_layers,) + layer}
   weight_shapes = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
+  hidden = config.hidden_size
+  weight_like = lambda shape: shape in weight_shapes or (
+      len(shape) == 2 and hidden in shape and min(shape) >= config.head_dim)
   found = {}
-  for name, shape, op in re.findall(r"%([\w.-]+) = f32\[([0-9,]+)\]\{[0-9,]*\} ([\w-]+)\(", text):
-    shape = tuple(int(d) for d in shape.split(","))
+  for name, _, shape, op in _top_level_instructions(text):
     if shape in cache_shapes:
       found.setdefault("cache", []).append((name, op))
-    elif shape in weight_shapes and op not in ("parameter", "get-tuple-element"):
+    elif weight_like(shape) and op not in ("parameter", "get-tuple-element", "bitcast"):
       found.setdefault("weight", []).append((name, op))
   # An in-place update fusion is named for its root: dynamic-update-slice (CPU) or
   # loop_dynamic_update_slice_fusion (GPU).
