@@ -86,14 +86,22 @@ needs_libtpu = pytest.mark.skipif(not _libtpu_installed(),
                                   "install it): no deviceless TPU compiler")
 
 
-def _cuda_plugin_installed() -> bool:
+def _compiles_for_an_h100() -> bool:
+  """A CUDA plugin that carries the H100's target config (older plugins carry none)."""
   from memrecall.capacity import gpu_hosts  # pylint: disable=g-import-not-at-top
-  return gpu_hosts.plugin() is not None
+  if gpu_hosts.plugin() is None:
+    return False
+  try:
+    gpu_hosts.target_config(gpu_hosts.parse_gpu_hosts("h100:1"))
+  except gpu_hosts.GpuTargetError:
+    return False
+  return True
 
 
-needs_cuda_plugin = pytest.mark.skipif(not _cuda_plugin_installed(),
-                                       reason="no CUDA plugin (the `gpu-aot` extra installs "
-                                       "one): no deviceless GPU compiler")
+needs_cuda_plugin = pytest.mark.skipif(not _compiles_for_an_h100(),
+                                       reason="no CUDA plugin carrying the H100's target "
+                                       "config (the `gpu-aot` extra installs one): no "
+                                       "deviceless GPU compiler")
 
 
 def pytest_addoption(parser):

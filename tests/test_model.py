@@ -234,7 +234,10 @@ def test_7b_decode_loop_compiled_for_an_h100_copies_neither_the_cache_nor_a_weig
   at every step instead, so this runs at the shape that matters."""
   from configs import models
   from memrecall.capacity import targets
-  device = targets.deviceless(targets.parse_target("h100:1")).devices[0]
+  try:
+    device = targets.deviceless(targets.parse_target("h100:1")).devices[0]
+  except (ImportError, targets.TopologyError) as e:  # an older plugin (a GPU image's own)
+    pytest.skip(f"this CUDA plugin compiles for no deviceless GPU: {e}")
   config = ModelConfig.from_dict(models.model_config("qwen2.5-7b").to_dict())
   _decode_loop_copies_neither_the_cache_nor_a_weight(config, batch=8, size=1024, device=device)
 
