@@ -125,8 +125,8 @@ def choose_platform() -> None:
   the same backend without the futile probe.  Anything present (a TPU chip, a GPU's device
   nodes) or a JAX_PLATFORMS the user set leaves jax to choose as always.
   """
-  if "JAX_PLATFORMS" in os.environ or not any(map(gpu_hosts.installed,
-                                                              _ACCELERATOR_PACKAGES)):
+  compilers = any(gpu_hosts.installed(module) for module in _ACCELERATOR_PACKAGES)
+  if "JAX_PLATFORMS" in os.environ or not compilers:
     return
   if _accelerator_present():
     return

@@ -10,16 +10,16 @@ Every jitted program the stage runs (the train step with its microbatches; for R
 rollout and the reference log-prob pass; evaluation's recall loop over a device bank and
 answer.py's streaming loop) is lowered with abstract inputs at the recipe's shapes (nothing
 is allocated) and compiled for devices that exist only for the compiler: deviceless TPUs
-(`libtpu` installed) or deviceless GPUs (the CUDA plugin installed: `pip install
-jax-cuda12-plugin jax-cuda12-pjrt` at jax's version; XLA's GPU compiler then needs the card's
-target config, which the plugin carries for H100, H200, B200 and A100, or
---gpu_target_config gives).  No TPU or GPU is needed.  One row per
+(`libtpu` installed: the `tpu` extra) or deviceless GPUs (jax's CUDA plugin installed: the
+`gpu-aot` extra; XLA's GPU compiler then needs the card's target config, which jax 0.12's
+plugin carries for H100, H200, B200 and A100, or --gpu_target_config gives).  No TPU or GPU
+is needed.  One row per
 program: per-device arguments, temporaries, outputs from the compiler's memory plan, what the
 trainer holds on device besides them meanwhile (RL: the optimizer state during the rollout,
 the KL reference's copy), their total, the share of the device's memory, and the compile time.
 A program over 90% of it says by how much it does not fit and what would make it fit, and
 the command exits with status 3 once every program is compiled.  On a GPU that memory is the
-whole card's; JAX's allocator starts with 75% of it (XLA_PYTHON_CLIENT_MEM_FRACTION).
+whole card's; JAX preallocates 75% of it (XLA_PYTHON_CLIENT_MEM_FRACTION raises that).
 
 --topology defaults to the recipe's mesh when it names a TPU slice (`v5p-64` -> v5p:2x4x4,
 32 chips); a GPU recipe's mesh (`gpu8`) names no card, so --topology names the hosts
@@ -163,8 +163,9 @@ def main(argv):
   rows = aot.compile_rows(programs, run.mesh, hbm, log=lambda line: print(line, flush=True))
   if _OUTPUT_JSON.value:
     report = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
-              "overrides": config_overrides(sys.argv[1:]), "stage": config.stage, "topology": target.topology,
-              "accelerator_type": target.accelerator_type, "chips": target.chips,
+              "overrides": config_overrides(sys.argv[1:]), "stage": config.stage,
+              "topology": target.topology, "accelerator_type": target.accelerator_type,
+              "chips": target.chips,
               "devices": len(devices), "mesh": dict(run.mesh.shape),
               "hbm_gib_per_device": hbm / tpu_slices.GiB, "jax": jax.__version__,
               "compiler": deviceless.compiler, "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,

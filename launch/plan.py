@@ -43,6 +43,9 @@ _RECORDS = flags.DEFINE_string("records", os.path.join(ROOT, "docs", "compile"),
 _COMPILE = flags.DEFINE_string("compile", None, "Compile the recipe now for this TPU slice or "
                                "GPU hosts (v5e:2x2, h100:8; or `recipe`: the slice its mesh "
                                "names) instead of reading a record.")
+_GPU_TARGET_CONFIG = flags.DEFINE_string("gpu_target_config", None, "--compile for GPU hosts: "
+                                         "the card's GpuTargetConfigProto as a text file "
+                                         "(default: the one the CUDA plugin carries).")
 _TERMS = flags.DEFINE_bool("terms", False, "List each estimate's terms and formulas.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write every row (estimate with its "
                                    "terms, the compiler's numbers, the ratio) here as JSON too.")
@@ -169,7 +172,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
   from memrecall.run_builder import build_run
   mesh = _mesh_sizes(config)
   tpu = compile_for or _target(spec, None)
-  deviceless = targets.deviceless(compile_for) if compile_for is not None else None
+  deviceless = (targets.deviceless(compile_for, _GPU_TARGET_CONFIG.value)
+                if compile_for is not None else None)
   if deviceless is not None:
     devices = deviceless.devices
   else:
@@ -310,6 +314,8 @@ def main(argv):
     if compile_for is None:
       raise app.UsageError(f"--compile=recipe: the recipe's mesh names no TPU slice; give a "
                            "topology, e.g. --compile=v5e:2x2 or --compile=h100:8")
+  if _GPU_TARGET_CONFIG.value and not (compile_for and targets.is_gpu(compile_for)):
+    raise app.UsageError("--gpu_target_config goes with --compile for GPU hosts (e.g. h100:8)")
   tpu = compile_for or _target(spec, None)
   import math
   known = math.prod(v for v in mesh.values() if v != -1)

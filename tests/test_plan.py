@@ -225,6 +225,8 @@ def test_a_gpu_mesh_is_an_estimate_until_a_record_names_its_hosts(tmp_path):
     (["--config=configs/tiny.py:sft", "--compile=v9x:2x2"], "--compile: unknown TPU generation"),
     (["--config=configs/lychee.py:rl,0.5b,gpu8", "--compile=recipe"], "names no TPU slice"),
     (["--all", "--records=/nonexistent"], "no launch/compile.py records in /nonexistent"),
+    (["--config=configs/lychee.py:rl,0.5b,gpu8", "--gpu_target_config=h100.txtpb"],
+     "--gpu_target_config goes with --compile for GPU hosts"),
     (["--all", "--model=tiny"], "give one of --config, --all or --model"),
 ])
 def test_bad_input_is_one_line(args, message):
