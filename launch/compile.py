@@ -19,7 +19,8 @@ trainer holds on device besides them meanwhile (RL: the optimizer state during t
 the KL reference's copy), their total, the share of the device's memory, and the compile time.
 A program over 90% of it says by how much it does not fit and what would make it fit, and
 the command exits with status 3 once every program is compiled.  On a GPU that memory is the
-whole card's; JAX preallocates 75% of it (XLA_PYTHON_CLIENT_MEM_FRACTION raises that).
+whole card's; JAX preallocates 75% of it, and a program between 75% and 90% says which
+XLA_PYTHON_CLIENT_MEM_FRACTION it needs.
 
 --topology defaults to the recipe's mesh when it names a TPU slice (`v5p-64` -> v5p:2x4x4,
 32 chips); a GPU recipe's mesh (`gpu8`) names no card, so --topology names the hosts
@@ -160,7 +161,8 @@ def main(argv):
         f"devices, {hbm / tpu_slices.GiB:.1f} GiB each), mesh {dict(run.mesh.shape)}, stage "
         f"{config.stage}, jax {jax.__version__}, {deviceless.compiler}", flush=True)
   print(aot.HEADER, flush=True)
-  rows = aot.compile_rows(programs, run.mesh, hbm, log=lambda line: print(line, flush=True))
+  rows = aot.compile_rows(programs, run.mesh, hbm, log=lambda line: print(line, flush=True),
+                          pool_fraction=deviceless.pool_fraction)
   if _OUTPUT_JSON.value:
     report = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
               "overrides": config_overrides(sys.argv[1:]), "stage": config.stage,

@@ -195,7 +195,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     rows = {r["program"]: r for r in record["rows"]}
   elif deviceless is not None:
     rows = {r.program: r.to_json() for r in aot.compile_rows(
-        programs, run.mesh, deviceless.memory_bytes_per_device)}
+        programs, run.mesh, deviceless.memory_bytes_per_device,
+        pool_fraction=deviceless.pool_fraction)}
   hbm_gib = ((record or {}).get("hbm_gib_per_device")
              or (deviceless.memory_bytes_per_device / GiB if deviceless else None)
              or getattr(tpu, "hbm_gib_per_chip", None))
@@ -235,7 +236,16 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
         for t in terms:
           mark = "*" if phase == e.phase else " "
           lines.append(f"    {mark}{phase:<15} {t.bytes / GiB:7.3f}  {t.name}: {t.formula}")
+  if rows and _on_gpus((record or {}).get("topology") or getattr(compile_for, "topology", "")):
+    lines.append("  (the estimate follows the TPU compiler, which gathers a layer's weights inside "
+                 "the loops; XLA's GPU compiler gathers inference loops' weights whole, before "
+                 "them: docs/2026-12-06-gpu-deviceless-compile.md)")
   return lines
+
+
+def _on_gpus(topology: str) -> bool:
+  from memrecall.capacity import gpu_hosts
+  return bool(topology) and gpu_hosts.looks_like_gpu(topology)
 
 
 def _summary(argv_model: str) -> None:

@@ -242,6 +242,25 @@ def test_a_program_over_90_percent_of_hbm_says_by_how_much_and_what_to_change():
   assert aot.format_row(row).endswith("does not fit by 5.60 GiB")
 
 
+def test_a_gpu_program_above_jaxs_default_pool_says_which_fraction_it_needs():
+  """JAX preallocates 75% of a GPU: a program that fits the card (<= 90%) but not that pool
+  says which XLA_PYTHON_CLIENT_MEM_FRACTION to run with; below it, or without a pool, nothing."""
+  import jax
+  import jax.numpy as jnp
+  from memrecall.capacity import aot
+  from memrecall.train.trainer import Program
+  x = jax.ShapeDtypeStruct((256, 1024), jnp.float32)  # 1 MiB in, 1 MiB out
+  program = Program("rollout", jax.jit(lambda a: a * 2), (x,))
+  mesh = jax.sharding.Mesh(jax.devices()[:1], ("x",))
+  device = aot.compile_program(program, mesh, 2**40).total_gib / 0.8 * 2**30  # 80% of it
+  row = aot.compile_program(program, mesh, device, pool_fraction=0.75)
+  assert row.fits and row.share == pytest.approx(0.8)
+  assert row.advice == ("above JAX's default pool (75% of 0 GiB): run with "
+                        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.85")
+  assert aot.compile_program(program, mesh, device).advice == ""
+  assert aot.compile_program(program, mesh, device * 2, pool_fraction=0.75).advice == ""
+
+
 @pytest.mark.parametrize("stage", ["sft", "gate"])
 def test_training_compression_keeps_no_attention_scores_per_layer(stage):
   """The train step differentiates through compression (the gate stage too: its adapters

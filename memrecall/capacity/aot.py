@@ -184,10 +184,13 @@ def _hbm_oom_gib(message: str) -> float | None:
   return None
 
 
-def compile_program(program: Program, mesh, hbm_bytes: float) -> Row:
+def compile_program(program: Program, mesh, hbm_bytes: float,
+                    pool_fraction: float | None = None) -> Row:
   """Lowers and compiles one program for `mesh` and reads the compiler's memory plan.  A
   program the TPU compiler refuses for lack of HBM is a row too: its temporaries as the
-  refusal gives them, and by how much it does not fit."""
+  refusal gives them, and by how much it does not fit.  pool_fraction: the share of a
+  device's memory its runtime allocates by default (JAX's GPU pool: 0.75); a program that
+  fits the device but not that share says what to set."""
   start = time.perf_counter()
   try:
     with jax.set_mesh(mesh):
@@ -212,15 +215,19 @@ def compile_program(program: Program, mesh, hbm_bytes: float) -> Row:
   # Donated arguments alias outputs: those bytes are counted once.
   total = argument + temp + output - alias + held
   hbm = hbm_bytes / GiB
-  return Row(program.name, argument, temp, output, alias, total, hbm, seconds,
-             _advice(program.name, total, hbm, temp, argument + held), held,
+  advice = _advice(program.name, total, hbm, temp, argument + held)
+  if not advice and pool_fraction and total > pool_fraction * hbm:
+    advice = (f"above JAX's default pool ({pool_fraction:.0%} of {hbm:.0f} GiB): run with "
+              f"XLA_PYTHON_CLIENT_MEM_FRACTION={min(total / hbm + 0.05, FIT_FRACTION):.2f}")
+  return Row(program.name, argument, temp, output, alias, total, hbm, seconds, advice, held,
              peak_gib=gib("peak_memory_in_bytes"), allocation_gib=gib("total_allocation_bytes"))
 
 
-def compile_rows(programs: Sequence[Program], mesh, hbm_bytes: float, log=None) -> list[Row]:
+def compile_rows(programs: Sequence[Program], mesh, hbm_bytes: float, log=None,
+                 pool_fraction: float | None = None) -> list[Row]:
   rows = []
   for program in programs:
-    rows.append(compile_program(program, mesh, hbm_bytes))
+    rows.append(compile_program(program, mesh, hbm_bytes, pool_fraction))
     if log is not None:
       log(format_row(rows[-1]))
   return rows

@@ -31,12 +31,18 @@ def is_gpu(target: Target) -> bool:
   return isinstance(target, gpu_hosts.GpuHosts)
 
 
+# JAX preallocates this share of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION's default).
+GPU_POOL_FRACTION = 0.75
+
+
 @dataclasses.dataclass(frozen=True)
 class Deviceless:
-  """A target's devices for the compiler, one device's memory, and the compiler's name."""
+  """A target's devices for the compiler, one device's memory, the compiler's name, and the
+  share of that memory the runtime allocates by default (None: all of it)."""
   devices: list
   memory_bytes_per_device: float
   compiler: str
+  pool_fraction: float | None = None
 
 
 def deviceless(target: Target, gpu_target_config: str | None = None) -> Deviceless:
@@ -47,7 +53,8 @@ def deviceless(target: Target, gpu_target_config: str | None = None) -> Devicele
     text = gpu_hosts.target_config(target, gpu_target_config)
     devices = gpu_hosts.deviceless_devices(target, text)
     _, compiler = gpu_hosts.plugin() or ("", "a CUDA plugin")
-    return Deviceless(devices, float(gpu_hosts.device_memory_bytes(text)), compiler)
+    return Deviceless(devices, float(gpu_hosts.device_memory_bytes(text)), compiler,
+                      GPU_POOL_FRACTION)
   devices = tpu_slices.deviceless_devices(target)
   return Deviceless(devices, tpu_slices.hbm_bytes_per_device(target, len(devices)),
                     f"libtpu {tpu_slices.libtpu_version()}")
