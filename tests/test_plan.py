@@ -156,8 +156,8 @@ def test_the_estimate_is_within_25_percent_of_every_compiler_record(tmp_path):
   of GPU recipes on one host of 8 H100s: every program of each has a compiler row.  On a TPU
   every estimate is within 25% of what the compiled program allocates (plus what RL holds
   beside it).  The estimate follows the TPU compiler's choices; on GPUs it holds for the train
-  step, while XLA's GPU compiler gathers the weights of inference loops whole (evaluation
-  allocates up to 9x the estimate: docs/2026-12-06-gpu-deviceless-compile.md)."""
+  step, while XLA's GPU compiler also gathers the whole model before inference loops
+  (evaluation allocates up to 9x the estimate: docs/2026-12-06-gpu-deviceless-compile.md)."""
   records = [f for f in os.listdir(os.path.join(ROOT, "docs", "compile")) if f.endswith(".json")]
   assert records
   out = tmp_path / "plan.json"
