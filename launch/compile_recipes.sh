@@ -33,7 +33,10 @@ compile memagent.py:sft,7b,v5p-64 "$@"
 compile memagent.py:rl,7b,v5p-64 "$@"
 if "$PYTHON" -c "from memrecall.capacity import gpu_hosts; assert gpu_hosts.plugin()" 2>/dev/null
 then
+  compile lychee.py:compressor,7b,gpu8 --topology=h100:8 "$@"
   compile lychee.py:rl,7b,gpu8 --topology=h100:8 "$@"
+  compile memagent.py:sft,7b,gpu8 --topology=h100:8 "$@"
+  compile memagent.py:rl,7b,gpu8 --topology=h100:8 "$@"
 else
   echo "[compile_recipes] no CUDA plugin (pip install -e .[gpu-aot]): GPU recipes not compiled" >&2
 fi
