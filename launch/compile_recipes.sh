@@ -34,7 +34,9 @@ compile memagent.py:rl,7b,v5p-64 "$@"
 if "$PYTHON" -c "from memrecall.capacity import gpu_hosts; assert gpu_hosts.plugin()" 2>/dev/null
 then
   compile lychee.py:compressor,7b,gpu8 --topology=h100:8 "$@"
+  compile lychee.py:sft,7b,gpu8 --topology=h100:8 --eval_modes= "$@"
   compile lychee.py:rl,7b,gpu8 --topology=h100:8 "$@"
+  compile lychee.py:gate,7b,gpu8 --topology=h100:8 --eval_modes= "$@"
   compile memagent.py:sft,7b,gpu8 --topology=h100:8 "$@"
   compile memagent.py:rl,7b,gpu8 --topology=h100:8 "$@"
 else

@@ -236,7 +236,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
         for t in terms:
           mark = "*" if phase == e.phase else " "
           lines.append(f"    {mark}{phase:<15} {t.bytes / GiB:7.3f}  {t.name}: {t.formula}")
-  if rows and _on_gpus((record or {}).get("topology") or getattr(compile_for, "topology", "")):
+  inference = [name for name in rows if name != "train_step"]
+  if inference and _on_gpus((record or {}).get("topology") or getattr(compile_for, "topology", "")):
     lines.append("  (the estimate follows the TPU compiler, which gathers a layer's weights inside "
                  "the loops; XLA's GPU compiler also gathers the whole model before inference "
                  "loops: docs/2026-12-06-gpu-deviceless-compile.md)")
