@@ -33,10 +33,12 @@ setup(
         # MemAgent's RL data file (hotpotqa_train_32k.parquet) for `rows:` data.
         "parquet": ["pyarrow>=14"],
         # The test suite; `safetensors` and `tensorboard` serve as independent references there;
-        # libtpu (jax[tpu]) so that tests/test_compile.py compiles for a TPU in CI.
+        # libtpu (jax[tpu]) and jax's CUDA plugin (jax[cuda12-local]) so that
+        # tests/test_compile.py and tests/test_model.py compile for a TPU and a GPU in CI.
         "test": ["pytest>=8", "pytest-xdist>=3", "safetensors>=0.4", "tokenizers>=0.19",
                  "jinja2>=3.1", "matplotlib>=3.8", "pyarrow>=14", "tensorboard>=2.14",
-                 "jax[tpu]; sys_platform == 'linux'"],
+                 "jax[tpu]; sys_platform == 'linux'",
+                 "jax[cuda12-local]; sys_platform == 'linux'"],
         # The TPU compiler (libtpu, the version jax pins) for launch/compile.py's deviceless
         # compile, no TPU needed.  On a host with no accelerator the launchers then choose the
         # CPU themselves (launch/cli.py: choose_platform), so libtpu's probe stays silent.
