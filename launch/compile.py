@@ -18,7 +18,9 @@ program: per-device arguments, temporaries, outputs from the compiler's memory p
 trainer holds on device besides them meanwhile (RL: the optimizer state during the rollout,
 the KL reference's copy), their total, the share of the device's memory, and the compile time.
 A program over 90% of it says by how much it does not fit and what would make it fit, and
-the command exits with status 3 once every program is compiled.  On a GPU that memory is the
+the command exits with status 3 once every program is compiled.  The last column is the most
+any loop of the program all-gathers per iteration (`memrecall/capacity/hlo_report.py`): on
+an fsdp mesh an inference loop gathers the weights at every decode step.  On a GPU that memory is the
 whole card's; JAX preallocates 75% of it, and a program between 75% and 90% says which
 XLA_PYTHON_CLIENT_MEM_FRACTION it needs.
 
@@ -58,6 +60,8 @@ _EVAL_MODES = flags.DEFINE_list("eval_modes", ["gate", "stream"], "Evaluation lo
 _ONLY = flags.DEFINE_list("programs", [], "Compile only these programs (train_step, rollout, "
                           "reference_logprobs, eval_recall_MODE, answer_stream); default: all.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here as JSON too.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled program's HLO text here "
+                               "(PROGRAM.hlo; memrecall.capacity.hlo_report reads it).")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
 flags.mark_flags_as_required(["config"])
 
@@ -127,6 +131,7 @@ def main(argv):
 
   from memrecall.method.recall import MODES
   cli.writable("output_json", _OUTPUT_JSON.value)
+  cli.writable("hlo_dir", _HLO_DIR.value, directory=True)
   modes = [m for m in _EVAL_MODES.value if m]
   bad = sorted(set(modes) - set(MODES + ("stream",)))
   if bad:
@@ -161,8 +166,10 @@ def main(argv):
         f"devices, {hbm / tpu_slices.GiB:.1f} GiB each), mesh {dict(run.mesh.shape)}, stage "
         f"{config.stage}, jax {jax.__version__}, {deviceless.compiler}", flush=True)
   print(aot.HEADER, flush=True)
+  if _HLO_DIR.value:
+    os.makedirs(_HLO_DIR.value, exist_ok=True)
   rows = aot.compile_rows(programs, run.mesh, hbm, log=lambda line: print(line, flush=True),
-                          pool_fraction=deviceless.pool_fraction)
+                          pool_fraction=deviceless.pool_fraction, hlo_dir=_HLO_DIR.value)
   if _OUTPUT_JSON.value:
     report = {"config": config_flags.get_config_filename(flags.FLAGS["config"]),
               "overrides": config_overrides(sys.argv[1:]), "stage": config.stage,

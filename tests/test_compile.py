@@ -119,9 +119,16 @@ def test_tiny_recipe_compiles_for_two_deviceless_h100s(tmp_path):
 def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
   out = tmp_path / "plan.json"
   proc = _compile("--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--eval_modes=gate",
-                  f"--output_json={out}")
+                  f"--output_json={out}", f"--hlo_dir={tmp_path / 'hlo'}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert proc.stderr == "", proc.stderr  # libtpu's own logs stay quiet too
+  # --hlo_dir: each program's HLO; its costliest loop's gathers are the row's last column.
+  from memrecall.capacity import hlo_report
+  for row in json.load(open(out))["rows"]:
+    loops, _ = hlo_report.loop_report((tmp_path / "hlo" / f"{row['program']}.hlo").read_text())
+    assert row["loop_gather_gib"] == pytest.approx(
+        max(loop.gathered_bytes for loop in loops) / 2**30)
+    assert row["program"] != "eval_recall_gate" or row["loop_gather_gib"] > 0
   report = json.load(open(out))
   assert (report["topology"], report["devices"], report["mesh"]["fsdp"]) == ("v5e:2x2", 4, 4)
   assert report["compiler"] == f"libtpu {tpu_slices.libtpu_version()}"

@@ -12,6 +12,7 @@ reads `memory_analysis()`: what one device holds.  Nothing is allocated, so a
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from typing import Sequence
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 
 from memrecall import readers
+from memrecall.capacity import hlo_report
 from memrecall.capacity.tpu_slices import GiB
 from memrecall.method.recall import inference_layout
 from memrecall.models.qwen2 import abstract_params
@@ -126,6 +128,9 @@ class Row:
   # that a loop's iterations or disjoint live ranges may share.
   peak_gib: float = 0.0
   allocation_gib: float = 0.0
+  # The most any loop of the program all-gathers per iteration (hlo_report.loop_report): on
+  # an fsdp mesh an inference loop that gathers the weights at every step shows them here.
+  loop_gather_gib: float = 0.0
 
   @property
   def share(self) -> float:
@@ -185,12 +190,13 @@ def _hbm_oom_gib(message: str) -> float | None:
 
 
 def compile_program(program: Program, mesh, hbm_bytes: float,
-                    pool_fraction: float | None = None) -> Row:
+                    pool_fraction: float | None = None, hlo_dir: str | None = None) -> Row:
   """Lowers and compiles one program for `mesh` and reads the compiler's memory plan.  A
   program the TPU compiler refuses for lack of HBM is a row too: its temporaries as the
   refusal gives them, and by how much it does not fit.  pool_fraction: the share of a
   device's memory its runtime allocates by default (JAX's GPU pool: 0.75); a program that
-  fits the device but not that share says what to set."""
+  fits the device but not that share says what to set.  hlo_dir: write the compiled
+  program's HLO text there, as PROGRAM.hlo."""
   start = time.perf_counter()
   try:
     with jax.set_mesh(mesh):
@@ -207,6 +213,12 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
     return Row(program.name, argument, temp, 0.0, 0.0, total, hbm,
                time.perf_counter() - start, advice, held, compiled=False)
   seconds = time.perf_counter() - start
+  text = compiled.as_text()
+  if hlo_dir:
+    with open(os.path.join(hlo_dir, f"{program.name}.hlo"), "w") as f:
+      f.write(text)
+  loops, _ = hlo_report.loop_report(text)
+  loop_gather = max((loop.gathered_bytes for loop in loops), default=0) / GiB
   memory = compiled.memory_analysis()
   gib = lambda name: float(getattr(memory, name, 0) or 0) / GiB
   argument, temp = gib("argument_size_in_bytes"), gib("temp_size_in_bytes")
@@ -220,25 +232,27 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
     advice = (f"above JAX's default pool ({pool_fraction:.0%} of {hbm:.0f} GiB): run with "
               f"XLA_PYTHON_CLIENT_MEM_FRACTION={min(total / hbm + 0.05, FIT_FRACTION):.2f}")
   return Row(program.name, argument, temp, output, alias, total, hbm, seconds, advice, held,
-             peak_gib=gib("peak_memory_in_bytes"), allocation_gib=gib("total_allocation_bytes"))
+             peak_gib=gib("peak_memory_in_bytes"), allocation_gib=gib("total_allocation_bytes"),
+             loop_gather_gib=loop_gather)
 
 
 def compile_rows(programs: Sequence[Program], mesh, hbm_bytes: float, log=None,
-                 pool_fraction: float | None = None) -> list[Row]:
+                 pool_fraction: float | None = None, hlo_dir: str | None = None) -> list[Row]:
   rows = []
   for program in programs:
-    rows.append(compile_program(program, mesh, hbm_bytes, pool_fraction))
+    rows.append(compile_program(program, mesh, hbm_bytes, pool_fraction, hlo_dir))
     if log is not None:
       log(format_row(rows[-1]))
   return rows
 
 
 HEADER = (f"{'program':<24} {'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'held GiB':>9} "
-          f"{'total GiB':>10} {'of HBM':>7} {'compile s':>9}")
+          f"{'total GiB':>10} {'of HBM':>7} {'compile s':>9} {'gathered/step GiB':>17}")
 
 
 def format_row(row: Row) -> str:
+  """gathered/step: the most a loop of the program all-gathers per iteration."""
   line = (f"{row.program:<24} {row.argument_gib:>9.3f} {row.temp_gib:>9.3f} "
           f"{row.output_gib:>8.3f} {row.held_gib:>9.3f} {row.total_gib:>10.3f} {row.share:>7.1%} "
-          f"{row.compile_s:>9.1f}")
+          f"{row.compile_s:>9.1f} {row.loop_gather_gib:>17.3f}")
   return line + (f"  {row.advice}" if row.advice else "")

@@ -1,0 +1,127 @@
+"""What a compiled program does per loop iteration, read from its optimized HLO text.
+
+`loop_report(text)` lists each `while` loop's body: the kernels one iteration launches
+(top-level fusions, custom calls and collectives) and the bytes it all-gathers (collectives
+inside fusions and conditional branches counted with the body that runs them; nested loops
+are their own rows).  On an fsdp mesh an inference loop that all-gathers the weights shows
+them here at every step; `launch/compile.py --hlo_dir` writes the text to read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+          "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b([a-z0-9]+)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.*)$")
+_CALLED = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_LOOP = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
+_KERNELS = ("fusion", "custom-call", "all-gather", "all-gather-start", "all-reduce",
+            "all-reduce-start", "reduce-scatter", "all-to-all", "collective-permute",
+            "collective-permute-start", "copy", "copy-start")
+
+
+def array_bytes(type_text: str) -> int:
+  """Bytes of every array in an HLO type (`bf16[8,128]{1,0}`, or a tuple of them)."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(type_text):
+    if dtype in _BYTES:
+      count = 1
+      for d in filter(None, dims.split(",")):
+        count *= int(d)
+      total += count * _BYTES[dtype]
+  return total
+
+
+def _split_type(rest: str) -> tuple[str, str, str]:
+  """`TYPE op(operands), attributes` -> (TYPE, op, the rest)."""
+  if rest.startswith("("):
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        break
+    type_text, rest = rest[:i + 1], rest[i + 1:].lstrip()
+  else:
+    type_text, _, rest = rest.partition(" ")
+  op, _, rest = rest.partition("(")
+  return type_text, op, rest
+
+
+def _gathered_bytes(type_text: str, op: str) -> int:
+  """An all-gather's result bytes: an `all-gather-start` returns (operands, results)."""
+  if op == "all-gather-start" and type_text.startswith("(("):
+    depth = 0
+    for i, ch in enumerate(type_text[1:], 1):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        return array_bytes(type_text[i + 1:])
+  return array_bytes(type_text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  """One while loop's body per iteration: kernels launched and bytes all-gathered."""
+  body: str
+  kernels: int
+  gathered_bytes: int
+  op_name: str  # the JAX op the body's instructions mostly come from (jit(sample_loop)/...)
+
+
+def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
+  computations, name, entry = {}, None, None
+  for line in text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      name = header[2]
+      computations[name] = []
+      if header[1]:
+        entry = name
+    elif name is not None and line.strip() not in ("", "}"):
+      computations[name].append(line)
+  return computations, entry
+
+
+def loop_report(text: str) -> tuple[list[Loop], int]:
+  """(each while loop's body per iteration, the bytes the program all-gathers outside every
+  loop), from a compiled program's HLO text (`compiled.as_text()`)."""
+  computations, entry = _computations(text)
+  bodies = {body for _, body in _LOOP.findall(text)}
+
+  def walk(name: str, seen: set) -> tuple[int, int]:
+    """(kernels, gathered bytes) of `name` and what it calls, nested loops left out."""
+    kernels = gathered = 0
+    for line in computations.get(name, []):
+      found = _INSTRUCTION.match(line)
+      if not found:
+        continue
+      type_text, op, rest = _split_type(found[1])
+      if op in _KERNELS:
+        kernels += 1
+      if op in ("all-gather", "all-gather-start"):
+        gathered += _gathered_bytes(type_text, op)
+      called = _CALLED.findall(rest) + [c for group in _BRANCHES.findall(rest)
+                                        for c in re.findall(r"%([\w.\-]+)", group)]
+      for callee in called:
+        if callee in bodies or callee in seen:
+          continue
+        # A fusion is one kernel: what it calls adds gathered bytes, not kernels.
+        sub_kernels, sub_gathered = walk(callee, seen | {callee})
+        gathered += sub_gathered
+        if op != "fusion":
+          kernels += sub_kernels
+    return kernels, gathered
+
+  loops = []
+  for body in sorted(bodies):
+    kernels, gathered = walk(body, {body})
+    names = re.findall(r'op_name="([^"/]+(?:/[^"/]+){0,2})',
+                       "\n".join(computations.get(body, [])))
+    common = max(set(names), key=names.count) if names else ""
+    loops.append(Loop(body, kernels, gathered, common))
+  outside = walk(entry, {entry})[1] if entry else 0
+  return loops, outside
