@@ -157,8 +157,12 @@ def deviceless_devices(target: GpuHosts, config_text: str) -> list:
         target.topology, "cuda", target_config=config_text,
         topology=f"1x{target.hosts}x{target.gpus_per_host}")
   except NotImplementedError:
-    raise ImportError("jax found no CUDA plugin to compile with: pip install "
-                      "jax-cuda12-plugin jax-cuda12-pjrt at jax's version") from None
+    if plugin() is None:
+      raise ImportError("jax found no CUDA plugin to compile with: pip install "
+                        "jax-cuda12-plugin jax-cuda12-pjrt at jax's version") from None
+    raise ImportError(f"{plugin()[1]} is installed but jax did not register it: without a GPU "
+                      "its start-up check of the driver fails unless JAX_PLATFORMS=cpu is set "
+                      "before jax starts") from None
   except Exception as e:  # the plugin's own words: a target config it cannot parse
     raise GpuTargetError(f"the CUDA plugin refuses {target.topology}: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
