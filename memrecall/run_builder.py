@@ -49,6 +49,7 @@ from memrecall.runtime import checkpoint, sharding as sharding_lib
 
 # The training stages in order (each starts from the one before), and a run that only evaluates.
 TRAINING_STAGES = ("compressor", "sft", "rl", "gate")
+ROLLOUT_WEIGHTS = ("sharded", "replicated")
 STAGES = TRAINING_STAGES + ("eval",)
 # `agent` -> the reader (`memrecall.readers`) its runs train and read with; None: the method's,
 # in the mode a caller asks for (`rl.mode`, an evaluation's).
@@ -353,6 +354,9 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     raise ConfigError(f"the {agent} agent has no gate: set sft.gate_weight to 0")
   if config.rl.get("reward", "strict_sub_em") not in REWARDS:
     raise ConfigError(f"unknown rl.reward {config.rl.reward!r}; choose from {REWARDS}")
+  if config.rl.get("rollout_weights", "sharded") not in ROLLOUT_WEIGHTS:
+    raise ConfigError(f"unknown rl.rollout_weights {config.rl.rollout_weights!r}; choose from "
+                      f"{ROLLOUT_WEIGHTS}")
   if config.init.checkpoint and not config.init.hf_checkpoint:
     # An earlier stage's workdir: its backbone's config, tokenizer and chat template come too
     # (without them a Qwen2.5 run would read byte ids with another EOS, and say nothing).
@@ -418,7 +422,11 @@ def default_config() -> ml_collections.ConfigDict:
                     "grad_clip": 1.0},
       "rl": {"group_size": 16, "advantage": "grpo_no_std", "temperature": 1.0, "eps_low": 0.2,
              "eps_high": 0.2, "kl_coef": 1e-3, "kl_estimator": "low_var_kl",
-             "aggregation": "token_mean", "mode": "all", "reward": "strict_sub_em"},
+             "aggregation": "token_mean", "mode": "all", "reward": "strict_sub_em",
+             # The rollout's weights: "sharded" as training shards them (an fsdp mesh gathers
+             # each layer's at every decode step), or "replicated": gathered once per rollout,
+             # one more bfloat16 copy of the model per device.
+             "rollout_weights": "sharded"},
       "gate": {"threshold": 0.5, "positive_weight": 1.0},
       "sft": {"gate_weight": 0.0},
       "pretrain": {"recall": False},

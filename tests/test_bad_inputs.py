@@ -216,6 +216,8 @@ TRAIN = [
     ("missing_config_file", ["--config=/nonexistent/config.py", "--workdir={out}/w"],
      "cannot load the config file"),
     ("unknown_stage", ["--config={tiny}:pretrain", "--workdir={out}/w"], "unknown stage 'pretrain'"),
+    ("unknown_rollout_weights", ["--config={tiny}:rl", "--config.rl.rollout_weights=everywhere",
+                                 "--workdir={out}/w"], "unknown rl.rollout_weights 'everywhere'"),
     ("zero_steps", ["--config={tiny}:sft", "--config.train.steps=0", "--workdir={out}/w"],
      "train.steps must be a positive integer"),
     ("zero_batch_size", ["--config={tiny}:sft", "--config.train.batch_size=0", "--workdir={out}/w"],

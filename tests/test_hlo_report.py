@@ -102,3 +102,30 @@ def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
             if "layers" in jax.tree_util.keystr(path)]
   layer_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in layers)
   assert gathered["fsdp"] - gathered["data"] >= layer_bytes, (gathered, layer_bytes)
+
+
+@needs_libtpu
+def test_replicated_rollout_weights_are_gathered_once_not_at_every_step():
+  """rl.rollout_weights="replicated": the RL rollout on an fsdp mesh gathers the inference
+  copy once, before its loops; no loop gathers the layers' weights per iteration any more."""
+  import jax
+  from configs import tiny
+  from memrecall.capacity import aot, tpu_slices
+  from memrecall.run_builder import build_run
+  from memrecall.train import trainer
+  devices = tpu_slices.deviceless_devices(tpu_slices.parse_slice("v5e:2x2"))
+  gathered = {}
+  for weights in ("sharded", "replicated"):
+    config = tiny.get_config("rl")
+    config.mesh.update({"data": 1, "fsdp": 4, "tensor": 1})
+    config.rl.rollout_weights = weights
+    run = build_run(config, devices)
+    (rollout,) = [p for p in trainer.stage_programs(run) if p.name == "rollout"]
+    gathered[weights] = aot.compile_program(rollout, run.mesh, 16 * 2**30).loop_gather_gib
+  params = rollout.args[0]
+  layers = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if "layers" in jax.tree_util.keystr(path)]
+  # The training layout's float32 stack, gathered as the compute dtype's per-layer copy.
+  layer_bytes = sum(math.prod(x.shape) for x in layers) * 2
+  assert gathered["sharded"] * 2**30 >= layer_bytes, (gathered, layer_bytes)
+  assert gathered["replicated"] == 0, gathered

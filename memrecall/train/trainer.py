@@ -599,6 +599,7 @@ class RLStage(_Stage):
                         f"rl.group_size ({self.group})")
     # The rollout's reader: the agent's (the method in `rl.mode`, or MemAgent's), sampling.
     self.reader = run.reader(rl.mode, temperature=rl.temperature)
+    self.replicate_weights = rl.get("rollout_weights", "sharded") == "replicated"
     self._rollout = jax.jit(self._read_for_inference)
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
@@ -623,6 +624,11 @@ class RLStage(_Stage):
     # in the compute dtype, so the decode loop reads each in place (the training layout
     # sliced, and under fsdp gathered, the stack at every decode step).
     params, setup = inference_layout(params, self.reader.setup)
+    if self.replicate_weights:
+      # Gathered once here, not layer by layer at every decode step (rl.rollout_weights).
+      everywhere = jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
+      params = jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: everywhere,
+                                                                     params))
     return self.reader.with_setup(setup).read(params, inputs, rng)
 
   def rollout(self, params, turns, rng):
