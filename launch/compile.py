@@ -18,11 +18,11 @@ program: per-device arguments, temporaries, outputs from the compiler's memory p
 trainer holds on device besides them meanwhile (RL: the optimizer state during the rollout,
 the KL reference's copy), their total, the share of the device's memory, and the compile time.
 A program over 90% of it says by how much it does not fit and what would make it fit, and
-the command exits with status 3 once every program is compiled.  The last column is the most
-any loop of the program all-gathers per iteration (`memrecall/capacity/hlo_report.py`): on
-an fsdp mesh an inference loop gathers the weights at every decode step.  On a GPU that memory is the
+the command exits with status 3 once every program is compiled.  On a GPU that memory is the
 whole card's; JAX preallocates 75% of it, and a program between 75% and 90% says which
-XLA_PYTHON_CLIENT_MEM_FRACTION it needs.
+XLA_PYTHON_CLIENT_MEM_FRACTION it needs.  The last column is the most any loop of the program
+all-gathers per iteration (`memrecall/capacity/hlo_report.py`): on an fsdp mesh an inference
+loop gathers the weights at every decode step.
 
 --topology defaults to the recipe's mesh when it names a TPU slice (`v5p-64` -> v5p:2x4x4,
 32 chips); a GPU recipe's mesh (`gpu8`) names no card, so --topology names the hosts

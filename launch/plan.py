@@ -205,7 +205,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
            f"{record.get('compiler')})" if record else
            f"{compile_for.topology}, compiled now" if compile_for is not None else
            f"{tpu.topology}: no compiler record (launch/compile.py --output_json, or --compile)"
-           if tpu is not None else "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)")
+           if tpu is not None else
+           "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)")
   lines = [f"{spec}{' ' + ' '.join(overrides) if overrides else ''}  mesh {dict(run.mesh.shape)}"
            f"  [{where}]",
            f"  {'program':<20} {'estimate':>9} {'allocated':>10} {'ratio':>6} {'total':>8} "
@@ -236,17 +237,13 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
         for t in terms:
           mark = "*" if phase == e.phase else " "
           lines.append(f"    {mark}{phase:<15} {t.bytes / GiB:7.3f}  {t.name}: {t.formula}")
-  inference = [name for name in rows if name != "train_step"]
-  if inference and _on_gpus((record or {}).get("topology") or getattr(compile_for, "topology", "")):
+  from memrecall.capacity import gpu_hosts
+  topology = (record or {}).get("topology") or getattr(compile_for, "topology", "")
+  if any(name != "train_step" for name in rows) and gpu_hosts.looks_like_gpu(topology):
     lines.append("  (the estimate follows the TPU compiler, which gathers a layer's weights inside "
                  "the loops; XLA's GPU compiler also gathers the whole model before inference "
                  "loops: docs/2026-12-06-gpu-deviceless-compile.md)")
   return lines
-
-
-def _on_gpus(topology: str) -> bool:
-  from memrecall.capacity import gpu_hosts
-  return bool(topology) and gpu_hosts.looks_like_gpu(topology)
 
 
 def _summary(argv_model: str) -> None:

@@ -4,10 +4,9 @@ XLA's GPU compiler compiles without a GPU when it is given a target config (a
 `GpuTargetConfigProto`: the card's cores, shared memory, bandwidth, compute capability):
 `jax.experimental.topologies.get_topology_desc(..., "cuda", target_config=..., topology=
 "1xHOSTSxGPUS")` then gives devices that exist only for the compiler, as libtpu's deviceless
-TPUs do (memrecall.capacity.tpu_slices).  The CUDA plugin must be installed
-(`pip install jax-cuda12-plugin jax-cuda12-pjrt` at jax's version, about 1 GB, no driver or
-GPU needed); it carries XLA's own target configs for the cards it knows, read from it here,
-or one is given as a file (`--gpu_target_config`).
+TPUs do (memrecall.capacity.tpu_slices).  The CUDA plugin must be installed (INSTALL: about
+200 MB, no driver or GPU needed); jax 0.12's carries XLA's own target configs for the cards it
+knows, read from it here, or one is given as a file (`--gpu_target_config`).
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ CARDS = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200 141GB HBM3e",
 # The CUDA plugins jax has shipped, newest first (the GPU image carries the CUDA 13 one).
 PLUGINS = (("jax_plugins.xla_cuda13", "jax-cuda13-plugin"),
            ("jax_plugins.xla_cuda12", "jax-cuda12-plugin"))
+INSTALL = ("pip install 'jax[cuda12-local]' at jax's version (memrecall's gpu-aot extra: the "
+           "plugin without the CUDA libraries)")
 
 
 class GpuTargetError(TopologyError):
@@ -127,8 +128,8 @@ def target_config(target: GpuHosts, path: str | None = None) -> str:
       raise GpuTargetError(f"--gpu_target_config: cannot read {path}: {e.strerror}") from None
   found = plugin()
   if found is None:
-    raise ImportError("compiling for a GPU without one needs the CUDA plugin (no GPU or driver "
-                      "needed): pip install jax-cuda12-plugin jax-cuda12-pjrt at jax's version")
+    raise ImportError(f"compiling for a GPU without one needs the CUDA plugin (no GPU or "
+                      f"driver needed): {INSTALL}")
   configs = embedded_target_configs(_plugin_library(found[0]))
   name = CARDS[target.card]
   if name not in configs:
@@ -158,8 +159,7 @@ def deviceless_devices(target: GpuHosts, config_text: str) -> list:
         topology=f"1x{target.hosts}x{target.gpus_per_host}")
   except NotImplementedError:
     if plugin() is None:
-      raise ImportError("jax found no CUDA plugin to compile with: pip install "
-                        "jax-cuda12-plugin jax-cuda12-pjrt at jax's version") from None
+      raise ImportError(f"jax found no CUDA plugin to compile with: {INSTALL}") from None
     raise ImportError(f"{plugin()[1]} is installed but jax did not register it: without a GPU "
                       "its start-up check of the driver fails unless JAX_PLATFORMS=cpu is set "
                       "before jax starts") from None

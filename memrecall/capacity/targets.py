@@ -13,8 +13,6 @@ from memrecall.capacity import gpu_hosts, tpu_slices
 from memrecall.capacity.tpu_slices import TopologyError  # noqa: F401  (one error for both)
 
 Target = tpu_slices.Slice | gpu_hosts.GpuHosts
-NAMES = ("a TPU slice (v5p-64, v5e-4) or topology (v5p:2x4x4, v5e:2x2), or GPU hosts "
-         "(h100:8, h200:2x8)")
 
 
 def parse_target(name: str) -> Target:

@@ -626,9 +626,8 @@ class RLStage(_Stage):
     params, setup = inference_layout(params, self.reader.setup)
     if self.replicate_weights:
       # Gathered once here, not layer by layer at every decode step (rl.rollout_weights).
-      everywhere = jax.sharding.NamedSharding(self.run.mesh, jax.sharding.PartitionSpec())
-      params = jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: everywhere,
-                                                                     params))
+      params = jax.lax.with_sharding_constraint(params, jax.sharding.NamedSharding(
+          self.run.mesh, jax.sharding.PartitionSpec()))
     return self.reader.with_setup(setup).read(params, inputs, rng)
 
   def rollout(self, params, turns, rng):
