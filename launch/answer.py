@@ -9,9 +9,10 @@ The document is compressed once (saved to --memory_bank if given, reused when
 it is already there and fits the model and the document); the recall loop then
 walks its chunks, gating, rewriting the working memory, and answers.  A bank
 made from another document is refused, naming both; --recompile_bank rebuilds
-it from this one.  The weights are sharded over the run's mesh (--mesh, default
-the run's: every device on fsdp for a HF checkpoint) by training's rules, so a
-model larger than one device is answered with; the document's chunks are
+it from this one.  The weights go on the run's mesh (--mesh, default the run's:
+every device on fsdp for a HF checkpoint) as --weights says: a whole copy on each
+device when it takes at most a third of one, else sharded by training's rules,
+so a model larger than one device is answered with; the document's chunks are
 compressed split over the mesh's batch axes.  Sizes are positive (leave a flag
 out for its default); errors are one line, --verbose shows tracebacks.
 """
@@ -149,10 +150,13 @@ def main(argv):
   setup = run.recall_setup(mode, threshold=_THRESHOLD.value, topk=_TOPK.value,
                            group_size=_GROUP_SIZE.value, gate_group=_GATE_GROUP.value,
                            temperature=_TEMPERATURE.value)
-  # Per-layer weights for the loop's decode steps, sharded over the run's mesh by training's
-  # rules (the bank's fingerprint stays the stored tree's).  The method's reader in `mode`,
+  # Per-layer weights for the loop's decode steps, on the run's mesh as --weights says (the
+  # bank's fingerprint stays the stored tree's).  The method's reader in `mode`,
   # its blocks compressed inside the loop (--stream) or banked in host memory.
-  layer_params, setup = evaluator.on_mesh(params, setup, run.mesh)
+  layer_params, setup = evaluator.on_mesh(params, setup, run.mesh, model_flags.WEIGHTS.value)
+  if run.mesh.size > 1:
+    print(evaluator.placement(layer_params, run.mesh, model_flags.WEIGHTS.value)[1],
+          file=sys.stderr)
   reader = readers.get(mode, setup, run.compressor,
                        placement="stream" if _STREAM.value else "host")
   settings = run.compressor

@@ -57,6 +57,10 @@ _EVAL_TOKENS = flags.DEFINE_integer("eval_tokens", None, "Document tokens per ev
 _EVAL_MODES = flags.DEFINE_list("eval_modes", ["gate", "stream"], "Evaluation loops to compile: "
                                 "recall modes over a device bank (gate, all, topk; eval.py's) "
                                 "and stream (answer.py --stream's, one question); empty: none.")
+_WEIGHTS = flags.DEFINE_enum(
+    "weights", "auto", ["auto", "sharded", "replicated"], "Evaluation's weight placement, as "
+    "launch/eval.py --weights: auto decides with the target's memory per device (on a GPU, "
+    "JAX's default pool of it).")
 _ONLY = flags.DEFINE_list("programs", [], "Compile only these programs (train_step, rollout, "
                           "reference_logprobs, eval_recall_MODE, answer_stream); default: all.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here as JSON too.")
@@ -151,8 +155,10 @@ def main(argv):
   try:
     run = build_run(config, devices)
     tokens = _EVAL_TOKENS.value or run.num_chunks * run.compressor.chunk_size
+    weights = aot.eval_weights(run, _WEIGHTS.value, int(
+        deviceless.memory_bytes_per_device * (deviceless.pool_fraction or 1.0)))
     programs = aot.recipe_programs(run, eval_batch=_EVAL_BATCH.value, eval_tokens=tokens,
-                                   eval_modes=modes)
+                                   eval_modes=modes, eval_weights=weights)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   names = [p.name for p in programs]
@@ -164,7 +170,8 @@ def main(argv):
   hbm = deviceless.memory_bytes_per_device
   print(f"{target.topology} ({target.accelerator_type}, {target.chips} chips, {len(devices)} "
         f"devices, {hbm / tpu_slices.GiB:.1f} GiB each), mesh {dict(run.mesh.shape)}, stage "
-        f"{config.stage}, jax {jax.__version__}, {deviceless.compiler}", flush=True)
+        f"{config.stage}, jax {jax.__version__}, {deviceless.compiler}"
+        + (f", evaluation's weights {weights}" if modes else ""), flush=True)
   print(aot.HEADER, flush=True)
   if _HLO_DIR.value:
     os.makedirs(_HLO_DIR.value, exist_ok=True)
@@ -178,7 +185,8 @@ def main(argv):
               "devices": len(devices), "mesh": dict(run.mesh.shape),
               "hbm_gib_per_device": hbm / tpu_slices.GiB, "jax": jax.__version__,
               "compiler": deviceless.compiler, "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
-              "eval_tokens": tokens, "rows": [r.to_json() for r in rows]}
+              "eval_tokens": tokens, "eval_weights": weights,
+              "rows": [r.to_json() for r in rows]}
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(report, f, indent=1)
   over = [r for r in rows if not r.fits]

@@ -19,11 +19,15 @@ an error).  --modes defaults to gate,all,memagent for a checkpoint with a gate, 
 all,memagent.  Errors are one line; --verbose shows tracebacks.
 
 Each process runs on a mesh of its own devices (--mesh, default the run's; every device on fsdp
-for a HF checkpoint): the weights sharded by training's rules, a batch's questions split over
-data x fsdp.  With several processes (--distributed, or --coordinator_address, --num_processes,
---process_id) each evaluates only its rows of each file (row i on process i mod N) into its own
-predictions-IIIII-of-NNNNN.jsonl, and process 0 merges them into predictions.jsonl once all are
-done; a rerun, after any process was killed, skips every row already in any of these files.
+for a HF checkpoint), a batch's questions split over data x fsdp.  The weights (--weights): a
+whole bfloat16 copy on every device when it takes at most a third of a device's memory (7B
+with its compressor and gate, 15.1 GiB, on an H100 or a v5p chip), else sharded by training's
+rules, which on an fsdp axis gathers every layer's weights at every decode step; the run says
+which it chose.  With several processes (--distributed, or --coordinator_address,
+--num_processes, --process_id) each evaluates only its rows of each file (row i on process i
+mod N) into its own predictions-IIIII-of-NNNNN.jsonl, and process 0 merges them into
+predictions.jsonl once all are done; a rerun, after any process was killed, skips every row
+already in any of these files.
 
 The synthetic sweep (no --data), at multiples of the training length:
 
@@ -216,14 +220,15 @@ def main(argv):
         params, run, sources, modes=modes, output_dir=output_dir, model_name=model_name,
         limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or 8, baseline=baseline,
         threshold=_THRESHOLD.value, topk=_TOPK.value, gate_group=_GATE_GROUP.value,
-        mesh=run.mesh)
+        mesh=run.mesh, weights=model_flags.WEIGHTS.value)
     print(report.data_table(rows))
   else:
     rows = evaluator.evaluate_suite(
         params, run, model_name=model_name, lengths=[int(x) for x in _LENGTHS.value],
         modes=modes, examples=_EXAMPLES.value, batch_size=_BATCH_SIZE.value or 16,
         output_dir=output_dir, baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
-        gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value, mesh=run.mesh)
+        gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value, mesh=run.mesh,
+        weights=model_flags.WEIGHTS.value)
     print(report.table(rows))
   print(f"results in {output_dir}")
 

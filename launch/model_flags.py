@@ -17,6 +17,15 @@ MESH = flags.DEFINE_string(
     "data x fsdp (default: the run's mesh; every device on fsdp for a HF checkpoint).")
 
 
+WEIGHTS = flags.DEFINE_enum(
+    "weights", "auto", ["auto", "sharded", "replicated"],
+    "Where the weights live on a mesh of several devices (sharding.INFERENCE_WEIGHTS): "
+    "`sharded` by training's rules (an fsdp axis then gathers every layer's weights at every "
+    "decode step), `replicated` (a whole bfloat16 copy on each device, each reading its own "
+    "questions), `auto`: replicated when that copy takes at most a third of a device's "
+    "memory, else sharded (CPUs, whose memory JAX does not report: sharded).")
+
+
 def mesh_shape() -> dict | None:
   """--mesh as axis sizes (None: the run's own); a one-line error when malformed."""
   from launch import cli  # pylint: disable=g-import-not-at-top

@@ -139,7 +139,7 @@ def _records(directory: str) -> list[dict]:
       continue
     key = (record["config"], tuple(record.get("overrides", [])), record.get("topology"),
            record.get("eval_batch"), record.get("eval_tokens"),
-           tuple(record.get("eval_modes", ())))
+           tuple(record.get("eval_modes", ())), record.get("eval_weights", "sharded"))
     into = merged.setdefault(key, {**record, "rows": []})
     rows = {r["program"]: r for r in into["rows"]}
     rows.update({r["program"]: r for r in record["rows"]})
@@ -185,8 +185,14 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     tokens = (record or {}).get("eval_tokens") or run.num_chunks * run.compressor.chunk_size
     eval_batch = (record or {}).get("eval_batch") or eval_batch
     modes = (record or {}).get("eval_modes", ["gate", "stream"])
+    # A record's placement (records before it was recorded: sharded), else compile.py's auto.
+    known_gib = _DEVICE_GIB.value or getattr(tpu, "hbm_gib_per_chip", None) or 0
+    memory = (deviceless.memory_bytes_per_device * (deviceless.pool_fraction or 1.0)
+              if deviceless else known_gib * GiB)
+    weights = ((record or {}).get("eval_weights", "sharded") if record
+               else aot.eval_weights(run, "auto", int(memory) or None))
     programs = aot.recipe_programs(run, eval_batch=eval_batch, eval_tokens=tokens,
-                                   eval_modes=modes)
+                                   eval_modes=modes, eval_weights=weights)
     estimates = memory_plan.estimate_programs(run, programs, eval_batch=eval_batch)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
@@ -207,8 +213,9 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
            f"{tpu.topology}: no compiler record (launch/compile.py --output_json, or --compile)"
            if tpu is not None else
            "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)")
+  placed = f", evaluation's weights {weights}" if modes and run.model.compressor else ""
   lines = [f"{spec}{' ' + ' '.join(overrides) if overrides else ''}  mesh {dict(run.mesh.shape)}"
-           f"  [{where}]",
+           f"{placed}  [{where}]",
            f"  {'program':<20} {'estimate':>9} {'allocated':>10} {'ratio':>6} {'total':>8} "
            f"{'of HBM':>7}  GiB per device"]
   for e in estimates:
@@ -217,7 +224,7 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     allocated = (row["allocation_gib"] + row.get("held_gib", 0.0)
                  if row and row.get("allocation_gib") else None)
     out.append({"config": spec, "overrides": overrides, "mesh": dict(run.mesh.shape),
-                "program": e.program, "estimate": e.to_json(),
+                "program": e.program, "estimate": e.to_json(), "eval_weights": weights,
                 "compiler": row, "allocated_gib": allocated,
                 "ratio": est / allocated if allocated else None,
                 "topology": (record or {}).get("topology") or (tpu.topology if tpu else None)})

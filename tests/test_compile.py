@@ -131,6 +131,9 @@ def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
     assert row["program"] != "eval_recall_gate" or row["loop_gather_gib"] > 0
   report = json.load(open(out))
   assert (report["topology"], report["devices"], report["mesh"]["fsdp"]) == ("v5e:2x2", 4, 4)
+  # Evaluation's weights as launch/eval.py --weights=auto places them on a 16 GiB chip.
+  assert report["eval_weights"] == "replicated"
+  assert "evaluation's weights replicated" in proc.stdout
   assert report["compiler"] == f"libtpu {tpu_slices.libtpu_version()}"
   assert report["config"] == "configs/tiny.py:sft" and report["overrides"] == []
   rows = {r["program"]: r for r in report["rows"]}

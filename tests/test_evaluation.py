@@ -113,6 +113,40 @@ def test_evaluation_shards_the_weights_as_training_does():
   assert split > len(leaves) // 2, (split, len(leaves))  # most are split over fsdp or tensor
 
 
+def test_replicated_weights_answer_as_the_sharded_ones(monkeypatch):
+  """--weights=replicated puts a whole copy on every device of an fsdp x tensor mesh and
+  answers every question as the sharded weights do; auto replicates where a device reports
+  memory for three copies, and keeps them sharded where it does not (CPUs)."""
+  from memrecall.runtime import sharding
+  config = small_config("sft")
+  config.task.length = 32
+  config.compressor.chunk_size = 32
+  config.mesh.fsdp, config.mesh.tensor = 2, 2
+  run = run_builder.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0), run.mesh)
+  setup = run.recall_setup("all")
+  placed, _ = evaluator.on_mesh(params, setup, run.mesh, "replicated")
+  for leaf in jax.tree.leaves(placed):
+    assert leaf.sharding.mesh == run.mesh and leaf.sharding.is_fully_replicated
+  examples = run.examples(0, 4)
+  common = dict(batch_size=4, question_tokens=run.question_tokens, latency_examples=0,
+                timed=False, mesh=run.mesh)
+  answers = {weights: evaluator.evaluate_mode(params, setup, run.compressor, examples,
+                                              run.score, mode="gate", weights=weights,
+                                              **common).rows
+             for weights in ("sharded", "replicated")}
+  assert answers["sharded"] == answers["replicated"]
+  copy = sum(x.nbytes for x in jax.tree.leaves(placed))
+  assert evaluator.placement(placed, run.mesh)[0] == "sharded"  # a CPU reports no memory
+  monkeypatch.setattr(sharding, "device_memory", lambda device: 3 * copy)
+  chosen, line = evaluator.placement(placed, run.mesh)
+  assert chosen == "replicated" and line.startswith("weights replicated over 4 device(s) (auto:")
+  auto, _ = evaluator.on_mesh(params, setup, run.mesh)
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(auto))
+  monkeypatch.setattr(sharding, "device_memory", lambda device: 3 * copy - 1)
+  assert evaluator.placement(placed, run.mesh)[0] == "sharded"
+
+
 def test_runs_score_uses_the_shared_metric():
   from memrecall.data import example as example_lib
   from memrecall.models.tokenizer import ByteTokenizer

@@ -80,9 +80,11 @@ def test_array_bytes_of_tuples_and_layouts():
 
 @needs_libtpu
 def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
-  """The tiny recipe's evaluation compiled for a deviceless v5e:2x2 twice: with the parameters
-  sharded over fsdp its costliest loop all-gathers, per iteration, the layers' weights on top
-  of what it gathers with the devices on data (the weights replicated: activations only)."""
+  """The tiny recipe's evaluation compiled for a deviceless v5e:2x2 three times: with the
+  parameters sharded over fsdp its costliest loop all-gathers, per iteration, the layers'
+  weights on top of what it gathers with the devices on data (activations only); with the
+  same fsdp mesh and the weights replicated (`evaluator.on_mesh`'s "replicated", what
+  launch/eval.py --weights=auto picks where a copy fits), no more than on data."""
   import jax
   from configs import tiny
   from memrecall.capacity import aot, tpu_slices
@@ -90,18 +92,24 @@ def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
   from memrecall.train import trainer
   devices = tpu_slices.deviceless_devices(tpu_slices.parse_slice("v5e:2x2"))
   gathered = {}
-  for axis in ("fsdp", "data"):
+  for name, axis, weights in (("fsdp", "fsdp", "sharded"), ("data", "data", "sharded"),
+                              ("fsdp, replicated", "fsdp", "replicated")):
     config = tiny.get_config("sft")
     config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, axis: 4})
     run = build_run(config, devices)
     params = trainer.stage_programs(run)[0].args[0].params
     (program,) = aot.eval_programs(run, params, batch=4, tokens=run.num_chunks *
-                                   run.compressor.chunk_size, mode="gate")
-    gathered[axis] = aot.compile_program(program, run.mesh, 16 * 2**30).loop_gather_gib * 2**30
-  layers = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(program.args[0])
-            if "layers" in jax.tree_util.keystr(path)]
+                                   run.compressor.chunk_size, mode="gate", weights=weights)
+    gathered[name] = aot.compile_program(program, run.mesh, 16 * 2**30).loop_gather_gib * 2**30
+    if weights == "sharded":
+      layers = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(program.args[0])
+                if "layers" in jax.tree_util.keystr(path)]
   layer_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in layers)
   assert gathered["fsdp"] - gathered["data"] >= layer_bytes, (gathered, layer_bytes)
+  assert gathered["fsdp, replicated"] <= gathered["data"], gathered
+  # And the tiny model's copy is what launch/eval.py's auto replicates on a v5e chip.
+  assert aot.eval_weights(run, "auto", 16 * 2**30) == "replicated"
+  assert aot.eval_weights(run, "auto", 2 * layer_bytes) == "sharded"
 
 
 @needs_libtpu

@@ -90,3 +90,22 @@ def test_hybrid_mesh_keeps_dcn_axes_across_processes():
     sharding.make_mesh({"fsdp": -1, "dcn": {"data": 2}})
   # A DCN size of 1 everywhere is a plain mesh.
   assert sharding.make_mesh({"fsdp": 8, "dcn": {"data": 1}}).shape["fsdp"] == 8
+
+
+@pytest.mark.parametrize("setting, copy, memory, chosen", [
+    ("auto", 10, 30, "replicated"),       # a third of the device: replicated
+    ("auto", 11, 30, "sharded"),          # more: sharded
+    ("auto", 1, None, "sharded"),         # memory unknown (CPUs): sharded
+    ("sharded", 1, 100, "sharded"),       # as asked, whatever fits
+    ("replicated", 100, 1, "replicated"),
+])
+def test_inference_weights_replicate_a_copy_up_to_a_third_of_a_device(setting, copy, memory,
+                                                                      chosen):
+  assert sharding.inference_weights(setting, copy, memory) == chosen
+
+
+def test_inference_weights_name_a_bad_setting_and_cpus_report_no_memory():
+  with pytest.raises(ValueError, match="unknown weight placement 'copy'; choose from auto, "
+                                       "sharded, replicated"):
+    sharding.inference_weights("copy", 1, 1)
+  assert sharding.device_memory(jax.devices("cpu")[0]) is None

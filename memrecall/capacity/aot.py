@@ -17,11 +17,13 @@ import re
 import time
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from memrecall import readers
 from memrecall.capacity import hlo_report
+from memrecall.evaluate import evaluator
 from memrecall.capacity.tpu_slices import GiB
 from memrecall.method.recall import inference_layout
 from memrecall.models.qwen2 import abstract_params
@@ -33,9 +35,10 @@ from memrecall.train.trainer import Program
 FIT_FRACTION = 0.9  # above this share of HBM a program is reported as not fitting
 
 
-def _inference_params(run: Run, params, setup):
+def _inference_params(run: Run, params, setup, weights: str = "sharded"):
   """Abstract `params` in the inference layout (`recall.inference_layout`, as evaluation and
-  answering run the loop), sharded by the rules, and the setup that goes with them."""
+  answering run the loop), placed as `weights` says ("sharded" by the rules, or "replicated":
+  `evaluator.on_mesh`), and the setup that goes with them."""
   split = {}
 
   def layout_of(p):
@@ -45,6 +48,8 @@ def _inference_params(run: Run, params, setup):
   layout = jax.eval_shape(layout_of, params)
   setup = split["setup"]
   shardings = sharding_lib.param_shardings(abstract_params(setup.model), run.mesh)
+  if weights == "replicated":
+    shardings = jax.tree.map(lambda _: sharding_lib.replicated(run.mesh), shardings)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       layout, shardings), setup
 
@@ -59,16 +64,26 @@ def _key(mesh) -> jax.ShapeDtypeStruct:
   return _replicated(mesh, key.shape, key.dtype)
 
 
-def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate"
-                  ) -> list[Program]:
+def eval_weights(run: Run, setting: str, memory_bytes: int | None) -> str:
+  """Evaluation's weight placement (`sharding.inference_weights`) for `run`'s inference copy
+  on devices whose allocator holds `memory_bytes`: what launch/eval.py --weights=`setting`
+  picks on them."""
+  layout = jax.eval_shape(lambda p: inference_layout(p, run.recall_setup("gate"))[0],
+                          nn.unbox(abstract_params(run.model)))
+  return evaluator.placement(layout, run.mesh, setting, memory_bytes)[0]
+
+
+def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate",
+                  weights: str = "sharded") -> list[Program]:
   """Evaluation's program for the method's reader `mode` (`evaluator.evaluate_mode`: each
   question's document compressed into a device bank, then read) for `batch` questions of
   `tokens` tokens, rows spread over the mesh's batch axes.  mode `stream`: launch/answer.py
   --stream's loop instead (one question; its document compressed and read a group of chunks
-  at a time: the reader's streaming placement)."""
+  at a time: the reader's streaming placement).  weights: "sharded" or "replicated" (as
+  `eval_weights` decides)."""
   if mode == "stream":
-    return [_stream_program(run, params, tokens)]
-  layout, setup = _inference_params(run, params, run.recall_setup(mode))
+    return [_stream_program(run, params, tokens, weights)]
+  layout, setup = _inference_params(run, params, run.recall_setup(mode), weights)
   c = run.compressor.chunk_size
   n = -(-tokens // c)
   q = run.question_tokens
@@ -80,8 +95,8 @@ def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gat
   return [Program(f"eval_recall_{mode}", *reader.call(layout, rows, _key(run.mesh)))]
 
 
-def _stream_program(run: Run, params, tokens: int) -> Program:
-  layout, setup = _inference_params(run, params, run.recall_setup("gate"))
+def _stream_program(run: Run, params, tokens: int, weights: str) -> Program:
+  layout, setup = _inference_params(run, params, run.recall_setup("gate"), weights)
   c, g = run.compressor.chunk_size, setup.recall.group_size
   n = -(-tokens // c)
   n += -n % g  # padded to whole groups, as launch/answer.py does
@@ -93,14 +108,17 @@ def _stream_program(run: Run, params, tokens: int) -> Program:
 
 
 def recipe_programs(run: Run, *, eval_batch: int, eval_tokens: int,
-                    eval_modes: Sequence[str] = ("gate",)) -> list[Program]:
+                    eval_modes: Sequence[str] = ("gate",), eval_weights: str = "sharded"
+                    ) -> list[Program]:
   """The stage's training programs, then evaluation's recall loop for each mode (a raw reader,
-  MemAgent's, has no compressor to build a bank with: its rollout is its loop)."""
+  MemAgent's, has no compressor to build a bank with: its rollout is its loop), its weights
+  placed as `eval_weights` ("sharded" or "replicated") says."""
   programs = trainer.stage_programs(run)
   if run.reader().compressed and run.model.compressor:
     params = programs[0].args[0].params
     for mode in eval_modes:
-      programs += eval_programs(run, params, batch=eval_batch, tokens=eval_tokens, mode=mode)
+      programs += eval_programs(run, params, batch=eval_batch, tokens=eval_tokens, mode=mode,
+                                weights=eval_weights)
   return programs
 
 

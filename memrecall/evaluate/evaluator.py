@@ -20,7 +20,7 @@ from memrecall.method.compressor import CompressorConfig
 from memrecall.method.recall import RecallSetup, inference_layout
 from memrecall.models.qwen2 import place_params
 from memrecall.readers import BaselineConfig, rows_on  # noqa: F401  (re-exported)
-from memrecall.runtime import distributed, fingerprint, jsonl
+from memrecall.runtime import distributed, fingerprint, jsonl, sharding
 from memrecall.runtime.distributed import is_primary
 from memrecall.runtime.progress import Progress
 
@@ -29,11 +29,39 @@ Scorer = Callable[[Sequence[int], TokenizedExample], dict]
 ACCURACY_METRIC = "sub_em"  # `accuracy` of a result: MemAgent-compatible sub-EM (the ids form: exact)
 
 
-def on_mesh(params, setup: RecallSetup, mesh) -> tuple[dict, RecallSetup]:
-  """(params, setup) in the recall loop's per-layer layout (`inference_layout`), the weights
-  sharded over `mesh` by the rules training uses (None: left where they are)."""
+def on_mesh(params, setup: RecallSetup, mesh, weights: str = "auto") -> tuple[dict, RecallSetup]:
+  """(params, setup) in the recall loop's per-layer layout (`inference_layout`), placed on
+  `mesh` as `weights` says (`sharding.INFERENCE_WEIGHTS`: sharded by the rules training uses,
+  or a whole copy on every device; `placement` decides "auto").  mesh None: left where they
+  are."""
   params, setup = inference_layout(params, setup)
-  return (params if mesh is None else place_params(params, setup.model, mesh)), setup
+  if mesh is None:
+    return params, setup
+  if placement(params, mesh, weights)[0] == "replicated":
+    return jax.device_put(params, sharding.replicated(mesh)), setup
+  return place_params(params, setup.model, mesh), setup
+
+
+def placement(params, mesh, weights: str = "auto", memory: int | None = None
+              ) -> tuple[str, str]:
+  """("sharded" or "replicated", a line saying why) for the inference copy `params` (its
+  arrays or abstract arrays) on `mesh`'s devices, as `weights` asks; memory: a device's bytes
+  (None: as the device reports them)."""
+  copy = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+  memory = memory or sharding.device_memory(mesh.devices.flat[0])
+  chosen = sharding.inference_weights(weights, copy, memory)
+  why = (f"{weights}: a copy of {copy / 2**30:.2f} GiB, device memory "
+         f"{'unknown' if memory is None else f'{memory / 2**30:.1f} GiB'}, replicated up to "
+         f"{sharding.REPLICATE_UP_TO:.0%} of it") if weights == "auto" else "as asked"
+  return chosen, f"weights {chosen} over {mesh.size} device(s) ({why})"
+
+
+def _placed(params, setup, mesh, weights, log):
+  """`on_mesh`, saying where the weights went when there is a choice."""
+  params, setup = on_mesh(params, setup, mesh, weights)
+  if mesh is not None and mesh.size > 1:
+    log(placement(params, mesh, weights)[1])
+  return params, setup
 
 
 def _within(mesh):
@@ -113,16 +141,16 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                   baseline: BaselineConfig = BaselineConfig(), batch_size: int = 16,
                   question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
                   latency_examples: int = 4, timed: bool = True,
-                  max_tokens: int | None = None, mesh=None) -> EvalResult:
+                  max_tokens: int | None = None, mesh=None, weights: str = "auto") -> EvalResult:
   """Reads `examples` in batches with the reader registered as `mode` (`memrecall.readers`:
   `gate`, `all`, `topk`, `memagent`, `full`, `rag`, or any other registered) and scores the
   answers; times the first `latency_examples` questions alone too.
 
   timed=False: no untimed first run and no peak (evaluations that only want the answers).
   max_tokens: every batch cut for this many tokens (one compiled shape across calls; default:
-  the longest example).  mesh: the weights sharded over it and each batch's rows split over
-  its batch axes (`on_mesh`); None: computed where the parameters are."""
-  params, setup = on_mesh(params, setup, mesh)
+  the longest example).  mesh: the weights placed on it as `weights` says (`on_mesh`) and each
+  batch's rows split over its batch axes; None: computed where the parameters are."""
+  params, setup = on_mesh(params, setup, mesh, weights)
   reader = readers.get(mode, setup, compressor, baseline)
   max_tokens = max_tokens or max(len(ex.context) for ex in examples)
   eos = set(setup.model.eos_token_ids)
@@ -211,7 +239,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
                    threshold: float | None = None,
                    topk: int = 4, gate_group: int = 16, latency_examples: int = 4,
                    mode_examples: dict[str, int] | None = None, mesh=None,
-                   log=print) -> list[dict]:
+                   weights: str = "auto", log=print) -> list[dict]:
   """Every (length multiple, mode) not yet in OUTPUT_DIR/results.json; resumable.
 
   `run` is a `run_builder.Run` (model, prompts, synthetic task at training length).  Examples
@@ -220,7 +248,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   slow baseline that is run for its timing only.  Each row's latency is the mean
   time of the first `latency_examples` questions answered one at a time;
   `batched_s` is the time per question in batches of `batch_size`.  threshold: the gate's
-  (None: the run's gate.threshold).  mesh: as in `evaluate`
+  (None: the run's gate.threshold).  mesh, weights: as in `evaluate_mode`
   (this process's devices).  Every process computes every row (each row is one mode at one
   length, timed); process 0 writes them.
   """
@@ -239,7 +267,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       mode_examples=mode_examples or {}, batch_size=batch_size,
       latency_examples=latency_examples)},
       {f"{r['model']}/{r.get('task')}" for r in rows})
-  layer_params, layer_setup = on_mesh(params, setup, mesh)  # once, not per row
+  layer_params, layer_setup = _placed(params, setup, mesh, weights, log)  # once, not per row
   done = {(r["model"], r.get("task"), r["mode"], r["length_multiple"]) for r in rows}
   todo = [(m, mode) for m in lengths for mode in modes
           if (model_name, task_name, mode, m) not in done]
@@ -255,7 +283,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
     result = evaluate_mode(layer_params, layer_setup, run.compressor, batch, run.score,
                            mode=mode, baseline=baseline, batch_size=batch_size,
                            question_tokens=run.question_tokens, keep_traces=keep_traces,
-                           latency_examples=latency_examples, mesh=mesh)
+                           latency_examples=latency_examples, mesh=mesh, weights=weights)
     row = {"model": model_name, "task": task_name, "mode": mode, "length_multiple": multiple,
            "context_tokens": run.task.length * multiple, "examples": result.examples,
            "accuracy": result.accuracy, "stderr": result.stderr, "latency_s": result.latency_s,
@@ -378,11 +406,12 @@ def _row_count(named, limit: int | None) -> int:
 def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str,
                   model_name: str = "model", limit: int | None = None, batch_size: int = 8,
                   baseline: BaselineConfig | None = None, threshold: float | None = None,
-                  topk: int = 4, gate_group: int = 16, mesh=None, log=print) -> list[dict]:
+                  topk: int = 4, gate_group: int = 16, mesh=None, weights: str = "auto",
+                  log=print) -> list[dict]:
   """Every (source, mode, row) not yet in OUTPUT_DIR's predictions; resumable by row.
 
   `sources` are `specs.NamedSource`s (their rows in order, the first `limit`); `run` a
-  `run_builder.Run`; mesh: as in `evaluate` (this process's devices).  Each finished batch is
+  `run_builder.Run`; mesh, weights: as in `evaluate_mode` (this process's devices).  Each finished batch is
   appended to predictions.jsonl (one JSON object per (mode, row): the fields of
   PREDICTION_KEYS), so a run that stops loses at most one batch; results.json / results.csv
   and plots are rewritten at the end: `summarize_predictions` of the rows asked for (the
@@ -417,7 +446,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   output_key.claim(output_dir, {
       f"{model_name}/{named.name}": {**settings, **named.key()}
       for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
-  params, setup = on_mesh(params, setup, mesh)  # once, not per batch
+  params, setup = _placed(params, setup, mesh, weights, log)  # once, not per batch
   budget = run.question_tokens
   whose = f" (process {process} of {processes})" if processes > 1 else ""
   for named in sources:
@@ -446,7 +475,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
         result = evaluate_mode(params, setup, run.compressor, batch, run.score, mode=mode,
                                baseline=baseline, batch_size=batch_size,
                                question_tokens=budget, latency_examples=0, timed=False,
-                               max_tokens=longest, mesh=mesh)
+                               max_tokens=longest, mesh=mesh, weights=weights)
         new = []
         for i, ex, out in zip(rows, batch, result.rows):
           answers = run.answer_texts(ex)

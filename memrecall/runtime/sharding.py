@@ -176,6 +176,45 @@ def param_shardings(boxed_tree: Any, mesh: Mesh,
   return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+# Where inference (evaluation, answering) keeps its weights on a mesh.  "sharded": by the rules,
+# as training keeps them; a mesh with an fsdp axis then all-gathers every layer's weights again
+# at every decode step (13.2 GiB per GPU per token for 7B on 8 H100s: the interconnect, not HBM,
+# sets decode's speed; docs/2026-12-06-gpu-deviceless-compile.md).  "replicated": one whole
+# copy on each device, placed once, each device reading its own rows with it.  "auto":
+# replicated when that copy takes at most REPLICATE_UP_TO of a device's memory, leaving the
+# rest to the banks, caches and activations of its rows; else sharded.  Where a device does not
+# say its memory (CPUs), auto keeps the weights sharded.
+INFERENCE_WEIGHTS = ("auto", "sharded", "replicated")
+REPLICATE_UP_TO = 1 / 3
+
+
+def device_memory(device) -> int | None:
+  """The bytes `device`'s allocator may hold (JAX's pool on a GPU), or None where its backend
+  does not say (CPUs)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  (backends without the query raise)
+    return None
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def inference_weights(setting: str, weight_bytes: int, device_bytes: int | None) -> str:
+  """"sharded" or "replicated": `setting` (one of INFERENCE_WEIGHTS) decided for a copy of
+  `weight_bytes` on devices of `device_bytes` (None: unknown)."""
+  if setting not in INFERENCE_WEIGHTS:
+    raise ValueError(f"unknown weight placement {setting!r}; choose from "
+                     f"{', '.join(INFERENCE_WEIGHTS)}")
+  if setting != "auto":
+    return setting
+  fits = device_bytes is not None and weight_bytes <= REPLICATE_UP_TO * device_bytes
+  return "replicated" if fits else "sharded"
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A whole copy on every device of `mesh`."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
 def logical_axes_tree(boxed_tree: Any) -> Any:
   """The logical axis names of every leaf (tuple of names, or None)."""
   def one(leaf):

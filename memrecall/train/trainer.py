@@ -626,8 +626,7 @@ class RLStage(_Stage):
     params, setup = inference_layout(params, self.reader.setup)
     if self.replicate_weights:
       # Gathered once here, not layer by layer at every decode step (rl.rollout_weights).
-      params = jax.lax.with_sharding_constraint(params, jax.sharding.NamedSharding(
-          self.run.mesh, jax.sharding.PartitionSpec()))
+      params = jax.lax.with_sharding_constraint(params, sharding_lib.replicated(self.run.mesh))
     return self.reader.with_setup(setup).read(params, inputs, rng)
 
   def rollout(self, params, turns, rng):
