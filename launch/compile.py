@@ -171,7 +171,8 @@ def main(argv):
   print(f"{target.topology} ({target.accelerator_type}, {target.chips} chips, {len(devices)} "
         f"devices, {hbm / tpu_slices.GiB:.1f} GiB each), mesh {dict(run.mesh.shape)}, stage "
         f"{config.stage}, jax {jax.__version__}, {deviceless.compiler}"
-        + (f", evaluation's weights {weights}" if modes else ""), flush=True)
+        + (f", evaluation's weights {weights}" if any(aot.is_eval(n) for n in names) else ""),
+        flush=True)
   print(aot.HEADER, flush=True)
   if _HLO_DIR.value:
     os.makedirs(_HLO_DIR.value, exist_ok=True)

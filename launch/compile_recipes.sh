@@ -7,7 +7,9 @@
 #
 # Evaluation's programs depend on the model and the evaluation length only: they are compiled
 # with the rl recipe (32K-token documents; the same programs for sft and gate) and with the
-# compressor recipe (its one-chunk documents).
+# compressor recipe (its one-chunk documents).  They place the weights as launch/eval.py's
+# --weights=auto would on the target (replicated on a v5p chip and an H100); the *_sharded_eval
+# records are the same programs with the weights sharded by training's rules, for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -18,7 +20,8 @@ compile() {  # recipe, then compile.py flags (a --topology=CARD:N names the reco
   shift
   name=$(echo "$recipe" | sed 's/\.py:/_/; s/,/_/g')
   hosts=$(printf '%s\n' "$@" | sed -n 's/^--topology=\([a-z0-9]*\):\(.*\)$/_\1-\2/p')
-  name=$name$hosts
+  weights=$(printf '%s\n' "$@" | sed -n 's/^--weights=\(sharded\|replicated\)$/_\1_eval/p')
+  name=$name$hosts$weights
   echo "[compile_recipes] $recipe" >&2
   "$PYTHON" launch/compile.py --config="configs/$recipe" --output_json="$out/$name.json" "$@" \
     || status=$?
@@ -31,6 +34,8 @@ compile lychee.py:rl,7b,v5p-64 "$@"
 compile lychee.py:gate,7b,v5p-64 --eval_modes= "$@"
 compile memagent.py:sft,7b,v5p-64 "$@"
 compile memagent.py:rl,7b,v5p-64 "$@"
+compile lychee.py:rl,7b,v5p-64 --weights=sharded --programs=eval_recall_gate,answer_stream "$@"
+compile lychee.py:compressor,7b,v5p-64 --weights=sharded --programs=eval_recall_gate "$@"
 if "$PYTHON" -c "from memrecall.capacity import gpu_hosts; assert gpu_hosts.plugin()" 2>/dev/null
 then
   compile lychee.py:compressor,7b,gpu8 --topology=h100:8 "$@"
@@ -39,6 +44,10 @@ then
   compile lychee.py:gate,7b,gpu8 --topology=h100:8 --eval_modes= "$@"
   compile memagent.py:sft,7b,gpu8 --topology=h100:8 "$@"
   compile memagent.py:rl,7b,gpu8 --topology=h100:8 "$@"
+  compile lychee.py:rl,7b,gpu8 --topology=h100:8 --weights=sharded \
+    --programs=eval_recall_gate,answer_stream "$@"
+  compile lychee.py:compressor,7b,gpu8 --topology=h100:8 --weights=sharded \
+    --programs=eval_recall_gate "$@"
 else
   echo "[compile_recipes] no CUDA plugin (pip install -e .[gpu-aot]): GPU recipes not compiled" >&2
 fi

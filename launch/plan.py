@@ -213,7 +213,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
            f"{tpu.topology}: no compiler record (launch/compile.py --output_json, or --compile)"
            if tpu is not None else
            "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)")
-  placed = f", evaluation's weights {weights}" if modes and run.model.compressor else ""
+  placed = (f", evaluation's weights {weights}"
+            if any(aot.is_eval(p.name) for p in programs) else "")
   lines = [f"{spec}{' ' + ' '.join(overrides) if overrides else ''}  mesh {dict(run.mesh.shape)}"
            f"{placed}  [{where}]",
            f"  {'program':<20} {'estimate':>9} {'allocated':>10} {'ratio':>6} {'total':>8} "

@@ -107,6 +107,11 @@ def _stream_program(run: Run, params, tokens: int, weights: str) -> Program:
   return Program("answer_stream", *reader.call(layout, inputs, _key(run.mesh)))
 
 
+def is_eval(program: str) -> bool:
+  """Whether `program` is one of evaluation's (`eval_programs`), not training's."""
+  return program.startswith("eval_recall_") or program == "answer_stream"
+
+
 def recipe_programs(run: Run, *, eval_batch: int, eval_tokens: int,
                     eval_modes: Sequence[str] = ("gate",), eval_weights: str = "sharded"
                     ) -> list[Program]:

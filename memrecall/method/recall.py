@@ -240,12 +240,20 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
   n, batch = k.shape[0], question.shape[0]
   g = min(setup.recall.gate_group, n)
   rows = jnp.arange(batch)
-  doc = (rows if k.shape[2] > 1 else jnp.zeros_like(rows))[:, None]  # [B, 1]
 
   def gather(index):  # index [B, G'] -> k, v [L, B*G', S, K, D], slot_mask [B*G', S], valid [B, G']
+    # Each row takes blocks of its own document, its row of the bank a batch dimension of the
+    # gather (vmap), so a mesh that splits the rows gathers on each device from its own rows;
+    # indexing the row axis with `rows` instead made XLA all-gather the whole bank to every
+    # device at every step.  One document shared by every row (Bd = 1) is not split.
+    if k.shape[2] > 1:
+      take = lambda x, axis: jax.vmap(lambda xb, i: xb[i], in_axes=(axis, 0))(x, index)
+    else:
+      take = lambda x, axis: jnp.take(x, index, axis=0).squeeze(axis + 1)
+    # [B, G', L, S, K, D] -> [L, B*G', S, K, D]
     flat = lambda x: jnp.moveaxis(x, 2, 0).reshape((x.shape[2], -1) + x.shape[3:])
-    return (flat(k[index, :, doc]), flat(v[index, :, doc]),
-            slot_mask[index, doc].reshape((-1, slot_mask.shape[-1])), valid[index, doc])
+    return (flat(take(k, 2)), flat(take(v, 2)),
+            take(slot_mask, 1).reshape((-1, slot_mask.shape[-1])), take(valid, 1))
 
   capacity, m = memory.ids.shape[1], setup.reasoner.memory_size
   per_block = (jnp.full((n, batch), jnp.nan, jnp.float32), jnp.zeros((n, batch), bool),
