@@ -107,6 +107,13 @@ def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
   layer_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in layers)
   assert gathered["fsdp"] - gathered["data"] >= layer_bytes, (gathered, layer_bytes)
   assert gathered["fsdp, replicated"] <= gathered["data"], gathered
+  # With the rows split over data, each device reads blocks from its own rows of the bank: a
+  # loop iteration gathers less than one block of the other devices' rows (indexing the bank's
+  # row axis made every iteration gather all of it).
+  m, c = run.model, run.compressor
+  block = 3 * (c.chunk_size // c.ratio) * m.num_layers * 2 * m.num_kv_heads * m.head_dim * (
+      np.dtype(m.jnp_dtype).itemsize)
+  assert gathered["data"] < block, (gathered, block)
   # And the tiny model's copy is what launch/eval.py's auto replicates on a v5e chip.
   assert aot.eval_weights(run, "auto", 16 * 2**30) == "replicated"
   assert aot.eval_weights(run, "auto", 2 * layer_bytes) == "sharded"
