@@ -120,6 +120,30 @@ def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
 
 
 @needs_libtpu
+def test_the_bank_moves_to_its_rows_once_when_they_split_over_fewer_devices_than_its_chunks():
+  """Two rows on data 2 x fsdp 2: the rows split over data only, compression's chunks over
+  all four devices.  The bank is moved to its rows' devices once, before the recall loop:
+  an iteration gathers less than one row's block (left to the loop, every iteration
+  gathered the bank again)."""
+  from configs import tiny
+  from memrecall.capacity import aot, tpu_slices
+  from memrecall.run_builder import build_run
+  from memrecall.train import trainer
+  devices = tpu_slices.deviceless_devices(tpu_slices.parse_slice("v5e:2x2"))
+  config = tiny.get_config("sft")
+  config.mesh.update({"data": 2, "fsdp": 2, "tensor": 1})
+  run = build_run(config, devices)
+  params = trainer.stage_programs(run)[0].args[0].params
+  (program,) = aot.eval_programs(run, params, batch=2, tokens=run.num_chunks *
+                                 run.compressor.chunk_size, mode="gate", weights="replicated")
+  gathered = aot.compile_program(program, run.mesh, 16 * 2**30).loop_gather_gib * 2**30
+  m, c = run.model, run.compressor
+  block = (c.chunk_size // c.ratio) * m.num_layers * 2 * m.num_kv_heads * m.head_dim * (
+      np.dtype(m.jnp_dtype).itemsize)
+  assert gathered < block, (gathered, block)
+
+
+@needs_libtpu
 def test_replicated_rollout_weights_are_gathered_once_not_at_every_step():
   """rl.rollout_weights="replicated": the RL rollout on an fsdp mesh gathers the inference
   copy once, before its loops; no loop gathers the layers' weights per iteration any more."""

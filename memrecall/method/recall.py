@@ -42,6 +42,7 @@ from memrecall.method.reasoner import (ReasonerConfig, WorkingMemory, final_answ
 from memrecall.models.config import ModelConfig
 from memrecall.models.qwen2 import inference_params
 from memrecall.models.sampling import SampleOutput, SamplingConfig
+from memrecall.runtime.sharding import with_logical_constraint
 
 Array = jax.Array
 MODES = ("gate", "all", "topk")
@@ -394,9 +395,15 @@ def recall_documents(params, setup: RecallSetup, compressor: CompressorConfig, c
   memory = compress(params, setup.model, compressor, chunk_ids.reshape(b * n, c),
                     chunk_mask.reshape(b * n, c))
   per_doc = lambda x: jnp.moveaxis(x.reshape((x.shape[0], b, n) + x.shape[2:]), 2, 0)
-  bank = DocumentBank(k=per_doc(memory.k), v=per_doc(memory.v),
-                      slot_mask=jnp.moveaxis(memory.slot_mask.reshape(b, n, -1), 1, 0),
-                      chunk_valid=jnp.moveaxis(chunk_mask.any(-1), 1, 0))
+  # Each row's blocks where its question is: compression splits the chunks over more devices
+  # than the rows may be (16 rows on 32 chips), and left so the loop re-gathers the bank at
+  # every step; constrained here, it moves once.
+  kv = lambda x: with_logical_constraint(per_doc(x), (None, None, "batch", None, "act_kv_heads",
+                                                      None))
+  rows_last = lambda x: with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+  bank = DocumentBank(k=kv(memory.k), v=kv(memory.v),
+                      slot_mask=rows_last(jnp.moveaxis(memory.slot_mask.reshape(b, n, -1), 1, 0)),
+                      chunk_valid=rows_last(jnp.moveaxis(chunk_mask.any(-1), 1, 0)))
   return recall(params, setup, bank, question, question_mask, rng, forced_read)
 
 
