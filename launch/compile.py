@@ -186,7 +186,7 @@ def main(argv):
               "devices": len(devices), "mesh": dict(run.mesh.shape),
               "hbm_gib_per_device": hbm / tpu_slices.GiB, "jax": jax.__version__,
               "compiler": deviceless.compiler, "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
-              "eval_tokens": tokens, "eval_weights": weights,
+              "eval_tokens": tokens, "eval_weights": weights, "programs": _ONLY.value,
               "rows": [r.to_json() for r in rows]}
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(report, f, indent=1)

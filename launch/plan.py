@@ -144,7 +144,11 @@ def _records(directory: str) -> list[dict]:
     rows = {r["program"]: r for r in into["rows"]}
     rows.update({r["program"]: r for r in record["rows"]})
     into["rows"] = list(rows.values())
+    # Programs of the merged records: all when any record holds all (no --programs).
+    before, after = into.get("programs"), record.get("programs")
     into.update({k: v for k, v in record.items() if k != "rows"})
+    into["programs"] = (before + [p for p in after if p not in before]
+                        if before and after else [])
   return list(merged.values())
 
 
@@ -219,13 +223,16 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
            f"{placed}  [{where}]",
            f"  {'program':<20} {'estimate':>9} {'allocated':>10} {'ratio':>6} {'total':>8} "
            f"{'of HBM':>7}  GiB per device"]
-  for e in estimates:
+  # A record of some programs only (compile.py --programs): the rest are another record's.
+  only = (record or {}).get("programs") or [e.program for e in estimates]
+  for e in [e for e in estimates if e.program in only]:
     row = rows.get(e.program)
     est = e.total / GiB
     allocated = (row["allocation_gib"] + row.get("held_gib", 0.0)
                  if row and row.get("allocation_gib") else None)
     out.append({"config": spec, "overrides": overrides, "mesh": dict(run.mesh.shape),
                 "program": e.program, "estimate": e.to_json(), "eval_weights": weights,
+                "eval_batch": eval_batch,
                 "compiler": row, "allocated_gib": allocated,
                 "ratio": est / allocated if allocated else None,
                 "topology": (record or {}).get("topology") or (tpu.topology if tpu else None)})
@@ -247,10 +254,13 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
           lines.append(f"    {mark}{phase:<15} {t.bytes / GiB:7.3f}  {t.name}: {t.formula}")
   from memrecall.capacity import gpu_hosts
   topology = (record or {}).get("topology") or getattr(compile_for, "topology", "")
-  if any(name != "train_step" for name in rows) and gpu_hosts.looks_like_gpu(topology):
-    lines.append("  (the estimate follows the TPU compiler, which gathers a layer's weights inside "
-                 "the loops; XLA's GPU compiler also gathers the whole model before inference "
-                 "loops: docs/2026-12-06-gpu-deviceless-compile.md)")
+  sharded_loops = [name for name in rows if name != "train_step"
+                   and not (aot.is_eval(name) and weights == "replicated")]
+  if sharded_loops and gpu_hosts.looks_like_gpu(topology):
+    lines.append(f"  ({', '.join(sharded_loops)}: with sharded weights the estimate follows the "
+                 "TPU compiler, which gathers a layer's weights inside the loops; XLA's GPU "
+                 "compiler also gathers the whole model before them: "
+                 "docs/2026-12-06-gpu-deviceless-compile.md)")
   return lines
 
 

@@ -156,8 +156,12 @@ def test_the_estimate_is_within_25_percent_of_every_compiler_record(tmp_path):
   of GPU recipes on one host of 8 H100s: every program of each has a compiler row.  On a TPU
   every estimate is within 25% of what the compiled program allocates (plus what RL holds
   beside it).  The estimate follows the TPU compiler's choices; on GPUs it holds for the train
-  step, while XLA's GPU compiler also gathers the whole model before inference loops
-  (evaluation allocates up to 9x the estimate: docs/2026-12-06-gpu-deviceless-compile.md)."""
+  step, and for evaluation with replicated weights (`--weights=auto`'s choice on these cards),
+  while with sharded weights XLA's GPU compiler also gathers the whole model before inference
+  loops (evaluation allocates up to 9x the estimate: docs/2026-12-06-gpu-deviceless-compile.md).
+  Where evaluation's rows split over fewer devices than the batch axes (16 questions on 32
+  chips) the compiler may spread a row group's prefill over the chips that share it, and the
+  estimate is an upper bound: up to 50% over."""
   records = [f for f in os.listdir(os.path.join(ROOT, "docs", "compile")) if f.endswith(".json")]
   assert records
   out = tmp_path / "plan.json"
@@ -171,8 +175,14 @@ def test_the_estimate_is_within_25_percent_of_every_compiler_record(tmp_path):
   from memrecall.capacity import gpu_hosts
   on_gpus = lambda r: gpu_hosts.looks_like_gpu(r["topology"])
   assert any(map(on_gpus, rows)) and not all(map(on_gpus, rows))
-  off = {(r["config"], r["program"]): round(r["ratio"], 2) for r in rows
-         if (not on_gpus(r) or r["program"] == "train_step") and not 0.75 <= r["ratio"] <= 1.25}
+  from memrecall.capacity import aot
+  def upper(r):
+    shards = r["mesh"]["data"] * r["mesh"]["fsdp"]
+    return 1.5 if aot.is_eval(r["program"]) and r["eval_batch"] % shards else 1.25
+  held = lambda r: (not on_gpus(r) or r["program"] == "train_step"
+                    or (aot.is_eval(r["program"]) and r["eval_weights"] == "replicated"))
+  off = {(r["config"], r["program"], r["eval_weights"]): round(r["ratio"], 2) for r in rows
+         if held(r) and not 0.75 <= r["ratio"] <= upper(r)}
   assert not off, off
   for r in rows:  # the printed table carries the same ratios
     assert f"{r['ratio']:.2f}" in proc.stdout

@@ -201,12 +201,6 @@ class _Shapes:
     that divide it (16 questions on data 4 x fsdp 8: 4 per device)."""
     return n // sharding_lib.logical_split("batch", _AxisSizes(self.sizes), n)
 
-  def bank_rows(self, n: int) -> int:
-    """Rows per device of the bank of n rows: split over every batch shard when they divide
-    the rows, else whole on every device (the compiler's plans of 16 evaluation questions on
-    32 chips: all 16 rows' banks on each)."""
-    return n // self.batch_shards if n % self.batch_shards == 0 else n
-
   def chunks(self, n: int) -> int:
     """Chunks per device that compression writes for n rows: the chunk axis (n x N) split as
     the rules split `chunks` (`compress` groups each device's own chunks)."""
@@ -214,7 +208,7 @@ class _Shapes:
     return total // sharding_lib.logical_split("chunks", _AxisSizes(self.sizes), total)
 
   def kv(self, rows: int, positions: int) -> int:
-    return rows * positions * self.L * 2 * self.K * self.D * self.dt // self.tensor_kv
+    return int(rows * positions * self.L * 2 * self.K * self.D * self.dt // self.tensor_kv)
 
   @property
   def tensor_kv(self) -> int:
@@ -244,26 +238,28 @@ def _logits_term(s: _Shapes, rows: int, tokens: int, what: str, f32_copies: int 
 
 def _mlp_term(s: _Shapes, rows: int, tokens: int) -> Term:
   """One layer's MLP activation (the compiled programs fuse silu(gate) x up into one)."""
-  return Term("one layer's MLP", rows * tokens * s.F * s.dt // s.tensor,
+  return Term("one layer's MLP", int(rows * tokens * s.F * s.dt // s.tensor),
               f"{rows} rows x {tokens} tokens x F {s.F} x {s.dt} B")
 
 
 def _scores_term(s: _Shapes, rows: int, keys: int, what: str) -> Term:
-  return Term(f"attention scores: {what}", rows * s.H * QUERY_BLOCK * keys * 4 // s.tensor,
+  return Term(f"attention scores: {what}", int(rows * s.H * QUERY_BLOCK * keys * 4 // s.tensor),
               f"{rows} rows x H {s.H} x {QUERY_BLOCK} query rows x {keys} keys x 4 B")
 
 
-def _decode_phase(s: _Shapes, rows: int, slots: int, prompt: int, room: int, what: str
-                  ) -> list[Term]:
+def _decode_phase(s: _Shapes, rows: int, slots: int, prompt: int, room: int, what: str,
+                  whole_weights: bool = False) -> list[Term]:
   """A prompt prefilled into a cache of slots + prompt + room, then decoded: the cache (k and
   v) as built by concatenating the chunk's slots and as the prefill writes it (with no slots
   the prefill writes the empty cache in place: one copy), the LM head gathered for the
-  logits, one layer's MLP and one block of attention scores over the prompt."""
+  logits (not with whole weights on every device), one layer's MLP and one block of attention
+  scores over the prompt."""
   n = slots + prompt + room
   copies, why = (2, "built, prefilled") if slots else (1, "prefilled in place")
+  head = [] if whole_weights else [_head_term(s, 1, "the next-token logits")]
   return [Term(f"decode cache: {what}", copies * s.kv(rows, n),
                f"{copies} ({why}) x " + s.kv_formula(rows, f"{slots} + {prompt} + {room}", n)),
-          _head_term(s, 1, "the next-token logits"),
+          *head,
           _mlp_term(s, rows, prompt),
           _scores_term(s, rows, n, "one query block of the prefill")]
 
@@ -274,12 +270,17 @@ def _bank_term(s: _Shapes, rows: int, copies: int, what: str) -> Term:
               f"{copies} x " + s.kv_formula(rows, f"N {s.N} x S {s.S}", n))
 
 
-def _rollout(s: _Shapes, n: int, what: str) -> dict[str, list[Term]]:
+def _rollout(s: _Shapes, n: int, what: str, whole_weights: bool = False
+             ) -> dict[str, list[Term]]:
   """The recall loop over each of n rows' own document (rollout, evaluation): its chunks
   compressed (each device its own) into a bank (the chunk-major copy the loop reads), then
-  each memory update decoded from one chunk's slots; MemAgent reads raw sections instead."""
+  each memory update decoded from one chunk's slots; MemAgent reads raw sections instead.
+  whole_weights: every device holds the whole model (evaluation's replicated weights)."""
   phases = {}
-  rows, bank = s.rows(n), s.bank_rows(n)
+  # The bank is placed with its rows (`recall.recall_documents`).  Where the rows split over
+  # fewer devices than the batch axes (16 questions on 32 chips) the compiler may spread a row
+  # group's prefill over the devices that share it: the estimate is then an upper bound.
+  rows = bank = s.rows(n)
   if not s.raw:
     chunks = s.chunks(n)
     phases["compression"] = [
@@ -290,8 +291,9 @@ def _rollout(s: _Shapes, n: int, what: str) -> dict[str, list[Term]]:
     slots = s.S
   else:
     read, slots = [], 0
-  phases["memory updates"] = read + _decode_phase(s, rows, slots, s.P_update, s.M, "update")
-  phases["answer"] = read + _decode_phase(s, rows, 0, s.P_final, s.A, "answer")
+  phases["memory updates"] = read + _decode_phase(s, rows, slots, s.P_update, s.M, "update",
+                                                  whole_weights)
+  phases["answer"] = read + _decode_phase(s, rows, 0, s.P_final, s.A, "answer", whole_weights)
   return phases
 
 
@@ -468,9 +470,9 @@ def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | N
     elif name == "reference_logprobs":
       phases = _reference(s, s.rows(run.config.train.batch_size))
     elif name.startswith("eval_recall_"):
-      phases = _rollout(s, eval_batch, "evaluation")
+      phases = _rollout(s, eval_batch, "evaluation", _whole(program.args[0]))
     elif name == "answer_stream":
-      phases = _stream(s)
+      phases = _stream(s, _whole(program.args[0]))
     else:
       raise ValueError(f"no estimate for program {name!r}")
     out.append(Estimate(name, arguments, held,
@@ -478,12 +480,18 @@ def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | N
   return out
 
 
-def _stream(s: _Shapes) -> dict[str, list[Term]]:
+def _whole(params) -> bool:
+  """Whether every device holds all of `params` (abstract arrays with shardings)."""
+  return all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
+
+
+def _stream(s: _Shapes, whole_weights: bool = False) -> dict[str, list[Term]]:
   """answer.py --stream: one question, its document compressed and read a group of chunks at
   a time; the group's compressed chunks, then each update's decode."""
   g = 8  # RecallConfig.group_size, the streaming group
   n = g * s.S
   group = Term("a group's compressed chunks (and their chunk-major copy)", 2 * s.kv(1, n),
                "2 x " + s.kv_formula(1, f"{g} chunks x S {s.S}", n))
-  return {"memory updates": [group] + _decode_phase(s, 1, s.S, s.P_update, s.M, "update"),
-          "answer": _decode_phase(s, 1, 0, s.P_final, s.A, "answer")}
+  return {"memory updates": [group] + _decode_phase(s, 1, s.S, s.P_update, s.M, "update",
+                                                   whole_weights),
+          "answer": _decode_phase(s, 1, 0, s.P_final, s.A, "answer", whole_weights)}
