@@ -23,8 +23,8 @@ import numpy as np
 
 from memrecall import readers
 from memrecall.capacity import hlo_report
-from memrecall.evaluate import evaluator
 from memrecall.capacity.tpu_slices import GiB
+from memrecall.evaluate import evaluator
 from memrecall.method.recall import inference_layout
 from memrecall.models.qwen2 import abstract_params
 from memrecall.run_builder import Run

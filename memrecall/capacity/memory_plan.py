@@ -208,7 +208,7 @@ class _Shapes:
     return total // sharding_lib.logical_split("chunks", _AxisSizes(self.sizes), total)
 
   def kv(self, rows: int, positions: int) -> int:
-    return int(rows * positions * self.L * 2 * self.K * self.D * self.dt // self.tensor_kv)
+    return rows * positions * self.L * 2 * self.K * self.D * self.dt // self.tensor_kv
 
   @property
   def tensor_kv(self) -> int:
@@ -238,12 +238,12 @@ def _logits_term(s: _Shapes, rows: int, tokens: int, what: str, f32_copies: int 
 
 def _mlp_term(s: _Shapes, rows: int, tokens: int) -> Term:
   """One layer's MLP activation (the compiled programs fuse silu(gate) x up into one)."""
-  return Term("one layer's MLP", int(rows * tokens * s.F * s.dt // s.tensor),
+  return Term("one layer's MLP", rows * tokens * s.F * s.dt // s.tensor,
               f"{rows} rows x {tokens} tokens x F {s.F} x {s.dt} B")
 
 
 def _scores_term(s: _Shapes, rows: int, keys: int, what: str) -> Term:
-  return Term(f"attention scores: {what}", int(rows * s.H * QUERY_BLOCK * keys * 4 // s.tensor),
+  return Term(f"attention scores: {what}", rows * s.H * QUERY_BLOCK * keys * 4 // s.tensor,
               f"{rows} rows x H {s.H} x {QUERY_BLOCK} query rows x {keys} keys x 4 B")
 
 

@@ -411,9 +411,9 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   """Every (source, mode, row) not yet in OUTPUT_DIR's predictions; resumable by row.
 
   `sources` are `specs.NamedSource`s (their rows in order, the first `limit`); `run` a
-  `run_builder.Run`; mesh, weights: as in `evaluate_mode` (this process's devices).  Each finished batch is
-  appended to predictions.jsonl (one JSON object per (mode, row): the fields of
-  PREDICTION_KEYS), so a run that stops loses at most one batch; results.json / results.csv
+  `run_builder.Run`; mesh, weights: as in `evaluate_mode` (this process's devices).  Each
+  finished batch is appended to predictions.jsonl (one JSON object per (mode, row): the fields
+  of PREDICTION_KEYS), so a run that stops loses at most one batch; results.json / results.csv
   and plots are rewritten at the end: `summarize_predictions` of the rows asked for (the
   returned rows), beside the earlier rows of other models, files or modes.  A question over
   `reasoner.question_tokens` stops the run with an error naming its row, after every earlier
