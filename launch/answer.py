@@ -81,7 +81,7 @@ def main(argv):
   from memrecall.data import documents
   from memrecall.evaluate import evaluator, traces
   from memrecall.method import memory_bank, prompts, recall
-  from memrecall.runtime import fingerprint, progress, sharding
+  from memrecall.runtime import fingerprint, progress
 
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None) or not _DOCUMENT.value:
     raise app.UsageError("--document and exactly one of --hf_checkpoint and --checkpoint are "
@@ -93,7 +93,7 @@ def main(argv):
   cli.writable("memory_bank", _MEMORY_BANK.value, directory=True)
   if _STREAM.value and _MEMORY_BANK.value:
     raise app.UsageError("--stream compresses on the fly; it does not use --memory_bank")
-  mesh = model_flags.mesh_shape()
+  model_flags.mesh_shape()  # a malformed --mesh: an error before anything is read
   try:
     given_ids = [int(i) for i in _QUESTION_IDS.value or []]
   except ValueError:
@@ -114,16 +114,15 @@ def main(argv):
                            "another --memory_bank") from None
   settings = dict(chunk_size=_CHUNK_SIZE.value, memory_size=_MEMORY_SIZE.value,
                   answer_tokens=_MAX_NEW_TOKENS.value)
-  try:  # the run's mesh: --mesh or the run's shape, over this machine's devices
-    if _CHECKPOINT.value:
-      run, params = run_builder.from_workdir(
-          _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, mesh=mesh,
-          **settings)
-    else:
-      run = run_builder.from_hf_checkpoint(_HF_CHECKPOINT.value, model=model_flags.hf_model_settings(),
-                                    mesh=mesh, **{k: v for k, v in settings.items() if v})
-  except sharding.MeshError as e:
-    raise app.UsageError(model_flags.mesh_error(e, len(jax.local_devices()))) from None
+  # The run's mesh: --mesh or the run's shape where it fits this machine's devices.
+  if _CHECKPOINT.value:
+    run, params = model_flags.on_own_devices(lambda mesh: run_builder.from_workdir(
+        _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, mesh=mesh,
+        **settings), len(jax.local_devices()))
+  else:
+    run = model_flags.on_own_devices(lambda mesh: run_builder.from_hf_checkpoint(
+        _HF_CHECKPOINT.value, model=model_flags.hf_model_settings(), mesh=mesh,
+        **{k: v for k, v in settings.items() if v}), len(jax.local_devices()))
   tok, config = run.tokenizer, run.model
   mode = _MODE.value or ("gate" if config.has_gate else "all")
   if mode in ("gate", "topk") and not config.has_gate:

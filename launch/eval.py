@@ -18,8 +18,9 @@ another --model_name beside them.  --chunk_size, --memory_size, --answer_tokens 
 an error).  --modes defaults to gate,all,memagent for a checkpoint with a gate, else
 all,memagent.  Errors are one line; --verbose shows tracebacks.
 
-Each process runs on a mesh of its own devices (--mesh, default the run's; every device on fsdp
-for a HF checkpoint), a batch's questions split over data x fsdp.  The weights (--weights): a
+Each process runs on a mesh of its own devices (--mesh, default the run's, or all of them on
+fsdp where the run's needs other devices, as a pod recipe's workdir on one host; every device on
+fsdp for a HF checkpoint), a batch's questions split over data x fsdp.  The weights (--weights): a
 whole bfloat16 copy on every device when it takes at most a third of a device's memory (7B
 with its compressor and gate, 15.1 GiB, on an H100 or a v5p chip), else sharded by training's
 rules, which on an fsdp axis gathers every layer's weights at every decode step; the run says
@@ -163,30 +164,27 @@ def _settings() -> dict[str, int]:
 
 def _load():
   """(run, a function giving its parameters, default output dir, model name) of the checkpoint
-  the flags name, on a mesh of this process's own devices (--mesh, or the run's shape); a HF
+  the flags name, on a mesh of this process's own devices (--mesh, or the run's shape where it
+  fits them: `model_flags.on_own_devices`); a HF
   checkpoint's weights are read only when that function is called.  The size flags
   (`_settings`) and --matmul_precision apply to whichever config the run is built from."""
   import jax
   from memrecall import run_builder
-  from memrecall.runtime import sharding
   from memrecall.method.prompts import MEMAGENT_FINAL_TEMPLATE
-  devices, mesh = jax.local_devices(), model_flags.mesh_shape()
+  devices = jax.local_devices()
   values = _settings()
-  try:
-    if _HF_CHECKPOINT.value:
-      hf = _HF_CHECKPOINT.value
-      if _PROMPTS.value == "memagent":
-        values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
-      run = run_builder.from_hf_checkpoint(hf, devices, model=model_flags.hf_model_settings(),
-                                    mesh=mesh, **values)
-      name = os.path.basename(os.path.normpath(hf))
-      return run, run.params, os.path.join("eval", name), name
-    # --config: another config over the same weights (its shapes checked against them).
-    run, params = run_builder.from_workdir(
-        _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value,
-        devices=devices, mesh=mesh, config=_CONFIG.value, **values)
-  except sharding.MeshError as e:
-    raise app.UsageError(model_flags.mesh_error(e, len(devices))) from None
+  if _HF_CHECKPOINT.value:
+    hf = _HF_CHECKPOINT.value
+    if _PROMPTS.value == "memagent":
+      values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
+    run = model_flags.on_own_devices(lambda mesh: run_builder.from_hf_checkpoint(
+        hf, devices, model=model_flags.hf_model_settings(), mesh=mesh, **values), len(devices))
+    name = os.path.basename(os.path.normpath(hf))
+    return run, run.params, os.path.join("eval", name), name
+  # --config: another config over the same weights (its shapes checked against them).
+  run, params = model_flags.on_own_devices(lambda mesh: run_builder.from_workdir(
+      _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value,
+      devices=devices, mesh=mesh, config=_CONFIG.value, **values), len(devices))
   # Data files and the synthetic sweep each rewrite results.json: apart by default.
   where = "eval_data" if _DATA.value else "eval"
   return run, lambda: params, os.path.join(_CHECKPOINT.value, where), "lychee"

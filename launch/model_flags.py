@@ -1,6 +1,9 @@
 """The model flags of the launchers that load a checkpoint to answer with (eval.py, answer.py)."""
 
-from absl import flags
+import sys
+from typing import Any, Callable
+
+from absl import app, flags
 
 GATE_LORA_RANK = flags.DEFINE_integer(
     "gate_lora_rank", 0, "HF checkpoints: rank of the gate's adapters, a fresh gate for a "
@@ -14,7 +17,8 @@ MATMUL_PRECISION = flags.DEFINE_enum(
 MESH = flags.DEFINE_string(
     "mesh", None, "Axis sizes of the mesh each process runs on, over its own devices, e.g. "
     "fsdp=4,tensor=2: the weights shard by training's rules, a batch's questions split over "
-    "data x fsdp (default: the run's mesh; every device on fsdp for a HF checkpoint).")
+    "data x fsdp (default: the run's mesh, or every device on fsdp where the run's does not "
+    "fit this process's devices; every device on fsdp for a HF checkpoint).")
 
 
 WEIGHTS = flags.DEFINE_enum(
@@ -30,6 +34,23 @@ def mesh_shape() -> dict | None:
   """--mesh as axis sizes (None: the run's own); a one-line error when malformed."""
   from launch import cli  # pylint: disable=g-import-not-at-top
   return cli.mesh_shape("mesh", MESH.value)
+
+
+def on_own_devices(load: Callable[[dict | None], Any], devices: int) -> Any:
+  """load(mesh axis sizes): with --mesh's, else the run's own (None).  When the run's own mesh
+  needs other devices than this process has (a pod recipe's workdir evaluated on one host of
+  it), every one of the process's devices on fsdp instead, said on stderr; a --mesh these
+  devices cannot form is a one-line error."""
+  from memrecall.runtime import sharding  # pylint: disable=g-import-not-at-top
+  mesh = mesh_shape()
+  try:
+    return load(mesh)
+  except sharding.MeshError as e:
+    if mesh is not None:
+      raise app.UsageError(mesh_error(e, devices)) from None
+    print(f"the run's mesh does not fit this process ({e}): its {devices} device(s) on fsdp "
+          "instead (--mesh to choose)", file=sys.stderr)
+  return load({"fsdp": -1})
 
 
 def mesh_error(error: Exception, devices: int) -> str:

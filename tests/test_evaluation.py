@@ -250,3 +250,25 @@ def test_config_sweep_takes_the_size_flags(tmp_path):
   key, = json.load(open(tmp_path / "eval" / "keys.json")).values()
   assert [key[k] for k in ("chunk_size", "memory_size", "answer_tokens", "question_tokens")] == [
       32, 6, 5, 4]
+
+
+def test_a_pod_runs_workdir_is_evaluated_on_the_devices_this_process_has(tmp_path):
+  """A run trained on fsdp=4, evaluated by a process with 2 devices: without --mesh the run's
+  mesh does not fit, so eval.py puts its 2 devices on fsdp and says so; an explicit --mesh it
+  cannot form stays a one-line error."""
+  config = small_config("sft")
+  config.mesh.fsdp = 4
+  _untrained_workdir(tmp_path / "run", config)
+  launch = lambda *flags: subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "eval.py"), f"--checkpoint={tmp_path / 'run'}",
+       "--lengths=1", "--examples=2", "--modes=all", "--batch_size=2", "--latency_examples=0",
+       f"--output_dir={tmp_path / 'eval'}", *flags],
+      capture_output=True, text=True, env=cpu_env(devices=2), cwd=ROOT, timeout=600)
+  proc = launch()
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "the run's mesh does not fit this process" in proc.stderr
+  assert "its 2 device(s) on fsdp instead (--mesh to choose)" in proc.stderr
+  assert "weights sharded over 2 device(s)" in proc.stdout
+  assert json.load(open(tmp_path / "eval" / "results.json"))[0]["mode"] == "all"
+  proc = launch("--mesh=fsdp=4")
+  assert proc.returncode == 2 and "needs 4 devices" in proc.stderr, proc.stderr[-2000:]
