@@ -16,7 +16,7 @@ MATMUL_PRECISION = flags.DEFINE_enum(
 
 MESH = flags.DEFINE_string(
     "mesh", None, "Axis sizes of the mesh each process runs on, over its own devices, e.g. "
-    "fsdp=4,tensor=2: the weights shard by training's rules, a batch's questions split over "
+    "fsdp=4,tensor=2: the weights placed on it as --weights says, a batch's questions split over "
     "data x fsdp (default: the run's mesh, or every device on fsdp where the run's does not "
     "fit this process's devices; every device on fsdp for a HF checkpoint).")
 
