@@ -152,10 +152,8 @@ def main(argv):
   # Per-layer weights for the loop's decode steps, on the run's mesh as --weights says (the
   # bank's fingerprint stays the stored tree's).  The method's reader in `mode`,
   # its blocks compressed inside the loop (--stream) or banked in host memory.
-  layer_params, setup = evaluator.on_mesh(params, setup, run.mesh, model_flags.WEIGHTS.value)
-  if run.mesh.size > 1:
-    print(evaluator.placement(layer_params, run.mesh, model_flags.WEIGHTS.value)[1],
-          file=sys.stderr)
+  layer_params, setup = evaluator.on_mesh(params, setup, run.mesh, model_flags.WEIGHTS.value,
+                                          log=lambda line: print(line, file=sys.stderr))
   reader = readers.get(mode, setup, run.compressor,
                        placement="stream" if _STREAM.value else "host")
   settings = run.compressor

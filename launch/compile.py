@@ -155,8 +155,7 @@ def main(argv):
   try:
     run = build_run(config, devices)
     tokens = _EVAL_TOKENS.value or run.num_chunks * run.compressor.chunk_size
-    weights = aot.eval_weights(run, _WEIGHTS.value, int(
-        deviceless.memory_bytes_per_device * (deviceless.pool_fraction or 1.0)))
+    weights = aot.eval_weights(run, _WEIGHTS.value, deviceless.pool_bytes)
     programs = aot.recipe_programs(run, eval_batch=_EVAL_BATCH.value, eval_tokens=tokens,
                                    eval_modes=modes, eval_weights=weights)
   except ConfigError as e:

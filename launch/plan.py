@@ -191,10 +191,9 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     modes = (record or {}).get("eval_modes", ["gate", "stream"])
     # A record's placement (records before it was recorded: sharded), else compile.py's auto.
     known_gib = _DEVICE_GIB.value or getattr(tpu, "hbm_gib_per_chip", None) or 0
-    memory = (deviceless.memory_bytes_per_device * (deviceless.pool_fraction or 1.0)
-              if deviceless else known_gib * GiB)
+    memory = deviceless.pool_bytes if deviceless else int(known_gib * GiB)
     weights = ((record or {}).get("eval_weights", "sharded") if record
-               else aot.eval_weights(run, "auto", int(memory) or None))
+               else aot.eval_weights(run, "auto", memory or None))
     programs = aot.recipe_programs(run, eval_batch=eval_batch, eval_tokens=tokens,
                                    eval_modes=modes, eval_weights=weights)
     estimates = memory_plan.estimate_programs(run, programs, eval_batch=eval_batch)

@@ -68,8 +68,8 @@ def eval_weights(run: Run, setting: str, memory_bytes: int | None) -> str:
   """Evaluation's weight placement (`sharding.inference_weights`) for `run`'s inference copy
   on devices whose allocator holds `memory_bytes`: what launch/eval.py --weights=`setting`
   picks on them."""
-  layout = jax.eval_shape(lambda p: inference_layout(p, run.recall_setup("gate"))[0],
-                          nn.unbox(abstract_params(run.model)))
+  layout, _ = _inference_params(run, nn.unbox(abstract_params(run.model)),
+                                run.recall_setup("gate"))
   return evaluator.placement(layout, run.mesh, setting, memory_bytes)[0]
 
 

@@ -42,6 +42,11 @@ class Deviceless:
   compiler: str
   pool_fraction: float | None = None
 
+  @property
+  def pool_bytes(self) -> int:
+    """What the runtime lets a device allocate by default (a device's `bytes_limit`)."""
+    return int(self.memory_bytes_per_device * (self.pool_fraction or 1.0))
+
 
 def deviceless(target: Target, gpu_target_config: str | None = None) -> Deviceless:
   """Devices to compile for.  A TPU's memory per device is its chip's HBM (split between a

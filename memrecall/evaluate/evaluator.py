@@ -29,15 +29,19 @@ Scorer = Callable[[Sequence[int], TokenizedExample], dict]
 ACCURACY_METRIC = "sub_em"  # `accuracy` of a result: MemAgent-compatible sub-EM (the ids form: exact)
 
 
-def on_mesh(params, setup: RecallSetup, mesh, weights: str = "auto") -> tuple[dict, RecallSetup]:
+def on_mesh(params, setup: RecallSetup, mesh, weights: str = "auto", log=None
+            ) -> tuple[dict, RecallSetup]:
   """(params, setup) in the recall loop's per-layer layout (`inference_layout`), placed on
   `mesh` as `weights` says (`sharding.INFERENCE_WEIGHTS`: sharded by the rules training uses,
   or a whole copy on every device; `placement` decides "auto").  mesh None: left where they
-  are."""
+  are.  log: called with `placement`'s line when the mesh has several devices."""
   params, setup = inference_layout(params, setup)
   if mesh is None:
     return params, setup
-  if placement(params, mesh, weights)[0] == "replicated":
+  chosen, line = placement(params, mesh, weights)
+  if log is not None and mesh.size > 1:
+    log(line)
+  if chosen == "replicated":
     return jax.device_put(params, sharding.replicated(mesh)), setup
   return place_params(params, setup.model, mesh), setup
 
@@ -54,14 +58,6 @@ def placement(params, mesh, weights: str = "auto", memory: int | None = None
          f"{'unknown' if memory is None else f'{memory / 2**30:.1f} GiB'}, replicated up to "
          f"{sharding.REPLICATE_UP_TO:.0%} of it") if weights == "auto" else "as asked"
   return chosen, f"weights {chosen} over {mesh.size} device(s) ({why})"
-
-
-def _placed(params, setup, mesh, weights, log):
-  """`on_mesh`, saying where the weights went when there is a choice."""
-  params, setup = on_mesh(params, setup, mesh, weights)
-  if mesh is not None and mesh.size > 1:
-    log(placement(params, mesh, weights)[1])
-  return params, setup
 
 
 def _within(mesh):
@@ -267,7 +263,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       mode_examples=mode_examples or {}, batch_size=batch_size,
       latency_examples=latency_examples)},
       {f"{r['model']}/{r.get('task')}" for r in rows})
-  layer_params, layer_setup = _placed(params, setup, mesh, weights, log)  # once, not per row
+  layer_params, layer_setup = on_mesh(params, setup, mesh, weights, log)  # once, not per row
   done = {(r["model"], r.get("task"), r["mode"], r["length_multiple"]) for r in rows}
   todo = [(m, mode) for m in lengths for mode in modes
           if (model_name, task_name, mode, m) not in done]
@@ -446,7 +442,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   output_key.claim(output_dir, {
       f"{model_name}/{named.name}": {**settings, **named.key()}
       for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
-  params, setup = _placed(params, setup, mesh, weights, log)  # once, not per batch
+  params, setup = on_mesh(params, setup, mesh, weights, log)  # once, not per batch
   budget = run.question_tokens
   whose = f" (process {process} of {processes})" if processes > 1 else ""
   for named in sources:
