@@ -11,9 +11,10 @@ walks its chunks, gating, rewriting the working memory, and answers.  A bank
 made from another document is refused, naming both; --recompile_bank rebuilds
 it from this one.  The weights go on the run's mesh (--mesh, default the run's:
 every device on fsdp for a HF checkpoint) as --weights says: a whole copy on each
-device when it takes at most a third of one, else sharded by training's rules,
-so a model larger than one device is answered with; the document's chunks are
-compressed split over the mesh's batch axes.  Sizes are positive (leave a flag
+device when it takes at most a third of one, else split over heads and MLP columns
+on as few devices as hold a third each (the mesh re-formed as data x tensor), else
+sharded by training's rules, so a model larger than one device is answered with;
+the document's chunks are compressed split over the mesh's batch axes.  Sizes are positive (leave a flag
 out for its default); errors are one line, --verbose shows tracebacks.
 """
 
@@ -152,8 +153,9 @@ def main(argv):
   # Per-layer weights for the loop's decode steps, on the run's mesh as --weights says (the
   # bank's fingerprint stays the stored tree's).  The method's reader in `mode`,
   # its blocks compressed inside the loop (--stream) or banked in host memory.
-  layer_params, setup = evaluator.on_mesh(params, setup, run.mesh, model_flags.WEIGHTS.value,
-                                          log=lambda line: print(line, file=sys.stderr))
+  layer_params, setup, mesh = evaluator.on_mesh(
+      params, setup, run.mesh, model_flags.WEIGHTS.value,
+      log=lambda line: print(line, file=sys.stderr))
   reader = readers.get(mode, setup, run.compressor,
                        placement="stream" if _STREAM.value else "host")
   settings = run.compressor
@@ -163,7 +165,7 @@ def main(argv):
   question, question_mask = prompts.pad_ids([question_ids])
   rng = jax.random.key(_SEED.value)
   n_blocks = chunk_ids.shape[0]
-  with jax.set_mesh(run.mesh):
+  with jax.set_mesh(mesh):
     if _STREAM.value:
       ids, mask = reader.chunk_major(chunk_ids[None], chunk_mask[None])  # whole groups
       out = reader.read(layer_params, (jnp.asarray(ids), jnp.asarray(mask), question,
@@ -179,7 +181,7 @@ def main(argv):
         bank, _ = memory_bank.load_bank(bank_dir, expected)
         print(f"reusing memory bank {bank_dir}", file=sys.stderr)
       else:  # the document's chunks split over the mesh's batch axes
-        memory = reader.compress(layer_params, chunk_ids, chunk_mask, run.mesh)
+        memory = reader.compress(layer_params, chunk_ids, chunk_mask, mesh)
         if bank_dir:
           memory_bank.save_bank(bank_dir, memory, memory_bank.describe(
               params, config, settings, memory, len(doc_ids), document_hash=document_hash,

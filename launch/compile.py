@@ -58,9 +58,10 @@ _EVAL_MODES = flags.DEFINE_list("eval_modes", ["gate", "stream"], "Evaluation lo
                                 "recall modes over a device bank (gate, all, topk; eval.py's) "
                                 "and stream (answer.py --stream's, one question); empty: none.")
 _WEIGHTS = flags.DEFINE_enum(
-    "weights", "auto", ["auto", "sharded", "replicated"], "Evaluation's weight placement, as "
-    "launch/eval.py --weights: auto decides with the target's memory per device (on a GPU, "
-    "JAX's default pool of it).")
+    "weights", "auto", ["auto", "sharded", "tensor", "replicated"], "Evaluation's weight "
+    "placement, as launch/eval.py --weights: auto decides with the target's memory per device "
+    "(on a GPU, JAX's default pool of it); tensor compiles evaluation on the devices formed "
+    "into data x tensor.")
 _ONLY = flags.DEFINE_list("programs", [], "Compile only these programs (train_step, rollout, "
                           "reference_logprobs, eval_recall_MODE, answer_stream); default: all.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here as JSON too.")
@@ -155,9 +156,9 @@ def main(argv):
   try:
     run = build_run(config, devices)
     tokens = _EVAL_TOKENS.value or run.num_chunks * run.compressor.chunk_size
-    weights = aot.eval_weights(run, _WEIGHTS.value, deviceless.pool_bytes)
+    placement = aot.eval_weights(run, _WEIGHTS.value, deviceless.pool_bytes)
     programs = aot.recipe_programs(run, eval_batch=_EVAL_BATCH.value, eval_tokens=tokens,
-                                   eval_modes=modes, eval_weights=weights)
+                                   eval_modes=modes, eval_placement=placement)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   names = [p.name for p in programs]
@@ -170,7 +171,7 @@ def main(argv):
   print(f"{target.topology} ({target.accelerator_type}, {target.chips} chips, {len(devices)} "
         f"devices, {hbm / tpu_slices.GiB:.1f} GiB each), mesh {dict(run.mesh.shape)}, stage "
         f"{config.stage}, jax {jax.__version__}, {deviceless.compiler}"
-        + (f", evaluation's weights {weights}" if any(aot.is_eval(n) for n in names) else ""),
+        + (f", evaluation's {placement.line}" if any(aot.is_eval(n) for n in names) else ""),
         flush=True)
   print(aot.HEADER, flush=True)
   if _HLO_DIR.value:
@@ -185,7 +186,8 @@ def main(argv):
               "devices": len(devices), "mesh": dict(run.mesh.shape),
               "hbm_gib_per_device": hbm / tpu_slices.GiB, "jax": jax.__version__,
               "compiler": deviceless.compiler, "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
-              "eval_tokens": tokens, "eval_weights": weights, "programs": _ONLY.value,
+              "eval_tokens": tokens, "eval_weights": placement.weights,
+              "eval_mesh": dict(placement.mesh.shape), "programs": _ONLY.value,
               "rows": [r.to_json() for r in rows]}
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(report, f, indent=1)

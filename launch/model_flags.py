@@ -22,12 +22,15 @@ MESH = flags.DEFINE_string(
 
 
 WEIGHTS = flags.DEFINE_enum(
-    "weights", "auto", ["auto", "sharded", "replicated"],
+    "weights", "auto", ["auto", "sharded", "tensor", "replicated"],
     "Where the weights live on a mesh of several devices (sharding.INFERENCE_WEIGHTS): "
     "`sharded` by training's rules (an fsdp axis then gathers every layer's weights at every "
     "decode step), `replicated` (a whole bfloat16 copy on each device, each reading its own "
-    "questions), `auto`: replicated when that copy takes at most a third of a device's "
-    "memory, else sharded (CPUs, whose memory JAX does not report: sharded).")
+    "questions), `tensor` (the devices formed into data x tensor, the weights split over heads "
+    "and MLP columns on the fewest devices whose share fits a third of one, and kept there), "
+    "`auto`: replicated when a whole copy takes at most a third of a device's memory, else "
+    "tensor where a share does, else sharded (CPUs, whose memory JAX does not report: "
+    "sharded).")
 
 
 def mesh_shape() -> dict | None:

@@ -170,8 +170,10 @@ def _gib(x: float) -> str:
 def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, compile_for,
                  eval_batch: int, out: list) -> list[str]:
   """The table's lines for one recipe; its rows appended to `out`."""
+  import dataclasses
   import math
   from memrecall.capacity import aot, memory_plan, targets
+  from memrecall.runtime import sharding as sharding_lib
   from memrecall.models.config import ConfigError
   from memrecall.run_builder import build_run
   mesh = _mesh_sizes(config)
@@ -192,10 +194,14 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     # A record's placement (records before it was recorded: sharded), else compile.py's auto.
     known_gib = _DEVICE_GIB.value or getattr(tpu, "hbm_gib_per_chip", None) or 0
     memory = deviceless.pool_bytes if deviceless else int(known_gib * GiB)
-    weights = ((record or {}).get("eval_weights", "sharded") if record
-               else aot.eval_weights(run, "auto", memory or None))
+    placement = aot.eval_weights(
+        run, (record or {}).get("eval_weights", "sharded") if record else "auto", memory or None)
+    if (record or {}).get("eval_weights") == "tensor":  # the mesh it was compiled on
+      placement = dataclasses.replace(placement, mesh=sharding_lib.tensor_mesh(
+          run.mesh, record["eval_mesh"]["tensor"]))
+    weights = placement.weights
     programs = aot.recipe_programs(run, eval_batch=eval_batch, eval_tokens=tokens,
-                                   eval_modes=modes, eval_weights=weights)
+                                   eval_modes=modes, eval_placement=placement)
     estimates = memory_plan.estimate_programs(run, programs, eval_batch=eval_batch)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
@@ -216,7 +222,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
            f"{tpu.topology}: no compiler record (launch/compile.py --output_json, or --compile)"
            if tpu is not None else
            "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)")
-  placed = (f", evaluation's weights {weights}"
+  on = f" on {dict(placement.mesh.shape)}" if weights == "tensor" else ""
+  placed = (f", evaluation's weights {weights}{on}"
             if any(aot.is_eval(p.name) for p in programs) else "")
   lines = [f"{spec}{' ' + ' '.join(overrides) if overrides else ''}  mesh {dict(run.mesh.shape)}"
            f"{placed}  [{where}]",

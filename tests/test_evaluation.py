@@ -97,8 +97,8 @@ def test_evaluation_shards_the_weights_as_training_does():
   config.mesh.fsdp, config.mesh.tensor = 2, 2
   run = run_builder.build_run(config)
   params = model.init_params(run.model, jax.random.key(0), None)  # on one device
-  placed, setup = evaluator.on_mesh(params, run.recall_setup("all"), run.mesh)
-  assert not setup.model.scan_layers
+  placed, setup, mesh = evaluator.on_mesh(params, run.recall_setup("all"), run.mesh)
+  assert not setup.model.scan_layers and mesh is run.mesh
   training = flax.traverse_util.flatten_dict(run.param_shardings())
   leaves = flax.traverse_util.flatten_dict(placed)
   split = 0
@@ -113,10 +113,12 @@ def test_evaluation_shards_the_weights_as_training_does():
   assert split > len(leaves) // 2, (split, len(leaves))  # most are split over fsdp or tensor
 
 
-def test_replicated_weights_answer_as_the_sharded_ones(monkeypatch):
-  """--weights=replicated puts a whole copy on every device of an fsdp x tensor mesh and
-  answers every question as the sharded weights do; auto replicates where a device reports
-  memory for three copies, and keeps them sharded where it does not (CPUs)."""
+def test_replicated_and_tensor_weights_answer_as_the_sharded_ones(monkeypatch):
+  """--weights=replicated puts a whole copy on every device of an fsdp x tensor mesh, and
+  --weights=tensor splits it over a tensor axis of all four (the mesh re-formed as data 1 x
+  tensor 4); both answer every question as the sharded weights do.  auto replicates where a
+  device reports memory for three copies, splits over a tensor axis where a third holds a
+  share, and keeps them sharded where the device reports no memory (CPUs)."""
   from memrecall.runtime import sharding
   config = small_config("sft")
   config.task.length = 32
@@ -125,26 +127,35 @@ def test_replicated_weights_answer_as_the_sharded_ones(monkeypatch):
   run = run_builder.build_run(config)
   params = model.init_params(run.model, jax.random.key(0), run.mesh)
   setup = run.recall_setup("all")
-  placed, _ = evaluator.on_mesh(params, setup, run.mesh, "replicated")
+  placed, layer_setup, mesh = evaluator.on_mesh(params, setup, run.mesh, "replicated")
+  assert mesh is run.mesh
   for leaf in jax.tree.leaves(placed):
     assert leaf.sharding.mesh == run.mesh and leaf.sharding.is_fully_replicated
+  split, _, tensor_mesh = evaluator.on_mesh(params, setup, run.mesh, "tensor")
+  assert dict(tensor_mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 4}
+  assert {d.id for d in tensor_mesh.devices.flat} == {d.id for d in run.mesh.devices.flat}
+  assert any("tensor" in leaf.sharding.spec for leaf in jax.tree.leaves(split))
   examples = run.examples(0, 4)
   common = dict(batch_size=4, question_tokens=run.question_tokens, latency_examples=0,
                 timed=False, mesh=run.mesh)
   answers = {weights: evaluator.evaluate_mode(params, setup, run.compressor, examples,
                                               run.score, mode="gate", weights=weights,
                                               **common).rows
-             for weights in ("sharded", "replicated")}
-  assert answers["sharded"] == answers["replicated"]
+             for weights in ("sharded", "replicated", "tensor")}
+  assert answers["sharded"] == answers["replicated"] == answers["tensor"]
   copy = sum(x.nbytes for x in jax.tree.leaves(placed))
-  assert evaluator.placement(placed, run.mesh)[0] == "sharded"  # a CPU reports no memory
+  model_config = layer_setup.model  # the per-layer layout's
+  assert evaluator.placement(placed, model_config, run.mesh).weights == "sharded"  # no memory
   monkeypatch.setattr(sharding, "device_memory", lambda device: 3 * copy)
-  chosen, line = evaluator.placement(placed, run.mesh)
-  assert chosen == "replicated" and line.startswith("weights replicated over 4 device(s) (auto:")
-  auto, _ = evaluator.on_mesh(params, setup, run.mesh)
+  chosen = evaluator.placement(placed, model_config, run.mesh)
+  assert chosen.weights == "replicated"
+  assert chosen.line.startswith("weights replicated over 4 device(s), "), chosen.line
+  auto, _, _ = evaluator.on_mesh(params, setup, run.mesh)
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(auto))
   monkeypatch.setattr(sharding, "device_memory", lambda device: 3 * copy - 1)
-  assert evaluator.placement(placed, run.mesh)[0] == "sharded"
+  chosen = evaluator.placement(placed, model_config, run.mesh)
+  assert chosen.weights == "tensor" and chosen.line.startswith(
+      "weights tensor over 4 device(s) as data 2 x tensor 2, "), chosen.line
 
 
 def test_runs_score_uses_the_shared_metric():

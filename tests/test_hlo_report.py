@@ -25,9 +25,16 @@ MODULE = """HloModule m, is_scheduled=true
   ROOT %r = f32[2]{0} negate(%p)
 }
 
+%sum (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %s = bf16[] add(%a, %b)
+}
+
 %inner_body (t: (s32[], f32[2])) -> (s32[], f32[2]) {
   %t = (s32[], f32[2]{0}) parameter(0)
   %g = f32[64]{0} all-gather(%t), dimensions={0}, metadata={op_name="jit(f)/jit(inner)/while"}
+  %rs = f32[16]{0} reduce-scatter(%g), dimensions={0}, to_apply=%sum
   ROOT %x = (s32[], f32[2]{0}) tuple(%t)
 }
 
@@ -42,6 +49,7 @@ MODULE = """HloModule m, is_scheduled=true
   %cond.1 = f32[2]{0} conditional(%gte), branch_computations={%branch, %branch}
   %w = (s32[], f32[2]{0}) while(%t), condition=%inner_cond, body=%inner_body
   %copy.3 = bf16[4,8]{1,0} copy(%gte)
+  %all-reduce.4 = bf16[4,8]{1,0} all-reduce(%gte), replica_groups={}, to_apply=%sum
   ROOT %out = (s32[], bf16[4,8]{1,0}) tuple(%t)
 }
 
@@ -58,7 +66,7 @@ ENTRY %main (a: bf16[4,8]) -> bf16[4,8] {
 """
 
 
-def test_a_loop_counts_its_kernels_and_what_it_gathers_per_iteration():
+def test_a_loop_counts_its_kernels_and_what_it_gathers_and_reduces_per_iteration():
   loops, outside = hlo_report.loop_report(MODULE)
   by_body = {loop.body: loop for loop in loops}
   assert sorted(by_body) == ["body", "inner_body"]
@@ -66,9 +74,12 @@ def test_a_loop_counts_its_kernels_and_what_it_gathers_per_iteration():
   # The fusion's gather (16 x 8 bf16), the conditional's branches' all-gather-start results
   # (two f32[8] in each branch, both branches listed): the nested loop is its own row.
   assert body.gathered_bytes == 16 * 8 * 2 + 2 * (8 + 8) * 4
-  # The fusion (one kernel, whatever it calls) and the copy; the branches' all-gather-starts.
-  assert body.kernels == 2 + 2
+  # The fusion (one kernel, whatever it calls), the copy and the all-reduce; the branches'
+  # all-gather-starts.
+  assert body.kernels == 3 + 2
+  assert body.reduced_bytes == 4 * 8 * 2
   assert by_body["inner_body"].gathered_bytes == 64 * 4
+  assert by_body["inner_body"].reduced_bytes == 16 * 4
   assert by_body["inner_body"].op_name == "jit(f)/jit(inner)/while"
   assert outside == 32 * 8 * 2
 
@@ -78,35 +89,53 @@ def test_array_bytes_of_tuples_and_layouts():
   assert hlo_report.array_bytes("f32[0,5]{1,0}") == 0
 
 
+def _eval_program(run, params, weights: str, batch: int, memory: int | None = None):
+  """Evaluation's gate loop placed as launch/eval.py --weights=`weights` places it."""
+  from memrecall.capacity import aot
+  placement = aot.eval_weights(run, weights, memory)
+  (program,) = aot.eval_programs(run, params, batch=batch, tokens=run.num_chunks *
+                                 run.compressor.chunk_size, mode="gate", placement=placement)
+  return program
+
+
 @needs_libtpu
 def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
-  """The tiny recipe's evaluation compiled for a deviceless v5e:2x2 three times: with the
+  """The tiny recipe's evaluation compiled for a deviceless v5e:2x2 four times: with the
   parameters sharded over fsdp its costliest loop all-gathers, per iteration, the layers'
   weights on top of what it gathers with the devices on data (activations only); with the
   same fsdp mesh and the weights replicated (`evaluator.on_mesh`'s "replicated", what
-  launch/eval.py --weights=auto picks where a copy fits), no more than on data."""
+  launch/eval.py --weights=auto picks where a copy fits), no more than on data; with them
+  split over a tensor axis of the same devices ("tensor"), no weights either: an iteration
+  all-reduces the layers' partial activations instead."""
   import jax
   from configs import tiny
   from memrecall.capacity import aot, tpu_slices
   from memrecall.run_builder import build_run
   from memrecall.train import trainer
   devices = tpu_slices.deviceless_devices(tpu_slices.parse_slice("v5e:2x2"))
-  gathered = {}
+  gathered, reduced = {}, {}
   for name, axis, weights in (("fsdp", "fsdp", "sharded"), ("data", "data", "sharded"),
-                              ("fsdp, replicated", "fsdp", "replicated")):
+                              ("fsdp, replicated", "fsdp", "replicated"),
+                              ("fsdp, tensor", "fsdp", "tensor")):
     config = tiny.get_config("sft")
     config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, axis: 4})
     run = build_run(config, devices)
     params = trainer.stage_programs(run)[0].args[0].params
-    (program,) = aot.eval_programs(run, params, batch=4, tokens=run.num_chunks *
-                                   run.compressor.chunk_size, mode="gate", weights=weights)
-    gathered[name] = aot.compile_program(program, run.mesh, 16 * 2**30).loop_gather_gib * 2**30
+    program = _eval_program(run, params, weights, batch=4)
+    row = aot.compile_program(program, run.mesh, 16 * 2**30)
+    gathered[name], reduced[name] = row.loop_gather_gib * 2**30, row.loop_reduce_gib * 2**30
     if weights == "sharded":
       layers = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(program.args[0])
                 if "layers" in jax.tree_util.keystr(path)]
+    if weights == "tensor":  # memory unknown: as many devices per group as fsdp had
+      assert dict(program.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 4}
   layer_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in layers)
   assert gathered["fsdp"] - gathered["data"] >= layer_bytes, (gathered, layer_bytes)
   assert gathered["fsdp, replicated"] <= gathered["data"], gathered
+  assert gathered["fsdp, tensor"] <= gathered["data"], gathered
+  # Even at the tiny model's shapes, where a prefill's activations are a sizeable part of a
+  # layer, the all-reduces move under a quarter of what the fsdp loop gathers.
+  assert 0 < reduced["fsdp, tensor"] < gathered["fsdp"] / 4, (reduced, gathered)
   # With the rows split over data, each device reads blocks from its own rows of the bank: a
   # loop iteration gathers less than one block of the other devices' rows (indexing the bank's
   # row axis made every iteration gather all of it).
@@ -114,9 +143,15 @@ def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
   block = 3 * (c.chunk_size // c.ratio) * m.num_layers * 2 * m.num_kv_heads * m.head_dim * (
       np.dtype(m.jnp_dtype).itemsize)
   assert gathered["data"] < block, (gathered, block)
-  # And the tiny model's copy is what launch/eval.py's auto replicates on a v5e chip.
-  assert aot.eval_weights(run, "auto", 16 * 2**30) == "replicated"
-  assert aot.eval_weights(run, "auto", 2 * layer_bytes) == "sharded"
+  # And the tiny model's copy is what launch/eval.py's auto replicates on a v5e chip; on one
+  # whose third holds 60% of it, auto splits it over a tensor axis of two devices.
+  run = build_run(tiny.get_config("sft"), devices)
+  assert aot.eval_weights(run, "auto", 16 * 2**30).weights == "replicated"
+  copy = aot.device_bytes(_eval_program(run, params, "replicated", batch=4).args[0])
+  auto = aot.eval_weights(run, "auto", int(1.8 * copy))
+  assert (auto.weights, dict(auto.mesh.shape)) == ("tensor", {"data": 2, "fsdp": 1, "tensor": 2})
+  # Where no share fits (a third of a device under a quarter of the copy): sharded.
+  assert aot.eval_weights(run, "auto", copy // 4).weights == "sharded"
 
 
 @needs_libtpu
@@ -134,8 +169,7 @@ def test_the_bank_moves_to_its_rows_once_when_they_split_over_fewer_devices_than
   config.mesh.update({"data": 2, "fsdp": 2, "tensor": 1})
   run = build_run(config, devices)
   params = trainer.stage_programs(run)[0].args[0].params
-  (program,) = aot.eval_programs(run, params, batch=2, tokens=run.num_chunks *
-                                 run.compressor.chunk_size, mode="gate", weights="replicated")
+  program = _eval_program(run, params, "replicated", batch=2)
   gathered = aot.compile_program(program, run.mesh, 16 * 2**30).loop_gather_gib * 2**30
   m, c = run.model, run.compressor
   block = (c.chunk_size // c.ratio) * m.num_layers * 2 * m.num_kv_heads * m.head_dim * (

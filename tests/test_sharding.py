@@ -92,20 +92,38 @@ def test_hybrid_mesh_keeps_dcn_axes_across_processes():
   assert sharding.make_mesh({"fsdp": 8, "dcn": {"data": 1}}).shape["fsdp"] == 8
 
 
-@pytest.mark.parametrize("setting, copy, memory, chosen", [
-    ("auto", 10, 30, "replicated"),       # a third of the device: replicated
-    ("auto", 11, 30, "sharded"),          # more: sharded
-    ("auto", 1, None, "sharded"),         # memory unknown (CPUs): sharded
-    ("sharded", 1, 100, "sharded"),       # as asked, whatever fits
-    ("replicated", 100, 1, "replicated"),
+@pytest.mark.parametrize("setting, memory, mesh, chosen, tensor", [
+    ("auto", 360, {"fsdp": 8}, "replicated", None),  # the copy is a third of the device
+    ("auto", 359, {"fsdp": 8}, "tensor", 2),         # less: a half each on groups of two
+    ("auto", 100, {"fsdp": 8}, "tensor", 4),         # a quarter each: groups of four
+    ("auto", 30, {"fsdp": 8}, "sharded", None),      # not even an eighth: sharded
+    ("auto", None, {"fsdp": 8}, "sharded", None),    # memory unknown (CPUs): sharded
+    ("tensor", 3600, {"fsdp": 8}, "tensor", 2),      # the fewest devices that hold a third
+    ("tensor", 30, {"fsdp": 8}, "tensor", 8),        # none do: all of them
+    ("tensor", None, {"fsdp": 8}, "tensor", 8),      # unknown: as many as held the weights
+    ("tensor", None, {"data": 2, "fsdp": 2, "tensor": 2}, "tensor", 4),
+    ("sharded", 3600, {"fsdp": 8}, "sharded", None),  # as asked, whatever fits
+    ("replicated", 1, {"fsdp": 8}, "replicated", None),
 ])
-def test_inference_weights_replicate_a_copy_up_to_a_third_of_a_device(setting, copy, memory,
-                                                                      chosen):
-  assert sharding.inference_weights(setting, copy, memory) == chosen
+def test_inference_weights_replicate_a_copy_up_to_a_third_of_a_device_else_split_it(
+    setting, memory, mesh, chosen, tensor):
+  """A copy of 120 bytes split evenly over a tensor axis, on eight devices of `memory`."""
+  mesh = sharding.make_mesh(mesh, jax.devices()[:8])
+  placement, runs_on = sharding.inference_weights(
+      setting, mesh, lambda m: 120 // m.shape["tensor"], memory)
+  assert placement == chosen
+  if tensor is None:
+    assert runs_on is mesh
+  else:  # the same devices, in their order, as data x tensor
+    assert dict(runs_on.shape) == {"data": 8 // tensor, "fsdp": 1, "tensor": tensor}
+    assert list(runs_on.devices.flat) == list(mesh.devices.flat)
 
 
 def test_inference_weights_name_a_bad_setting_and_cpus_report_no_memory():
+  mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
   with pytest.raises(ValueError, match="unknown weight placement 'copy'; choose from auto, "
-                                       "sharded, replicated"):
-    sharding.inference_weights("copy", 1, 1)
+                                       "sharded, tensor, replicated"):
+    sharding.inference_weights("copy", mesh, lambda m: 1, 1)
+  with pytest.raises(sharding.MeshError, match="a tensor axis of 3 does not divide 2 devices"):
+    sharding.tensor_mesh(mesh, 3)
   assert sharding.device_memory(jax.devices("cpu")[0]) is None

@@ -35,10 +35,10 @@ from memrecall.train.trainer import Program
 FIT_FRACTION = 0.9  # above this share of HBM a program is reported as not fitting
 
 
-def _inference_params(run: Run, params, setup, weights: str = "sharded"):
+def _inference_params(run: Run, params, setup, placement: evaluator.Placement | None = None):
   """Abstract `params` in the inference layout (`recall.inference_layout`, as evaluation and
-  answering run the loop), placed as `weights` says ("sharded" by the rules, or "replicated":
-  `evaluator.on_mesh`), and the setup that goes with them."""
+  answering run the loop), placed as `placement` says (`evaluator.on_mesh`; None: sharded by
+  the rules on the run's mesh), and the setup that goes with them."""
   split = {}
 
   def layout_of(p):
@@ -47,9 +47,10 @@ def _inference_params(run: Run, params, setup, weights: str = "sharded"):
 
   layout = jax.eval_shape(layout_of, params)
   setup = split["setup"]
-  shardings = sharding_lib.param_shardings(abstract_params(setup.model), run.mesh)
-  if weights == "replicated":
-    shardings = jax.tree.map(lambda _: sharding_lib.replicated(run.mesh), shardings)
+  mesh = run.mesh if placement is None else placement.mesh
+  shardings = sharding_lib.param_shardings(abstract_params(setup.model), mesh)
+  if placement is not None and placement.weights == "replicated":
+    shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), shardings)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       layout, shardings), setup
 
@@ -64,47 +65,48 @@ def _key(mesh) -> jax.ShapeDtypeStruct:
   return _replicated(mesh, key.shape, key.dtype)
 
 
-def eval_weights(run: Run, setting: str, memory_bytes: int | None) -> str:
-  """Evaluation's weight placement (`sharding.inference_weights`) for `run`'s inference copy
-  on devices whose allocator holds `memory_bytes`: what launch/eval.py --weights=`setting`
-  picks on them."""
-  layout, _ = _inference_params(run, nn.unbox(abstract_params(run.model)),
-                                run.recall_setup("gate"))
-  return evaluator.placement(layout, run.mesh, setting, memory_bytes)[0]
+def eval_weights(run: Run, setting: str, memory_bytes: int | None) -> evaluator.Placement:
+  """Evaluation's weight placement (`evaluator.placement`) for `run`'s inference copy on
+  devices whose allocator holds `memory_bytes`: what launch/eval.py --weights=`setting` picks
+  on them, with the mesh its loop runs on."""
+  setup = run.recall_setup("gate")
+  layout, setup = _inference_params(run, nn.unbox(abstract_params(run.model)), setup)
+  return evaluator.placement(layout, setup.model, run.mesh, setting, memory_bytes)
 
 
 def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate",
-                  weights: str = "sharded") -> list[Program]:
+                  placement: evaluator.Placement | None = None) -> list[Program]:
   """Evaluation's program for the method's reader `mode` (`evaluator.evaluate_mode`: each
   question's document compressed into a device bank, then read) for `batch` questions of
   `tokens` tokens, rows spread over the mesh's batch axes.  mode `stream`: launch/answer.py
   --stream's loop instead (one question; its document compressed and read a group of chunks
-  at a time: the reader's streaming placement).  weights: "sharded" or "replicated" (as
-  `eval_weights` decides)."""
+  at a time: the reader's streaming placement).  placement: the weights' (`eval_weights`;
+  None: sharded on the run's mesh), the program run on its mesh."""
+  mesh = run.mesh if placement is None else placement.mesh
   if mode == "stream":
-    return [_stream_program(run, params, tokens, weights)]
-  layout, setup = _inference_params(run, params, run.recall_setup(mode), weights)
+    return [_stream_program(run, params, tokens, placement, mesh)]
+  layout, setup = _inference_params(run, params, run.recall_setup(mode), placement)
   c = run.compressor.chunk_size
   n = -(-tokens // c)
   q = run.question_tokens
   rows = trainer.abstract_batch(
       (jax.ShapeDtypeStruct((batch, n, c), np.int32), jax.ShapeDtypeStruct((batch, n, c), bool),
        jax.ShapeDtypeStruct((batch, q), np.int32), jax.ShapeDtypeStruct((batch, q), bool)),
-      run.mesh)
+      mesh)
   reader = readers.get(mode, setup, run.compressor)
-  return [Program(f"eval_recall_{mode}", *reader.call(layout, rows, _key(run.mesh)))]
+  return [Program(f"eval_recall_{mode}", *reader.call(layout, rows, _key(mesh)), mesh=mesh)]
 
 
-def _stream_program(run: Run, params, tokens: int, weights: str) -> Program:
-  layout, setup = _inference_params(run, params, run.recall_setup("gate"), weights)
+def _stream_program(run: Run, params, tokens: int, placement, mesh) -> Program:
+  layout, setup = _inference_params(run, params, run.recall_setup("gate"), placement)
   c, g = run.compressor.chunk_size, setup.recall.group_size
   n = -(-tokens // c)
   n += -n % g  # padded to whole groups, as launch/answer.py does
   q = run.question_tokens
   reader = readers.get("gate", setup, run.compressor, placement="stream")
-  inputs = (_replicated(run.mesh, (n, 1, c), np.int32), _replicated(run.mesh, (n, 1, c), bool),
-            _replicated(run.mesh, (1, q), np.int32), _replicated(run.mesh, (1, q), bool))
-  return Program("answer_stream", *reader.call(layout, inputs, _key(run.mesh)))
+  inputs = (_replicated(mesh, (n, 1, c), np.int32), _replicated(mesh, (n, 1, c), bool),
+            _replicated(mesh, (1, q), np.int32), _replicated(mesh, (1, q), bool))
+  return Program("answer_stream", *reader.call(layout, inputs, _key(mesh)), mesh=mesh)
 
 
 def is_eval(program: str) -> bool:
@@ -113,17 +115,17 @@ def is_eval(program: str) -> bool:
 
 
 def recipe_programs(run: Run, *, eval_batch: int, eval_tokens: int,
-                    eval_modes: Sequence[str] = ("gate",), eval_weights: str = "sharded"
-                    ) -> list[Program]:
+                    eval_modes: Sequence[str] = ("gate",),
+                    eval_placement: evaluator.Placement | None = None) -> list[Program]:
   """The stage's training programs, then evaluation's recall loop for each mode (a raw reader,
   MemAgent's, has no compressor to build a bank with: its rollout is its loop), its weights
-  placed as `eval_weights` ("sharded" or "replicated") says."""
+  placed as `eval_placement` (`eval_weights`; None: sharded on the run's mesh) says."""
   programs = trainer.stage_programs(run)
   if run.reader().compressed and run.model.compressor:
     params = programs[0].args[0].params
     for mode in eval_modes:
       programs += eval_programs(run, params, batch=eval_batch, tokens=eval_tokens, mode=mode,
-                                weights=eval_weights)
+                                placement=eval_placement)
   return programs
 
 
@@ -154,6 +156,9 @@ class Row:
   # The most any loop of the program all-gathers per iteration (hlo_report.loop_report): on
   # an fsdp mesh an inference loop that gathers the weights at every step shows them here.
   loop_gather_gib: float = 0.0
+  # The most any loop all-reduces per iteration: weights split over a tensor axis sum each
+  # layer's partial activations instead of gathering the layer.
+  loop_reduce_gib: float = 0.0
 
   @property
   def share(self) -> float:
@@ -214,7 +219,7 @@ def _hbm_oom_gib(message: str) -> float | None:
 
 def compile_program(program: Program, mesh, hbm_bytes: float,
                     pool_fraction: float | None = None, hlo_dir: str | None = None) -> Row:
-  """Lowers and compiles one program for `mesh` and reads the compiler's memory plan.  A
+  """Lowers and compiles one program for its own mesh (else `mesh`) and reads the compiler's memory plan.  A
   program the TPU compiler refuses for lack of HBM is a row too: its temporaries as the
   refusal gives them, and by how much it does not fit.  pool_fraction: the share of a
   device's memory its runtime allocates by default (JAX's GPU pool: 0.75); a program that
@@ -222,7 +227,7 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
   program's HLO text there, as PROGRAM.hlo."""
   start = time.perf_counter()
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(program.mesh or mesh):
       compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
   except jax.errors.JaxRuntimeError as e:
     temp = _hbm_oom_gib(str(e))
@@ -242,6 +247,7 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
       f.write(text)
   loops, _ = hlo_report.loop_report(text)
   loop_gather = max((loop.gathered_bytes for loop in loops), default=0) / GiB
+  loop_reduce = max((loop.reduced_bytes for loop in loops), default=0) / GiB
   memory = compiled.memory_analysis()
   gib = lambda name: float(getattr(memory, name, 0) or 0) / GiB
   argument, temp = gib("argument_size_in_bytes"), gib("temp_size_in_bytes")
@@ -256,7 +262,7 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
               f"XLA_PYTHON_CLIENT_MEM_FRACTION={min(total / hbm + 0.05, FIT_FRACTION):.2f}")
   return Row(program.name, argument, temp, output, alias, total, hbm, seconds, advice, held,
              peak_gib=gib("peak_memory_in_bytes"), allocation_gib=gib("total_allocation_bytes"),
-             loop_gather_gib=loop_gather)
+             loop_gather_gib=loop_gather, loop_reduce_gib=loop_reduce)
 
 
 def compile_rows(programs: Sequence[Program], mesh, hbm_bytes: float, log=None,
@@ -270,12 +276,14 @@ def compile_rows(programs: Sequence[Program], mesh, hbm_bytes: float, log=None,
 
 
 HEADER = (f"{'program':<24} {'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'held GiB':>9} "
-          f"{'total GiB':>10} {'of HBM':>7} {'compile s':>9} {'gathered/step GiB':>17}")
+          f"{'total GiB':>10} {'of HBM':>7} {'compile s':>9} {'gathered/step GiB':>17} "
+          f"{'reduced/step GiB':>16}")
 
 
 def format_row(row: Row) -> str:
-  """gathered/step: the most a loop of the program all-gathers per iteration."""
+  """gathered/step, reduced/step: the most a loop of the program all-gathers, all-reduces
+  per iteration."""
   line = (f"{row.program:<24} {row.argument_gib:>9.3f} {row.temp_gib:>9.3f} "
           f"{row.output_gib:>8.3f} {row.held_gib:>9.3f} {row.total_gib:>10.3f} {row.share:>7.1%} "
-          f"{row.compile_s:>9.1f} {row.loop_gather_gib:>17.3f}")
+          f"{row.compile_s:>9.1f} {row.loop_gather_gib:>17.3f} {row.loop_reduce_gib:>16.3f}")
   return line + (f"  {row.advice}" if row.advice else "")

@@ -65,11 +65,13 @@ def _gathered_bytes(type_text: str, op: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Loop:
-  """One while loop's body per iteration: kernels launched and bytes all-gathered."""
+  """One while loop's body per iteration: kernels launched, bytes all-gathered and bytes
+  all-reduced (or reduce-scattered: tensor-parallel layers sum their partial activations)."""
   body: str
   kernels: int
   gathered_bytes: int
   op_name: str  # the JAX op the body's instructions mostly come from (jit(sample_loop)/...)
+  reduced_bytes: int = 0
 
 
 def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
@@ -93,8 +95,9 @@ def loop_report(text: str) -> tuple[list[Loop], int]:
   bodies = {body for _, body in _LOOP.findall(text)}
 
   def walk(name: str, seen: set) -> tuple[int, int]:
-    """(kernels, gathered bytes) of `name` and what it calls, nested loops left out."""
-    kernels = gathered = 0
+    """(kernels, gathered bytes, reduced bytes) of `name` and what it calls, nested loops
+    left out."""
+    kernels = gathered = reduced = 0
     for line in computations.get(name, []):
       found = _INSTRUCTION.match(line)
       if not found:
@@ -104,24 +107,27 @@ def loop_report(text: str) -> tuple[list[Loop], int]:
         kernels += 1
       if op in ("all-gather", "all-gather-start"):
         gathered += _gathered_bytes(type_text, op)
+      if op in ("all-reduce", "all-reduce-start", "reduce-scatter"):
+        reduced += array_bytes(type_text)
       called = _CALLED.findall(rest) + [c for group in _BRANCHES.findall(rest)
                                         for c in re.findall(r"%([\w.\-]+)", group)]
       for callee in called:
         if callee in bodies or callee in seen:
           continue
         # A fusion is one kernel: what it calls adds gathered bytes, not kernels.
-        sub_kernels, sub_gathered = walk(callee, seen | {callee})
+        sub_kernels, sub_gathered, sub_reduced = walk(callee, seen | {callee})
         gathered += sub_gathered
+        reduced += sub_reduced
         if op != "fusion":
           kernels += sub_kernels
-    return kernels, gathered
+    return kernels, gathered, reduced
 
   loops = []
   for body in sorted(bodies):
-    kernels, gathered = walk(body, {body})
+    kernels, gathered, reduced = walk(body, {body})
     names = re.findall(r'op_name="([^"/]+(?:/[^"/]+){0,2})',
                        "\n".join(computations.get(body, [])))
     common = max(set(names), key=names.count) if names else ""
-    loops.append(Loop(body, kernels, gathered, common))
+    loops.append(Loop(body, kernels, gathered, common, reduced))
   outside = walk(entry, {entry})[1] if entry else 0
   return loops, outside

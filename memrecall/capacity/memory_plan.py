@@ -256,7 +256,9 @@ def _decode_phase(s: _Shapes, rows: int, slots: int, prompt: int, room: int, wha
   scores over the prompt."""
   n = slots + prompt + room
   copies, why = (2, "built, prefilled") if slots else (1, "prefilled in place")
-  head = [] if whole_weights else [_head_term(s, 1, "the next-token logits")]
+  # Gathered over fsdp; nothing to gather with whole weights or without an fsdp axis.
+  gathered = not whole_weights and s.sizes["fsdp"] > 1
+  head = [_head_term(s, 1, "the next-token logits")] if gathered else []
   return [Term(f"decode cache: {what}", copies * s.kv(rows, n),
                f"{copies} ({why}) x " + s.kv_formula(rows, f"{slots} + {prompt} + {room}", n)),
           *head,
@@ -470,14 +472,19 @@ def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | N
     elif name == "reference_logprobs":
       phases = _reference(s, s.rows(run.config.train.batch_size))
     elif name.startswith("eval_recall_"):
-      phases = _rollout(s, eval_batch, "evaluation", _whole(program.args[0]))
+      phases = _rollout(_on(run, program, s), eval_batch, "evaluation", _whole(program.args[0]))
     elif name == "answer_stream":
-      phases = _stream(s, _whole(program.args[0]))
+      phases = _stream(_on(run, program, s), _whole(program.args[0]))
     else:
       raise ValueError(f"no estimate for program {name!r}")
     out.append(Estimate(name, arguments, held,
                         {p: [t for t in terms if t.bytes] for p, terms in phases.items()}))
   return out
+
+
+def _on(run, program, shapes: _Shapes) -> _Shapes:
+  """The sizes of the mesh `program` runs on (evaluation's tensor placement has its own)."""
+  return shapes if program.mesh is None else _Shapes(run, dict(program.mesh.shape))
 
 
 def _whole(params) -> bool:

@@ -18,7 +18,7 @@ from memrecall import readers
 from memrecall.evaluate import output_key, report, timing, traces
 from memrecall.method.compressor import CompressorConfig
 from memrecall.method.recall import RecallSetup, inference_layout
-from memrecall.models.qwen2 import place_params
+from memrecall.models.qwen2 import abstract_params, place_params
 from memrecall.readers import BaselineConfig, rows_on  # noqa: F401  (re-exported)
 from memrecall.runtime import distributed, fingerprint, jsonl, sharding
 from memrecall.runtime.distributed import is_primary
@@ -30,34 +30,51 @@ ACCURACY_METRIC = "sub_em"  # `accuracy` of a result: MemAgent-compatible sub-EM
 
 
 def on_mesh(params, setup: RecallSetup, mesh, weights: str = "auto", log=None
-            ) -> tuple[dict, RecallSetup]:
-  """(params, setup) in the recall loop's per-layer layout (`inference_layout`), placed on
-  `mesh` as `weights` says (`sharding.INFERENCE_WEIGHTS`: sharded by the rules training uses,
-  or a whole copy on every device; `placement` decides "auto").  mesh None: left where they
+            ) -> tuple[dict, RecallSetup, object]:
+  """(params, setup, mesh to run on): params and setup in the recall loop's per-layer layout
+  (`inference_layout`), placed on `mesh`'s devices as `weights` says (`placement`: sharded by
+  the rules training uses, whole on every device, or split over a tensor axis of a
+  `data x tensor` mesh of the same devices, which it returns).  mesh None: left where they
   are.  log: called with `placement`'s line when the mesh has several devices."""
   params, setup = inference_layout(params, setup)
   if mesh is None:
-    return params, setup
-  chosen, line = placement(params, mesh, weights)
+    return params, setup, None
+  chosen = placement(params, setup.model, mesh, weights)
   if log is not None and mesh.size > 1:
-    log(line)
-  if chosen == "replicated":
-    return jax.device_put(params, sharding.replicated(mesh)), setup
-  return place_params(params, setup.model, mesh), setup
+    log(chosen.line)
+  if chosen.weights == "replicated":
+    return jax.device_put(params, sharding.replicated(mesh)), setup, mesh
+  return place_params(params, setup.model, chosen.mesh), setup, chosen.mesh
 
 
-def placement(params, mesh, weights: str = "auto", memory: int | None = None
-              ) -> tuple[str, str]:
-  """("sharded" or "replicated", a line saying why) for the inference copy `params` (its
-  arrays or abstract arrays) on `mesh`'s devices, as `weights` asks; memory: a device's bytes
-  (None: as the device reports them)."""
-  copy = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where the inference copy goes: `weights` ("sharded", "tensor" or "replicated"), the
+  `mesh` the loop runs on (for "tensor", the devices re-formed as data x tensor) and a `line`
+  saying which and why."""
+  weights: str
+  mesh: object
+  line: str
+
+
+def placement(params, model, mesh, weights: str = "auto", memory: int | None = None
+              ) -> Placement:
+  """The placement `weights` asks (`sharding.inference_weights`) for the inference copy
+  `params` (arrays or abstract arrays in `model`'s layout) on `mesh`'s devices; memory: a
+  device's bytes (None: as the device reports them)."""
+  shardings_on = lambda m: sharding.param_shardings(abstract_params(model), m)
+  bytes_on = lambda m: sharding.device_bytes_of(params, shardings_on(m))
   memory = memory or sharding.device_memory(mesh.devices.flat[0])
-  chosen = sharding.inference_weights(weights, copy, memory)
-  why = (f"{weights}: a copy of {copy / 2**30:.2f} GiB, device memory "
-         f"{'unknown' if memory is None else f'{memory / 2**30:.1f} GiB'}, replicated up to "
-         f"{sharding.REPLICATE_UP_TO:.0%} of it") if weights == "auto" else "as asked"
-  return chosen, f"weights {chosen} over {mesh.size} device(s) ({why})"
+  chosen, runs_on = sharding.inference_weights(weights, mesh, bytes_on, memory)
+  share = (bytes_on(sharding.tensor_mesh(mesh, 1)) if chosen == "replicated"
+           else bytes_on(runs_on))
+  where = (f" as data {runs_on.shape['data']} x tensor {runs_on.shape['tensor']}"
+           if chosen == "tensor" else "")
+  why = (f"auto: device memory {'unknown' if memory is None else f'{memory / 2**30:.1f} GiB'}, "
+         f"a device's share up to {sharding.REPLICATE_UP_TO:.0%} of it"
+         if weights == "auto" else "as asked")
+  return Placement(chosen, runs_on, f"weights {chosen} over {mesh.size} device(s){where}, "
+                   f"{share / 2**30:.2f} GiB per device ({why})")
 
 
 def _within(mesh):
@@ -146,7 +163,7 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
   max_tokens: every batch cut for this many tokens (one compiled shape across calls; default:
   the longest example).  mesh: the weights placed on it as `weights` says (`on_mesh`) and each
   batch's rows split over its batch axes; None: computed where the parameters are."""
-  params, setup = on_mesh(params, setup, mesh, weights)
+  params, setup, mesh = on_mesh(params, setup, mesh, weights)
   reader = readers.get(mode, setup, compressor, baseline)
   max_tokens = max_tokens or max(len(ex.context) for ex in examples)
   eos = set(setup.model.eos_token_ids)
@@ -263,7 +280,8 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       mode_examples=mode_examples or {}, batch_size=batch_size,
       latency_examples=latency_examples)},
       {f"{r['model']}/{r.get('task')}" for r in rows})
-  layer_params, layer_setup = on_mesh(params, setup, mesh, weights, log)  # once, not per row
+  # Placed once, not per row; each row's evaluate_mode finds them placed.
+  layer_params, layer_setup, mesh = on_mesh(params, setup, mesh, weights, log)
   done = {(r["model"], r.get("task"), r["mode"], r["length_multiple"]) for r in rows}
   todo = [(m, mode) for m in lengths for mode in modes
           if (model_name, task_name, mode, m) not in done]
@@ -442,7 +460,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   output_key.claim(output_dir, {
       f"{model_name}/{named.name}": {**settings, **named.key()}
       for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
-  params, setup = on_mesh(params, setup, mesh, weights, log)  # once, not per batch
+  params, setup, mesh = on_mesh(params, setup, mesh, weights, log)  # once, not per batch
   budget = run.question_tokens
   whose = f" (process {process} of {processes})" if processes > 1 else ""
   for named in sources:

@@ -13,7 +13,7 @@ parallelism over heads and MLP columns).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -180,12 +180,59 @@ def param_shardings(boxed_tree: Any, mesh: Mesh,
 # as training keeps them; a mesh with an fsdp axis then all-gathers every layer's weights again
 # at every decode step (13.2 GiB per GPU per token for 7B on 8 H100s: the interconnect, not HBM,
 # sets decode's speed; docs/2026-12-06-gpu-deviceless-compile.md).  "replicated": one whole
-# copy on each device, placed once, each device reading its own rows with it.  "auto":
-# replicated when that copy takes at most REPLICATE_UP_TO of a device's memory, leaving the
-# rest to the banks, caches and activations of its rows; else sharded.  Where a device does not
+# copy on each device, placed once, each device reading its own rows with it.  "tensor": the
+# same devices formed into `data x tensor` (`tensor_mesh`), the weights split by the rules over
+# heads, MLP columns and vocabulary on `tensor` and kept there: a decode step all-reduces each
+# layer's activations (a few KiB per row) instead of gathering its weights, and the rows split
+# over `data`.  "auto": replicated when that copy takes at most REPLICATE_UP_TO of a device's
+# memory, leaving the rest to the banks, caches and activations of its rows; else tensor over
+# the fewest devices whose share fits the same budget; else sharded.  Where a device does not
 # say its memory (CPUs), auto keeps the weights sharded.
-INFERENCE_WEIGHTS = ("auto", "sharded", "replicated")
+INFERENCE_WEIGHTS = ("auto", "sharded", "tensor", "replicated")
 REPLICATE_UP_TO = 1 / 3
+
+
+def tensor_mesh(mesh: Mesh, tensor: int) -> Mesh:
+  """`mesh`'s devices, in their order, as `data x tensor` (fsdp 1) with `tensor` devices per
+  group: where "tensor" inference keeps its weights (tensor 1: every device a data shard)."""
+  devices = list(mesh.devices.flat)
+  if tensor < 1 or len(devices) % tensor:
+    raise MeshError(f"a tensor axis of {tensor} does not divide {len(devices)} devices")
+  return make_mesh({"data": len(devices) // tensor, "tensor": tensor}, devices)
+
+
+def inference_weights(setting: str, mesh: Mesh, bytes_on: Callable[[Mesh], int],
+                      device_bytes: int | None) -> tuple[str, Mesh]:
+  """(placement, the mesh the loop runs on) for an inference copy: `setting` (one of
+  INFERENCE_WEIGHTS) decided on `mesh`'s devices, of `device_bytes` each (None: unknown).
+
+  bytes_on(m): what one device holds of the copy sharded by the rules on mesh m (on a mesh of
+  one data axis, all of it).  "tensor" takes the fewest devices per group whose share fits
+  REPLICATE_UP_TO of a device (all of them where none does); where the memory is unknown, as
+  many as `mesh` splits the weights over (its fsdp x tensor)."""
+  if setting not in INFERENCE_WEIGHTS:
+    raise ValueError(f"unknown weight placement {setting!r}; choose from "
+                     f"{', '.join(INFERENCE_WEIGHTS)}")
+  if setting in ("sharded", "replicated"):
+    return setting, mesh
+  budget = None if device_bytes is None else REPLICATE_UP_TO * device_bytes
+  if setting == "auto" and budget is not None and bytes_on(tensor_mesh(mesh, 1)) <= budget:
+    return "replicated", mesh
+  groups = [t for t in range(2, mesh.size + 1) if mesh.size % t == 0]
+  fits = [t for t in groups if budget is not None and bytes_on(tensor_mesh(mesh, t)) <= budget]
+  if setting == "auto":
+    return ("tensor", tensor_mesh(mesh, fits[0])) if fits else ("sharded", mesh)
+  if fits:
+    return "tensor", tensor_mesh(mesh, fits[0])
+  weight_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+  return "tensor", tensor_mesh(mesh, mesh.size if budget is not None else weight_shards)
+
+
+def device_bytes_of(tree: Any, shardings: Any) -> int:
+  """What one device holds of `tree` (arrays or abstract arrays) placed with `shardings`."""
+  def one(x, s):
+    return int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+  return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
 
 
 def device_memory(device) -> int | None:
@@ -196,18 +243,6 @@ def device_memory(device) -> int | None:
   except Exception:  # pylint: disable=broad-except  (backends without the query raise)
     return None
   return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
-
-
-def inference_weights(setting: str, weight_bytes: int, device_bytes: int | None) -> str:
-  """"sharded" or "replicated": `setting` (one of INFERENCE_WEIGHTS) decided for a copy of
-  `weight_bytes` on devices of `device_bytes` (None: unknown)."""
-  if setting not in INFERENCE_WEIGHTS:
-    raise ValueError(f"unknown weight placement {setting!r}; choose from "
-                     f"{', '.join(INFERENCE_WEIGHTS)}")
-  if setting != "auto":
-    return setting
-  fits = device_bytes is not None and weight_bytes <= REPLICATE_UP_TO * device_bytes
-  return "replicated" if fits else "sharded"
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

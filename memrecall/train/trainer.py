@@ -387,12 +387,14 @@ class Program:
 
   held: abstract arrays the process keeps on device while the program runs, besides its
   arguments (RL: the optimizer state during the rollout, the KL reference's copy): device
-  memory the program's own plan does not count but the chip must hold too."""
+  memory the program's own plan does not count but the chip must hold too.  mesh: the mesh
+  it runs on where that is not the run's (evaluation's weights split over a tensor axis)."""
   name: str
   jitted: Any
   args: tuple
   kwargs: dict = dataclasses.field(default_factory=dict)
   held: Any = None
+  mesh: Any = None
 
 
 def stage_programs(run: Run) -> list[Program]:
