@@ -182,6 +182,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
                 if compile_for is not None else None)
   if deviceless is not None:
     devices = deviceless.devices
+  elif record is not None and record.get("mesh"):  # as many as it was compiled for
+    devices = _devices(math.prod(record["mesh"].values()))
   else:
     known = math.prod(v for v in mesh.values() if v != -1)
     devices = _devices(tpu.chips if tpu is not None and -1 in mesh.values() else known)

@@ -144,7 +144,7 @@ EVAL = [
     ("zero_chunk_size", _shared(["--chunk_size=0"]), "--chunk_size=0"),
     ("zero_batch_size", _shared(["--batch_size=0"]), "--batch_size=0"),
     ("unknown_weight_placement", _shared(["--weights=copied"]),
-     "--weights=copied: value should be one of <auto|sharded|replicated>"),
+     "--weights=copied: value should be one of <auto|sharded|tensor|replicated>"),
     ("negative_limit", _shared(["--limit=-1"]), "--limit=-1"),
     ("threshold_out_of_range", _shared(["--threshold=1.5"]), "--threshold=1.5"),
     ("unknown_mode", _shared(["--modes=all,fast"]), "--modes: unknown fast"),

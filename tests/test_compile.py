@@ -116,6 +116,36 @@ def test_tiny_recipe_compiles_for_two_deviceless_h100s(tmp_path):
 
 
 @needs_libtpu
+def test_tensor_weights_compile_evaluation_on_a_data_x_tensor_mesh_and_plan_reads_it(tmp_path):
+  """--weights=tensor: evaluation compiled on the same four chips formed into data 2 x tensor 2
+  (the fewest chips per group whose share fits a third of 16 GiB: two), recorded with that mesh;
+  its loops gather no weights, they all-reduce activations.  plan.py estimates the record's
+  rows on the mesh they were compiled on: 16 questions split over data 2, eight a device.
+  (The tiny model's estimate is not compared with the compiler's: fixed buffers outweigh
+  its few KiB; the 7B records are, in tests/test_plan.py.)"""
+  out = tmp_path / "tensor.json"
+  proc = _compile("--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--eval_modes=gate",
+                  "--weights=tensor", "--programs=eval_recall_gate", f"--output_json={out}")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.load(open(out))
+  assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert (report["eval_weights"], report["eval_mesh"]) == (
+      "tensor", {"data": 2, "fsdp": 1, "tensor": 2})
+  assert "evaluation's weights tensor over 4 device(s) as data 2 x tensor 2" in proc.stdout
+  (row,) = report["rows"]
+  assert row["loop_reduce_gib"] > 0 and row["loop_gather_gib"] < row["loop_reduce_gib"]
+  plan = tmp_path / "plan.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), "--all",
+                         f"--records={tmp_path}", f"--output_json={plan}"],
+                        capture_output=True, text=True, env=ENV, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "evaluation's weights tensor on {'data': 2, 'fsdp': 1, 'tensor': 2}" in proc.stdout
+  (estimate,) = json.load(open(plan))
+  bank = estimate["estimate"]["phases"]["memory updates"][0]
+  assert bank["name"] == "evaluation: the bank" and " x 8 rows x " in bank["formula"], bank
+
+
+@needs_libtpu
 def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
   out = tmp_path / "plan.json"
   proc = _compile("--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--eval_modes=gate",
@@ -128,12 +158,15 @@ def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
     loops, _ = hlo_report.loop_report((tmp_path / "hlo" / f"{row['program']}.hlo").read_text())
     assert row["loop_gather_gib"] == pytest.approx(
         max(loop.gathered_bytes for loop in loops) / 2**30)
+    assert row["loop_reduce_gib"] == pytest.approx(
+        max(loop.reduced_bytes for loop in loops) / 2**30)
     assert row["program"] != "eval_recall_gate" or row["loop_gather_gib"] > 0
   report = json.load(open(out))
   assert (report["topology"], report["devices"], report["mesh"]["fsdp"]) == ("v5e:2x2", 4, 4)
   # Evaluation's weights as launch/eval.py --weights=auto places them on a 16 GiB chip.
   assert report["eval_weights"] == "replicated"
-  assert "evaluation's weights replicated" in proc.stdout
+  assert "evaluation's weights replicated over 4 device(s)" in proc.stdout
+  assert report["eval_mesh"] == report["mesh"]
   assert report["compiler"] == f"libtpu {tpu_slices.libtpu_version()}"
   assert report["config"] == "configs/tiny.py:sft" and report["overrides"] == []
   rows = {r["program"]: r for r in report["rows"]}
