@@ -8,8 +8,9 @@
 # Evaluation's programs depend on the model and the evaluation length only: they are compiled
 # with the rl recipe (32K-token documents; the same programs for sft and gate) and with the
 # compressor recipe (its one-chunk documents).  They place the weights as launch/eval.py's
-# --weights=auto would on the target (replicated on a v5p chip and an H100); the *_sharded_eval
-# records are the same programs with the weights sharded by training's rules, for comparison.
+# --weights=auto would on the target (replicated on a v5p chip and an H100; on 16 GiB v5e chips,
+# split over a tensor axis of 4); the *_sharded_eval records are the same programs with the
+# weights sharded by training's rules, for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -20,7 +21,7 @@ compile() {  # recipe, then compile.py flags (a --topology=CARD:N names the reco
   shift
   name=$(echo "$recipe" | sed 's/\.py:/_/; s/,/_/g')
   hosts=$(printf '%s\n' "$@" | sed -n 's/^--topology=\([a-z0-9]*\):\(.*\)$/_\1-\2/p')
-  weights=$(printf '%s\n' "$@" | sed -n 's/^--weights=\(sharded\|replicated\)$/_\1_eval/p')
+  weights=$(printf '%s\n' "$@" | sed -n 's/^--weights=\(sharded\|replicated\|tensor\)$/_\1_eval/p')
   name=$name$hosts$weights
   echo "[compile_recipes] $recipe" >&2
   "$PYTHON" launch/compile.py --config="configs/$recipe" --output_json="$out/$name.json" "$@" \
@@ -36,6 +37,10 @@ compile memagent.py:sft,7b,v5p-64 "$@"
 compile memagent.py:rl,7b,v5p-64 "$@"
 compile lychee.py:rl,7b,v5p-64 --weights=sharded --programs=eval_recall_gate,answer_stream "$@"
 compile lychee.py:compressor,7b,v5p-64 --weights=sharded --programs=eval_recall_gate "$@"
+# Evaluation alone on a v5e-8 (7B training does not fit its 8 x 16 GiB).
+compile lychee.py:rl,7b,auto --topology=v5e:2x4 --programs=eval_recall_gate,answer_stream "$@"
+compile lychee.py:rl,7b,auto --topology=v5e:2x4 --weights=sharded \
+  --programs=eval_recall_gate,answer_stream "$@"
 if "$PYTHON" -c "from memrecall.capacity import gpu_hosts; assert gpu_hosts.plugin()" 2>/dev/null
 then
   compile lychee.py:compressor,7b,gpu8 --topology=h100:8 "$@"
