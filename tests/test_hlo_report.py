@@ -25,6 +25,16 @@ MODULE = """HloModule m, is_scheduled=true
   ROOT %r = f32[2]{0} negate(%p)
 }
 
+%async_collective_fusion.1 (p: bf16[4,8]) -> bf16[16,8] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  ROOT %ag = bf16[16,8]{1,0} all-gather(%p), dimensions={0}, frontend_attributes={chain_id="7"}
+}
+
+%async_collective_fusion.2 (p: bf16[4,8]) -> bf16[16,8] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  ROOT %ag = bf16[16,8]{1,0} all-gather(%p), dimensions={0}, frontend_attributes={chain_id="7"}
+}
+
 %sum (a: bf16[], b: bf16[]) -> bf16[] {
   %a = bf16[] parameter(0)
   %b = bf16[] parameter(1)
@@ -50,6 +60,8 @@ MODULE = """HloModule m, is_scheduled=true
   %w = (s32[], f32[2]{0}) while(%t), condition=%inner_cond, body=%inner_body
   %copy.3 = bf16[4,8]{1,0} copy(%gte)
   %all-reduce.4 = bf16[4,8]{1,0} all-reduce(%gte), replica_groups={}, to_apply=%sum
+  %part.1 = bf16[16,8]{1,0} fusion(%gte), kind=kOutput, calls=%async_collective_fusion.1
+  %part.2 = bf16[16,8]{1,0} fusion(%gte), kind=kOutput, calls=%async_collective_fusion.2
   ROOT %out = (s32[], bf16[4,8]{1,0}) tuple(%t)
 }
 
@@ -72,11 +84,13 @@ def test_a_loop_counts_its_kernels_and_what_it_gathers_and_reduces_per_iteration
   assert sorted(by_body) == ["body", "inner_body"]
   body = by_body["body"]
   # The fusion's gather (16 x 8 bf16), the conditional's branches' all-gather-start results
-  # (two f32[8] in each branch, both branches listed): the nested loop is its own row.
-  assert body.gathered_bytes == 16 * 8 * 2 + 2 * (8 + 8) * 4
-  # The fusion (one kernel, whatever it calls), the copy and the all-reduce; the branches'
-  # all-gather-starts.
-  assert body.kernels == 3 + 2
+  # (two f32[8] in each branch, both branches listed), and one gather of 16 x 8 bf16 that the
+  # TPU compiler split over two async collective fusions (one chain, counted once): the
+  # nested loop is its own row.
+  assert body.gathered_bytes == 16 * 8 * 2 + 2 * (8 + 8) * 4 + 16 * 8 * 2
+  # The fusions (one kernel each, whatever they call), the copy and the all-reduce; the
+  # branches' all-gather-starts.
+  assert body.kernels == 5 + 2
   assert body.reduced_bytes == 4 * 8 * 2
   assert by_body["inner_body"].gathered_bytes == 64 * 4
   assert by_body["inner_body"].reduced_bytes == 16 * 4

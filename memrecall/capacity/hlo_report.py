@@ -20,6 +20,9 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.*)$")
 _CALLED = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _LOOP = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
+# The TPU compiler splits one collective over several "async collective fusions", each holding
+# the whole collective tagged with the same chain: it is one collective, counted once.
+_CHAIN = re.compile(r'chain_id="([0-9]+)"')
 _KERNELS = ("fusion", "custom-call", "all-gather", "all-gather-start", "all-reduce",
             "all-reduce-start", "reduce-scatter", "all-to-all", "collective-permute",
             "collective-permute-start", "copy", "copy-start")
@@ -94,9 +97,9 @@ def loop_report(text: str) -> tuple[list[Loop], int]:
   computations, entry = _computations(text)
   bodies = {body for _, body in _LOOP.findall(text)}
 
-  def walk(name: str, seen: set) -> tuple[int, int]:
+  def walk(name: str, seen: set, chains: set) -> tuple[int, int, int]:
     """(kernels, gathered bytes, reduced bytes) of `name` and what it calls, nested loops
-    left out."""
+    left out; `chains`: the collective chains already counted in this loop's body."""
     kernels = gathered = reduced = 0
     for line in computations.get(name, []):
       found = _INSTRUCTION.match(line)
@@ -105,9 +108,13 @@ def loop_report(text: str) -> tuple[list[Loop], int]:
       type_text, op, rest = _split_type(found[1])
       if op in _KERNELS:
         kernels += 1
-      if op in ("all-gather", "all-gather-start"):
+      chain = _CHAIN.search(rest)
+      counted = chain is not None and chain[1] in chains
+      if chain is not None:
+        chains.add(chain[1])
+      if op in ("all-gather", "all-gather-start") and not counted:
         gathered += _gathered_bytes(type_text, op)
-      if op in ("all-reduce", "all-reduce-start", "reduce-scatter"):
+      if op in ("all-reduce", "all-reduce-start", "reduce-scatter") and not counted:
         reduced += array_bytes(type_text)
       called = _CALLED.findall(rest) + [c for group in _BRANCHES.findall(rest)
                                         for c in re.findall(r"%([\w.\-]+)", group)]
@@ -115,7 +122,7 @@ def loop_report(text: str) -> tuple[list[Loop], int]:
         if callee in bodies or callee in seen:
           continue
         # A fusion is one kernel: what it calls adds gathered bytes, not kernels.
-        sub_kernels, sub_gathered, sub_reduced = walk(callee, seen | {callee})
+        sub_kernels, sub_gathered, sub_reduced = walk(callee, seen | {callee}, chains)
         gathered += sub_gathered
         reduced += sub_reduced
         if op != "fusion":
@@ -124,10 +131,10 @@ def loop_report(text: str) -> tuple[list[Loop], int]:
 
   loops = []
   for body in sorted(bodies):
-    kernels, gathered, reduced = walk(body, {body})
+    kernels, gathered, reduced = walk(body, {body}, set())
     names = re.findall(r'op_name="([^"/]+(?:/[^"/]+){0,2})',
                        "\n".join(computations.get(body, [])))
     common = max(set(names), key=names.count) if names else ""
     loops.append(Loop(body, kernels, gathered, common, reduced))
-  outside = walk(entry, {entry})[1] if entry else 0
+  outside = walk(entry, {entry}, set())[1] if entry else 0
   return loops, outside
