@@ -14,8 +14,9 @@ every device on fsdp for a HF checkpoint) as --weights says: a whole copy on eac
 device when it takes at most a third of one, else split over heads and MLP columns
 on as few devices as hold a third each (the mesh re-formed as data x tensor), else
 sharded by training's rules, so a model larger than one device is answered with;
-the document's chunks are compressed split over the mesh's batch axes.  Sizes are positive (leave a flag
-out for its default); errors are one line, --verbose shows tracebacks.
+the document's chunks are compressed split over the mesh's batch axes.  Sizes are
+positive (leave a flag out for its default); errors are one line, --verbose shows
+tracebacks.
 """
 
 import json

@@ -168,10 +168,12 @@ def main(argv):
   if _ONLY.value:
     programs = [p for p in programs if p.name in _ONLY.value]
   hbm = deviceless.memory_bytes_per_device
+  own = (" on one process's devices, as launch/eval.py runs it"
+         if placement.mesh.size < len(devices) else "")
   print(f"{target.topology} ({target.accelerator_type}, {target.chips} chips, {len(devices)} "
         f"devices, {hbm / tpu_slices.GiB:.1f} GiB each), mesh {dict(run.mesh.shape)}, stage "
         f"{config.stage}, jax {jax.__version__}, {deviceless.compiler}"
-        + (f", evaluation's {placement.line}" if any(aot.is_eval(n) for n in names) else ""),
+        + (f", evaluation{own}: {placement.line}" if any(aot.is_eval(n) for n in names) else ""),
         flush=True)
   print(aot.HEADER, flush=True)
   if _HLO_DIR.value:

@@ -22,7 +22,9 @@ Each process runs on a mesh of its own devices (--mesh, default the run's, or al
 fsdp where the run's needs other devices, as a pod recipe's workdir on one host; every device on
 fsdp for a HF checkpoint), a batch's questions split over data x fsdp.  The weights (--weights): a
 whole bfloat16 copy on every device when it takes at most a third of a device's memory (7B
-with its compressor and gate, 15.1 GiB, on an H100 or a v5p chip), else sharded by training's
+with its compressor and gate, 15.1 GiB, on an H100 or a v5p chip), else split over heads and
+MLP columns on the fewest devices whose share fits that third (the devices formed into data x
+tensor, questions split over data: 7B on v5e chips, groups of 4), else sharded by training's
 rules, which on an fsdp axis gathers every layer's weights at every decode step; the run says
 which it chose.  With several processes (--distributed, or --coordinator_address,
 --num_processes, --process_id) each evaluates only its rows of each file (row i on process i

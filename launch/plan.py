@@ -198,9 +198,10 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     memory = deviceless.pool_bytes if deviceless else int(known_gib * GiB)
     placement = aot.eval_weights(
         run, (record or {}).get("eval_weights", "sharded") if record else "auto", memory or None)
-    if (record or {}).get("eval_weights") == "tensor":  # the mesh it was compiled on
-      placement = dataclasses.replace(placement, mesh=sharding_lib.tensor_mesh(
-          run.mesh, record["eval_mesh"]["tensor"]))
+    eval_mesh = (record or {}).get("eval_mesh")
+    if eval_mesh:  # the mesh it was compiled on: one process's devices (for tensor, re-formed)
+      placement = dataclasses.replace(placement, mesh=sharding_lib.make_mesh(
+          eval_mesh, list(run.mesh.devices.flat)[:math.prod(eval_mesh.values())]))
     weights = placement.weights
     programs = aot.recipe_programs(run, eval_batch=eval_batch, eval_tokens=tokens,
                                    eval_modes=modes, eval_placement=placement)
@@ -224,7 +225,7 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
            f"{tpu.topology}: no compiler record (launch/compile.py --output_json, or --compile)"
            if tpu is not None else
            "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)")
-  on = f" on {dict(placement.mesh.shape)}" if weights == "tensor" else ""
+  on = f" on {dict(placement.mesh.shape)}" if placement.mesh is not run.mesh else ""
   placed = (f", evaluation's weights {weights}{on}"
             if any(aot.is_eval(p.name) for p in programs) else "")
   lines = [f"{spec}{' ' + ' '.join(overrides) if overrides else ''}  mesh {dict(run.mesh.shape)}"
@@ -240,6 +241,7 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
                  if row and row.get("allocation_gib") else None)
     out.append({"config": spec, "overrides": overrides, "mesh": dict(run.mesh.shape),
                 "program": e.program, "estimate": e.to_json(), "eval_weights": weights,
+                "eval_mesh": dict(placement.mesh.shape),
                 "eval_batch": eval_batch,
                 "compiler": row, "allocated_gib": allocated,
                 "ratio": est / allocated if allocated else None,

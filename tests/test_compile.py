@@ -116,22 +116,25 @@ def test_tiny_recipe_compiles_for_two_deviceless_h100s(tmp_path):
 
 
 @needs_libtpu
-def test_tensor_weights_compile_evaluation_on_a_data_x_tensor_mesh_and_plan_reads_it(tmp_path):
-  """--weights=tensor: evaluation compiled on the same four chips formed into data 2 x tensor 2
-  (the fewest chips per group whose share fits a third of 16 GiB: two), recorded with that mesh;
-  its loops gather no weights, they all-reduce activations.  plan.py estimates the record's
-  rows on the mesh they were compiled on: 16 questions split over data 2, eight a device.
-  (The tiny model's estimate is not compared with the compiler's: fixed buffers outweigh
-  its few KiB; the 7B records are, in tests/test_plan.py.)"""
+def test_evaluation_compiles_on_one_process_s_chips_with_tensor_weights_and_plan_reads_it(
+    tmp_path):
+  """A v5e:2x4 is two hosts of four chips: evaluation is compiled on one host's four, as
+  launch/eval.py runs each process on its own devices.  --weights=tensor forms them into
+  data 2 x tensor 2 (the fewest chips per group whose share fits a third of 16 GiB: two) and
+  the record says so; its loops gather no weights, they all-reduce activations.  plan.py
+  estimates the record's rows on the mesh they were compiled on: 16 questions split over
+  data 2, eight a device.  (The tiny model's estimate is not compared with the compiler's:
+  fixed buffers outweigh its few KiB; the 7B records are, in tests/test_plan.py.)"""
   out = tmp_path / "tensor.json"
-  proc = _compile("--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--eval_modes=gate",
+  proc = _compile("--config=configs/tiny.py:sft", "--topology=v5e:2x4", "--eval_modes=gate",
                   "--weights=tensor", "--programs=eval_recall_gate", f"--output_json={out}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.load(open(out))
-  assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert (report["eval_weights"], report["eval_mesh"]) == (
       "tensor", {"data": 2, "fsdp": 1, "tensor": 2})
-  assert "evaluation's weights tensor over 4 device(s) as data 2 x tensor 2" in proc.stdout
+  assert ("evaluation on one process's devices, as launch/eval.py runs it: weights tensor over "
+          "4 device(s) as data 2 x tensor 2") in proc.stdout
   (row,) = report["rows"]
   assert row["loop_reduce_gib"] > 0 and row["loop_gather_gib"] < row["loop_reduce_gib"]
   plan = tmp_path / "plan.json"
@@ -165,7 +168,7 @@ def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
   assert (report["topology"], report["devices"], report["mesh"]["fsdp"]) == ("v5e:2x2", 4, 4)
   # Evaluation's weights as launch/eval.py --weights=auto places them on a 16 GiB chip.
   assert report["eval_weights"] == "replicated"
-  assert "evaluation's weights replicated over 4 device(s)" in proc.stdout
+  assert "evaluation: weights replicated over 4 device(s)" in proc.stdout
   assert report["eval_mesh"] == report["mesh"]
   assert report["compiler"] == f"libtpu {tpu_slices.libtpu_version()}"
   assert report["config"] == "configs/tiny.py:sft" and report["overrides"] == []

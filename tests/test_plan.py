@@ -179,7 +179,8 @@ def test_the_estimate_is_within_25_percent_of_every_compiler_record(tmp_path):
   assert any(map(on_gpus, rows)) and not all(map(on_gpus, rows))
   from memrecall.capacity import aot
   def upper(r):
-    shards = r["mesh"]["data"] * r["mesh"]["fsdp"]
+    mesh = r["eval_mesh"] if aot.is_eval(r["program"]) else r["mesh"]
+    shards = mesh["data"] * mesh["fsdp"]
     return 1.5 if aot.is_eval(r["program"]) and r["eval_batch"] % shards else 1.25
   sharded_eval = lambda r: aot.is_eval(r["program"]) and r["eval_weights"] == "sharded"
   held = lambda r: (r["program"] == "train_step" if on_gpus(r) and not aot.is_eval(r["program"])

@@ -65,13 +65,27 @@ def _key(mesh) -> jax.ShapeDtypeStruct:
   return _replicated(mesh, key.shape, key.dtype)
 
 
+def host_mesh(run: Run):
+  """The mesh launch/eval.py and launch/answer.py form in one process of `run`'s target: each
+  process evaluates on its own devices, with the run's mesh where they can form it, else all
+  of them on fsdp (`model_flags.on_own_devices`).  One host of a v5p-64: 4 of its 32 chips."""
+  devices = list(run.mesh.devices.flat)
+  own = [d for d in devices if d.process_index == devices[0].process_index]
+  if len(own) == len(devices):
+    return run.mesh
+  try:
+    return sharding_lib.make_mesh(dict(run.mesh.shape), own)
+  except sharding_lib.MeshError:
+    return sharding_lib.make_mesh({"fsdp": -1}, own)
+
+
 def eval_weights(run: Run, setting: str, memory_bytes: int | None) -> evaluator.Placement:
-  """Evaluation's weight placement (`evaluator.placement`) for `run`'s inference copy on
-  devices whose allocator holds `memory_bytes`: what launch/eval.py --weights=`setting` picks
-  on them, with the mesh its loop runs on."""
+  """Evaluation's weight placement (`evaluator.placement`) for `run`'s inference copy on one
+  process's devices (`host_mesh`), whose allocators hold `memory_bytes` each: what
+  launch/eval.py --weights=`setting` picks on them, with the mesh its loop runs on."""
   setup = run.recall_setup("gate")
   layout, setup = _inference_params(run, nn.unbox(abstract_params(run.model)), setup)
-  return evaluator.placement(layout, setup.model, run.mesh, setting, memory_bytes)
+  return evaluator.placement(layout, setup.model, host_mesh(run), setting, memory_bytes)
 
 
 def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate",
@@ -219,12 +233,12 @@ def _hbm_oom_gib(message: str) -> float | None:
 
 def compile_program(program: Program, mesh, hbm_bytes: float,
                     pool_fraction: float | None = None, hlo_dir: str | None = None) -> Row:
-  """Lowers and compiles one program for its own mesh (else `mesh`) and reads the compiler's memory plan.  A
-  program the TPU compiler refuses for lack of HBM is a row too: its temporaries as the
-  refusal gives them, and by how much it does not fit.  pool_fraction: the share of a
-  device's memory its runtime allocates by default (JAX's GPU pool: 0.75); a program that
-  fits the device but not that share says what to set.  hlo_dir: write the compiled
-  program's HLO text there, as PROGRAM.hlo."""
+  """Lowers and compiles one program for its own mesh (else `mesh`) and reads the compiler's
+  memory plan.  A program the TPU compiler refuses for lack of HBM is a row too: its
+  temporaries as the refusal gives them, and by how much it does not fit.  pool_fraction: the
+  share of a device's memory its runtime allocates by default (JAX's GPU pool: 0.75); a
+  program that fits the device but not that share says what to set.  hlo_dir: write the
+  compiled program's HLO text there, as PROGRAM.hlo."""
   start = time.perf_counter()
   try:
     with jax.set_mesh(program.mesh or mesh):
