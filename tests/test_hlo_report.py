@@ -210,9 +210,12 @@ def test_replicated_rollout_weights_are_gathered_once_not_at_every_step():
     (rollout,) = [p for p in trainer.stage_programs(run) if p.name == "rollout"]
     gathered[weights] = aot.compile_program(rollout, run.mesh, 16 * 2**30).loop_gather_gib
   params = rollout.args[0]
-  layers = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-            if "layers" in jax.tree_util.keystr(path)]
-  # The training layout's float32 stack, gathered as the compute dtype's per-layer copy.
-  layer_bytes = sum(math.prod(x.shape) for x in layers) * 2
+  # What a decode step reads of the sharded weights: every layer's split leaves but the
+  # compressor's beacon projections (compression's own loop reads those), from the training
+  # layout's float32 stack, gathered as the compute dtype's (2 bytes) per-layer copy.
+  read = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+          if "layers" in jax.tree_util.keystr(path) and "beacon" not in jax.tree_util.keystr(path)
+          and not leaf.sharding.is_fully_replicated]
+  layer_bytes = sum(math.prod(x.shape) for x in read) * 2
   assert gathered["sharded"] * 2**30 >= layer_bytes, (gathered, layer_bytes)
   assert gathered["replicated"] == 0, gathered
