@@ -29,16 +29,17 @@ Scorer = Callable[[Sequence[int], TokenizedExample], dict]
 ACCURACY_METRIC = "sub_em"  # `accuracy` of a result: MemAgent-compatible sub-EM (the ids form: exact)
 
 
-def on_mesh(params, setup: RecallSetup, mesh, weights: str = "auto", log=None
+def on_mesh(params, setup: RecallSetup, mesh, weights: str | None = "auto", log=None
             ) -> tuple[dict, RecallSetup, object]:
   """(params, setup, mesh to run on): params and setup in the recall loop's per-layer layout
   (`inference_layout`), placed on `mesh`'s devices as `weights` says (`placement`: sharded by
   the rules training uses, whole on every device, or split over a tensor axis of a
   `data x tensor` mesh of the same devices, which it returns).  mesh None: left where they
-  are.  log: called with `placement`'s line when the mesh has several devices."""
+  are; weights None: already placed on `mesh` by an earlier call.  log: called with
+  `placement`'s line when the mesh has several devices."""
   params, setup = inference_layout(params, setup)
-  if mesh is None:
-    return params, setup, None
+  if mesh is None or weights is None:
+    return params, setup, mesh
   chosen = placement(params, setup.model, mesh, weights)
   if log is not None and mesh.size > 1:
     log(chosen.line)
@@ -62,8 +63,8 @@ def placement(params, model, mesh, weights: str = "auto", memory: int | None = N
   """The placement `weights` asks (`sharding.inference_weights`) for the inference copy
   `params` (arrays or abstract arrays in `model`'s layout) on `mesh`'s devices; memory: a
   device's bytes (None: as the device reports them)."""
-  shardings_on = lambda m: sharding.param_shardings(abstract_params(model), m)
-  bytes_on = lambda m: sharding.device_bytes_of(params, shardings_on(m))
+  boxed = abstract_params(model)  # traced once; each candidate mesh only maps its names
+  bytes_on = lambda m: sharding.device_bytes_of(params, sharding.param_shardings(boxed, m))
   memory = memory or sharding.device_memory(mesh.devices.flat[0])
   chosen, runs_on = sharding.inference_weights(weights, mesh, bytes_on, memory)
   share = (bytes_on(sharding.tensor_mesh(mesh, 1)) if chosen == "replicated"
@@ -154,15 +155,17 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                   baseline: BaselineConfig = BaselineConfig(), batch_size: int = 16,
                   question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
                   latency_examples: int = 4, timed: bool = True,
-                  max_tokens: int | None = None, mesh=None, weights: str = "auto") -> EvalResult:
+                  max_tokens: int | None = None, mesh=None, weights: str | None = "auto"
+                  ) -> EvalResult:
   """Reads `examples` in batches with the reader registered as `mode` (`memrecall.readers`:
   `gate`, `all`, `topk`, `memagent`, `full`, `rag`, or any other registered) and scores the
   answers; times the first `latency_examples` questions alone too.
 
   timed=False: no untimed first run and no peak (evaluations that only want the answers).
   max_tokens: every batch cut for this many tokens (one compiled shape across calls; default:
-  the longest example).  mesh: the weights placed on it as `weights` says (`on_mesh`) and each
-  batch's rows split over its batch axes; None: computed where the parameters are."""
+  the longest example).  mesh: the weights placed on it as `weights` says (`on_mesh`; None:
+  placed there already) and each batch's rows split over its batch axes; None: computed where
+  the parameters are."""
   params, setup, mesh = on_mesh(params, setup, mesh, weights)
   reader = readers.get(mode, setup, compressor, baseline)
   max_tokens = max_tokens or max(len(ex.context) for ex in examples)
@@ -280,7 +283,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       mode_examples=mode_examples or {}, batch_size=batch_size,
       latency_examples=latency_examples)},
       {f"{r['model']}/{r.get('task')}" for r in rows})
-  # Placed once, not per row; each row's evaluate_mode finds them placed.
+  # Placed once, not per row: each row's evaluate_mode takes them as placed (weights None).
   layer_params, layer_setup, mesh = on_mesh(params, setup, mesh, weights, log)
   done = {(r["model"], r.get("task"), r["mode"], r["length_multiple"]) for r in rows}
   todo = [(m, mode) for m in lengths for mode in modes
@@ -297,7 +300,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
     result = evaluate_mode(layer_params, layer_setup, run.compressor, batch, run.score,
                            mode=mode, baseline=baseline, batch_size=batch_size,
                            question_tokens=run.question_tokens, keep_traces=keep_traces,
-                           latency_examples=latency_examples, mesh=mesh, weights=weights)
+                           latency_examples=latency_examples, mesh=mesh, weights=None)
     row = {"model": model_name, "task": task_name, "mode": mode, "length_multiple": multiple,
            "context_tokens": run.task.length * multiple, "examples": result.examples,
            "accuracy": result.accuracy, "stderr": result.stderr, "latency_s": result.latency_s,
@@ -489,7 +492,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
         result = evaluate_mode(params, setup, run.compressor, batch, run.score, mode=mode,
                                baseline=baseline, batch_size=batch_size,
                                question_tokens=budget, latency_examples=0, timed=False,
-                               max_tokens=longest, mesh=mesh, weights=weights)
+                               max_tokens=longest, mesh=mesh, weights=None)
         new = []
         for i, ex, out in zip(rows, batch, result.rows):
           answers = run.answer_texts(ex)
