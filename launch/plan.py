@@ -170,9 +170,9 @@ def _gib(x: float) -> str:
 def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, compile_for,
                  eval_batch: int, out: list) -> list[str]:
   """The table's lines for one recipe; its rows appended to `out`."""
-  import dataclasses
   import math
   from memrecall.capacity import aot, memory_plan, targets
+  from memrecall.evaluate import evaluator
   from memrecall.runtime import sharding as sharding_lib
   from memrecall.models.config import ConfigError
   from memrecall.run_builder import build_run
@@ -196,12 +196,14 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     # A record's placement (records before it was recorded: sharded), else compile.py's auto.
     known_gib = _DEVICE_GIB.value or getattr(tpu, "hbm_gib_per_chip", None) or 0
     memory = deviceless.pool_bytes if deviceless else int(known_gib * GiB)
-    placement = aot.eval_weights(
-        run, (record or {}).get("eval_weights", "sharded") if record else "auto", memory or None)
     eval_mesh = (record or {}).get("eval_mesh")
     if eval_mesh:  # the mesh it was compiled on: one process's devices (for tensor, re-formed)
-      placement = dataclasses.replace(placement, mesh=sharding_lib.make_mesh(
-          eval_mesh, list(run.mesh.devices.flat)[:math.prod(eval_mesh.values())]))
+      placement = evaluator.Placement(record["eval_weights"], sharding_lib.make_mesh(
+          eval_mesh, list(run.mesh.devices.flat)[:math.prod(eval_mesh.values())]), "recorded")
+    else:
+      placement = aot.eval_weights(
+          run, (record or {}).get("eval_weights", "sharded") if record else "auto",
+          memory or None)
     weights = placement.weights
     programs = aot.recipe_programs(run, eval_batch=eval_batch, eval_tokens=tokens,
                                    eval_modes=modes, eval_placement=placement)
