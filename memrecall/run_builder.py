@@ -49,7 +49,7 @@ from memrecall.runtime import checkpoint, sharding as sharding_lib
 
 # The training stages in order (each starts from the one before), and a run that only evaluates.
 TRAINING_STAGES = ("compressor", "sft", "rl", "gate")
-ROLLOUT_WEIGHTS = ("sharded", "replicated")
+ROLLOUT_WEIGHTS = ("sharded", "replicated", "tensor")
 STAGES = TRAINING_STAGES + ("eval",)
 # `agent` -> the reader (`memrecall.readers`) its runs train and read with; None: the method's,
 # in the mode a caller asks for (`rl.mode`, an evaluation's).

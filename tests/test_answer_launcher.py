@@ -47,15 +47,16 @@ def test_answer_bank_reuse_and_mismatch(tmp_path, lychee_dir, lychee_reference):
                f"--memory_bank={tmp_path / 'bank'}")
   assert other.returncode != 0 and "chunk_size: bank has 1024, expected 512" in other.stderr
 
-  # With the weights split over a tensor axis of all four devices (data 1 x tensor 4): the
-  # document compressed on that mesh into a host bank, and streamed.
+  # With the weights split over a tensor axis of the four devices (data 2 x tensor 2: the
+  # tiny model has 2 KV heads): the document compressed on that mesh into a host bank, and
+  # streamed.
   split = _run(*common, *sharded, "--weights=tensor", f"--output_json={out}", devices=4)
   assert split.returncode == 0, split.stderr
   assert json.load(open(out))["answer_ids"] == result["answer_ids"]
   streamed = _run(*common, *sharded, "--weights=tensor", "--stream", "--group_size=2",
                   f"--output_json={out}", devices=4)
   assert streamed.returncode == 0, streamed.stderr
-  assert "weights tensor over 4 device(s) as data 1 x tensor 4" in streamed.stderr
+  assert "weights tensor over 4 device(s) as data 2 x tensor 2" in streamed.stderr
   assert json.load(open(out))["answer_ids"] == result["answer_ids"]
 
 

@@ -115,8 +115,8 @@ def test_evaluation_shards_the_weights_as_training_does():
 
 def test_replicated_and_tensor_weights_answer_as_the_sharded_ones(monkeypatch):
   """--weights=replicated puts a whole copy on every device of an fsdp x tensor mesh, and
-  --weights=tensor splits it over a tensor axis of all four (the mesh re-formed as data 1 x
-  tensor 4); both answer every question as the sharded weights do.  auto replicates where a
+  --weights=tensor splits it over a tensor axis of two (the mesh re-formed as data 2 x tensor
+  2: the most devices up to fsdp x tensor that split the tiny model's 2 KV heads); both answer every question as the sharded weights do.  auto replicates where a
   device reports memory for three copies, splits over a tensor axis where a third holds a
   share, and keeps them sharded where the device reports no memory (CPUs)."""
   from memrecall.runtime import sharding
@@ -132,7 +132,7 @@ def test_replicated_and_tensor_weights_answer_as_the_sharded_ones(monkeypatch):
   for leaf in jax.tree.leaves(placed):
     assert leaf.sharding.mesh == run.mesh and leaf.sharding.is_fully_replicated
   split, _, tensor_mesh = evaluator.on_mesh(params, setup, run.mesh, "tensor")
-  assert dict(tensor_mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 4}
+  assert dict(tensor_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
   assert {d.id for d in tensor_mesh.devices.flat} == {d.id for d in run.mesh.devices.flat}
   assert any("tensor" in leaf.sharding.spec for leaf in jax.tree.leaves(split))
   examples = run.examples(0, 4)

@@ -1,5 +1,7 @@
 """Sharded execution over a simulated 8-device CPU mesh equals one device; the rules table."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,30 +94,40 @@ def test_hybrid_mesh_keeps_dcn_axes_across_processes():
   assert sharding.make_mesh({"fsdp": 8, "dcn": {"data": 1}}).shape["fsdp"] == 8
 
 
-@pytest.mark.parametrize("setting, memory, mesh, chosen, tensor", [
-    ("auto", 360, {"fsdp": 8}, "replicated", None),  # the copy is a third of the device
-    ("auto", 359, {"fsdp": 8}, "tensor", 2),         # less: a half each on groups of two
-    ("auto", 100, {"fsdp": 8}, "tensor", 4),         # a quarter each: groups of four
-    ("auto", 30, {"fsdp": 8}, "sharded", None),      # not even an eighth: sharded
-    ("auto", None, {"fsdp": 8}, "sharded", None),    # memory unknown (CPUs): sharded
-    ("tensor", 3600, {"fsdp": 8}, "tensor", 2),      # the fewest devices that hold a third
-    ("tensor", 30, {"fsdp": 8}, "tensor", 8),        # none do: all of them
-    ("tensor", None, {"fsdp": 8}, "tensor", 8),      # unknown: as many as held the weights
-    ("tensor", None, {"data": 2, "fsdp": 2, "tensor": 2}, "tensor", 4),
-    ("sharded", 3600, {"fsdp": 8}, "sharded", None),  # as asked, whatever fits
-    ("replicated", 1, {"fsdp": 8}, "replicated", None),
+@pytest.mark.parametrize("setting, memory, mesh, chosen, tensor, kv_heads", [
+    ("auto", 360, {"fsdp": 8}, "replicated", None, None),  # the copy is a third of the device
+    ("auto", 359, {"fsdp": 8}, "tensor", 2, None),         # less: a half each on groups of two
+    ("auto", 100, {"fsdp": 8}, "tensor", 4, None),         # a quarter each: groups of four
+    ("auto", 30, {"fsdp": 8}, "sharded", None, None),      # not even an eighth: sharded
+    ("auto", None, {"fsdp": 8}, "sharded", None, None),    # memory unknown (CPUs): sharded
+    ("tensor", 3600, {"fsdp": 8}, "tensor", 2, None),      # the fewest devices that hold a third
+    ("tensor", 30, {"fsdp": 8}, "tensor", 8, None),        # none do: all of them
+    ("tensor", None, {"fsdp": 8}, "tensor", 8, None),      # unknown: as many as held the weights
+    ("tensor", None, {"data": 2, "fsdp": 2, "tensor": 2}, "tensor", 4, None),
+    ("sharded", 3600, {"fsdp": 8}, "sharded", None, None),  # as asked, whatever fits
+    ("replicated", 1, {"fsdp": 8}, "replicated", None, None),
+    # With the model's KV heads: groups that split them evenly come first.
+    ("tensor", 3600, {"fsdp": 8}, "tensor", 2, 4),    # the fewest still divides them
+    ("tensor", 3600, {"fsdp": 6}, "tensor", 3, 3),    # 2 fits but would not split 3 heads
+    ("auto", 100, {"fsdp": 8}, "tensor", 4, 2),       # only 4 and 8 fit: the fewest, uneven
+    ("tensor", None, {"fsdp": 8}, "tensor", 2, 2),    # unknown: the most that split 2 heads
+    ("tensor", None, {"fsdp": 8}, "tensor", 8, 8),
+    ("tensor", None, {"fsdp": 6}, "tensor", 2, 4),    # of 2, 3 and 6 only 2 splits 4 heads
+    ("tensor", None, {"fsdp": 6}, "tensor", 6, 5),    # none splits 5: as many as held them
 ])
 def test_inference_weights_replicate_a_copy_up_to_a_third_of_a_device_else_split_it(
-    setting, memory, mesh, chosen, tensor):
-  """A copy of 120 bytes split evenly over a tensor axis, on eight devices of `memory`."""
-  mesh = sharding.make_mesh(mesh, jax.devices()[:8])
+    setting, memory, mesh, chosen, tensor, kv_heads):
+  """A copy of 120 bytes split evenly over a tensor axis, on eight (or six) devices of
+  `memory`, for a model of `kv_heads` key/value heads (None: not said)."""
+  devices = math.prod(mesh.values())
+  mesh = sharding.make_mesh(mesh, jax.devices()[:devices])
   placement, runs_on = sharding.inference_weights(
-      setting, mesh, lambda m: 120 // m.shape["tensor"], memory)
+      setting, mesh, lambda m: 120 // m.shape["tensor"], memory, kv_heads)
   assert placement == chosen
   if tensor is None:
     assert runs_on is mesh
   else:  # the same devices, in their order, as data x tensor
-    assert dict(runs_on.shape) == {"data": 8 // tensor, "fsdp": 1, "tensor": tensor}
+    assert dict(runs_on.shape) == {"data": devices // tensor, "fsdp": 1, "tensor": tensor}
     assert list(runs_on.devices.flat) == list(mesh.devices.flat)
 
 

@@ -25,7 +25,7 @@ from memrecall import readers
 from memrecall.capacity import hlo_report
 from memrecall.capacity.tpu_slices import GiB
 from memrecall.evaluate import evaluator
-from memrecall.method.recall import inference_layout
+from memrecall.method.recall import abstract_inference_layout
 from memrecall.models.qwen2 import abstract_params
 from memrecall.run_builder import Run
 from memrecall.runtime import sharding as sharding_lib
@@ -39,14 +39,7 @@ def _inference_params(run: Run, params, setup, placement: evaluator.Placement | 
   """Abstract `params` in the inference layout (`recall.inference_layout`, as evaluation and
   answering run the loop), placed as `placement` says (`evaluator.on_mesh`; None: sharded by
   the rules on the run's mesh), and the setup that goes with them."""
-  split = {}
-
-  def layout_of(p):
-    out, split["setup"] = inference_layout(p, setup)  # the setup closed over: nothing traced
-    return out
-
-  layout = jax.eval_shape(layout_of, params)
-  setup = split["setup"]
+  layout, setup = abstract_inference_layout(params, setup)
   mesh = run.mesh if placement is None else placement.mesh
   shardings = sharding_lib.param_shardings(abstract_params(setup.model), mesh)
   if placement is not None and placement.weights == "replicated":

@@ -66,7 +66,8 @@ def placement(params, model, mesh, weights: str = "auto", memory: int | None = N
   boxed = abstract_params(model)  # traced once; each candidate mesh only maps its names
   bytes_on = lambda m: sharding.device_bytes_of(params, sharding.param_shardings(boxed, m))
   memory = memory or sharding.device_memory(mesh.devices.flat[0])
-  chosen, runs_on = sharding.inference_weights(weights, mesh, bytes_on, memory)
+  chosen, runs_on = sharding.inference_weights(weights, mesh, bytes_on, memory,
+                                               model.num_kv_heads)
   share = (bytes_on(sharding.tensor_mesh(mesh, 1)) if chosen == "replicated"
            else bytes_on(runs_on))
   where = (f" as data {runs_on.shape['data']} x tensor {runs_on.shape['tensor']}"

@@ -27,7 +27,7 @@ N/G + reads sequential steps instead of N.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -97,6 +97,19 @@ def inference_layout(params, setup: RecallSetup) -> tuple[dict, RecallSetup]:
   no-op if already so."""
   params, model_config = inference_params(params, setup.model)
   return params, setup.replace(model=model_config)
+
+
+def abstract_inference_layout(params, setup: RecallSetup) -> tuple[Any, RecallSetup]:
+  """`inference_layout` of `params` (arrays or abstract arrays) as abstract arrays, with its
+  setup: what the inference copy will be, for deciding where it goes; nothing computed."""
+  split = {}
+
+  def layout_of(p):
+    out, split["setup"] = inference_layout(p, setup)  # the setup closed over: nothing traced
+    return out
+
+  layout = jax.eval_shape(layout_of, params)
+  return layout, split["setup"]
 
 
 @flax.struct.dataclass

@@ -202,14 +202,18 @@ def tensor_mesh(mesh: Mesh, tensor: int) -> Mesh:
 
 
 def inference_weights(setting: str, mesh: Mesh, bytes_on: Callable[[Mesh], int],
-                      device_bytes: int | None) -> tuple[str, Mesh]:
+                      device_bytes: int | None, kv_heads: int | None = None
+                      ) -> tuple[str, Mesh]:
   """(placement, the mesh the loop runs on) for an inference copy: `setting` (one of
   INFERENCE_WEIGHTS) decided on `mesh`'s devices, of `device_bytes` each (None: unknown).
 
   bytes_on(m): what one device holds of the copy sharded by the rules on mesh m (on a mesh of
   one data axis, all of it).  "tensor" takes the fewest devices per group whose share fits
   REPLICATE_UP_TO of a device (all of them where none does); where the memory is unknown, as
-  many as `mesh` splits the weights over (its fsdp x tensor)."""
+  many as `mesh` splits the weights over (its fsdp x tensor).  kv_heads: the model's key/value
+  heads; a group that divides them is taken first (and, memory unknown, the largest such group
+  up to fsdp x tensor): a group that does not keeps a whole KV cache on each of its devices,
+  and its attention's partial results move between them at every step."""
   if setting not in INFERENCE_WEIGHTS:
     raise ValueError(f"unknown weight placement {setting!r}; choose from "
                      f"{', '.join(INFERENCE_WEIGHTS)}")
@@ -218,14 +222,20 @@ def inference_weights(setting: str, mesh: Mesh, bytes_on: Callable[[Mesh], int],
   budget = None if device_bytes is None else REPLICATE_UP_TO * device_bytes
   if setting == "auto" and budget is not None and bytes_on(tensor_mesh(mesh, 1)) <= budget:
     return "replicated", mesh
-  groups = [t for t in range(2, mesh.size + 1) if mesh.size % t == 0]
+  even = lambda t: kv_heads is None or kv_heads % t == 0
+  # Fewest devices first, those that split the KV heads evenly before those that do not.
+  groups = sorted((t for t in range(2, mesh.size + 1) if mesh.size % t == 0),
+                  key=lambda t: not even(t))
   fits = [t for t in groups if budget is not None and bytes_on(tensor_mesh(mesh, t)) <= budget]
   if setting == "auto":
     return ("tensor", tensor_mesh(mesh, fits[0])) if fits else ("sharded", mesh)
   if fits:
     return "tensor", tensor_mesh(mesh, fits[0])
+  if budget is not None:
+    return "tensor", tensor_mesh(mesh, mesh.size)
   weight_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
-  return "tensor", tensor_mesh(mesh, mesh.size if budget is not None else weight_shards)
+  return "tensor", tensor_mesh(mesh, max((t for t in groups if t <= weight_shards and even(t)),
+                                         default=weight_shards))
 
 
 def device_bytes_of(tree: Any, shardings: Any) -> int:

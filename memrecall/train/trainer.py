@@ -21,12 +21,14 @@ import threading
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from memrecall.method.recall import inference_layout
+from memrecall.evaluate.evaluator import Placement, placement
+from memrecall.method.recall import abstract_inference_layout, inference_layout
 from memrecall.models import qwen2 as model_lib
 from memrecall.models.config import ConfigError
 from memrecall.run_builder import TRAINING_STAGES, Run, build_run
@@ -300,6 +302,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     # The run's initial parameters, also on a resume: RL's KL reference is the policy the
     # stage started from, not the one it resumed with.
     stage.start(params)
+    if stage.rollout_weights is not None and run.mesh.size > 1 and distributed.is_primary():
+      log(stage.rollout_weights.line)
     del params  # the state holds its own copy; this one would double the weights' memory
     step_fn = jit_train_step(stage, optimizer, paths, microbatches)
     writer = MetricsWriter(os.path.join(workdir, "logs", config.stage), resumed_at=int(state.step))
@@ -439,6 +443,8 @@ class _Stage(abc.ABC):
   needs_oracle = False
   # Examples looked at before training starts (`check_data`).
   DATA_PEEK = 8
+  # Where a stage's inference copy goes (RL's rollout: `rl.rollout_weights`); None: no copy.
+  rollout_weights: Placement | None = None
 
   def __init__(self, run: Run):
     self.run = run
@@ -601,8 +607,12 @@ class RLStage(_Stage):
                         f"rl.group_size ({self.group})")
     # The rollout's reader: the agent's (the method in `rl.mode`, or MemAgent's), sampling.
     self.reader = run.reader(rl.mode, temperature=rl.temperature)
-    self.replicate_weights = rl.get("rollout_weights", "sharded") == "replicated"
-    self._rollout = jax.jit(self._read_for_inference)
+    self.rollout_weights = self._rollout_placement(rl.get("rollout_weights", "sharded"))
+    # Every output is [rows, ...], on the rows of the mesh the loop ran on (left to the
+    # compiler, an output of a data x tensor loop may come back split as training splits rows,
+    # which has no name on that mesh).
+    self._rollout = jax.jit(self._read_for_inference, out_shardings=sharding_lib.rows_sharding(
+        (self.batch_size,), self.rollout_weights.mesh))
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, self.setup, turns))
@@ -616,6 +626,16 @@ class RLStage(_Stage):
     self.paths = state_lib.trainable_paths(params, r.config.train.trainable)
     self.reference_trainable = reference_leaves(params, self.paths, r.model)
 
+  def _rollout_placement(self, setting: str) -> Placement:
+    """Where the rollout's inference copy goes on the training mesh's devices
+    (`rl.rollout_weights`): sharded as training shards it, whole on every device, or split over
+    a tensor axis of the same devices re-formed as data x tensor (`evaluator.placement`: the
+    fewest per group whose share fits a third of a device)."""
+    layout, setup = abstract_inference_layout(nn.unbox(model_lib.abstract_params(self.run.model)),
+                                              self.reader.setup)
+    chosen = placement(layout, setup.model, self.run.mesh, setting)
+    return dataclasses.replace(chosen, line=f"rollout {chosen.line}")
+
   @staticmethod
   def _inputs(turns) -> tuple:
     """What the reader reads of `turns`: [B, N, C] chunks and [B, Q] questions."""
@@ -626,10 +646,22 @@ class RLStage(_Stage):
     # in the compute dtype, so the decode loop reads each in place (the training layout
     # sliced, and under fsdp gathered, the stack at every decode step).
     params, setup = inference_layout(params, self.reader.setup)
-    if self.replicate_weights:
-      # Gathered once here, not layer by layer at every decode step (rl.rollout_weights).
-      params = jax.lax.with_sharding_constraint(params, sharding_lib.replicated(self.run.mesh))
-    return self.reader.with_setup(setup).read(params, inputs, rng)
+    reader = self.reader.with_setup(setup)
+    placed = self.rollout_weights
+    if placed.weights == "sharded":
+      return reader.read(params, inputs, rng)
+    # Moved once here, not gathered layer by layer at every decode step (rl.rollout_weights):
+    # whole on every device, or split over `tensor` of the same devices, where the loop then
+    # runs (its activations' constraints name that mesh's axes).
+    shardings = (sharding_lib.replicated(placed.mesh) if placed.weights == "replicated" else
+                 sharding_lib.param_shardings(model_lib.abstract_params(setup.model),
+                                              placed.mesh))
+    params = jax.lax.with_sharding_constraint(params, shardings)
+    # The rows too, once: on data x tensor they split over data alone.
+    inputs = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, sharding_lib.rows_sharding(x.shape, placed.mesh)), inputs)
+    with jax.sharding.use_abstract_mesh(placed.mesh.abstract_mesh):
+      return reader.read(params, inputs, rng)
 
   def rollout(self, params, turns, rng):
     """G rollouts per question, read by the run's reader from the chunks of `turns`."""

@@ -134,6 +134,44 @@ def test_rollout_logprobs_equal_the_teacher_forced_scores(agent):
                              np.asarray(batch.old_answer_logprobs)[answer], atol=2e-4)
 
 
+def test_rollouts_are_the_same_whichever_way_their_weights_are_placed():
+  """rl.rollout_weights on 8 devices (data 2 x fsdp 4): the inference copy sharded as training
+  shards it, whole on every device, or split over a tensor axis of the same devices re-formed
+  as data x tensor samples the same tokens with the same log-probs from the same key."""
+  batches = {}
+  for weights in ("sharded", "replicated", "tensor"):
+    config = small_config("rl", batch_size=8)
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    config.rl.rollout_weights = weights
+    run = run_builder.build_run(config)
+    stage = trainer._STAGES["rl"](run)
+    assert stage.rollout_weights.weights == weights
+    with jax.set_mesh(run.mesh):
+      params = model.init_params(run.model, jax.random.key(0), run.mesh)
+      optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=1e-3))
+      state = state_lib.create_train_state(params, "backbone", optimizer, 0)
+      stage.start(state.params)
+      batches[weights], _ = stage.batch(0, state, slice(0, 8))
+  # On a CPU no device reports its memory: the tensor axis is the widest up to what training
+  # splits the weights over (fsdp 4) that splits the tiny model's 2 KV heads evenly; the rows
+  # split over the other 4.
+  assert run.model.num_kv_heads == 2
+  assert dict(stage.rollout_weights.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert "rollout weights tensor over 8 device(s) as data 4 x tensor 2" in (
+      stage.rollout_weights.line)
+  sharded = batches["sharded"]
+  assert np.asarray(sharded.turns.target_mask).sum() > 0
+  for weights in ("replicated", "tensor"):
+    other = batches[weights]
+    for field in ("targets", "target_mask", "answer", "answer_mask", "memory_ids"):
+      np.testing.assert_array_equal(getattr(other.turns, field), getattr(sharded.turns, field),
+                                    err_msg=f"{weights}: {field}")
+    np.testing.assert_allclose(other.old_logprobs, sharded.old_logprobs, atol=1e-5,
+                               err_msg=weights)
+    np.testing.assert_allclose(other.old_answer_logprobs, sharded.old_answer_logprobs,
+                               atol=1e-5, err_msg=weights)
+
+
 def test_memagent_agent_learns_from_raw_chunks_and_has_no_gate():
   config = small_config("sft")
   config.agent = "memagent"
