@@ -158,7 +158,8 @@ def main(argv):
     tokens = _EVAL_TOKENS.value or run.num_chunks * run.compressor.chunk_size
     placement = aot.eval_weights(run, _WEIGHTS.value, deviceless.pool_bytes)
     programs = aot.recipe_programs(run, eval_batch=_EVAL_BATCH.value, eval_tokens=tokens,
-                                   eval_modes=modes, eval_placement=placement)
+                                   eval_modes=modes, eval_placement=placement,
+                                   device_memory=deviceless.pool_bytes)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   names = [p.name for p in programs]
@@ -173,7 +174,8 @@ def main(argv):
   print(f"{target.topology} ({target.accelerator_type}, {target.chips} chips, {len(devices)} "
         f"devices, {hbm / tpu_slices.GiB:.1f} GiB each), mesh {dict(run.mesh.shape)}, stage "
         f"{config.stage}, jax {jax.__version__}, {deviceless.compiler}"
-        + (f", evaluation{own}: {placement.line}" if any(aot.is_eval(n) for n in names) else ""),
+        + (f", evaluation{own}: {placement.line}" if any(aot.is_eval(n) for n in names) else "")
+        + "".join(f", {p.inference.line}" for p in programs if p.name == "rollout"),
         flush=True)
   print(aot.HEADER, flush=True)
   if _HLO_DIR.value:
@@ -190,6 +192,9 @@ def main(argv):
               "compiler": deviceless.compiler, "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
               "eval_tokens": tokens, "eval_weights": placement.weights,
               "eval_mesh": dict(placement.mesh.shape), "programs": _ONLY.value,
+              **{f"rollout_{k}": v for p in programs if p.name == "rollout"
+                 for k, v in (("weights", p.inference.weights),
+                              ("mesh", dict(p.inference.mesh.shape)))},
               "rows": [r.to_json() for r in rows]}
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(report, f, indent=1)

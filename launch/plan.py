@@ -206,7 +206,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
           memory or None)
     weights = placement.weights
     programs = aot.recipe_programs(run, eval_batch=eval_batch, eval_tokens=tokens,
-                                   eval_modes=modes, eval_placement=placement)
+                                   eval_modes=modes, eval_placement=placement,
+                                   device_memory=memory or None)
     estimates = memory_plan.estimate_programs(run, programs, eval_batch=eval_batch)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None

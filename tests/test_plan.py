@@ -126,6 +126,36 @@ def _plan(*args, timeout=300):
                         capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
 
 
+def test_a_rollout_split_over_tensor_is_estimated_on_its_own_mesh():
+  """rl.rollout_weights="tensor" for the same recipe: no device reports memory here, so the
+  copy splits over the most devices up to fsdp 8 that split the 4 KV heads (data 2 x tensor 4).
+  The rollout's phases then hold that copy (the 7B weights in bfloat16 split as the rules
+  split them over tensor 4), the rows split over data 2 (128 a device), each
+  row's cache a quarter of its KV heads, and no LM head gathered."""
+  import jax
+  from configs import lychee
+  from memrecall.run_builder import build_run
+  from memrecall.train import trainer
+  config = lychee.get_config("rl,7b,gpu8")
+  config.rl.rollout_weights = "tensor"
+  run = build_run(config, jax.devices()[:8])
+  rollout = memory_plan.estimate_programs(run, [p for p in trainer.stage_programs(run)
+                                                if p.name == "rollout"])[0]
+  terms = {t.name: t.bytes for t in rollout.phases["memory updates"]}
+  # The gate's rank-16 LoRA on q, k, v and o: its embed-side factors whole, its head-side
+  # ones split over tensor; the gate's head and bias stay float32.
+  r = run.model.gate_lora_rank
+  lora = L * 2 * (4 * E * r + (2 * H * D * r + 2 * K * D * r) // 4)
+  assert terms["the rollout's inference copy (tensor)"] == _by_hand(1, 4) + lora + 4 * E + 4
+  kv = lambda rows, positions: rows * positions * L * 2 * K * D * 2 // 4
+  assert terms["rollout: the bank"] == kv(128, 8 * 1024)
+  prompt = run.prompts.update.length(256, 1024)
+  assert terms["decode cache: update"] == 2 * kv(128, 1024 + prompt + 1024)
+  assert "LM head gathered" not in terms
+  assert all(phase[0].name.startswith("the rollout's inference copy")
+             for phase in rollout.phases.values())
+
+
 def test_keeping_every_blocks_residuals_adds_them_for_all_blocks():
   """model.remat_blocks=False (configs/memagent.py:sft,7b,gpu8: raw sections, one row per
   device, 8 blocks): every phase of the step holds N blocks' turn inputs and written-token

@@ -123,11 +123,13 @@ def is_eval(program: str) -> bool:
 
 def recipe_programs(run: Run, *, eval_batch: int, eval_tokens: int,
                     eval_modes: Sequence[str] = ("gate",),
-                    eval_placement: evaluator.Placement | None = None) -> list[Program]:
+                    eval_placement: evaluator.Placement | None = None,
+                    device_memory: int | None = None) -> list[Program]:
   """The stage's training programs, then evaluation's recall loop for each mode (a raw reader,
   MemAgent's, has no compressor to build a bank with: its rollout is its loop), its weights
-  placed as `eval_placement` (`eval_weights`; None: sharded on the run's mesh) says."""
-  programs = trainer.stage_programs(run)
+  placed as `eval_placement` (`eval_weights`; None: sharded on the run's mesh) says.
+  device_memory: a device's bytes, for the placements decided inside (RL's rollout)."""
+  programs = trainer.stage_programs(run, device_memory)
   if run.reader().compressed and run.model.compressor:
     params = programs[0].args[0].params
     for mode in eval_modes:

@@ -468,7 +468,7 @@ def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | N
       trainable = aot.device_bytes(state_lib.split(state.params, paths)[0])
       phases = _train_step(s, trainable)
     elif name == "rollout":
-      phases = _rollout(s, run.config.train.batch_size, "rollout")
+      phases = _placed_rollout(run, s, program.inference)
     elif name == "reference_logprobs":
       phases = _reference(s, s.rows(run.config.train.batch_size))
     elif name.startswith("eval_recall_"):
@@ -480,6 +480,23 @@ def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | N
     out.append(Estimate(name, arguments, held,
                         {p: [t for t in terms if t.bytes] for p, terms in phases.items()}))
   return out
+
+
+def _placed_rollout(run, shapes: _Shapes, placed) -> dict[str, list[Term]]:
+  """The RL rollout where `rl.rollout_weights` placed its inference copy (`placed`, the
+  program's `inference`): sharded, the loops gather it layer by layer (within the terms);
+  whole or split over tensor, it is made once before the loops, lives through all of them,
+  and the loops run on its mesh."""
+  rows = run.config.train.batch_size
+  if placed.weights == "sharded":
+    return _rollout(shapes, rows, "rollout")
+  on = _Shapes(run, dict(placed.mesh.shape))
+  copy = Term(f"the rollout's inference copy ({placed.weights})", placed.device_bytes,
+              "the weights in the compute dtype, per layer, "
+              + ("whole" if placed.weights == "replicated"
+                 else f"split over tensor {placed.mesh.shape['tensor']}"))
+  return {phase: [copy] + terms for phase, terms in
+          _rollout(on, rows, "rollout", placed.weights == "replicated").items()}
 
 
 def _on(run, program, shapes: _Shapes) -> _Shapes:

@@ -51,11 +51,12 @@ def on_mesh(params, setup: RecallSetup, mesh, weights: str | None = "auto", log=
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Where the inference copy goes: `weights` ("sharded", "tensor" or "replicated"), the
-  `mesh` the loop runs on (for "tensor", the devices re-formed as data x tensor) and a `line`
-  saying which and why."""
+  `mesh` the loop runs on (for "tensor", the devices re-formed as data x tensor), a `line`
+  saying which and why, and the bytes of the copy a device holds."""
   weights: str
   mesh: object
   line: str
+  device_bytes: int = 0
 
 
 def placement(params, model, mesh, weights: str = "auto", memory: int | None = None
@@ -76,7 +77,7 @@ def placement(params, model, mesh, weights: str = "auto", memory: int | None = N
          f"a device's share up to {sharding.REPLICATE_UP_TO:.0%} of it"
          if weights == "auto" else "as asked")
   return Placement(chosen, runs_on, f"weights {chosen} over {mesh.size} device(s){where}, "
-                   f"{share / 2**30:.2f} GiB per device ({why})")
+                   f"{share / 2**30:.2f} GiB per device ({why})", share)
 
 
 def _within(mesh):

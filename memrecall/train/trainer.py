@@ -392,21 +392,24 @@ class Program:
   held: abstract arrays the process keeps on device while the program runs, besides its
   arguments (RL: the optimizer state during the rollout, the KL reference's copy): device
   memory the program's own plan does not count but the chip must hold too.  mesh: the mesh
-  it runs on where that is not the run's (evaluation's weights split over a tensor axis)."""
+  it runs on where that is not the run's (evaluation's weights split over a tensor axis).
+  inference: where a copy the program makes inside itself goes (RL's rollout)."""
   name: str
   jitted: Any
   args: tuple
   kwargs: dict = dataclasses.field(default_factory=dict)
   held: Any = None
   mesh: Any = None
+  inference: Placement | None = None
 
 
-def stage_programs(run: Run) -> list[Program]:
+def stage_programs(run: Run, device_memory: int | None = None) -> list[Program]:
   """Every jitted program `train` runs for `run`'s stage, with abstract arguments at the
   recipe's shapes on `run.mesh`: the train step (with its microbatches) and, for RL, the
-  rollout and the reference log-prob pass.  The same code as `train`, nothing allocated."""
+  rollout and the reference log-prob pass.  The same code as `train`, nothing allocated.
+  device_memory: a device's bytes where the devices do not say (`_Stage`)."""
   config = run.config
-  stage = _STAGES[config.stage](run)
+  stage = _STAGES[config.stage](run, device_memory)
   optimizer = make_optimizer(config)
   state = abstract_train_state(run, optimizer)
   paths = state_lib.trainable_paths(state.params, config.train.trainable)
@@ -446,8 +449,11 @@ class _Stage(abc.ABC):
   # Where a stage's inference copy goes (RL's rollout: `rl.rollout_weights`); None: no copy.
   rollout_weights: Placement | None = None
 
-  def __init__(self, run: Run):
+  def __init__(self, run: Run, device_memory: int | None = None):
+    """device_memory: a device's bytes, where the devices do not say (deviceless compiles);
+    what a stage's inference copy is placed by (RL's rollout)."""
     self.run = run
+    self.device_memory = device_memory
     self.setup = objectives.TrainSetup.of_run(run)
     self.batch_size = run.config.train.batch_size
 
@@ -592,13 +598,28 @@ class GateStage(_Stage):
     return objectives.gate_loss(params, self.setup, batch, g.threshold, g.positive_weight)
 
 
+def rollout_placement(run: Run, reader=None, device_memory: int | None = None) -> Placement:
+  """Where the RL rollout's inference copy goes on the training mesh's devices
+  (`rl.rollout_weights`): sharded as training shards it, whole on every device, or split over
+  a tensor axis of the same devices re-formed as data x tensor (`evaluator.placement`: the
+  fewest per group whose share fits a third of a device).  reader: the rollout's (None: made
+  from the config); device_memory: a device's bytes (None: as the devices report them)."""
+  rl = run.config.rl
+  reader = reader or run.reader(rl.mode, temperature=rl.temperature)
+  layout, setup = abstract_inference_layout(nn.unbox(model_lib.abstract_params(run.model)),
+                                            reader.setup)
+  chosen = placement(layout, setup.model, run.mesh, rl.get("rollout_weights", "sharded"),
+                     device_memory)
+  return dataclasses.replace(chosen, line=f"rollout {chosen.line}")
+
+
 class RLStage(_Stage):
   """Rollouts with the recall loop (G per question), rewards, advantages, one clipped update."""
 
   reads_initial_params = True  # the KL term's reference
 
-  def __init__(self, run: Run):
-    super().__init__(run)
+  def __init__(self, run: Run, device_memory: int | None = None):
+    super().__init__(run, device_memory)
     rl = run.config.rl
     self.group = rl.group_size
     self.questions = self.batch_size // self.group
@@ -607,7 +628,7 @@ class RLStage(_Stage):
                         f"rl.group_size ({self.group})")
     # The rollout's reader: the agent's (the method in `rl.mode`, or MemAgent's), sampling.
     self.reader = run.reader(rl.mode, temperature=rl.temperature)
-    self.rollout_weights = self._rollout_placement(rl.get("rollout_weights", "sharded"))
+    self.rollout_weights = rollout_placement(run, self.reader, device_memory)
     # Every output is [rows, ...], on the rows of the mesh the loop ran on (left to the
     # compiler, an output of a data x tensor loop may come back split as training splits rows,
     # which has no name on that mesh).
@@ -625,16 +646,6 @@ class RLStage(_Stage):
     # taken from the state each step.
     self.paths = state_lib.trainable_paths(params, r.config.train.trainable)
     self.reference_trainable = reference_leaves(params, self.paths, r.model)
-
-  def _rollout_placement(self, setting: str) -> Placement:
-    """Where the rollout's inference copy goes on the training mesh's devices
-    (`rl.rollout_weights`): sharded as training shards it, whole on every device, or split over
-    a tensor axis of the same devices re-formed as data x tensor (`evaluator.placement`: the
-    fewest per group whose share fits a third of a device)."""
-    layout, setup = abstract_inference_layout(nn.unbox(model_lib.abstract_params(self.run.model)),
-                                              self.reader.setup)
-    chosen = placement(layout, setup.model, self.run.mesh, setting)
-    return dataclasses.replace(chosen, line=f"rollout {chosen.line}")
 
   @staticmethod
   def _inputs(turns) -> tuple:
@@ -679,7 +690,7 @@ class RLStage(_Stage):
     # (`batch`); the policy's trainable leaves stay on device meanwhile.
     policy, frozen = state_lib.split(params, list(reference))
     return [Program("rollout", self._rollout, (params, self._inputs(turns), rng),
-                    held=(state.opt_state, reference)),
+                    held=(state.opt_state, reference), inference=self.rollout_weights),
             Program("reference_logprobs", self._score,
                     (state_lib.merge(reference, frozen), turns), held=(state.opt_state, policy))]
 
