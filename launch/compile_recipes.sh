@@ -11,7 +11,8 @@
 # --weights=auto would on the target (replicated on a v5p chip and an H100; on 16 GiB v5e chips,
 # split over a tensor axis of 4), on one process's devices as launch/eval.py runs them (one
 # host: 4 chips of a v5p-64); the *_sharded_eval records are the same programs with the
-# weights sharded by training's rules, for comparison.
+# weights sharded by training's rules, for comparison, and *_tensor_rollout the RL rollout with
+# rl.rollout_weights=tensor.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -23,7 +24,8 @@ compile() {  # recipe, then compile.py flags (a --topology=CARD:N names the reco
   name=$(echo "$recipe" | sed 's/\.py:/_/; s/,/_/g')
   hosts=$(printf '%s\n' "$@" | sed -n 's/^--topology=\([a-z0-9]*\):\(.*\)$/_\1-\2/p')
   weights=$(printf '%s\n' "$@" | sed -n 's/^--weights=\(sharded\|replicated\|tensor\)$/_\1_eval/p')
-  name=$name$hosts$weights
+  rollout=$(printf '%s\n' "$@" | sed -n 's/^--config\.rl\.rollout_weights=\([a-z]*\)$/_\1_rollout/p')
+  name=$name$hosts$weights$rollout
   echo "[compile_recipes] $recipe" >&2
   "$PYTHON" launch/compile.py --config="configs/$recipe" --output_json="$out/$name.json" "$@" \
     || status=$?
@@ -37,7 +39,9 @@ compile lychee.py:gate,7b,v5p-64 --eval_modes= "$@"
 compile memagent.py:sft,7b,v5p-64 "$@"
 compile memagent.py:rl,7b,v5p-64 "$@"
 compile lychee.py:rl,7b,v5p-64 --weights=sharded --programs=eval_recall_gate,answer_stream "$@"
-compile lychee.py:compressor,7b,v5p-64 --weights=sharded --programs=eval_recall_gate "$@"
+compile lychee.py:compressor,7b,v5p-64 --weights=sharded --programs=eval_recall_gate,answer_stream "$@"
+# The RL rollout with its inference copy split over a tensor axis of training's devices.
+compile lychee.py:rl,7b,v5p-64 --config.rl.rollout_weights=tensor --programs=rollout "$@"
 # Evaluation alone on one v5e host of 4 chips (7B training does not fit 16 GiB chips; libtpu
 # 0.0.50.1 stops on an internal error compiling it with --weights=sharded there).
 compile lychee.py:rl,7b,auto --topology=v5e:2x2 --programs=eval_recall_gate,answer_stream "$@"
