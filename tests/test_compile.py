@@ -198,6 +198,26 @@ def test_tiny_recipe_compiles_for_v5e_with_the_compilers_memory_plan(tmp_path):
   assert "v5e:2x2" in proc.stdout and "libtpu" in proc.stdout
 
 
+@needs_libtpu
+def test_a_tensor_rollout_is_placed_with_the_targets_memory_and_recorded(tmp_path):
+  """rl.rollout_weights=tensor with 4 KV heads on a v5e:2x2 (fsdp 4).  Deviceless chips report
+  no memory; compile.py decides with the target's 16 GiB, as a run on the chips would: the
+  tiny copy fits groups of 2 (memory unknown would take all 4 that split the heads).  The
+  line and the record say so, and no loop gathers weights."""
+  out = tmp_path / "rollout.json"
+  proc = _compile("--config=configs/tiny.py:rl", "--topology=v5e:2x2", "--programs=rollout",
+                  "--config.rl.rollout_weights=tensor", "--config.model.num_heads=4",
+                  "--config.model.num_kv_heads=4", "--config.model.head_dim=16",
+                  f"--output_json={out}")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "rollout weights tensor over 4 device(s) as data 2 x tensor 2" in proc.stdout
+  report = json.load(open(out))
+  assert report["rollout_weights"] == "tensor"
+  assert report["rollout_mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  (row,) = report["rows"]
+  assert row["loop_gather_gib"] * 2**30 < 1024 < row["loop_reduce_gib"] * 2**30, row
+
+
 def _param_bytes() -> int:
   from configs import tiny
   from memrecall.models.config import ModelConfig
