@@ -450,10 +450,10 @@ class _Stage(abc.ABC):
   rollout_weights: Placement | None = None
 
   def __init__(self, run: Run, device_memory: int | None = None):
-    """device_memory: a device's bytes, where the devices do not say (deviceless compiles);
-    what a stage's inference copy is placed by (RL's rollout)."""
+    """device_memory: a device's bytes, where the devices do not say (deviceless compiles):
+    what RL's rollout places its inference copy by; the other stages make none."""
+    del device_memory
     self.run = run
-    self.device_memory = device_memory
     self.setup = objectives.TrainSetup.of_run(run)
     self.batch_size = run.config.train.batch_size
 
@@ -619,7 +619,7 @@ class RLStage(_Stage):
   reads_initial_params = True  # the KL term's reference
 
   def __init__(self, run: Run, device_memory: int | None = None):
-    super().__init__(run, device_memory)
+    super().__init__(run)
     rl = run.config.rl
     self.group = rl.group_size
     self.questions = self.batch_size // self.group
