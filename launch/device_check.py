@@ -128,12 +128,32 @@ def _parse_info(out):
   return {**info, "card": card or info["device_kind"]}
 
 
+# One line per test as it ends (the tests step runs pytest verbose): under xdist
+# "[gw3] [ 42%] PASSED tests/x.py::name", else "tests/x.py::name PASSED [ 42%]".
+_TEST_LINE = re.compile(r"^(?:\[gw\d+\] \[\s*\d+%\] (?P<a>[A-Z]+) (?P<name_a>\S+)"
+                        r"|(?P<name_b>\S+::\S+) (?P<b>[A-Z]+)\b)", re.M)
+
+
 def _parse_tests(out):
-  summary = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed)", line)][-1]
-  counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)",
-                                              summary)}
-  backend = [line for line in out.splitlines() if line.startswith("memrecall tests ran on")]
-  return {**counts, "backend": backend[-1] if backend else "?"}
+  """Counts from pytest's summary; a step cut at its bound has none, and counts the tests that
+  ended before it (`cut`).  Failed tests are named either way."""
+  ended = [(m["a"] or m["b"], m["name_a"] or m["name_b"]) for m in _TEST_LINE.finditer(out)]
+  summary = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed)", line)]
+  if summary:
+    counts = {k: int(n) for n, k in re.findall(
+        r"(\d+) (passed|failed|skipped|deselected|errors?)", summary[-1])}
+  else:
+    counts = {word: sum(status == word.upper() for status, _ in ended)
+              for word in ("passed", "failed", "skipped", "error")}
+    counts = {k: v for k, v in counts.items() if v}
+    if not ended:
+      raise ValueError("no test ended")
+    counts["cut"] = "before pytest's summary: the tests that ended"
+  failed = [name for status, name in ended if status in ("FAILED", "ERROR")]
+  backend = [line for line in out.splitlines()
+             if line.startswith(("memrecall tests ran on", "memrecall tests on"))]
+  return {**counts, **({"failed_tests": failed} if failed else {}),
+          "backend": backend[-1] if backend else "?"}
 
 
 def _bench_parse(path):
@@ -159,8 +179,11 @@ def _key_numbers(result):
   if step == "wheels":
     return n.get("note", "")
   if step == "tests":
-    counts = ", ".join(f"{v} {k}" for k, v in n.items() if k != "backend")
-    return f"{counts}; {n['backend'].removeprefix('memrecall tests ran on ')}"
+    counts = ", ".join(f"{v} {k}" for k, v in n.items()
+                       if k not in ("backend", "failed_tests", "cut"))
+    backend = re.sub(r"^memrecall tests (ran )?on ", "", n["backend"])
+    return (f"{counts}" + (f" ({n['cut']})" if "cut" in n else "") + f"; {backend}"
+            + (f"; failed: {', '.join(n['failed_tests'])}" if "failed_tests" in n else ""))
   machine = n["machine"]
   ceilings = (f"ceilings {_si(machine['ceilings']['matmul_flops'], 'FLOP/s')}, "
               f"{_si(machine['ceilings']['read_bytes'], 'B/s')}")
@@ -218,7 +241,9 @@ def _steps(smoke, python, work):
                                  "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade",
                                  "--target", SITE, *wheels],
                       parse=lambda out: {"note": f"{len(wheels)} wheels into {SITE}"}))
-  steps.append(Step("tests", ["bash", "tests/run.sh", "--accelerator-only",
+  # Verbose (run.sh's -q, then -vv): each test's line as it ends, so a step cut at its bound
+  # still says what passed and names what failed.
+  steps.append(Step("tests", ["bash", "tests/run.sh", "--accelerator-only", "-vv",
                               *(SMOKE_TESTS if smoke else [])],
                     {"MEMRECALL_VENV": "none", "MEMRECALL_PYTHON": python,
                      "MEMRECALL_TEST_WORKERS": "2" if smoke else "8",

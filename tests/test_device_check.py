@@ -52,6 +52,37 @@ def test_smoke_runs_every_step_and_reports_a_table_and_json(tmp_path):
   assert os.path.getsize(tmp_path / "device_check.log") > 0
 
 
+def test_a_tests_step_cut_at_its_bound_still_counts_and_names_what_ended():
+  """The first GPU run's tests were cut at their bound with nothing to show: the step runs
+  pytest verbose, and the counts come from the lines of the tests that ended."""
+  from launch import device_check
+  cut = ("memrecall tests on jax 0.11.2, backend gpu: 1 x NVIDIA H100 80GB HBM3\n"
+         "tests/test_model.py::test_a \n"
+         "[gw0] [  1%] PASSED tests/test_model.py::test_a \n"
+         "[gw1] [  2%] FAILED tests/test_attention.py::test_b[float32] \n"
+         "[gw0] [  3%] SKIPPED tests/test_model.py::test_c \n"
+         "[gw1] [  4%] PASSED tests/test_attention.py::test_d \n")
+  numbers = device_check._parse_tests(cut)
+  assert numbers == {"passed": 2, "failed": 1, "skipped": 1,
+                     "cut": "before pytest's summary: the tests that ended",
+                     "failed_tests": ["tests/test_attention.py::test_b[float32]"],
+                     "backend": "memrecall tests on jax 0.11.2, backend gpu: 1 x NVIDIA H100 80GB HBM3"}
+  line = device_check._key_numbers({"step": "tests", "numbers": numbers})
+  assert line == ("2 passed, 1 failed, 1 skipped (before pytest's summary: the tests that "
+                  "ended); jax 0.11.2, backend gpu: 1 x NVIDIA H100 80GB HBM3; failed: "
+                  "tests/test_attention.py::test_b[float32]")
+  # Finished: pytest's own counts, and the same names.
+  done = cut + ("FAILED tests/test_attention.py::test_b[float32] - AssertionError\n"
+                "=== 1 failed, 130 passed, 2 skipped in 98.1s ===\n"
+                "memrecall tests ran on jax 0.11.2, backend gpu: 1 x NVIDIA H100 80GB HBM3\n")
+  numbers = device_check._parse_tests(done)
+  assert (numbers["failed"], numbers["passed"], numbers["skipped"]) == (1, 130, 2)
+  assert "cut" not in numbers and numbers["failed_tests"] == [
+      "tests/test_attention.py::test_b[float32]"]
+  with pytest.raises(ValueError, match="no test ended"):
+    device_check._parse_tests("memrecall tests on jax\ncollecting ...\n")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--steps=info,tets"], "--steps: unknown ['tets']; choose from info, wheels, tests"),
     (["--bound_scale=0"], "--bound_scale=0.0: the bounds' multiplier must be > 0"),
