@@ -230,8 +230,11 @@ def _steps(smoke, python, work):
   # The bench rows share compiled programs (the model's init, the ceilings' matmuls,
   # compression at 32K) through a persistent cache: the smoke's is new each run, and the smoke
   # stays on the CPU wherever it runs.
+  # MEMRECALL_VERBOSE: library logs in the log, among them each program's compile seconds, so
+  # a row cut at its bound says whether it was still compiling.
   bench_env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(work, "jax_cache") if smoke else
-               os.environ.get("JAX_COMPILATION_CACHE_DIR", "/tmp/memrecall_jax_cache")}
+               os.environ.get("JAX_COMPILATION_CACHE_DIR", "/tmp/memrecall_jax_cache"),
+               "MEMRECALL_VERBOSE": "1"}
   if smoke:
     bench_env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   steps = [Step("info", [python, "-c", INFO], bench_env if smoke else {}, _parse_info)]

@@ -12,6 +12,7 @@ import inspect
 import time
 from typing import Callable
 
+from absl import logging
 import jax
 
 
@@ -20,7 +21,12 @@ def compile_ahead(jitted, *args) -> tuple[object, Callable[[], object]]:
   running it.  Every argument is bound by name: the compiled program takes only the non-static
   ones, and its `args_info` says which those are."""
   bound = inspect.signature(jitted).bind(*args).arguments
+  began = time.perf_counter()
   compiled = jitted.lower(**bound).compile()
+  # At 7B a compile takes minutes: a run cut at a time bound (the device check's) shows in its
+  # log (--verbose) whether it was still compiling.
+  logging.info("compiled %s in %.1f s", getattr(jitted, "__name__", "a program"),
+               time.perf_counter() - began)
   dynamic = {name: bound[name] for name in compiled.args_info[1]}
   return compiled, lambda: compiled(**dynamic)
 
