@@ -63,6 +63,18 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   strip = lambda rs: json.dumps([{k: v for k, v in r.items() if k not in timing} for r in rs])
   assert strip(written) == strip(rows)
 
+  # An RL step with the rollout's weights split over tensor: the two processes sample what
+  # one process samples (the rollouts' lengths and entropy, logged by process 0).
+  rl = small_config("rl", steps=1, batch_size=8)
+  rl.mesh.data, rl.mesh.fsdp = 2, 4
+  rl.rl.rollout_weights = "tensor"
+  trainer.train(rl, str(tmp_path / "single_rl"), log=lambda *a: None)
+  metrics = lambda d: json.loads(open(tmp_path / d / "logs" / "rl" / "metrics.jsonl").readline())
+  two, one = metrics("multi_rl"), metrics("single_rl")
+  assert two.keys() == one.keys() and one["response_length"] > 0
+  for key in one:
+    np.testing.assert_allclose(two[key], one[key], atol=1e-5, err_msg=key)
+
   # Preempted after step 1 of the same 3 (one two-process step takes seconds: the signal lands
   # first), resumed: bit for bit the uninterrupted two-process run.
   preempt_and_resume(tmp_path / "preempted", 3, processes=2, port=_free_port, at=1)

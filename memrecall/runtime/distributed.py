@@ -72,6 +72,16 @@ def global_batch(local, shardings):
   return jax.tree.map(one, local, shardings)
 
 
+def all_rows(local: np.ndarray) -> np.ndarray:
+  """Every process's rows of a host array (this process's: `local`), in process order: what
+  one process would hold for the whole batch (for metrics of rows only their own process can
+  compute, such as rewards)."""
+  if jax.process_count() == 1:
+    return np.asarray(local)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+
+
 def to_host(tree):
   """Every leaf as a full numpy array on every process (allgathers sharded global arrays)."""
   if jax.process_count() == 1:

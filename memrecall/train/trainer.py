@@ -714,8 +714,8 @@ class RLStage(_Stage):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 1)
     local = distributed.local_rows(self.batch_size)
     shared = to_global(turns, r.mesh)
-    out = distributed.to_host(self.rollout(state.params, shared, rng))
-    out = jax.tree.map(lambda x: x[local], out)
+    everyone = distributed.to_host(self.rollout(state.params, shared, rng))  # all rows
+    out = jax.tree.map(lambda x: x[local], everyone)
     trace, answer = out.trace, out.answer
     m = r.reasoner.memory_size
     steps = np.arange(m)[None, None, :]
@@ -747,10 +747,14 @@ class RLStage(_Stage):
         turns=turns, old_logprobs=np.asarray(trace.update_logprobs),
         old_answer_logprobs=np.asarray(answer.logprobs), ref_logprobs=np.asarray(ref_lp),
         ref_answer_logprobs=np.asarray(ref_answer_lp), advantages=advantages)
-    read = trace.update_lengths > 0
+    # The logged means are over the whole batch: every process's rewards (each scores its own
+    # rows) and every row's lengths.
+    rewards = distributed.all_rows(rewards)
+    lengths = everyone.trace.update_lengths
+    read = lengths > 0
     extra = {"reward": float(rewards.mean()), "accuracy": float(rewards.mean()),
-             "response_length": float(trace.update_lengths[read].mean()) if read.any() else 0.0,
-             "answer_length": float(answer.lengths.mean())}
+             "response_length": float(lengths[read].mean()) if read.any() else 0.0,
+             "answer_length": float(everyone.answer.lengths.mean())}
     return batch, extra
 
   def loss(self, params, batch, rng):
