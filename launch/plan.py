@@ -167,11 +167,18 @@ def _gib(x: float) -> str:
   return f"{x:.2f}" if x >= 1 else f"{x:.4f}"
 
 
+def _rollout_placement(programs, name: str) -> dict:
+  """The rollout's inference placement, for its row: where its estimate put the copy."""
+  placed = next((p.inference for p in programs if p.name == name and p.inference), None)
+  return {} if placed is None else {"rollout_weights": placed.weights,
+                                    "rollout_mesh": dict(placed.mesh.shape)}
+
+
 def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, compile_for,
                  eval_batch: int, out: list) -> list[str]:
   """The table's lines for one recipe; its rows appended to `out`."""
   import math
-  from memrecall.capacity import aot, memory_plan, targets
+  from memrecall.capacity import aot, gpu_hosts, memory_plan, targets
   from memrecall.evaluate import evaluator
   from memrecall.runtime import sharding as sharding_lib
   from memrecall.models.config import ConfigError
@@ -196,6 +203,10 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     # A record's placement (records before it was recorded: sharded), else compile.py's auto.
     known_gib = _DEVICE_GIB.value or getattr(tpu, "hbm_gib_per_chip", None) or 0
     memory = deviceless.pool_bytes if deviceless else int(known_gib * GiB)
+    if record is not None and record.get("hbm_gib_per_device"):
+      # What compile.py decided placements by (the rollout's): the runtime's pool of a device.
+      pool = (targets.GPU_POOL_FRACTION if gpu_hosts.looks_like_gpu(record["topology"]) else 1)
+      memory = int(record["hbm_gib_per_device"] * GiB * pool)
     eval_mesh = (record or {}).get("eval_mesh")
     if eval_mesh:  # the mesh it was compiled on: one process's devices (for tensor, re-formed)
       placement = evaluator.Placement(record["eval_weights"], sharding_lib.make_mesh(
@@ -245,7 +256,7 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     out.append({"config": spec, "overrides": overrides, "mesh": dict(run.mesh.shape),
                 "program": e.program, "estimate": e.to_json(), "eval_weights": weights,
                 "eval_mesh": dict(placement.mesh.shape),
-                "eval_batch": eval_batch,
+                "eval_batch": eval_batch, **_rollout_placement(programs, e.program),
                 "compiler": row, "allocated_gib": allocated,
                 "ratio": est / allocated if allocated else None,
                 "topology": (record or {}).get("topology") or (tpu.topology if tpu else None)})
