@@ -42,6 +42,7 @@ compile lychee.py:rl,7b,v5p-64 --weights=sharded --programs=eval_recall_gate,ans
 compile lychee.py:compressor,7b,v5p-64 --weights=sharded --programs=eval_recall_gate,answer_stream "$@"
 # The RL rollout with its inference copy split over a tensor axis of training's devices.
 compile lychee.py:rl,7b,v5p-64 --config.rl.rollout_weights=tensor --programs=rollout "$@"
+compile memagent.py:rl,7b,v5p-64 --config.rl.rollout_weights=tensor --programs=rollout "$@"
 # Evaluation alone on one v5e host of 4 chips (7B training does not fit 16 GiB chips; libtpu
 # 0.0.50.1 stops on an internal error compiling it with --weights=sharded there).
 compile lychee.py:rl,7b,auto --topology=v5e:2x2 --programs=eval_recall_gate,answer_stream "$@"
@@ -57,6 +58,10 @@ then
     --programs=eval_recall_gate,answer_stream "$@"
   compile lychee.py:compressor,7b,gpu8 --topology=h100:8 --weights=sharded \
     --programs=eval_recall_gate "$@"
+  compile lychee.py:rl,7b,gpu8 --topology=h100:8 --config.rl.rollout_weights=tensor \
+    --programs=rollout "$@"
+  compile memagent.py:rl,7b,gpu8 --topology=h100:8 --config.rl.rollout_weights=tensor \
+    --programs=rollout "$@"
 else
   echo "[compile_recipes] no CUDA plugin (pip install -e .[gpu-aot]): GPU recipes not compiled" >&2
 fi
