@@ -278,13 +278,20 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
           lines.append(f"    {mark}{phase:<15} {t.bytes / GiB:7.3f}  {t.name}: {t.formula}")
   from memrecall.capacity import gpu_hosts
   topology = (record or {}).get("topology") or getattr(compile_for, "topology", "")
+  placed = {p.name: p.inference.weights for p in programs if p.inference is not None}
   sharded_loops = [name for name in rows if name != "train_step"
-                   and not (aot.is_eval(name) and weights == "replicated")]
-  if sharded_loops and gpu_hosts.looks_like_gpu(topology):
+                   and not (aot.is_eval(name) and weights == "replicated")
+                   and placed.get(name, "sharded") == "sharded"]
+  on_gpus = gpu_hosts.looks_like_gpu(topology)
+  if sharded_loops and on_gpus:
     lines.append(f"  ({', '.join(sharded_loops)}: with sharded weights the estimate follows the "
                  "TPU compiler, which gathers a layer's weights inside the loops; XLA's GPU "
                  "compiler also gathers the whole model before them: "
                  "docs/2026-12-06-gpu-deviceless-compile.md)")
+  if on_gpus and not run.reader().compressed and placed.get("rollout", "sharded") != "sharded":
+    lines.append("  (rollout: XLA's GPU compiler plans MemAgent's raw-section loops at about "
+                 "twice the estimate, whatever the weights' placement: "
+                 "docs/2026-12-06-tensor-rollout.md)")
   return lines
 
 
