@@ -276,7 +276,6 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
         for t in terms:
           mark = "*" if phase == e.phase else " "
           lines.append(f"    {mark}{phase:<15} {t.bytes / GiB:7.3f}  {t.name}: {t.formula}")
-  from memrecall.capacity import gpu_hosts
   topology = (record or {}).get("topology") or getattr(compile_for, "topology", "")
   placed = {p.name: p.inference.weights for p in programs if p.inference is not None}
   sharded_loops = [name for name in rows if name != "train_step"
