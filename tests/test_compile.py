@@ -303,6 +303,12 @@ def test_a_program_over_90_percent_of_hbm_says_by_how_much_and_what_to_change():
   assert over.startswith(f"does not fit by {90 - 0.9 * 95:.2f} GiB") and "microbatches" in over
   assert "fsdp" in aot._advice("rollout", 20.0, 16.0, temp=2.0, argument=18.0)
   assert aot._advice("train_step", 14.0, 16.0, temp=10.0, argument=4.0) == ""
+  # A rollout split over tensor holds more rows a device than sharded: say so.
+  from memrecall.evaluate import evaluator
+  split = evaluator.Placement("tensor", type("Mesh", (), {"shape": {"tensor": 2}})(), "")
+  advice = aot._advice("rollout", 83.5, 79.1, temp=71.0, argument=12.4, inference=split)
+  assert advice.endswith("or rl.rollout_weights=sharded (on data x tensor 2 the rows split "
+                         "over data alone)"), advice
   row = aot.Row("rollout", 18.0, 2.0, 0.0, 0.0, 20.0, 16.0, 1.0, "does not fit by 5.60 GiB")
   assert not row.fits and row.to_json()["share_of_hbm"] == pytest.approx(1.25)
   assert aot.format_row(row).endswith("does not fit by 5.60 GiB")

@@ -181,7 +181,10 @@ class Row:
     return {**dataclasses.asdict(self), "share_of_hbm": self.share, "fits": self.fits}
 
 
-def _advice(program: str, total: float, hbm: float, temp: float, argument: float) -> str:
+def _advice(program: str, total: float, hbm: float, temp: float, argument: float,
+            inference=None) -> str:
+  """What to change where a program does not fit; inference: its copy's placement (RL's
+  rollout: `Program.inference`)."""
   over = total - FIT_FRACTION * hbm
   if over <= 0:
     return ""
@@ -189,6 +192,9 @@ def _advice(program: str, total: float, hbm: float, temp: float, argument: float
     fix = ("more microbatches (train.microbatches), a stronger remat policy (model.remat) or "
            "more fsdp/tensor devices") if program == "train_step" else (
                "fewer rows per batch or a smaller memory / answer budget")
+    if inference is not None and inference.weights == "tensor":
+      fix += (f", or rl.rollout_weights=sharded (on data x tensor "
+              f"{inference.mesh.shape['tensor']} the rows split over data alone)")
   else:
     fix = "more fsdp or tensor devices (parameters and optimizer state shard over them)"
   return f"does not fit by {over:.2f} GiB (over {FIT_FRACTION:.0%} of {hbm:.0f} GiB): {fix}"
@@ -245,7 +251,7 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
     argument, held = device_bytes((program.args, program.kwargs)) / GiB, device_bytes(
         program.held) / GiB
     total, hbm = argument + temp + held, hbm_bytes / GiB
-    advice = _advice(program.name, total, hbm, temp, argument + held) or (
+    advice = _advice(program.name, total, hbm, temp, argument + held, program.inference) or (
         f"does not fit: the compiler ran out of HBM ({temp:.2f} GiB of temporaries)")
     return Row(program.name, argument, temp, 0.0, 0.0, total, hbm,
                time.perf_counter() - start, advice, held, compiled=False)
@@ -265,7 +271,7 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
   # Donated arguments alias outputs: those bytes are counted once.
   total = argument + temp + output - alias + held
   hbm = hbm_bytes / GiB
-  advice = _advice(program.name, total, hbm, temp, argument + held)
+  advice = _advice(program.name, total, hbm, temp, argument + held, program.inference)
   if not advice and pool_fraction and total > pool_fraction * hbm:
     advice = (f"above JAX's default pool ({pool_fraction:.0%} of {hbm:.0f} GiB): run with "
               f"XLA_PYTHON_CLIENT_MEM_FRACTION={min(total / hbm + 0.05, FIT_FRACTION):.2f}")
