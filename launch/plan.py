@@ -179,7 +179,7 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
   """The table's lines for one recipe; its rows appended to `out`."""
   import math
   from memrecall.capacity import aot, gpu_hosts, memory_plan, targets
-  from memrecall.evaluate import evaluator
+  from memrecall.models.placement import Placement
   from memrecall.runtime import sharding as sharding_lib
   from memrecall.models.config import ConfigError
   from memrecall.run_builder import build_run
@@ -209,7 +209,7 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
       memory = int(record["hbm_gib_per_device"] * GiB * pool)
     eval_mesh = (record or {}).get("eval_mesh")
     if eval_mesh:  # the mesh it was compiled on: one process's devices (for tensor, re-formed)
-      placement = evaluator.Placement(record["eval_weights"], sharding_lib.make_mesh(
+      placement = Placement(record["eval_weights"], sharding_lib.make_mesh(
           eval_mesh, list(run.mesh.devices.flat)[:math.prod(eval_mesh.values())]), "recorded")
     else:
       placement = aot.eval_weights(

@@ -304,8 +304,8 @@ def test_a_program_over_90_percent_of_hbm_says_by_how_much_and_what_to_change():
   assert "fsdp" in aot._advice("rollout", 20.0, 16.0, temp=2.0, argument=18.0)
   assert aot._advice("train_step", 14.0, 16.0, temp=10.0, argument=4.0) == ""
   # A rollout split over tensor holds more rows a device than sharded: say so.
-  from memrecall.evaluate import evaluator
-  split = evaluator.Placement("tensor", type("Mesh", (), {"shape": {"tensor": 2}})(), "")
+  from memrecall.models.placement import Placement
+  split = Placement("tensor", type("Mesh", (), {"shape": {"tensor": 2}})(), "")
   advice = aot._advice("rollout", 83.5, 79.1, temp=71.0, argument=12.4, inference=split)
   assert advice.endswith("or rl.rollout_weights=sharded (on data x tensor 2 the rows split "
                          "over data alone)"), advice

@@ -116,9 +116,11 @@ def test_evaluation_shards_the_weights_as_training_does():
 def test_replicated_and_tensor_weights_answer_as_the_sharded_ones(monkeypatch):
   """--weights=replicated puts a whole copy on every device of an fsdp x tensor mesh, and
   --weights=tensor splits it over a tensor axis of two (the mesh re-formed as data 2 x tensor
-  2: the most devices up to fsdp x tensor that split the tiny model's 2 KV heads); both answer every question as the sharded weights do.  auto replicates where a
-  device reports memory for three copies, splits over a tensor axis where a third holds a
-  share, and keeps them sharded where the device reports no memory (CPUs)."""
+  2: the most devices up to fsdp x tensor that split the tiny model's 2 KV heads); both
+  answer every question as the sharded weights do.  auto replicates where a device reports
+  memory for three copies, splits over a tensor axis where a third holds a share, and keeps
+  them sharded where the device reports no memory (CPUs)."""
+  from memrecall.models import placement
   from memrecall.runtime import sharding
   config = small_config("sft")
   config.task.length = 32
@@ -145,15 +147,15 @@ def test_replicated_and_tensor_weights_answer_as_the_sharded_ones(monkeypatch):
   assert answers["sharded"] == answers["replicated"] == answers["tensor"]
   copy = sum(x.nbytes for x in jax.tree.leaves(placed))
   model_config = layer_setup.model  # the per-layer layout's
-  assert evaluator.placement(placed, model_config, run.mesh).weights == "sharded"  # no memory
+  assert placement.placement(placed, model_config, run.mesh).weights == "sharded"  # no memory
   monkeypatch.setattr(sharding, "device_memory", lambda device: 3 * copy)
-  chosen = evaluator.placement(placed, model_config, run.mesh)
+  chosen = placement.placement(placed, model_config, run.mesh)
   assert chosen.weights == "replicated"
   assert chosen.line.startswith("weights replicated over 4 device(s), "), chosen.line
   auto, _, _ = evaluator.on_mesh(params, setup, run.mesh)
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(auto))
   monkeypatch.setattr(sharding, "device_memory", lambda device: 3 * copy - 1)
-  chosen = evaluator.placement(placed, model_config, run.mesh)
+  chosen = placement.placement(placed, model_config, run.mesh)
   assert chosen.weights == "tensor" and chosen.line.startswith(
       "weights tensor over 4 device(s) as data 2 x tensor 2, "), chosen.line
 

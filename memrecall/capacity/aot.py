@@ -24,8 +24,8 @@ import numpy as np
 from memrecall import readers
 from memrecall.capacity import hlo_report
 from memrecall.capacity.tpu_slices import GiB
-from memrecall.evaluate import evaluator
 from memrecall.method.recall import abstract_inference_layout
+from memrecall.models import placement as placement_lib
 from memrecall.models.qwen2 import abstract_params
 from memrecall.run_builder import Run
 from memrecall.runtime import sharding as sharding_lib
@@ -35,7 +35,7 @@ from memrecall.train.trainer import Program
 FIT_FRACTION = 0.9  # above this share of HBM a program is reported as not fitting
 
 
-def _inference_params(run: Run, params, setup, placement: evaluator.Placement | None = None):
+def _inference_params(run: Run, params, setup, placement: placement_lib.Placement | None = None):
   """Abstract `params` in the inference layout (`recall.inference_layout`, as evaluation and
   answering run the loop), placed as `placement` says (`evaluator.on_mesh`; None: sharded by
   the rules on the run's mesh), and the setup that goes with them."""
@@ -72,17 +72,17 @@ def host_mesh(run: Run):
     return sharding_lib.make_mesh({"fsdp": -1}, own)
 
 
-def eval_weights(run: Run, setting: str, memory_bytes: int | None) -> evaluator.Placement:
-  """Evaluation's weight placement (`evaluator.placement`) for `run`'s inference copy on one
+def eval_weights(run: Run, setting: str, memory_bytes: int | None) -> placement_lib.Placement:
+  """Evaluation's weight placement (`placement_lib.placement`) for `run`'s inference copy on one
   process's devices (`host_mesh`), whose allocators hold `memory_bytes` each: what
   launch/eval.py --weights=`setting` picks on them, with the mesh its loop runs on."""
   setup = run.recall_setup("gate")
   layout, setup = _inference_params(run, nn.unbox(abstract_params(run.model)), setup)
-  return evaluator.placement(layout, setup.model, host_mesh(run), setting, memory_bytes)
+  return placement_lib.placement(layout, setup.model, host_mesh(run), setting, memory_bytes)
 
 
 def eval_programs(run: Run, params, *, batch: int, tokens: int, mode: str = "gate",
-                  placement: evaluator.Placement | None = None) -> list[Program]:
+                  placement: placement_lib.Placement | None = None) -> list[Program]:
   """Evaluation's program for the method's reader `mode` (`evaluator.evaluate_mode`: each
   question's document compressed into a device bank, then read) for `batch` questions of
   `tokens` tokens, rows spread over the mesh's batch axes.  mode `stream`: launch/answer.py
@@ -123,7 +123,7 @@ def is_eval(program: str) -> bool:
 
 def recipe_programs(run: Run, *, eval_batch: int, eval_tokens: int,
                     eval_modes: Sequence[str] = ("gate",),
-                    eval_placement: evaluator.Placement | None = None,
+                    eval_placement: placement_lib.Placement | None = None,
                     device_memory: int | None = None) -> list[Program]:
   """The stage's training programs, then evaluation's recall loop for each mode (a raw reader,
   MemAgent's, has no compressor to build a bank with: its rollout is its loop), its weights

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from memrecall.evaluate.evaluator import Placement, placement
 from memrecall.method.recall import abstract_inference_layout, inference_layout
 from memrecall.models import qwen2 as model_lib
+from memrecall.models.placement import Placement, placement
 from memrecall.models.config import ConfigError
 from memrecall.run_builder import TRAINING_STAGES, Run, build_run
 from memrecall.runtime import checkpoint, distributed, fingerprint, sharding as sharding_lib
@@ -601,7 +601,7 @@ class GateStage(_Stage):
 def rollout_placement(run: Run, reader=None, device_memory: int | None = None) -> Placement:
   """Where the RL rollout's inference copy goes on the training mesh's devices
   (`rl.rollout_weights`): sharded as training shards it, whole on every device, or split over
-  a tensor axis of the same devices re-formed as data x tensor (`evaluator.placement`: the
+  a tensor axis of the same devices re-formed as data x tensor (`placement.placement`: the
   fewest per group whose share fits a third of a device).  reader: the rollout's (None: made
   from the config); device_memory: a device's bytes (None: as the devices report them)."""
   rl = run.config.rl
