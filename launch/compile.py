@@ -192,9 +192,7 @@ def main(argv):
               "compiler": deviceless.compiler, "eval_modes": modes, "eval_batch": _EVAL_BATCH.value,
               "eval_tokens": tokens, "eval_weights": placement.weights,
               "eval_mesh": dict(placement.mesh.shape), "programs": _ONLY.value,
-              **{f"rollout_{k}": v for p in programs if p.name == "rollout"
-                 for k, v in (("weights", p.inference.weights),
-                              ("mesh", dict(p.inference.mesh.shape)))},
+              **aot.rollout_fields(programs),
               "rows": [r.to_json() for r in rows]}
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(report, f, indent=1)

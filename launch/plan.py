@@ -167,13 +167,6 @@ def _gib(x: float) -> str:
   return f"{x:.2f}" if x >= 1 else f"{x:.4f}"
 
 
-def _rollout_placement(programs, name: str) -> dict:
-  """The rollout's inference placement, for its row: where its estimate put the copy."""
-  placed = next((p.inference for p in programs if p.name == name and p.inference), None)
-  return {} if placed is None else {"rollout_weights": placed.weights,
-                                    "rollout_mesh": dict(placed.mesh.shape)}
-
-
 def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, compile_for,
                  eval_batch: int, out: list) -> list[str]:
   """The table's lines for one recipe; its rows appended to `out`."""
@@ -256,7 +249,7 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     out.append({"config": spec, "overrides": overrides, "mesh": dict(run.mesh.shape),
                 "program": e.program, "estimate": e.to_json(), "eval_weights": weights,
                 "eval_mesh": dict(placement.mesh.shape),
-                "eval_batch": eval_batch, **_rollout_placement(programs, e.program),
+                "eval_batch": eval_batch, **(aot.rollout_fields(programs) if e.program == "rollout" else {}),
                 "compiler": row, "allocated_gib": allocated,
                 "ratio": est / allocated if allocated else None,
                 "topology": (record or {}).get("topology") or (tpu.topology if tpu else None)})

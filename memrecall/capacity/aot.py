@@ -116,6 +116,14 @@ def _stream_program(run: Run, params, tokens: int, placement, mesh) -> Program:
   return Program("answer_stream", *reader.call(layout, inputs, _key(mesh)), mesh=mesh)
 
 
+def rollout_fields(programs: Sequence[Program]) -> dict:
+  """Where the RL rollout among `programs` placed its inference copy, as records and
+  launch/plan.py's rows carry it ({} without a rollout)."""
+  placed = next((p.inference for p in programs if p.name == "rollout" and p.inference), None)
+  return {} if placed is None else {"rollout_weights": placed.weights,
+                                    "rollout_mesh": dict(placed.mesh.shape)}
+
+
 def is_eval(program: str) -> bool:
   """Whether `program` is one of evaluation's (`eval_programs`), not training's."""
   return program.startswith("eval_recall_") or program == "answer_stream"
