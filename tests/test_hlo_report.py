@@ -230,3 +230,36 @@ def test_replicated_or_tensor_rollout_weights_are_moved_once_not_gathered_at_eve
   # gathers.
   assert gathered["tensor"] * 2**30 < layer_bytes / 10, (gathered, layer_bytes)
   assert 0 < reduced["tensor"] < gathered["sharded"], (reduced, gathered)
+
+
+@needs_libtpu
+def test_the_mlp_in_chunks_gathers_its_weights_once_per_layer_not_per_chunk(tmp_path):
+  """The tiny RL rollout on an fsdp mesh with `model.mlp_chunk_tokens=8` (its prefills' MLP in
+  chunks): the chunk loops gather nothing per iteration (their weights are gathered before
+  them; seen failing without that: each chunk gathered its layer's 48 KiB), and every other
+  loop, and the program outside its loops, gathers what it gathers in one piece (seen failing
+  without the barrier: the decode loops read a copy gathered for the prefill, per block)."""
+  from configs import tiny
+  from memrecall.capacity import aot, tpu_slices
+  from memrecall.run_builder import build_run
+  from memrecall.train import trainer
+  devices = tpu_slices.deviceless_devices(tpu_slices.parse_slice("v5e:2x2"))
+  reports = {}
+  for chunk_tokens in (0, 8):
+    config = tiny.get_config("rl")
+    config.mesh.update({"data": 1, "fsdp": 4, "tensor": 1})
+    config.model.mlp_chunk_tokens = chunk_tokens
+    run = build_run(config, devices)
+    (rollout,) = [p for p in trainer.stage_programs(run) if p.name == "rollout"]
+    out = tmp_path / str(chunk_tokens)
+    out.mkdir()
+    aot.compile_program(rollout, run.mesh, 16 * 2**30, hlo_dir=str(out))
+    reports[chunk_tokens] = hlo_report.loop_report((out / "rollout.hlo").read_text())
+  (whole, whole_outside), (chunked, chunked_outside) = reports[0], reports[8]
+  assert len(chunked) > len(whole)
+  gathering = lambda loops: sorted(loop.gathered_bytes for loop in loops if loop.kernels > 10)
+  assert gathering(chunked) == gathering(whole) and min(gathering(whole)) > 0
+  chunk_loops = [loop for loop in chunked if loop.kernels <= 10]
+  assert len(chunk_loops) == len(chunked) - len(whole)
+  assert all(loop.gathered_bytes == 0 for loop in chunk_loops), chunk_loops
+  assert chunked_outside == whole_outside

@@ -51,14 +51,18 @@ def test_logits_match_float64_loop_reference(hf_reference, tiny_dir):
   assert _valid_rel_error(logits, ref, mask) <= 1e-5
 
 
-@pytest.mark.parametrize("query_block", [model.QUERY_BLOCK, 2])
-def test_random_init_matches_reference_through_export(tmp_path, monkeypatch, query_block):
+@pytest.mark.parametrize("query_block,mlp_chunk_tokens", [(model.QUERY_BLOCK, 0), (2, 0), (2, 5)])
+def test_random_init_matches_reference_through_export(tmp_path, monkeypatch, query_block,
+                                                      mlp_chunk_tokens):
   """Random memrecall params, exported to HF names, agree with the float64 loop reference
-  (query_block 2: causal attention in blocks of 2 queries, each skipping the later keys)."""
+  (query_block 2: causal attention in blocks of 2 queries, each skipping the later keys;
+  mlp_chunk_tokens 5: the MLP over 2 rows x 2 positions at a time, 4 chunks for 7 positions,
+  the last overlapping the third)."""
   monkeypatch.setattr(model, "QUERY_BLOCK", query_block)
   config = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=3,
                        num_heads=6, num_kv_heads=3, head_dim=8, rope_theta=500.0,
-                       tie_word_embeddings=True, matmul_precision="highest")
+                       tie_word_embeddings=True, matmul_precision="highest",
+                       mlp_chunk_tokens=mlp_chunk_tokens)
   params = model.init_params(config, jax.random.key(3))
   # Make biases and norms non-trivial so that their paths are exercised.
   params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), params)
@@ -442,6 +446,44 @@ def test_remat_does_not_change_gradients(tiny_dir):
     rematted = jax.grad(loss)(params, config.replace(remat=policy))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
       np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_the_mlp_in_token_chunks_gives_the_same_values_and_gradients(tiny_dir):
+  """`mlp_chunk_tokens` runs the MLP over a few positions at a time (here 2 rows x 3, 6 chunks
+  for 16 positions, the last overlapping): logits, the gate's adapters on the MLP, and every
+  gradient are those of the MLP in one piece."""
+  params, config = hf_checkpoint.load_hf_checkpoint(
+      tiny_dir, matmul_precision="highest", gate_lora_rank=4, gate_lora_targets=("gate", "up", "down"))
+  params = jax.tree.map(lambda x: x + 0.01, params)  # adapters' B away from zero
+  tokens = jnp.arange(3, 35).reshape(2, 16)
+
+  def loss(p, cfg):
+    logits, _ = model.forward(p, cfg, tokens, use_lora=True)
+    return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
+
+  whole, chunked = (jax.grad(loss, has_aux=True)(params, config.replace(mlp_chunk_tokens=n))
+                    for n in (0, 7))
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+  assert np.abs(np.asarray(whole[0]["layers"]["mlp"]["up_lora_b"])).max() > 0
+
+
+def test_the_mlp_in_token_chunks_holds_one_chunks_activations():
+  """The compiled prefill's temporaries: the MLP's [rows, positions, intermediate] activations
+  in one piece (4 x 512 x 2048 x 4 B = 16 MiB per copy) against one chunk's."""
+  config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=2048, num_layers=1,
+                       num_heads=2, num_kv_heads=1, head_dim=16)
+  params = model.init_params(config, jax.random.key(0))
+  tokens = jnp.zeros((4, 512), jnp.int32)
+
+  def temp_bytes(chunk_tokens):
+    cfg = config.replace(mlp_chunk_tokens=chunk_tokens)
+    compiled = jax.jit(lambda p, t: model.forward(p, cfg, t, return_hidden=True)[0]).lower(
+        params, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temp_bytes(0), temp_bytes(256)
+  assert whole >= 16 * 2 ** 20 and whole > 4 * chunked, (whole, chunked)
 
 
 def test_live_transformers_comparison_when_installed(hf_reference, tiny_dir):

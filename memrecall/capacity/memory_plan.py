@@ -43,7 +43,7 @@ import numpy as np
 from memrecall import readers
 from memrecall.capacity import aot
 from memrecall.models.config import ModelConfig
-from memrecall.models.qwen2 import QUERY_BLOCK, abstract_params
+from memrecall.models.qwen2 import QUERY_BLOCK, abstract_params, token_chunks
 from memrecall.runtime import sharding as sharding_lib
 from memrecall.train import state as state_lib
 
@@ -237,9 +237,13 @@ def _logits_term(s: _Shapes, rows: int, tokens: int, what: str, f32_copies: int 
 
 
 def _mlp_term(s: _Shapes, rows: int, tokens: int) -> Term:
-  """One layer's MLP activation (the compiled programs fuse silu(gate) x up into one)."""
-  return Term("one layer's MLP", rows * tokens * s.F * s.dt // s.tensor,
-              f"{rows} rows x {tokens} tokens x F {s.F} x {s.dt} B")
+  """One layer's MLP activation (the compiled programs fuse silu(gate) x up into one), over
+  one chunk of `model.mlp_chunk_tokens` where the MLP runs in chunks."""
+  chunks = token_chunks(rows, tokens, s.model.mlp_chunk_tokens)
+  width = tokens if chunks is None else chunks[1]
+  what = f"{tokens} tokens" if chunks is None else f"{width} of {tokens} tokens (a chunk)"
+  return Term("one layer's MLP", rows * width * s.F * s.dt // s.tensor,
+              f"{rows} rows x {what} x F {s.F} x {s.dt} B")
 
 
 def _scores_term(s: _Shapes, rows: int, keys: int, what: str) -> Term:

@@ -63,6 +63,11 @@ class ModelConfig:
   # layer then runs three times).  False keeps every block's residuals instead (memory grows
   # with the number of blocks; `launch/plan.py` estimates it).
   remat_blocks: bool = True
+  # The MLP runs over at most this many tokens (rows x positions) at a time
+  # (`qwen2.in_token_chunks`): a long prefill's [rows, tokens, intermediate] activation is
+  # the largest a recall loop holds.  0: all at once.  Decode steps and single-row turns
+  # of up to this many tokens are never split.
+  mlp_chunk_tokens: int = 16384
   matmul_precision: str = "default"  # one of MATMUL_PRECISIONS, for every dot of the model
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
@@ -110,6 +115,9 @@ class ModelConfig:
       raise ConfigError(f"unknown gate_lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")
     if self.gate_lora_rank < 0:
       raise ConfigError(f"gate_lora_rank must be >= 0, got {self.gate_lora_rank}")
+    if not isinstance(self.mlp_chunk_tokens, int) or self.mlp_chunk_tokens < 0:
+      raise ConfigError(f"mlp_chunk_tokens must be a non-negative integer (0: no chunks), "
+                        f"got {self.mlp_chunk_tokens!r}")
     if not isinstance(self.scan_layers, bool):
       raise ConfigError(f"scan_layers must be True or False, got {self.scan_layers!r}")
 
