@@ -78,6 +78,27 @@ def _byte_decoder() -> dict[str, int]:
   return chars
 
 
+def test_the_configs_model_settings_reach_a_run_on_a_hf_checkpoint(tiny_qwen, data_files):
+  """Shapes come from the checkpoint's config.json; every other setting of the recipe's
+  `model` block is the run's (remat_blocks and mlp_chunk_tokens were once dropped: a run on a
+  checkpoint silently kept their defaults)."""
+  config = recipe(lychee, "sft", tiny_qwen, f"hotpotqa:{data_files['hotpotqa']}")
+  settings = dict(remat="dots", remat_blocks=False, mlp_chunk_tokens=123,
+                  matmul_precision="highest", attention="xla", gate_lora_alpha=8.0)
+  config.model.update(settings)
+  model = run_builder.build_run(config).model
+  assert {k: getattr(model, k) for k in settings} == settings
+  shapes = json.load(open(os.path.join(tiny_qwen, "config.json")))
+  assert model.hidden_size == shapes["hidden_size"] != config.model.hidden_size
+  # Every setting a recipe's model block holds is a shape read from config.json or reaches
+  # the run.
+  read = {"vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+          "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+          "bos_token_id", "eos_token_ids", "pad_token_id"}
+  assert set(config.model.keys()) - read <= set(run_builder.MODEL_RUN_KEYS), (
+      set(config.model.keys()) - read - set(run_builder.MODEL_RUN_KEYS))
+
+
 def test_gate_labels_match_an_independent_scan_of_the_text(tiny_qwen, data_files):
   """Chunk c is labelled iff its bytes overlap a "Document i:" block whose paragraph holds a
   supporting fact, found by searching the context string for the title."""
