@@ -280,10 +280,6 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
                  "TPU compiler, which gathers a layer's weights inside the loops; XLA's GPU "
                  "compiler also gathers the whole model before them: "
                  "docs/2026-12-06-gpu-deviceless-compile.md)")
-  if on_gpus and not run.reader().compressed and placed.get("rollout", "sharded") != "sharded":
-    lines.append("  (rollout: XLA's GPU compiler plans MemAgent's raw-section loops at about "
-                 "twice the estimate, whatever the weights' placement: "
-                 "docs/2026-12-06-tensor-rollout.md)")
   return lines
 
 

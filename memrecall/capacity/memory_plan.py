@@ -25,7 +25,10 @@ head size, G = query heads / K; b rows per device; dt bytes of the compute dtype
 * Remat: a layer scan under full remat saves each layer's input (L x b x T x E x dt) and
   recomputes the rest one layer at a time in the backward pass.
 * Attention scores: float32, one block of QUERY_BLOCK query rows (x G heads) against the
-  keys it may see, at a time.
+  keys it may see, at a time (`attention.attend` runs the blocks in turn).
+* A prefill's hidden states: the residual stream (whole on every device) beside the layer's
+  queries and attention output (split over tensor), b x prompt x (E + 2E/t) x dt.
+* The MLP: one chunk of `mlp_chunk_tokens` rows x positions where the MLP runs in chunks.
 * Gradients and optimizer temporaries: parameter-sized buffers of the trainable leaves
   (the microbatch's gradient, the accumulated one, AdamW's update).
 """
@@ -266,6 +269,9 @@ def _decode_phase(s: _Shapes, rows: int, slots: int, prompt: int, room: int, wha
   return [Term(f"decode cache: {what}", copies * s.kv(rows, n),
                f"{copies} ({why}) x " + s.kv_formula(rows, f"{slots} + {prompt} + {room}", n)),
           *head,
+          Term("the prefill's residual stream, queries and attention output",
+               rows * prompt * (s.E + 2 * s.E // s.tensor) * s.dt,
+               f"{rows} rows x {prompt} tokens x (E {s.E} + 2 x E / tensor {s.tensor}) x {s.dt} B"),
           _mlp_term(s, rows, prompt),
           _scores_term(s, rows, n, "one query block of the prefill")]
 
