@@ -453,7 +453,8 @@ def test_the_mlp_in_token_chunks_gives_the_same_values_and_gradients(tiny_dir):
   for 16 positions, the last overlapping): logits, the gate's adapters on the MLP, and every
   gradient are those of the MLP in one piece."""
   params, config = hf_checkpoint.load_hf_checkpoint(
-      tiny_dir, matmul_precision="highest", gate_lora_rank=4, gate_lora_targets=("gate", "up", "down"))
+      tiny_dir, matmul_precision="highest", gate_lora_rank=4,
+      gate_lora_targets=("gate", "up", "down"))
   params = jax.tree.map(lambda x: x + 0.01, params)  # adapters' B away from zero
   tokens = jnp.arange(3, 35).reshape(2, 16)
 

@@ -186,7 +186,8 @@ def test_the_estimate_is_within_25_percent_of_every_compiler_record(tmp_path):
   of GPU recipes on one host of 8 H100s: every program of each has a compiler row.  On a TPU
   every estimate is within 25% of what the compiled program allocates (plus what RL holds
   beside it).  The estimate follows the TPU compiler's choices; on GPUs it holds for the train
-  step, for the rollout, and for evaluation with replicated weights (`--weights=auto`'s choice on these cards).
+  step, for the rollout, and for evaluation with replicated weights (`--weights=auto`'s
+  choice on these cards).
   With sharded weights XLA's GPU compiler also gathers the whole model before inference loops
   (evaluation allocates up to 9x the estimate: docs/2026-12-06-gpu-deviceless-compile.md), and
   so does the TPU compiler on 16 GiB v5e chips (3x; --weights=auto splits the 7B weights over a

@@ -352,9 +352,10 @@ def in_token_chunks(f, x: Array, chunk_tokens: int) -> Array:
 
   The MLP's [B, T, M] intermediate is 5.3x the hidden state at Qwen2.5-7B: a 32-row prefill
   of a 6.7K-token MemAgent prompt holds 7.6 GiB of it.  In chunks only one chunk's is live,
-  and each chunk's matmuls are still [chunk_tokens, E] x [E, M].  The n chunks are of equal width, the last
-  one ending at T (it may overlap the one before and write the same values again, fewer
-  than n positions a row), so the loop holds one f and writes one output in place.
+  and each chunk's matmuls are still [chunk_tokens, E] x [E, M].  The n chunks are of equal
+  width, the last one ending at T (it may overlap the one before and write the same values
+  again, fewer than n positions a row), so the loop holds one f and writes one output in
+  place.
   """
   b, t = x.shape[:2]
   chunks = token_chunks(b, t, chunk_tokens)
