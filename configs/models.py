@@ -41,7 +41,7 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
   values = dict(rms_norm_eps=1e-6, attention="auto", remat="none", remat_blocks=True,
-                matmul_precision="default", mlp_chunk_tokens=16384,
+                matmul_precision="default", mlp_chunk_tokens=16384, head_chunk_tokens=2048,
                 **_MODELS[name])
   return ml_collections.ConfigDict(values)
 

@@ -58,7 +58,7 @@ REWARDS = ("strict_sub_em", "sub_em", "em")
 # ModelConfig fields a run config may set over a HF checkpoint's config.json (never shapes).
 MODEL_RUN_KEYS = ("compressor", "gate_lora_rank", "gate_lora_alpha", "gate_lora_targets",
                   "param_dtype", "dtype", "attention", "remat", "remat_blocks",
-                  "matmul_precision", "mlp_chunk_tokens")
+                  "matmul_precision", "mlp_chunk_tokens", "head_chunk_tokens")
 HF_ASSETS = "hf_assets"  # a training workdir's copy of the checkpoint's config and tokenizer files
 _ASSET_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 _DEFAULT_PROMPTS = {"update_template": UPDATE_TEMPLATE, "final_template": FINAL_TEMPLATE,

@@ -76,10 +76,12 @@ def rotate_rows(mat, positions, theta):
   return np.stack([rotate(row, p, theta) for row, p in zip(mat, positions)])
 
 
-def compress_chunk(weights, hf_config, ids, mask, window, ratio):
+def compress_chunk(weights, hf_config, ids, mask, window, ratio, raw_logits=False):
   """Beacon compression of one chunk, window by window, in the interleaved layout.
 
-  Returns per layer (keys, values) of the beacons, pre-RoPE: [C/r, kv_heads, D].
+  Returns per layer (keys, values) of the beacons, pre-RoPE: [C/r, kv_heads, D]; with
+  raw_logits, also the LM head's logits [C, V] at the raw tokens (the compressor's
+  pre-training objective reads them).
   """
   w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
   n_heads = hf_config["num_attention_heads"]
@@ -88,6 +90,7 @@ def compress_chunk(weights, hf_config, ids, mask, window, ratio):
   eps, theta = hf_config["rms_norm_eps"], hf_config["rope_theta"]
   n_layers = hf_config["num_hidden_layers"]
   kept = [([], []) for _ in range(n_layers)]  # beacon keys/values of earlier windows
+  logits = []
   for start in range(0, len(ids), window):
     rows, valid, is_beacon = [], [], []
     for i in range(window):
@@ -137,4 +140,7 @@ def compress_chunk(weights, hf_config, ids, mask, window, ratio):
       beacon_rows = np.array(is_beacon)
       kept[layer][0].append(k[beacon_rows])
       kept[layer][1].append(v[beacon_rows])
-  return [(np.concatenate(kk), np.concatenate(vv)) for kk, vv in kept]
+    raw = rms_norm(x[~np.array(is_beacon)], w["model.norm.weight"], eps)
+    logits.append(raw @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T)
+  beacons = [(np.concatenate(kk), np.concatenate(vv)) for kk, vv in kept]
+  return (beacons, np.concatenate(logits)) if raw_logits else beacons

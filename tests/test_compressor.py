@@ -59,6 +59,29 @@ def test_matches_float64_window_loop(random_compressor_model, monkeypatch, chunk
     np.testing.assert_array_equal(memory.slot_mask[c], slots)
 
 
+@pytest.mark.parametrize("head_chunk_tokens", [0, 5])
+def test_raw_token_scores_match_float64_window_loop(random_compressor_model, head_chunk_tokens):
+  """The pre-training objective's inputs: the raw tokens' next-token log-probs as the
+  compressor sees them (`compressor_hidden`, then the LM head in chunks of 2 rows x 2
+  positions at head_chunk_tokens 5) against the float64 loop's logits."""
+  params, config, weights = random_compressor_model
+  config = config.replace(head_chunk_tokens=head_chunk_tokens)
+  settings = compressor.CompressorConfig(chunk_size=24, window=8, ratio=2)
+  document = np.random.default_rng(3).integers(3, config.vocab_size, 41)
+  ids, mask = compressor.chunk_document(document, 24, pad_id=0)  # the second chunk padded
+  hidden = compressor.compressor_hidden(params, config, settings, jnp.asarray(ids),
+                                        jnp.asarray(mask))
+  logp, _ = model.token_logprobs(params, config, hidden[:, :-1], jnp.asarray(ids[:, 1:]))
+  for c in range(ids.shape[0]):
+    _, logits = reference.compress_chunk(weights, config.to_hf_dict(), ids[c], mask[c], 8, 2,
+                                         raw_logits=True)
+    top = logits.max(-1, keepdims=True)
+    ref = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    expected = np.take_along_axis(ref[:-1], ids[c, 1:, None], -1)[:, 0]
+    real = mask[c, 1:].astype(bool) & mask[c, :-1].astype(bool)
+    np.testing.assert_allclose(np.asarray(logp[c])[real], expected[real], atol=2e-5)
+
+
 @pytest.mark.parametrize("prefix,window,ratio,block", [(0, 8, 4, 3), (6, 8, 2, 4), (4, 12, 3, 5)])
 def test_key_limits_only_skip_keys_the_mask_hides(prefix, window, ratio, block):
   raw_mask = np.random.default_rng(window).random((2, window)) < 0.8

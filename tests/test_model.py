@@ -487,6 +487,65 @@ def test_the_mlp_in_token_chunks_holds_one_chunks_activations():
   assert whole >= 16 * 2 ** 20 and whole > 4 * chunked, (whole, chunked)
 
 
+@pytest.mark.parametrize("head_chunk_tokens", [0, 5])
+def test_token_logprobs_match_float64_reference(hf_reference, tiny_dir, head_chunk_tokens):
+  """Teacher-forced log-probs and entropies from the hidden states, in one piece and over 2
+  rows x 2 positions at a time (head_chunk_tokens 5: 4 chunks for 7 positions, the last
+  overlapping), against the float64 loop's logits."""
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, matmul_precision="highest",
+                                                    head_chunk_tokens=head_chunk_tokens)
+  hf_config = json.load(open(os.path.join(tiny_dir, "config.json")))
+  tokens, mask = hf_reference["logits/input_ids"], hf_reference["logits/attention_mask"]
+  tokens, mask = tokens[:2, :8], np.ones_like(mask[:2, :8])
+  logits = reference.forward(_hf_weights(tiny_dir), hf_config, tokens, mask)[:, :-1]
+  ref_logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+      -1, keepdims=True)) - logits.max(-1, keepdims=True)  # float64 log-softmax
+  targets = tokens[:, 1:]
+  hidden, _ = model.forward(params, config, jnp.asarray(tokens), return_hidden=True)
+  logp, entropy = model.token_logprobs(params, config, hidden[:, :-1], jnp.asarray(targets))
+  np.testing.assert_allclose(logp, np.take_along_axis(ref_logp, targets[..., None], -1)[..., 0],
+                             atol=2e-5)
+  np.testing.assert_allclose(entropy, -(np.exp(ref_logp) * ref_logp).sum(-1), atol=2e-5)
+
+
+def test_token_logprobs_in_chunks_give_the_same_gradients(tiny_dir):
+  """Each chunk is recomputed in the backward pass: the gradients of a loss over the
+  log-probs, to every parameter and to the hidden states, are those in one piece."""
+  params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, matmul_precision="highest")
+  tokens = jnp.arange(3, 35).reshape(2, 16)
+  hidden, _ = model.forward(params, config, tokens, return_hidden=True)
+
+  def loss(p, h, cfg):
+    logp, entropy = model.token_logprobs(p, cfg, h[:, :-1], tokens[:, 1:])
+    return jnp.mean(logp * jnp.arange(15.0)), entropy
+
+  whole, chunked = (jax.grad(loss, argnums=(0, 1), has_aux=True)(
+      params, hidden, config.replace(head_chunk_tokens=n)) for n in (0, 7))
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("with_gradient", [False, True])
+def test_token_logprobs_in_chunks_hold_one_chunks_logits(with_gradient):
+  """The compiled scoring's temporaries: [rows, positions, vocab] float32 logits in one
+  piece (4 x 512 x 8192 x 4 B = 64 MiB per copy) against one chunk's, with its gradient."""
+  config = ModelConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_layers=1,
+                       num_heads=2, num_kv_heads=1, head_dim=16)
+  params = model.init_params(config, jax.random.key(0))
+  hidden = jnp.ones((4, 512, 32))
+  targets = jnp.zeros((4, 512), jnp.int32)
+
+  def temp_bytes(chunk_tokens):
+    cfg = config.replace(head_chunk_tokens=chunk_tokens)
+    score = lambda p, h: model.token_logprobs(p, cfg, h, targets)[0].sum()
+    f = jax.grad(score, argnums=(0, 1)) if with_gradient else score
+    compiled = jax.jit(f).lower(params, hidden).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temp_bytes(0), temp_bytes(256)
+  assert whole >= 64 * 2 ** 20 and whole > 6 * chunked, (whole, chunked)  # 8 chunks
+
+
 def test_live_transformers_comparison_when_installed(hf_reference, tiny_dir):
   """Compares against transformers itself where torch and transformers are importable."""
   torch = pytest.importorskip("torch")

@@ -28,7 +28,8 @@ head size, G = query heads / K; b rows per device; dt bytes of the compute dtype
   keys it may see, at a time (`attention.attend` runs the blocks in turn).
 * A prefill's hidden states: the residual stream (whole on every device) beside the layer's
   queries and attention output (split over tensor), b x prompt x (E + 2E/t) x dt.
-* The MLP: one chunk of `mlp_chunk_tokens` rows x positions where the MLP runs in chunks.
+* The MLP: one chunk of `mlp_chunk_tokens` rows x positions where the MLP runs in chunks;
+  the scored tokens' logits one chunk of `head_chunk_tokens` at a time, likewise.
 * Gradients and optimizer temporaries: parameter-sized buffers of the trainable leaves
   (the microbatch's gradient, the accumulated one, AdamW's update).
 """
@@ -234,19 +235,34 @@ def _head_term(s: _Shapes, copies: int, why: str) -> Term:
               f"{copies} x V {s.V} x E {s.E} x {s.dt} B ({why})")
 
 
-def _logits_term(s: _Shapes, rows: int, tokens: int, what: str, f32_copies: int = 1) -> Term:
-  return Term(f"logits: {what}", s.logits(rows, tokens, f32_copies),
-              f"{rows} rows x {tokens} tokens x V {s.V} x ({s.dt} B + {f32_copies} x 4 B float32)")
+def _chunk(rows: int, tokens: int, chunk_tokens: int) -> tuple[int, str]:
+  """The positions live at once where a computation runs in chunks of `chunk_tokens`
+  (`qwen2.in_token_chunks`), and how the formula names them."""
+  chunks = token_chunks(rows, tokens, chunk_tokens)
+  if chunks is None:
+    return tokens, f"{tokens} tokens"
+  return chunks[1], f"{chunks[1]} of {tokens} tokens (a chunk)"
+
+
+def _logits_term(s: _Shapes, rows: int, tokens: int, what: str, gradient: bool = False) -> Term:
+  """The LM head's output and its float32 log-softmax over the scored tokens, one chunk of
+  `model.head_chunk_tokens` at a time (`qwen2.token_logprobs`); with a gradient, in one
+  piece the log-softmax is kept for the backward beside the logits' float32 gradient, in
+  chunks each chunk's is recomputed there and fused into that gradient (one float32 copy:
+  the compressor's 7B step on a v5p allocated 9.2 GiB against 10.3 estimated so, 11.4 with
+  two copies)."""
+  width, count = _chunk(rows, tokens, s.model.head_chunk_tokens)
+  f32_copies = 2 if gradient and width == tokens else 1
+  return Term(f"logits: {what}", s.logits(rows, width, f32_copies),
+              f"{rows} rows x {count} x V {s.V} x ({s.dt} B + {f32_copies} x 4 B float32)")
 
 
 def _mlp_term(s: _Shapes, rows: int, tokens: int) -> Term:
   """One layer's MLP activation (the compiled programs fuse silu(gate) x up into one), over
   one chunk of `model.mlp_chunk_tokens` where the MLP runs in chunks."""
-  chunks = token_chunks(rows, tokens, s.model.mlp_chunk_tokens)
-  width = tokens if chunks is None else chunks[1]
-  what = f"{tokens} tokens" if chunks is None else f"{width} of {tokens} tokens (a chunk)"
+  width, count = _chunk(rows, tokens, s.model.mlp_chunk_tokens)
   return Term("one layer's MLP", rows * width * s.F * s.dt // s.tensor,
-              f"{rows} rows x {what} x F {s.F} x {s.dt} B")
+              f"{rows} rows x {count} x F {s.F} x {s.dt} B")
 
 
 def _scores_term(s: _Shapes, rows: int, keys: int, what: str) -> Term:
@@ -268,12 +284,18 @@ def _decode_phase(s: _Shapes, rows: int, slots: int, prompt: int, room: int, wha
   head = [_head_term(s, 1, "the next-token logits")] if gathered else []
   return [Term(f"decode cache: {what}", copies * s.kv(rows, n),
                f"{copies} ({why}) x " + s.kv_formula(rows, f"{slots} + {prompt} + {room}", n)),
-          *head,
-          Term("the prefill's residual stream, queries and attention output",
-               rows * prompt * (s.E + 2 * s.E // s.tensor) * s.dt,
-               f"{rows} rows x {prompt} tokens x (E {s.E} + 2 x E / tensor {s.tensor}) x {s.dt} B"),
-          _mlp_term(s, rows, prompt),
-          _scores_term(s, rows, n, "one query block of the prefill")]
+          *head, *_prefill_terms(s, rows, prompt, n, "the prefill")]
+
+
+def _prefill_terms(s: _Shapes, rows: int, tokens: int, keys: int, what: str) -> list[Term]:
+  """One layer of a many-token forward pass: the residual stream (whole on every device)
+  beside the layer's queries and attention output (split over tensor), its MLP and one block
+  of attention scores over `keys`."""
+  return [Term(f"{what}'s residual stream, queries and attention output",
+               rows * tokens * (s.E + 2 * s.E // s.tensor) * s.dt,
+               f"{rows} rows x {tokens} tokens x (E {s.E} + 2 x E / tensor {s.tensor}) x {s.dt} B"),
+          _mlp_term(s, rows, tokens),
+          _scores_term(s, rows, keys, f"one query block of {what}")]
 
 
 def _bank_term(s: _Shapes, rows: int, copies: int, what: str) -> Term:
@@ -323,7 +345,7 @@ def _train_turns(s: _Shapes, rows: int, with_logits: bool = True) -> list[Term]:
                       s.kv_formula(rows, f"{slots} + {t}", slots + t)))
   if with_logits:
     terms += [_head_term(s, 3, "forward, backward, and its gradient"),
-              _logits_term(s, rows, s.M, "the written tokens, and their gradient", 2)]
+              _logits_term(s, rows, s.M, "the written tokens, and their gradient", True)]
   return terms
 
 
@@ -395,7 +417,8 @@ def _block_residuals(s: _Shapes, rows: int, turn_tokens: int, logits: bool) -> l
     return []
   per_block = s.L * rows * turn_tokens * s.E * s.dt
   formula = f"L {s.L} x {rows} rows x {turn_tokens} tokens x E {s.E} x {s.dt} B"
-  if logits:
+  if logits and token_chunks(rows, s.M, s.model.head_chunk_tokens) is None:
+    # (scored in chunks, each chunk's logits are recomputed in the backward pass instead)
     per_block += rows * s.M * s.V * 4 // s.tensor
     formula += f" + {rows} rows x M {s.M} x V {s.V} x 4 B"
   if not s.raw:
@@ -420,9 +443,7 @@ def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
         Term("remat: the windows' layer inputs", windows * s.L * rows * w * s.E * s.dt,
              f"{windows} windows x L {s.L} x {rows} rows x {w} positions x E {s.E} x {s.dt} B"),
         _head_term(s, 1, "gathered for the windows' logits"),
-        Term("logits: every raw token", rows * s.C * s.V * (2 * s.dt + 4) // s.tensor,
-             f"{rows} rows x {s.C} tokens x V {s.V} x (2 x {s.dt} B: the windows' LM head "
-             "outputs and their concatenation, + 4 B: the float32 log-softmax)"),
+        _logits_term(s, rows, s.C, "every raw token, and their gradient", True),
         _mlp_term(s, rows, w)]}
   if stage == "gate":
     # The gate's adapters only: compression and the gate prompt need no backward through
@@ -449,12 +470,13 @@ def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
 
 def _reference(s: _Shapes, rows: int) -> dict[str, list[Term]]:
   """The teacher-forced log-probs of every turn of every rollout (no gradient): per block,
-  the chunk compressed, the turn's prefix cache, one layer, and the written tokens' logits."""
+  the chunk compressed, the turn's prefix cache, one layer of the turn's forward pass, and the
+  written tokens' logits."""
   t = s.P_update + s.M
   slots = 0 if s.raw else s.S
   terms = [_head_term(s, 1, "the turn's logits"),
            _logits_term(s, rows, s.M, "the written tokens"),
-           _mlp_term(s, rows, t)]
+           *_prefill_terms(s, rows, t, slots + t, "the turn")]
   if slots:  # the chunk's slots and room for the turn, every layer (MemAgent reads no slots)
     terms.append(Term("prefix cache of the turn", s.kv(rows, slots + t),
                       s.kv_formula(rows, f"{slots} + {t}", slots + t)))

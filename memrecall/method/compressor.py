@@ -28,7 +28,7 @@ import numpy as np
 
 from memrecall.models.config import ConfigError, ModelConfig
 from memrecall.models.qwen2 import (DecoderLayer, Qwen2, REMAT_POLICIES, RMSNorm,
-                                    head_logits, head_projection, rope_tables)
+                                    head_projection, rope_tables)
 from memrecall.runtime.sharding import logical_shards, with_logical_constraint
 
 Array = jax.Array
@@ -207,9 +207,9 @@ def window_inputs(raw_mask: Array, prefix: int, ratio: int) -> tuple[Array, Arra
 
 
 def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
-                 token_mask: Array, raw_logits: bool, skip_last: bool = True):
+                 token_mask: Array, raw_hidden: bool, skip_last: bool = True):
   """The windows of every chunk through every layer, shared by `compress` and
-  `compressor_logits`: (ChunkMemory, raw tokens' logits [N, C, V] or None)."""
+  `compressor_hidden`: (ChunkMemory, raw tokens' final hidden states [N, C, E] or None)."""
   if not config.compressor:
     raise ConfigError("this model has no compressor parameters (ModelConfig.compressor=False)")
   n, c = tokens.shape
@@ -225,18 +225,17 @@ def _run_windows(params, config: ModelConfig, compressor: CompressorConfig, toke
              for i, start in enumerate(starts)]  # (positions [N, P + T], mask [N, 1, T, P + T])
   xs = [jnp.concatenate([model.apply(variables, tokens[:, start:start + w], method=Qwen2.embed),
                          beacons], axis=1) for start in starts]  # C/W x [N, W + G, E]
-  # Without logits, the last layer contributes only its beacons' keys/values, which depend on
-  # its input alone: that layer's attention and MLP are skipped.
+  # Without raw hidden states, the last layer contributes only its beacons' keys/values, which
+  # depend on its input alone: that layer's attention and MLP are skipped.
   hidden, kv = _window_layers(params, config, g, xs, windows,
-                              beacon_kv_only=not raw_logits and skip_last)
+                              beacon_kv_only=not raw_hidden and skip_last)
   slot_mask = token_mask.reshape(n, compressor.slots, compressor.ratio).any(axis=-1)
   memory = ChunkMemory(k=kv["k"], v=kv["v"], slot_mask=slot_mask)
-  if not raw_logits:
+  if not raw_hidden:
     return memory, None
   final_norm = lambda module, x: module.final_norm(x)
-  logits = [head_logits(params, config, model.apply(variables, x[:, :w], method=final_norm))
-            for x in hidden]  # C/W x [N, W, V]
-  return memory, jnp.concatenate(logits, axis=1)
+  raw = jnp.concatenate([x[:, :w] for x in hidden], axis=1)  # [N, C, E]
+  return memory, model.apply(variables, raw, method=final_norm)
 
 
 def _window_layers(params, config: ModelConfig, beacon_rows: int, xs: list[Array],
@@ -333,7 +332,7 @@ def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: 
   shards = logical_shards("chunks", n)
   per_device = n // shards
   if for_gradients or not g or per_device <= g:
-    return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=False,
+    return _run_windows(params, config, compressor, tokens, token_mask, raw_hidden=False,
                         skip_last=skip)[0]
   groups = -(-per_device // g)
 
@@ -341,7 +340,7 @@ def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: 
     x = jnp.pad(x.reshape(shards, per_device, c), ((0, 0), (0, groups * g - per_device), (0, 0)))
     return jnp.moveaxis(x.reshape(shards, groups, g, c), 1, 0).reshape(groups, shards * g, c)
   per_group = jax.lax.map(
-      lambda xs: _run_windows(params, config, compressor, *xs, raw_logits=False,
+      lambda xs: _run_windows(params, config, compressor, *xs, raw_hidden=False,
                               skip_last=skip)[0],
       (grouped(tokens), grouped(token_mask.astype(bool))))
   # k, v: [groups, L, shards * g, S, K, D]; slot_mask: [groups, shards * g, S]
@@ -357,15 +356,16 @@ def compress(params, config: ModelConfig, compressor: CompressorConfig, tokens: 
                      slot_mask=merge(per_group.slot_mask, 0))
 
 
-def compressor_logits(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
+def compressor_hidden(params, config: ModelConfig, compressor: CompressorConfig, tokens: Array,
                       token_mask: Array) -> Array:
-  """LM logits [N, C, V] of the raw tokens as the compressor sees them.
+  """Final hidden states [N, C, E] of the raw tokens as the compressor sees them, for the LM
+  head (`qwen2.token_logprobs` scores them a chunk of tokens at a time).
 
   A raw token attends to its own window and only the *beacons* of earlier
   windows, so predicting the tokens after a window boundary trains the
   beacons to carry what came before (the pre-training objective, see
   docs/architecture.md#compressor-pre-training).
   """
-  return _run_windows(params, config, compressor, tokens, token_mask, raw_logits=True)[1]
+  return _run_windows(params, config, compressor, tokens, token_mask, raw_hidden=True)[1]
 
 

@@ -68,6 +68,11 @@ class ModelConfig:
   # the largest a recall loop holds.  0: all at once.  Decode steps and single-row turns
   # of up to this many tokens are never split.
   mlp_chunk_tokens: int = 16384
+  # Teacher-forced scoring (`trajectory.turn_logprobs`: RL's log-probs, SFT's loss) runs the
+  # LM head and its log-softmax over at most this many tokens at a time: a [rows, tokens,
+  # vocab] float32 block is 0.6 MiB a token at Qwen2.5's 152K vocabulary, the largest
+  # array of a reference pass.  Each chunk is recomputed in the backward pass.  0: all at once.
+  head_chunk_tokens: int = 2048
   matmul_precision: str = "default"  # one of MATMUL_PRECISIONS, for every dot of the model
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
@@ -115,9 +120,10 @@ class ModelConfig:
       raise ConfigError(f"unknown gate_lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")
     if self.gate_lora_rank < 0:
       raise ConfigError(f"gate_lora_rank must be >= 0, got {self.gate_lora_rank}")
-    if not isinstance(self.mlp_chunk_tokens, int) or self.mlp_chunk_tokens < 0:
-      raise ConfigError(f"mlp_chunk_tokens must be a non-negative integer (0: no chunks), "
-                        f"got {self.mlp_chunk_tokens!r}")
+    for name in ("mlp_chunk_tokens", "head_chunk_tokens"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative integer (0: no chunks), got {value!r}")
     if not isinstance(self.scan_layers, bool):
       raise ConfigError(f"scan_layers must be True or False, got {self.scan_layers!r}")
 

@@ -346,30 +346,34 @@ def token_chunks(rows: int, positions: int, chunk_tokens: int) -> tuple[int, int
   return (n, -(-positions // n)) if n > 1 else None
 
 
-def in_token_chunks(f, x: Array, chunk_tokens: int) -> Array:
-  """f (position-wise, [B, t, E] -> [B, t, E']) over x's positions in chunks of at most
-  `chunk_tokens` tokens (rows x positions), one chunk after another; 0: all at once.
+def in_token_chunks(f, xs, chunk_tokens: int):
+  """f (position-wise: arrays [B, t, ...] -> arrays [B, t, ...]) over xs' positions in chunks
+  of at most `chunk_tokens` tokens (rows x positions), one chunk after another; 0: all at
+  once.  xs and f's result are pytrees of arrays sharing their first two axes [B, T].
 
   The MLP's [B, T, M] intermediate is 5.3x the hidden state at Qwen2.5-7B: a 32-row prefill
-  of a 6.7K-token MemAgent prompt holds 7.6 GiB of it.  In chunks only one chunk's is live,
-  and each chunk's matmuls are still [chunk_tokens, E] x [E, M].  The n chunks are of equal
-  width, the last one ending at T (it may overlap the one before and write the same values
-  again, fewer than n positions a row), so the loop holds one f and writes one output in
-  place.
+  of a 6.7K-token MemAgent prompt holds 7.6 GiB of it; the LM head's [B, T, V] logits are
+  42x it.  In chunks only one chunk's is live, and each chunk's matmuls are still
+  [chunk_tokens, E] x [E, M].  The n chunks are of equal width, the last one ending at T (it
+  may overlap the one before and write the same values again, fewer than n positions a row),
+  so the loop holds one f and writes one output in place.
   """
-  b, t = x.shape[:2]
+  b, t = jax.tree.leaves(xs)[0].shape[:2]
   chunks = token_chunks(b, t, chunk_tokens)
   if chunks is None:
-    return f(x)
+    return f(xs)
   n, width = chunks
-  shape = jax.eval_shape(f, jax.ShapeDtypeStruct((b, width) + x.shape[2:], x.dtype))
+  part_shape = lambda x: jax.ShapeDtypeStruct((b, width) + x.shape[2:], x.dtype)
+  shapes = jax.eval_shape(f, jax.tree.map(part_shape, xs))
 
   def chunk(i, out):
     start = jnp.minimum(i * width, t - width)
-    part = f(jax.lax.dynamic_slice_in_dim(x, start, width, axis=1))
-    return jax.lax.dynamic_update_slice_in_dim(out, part, start, axis=1)
+    parts = f(jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, width, axis=1), xs))
+    return jax.tree.map(lambda o, p: jax.lax.dynamic_update_slice_in_dim(o, p, start, axis=1),
+                        out, parts)
 
-  return jax.lax.fori_loop(0, n, chunk, jnp.zeros((b, t) + shape.shape[2:], shape.dtype))
+  out = jax.tree.map(lambda s: jnp.zeros((b, t) + s.shape[2:], s.dtype), shapes)
+  return jax.lax.fori_loop(0, n, chunk, out)
 
 
 class DecoderLayer(nn.Module):
@@ -635,6 +639,27 @@ def head_logits(params, config: ModelConfig, hidden: Array) -> Array:
   take `forward(..., return_hidden=True)` and need logits at a few positions only (at 152K
   vocabulary entries the head's output is the largest activation of a turn)."""
   return Qwen2(config).apply({"params": params}, hidden, method=Qwen2.logits)
+
+
+def token_logprobs(params, config: ModelConfig, hidden: Array,
+                   targets: Array) -> tuple[Array, Array]:
+  """Log-probs [B, T] of `targets` [B, T] under the LM head at `hidden` [B, T, E], and the
+  entropies [B, T] of those distributions (no gradient).
+
+  Over at most `config.head_chunk_tokens` tokens at a time (`in_token_chunks`), each chunk
+  recomputed in the backward pass, so the [B, T, V] logits and their float32 log-softmax
+  live one chunk at a time (a 32-row reference pass of 1024-token updates: 28 GiB whole)."""
+
+  def score(chunk):
+    h, y = chunk  # [B, t, E], [B, t]
+    logp = jax.nn.log_softmax(head_logits(params, config, h))  # [B, t, V]
+    token_logp = jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+    entropy = -(jnp.exp(logp) * logp).sum(-1)
+    return token_logp, jax.lax.stop_gradient(entropy)
+
+  chunked = token_chunks(*targets.shape, config.head_chunk_tokens) is not None
+  return in_token_chunks(jax.checkpoint(score) if chunked else score, (hidden, targets),
+                         config.head_chunk_tokens)
 
 
 def unstack_layers(params, config: ModelConfig):

@@ -23,7 +23,7 @@ from memrecall.method.gate import gate_logits
 from memrecall.method.prompts import PromptTemplate, Prompts
 from memrecall.method.reasoner import WorkingMemory, no_prefix, prefix_cache
 from memrecall.models.config import ModelConfig
-from memrecall.models.qwen2 import forward, head_logits
+from memrecall.models.qwen2 import forward, token_logprobs
 
 Array = jax.Array
 # (params, chunk ids [B, C], chunk mask [B, C]) -> (update template, (k, v, slot_mask) prefix,
@@ -79,10 +79,7 @@ def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Arra
   # The prompt ends with literal text and targets are contiguous, so token j is
   # predicted at position p - 1 + j: the head runs on those M positions only (over the
   # whole prompt its [B, P + M, V] output and gradient dwarfed the turn's other activations).
-  logp = jax.nn.log_softmax(head_logits(params, config, hidden[:, p - 1:p - 1 + m]))  # [B, M, V]
-  token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  entropy = -(jnp.exp(logp) * logp).sum(-1)
-  return token_logp, jax.lax.stop_gradient(entropy)
+  return token_logprobs(params, config, hidden[:, p - 1:p - 1 + m], targets)
 
 
 def score_trajectory(params, config: ModelConfig, prompts: Prompts, batch: TurnBatch,

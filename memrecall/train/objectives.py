@@ -17,11 +17,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from memrecall.method.compressor import CompressorConfig, compress, compressor_logits
+from memrecall.method.compressor import CompressorConfig, compress, compressor_hidden
 from memrecall.method.gate import gate_logits
 from memrecall.method.prompts import Prompts
 from memrecall.method.reasoner import WorkingMemory
 from memrecall.models.config import ModelConfig
+from memrecall.models.qwen2 import token_logprobs
 from memrecall.readers import Reader
 from memrecall.readers.trajectory import (TurnBatch, remat_block,  # noqa: F401  (re-exported)
                                           turn_logprobs)
@@ -133,10 +134,8 @@ def compressor_loss(params, setup: TrainSetup, chunk_ids: Array, chunk_mask: Arr
   chunk_ids/chunk_mask: [B, C] (any text cut into chunks); target_mask [B, C]: the
   tokens scored (default: all).
   """
-  logits = compressor_logits(params, setup.model, setup.compressor, chunk_ids, chunk_mask)
-  logp = jax.nn.log_softmax(logits[:, :-1])
-  target = chunk_ids[:, 1:]
-  token_logp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  hidden = compressor_hidden(params, setup.model, setup.compressor, chunk_ids, chunk_mask)
+  token_logp, _ = token_logprobs(params, setup.model, hidden[:, :-1], chunk_ids[:, 1:])
   mask = chunk_mask[:, 1:] & chunk_mask[:, :-1]
   if target_mask is not None:
     mask = mask & target_mask[:, 1:]

@@ -83,7 +83,7 @@ def test_the_configs_model_settings_reach_a_run_on_a_hf_checkpoint(tiny_qwen, da
   `model` block is the run's (remat_blocks and mlp_chunk_tokens were once dropped: a run on a
   checkpoint silently kept their defaults)."""
   config = recipe(lychee, "sft", tiny_qwen, f"hotpotqa:{data_files['hotpotqa']}")
-  settings = dict(remat="dots", remat_blocks=False, mlp_chunk_tokens=123,
+  settings = dict(remat="dots", remat_blocks=False, mlp_chunk_tokens=123, head_chunk_tokens=45,
                   matmul_precision="highest", attention="xla", gate_lora_alpha=8.0)
   config.model.update(settings)
   model = run_builder.build_run(config).model
