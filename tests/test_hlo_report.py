@@ -237,29 +237,34 @@ def test_replicated_or_tensor_rollout_weights_are_moved_once_not_gathered_at_eve
 # The unchunked program is the one an earlier test compiled: jax finds it in the persistent
 # cache, cannot load a deviceless executable, says so and compiles it again.
 @pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
-def test_the_mlp_in_chunks_gathers_its_weights_once_per_layer_not_per_chunk(tmp_path):
-  """The tiny RL rollout on an fsdp mesh with `model.mlp_chunk_tokens=8` (its prefills' MLP in
-  chunks): the chunk loops gather nothing per iteration (their weights are gathered before
-  them; seen failing without that: each chunk gathered its layer's 48 KiB), and every other
-  loop, and the program outside its loops, gathers what it gathers in one piece (seen failing
-  without the barrier: the decode loops read a copy gathered for the prefill, per block)."""
+@pytest.mark.parametrize("setting,program,chunk_tokens", [
+    ("mlp_chunk_tokens", "rollout", 8), ("head_chunk_tokens", "reference_logprobs", 4)])
+def test_chunk_loops_gather_their_weights_once_not_per_chunk(tmp_path, setting, program,
+                                                             chunk_tokens):
+  """The tiny RL recipe on an fsdp mesh, its rollout's prefills' MLP in chunks
+  (`model.mlp_chunk_tokens=8`) or its reference pass's LM head (`model.head_chunk_tokens=4`,
+  8 rows a device x 3 written tokens: 3 chunks a turn): the chunk loops gather nothing per
+  iteration (their weights are gathered before them; seen failing without that: each chunk
+  gathered its layer's 48 KiB, or the 64 KiB head), and every other loop, and the program
+  outside its loops, gathers what it gathers in one piece (seen failing without the MLP's
+  barrier: the decode loops read a copy gathered for the prefill, per block)."""
   from configs import tiny
   from memrecall.capacity import aot, tpu_slices
   from memrecall.run_builder import build_run
   from memrecall.train import trainer
   devices = tpu_slices.deviceless_devices(tpu_slices.parse_slice("v5e:2x2"))
   reports = {}
-  for chunk_tokens in (0, 8):
+  for tokens in (0, chunk_tokens):
     config = tiny.get_config("rl")
     config.mesh.update({"data": 1, "fsdp": 4, "tensor": 1})
-    config.model.mlp_chunk_tokens = chunk_tokens
+    config.model[setting] = tokens
     run = build_run(config, devices)
-    (rollout,) = [p for p in trainer.stage_programs(run) if p.name == "rollout"]
-    out = tmp_path / str(chunk_tokens)
+    (compiled,) = [p for p in trainer.stage_programs(run) if p.name == program]
+    out = tmp_path / str(tokens)
     out.mkdir()
-    aot.compile_program(rollout, run.mesh, 16 * 2**30, hlo_dir=str(out))
-    reports[chunk_tokens] = hlo_report.loop_report((out / "rollout.hlo").read_text())
-  (whole, whole_outside), (chunked, chunked_outside) = reports[0], reports[8]
+    aot.compile_program(compiled, run.mesh, 16 * 2**30, hlo_dir=str(out))
+    reports[tokens] = hlo_report.loop_report((out / f"{program}.hlo").read_text())
+  (whole, whole_outside), (chunked, chunked_outside) = reports[0], reports[chunk_tokens]
   assert len(chunked) > len(whole)
   gathering = lambda loops: sorted(loop.gathered_bytes for loop in loops if loop.kernels > 10)
   assert gathering(chunked) == gathering(whole) and min(gathering(whole)) > 0

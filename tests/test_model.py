@@ -510,7 +510,8 @@ def test_token_logprobs_match_float64_reference(hf_reference, tiny_dir, head_chu
 
 def test_token_logprobs_in_chunks_give_the_same_gradients(tiny_dir):
   """Each chunk is recomputed in the backward pass: the gradients of a loss over the
-  log-probs, to every parameter and to the hidden states, are those in one piece."""
+  log-probs, to every parameter and to the hidden states, are those in one piece (2 rows x 4
+  positions at a time: chunks at 0, 4, 8 and 11 of 15 positions, the last overlapping)."""
   params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir, matmul_precision="highest")
   tokens = jnp.arange(3, 35).reshape(2, 16)
   hidden, _ = model.forward(params, config, tokens, return_hidden=True)
@@ -520,9 +521,20 @@ def test_token_logprobs_in_chunks_give_the_same_gradients(tiny_dir):
     return jnp.mean(logp * jnp.arange(15.0)), entropy
 
   whole, chunked = (jax.grad(loss, argnums=(0, 1), has_aux=True)(
-      params, hidden, config.replace(head_chunk_tokens=n)) for n in (0, 7))
+      params, hidden, config.replace(head_chunk_tokens=n)) for n in (0, 9))
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_chunks_count_the_rows_one_device_holds():
+  """Under a mesh the chunks bound a device's tokens: 16 rows over data 2 x fsdp 4 are 2 rows a
+  device, so 50 tokens a chunk is 25 positions (of 100: 4 chunks), not 3; without a mesh (or
+  where the batch axes do not divide the rows) every row is a device's."""
+  from memrecall.runtime import sharding
+  assert model.device_token_chunks(16, 100, 50) == model.token_chunks(16, 100, 50) == (34, 3)
+  with jax.set_mesh(sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})):
+    assert model.device_token_chunks(16, 100, 50) == model.token_chunks(2, 100, 50) == (4, 25)
+    assert model.device_token_chunks(3, 100, 50) == model.token_chunks(3, 100, 50)
 
 
 @pytest.mark.parametrize("with_gradient", [False, True])

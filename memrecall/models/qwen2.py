@@ -296,7 +296,7 @@ class MLP(nn.Module):
     cfg = self.config
     dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
     e, m = cfg.hidden_size, cfg.intermediate_size
-    chunked = token_chunks(*x.shape[:2], cfg.mlp_chunk_tokens) is not None
+    chunked = device_token_chunks(*x.shape[:2], cfg.mlp_chunk_tokens) is not None
     in_axes, out_axes = ("embed", "mlp"), ("mlp", "embed")
 
     def weights(name, shape, axes):
@@ -338,18 +338,25 @@ class MLP(nn.Module):
 
 
 def token_chunks(rows: int, positions: int, chunk_tokens: int) -> tuple[int, int] | None:
-  """(number, width) of `in_token_chunks`' chunks; None: in one piece (a decode step's
-  single position, however many rows, is one piece)."""
+  """(number, width) of `in_token_chunks`' chunks for a device's `rows` x `positions`; None:
+  in one piece (a decode step's single position, however many rows, is one piece)."""
   if not chunk_tokens or rows * positions <= chunk_tokens:
     return None
   n = -(-positions // max(1, chunk_tokens // rows))
   return (n, -(-positions // n)) if n > 1 else None
 
 
+def device_token_chunks(rows: int, positions: int, chunk_tokens: int) -> tuple[int, int] | None:
+  """`token_chunks` of a [rows, positions, ...] activation under the current mesh: for the
+  rows one device holds (the batch split over the mesh's batch axes), since the chunks bound
+  what a device holds and how many rows each of its matmuls reads."""
+  return token_chunks(rows // sharding.logical_shards("batch", rows), positions, chunk_tokens)
+
+
 def in_token_chunks(f, xs, chunk_tokens: int):
   """f (position-wise: arrays [B, t, ...] -> arrays [B, t, ...]) over xs' positions in chunks
-  of at most `chunk_tokens` tokens (rows x positions), one chunk after another; 0: all at
-  once.  xs and f's result are pytrees of arrays sharing their first two axes [B, T].
+  of at most `chunk_tokens` tokens (rows x positions) a device, one chunk after another; 0:
+  all at once.  xs and f's result are pytrees of arrays sharing their first two axes [B, T].
 
   The MLP's [B, T, M] intermediate is 5.3x the hidden state at Qwen2.5-7B: a 32-row prefill
   of a 6.7K-token MemAgent prompt holds 7.6 GiB of it; the LM head's [B, T, V] logits are
@@ -359,7 +366,7 @@ def in_token_chunks(f, xs, chunk_tokens: int):
   so the loop holds one f and writes one output in place.
   """
   b, t = jax.tree.leaves(xs)[0].shape[:2]
-  chunks = token_chunks(b, t, chunk_tokens)
+  chunks = device_token_chunks(b, t, chunk_tokens)
   if chunks is None:
     return f(xs)
   n, width = chunks
@@ -646,9 +653,19 @@ def token_logprobs(params, config: ModelConfig, hidden: Array,
   """Log-probs [B, T] of `targets` [B, T] under the LM head at `hidden` [B, T, E], and the
   entropies [B, T] of those distributions (no gradient).
 
-  Over at most `config.head_chunk_tokens` tokens at a time (`in_token_chunks`), each chunk
-  recomputed in the backward pass, so the [B, T, V] logits and their float32 log-softmax
-  live one chunk at a time (a 32-row reference pass of 1024-token updates: 28 GiB whole)."""
+  Over at most `config.head_chunk_tokens` tokens a device at a time (`in_token_chunks`), each
+  chunk recomputed in the backward pass, so the [B, T, V] logits and their float32
+  log-softmax live one chunk at a time (32 rows a device of 1024-token updates, RL's
+  reference pass on 8 GPUs: 28 GiB whole)."""
+  chunked = device_token_chunks(*targets.shape, config.head_chunk_tokens) is not None
+  if chunked:
+    # Read at every chunk: cast and gathered over the fsdp axis once, before the loop, as the
+    # MLP's weights are (the barrier keeps that copy to this call).
+    name, axes = (("embedding", ("vocab", None)) if config.tie_word_embeddings
+                  else ("lm_head", (None, "vocab")))
+    head, hidden = jax.lax.optimization_barrier(
+        (compute_copy(params[name], hidden.dtype), hidden))
+    params = {**params, name: with_logical_constraint(head, axes)}
 
   def score(chunk):
     h, y = chunk  # [B, t, E], [B, t]
@@ -657,7 +674,6 @@ def token_logprobs(params, config: ModelConfig, hidden: Array,
     entropy = -(jnp.exp(logp) * logp).sum(-1)
     return token_logp, jax.lax.stop_gradient(entropy)
 
-  chunked = token_chunks(*targets.shape, config.head_chunk_tokens) is not None
   return in_token_chunks(jax.checkpoint(score) if chunked else score, (hidden, targets),
                          config.head_chunk_tokens)
 
