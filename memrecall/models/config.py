@@ -65,11 +65,11 @@ class ModelConfig:
   remat_blocks: bool = True
   # The MLP runs over at most this many tokens (rows x positions) at a time
   # (`qwen2.in_token_chunks`): a long prefill's [rows, tokens, intermediate] activation is
-  # the largest a recall loop holds.  0: all at once.  Decode steps and single-row turns
-  # of up to this many tokens are never split.
+  # the largest a recall loop holds.  0: all at once.  Counted over the rows one device
+  # holds; decode steps and one-row-a-device turns of up to this many tokens are never split.
   mlp_chunk_tokens: int = 16384
   # Teacher-forced scoring (`trajectory.turn_logprobs`: RL's log-probs, SFT's loss) runs the
-  # LM head and its log-softmax over at most this many tokens at a time: a [rows, tokens,
+  # LM head and its log-softmax over at most this many tokens a device at a time: a [rows, tokens,
   # vocab] float32 block is 0.6 MiB a token at Qwen2.5's 152K vocabulary, the largest
   # array of a reference pass.  Each chunk is recomputed in the backward pass.  0: all at once.
   head_chunk_tokens: int = 2048

@@ -305,13 +305,12 @@ class MLP(nn.Module):
       return kernel, lora_factors(self, name, shape[:1], axes[:1], shape[1:], axes[1:],
                                   self.use_lora)
 
-    def gathered(weight, axes):  # the fsdp split of the embed axis undone
-      unsplit = lambda names: tuple(None if a == "embed" else a for a in names)
+    def gathered(weight, axes):
       kernel, factors = weight
       if factors is not None:
-        factors = (with_logical_constraint(factors[0], unsplit(axes[:1]) + (None,)),
-                   with_logical_constraint(factors[1], (None,) + unsplit(axes[1:])))
-      return with_logical_constraint(kernel, unsplit(axes)), factors
+        factors = (fsdp_gathered(factors[0], axes[:1] + (None,)),
+                   fsdp_gathered(factors[1], (None,) + axes[1:]))
+      return fsdp_gathered(kernel, axes), factors
 
     gate = weights("gate", (e, m), in_axes)
     up = weights("up", (e, m), in_axes)
@@ -335,6 +334,13 @@ class MLP(nn.Module):
       return linear(hidden, down)
 
     return in_token_chunks(swiglu, x.astype(dtype), cfg.mlp_chunk_tokens)
+
+
+def fsdp_gathered(weight: Array, logical_axes: tuple) -> Array:
+  """A weight with the fsdp split of its embed axis undone (its other splits kept): what a
+  loop that reads it at every iteration gathers once before it, behind a barrier."""
+  return with_logical_constraint(weight, tuple(None if a == "embed" else a
+                                               for a in logical_axes))
 
 
 def token_chunks(rows: int, positions: int, chunk_tokens: int) -> tuple[int, int] | None:
@@ -661,11 +667,11 @@ def token_logprobs(params, config: ModelConfig, hidden: Array,
   if chunked:
     # Read at every chunk: cast and gathered over the fsdp axis once, before the loop, as the
     # MLP's weights are (the barrier keeps that copy to this call).
-    name, axes = (("embedding", ("vocab", None)) if config.tie_word_embeddings
-                  else ("lm_head", (None, "vocab")))
+    name, axes = (("embedding", ("vocab", "embed")) if config.tie_word_embeddings
+                  else ("lm_head", ("embed", "vocab")))
     head, hidden = jax.lax.optimization_barrier(
         (compute_copy(params[name], hidden.dtype), hidden))
-    params = {**params, name: with_logical_constraint(head, axes)}
+    params = {**params, name: fsdp_gathered(head, axes)}
 
   def score(chunk):
     h, y = chunk  # [B, t, E], [B, t]
