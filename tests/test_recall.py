@@ -307,8 +307,13 @@ def test_streaming_documents_split_over_devices_read_their_own_chunks(lychee_mod
 
 
 def test_streaming_peak_memory_does_not_grow_with_the_document(lychee_model):
-  """Compiled device memory (temporaries + arguments + outputs) at 64x the chunks stays within
-  10% of 1x in streaming mode, while a device-resident bank grows with the document."""
+  """Compiled device memory (temporaries + arguments + outputs) in streaming mode grows with the
+  document only by a few times its token ids and mask, never by its compressed memory, which a
+  device-resident bank holds whole.
+
+  The token stream is the program's argument, and the GPU image's jax 0.11.2 also lays it out
+  once more (a copy of the ids and mask before the loop: 12% of this toy program's memory, a
+  few bytes a token at any size); the rest is the temporaries' packing."""
   setup = _setup(lychee_model, "gate", group_size=2, memory_size=4, answer_tokens=4)
   question, question_mask = prompts.pad_ids([[300, 301, 302]])
 
@@ -332,8 +337,9 @@ def test_streaming_peak_memory_does_not_grow_with_the_document(lychee_model):
                 jax.random.key(0))
 
   small, large = streaming_peak(2), streaming_peak(128)  # one group vs 64 groups
-  assert large <= 1.10 * small, (small, large)
-  bank_bytes = 2 * 126 * (2 * 256 * 2 * 16 * 4)  # k and v of the 126 extra chunks
+  token_bytes = 126 * 1024 * (4 + 1)  # the 126 extra chunks' int32 ids and boolean mask
+  bank_bytes = 2 * 126 * (2 * 256 * 2 * 16 * 4)  # their k and v: 26x their tokens
+  assert large - small <= 4 * token_bytes, (small, large)  # 0.12: 1.8x, 0.11.2: 2.8x
   assert bank_peak(128) - bank_peak(2) >= bank_bytes
 
 
