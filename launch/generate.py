@@ -5,7 +5,8 @@ r"""Generates text with a Qwen2 model: a HF checkpoint, or a random model of a n
   python launch/generate.py --model=tiny --prompt_ids=5,6,7 --temperature=0.8 --top_p=0.9 \
       --output_json=/tmp/out.json
 
-Writes `{"ids": [...], "text": "...", "logprobs": [...]}` to --output_json.  Bad flags, paths,
+Writes `{"ids": [...], "text": "...", "logprobs": [...]}` to --output_json (each token's
+log-probability at --temperature, before top-k/top-p; greedy: the model's own).  Bad flags, paths,
 shapes or meshes are one-line errors before any model is built (--verbose: tracebacks).
 """
 

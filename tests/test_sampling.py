@@ -57,20 +57,33 @@ def test_fixed_seed_reproduces_and_seeds_differ(tiny):
   assert len({tuple(row) for row in np.asarray(a.tokens)}) > 1
 
 
-def test_recorded_logprobs_equal_teacher_forced_log_softmax(tiny):
+@pytest.mark.parametrize("temperature, top_k", [(0.6, 50), (0.0, 0)])
+def test_recorded_logprobs_are_under_the_sampling_temperature(tiny, temperature, top_k):
+  """A sample's log-probs are those of softmax(logits / t) at its temperature (greedy: t = 1),
+  before top-k: a float64 log-softmax of the teacher-forced logits, and what the RL loss
+  scores with `token_logprobs(..., temperature=)` (the update's ratio starts at 1)."""
   params, config = tiny
+  settings = _settings(config, temperature=temperature, top_k=top_k)
+  t = settings.logprob_temperature
+  assert t == (temperature or 1.0)
   prompt = jnp.asarray([[0, 0, 5, 9, 40, 77], [11, 12, 13, 14, 15, 16]])
   mask = prompt != 0
   out = sampling.generate(params, config, prompt, mask, jax.random.key(1), max_new_tokens=12,
-                          sampling=_settings(config, temperature=0.9, top_k=50))
+                          sampling=settings)
   for row in range(2):
     n = int(out.lengths[row])
     seq = jnp.concatenate([prompt[row], out.tokens[row, :n]])[None]
     seq_mask = jnp.concatenate([mask[row], jnp.ones((n,), bool)])[None]
-    logits, _ = model.forward(params, config, seq, seq_mask)
-    logp = jax.nn.log_softmax(logits[0, prompt.shape[1] - 1:-1])
-    expected = jnp.take_along_axis(logp, out.tokens[row, :n, None], -1)[:, 0]
+    hidden, _ = model.forward(params, config, seq, seq_mask, return_hidden=True)
+    hidden = hidden[:, prompt.shape[1] - 1:-1]
+    logits = np.asarray(model.head_logits(params, config, hidden)[0], np.float64) / t
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = logp[np.arange(n), np.asarray(out.tokens[row, :n])]
     np.testing.assert_allclose(out.logprobs[row, :n], expected, atol=1e-5)
+    scored, _ = model.token_logprobs(params, config, hidden, out.tokens[row, :n][None],
+                                     temperature=t)
+    np.testing.assert_allclose(scored[0], expected, atol=1e-5)
 
 
 def _numpy_filter(logits, temperature, top_k, top_p):

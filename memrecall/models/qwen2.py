@@ -654,10 +654,11 @@ def head_logits(params, config: ModelConfig, hidden: Array) -> Array:
   return Qwen2(config).apply({"params": params}, hidden, method=Qwen2.logits)
 
 
-def token_logprobs(params, config: ModelConfig, hidden: Array,
-                   targets: Array) -> tuple[Array, Array]:
+def token_logprobs(params, config: ModelConfig, hidden: Array, targets: Array,
+                   temperature: float = 1.0) -> tuple[Array, Array]:
   """Log-probs [B, T] of `targets` [B, T] under the LM head at `hidden` [B, T, E], and the
-  entropies [B, T] of those distributions (no gradient).
+  entropies [B, T] of those distributions (no gradient); temperature: of softmax(logits / t),
+  the distribution a sampler at that temperature drew from.
 
   Over at most `config.head_chunk_tokens` tokens a device at a time (`in_token_chunks`), each
   chunk recomputed in the backward pass, so the [B, T, V] logits and their float32
@@ -675,7 +676,8 @@ def token_logprobs(params, config: ModelConfig, hidden: Array,
 
   def score(chunk):
     h, y = chunk  # [B, t, E], [B, t]
-    logp = jax.nn.log_softmax(head_logits(params, config, h))  # [B, t, V]
+    logits = head_logits(params, config, h)  # [B, t, V]
+    logp = jax.nn.log_softmax(logits if temperature == 1.0 else logits / temperature)
     token_logp = jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
     entropy = -(jnp.exp(logp) * logp).sum(-1)
     return token_logp, jax.lax.stop_gradient(entropy)

@@ -30,6 +30,10 @@ class SamplingConfig:
   top_k: keep only the k most likely tokens (0 = no limit).
   top_p: keep the smallest set of tokens whose probability reaches p (1 = off).
   eos_ids: tokens that end a row; pad_id fills a row after it ended.
+
+  The log-probs a sample records are under `logprob_temperature`: the distribution the token
+  was drawn from before top-k/top-p truncation (the model's own when greedy), the one an RL
+  loss can score again teacher-forced (`qwen2.token_logprobs(..., temperature=)`).
   """
   temperature: float = 0.0
   top_k: int = 0
@@ -46,10 +50,18 @@ class SamplingConfig:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
 
+  @property
+  def logprob_temperature(self) -> float:
+    """Sampling draws from softmax(logits / t) with this t (greedy: the model's own
+    distribution, t = 1).  A rollout's log-probs and its policy-gradient loss are both taken
+    under it, or the update's ratio compares two different distributions."""
+    return self.temperature if self.temperature > 0 else 1.0
+
 
 @flax.struct.dataclass
 class SampleOutput:
-  """tokens/logprobs: [B, N]; after a row's EOS, tokens are pad and logprobs 0.
+  """tokens/logprobs: [B, N]; after a row's EOS, tokens are pad and logprobs 0.  logprobs are
+  under `SamplingConfig.logprob_temperature`.
 
   lengths: [B] tokens generated per row, the EOS included.
   done:    [B] whether the row emitted an EOS.
@@ -75,6 +87,11 @@ def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, neg_inf, logits)
   return logits
+
+
+def _tempered(logits: Array, sampling: SamplingConfig) -> Array:
+  t = sampling.logprob_temperature
+  return logits if t == 1.0 else logits / t
 
 
 def sample_token(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
@@ -112,7 +129,8 @@ def sample_loop(params, config: ModelConfig, cache: KVCache, next_logits: Array,
     rng, step_rng = jax.random.split(rng)
     token = sample_token(logits, step_rng, sampling)
     token = jnp.where(done, sampling.pad_id, token)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(_tempered(logits, sampling)),
+                                  token[:, None], axis=-1)[:, 0]
     tokens = tokens.at[:, step].set(token)
     logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
     # Rows that already ended write an invalid (masked) slot.

@@ -154,9 +154,11 @@ class Reader(abc.ABC):
     (`benchmark.mode_floor`) charges per block read."""
     raise NotImplementedError(f"the {self.name} reader has no per-block memory updates")
 
-  def trajectory_logprobs(self, params, batch: TurnBatch, with_gate: bool = False):
+  def trajectory_logprobs(self, params, batch: TurnBatch, with_gate: bool = False,
+                          temperature: float = 1.0):
     """Teacher-forced per-token log-probs and entropies of every turn of `batch`: blocks
-    [B, N, M] and answer [B, A] (with_gate: and the gate's logit per block [B, N])."""
+    [B, N, M] and answer [B, A] (with_gate: and the gate's logit per block [B, N]), under
+    `temperature` (`sampling.logprob_temperature` of the rollout that wrote the turns)."""
     raise NotImplementedError(f"the {self.name} reader does not train")
 
 

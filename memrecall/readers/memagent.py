@@ -64,11 +64,13 @@ class MemAgentReader(Reader):
                                                 self.baseline.memagent_chunk)
     return prompt, 0
 
-  def trajectory_logprobs(self, params, batch: TurnBatch, with_gate: bool = False):
+  def trajectory_logprobs(self, params, batch: TurnBatch, with_gate: bool = False,
+                          temperature: float = 1.0):
     """Each block's raw tokens inside its update prompt (the {section} slot), no KV prefix."""
     if with_gate:
       raise ValueError("a raw-chunk (memagent) reader has no gate to train")
     config, prompts = self.setup.model, self.setup.prompts
     block_turn = lambda _, ids, mask: (prompts.memagent, no_prefix(config, ids.shape[0]),
                                        (ids, mask))  # no parameters of its own
-    return score_trajectory(params, config, prompts, batch, block_turn)
+    return score_trajectory(params, config, prompts, batch, block_turn,
+                            temperature=temperature)

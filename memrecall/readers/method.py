@@ -117,7 +117,8 @@ class MethodReader(Reader):
 
   # --- training --------------------------------------------------------------------
 
-  def trajectory_logprobs(self, params, batch: TurnBatch, with_gate: bool = False):
+  def trajectory_logprobs(self, params, batch: TurnBatch, with_gate: bool = False,
+                          temperature: float = 1.0):
     """Each block's chunk compressed (with gradients) into the KV prefix of its update."""
     config = self.setup.model
 
@@ -125,7 +126,8 @@ class MethodReader(Reader):
       chunk = compress(params, config, self.compressor, ids, mask, for_gradients=True)
       return self.setup.prompts.update, (chunk.k, chunk.v, chunk.slot_mask), ()
 
-    return score_trajectory(params, config, self.setup.prompts, batch, block_turn, with_gate)
+    return score_trajectory(params, config, self.setup.prompts, batch, block_turn, with_gate,
+                            temperature)
 
 
 for _mode in MODES:  # one name per block selection, in this order

@@ -67,8 +67,10 @@ def remat_block(body, config: ModelConfig):
 def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Array, v: Array,
                   slot_mask: Array, question: Array, question_mask: Array, memory: WorkingMemory,
                   targets: Array, target_mask: Array, section: Array | None = None,
-                  section_mask: Array | None = None) -> tuple[Array, Array]:
-  """Teacher-forced log-probs and entropies [B, M] of `targets` after [slots] + prompt."""
+                  section_mask: Array | None = None, temperature: float = 1.0
+                  ) -> tuple[Array, Array]:
+  """Teacher-forced log-probs and entropies [B, M] of `targets` after [slots] + prompt, under
+  `temperature` (`sampling.logprob_temperature`)."""
   prompt, prompt_mask = template.render(question, question_mask, memory.ids, memory.mask,
                                         section, section_mask)
   tokens = jnp.concatenate([prompt, targets], axis=1)
@@ -79,13 +81,14 @@ def turn_logprobs(params, config: ModelConfig, template: PromptTemplate, k: Arra
   # The prompt ends with literal text and targets are contiguous, so token j is
   # predicted at position p - 1 + j: the head runs on those M positions only (over the
   # whole prompt its [B, P + M, V] output and gradient dwarfed the turn's other activations).
-  return token_logprobs(params, config, hidden[:, p - 1:p - 1 + m], targets)
+  return token_logprobs(params, config, hidden[:, p - 1:p - 1 + m], targets, temperature)
 
 
 def score_trajectory(params, config: ModelConfig, prompts: Prompts, batch: TurnBatch,
-                     block_turn: BlockTurn, with_gate: bool = False):
-  """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A];
-  with_gate also returns the gate's logit of every block [B, N] (on the same prefix).
+                     block_turn: BlockTurn, with_gate: bool = False, temperature: float = 1.0):
+  """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A],
+  under `temperature`; with_gate also returns the gate's logit of every block [B, N] (on the
+  same prefix).
 
   block_turn runs inside the block, so a compression there is differentiated (and, with
   `config.remat_blocks`, rematerialised) with the block."""
@@ -95,7 +98,8 @@ def score_trajectory(params, config: ModelConfig, prompts: Prompts, batch: TurnB
     memory = WorkingMemory(mem_ids, mem_mask)
     template, prefix, section = block_turn(params, ids, mask)
     logp, entropy = turn_logprobs(params, config, template, *prefix, batch.question,
-                                  batch.question_mask, memory, targets, target_mask, *section)
+                                  batch.question_mask, memory, targets, target_mask, *section,
+                                  temperature=temperature)
     gate = (gate_logits(params, config, prompts.gate, *prefix, batch.question,
                         batch.question_mask, memory) if with_gate
             else jnp.zeros(logp.shape[:1]))
@@ -106,7 +110,7 @@ def score_trajectory(params, config: ModelConfig, prompts: Prompts, batch: TurnB
         params, config, prompts.final, *no_prefix(config, batch.question.shape[0]),
         batch.question, batch.question_mask,
         WorkingMemory(batch.final_memory_ids, batch.final_memory_mask), batch.answer,
-        batch.answer_mask)
+        batch.answer_mask, temperature=temperature)
 
   block_major = lambda x: jnp.moveaxis(x, 1, 0)
   xs = tuple(block_major(x) for x in (batch.chunk_ids, batch.chunk_mask, batch.memory_ids,

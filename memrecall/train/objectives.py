@@ -49,10 +49,12 @@ class TrainSetup:
     return cls(run.model, run.compressor, run.prompts, reader=run.reader())
 
 
-def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch, with_gate: bool = False):
-  """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A];
-  with_gate also returns the gate's logit of every block [B, N] (same compressed chunks)."""
-  return setup.reader.trajectory_logprobs(params, batch, with_gate)
+def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch, with_gate: bool = False,
+                        temperature: float = 1.0):
+  """Per-token log-probs and entropies of every turn: blocks [B, N, M] and answer [B, A],
+  under `temperature`; with_gate also returns the gate's logit of every block [B, N] (same
+  compressed chunks)."""
+  return setup.reader.trajectory_logprobs(params, batch, with_gate, temperature)
 
 
 def _flat_tokens(blocks: Array, answer: Array) -> Array:
@@ -94,6 +96,9 @@ class RLConfig:
   kl_coef: float = 1e-3
   kl_estimator: str = "low_var_kl"
   aggregation: str = "token_mean"
+  # The rollout's `sampling.logprob_temperature`: the policy and the reference are scored
+  # under the distribution the rollout sampled from, as its recorded log-probs are.
+  temperature: float = 1.0
 
 
 @flax.struct.dataclass
@@ -110,7 +115,8 @@ class RLBatch:
 
 def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
   """Clipped policy-gradient loss with a KL penalty, over every token of every turn."""
-  (logp, entropy), (answer_logp, answer_entropy) = trajectory_logprobs(params, setup, batch.turns)
+  (logp, entropy), (answer_logp, answer_entropy) = trajectory_logprobs(
+      params, setup, batch.turns, temperature=rl.temperature)
   mask = trajectory_mask(batch.turns)
   logp = _flat_tokens(logp, answer_logp)
   old = _flat_tokens(batch.old_logprobs, batch.old_answer_logprobs)

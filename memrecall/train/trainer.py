@@ -635,8 +635,10 @@ class RLStage(_Stage):
     self._rollout = jax.jit(self._read_for_inference, out_shardings=sharding_lib.rows_sharding(
         (self.batch_size,), self.rollout_weights.mesh))
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
-                                  kl_estimator=rl.kl_estimator, aggregation=rl.aggregation)
-    self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(p, self.setup, turns))
+                                  kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
+                                  temperature=self.reader.setup.sampling.logprob_temperature)
+    self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(
+        p, self.setup, turns, temperature=self.rl.temperature))
 
   def start(self, params):
     r = self.run

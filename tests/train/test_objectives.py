@@ -111,12 +111,15 @@ def test_a_step_changes_only_the_trainable_subset(subset):
       assert not changed, key
 
 
-@pytest.mark.parametrize("agent", ["lychee", "memagent"])
-def test_rollout_logprobs_equal_the_teacher_forced_scores(agent):
+@pytest.mark.parametrize("agent,temperature", [("lychee", 1.0), ("memagent", 1.0),
+                                               ("lychee", 0.5)])
+def test_rollout_logprobs_equal_the_teacher_forced_scores(agent, temperature):
   """The RL stage's sampled turns, re-scored by the objective, give the sampler's own
-  log-probs: the loop and the loss see the same prompts (compressed or raw chunks)."""
+  log-probs: the loop and the loss see the same prompts (compressed or raw chunks), and the
+  same distribution at any rollout temperature, so the first update's ratios are 1."""
   config = small_config("rl")
   config.agent = agent
+  config.rl.temperature = temperature
   run = run_builder.build_run(config)
   stage = trainer._STAGES["rl"](run)
   params = model.init_params(run.model, jax.random.key(0))
@@ -132,6 +135,12 @@ def test_rollout_logprobs_equal_the_teacher_forced_scores(agent):
   answer = np.asarray(batch.turns.answer_mask)
   np.testing.assert_allclose(np.asarray(batch.ref_answer_logprobs)[answer],
                              np.asarray(batch.old_answer_logprobs)[answer], atol=2e-4)
+  _, metrics = objectives.rl_loss(state.params, stage.setup, stage.rl, batch)
+  assert float(metrics["clip_fraction"]) == 0
+  assert abs(float(metrics["kl"])) < 1e-6
+  if temperature != 1.0:  # ... and that distribution is the tempered one, not the model's own
+    (raw, _), _ = objectives.trajectory_logprobs(state.params, stage.setup, batch.turns)
+    assert np.abs(np.asarray(raw)[mask] - np.asarray(batch.old_logprobs)[mask]).max() > 0.1
 
 
 def test_rollouts_are_the_same_whichever_way_their_weights_are_placed():
