@@ -72,9 +72,14 @@ class SampleOutput:
   done: Array
 
 
+def _tempered(logits: Array, sampling: SamplingConfig) -> Array:
+  t = sampling.logprob_temperature
+  return logits if t == 1.0 else logits / t
+
+
 def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
   """Applies temperature, top-k and top-p to float32 logits [B, V]."""
-  logits = logits / sampling.temperature
+  logits = _tempered(logits, sampling)
   neg_inf = jnp.finfo(logits.dtype).min
   if sampling.top_k:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # [B, 1]
@@ -87,11 +92,6 @@ def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, neg_inf, logits)
   return logits
-
-
-def _tempered(logits: Array, sampling: SamplingConfig) -> Array:
-  t = sampling.logprob_temperature
-  return logits if t == 1.0 else logits / t
 
 
 def sample_token(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
