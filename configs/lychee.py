@@ -68,7 +68,7 @@ def base_config(stage: str, size: str, mesh: str) -> ml_collections.ConfigDict:
 
 def with_microbatches(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """One row per device per microbatch on a fixed mesh: a step's activations are one turn's
-  (token-mean losses then average per microbatch, a close stand-in for the whole batch's)."""
+  (the parts are weighted by their tokens: the whole batch's token-mean step)."""
   devices = c.mesh.data * c.mesh.fsdp
   if devices > 0 and c.train.batch_size % devices == 0:
     c.train.microbatches = max(1, c.train.batch_size // devices)

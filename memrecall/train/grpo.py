@@ -81,6 +81,14 @@ def aggregate(values: Array, mask: Array, mode: str = "token_mean") -> Array:
   return (per_seq * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
 
 
+def aggregate_weight(mask: Array, mode: str = "token_mean") -> Array:
+  """What `aggregate` divides by: the real tokens (token_mean) or the sequences with one."""
+  mask = mask.astype(jnp.float32)
+  if mode == "token_mean":
+    return mask.sum()
+  return (mask.sum(axis=-1) > 0).astype(jnp.float32).sum()
+
+
 def clipped_policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array,
                         eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Array, Array]:
   """PPO's per-token clipped surrogate (to minimise) and whether the clip was active.

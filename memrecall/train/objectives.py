@@ -27,6 +27,7 @@ from memrecall.readers import Reader
 from memrecall.readers.trajectory import (TurnBatch, remat_block,  # noqa: F401  (re-exported)
                                           turn_logprobs)
 from memrecall.train import grpo
+from memrecall.train.state import LOSS_WEIGHT
 
 Array = jax.Array
 
@@ -79,11 +80,14 @@ def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0
   token_logp = _flat_tokens(logp, answer_logp)
   nll = -grpo.aggregate(token_logp, mask, "token_mean")
   metrics = {"nll": nll,
-             "answer_nll": -grpo.aggregate(answer_logp, batch.answer_mask, "token_mean")}
+             "answer_nll": -grpo.aggregate(answer_logp, batch.answer_mask, "token_mean"),
+             LOSS_WEIGHT: grpo.aggregate_weight(mask)}
   loss = nll
   if gate_weight > 0:
     bce, gate_metrics = _gate_bce(outputs[2], batch.labels, batch.chunk_mask.any(-1))
     loss = nll + gate_weight * bce
+    # The step weighs microbatches by the NLL's tokens (the gate's BCE rides along).
+    gate_metrics.pop(LOSS_WEIGHT)
     metrics.update({f"gate_{k}": v for k, v in gate_metrics.items()})
   return loss, {"loss": loss, **metrics}
 
@@ -130,7 +134,8 @@ def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
   mean = lambda x: grpo.aggregate(x.astype(jnp.float32), mask, "token_mean")
   return loss, {"loss": loss, "policy_loss": policy_loss, "kl": kl_loss,
                 "clip_fraction": mean(clipped),
-                "entropy": mean(_flat_tokens(entropy, answer_entropy))}
+                "entropy": mean(_flat_tokens(entropy, answer_entropy)),
+                LOSS_WEIGHT: grpo.aggregate_weight(mask, rl.aggregation)}
 
 
 def compressor_loss(params, setup: TrainSetup, chunk_ids: Array, chunk_mask: Array,
@@ -151,7 +156,7 @@ def compressor_loss(params, setup: TrainSetup, chunk_ids: Array, chunk_mask: Arr
   w = setup.compressor.window
   boundary = jnp.zeros_like(mask).at[:, w - 1::w].set(1.0) * mask
   boundary_nll = -grpo.aggregate(token_logp, boundary, "token_mean")
-  return loss, {"loss": loss, "boundary_nll": boundary_nll}
+  return loss, {"loss": loss, "boundary_nll": boundary_nll, LOSS_WEIGHT: mask.sum()}
 
 
 @flax.struct.dataclass
@@ -203,7 +208,7 @@ def _gate_bce(logits, labels, valid, threshold: float = 0.5, positive_weight: fl
   loss = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
   predicted = (jax.nn.sigmoid(logits) >= threshold).astype(jnp.float32) * valid
   tp = (predicted * labels).sum()
-  return loss, {"bce": loss,
+  return loss, {"bce": loss, LOSS_WEIGHT: weights.sum(),
                 "precision": tp / jnp.maximum(predicted.sum(), 1.0),
                 "recall": tp / jnp.maximum((labels * valid).sum(), 1.0),
                 "skip_rate": 1.0 - predicted.sum() / jnp.maximum(valid.sum(), 1.0)}

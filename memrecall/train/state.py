@@ -132,6 +132,12 @@ def state_shardings(config, state_shape: TrainState, mesh) -> TrainState:
   return TrainState(step=replicated, params=param_sharding, opt_state=opt, rng=replicated)
 
 
+# A loss's metric that counts what its mean divides by (masked tokens for a token mean, rows
+# for a mean over rows): microbatches are weighted by it, so k parts make the whole batch's
+# mean, not the mean of k parts' means.  A loss without it weighs every part alike.
+LOSS_WEIGHT = "loss_weight"
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                     paths, microbatches: int = 1) -> Callable:
   """A step (state, batch) -> (state, metrics) for loss_fn(params, batch, rng) -> (loss, metrics).
@@ -140,11 +146,16 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
   `finite = 0`, so the caller can stop without ever saving a bad state.
   microbatches k > 1: the batch's rows are cut into k equal parts, run one after another in a
   `lax.scan` (activations of one part live at a time), and the loss, metrics and gradients are
-  their means — the whole batch's when the loss is a mean over rows.
+  their means weighted by the parts' `LOSS_WEIGHT` metric: the whole batch's loss and gradient
+  when the loss is a mean over what that metric counts (RL's and SFT's token means over turns
+  of different lengths too).  Ratios among the metrics (a gate's precision) are weighted
+  means of the parts' ratios.
   """
   def grads_of(trainable, frozen, batch, rng):
     loss_of = lambda t: loss_fn(merge(t, frozen), batch, rng)
-    return jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    weight = jax.lax.stop_gradient(metrics.pop(LOSS_WEIGHT, jnp.ones((), jnp.float32)))
+    return (loss, metrics), grads, weight
 
   def accumulated(trainable, frozen, batch, rng):
     rows = jax.tree.leaves(batch)[0].shape[0]
@@ -155,20 +166,23 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
     def one(total, xs):
       part, key = xs
-      out = grads_of(trainable, frozen, part, key)
-      return jax.tree.map(lambda a, b: a + b / microbatches, total, out), None
+      (loss, metrics), grads, weight = grads_of(trainable, frozen, part, key)
+      sums, weights = total
+      weighted = jax.tree.map(lambda x: x * weight, ((loss, metrics), grads))
+      return (jax.tree.map(jnp.add, sums, weighted), weights + weight), None
 
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, trainable, frozen,
-                                                       jax.tree.map(lambda x: x[0], parts), rng))
-    total, _ = jax.lax.scan(one, zero, (parts, jax.random.split(rng, microbatches)))
-    return total
+    shapes = jax.eval_shape(grads_of, trainable, frozen, jax.tree.map(lambda x: x[0], parts), rng)
+    zero = (jax.tree.map(jnp.zeros_like, shapes[:2]), jnp.zeros((), jnp.float32))
+    (sums, weights), _ = jax.lax.scan(one, zero, (parts, jax.random.split(rng, microbatches)))
+    # Parts that count nothing (no token scored) add nothing; all of them: zeros.
+    return jax.tree.map(lambda x: x / jnp.maximum(weights, 1e-30), sums) + (weights,)
 
   def step(state: TrainState, batch):
     rng = jax.random.wrap_key_data(state.rng)
     rng, step_rng = jax.random.split(rng)
     trainable, frozen = split(state.params, paths)
     compute = grads_of if microbatches == 1 else accumulated
-    (loss, metrics), grads = compute(trainable, frozen, batch, step_rng)
+    (loss, metrics), grads, _ = compute(trainable, frozen, batch, step_rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)

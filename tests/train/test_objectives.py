@@ -233,6 +233,37 @@ def test_microbatches_give_the_whole_batch_step():
         state_lib.create_train_state(params, "backbone", optimizer, 0), batch)
 
 
+def test_microbatches_of_unequal_turns_give_the_whole_batchs_token_mean_step():
+  """RL's token mean over turns of different lengths: 2 microbatches weighted by their tokens
+  make the whole batch's loss, gradient and update (a mean of the 2 parts' means does not)."""
+  config = small_config("rl")
+  config.reasoner.memory_size, config.reasoner.answer_tokens = 8, 6
+  run = run_builder.build_run(config)
+  stage = trainer._STAGES["rl"](run)
+  params = model.init_params(run.model, jax.random.key(0))
+  # A likelier EOS: updates end at different lengths.
+  params["lm_head"] = params["lm_head"].at[:, run.model.eos_token_ids[0]].add(4.0)
+  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=1e-3))
+  paths = state_lib.trainable_paths(params, "backbone")
+  state = state_lib.create_train_state(params, "backbone", optimizer, 0)
+  stage.start(state.params)
+  batch, _ = stage.batch(0, state, slice(0, 4))
+  batch = batch.replace(advantages=np.asarray([0.5, -0.5, 0.5, -0.5], np.float32))
+  tokens = np.asarray(objectives.trajectory_mask(batch.turns)).sum(1)
+  assert tokens[:2].sum() != tokens[2:].sum(), tokens  # the two halves weigh differently
+  out = {}
+  for k in (1, 2):
+    fresh = state_lib.create_train_state(params, "backbone", optimizer, 0)
+    out[k] = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches=k))(
+        fresh, batch)
+  (s1, m1), (s2, m2) = out[1], out[2]
+  for key in ("loss", "grad_norm", "kl", "entropy"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-7)
+  assert state_lib.LOSS_WEIGHT not in m1
+  for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)):  # Adam: lr-sized steps
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_turn_logprobs_equal_the_whole_forward_and_run_the_head_on_the_written_tokens_only():
   """A turn's scores are the log-softmax of the full forward's logits at the positions that
   predict the written tokens, and no array of the step (forward or gradient) spans the whole
