@@ -353,6 +353,15 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
                       f"(train it with {trained})")
   if not reads.has_gate and config.get("sft", {}).get("gate_weight", 0.0):
     raise ConfigError(f"the {agent} agent has no gate: set sft.gate_weight to 0")
+  if (config.stage == "sft" and config.sft.gate_weight > 0
+      and config.train.trainable not in ("gate", "all")):
+    # The relevance head starts at zero: frozen, it passes no gradient to the adapters either.
+    raise ConfigError(f"sft.gate_weight={config.sft.gate_weight} trains the gate jointly with "
+                      f"SFT, but train.trainable={config.train.trainable!r} freezes the gate's "
+                      "relevance head: set train.trainable=all, or sft.gate_weight=0")
+  if config.stage == "rl" and config.rl.group_size < 2:
+    raise ConfigError(f"rl.group_size={config.rl.group_size}: each rollout's advantage is its "
+                      "reward against its group's, so a group needs at least 2 rollouts")
   if config.rl.get("reward", "strict_sub_em") not in REWARDS:
     raise ConfigError(f"unknown rl.reward {config.rl.reward!r}; choose from {REWARDS}")
   if config.rl.get("rollout_weights", "sharded") not in ROLLOUT_WEIGHTS:

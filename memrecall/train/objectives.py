@@ -67,12 +67,14 @@ def trajectory_mask(batch: TurnBatch) -> Array:
   return _flat_tokens(batch.target_mask, batch.answer_mask).astype(jnp.float32)
 
 
-def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0.0):
+def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0.0,
+             threshold: float = 0.5, positive_weight: float = 1.0):
   """Token-mean negative log-likelihood of the oracle memory updates and answers.
 
   gate_weight > 0 adds the gate's BCE on the same compressed chunks (the gate trained
   jointly, as in the prototype of docs/architecture.md#the-toy-task: relevance is a
-  direct signal for the memory).
+  direct signal for the memory), positives weighted by `positive_weight`, its metrics at
+  `threshold`, as the gate stage's.
   """
   outputs = trajectory_logprobs(params, setup, batch, with_gate=gate_weight > 0)
   (logp, _), (answer_logp, _) = outputs[:2]
@@ -84,7 +86,8 @@ def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0
              LOSS_WEIGHT: grpo.aggregate_weight(mask)}
   loss = nll
   if gate_weight > 0:
-    bce, gate_metrics = _gate_bce(outputs[2], batch.labels, batch.chunk_mask.any(-1))
+    bce, gate_metrics = _gate_bce(outputs[2], batch.labels, batch.chunk_mask.any(-1),
+                                  threshold, positive_weight)
     loss = nll + gate_weight * bce
     # The step weighs microbatches by the NLL's tokens (the gate's BCE rides along).
     gate_metrics.pop(LOSS_WEIGHT)

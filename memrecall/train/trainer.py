@@ -572,7 +572,9 @@ class SFTStage(_Stage):
     return turn_shapes(self.run, rows)
 
   def loss(self, params, batch, rng):
-    return objectives.sft_loss(params, self.setup, batch, self.run.config.sft.gate_weight)
+    c = self.run.config
+    return objectives.sft_loss(params, self.setup, batch, c.sft.gate_weight, c.gate.threshold,
+                               c.gate.positive_weight)
 
 
 class GateStage(_Stage):

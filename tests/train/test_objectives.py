@@ -233,6 +233,50 @@ def test_microbatches_give_the_whole_batch_step():
         state_lib.create_train_state(params, "backbone", optimizer, 0), batch)
 
 
+def test_sft_trains_the_gate_jointly_with_its_weighted_bce():
+  """sft.gate_weight > 0 (with the gate's parameters trainable): the BCE, its positives
+  weighted by gate.positive_weight, moves the relevance head and falls; with the backbone
+  alone trainable the config is refused (a frozen zero head passes no gradient)."""
+  config = small_config("sft")
+  config.sft.gate_weight, config.train.trainable = 1.0, "all"
+  config.gate.positive_weight = 3.0
+  run = run_builder.build_run(config)
+  stage = trainer._STAGES["sft"](run)
+  params = model.init_params(run.model, jax.random.key(0))
+  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=1e-2))
+  paths = state_lib.trainable_paths(params, "all")
+  state = state_lib.create_train_state(params, "all", optimizer, 0)
+  batch, _ = stage.batch(0, state, slice(0, config.train.batch_size))
+  labels, valid = np.asarray(batch.labels), np.asarray(batch.chunk_mask).any(-1)
+  assert 0 < labels[valid].sum() < valid.sum()
+  _, metrics = stage.loss(state.params, batch, None)
+  # The head starts at zero: every logit 0, each chunk's BCE log 2 whatever its weight; the
+  # weight shows in the gradient, which pushes positives up 3x as hard as negatives down.
+  np.testing.assert_allclose(metrics["gate_bce"], np.log(2), rtol=1e-6)
+  step = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths))
+  bces = []
+  for _ in range(5):
+    state, metrics = step(state, batch)
+    bces.append(float(metrics["gate_bce"]))
+  assert float(jnp.abs(state.params["gate_head"]).max()) > 0
+  assert bces[-1] < bces[0]
+  logits = objectives.trajectory_logprobs(state.params, stage.setup, batch, with_gate=True)[2]
+  pos, neg = np.asarray(logits)[valid & labels].mean(), np.asarray(logits)[valid & ~labels].mean()
+  assert pos > neg
+  bce = lambda w: float(objectives.sft_loss(state.params, stage.setup, batch, 1.0, 0.5, w)[1][
+      "gate_bce"])
+  staged = float(stage.loss(state.params, batch, None)[1]["gate_bce"])
+  assert staged == pytest.approx(bce(3.0), rel=1e-6) and abs(bce(1.0) - staged) > 1e-4
+  frozen = small_config("sft")
+  frozen.sft.gate_weight = 1.0  # train.trainable stays "backbone"
+  with pytest.raises(run_builder.ConfigError, match="freezes the gate's relevance head"):
+    run_builder.build_run(frozen)
+  lonely = small_config("rl")
+  lonely.rl.group_size = 1
+  with pytest.raises(run_builder.ConfigError, match="at least 2 rollouts"):
+    run_builder.build_run(lonely)
+
+
 def test_microbatches_of_unequal_turns_give_the_whole_batchs_token_mean_step():
   """RL's token mean over turns of different lengths: 2 microbatches weighted by their tokens
   make the whole batch's loss, gradient and update (a mean of the 2 parts' means does not)."""
