@@ -13,6 +13,7 @@ from memrecall.method import compressor
 from memrecall.models import hf_checkpoint, qwen2 as model
 from memrecall.models.config import ConfigError, ModelConfig
 from memrecall.runtime import sharding
+from memrecall.train import objectives
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,7 @@ def test_raw_token_scores_match_float64_window_loop(random_compressor_model, hea
   hidden = compressor.compressor_hidden(params, config, settings, jnp.asarray(ids),
                                         jnp.asarray(mask))
   logp, _ = model.token_logprobs(params, config, hidden[:, :-1], jnp.asarray(ids[:, 1:]))
+  boundary = []  # predicted from the first token of a later window: it sees only beacons
   for c in range(ids.shape[0]):
     _, logits = reference.compress_chunk(weights, config.to_hf_dict(), ids[c], mask[c], 8, 2,
                                          raw_logits=True)
@@ -80,6 +82,12 @@ def test_raw_token_scores_match_float64_window_loop(random_compressor_model, hea
     expected = np.take_along_axis(ref[:-1], ids[c, 1:, None], -1)[:, 0]
     real = mask[c, 1:].astype(bool) & mask[c, :-1].astype(bool)
     np.testing.assert_allclose(np.asarray(logp[c])[real], expected[real], atol=2e-5)
+    boundary += [expected[j] for j in (8, 16) if real[j]]
+  # The objective's loss and boundary metric on the same chunks.
+  setup = objectives.TrainSetup(config, settings, prompts=None, reader=None)
+  _, metrics = objectives.compressor_loss(params, setup, jnp.asarray(ids), jnp.asarray(mask))
+  assert len(boundary) == 3  # 8 and 16 of the whole chunk, 8 of the padded one (17 tokens)
+  np.testing.assert_allclose(metrics["boundary_nll"], -np.mean(boundary), atol=2e-5)
 
 
 @pytest.mark.parametrize("prefix,window,ratio,block", [(0, 8, 4, 3), (6, 8, 2, 4), (4, 12, 3, 5)])

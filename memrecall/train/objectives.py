@@ -155,9 +155,10 @@ def compressor_loss(params, setup: TrainSetup, chunk_ids: Array, chunk_mask: Arr
     mask = mask & target_mask[:, 1:]
   mask = mask.astype(jnp.float32)
   loss = -grpo.aggregate(token_logp, mask, "token_mean")
-  # The tokens right after a window boundary see only beacons of what came before.
+  # The first token of each later window sees only the beacons of what came before (and
+  # itself): the predictions from there (index j predicts token j + 1) test the beacons.
   w = setup.compressor.window
-  boundary = jnp.zeros_like(mask).at[:, w - 1::w].set(1.0) * mask
+  boundary = jnp.zeros_like(mask).at[:, w::w].set(1.0) * mask
   boundary_nll = -grpo.aggregate(token_logp, boundary, "token_mean")
   return loss, {"loss": loss, "boundary_nll": boundary_nll, LOSS_WEIGHT: mask.sum()}
 
