@@ -24,7 +24,7 @@ def group_advantages(rewards: Array, group_size: int, kind: str = "grpo_no_std",
                      eps: float = 1e-6) -> Array:
   """Per-trajectory advantages from rewards [B] laid out as B/G consecutive groups of G.
 
-  grpo:        (r - mean_group) / (std_group + eps)
+  grpo:        (r - mean_group) / (std_group + eps), the sample std (ddof 1, as verl's)
   grpo_no_std: r - mean_group  (the released MemAgent recipe; Dr. GRPO's choice)
   rloo:        r - mean of the *other* G - 1 rewards of the group
   """
@@ -34,13 +34,13 @@ def group_advantages(rewards: Array, group_size: int, kind: str = "grpo_no_std",
     raise ValueError(f"{rewards.shape[0]} rewards do not form groups of {group_size}")
   r = rewards.reshape(-1, group_size).astype(jnp.float32)
   mean = r.mean(axis=1, keepdims=True)
+  if group_size < 2 and kind != "grpo_no_std":
+    raise ValueError(f"{kind} needs groups of at least 2")
   if kind == "grpo":
-    adv = (r - mean) / (r.std(axis=1, keepdims=True) + eps)
+    adv = (r - mean) / (r.std(axis=1, ddof=1, keepdims=True) + eps)
   elif kind == "grpo_no_std":
     adv = r - mean
   else:
-    if group_size < 2:
-      raise ValueError("rloo needs groups of at least 2")
     adv = (r - mean) * group_size / (group_size - 1)
   return adv.reshape(-1)
 

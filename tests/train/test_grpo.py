@@ -13,7 +13,7 @@ def test_group_advantages_by_hand():
   rewards = jnp.asarray([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])  # groups of 3: [1,0,0], [1,1,1]
   np.testing.assert_allclose(grpo.group_advantages(rewards, 3, "grpo_no_std"),
                              [2 / 3, -1 / 3, -1 / 3, 0, 0, 0], atol=1e-6)
-  std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 3)  # population std of [1, 0, 0]
+  std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)  # sample std of [1, 0, 0] (verl's)
   np.testing.assert_allclose(grpo.group_advantages(rewards, 3, "grpo"),
                              [2 / 3 / std, -1 / 3 / std, -1 / 3 / std, 0, 0, 0], rtol=1e-5)
   # rloo: r_i - mean of the others: 1 - 0 = 1; 0 - 0.5 = -0.5.
