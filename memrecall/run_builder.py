@@ -359,6 +359,9 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     raise ConfigError(f"sft.gate_weight={config.sft.gate_weight} trains the gate jointly with "
                       f"SFT, but train.trainable={config.train.trainable!r} freezes the gate's "
                       "relevance head: set train.trainable=all, or sft.gate_weight=0")
+  if config.stage == "rl" and not config.rl.clip_ratio_c > 1:
+    raise ConfigError(f"rl.clip_ratio_c={config.rl.clip_ratio_c}: the dual clip caps a negative "
+                      "advantage's ratio, so it must be above 1 (verl's default: 3)")
   if config.stage == "rl" and config.rl.group_size < 2:
     raise ConfigError(f"rl.group_size={config.rl.group_size}: each rollout's advantage is its "
                       "reward against its group's, so a group needs at least 2 rollouts")
@@ -431,7 +434,7 @@ def default_config() -> ml_collections.ConfigDict:
                     "final_fraction": 1.0, "b1": 0.9, "b2": 0.999, "weight_decay": 0.01,
                     "grad_clip": 1.0},
       "rl": {"group_size": 16, "advantage": "grpo_no_std", "temperature": 1.0, "eps_low": 0.2,
-             "eps_high": 0.2, "kl_coef": 1e-3, "kl_estimator": "low_var_kl",
+             "eps_high": 0.2, "clip_ratio_c": 3.0, "kl_coef": 1e-3, "kl_estimator": "low_var_kl",
              "aggregation": "token_mean", "mode": "all", "reward": "strict_sub_em",
              # The rollout's weights: "sharded" as training shards them (an fsdp mesh gathers
              # each layer's at every decode step), or "replicated": gathered once per rollout,

@@ -90,12 +90,19 @@ def aggregate_weight(mask: Array, mode: str = "token_mean") -> Array:
 
 
 def clipped_policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array,
-                        eps_low: float = 0.2, eps_high: float = 0.2) -> tuple[Array, Array]:
+                        eps_low: float = 0.2, eps_high: float = 0.2, ratio_cap: float = 3.0
+                        ) -> tuple[Array, Array]:
   """PPO's per-token clipped surrogate (to minimise) and whether the clip was active.
 
-  loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), ratio = exp(logp - logp_old).
+  loss = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), ratio = exp(logp - logp_old),
+  and for A < 0 at most -ratio_cap * A (dual clip, verl's `clip_ratio_c`): a token the rollout
+  found far less likely than the policy now does (a large ratio; the rollout's bfloat16 decode
+  and the training pass differ a little) cannot dominate a step.  The log-ratio is clamped to
+  +-20 before the exponential, as verl's is.
   """
-  ratio = jnp.exp(logprobs - old_logprobs)
+  ratio = jnp.exp(jnp.clip(logprobs - old_logprobs, -20.0, 20.0))
   unclipped = ratio * advantages
   clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
-  return -jnp.minimum(unclipped, clipped), (clipped < unclipped)
+  loss = -jnp.minimum(unclipped, clipped)
+  loss = jnp.where(advantages < 0, jnp.minimum(loss, -ratio_cap * advantages), loss)
+  return loss, (clipped < unclipped)

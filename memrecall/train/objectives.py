@@ -100,6 +100,7 @@ class RLConfig:
   """The policy-gradient objective's settings (docs/architecture.md#reward-and-policy-gradient)."""
   eps_low: float = 0.2
   eps_high: float = 0.2
+  clip_ratio_c: float = 3.0  # dual clip: a negative advantage's loss is at most c * |A|
   kl_coef: float = 1e-3
   kl_estimator: str = "low_var_kl"
   aggregation: str = "token_mean"
@@ -129,7 +130,8 @@ def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
   old = _flat_tokens(batch.old_logprobs, batch.old_answer_logprobs)
   ref = _flat_tokens(batch.ref_logprobs, batch.ref_answer_logprobs)
   advantages = jnp.broadcast_to(batch.advantages[:, None], logp.shape)
-  policy, clipped = grpo.clipped_policy_loss(logp, old, advantages, rl.eps_low, rl.eps_high)
+  policy, clipped = grpo.clipped_policy_loss(logp, old, advantages, rl.eps_low, rl.eps_high,
+                                             rl.clip_ratio_c)
   kl = grpo.kl_penalty(logp, ref, rl.kl_estimator)
   policy_loss = grpo.aggregate(policy, mask, rl.aggregation)
   kl_loss = grpo.aggregate(kl, mask, rl.aggregation)

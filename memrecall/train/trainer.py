@@ -636,7 +636,8 @@ class RLStage(_Stage):
     # which has no name on that mesh).
     self._rollout = jax.jit(self._read_for_inference, out_shardings=sharding_lib.rows_sharding(
         (self.batch_size,), self.rollout_weights.mesh))
-    self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high, kl_coef=rl.kl_coef,
+    self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high,
+                                  clip_ratio_c=rl.clip_ratio_c, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
                                   temperature=self.reader.setup.sampling.logprob_temperature)
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,6 +46,15 @@ def test_clipped_loss_by_hand():
   # 1.1*-2=-2.2 vs 1.1*-2 -> -2.2; 0.7*2=1.4 vs 0.8*2=1.6 -> 1.4.
   np.testing.assert_allclose(loss, [-1.28, 0.8, 2.2, -1.4], rtol=1e-6)
   np.testing.assert_array_equal(clipped, [True, True, False, False])
+  # Dual clip: A = -1 at ratio 5 costs 5 by PPO's rule, capped at 3 * 1; at ratio e^30 (the
+  # log-ratio clamped to 20) the same; A = +1 at ratio 5 is clipped to 1.28 as before.
+  new = jnp.log(jnp.asarray([5.0, 5.0])).tolist() + [30.0]
+  loss, clipped = grpo.clipped_policy_loss(jnp.asarray(new), jnp.zeros(3),
+                                           jnp.asarray([-1.0, 1.0, -0.5]), 0.2, 0.28, 3.0)
+  np.testing.assert_allclose(loss, [3.0, -1.28, 1.5], rtol=1e-6)
+  grad = jax.grad(lambda x: grpo.clipped_policy_loss(x, jnp.zeros(3), jnp.asarray(
+      [-1.0, 1.0, -0.5]))[0].sum())(jnp.asarray(new))
+  np.testing.assert_array_equal(grad, [0, 0, 0])  # capped or clipped: no gradient
 
 
 def test_aggregations_by_hand():
