@@ -2,9 +2,9 @@
 
 Buffers have fixed sizes (the cache holds prompt + `max_new_tokens` slots), the
 cache is donated between the prefill and the loop, and every row stops on its
-own end-of-sequence token.  The log-probability of each sampled token under
-the model's untempered distribution is recorded, because a policy-gradient
-update needs exactly that quantity.
+own end-of-sequence token.  The log-probability of each sampled token under the
+distribution it was drawn from (at the sampling temperature) is recorded: a
+policy-gradient update's ratio starts from it.
 """
 
 from __future__ import annotations
