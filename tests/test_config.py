@@ -50,3 +50,20 @@ def test_hf_config_round_trip_and_rope_parameters():
   assert ModelConfig.from_hf_dict(hf).rope_theta == 5e5
   with pytest.raises(ConfigError, match="lacks required Qwen2 keys"):
     ModelConfig.from_hf_dict({"hidden_size": 8})
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0,
+                       "original_max_position_embeddings": 32768}}, "scales RoPE \\('yarn'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "scales RoPE \\('linear'"),
+    ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "dynamic"}}, "scales RoPE"),
+    ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window"),
+    ({"hidden_act": "gelu"}, "hidden_act is 'gelu'")])
+def test_hf_configs_the_model_does_not_implement_are_refused(change, message):
+  """Qwen2 variants that would load and run with other outputs (YaRN for long context, a
+  sliding window, another activation) are refused by name, not read past."""
+  hf = ModelConfig.from_dict(models.get_config("qwen2.5-0.5b").model.to_dict()).to_hf_dict()
+  ModelConfig.from_hf_dict({**hf, "rope_scaling": None, "rope_parameters": {
+      "rope_theta": 1e6, "rope_type": "default"}})  # what Qwen2.5's configs say: accepted
+  with pytest.raises(ConfigError, match=message):
+    ModelConfig.from_hf_dict({**hf, **change})

@@ -170,6 +170,7 @@ class ModelConfig:
     missing = [k for k in required if k not in hf]
     if missing:
       raise ConfigError(f"config.json lacks required Qwen2 keys {missing}")
+    _refuse_unsupported(hf)
     num_heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     if hidden % num_heads and "head_dim" not in hf:
@@ -234,3 +235,21 @@ class ModelConfig:
         "max_position_embeddings": 32768,
         **({"lychee_memory_param": ["q", "k", "v"]} if self.compressor else {}),
     }
+
+
+def _refuse_unsupported(hf: Mapping[str, Any]) -> None:
+  """Qwen2 settings this model does not implement, refused rather than read past: a checkpoint
+  that scales RoPE (YaRN, linear, dynamic: long-context variants), attends in a sliding window
+  or uses another activation would load and run, and give other outputs."""
+  scaling = hf.get("rope_scaling") or {}
+  kind = scaling.get("rope_type") or scaling.get("type") or (
+      hf.get("rope_parameters") or {}).get("rope_type") or "default"
+  if kind != "default":
+    raise ConfigError(f"config.json scales RoPE ({kind!r}: rope_scaling={hf.get('rope_scaling')}, "
+                      f"rope_parameters={hf.get('rope_parameters')}); memrecall implements plain "
+                      "RoPE (rope_theta) only: use the checkpoint's config without it")
+  if hf.get("use_sliding_window"):
+    raise ConfigError("config.json sets use_sliding_window: memrecall's Qwen2 attends to every "
+                      "earlier token in every layer (set it false, as Qwen2.5's configs do)")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ConfigError(f"config.json's hidden_act is {hf['hidden_act']!r}; Qwen2's MLP is SiLU")
