@@ -85,6 +85,12 @@ class Run:
     """lychee (reads compressed chunks) or memagent (reads raw chunks: the baseline)."""
     return self.config.get("agent", "lychee")
 
+  @property
+  def answers_in_box(self) -> bool:
+    """Whether the final prompt asks for the answer in `\\boxed{}` (MemAgent's): answers are
+    then scored on the box alone, an answer without one as nothing (`metrics.score_answer`)."""
+    return metrics_lib.BOX in (self.config.prompts.get("final_template") or FINAL_TEMPLATE)
+
   def reader_name(self, mode: str = "all") -> str:
     """The reader this run's agent reads with: its own (`AGENTS`), or the method in `mode`."""
     return AGENTS[self.agent] or mode
@@ -228,7 +234,8 @@ class Run:
     if self.form == "ids":
       hit = float(any(tuple(prediction) == tuple(g) for g in example.answers))
       return {"em": hit, "sub_em": hit, "strict_sub_em": hit}
-    return metrics_lib.score_answer(self.tokenizer.decode(prediction), self.answer_texts(example))
+    return metrics_lib.score_answer(self.tokenizer.decode(prediction), self.answer_texts(example),
+                                    boxed=self.answers_in_box)
 
   def answer_texts(self, example: example_lib.TokenizedExample) -> list[str]:
     """The example's accepted answers as text (its own strings; ids decoded)."""

@@ -17,6 +17,10 @@ comparable, quirks included on purpose:
   and keeps accents, so "–" (en-dash) vs "-" and "e" vs "é" differ.
 * F1 is 0 when either normalised side is "yes", "no" or "noanswer" and the two
   differ.
+* Where the prompt asks for the answer in `\\boxed{}` (MemAgent's final prompt), the
+  last closed box is the prediction, and an answer without one is empty: 0
+  (`score_answer(..., boxed=True)`).  memrecall's own prompts ask for no box, and
+  their answers are scored on the box's contents if they hold one, else the text.
 
 Not reproduced: MemAgent scores only the first gold answer (`answers[0]`); we
 take the maximum over all golds (the same for HotpotQA's single answer).  Its
@@ -108,16 +112,16 @@ METRICS: dict[str, Metric] = {"em": exact_match, "sub_em": sub_em,
 
 
 ANSWER_METRICS = ("em", "sub_em", "strict_sub_em")
-_BOX = "\\boxed{"
+BOX = "\\boxed{"
 
 
 def last_boxed(text: str) -> str | None:
   """The contents of the last `\\boxed{...}` (braces balanced), None if there is none or it is
   unclosed: MemAgent's released recipe answers in a box and its harness scores the box."""
-  start = text.rfind(_BOX)
+  start = text.rfind(BOX)
   if start < 0:
     return None
-  depth, i = 1, start + len(_BOX)
+  depth, i = 1, start + len(BOX)
   for j in range(i, len(text)):
     depth += {"{": 1, "}": -1}.get(text[j], 0)
     if depth == 0:
@@ -125,12 +129,15 @@ def last_boxed(text: str) -> str | None:
   return None
 
 
-def score_answer(prediction: str | None, golds: Sequence[str]) -> dict[str, float]:
+def score_answer(prediction: str | None, golds: Sequence[str], boxed: bool = False
+                 ) -> dict[str, float]:
   """The one scoring of a decoded answer, for RL rewards and evaluation alike: EM, the
   MemAgent-compatible sub-EM and the strict sub-EM, each 0 or 1.  An answer with a
-  `\\boxed{}` is scored on the box's contents."""
-  boxed = last_boxed(prediction) if prediction else None
-  prediction = boxed if boxed is not None else prediction
+  `\\boxed{}` is scored on the box's contents.  boxed: the prompt asked for the answer in a
+  box (MemAgent's final prompt), so, as MemAgent's harness does, an answer without a closed
+  box extracts nothing and scores 0 (its text is not scored instead)."""
+  box = last_boxed(prediction) if prediction else None
+  prediction = box if box is not None or boxed else prediction
   return {name: METRICS[name](prediction, golds) for name in ANSWER_METRICS}
 
 

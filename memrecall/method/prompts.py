@@ -40,9 +40,9 @@ GATE_TEMPLATE = (
     "memory so far?\n\n<problem> \n{question}\n</problem>\n\n<memory>\n{memory}\n</memory>\n")
 INITIAL_MEMORY = "No previous memory"
 # Baselines on the same backbone: MemAgent's loop reads raw sections in its prompt
-# (wording after MemAgent's released prompt), and one-shot answering from a context.
+# (MemAgent's released prompt, word for word), and one-shot answering from a context.
 MEMAGENT_TEMPLATE = (
-    "You are presented with a problem, a section of an article that may have the answer to the "
+    "You are presented with a problem, a section of an article that may contain the answer to the "
     "problem, and a previous memory. Please read the provided section carefully and update the "
     "memory with the new information that helps to answer the problem. Be sure to retain all "
     "relevant details from the previous memory while adding any new, useful information.\n\n"

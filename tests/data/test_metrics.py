@@ -120,3 +120,10 @@ def test_score_answer_reads_the_last_box_and_reports_every_form():
   # MemAgent's compatible sub-EM pays for an answer that normalises to nothing; strict does not.
   assert score_answer("the", ["Paris"]) == {"em": 0.0, "sub_em": 1.0, "strict_sub_em": 0.0}
   assert score_answer("no", ["Norway"]) == {"em": 0.0, "sub_em": 1.0, "strict_sub_em": 0.0}
+  # Asked for a box (MemAgent's prompt), an answer without a closed one extracts nothing, as
+  # MemAgent's harness scores it: 0, though its text holds the gold; not asked, the text counts.
+  zero = {"em": 0.0, "sub_em": 0.0, "strict_sub_em": 0.0}
+  for text in ("The director was Christopher Nolan.", r"So \boxed{Christopher Nolan"):
+    assert score_answer(text, ["Christopher Nolan"], boxed=True) == zero
+    assert score_answer(text, ["Christopher Nolan"])["sub_em"] == 1.0
+  assert score_answer(r"\boxed{Christopher Nolan}", ["Christopher Nolan"], boxed=True)["em"] == 1

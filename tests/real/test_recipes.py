@@ -170,6 +170,21 @@ def test_rl_reward_is_strict_sub_em_of_the_decoded_answer(tiny_qwen, data_files,
   assert rollout(str(path))[2]["reward"] == 0.0
 
 
+def test_memagents_boxed_prompt_is_scored_on_the_box_alone(tiny_qwen, data_files):
+  """MemAgent's recipe asks for the answer in \\boxed{}: its rewards and scores read the box,
+  and an answer without a closed one scores 0 (MemAgent's harness), where the method's plain
+  prompt scores the answer's text."""
+  boxed = run_builder.build_run(recipe(memagent, "rl", tiny_qwen, f"rows:{data_files['rows']}"))
+  plain = run_builder.build_run(recipe(lychee, "rl", tiny_qwen, f"rows:{data_files['rows']}"))
+  assert boxed.answers_in_box and not plain.answers_in_box
+  example = boxed.examples(0, 1)[0]
+  gold = example.example.answers[0]
+  ids = lambda text: boxed.tokenizer.encode(text)
+  assert boxed.score(ids(f"It is {gold}."), example)["sub_em"] == 0.0
+  assert boxed.score(ids(f"It is \\boxed{{{gold}}}."), example)["em"] == 1.0
+  assert plain.score(ids(f"It is {gold}."), example)["sub_em"] == 1.0
+
+
 def test_training_stream_reads_every_row_once_an_epoch_and_any_slice_alone(tiny_qwen, data_files):
   run = run_builder.build_run(recipe(lychee, "rl", tiny_qwen, f"rows:{data_files['rows']}"))
   ids = lambda start, count: [ex.example.id for ex in run.examples(start, count)]
