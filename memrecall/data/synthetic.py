@@ -133,7 +133,8 @@ def _names(rng: np.random.Generator, count: int, capitalise: bool = True) -> lis
     n = rng.integers(2, 4)
     word = "".join(rng.choice(_SYLLABLES, n))
     names.add(word.capitalize() if capitalise else word)
-  return sorted(names, key=lambda s: rng.random())
+  ordered = sorted(names)  # not the set's order, which follows the process's string hashing
+  return [ordered[i] for i in rng.permutation(len(ordered))]
 
 
 # --- assembly -----------------------------------------------------------------

@@ -275,3 +275,20 @@ def test_long_contexts_do_not_lead_a_lost_reader_to_the_answer():
 def test_chain_distractors_are_a_multihop_setting():
   with pytest.raises(ValueError, match="chain_distractors is a multihop setting"):
     synthetic.TaskConfig(task="vartrack", chain_distractors=True)
+
+
+def test_text_examples_are_the_same_in_every_python_process():
+  """Examples in words depend on the seed alone, not on the process's string hashing (which
+  orders a set of names differently in each interpreter): resumes, other processes of a run
+  and rebuilt datasets see the same bytes."""
+  import os
+  import subprocess
+  import sys
+  code = ("from memrecall.data import synthetic; e = synthetic.make_example(synthetic.TaskConfig("
+          "task='multihop', form='text', length=300), 0, 0); print(e.question, e.answers)")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=root,
+                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+             for seed in ("1", "2", "3")}
+  assert len(outputs) == 1, outputs
