@@ -17,10 +17,15 @@ MemAgent (github.com/BytedTsinghua-SIA/MemAgent, taskutils/memory_data/) builds 
   so `build_ruler_hqa` takes the first `num_questions` rows, or exactly the
   published set through `indices=memagent_indices("eval_200.json")`.
 
-We keep the layout and the text format exactly; the random draws differ:
-MemAgent shuffles every question with `random.Random(4)` and samples with a
-process-global generator, whereas we seed each question from (seed, its row
-index), so a layout does not depend on which other questions are built.
+We keep the layout and the text format exactly, the random draws of the other
+documents aside.  MemAgent shuffles every question's list (its own paragraphs
+first, then the others) with a fresh `random.Random(4)`, so the permutation
+depends on `num_docs` alone and a question's own paragraphs land on the same
+slots in every question (at 50 documents: 11, 18, 27, 29, 37, 41-44 and 48;
+LycheeMemory's published rows agree): we shuffle the same way (`LAYOUT`).  The
+others MemAgent samples with a process-global generator; we draw them from
+(seed, the row's index), so a layout does not depend on which other questions
+are built.  A paragraph a question lists twice is kept once (MemAgent keeps both).
 
 Question rows (MemAgent's RL data and eval files, LycheeMemory's examples) are
 read by one parser, `parse_row`, for every reader: `read_rows`,
@@ -32,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 from typing import Any, Sequence
 
 import numpy as np
@@ -213,6 +219,12 @@ def _labelled(where: str, documents: Sequence[str], row: HotpotRow, **kwargs) ->
                  answers=(row.answer,), oracle_memory=tuple(memory), **kwargs)
 
 
+# How `HotpotPool` lays a question out, in the keys of what it built (a change moves paragraphs):
+# "memagent-slots", MemAgent's fixed permutation, since 2026-12-07 (a uniform shuffle per row
+# before).
+LAYOUT = "memagent-slots"
+
+
 class HotpotPool:
   """A HotpotQA file's rows and the pool of their paragraphs, laying out one RULER-HQA
   question at a time: the one construction behind `build_ruler_hqa` and the `hotpotqa` data
@@ -234,15 +246,16 @@ class HotpotPool:
 
   def example(self, q: int, num_docs: int, seed: int = 0, task: str = TASK,
               **metadata: Any) -> Example:
-    """Row q's paragraphs plus `num_docs - own` others from the pool, shuffled by
-    `default_rng([seed, q])` (so a layout never depends on which other questions are built)."""
+    """Row q's paragraphs plus `num_docs - own` others from the pool, drawn by
+    `default_rng([seed, q])` (so a layout never depends on which other questions are built),
+    in MemAgent's order: own paragraphs first, then shuffled by `random.Random(4)`."""
     row = self.rows[q]
     own = np.array([self._ids[d] for d in row.documents()], np.int64)
     self.check_num_docs(num_docs, max(MIN_DOCS, len(own)), f" for {self.name} row {q}")
     rng = np.random.default_rng([seed, q])
     others = np.delete(np.arange(len(self.documents)), own)  # sorted, as setdiff1d
-    order = rng.permutation(np.concatenate([own, rng.choice(others, num_docs - len(own),
-                                                            replace=False)]))
+    order = np.concatenate([own, rng.choice(others, num_docs - len(own), replace=False)]).tolist()
+    random.Random(4).shuffle(order)  # the same permutation for every row of num_docs documents
     return _labelled(
         f"{self.name} row {q}", [self.documents[i] for i in order], row,
         id=f"{row.id}/{num_docs}", task=task,

@@ -157,8 +157,10 @@ class SyntheticTasks(_ExampleBuilder):
   """
 
   DESCRIPTION = "memrecall's synthetic tasks: one Example (as JSON) per record."
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: synthetic.py as of the Example format."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release: synthetic.py as of the Example format.",
+                   "1.1.0": "The text form's names the same in every Python process (they "
+                             "followed its string hashing)."}
   BUILDER_CONFIGS = [
       _new_synthetic_config(TaskConfig(task=task, form=form, length=length,
                                        hops=DEFAULT_HOPS[task]), 0, None)
@@ -235,8 +237,10 @@ class RulerHqa(_ExampleBuilder):
 
   DESCRIPTION = ("RULER-HQA: HotpotQA dev questions among other dev paragraphs, as "
                  "'Document i:' blocks (MemAgent's construction); one Example as JSON per record.")
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: ruler_hqa.build_ruler_hqa."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release: ruler_hqa.build_ruler_hqa.",
+                   "1.1.0": "Each question's own paragraphs on MemAgent's slots "
+                             "(random.Random(4)'s permutation), as its published files have them."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f"Place HotpotQA's dev set in the distractor setting, {HOTPOT_DEV_FILE}, in manual_dir "
       "(default: <data_dir>/downloads/manual). Configs with indices_file also need that "

@@ -273,3 +273,17 @@ def test_unreadable_files(tmp_path):
 def _write(path, text):
   path.write_text(text)
   return path
+
+
+def test_own_paragraphs_on_memagents_slots(rows):
+  """MemAgent shuffles each question's list (own paragraphs first) with a fresh
+  random.Random(4): the permutation depends on num_docs alone, so every question's own
+  paragraphs sit on the same slots.  At 50 documents those are the slots LycheeMemory's
+  published 50-document rows show (11, 18, 27, 29, 37, 41-44, 48, 1-based)."""
+  built = ruler_hqa.build_ruler_hqa(rows, num_docs=50, num_questions=14, seed=0)
+  for row, example in zip(rows, built):
+    texts = blocks("".join(example.segments))
+    own = {paragraph(t, s) for t, s in raw_rows()[rows.index(row)]["context"]}
+    slots = {i + 1 for i, text in enumerate(texts) if text.strip("\n") in own}
+    if len(own) == 10:  # a row that lists a paragraph twice keeps it once: other slots
+      assert slots == {11, 18, 27, 29, 37, 41, 42, 43, 44, 48}, (row.id, sorted(slots))

@@ -381,7 +381,7 @@ def test_tfds_directory(tmp_path):
   assert os.path.exists(os.path.join(directory, "dataset_info.json"))
   named = _one("tfds:" + directory, split="test")
   assert named.path == directory
-  assert named.name == f"synthetic_tasks/{builder.builder_config.name}/1.0.0"
+  assert named.name == f"synthetic_tasks/{builder.builder_config.name}/1.1.0"
   expected = synthetic_splits(task, sizes)["test"]
   assert [e.to_json() for e in named.source] == [e.to_json() for e in expected]
   assert len(_one("tfds:" + directory).source) == 3  # the default split, train
