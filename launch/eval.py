@@ -121,6 +121,13 @@ def _check_flags():
   if _CONFIG.value is not None and _DATA.value:
     raise app.UsageError("--config is for the synthetic sweep only (the config's task): drop "
                          "--data, or drop --config to evaluate the run on data as it was saved")
+  if _CHECKPOINT.value and flags.FLAGS["prompts"].present:
+    raise app.UsageError("--prompts is for --hf_checkpoint: a training workdir evaluates with "
+                         "the prompts it trained with (its config's prompts.final_template)")
+  if not _DATA.value and flags.FLAGS["split"].present:
+    raise app.UsageError("--split picks the split of --data's tfds: and synthetic: sources; "
+                         "the synthetic sweep draws its own questions (a stream training never "
+                         "reads)")
   cli.readable("hf_checkpoint", _HF_CHECKPOINT.value)
   cli.readable("checkpoint", _CHECKPOINT.value)
   unknown = [m for m in _MODES.value or [] if m not in readers.names()]  # any registered reader
