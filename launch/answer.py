@@ -148,6 +148,7 @@ def main(argv):
     raise app.UsageError(f"token ids {bad[:5]} are outside the vocabulary ({config.vocab_size})")
   if _HF_CHECKPOINT.value:
     params = run.params()  # the weights last: every check above is cheap
+  model_flags.warn_if_the_gate_is_untrained(params, [mode])
   setup = run.recall_setup(mode, threshold=_THRESHOLD.value, topk=_TOPK.value,
                            group_size=_GROUP_SIZE.value, gate_group=_GATE_GROUP.value,
                            temperature=_TEMPERATURE.value)

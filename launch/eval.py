@@ -217,6 +217,7 @@ def main(argv):
     raise app.UsageError("this run was not trained on synthetic data: pass --data=KIND:PATH")
   specs.check_names(sources)  # before the weights: two files of one name would share rows
   params = load_params()  # last: every check above is cheap
+  model_flags.warn_if_the_gate_is_untrained(params, modes)
   model_name = _MODEL_NAME.value or name
   chunk = run.compressor.chunk_size
   baseline = evaluator.BaselineConfig(memagent_chunk=_MEMAGENT_CHUNK.value or chunk,

@@ -226,6 +226,7 @@ def test_launchers_evaluate_with_the_runs_own_threshold_and_precision(tmp_path):
   proc = launch("eval.py", "--lengths=1", "--examples=2", "--modes=gate", "--batch_size=2",
                 "--latency_examples=0", f"--output_dir={tmp_path / 'eval'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "relevance head is all zeros" in proc.stderr  # no gate stage trained it: said
   key, = json.load(open(tmp_path / "eval" / "keys.json")).values()
   assert (key["threshold"], key["matmul_precision"]) == (0.75, "highest")  # resolved, not null
   doc = tmp_path / "doc.json"
@@ -260,6 +261,7 @@ def test_config_sweep_takes_the_size_flags(tmp_path):
        "--batch_size=2", "--latency_examples=0", f"--output_dir={tmp_path / 'eval'}"],
       capture_output=True, text=True, env=cpu_env(), cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "relevance head is all zeros" in proc.stderr  # no gate stage trained it: said
   key, = json.load(open(tmp_path / "eval" / "keys.json")).values()
   assert [key[k] for k in ("chunk_size", "memory_size", "answer_tokens", "question_tokens")] == [
       32, 6, 5, 4]
