@@ -45,6 +45,17 @@ def test_every_mode_at_two_lengths_with_plots(tmp_path):
   # Resuming recomputes nothing; the files hold every row.
   again = evaluator.evaluate_suite(params, run, modes=["all", "gate"], **kwargs)
   assert json.dumps(again) == json.dumps(rows)
+  # Rows timed on other devices are not reused (keys.json names them).
+  keys_path = tmp_path / "keys.json"
+  keys = json.load(open(keys_path))
+  (key,) = keys.values()
+  assert key["timed_on"] == f"1 x {jax.local_devices()[0].device_kind}"
+  kept = keys_path.read_text()
+  keys_path.write_text(json.dumps({g: {**k, "timed_on": "8 x NVIDIA H100 80GB HBM3"}
+                                   for g, k in keys.items()}))
+  with pytest.raises(Exception, match="timed_on"):
+    evaluator.evaluate_suite(params, run, modes=["all"], **kwargs)
+  keys_path.write_text(kept)
   assert len(json.load(open(tmp_path / "results.json"))) == 12
   assert open(tmp_path / "results.csv").read().count("\n") == 13
   plots = report.plot(rows, str(tmp_path))

@@ -209,6 +209,12 @@ def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **ex
           **dataclasses.asdict(baseline), **extra}
 
 
+def _devices_named(mesh) -> str:
+  """`N x KIND` of the devices a sweep times its rows on: rows timed elsewhere are not its."""
+  devices = list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
+  return f"{len(devices)} x {devices[0].device_kind}"
+
+
 def _check_own_devices(mesh) -> None:
   """Evaluation runs each process on a mesh of its own devices (rows, not batches, are split
   between processes): a mesh reaching into another process is a caller's mistake."""
@@ -254,7 +260,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       params, run, setup, baseline, task=dataclasses.asdict(run.task),
       task_seed=run.config.task.seed + seed_offset, examples=examples,
       mode_examples=mode_examples or {}, batch_size=batch_size,
-      latency_examples=latency_examples)},
+      latency_examples=latency_examples, timed_on=_devices_named(mesh))},
       {f"{r['model']}/{r.get('task')}" for r in rows})
   # Placed once, not per row: each row's evaluate_mode takes them as placed (weights None).
   layer_params, layer_setup, mesh = on_mesh(params, setup, mesh, weights, log)
