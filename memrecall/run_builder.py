@@ -43,7 +43,7 @@ from memrecall.method.recall import RecallConfig, RecallSetup
 from memrecall.models import hf_checkpoint, qwen2 as model_lib
 from memrecall.models.config import ConfigError, ModelConfig
 from memrecall.models.sampling import SamplingConfig
-from memrecall.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from memrecall.models.tokenizer import CHAT_TEMPLATE_FILE, ByteTokenizer, HFTokenizer, Tokenizer
 from memrecall.readers import BaselineConfig, Reader, get as get_reader, reader_class
 from memrecall.runtime import checkpoint, sharding as sharding_lib
 
@@ -60,7 +60,8 @@ MODEL_RUN_KEYS = ("compressor", "gate_lora_rank", "gate_lora_alpha", "gate_lora_
                   "param_dtype", "dtype", "attention", "remat", "remat_blocks",
                   "matmul_precision", "mlp_chunk_tokens", "head_chunk_tokens")
 HF_ASSETS = "hf_assets"  # a training workdir's copy of the checkpoint's config and tokenizer files
-_ASSET_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+_ASSET_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                CHAT_TEMPLATE_FILE)
 _DEFAULT_PROMPTS = {"update_template": UPDATE_TEMPLATE, "final_template": FINAL_TEMPLATE,
                     "gate_template": GATE_TEMPLATE, "memagent_template": MEMAGENT_TEMPLATE,
                     "context_template": CONTEXT_TEMPLATE}
@@ -300,7 +301,7 @@ def _chat_template(setting: str, tokenizer: Tokenizer) -> str | None:
   if setting != "auto":
     return setting or None
   if isinstance(tokenizer, HFTokenizer):
-    return tokenizer.config.get("chat_template") or QWEN2_CHAT_TEMPLATE
+    return tokenizer.chat_template or QWEN2_CHAT_TEMPLATE
   return None
 
 

@@ -71,9 +71,12 @@ class HFTokenizer:
     self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
     config_path = os.path.join(self.directory, "tokenizer_config.json")
     self.config = _read_json(config_path) if os.path.exists(config_path) else {}
-    # tokenizer.json's bytes and tokenizer_config.json's content (chat template, special tokens).
+    self.chat_template = _chat_template(self.directory, self.config)
+    # tokenizer.json's bytes, tokenizer_config.json's content (special tokens) and the chat
+    # template.
     digest = hashlib.sha256(data)
     digest.update(json.dumps(self.config, sort_keys=True).encode())
+    digest.update((self.chat_template or "").encode())
     self.fingerprint = digest.hexdigest()[:16]
 
   def encode(self, text: str) -> list[int]:
@@ -85,6 +88,28 @@ class HFTokenizer:
   def token_id(self, token: str) -> int | None:
     """The id of a (special) token's text, None if the vocabulary lacks it."""
     return self._tokenizer.token_to_id(token)
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _chat_template(directory: str, config: dict) -> str | None:
+  """The checkpoint's chat template: `chat_template.jinja` (where transformers >= 4.50 saves
+  it), else tokenizer_config.json's `chat_template` (a string, or a list of named templates of
+  which `default` is the one), else None."""
+  path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  template = config.get("chat_template")
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if "default" not in named:
+      raise ValueError(f"{directory}/tokenizer_config.json lists chat templates "
+                       f"{sorted(map(str, named))} and none named 'default': set "
+                       "prompts.chat_template to the one to use")
+    return named["default"]
+  return template or None
 
 
 def _read_json(path: str) -> dict:

@@ -230,3 +230,34 @@ def test_a_stage_started_from_an_earlier_workdir_keeps_its_backbone_tokenizer(ti
   config.train.steps = 1
   trainer.train(config, str(tmp_path / "sft"), log=lines.append)
   assert f"starting from {tmp_path / 'compressor'} at step 1" in lines
+
+
+def test_the_chat_template_is_read_where_transformers_saves_it(tiny_qwen, data_files, tmp_path):
+  """A checkpoint's chat_template.jinja (transformers >= 4.50 saves it there) is its template:
+  it wraps the prompts, keys the tokenizer and travels with a workdir's assets; a
+  tokenizer_config.json listing named templates gives its `default`, or none is refused."""
+  import shutil
+  from memrecall.models.tokenizer import HFTokenizer
+  spec = f"rows:{data_files['rows']}"
+  hf = tmp_path / "hf"
+  shutil.copytree(tiny_qwen, hf)
+  plain = run_builder.build_run(recipe(lychee, "sft", str(hf), spec))
+  template = ("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+              "{% if add_generation_prompt %}ANSWER:{% endif %}")
+  (hf / "chat_template.jinja").write_text(template)
+  run = run_builder.build_run(recipe(lychee, "sft", str(hf), spec))
+  wrapped = run.tokenizer.decode(run.prompts.final.pieces[0])
+  assert wrapped.startswith("<<") and "<|im_start|>" not in wrapped
+  assert run.tokenizer.fingerprint != plain.tokenizer.fingerprint
+  run.save_assets(str(tmp_path / "work"))
+  assert (tmp_path / "work" / run_builder.HF_ASSETS / "chat_template.jinja").read_text() == template
+  (hf / "chat_template.jinja").unlink()
+  config = json.load(open(hf / "tokenizer_config.json"))
+  config["chat_template"] = [{"name": "tool_use", "template": "x"},
+                             {"name": "default", "template": template}]
+  json.dump(config, open(hf / "tokenizer_config.json", "w"))
+  assert HFTokenizer(hf).chat_template == template
+  config["chat_template"] = [{"name": "tool_use", "template": "x"}]
+  json.dump(config, open(hf / "tokenizer_config.json", "w"))
+  with pytest.raises(ValueError, match="none named 'default'"):
+    HFTokenizer(hf)
