@@ -2,7 +2,7 @@
 
 A run config (`configs/*.py`) names the model and where its parameters come
 from (`init`), the compressor / reasoner / recall settings, the prompts, the
-data (`data.train`, `data.eval` as `KIND:PATH[,PATH...]`, see
+training data (`data.train` as `KIND:PATH[,PATH...]`, see
 `memrecall.data.specs`) and the reward.  `build_run` reads it once into a
 `Run`; `Run` answers every later question (the tokenizer, the prompts, the
 recall setup, the training examples of a step, the score of an answer), so no
@@ -399,6 +399,9 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   task = _task(config)
   p = config.prompts
   templates = {k: p.get(k) or default for k, default in _DEFAULT_PROMPTS.items()}
+  if task is not None and p.get("initial_memory"):
+    raise ConfigError("prompts.initial_memory does not apply to a synthetic task, whose memory "
+                      "starts as the task says (synthetic.initial_memory): drop it")
   initial = synthetic.initial_memory(task) if task is not None else (
       p.get("initial_memory") or INITIAL_MEMORY)
   prompts = Prompts.build(tokenizer, _chat_template(p.get("chat_template", "auto"), tokenizer),
@@ -433,7 +436,7 @@ def default_config() -> ml_collections.ConfigDict:
                   "initial_memory": ""},
       # KIND:PATH[,PATH...] (memrecall/data/specs.py).  hotpotqa: documents per question (200 ~
       # 28K tokens, MemAgent's RL length); max_chunks: chunks per training document.
-      "data": {"train": "", "eval": "", "num_docs": 200, "hotpotqa_dev": "", "seed": 0,
+      "data": {"train": "", "num_docs": 200, "hotpotqa_dev": "", "seed": 0,
                "max_chunks": 8, "synthetic_size": 1024},
       # microbatches: rows of a step run in k parts one after another.
       "train": {"steps": 500, "batch_size": 128, "microbatches": 1, "trainable": "backbone",

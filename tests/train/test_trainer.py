@@ -67,6 +67,10 @@ def test_bad_input_gives_clear_errors(tmp_path):
   bad.stage = "pretrain"
   with pytest.raises(Exception, match="unknown stage 'pretrain'"):
     trainer.train(bad, str(tmp_path / "x"), log=quiet)
+  memory = small_config("sft")
+  memory.prompts.initial_memory = "Nothing yet"
+  with pytest.raises(trainer.ConfigError, match="does not apply to a synthetic task"):
+    trainer.train(memory, str(tmp_path / "m"), log=quiet)
   low = small_config("sft")
   low.model.param_dtype = "bfloat16"
   with pytest.raises(trainer.ConfigError, match="training needs float32 master weights"):
