@@ -98,8 +98,11 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for damaged files
       first = (str(e).strip().splitlines() or [""])[0][:200]
       raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} cannot be "
-                            f"restored ({type(e).__name__}: {first}); it may be truncated or "
-                            "corrupted — delete it to resume from an earlier one") from e
+                            f"restored ({type(e).__name__}: {first}); if its structure "
+                            "differs, it was made by another version or other settings (a "
+                            "resume keeps the trainable subset and the model); else it may be "
+                            "truncated or corrupted — then delete it to resume from an earlier "
+                            "one") from e
     return restored.state, restored.config, restored.data
 
   def wait(self) -> None:

@@ -81,17 +81,27 @@ class OptimizerConfig:
     if self.decay_steps and self.decay_steps <= self.warmup_steps:
       raise ConfigError(f"optimizer.decay_steps ({self.decay_steps}) must exceed "
                        f"optimizer.warmup_steps ({self.warmup_steps})")
+    if not self.grad_clip > 0:  # optax would scale every gradient to 0
+      raise ConfigError(f"optimizer.grad_clip={self.grad_clip}: the global norm gradients are "
+                        "clipped to must be positive (the recipes' 1.0)")
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-  if cfg.decay_steps:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), cfg.decay_steps,
-        cfg.learning_rate * cfg.final_fraction)
+  """Gradient clipping, then AdamW with decoupled weight decay on every trainable parameter
+  (norms, biases and embeddings too, as verl's AdamW), under the learning-rate schedule: a
+  linear warmup from 0 over `warmup_steps` (step 0 then trains at 0, as Hugging Face's
+  schedules do), then cosine decay or constant.  Always a schedule, so the optimizer state has
+  one structure whatever the settings, and a resume may change them."""
+  lr = cfg.learning_rate
+  if cfg.decay_steps and cfg.warmup_steps:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup_steps, cfg.decay_steps,
+                                                  lr * cfg.final_fraction)
+  elif cfg.decay_steps:  # no warmup: the first step trains at the peak
+    schedule = optax.cosine_decay_schedule(lr, cfg.decay_steps, alpha=cfg.final_fraction)
   elif cfg.warmup_steps:
-    schedule = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    schedule = optax.linear_schedule(0.0, lr, cfg.warmup_steps)
   else:
-    schedule = cfg.learning_rate
+    schedule = optax.constant_schedule(lr)
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
 

@@ -65,3 +65,4 @@ def test_aggregations_by_hand():
   assert float(grpo.aggregate(values, mask, "seq_mean_token_sum")) == pytest.approx((6 + 4) / 2)
   with pytest.raises(ValueError, match="unknown aggregation"):
     grpo.aggregate(values, mask, "sum")
+
