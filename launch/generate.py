@@ -102,9 +102,12 @@ def main(argv):
   if bad:
     raise app.UsageError(f"prompt ids {bad[:5]} are outside the vocabulary (size {config.vocab_size})")
 
-  settings = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                     top_p=_TOP_P.value, eos_ids=config.eos_token_ids,
-                                     pad_id=config.pad_token_id)
+  try:
+    settings = sampling.SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                       top_p=_TOP_P.value, eos_ids=config.eos_token_ids,
+                                       pad_id=config.pad_token_id)
+  except ValueError as e:  # e.g. --top_p without --temperature
+    raise app.UsageError(str(e)) from None
   params = run.params()  # the weights last: every check above is cheap
   with jax.set_mesh(run.mesh):
     out = sampling.generate(params, config, jnp.asarray([ids]), None, jax.random.key(_SEED.value),

@@ -212,6 +212,7 @@ GENERATE = [
     ("unknown_model_size", ["--prompt_ids=1,2", "--model=huge"], "unknown model 'huge'"),
     ("zero_new_tokens", ["--prompt_ids=1,2", "--max_new_tokens=0"], "--max_new_tokens=0"),
     ("top_p_out_of_range", ["--prompt_ids=1,2", "--top_p=1.5"], "--top_p=1.5"),
+    ("top_p_when_greedy", ["--prompt_ids=1,2", "--top_p=0.9"], "at temperature 0 decoding is greedy"),
     ("bad_prompt_ids", ["--prompt_ids=1,two"], "--prompt_ids must be integers"),
     ("truncated_shard", ["--hf_checkpoint={root}/hf_truncated", "--prompt_ids=1,2"],
      "truncated or corrupted"),

@@ -67,3 +67,15 @@ def test_hf_configs_the_model_does_not_implement_are_refused(change, message):
       "rope_theta": 1e6, "rope_type": "default"}})  # what Qwen2.5's configs say: accepted
   with pytest.raises(ConfigError, match=message):
     ModelConfig.from_hf_dict({**hf, **change})
+
+
+def test_special_ids_outside_the_vocabulary_are_refused():
+  """A pad or EOS id past the embedding table would embed as NaN (JAX's lookup) and spread
+  from a masked slot into every real token of its row: refused when the config is made."""
+  small = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+               num_kv_heads=1, head_dim=4)
+  ModelConfig(**small, pad_token_id=15, eos_token_ids=(14,))
+  for bad in (dict(pad_token_id=16), dict(eos_token_ids=(3, 16)), dict(pad_token_id=-1)):
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+      ModelConfig(**small, **bad)
+

@@ -120,8 +120,18 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
   np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused(tiny):
+  """Padding included: a masked id past the table embeds as NaN and turns the row's outputs
+  NaN (greedy decoding would then silently emit token 0)."""
+  params, config = tiny
+  prompt = jnp.asarray([[config.vocab_size, 5, 6, 7]])
+  with pytest.raises(ValueError, match="prompt ids must lie in"):
+    sampling.generate(params, config, prompt, prompt != config.vocab_size, jax.random.key(0),
+                      max_new_tokens=2, sampling=_settings(config))
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0),
-                                    dict(top_p=1.5)])
+                                    dict(top_p=1.5), dict(top_p=0.9), dict(top_k=5)])
 def test_invalid_sampling_settings_are_refused(kwargs):
   with pytest.raises(ValueError):
     sampling.SamplingConfig(**kwargs)

@@ -114,6 +114,10 @@ class ModelConfig:
     dtype_from_name(self.param_dtype)
     dtype_from_name(self.dtype)
     object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+    outside = [i for i in (self.pad_token_id, *self.eos_token_ids) if not 0 <= i < self.vocab_size]
+    if outside:  # an id past the table embeds as NaN, which even a masked pad slot spreads
+      raise ConfigError(f"pad_token_id / eos_token_ids {outside} lie outside the vocabulary "
+                        f"(vocab_size {self.vocab_size})")
     object.__setattr__(self, "gate_lora_targets", tuple(self.gate_lora_targets))
     unknown = set(self.gate_lora_targets) - set(LORA_TARGETS)
     if unknown:

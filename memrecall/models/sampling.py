@@ -48,6 +48,9 @@ class SamplingConfig:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
+      raise ValueError(f"top_k={self.top_k} / top_p={self.top_p} filter what a temperature above 0 "
+                       "samples; at temperature 0 decoding is greedy: set a temperature")
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
 
   @property
@@ -159,6 +162,10 @@ def generate(params, config: ModelConfig, prompt: Array, prompt_mask: Array | No
   prompt_mask = jnp.ones(prompt.shape, bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
   if not bool(jnp.all(prompt_mask.any(axis=-1))):
     raise ValueError("every prompt row needs at least one real token (its mask is all zero)")
+  if not bool(jnp.all((prompt >= 0) & (prompt < config.vocab_size))):
+    # An id past the table embeds as NaN (JAX's lookup), which a masked slot still spreads.
+    raise ValueError(f"prompt ids must lie in [0, {config.vocab_size}) (the vocabulary), padding "
+                     "included")
   cache = init_cache(config, prompt.shape[0], prompt.shape[1] + max_new_tokens)
   if cache_sharding is not None:
     cache = jax.device_put(cache, cache_sharding)
