@@ -130,6 +130,24 @@ def test_directory_without_config_json(tmp_path):
     hf_checkpoint.load_hf_checkpoint(tmp_path / "nowhere")
 
 
+def test_generation_config_adds_its_stop_tokens(tmp_path):
+  """transformers' generate stops at generation_config.json's EOS ids too (Qwen2.5-Instruct:
+  <|im_end|> and <|endoftext|>); so does every loop here, config.json's first; a broken file is
+  named."""
+  d = _copy("qwen2_tiny", tmp_path / "ckpt")
+  first, _ = hf_checkpoint.read_config(d)
+  extra = (first.eos_token_ids[0] + 1) % first.vocab_size
+  (d / "generation_config.json").write_text(json.dumps(
+      {"eos_token_id": [first.eos_token_ids[0], extra]}))
+  config, _ = hf_checkpoint.read_config(d)
+  assert config.eos_token_ids == first.eos_token_ids + (extra,)
+  assert config.pad_token_id == first.pad_token_id
+  assert hf_checkpoint.read_config(d, eos_token_ids=(3,))[0].eos_token_ids == (3,)  # as asked
+  (d / "generation_config.json").write_text("{")
+  with pytest.raises(ConfigError, match="generation_config.json is not valid JSON"):
+    hf_checkpoint.read_config(d)
+
+
 def test_directory_without_weights_and_broken_index(tmp_path):
   d = _copy("qwen2_tiny", tmp_path / "ckpt")
   os.remove(d / "model.safetensors")

@@ -150,7 +150,28 @@ def read_config(directory: str | os.PathLike, **overrides) -> tuple[ModelConfig,
   model_type = hf.get("model_type")
   if model_type not in (None, "qwen2", "lychee_memory", "lycheememory"):
     raise ConfigError(f"{path}: model_type {model_type!r} is not a Qwen2 model")
-  return ModelConfig.from_hf_dict(hf, **overrides), hf
+  config = ModelConfig.from_hf_dict(hf, **overrides)
+  if "eos_token_ids" not in overrides:
+    # Generation stops where transformers' `generate` does: generation_config.json's EOS ids
+    # too (Qwen2.5-Instruct's adds <|endoftext|> to config.json's <|im_end|>).
+    stops = _generation_eos(directory)
+    more = tuple(i for i in stops if i not in config.eos_token_ids)
+    if more:
+      config = config.replace(eos_token_ids=config.eos_token_ids + more)
+  return config, hf
+
+
+def _generation_eos(directory: str) -> tuple[int, ...]:
+  """generation_config.json's `eos_token_id` (an id or a list), () without one."""
+  path = os.path.join(directory, "generation_config.json")
+  if not os.path.exists(path):
+    return ()
+  with open(path) as f:
+    try:
+      eos = json.load(f).get("eos_token_id")
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path} is not valid JSON: {e}") from None
+  return () if eos is None else tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
 
 
 def load_hf_checkpoint(directory: str | os.PathLike, *, mesh=None,
