@@ -62,9 +62,13 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
+    # Every `save_every` steps and at a preemption orbax detects; not orbax's default first
+    # step too (a whole state's write after step 1, counted against `keep`).
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, create=True,
-        enable_async_checkpointing=async_save)
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]),
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "config", "data"))
 

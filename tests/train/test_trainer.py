@@ -36,6 +36,11 @@ def test_sharded_steps_match_one_device_and_restore_on_one_device(tmp_path):
   eight.mesh.data, eight.mesh.fsdp, eight.mesh.tensor = 2, 2, 2
   trainer.train(one, str(tmp_path / "one"), log=quiet)
   trainer.train(eight, str(tmp_path / "eight"), log=quiet)
+  # Saved every checkpoint_every steps and at the last, not also after the first (orbax's
+  # default policy's).
+  every = one.train.checkpoint_every
+  assert sorted(map(int, os.listdir(tmp_path / "one" / "checkpoints"))) == sorted(
+      {s for s in range(1, 4) if s % every == 0} | {3})
   a, _ = checkpoint.load_params(str(tmp_path / "one"))
   b, _ = checkpoint.load_params(str(tmp_path / "eight"))  # written on 8 devices, read on 1
   for key, value in _leaves(a).items():
