@@ -73,16 +73,15 @@ def aggregate(values: Array, mask: Array, mode: str = "token_mean") -> Array:
   if mode not in AGGREGATIONS:
     raise ValueError(f"unknown aggregation {mode!r}; choose from {AGGREGATIONS}")
   mask = mask.astype(values.dtype)
-  if mode == "token_mean":
-    return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-  sums = (values * mask).sum(axis=-1)
-  has_tokens = (mask.sum(axis=-1) > 0).astype(values.dtype)
-  per_seq = sums / jnp.maximum(mask.sum(axis=-1), 1.0) if mode == "seq_mean_token_mean" else sums
-  return (per_seq * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
+  sums = (values * mask).sum(axis=-1)  # [S]; 0 for a sequence without tokens
+  if mode == "seq_mean_token_mean":
+    sums = sums / jnp.maximum(mask.sum(axis=-1), 1.0)
+  return sums.sum() / jnp.maximum(aggregate_weight(mask, mode), 1.0).astype(sums.dtype)
 
 
 def aggregate_weight(mask: Array, mode: str = "token_mean") -> Array:
-  """What `aggregate` divides by: the real tokens (token_mean) or the sequences with one."""
+  """What `aggregate` divides by: the real tokens (token_mean) or the sequences with one (the
+  train step weighs microbatches by it, `state.LOSS_WEIGHT`)."""
   mask = mask.astype(jnp.float32)
   if mode == "token_mean":
     return mask.sum()
