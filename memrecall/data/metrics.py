@@ -17,10 +17,12 @@ comparable, quirks included on purpose:
   and keeps accents, so "–" (en-dash) vs "-" and "e" vs "é" differ.
 * F1 is 0 when either normalised side is "yes", "no" or "noanswer" and the two
   differ.
+* A response with `</think>` is scored on what follows its last one.
 * Where the prompt asks for the answer in `\\boxed{}` (MemAgent's final prompt), the
-  last closed box is the prediction, and an answer without one is empty: 0
-  (`score_answer(..., boxed=True)`).  memrecall's own prompts ask for no box, and
-  their answers are scored on the box's contents if they hold one, else the text.
+  box is the prediction, by the harness's rules (`last_boxed`: `\\boxed X` without braces
+  too), and an answer without one is empty: 0 (`score_answer(..., boxed=True)`).
+  memrecall's own prompts ask for no box, and their answers are scored on the box's
+  contents if they hold one, else the text.
 
 Not reproduced: MemAgent scores only the first gold answer (`answers[0]`); we
 take the maximum over all golds (the same for HotpotQA's single answer).  Its
@@ -112,30 +114,44 @@ METRICS: dict[str, Metric] = {"em": exact_match, "sub_em": sub_em,
 
 
 ANSWER_METRICS = ("em", "sub_em", "strict_sub_em")
-BOX = "\\boxed{"
+BOX = "\\boxed{"  # in a final prompt: it asks for the answer in a box
+THINK_END = "</think>"
 
 
 def last_boxed(text: str) -> str | None:
-  """The contents of the last `\\boxed{...}` (braces balanced), None if there is none or it is
-  unclosed: MemAgent's released recipe answers in a box and its harness scores the box."""
-  start = text.rfind(BOX)
-  if start < 0:
+  """The answer MemAgent's harness extracts from a box (`extract_boxed_answer`), None where it
+  finds none.  Its rules, quirks included: if `\\boxed ` (a space, no brace) occurs anywhere,
+  the text after its last occurrence up to the first `$`; otherwise the contents of the last
+  `\\boxed{...}`, braces balanced; an unclosed box is None.  (Where the harness's asserts would
+  raise, on `\\fbox{}` or `\\boxed` followed by neither a brace nor a space, this says None.)"""
+  if "\\boxed " in text:
+    return text.split("\\boxed ")[-1].split("$")[0]
+  start = text.rfind("\\boxed")
+  if start < 0 or not text.startswith(BOX, start):
     return None
-  depth, i = 1, start + len(BOX)
-  for j in range(i, len(text)):
+  depth = 0
+  for j in range(start, len(text)):
     depth += {"{": 1, "}": -1}.get(text[j], 0)
-    if depth == 0:
-      return text[i:j]
+    if depth == 0 and text[j] == "}":
+      return text[start + len(BOX):j]
   return None
+
+
+def final_answer(prediction: str) -> str:
+  """What MemAgent's harness scores of a response (`extract_solution`): the text after the last
+  `</think>` where a reasoning model wrote one, else the whole response."""
+  return prediction.split(THINK_END)[-1].strip() if THINK_END in prediction else prediction
 
 
 def score_answer(prediction: str | None, golds: Sequence[str], boxed: bool = False
                  ) -> dict[str, float]:
   """The one scoring of a decoded answer, for RL rewards and evaluation alike: EM, the
-  MemAgent-compatible sub-EM and the strict sub-EM, each 0 or 1.  An answer with a
-  `\\boxed{}` is scored on the box's contents.  boxed: the prompt asked for the answer in a
-  box (MemAgent's final prompt), so, as MemAgent's harness does, an answer without a closed
-  box extracts nothing and scores 0 (its text is not scored instead)."""
+  MemAgent-compatible sub-EM and the strict sub-EM, each 0 or 1.  The text after a `</think>`
+  is the answer, and an answer with a box (`last_boxed`) is scored on the box's contents.
+  boxed: the prompt asked for the answer in a box (MemAgent's final prompt), so, as MemAgent's
+  harness does, an answer without a closed box extracts nothing and scores 0 (its text is not
+  scored instead)."""
+  prediction = final_answer(prediction) if prediction else prediction
   box = last_boxed(prediction) if prediction else None
   prediction = box if box is not None or boxed else prediction
   return {name: METRICS[name](prediction, golds) for name in ANSWER_METRICS}

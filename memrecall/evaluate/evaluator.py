@@ -204,8 +204,9 @@ def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **ex
           "threshold": float(setup.recall.threshold), "topk": setup.recall.topk,
           "gate_group": setup.recall.gate_group,
           "sampling": fingerprint.value_hash(dataclasses.asdict(setup.sampling)),
-          # Boxed answers scored on the box alone since 2026-12-07 (rows scored before differ).
-          **({"answer_scoring": "box only"} if run.answers_in_box else {}),
+          # Answers are extracted as MemAgent's harness does (after `</think>`, `\\boxed X`)
+          # since 2026-12-07; boxed prompts' answers are scored on the box alone.
+          "answer_scoring": "harness extraction" + (", box only" if run.answers_in_box else ""),
           **dataclasses.asdict(baseline), **extra}
 
 

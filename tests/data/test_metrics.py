@@ -127,3 +127,25 @@ def test_score_answer_reads_the_last_box_and_reports_every_form():
     assert score_answer(text, ["Christopher Nolan"], boxed=True) == zero
     assert score_answer(text, ["Christopher Nolan"])["sub_em"] == 1.0
   assert score_answer(r"\boxed{Christopher Nolan}", ["Christopher Nolan"], boxed=True)["em"] == 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    # MemAgent's `extract_boxed_answer`, quirks included (taskutils/memory_eval/utils).
+    (r"So \boxed Paris$ indeed", "Paris"),               # no braces: up to the first `$`
+    (r"\boxed{A} then \boxed B", "B"),
+    (r"\boxed B then \boxed{A}", r"B then \boxed{A}"),    # a spaced box anywhere wins
+    (r"\boxed{A} and a bare \boxed", None),              # the last `\boxed` opens no brace
+    (r"\fbox{A}", None),                                 # the harness's assert would raise
+    (r"\boxed{a {b} c} d}", "a {b} c"),
+])
+def test_last_boxed_follows_memagents_harness(text, expected):
+  from memrecall.data.metrics import last_boxed
+  assert last_boxed(text) == expected
+
+
+def test_a_reasoning_models_answer_is_what_follows_its_last_think_end():
+  from memrecall.data.metrics import score_answer
+  # The box inside the reasoning is not the answer; the text after `</think>` is.
+  assert score_answer(r"<think>\boxed{Paris}?</think> London", ["London"])["em"] == 1.0
+  assert score_answer(r"<think>\boxed{Paris}?</think> London", ["Paris"])["sub_em"] == 0.0
+  assert score_answer(r"<think>x</think>a</think> \boxed{Rome}", ["Rome"], boxed=True)["em"] == 1
