@@ -87,15 +87,18 @@ def test_recorded_logprobs_are_under_the_sampling_temperature(tiny, temperature,
 
 
 def _numpy_filter(logits, temperature, top_k, top_p):
-  """Reference top-k/top-p: sort, keep the k best, then the shortest prefix reaching p."""
-  out = np.full_like(logits, -np.inf)
-  for b, row in enumerate(logits / temperature):
-    order = np.argsort(-row, kind="stable")
-    keep = order[:top_k] if top_k else order
-    probs = np.exp(row[keep] - row[keep].max())
-    probs /= probs.sum()
-    cut = np.searchsorted(np.cumsum(probs), top_p - 1e-12) + 1
-    out[b, keep[:cut]] = row[keep[:cut]]
+  """Reference top-k/top-p, Hugging Face's warpers step by step: keep every token at least the
+  k-th best, then sort ascending (stably) and drop each whose mass with all below is <= 1 - p,
+  never the last."""
+  out = logits / temperature
+  for row in out:
+    if top_k:
+      row[row < np.sort(row)[-top_k]] = -np.inf
+    order = np.argsort(row, kind="stable")
+    probs = np.exp(row[order] - row.max())
+    drop = np.cumsum(probs / probs.sum()) <= 1 - top_p
+    drop[-1] = False
+    row[order[drop]] = -np.inf
   return out
 
 
@@ -108,6 +111,17 @@ def test_filter_logits_matches_numpy(top_k, top_p):
   kept = np.isfinite(ref)
   np.testing.assert_array_equal(ours > np.finfo(np.float32).min, kept)
   np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
+
+
+def test_top_p_cuts_tied_tokens_by_sorted_position_as_hugging_face():
+  """Four equal logits at top_p 0.3: Hugging Face keeps two of them (the higher ids), not all
+  four.  Ties at the cutoff are common where logits come from bfloat16."""
+  settings = sampling.SamplingConfig(temperature=1.0, top_p=0.3)
+  logits = jnp.asarray([[0.0, 0.0, 0.0, 0.0, -9.0]])
+  kept = np.asarray(sampling.filter_logits(logits, settings)) > np.finfo(np.float32).min
+  np.testing.assert_array_equal(kept[0], [False, False, True, True, False])
+  np.testing.assert_array_equal(np.isfinite(_numpy_filter(np.asarray(logits, np.float64), 1.0,
+                                                          0, 0.3))[0], kept[0])
 
 
 def test_sampling_frequencies_follow_the_filtered_distribution():

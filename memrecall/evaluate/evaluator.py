@@ -204,6 +204,8 @@ def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **ex
           "threshold": float(setup.recall.threshold), "topk": setup.recall.topk,
           "gate_group": setup.recall.gate_group,
           "sampling": fingerprint.value_hash(dataclasses.asdict(setup.sampling)),
+          # Top-p has cut tied tokens by sorted position, as Hugging Face does, since 2026-12-07.
+          **({"top_p_cut": "sorted position"} if setup.sampling.top_p < 1 else {}),
           # Answers are extracted as MemAgent's harness does (after `</think>`, `\\boxed X`)
           # since 2026-12-07; boxed prompts' answers are scored on the box alone.
           "answer_scoring": "harness extraction" + (", box only" if run.answers_in_box else ""),

@@ -88,12 +88,15 @@ def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
     kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # [B, 1]
     logits = jnp.where(logits < kth, neg_inf, logits)
   if sampling.top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
-    keep = mass_before < sampling.top_p  # the top token is always kept
-    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, neg_inf, logits)
+    # By sorted position, as Hugging Face and vLLM cut: an ascending sort drops each token whose
+    # mass with all below it is at most 1 - p, never the top one.  Of tokens tied at the cutoff
+    # (common in logits from bfloat16), some go: the lower ids, which a stable sort puts lower.
+    order = jnp.argsort(logits, axis=-1, stable=True)  # [B, V] ascending
+    below = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1),
+                       axis=-1)
+    drop = (below <= 1.0 - sampling.top_p).at[:, -1].set(False)
+    drop = jnp.put_along_axis(jnp.zeros_like(drop), order, drop, axis=-1, inplace=False)
+    logits = jnp.where(drop, neg_inf, logits)
   return logits
 
 
