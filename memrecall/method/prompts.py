@@ -72,8 +72,10 @@ _SLOT_PATTERN = re.compile(r"\{(" + "|".join(SLOTS) + r")\}")
 _SENTINEL = "\x00MEMRECALL_MESSAGE\x00"
 
 
-def wrap_in_chat(text: str, chat_template: str | None) -> str:
-  """`text` as the single user message of a chat, with the generation prompt appended."""
+def wrap_in_chat(text: str, chat_template: str | None,
+                 special_tokens: dict[str, str] | None = None) -> str:
+  """`text` as the single user message of a chat, with the generation prompt appended.
+  special_tokens: `bos_token` etc. as text, which templates may render (`Tokenizer`)."""
   if not chat_template:
     return text
   try:
@@ -88,7 +90,8 @@ def wrap_in_chat(text: str, chat_template: str | None) -> str:
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
   env.globals["raise_exception"] = raise_exception
   rendered = env.from_string(chat_template).render(
-      messages=[{"role": "user", "content": _SENTINEL}], add_generation_prompt=True)
+      messages=[{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
+      **(special_tokens or {}))
   if rendered.count(_SENTINEL) != 1:
     raise ValueError("the chat template does not place the user message exactly once")
   return rendered.replace(_SENTINEL, text)
@@ -105,7 +108,8 @@ class PromptTemplate:
     unknown = set(re.findall(r"\{(\w+)\}", template)) - set(SLOTS)
     if unknown:
       raise ValueError(f"template has unknown slots {sorted(unknown)}; allowed: {list(SLOTS)}")
-    parts = _SLOT_PATTERN.split(wrap_in_chat(template, chat_template))
+    parts = _SLOT_PATTERN.split(wrap_in_chat(template, chat_template,
+                                             tokenizer.special_tokens))
     pieces: list[tuple[int, ...] | str] = []
     for i, part in enumerate(parts):
       if i % 2:  # a slot name

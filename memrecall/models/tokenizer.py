@@ -18,6 +18,7 @@ class Tokenizer(Protocol):
   eos_ids: tuple[int, ...]
   pad_id: int
   fingerprint: str  # 16 hex digits of what defines it (an HF tokenizer's files)
+  special_tokens: dict[str, str]  # `bos_token` etc. as text, for chat templates
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -37,6 +38,7 @@ class ByteTokenizer:
     self.pad_id, self.bos_id = pad_id, bos_id
     self.eos_ids = (eos_id,)
     self.vocab_size = offset + 256
+    self.special_tokens = {}  # its specials have ids but no text
     self.fingerprint = hashlib.sha256(
         f"bytes {offset} {pad_id} {bos_id} {eos_id}".encode()).hexdigest()[:16]
 
@@ -72,6 +74,7 @@ class HFTokenizer:
     config_path = os.path.join(self.directory, "tokenizer_config.json")
     self.config = _read_json(config_path) if os.path.exists(config_path) else {}
     self.chat_template = _chat_template(self.directory, self.config)
+    self.special_tokens = _special_tokens(self.config)
     # tokenizer.json's bytes, tokenizer_config.json's content (special tokens) and the chat
     # template.
     digest = hashlib.sha256(data)
@@ -91,6 +94,20 @@ class HFTokenizer:
 
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _special_tokens(config: dict) -> dict[str, str]:
+  """tokenizer_config.json's special tokens as text (a string, or an AddedToken's `content`):
+  chat templates render them, as transformers' `apply_chat_template` passes them (Llama-3's
+  starts with `{{ bos_token }}`; Qwen's uses none)."""
+  tokens = {}
+  for name in SPECIAL_TOKENS:
+    value = config.get(name)
+    value = value.get("content") if isinstance(value, dict) else value
+    if isinstance(value, str):
+      tokens[name] = value
+  return tokens
 
 
 def _chat_template(directory: str, config: dict) -> str | None:

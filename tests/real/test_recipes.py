@@ -261,3 +261,12 @@ def test_the_chat_template_is_read_where_transformers_saves_it(tiny_qwen, data_f
   json.dump(config, open(hf / "tokenizer_config.json", "w"))
   with pytest.raises(ValueError, match="none named 'default'"):
     HFTokenizer(hf)
+  # A template that starts with `{{ bos_token }}` (Llama-3's) renders the config's special
+  # token, an AddedToken's content included, as transformers' apply_chat_template does.
+  config["chat_template"] = "{{ bos_token }}" + template
+  config["bos_token"] = {"content": "<|endoftext|>", "special": True}
+  json.dump(config, open(hf / "tokenizer_config.json", "w"))
+  run = run_builder.build_run(recipe(lychee, "sft", str(hf), spec))
+  first = run.prompts.final.pieces[0]
+  assert first[0] == run.tokenizer.token_id("<|endoftext|>")
+  assert run.tokenizer.decode(first[1:]).startswith("<<")
