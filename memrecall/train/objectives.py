@@ -27,7 +27,7 @@ from memrecall.readers import Reader
 from memrecall.readers.trajectory import (TurnBatch, remat_block,  # noqa: F401  (re-exported)
                                           turn_logprobs)
 from memrecall.train import grpo
-from memrecall.train.state import LOSS_WEIGHT
+from memrecall.train.state import LOSS_WEIGHT, Ratio
 
 Array = jax.Array
 
@@ -81,16 +81,18 @@ def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0
   mask = trajectory_mask(batch)
   token_logp = _flat_tokens(logp, answer_logp)
   nll = -grpo.aggregate(token_logp, mask, "token_mean")
+  answer_mask = batch.answer_mask.astype(jnp.float32)
   metrics = {"nll": nll,
-             "answer_nll": -grpo.aggregate(answer_logp, batch.answer_mask, "token_mean"),
+             "answer_nll": Ratio(-(answer_logp * answer_mask).sum(), answer_mask.sum()),
              LOSS_WEIGHT: grpo.aggregate_weight(mask)}
   loss = nll
   if gate_weight > 0:
     bce, gate_metrics = _gate_bce(outputs[2], batch.labels, batch.chunk_mask.any(-1),
                                   threshold, positive_weight)
     loss = nll + gate_weight * bce
-    # The step weighs microbatches by the NLL's tokens (the gate's BCE rides along).
-    gate_metrics.pop(LOSS_WEIGHT)
+    # The step weighs microbatches by the NLL's tokens; the BCE's mean is over its own chunks.
+    counted = gate_metrics.pop(LOSS_WEIGHT)
+    gate_metrics["bce"] = Ratio(bce * counted, counted)
     metrics.update({f"gate_{k}": v for k, v in gate_metrics.items()})
   return loss, {"loss": loss, **metrics}
 
@@ -215,6 +217,6 @@ def _gate_bce(logits, labels, valid, threshold: float = 0.5, positive_weight: fl
   predicted = (jax.nn.sigmoid(logits) >= threshold).astype(jnp.float32) * valid
   tp = (predicted * labels).sum()
   return loss, {"bce": loss, LOSS_WEIGHT: weights.sum(),
-                "precision": tp / jnp.maximum(predicted.sum(), 1.0),
-                "recall": tp / jnp.maximum((labels * valid).sum(), 1.0),
-                "skip_rate": 1.0 - predicted.sum() / jnp.maximum(valid.sum(), 1.0)}
+                "precision": Ratio(tp, predicted.sum()),
+                "recall": Ratio(tp, (labels * valid).sum()),
+                "skip_rate": Ratio(valid.sum() - predicted.sum(), valid.sum())}

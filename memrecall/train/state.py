@@ -10,7 +10,7 @@ through untouched — with the state donated they are neither copied nor moved.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import flax.traverse_util
@@ -148,6 +148,24 @@ def state_shardings(config, state_shape: TrainState, mesh) -> TrainState:
 LOSS_WEIGHT = "loss_weight"
 
 
+class Ratio(NamedTuple):
+  """A metric reported as numerator / denominator (a gate's precision: true positives over
+  predicted positives).  The step sums both over microbatches before dividing, so k parts give
+  the whole batch's ratio, not a weighted mean of the parts' ratios; 0 where nothing is counted."""
+  numerator: Array
+  denominator: Array
+
+
+_is_ratio = lambda x: isinstance(x, Ratio)
+
+
+def resolve_ratios(metrics: dict) -> dict:
+  """Each `Ratio` as its value."""
+  value = lambda r: jnp.where(r.denominator > 0, r.numerator / jnp.where(
+      r.denominator > 0, r.denominator, 1), 0.0) if _is_ratio(r) else r
+  return jax.tree.map(value, metrics, is_leaf=_is_ratio)
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                     paths, microbatches: int = 1) -> Callable:
   """A step (state, batch) -> (state, metrics) for loss_fn(params, batch, rng) -> (loss, metrics).
@@ -158,8 +176,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
   `lax.scan` (activations of one part live at a time), and the loss, metrics and gradients are
   their means weighted by the parts' `LOSS_WEIGHT` metric: the whole batch's loss and gradient
   when the loss is a mean over what that metric counts (RL's and SFT's token means over turns
-  of different lengths too).  Ratios among the metrics (a gate's precision) are weighted
-  means of the parts' ratios.
+  of different lengths too).  Metrics given as a `Ratio` are summed, then divided: the whole
+  batch's ratio.
   """
   def grads_of(trainable, frozen, batch, rng):
     loss_of = lambda t: loss_fn(merge(t, frozen), batch, rng)
@@ -178,14 +196,16 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
       part, key = xs
       (loss, metrics), grads, weight = grads_of(trainable, frozen, part, key)
       sums, weights = total
-      weighted = jax.tree.map(lambda x: x * weight, ((loss, metrics), grads))
+      weighted = jax.tree.map(lambda x: x if _is_ratio(x) else x * weight,
+                              ((loss, metrics), grads), is_leaf=_is_ratio)
       return (jax.tree.map(jnp.add, sums, weighted), weights + weight), None
 
     shapes = jax.eval_shape(grads_of, trainable, frozen, jax.tree.map(lambda x: x[0], parts), rng)
     zero = (jax.tree.map(jnp.zeros_like, shapes[:2]), jnp.zeros((), jnp.float32))
     (sums, weights), _ = jax.lax.scan(one, zero, (parts, jax.random.split(rng, microbatches)))
     # Parts that count nothing (no token scored) add nothing; all of them: zeros.
-    return jax.tree.map(lambda x: x / jnp.maximum(weights, 1e-30), sums) + (weights,)
+    mean = lambda x: x if _is_ratio(x) else x / jnp.maximum(weights, 1e-30)
+    return jax.tree.map(mean, sums, is_leaf=_is_ratio) + (weights,)
 
   def step(state: TrainState, batch):
     rng = jax.random.wrap_key_data(state.rng)
@@ -202,7 +222,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                            params=merge(keep(new_trainable, trainable), frozen),
                            opt_state=keep(opt_state, state.opt_state),
                            rng=jax.random.key_data(rng))
-    metrics = {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+    metrics = {**resolve_ratios(metrics), "grad_norm": grad_norm,
+               "finite": finite.astype(jnp.float32)}
     return new_state, metrics
 
   return step

@@ -233,6 +233,31 @@ def test_microbatches_give_the_whole_batch_step():
         state_lib.create_train_state(params, "backbone", optimizer, 0), batch)
 
 
+def test_ratio_metrics_over_microbatches_are_the_whole_batchs_ratio():
+  """A precision over 2 parts is summed hits over summed predictions, not a weighted mean of
+  the parts' precisions; a part that predicts nothing adds nothing."""
+  config = small_config("sft")
+  params = model.init_params(run_builder.build_run(config).model, jax.random.key(0))
+  paths = state_lib.trainable_paths(params, "backbone")
+  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=1e-3))
+
+  def loss_fn(p, batch, rng):
+    loss = (p["final_norm"]["scale"] ** 2).sum() * batch["w"].mean()
+    hits, said = batch["hit"].sum(), batch["said"].sum()
+    return loss, {"loss": loss, "precision": state_lib.Ratio(hits, said),
+                  state_lib.LOSS_WEIGHT: jnp.float32(batch["w"].shape[0])}
+
+  # Part 1: 1 hit of 1 predicted; part 2: 1 hit of 3; part 3 predicts nothing; part 4: 0 of 4.
+  batch = {"w": jnp.ones(8), "hit": jnp.asarray([1, 0, 1, 0, 0, 0, 0, 0], jnp.float32),
+           "said": jnp.asarray([1, 0, 2, 1, 0, 0, 2, 2], jnp.float32)}
+  for k in (1, 4):
+    state = state_lib.create_train_state(params, "backbone", optimizer, 0)
+    _, metrics = jax.jit(state_lib.make_train_step(loss_fn, optimizer, paths, k))(state, batch)
+    np.testing.assert_allclose(metrics["precision"], 2 / 8, rtol=1e-6)  # not mean(1, 1/3, 0, 0)
+  nothing = state_lib.resolve_ratios({"p": state_lib.Ratio(jnp.float32(0), jnp.float32(0))})
+  assert float(nothing["p"]) == 0.0
+
+
 def test_sft_trains_the_gate_jointly_with_its_weighted_bce():
   """sft.gate_weight > 0 (with the gate's parameters trainable): the BCE, its positives
   weighted by gate.positive_weight, moves the relevance head and falls; with the backbone
@@ -249,7 +274,7 @@ def test_sft_trains_the_gate_jointly_with_its_weighted_bce():
   batch, _ = stage.batch(0, state, slice(0, config.train.batch_size))
   labels, valid = np.asarray(batch.labels), np.asarray(batch.chunk_mask).any(-1)
   assert 0 < labels[valid].sum() < valid.sum()
-  _, metrics = stage.loss(state.params, batch, None)
+  metrics = state_lib.resolve_ratios(stage.loss(state.params, batch, None)[1])
   # The head starts at zero: every logit 0, each chunk's BCE log 2 whatever its weight; the
   # weight shows in the gradient, which pushes positives up 3x as hard as negatives down.
   np.testing.assert_allclose(metrics["gate_bce"], np.log(2), rtol=1e-6)
@@ -263,9 +288,9 @@ def test_sft_trains_the_gate_jointly_with_its_weighted_bce():
   logits = objectives.trajectory_logprobs(state.params, stage.setup, batch, with_gate=True)[2]
   pos, neg = np.asarray(logits)[valid & labels].mean(), np.asarray(logits)[valid & ~labels].mean()
   assert pos > neg
-  bce = lambda w: float(objectives.sft_loss(state.params, stage.setup, batch, 1.0, 0.5, w)[1][
-      "gate_bce"])
-  staged = float(stage.loss(state.params, batch, None)[1]["gate_bce"])
+  bce = lambda w: float(state_lib.resolve_ratios(
+      objectives.sft_loss(state.params, stage.setup, batch, 1.0, 0.5, w)[1])["gate_bce"])
+  staged = float(state_lib.resolve_ratios(stage.loss(state.params, batch, None)[1])["gate_bce"])
   assert staged == pytest.approx(bce(3.0), rel=1e-6) and abs(bce(1.0) - staged) > 1e-4
   frozen = small_config("sft")
   frozen.sft.gate_weight = 1.0  # train.trainable stays "backbone"
