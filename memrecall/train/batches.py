@@ -26,17 +26,23 @@ def _pad_rows(rows: Sequence[Sequence[int]], width: int, what: str,
 
 
 def recall_pretraining_chunks(ids: np.ndarray, mask: np.ndarray, ratio: int,
-                              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                              rngs: Sequence[np.random.Generator]
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Rows [B, H] -> [B, 2H]: the row, then its `ratio`-token units again in shuffled order.
 
   Predicting the repeat needs what the beacons of the first half kept, looked up by the
-  unit's first tokens — the compressor's job in recall.  Returns ids, mask and the
-  target mask (the repeated half only) [B, 2H].
+  unit's first tokens — the compressor's job in recall.  rngs: one generator per example,
+  whose rows are consecutive (B / len(rngs) each), so an example's shuffles do not depend on
+  which process builds it among which others.  Returns ids, mask and the target mask (the
+  repeated half only) [B, 2H].
   """
   b, h = ids.shape
   if h % ratio:
     raise BatchError(f"half-chunks of {h} tokens do not split into units of {ratio}")
-  order = rng.permuted(np.tile(np.arange(h // ratio), (b, 1)), axis=1)[..., None]  # [B, U, 1]
+  if not rngs or b % len(rngs):
+    raise BatchError(f"{b} rows do not split evenly among {len(rngs)} examples")
+  units = np.tile(np.arange(h // ratio), (b // len(rngs), 1))
+  order = np.concatenate([rng.permuted(units, axis=1) for rng in rngs])[..., None]  # [B, U, 1]
   shuffle = lambda x: np.take_along_axis(x.reshape(b, h // ratio, ratio), order, 1).reshape(b, h)
   repeat_mask = shuffle(mask)
   return (np.concatenate([ids, shuffle(ids)], 1), np.concatenate([mask, repeat_mask], 1),

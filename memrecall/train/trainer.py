@@ -515,9 +515,11 @@ class CompressorStage(_Stage):
     half = c // 2
     tokens = r.task.length if r.task is not None else r.num_chunks * c
     ids, mask = batches.chunked(examples, half, -(-tokens // half), r.model.pad_token_id)
-    rng = np.random.default_rng([r.config.seed, step, rows.start])
+    # One stream per example by its global row: the same shuffles on any number of processes.
+    rngs = [np.random.default_rng([r.config.seed, step, row])
+            for row in range(rows.start, rows.stop)]
     return batches.recall_pretraining_chunks(ids.reshape(-1, half), mask.reshape(-1, half),
-                                             r.compressor.ratio, rng), {}
+                                             r.compressor.ratio, rngs), {}
 
   def batch_shapes(self, rows):
     r = self.run

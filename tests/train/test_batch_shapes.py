@@ -41,3 +41,19 @@ def test_rl_batch_shapes_match_a_batch_built_from_rollouts():
   # The abstract state `stage_programs` compiles the step for is the one `train` creates.
   abstract = trainer.abstract_train_state(run, optimizer)
   _assert_same_layout(state, abstract)
+
+
+def test_recall_pretraining_rows_are_the_same_whichever_process_builds_them():
+  """A batch built by two processes (rows 0-1 and 2-3) is the batch one process builds: each
+  example's shuffles are seeded by its own global row."""
+  import numpy as np
+  config = small_config("compressor")
+  config.pretrain.recall = True
+  stage = trainer._STAGES["compressor"](run_builder.build_run(config))
+  whole, _ = stage.batch(3, None, slice(0, 4))
+  halves = [stage.batch(3, None, rows)[0] for rows in (slice(0, 2), slice(2, 4))]
+  for one, *parts in zip(whole, *halves):
+    np.testing.assert_array_equal(one, np.concatenate(parts))
+  ids, _, target = whole
+  half = ids.shape[1] // 2
+  assert target[:, :half].sum() == 0 and target[:, half:].any()
