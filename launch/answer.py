@@ -106,6 +106,11 @@ def main(argv):
       documents.ROW_FILES) and document.ids is None else "")
   document_hash = fingerprint.value_hash({"text": document.text, "ids": document.ids})
   bank_dir = _MEMORY_BANK.value
+  if bank_dir:
+    try:  # before any model is loaded: a bank replaces its whole directory
+      memory_bank.check_replaceable(bank_dir)
+    except FileExistsError as e:
+      raise app.UsageError(f"--memory_bank: {e}") from None
   reuse_bank = bool(bank_dir) and os.path.exists(os.path.join(bank_dir, "metadata.json")) \
       and not _RECOMPILE_BANK.value
   if reuse_bank:

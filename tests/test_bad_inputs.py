@@ -188,6 +188,10 @@ ANSWER = [
      "was made from other_book.txt", _bank_of_another_document),
     ("missing_document", ["--hf_checkpoint={hf}", "--document=/nonexistent.txt"],
      "/nonexistent.txt does not exist"),
+    # A bank replaces its whole directory: one holding anything else is refused, not emptied.
+    ("bank_over_other_files", ["--hf_checkpoint={hf}", "--document={root}/doc.txt",
+                               "--question=Which fruit?", "--memory_bank={root}"],
+     "holds files that are not a memory bank's"),
     ("empty_document", ["--hf_checkpoint={hf}", "--document={root}/empty.txt", "--question=q"],
      "is empty"),
     ("row_out_of_range", ["--hf_checkpoint={hf}", "--document={rows}", "--row=7"],

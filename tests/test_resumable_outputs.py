@@ -22,9 +22,9 @@ from tests.conftest import LYCHEE_TEXT
 HF, ROWS = os.path.join(LYCHEE_TEXT, "hf"), os.path.join(LYCHEE_TEXT, "rows.json")
 
 
-def _run(memory_size=4, checkpoint=HF):
+def _run(memory_size=4, checkpoint=HF, **settings):
   return run_builder.from_hf_checkpoint(checkpoint, devices=jax.devices()[:1], chunk_size=1024,
-                                        memory_size=memory_size, answer_tokens=4)
+                                        memory_size=memory_size, answer_tokens=4, **settings)
 
 
 def _evaluate(run, params, output_dir, model_name="hf"):
@@ -114,6 +114,21 @@ def test_a_changed_setting_is_refused_naming_it(finished, tmp_path):
   with pytest.raises(output_key.OutputKeyError, match="memory_size 4 there, 8 now"):
     _evaluate(_run(memory_size=8), params, directory)
   assert (directory / "predictions.jsonl").read_bytes() == before
+
+
+def test_a_run_that_failed_before_its_first_row_does_not_block_the_corrected_rerun(finished,
+                                                                                  tmp_path):
+  """The key is recorded before the first row; a run that fails there (a question over its
+  budget) leaves only the key, and the rerun with the budget the error names replaces it."""
+  run, params, _ = finished
+  directory = tmp_path / "eval"
+  with pytest.raises(ValueError, match="over the budget of 3"):
+    _evaluate(_run(question_tokens=3), params, directory)
+  assert json.load(open(directory / "keys.json"))["hf/rows.json"]["question_tokens"] == 3
+  _evaluate(run, params, directory)
+  assert sorted(r[2] for r in _rows(directory)) == [0, 1]
+  assert json.load(open(directory / "keys.json"))["hf/rows.json"]["question_tokens"] == \
+      run.question_tokens
 
 
 def test_changed_data_is_refused(finished, tmp_path):

@@ -48,24 +48,26 @@ def differences(old: dict, new: dict) -> list[str]:
           for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
 
 
-def claim(directory: str, keys: dict[str, dict], existing_groups: set[str] = frozenset()) -> None:
+def claim(directory: str, keys: dict[str, dict], existing_groups: set[str]) -> None:
   """Checks every group's key against DIRECTORY/keys.json, then records the new ones.
 
   All groups are checked before anything is written, so a refused run changes nothing.
-  `existing_groups`: groups that already have rows; rows without a recorded key (written
-  before keys existed) are refused too, as nothing says what made them.
+  existing_groups: groups that already have rows.  A group with rows and another key is
+  refused; rows without a recorded key (written before keys existed) are refused too, as
+  nothing says what made them.  A recorded key whose group has no rows (a run that failed
+  before its first row) is replaced: nothing was made under it.
   """
   recorded = read_keys(directory)
   for group, key in keys.items():
     key = _normal(key)
-    if group in recorded and recorded[group] != key:
+    if group in existing_groups and group in recorded and recorded[group] != key:
       raise OutputKeyError(
           f"{directory} holds rows of {group} made otherwise ({'; '.join(differences(recorded[group], key))}):"
           " write into another output directory (or under another model name)")
     if group not in recorded and group in existing_groups:
       raise OutputKeyError(f"{directory} holds rows of {group} with no record of what made them "
                            f"({KEYS_FILE} lacks them): move them away or write elsewhere")
-  new = {group: _normal(key) for group, key in keys.items() if group not in recorded}
+  new = {group: _normal(key) for group, key in keys.items() if recorded.get(group) != _normal(key)}
   if new and is_primary():
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, KEYS_FILE)

@@ -96,9 +96,29 @@ def check_document(directory: str | os.PathLike, document_hash: str, document: s
         f"{metadata.document_hash or '?'}), not from {document} (content {document_hash})")
 
 
-def save_bank(directory: str | os.PathLike, memory: ChunkMemory, metadata: BankMetadata) -> None:
-  """Writes a bank atomically: a complete bank appears at `directory` or nothing changes."""
+BANK_FILES = frozenset({"k.npy", "v.npy", "slot_mask.npy", "metadata.json"})
+
+
+def check_replaceable(directory: str | os.PathLike) -> None:
+  """Refuses a `directory` a bank would replace that holds anything but a bank's own files
+  (a bank is written by replacing the whole directory)."""
   directory = os.fspath(directory)
+  if not os.path.exists(directory):
+    return
+  if not os.path.isdir(directory):
+    raise FileExistsError(f"{directory} is a file, not a memory bank directory")
+  others = sorted(set(os.listdir(directory)) - BANK_FILES)
+  if others:
+    raise FileExistsError(f"{directory} holds files that are not a memory bank's "
+                          f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
+                          "choose a new or empty directory for the bank")
+
+
+def save_bank(directory: str | os.PathLike, memory: ChunkMemory, metadata: BankMetadata) -> None:
+  """Writes a bank atomically: a complete bank appears at `directory` or nothing changes.
+  An existing bank there is replaced; a directory holding anything else is refused."""
+  directory = os.fspath(directory)
+  check_replaceable(directory)
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".bank-", dir=parent)
