@@ -94,6 +94,21 @@ def test_hybrid_mesh_keeps_dcn_axes_across_processes():
   assert sharding.make_mesh({"fsdp": 8, "dcn": {"data": 1}}).shape["fsdp"] == 8
 
 
+def test_a_process_whose_devices_hold_interleaved_rows_is_refused():
+  """Each process builds its contiguous block of a global batch (RL pairs rollouts with its
+  rows by it): devices of process 0 of 2 holding rows 0-1 and 4-5 of 8 (a hybrid mesh with
+  its DCN factor on fsdp while data > 1, as two processes showed) are refused, naming
+  mesh.dcn; rows 0-3 pass, however the devices split them."""
+  from memrecall.runtime import distributed
+  rows = lambda *blocks: [(slice(a, b), slice(None)) for a, b in blocks]
+  distributed.check_process_rows(rows((0, 2), (2, 4)), 8, process=0, processes=2)
+  distributed.check_process_rows(rows((4, 8), (4, 8)), 8, process=1, processes=2)  # replicas
+  with pytest.raises(sharding.MeshError, match=r"from row 0 to 5, not rows 0-3.*mesh.dcn"):
+    distributed.check_process_rows(rows((0, 2), (4, 6)), 8, process=0, processes=2)
+  with pytest.raises(sharding.MeshError, match="not rows 4-7"):  # the whole batch (dcn on tensor)
+    distributed.check_process_rows(rows((0, 8)), 8, process=1, processes=2)
+
+
 @pytest.mark.parametrize("setting, memory, mesh, chosen, tensor, kv_heads", [
     ("auto", 360, {"fsdp": 8}, "replicated", None, None),  # the copy is a third of the device
     ("auto", 359, {"fsdp": 8}, "tensor", 2, None),         # less: a half each on groups of two

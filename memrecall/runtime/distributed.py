@@ -64,12 +64,39 @@ def local_rows(global_batch: int) -> slice:
 
 
 def global_batch(local, shardings):
-  """Assembles host-local arrays (this process's rows) into global jax.Arrays."""
+  """Assembles host-local arrays (this process's rows, `local_rows`) into global jax.Arrays."""
   def one(x, sharding):
     x = np.asarray(x)
     shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    if jax.process_count() > 1:
+      check_process_rows(sharding.addressable_devices_indices_map(shape).values(), shape[0])
     return jax.make_array_from_process_local_data(sharding, x, shape)
   return jax.tree.map(one, local, shardings)
+
+
+def check_process_rows(indices, rows: int, process: int | None = None,
+                       processes: int | None = None) -> None:
+  """Refuses a mesh on which this process's devices do not hold exactly its `local_rows` of a
+  global batch.  Each process builds its contiguous block of rows, and RL pairs its rollouts
+  with its own rows by that block; a hybrid mesh whose DCN factor is on an inner batch axis
+  (`mesh.dcn` on fsdp while data > 1) interleaves processes' rows, which would silently pair
+  one process's questions with another's rollouts.  indices: the addressable devices' index
+  tuples (`Sharding.addressable_devices_indices_map(shape).values()`)."""
+  process = jax.process_index() if process is None else process
+  processes = jax.process_count() if processes is None else processes
+  per = rows // processes
+  held = set()
+  for index in indices:
+    held.update(range(*index[0].indices(rows)))
+  if held != set(range(process * per, (process + 1) * per)):
+    from memrecall.runtime.sharding import MeshError  # pylint: disable=g-import-not-at-top
+    blocks = sorted(held)
+    raise MeshError(
+        f"process {process}'s devices hold {len(blocks)} rows of a global batch of {rows} "
+        f"(from row {blocks[0] if blocks else '-'} to {blocks[-1] if blocks else '-'}, not "
+        f"rows {process * per}-{(process + 1) * per - 1}, the contiguous block it builds): "
+        "put the mesh's DCN factor (mesh.dcn) on `data`, the outermost batch axis, and none "
+        "on `tensor`")
 
 
 def all_rows(local: np.ndarray) -> np.ndarray:
