@@ -554,7 +554,9 @@ def from_workdir(workdir: str, matmul_precision: str | None = None, *,
   saved, step = checkpoint.load_config(workdir)
   if config is None:
     config = with_defaults(ml_collections.ConfigDict(saved))
-    if config.init.hf_checkpoint and workdir_assets(workdir):
+    # The workdir's own copy of its backbone's config, tokenizer and chat template, also where
+    # they came through `init.checkpoint` alone (the saved config then names no HF checkpoint).
+    if workdir_assets(workdir):
       config.init.hf_checkpoint = workdir_assets(workdir)
   else:
     config = with_defaults(config)

@@ -230,6 +230,12 @@ def test_a_stage_started_from_an_earlier_workdir_keeps_its_backbone_tokenizer(ti
   config.train.steps = 1
   trainer.train(config, str(tmp_path / "sft"), log=lines.append)
   assert f"starting from {tmp_path / 'compressor'} at step 1" in lines
+  # Evaluating that workdir reads them from its own assets (its saved config names no HF
+  # checkpoint; the byte tokenizer would otherwise read the rows).
+  evaluated, _ = run_builder.from_workdir(str(tmp_path / "sft"))
+  assert type(evaluated.tokenizer) is type(direct.tokenizer)
+  assert evaluated.model.eos_token_ids == direct.model.eos_token_ids
+  assert evaluated.prompts == direct.prompts
 
 
 def test_the_chat_template_is_read_where_transformers_saves_it(tiny_qwen, data_files, tmp_path):
