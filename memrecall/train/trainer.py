@@ -140,7 +140,12 @@ class _Console:
 # (the optimizer state holds the trainable leaves).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep",
                      "train.async_checkpoint", "train.microbatches", "optimizer", "mesh", "demo",
-                     "model.remat", "model.remat_blocks")  # what is recomputed, not what is computed
+                     # How values are computed or placed, not which: recomputation, chunking,
+                     # the rollout's weights (a run out of memory resumes with smaller chunks).
+                     "model.remat", "model.remat_blocks", "model.mlp_chunk_tokens",
+                     "model.head_chunk_tokens", "compressor.group_size", "rl.rollout_weights")
+# The same, among the model's settings (`_model_settings`).
+_RESUMABLE_MODEL_FIELDS = ("remat", "remat_blocks", "mlp_chunk_tokens", "head_chunk_tokens")
 
 
 def _resumable(key: str) -> bool:
@@ -181,6 +186,30 @@ def _check_same_data(saved: list[dict], now: list[dict], workdir: str) -> None:
                ] or [f"{len(saved)} files there, {len(now)} now"]
     raise ConfigError(f"{workdir}'s checkpoints were trained on other data.train content "
                       f"({'; '.join(changed)}): restore the data, or train in another --workdir")
+
+
+def _model_settings(run) -> dict:
+  """The backbone's and compressor's settings as built, JSON-normal: with an HF backbone they
+  come from its config.json and generation_config.json, which the run's config does not hold."""
+  model = {k: v for k, v in dataclasses.asdict(run.model).items()
+           if k not in _RESUMABLE_MODEL_FIELDS}
+  settings = {**model, "compressor.window": run.compressor.window,
+              "compressor.ratio": run.compressor.ratio}
+  return json.loads(json.dumps(settings, default=str))
+
+
+def _check_same_model(saved: dict | None, now: dict, workdir: str) -> None:
+  """A resumed run has the backbone its checkpoints were trained with: an HF config.json or
+  generation_config.json edited in place (another rope_theta, EOS or beacon ratio) would
+  silently change every step from the resumed one.  (None: a checkpoint from before the
+  record.)"""
+  if saved is None or saved == now:
+    return
+  diffs = [f"{k} {saved.get(k)!r} there, {now.get(k)!r} now"
+           for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+  raise ConfigError(f"{workdir}'s checkpoints were trained with other model settings "
+                    f"({'; '.join(diffs[:4])}): restore the backbone's config.json and "
+                    "generation_config.json, or train in another --workdir")
 
 
 def _check_same_tokenizer(saved: str | None, tokenizer, workdir: str) -> None:
@@ -264,6 +293,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   if saved_inputs is not None:
     _check_same_data(saved_inputs["data"], data_keys, workdir)
     _check_same_tokenizer(saved_inputs.get("tokenizer"), run.tokenizer, workdir)
+    _check_same_model(saved_inputs.get("model"), _model_settings(run), workdir)
   # A resumed RL run rebuilds its KL reference from the step of `init.checkpoint` it started
   # from, not from whatever that workdir has reached since.
   keeps_reference = saved_inputs is not None and stage.reads_initial_params
@@ -284,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
           f"holds other weights (parameters {initial}): restore them, or start the run in "
           "another --workdir")
     inputs = {"data": data_keys, "init_step": init_step, "initial_params": initial,
-              "tokenizer": run.tokenizer.fingerprint}
+              "tokenizer": run.tokenizer.fingerprint, "model": _model_settings(run)}
     if distributed.is_primary():  # after every check: a refused run changes nothing
       run.save_assets(workdir)
     paths = state_lib.trainable_paths(params, config.train.trainable)

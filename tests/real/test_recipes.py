@@ -238,6 +238,30 @@ def test_a_stage_started_from_an_earlier_workdir_keeps_its_backbone_tokenizer(ti
   assert evaluated.prompts == direct.prompts
 
 
+def test_a_resume_refuses_a_backbone_config_edited_in_place_and_takes_smaller_chunks(
+    tiny_qwen, data_files, tmp_path):
+  """The HF backbone's settings (config.json, generation_config.json) are recorded with the
+  checkpoints: edited in place, the resume is refused naming them; settings that only bound
+  memory (the LM head's and MLP's chunks) may change on resume."""
+  import shutil
+  hf = tmp_path / "hf"
+  shutil.copytree(tiny_qwen, hf)
+  config = recipe(lychee, "sft", str(hf), f"hotpotqa:{data_files['hotpotqa']}")
+  config.train.steps = 1
+  trainer.train(config, str(tmp_path / "run"), log=lambda line: None)
+  config.train.steps = 2
+  config.model.update(head_chunk_tokens=8, mlp_chunk_tokens=8)
+  lines = []
+  trainer.train(config, str(tmp_path / "run"), log=lines.append)
+  assert any("resumed from" in line for line in lines)
+  values = json.load(open(hf / "config.json"))
+  values["rope_theta"] *= 100
+  json.dump(values, open(hf / "config.json", "w"))
+  config.train.steps = 3
+  with pytest.raises(trainer.ConfigError, match="other model settings .*rope_theta"):
+    trainer.train(config, str(tmp_path / "run"), log=lambda line: None)
+
+
 def test_the_chat_template_is_read_where_transformers_saves_it(tiny_qwen, data_files, tmp_path):
   """A checkpoint's chat_template.jinja (transformers >= 4.50 saves it there) is its template:
   it wraps the prompts, keys the tokenizer and travels with a workdir's assets; a
