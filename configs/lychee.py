@@ -33,7 +33,10 @@ MESHES = {"gpu8": {"data": 1, "fsdp": 8, "tensor": 1}, "v5p-64": {"data": 4, "fs
 
 
 def parse(arg: str, stages=run_builder.TRAINING_STAGES) -> tuple[str, str, str]:
-  stage, size, mesh = (arg.split(",") + ["", ""])[:3]
+  fields = arg.split(",")
+  if len(fields) > 3:
+    raise ValueError(f"{arg!r} has {len(fields)} fields; expected STAGE[,SIZE[,MESH]]")
+  stage, size, mesh = (fields + ["", ""])[:3]
   size, mesh = size or "7b", mesh or "gpu8"
   if stage not in stages:
     raise ValueError(f"unknown stage {stage!r}; choose from {stages}")
@@ -60,9 +63,9 @@ def base_config(stage: str, size: str, mesh: str) -> ml_collections.ConfigDict:
   c.model.gate_lora_alpha = 32.0
   c.model.gate_lora_targets = ("q", "k", "v", "o")
   c.model.remat = "full"
-  c.compressor = ml_collections.ConfigDict({"chunk_size": 4096, "window": 2048, "ratio": 4})
+  c.compressor.update({"chunk_size": 4096, "window": 2048, "ratio": 4})
   c.reasoner.question_tokens = 256
-  c.mesh = ml_collections.ConfigDict(MESHES[mesh])
+  c.mesh.update(MESHES[mesh])
   return c
 
 

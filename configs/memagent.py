@@ -18,7 +18,7 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
   c.model.compressor = False
   c.model.gate_lora_rank = 0
   # Raw sections of 5000 tokens (the window and ratio are unused without beacons).
-  c.compressor = ml_collections.ConfigDict({"chunk_size": 5000, "window": 5000, "ratio": 4})
+  c.compressor.update({"chunk_size": 5000, "window": 5000, "ratio": 4})
   c.data.max_chunks = 6  # 28K-token documents
   c.prompts.final_template = MEMAGENT_FINAL_TEMPLATE  # its answers come in a box
   if stage == "rl":

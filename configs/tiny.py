@@ -46,7 +46,7 @@ def get_config(arg: str = "sft") -> ml_collections.ConfigDict:
   c.model.gate_lora_targets = ("q", "v")
 
   # Chunks of 16 tokens (4 facts, 4 beacons): 8 chunks at the training length of 128.
-  c.compressor = ml_collections.ConfigDict({"chunk_size": 16, "window": 16, "ratio": 4})
+  c.compressor.update({"chunk_size": 16, "window": 16, "ratio": 4})
   c.reasoner.update({"memory_size": 3, "answer_tokens": 2, "question_tokens": 3})
   # Short prompts: the tiny model reads ids, not instructions.
   c.prompts.update({

@@ -367,6 +367,11 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     raise ConfigError(f"sft.gate_weight={config.sft.gate_weight} trains the gate jointly with "
                       f"SFT, but train.trainable={config.train.trainable!r} freezes the gate's "
                       "relevance head: set train.trainable=all, or sft.gate_weight=0")
+  if config.stage == "gate" and config.train.trainable not in ("gate", "all"):
+    # The gate's loss reads only the gate's adapters and head: anything else trains nothing.
+    raise ConfigError(f"the gate stage trains the gate, but train.trainable="
+                      f"{config.train.trainable!r} freezes it: set train.trainable=gate "
+                      "(a config's STAGE argument sets it, e.g. configs/tiny.py:gate)")
   if config.stage == "rl" and not config.rl.clip_ratio_c > 1:
     raise ConfigError(f"rl.clip_ratio_c={config.rl.clip_ratio_c}: the dual clip caps a negative "
                       "advantage's ratio, so it must be above 1 (verl's default: 3)")
@@ -427,7 +432,9 @@ def default_config() -> ml_collections.ConfigDict:
       "stage": "eval", "seed": 0, "agent": "lychee",
       "model": {},
       "init": {"checkpoint": "", "hf_checkpoint": "", "seed": 0, "tokenizer": ""},
-      "compressor": {"chunk_size": 0, "window": 0, "ratio": 0},
+      # group_size: chunks compressed per device at a time (None: GROUP_TOKENS' worth).
+      "compressor": {"chunk_size": 0, "window": 0, "ratio": 0,
+                     "group_size": ml_collections.config_dict.placeholder(int)},
       "reasoner": {"memory_size": 1024, "answer_tokens": 256, "question_tokens": 1024},
       # Empty templates take the released model's (memrecall/method/prompts.py); `auto` wraps
       # them in the checkpoint's chat template.
@@ -454,8 +461,9 @@ def default_config() -> ml_collections.ConfigDict:
       "gate": {"threshold": 0.5, "positive_weight": 1.0},
       "sft": {"gate_weight": 0.0},
       "pretrain": {"recall": False},
-      # data x fsdp x tensor; -1: every remaining device.
-      "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+      # data x fsdp x tensor; -1: every remaining device.  dcn: each axis's factor across TPU
+      # slices or GPU hosts (`--config.mesh.dcn.data=2`; sharding.make_mesh).
+      "mesh": {"data": 1, "fsdp": -1, "tensor": 1, "dcn": {"data": 1, "fsdp": 1, "tensor": 1}},
   })
 
 

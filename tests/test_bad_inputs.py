@@ -60,7 +60,7 @@ def world(tmp_path_factory):
   """Shared inputs: good and damaged checkpoints, data, a document and a trace."""
   base = tmp_path_factory.mktemp("world")
   w = {"hf": os.path.join(FIXTURE, "hf"), "rows": os.path.join(FIXTURE, "rows.json"),
-       "tiny": TINY, "root": str(base)}
+       "tiny": TINY, "lychee": TINY.replace("tiny.py", "lychee.py"), "root": str(base)}
   _orbax_workdir(str(base / "run"))
   shutil.copytree(base / "run", base / "corrupt")
   for root, _, names in os.walk(base / "corrupt" / "checkpoints" / "1" / "state" / "d"):
@@ -229,6 +229,13 @@ TRAIN = [
     ("unknown_stage", ["--config={tiny}:pretrain", "--workdir={out}/w"], "unknown stage 'pretrain'"),
     ("unknown_rollout_weights", ["--config={tiny}:rl", "--config.rl.rollout_weights=everywhere",
                                  "--workdir={out}/w"], "unknown rl.rollout_weights 'everywhere'"),
+    ("gate_stage_with_a_frozen_gate", ["--config={tiny}:sft", "--config.stage=gate",
+                                       "--workdir={out}/w"], "the gate stage trains the gate"),
+    ("mesh_dcn_over_the_machine", ["--config={tiny}:sft", "--config.mesh.fsdp=1",
+                                   "--config.mesh.dcn.data=2", "--workdir={out}/w"],
+     "DCN [2, 1, 1] does not cover 1 devices"),
+    ("recipe_with_a_fourth_field", ["--config={lychee}:rl,7b,gpu8,extra", "--workdir={out}/w"],
+     "has 4 fields; expected STAGE[,SIZE[,MESH]]"),
     ("zero_steps", ["--config={tiny}:sft", "--config.train.steps=0", "--workdir={out}/w"],
      "train.steps must be a positive integer"),
     ("zero_batch_size", ["--config={tiny}:sft", "--config.train.batch_size=0", "--workdir={out}/w"],
