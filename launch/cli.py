@@ -26,6 +26,7 @@ from typing import Sequence
 from absl import app, flags, logging
 
 from memrecall.capacity import gpu_hosts
+from memrecall.runtime import paths
 
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks and library logs (also: "
                             "MEMRECALL_VERBOSE=1).")
@@ -187,7 +188,10 @@ def writable(flag: str, path: str | None, directory: bool = False) -> None:
   written: checked before any work, so a long run never fails at its last step."""
   if not path:
     return
-  path = os.path.abspath(path)
+  try:
+    path = os.path.abspath(paths.local_path(path))
+  except ValueError as e:
+    raise app.UsageError(f"--{flag}: {e}") from None
   if directory and os.path.exists(path) and not os.path.isdir(path):
     raise app.UsageError(f"--{flag}: {path} is a file, not a directory")
   if not directory and os.path.isdir(path):

@@ -2,9 +2,9 @@
 # Runs a memrecall launcher on every worker of a Cloud TPU VM slice.
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh train.py \
-#       --config=configs/tiny.py:rl --workdir=gs://bucket/runs/rl --config.mesh.fsdp=-1
+#       --config=configs/tiny.py:rl --workdir=/gcs/bucket/runs/rl --config.mesh.fsdp=-1
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a bash launch/tpu_pod.sh eval.py \
-#       --config=configs/tiny.py:sft --checkpoint=gs://bucket/runs/sft
+#       --config=configs/tiny.py:sft --checkpoint=/gcs/bucket/runs/sft
 #
 # Every worker runs the same command (JAX's multi-controller model); --distributed
 # lets jax.distributed detect the slice by itself.  The repository must be at

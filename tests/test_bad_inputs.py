@@ -205,6 +205,8 @@ ANSWER = [
      "--question_ids must be integers"),
     ("unwritable_output", ["--hf_checkpoint={hf}", "--document={rows}",
                            "--output_json=/proc/memrecall/answer.json"], "cannot write in /proc"),
+    ("url_output", ["--hf_checkpoint={hf}", "--document={rows}",
+                    "--output_json=gs://bucket/answer.json"], "--output_json: path gs://bucket"),
     ("corrupted_orbax_checkpoint", ["--checkpoint={root}/corrupt", "--document={root}/doc.txt",
                                     "--question_ids=1,2"], "may be truncated or corrupted"),
     ("mesh_larger_than_the_machine", ["--hf_checkpoint={hf}", "--document={rows}",
@@ -243,6 +245,9 @@ TRAIN = [
     ("mesh_larger_than_the_machine", ["--config={tiny}:sft", "--config.mesh.fsdp=64",
                                       "--workdir={out}/w"], "needs 64 devices"),
     ("unwritable_workdir", ["--config={tiny}:sft", "--workdir=/proc/memrecall_run"], "/proc"),
+    # Plain file I/O would write a local `gs:` directory, lost with the VM.
+    ("url_workdir", ["--config={tiny}:sft", "--workdir=gs://bucket/run"],
+     "workdir gs://bucket/run is a URL"),
     ("another_runs_workdir", ["--config={tiny}:sft", "--workdir={root}/run"],
      "holds another run's checkpoints (model.num_layers 2 there, 4 now"),
     ("missing_init_checkpoint", ["--config={tiny}:sft", "--config.init.checkpoint=/nonexistent",

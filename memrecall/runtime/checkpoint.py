@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from memrecall.runtime import paths
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be read."""
@@ -56,7 +58,7 @@ def _stderr_kept_unless_failed():
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(os.path.abspath(paths.local_path(workdir, "workdir")), "checkpoints")
 
 
 class Checkpointer:

@@ -33,6 +33,7 @@ from memrecall.models.placement import Placement, placement
 from memrecall.models.config import ConfigError
 from memrecall.run_builder import TRAINING_STAGES, Run, build_run
 from memrecall.runtime import checkpoint, distributed, fingerprint, sharding as sharding_lib
+from memrecall.runtime.paths import local_path
 from memrecall.runtime.checkpoint import Checkpointer
 from memrecall.train import batches, grpo, objectives, state as state_lib
 from memrecall.train.metrics_writer import MetricsWriter
@@ -91,6 +92,7 @@ class _StopSignals:
 
 def check_workdir(workdir: str) -> None:
   """Fails early, with the path, when the workdir cannot be written."""
+  local_path(workdir, "workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
     # A uniquely named probe: every process of a multi-host run checks the same shared workdir.
