@@ -94,3 +94,30 @@ def test_saving_over_a_bank_replaces_it_whole(tmp_path, compressed):
   assert bank.num_blocks == 2 and loaded.num_chunks == 2
   assert sorted(os.listdir(tmp_path)) == ["bank"]  # no staging directories left behind
   json.load(open(tmp_path / "bank" / "metadata.json"))
+
+
+def test_a_replacement_that_fails_leaves_the_old_bank(tmp_path, compressed, monkeypatch):
+  """The old bank is moved aside, not deleted, until the new one is in place: a failure at
+  that last move (an interrupt, a full disk) leaves the old bank whole."""
+  memory, meta = compressed
+  memory_bank.save_bank(tmp_path / "bank", memory, meta)
+  real = os.replace
+
+  def failing(src, dst):
+    if os.path.basename(src).startswith(".bank-") and dst == str(tmp_path / "bank"):
+      raise OSError("disk full")
+    return real(src, dst)
+
+  monkeypatch.setattr(memory_bank.os, "replace", failing)
+  two = jax.tree.map(lambda x: x[:, :2] if x.ndim == 5 else x[:2], memory)
+  with pytest.raises(OSError, match="disk full"):
+    memory_bank.save_bank(tmp_path / "bank", two, dataclasses.replace(meta, num_chunks=2))
+  monkeypatch.undo()
+  bank, loaded = memory_bank.load_bank(tmp_path / "bank", meta)
+  assert loaded.num_chunks == 3 and bank.num_blocks == 3
+  assert sorted(os.listdir(tmp_path)) == ["bank"]
+  with pytest.raises(FileExistsError, match="not a memory bank's"):  # nor a stranger's files
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    memory_bank.save_bank(tmp_path / "notes", memory, meta)
+  assert (tmp_path / "notes" / "a.txt").read_text() == "mine"

@@ -130,9 +130,19 @@ def save_bank(directory: str | os.PathLike, memory: ChunkMemory, metadata: BankM
     np.save(os.path.join(staging, "slot_mask.npy"), np.asarray(jax.device_get(memory.slot_mask)))
     with open(os.path.join(staging, "metadata.json"), "w") as f:
       json.dump(dataclasses.asdict(metadata), f, indent=2)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(staging, directory)
+    old = None
+    if os.path.exists(directory):  # moved aside, not deleted, until the new bank is in place
+      old = tempfile.mkdtemp(prefix=".bank-old-", dir=parent)
+      os.replace(directory, os.path.join(old, "bank"))
+    try:
+      os.replace(staging, directory)
+    except BaseException:
+      if old is not None:
+        os.replace(os.path.join(old, "bank"), directory)
+        os.rmdir(old)
+      raise
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
