@@ -78,6 +78,10 @@ def test_bm25_by_hand():
   assert baselines.bm25_top_chunks(chunks, [4, 1], k=2) == [0, 1]
   assert baselines.bm25_top_chunks(chunks, [4, 1], k=1) == [1]
   assert baselines.bm25_top_chunks([], [1], k=3) == []
+  # A query term counts as often as it occurs (rank_bm25, Lucene): terms 1 and 2 tie alone.
+  chunks = [[1, 5], [2, 5], [6, 7]]
+  assert baselines.bm25_top_chunks(chunks, [1, 2], k=1) == [0]
+  assert baselines.bm25_top_chunks(chunks, [2, 1, 2], k=1) == [1]
 
 
 def test_the_tiny_memagent_config_trains_a_raw_reader_at_its_own_learning_rate():

@@ -56,6 +56,30 @@ def test_read_all_reproduces_the_reference_and_every_source_agrees(lychee_model,
   assert not streamed.trace.read[0, 3]
 
 
+def test_sampled_reads_agree_on_every_source(lychee_model, document):
+  """At temperature 1 a block samples with a key of its own index and the answer with one split
+  off before the loop: the device bank, a host bank in padded groups and streaming (more
+  loop steps) write the same memories and sample the same answer."""
+  import dataclasses
+  ids, mask, memory, question, question_mask = document
+  setup = _setup(lychee_model, "all", group_size=2)
+  setup = dataclasses.replace(setup, sampling=dataclasses.replace(setup.sampling,
+                                                                  temperature=1.0))
+  params, key = lychee_model.params, jax.random.key(3)
+  bank = recall.DocumentBank.from_chunks([memory])
+  on_device = recall.recall(params, setup, bank, question, question_mask, key)
+  host = recall.recall_from_host(params, setup, jax.tree.map(np.asarray, bank), question,
+                                 question_mask, key)
+  s_ids, s_mask = _stream_inputs(ids, mask, 2)
+  streamed = recall.recall_streaming(params, setup, lychee_model.run.compressor, s_ids, s_mask,
+                                     question, question_mask, key)
+  for other in (host, streamed):
+    np.testing.assert_array_equal(other.trace.memory_ids[:, :3], on_device.trace.memory_ids)
+    np.testing.assert_array_equal(other.answer.tokens, on_device.answer.tokens)
+  greedy = recall.recall(params, _setup(lychee_model, "all"), bank, question, question_mask, key)
+  assert not np.array_equal(greedy.trace.memory_ids, on_device.trace.memory_ids)  # it sampled
+
+
 def test_a_host_bank_of_any_length_reads_through_one_compiled_group(lychee_model, document,
                                                                    monkeypatch):
   """The last group is padded to the group size: banks of 3 and 4 blocks in groups of 2 send

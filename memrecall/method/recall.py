@@ -183,8 +183,17 @@ def _block_inputs(block, batch):
           _rows(valid, batch, 0)) + section
 
 
+def loop_keys(rng: Array) -> tuple[Array, Array]:
+  """(the blocks' key, the answer's key) of a recall loop: the answer's is split off first, so
+  a sampled answer does not depend on how many steps the loop took (a host bank's padded
+  groups, another chunk budget)."""
+  blocks_rng, answer_rng = jax.random.split(rng)
+  return blocks_rng, answer_rng
+
+
 def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
-                 question: Array, question_mask: Array, forced_read: Array | None):
+                question: Array, question_mask: Array, forced_read: Array | None,
+                first_block: Array | int = 0):
   """Reads blocks (tuple of k, v, slot_mask, valid; chunk-major) in order.
 
   Blocks may carry raw `section, section_mask` too (the MemAgent baseline,
@@ -192,6 +201,9 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
 
   forced_read: [N, B] decisions replacing the threshold (topk mode, benchmarks); in `gate`
   mode the gate still runs on every block, so its cost is measured.
+  rng, first_block: block i samples its update with `fold_in(rng, first_block + i)`, so a
+  document read in groups (a host bank, streaming) samples as one read whole.  (Gated groups,
+  `recall.gate_group` > 1, take a key per loop step instead.)
   Returns the final memory and rng, and per-block (score, read, memory) stacked on axis 0.
   """
   batch = question.shape[0]
@@ -202,18 +214,19 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
 
   def step(carry, xs):
     memory, rng = carry
-    block, forced = xs
+    block, forced, index = xs
     k, v, slot_mask, valid, section, section_mask = _block_inputs(block, batch)
     template = setup.prompts.update if section is None else setup.prompts.memagent
     if gate_needed:
       score = gate_probability(params, setup.model, setup.prompts.gate, k, v, slot_mask, question,
                                question_mask, memory)
       read = score >= setup.recall.threshold
+      score = jnp.where(valid, score, jnp.nan)  # a padding block's is no score (as topk's)
     else:
       score = jnp.full((batch,), jnp.nan, jnp.float32)
       read = jnp.ones((batch,), bool)
     read = (read if forced is None else forced) & valid
-    rng, step_rng = jax.random.split(rng)
+    step_rng = jax.random.fold_in(rng, index)
 
     def reason(memory):
       new, sample, _, _ = update_memory(params, setup.model, template, setup.reasoner,
@@ -233,7 +246,9 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
     memory, sampled = jax.lax.cond(read.any(), reason, skip, memory)
     return (memory, rng), (score, read, memory.ids, memory.mask) + sampled
 
-  (memory, rng), per_block = jax.lax.scan(step, (memory, rng), (blocks, forced_read))
+  n = jax.tree.leaves(blocks)[0].shape[0]
+  indices = jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(first_block, jnp.uint32)
+  (memory, rng), per_block = jax.lax.scan(step, (memory, rng), (blocks, forced_read, indices))
   return memory, rng, per_block
 
 
@@ -318,7 +333,8 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
     is_read = offset == first[:, None]  # [B, G]
     target = jnp.where((offset <= first[:, None]) & in_document, index, n)
     after = lambda new, old: jnp.where(is_read[..., None], new[:, None], old[:, None])
-    values = (score, is_read, after(new_memory.ids, memory.ids), after(new_memory.mask, memory.mask),
+    values = (jnp.where(gvalid, score, jnp.nan), is_read,  # a padding block's: no score
+              after(new_memory.ids, memory.ids), after(new_memory.mask, memory.mask),
               jnp.where(is_read[..., None], tokens[:, None], 0),
               jnp.where(is_read[..., None], logprobs[:, None], 0.0),
               jnp.where(is_read, lengths[:, None], 0))
@@ -390,9 +406,11 @@ def recall(params, setup: RecallSetup, bank: DocumentBank, question: Array, ques
   forced = None if forced_read is None else forced_read.T
   if setup.recall.mode == "topk" and forced is None:
     scores, forced = _topk_selection(params, setup, blocks, question, question_mask, memory)
-  memory, rng, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
-                                        question_mask, forced)
-  return finish_answer(params, setup, question, question_mask, memory, rng, per_block, scores)
+  rng, answer_rng = loop_keys(rng)
+  memory, _, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
+                                     question_mask, forced)
+  return finish_answer(params, setup, question, question_mask, memory, answer_rng, per_block,
+                       scores)
 
 
 @functools.partial(jax.jit, static_argnames=("compressor",))
@@ -400,7 +418,7 @@ def recall_documents(params, setup: RecallSetup, compressor: CompressorConfig, c
                      chunk_mask: Array, question: Array, question_mask: Array, rng: Array,
                      forced_read: Array | None = None) -> RecallOutput:
   """Compresses each row's own document ([B, N, C]; empty chunks are never read, and a row of
-  them answers from an empty memory), then `recall`."""
+  them answers from the initial memory), then `recall`."""
   if chunk_ids.ndim != 3 or chunk_ids.shape[1] == 0:  # static: refused at trace time
     raise ValueError(f"recall_documents: chunk_ids must be [rows, chunks, chunk tokens] with at "
                      f"least one chunk (an empty document), got shape {tuple(chunk_ids.shape)}")
@@ -439,9 +457,10 @@ def recall_streaming(params, setup: RecallSetup, compressor: CompressorConfig, c
   batch = question.shape[0]
   forced = None if forced_read is None else forced_read.T.reshape(n // g, g, batch)
 
-  def group_step(carry, xs):
-    memory, rng = carry
-    ids, mask, group_forced = xs  # [G, Bd, C]
+  rng, answer_rng = loop_keys(rng)
+
+  def group_step(memory, xs):
+    ids, mask, group_forced, first = xs  # [G, Bd, C]
     # Document-major rows, so a mesh that splits the documents keeps each one's chunks on its
     # device (`compress` groups by device).
     doc_major = lambda x: jnp.swapaxes(x, 0, 1).reshape(docs * g, c)
@@ -450,16 +469,16 @@ def recall_streaming(params, setup: RecallSetup, compressor: CompressorConfig, c
       return jnp.moveaxis(x.reshape((x.shape[0], docs, g) + x.shape[2:]), 2, 0)
     blocks = (chunk_major(mem.k), chunk_major(mem.v),
               jnp.swapaxes(mem.slot_mask.reshape(docs, g, -1), 0, 1), mask.any(axis=-1))
-    memory, rng, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
-                                          question_mask, group_forced)
-    return (memory, rng), per_block
+    memory, _, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
+                                       question_mask, group_forced, first)
+    return memory, per_block
 
   memory = initial_memory(setup, batch)
-  (memory, rng), per_group = jax.lax.scan(
-      group_step, (memory, rng), (chunk_ids.reshape(n // g, g, docs, c),
-                                  chunk_mask.reshape(n // g, g, docs, c), forced))
+  memory, per_group = jax.lax.scan(
+      group_step, memory, (chunk_ids.reshape(n // g, g, docs, c),
+                           chunk_mask.reshape(n // g, g, docs, c), forced, jnp.arange(0, n, g)))
   per_block = jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), per_group)
-  return finish_answer(params, setup, question, question_mask, memory, rng, per_block)
+  return finish_answer(params, setup, question, question_mask, memory, answer_rng, per_block)
 
 
 _scan_blocks_jit = jax.jit(scan_blocks)
@@ -501,11 +520,13 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
                               for start in starts], axis=0)
     forced = _top_blocks(scores, setup.recall.topk)
     scores = scores[:n]
+  rng, answer_rng = loop_keys(rng)
   outputs, upcoming = [], send(0)
   for start in starts:
     memory, rng, per_block = _scan_blocks_jit(params, setup, memory, rng, upcoming, question,
                                               question_mask,
-                                              None if forced is None else forced[start:start + g])
+                                              None if forced is None else forced[start:start + g],
+                                              start)
     if outputs:  # the previous group read (its blocks freed) before another is sent
       jax.block_until_ready(outputs[-1])
       if progress is not None:
@@ -518,4 +539,5 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
     progress(n, n)
   per_block = tuple(jnp.concatenate([o[i] for o in outputs], axis=0)[:n]
                     for i in range(len(outputs[0])))
-  return _finish_answer_jit(params, setup, question, question_mask, memory, rng, per_block, scores)
+  return _finish_answer_jit(params, setup, question, question_mask, memory, answer_rng, per_block,
+                            scores)

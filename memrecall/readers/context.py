@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import abc
+import collections
 import math
 from typing import Sequence
 
@@ -47,7 +48,8 @@ def middle_truncate(ids: Sequence[int], budget: int) -> list[int]:
 def bm25_top_chunks(chunks: Sequence[Sequence[int]], query: Sequence[int], k: int,
                     k1: float = 1.5, b: float = 0.75) -> list[int]:
   """Indices of the k chunks (token-id bags) with the highest Okapi BM25 score, in document
-  order."""
+  order.  Idf as Lucene's (never negative); a query term counts as often as it occurs, as in
+  rank_bm25 and Lucene."""
   n = len(chunks)
   if n == 0:
     return []
@@ -56,13 +58,13 @@ def bm25_top_chunks(chunks: Sequence[Sequence[int]], query: Sequence[int], k: in
   counts = [dict(zip(*np.unique(np.asarray(c, np.int64), return_counts=True))) if len(c) else {}
             for c in chunks]
   scores = np.zeros(n)
-  for term in set(int(t) for t in query):
+  for term, occurrences in collections.Counter(int(t) for t in query).items():
     df = sum(term in c for c in counts)
     if df == 0:
       continue
     idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
     tf = np.asarray([c.get(term, 0) for c in counts], float)
-    scores += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths / average))
+    scores += occurrences * idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths / average))
   best = np.argsort(-scores, kind="stable")[:k]
   return sorted(int(i) for i in best)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from memrecall.data.example import TokenizedExample
 from memrecall.method.reasoner import no_prefix
 from memrecall.method.recall import (RecallOutput, RecallSetup, finish_answer, initial_memory,
-                                     scan_blocks)
+                                     loop_keys, scan_blocks)
 from memrecall.readers.base import Reader, chunked, questions, register
 from memrecall.readers.trajectory import TurnBatch, score_trajectory
 
@@ -36,9 +36,10 @@ def memagent(params, setup: RecallSetup, chunk_ids: Array, chunk_mask: Array, qu
             jnp.moveaxis(chunk_ids, 1, 0), jnp.moveaxis(chunk_mask, 1, 0))
   memory = initial_memory(setup, b)
   read = jnp.ones((b, n), bool)  # every real chunk, no gate
-  memory, rng, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
-                                        question_mask, read.T)
-  return finish_answer(params, setup, question, question_mask, memory, rng, per_block)
+  rng, answer_rng = loop_keys(rng)
+  memory, _, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
+                                     question_mask, read.T)
+  return finish_answer(params, setup, question, question_mask, memory, answer_rng, per_block)
 
 
 @register("memagent")
