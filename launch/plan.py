@@ -375,10 +375,14 @@ def main(argv):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={count}")
   record = None
-  if compile_for is None:  # a GPU mesh's record names its hosts: the latest one is read
-    for r in _records(_RECORDS.value):
-      if r["config"] == spec and r.get("overrides", []) == overrides:
-        record = r
+  if compile_for is None:  # a GPU mesh's record names its hosts
+    # The recipe's whole record (every program, the default evaluation weights) before a later
+    # one of a few programs under other settings (`*_sharded_eval.json`); then the latest.
+    mine = [r for r in _records(_RECORDS.value)
+            if r["config"] == spec and r.get("overrides", []) == overrides]
+    if mine:
+      record = max(enumerate(mine), key=lambda ir: (not ir[1].get("programs"),
+                                                    len(ir[1]["rows"]), ir[0]))[1]
   for line in _plan_recipe(spec, overrides, config, record, compile_for, _EVAL_BATCH.value, out):
     print(line, flush=True)
   _write(out)

@@ -282,6 +282,19 @@ def test_a_gpu_mesh_is_an_estimate_until_a_record_names_its_hosts(tmp_path):
   assert "[h100:8, compiler record (jax 0.12.0.1, jax-cuda12-plugin 0.12.0.1)]" in proc.stdout
   assert {r["program"]: r["ratio"] for r in json.load(open(out))} == {
       name: pytest.approx(0.5) for name in estimates}
+  # A later record of one program under other evaluation weights does not replace the
+  # recipe's whole one (it had: the plan then showed that program alone).
+  one = next(iter(estimates))
+  (tmp_path / "sft_h100_sharded_eval.json").write_text(json.dumps({
+      "config": "configs/lychee.py:sft,0.5b,gpu8", "overrides": [], "topology": "h100:8",
+      "eval_weights": "replicated", "programs": [one], "hbm_gib_per_device": 79.1,
+      "eval_batch": 16, "eval_modes": ["gate", "stream"],
+      "rows": [r for r in rows if r["program"] == one]}))
+  os.utime(tmp_path / "sft_h100_sharded_eval.json", (2e9, 2e9))  # written after
+  proc = _plan("--config=configs/lychee.py:sft,0.5b,gpu8", f"--records={tmp_path}",
+               f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert {r["program"] for r in json.load(open(out))} == set(estimates)
 
 
 @pytest.mark.parametrize("args,message", [
