@@ -20,6 +20,7 @@ _QUESTION = flags.DEFINE_integer("question", 0, "Which traced question.", lower_
 _OUTPUT = flags.DEFINE_string("output", "question.png", "Where to write the PNG.")
 flags.mark_flags_as_required(["checkpoint", "trace"])
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.adopt_module_key_flags(cli)  # its flags in --help
 
 
 def main(argv):

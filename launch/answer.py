@@ -70,7 +70,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write answer and trace.")
 # --verbose and one-line errors; --gate_lora_rank, --matmul_precision
 from launch import cli, model_flags  # noqa: E402
-flags.adopt_module_key_flags(model_flags)  # listed by --helpshort
+flags.adopt_module_key_flags(cli)  # its flags in --help
+flags.adopt_module_key_flags(model_flags)
 
 
 def main(argv):

@@ -60,6 +60,7 @@ _DECODE_SCANNED = flags.DEFINE_bool("decode_scanned", True,
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here (and the machine's "
                                     "numbers beside them, in NAME_machine.json).")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.adopt_module_key_flags(cli)  # its flags in --help
 
 
 def _defaults() -> dict:

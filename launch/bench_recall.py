@@ -28,6 +28,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per setting (the best 
                                 lower_bound=1)
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the measurements here.")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.adopt_module_key_flags(cli)  # its flags in --help
 
 
 def _check_flags() -> None:

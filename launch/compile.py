@@ -68,6 +68,7 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here as 
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled program's HLO text here "
                                "(PROGRAM.hlo; memrecall.capacity.hlo_report reads it).")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.adopt_module_key_flags(cli)  # its flags in --help
 flags.mark_flags_as_required(["config"])
 
 

@@ -16,6 +16,7 @@ _VARIANT = flags.DEFINE_enum("variant", "default", ["default", "full"],
                              "default: about 8 minutes on 2 CPU cores; full: longer budgets, about an hour.")
 
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.adopt_module_key_flags(cli)  # its flags in --help
 
 def main(argv):
   del argv

@@ -107,7 +107,9 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval 
                                    "sweep), CHECKPOINT/eval_data (--data), or eval/NAME.")
 # --verbose; --distributed and the coordinator flags; --gate_lora_rank, --matmul_precision
 from launch import cli, distributed_flags, model_flags  # noqa: E402
-flags.adopt_module_key_flags(model_flags)  # listed by --helpshort
+flags.adopt_module_key_flags(cli)  # its flags in --help
+flags.adopt_module_key_flags(distributed_flags)
+flags.adopt_module_key_flags(model_flags)
 
 
 def _check_flags():

@@ -38,6 +38,7 @@ _MESH = flags.DEFINE_string("mesh", None,
                             "fsdp).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write the result.")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.adopt_module_key_flags(cli)  # its flags in --help
 
 
 def _run(mesh_shape):

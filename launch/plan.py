@@ -69,6 +69,7 @@ _SLOTS = flags.DEFINE_integer("slots", None, "--model: compressed slots per chun
 _DEVICE_GIB = flags.DEFINE_float("device_gib", None, "Device memory to compare with (default: "
                                  "the TPU's HBM, or 80 for other meshes).", lower_bound=0.001)
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.adopt_module_key_flags(cli)  # its flags in --help
 
 GiB = 1024 ** 3
 

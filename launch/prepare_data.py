@@ -35,6 +35,7 @@ _HOPS = flags.DEFINE_integer("hops", None, "synthetic: hops (default: the task's
 flags.mark_flags_as_required(["builder", "data_dir"])
 
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.adopt_module_key_flags(cli)  # its flags in --help
 
 def main(argv):
   del argv

@@ -40,6 +40,7 @@ _TRACE = flags.DEFINE_bool("trace", False, "Profile one loop per batch and sum k
 _TOP = flags.DEFINE_integer("top", 12, "Kernel names listed per profile.", lower_bound=1)
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here.")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
+flags.adopt_module_key_flags(cli)  # its flags in --help
 
 
 def _filled_cache(model_lib, config, batch, filled, room, rng):

@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file and its argument.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics go here.")
 from launch import cli, distributed_flags  # noqa: E402  (--verbose; --distributed and the coordinator flags)
+flags.adopt_module_key_flags(cli)  # its flags in --help
+flags.adopt_module_key_flags(distributed_flags)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

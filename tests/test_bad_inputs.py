@@ -395,6 +395,19 @@ def test_bad_input(world, launchers, tmp_path, script, name, args, expected, pre
 
 # --- library entry points: the same errors for a caller that is not a launcher ---------------
 
+@pytest.mark.parametrize("script, shared", [
+    ("train.py", ["--[no]distributed", "--coordinator_address"]),
+    ("eval.py", ["--[no]distributed", "--mesh", "--matmul_precision"]),
+    ("answer.py", ["--mesh"]), ("generate.py", []), ("plan.py", []), ("demo.py", [])])
+def test_help_lists_the_shared_flags(launchers, tmp_path, script, shared):
+  """`--help` lists a launcher's flags, the shared modules' too (README: every launcher's
+  --help lists all its flags; absl shows only the main module's unless they are adopted)."""
+  code, output = launchers.run(os.path.join(ROOT, "launch", script), ["--help"], str(tmp_path))
+  assert code == 1, output  # absl's --help exits 1
+  for flag in ["--[no]verbose"] + shared:
+    assert flag in output, (flag, output[-2000:])
+
+
 def test_recall_documents_refuses_an_empty_document_before_compiling():
   from memrecall.method import recall
   ids = np.ones((2, 0, 4), np.int32)  # no chunk: compression would divide by zero deep in JAX
