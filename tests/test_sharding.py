@@ -154,3 +154,25 @@ def test_inference_weights_name_a_bad_setting_and_cpus_report_no_memory():
   with pytest.raises(sharding.MeshError, match="a tensor axis of 3 does not divide 2 devices"):
     sharding.tensor_mesh(mesh, 3)
   assert sharding.device_memory(jax.devices("cpu")[0]) is None
+
+
+def test_parameters_an_fsdp_axis_does_not_divide_are_named_before_training():
+  """A hidden size of 64 on fsdp 6: the rules keep those dimensions whole, so each device
+  would hold them entirely; `undivided` lists them and training says so before reading any
+  weight.  On fsdp 4 nothing is kept whole and nothing is said."""
+  from memrecall import run_builder
+  from memrecall.models import qwen2
+  from memrecall.train import trainer
+  from tests.train.conftest import small_config
+  for fsdp, expect_warning in ((6, True), (4, False)):
+    config = small_config("sft")
+    config.mesh.update(data=1, fsdp=fsdp, tensor=1)
+    run = run_builder.build_run(config, jax.devices()[:fsdp])
+    whole = sharding.undivided(qwen2.abstract_params(run.model), run.mesh)
+    assert bool(whole) == expect_warning, whole
+    assert all(run.model.hidden_size in shape for _, shape, _ in whole)
+    lines = []
+    trainer._warn_undivided(run, lines.append)
+    assert len(lines) == expect_warning, lines
+    if expect_warning:
+      assert "kept whole on every device of mesh" in lines[0] and "hidden size 64" in lines[0]

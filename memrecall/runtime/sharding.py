@@ -176,6 +176,30 @@ def param_shardings(boxed_tree: Any, mesh: Mesh,
   return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def undivided(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES
+              ) -> list[tuple[str, tuple[int, ...], int]]:
+  """(path, shape, bytes) of each parameter the rules would split over more devices than its
+  sharding does, because those mesh axes do not divide it (`logical_to_spec` keeps such a
+  dimension whole): on an fsdp axis of 6, every 7B weight would sit whole on every device."""
+  def split(spec) -> int:
+    axes = [a for entry in spec if entry is not None
+            for a in ((entry,) if isinstance(entry, str) else entry)]
+    return math.prod(mesh.shape[a] for a in axes)
+
+  out = []
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for path, leaf in leaves:
+    if not isinstance(leaf, nn.Partitioned):
+      continue
+    names, shape = tuple(leaf.get_partition_spec()), tuple(leaf.value.shape)
+    if split(logical_to_spec(names, None, mesh, rules)) > split(
+        logical_to_spec(names, shape, mesh, rules)):
+      out.append((jax.tree_util.keystr(path), shape,
+                  math.prod(shape) * np.dtype(leaf.value.dtype).itemsize))
+  return out
+
+
 # Where inference (evaluation, answering) keeps its weights on a mesh.  "sharded": by the rules,
 # as training keeps them; a mesh with an fsdp axis then all-gathers every layer's weights again
 # at every decode step (13.2 GiB per GPU per token for 7B on 8 H100s: the interconnect, not HBM,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -214,6 +215,22 @@ def _check_same_model(saved: dict | None, now: dict, workdir: str) -> None:
                     "generation_config.json, or train in another --workdir")
 
 
+def _warn_undivided(run, log) -> None:
+  """Says, before any weight is read, when the mesh leaves much of the model whole on every
+  device (an fsdp size that does not divide the hidden size): otherwise the first sign is an
+  out-of-memory error that names no setting."""
+  boxed = model_lib.abstract_params(run.model)
+  whole = sharding_lib.undivided(boxed, run.mesh)
+  total = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(boxed))
+  held = sum(size for *_, size in whole)
+  if whole and held > 0.01 * total:
+    path, shape, _ = max(whole, key=lambda w: w[2])
+    log(f"warning: {len(whole)} parameters ({held / 2**30:.2f} of {total / 2**30:.2f} GiB) are "
+        f"kept whole on every device of mesh {dict(run.mesh.shape)}, whose axes do not divide "
+        f"them (the largest: {path} {shape}); choose mesh sizes that divide the model's "
+        f"dimensions (hidden size {run.model.hidden_size})")
+
+
 def _check_same_tokenizer(saved: str | None, tokenizer, workdir: str) -> None:
   """A resumed run reads text with the tokenizer its checkpoints were trained with: one edited
   in place (same directory, other ids) would silently change every row from the resumed step.
@@ -305,6 +322,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     planned = earlier.get("train", {}).get("steps")
     log(f"starting from {config.init.checkpoint} at step {at}"
         + (f" of its {planned}: that stage did not finish" if planned and at < planned else ""))
+  _warn_undivided(run, log)
   with jax.set_mesh(run.mesh):
     params = run.params(init_step)
     # Recorded only where a resume needs the initial parameters again.
