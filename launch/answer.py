@@ -97,6 +97,11 @@ def main(argv):
   if _STREAM.value and _MEMORY_BANK.value:
     raise app.UsageError("--stream compresses on the fly; it does not use --memory_bank")
   model_flags.mesh_shape()  # a malformed --mesh: an error before anything is read
+  if _QUESTION.value is not None and _QUESTION_IDS.value is not None:
+    raise app.UsageError("give at most one of --question and --question_ids")
+  if flags.FLAGS["row"].present and not _DOCUMENT.value.endswith(documents.ROW_FILES):
+    raise app.UsageError(f"--row picks a row of a {'/'.join(documents.ROW_FILES)} document; "
+                         f"{_DOCUMENT.value} is read whole")
   try:
     given_ids = [int(i) for i in _QUESTION_IDS.value or []]
   except ValueError:

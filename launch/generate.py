@@ -83,6 +83,8 @@ def main(argv):
       ids = [int(i) for i in _PROMPT_IDS.value]
     except ValueError:
       raise app.UsageError(f"--prompt_ids must be integers, got {_PROMPT_IDS.value}") from None
+  if _HF_CHECKPOINT.value and flags.FLAGS["model"].present:
+    raise app.UsageError("--model names a random model's shapes; --hf_checkpoint brings its own")
   if not _HF_CHECKPOINT.value:
     try:  # an unknown name, before anything is built
       models.model_config(_MODEL.value)

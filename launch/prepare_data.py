@@ -22,8 +22,10 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where TFDS writes the dataset
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None, "ruler_hqa: the folder holding hotpot_dev_distractor_v1.json (and the "
     "--indices_file).")
-_NUM_DOCS = flags.DEFINE_integer("num_docs", 50, "ruler_hqa: documents per question.")
-_NUM_QUESTIONS = flags.DEFINE_integer("num_questions", 128, "ruler_hqa: questions.")
+_NUM_DOCS = flags.DEFINE_integer("num_docs", 50, "ruler_hqa: documents per question.",
+                                 lower_bound=1)
+_NUM_QUESTIONS = flags.DEFINE_integer("num_questions", 128, "ruler_hqa: questions.",
+                                      lower_bound=1)
 _INDICES_FILE = flags.DEFINE_string(
     "indices_file", None, "ruler_hqa: a MemAgent eval file in --manual_dir whose `index` fields "
     "pick the questions (e.g. eval_200.json).")

@@ -349,6 +349,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
       state, _, data = checkpointer.restore(latest, abstract)
       if distributed.is_primary():
         log(f"resumed from {checkpointer.directory}/{latest}")
+        if latest >= config.train.steps:
+          log(f"nothing to train: the run is at step {latest} and train.steps is "
+              f"{config.train.steps} (raise --config.train.steps to go on)")
     # The run's initial parameters, also on a resume: RL's KL reference is the policy the
     # stage started from, not the one it resumed with.
     stage.start(params)

@@ -50,6 +50,11 @@ def test_sharded_steps_match_one_device_and_restore_on_one_device(tmp_path):
   lines = []
   trainer.train(resumed, str(tmp_path / "eight"), log=lines.append)
   assert any("resumed from" in line for line in lines)
+  assert not any("nothing to train" in line for line in lines)
+  lines = []  # a budget already reached is said, not passed over in silence
+  trainer.train(small_config("sft", steps=2), str(tmp_path / "eight"), log=lines.append)
+  assert any("nothing to train: the run is at step 4 and train.steps is 2" in line
+             for line in lines), lines
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
