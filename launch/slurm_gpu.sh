@@ -20,10 +20,11 @@
 #SBATCH --requeue
 #SBATCH --signal=TERM@120
 set -uo pipefail
+script="${1:?usage: sbatch ... launch/slurm_gpu.sh LAUNCHER.py [FLAGS...], e.g. train.py}"; shift
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+[ -f "launch/$script" ] || { echo "launch/$script does not exist" >&2; exit 2; }
 source launch/env.sh
 memrecall_venv hf,parquet
-script="$1"; shift
 srun --kill-on-bad-exit=1 python "launch/$script" --distributed "$@"
 rc=$?
 if [ "$rc" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then

@@ -17,7 +17,9 @@
 set -uo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REMOTE_DIR="${REMOTE_DIR:-~/memrecall}"
-script="$1"; shift
+script="${1:?usage: TPU_NAME=... ZONE=... bash launch/tpu_pod.sh LAUNCHER.py [FLAGS...], e.g. train.py}"
+shift
+[ -f "$(dirname "$0")/$script" ] || { echo "launch/$script does not exist" >&2; exit 2; }
 if [ "${SYNC:-0}" = 1 ]; then
   gcloud compute tpus tpu-vm scp --recurse --worker=all --zone="$ZONE" \
     "$(cd "$(dirname "$0")/.." && pwd)" "$TPU_NAME:$REMOTE_DIR"

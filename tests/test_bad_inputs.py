@@ -280,6 +280,8 @@ ANALYZE = [
      "holds 1 traced questions; 3 does not exist"),
     ("negative_question", ["--checkpoint={root}/run", "--trace={root}/trace.json",
                            "--question=-1"], "--question=-1"),
+    ("rows_for_a_trace", ["--checkpoint={root}/run", "--trace={rows}", "--output={out}/q.png"],
+     "is not an evaluation's traces file (its entry 0 is no traced question)"),
     ("unwritable_output", ["--checkpoint={root}/run", "--trace={root}/trace.json",
                            "--output=/proc/memrecall/q.png"], "cannot write in /proc"),
 ]

@@ -35,7 +35,8 @@ def test_formats(tmp_path):
     ("nothing.json", b"", "nothing.json is empty"),
     ("badanswer.json", b'[{"context": "c", "answers": []}]', "row 0: field 'answers' should be"),
     ("lines.jsonl", b'{"context": "c"}\n\n{"input": "q"}\n', None),
-    ("scalar.json", b"[1, \"a\"]", "row 0: expected an object"),
+    ("scalar.json", b"[1, \"a\"]", "reads as a list of token ids, but entry 1 is 'a'"),
+    ("strings.json", b"[\"a\", \"b\"]", "row 0: expected an object"),
 ])
 def test_errors_name_the_problem(tmp_path, name, content, message):
   path = tmp_path / name

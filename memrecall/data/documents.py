@@ -51,9 +51,13 @@ def _from_rows(path: str, row: int) -> Document:
   try:
     _, located = ruler_hqa.read_row_file(path)
     items = [item for _, item in located]
-    if path.endswith(".json") and all(isinstance(x, int) and not isinstance(x, bool)
-                                      for x in items):
+    is_id = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    if path.endswith(".json") and all(map(is_id, items)):
       return Document(ids=tuple(items))
+    if path.endswith(".json") and any(map(is_id, items)):
+      bad = next(i for i, x in enumerate(items) if not is_id(x))
+      raise DocumentError(f"{path} reads as a list of token ids, but entry {bad} is "
+                          f"{items[bad]!r}, not an integer")
     if not 0 <= row < len(located):
       raise DocumentError(f"{path} has {len(located)} rows; row {row} does not exist")
     # Only the chosen row is parsed: a damaged row elsewhere does not block this one.  No
