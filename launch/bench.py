@@ -1,6 +1,6 @@
 r"""Times compress / gate / reason / total per mode and context length, side by side in one run.
 
-  python launch/bench.py                                # tiny model on CPU, a few minutes
+  python launch/bench.py                                # tiny model on CPU, under a minute
   python launch/bench.py --model=qwen2.5-7b --lengths=131072,1048576 --questions=8 \
       --selected_fraction=0.1 --output_json=bench.json  # one H100, random bf16 weights
 

@@ -13,9 +13,15 @@
 # host: 4 chips of a v5p-64); the *_sharded_eval records are the same programs with the
 # weights sharded by training's rules, for comparison, and *_tensor_rollout the RL rollout with
 # rl.rollout_weights=tensor.
+# PYTHON: the interpreter (default: the repository's .venv with the test, tpu and gpu-aot
+# extras, made as launch/env.sh makes it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ]; then
+  source launch/env.sh
+  memrecall_venv test,tpu,gpu-aot
+  PYTHON=python
+fi
 out=docs/compile
 mkdir -p "$out"
 compile() {  # recipe, then compile.py flags (a --topology=CARD:N names the record after it)
