@@ -155,7 +155,8 @@ class Run:
     if init.checkpoint:
       check_param_shapes(self.model, checkpoint.param_shapes(init.checkpoint, init_step),
                          init.checkpoint)
-      params, _ = checkpoint.load_params(init.checkpoint, init_step)
+      # Read onto the run's shardings: whole, a 7B model would first sit on one device.
+      params, _ = checkpoint.load_params(init.checkpoint, init_step, shardings)
       return jax.device_put(jax.tree.map(lambda x: x.astype(self.model.jnp_param_dtype), params),
                             shardings)
     if init.hf_checkpoint:

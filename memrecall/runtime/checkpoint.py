@@ -70,7 +70,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.AnySavePolicy([
             policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]),
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        # A save killed mid-write leaves `<step>.orbax-checkpoint-tmp-*` (never read as a
+        # step): removed when the next run opens the directory, not kept forever.
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "config", "data"))
 
