@@ -114,6 +114,13 @@ def test_bfloat16_inputs_keep_float32_logits_and_return_bfloat16():
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), naive_attention(query, key, value, mask),
                              atol=5e-2)
+  # The tolerance alone cannot see bfloat16 logits (their error is 0.011 here): the first
+  # product's accumulator and the softmax are float32 in the program itself.
+  jaxpr = jax.make_jaxpr(lambda q, k, v: grouped_attention(q, k, v, mask))(
+      *(jnp.asarray(x, jnp.bfloat16) for x in (query, key, value)))
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots[0].params["preferred_element_type"] == jnp.float32
+  assert dots[0].outvars[0].aval.dtype == jnp.float32
 
 
 def test_attend_on_cpu_takes_the_xla_path_and_rejects_unknown_implementations():

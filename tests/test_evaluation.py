@@ -303,3 +303,58 @@ def test_a_pod_runs_workdir_is_evaluated_on_the_devices_this_process_has(tmp_pat
   assert json.load(open(tmp_path / "eval" / "results.json"))[0]["mode"] == "all"
   proc = launch("--mesh=fsdp=4")
   assert proc.returncode == 2 and "needs 4 devices" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_reported_metrics_are_the_rows_means_and_counts():
+  """accuracy, its standard error, blocks read, gate recall and skip rate against hand counts,
+  through `evaluate_mode` with a reader whose answers and reads are scripted."""
+  import types
+  from memrecall import readers
+  from memrecall.models.sampling import SampleOutput
+
+  # Per question: answer ids, the blocks read, the relevant blocks (4 blocks each).
+  answers = [[5], [6, 7], [5], [9]]
+  reads = [[1, 0, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]]
+  relevant = [[1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1], [0, 1, 0, 0]]
+
+  class Scripted(readers.Reader):
+    def inputs(self, examples, *, question_tokens, max_tokens):
+      return (np.asarray([ex.row for ex in examples], np.int32),)
+
+    def call(self, params, inputs, rng):
+      tokens = np.zeros((4, 3), np.int32)
+      for i, a in enumerate(answers):
+        tokens[i, :len(a)] = a
+      table = (jax.numpy.asarray(tokens), jax.numpy.asarray([len(a) for a in answers]),
+               jax.numpy.asarray(reads, bool))
+      program = jax.jit(lambda rows: jax.tree.map(lambda x: x[rows], table))
+      return program, inputs
+
+    def answer(self, output):
+      tokens, lengths, _ = output
+      return SampleOutput(tokens=tokens, logprobs=np.zeros(tokens.shape, np.float32),
+                          lengths=lengths, done=np.ones(len(lengths), bool))
+
+    def trace(self, output):
+      return types.SimpleNamespace(read=output[2])
+
+    def block_labels(self, example):
+      return np.asarray(relevant[example.row], bool)
+
+  readers.register("scripted")(Scripted)
+  try:
+    run = run_builder.build_run(small_config("sft"))
+    params = model.init_params(run.model, jax.random.key(0))
+    examples = [types.SimpleNamespace(row=i, context=np.zeros(8, np.int32)) for i in range(4)]
+    gold = [[5], [6], [5], [8]]  # exact answers: rows 0 and 2
+    score = lambda predicted, ex: {"sub_em": float(predicted == gold[ex.row])}
+    result = evaluator.evaluate_mode(params, run.recall_setup("all"), run.compressor, examples,
+                                     score, mode="scripted", batch_size=2, latency_examples=0,
+                                     timed=False)
+  finally:
+    readers.unregister("scripted")
+  assert result.accuracy == pytest.approx(50.0)
+  assert result.stderr == pytest.approx(100 * np.std([1, 0, 1, 0], ddof=1) / 2)
+  assert result.blocks_read == pytest.approx((2 + 4 + 0 + 1) / 4)
+  assert result.gate_recall == pytest.approx((1 + 2 + 0 + 1) / (1 + 2 + 2 + 1))
+  assert result.skip_rate == pytest.approx(1 - 7 / 16)

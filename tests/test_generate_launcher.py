@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from memrecall.models import hf_checkpoint, sampling
 from tests.conftest import xla_defaults_env
@@ -20,16 +21,23 @@ def _run(*flags):
                         capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_greedy_ids_equal_the_library(tmp_path, tiny_dir):
+@pytest.mark.parametrize("flags, settings, seed", [
+    ((), {}, 0),
+    (("--temperature=0.8", "--top_k=20", "--top_p=0.9", "--seed=3"),
+     {"temperature": 0.8, "top_k": 20, "top_p": 0.9}, 3)], ids=["greedy", "sampled"])
+def test_ids_equal_the_library(tmp_path, tiny_dir, flags, settings, seed):
+  """The launcher's ids are the library's with the same settings and key (sampled: its
+  --temperature, --top_k, --top_p and --seed all reach the sampler)."""
   out = tmp_path / "out.json"
   proc = _run(f"--hf_checkpoint={tiny_dir}", "--prompt_ids=5,6,7,8", "--max_new_tokens=12",
-              f"--output_json={out}")
+              f"--output_json={out}", *flags)
   assert proc.returncode == 0, proc.stderr
   result = json.load(open(out))
   params, config = hf_checkpoint.load_hf_checkpoint(tiny_dir)
-  expected = sampling.generate(params, config, np.asarray([[5, 6, 7, 8]]), None, jax.random.key(0),
-                               max_new_tokens=12,
-                               sampling=sampling.SamplingConfig(eos_ids=config.eos_token_ids))
+  expected = sampling.generate(params, config, np.asarray([[5, 6, 7, 8]]), None,
+                               jax.random.key(seed), max_new_tokens=12,
+                               sampling=sampling.SamplingConfig(eos_ids=config.eos_token_ids,
+                                                                **settings))
   n = int(expected.lengths[0])
   assert result["ids"] == expected.tokens[0, :n].tolist()
   assert isinstance(result["text"], str) and len(result["logprobs"]) == n

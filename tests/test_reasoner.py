@@ -58,7 +58,8 @@ def test_prompts_logits_and_greedy_ids_match_the_reference(lychee, lychee_refere
 def test_memory_keeps_generated_tokens_without_pad_and_eos(lychee):
   params, config, bank, memory = lychee
   settings = reasoner.ReasonerConfig(memory_size=6, answer_tokens=4)
-  # Sampling at a high temperature makes EOS likely somewhere in a batch of 8.
+  # A likelier EOS (300) and a high temperature: some rows end early, others run on.
+  params = {**params, "lm_head": params["lm_head"].at[:, 300].add(3.0)}
   hot = sampling.SamplingConfig(temperature=3.0, eos_ids=(2, 300), pad_id=0)
   question, question_mask = prompts.pad_ids([[300, 301, 302]] * 8)
   work = reasoner.WorkingMemory.initial(bank.initial_memory, 8,
@@ -70,6 +71,7 @@ def test_memory_keeps_generated_tokens_without_pad_and_eos(lychee):
                                              question, question_mask, work, jax.random.key(3))
   tokens = np.asarray(sample.tokens)
   expected = (tokens != 0) & ~np.isin(tokens, [2, 300])
+  assert expected.any() and (~expected).any() and np.isin(tokens, [2, 300]).any(), tokens
   np.testing.assert_array_equal(np.asarray(new.mask)[:, :6], expected)
   assert not np.asarray(new.mask)[:, 6:].any()
 
