@@ -58,7 +58,7 @@ def load_trace(path: str, question: int = 0) -> dict:
   if not 0 <= question < len(traces):
     raise IndexError(f"{path} holds {len(traces)} traced questions; {question} does not exist")
   trace = traces[question]
-  if not isinstance(trace, dict) or "answer_ids" not in trace:
+  if not isinstance(trace, dict) or "id" not in trace:
     raise ValueError(f"{path} is not an evaluation's traces file (its entry {question} is no "
                      "traced question): give a traces-*.json of eval.py's output directory")
   if "gate_scores" not in trace:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from memrecall.runtime.sharding import MeshError
+
 
 def initialize(enabled: bool = False, coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None) -> None:
@@ -89,7 +91,6 @@ def check_process_rows(indices, rows: int, process: int | None = None,
   for index in indices:
     held.update(range(*index[0].indices(rows)))
   if held != set(range(process * per, (process + 1) * per)):
-    from memrecall.runtime.sharding import MeshError  # pylint: disable=g-import-not-at-top
     blocks = sorted(held)
     raise MeshError(
         f"process {process}'s devices hold {len(blocks)} rows of a global batch of {rows} "

@@ -316,15 +316,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   # A resumed RL run rebuilds its KL reference from the step of `init.checkpoint` it started
   # from, not from whatever that workdir has reached since.
   keeps_reference = saved_inputs is not None and stage.reads_initial_params
-  init_step = _init_step(config, saved_inputs["init_step"] if keeps_reference else None, workdir)
-  if init_step is not None and distributed.is_primary():
+  # Other stages resume from their own checkpoint alone: the initial parameters are not read
+  # again (a whole model's load), and the record of where the run started stays as it was.
+  reads_initial = saved_inputs is None or keeps_reference
+  if reads_initial:
+    init_step = _init_step(config, saved_inputs["init_step"] if keeps_reference else None,
+                           workdir)
+  else:
+    init_step = saved_inputs.get("init_step")
+  if reads_initial and init_step is not None and distributed.is_primary():
     earlier, at = checkpoint.load_config(config.init.checkpoint, init_step)
     planned = earlier.get("train", {}).get("steps")
     log(f"starting from {config.init.checkpoint} at step {at}"
         + (f" of its {planned}: that stage did not finish" if planned and at < planned else ""))
   _warn_undivided(run, log)
   with jax.set_mesh(run.mesh):
-    params = run.params(init_step)
+    if reads_initial:
+      params = run.params(init_step)
+    else:  # shapes only: the restore below fills the state
+      params = jax.tree.map(lambda x: x.value, model_lib.abstract_params(run.model),
+                            is_leaf=lambda x: hasattr(x, "names"))
     # Recorded only where a resume needs the initial parameters again.
     initial = fingerprint.params_fingerprint(params) if stage.reads_initial_params else None
     if keeps_reference and saved_inputs["initial_params"] != initial:
@@ -340,12 +351,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     paths = state_lib.trainable_paths(params, config.train.trainable)
     create = lambda p: state_lib.create_train_state(p, config.train.trainable, optimizer,
                                                     config.seed)
-    shardings = state_lib.state_shardings(run.model, jax.eval_shape(create, params), run.mesh)
-    state = jax.jit(create, out_shardings=shardings)(params)
+    shape = jax.eval_shape(create, params)
+    shardings = state_lib.state_shardings(run.model, shape, run.mesh)
     data = {"step": 0, "inputs": inputs}
-    if latest is not None:
+    if latest is None:
+      state = jax.jit(create, out_shardings=shardings)(params)
+    else:
       abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              state, shardings)
+                              shape, shardings)
       state, _, data = checkpointer.restore(latest, abstract)
       if distributed.is_primary():
         log(f"resumed from {checkpointer.directory}/{latest}")
@@ -353,8 +366,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
           log(f"nothing to train: the run is at step {latest} and train.steps is "
               f"{config.train.steps} (raise --config.train.steps to go on)")
     # The run's initial parameters, also on a resume: RL's KL reference is the policy the
-    # stage started from, not the one it resumed with.
-    stage.start(params)
+    # stage started from, not the one it resumed with.  (Other stages read none.)
+    if reads_initial:
+      stage.start(params)
     if stage.rollout_weights is not None and run.mesh.size > 1 and distributed.is_primary():
       log(stage.rollout_weights.line)
     del params  # the state holds its own copy; this one would double the weights' memory

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 import numpy as np
+import optax
 import pytest
 
 from memrecall import run_builder
@@ -312,7 +313,9 @@ def test_microbatches_of_unequal_turns_give_the_whole_batchs_token_mean_step():
   params = model.init_params(run.model, jax.random.key(0))
   # A likelier EOS: updates end at different lengths.
   params["lm_head"] = params["lm_head"].at[:, run.model.eos_token_ids[0]].add(4.0)
-  optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=1e-3))
+  # Plain SGD at rate 1: the update is the gradient, compared element by element.  (Adam's
+  # first step, lr * g / |g|, turns float32 noise at a gradient near 0 into a whole step.)
+  optimizer = optax.sgd(1.0)
   paths = state_lib.trainable_paths(params, "backbone")
   state = state_lib.create_train_state(params, "backbone", optimizer, 0)
   stage.start(state.params)
@@ -329,8 +332,14 @@ def test_microbatches_of_unequal_turns_give_the_whole_batchs_token_mean_step():
   for key in ("loss", "grad_norm", "kl", "entropy"):
     np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-7)
   assert state_lib.LOSS_WEIGHT not in m1
-  for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)):  # Adam: lr-sized steps
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Each leaf's update within 1e-4 of the whole batch's, in norm (one element of 8192 differs by
+  # 9e-4 of itself: float32 sums of opposite terms in another order); a mean of the parts'
+  # means is ~1e-2 off.
+  for a, b, p in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params),
+                    jax.tree.leaves(params)):
+    update = np.asarray(b, np.float64) - np.asarray(p, np.float64)
+    assert np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) <= \
+        1e-4 * np.linalg.norm(update) + 1e-9
 
 
 def test_turn_logprobs_equal_the_whole_forward_and_run_the_head_on_the_written_tokens_only():

@@ -211,3 +211,25 @@ def test_a_resume_may_change_the_budget_and_layout_but_not_the_rows_or_the_train
     resume_with(train__batch_size=8)
   with pytest.raises(trainer.ConfigError, match=r"train.trainable 'backbone' there, 'all' now"):
     resume_with(train__trainable="all")
+
+
+def test_a_resumed_stage_does_not_read_its_initial_checkpoint_again(tmp_path):
+  """SFT resumes from its own checkpoint alone: the earlier stage's weights are not loaded
+  again (a whole model's read), even after that workdir moved on, and the record of the step
+  it started from stays."""
+  compressor = small_config("compressor", steps=2)
+  trainer.train(compressor, str(tmp_path / "compressor"), log=quiet)
+  sft = small_config("sft", steps=2)
+  sft.init.checkpoint = str(tmp_path / "compressor")
+  lines = []
+  trainer.train(sft, str(tmp_path / "sft"), log=lines.append)
+  assert f"starting from {tmp_path / 'compressor'} at step 2" in lines
+  compressor.train.steps = 4  # the earlier stage goes on: its latest step is 4 now
+  trainer.train(compressor, str(tmp_path / "compressor"), log=quiet)
+  sft.train.steps = 4
+  lines = []
+  trainer.train(sft, str(tmp_path / "sft"), log=lines.append)
+  assert not any(line.startswith("starting from") for line in lines), lines
+  assert any("resumed from" in line for line in lines)
+  saved = trainer.Checkpointer(str(tmp_path / "sft"), save_every=2, keep=3, async_save=False)
+  assert saved.saved_json(4, "data")["inputs"]["init_step"] == 2
