@@ -250,49 +250,6 @@ def test_a_recipe_that_does_not_fit_says_by_how_much(tmp_path):
   assert json.load(open(out))["overrides"] == ["--config.model.vocab_size=60000000"]
 
 
-BAD_INPUTS = [
-    (["--config=configs/tiny.py:sft", "--topology=v9x:2x2"], "unknown TPU generation"),
-    (["--config=configs/tiny.py:sft", "--topology=v5p-7"], "names count TensorCores"),
-    (["--config=configs/tiny.py:sft", "--topology=tpu-pod"], "unknown TPU topology 'tpu-pod'"),
-    (["--config=configs/tiny.py:sft", "--topology=v5p-64", "--config.mesh.fsdp=8"],
-     "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} has 8 devices, the slice 32"),
-    (["--config=configs/lychee.py:rl,0.5b,gpu8"], "names no TPU slice or GPU card"),
-    (["--config=configs/tiny.py:sft", "--topology=h100:0"], "GPUs per host are at least 1"),
-    (["--config=configs/tiny.py:sft", "--topology=h7:8"], "or GPU hosts such as h100:8"),
-    (["--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--gpu_target_config=x.txtpb"],
-     "--gpu_target_config is for GPU hosts; v5e:2x2 is a TPU"),
-    (["--config=configs/tiny.py:sft", "--topology=h100:4", "--gpu_target_config=/nonexistent"],
-     "--gpu_target_config: cannot read /nonexistent"),
-    (["--config=configs/lychee.py:rl,0.5b,v5p-64", "--topology=v5e:2x2"], "has 32 devices"),
-    (["--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--config.mesh.fsdp=3",
-      "--config.mesh.data=-1"], "cannot fill the slice's 4 devices"),
-    (["--config=configs/nope.py:rl", "--topology=v5e:2x2"], "--config"),
-    (["--config=configs/lychee.py:dance,0.5b,v5p-64"], "unknown stage 'dance'"),
-    (["--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--eval_modes=gate,foo"],
-     "--eval_modes: unknown ['foo']"),
-    (["--config=configs/tiny.py:sft", "--topology=v5e:2x2", "--programs=rollout"],
-     "--programs: ['rollout'] are not programs of this stage"),
-]
-
-
-@pytest.fixture(scope="module")
-def bad_input_runs():
-  """Every bad-input command, started at once (each is mostly interpreter start-up)."""
-  procs = [subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV) for args, _ in BAD_INPUTS]
-  return [(p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=300)]]
-
-
-@needs_libtpu
-@pytest.mark.parametrize("case", range(len(BAD_INPUTS)),
-                         ids=[" ".join(a[1:]) or a[0] for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line(bad_input_runs, case):
-  code, out, err = bad_input_runs[case]
-  message = BAD_INPUTS[case][1]
-  assert code == 2, out + err
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("compile.py: error:"), err
-  assert message in lines[0] and "Traceback" not in out + err
 
 
 def test_a_program_over_90_percent_of_hbm_says_by_how_much_and_what_to_change():
