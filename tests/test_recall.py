@@ -206,6 +206,8 @@ def test_gate_groups_make_the_decisions_of_the_block_by_block_loop(lychee_model,
     np.testing.assert_allclose(getattr(grouped.trace, name), getattr(one.trace, name),
                                rtol=1e-5, err_msg=name)
   np.testing.assert_array_equal(grouped.answer.tokens, one.answer.tokens)
+  if gate_group != 3:  # the rest compiles the same paths at any group size: checked once
+    return
   # Forced decisions (benchmarks) replace the threshold the same way.
   picks = jnp.asarray(np.random.default_rng(1).random((3, 11)) < 0.3)
   forced = [recall.recall(lychee_model.params, _setup(lychee_model, "gate", gate_group=group), bank,
