@@ -283,7 +283,8 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     rows = evaluator.evaluate_suite(
         checkpoint.load_params(path(f"{task}_gate"))[0],
         run_builder.build_run(get_config(f"sft,{variant},{task}")), model_name="lychee",
-        modes=["gate", "all"], examples=demo.eval_examples, **common)
+        modes=[m for m in demo.eval_modes if m != baseline_reader],  # its gate's modes
+        examples=demo.eval_examples, **common)
   stages.setdefault("eval", {"wall_s": time.perf_counter() - began})
   if is_primary():
     keys = ("model", "task", "mode", "length_multiple", "context_tokens", "examples", "accuracy",
