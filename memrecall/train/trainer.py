@@ -745,6 +745,9 @@ class RLStage(_Stage):
     # The rows too, once: on data x tensor they split over data alone.
     inputs = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
         x, sharding_lib.rows_sharding(x.shape, placed.mesh)), inputs)
+    # And the key, which the loop folds with each block's index made on that mesh (jax 0.11
+    # refuses operands of two meshes).
+    rng = jax.lax.with_sharding_constraint(rng, sharding_lib.replicated(placed.mesh))
     with jax.sharding.use_abstract_mesh(placed.mesh.abstract_mesh):
       return reader.read(params, inputs, rng)
 
