@@ -172,7 +172,7 @@ def test_parameters_an_fsdp_axis_does_not_divide_are_named_before_training():
     assert bool(whole) == expect_warning, whole
     assert all(run.model.hidden_size in shape for _, shape, _ in whole)
     lines = []
-    trainer._warn_undivided(run, lines.append)
+    trainer._warn_undivided(run, qwen2.abstract_params(run.model), lines.append)
     assert len(lines) == expect_warning, lines
     if expect_warning:
       assert "kept whole on every device of mesh" in lines[0] and "hidden size 64" in lines[0]

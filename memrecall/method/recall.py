@@ -212,8 +212,7 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
     return _gate_in_groups(params, setup, memory, rng, blocks, question, question_mask,
                            forced_read)
 
-  def step(carry, xs):
-    memory, rng = carry
+  def step(memory, xs):
     block, forced, index = xs
     k, v, slot_mask, valid, section, section_mask = _block_inputs(block, batch)
     template = setup.prompts.update if section is None else setup.prompts.memagent
@@ -244,11 +243,11 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
                       jnp.zeros((batch,), jnp.int32))
 
     memory, sampled = jax.lax.cond(read.any(), reason, skip, memory)
-    return (memory, rng), (score, read, memory.ids, memory.mask) + sampled
+    return memory, (score, read, memory.ids, memory.mask) + sampled
 
   n = jax.tree.leaves(blocks)[0].shape[0]
   indices = jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(first_block, jnp.uint32)
-  (memory, rng), per_block = jax.lax.scan(step, (memory, rng), (blocks, forced_read, indices))
+  memory, per_block = jax.lax.scan(step, memory, (blocks, forced_read, indices))
   return memory, rng, per_block
 
 

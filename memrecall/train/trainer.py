@@ -215,11 +215,15 @@ def _check_same_model(saved: dict | None, now: dict, workdir: str) -> None:
                     "generation_config.json, or train in another --workdir")
 
 
-def _warn_undivided(run, log) -> None:
+def _unboxed(boxed):
+  """A `model_lib.abstract_params` tree as plain ShapeDtypeStructs."""
+  return jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: hasattr(x, "names"))
+
+
+def _warn_undivided(run, boxed, log) -> None:
   """Says, before any weight is read, when the mesh leaves much of the model whole on every
   device (an fsdp size that does not divide the hidden size): otherwise the first sign is an
-  out-of-memory error that names no setting."""
-  boxed = model_lib.abstract_params(run.model)
+  out-of-memory error that names no setting.  boxed: `model_lib.abstract_params(run.model)`."""
   whole = sharding_lib.undivided(boxed, run.mesh)
   total = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(boxed))
   held = sum(size for *_, size in whole)
@@ -329,13 +333,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     planned = earlier.get("train", {}).get("steps")
     log(f"starting from {config.init.checkpoint} at step {at}"
         + (f" of its {planned}: that stage did not finish" if planned and at < planned else ""))
-  _warn_undivided(run, log)
+  boxed = model_lib.abstract_params(run.model)
+  _warn_undivided(run, boxed, log)
   with jax.set_mesh(run.mesh):
-    if reads_initial:
-      params = run.params(init_step)
-    else:  # shapes only: the restore below fills the state
-      params = jax.tree.map(lambda x: x.value, model_lib.abstract_params(run.model),
-                            is_leaf=lambda x: hasattr(x, "names"))
+    # Shapes only on a resume that reads no initial parameters: the restore fills the state.
+    params = run.params(init_step) if reads_initial else _unboxed(boxed)
     # Recorded only where a resume needs the initial parameters again.
     initial = fingerprint.params_fingerprint(params) if stage.reads_initial_params else None
     if keeps_reference and saved_inputs["initial_params"] != initial:
@@ -442,8 +444,7 @@ def jit_train_step(stage: "_Stage", optimizer, paths, microbatches: int):
 def abstract_train_state(run: Run, optimizer):
   """The TrainState `train` creates, as sharded ShapeDtypeStructs: nothing allocated."""
   config = run.config
-  params = jax.tree.map(lambda x: x.value, model_lib.abstract_params(run.model),
-                        is_leaf=lambda x: hasattr(x, "names"))
+  params = _unboxed(model_lib.abstract_params(run.model))
   create = lambda p: state_lib.create_train_state(p, config.train.trainable, optimizer,
                                                   config.seed)
   shape = jax.eval_shape(create, params)
