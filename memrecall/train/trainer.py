@@ -123,6 +123,25 @@ def to_global(local_batch, mesh):
   return distributed.global_batch(local_batch, _batch_shardings(local_batch, mesh))
 
 
+class _WindowMeans:
+  """Each metric's mean over the steps since the last logged one: a logged loss or reward is
+  the window's, not one step's sample of it (an RL step's reward is a few groups' mean)."""
+
+  def __init__(self):
+    self._sums: dict[str, float] = {}
+    self._counts: dict[str, int] = {}
+
+  def add(self, metrics: dict) -> None:
+    for key, value in metrics.items():
+      self._sums[key] = self._sums.get(key, 0.0) + value
+      self._counts[key] = self._counts.get(key, 0) + 1
+
+  def pop(self) -> dict:
+    means = {key: total / self._counts[key] for key, total in self._sums.items()}
+    self._sums, self._counts = {}, {}
+    return means
+
+
 class _Console:
   def __init__(self, total_steps: int, start_step: int):
     self.total, self.start_step, self.start = total_steps, start_step, time.perf_counter()
@@ -377,6 +396,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     step_fn = jit_train_step(stage, optimizer, paths, microbatches)
     writer = MetricsWriter(os.path.join(workdir, "logs", config.stage), resumed_at=int(state.step))
     console = _Console(config.train.steps, int(state.step))
+    window = _WindowMeans()
     last: dict = {}
     try:
       with _StopSignals() as signals:
@@ -394,10 +414,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
                 "updated and no checkpoint was written — lower the learning rate or check the data")
           data = {"step": step + 1, "inputs": inputs}
           done = step + 1
+          window.add(metrics)
           if done % config.train.log_every == 0 or done == config.train.steps:
-            writer.write(done, metrics)
+            means = window.pop()
+            writer.write(done, means)
             if distributed.is_primary():
-              log(console.line(done, metrics))
+              log(console.line(done, means))
           last = metrics
           stop = (stop_at is not None and done % config.train.checkpoint_every == 0
                   and stop_at(done, state.params))

@@ -46,3 +46,20 @@ def test_metrics_survive_a_kill_and_a_resume(tmp_path):
   assert path.read_text().endswith("\n")
   # Both runs' events files are read; TensorBoard keeps the later value of a repeated step.
   assert sorted(set(s for s, _ in _scalars(tmp_path)["loss"])) == [1, 2, 3, 4]
+
+
+def test_tensorboard_drops_the_points_a_preempted_run_logged_after_its_checkpoint(tmp_path):
+  """The directory as TensorBoard loads it: a resume from step 2 that has logged only step 3
+  shows no step 4 of the run it replaces, and its own value at step 3."""
+  accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  for step in (1, 2, 3, 4):
+    writer.write(step, {"loss": step / 10})
+  writer.close()
+  writer = metrics_writer.MetricsWriter(str(tmp_path), resumed_at=2)
+  writer.write(3, {"loss": 0.125})
+  writer.close()
+  events = accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+  assert [e.value for e in events.Scalars("loss")] == pytest.approx([0.1, 0.2, 0.125])

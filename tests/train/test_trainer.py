@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from memrecall import run_builder
-from memrecall.runtime import checkpoint
+from memrecall.runtime import checkpoint, jsonl
 from memrecall.train import trainer
 from tests.conftest import LYCHEE_TEXT, xla_defaults_env
 from tests.train.conftest import small_config
@@ -34,8 +34,15 @@ def test_sharded_steps_match_one_device_and_restore_on_one_device(tmp_path):
   eight = small_config("sft", steps=3)
   one.optimizer.learning_rate = eight.optimizer.learning_rate = 5e-4
   eight.mesh.data, eight.mesh.fsdp, eight.mesh.tensor = 2, 2, 2
+  eight.train.log_every = 3
   trainer.train(one, str(tmp_path / "one"), log=quiet)
   trainer.train(eight, str(tmp_path / "eight"), log=quiet)
+  # A logged value is its window's mean: logged every 3 steps, the three steps logged one by one.
+  logged = lambda run: jsonl.read(tmp_path / run / "logs" / "sft" / "metrics.jsonl")
+  each, window = logged("one"), logged("eight")
+  assert [r["step"] for r in each] == [1, 2, 3] and [r["step"] for r in window] == [3]
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(window[0][key], np.mean([r[key] for r in each]), rtol=1e-4)
   # Saved every checkpoint_every steps and at the last, not also after the first (orbax's
   # default policy's).
   every = one.train.checkpoint_every
