@@ -99,7 +99,7 @@ def main(argv):
   model_flags.mesh_shape()  # a malformed --mesh: an error before anything is read
   if _QUESTION.value is not None and _QUESTION_IDS.value is not None:
     raise app.UsageError("give at most one of --question and --question_ids")
-  if flags.FLAGS["row"].present and not _DOCUMENT.value.endswith(documents.ROW_FILES):
+  if flags.FLAGS["row"].present and not documents.row_file_kind(_DOCUMENT.value):
     raise app.UsageError(f"--row picks a row of a {'/'.join(documents.ROW_FILES)} document; "
                          f"{_DOCUMENT.value} is read whole")
   try:
@@ -108,8 +108,8 @@ def main(argv):
     raise app.UsageError(f"--question_ids must be integers, got {','.join(_QUESTION_IDS.value)}"
                          ) from None
   document = documents.read_document(_DOCUMENT.value, _ROW.value)
-  source = _DOCUMENT.value + (f" row {_ROW.value}" if _DOCUMENT.value.endswith(
-      documents.ROW_FILES) and document.ids is None else "")
+  source = _DOCUMENT.value + (f" row {_ROW.value}" if documents.row_file_kind(_DOCUMENT.value)
+                              and document.ids is None else "")
   document_hash = fingerprint.value_hash({"text": document.text, "ids": document.ids})
   bank_dir = _MEMORY_BANK.value
   if bank_dir:
@@ -216,7 +216,7 @@ def main(argv):
   print(f"answer: {answer}")
   if _OUTPUT_JSON.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT_JSON.value)), exist_ok=True)
-    with open(_OUTPUT_JSON.value, "w") as f:
+    with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"answer_ids": answer_ids, "answer": answer, "mode": mode, "trace": trace}, f,
                 ensure_ascii=False, indent=1)
 

@@ -169,9 +169,9 @@ def main(argv):
     efficiency.update(_decode(params, config, ceilings, defaults["decode_cache"],
                               lists["decode_batches"]))
   if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
+    with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=1)
-    with open(_machine_json(_OUTPUT_JSON.value), "w") as f:
+    with open(_machine_json(_OUTPUT_JSON.value), "w", encoding="utf-8") as f:
       json.dump({"machine": machine, **efficiency}, f, indent=1)
 
 

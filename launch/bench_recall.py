@@ -123,7 +123,7 @@ def main(argv):
   print(f"  streaming 64x : 1x = {stream[64] / stream[1]:.3f}  (target <= 1.10); "
         f"device bank {device_bank[64] / device_bank[1]:.2f}")
   if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
+    with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"machine": machine, "blocks": n, "seconds_eighth": t_eighth, "seconds_all": t_all,
                  "ratio": t_eighth / t_all, "streaming_bytes": stream, "bank_bytes": device_bank}, f,
                 indent=1)

@@ -195,7 +195,7 @@ def main(argv):
               "eval_mesh": dict(placement.mesh.shape), "programs": _ONLY.value,
               **aot.rollout_fields(programs),
               "rows": [r.to_json() for r in rows]}
-    with open(_OUTPUT_JSON.value, "w") as f:
+    with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=1)
   over = [r for r in rows if not r.fits]
   if over:

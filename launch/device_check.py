@@ -98,7 +98,7 @@ class Step:
       _end(proc)
     seconds = time.perf_counter() - start
     log.flush()
-    with open(log.name) as f:
+    with open(log.name, encoding="utf-8") as f:
       f.seek(start_offset)
       out = f.read()
     try:
@@ -159,9 +159,9 @@ def _parse_tests(out):
 def _bench_parse(path):
   def parse(out):
     del out
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       rows = json.load(f)
-    with open(os.path.splitext(path)[0] + "_machine.json") as f:
+    with open(os.path.splitext(path)[0] + "_machine.json", encoding="utf-8") as f:
       machine = json.load(f)
     return {"rows": rows, "machine": machine}
   return parse
@@ -322,7 +322,7 @@ def main(argv=None):
                                                               os.environ.get("PYTHONPATH")]))
   results, deadline = [], time.monotonic()
   log_path = os.path.join(args.output_dir, "device_check.log")
-  with open(log_path, "w") as log:
+  with open(log_path, "w", encoding="utf-8") as log:
     for step in steps:
       bound = args.bound_scale * bounds[step.name]
       deadline += bound
@@ -336,7 +336,7 @@ def main(argv=None):
         print(result["tail"], flush=True)
   table = _table(results)
   print(f"\n{table}")
-  with open(os.path.join(args.output_dir, "device_check.json"), "w") as f:
+  with open(os.path.join(args.output_dir, "device_check.json"), "w", encoding="utf-8") as f:
     json.dump({"smoke": args.smoke, "bounds": bounds, "steps": results, "table": table}, f,
               indent=1)
   print(f"wrote {os.path.join(args.output_dir, 'device_check.json')} and {log_path}")

@@ -122,7 +122,7 @@ def main(argv):
   print(json.dumps({"prompt_ids": ids, **result}, ensure_ascii=False))
   if _OUTPUT_JSON.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT_JSON.value)), exist_ok=True)
-    with open(_OUTPUT_JSON.value, "w") as f:
+    with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump(result, f, ensure_ascii=False)
 
 

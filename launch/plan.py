@@ -133,7 +133,7 @@ def _records(directory: str) -> list[dict]:
   merged: dict[tuple, dict] = {}
   for path in sorted(glob.glob(os.path.join(directory, "*.json")), key=os.path.getmtime):
     try:
-      record = json.load(open(path))
+      record = json.load(open(path, encoding="utf-8"))
     except (OSError, ValueError):
       continue
     if not isinstance(record, dict) or "rows" not in record or "config" not in record:
@@ -391,7 +391,7 @@ def main(argv):
 
 def _write(rows: list) -> None:
   if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
+    with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=1)
 
 

@@ -163,7 +163,7 @@ def main(argv):
       elif "profile" in row:
         print(f"    profile: {row['profile']}")
   if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
+    with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"machine": f"{device.device_kind} ({jax.default_backend()})",
                  "read_bytes": ceilings.read_bytes, "rows": rows}, f, indent=1)
 

@@ -63,7 +63,7 @@ def _read_stages(path: str, workdir: str) -> dict:
   if not os.path.exists(path):
     return {}
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       stages = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     stages, problem = None, f"is not valid JSON ({e})"
@@ -77,7 +77,7 @@ def _read_stages(path: str, workdir: str) -> dict:
 
 def _write_json(path: str, value) -> None:
   """Written whole or not at all: a run killed mid-write leaves the old file, not a torn one."""
-  with open(path + ".tmp", "w") as f:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(value, f, indent=1)
   os.replace(path + ".tmp", path)
 
@@ -289,7 +289,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
   if is_primary():
     keys = ("model", "task", "mode", "length_multiple", "context_tokens", "examples", "accuracy",
             "latency_s", "batched_s", "blocks_read", "gate_recall", "skip_rate")
-    with open(path("results.json"), "w") as f:
+    with open(path("results.json"), "w", encoding="utf-8") as f:
       json.dump([{k: r[k] for k in keys} for r in rows], f, indent=1)
     save_stages()
     report.plot(rows, workdir)
@@ -298,7 +298,7 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     summary = _summary(stages, rows)
     for line in summary:
       log(line)
-    with open(path("report.md"), "w") as f:
+    with open(path("report.md"), "w", encoding="utf-8") as f:
       f.write(_report(variant, stages, rows, summary))
     log(f"[demo] report: {path('report.md')}")
   return stages

@@ -21,6 +21,11 @@ def test_formats(tmp_path):
   assert (first.text, first.question, first.answers) == ("Doc one.", "Q1?", ("x",))
   second = documents.read_document(tmp_path / "rows.json", row=1)
   assert (second.text, second.question, second.answers) == ("Doc two.", "Q2?", ("y",))
+  # Extensions in any case: Q.JSON is rows (its raw JSON, answers and all, was the document).
+  (tmp_path / "Q.JSON").write_text(json.dumps(rows))
+  assert documents.read_document(tmp_path / "Q.JSON").question == "Q1?"
+  (tmp_path / "IDS.JSON").write_text("[5, 6, 7]")
+  assert documents.read_document(tmp_path / "IDS.JSON").ids == (5, 6, 7)
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -37,6 +42,8 @@ def test_formats(tmp_path):
     ("lines.jsonl", b'{"context": "c"}\n\n{"input": "q"}\n', None),
     ("scalar.json", b"[1, \"a\"]", "reads as a list of token ids, but entry 1 is 'a'"),
     ("strings.json", b"[\"a\", \"b\"]", "row 0: expected an object"),
+    ("floats.json", b"[1.0, 2.0]", "reads as a list of token ids, but entry 0 is 1.0, not an integer"),
+    ("number.json", b"5", "a .json rows file holds a list of rows or one row object, not 5"),
 ])
 def test_errors_name_the_problem(tmp_path, name, content, message):
   path = tmp_path / name

@@ -266,7 +266,7 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
   seconds = time.perf_counter() - start
   text = compiled.as_text()
   if hlo_dir:
-    with open(os.path.join(hlo_dir, f"{program.name}.hlo"), "w") as f:
+    with open(os.path.join(hlo_dir, f"{program.name}.hlo"), "w", encoding="utf-8") as f:
       f.write(text)
   loops, _ = hlo_report.loop_report(text)
   loop_gather = max((loop.gathered_bytes for loop in loops), default=0) / GiB

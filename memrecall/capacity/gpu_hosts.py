@@ -123,7 +123,7 @@ def target_config(target: GpuHosts, path: str | None = None) -> str:
   """The card's GpuTargetConfigProto as text: from `path` when given, else the plugin's own."""
   if path:
     try:
-      return open(path).read()
+      return open(path, encoding="utf-8").read()
     except OSError as e:
       raise GpuTargetError(f"--gpu_target_config: cannot read {path}: {e.strerror}") from None
   found = plugin()

@@ -14,9 +14,7 @@ import dataclasses
 import os
 
 from memrecall.data import ruler_hqa
-from memrecall.data.files import read_text
-
-ROW_FILES = (".json", ".jsonl", ".parquet")
+from memrecall.data.files import ROW_FILES, read_text, row_file_kind
 
 
 class DocumentError(ValueError):
@@ -37,7 +35,7 @@ def read_document(path: str | os.PathLike, row: int = 0) -> Document:
   Every error is a DocumentError (or FileNotFoundError), naming the file and the row.
   """
   path = os.fspath(path)
-  if path.endswith(ROW_FILES):
+  if row_file_kind(path):
     return _from_rows(path, row)
   text = read_text(path, error=DocumentError, hint="; convert it or pass token ids as a JSON list")
   if not text.strip():
@@ -52,9 +50,10 @@ def _from_rows(path: str, row: int) -> Document:
     _, located = ruler_hqa.read_row_file(path)
     items = [item for _, item in located]
     is_id = lambda x: isinstance(x, int) and not isinstance(x, bool)
-    if path.endswith(".json") and all(map(is_id, items)):
+    if row_file_kind(path) == ".json" and all(map(is_id, items)):
       return Document(ids=tuple(items))
-    if path.endswith(".json") and any(map(is_id, items)):
+    is_number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    if row_file_kind(path) == ".json" and any(map(is_number, items)):
       bad = next(i for i, x in enumerate(items) if not is_id(x))
       raise DocumentError(f"{path} reads as a list of token ids, but entry {bad} is "
                           f"{items[bad]!r}, not an integer")

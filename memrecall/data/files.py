@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import os
 
+ROW_FILES = (".json", ".jsonl", ".parquet")
+
+
+def row_file_kind(path: str | os.PathLike) -> str | None:
+  """A rows file's format by its extension in any case (`.JSONL` is JSON lines): one of
+  ROW_FILES, or None for any other file."""
+  suffix = os.path.splitext(os.fspath(path))[1].lower()
+  return suffix if suffix in ROW_FILES else None
+
 
 def read_text(path: str | os.PathLike, what: str = "document", error=ValueError,
               hint: str = "") -> str:

@@ -9,15 +9,17 @@ comparable, quirks included on purpose:
 
 * An empty prediction (`""` or None: no answer could be extracted) scores 0 on
   every metric — the harness guards each score with `if item["pred"] else 0`.
-* A non-empty prediction that normalises to nothing ("the", "  ", "?") scores
-  sub-EM 1: the empty string is a substring of every gold answer.
+* A response is stripped first, so one of only whitespace is empty (0); a non-empty
+  prediction that normalises to nothing ("the", "?") scores sub-EM 1: the empty string is
+  a substring of every gold answer.
 * Containment is by characters, in either direction: "no" matches gold
   "Norway", and a prediction "Paris" matches gold "Paris Saint-Germain" too.
 * Normalisation strips ASCII punctuation only (Python's `string.punctuation`)
   and keeps accents, so "–" (en-dash) vs "-" and "e" vs "é" differ.
 * F1 is 0 when either normalised side is "yes", "no" or "noanswer" and the two
   differ.
-* A response with `</think>` is scored on what follows its last one.
+* A response with `</think>` is scored on what follows its last one, or whole where
+  nothing does.
 * Where the prompt asks for the answer in `\\boxed{}` (MemAgent's final prompt), the
   box is the prediction, by the harness's rules (`last_boxed`: `\\boxed X` without braces
   too), and an answer without one is empty: 0 (`score_answer(..., boxed=True)`).
@@ -138,9 +140,11 @@ def last_boxed(text: str) -> str | None:
 
 
 def final_answer(prediction: str) -> str:
-  """What MemAgent's harness scores of a response (`extract_solution`): the text after the last
-  `</think>` where a reasoning model wrote one, else the whole response."""
-  return prediction.split(THINK_END)[-1].strip() if THINK_END in prediction else prediction
+  """What MemAgent's harness scores of a response (`extract_solution`, then its fallback): the
+  text after the last `</think>` where a reasoning model wrote one and something follows it,
+  else the whole response."""
+  tail = prediction.split(THINK_END)[-1].strip() if THINK_END in prediction else prediction
+  return tail or prediction
 
 
 def score_answer(prediction: str | None, golds: Sequence[str], boxed: bool = False
@@ -151,7 +155,7 @@ def score_answer(prediction: str | None, golds: Sequence[str], boxed: bool = Fal
   boxed: the prompt asked for the answer in a box (MemAgent's final prompt), so, as MemAgent's
   harness does, an answer without a closed box extracts nothing and scores 0 (its text is not
   scored instead)."""
-  prediction = final_answer(prediction) if prediction else prediction
+  prediction = final_answer(prediction.strip()) if prediction else prediction
   box = last_boxed(prediction) if prediction else None
   prediction = box if box is not None or boxed else prediction
   return {name: METRICS[name](prediction, golds) for name in ANSWER_METRICS}

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from memrecall.data.example import Example
-from memrecall.data.files import read_text
+from memrecall.data.files import ROW_FILES, read_text, row_file_kind
 
 TASK = "ruler_hqa"
 DOCUMENT_TEMPLATE = "Document {i}:\n{document}"
@@ -85,20 +85,29 @@ def read_row_file(path: str | os.PathLike) -> tuple[str, list[tuple[str, Any]]]:
   """The rows of a .json list (or single object), .jsonl or .parquet file, each with where it
   came from ("FILE row i", plus "(line n)" for JSONL) so that every error names file and row."""
   path = os.fspath(path)
-  if path.endswith(".parquet"):
+  kind = row_file_kind(path)
+  if kind is None:
+    raise DatasetError(f"{path}: a rows file is {', '.join(ROW_FILES)} (by its extension, in any "
+                       "case); rename it or convert it")
+  if kind == ".parquet":
     rows = _read_parquet(path)
     located = [(f"{path} row {i}", row) for i, row in enumerate(rows)]
   else:
     text = read_text(path, "dataset file", DatasetError)
     if not text.strip():
       raise DatasetError(f"{path} is empty")
-    if path.endswith(".jsonl"):
+    if kind == ".jsonl":
       located = []
-      for n, line in enumerate(text.splitlines(), 1):
+      # Lines end at "\n" alone: str.splitlines also splits at U+2028, U+0085 and others,
+      # which JSON strings may hold unescaped (MemAgent writes with ensure_ascii=False).
+      for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
           located.append((f"{path} row {len(located)} (line {n})", _loads(path, line, n)))
     else:
       rows = _loads(path, text)
+      if not isinstance(rows, (list, dict)):
+        raise DatasetError(f"{path}: a .json rows file holds a list of rows or one row "
+                           f"object, not {json.dumps(rows)[:40]}")
       located = [(f"{path} row {i}", row) for i, row in enumerate(rows if isinstance(rows, list)
                                                                  else [rows])]
   if not located:
@@ -263,6 +272,19 @@ class HotpotPool:
                   "level": row.level, "row": q, "seed": seed, **metadata})
 
 
+def checked_indices(indices: Sequence[int], available: int, source: str = "indices") -> list[int]:
+  """Question row numbers, refused unless distinct and in [0, available): a repeated row
+  would count one question twice."""
+  chosen = [int(i) for i in indices]
+  repeated = sorted({i for i in chosen if chosen.count(i) > 1})
+  outside = [i for i in chosen if not 0 <= i < available]
+  if repeated or outside:
+    raise ValueError(f"{source} must be distinct row numbers in [0, {available}): "
+                     + "; ".join(filter(None, [repeated and f"repeated {repeated[:5]}",
+                                                outside and f"outside {outside[:5]}"])))
+  return chosen
+
+
 def build_ruler_hqa(rows: Sequence[HotpotRow], num_docs: int, num_questions: int = 128,
                     seed: int = 0, indices: Sequence[int] | None = None) -> list[Example]:
   """RULER-HQA examples with `num_docs` documents each (see the module doc).
@@ -272,9 +294,7 @@ def build_ruler_hqa(rows: Sequence[HotpotRow], num_docs: int, num_questions: int
   """
   if num_questions <= 0:
     raise ValueError(f"num_questions must be positive, got {num_questions}")
-  chosen = list(range(len(rows))) if indices is None else [int(i) for i in indices]
-  if len(set(chosen)) != len(chosen) or any(not 0 <= i < len(rows) for i in chosen):
-    raise ValueError(f"indices must be distinct row numbers in [0, {len(rows)})")
+  chosen = list(range(len(rows))) if indices is None else checked_indices(indices, len(rows))
   if num_questions > len(chosen):
     raise ValueError(f"num_questions={num_questions} but only {len(chosen)} questions available")
   pool = HotpotPool(rows)
@@ -364,7 +384,7 @@ def parse_row(where: str, item: Any, *, need_question: bool = True, need_answers
   for key in ("num_docs", "index", "length"):
     value = _lookup(item, f"extra_info.{key}")
     value = item.get(key) if value is None else value
-    if isinstance(value, (int, str)) and not isinstance(value, bool):
+    if value is not None:
       extras[key] = value
   return QuestionRow(context=context, question=_question(where, item, need_question),
                      answers=_answers(where, item, need_answers), extras=extras)
@@ -386,7 +406,7 @@ def _extra(where: str, row: QuestionRow, key: str) -> int:
   value = row.extras.get(key)
   if value is None:
     raise DatasetError(f"{where}: missing field '{key}'")
-  if not isinstance(value, int):
+  if not isinstance(value, int) or isinstance(value, bool):
     raise DatasetError(f"{where}: field '{key}' should be int, got {type(value).__name__}")
   return value
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from memrecall.data import ruler_hqa
 from memrecall.data.example import Example
-from memrecall.data.files import read_text
+from memrecall.data.files import read_text, row_file_kind
 from memrecall.data.ruler_hqa import DatasetError
 from memrecall.data.sources import (ExampleSource, IndexedSource, ListSource, SyntheticSource,
                                     split_seed)
@@ -186,7 +186,7 @@ class HotpotQASource(IndexedSource):
 
 def _text_documents(path: str) -> list[str]:
   """A .jsonl file's `text` fields, one document a line; any other file is one document."""
-  if not path.endswith(".jsonl"):
+  if row_file_kind(path) != ".jsonl":
     return [read_text(path, "text file", DatasetError)]
   _, located = ruler_hqa.read_row_file(path)
   documents = []

@@ -253,7 +253,9 @@ class RulerHqa(_ExampleBuilder):
     manual_dir = dl_manager.manual_dir
     rows = ruler_hqa.load_hotpotqa(_manual_file(manual_dir, HOTPOT_DEV_FILE))
     chosen = (list(range(len(rows))) if config.indices_file is None
-              else ruler_hqa.memagent_indices(_manual_file(manual_dir, config.indices_file)))
+              else ruler_hqa.checked_indices(
+                  ruler_hqa.memagent_indices(_manual_file(manual_dir, config.indices_file)),
+                  len(rows), source=f"the indices of {config.indices_file}"))
     if config.num_questions > len(chosen):
       raise ValueError(f"config {config.name} asks for {config.num_questions} questions but only "
                        f"{len(chosen)} are available")
@@ -285,7 +287,7 @@ def prepare_ruler_hqa(config: RulerHqaConfig, data_dir: str, manual_dir: str) ->
                for name in names}
   record = os.path.join(builder.data_dir, SOURCES_RECORD)
   if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    recorded = json.load(open(record)) if os.path.exists(record) else None
+    recorded = json.load(open(record, encoding="utf-8")) if os.path.exists(record) else None
     if recorded != made_from:
       raise ValueError(
           f"{builder.data_dir} was prepared from "
@@ -295,7 +297,7 @@ def prepare_ruler_hqa(config: RulerHqaConfig, data_dir: str, manual_dir: str) ->
     return builder
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir))
-  with open(record, "w") as f:
+  with open(record, "w", encoding="utf-8") as f:
     json.dump(made_from, f)
   return builder
 
@@ -313,22 +315,31 @@ def _manual_file(manual_dir, name: str):
 class TfdsSource(sources.IndexedSource):
   """An ExampleSource over one split of a prepared array_record dataset."""
 
-  def __init__(self, data_source, name: str = "tfds"):
-    self.data_source, self.name = data_source, name
+  def __init__(self, data_source, name: str = "tfds", directory: str = ""):
+    self.data_source, self.name, self.directory = data_source, name, directory
 
   def __len__(self) -> int:
     return len(self.data_source)
 
   def _get(self, position: int) -> Example:
-    return self._decode(position, self.data_source[position])
+    return self.__getitems__([position])[0]
 
   def __getitems__(self, indices: Sequence[int]) -> list[Example]:
     """A batch read (one array_record call), as grain-style loaders ask for."""
     positions = [self.position(i, len(self), self.name) for i in indices]
-    return [self._decode(p, r) for p, r in zip(positions, self.data_source.__getitems__(positions))]
+    try:
+      records = self.data_source.__getitems__(positions)
+      examples = [Example.from_json(r["example_json"]) for r in records]
+    # array_record's errors for a damaged file, or what it read from one (records of None).
+    except (RuntimeError, ValueError, OSError, TypeError, KeyError) as e:
+      raise ruler_hqa.DatasetError(
+          f"{self.name}: records {positions[:4]} of {self.directory} cannot be read "
+          f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}); its files are "
+          "damaged: move the directory aside and prepare the dataset again "
+          "(launch/prepare_data.py)") from None
+    return [self._checked(*args) for args in zip(positions, records, examples)]
 
-  def _decode(self, position: int, record: Mapping[str, bytes]) -> Example:
-    example = Example.from_json(record["example_json"])
+  def _checked(self, position: int, record: Mapping[str, bytes], example: Example) -> Example:
     stored_id = record["id"].decode() if isinstance(record["id"], bytes) else record["id"]
     if stored_id != example.id:
       raise ValueError(f"{self.name}[{position}]: record id {stored_id!r} differs from its "
@@ -347,4 +358,4 @@ def tfds_source(builder: tfds.core.DatasetBuilder, split: str) -> TfdsSource:
                             "call download_and_prepare() first")
   if split not in builder.info.splits:
     raise KeyError(f"{name}: no split {split!r}; the dataset has {sorted(builder.info.splits)}")
-  return TfdsSource(builder.as_data_source(split=split), name)
+  return TfdsSource(builder.as_data_source(split=split), name, builder.data_dir)

@@ -207,8 +207,10 @@ def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **ex
           # Top-p has cut tied tokens by sorted position, as Hugging Face does, since 2026-12-07.
           **({"top_p_cut": "sorted position"} if setup.sampling.top_p < 1 else {}),
           # Answers are extracted as MemAgent's harness does (after `</think>`, `\\boxed X`)
-          # since 2026-12-07; boxed prompts' answers are scored on the box alone.
-          "answer_scoring": "harness extraction" + (", box only" if run.answers_in_box else ""),
+          # since 2026-12-07; boxed prompts' answers are scored on the box alone.  Later
+          # that day (the key's "stripped"), stripped first, whole where `</think>` ends them.
+          "answer_scoring": "harness extraction, stripped" + (", box only" if run.answers_in_box
+                                                             else ""),
           **dataclasses.asdict(baseline), **extra}
 
 
@@ -295,7 +297,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
       os.makedirs(os.path.join(output_dir, "traces"), exist_ok=True)
       trace = os.path.join(output_dir, "traces",
                            f"{model_name}-{_trace_task(task_name)}{mode}-{multiple}x.json")
-      with open(trace + ".tmp", "w") as f:
+      with open(trace + ".tmp", "w", encoding="utf-8") as f:
         json.dump(result.traces, f)
       os.replace(trace + ".tmp", trace)
       report.save_rows(rows, output_dir)

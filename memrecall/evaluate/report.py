@@ -15,7 +15,7 @@ ROW_KEYS = ("model", "task", "mode", "length_multiple", "context_tokens", "examp
 def load_rows(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     try:
       rows = json.load(f)
     except json.JSONDecodeError as e:
@@ -51,12 +51,12 @@ def save_rows(rows: Sequence[dict], directory: str, name: str = "results",
   """Writes `name`.json and `name`.csv atomically (a partial file never replaces a good one)."""
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f"{name}.json")
-  with open(path + ".tmp", "w") as f:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(list(rows), f, indent=1)
   os.replace(path + ".tmp", path)
   keys = [k for k in first_keys if any(k in r for r in rows)]
   keys += sorted({k for r in rows for k in r} - set(keys))
-  with open(os.path.join(directory, f"{name}.csv.tmp"), "w", newline="") as f:
+  with open(os.path.join(directory, f"{name}.csv.tmp"), "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)

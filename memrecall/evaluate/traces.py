@@ -47,7 +47,7 @@ def block_records(trace: RecallTrace, row: int, blocks: int,
 
 def load_trace(path: str, question: int = 0) -> dict:
   """One question's trace from an evaluation's traces/*.json."""
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     try:
       traces = json.load(f)
     except json.JSONDecodeError as e:

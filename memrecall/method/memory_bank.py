@@ -128,7 +128,7 @@ def save_bank(directory: str | os.PathLike, memory: ChunkMemory, metadata: BankM
       stored = _STORED_AS.get(str(array.dtype))
       np.save(os.path.join(staging, f"{name}.npy"), array.view(stored) if stored else array)
     np.save(os.path.join(staging, "slot_mask.npy"), np.asarray(jax.device_get(memory.slot_mask)))
-    with open(os.path.join(staging, "metadata.json"), "w") as f:
+    with open(os.path.join(staging, "metadata.json"), "w", encoding="utf-8") as f:
       json.dump(dataclasses.asdict(metadata), f, indent=2)
     old = None
     if os.path.exists(directory):  # moved aside, not deleted, until the new bank is in place
@@ -152,7 +152,7 @@ def read_metadata(directory: str | os.PathLike) -> BankMetadata:
   path = os.path.join(os.fspath(directory), "metadata.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{directory} is not a memory bank (no metadata.json)")
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     values = json.load(f)
   try:
     return BankMetadata(**values)

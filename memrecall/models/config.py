@@ -210,7 +210,7 @@ class ModelConfig:
 
   @classmethod
   def from_hf_file(cls, path: str | os.PathLike, **overrides) -> "ModelConfig":
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       return cls.from_hf_dict(json.load(f), **overrides)
 
   def to_hf_dict(self) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def read_config(directory: str | os.PathLike, **overrides) -> tuple[ModelConfig,
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     try:
       hf = json.load(f)
     except json.JSONDecodeError as e:
@@ -166,7 +166,7 @@ def _generation_eos(directory: str) -> tuple[int, ...]:
   path = os.path.join(directory, "generation_config.json")
   if not os.path.exists(path):
     return ()
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     try:
       eos = json.load(f).get("eos_token_id")
     except json.JSONDecodeError as e:
@@ -336,11 +336,11 @@ def save_hf_checkpoint(params, config: ModelConfig, directory: str | os.PathLike
       os.replace(path, os.path.join(directory, filename))
       weight_map.update({name: filename for name in names})
       total += nbytes
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   hf_config = config.to_hf_dict()
   hf_config.update(extra_config or {})
-  with open(os.path.join(directory, "config.json"), "w") as f:
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_config, f, indent=2)
 
 

@@ -115,7 +115,7 @@ def iter_checkpoint_files(directory: str | os.PathLike) -> Iterator[tuple[str, S
   directory = os.fspath(directory)
   index_path = os.path.join(directory, "model.safetensors.index.json")
   if os.path.exists(index_path):
-    with open(index_path) as f:
+    with open(index_path, encoding="utf-8") as f:
       weight_map = json.load(f).get("weight_map")
     if not isinstance(weight_map, dict):
       raise SafetensorsError(f"{index_path}: no 'weight_map' object")

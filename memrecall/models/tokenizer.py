@@ -131,7 +131,7 @@ def _chat_template(directory: str, config: dict) -> str | None:
 
 def _read_json(path: str) -> dict:
   """A JSON file named in its own error: json's message ("Invalid control character") names none."""
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:  # JSON is UTF-8 whatever the locale
     try:
       return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

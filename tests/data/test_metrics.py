@@ -149,3 +149,17 @@ def test_a_reasoning_models_answer_is_what_follows_its_last_think_end():
   assert score_answer(r"<think>\boxed{Paris}?</think> London", ["London"])["em"] == 1.0
   assert score_answer(r"<think>\boxed{Paris}?</think> London", ["Paris"])["sub_em"] == 0.0
   assert score_answer(r"<think>x</think>a</think> \boxed{Rome}", ["Rome"], boxed=True)["em"] == 1
+
+
+def test_a_response_is_stripped_and_scored_whole_where_nothing_follows_think_end():
+  """MemAgent's harness strips the response, and where nothing follows `</think>` scores the
+  whole response (`extract_answer(pred) if pred else extract_answer(response)`)."""
+  from memrecall.data.metrics import score_answer
+  zero = {"em": 0.0, "sub_em": 0.0, "strict_sub_em": 0.0}
+  for blank in ("\n", "  \n ", "\t"):
+    assert score_answer(blank, ["Norway"]) == zero  # sub-EM 1 before: "" is in every gold
+  assert score_answer("\\boxed \n", ["Norway"], boxed=True) == zero
+  assert score_answer(r"<think>so \boxed{Paris}</think>", ["Paris"], boxed=True)["em"] == 1.0
+  assert score_answer("<think>so \\boxed{Paris}</think> \n", ["Paris"], boxed=True)["em"] == 1.0
+  # Something after `</think>` is still the answer, box or not.
+  assert score_answer(r"<think>\boxed{Paris}</think> London", ["Paris"], boxed=True) == zero

@@ -177,6 +177,12 @@ def test_read_memagent_eval_errors(rows, tmp_path):
   path.write_text(json.dumps(items))
   with pytest.raises(DatasetError, match=r"edited.json row 0: gold paragraph 'Dev Patel' .* is missing"):
     ruler_hqa.read_memagent_eval(path, hotpotqa=rows)
+  items[1]["num_docs"] = 20.0  # pandas' form of an int column with gaps: named, not "missing"
+  path = tmp_path / "floats.json"
+  path.write_text(json.dumps(items))
+  with pytest.raises(DatasetError, match=r"floats.json row 1: field 'num_docs' should be int, got float"):
+    ruler_hqa.read_memagent_eval(path)
+  items[1]["num_docs"] = 20
   del items[2]["index"]
   path = tmp_path / "eval.json"
   path.write_text(json.dumps(items))
@@ -203,6 +209,25 @@ def test_read_rows(tmp_path):
   single = tmp_path / "one.json"
   single.write_text(json.dumps({"context": "c", "input": "q", "answers": ["a"]}))
   assert len(ruler_hqa.read_rows(single)) == 1
+
+
+def test_row_files_by_extension_in_any_case_and_lines_split_at_newlines_alone(tmp_path):
+  """`.JSONL` is JSON lines; a string may hold U+2028, U+2029 or U+0085 unescaped (MemAgent
+  writes with ensure_ascii=False), which str.splitlines took for line ends."""
+  rows = [{"context": "Ada\u2028was born\u0085in Oslo.", "input": "Where?", "answers": ["Oslo"]},
+          {"context": "Bo\u2029likes tea.", "input": "What?", "answers": ["tea"]}]
+  path = tmp_path / "R.JSONL"
+  path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+                  encoding="utf-8")
+  assert [e.segments[0] for e in ruler_hqa.read_rows(path)] == [r["context"] for r in rows]
+  other = tmp_path / "rows.ndjson"
+  other.write_text(json.dumps(rows[0]))
+  with pytest.raises(DatasetError, match=r"rows.ndjson: a rows file is .json, .jsonl, .parquet"):
+    ruler_hqa.read_rows(other)
+  scalar = tmp_path / "five.json"
+  scalar.write_text("5")
+  with pytest.raises(DatasetError, match=r"five.json: a .json rows file holds a list of rows or one row object, not 5"):
+    ruler_hqa.read_rows(scalar)
 
 
 @pytest.mark.parametrize("row, match", [

@@ -327,6 +327,10 @@ def test_text_jsonl_documents_joined_by_eos(tmp_path):
   a, b, c, d, e, f = tok.encode("abcdef")
   assert [e_.segments[0] for e_ in source] == [(a, b, eos, c), (d, e, eos, f)]
   assert [x.metadata["offset"] for x in source] == [0, 4]
+  upper = tmp_path / "DOCS.JSONL"  # JSON lines in any case, not one document of raw JSON
+  upper.write_bytes(open(path, "rb").read())
+  (same,) = specs.open_sources(f"text:{upper}", specs.DataOptions(text_tokens=4), tokenizer=tok)
+  assert [e_.segments[0] for e_ in same.source] == [(a, b, eos, c), (d, e, eos, f)]
 
   class NoEos:
     def encode(self, text):

@@ -1,7 +1,9 @@
 """TFDS builders: build into a temporary data_dir, read back as array_record, no TensorFlow."""
 
+import glob
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -12,6 +14,8 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from memrecall.data import ruler_hqa, sources  # noqa: E402
 from memrecall.data import tfds_builders as tb  # noqa: E402
 from memrecall.data.synthetic import TaskConfig  # noqa: E402
+
+DatasetError = ruler_hqa.DatasetError
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
                        "tfds_hotpot_mini.json")
@@ -112,6 +116,20 @@ def test_tfds_source_errors(data_dir, synthetic):
     tb.tfds_source(unbuilt, "test")
 
 
+def test_a_damaged_record_file_is_named_with_its_dataset(tmp_path):
+  builder = tb.SyntheticTasks(config=tb.synthetic_config(TaskConfig(length=64),
+                                                         split_sizes={"test": 2}),
+                              data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  (record,) = glob.glob(os.path.join(builder.data_dir, "*test.array_record*"))
+  with open(record, "r+b") as f:  # a copy cut short
+    f.truncate(os.path.getsize(record) // 2)
+  source = tb.tfds_source(builder, "test")
+  with pytest.raises(DatasetError, match=rf"records \[1\] of {re.escape(builder.data_dir)} cannot "
+                                         r"be read .*prepare the dataset again"):
+    source[1]
+
+
 @pytest.fixture(scope="module")
 def hotpot_dirs(tmp_path_factory):
   """(data_dir, manual_dir) with the mini HotpotQA file under its expected name."""
@@ -144,6 +162,12 @@ def test_ruler_hqa_question_set_from_an_indices_file(hotpot_dirs):
   builder = _build_ruler(tb.ruler_hqa_config(100, 2, indices_file="eval_mini.json"), hotpot_dirs)
   expected = ruler_hqa.build_ruler_hqa(ruler_hqa.load_hotpotqa(FIXTURE), 100, 2, indices=[11, 3])
   assert _jsons(tb.tfds_source(builder, "test")) == _jsons(expected)
+  # A repeated row would count one question twice: refused, as build_ruler_hqa refuses it.
+  with open(os.path.join(manual, "eval_dup.json"), "w") as f:
+    json.dump([{"index": 3}, {"index": 3}, {"index": 99}], f)
+  with pytest.raises(ValueError, match=r"eval_dup.json must be distinct .*repeated \[3\]; "
+                                       r"outside \[99\]"):
+    _build_ruler(tb.ruler_hqa_config(100, 2, indices_file="eval_dup.json"), hotpot_dirs)
 
 
 def test_ruler_hqa_is_reused_only_from_the_same_files(hotpot_dirs, tmp_path):
