@@ -49,6 +49,12 @@ _MEMORY_SIZE = flags.DEFINE_integer("memory_size", None, "Tokens per memory upda
                                     lower_bound=1)
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Compressor chunk (default 4096; tiny 256).",
                               lower_bound=1)
+_MEMAGENT_CHUNK = flags.DEFINE_integer(
+    "memagent_chunk", None, "Raw tokens per MemAgent section (default: the compressor's chunk; "
+    "MemAgent's own recipe reads 5000).", lower_bound=1)
+_SHARED = flags.DEFINE_bool(
+    "shared_document", False, "Every question reads one shared document, compressed once (many "
+    "questions about one text); default: each its own document, as evaluation reads them.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per setting (best kept).",
                                 lower_bound=1)
 _DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1"],
@@ -95,6 +101,9 @@ def _check_flags() -> dict[str, list[int]]:
   if min(lengths) < chunk:
     raise app.UsageError(f"--lengths: {min(lengths)} tokens is shorter than one chunk of {chunk} "
                          "(--chunk_size)")
+  if "memagent" in _MODES.value and min(lengths) < (_MEMAGENT_CHUNK.value or chunk):
+    raise app.UsageError(f"--lengths: {min(lengths)} tokens is shorter than one MemAgent section "
+                         f"of {_MEMAGENT_CHUNK.value or chunk} (--memagent_chunk)")
   cli.known("modes", _MODES.value, benchmark.mode_names())
   cli.writable("output_json", _OUTPUT_JSON.value)
   cli.writable("output_json", _machine_json(_OUTPUT_JSON.value))
@@ -141,12 +150,14 @@ def main(argv):
   settings = benchmark.BenchSettings(
       lengths=lengths, questions=_QUESTIONS.value or defaults["questions"],
       selected_fraction=_SELECTED.value, memory_size=_MEMORY_SIZE.value or defaults["memory"],
-      answer_tokens=defaults["answer"], repeats=_REPEATS.value, group_size=_GROUP.value)
+      answer_tokens=defaults["answer"], repeats=_REPEATS.value, group_size=_GROUP.value,
+      memagent_chunk=_MEMAGENT_CHUNK.value or 0, shared_document=_SHARED.value)
   device = jax.devices()[0]
   machine = f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, jax {jax.__version__}"
   print(f"bench: {_MODEL.value} ({config.param_dtype}), chunk {chunk} in groups of "
-        f"{compressor.chunks_per_group or 'all'}, {settings.questions} questions, selected fraction "
-        f"{settings.selected_fraction}, on {machine}")
+        f"{compressor.chunks_per_group or 'all'}, {settings.questions} questions "
+        f"({'one shared document' if settings.shared_document else 'a document each'}), "
+        f"selected fraction {settings.selected_fraction}, on {machine}")
   ceilings = benchmark.measure_ceilings(config.jnp_dtype)
   print(f"measured ceilings: matmul {ceilings.matmul_flops / 1e9:.0f} GFLOP/s, read "
         f"{ceilings.read_bytes / 1e9:.1f} GB/s ({config.param_dtype})")

@@ -46,19 +46,22 @@ SMOKE_BOUNDS = {"info": 10, "wheels": 10, "tests": 40, "decode": 40, "gate": 20,
                 "all": 15, "gate_stream": 20}
 
 # The bench at Qwen2.5-7B shapes: batch 8, 1024-token memory updates, 1/8 of the chunks read at
-# 32K.  At 1M tokens gate_stream reads 2 of its 256 chunks: 1/8 would be 32 memory updates,
-# over 7 minutes of decoding alone.
+# 32K, each question its own document.  At 1M tokens gate_stream reads 2 of its 256 chunks
+# (1/8 would be 32 memory updates, over 7 minutes of decoding alone) of one document shared by
+# the 8 questions (8 documents would be 2048 chunks to compress, over 3 minutes at the floor).
 FULL_BENCH = ["--model=qwen2.5-7b", "--questions=8", "--memory_size=1024", "--repeats=1"]
 FULL_MODES = {"gate": ["--lengths=32768", "--selected_fraction=0.125"],
               "all": ["--lengths=32768"],
               "memagent": ["--lengths=32768"],
-              "gate_stream": ["--lengths=1048576", "--selected_fraction=0.0078125"]}
+              "gate_stream": ["--lengths=1048576", "--selected_fraction=0.0078125",
+                              "--shared_document"]}
 SMOKE_BENCH = ["--model=tiny", "--questions=2", "--memory_size=4", "--repeats=1",
                "--chunk_size=128"]
 SMOKE_MODES = {"gate": ["--lengths=512", "--selected_fraction=0.25"],
                "all": ["--lengths=512"],
                "memagent": ["--lengths=512"],
-               "gate_stream": ["--lengths=2048", "--selected_fraction=0.0625"]}
+               "gate_stream": ["--lengths=2048", "--selected_fraction=0.0625",
+                               "--shared_document"]}
 # Run in this order: gate and memagent first, the comparison the issue measures.
 BENCH_MODES = ("gate", "memagent", "all", "gate_stream")
 DECODE_BATCHES = "1,8"

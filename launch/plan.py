@@ -232,7 +232,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
            f"{compile_for.topology}, compiled now" if compile_for is not None else
            f"{tpu.topology}: no compiler record (launch/compile.py --output_json, or --compile)"
            if tpu is not None else
-           "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)")
+           "no TPU slice named: estimate only (--compile=TOPOLOGY, e.g. v5e:2x2 or h100:8, "
+           "compiles it)")
   on = f" on {dict(placement.mesh.shape)}" if placement.mesh is not run.mesh else ""
   placed = (f", evaluation's weights {weights}{on}"
             if any(aot.is_eval(p.name) for p in programs) else "")
@@ -287,14 +288,16 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
 def _summary(argv_model: str) -> None:
   """--model: the older one-setup summary."""
   from configs import models
-  from memrecall.capacity import memory_plan
+  from memrecall.capacity import aot, memory_plan
   from memrecall.models.config import ModelConfig
   from memrecall.train.state import SUBSETS
   try:
     shape = models.model_config(argv_model)
   except ValueError as e:
     raise app.UsageError(f"--model: {e}") from None
-  model = ModelConfig.from_dict(shape.to_dict()).replace(compressor=True)
+  # float32 master weights (and so Adam's moments), as every training recipe keeps them
+  # (configs/lychee.py); the shape's bfloat16 storage is the inference checkpoint's.
+  model = ModelConfig.from_dict(shape.to_dict()).replace(compressor=True, param_dtype="float32")
   value = lambda flag, default: default if flag.value is None else flag.value
   mesh = value(_MESH, "fsdp=8")
   try:
@@ -314,11 +317,14 @@ def _summary(argv_model: str) -> None:
                      slots=value(_SLOTS, 1024), microbatches=value(_MICROBATCHES, 1))
   gib = lambda b: b / GiB
   device = _DEVICE_GIB.value or 80.0
-  print(f"mesh {sizes} ({result.devices} devices), per device (an estimate):")
+  print(f"mesh {sizes} ({result.devices} devices), per device (an estimate, float32 master "
+        "weights):")
   for name in ("params", "optimizer", "activations", "memory_bank"):
     print(f"  {name:<12}{gib(getattr(result, name)):10.2f} GiB")
+  # The compiles' rule (capacity/aot.py): a device's runtime keeps some of its memory back.
+  fits = gib(result.total) <= aot.FIT_FRACTION * device
   print(f"  {'total':<12}{gib(result.total):10.2f} GiB of {device:.0f} GiB: "
-        f"{'fits' if gib(result.total) <= device else 'does NOT fit'}")
+        f"{'fits' if fits else 'does NOT fit'} (within {aot.FIT_FRACTION:.0%} of it)")
 
 
 def main(argv):
@@ -371,7 +377,9 @@ def main(argv):
       raise app.UsageError(f"mesh {mesh} does not cover the {tpu.chips} devices of "
                            f"{tpu.topology}")
   elif -1 in mesh.values():
-    raise app.UsageError(f"mesh {mesh}: a GPU mesh needs explicit axis sizes (no -1)")
+    raise app.UsageError(f"mesh {mesh}: the recipe names no TPU slice, so -1 (every device) has "
+                         "no size to take: give the sizes (e.g. --config.mesh.fsdp=4) or a "
+                         "target (--compile=v5e:2x2 or --compile=h100:8)")
   count = tpu.chips if tpu is not None else known
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={count}")

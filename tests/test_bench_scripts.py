@@ -28,6 +28,11 @@ def test_bench_recall_runs_and_reports(tmp_path):
   result = json.load(open(out))
   assert result["blocks"] == 8 and result["seconds_all"] > 0
   assert set(result["streaming_bytes"]) == {"1", "64"}
+  # What the streaming loop holds while it runs does not grow with the document; a device
+  # bank (its compression included) does.
+  temporaries = result["streaming_temporaries"]
+  assert temporaries["64"] <= 1.1 * temporaries["1"]
+  assert result["bank_bytes"]["64"] > 2 * result["bank_bytes"]["1"]
 
 
 def test_bench_runs_on_the_tiny_model_and_writes_rows(tmp_path):
@@ -44,7 +49,11 @@ def test_bench_runs_on_the_tiny_model_and_writes_rows(tmp_path):
       (m, t) for m in ("gate", "gate_stream", "memagent") for t in (512, 2048)}
   for r in rows:
     assert set(r) == {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s",
-                      "peak_bytes", "floor_s", "floor_ratio", "compress_efficiency"}
+                      "peak_bytes", "read_fraction", "floor_s", "floor_ratio",
+                      "compress_efficiency"}
+    # round(0.1 * N) chunks of the gated modes' N (at least one), all of the others'.
+    n = r["context_tokens"] // 128
+    assert r["read_fraction"] == (max(1, round(0.1 * n)) / n if "gate" in r["mode"] else 1.0)
     assert r["total_s"] > 0 and r["floor_s"] > 0
     assert r["floor_ratio"] == pytest.approx(r["total_s"] / r["floor_s"])
     assert (r["compress_efficiency"] is None) == (r["mode"] == "memagent")
@@ -106,6 +115,25 @@ def test_best_time_runs_a_jitted_program_only_the_timed_times():
   assert len(runs) == 8
 
 
+def test_planned_bytes_beyond_the_weights_count_the_weights_a_program_reads_not():
+  """XLA leaves an unread weight out of a program's arguments: the bytes beyond the weights
+  are the temporaries, outputs and other arguments, not the total less every weight (which
+  had come out lower by the unread weight, 1.59 GB of a 7B compression)."""
+  import jax
+  import jax.numpy as jnp
+  from memrecall.evaluate import timing
+  params = {"read": jnp.ones((64, 64)), "unread": jnp.ones((512, 512))}
+  x = jnp.ones((8, 64))
+  program = jax.jit(lambda params, x: jnp.tanh(x @ params["read"]) @ params["read"])
+  compiled = program.lower(params, x).compile()
+  stats = compiled.memory_analysis()
+  assert stats.argument_size_in_bytes == params["read"].nbytes + x.nbytes  # "unread" dropped
+  beyond = stats.temp_size_in_bytes + stats.output_size_in_bytes + x.nbytes
+  assert timing.planned_bytes(compiled, (params, x), weights=params) == beyond
+  _, planned = timing.time_compiled(program, 1, params, x, weights=params)
+  assert planned == beyond
+
+
 def test_compression_flops_by_hand():
   from memrecall.evaluate import benchmark
   from memrecall.method.compressor import CompressorConfig
@@ -114,11 +142,14 @@ def test_compression_flops_by_hand():
                        num_heads=2, num_kv_heads=1, head_dim=4)
   compressor = CompressorConfig(chunk_size=16, window=8, ratio=4)
   # Per layer and row: q,k,v (8*(2+2)*4=128) + o (2*4*8=64) + MLP (3*8*16=384) = 576 MACs.
-  # Rows per window 8 + 2 = 10, 2 windows, 2 layers, 3 chunks.
-  dense = 2 * 576 * 2 * 10 * 2 * 3
+  # Rows per window 8 + 2 = 10, 2 windows, 3 chunks, through the first of the 2 layers.
+  dense = 2 * 576 * 1 * 10 * 2 * 3
   # Attention: 4 * rows * keys * heads * head_dim per layer; keys = prefix + rows / 2.
-  attention = sum(4 * 10 * (w * 2 + 5) * 2 * 4 * 2 for w in range(2)) * 3
-  assert benchmark.compression_flops(config, compressor, 3) == dense + attention
+  attention = sum(4 * 10 * (w * 2 + 5) * 2 * 4 * 1 for w in range(2)) * 3
+  # The last layer: only the 2 beacons' keys and values (8 * 2 * 1 * 4 = 64 MACs a row) are
+  # the memory; XLA computes nothing else of it.
+  last = 2 * 64 * 2 * 2 * 3
+  assert benchmark.compression_flops(config, compressor, 3) == dense + attention + last
 
 
 def test_decode_rate_and_ceilings_run_on_cpu():

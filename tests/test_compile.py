@@ -316,3 +316,28 @@ def test_training_compression_keeps_no_attention_scores_per_layer(stage):
   # [layers, chunks, kv heads, query rows, keys] float32: one block's scores for every layer.
   stacked = re.findall(rf"tensor<{m.num_layers}x\d+x{m.num_kv_heads}x{rows}x(\d+)xf32>", text)
   assert [k for k in stacked if int(k) > m.head_dim] == [], stacked
+
+
+@needs_libtpu
+def test_a_refused_programs_figure_includes_its_arguments():
+  """The TPU compiler's "required for HLO temporaries (X)" grows with the arguments: the row's
+  total is X (plus what is held), its temporaries X less the arguments (counted twice before)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental import topologies
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from memrecall.capacity import aot
+  from memrecall.train.trainer import Program
+  device = topologies.get_topology_desc("v5e:1x1", "tpu").devices[:1]
+  mesh = Mesh(np.array(device), ("data",))
+  whole = NamedSharding(mesh, PartitionSpec())
+  program = jax.jit(lambda a, b: jnp.sort(jnp.outer(b, b).ravel())[:4] + a.sum())
+  rows = []
+  for arguments_gib in (0.5, 3.0):
+    a = jax.ShapeDtypeStruct((int(arguments_gib * 2**30) // 4,), jnp.float32, sharding=whole)
+    b = jax.ShapeDtypeStruct((45000,), jnp.float32, sharding=whole)  # 7.5 GiB outer product
+    rows.append(aot.compile_program(Program("p", program, (a, b)), mesh, 16 * 2**30))
+  assert not any(r.compiled for r in rows)
+  assert rows[1].total_gib - rows[0].total_gib == pytest.approx(2.5, abs=0.01)
+  assert rows[1].temp_gib == pytest.approx(rows[0].temp_gib, abs=0.01)
+  assert rows[0].total_gib == pytest.approx(rows[0].argument_gib + rows[0].temp_gib, abs=0.01)

@@ -265,7 +265,8 @@ def test_a_gpu_mesh_is_an_estimate_until_a_record_names_its_hosts(tmp_path):
   proc = _plan("--config=configs/lychee.py:sft,0.5b,gpu8", f"--records={tmp_path}",
                f"--output_json={out}")
   assert proc.returncode == 0, proc.stderr
-  assert "a GPU mesh: estimate only (--compile=CARD:GPUS, e.g. h100:8, compiles it)" in proc.stdout
+  assert "no TPU slice named: estimate only (--compile=TOPOLOGY, e.g. v5e:2x2 or h100:8, " \
+         "compiles it)" in proc.stdout
   lines = [l for l in proc.stdout.splitlines() if l.startswith("  train_step")]
   assert len(lines) == 1 and "(estimate)" in lines[0]
   estimates = {r["program"]: r["estimate"]["total_gib"] for r in json.load(open(out))}
@@ -308,6 +309,8 @@ def test_a_gpu_mesh_is_an_estimate_until_a_record_names_its_hosts(tmp_path):
     (["--config=configs/lychee.py:rl,0.5b,gpu8", "--gpu_target_config=h100.txtpb"],
      "--gpu_target_config goes with --compile for GPU hosts"),
     (["--all", "--model=tiny"], "give one of --config, --all or --model"),
+    (["--config=configs/tiny.py:sft"], "the recipe names no TPU slice, so -1 (every device) has "
+                                       "no size to take: give the sizes (e.g. --config.mesh.fsdp"),
 ])
 def test_bad_input_is_one_line(args, message):
   proc = _plan(*args)

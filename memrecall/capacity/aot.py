@@ -229,9 +229,11 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def _hbm_oom_gib(message: str) -> float | None:
-  """GiB of temporaries from the TPU compiler's out-of-memory refusal ("the total memory
+  """GiB the TPU compiler's out-of-memory refusal says a program needs ("the total memory
   required for HLO temporaries (26.83G) exceeds available HBM (15.75G)", or "Used 17.5G of
-  15.48G hbm"), None for any other error."""
+  15.48G hbm"), None for any other error.  The figure includes the program's arguments
+  despite its wording: 2.5 GiB more arguments to the same program raised it by 2.5 GiB
+  (a deviceless v5e, 2026-12-07)."""
   for pattern in (r"required for HLO temporaries \(" + _SIZE + r"\)",
                   r"Used " + _SIZE + r" of " + _SIZE + r" hbm"):
     found = re.search(pattern, message)
@@ -253,12 +255,13 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
     with jax.set_mesh(program.mesh or mesh):
       compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
   except jax.errors.JaxRuntimeError as e:
-    temp = _hbm_oom_gib(str(e))
-    if temp is None:
+    needed = _hbm_oom_gib(str(e))
+    if needed is None:
       raise
     argument, held = device_bytes((program.args, program.kwargs)) / GiB, device_bytes(
         program.held) / GiB
-    total, hbm = argument + temp + held, hbm_bytes / GiB
+    temp = max(needed - argument, 0.0)
+    total, hbm = needed + held, hbm_bytes / GiB
     advice = _advice(program.name, total, hbm, temp, argument + held, program.inference) or (
         f"does not fit: the compiler ran out of HBM ({temp:.2f} GiB of temporaries)")
     return Row(program.name, argument, temp, 0.0, 0.0, total, hbm,

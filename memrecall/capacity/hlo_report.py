@@ -116,16 +116,18 @@ def loop_report(text: str) -> tuple[list[Loop], int]:
         gathered += _gathered_bytes(type_text, op)
       if op in ("all-reduce", "all-reduce-start", "reduce-scatter") and not counted:
         reduced += array_bytes(type_text)
-      called = _CALLED.findall(rest) + [c for group in _BRANCHES.findall(rest)
-                                        for c in re.findall(r"%([\w.\-]+)", group)]
-      for callee in called:
-        if callee in bodies or callee in seen:
-          continue
-        # A fusion is one kernel: what it calls adds gathered bytes, not kernels.
-        sub_kernels, sub_gathered, sub_reduced = walk(callee, seen | {callee}, chains)
+      # A conditional runs one of its branches: it costs the most any branch does.
+      branches = [c for group in _BRANCHES.findall(rest)
+                  for c in re.findall(r"%([\w.\-]+)", group)]
+      parts = [[walk(callee, seen | {callee}, chains)] for callee in _CALLED.findall(rest)
+               if callee not in bodies and callee not in seen]
+      taken = [walk(c, seen | {c}, chains) for c in branches if c not in bodies and c not in seen]
+      if taken:
+        parts.append([tuple(map(max, zip(*taken)))])
+      for (sub_kernels, sub_gathered, sub_reduced), in parts:
         gathered += sub_gathered
         reduced += sub_reduced
-        if op != "fusion":
+        if op != "fusion":  # a fusion is one kernel: what it calls adds bytes, not kernels
           kernels += sub_kernels
     return kernels, gathered, reduced
 

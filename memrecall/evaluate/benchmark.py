@@ -6,8 +6,12 @@ recall loop with no block read: one gate forward per block), the reasoner
 (the rest of a full run) and the total; `memagent` is MemAgent's loop on raw
 chunks; `gate_stream` is gate mode with compression fused into the loop
 (`recall_streaming`: one group of chunks on device at a time, so its peak does
-not grow with the context).  Peak bytes are what XLA plans for the largest call (temporaries +
-arguments + outputs) minus the parameters.
+not grow with the context).  Every question reads its own document, as in evaluation: the
+compressed modes compress all of them (`shared_document`: one document for every question,
+compressed once, the case of many questions about one text).  Peak bytes are what XLA plans for the largest call
+beyond the weights: temporaries, outputs and the arguments other than the parameters (XLA
+leaves out of its plan the weights a program never reads, so subtracting all of them
+undercounted).
 
 Efficiency is judged against the machine, not against another program: the
 matmul FLOP/s and the read bandwidth are measured in the same run
@@ -28,7 +32,7 @@ import numpy as np
 from memrecall import readers
 from memrecall.evaluate.timing import best_seconds, best_time, compile_ahead, planned_bytes, \
     time_compiled, timed
-from memrecall.method.compressor import CompressorConfig, compress
+from memrecall.method.compressor import ChunkMemory, CompressorConfig, compress
 from memrecall.method.prompts import Prompts, pad_ids
 from memrecall.method.reasoner import ReasonerConfig
 from memrecall.method.recall import DocumentBank, RecallConfig, RecallSetup
@@ -109,11 +113,16 @@ def cache_bytes(config: ModelConfig, slots: float) -> float:
 
 def compression_flops(config: ModelConfig, compressor: CompressorConfig, chunks: int) -> float:
   """Model FLOPs of compressing `chunks` chunks: every window's raw and beacon rows through
-  every layer, attending to the earlier windows' beacons and causally to their own rows."""
+  every layer but the last, attending to the earlier windows' beacons and causally to their
+  own rows; of the last layer only the beacons' keys and values are the memory (XLA drops
+  the rest: 2x the FLOPs of a 2-layer model counted whole)."""
   rows = compressor.window + compressor.beacons_per_window
+  below = dataclasses.replace(config, num_layers=config.num_layers - 1)
+  kv = 2 * config.hidden_size * 2 * config.num_kv_heads * config.head_dim
   total = 0.0
   for w in range(compressor.chunk_size // compressor.window):
-    total += forward_flops(config, rows, w * compressor.beacons_per_window + rows / 2)
+    total += (forward_flops(below, rows, w * compressor.beacons_per_window + rows / 2)
+              + compressor.beacons_per_window * kv)
   return total * chunks
 
 
@@ -178,11 +187,11 @@ def gate_steps(picks: np.ndarray, gate_group: int) -> int:
 
 def mode_floor(mode: str, config: ModelConfig, compressor: CompressorConfig, setup: RecallSetup,
                ceilings: Ceilings, weight_bytes: float, picks: np.ndarray,
-               memagent_chunk: int, question: int) -> float:
-  """Seconds a mode's question batch needs at the machine's ceilings: compression, the gate's
-  forwards, every memory update the picks [B, N] read, and the answer (`question` tokens).
-  For a raw reader (memagent) picks is [B, sections]: the raw sections of `memagent_chunk`
-  tokens it reads."""
+               memagent_chunk: int, question: int, documents: int | None = None) -> float:
+  """Seconds a mode's question batch needs at the machine's ceilings: compression of
+  `documents` documents (default: one per question), the gate's forwards, every memory update
+  the picks [B, N] read, and the answer (`question` tokens).  For a raw reader (memagent)
+  picks is [B, sections]: the raw sections of `memagent_chunk` tokens it reads."""
   reader = mode_reader(mode, setup, compressor,
                        readers.BaselineConfig(memagent_chunk=memagent_chunk))
   batch, n = picks.shape
@@ -193,17 +202,22 @@ def mode_floor(mode: str, config: ModelConfig, compressor: CompressorConfig, set
                            prompts.final.length(question, capacity), 0, answer)
   prompt, slots = reader.update_shape(question)
   update = generation_floor(config, ceilings, weight_bytes, batch, prompt, slots, m)
-  seconds = (ceilings.seconds(compression_flops(config, compressor, n), weight_bytes)
+  documents = batch if documents is None else documents
+  seconds = (ceilings.seconds(documents * compression_flops(config, compressor, n), weight_bytes)
              if reader.compressed else 0.0)
   seconds += int(picks[0].sum()) * update + final
   if reader.gated:
     g = setup.recall.gate_group
+    # Streaming gates each group of `group_size` chunks on its own (`recall_streaming`).
+    span = setup.recall.group_size if getattr(reader, "placement", None) == "stream" else n
+    g = min(g, span)
     gate_prompt = prompts.gate.length(question, capacity)
     per_step = (ceilings.seconds(batch * forward_flops(config, gate_prompt, gate_prompt / 2),
                                  weight_bytes)
                 + ceilings.seconds(batch * g * forward_flops(config, 1, slots + gate_prompt),
                                    weight_bytes + batch * g * cache_bytes(config, slots)))
-    seconds += gate_steps(picks, g) * per_step
+    steps = sum(gate_steps(picks[:, s:s + span], g) for s in range(0, n, span))
+    seconds += steps * per_step
   return seconds
 
 
@@ -247,6 +261,7 @@ class BenchSettings:
   memagent_chunk: int = 0  # 0: the compressor's chunk size
   repeats: int = 2
   group_size: int = 8  # gate_stream: chunks compressed per step of the loop
+  shared_document: bool = False  # one document for every question (compressed once)
 
   def __post_init__(self):
     """A zero here ran as a default, divided by zero or timed nothing: refused by name."""
@@ -263,7 +278,9 @@ class BenchSettings:
 def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, prompts: Prompts,
                   settings: BenchSettings, modes: Sequence[str],
                   ceilings: Ceilings | None = None, log=print) -> list[dict]:
-  """Rows {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s", "peak_bytes"},
+  """Rows {"mode", "context_tokens", "compress_s", "gate_s", "reason_s", "total_s", "peak_bytes",
+  "read_fraction"} (gate_s: the gated loop reading nothing, which still writes the answer;
+  reason_s: the rest of the loop; read_fraction: the chunks read, round(f * N) of N),
   and with `ceilings` also "floor_s" (`mode_floor`), "floor_ratio" (total / floor) and
   "compress_efficiency" (compression's achieved FLOP/s over the matmul ceiling).  Runs in the
   inference layout (`qwen2.inference_params`), as evaluation does.  modes: `mode_reader`'s."""
@@ -281,76 +298,96 @@ def run_benchmark(params, config: ModelConfig, compressor: CompressorConfig, pro
     raise ValueError(f"context length {min(settings.lengths)} is shorter than one chunk of "
                      f"{shortest} tokens")
   rows = []
-  base = param_bytes(params)
+  weights = step_weight_bytes(params, config)  # what a generation step reads: the floors'
   b = settings.questions
   question, question_mask = pad_ids([[3 + i % 200 for i in range(16)]] * b)
   rng = np.random.default_rng(0)
+  tokens = lambda shape: jnp.asarray(rng.integers(3, min(config.vocab_size, 30000), shape),
+                                     jnp.int32)
   for length in settings.lengths:
     n = max(1, length // compressor.chunk_size)
-    if any(getattr(r, "placement", None) == "stream" for r in by_mode.values()):
-      n = -(-n // settings.group_size) * settings.group_size  # whole groups of chunks
-    ids = jnp.asarray(rng.integers(3, min(config.vocab_size, 30000), (n, compressor.chunk_size)),
-                      jnp.int32)
+    docs = 1 if settings.shared_document else b
+    ids = tokens((docs, n, compressor.chunk_size))  # [Bd, N, C]: each question's own, or one
     mask = jnp.ones(ids.shape, bool)
-    every = max(1, round(1 / settings.selected_fraction))
-    compress_args = (params, config, compressor, ids, mask)
+    # round(f * n) chunks read, spread evenly over the document.
+    selected = np.unique(np.round(np.linspace(0, n - 1, max(1, round(
+        settings.selected_fraction * n)))).astype(int))
+    compress_args = (params, config, compressor, ids.reshape(docs * n, -1),
+                     mask.reshape(docs * n, -1))
     # Compression is the same work in every compressed mode: compiled once, timed once,
     # banked once (its compiled program's output: calling `compress` would compile it again).
     compress_program = functools.cache(lambda: compile_ahead(compress, *compress_args))
-    compress_timed = functools.cache(lambda: (best_seconds(compress_program()[1], settings.repeats),
-                                              planned_bytes(compress_program()[0])))
-    bank = functools.cache(lambda: DocumentBank.from_chunks([compress_program()[1]()]))
+    compress_timed = functools.cache(lambda: (
+        best_seconds(compress_program()[1], settings.repeats),
+        planned_bytes(compress_program()[0], compress_args, params)))
+    bank = functools.cache(lambda: _bank(compress_program()[1](), docs, n))
     for mode, reader in by_mode.items():
       picks = np.zeros((b, n), bool)
-      picks[:, ::every if reader.gated else 1] = True
+      picks[:, selected if reader.gated else slice(None)] = True
       key = jax.random.key(0)
       if not reader.compressed:  # raw sections: the whole loop is the reasoning
-        raw = jnp.asarray(rng.integers(3, min(config.vocab_size, 30000), (b, length // chunk, chunk)),
-                          jnp.int32)
+        raw = tokens((b, length // chunk, chunk))
         total, peak = _timed(time_compiled, settings.repeats, reader.call(
-            params, (raw, jnp.ones(raw.shape, bool), question, question_mask), key))
+            params, (raw, jnp.ones(raw.shape, bool), question, question_mask), key),
+            weights=params)
         rows.append({"mode": mode, "context_tokens": length, "compress_s": 0.0, "gate_s": 0.0,
-                     "reason_s": total, "total_s": total, "peak_bytes": peak - base})
+                     "reason_s": total, "total_s": total, "peak_bytes": peak})
         picks = np.ones((b, length // chunk), bool)  # every raw section it runs, for the floor
       elif reader.placement == "stream":
-        # One shared document [N, 1, C]; compression happens inside the loop, so the parts
-        # are: compression alone, the loop reading nothing (+ gate), the loop as selected.
-        stream = lambda read: reader.call(params, (ids[:, None], mask[:, None], question,
-                                                   question_mask), key, jnp.asarray(read))
+        # Chunk-major [N', Bd, C], padded to whole groups with empty chunks (never read);
+        # compression happens inside the loop, so the parts are: compression alone, the loop
+        # reading nothing (+ gate and answer), the loop as selected.
+        padded = -(-n // settings.group_size) * settings.group_size
+        chunk_major = lambda x: jnp.swapaxes(jnp.pad(x, ((0, 0), (0, padded - n), (0, 0))), 0, 1)
+        stream = lambda read: reader.call(
+            params, (chunk_major(ids), chunk_major(mask), question, question_mask), key,
+            jnp.asarray(np.pad(read, ((0, 0), (0, padded - n)))))
         t_compress = compress_timed()[0]
         t_none = _timed(best_time, settings.repeats, stream(np.zeros_like(picks)))
-        t_loop, peak = _timed(time_compiled, settings.repeats, stream(picks))
+        t_loop, peak = _timed(time_compiled, settings.repeats, stream(picks), weights=params)
+        # Parts of separately timed programs: with --repeats=1 (first runs) they may not add
+        # up, and are shown as they are.
         rows.append({"mode": mode, "context_tokens": length, "compress_s": t_compress,
-                     "gate_s": max(t_none - t_compress, 0.0), "reason_s": max(t_loop - t_none, 0.0),
-                     "total_s": t_loop, "peak_bytes": peak - base})
+                     "gate_s": t_none - t_compress, "reason_s": t_loop - t_none,
+                     "total_s": t_loop, "peak_bytes": peak})
       else:
         t_compress, compress_peak = compress_timed()
         loop = lambda read: reader.call(params, (bank(), question, question_mask), key,
                                         jnp.asarray(read))
-        t_loop, recall_peak = _timed(time_compiled, settings.repeats, loop(picks))
+        t_loop, recall_peak = _timed(time_compiled, settings.repeats, loop(picks),
+                                     weights=params)
         t_gate = 0.0
-        if reader.gated:  # the loop reading nothing: the gate's forwards alone
+        if reader.gated:  # the loop reading nothing: the gate's forwards (and the answer)
           t_gate = _timed(best_time, settings.repeats, loop(np.zeros((b, n), bool)))
-        peak = max(compress_peak, recall_peak) - base
         rows.append({"mode": mode, "context_tokens": length, "compress_s": t_compress,
                      "gate_s": t_gate, "reason_s": t_loop - t_gate,
-                     "total_s": t_compress + t_loop, "peak_bytes": int(peak)})
+                     "total_s": t_compress + t_loop,
+                     "peak_bytes": max(compress_peak, recall_peak)})
+      row = rows[-1]
+      row["read_fraction"] = float(picks[0].mean())
       if ceilings is not None:
-        row = rows[-1]
-        row["floor_s"] = mode_floor(mode, config, compressor, reader.setup, ceilings, base, picks,
-                                    chunk, question.shape[1])
+        row["floor_s"] = mode_floor(mode, config, compressor, reader.setup, ceilings, weights,
+                                    picks, chunk, question.shape[1], documents=docs)
         row["floor_ratio"] = row["total_s"] / row["floor_s"]
         row["compress_efficiency"] = (
-            compression_flops(config, compressor, n) / row["compress_s"] / ceilings.matmul_flops
-            if row["compress_s"] else None)
-      log(f"  {mode:<11} {length:>9} tokens: {rows[-1]['total_s']:.3f} s")
+            docs * compression_flops(config, compressor, n) / row["compress_s"]
+            / ceilings.matmul_flops if row["compress_s"] else None)
+      log(f"  {mode:<11} {length:>9} tokens: {row['total_s']:.3f} s")
   return rows
 
 
-def _timed(timer, repeats: int, program_and_args):
-  """timer(program, repeats, *arguments) of a reader's `call`."""
+def _bank(memory: ChunkMemory, documents: int, chunks: int) -> DocumentBank:
+  """The bank of `documents` documents of `chunks` chunks each, compressed document-major."""
+  part = lambda i: ChunkMemory(k=memory.k[:, i * chunks:(i + 1) * chunks],
+                               v=memory.v[:, i * chunks:(i + 1) * chunks],
+                               slot_mask=memory.slot_mask[i * chunks:(i + 1) * chunks])
+  return DocumentBank.from_chunks([part(i) for i in range(documents)])
+
+
+def _timed(timer, repeats: int, program_and_args, **kwargs):
+  """timer(program, repeats, *arguments, **kwargs) of a reader's `call`."""
   program, args = program_and_args
-  return timer(program, repeats, *args)
+  return timer(program, repeats, *args, **kwargs)
 
 
 def compression_scaling(params, config: ModelConfig, compressor: CompressorConfig,
@@ -390,7 +427,7 @@ def table(rows: Sequence[dict]) -> str:
   same length whose reader reads raw chunks (memagent's)."""
   raw = lambda mode: not readers.reader_class(mode.removesuffix(STREAM)).compressed
   reference = {r["context_tokens"]: r for r in rows if raw(r["mode"])}
-  header = (f"{'mode':<12}{'tokens':>9}{'compress s':>12}{'gate s':>9}{'reason s':>10}"
+  header = (f"{'mode':<12}{'tokens':>9}{'compress s':>12}{'gate+ans s':>11}{'reason s':>10}"
             f"{'total s':>10}{'peak MiB':>10}{'speed-up':>9}{'mem ratio':>10}{'compress %':>11}"
             f"{'floor s':>10}{'x floor':>8}{'floor speed-up':>15}")
   lines = [header, "-" * len(header)]
@@ -400,7 +437,7 @@ def table(rows: Sequence[dict]) -> str:
     memory = r["peak_bytes"] / ref["peak_bytes"] if ref and ref["peak_bytes"] else float("nan")
     # The speed-up both modes would show at their floors: what the work itself allows.
     floor_speed = ref["floor_s"] / r["floor_s"] if ref and "floor_s" in r else float("nan")
-    lines.append(f"{r['mode']:<12}{r['context_tokens']:>9}{r['compress_s']:>12.4f}{r['gate_s']:>9.4f}"
+    lines.append(f"{r['mode']:<12}{r['context_tokens']:>9}{r['compress_s']:>12.4f}{r['gate_s']:>11.4f}"
                  f"{r['reason_s']:>10.4f}{r['total_s']:>10.4f}{r['peak_bytes'] / 2**20:>10.1f}"
                  f"{speed:>9.2f}{memory:>10.2f}"
                  f"{100 * (r.get('compress_efficiency') or float('nan')):>11.0f}"

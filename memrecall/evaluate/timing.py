@@ -9,6 +9,7 @@ what the machine does without a stray pause.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from typing import Callable
 
@@ -31,10 +32,21 @@ def compile_ahead(jitted, *args) -> tuple[object, Callable[[], object]]:
   return compiled, lambda: compiled(**dynamic)
 
 
-def planned_bytes(compiled) -> int:
-  """Device bytes of one call as XLA plans it: temporaries + arguments + outputs."""
+def planned_bytes(compiled, arguments=None, weights=None) -> int:
+  """Device bytes of one call as XLA plans it: temporaries + arguments + outputs (an output
+  written over a donated argument counted once).  With `weights` (a tree whose leaves are
+  among `arguments`), the bytes beyond them: temporaries + outputs + the other arguments,
+  counted from `arguments` (XLA's plan leaves out the weights a program never reads, so
+  subtracting every weight from its total would undercount)."""
   stats = compiled.memory_analysis()
-  return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes)
+  held = stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+  if weights is None:
+    return int(held + stats.argument_size_in_bytes)
+  skip = {id(leaf) for leaf in jax.tree.leaves(weights)}
+  others = sum(math.prod(leaf.shape) * leaf.dtype.itemsize  # arrays, abstract ones, keys
+               for leaf in jax.tree.leaves(arguments)
+               if id(leaf) not in skip and hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
+  return int(held + others)
 
 
 def compiled_bytes(jitted, *args) -> int:
@@ -57,12 +69,13 @@ def best_seconds(call: Callable[[], object], repeats: int, wait=jax.block_until_
   return min(timed(call, wait)[1] for _ in range(repeats))
 
 
-def time_compiled(jitted, repeats: int, *args) -> tuple[float, int]:
-  """(best seconds of `repeats` runs, planned bytes) of a jitted function on args: one
-  compile ahead of time gives both, and nothing runs untimed (at 7B shapes one untimed run of
-  a memory-update loop is minutes, and another compile for the bytes as long again)."""
+def time_compiled(jitted, repeats: int, *args, weights=None) -> tuple[float, int]:
+  """(best seconds of `repeats` runs, planned bytes (beyond `weights`, see `planned_bytes`)) of
+  a jitted function on args: one compile ahead of time gives both, and nothing runs untimed (at
+  7B shapes one untimed run of a memory-update loop is minutes, and another compile for the
+  bytes as long again).  So `repeats=1` times a program's first run."""
   compiled, call = compile_ahead(jitted, *args)
-  return best_seconds(call, repeats), planned_bytes(compiled)
+  return best_seconds(call, repeats), planned_bytes(compiled, args, weights)
 
 
 def best_time(fn: Callable[..., object], repeats: int, *args) -> float:
