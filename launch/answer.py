@@ -40,8 +40,8 @@ _QUESTION_IDS = flags.DEFINE_list("question_ids", None, "Question token ids, e.g
 _MAX_QUESTION_TOKENS = flags.DEFINE_integer("max_question_tokens", 1024, "Question budget.",
                                             lower_bound=1)
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None,
-                                   "Tokens per chunk (default: two compressor windows).",
-                                   lower_bound=1)
+                                   "Tokens per chunk (default: the run's own with --checkpoint; "
+                                   "two compressor windows for a HF checkpoint).", lower_bound=1)
 _MEMORY_SIZE = flags.DEFINE_integer(
     "memory_size", None, "Max new tokens per memory update (default: the run's; 1024 for HF).",
     lower_bound=1)
@@ -191,7 +191,11 @@ def main(argv):
             chunk_size=settings.chunk_size, window=settings.window, ratio=settings.ratio,
             dtype=config.dtype, num_chunks=chunk_ids.shape[0], num_tokens=len(doc_ids),
             document_hash=document_hash, tokens_hash=tokens_hash, document=source)
-        bank, _ = memory_bank.load_bank(bank_dir, expected)
+        try:
+          bank, _ = memory_bank.load_bank(bank_dir, expected)
+        except memory_bank.BankMismatchError as e:
+          raise app.UsageError(f"{e}: pass --recompile_bank to rebuild it with these settings, "
+                               "or another --memory_bank") from None
         print(f"reusing memory bank {bank_dir}", file=sys.stderr)
       else:  # the document's chunks split over the mesh's batch axes
         memory = reader.compress(layer_params, chunk_ids, chunk_mask, mesh)

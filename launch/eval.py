@@ -126,6 +126,11 @@ def _check_flags():
   if _CHECKPOINT.value and flags.FLAGS["prompts"].present:
     raise app.UsageError("--prompts is for --hf_checkpoint: a training workdir evaluates with "
                          "the prompts it trained with (its config's prompts.final_template)")
+  sweep_only = [f"--{name}" for name in ("lengths", "examples", "latency_examples")
+                if flags.FLAGS[name].present]
+  if _DATA.value and sweep_only:
+    raise app.UsageError(f"{', '.join(sweep_only)}: the synthetic sweep's; --data evaluates every "
+                         "row of its files (--limit caps them)")
   if not _DATA.value and flags.FLAGS["split"].present:
     raise app.UsageError("--split picks the split of --data's tfds: and synthetic: sources; "
                          "the synthetic sweep draws its own questions (a stream training never "

@@ -63,7 +63,11 @@ def main(argv):
     else:
       hops = _HOPS.value if _HOPS.value is not None else tfds_builders.DEFAULT_HOPS.get(
           _TASK.value, 2)
-      task = TaskConfig(task=_TASK.value, form=_FORM.value, length=_LENGTH.value, hops=hops)
+      try:
+        task = TaskConfig(task=_TASK.value, form=_FORM.value, length=_LENGTH.value, hops=hops)
+      except ValueError as e:
+        raise app.UsageError(f"--task={_TASK.value} --form={_FORM.value} --length={_LENGTH.value} "
+                             f"--hops={hops}: {e}") from None
       builder = tfds_builders.SyntheticTasks(config=tfds_builders.synthetic_config(task, _SEED.value),
                                              data_dir=_DATA_DIR.value)
       builder.download_and_prepare()

@@ -139,6 +139,8 @@ EVAL = [
      "--prompts is for --hf_checkpoint"),
     ("split_without_data", ["--checkpoint={root}/run", "--split=train"],
      "--split picks the split of --data's"),
+    ("sweep_flags_with_data", _shared(["--lengths=1,8", "--examples=3"]),
+     "--lengths, --examples: the synthetic sweep's; --data evaluates every row"),
     ("unknown_data_kind", ["--hf_checkpoint={hf}", "--data=csv:{rows}"], "unknown kind 'csv'"),
     ("missing_data_file", ["--hf_checkpoint={hf}", "--data=rows:/nonexistent.json"],
      "/nonexistent.json does not exist"),

@@ -69,3 +69,25 @@ def test_logs_are_quiet_by_default():
   proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0 and proc.stderr == "", proc.stderr
   assert len(proc.stdout.strip().splitlines()) == 1
+
+
+def test_generates_from_a_training_workdir(tmp_path):
+  """--checkpoint=WORKDIR: the run's latest weights, tokenizer and settings, as answer.py's."""
+  from memrecall import run_builder
+  from memrecall.train import trainer
+  from tests.train.conftest import small_config
+  trainer.train(small_config("sft", steps=1), str(tmp_path / "run"), log=lambda *a: None)
+  out = tmp_path / "out.json"
+  proc = _run(f"--checkpoint={tmp_path / 'run'}", "--prompt_ids=5,6,7", "--max_new_tokens=4",
+              f"--output_json={out}")
+  assert proc.returncode == 0, proc.stderr
+  run, params = run_builder.from_workdir(str(tmp_path / "run"))
+  expected = sampling.generate(params, run.model, np.asarray([[5, 6, 7]]), None,
+                               jax.random.key(0), max_new_tokens=4,
+                               sampling=sampling.SamplingConfig(eos_ids=run.model.eos_token_ids,
+                                                                pad_id=run.model.pad_token_id))
+  n = int(expected.lengths[0])
+  result = json.load(open(out))
+  assert result["prompt_ids"] == [5, 6, 7] and result["ids"] == expected.tokens[0, :n].tolist()
+  proc = _run(f"--checkpoint={tmp_path / 'run'}", "--model=tiny", "--prompt_ids=5")
+  assert proc.returncode != 0 and "--checkpoint brings its own" in proc.stderr

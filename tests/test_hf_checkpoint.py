@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, LYCHEE_TEXT
 from memrecall.models import hf_checkpoint
 from memrecall.models.config import ConfigError
 from memrecall.models.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
@@ -108,8 +108,24 @@ def test_wrong_shape_is_named(tmp_path):
 def test_unexpected_tensor_is_named(tmp_path):
   d = _copy("qwen2_tiny", tmp_path / "ckpt")
   _rewrite(d, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((128, 64), np.float32)}))
-  with pytest.raises(hf_checkpoint.CheckpointError, match=r"unexpected tensors model\.layers\.2"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=r"1 unexpected tensor \(a different architecture or config\?\): "
+                           r"model\.layers\.2"):
     hf_checkpoint.load_hf_checkpoint(d)
+
+
+def test_a_lycheememory_checkpoints_backbone_loads_without_its_compressor():
+  """generate.py loads a checkpoint's backbone alone (compressor=False): a LycheeMemory
+  checkpoint's beacon tensors had been "unexpected"; the backbone is the full load's."""
+  hf = os.path.join(LYCHEE_TEXT, "hf")
+  full, config = hf_checkpoint.load_hf_checkpoint(hf)
+  backbone, backbone_config = hf_checkpoint.load_hf_checkpoint(hf, compressor=False)
+  assert config.compressor and not backbone_config.compressor
+  flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(x)
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  whole, part = flat(full), flat(backbone)
+  assert set(part) < set(whole) and not any("beacon" in name for name in part)
+  for name, value in part.items():
+    np.testing.assert_array_equal(value, whole[name], err_msg=name)
 
 
 def test_heads_not_divisible_by_kv_heads(tmp_path):

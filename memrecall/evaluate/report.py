@@ -154,11 +154,17 @@ def data_table(rows: Sequence[dict]) -> str:
             f"{'sub-EM':>8}{'strict':>8}{'EM':>7}{'read':>7}{'cut off':>9}")
   lines = [header, "-" * len(header)]
   for r in rows:
-    lines.append(f"{r['model'][:11]:<12}{r['data'][:21]:<22}{r.get('num_docs') or '':>6}"
+    lines.append(f"{r['model'][:11]:<12}{_tail(r['data'], 21):<22}{r.get('num_docs') or '':>6}"
                  f"{r['mode']:>10}{r['examples']:>6}{r['context_tokens']:>10.0f}"
                  f"{r['sub_em']:>8.1f}{r['strict_sub_em']:>8.1f}{r['em']:>7.1f}"
                  f"{r['blocks_read']:>7.1f}{_cut_off(r):>9}")
   return "\n".join(lines)
+
+
+def _tail(text: str, width: int) -> str:
+  """The end of a long name (a dataset's config and version tell datasets apart, not its
+  builder's name)."""
+  return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 def _cut_off(row: dict) -> str:

@@ -13,6 +13,7 @@ Also where a reader's per-block trace becomes JSON, for evaluation's traces/*.js
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -60,9 +61,11 @@ def load_trace(path: str, question: int = 0) -> dict:
   trace = traces[question]
   if not isinstance(trace, dict) or "id" not in trace:
     raise ValueError(f"{path} is not an evaluation's traces file (its entry {question} is no "
-                     "traced question): give a traces-*.json of eval.py's output directory")
+                     "traced question): give a traces/MODEL-MODE-*.json of eval.py's output "
+                     "directory")
   if "gate_scores" not in trace:
-    raise ValueError(f"{path} is a baseline's trace (no per-chunk gate scores)")
+    raise ValueError(f"{path} is a baseline's trace (no per-chunk gate scores): give a trace of "
+                     "mode gate, all or topk")
   missing = [k for k in ("id", "read", "relevant", "memory_ids") if k not in trace]
   if missing:
     raise ValueError(f"{path} question {question} lacks {', '.join(missing)}: not an "
@@ -106,6 +109,7 @@ def plot_question(trace: dict, path: str, decode: Callable[[Sequence[int]], str]
   bottom.text(0, 1, "working memory\n" + "\n".join(lines), va="top", family="monospace",
               fontsize=8)
   fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path

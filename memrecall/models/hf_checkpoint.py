@@ -113,6 +113,7 @@ def qwen2_rules(config: ModelConfig) -> list[TensorRule]:
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Tensors of parts that a config may leave out (the gate's relevance head).
 _OPTIONAL_PREFIXES = ("similarity_head.",)
+_BEACON_MARK = "lychee_memory_"  # the compressor's tensors: beacon embedding and projections
 
 
 def _resolve_fallback(rule: TensorRule, tensors: Mapping[str, Any]) -> TensorRule:
@@ -199,11 +200,14 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, mesh=None,
   ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
   if not config.has_gate:
     ignorable |= {n for n in tensors if n.startswith(_OPTIONAL_PREFIXES)}
+  if not config.compressor:  # the backbone of a LycheeMemory checkpoint (e.g. to generate)
+    ignorable |= {n for n in tensors if _BEACON_MARK in n}
   unexpected = sorted(n for n in set(tensors) - expected
                       if n not in ignorable and not n.endswith(_IGNORED_SUFFIXES))
   if unexpected:
-    raise CheckpointError(f"{directory}: unexpected tensors {_summarise(unexpected)} "
-                          "(a different architecture or config?)")
+    raise CheckpointError(f"{directory}: {len(unexpected)} unexpected tensor"
+                          f"{'s' if len(unexpected) > 1 else ''} (a different architecture or "
+                          f"config?): {_summarise(unexpected)}")
 
   abstract = abstract_params(config)
   dtype = dtype_from_name(config.param_dtype)

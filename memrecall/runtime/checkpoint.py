@@ -123,10 +123,19 @@ class Checkpointer:
 
 
 def _open(workdir_or_checkpoint: str, step: int | None):
-  """(manager, directory, step) of a workdir's checkpoint `step` (default: the latest)."""
+  """(manager, directory, step) of a workdir's checkpoint `step` (default: the latest), or of
+  one checkpoint folder, WORKDIR/checkpoints/STEP."""
+  path = os.path.abspath(os.fspath(workdir_or_checkpoint))
+  parent, name = os.path.split(path)
+  if (name.isdigit() and os.path.basename(parent) == "checkpoints"
+      and not os.path.isdir(os.path.join(path, "checkpoints"))):
+    if step is not None and step != int(name):
+      raise ValueError(f"{workdir_or_checkpoint} is step {name}'s checkpoint, not step {step}'s")
+    workdir_or_checkpoint, step = os.path.dirname(parent), int(name)
   directory = checkpoint_dir(workdir_or_checkpoint)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory")
+    raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory (give a "
+                            "training workdir or one of its checkpoints/STEP folders)")
   manager = ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
       "data": ocp.JsonCheckpointHandler()})

@@ -49,6 +49,10 @@ def test_sharded_steps_match_one_device_and_restore_on_one_device(tmp_path):
   assert sorted(map(int, os.listdir(tmp_path / "one" / "checkpoints"))) == sorted(
       {s for s in range(1, 4) if s % every == 0} | {3})
   a, _ = checkpoint.load_params(str(tmp_path / "one"))
+  # One checkpoint's folder reads as its workdir at that step.
+  folder, _ = checkpoint.load_params(str(tmp_path / "one" / "checkpoints" / "3"))
+  for key, value in _leaves(a).items():
+    np.testing.assert_array_equal(_leaves(folder)[key], value, err_msg=str(key))
   b, _ = checkpoint.load_params(str(tmp_path / "eight"))  # written on 8 devices, read on 1
   for key, value in _leaves(a).items():
     np.testing.assert_allclose(_leaves(b)[key], value, atol=1e-5, err_msg=str(key))
