@@ -41,6 +41,7 @@ def test_every_mode_at_two_lengths_with_plots(tmp_path):
   by = {(r["mode"], r["length_multiple"]): r for r in rows}
   assert by[("all", 64)]["blocks_read"] == 64 and by[("memagent", 64)]["blocks_read"] == 64
   assert by[("topk", 64)]["blocks_read"] == 4  # RecallConfig's default budget
+  assert by[("rag", 64)]["blocks_read"] is None and by[("full", 64)]["blocks_read"] is None
   # Resuming recomputes nothing; the files hold every row.
   again = evaluator.evaluate_suite(params, run, modes=["all", "gate"], **kwargs)
   assert json.dumps(again) == json.dumps(rows)

@@ -157,10 +157,13 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
       row_scores = score(predicted, ex)
       scores.append(row_scores[ACCURACY_METRIC])
       labels = reader.block_labels(ex)
+      # A reader without a block loop (rag, full) reads no blocks it could count: None, not 0.
       read = np.zeros((0,), bool) if trace is None else np.asarray(trace.read[i])
       read = read if labels is None else read[:len(labels)]
-      reads.append(int(read.sum()))
-      rows.append({"prediction_ids": predicted, "blocks_read": int(read.sum()), **row_scores,
+      if trace is not None:
+        reads.append(int(read.sum()))
+      rows.append({"prediction_ids": predicted,
+                   "blocks_read": None if trace is None else int(read.sum()), **row_scores,
                    "truncated": not bool(answer.done[i])})
       if labels is not None:
         relevant_read += int((read & labels).sum())
@@ -178,7 +181,7 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
   labelled = reader.block_labels(examples[0]) is not None  # gate recall and skips have a meaning
   return EvalResult(accuracy=float(100 * scores.mean()), stderr=_stderr(scores),
                     latency_s=latency, batched_s=seconds / len(examples),
-                    blocks_read=float(np.mean(reads)),
+                    blocks_read=float(np.mean(reads)) if reads else float("nan"),
                     gate_recall=relevant_read / max(relevant, 1) if labelled else float("nan"),
                     skip_rate=(1 - float(np.sum(reads)) / max(blocks, 1) if labelled
                                else float("nan")),
@@ -388,7 +391,8 @@ def summarize_predictions(records: Sequence[dict]) -> list[dict]:
     row = {"model": model, "data": data, "num_docs": num_docs, "mode": mode,
            "examples": len(group),
            "context_tokens": float(np.mean([r["context_tokens"] for r in group])),
-           "blocks_read": float(np.mean([r["blocks_read"] for r in group]))}
+           "blocks_read": (None if any(r["blocks_read"] is None for r in group)
+                           else float(np.mean([r["blocks_read"] for r in group])))}
     for key in METRIC_KEYS:
       values = np.asarray([r[key] for r in group], float)
       row[key], row[f"{key}_stderr"] = float(100 * values.mean()), _stderr(values)

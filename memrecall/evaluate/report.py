@@ -77,7 +77,7 @@ def table(rows: Sequence[dict]) -> str:
     lines.append(f"{r.get('model', ''):<9}{r.get('task') or '':<10}{r['mode']:<10}"
                  f"{r['length_multiple']:>7}x"
                  f"{r['context_tokens']:>9}{r['accuracy']:>8.1f}{r.get('stderr') or 0:>6.1f}"
-                 f"{_fmt(r.get('latency_s'), '.4f'):>11}{r.get('blocks_read') or 0:>7.1f}")
+                 f"{_fmt(r.get('latency_s'), '.4f'):>11}{_fmt(r.get('blocks_read'), '.1f'):>7}")
   return "\n".join(lines)
 
 
@@ -157,7 +157,7 @@ def data_table(rows: Sequence[dict]) -> str:
     lines.append(f"{r['model'][:11]:<12}{_tail(r['data'], 21):<22}{r.get('num_docs') or '':>6}"
                  f"{r['mode']:>10}{r['examples']:>6}{r['context_tokens']:>10.0f}"
                  f"{r['sub_em']:>8.1f}{r['strict_sub_em']:>8.1f}{r['em']:>7.1f}"
-                 f"{r['blocks_read']:>7.1f}{_cut_off(r):>9}")
+                 f"{_fmt(r['blocks_read'], '.1f') or '-':>7}{_cut_off(r):>9}")
   return "\n".join(lines)
 
 
