@@ -55,6 +55,9 @@ _MEMAGENT_CHUNK = flags.DEFINE_integer(
 _SHARED = flags.DEFINE_bool(
     "shared_document", False, "Every question reads one shared document, compressed once (many "
     "questions about one text); default: each its own document, as evaluation reads them.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "auto", ["auto", "xla", "cudnn"], "Attention kernels (`model.attention`): auto "
+    "takes cuDNN's on a GPU where it applies; xla avoids it (if cuDNN fails on a card).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per setting (best kept).",
                                 lower_bound=1)
 _DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1"],
@@ -144,6 +147,7 @@ def main(argv):
       "prompts": (demo.prompts.to_dict() if tiny
                   else {"chat_template": QWEN2_CHAT_TEMPLATE})}))
   c.model.compressor, c.model.gate_lora_rank = True, 8
+  c.model.attention = _ATTENTION.value
   run = run_builder.build_run(c)
   config, compressor, prompts = run.model, run.compressor, run.prompts
   params = model.init_params(config, jax.random.key(0))

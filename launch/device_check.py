@@ -2,6 +2,9 @@ r"""One call on an accelerator machine: versions, carried wheels, the numerics t
 
   bash launch/device_check.sh            # one H100/H200: ends within 8 minutes
   bash launch/device_check.sh --smoke    # the same path at tiny shapes on CPU (< 3 minutes)
+  # 15 minutes of device time in two calls, each within 8 minutes (a subset shares them):
+  bash launch/device_check.sh --steps=info,wheels,tests
+  bash launch/device_check.sh --steps=info,wheels,decode,gate,memagent,all,gate_stream
 
 Each step runs in its own process group under a time bound (`FULL_BOUNDS`, printed first; the
 bounds add up to at most 8 minutes, and time a step leaves unused passes to the next ones), so
@@ -18,6 +21,7 @@ PYTHONPATH; docs/scaling.md#device-check-launchdevice_checksh says how to make t
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -33,6 +37,8 @@ sys.path.insert(0, ROOT)
 from absl import app  # noqa: E402
 from launch import cli  # noqa: E402  (absl only, no JAX: the path checks every launcher makes)
 SITE = "/tmp/site"
+# Imported by the tests and the bench beyond jax and flax: the GPU image lacks these two.
+NEEDED = ("ml_collections", "tensorboardX")
 # The whole check's limits, full and smoke; a step that overruns its limit is ended within
 # END_S (SIGTERM, then SIGKILL), so the bounds add up to at most the limit less that.
 FULL_LIMIT_S, SMOKE_LIMIT_S, END_S = 480, 180, 10
@@ -40,20 +46,23 @@ FULL_LIMIT_S, SMOKE_LIMIT_S, END_S = 480, 180, 10
 # Seconds per step on one H100/H200.  At 7B a decode step took 4.8 ms at batch 8 on an H200
 # (docs/2026-12-04-h200-decode.md), so memagent's and all's 8 updates of 1024 tokens at 32K are
 # about 40 s of decoding each, plus their compile: those rows get the most.
-FULL_BOUNDS = {"info": 10, "wheels": 10, "tests": 130, "decode": 60, "gate": 60, "memagent": 75,
-               "all": 65, "gate_stream": 60}
+FULL_BOUNDS = {"info": 10, "wheels": 10, "tests": 100, "decode": 75, "gate": 60, "memagent": 80,
+               "all": 75, "gate_stream": 60}
 SMOKE_BOUNDS = {"info": 10, "wheels": 10, "tests": 40, "decode": 40, "gate": 20, "memagent": 15,
                 "all": 15, "gate_stream": 20}
 
-# The bench at Qwen2.5-7B shapes: batch 8, 1024-token memory updates, 1/8 of the chunks read at
-# 32K, each question its own document.  At 1M tokens gate_stream reads 2 of its 256 chunks
-# (1/8 would be 32 memory updates, over 7 minutes of decoding alone) of one document shared by
-# the 8 questions (8 documents would be 2048 chunks to compress, over 3 minutes at the floor).
+# The bench at Qwen2.5-7B shapes: batch 8, 1024-token memory updates, each question its own
+# 16K-token document (4 chunks, 1 read by the gate).  Their floors at an H200's ceilings (700
+# TFLOP/s, 3.1 TB/s; `benchmark.mode_floor`) are gate 10.7 s, memagent 31.9 s, all 30.2 s;
+# at 32K memagent's and all's (54 and 52 s) leave no time to compile in their bounds.
+# gate_stream reads 1 of the 32 chunks of one 128K-token document shared by the 8 questions
+# (11.4 s at the floor, timed three times: compression, the loop reading nothing, the loop);
+# at 1M its compression alone is 25 s at the floor, three times over.
 FULL_BENCH = ["--model=qwen2.5-7b", "--questions=8", "--memory_size=1024", "--repeats=1"]
-FULL_MODES = {"gate": ["--lengths=32768", "--selected_fraction=0.125"],
-              "all": ["--lengths=32768"],
-              "memagent": ["--lengths=32768"],
-              "gate_stream": ["--lengths=1048576", "--selected_fraction=0.0078125",
+FULL_MODES = {"gate": ["--lengths=16384", "--selected_fraction=0.25"],
+              "all": ["--lengths=16384"],
+              "memagent": ["--lengths=16384"],
+              "gate_stream": ["--lengths=131072", "--selected_fraction=0.03125",
                               "--shared_document"]}
 SMOKE_BENCH = ["--model=tiny", "--questions=2", "--memory_size=4", "--repeats=1",
                "--chunk_size=128"]
@@ -62,7 +71,7 @@ SMOKE_MODES = {"gate": ["--lengths=512", "--selected_fraction=0.25"],
                "memagent": ["--lengths=512"],
                "gate_stream": ["--lengths=2048", "--selected_fraction=0.0625",
                                "--shared_document"]}
-# Run in this order: gate and memagent first, the comparison the issue measures.
+# Run in this order (after decode): gate and memagent first, the comparison the issue measures.
 BENCH_MODES = ("gate", "memagent", "all", "gate_stream")
 DECODE_BATCHES = "1,8"
 # Numerics tests quick enough for the smoke's bound (float32 attention against a float64
@@ -227,8 +236,9 @@ def _speedups(results):
           for r in rows if r["mode"] != "memagent" and r["context_tokens"] in memagent]
 
 
-def _steps(smoke, python, work):
-  bench = [python, "launch/bench.py"] + (SMOKE_BENCH if smoke else FULL_BENCH)
+def _steps(smoke, python, work, attention="auto"):
+  bench = [python, "launch/bench.py", f"--attention={attention}"] + (SMOKE_BENCH if smoke
+                                                                     else FULL_BENCH)
   modes = SMOKE_MODES if smoke else FULL_MODES
   # The bench rows share compiled programs (the model's init, the ceilings' matmuls,
   # compression at 32K) through a persistent cache: the smoke's is new each run, and the smoke
@@ -265,6 +275,18 @@ def _steps(smoke, python, work):
   return steps, wheels
 
 
+def step_bounds(names: list[str], smoke: bool) -> dict[str, int]:
+  """Each step's bound in seconds.  A subset (--steps) shares the whole limit in proportion to
+  its bounds: the numerics tests alone get nearly 8 minutes, so a session with 15 minutes of
+  device time can run them in one call and the bench in another."""
+  table, limit = (SMOKE_BOUNDS, SMOKE_LIMIT_S) if smoke else (FULL_BOUNDS, FULL_LIMIT_S)
+  bounds = {name: table[name] for name in names}
+  if set(names) != set(table) - ({"wheels"} if not _wheels() else set()):
+    scale = (limit - END_S) / sum(bounds.values())
+    bounds = {name: int(bound * scale) for name, bound in bounds.items()}
+  return bounds
+
+
 def _wheels() -> list[str]:
   folder = os.path.join(ROOT, ".whl")
   return sorted(os.path.join(".whl", w) for w in os.listdir(folder)
@@ -292,6 +314,15 @@ def _check_args(parser, args) -> list[str] | None:
   return names
 
 
+def _missing_packages() -> list[str]:
+  """What the steps import that neither this Python nor a carried wheel brings (the GPU image
+  has no ml_collections or tensorboardX): said before any step runs, not as every step's
+  ImportError."""
+  carried = {os.path.basename(w).split("-")[0].lower().replace("_", "-") for w in _wheels()}
+  return [name for name in NEEDED if importlib.util.find_spec(name) is None
+          and name.lower().replace("_", "-") not in carried]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog=os.path.basename(__file__),
                                    description=__doc__.split("\n\n")[0])
@@ -301,18 +332,26 @@ def main(argv=None):
                       help="device_check.json and device_check.log go here ($OUT when set)")
   parser.add_argument("--steps", default=None,
                       help="comma-separated subset of the steps to run (default: all)")
+  parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
+                      help="the bench rows' attention kernels (auto: cuDNN's on a GPU where "
+                      "they apply; xla: without them, should cuDNN fail on the card)")
   parser.add_argument("--bound_scale", type=float, default=1.0,
                       help="multiplies every bound: a test on a loaded shared CPU checks the "
                       "path, not the timing")
   args = parser.parse_args(argv)
   keep = _check_args(parser, args)
+  missing = _missing_packages()
+  if missing:
+    parser.exit(cli.USAGE_EXIT, f"{parser.prog}: error: {sys.executable} has no "
+                f"{', '.join(missing)} and no wheel of it is carried in .whl/: "
+                "docs/scaling.md#device-check-launchdevice_checksh says how to bring them\n")
   os.makedirs(args.output_dir, exist_ok=True)
   work = tempfile.mkdtemp(prefix="memrecall_check_")  # the bench's own JSON, read back per row
   python = sys.executable
-  steps, wheels = _steps(args.smoke, python, work)
+  steps, wheels = _steps(args.smoke, python, work, args.attention)
   if keep:
     steps = [s for s in steps if s.name in keep]
-  bounds = {s.name: (SMOKE_BOUNDS if args.smoke else FULL_BOUNDS)[s.name] for s in steps}
+  bounds = step_bounds([s.name for s in steps], args.smoke)
   limit = SMOKE_LIMIT_S if args.smoke else FULL_LIMIT_S
   assert sum(bounds.values()) + END_S <= limit, bounds
   print(f"device check ({'smoke: tiny shapes on CPU' if args.smoke else 'Qwen2.5-7B shapes'}), "
@@ -337,12 +376,18 @@ def main(argv=None):
             f"{_key_numbers(result)}", flush=True)
       if result["tail"]:
         print(result["tail"], flush=True)
-  table = _table(results)
-  print(f"\n{table}")
-  with open(os.path.join(args.output_dir, "device_check.json"), "w", encoding="utf-8") as f:
-    json.dump({"smoke": args.smoke, "bounds": bounds, "steps": results, "table": table}, f,
-              indent=1)
+      # After every step: a call cut short (its own time limit) keeps the steps that ended.
+      _write_report(args, bounds, results)
+  print(f"\n{_table(results)}")
   print(f"wrote {os.path.join(args.output_dir, 'device_check.json')} and {log_path}")
+
+
+def _write_report(args, bounds, results) -> None:
+  path = os.path.join(args.output_dir, "device_check.json")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump({"smoke": args.smoke, "bounds": bounds, "steps": results,
+               "table": _table(results)}, f, indent=1)
+  os.replace(path + ".tmp", path)
   shutil.rmtree(work, ignore_errors=True)  # the rows are in the JSON; the smoke's cache is spent
   return 0 if all(r["status"] == "ok" for r in results) else 1
 

@@ -70,9 +70,14 @@ import pytest  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 # Outputs of the public LycheeMemory code, made with its own code (each folder's README says
-# how): `../shared/fixtures` beside the checkout, where CI puts them.
-SHARED_FIXTURES = os.path.normpath(os.path.join(os.path.dirname(FIXTURES), "..", "..", "shared",
-                                                "fixtures"))
+# how): `../shared/fixtures` beside the checkout, where CI puts them, else a `shared/fixtures`
+# inside it (a copy carried to a device machine, where only the checkout travels; git ignores
+# it), or MEMRECALL_SHARED_FIXTURES.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_FIXTURES = os.environ.get("MEMRECALL_SHARED_FIXTURES") or next(
+    (path for path in (os.path.normpath(os.path.join(_ROOT, "..", "shared", "fixtures")),
+                       os.path.join(_ROOT, "shared", "fixtures")) if os.path.isdir(path)),
+    os.path.normpath(os.path.join(_ROOT, "..", "shared", "fixtures")))
 LYCHEE_TEXT = os.path.join(SHARED_FIXTURES, "lychee_reference_text")
 
 

@@ -151,3 +151,32 @@ def test_key_limits_skip_only_what_the_mask_hides():
                              expected, atol=2e-6)
   with pytest.raises(ValueError, match="do not cover"):
     attend(query, key, value, mask, "xla", ((2, 6), (4, 8)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's kernel runs on a GPU only")
+@pytest.mark.parametrize("case", ["prefill", "update_over_cache", "compression_window"])
+def test_cudnn_matches_the_float64_loop_at_7b_head_shapes(case):
+  """Qwen2.5-7B's heads (28 query, 4 KV, head_dim 128) in bfloat16 through cuDNN's kernel, as
+  `auto` picks it on a GPU, against the float64 loop: a causal prefill, a memory update's
+  prompt over cached slots (heads-major cache, as the model passes it), and a compression
+  window with a fully masked row (its output is ignored, so only finiteness is asked)."""
+  b, h, k, d = 2, 28, 4, 128
+  t, s = {"prefill": (256, 256), "update_over_cache": (96, 352),
+          "compression_window": (80, 120)}[case]
+  rng = np.random.default_rng(7)
+  q, key, value = (rng.normal(size=shape).astype(np.float32)
+                   for shape in ((b, t, h, d), (b, s, k, d), (b, s, k, d)))
+  rows, cols = np.arange(t)[:, None], np.arange(s)[None, :]
+  mask = np.broadcast_to(cols <= rows + (s - t), (b, 1, t, s)).copy()  # causal after a prefix
+  if case == "compression_window":
+    mask[:, :, 5] = False  # a padding row: no key at all
+  as_bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+  cache = lambda x: as_bf16(x).transpose(0, 2, 1, 3) if case == "update_over_cache" else as_bf16(x)
+  out = attend(as_bf16(q), cache(key), cache(value), jnp.asarray(mask), implementation="cudnn",
+               heads_major=case == "update_over_cache")
+  out = np.asarray(out.astype(jnp.float32))
+  rounded = lambda x: np.asarray(as_bf16(x).astype(jnp.float32))
+  want = naive_attention(rounded(q), rounded(key), rounded(value), mask)
+  seen = mask.any(-1)[:, 0]  # [B, T]: rows with a key
+  assert np.isfinite(out).all()
+  np.testing.assert_allclose(out[seen], want[seen], atol=3e-2, rtol=3e-2)

@@ -105,6 +105,32 @@ def test_bad_arguments_run_nothing_and_keep_the_last_report(tmp_path, capsys, ar
   assert not (tmp_path / "device_check.log").exists()
 
 
+def test_a_subset_of_steps_shares_the_whole_limit():
+  """The numerics tests alone get nearly the 8 minutes (a session's first call), the bench rows
+  alone the same (its second); every step together keeps its own bound."""
+  from launch import device_check
+  full = device_check.FULL_BOUNDS
+  tests = device_check.step_bounds(["info", "wheels", "tests"], smoke=False)
+  bench = device_check.step_bounds(["info", "wheels", "decode", "gate", "memagent", "all",
+                                    "gate_stream"], smoke=False)
+  for bounds in (tests, bench):
+    assert device_check.FULL_LIMIT_S - device_check.END_S - len(bounds) <= sum(
+        bounds.values()) <= device_check.FULL_LIMIT_S - device_check.END_S
+  assert tests["tests"] > 3.5 * full["tests"] and bench["memagent"] > full["memagent"]
+  assert sum(full.values()) + device_check.END_S <= device_check.FULL_LIMIT_S
+
+
+def test_packages_neither_installed_nor_carried_are_named_before_any_step(tmp_path, capsys,
+                                                                          monkeypatch):
+  from launch import device_check
+  monkeypatch.setattr(device_check, "NEEDED", ("ml_collections", "no_such_package_memrecall"))
+  with pytest.raises(SystemExit) as exit_:
+    device_check.main(["--smoke", f"--output_dir={tmp_path}"])
+  err = capsys.readouterr().err.strip()
+  assert exit_.value.code == 2 and "has no no_such_package_memrecall and no wheel" in err, err
+  assert not (tmp_path / "device_check.log").exists()
+
+
 def test_the_shell_launcher_names_a_missing_python():
   proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "device_check.sh"), "--smoke"],
                         capture_output=True, text=True, timeout=60,

@@ -391,7 +391,9 @@ def test_float32_weights_in_bfloat16_products_give_astypes_loss_and_gradient(tin
   tokens = jnp.arange(3, 19).reshape(2, 8)
 
   def loss(p):
-    logits, _ = model.forward(p, config.replace(remat="full"), tokens)
+    # XLA's attention: cuDNN's backward need not be deterministic on a GPU, and bit-equality
+    # is about the weights' cast, not the attention kernel.
+    logits, _ = model.forward(p, config.replace(remat="full", attention="xla"), tokens)
     return jnp.mean(jax.nn.logsumexp(logits, -1))
 
   ours = jax.value_and_grad(loss)(params)
