@@ -62,9 +62,16 @@ def fail(message: str, error: BaseException | None = None, code: int = USAGE_EXI
   os._exit(code)
 
 
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's help flags print and exit 1: asked-for help is a success
+    if e.code == 1 and any(a in _HELP for a in argv[1:]):
+      raise SystemExit(0) from None
+    raise
   except flags.Error as e:
     message = one_line(e)
     if "positive" in message or "non-negative" in message or "bounded" in message:
@@ -79,7 +86,12 @@ def _config_message(error: Exception, argv: list[str]) -> str:
   text = one_line(error)
   if "Failed loading config file" in text:
     reason = text[text.find("[Errno"):] if "[Errno" in text else text.split("Attempted")[-1]
-    return f"--config: cannot load the config file ({reason})"
+    hint = ""
+    if "[Errno 2]" in text:  # a path is relative to the working directory, not the repository
+      configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "configs")
+      hint = f"; the recipes are in {configs}"
+    return f"--config: cannot load the config file ({reason}){hint}"
   if isinstance(error, (AttributeError, KeyError)):
     key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
     flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
