@@ -70,11 +70,10 @@ def base_config(stage: str, size: str, mesh: str) -> ml_collections.ConfigDict:
 
 
 def with_microbatches(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """One row per device per microbatch on a fixed mesh: a step's activations are one turn's
-  (the parts are weighted by their tokens: the whole batch's token-mean step)."""
-  devices = c.mesh.data * c.mesh.fsdp
-  if devices > 0 and c.train.batch_size % devices == 0:
-    c.train.microbatches = max(1, c.train.batch_size // devices)
+  """One row per device per microbatch (`train.microbatches=0`, resolved on the run's mesh, so
+  `auto` meshes and overridden batch sizes keep it): a step's activations are one turn's (the
+  parts are weighted by their tokens: the whole batch's token-mean step)."""
+  c.train.microbatches = 0
   return c
 
 

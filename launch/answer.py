@@ -137,6 +137,9 @@ def main(argv):
         _HF_CHECKPOINT.value, model=model_flags.hf_model_settings(), mesh=mesh,
         **{k: v for k, v in settings.items() if v}), len(jax.local_devices()))
   tok, config = run.tokenizer, run.model
+  if not config.compressor:
+    raise app.UsageError("this model has no compressor (a MemAgent baseline's run): answer.py "
+                         "reads compressed chunks; evaluate it with eval.py --modes=memagent")
   mode = _MODE.value or ("gate" if config.has_gate else "all")
   if mode in ("gate", "topk") and not config.has_gate:
     raise app.UsageError(f"--mode={mode} needs a gate: this checkpoint has none "

@@ -82,7 +82,8 @@ _MODEL_NAME = flags.DEFINE_string("model_name", None, "Label of the model in the
 _LENGTHS = flags.DEFINE_list("lengths", ["1", "8", "64"], "Synthetic: multiples of the training "
                              "length.")
 _MODES = flags.DEFINE_list("modes", None, "Any of gate, all, topk, memagent, full, rag (default: "
-                           "gate,all,memagent with a gate, else all,memagent).")
+                           "gate,all,memagent with a gate, else all,memagent; memagent for a "
+                           "MemAgent baseline's run, which has no compressor).")
 _EXAMPLES = flags.DEFINE_integer("examples", 64, "Synthetic: questions per length.", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Questions per batch (default 16 "
                                    "synthetic, 8 data).", lower_bound=1)
@@ -160,7 +161,15 @@ def _check_flags():
 
 
 def _modes(run) -> list[str]:
-  """--modes, or what the checkpoint has: a gate mode needs a gate."""
+  """--modes, or what the checkpoint has: a gate mode needs a gate, the method's modes a
+  compressor (a MemAgent baseline's workdir has none: memagent alone)."""
+  if not run.model.compressor:
+    compressed = [m for m in _MODES.value or [] if m not in ("memagent", "full", "rag")]
+    if compressed:
+      raise app.UsageError(f"--modes={','.join(_MODES.value)}: {', '.join(compressed)} read "
+                           "compressed chunks and this model has no compressor (a MemAgent "
+                           "baseline's run): use --modes=memagent (or full, rag)")
+    return _MODES.value or ["memagent"]
   modes = _MODES.value or (["gate", "all", "memagent"] if run.model.has_gate else ["all", "memagent"])
   gated = [m for m in modes if m in ("gate", "topk")]
   if gated and not run.model.has_gate:
@@ -203,7 +212,9 @@ def _load():
       devices=devices, mesh=mesh, config=_CONFIG.value, **values), len(devices))
   # Data files and the synthetic sweep each rewrite results.json: apart by default.
   where = "eval_data" if _DATA.value else "eval"
-  return run, lambda: params, os.path.join(_CHECKPOINT.value, where), "lychee"
+  # The label of its rows: the agent it trained (configs/memagent.py's runs are MemAgent's).
+  return run, lambda: params, os.path.join(_CHECKPOINT.value, where), run.config.get(
+      "agent", "lychee")
 
 
 def main(argv):

@@ -24,7 +24,7 @@ script="${1:?usage: sbatch ... launch/slurm_gpu.sh LAUNCHER.py [FLAGS...], e.g. 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 [ -f "launch/$script" ] || { echo "launch/$script does not exist" >&2; exit 2; }
 source launch/env.sh
-memrecall_venv hf,parquet
+memrecall_venv hf,parquet || exit 1
 srun --kill-on-bad-exit=1 python "launch/$script" --distributed "$@"
 rc=$?
 if [ "$rc" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then

@@ -21,8 +21,12 @@ script="${1:?usage: TPU_NAME=... ZONE=... bash launch/tpu_pod.sh LAUNCHER.py [FL
 shift
 [ -f "$(dirname "$0")/$script" ] || { echo "launch/$script does not exist" >&2; exit 2; }
 if [ "${SYNC:-0}" = 1 ]; then
+  # The checkout's contents into $REMOTE_DIR (made first): copying the directory itself put a
+  # second sync in $REMOTE_DIR/<name>/, and the workers kept running the first.
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
+    --command "mkdir -p $REMOTE_DIR" || exit 1
   gcloud compute tpus tpu-vm scp --recurse --worker=all --zone="$ZONE" \
-    "$(cd "$(dirname "$0")/.." && pwd)" "$TPU_NAME:$REMOTE_DIR"
+    "$(cd "$(dirname "$0")/.." && pwd)/." "$TPU_NAME:$REMOTE_DIR" || exit 1
 fi
 args=$(printf ' %q' "$@")
 for attempt in $(seq 0 "${MAX_RESUMES:-20}"); do

@@ -28,6 +28,7 @@ import os
 import shutil
 from typing import Any, Sequence
 
+from absl import logging
 import flax.traverse_util
 import jax
 import ml_collections
@@ -203,11 +204,25 @@ class Run:
                                    self.tokenizer) for i in range(start, start + count)]
     source = self.train_source
     n = len(source)
+    skip = self.config.data.get("overlong", "error") == "skip"
+    budget = self.num_chunks * self.compressor.chunk_size  # tokens a training document may have
     out = []
     for i in range(start, start + count):
       epoch, position = divmod(i, n)
-      row = int(_epoch_order(int(self.config.data.seed), seed_offset, epoch, n)[position])
-      out.append(example_lib.tokenize(source[row], self.tokenizer))
+      order = _epoch_order(int(self.config.data.seed), seed_offset, epoch, n)
+      example = example_lib.tokenize(source[int(order[position])], self.tokenizer)
+      # data.overlong=skip: the next row of the epoch's order that fits takes an overlong
+      # row's place (verl filters such prompts out), the same on every process and resume.
+      for tried in range(1, n + 1 if skip else 1):
+        if len(example.context) <= budget:
+          break
+        _note_overlong(example, budget)
+        if tried == n:
+          raise ConfigError(f"no row of data.train fits data.max_chunks ({self.num_chunks} "
+                            f"chunks of {self.compressor.chunk_size} tokens)")
+        example = example_lib.tokenize(source[int(order[(position + tried) % n])],
+                                       self.tokenizer)
+      out.append(example)
     return out
 
   @functools.cached_property
@@ -263,6 +278,19 @@ class Run:
         shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
 
 
+_NOTED_OVERLONG: set[str] = set()
+
+
+def _note_overlong(example: example_lib.TokenizedExample, budget: int) -> None:
+  """Logs once per row that `data.overlong=skip` left it out."""
+  meta = example.example.metadata
+  where = f"{meta.get('source', '')} row {meta['row']}" if "row" in meta else example.example.id
+  if where not in _NOTED_OVERLONG:
+    _NOTED_OVERLONG.add(where)
+    logging.warning("data.overlong=skip: %s (%d tokens, over the %d of data.max_chunks) is left "
+                    "out", where, len(example.context), budget)
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(seed: int, stream: int, epoch: int, n: int) -> np.ndarray:
   """The rows of epoch `epoch` of a training stream, in the order it reads them."""
@@ -310,17 +338,21 @@ def _compressor(config: ml_collections.ConfigDict, raw: dict | None) -> Compress
   """The config's settings; a LycheeMemory checkpoint's window and ratio (0 in the config: take
   the checkpoint's, or 2048 and 4 for a plain Qwen2 one)."""
   c = config.compressor
-  if raw is None or ("lychee_memory_window" not in raw and c.get("window") and c.get("ratio")):
+  no_beacons = not config.model.get("compressor", True)  # MemAgent's sections: its own sizes
+  if raw is None or no_beacons or ("lychee_memory_window" not in raw and c.get("window")
+                                   and c.get("ratio")):
     return CompressorConfig(chunk_size=c.chunk_size, window=c.window, ratio=c.ratio,
                             group_size=c.get("group_size"))
-  from_checkpoint = CompressorConfig.from_hf_dict(raw, c.chunk_size or None,
-                                                  c.get("group_size"))
+  # The checkpoint's own window and ratio first: a chunk size that does not fit them is
+  # then named after a window or ratio set against them.
+  own = CompressorConfig.from_hf_dict(
+      raw, None if "lychee_memory_window" in raw else c.chunk_size or None, c.get("group_size"))
   for key in ("window", "ratio"):
-    if c.get(key) and c[key] != getattr(from_checkpoint, key):
+    if c.get(key) and c[key] != getattr(own, key):
       raise ConfigError(f"compressor.{key}={c[key]} differs from the checkpoint's "
-                        f"lychee_memory_{key} ({getattr(from_checkpoint, key)}): the beacons were "
+                        f"lychee_memory_{key} ({getattr(own, key)}): the beacons were "
                         f"trained with it; set compressor.{key}=0 to take the checkpoint's")
-  return from_checkpoint
+  return CompressorConfig.from_hf_dict(raw, c.chunk_size or None, c.get("group_size"))
 
 
 def _task(config: ml_collections.ConfigDict) -> synthetic.TaskConfig | None:
@@ -384,6 +416,8 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   if config.rl.get("rollout_weights", "sharded") not in ROLLOUT_WEIGHTS:
     raise ConfigError(f"unknown rl.rollout_weights {config.rl.rollout_weights!r}; choose from "
                       f"{ROLLOUT_WEIGHTS}")
+  if config.data.get("overlong", "error") not in ("error", "skip"):
+    raise ConfigError(f"unknown data.overlong {config.data.overlong!r}; choose from error, skip")
   if config.init.checkpoint and not config.init.hf_checkpoint:
     # An earlier stage's workdir: its backbone's config, tokenizer and chat template come too
     # (without them a Qwen2.5 run would read byte ids with another EOS, and say nothing).
@@ -444,8 +478,10 @@ def default_config() -> ml_collections.ConfigDict:
                   "initial_memory": ""},
       # KIND:PATH[,PATH...] (memrecall/data/specs.py).  hotpotqa: documents per question (200 ~
       # 28K tokens, MemAgent's RL length); max_chunks: chunks per training document.
+      # overlong: a training row over max_chunks chunks stops the run naming it ("error"), or
+      # the epoch's next row that fits takes its place ("skip", logged once per row).
       "data": {"train": "", "num_docs": 200, "hotpotqa_dev": "", "seed": 0,
-               "max_chunks": 8, "synthetic_size": 1024},
+               "max_chunks": 8, "overlong": "error", "synthetic_size": 1024},
       # microbatches: rows of a step run in k parts one after another.
       "train": {"steps": 500, "batch_size": 128, "microbatches": 1, "trainable": "backbone",
                 "log_every": 1, "checkpoint_every": 25, "keep": 3, "async_checkpoint": True},

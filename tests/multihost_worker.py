@@ -39,9 +39,11 @@ evaluator.evaluate_suite(params, run, model_name="lychee", lengths=[1], modes=["
                           examples=4, batch_size=2, latency_examples=1, output_dir=evaldir,
                           baseline=evaluator.BaselineConfig(), log=lambda *a: None)
 # One RL step whose rollout runs on its weights split over a tensor axis of the 8 devices
-# (data 4 x tensor 2), its rows across both processes.
+# (data 4 x tensor 2), its rows across both processes, chained from the SFT stage above
+# (`init.checkpoint`, as a pod's stages chain).
 rl = small_config("rl", steps=1, batch_size=8)
 rl.mesh.data, rl.mesh.fsdp = 2, 4
 rl.rl.rollout_weights = "tensor"
+rl.init.checkpoint = workdir
 trainer.train(rl, workdir + "_rl", log=lambda *a: None)
 print(f"process {process_id} done")

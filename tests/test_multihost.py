@@ -63,11 +63,14 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   strip = lambda rs: json.dumps([{k: v for k, v in r.items() if k not in timing} for r in rs])
   assert strip(written) == strip(rows)
 
-  # An RL step with the rollout's weights split over tensor: the two processes sample what
-  # one process samples (the rollouts' lengths and entropy, logged by process 0).
+  # An RL step with the rollout's weights split over tensor, chained from the two processes'
+  # SFT workdir (every process reads the initial checkpoint's record: process 0 alone had
+  # deadlocked orbax's barrier): the two processes sample what one process samples (the
+  # rollouts' lengths and entropy, logged by process 0).
   rl = small_config("rl", steps=1, batch_size=8)
   rl.mesh.data, rl.mesh.fsdp = 2, 4
   rl.rl.rollout_weights = "tensor"
+  rl.init.checkpoint = str(tmp_path / "multi")
   trainer.train(rl, str(tmp_path / "single_rl"), log=lambda *a: None)
   metrics = lambda d: json.loads(open(tmp_path / d / "logs" / "rl" / "metrics.jsonl").readline())
   two, one = metrics("multi_rl"), metrics("single_rl")

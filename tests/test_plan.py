@@ -4,6 +4,7 @@ import pytest
 
 from configs import models
 from memrecall.capacity import memory_plan
+from memrecall.train import trainer
 from memrecall.models.config import ModelConfig
 
 E, M, V, L, H, K, D = 3584, 18944, 152064, 28, 28, 4, 128
@@ -108,7 +109,8 @@ def test_the_7b_terms_by_hand():
   # turn's layer scan; in the compression's backward also its layer scan (one for the chunk's
   # 2 windows of 2048 tokens).
   trainable = next(t.bytes for t in step.phases["a turn's backward"] if t.name == "gradients") / 3
-  assert run.config.train.microbatches > 1 and trainable > 0
+  assert run.config.train.microbatches == 0 and trainable > 0  # one row per device per part
+  assert trainer.microbatches_of(run.config, 8) == 32
   assert next(t.bytes for t in step.phases["compression's backward"]
               if t.name == "gradients") == 4 * trainable
   terms = {t.name: t.bytes for t in rollout.phases["memory updates"]}

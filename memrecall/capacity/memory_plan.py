@@ -50,6 +50,7 @@ from memrecall.models.config import ModelConfig
 from memrecall.models.qwen2 import QUERY_BLOCK, abstract_params, token_chunks
 from memrecall.runtime import sharding as sharding_lib
 from memrecall.train import state as state_lib
+from memrecall.train import trainer
 
 GiB = 1024 ** 3
 
@@ -378,7 +379,7 @@ def _gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
   docs/2026-12-06-compression-layer-loop.md).  The compressor stage has no block loop."""
   config = s.run.config
   parts = []
-  if int(config.train.get("microbatches", 1)) > 1:
+  if trainer.microbatches_of(config, s.batch_shards) > 1:
     parts.append((1, "the microbatches' sum"))
   if config.stage == "compressor":
     parts.append((1, "the compression's layer scan"))
@@ -431,7 +432,7 @@ def _block_residuals(s: _Shapes, rows: int, turn_tokens: int, logits: bool) -> l
 
 def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
   config = s.run.config
-  k = int(config.train.get("microbatches", 1))
+  k = trainer.microbatches_of(config, s.batch_shards)
   stage = config.stage
   rows_mb = config.train.batch_size // k  # the microbatch's rows, all batch shards
   rows = max(1, math.ceil(rows_mb / s.batch_shards))

@@ -171,7 +171,7 @@ class HotpotQASource(IndexedSource):
     try:
       self.pool.check_num_docs(num_docs)
     except ValueError as e:
-      raise DatasetError(f"{e} (DataOptions.num_docs)") from None
+      raise DatasetError(f"{e} (data.num_docs, or eval.py's --num_docs)") from None
 
   def __len__(self) -> int:
     return len(self.pool.rows)

@@ -71,7 +71,9 @@ def chunked(examples: Sequence[TokenizedExample], chunk_size: int, num_chunks: i
   except IndexError as e:
     ex, n = examples[e.args[0]], e.args[1]
     raise BatchError(f"{describe(ex)}: its {len(ex.context)} tokens make {n} chunks of "
-                     f"{chunk_size}, over the budget of {num_chunks} (data.max_chunks)") from None
+                     f"{chunk_size}, over the budget of {num_chunks} (data.max_chunks; "
+                     "--config.data.overlong=skip leaves such rows out, also on a resume)"
+                     ) from None
   except ValueError as e:  # an empty document
     raise BatchError(str(e)) from None
 

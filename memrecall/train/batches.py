@@ -75,15 +75,15 @@ def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chun
     trace = ex.oracle_trace(chunk_size, initial_memory)
     before = [initial_memory] + trace[:-1]
     for n in range(len(trace)):
-      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory", [ex])
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory (reasoner.memory_size's capacity)", [ex])
       targets[i, n], target_mask[i, n] = _pad_rows([tuple(trace[n]) + (eos_id,)], memory_size,
-                                                   "an oracle memory update (with EOS)", [ex])
+                                                   "an oracle memory update (with EOS; reasoner.memory_size)", [ex])
     finals.append(trace[-1])
     answers.append(tuple(ex.answers[0]) + (eos_id,))
   question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens,
                                        "a question (reasoner.question_tokens)", examples)
-  final_ids, final_mask = _pad_rows(finals, memory_capacity, "a final memory")
-  answer, answer_mask = _pad_rows(answers, answer_tokens, "an answer (with EOS)", examples)
+  final_ids, final_mask = _pad_rows(finals, memory_capacity, "a final memory (reasoner.memory_size's capacity)")
+  answer, answer_mask = _pad_rows(answers, answer_tokens, "an answer (with EOS; reasoner.answer_tokens)", examples)
   return TurnBatch(chunk_ids=chunk_ids, chunk_mask=chunk_mask, question=question,
                    question_mask=question_mask, memory_ids=memory_ids, memory_mask=memory_mask,
                    targets=targets, target_mask=target_mask, final_memory_ids=final_ids,
@@ -104,7 +104,7 @@ def gate_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chu
     trace = ex.oracle_trace(chunk_size, initial_memory)
     before = [initial_memory] + trace[:-1]
     for n in range(len(trace)):
-      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory", [ex])
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory (reasoner.memory_size's capacity)", [ex])
     example_labels = ex.chunk_labels(chunk_size)
     labels[i, :len(example_labels)] = example_labels
   question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens,

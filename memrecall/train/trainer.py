@@ -157,11 +157,13 @@ class _Console:
 
 # Config keys (or whole blocks) a resumed run may change: the step budget, logging and
 # checkpointing, microbatches (the same step in fewer or more parts), the optimizer's settings,
-# the mesh (a checkpoint restores onto any) and the demo's evaluation sizes.  Not
-# train.batch_size (a step's rows are `step * batch_size` on in the data) nor train.trainable
-# (the optimizer state holds the trainable leaves).
+# the mesh (a checkpoint restores onto any), the demo's evaluation sizes, and leaving overlong
+# rows out (a run stopped at one goes on past it).  Not train.batch_size (a step's rows are
+# `step * batch_size` on in the data) nor train.trainable (the optimizer state holds the
+# trainable leaves).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep",
                      "train.async_checkpoint", "train.microbatches", "optimizer", "mesh", "demo",
+                     "data.overlong",
                      # How values are computed or placed, not which: recomputation, chunking,
                      # the rollout's weights (a run out of memory resumes with smaller chunks).
                      "model.remat", "model.remat_blocks", "model.mlp_chunk_tokens",
@@ -318,7 +320,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
         f"model.param_dtype is {run.model.param_dtype}: training needs float32 master weights "
         "(an update of ~1e-6 is lost in a 16-bit weight, whose spacing near 0.02 is ~1e-4); "
         "set --config.model.param_dtype=float32 (products still run in model.dtype)")
-  microbatches = _microbatches(config, sharding_lib.batch_shards(run.mesh))
+  microbatches = microbatches_of(config, sharding_lib.batch_shards(run.mesh))
   stage = _STAGES[config.stage](run)
   stage.check_data()
   optimizer = make_optimizer(config)
@@ -347,11 +349,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
                            workdir)
   else:
     init_step = saved_inputs.get("init_step")
-  if reads_initial and init_step is not None and distributed.is_primary():
+  if reads_initial and init_step is not None:
+    # Every process: orbax's restore synchronises them (process 0 alone had waited on the
+    # others' next barrier, and called the good checkpoint corrupted).
     earlier, at = checkpoint.load_config(config.init.checkpoint, init_step)
     planned = earlier.get("train", {}).get("steps")
-    log(f"starting from {config.init.checkpoint} at step {at}"
-        + (f" of its {planned}: that stage did not finish" if planned and at < planned else ""))
+    if distributed.is_primary():
+      log(f"starting from {config.init.checkpoint} at step {at}"
+          + (f" of its {planned}: that stage did not finish" if planned and at < planned else ""))
   boxed = model_lib.abstract_params(run.model)
   _warn_undivided(run, boxed, log)
   with jax.set_mesh(run.mesh):
@@ -437,11 +442,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   return last
 
 
-def _microbatches(config: ml_collections.ConfigDict, batch_shards: int = 1) -> int:
-  """train.microbatches, checked: a microbatch's rows split evenly over the mesh's batch shards
-  (else the rules replicate them and every device computes more than its share, silently)."""
+def microbatches_of(config: ml_collections.ConfigDict, batch_shards: int = 1) -> int:
+  """train.microbatches on a mesh of `batch_shards` (data x fsdp), checked: a microbatch's rows
+  split evenly over them (else the rules replicate them and every device computes more than
+  its share, silently).  0 (the recipes'): one row per batch shard per part, whatever mesh the
+  run gets (`mesh.fsdp=-1` included; a count fixed in the recipe had been dropped there)."""
   microbatches = config.train.get("microbatches", 1)
   batch = config.train.batch_size
+  if microbatches == 0:
+    if batch % batch_shards:
+      raise ConfigError(f"train.microbatches=0 runs one row per batch shard per part, and "
+                        f"train.batch_size ({batch}) does not split over the mesh's "
+                        f"{batch_shards} (mesh.data x mesh.fsdp)")
+    return max(1, batch // batch_shards)
   if microbatches < 1 or batch % microbatches:
     raise ConfigError(f"train.batch_size ({batch}) must be a multiple of "
                       f"train.microbatches ({microbatches})")
@@ -505,7 +518,7 @@ def stage_programs(run: Run, device_memory: int | None = None) -> list[Program]:
   paths = state_lib.trainable_paths(state.params, config.train.trainable)
   batch = abstract_batch(stage.batch_shapes(stage.batch_size), run.mesh)
   step = jit_train_step(stage, optimizer, paths,
-                        _microbatches(config, sharding_lib.batch_shards(run.mesh)))
+                        microbatches_of(config, sharding_lib.batch_shards(run.mesh)))
   if not isinstance(stage, RLStage):
     return [Program("train_step", step, (state, batch))]
   # RL keeps the KL reference's copy of the trainable leaves on device all along (`start`).

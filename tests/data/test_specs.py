@@ -277,7 +277,8 @@ def test_hotpotqa_num_docs_out_of_range():
     specs.open_sources("hotpotqa:" + DEV, specs.DataOptions(num_docs=140))
   with pytest.raises(DatasetError, match="num_docs=200"):  # the default
     specs.open_sources("hotpotqa:" + DEV)
-  with pytest.raises(DatasetError, match="num_docs=9 must lie in \\[10, 139\\]"):
+  with pytest.raises(DatasetError, match=r"num_docs=9 must lie in \[10, 139\].*\(data.num_docs, "
+                                         r"or eval.py's --num_docs\)"):
     specs.open_sources("hotpotqa:" + DEV, specs.DataOptions(num_docs=9))
 
 

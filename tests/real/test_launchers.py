@@ -137,3 +137,35 @@ def test_answer_reads_lycheememorys_row_layout():
                 "--chunk_size=1024", "--memory_size=16", "--max_new_tokens=12", "--mode=all")
   expected = json.load(open(os.path.join(LYCHEE_TEXT, "expected.json")))
   assert f"answer: {expected['answers'][1]}" in proc.stdout
+
+
+def test_an_overlong_training_row_stops_the_run_by_name_or_is_left_out(tiny_qwen, data_files,
+                                                                       tmp_path):
+  """data.overlong: `error` names the row and the setting; `skip` puts the epoch's next row that
+  fits in its place (a run had died at such a row mid-way, and could not resume past it)."""
+  from memrecall import run_builder
+  from memrecall.readers.base import BatchError, chunked
+  rows = json.load(open(data_files["rows"]))[:4]
+  rows[2] = {**rows[2], "context": rows[2]["context"] * 8}
+  path = _rows_file(tmp_path, "mixed.json", rows)
+
+  def run_with(overlong):
+    run = run_builder.from_hf_checkpoint(tiny_qwen, chunk_size=64, memory_size=8, answer_tokens=4)
+    run.config.data.update({"train": f"rows:{path}", "overlong": overlong})
+    lengths = [len(run.tokenizer.encode(r["context"])) for r in rows]
+    run.config.data.max_chunks = -(-max(lengths[:2] + lengths[3:]) // 64)
+    assert lengths[2] > run.num_chunks * 64  # only row 2 is over the budget
+    return run
+
+  strict = run_with("error")
+  examples = strict.examples(0, 4)  # one epoch: every row once
+  assert sorted(e.example.metadata["row"] for e in examples) == [0, 1, 2, 3]
+  with pytest.raises(BatchError, match=r"mixed.json row 2 .*over the budget of .* "
+                                       r"\(data.max_chunks; --config.data.overlong=skip"):
+    chunked(examples, 64, strict.num_chunks, 0)
+  lenient = run_with("skip")
+  kept = lenient.examples(0, 4)
+  assert 2 not in [e.example.metadata["row"] for e in kept]
+  assert all(len(e.context) <= lenient.num_chunks * 64 for e in kept)
+  # The same rows on every call (each process asks for its own positions of the stream).
+  assert [e.example.id for e in lenient.examples(1, 2)] == [e.example.id for e in kept[1:3]]

@@ -62,6 +62,13 @@ def test_every_recipe_stage_trains_two_steps(module, stage, tiny_qwen, data_file
   assert changed and changed <= trained, (changed - trained)
   # The run carries its tokenizer and model config, readable without the HF directory.
   assert os.path.exists(tmp_path / run_builder.HF_ASSETS / "tokenizer.json")
+  if module is memagent:  # its workdir evaluates with eval.py's defaults, labelled as MemAgent's
+    from tests.real.test_launchers import launch
+    out = tmp_path / "eval"
+    launch("eval.py", f"--checkpoint={tmp_path}", f"--data=rows:{data_files['eval_rows']}",
+           "--limit=1", "--answer_tokens=4", f"--output_dir={out}")
+    results = json.load(open(out / "results.json"))
+    assert [(r["model"], r["mode"]) for r in results] == [("memagent", "memagent")]
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -298,3 +305,21 @@ def test_the_chat_template_is_read_where_transformers_saves_it(tiny_qwen, data_f
   first = run.prompts.final.pieces[0]
   assert first[0] == run.tokenizer.token_id("<|endoftext|>")
   assert run.tokenizer.decode(first[1:]).startswith("<<")
+
+
+def test_a_lycheememory_checkpoints_window_is_named_before_a_chunk_that_does_not_fit_it(
+    data_files):
+  """On the reference's checkpoint (window 512): the MemAgent recipe builds (its 5000-token
+  sections use no beacons; they were refused as not a multiple of 512), and a window set
+  against the checkpoint's is named as such, not as a chunk size that does not fit it."""
+  from memrecall.models.config import ConfigError
+  from tests.conftest import LYCHEE_TEXT
+  hf = os.path.join(LYCHEE_TEXT, "hf")
+  config = memagent.get_config("rl,0.5b,auto")
+  config.init.hf_checkpoint, config.data.train = hf, f"rows:{data_files['rows']}"
+  run = run_builder.build_run(config)
+  assert run.compressor.chunk_size == 5000 and not run.model.compressor
+  toy = recipe(lychee, "sft", hf, f"hotpotqa:{data_files['hotpotqa']}")  # chunk 64, window 64
+  with pytest.raises(ConfigError, match=r"compressor.window=64 differs from the checkpoint's "
+                                        r"lychee_memory_window \(512\).*set compressor.window=0"):
+    run_builder.build_run(toy)
