@@ -380,6 +380,8 @@ def main(argv=None):
       _write_report(args, bounds, results)
   print(f"\n{_table(results)}")
   print(f"wrote {os.path.join(args.output_dir, 'device_check.json')} and {log_path}")
+  shutil.rmtree(work, ignore_errors=True)  # the rows are in the JSON; the smoke's cache is spent
+  return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
 def _write_report(args, bounds, results) -> None:
@@ -388,8 +390,6 @@ def _write_report(args, bounds, results) -> None:
     json.dump({"smoke": args.smoke, "bounds": bounds, "steps": results,
                "table": _table(results)}, f, indent=1)
   os.replace(path + ".tmp", path)
-  shutil.rmtree(work, ignore_errors=True)  # the rows are in the JSON; the smoke's cache is spent
-  return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
 if __name__ == "__main__":

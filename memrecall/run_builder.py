@@ -338,7 +338,9 @@ def _compressor(config: ml_collections.ConfigDict, raw: dict | None) -> Compress
   """The config's settings; a LycheeMemory checkpoint's window and ratio (0 in the config: take
   the checkpoint's, or 2048 and 4 for a plain Qwen2 one)."""
   c = config.compressor
-  no_beacons = not config.model.get("compressor", True)  # MemAgent's sections: its own sizes
+  # MemAgent's sections (no beacons) keep the config's sizes where it gives them all.
+  own_sizes = c.get("chunk_size") and c.get("window") and c.get("ratio")
+  no_beacons = not config.model.get("compressor", True) and own_sizes
   if raw is None or no_beacons or ("lychee_memory_window" not in raw and c.get("window")
                                    and c.get("ratio")):
     return CompressorConfig(chunk_size=c.chunk_size, window=c.window, ratio=c.ratio,
