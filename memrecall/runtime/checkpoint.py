@@ -89,8 +89,9 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for damaged files
       first = (str(e).strip().splitlines() or [""])[0][:200]
       raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} has no "
-                            f"readable {item} ({type(e).__name__}: {first}); it may be truncated "
-                            "or corrupted — delete it to resume from an earlier one") from e
+                            f"readable {item} ({type(e).__name__}: {first}); "
+                            + _advice(e, "it may be truncated or corrupted — delete it to resume "
+                                      "from an earlier one")) from e
 
   def save(self, step: int, state, config: dict, data: dict, force: bool = False) -> bool:
     return self.manager.save(step, args=ocp.args.Composite(
@@ -107,11 +108,11 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for damaged files
       first = (str(e).strip().splitlines() or [""])[0][:200]
       raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} cannot be "
-                            f"restored ({type(e).__name__}: {first}); if its structure "
-                            "differs, it was made by another version or other settings (a "
-                            "resume keeps the trainable subset and the model); else it may be "
-                            "truncated or corrupted — then delete it to resume from an earlier "
-                            "one") from e
+                            f"restored ({type(e).__name__}: {first}); " + _advice(
+                                e, "if its structure differs, it was made by another version or "
+                                "other settings (a resume keeps the trainable subset and the "
+                                "model); else it may be truncated or corrupted — then delete it "
+                                "to resume from an earlier one")) from e
     return restored.state, restored.config, restored.data
 
   def wait(self) -> None:
@@ -219,5 +220,14 @@ def _restore_errors(directory: str, step: int):
   except Exception as e:
     first = (str(e).strip().splitlines() or [""])[0][:200]
     raise CheckpointError(f"checkpoint {directory}/{step} cannot be restored ({type(e).__name__}: "
-                          f"{first}); it may be truncated or corrupted — delete it to use an "
-                          "earlier one, or retrain") from e
+                          f"{first}); " + _advice(e, "it may be truncated or corrupted — delete "
+                                                  "it to use an earlier one, or retrain")) from e
+
+
+def _advice(error: Exception, damaged: str) -> str:
+  """What to do about a failed read: `damaged`'s advice, unless the processes disagreed on
+  which reads they made (orbax's barrier names differ), which says nothing about the files."""
+  if "sync_global_devices name mismatch" in str(error):
+    return ("the processes did not all make the same checkpoint reads (a program error, not "
+            "damage): keep the checkpoint, and report the command that failed")
+  return damaged

@@ -258,3 +258,12 @@ def test_the_recipes_microbatches_follow_the_mesh_the_run_gets():
   config.train.batch_size = 24
   with pytest.raises(ConfigError, match="does not split over the mesh's 16"):
     trainer.microbatches_of(config, 16)
+
+
+def test_a_read_the_processes_disagreed_on_is_not_called_damage():
+  """orbax's barrier-name mismatch (processes making different reads) says nothing about the
+  files: the advice is to keep the checkpoint, not to delete it."""
+  mismatch = AssertionError("sync_global_devices name mismatch ('_Checkpointer:restore', "
+                            "'CheckpointManager:create_directory')")
+  assert "keep the checkpoint" in checkpoint._advice(mismatch, "delete it")
+  assert checkpoint._advice(ValueError("bad header"), "delete it") == "delete it"
