@@ -8,10 +8,10 @@ chunks; `gate_stream` is gate mode with compression fused into the loop
 (`recall_streaming`: one group of chunks on device at a time, so its peak does
 not grow with the context).  Every question reads its own document, as in evaluation: the
 compressed modes compress all of them (`shared_document`: one document for every question,
-compressed once, the case of many questions about one text).  Peak bytes are what XLA plans for the largest call
-beyond the weights: temporaries, outputs and the arguments other than the parameters (XLA
-leaves out of its plan the weights a program never reads, so subtracting all of them
-undercounted).
+compressed once, the case of many questions about one text).  Peak bytes are what XLA plans
+for the largest call beyond the weights: temporaries, outputs and the arguments other than
+the parameters (XLA leaves out of its plan the weights a program never reads, so subtracting
+all of them undercounted).
 
 Efficiency is judged against the machine, not against another program: the
 matmul FLOP/s and the read bandwidth are measured in the same run

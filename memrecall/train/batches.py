@@ -12,6 +12,13 @@ from memrecall.readers import BatchError, chunked, describe  # noqa: F401
 from memrecall.train.objectives import GateBatch, TurnBatch
 
 
+# What each padded row is, and the setting that bounds it, for the errors of `_pad_rows`.
+_MEMORY = "a memory (reasoner.memory_size's capacity)"
+_UPDATE = "an oracle memory update (with EOS; reasoner.memory_size)"
+_FINAL = "a final memory (reasoner.memory_size's capacity)"
+_ANSWER = "an answer (with EOS; reasoner.answer_tokens)"
+
+
 def _pad_rows(rows: Sequence[Sequence[int]], width: int, what: str,
               examples: Sequence[TokenizedExample] | None = None) -> tuple[np.ndarray, np.ndarray]:
   ids = np.zeros((len(rows), width), np.int32)
@@ -75,15 +82,15 @@ def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chun
     trace = ex.oracle_trace(chunk_size, initial_memory)
     before = [initial_memory] + trace[:-1]
     for n in range(len(trace)):
-      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory (reasoner.memory_size's capacity)", [ex])
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, _MEMORY, [ex])
       targets[i, n], target_mask[i, n] = _pad_rows([tuple(trace[n]) + (eos_id,)], memory_size,
-                                                   "an oracle memory update (with EOS; reasoner.memory_size)", [ex])
+                                                   _UPDATE, [ex])
     finals.append(trace[-1])
     answers.append(tuple(ex.answers[0]) + (eos_id,))
   question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens,
                                        "a question (reasoner.question_tokens)", examples)
-  final_ids, final_mask = _pad_rows(finals, memory_capacity, "a final memory (reasoner.memory_size's capacity)")
-  answer, answer_mask = _pad_rows(answers, answer_tokens, "an answer (with EOS; reasoner.answer_tokens)", examples)
+  final_ids, final_mask = _pad_rows(finals, memory_capacity, _FINAL)
+  answer, answer_mask = _pad_rows(answers, answer_tokens, _ANSWER, examples)
   return TurnBatch(chunk_ids=chunk_ids, chunk_mask=chunk_mask, question=question,
                    question_mask=question_mask, memory_ids=memory_ids, memory_mask=memory_mask,
                    targets=targets, target_mask=target_mask, final_memory_ids=final_ids,
@@ -104,7 +111,7 @@ def gate_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chu
     trace = ex.oracle_trace(chunk_size, initial_memory)
     before = [initial_memory] + trace[:-1]
     for n in range(len(trace)):
-      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, "a memory (reasoner.memory_size's capacity)", [ex])
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, _MEMORY, [ex])
     example_labels = ex.chunk_labels(chunk_size)
     labels[i, :len(example_labels)] = example_labels
   question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens,

@@ -226,7 +226,8 @@ def test_row_files_by_extension_in_any_case_and_lines_split_at_newlines_alone(tm
     ruler_hqa.read_rows(other)
   scalar = tmp_path / "five.json"
   scalar.write_text("5")
-  with pytest.raises(DatasetError, match=r"five.json: a .json rows file holds a list of rows or one row object, not 5"):
+  with pytest.raises(DatasetError, match=r"five.json: a .json rows file holds a list of rows or "
+                                         r"one row object, not 5"):
     ruler_hqa.read_rows(scalar)
 
 

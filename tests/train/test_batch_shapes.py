@@ -57,3 +57,13 @@ def test_recall_pretraining_rows_are_the_same_whichever_process_builds_them():
   ids, _, target = whole
   half = ids.shape[1] // 2
   assert target[:, :half].sum() == 0 and target[:, half:].any()
+
+
+def test_a_row_over_its_budget_names_the_setting_that_bounds_it():
+  from memrecall.readers import BatchError
+  config = small_config("sft")
+  config.reasoner.memory_size = 1  # no oracle update of the tiny tasks fits one token and EOS
+  run = run_builder.build_run(config)
+  with pytest.raises(BatchError, match=r"an oracle memory update \(with EOS; "
+                                       r"reasoner.memory_size\) of \d+ tokens exceeds its budget of 1"):
+    trainer._STAGES["sft"](run).batch(0, None, slice(0, 4))
