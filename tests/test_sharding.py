@@ -80,7 +80,8 @@ def test_make_mesh_shapes_and_errors():
   assert sharding.make_mesh({"data": 1, "fsdp": 1}).devices.size == 1
   with pytest.raises(ValueError, match="unknown mesh axes"):
     sharding.make_mesh({"pipeline": 2})
-  with pytest.raises(ValueError, match="cannot fill"):
+  with pytest.raises(ValueError, match=r"8 devices cannot fill mesh .*: the sizes given \(3 "
+                                       r"devices\) do not divide them"):
     sharding.make_mesh({"data": 3, "fsdp": -1})
 
 

@@ -80,7 +80,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise MeshError(f"{len(devices)} devices cannot fill mesh {dict(shape)}")
+      raise MeshError(f"{len(devices)} device{'s' if len(devices) != 1 else ''} cannot fill mesh "
+                      f"{dict(shape)}: the sizes given ({known} devices) do not divide them")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) > len(devices):
     raise MeshError(
