@@ -70,7 +70,7 @@ def main(argv):
                              f"--hops={hops}: {e}") from None
       builder = tfds_builders.SyntheticTasks(config=tfds_builders.synthetic_config(task, _SEED.value),
                                              data_dir=_DATA_DIR.value)
-      builder.download_and_prepare()
+      tfds_builders.prepare(builder)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   splits = {name: info.num_examples for name, info in builder.info.splits.items()}

@@ -17,7 +17,11 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file and its argument.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file and its argument (configs/tiny.py:sft, "
+    "configs/lychee.py:rl,7b,gpu8). Any key is set with --config.BLOCK.KEY=VALUE: the blocks and "
+    "their defaults are run_builder.with_defaults's (memrecall/run_builder.py), each described "
+    "in docs/training.md#train.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics go here.")
 from launch import cli, distributed_flags  # noqa: E402  (--verbose; --distributed and the coordinator flags)
 flags.adopt_module_key_flags(cli)  # its flags in --help

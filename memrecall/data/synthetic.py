@@ -64,8 +64,8 @@ class TaskConfig:
       raise ValueError(f"unknown task {self.task!r}; choose from {TASKS}")
     if self.form not in FORMS:
       raise ValueError(f"unknown form {self.form!r}; choose from {FORMS}")
-    if self.hops < 1:
-      raise ValueError(f"hops must be >= 1, got {self.hops}")
+    if not 1 <= self.hops <= SmallVocab.MAX_HOPS:  # here, not at the first example
+      raise ValueError(f"hops must be in [1, {SmallVocab.MAX_HOPS}], got {self.hops}")
     if self.task == "hotpot" and self.hops != 2:
       raise ValueError("the hotpot task is two-hop: hops must be 2")
     if not 0.0 <= self.distractor_density <= 1.0:
@@ -352,8 +352,6 @@ def make_example(config: TaskConfig, seed: int, index: int, tokenizer=None) -> E
   """
   rng = np.random.default_rng([seed, index, _TASK_SALT[config.task]])
   vocab = SmallVocab(config.num_entities)
-  if config.hops > vocab.MAX_HOPS:
-    raise ValueError(f"hops must be <= {vocab.MAX_HOPS}, got {config.hops}")
   if config.form == "text":
     tokenizer = tokenizer or ByteTokenizer()
     names = _names(np.random.default_rng([seed, _TASK_SALT[config.task]]), config.num_entities)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 from typing import Mapping, Sequence
 
 import tensorflow_datasets as tfds
@@ -295,11 +296,23 @@ def prepare_ruler_hqa(config: RulerHqaConfig, data_dir: str, manual_dir: str) ->
           + f", not from {manual_dir}'s (content {made_from}): use another data_dir, or "
           "delete that directory to build it again")
     return builder
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir))
+  prepare(builder, download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   with open(record, "w", encoding="utf-8") as f:
     json.dump(made_from, f)
   return builder
+
+
+def prepare(builder: tfds.core.DatasetBuilder, **kwargs) -> None:
+  """builder.download_and_prepare(**kwargs); a build that fails (a config asking for more
+  questions than the file has, say) leaves no empty config folder behind it to look prepared."""
+  config_dir = os.path.dirname(builder.data_dir)  # NAME/CONFIG, above the version folder
+  existed = os.path.exists(config_dir)
+  try:
+    builder.download_and_prepare(**kwargs)
+  except BaseException:
+    if not existed and not any(files for _, _, files in os.walk(config_dir)):
+      shutil.rmtree(config_dir, ignore_errors=True)
+    raise
 
 
 def _manual_file(manual_dir, name: str):

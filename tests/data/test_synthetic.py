@@ -161,7 +161,8 @@ def test_labels_and_oracle_trace_rederived_independently(task, form, seed):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(hops=0), "hops must be >= 1"),
+    (dict(hops=0), r"hops must be in \[1, 16\], got 0"),
+    (dict(hops=17), r"hops must be in \[1, 16\], got 17"),  # refused here, not at an example
     (dict(task="sorting"), "unknown task"),
     (dict(form="audio"), "unknown form"),
     (dict(distractor_density=1.5), "distractor_density"),

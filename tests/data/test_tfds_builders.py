@@ -189,6 +189,9 @@ def test_ruler_hqa_is_reused_only_from_the_same_files(hotpot_dirs, tmp_path):
 def test_ruler_hqa_errors_name_the_problem(hotpot_dirs, tmp_path):
   with pytest.raises(ValueError, match="13 questions but only 12"):
     _build_ruler(tb.ruler_hqa_config(50, num_questions=13), hotpot_dirs)
+  # No empty config folder is left to look prepared.
+  config = tb.ruler_hqa_config(50, num_questions=13)
+  assert not os.path.exists(os.path.join(hotpot_dirs[0], "ruler_hqa", config.name))
   empty = tmp_path / "manual"
   empty.mkdir()
   (empty / "README").write_text("not the dev set")
