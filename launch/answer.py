@@ -69,6 +69,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write answer and trace.")
 # --verbose and one-line errors; --gate_lora_rank, --matmul_precision
+_NO_COMPRESSOR = ("this model has no compressor (a MemAgent baseline's run): answer.py reads "
+                  "compressed chunks; evaluate it with eval.py --modes=memagent")
 from launch import cli, model_flags  # noqa: E402
 flags.adopt_module_key_flags(cli)  # its flags in --help
 flags.adopt_module_key_flags(model_flags)
@@ -84,7 +86,7 @@ def main(argv):
   from memrecall.data import documents
   from memrecall.evaluate import evaluator, traces
   from memrecall.method import memory_bank, prompts, recall
-  from memrecall.runtime import fingerprint, progress
+  from memrecall.runtime import checkpoint, fingerprint, progress
 
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None) or not _DOCUMENT.value:
     raise app.UsageError("--document and exactly one of --hf_checkpoint and --checkpoint are "
@@ -129,6 +131,9 @@ def main(argv):
                   answer_tokens=_MAX_NEW_TOKENS.value)
   # The run's mesh: --mesh or the run's shape where it fits this machine's devices.
   if _CHECKPOINT.value:
+    saved, _ = checkpoint.load_config(_CHECKPOINT.value)  # before any weight is read
+    if saved.get("agent") == "memagent" or not saved.get("model", {}).get("compressor", True):
+      raise app.UsageError(_NO_COMPRESSOR)
     run, params = model_flags.on_own_devices(lambda mesh: run_builder.from_workdir(
         _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, mesh=mesh,
         **settings), len(jax.local_devices()))
@@ -138,8 +143,7 @@ def main(argv):
         **{k: v for k, v in settings.items() if v}), len(jax.local_devices()))
   tok, config = run.tokenizer, run.model
   if not config.compressor:
-    raise app.UsageError("this model has no compressor (a MemAgent baseline's run): answer.py "
-                         "reads compressed chunks; evaluate it with eval.py --modes=memagent")
+    raise app.UsageError(_NO_COMPRESSOR)
   mode = _MODE.value or ("gate" if config.has_gate else "all")
   if mode in ("gate", "topk") and not config.has_gate:
     raise app.UsageError(f"--mode={mode} needs a gate: this checkpoint has none "

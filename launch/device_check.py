@@ -10,7 +10,7 @@ Each step runs in its own process group under a time bound (`FULL_BOUNDS`, print
 bounds add up to at most 8 minutes, and time a step leaves unused passes to the next ones), so
 one slow step costs its own row ("TIMEOUT"), not the others.  The bench runs one mode per
 process: a 7B program takes minutes to compile, and one process per row keeps a timeout to one
-row; a persistent compilation cache shares what the rows have in common (compression at 32K).
+row; a persistent compilation cache shares what the rows have in common (compression at 16K).
 The end is one table (step, status, seconds, key numbers), also written as JSON with each
 step's full numbers to `--output_dir` ($OUT when set), beside the whole log.
 
@@ -44,8 +44,8 @@ NEEDED = ("ml_collections", "tensorboardX")
 FULL_LIMIT_S, SMOKE_LIMIT_S, END_S = 480, 180, 10
 
 # Seconds per step on one H100/H200.  At 7B a decode step took 4.8 ms at batch 8 on an H200
-# (docs/2026-12-04-h200-decode.md), so memagent's and all's 8 updates of 1024 tokens at 32K are
-# about 40 s of decoding each, plus their compile: those rows get the most.
+# (docs/2026-12-04-h200-decode.md), so memagent's and all's 4 updates of 1024 tokens at 16K are
+# about 20 s of decoding each, plus their prefills and compile: those rows get the most.
 FULL_BOUNDS = {"info": 10, "wheels": 10, "tests": 100, "decode": 75, "gate": 60, "memagent": 80,
                "all": 75, "gate_stream": 60}
 SMOKE_BOUNDS = {"info": 10, "wheels": 10, "tests": 40, "decode": 40, "gate": 20, "memagent": 15,
@@ -241,7 +241,7 @@ def _steps(smoke, python, work, attention="auto"):
                                                                      else FULL_BENCH)
   modes = SMOKE_MODES if smoke else FULL_MODES
   # The bench rows share compiled programs (the model's init, the ceilings' matmuls,
-  # compression at 32K) through a persistent cache: the smoke's is new each run, and the smoke
+  # compression at 16K) through a persistent cache: the smoke's is new each run, and the smoke
   # stays on the CPU wherever it runs.
   # MEMRECALL_VERBOSE: library logs in the log, among them each program's compile seconds, so
   # a row cut at its bound says whether it was still compiling.

@@ -66,7 +66,7 @@ def _kernel_profile(run, top: int) -> dict:
     files = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
       return {"error": "no perfetto trace written"}
-    with gzip.open(files[0], "rt") as f:
+    with gzip.open(files[0], "rt", encoding="utf-8") as f:
       trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   names = {e["pid"]: e["args"].get("name", "") for e in events

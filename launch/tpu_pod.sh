@@ -29,10 +29,15 @@ if [ "${SYNC:-0}" = 1 ]; then
     "$(cd "$(dirname "$0")/.." && pwd)/." "$TPU_NAME:$REMOTE_DIR" || exit 1
 fi
 args=$(printf ' %q' "$@")
+# The workers' environment as launch/env.sh makes it: MEMRECALL_VENV=none runs their Python as
+# it is, installing nothing (jax[tpu] included).
+venv=$(printf '%q' "${MEMRECALL_VENV:-.venv}")
+install="pip install -q 'jax[tpu]' && "
+[ "${MEMRECALL_VENV:-}" = none ] && install=""
 for attempt in $(seq 0 "${MAX_RESUMES:-20}"); do
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command \
-    "cd $REMOTE_DIR && source launch/env.sh && memrecall_venv hf,parquet && \
-     pip install -q 'jax[tpu]' && python launch/$script --distributed$args"
+    "cd $REMOTE_DIR && export MEMRECALL_VENV=$venv && source launch/env.sh && \
+     memrecall_venv hf,parquet && ${install}python launch/$script --distributed$args"
   rc=$?
   [ "$rc" -eq 75 ] || exit "$rc"
   echo "[memrecall] preempted (resume $((attempt + 1))): rerunning $script" >&2

@@ -216,7 +216,7 @@ class Run:
       for tried in range(1, n + 1 if skip else 1):
         if len(example.context) <= budget:
           break
-        _note_overlong(example, budget)
+        self._note_overlong(example, budget)
         if tried == n:
           raise ConfigError(f"no row of data.train fits data.max_chunks ({self.num_chunks} "
                             f"chunks of {self.compressor.chunk_size} tokens)")
@@ -224,6 +224,21 @@ class Run:
                                        self.tokenizer)
       out.append(example)
     return out
+
+  @functools.cached_property
+  def _overlong_noted(self) -> set[tuple]:
+    return set()
+
+  def _note_overlong(self, example: example_lib.TokenizedExample, budget: int) -> None:
+    """Logs once per row of this run that `data.overlong=skip` left it out."""
+    meta = example.example.metadata
+    key = (meta.get("source"), example.example.id)  # ids may repeat across files
+    if key not in self._overlong_noted:
+      self._overlong_noted.add(key)
+      where = f"{meta['source']} row {meta['row']}" if "source" in meta and "row" in meta else ""
+      logging.warning("data.overlong=skip: example %s%s (%d tokens, over the %d of "
+                      "data.max_chunks) is left out", example.example.id,
+                      f" ({where})" if where else "", len(example.context), budget)
 
   @functools.cached_property
   def train_sources(self) -> list[specs.NamedSource]:
@@ -276,19 +291,6 @@ class Run:
     for name in _ASSET_FILES:
       if os.path.exists(os.path.join(source, name)):
         shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
-
-
-_NOTED_OVERLONG: set[str] = set()
-
-
-def _note_overlong(example: example_lib.TokenizedExample, budget: int) -> None:
-  """Logs once per row that `data.overlong=skip` left it out."""
-  meta = example.example.metadata
-  where = f"{meta.get('source', '')} row {meta['row']}" if "row" in meta else example.example.id
-  if where not in _NOTED_OVERLONG:
-    _NOTED_OVERLONG.add(where)
-    logging.warning("data.overlong=skip: %s (%d tokens, over the %d of data.max_chunks) is left "
-                    "out", where, len(example.context), budget)
 
 
 @functools.lru_cache(maxsize=4)

@@ -150,6 +150,8 @@ def test_compression_flops_by_hand():
   # the memory; XLA computes nothing else of it.
   last = 2 * 64 * 2 * 2 * 3
   assert benchmark.compression_flops(config, compressor, 3) == dense + attention + last
+  one_layer = config.replace(num_layers=1)  # the beacons' keys and values alone
+  assert benchmark.compression_flops(one_layer, compressor, 3) == last
 
 
 def test_decode_rate_and_ceilings_run_on_cpu():

@@ -72,15 +72,20 @@ def test_logs_are_quiet_by_default():
 
 
 def test_generates_from_a_training_workdir(tmp_path):
-  """--checkpoint=WORKDIR: the run's latest weights, tokenizer and settings, as answer.py's."""
+  """--checkpoint=WORKDIR: the run's latest weights, tokenizer and settings, as answer.py's;
+  a run trained on more devices than this process has (2 here, against the launcher's 1) is
+  read onto its devices instead, and says so."""
   from memrecall import run_builder
   from memrecall.train import trainer
   from tests.train.conftest import small_config
-  trainer.train(small_config("sft", steps=1), str(tmp_path / "run"), log=lambda *a: None)
+  config = small_config("sft", steps=1)
+  config.mesh.fsdp = 2
+  trainer.train(config, str(tmp_path / "run"), log=lambda *a: None)
   out = tmp_path / "out.json"
   proc = _run(f"--checkpoint={tmp_path / 'run'}", "--prompt_ids=5,6,7", "--max_new_tokens=4",
               f"--output_json={out}")
   assert proc.returncode == 0, proc.stderr
+  assert "the run's mesh does not fit this process" in proc.stderr
   run, params = run_builder.from_workdir(str(tmp_path / "run"))
   expected = sampling.generate(params, run.model, np.asarray([[5, 6, 7]]), None,
                                jax.random.key(0), max_new_tokens=4,

@@ -26,6 +26,12 @@ MODULE = """HloModule m, is_scheduled=true
   ROOT %r = f32[2]{0} negate(%p)
 }
 
+%small_branch (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  %g = f32[4]{0} all-gather(%p), dimensions={0}
+  ROOT %r = f32[2]{0} negate(%p)
+}
+
 %async_collective_fusion.1 (p: bf16[4,8]) -> bf16[16,8] {
   %p = bf16[4,8]{1,0} parameter(0)
   ROOT %ag = bf16[16,8]{1,0} all-gather(%p), dimensions={0}, frontend_attributes={chain_id="7"}
@@ -57,7 +63,7 @@ MODULE = """HloModule m, is_scheduled=true
   %t = (s32[], bf16[4,8]{1,0}) parameter(0), metadata={op_name="jit(f)/while/body/x"}
   %gte = bf16[4,8]{1,0} get-tuple-element(%t), index=1
   %fusion.1 = bf16[16,8]{1,0} fusion(%gte), kind=kCustom, calls=%fused_gather, metadata={op_name="jit(f)/while/body/dot"}
-  %cond.1 = f32[2]{0} conditional(%gte), branch_computations={%branch, %branch}
+  %cond.1 = f32[2]{0} conditional(%gte), branch_computations={%small_branch, %branch}
   %w = (s32[], f32[2]{0}) while(%t), condition=%inner_cond, body=%inner_body
   %copy.3 = bf16[4,8]{1,0} copy(%gte)
   %all-reduce.4 = bf16[4,8]{1,0} all-reduce(%gte), replica_groups={}, to_apply=%sum
@@ -84,8 +90,8 @@ def test_a_loop_counts_its_kernels_and_what_it_gathers_and_reduces_per_iteration
   by_body = {loop.body: loop for loop in loops}
   assert sorted(by_body) == ["body", "inner_body"]
   body = by_body["body"]
-  # The fusion's gather (16 x 8 bf16), the conditional's branch's all-gather-start results
-  # (two f32[8]; a conditional runs one branch, so the larger branch counts, not both), and
+  # The fusion's gather (16 x 8 bf16), the conditional's larger branch's all-gather-start
+  # results (two f32[8]; a conditional runs one branch: not both, nor the first's f32[4]), and
   # one gather of 16 x 8 bf16 that the TPU compiler split over two async collective fusions
   # (one chain, counted once): the nested loop is its own row.
   assert body.gathered_bytes == 16 * 8 * 2 + (8 + 8) * 4 + 16 * 8 * 2
@@ -97,6 +103,12 @@ def test_a_loop_counts_its_kernels_and_what_it_gathers_and_reduces_per_iteration
   assert by_body["inner_body"].reduced_bytes == 16 * 4
   assert by_body["inner_body"].op_name == "jit(f)/jit(inner)/while"
   assert outside == 32 * 8 * 2
+  # The conditional's other form (true_computation / false_computation) counts the same.
+  two_way = MODULE.replace("branch_computations={%small_branch, %branch}",
+                           "true_computation=%small_branch, false_computation=%branch")
+  assert two_way != MODULE
+  same = lambda report: [(l.body, l.kernels, l.gathered_bytes, l.reduced_bytes) for l in report]
+  assert same(hlo_report.loop_report(two_way)[0]) == same(loops)
 
 
 def test_array_bytes_of_tuples_and_layouts():

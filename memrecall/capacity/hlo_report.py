@@ -17,8 +17,9 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u1
 _ARRAY = re.compile(r"\b([a-z0-9]+)\[([0-9,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.*)$")
-_CALLED = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_CALLED = re.compile(r"(?:calls|to_apply)=%([\w.\-]+)")
+# A conditional's branches, in either of its two forms.
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}|(?:true|false)_computation=(%[\w.\-]+)")
 _LOOP = re.compile(r"condition=%([\w.\-]+), body=%([\w.\-]+)")
 # The TPU compiler splits one collective over several "async collective fusions", each holding
 # the whole collective tagged with the same chain: it is one collective, counted once.
@@ -117,14 +118,15 @@ def loop_report(text: str) -> tuple[list[Loop], int]:
       if op in ("all-reduce", "all-reduce-start", "reduce-scatter") and not counted:
         reduced += array_bytes(type_text)
       # A conditional runs one of its branches: it costs the most any branch does.
-      branches = [c for group in _BRANCHES.findall(rest)
-                  for c in re.findall(r"%([\w.\-]+)", group)]
-      parts = [[walk(callee, seen | {callee}, chains)] for callee in _CALLED.findall(rest)
-               if callee not in bodies and callee not in seen]
-      taken = [walk(c, seen | {c}, chains) for c in branches if c not in bodies and c not in seen]
+      branches = [c for found in _BRANCHES.findall(rest)
+                  for c in re.findall(r"%([\w.\-]+)", "".join(found))]
+      walked = lambda names: [walk(c, seen | {c}, chains) for c in names
+                              if c not in bodies and c not in seen]
+      parts = walked(_CALLED.findall(rest))
+      taken = walked(branches)
       if taken:
-        parts.append([tuple(map(max, zip(*taken)))])
-      for (sub_kernels, sub_gathered, sub_reduced), in parts:
+        parts.append(tuple(map(max, zip(*taken))))
+      for sub_kernels, sub_gathered, sub_reduced in parts:
         gathered += sub_gathered
         reduced += sub_reduced
         if op != "fusion":  # a fusion is one kernel: what it calls adds bytes, not kernels

@@ -34,6 +34,7 @@ read by one parser, `parse_row`, for every reader: `read_rows`,
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -276,7 +277,7 @@ def checked_indices(indices: Sequence[int], available: int, source: str = "indic
   """Question row numbers, refused unless distinct and in [0, available): a repeated row
   would count one question twice."""
   chosen = [int(i) for i in indices]
-  repeated = sorted({i for i in chosen if chosen.count(i) > 1})
+  repeated = sorted(i for i, count in collections.Counter(chosen).items() if count > 1)
   outside = [i for i in chosen if not 0 <= i < available]
   if repeated or outside:
     raise ValueError(f"{source} must be distinct row numbers in [0, {available}): "

@@ -185,8 +185,13 @@ class HotpotQASource(IndexedSource):
 
 
 def _text_documents(path: str) -> list[str]:
-  """A .jsonl file's `text` fields, one document a line; any other file is one document."""
-  if row_file_kind(path) != ".jsonl":
+  """A .jsonl file's `text` fields, one document a line; any other file but rows is one
+  document (a .json or .parquet file would train on its raw JSON or bytes)."""
+  kind = row_file_kind(path)
+  if kind in (".json", ".parquet"):
+    raise DatasetError(f"{path}: text: data is plain text, or .jsonl with a 'text' field a line; "
+                       f"a {kind} file holds rows (rows:, for question rows)")
+  if kind != ".jsonl":
     return [read_text(path, "text file", DatasetError)]
   _, located = ruler_hqa.read_row_file(path)
   documents = []

@@ -117,11 +117,11 @@ def compression_flops(config: ModelConfig, compressor: CompressorConfig, chunks:
   own rows; of the last layer only the beacons' keys and values are the memory (XLA drops
   the rest: 2x the FLOPs of a 2-layer model counted whole)."""
   rows = compressor.window + compressor.beacons_per_window
-  below = dataclasses.replace(config, num_layers=config.num_layers - 1)
+  below = (config.num_layers - 1) / config.num_layers  # forward_flops counts every layer
   kv = 2 * config.hidden_size * 2 * config.num_kv_heads * config.head_dim
   total = 0.0
   for w in range(compressor.chunk_size // compressor.window):
-    total += (forward_flops(below, rows, w * compressor.beacons_per_window + rows / 2)
+    total += (below * forward_flops(config, rows, w * compressor.beacons_per_window + rows / 2)
               + compressor.beacons_per_window * kv)
   return total * chunks
 

@@ -77,7 +77,8 @@ def table(rows: Sequence[dict]) -> str:
     lines.append(f"{r.get('model', ''):<9}{r.get('task') or '':<10}{r['mode']:<10}"
                  f"{r['length_multiple']:>7}x"
                  f"{r['context_tokens']:>9}{r['accuracy']:>8.1f}{r.get('stderr') or 0:>6.1f}"
-                 f"{_fmt(r.get('latency_s'), '.4f'):>11}{_fmt(r.get('blocks_read'), '.1f'):>7}")
+                 f"{_fmt(r.get('latency_s'), '.4f'):>11}"
+                 f"{_fmt(r.get('blocks_read'), '.1f') or '-':>7}")
   return "\n".join(lines)
 
 
@@ -92,7 +93,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
                  f"{r['context_tokens']} | {r['examples']} | {r['accuracy']:.1f} | "
                  f"{fmt(r.get('stderr'), '.1f')} | {fmt(r.get('latency_s'), '.4f')} | "
                  f"{fmt(r.get('batched_s'), '.4f')} | "
-                 f"{fmt(r.get('blocks_read'), '.1f')} | {fmt(r.get('gate_recall'), '.3f')} | "
+                 f"{fmt(r.get('blocks_read'), '.1f') or '-'} | {fmt(r.get('gate_recall'), '.3f')} | "
                  f"{fmt(r.get('skip_rate'), '.3f')} |")
   return "\n".join(lines)
 

@@ -123,20 +123,24 @@ class Checkpointer:
     self.manager.close()
 
 
-def _open(workdir_or_checkpoint: str, step: int | None):
-  """(manager, directory, step) of a workdir's checkpoint `step` (default: the latest), or of
-  one checkpoint folder, WORKDIR/checkpoints/STEP."""
-  path = os.path.abspath(os.fspath(workdir_or_checkpoint))
-  parent, name = os.path.split(path)
+def _step_folder(path: str, step: int | None) -> tuple[str, int | None]:
+  """(workdir, step) of one checkpoint's folder, WORKDIR/checkpoints/STEP (`load_params`
+  takes one, for analysis); any other path as it is."""
+  full = os.path.abspath(os.fspath(path))
+  parent, name = os.path.split(full)
   if (name.isdigit() and os.path.basename(parent) == "checkpoints"
-      and not os.path.isdir(os.path.join(path, "checkpoints"))):
+      and not os.path.isdir(os.path.join(full, "checkpoints"))):
     if step is not None and step != int(name):
-      raise ValueError(f"{workdir_or_checkpoint} is step {name}'s checkpoint, not step {step}'s")
-    workdir_or_checkpoint, step = os.path.dirname(parent), int(name)
+      raise ValueError(f"{path} is step {name}'s checkpoint, not step {step}'s")
+    return os.path.dirname(parent), int(name)
+  return path, step
+
+
+def _open(workdir_or_checkpoint: str, step: int | None):
+  """(manager, directory, step) of a workdir's checkpoint `step` (default: the latest)."""
   directory = checkpoint_dir(workdir_or_checkpoint)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory (give a "
-                            "training workdir or one of its checkpoints/STEP folders)")
+    raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory")
   manager = ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
       "data": ocp.JsonCheckpointHandler()})
@@ -185,12 +189,13 @@ def load_params(workdir_or_checkpoint: str, step: int | None = None,
                 shardings: Any = None) -> tuple[Any, dict]:
   """The parameters alone (no optimizer state is read) and the run config of a checkpoint.
 
-  Accepts a workdir (latest checkpoint, or `step`) for analysis in a notebook.  shardings:
+  Accepts a workdir (latest checkpoint, or `step`) or one checkpoint's folder
+  (WORKDIR/checkpoints/STEP) for analysis in a notebook.  shardings:
   a tree of Shardings like the parameters, where each goes (`run_builder.from_workdir`: the run's
   mesh, so a model larger than one device is read straight onto its shards); default: this
   process's first device.
   """
-  manager, directory, step = _open(workdir_or_checkpoint, step)
+  manager, directory, step = _open(*_step_folder(workdir_or_checkpoint, step))
   try:
     with _restore_errors(directory, step):
       config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config

@@ -32,12 +32,12 @@ class MetricsWriter:
     if any(r.get("step", 0) > resumed_at for r in rows):
       jsonl.rewrite(self._jsonl, [r for r in rows if r.get("step", 0) <= resumed_at])
     # A new events file per (re)start, as TensorBoard expects (it merges them by step); the
-    # suffix keeps two starts within one second (the file name's clock) apart.  A resume
-    # starts its file with a purge at the step after its checkpoint: TensorBoard then drops
-    # the earlier files' points from there on, as metrics.jsonl drops its rows.
+    # suffix keeps two starts within one second (the file name's clock) apart.  Every start
+    # begins its file with a purge at the step after its checkpoint (step 1 for a run killed
+    # before its first): TensorBoard then drops the earlier files' points from there on, as
+    # metrics.jsonl drops its rows.
     self._events = tensorboardX.SummaryWriter(
-        logdir, filename_suffix=f".{time.time_ns()}",
-        purge_step=resumed_at + 1 if resumed_at else None)
+        logdir, filename_suffix=f".{time.time_ns()}", purge_step=resumed_at + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -349,6 +349,10 @@ def test_text_errors(tmp_path):
   empty.write_text("")
   with pytest.raises(DatasetError, match=rf"{re.escape(str(empty))}: the corpus has no tokens"):
     specs.open_sources(f"text:{empty}", tokenizer=tok)
+  rows = tmp_path / "rows.json"  # trained on as its raw JSON, before
+  rows.write_text('[{"text": "ab"}]')
+  with pytest.raises(DatasetError, match=r"rows.json: text: data is plain text, or .jsonl"):
+    specs.open_sources(f"text:{rows}", tokenizer=tok)
   blank = _write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}])
   with pytest.raises(DatasetError, match="blank.jsonl: the corpus has no tokens"):
     specs.open_sources(f"text:{blank}", tokenizer=tok)

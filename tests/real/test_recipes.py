@@ -69,6 +69,10 @@ def test_every_recipe_stage_trains_two_steps(module, stage, tiny_qwen, data_file
            "--limit=1", "--answer_tokens=4", f"--output_dir={out}")
     results = json.load(open(out / "results.json"))
     assert [(r["model"], r["mode"]) for r in results] == [("memagent", "memagent")]
+    # answer.py reads compressed chunks: refused before any weight is read, naming eval.py.
+    proc = launch("answer.py", f"--checkpoint={tmp_path}", f"--document={data_files['rows']}",
+                  check=False)
+    assert proc.returncode == 2 and "evaluate it with eval.py --modes=memagent" in proc.stderr
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -63,3 +63,18 @@ def test_tensorboard_drops_the_points_a_preempted_run_logged_after_its_checkpoin
   events.Reload()
   assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
   assert [e.value for e in events.Scalars("loss")] == pytest.approx([0.1, 0.2, 0.125])
+
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_points_behind(tmp_path):
+  accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": 1.0})
+  writer.close()
+  writer = metrics_writer.MetricsWriter(str(tmp_path), resumed_at=0)  # starts again from 0
+  writer.write(1, {"loss": 0.5})
+  writer.close()
+  events = accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5)]
+  assert [r["step"] for r in jsonl.read(tmp_path / "metrics.jsonl")] == [1]
