@@ -69,8 +69,6 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Where to write answer and trace.")
 # --verbose and one-line errors; --gate_lora_rank, --matmul_precision
-_NO_COMPRESSOR = ("this model has no compressor (a MemAgent baseline's run): answer.py reads "
-                  "compressed chunks; evaluate it with eval.py --modes=memagent")
 from launch import cli, model_flags  # noqa: E402
 flags.adopt_module_key_flags(cli)  # its flags in --help
 flags.adopt_module_key_flags(model_flags)
@@ -131,9 +129,11 @@ def main(argv):
                   answer_tokens=_MAX_NEW_TOKENS.value)
   # The run's mesh: --mesh or the run's shape where it fits this machine's devices.
   if _CHECKPOINT.value:
-    saved, _ = checkpoint.load_config(_CHECKPOINT.value)  # before any weight is read
+    # Before any weight is read (a HF checkpoint always gets a compressor).
+    saved, _ = checkpoint.load_config(_CHECKPOINT.value)
     if saved.get("agent") == "memagent" or not saved.get("model", {}).get("compressor", True):
-      raise app.UsageError(_NO_COMPRESSOR)
+      raise app.UsageError("this run reads raw chunks (a MemAgent baseline's): answer.py reads "
+                           "compressed ones; evaluate it with eval.py --modes=memagent")
     run, params = model_flags.on_own_devices(lambda mesh: run_builder.from_workdir(
         _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value, mesh=mesh,
         **settings), len(jax.local_devices()))
@@ -142,8 +142,6 @@ def main(argv):
         _HF_CHECKPOINT.value, model=model_flags.hf_model_settings(), mesh=mesh,
         **{k: v for k, v in settings.items() if v}), len(jax.local_devices()))
   tok, config = run.tokenizer, run.model
-  if not config.compressor:
-    raise app.UsageError(_NO_COMPRESSOR)
   mode = _MODE.value or ("gate" if config.has_gate else "all")
   if mode in ("gate", "topk") and not config.has_gate:
     raise app.UsageError(f"--mode={mode} needs a gate: this checkpoint has none "

@@ -239,6 +239,23 @@ def mesh_shape(flag: str, spec: str | None) -> dict[str, int] | None:
   return shape
 
 
+def on_own_devices(load, devices: int, mesh: dict[str, int] | None):
+  """load(mesh axis sizes): with `mesh` (a --mesh flag's), else the run's own (None).  When the
+  run's own mesh needs other devices than this process has (a pod recipe's workdir read on one
+  host of it), every one of the process's devices on fsdp instead, said on stderr; a --mesh
+  these devices cannot form is a one-line error."""
+  from memrecall.runtime import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    return load(mesh)
+  except sharding.MeshError as e:
+    if mesh is not None:
+      raise app.UsageError(f"{e}: each process runs on its own {devices} device(s); pass --mesh "
+                           "with fewer (e.g. --mesh=fsdp=-1, every device on fsdp)") from None
+    print(f"the run's mesh does not fit this process ({e}): its {devices} device(s) on fsdp "
+          "instead (--mesh to choose)", file=sys.stderr)
+  return load({"fsdp": -1})
+
+
 def mesh_axes(what: str, shape: dict[str, int]) -> None:
   """A UsageError naming `what` (a flag, the recipe's mesh) unless every axis size is positive
   or -1, and at most one is -1: jax's own error ("can only specify one unknown dimension")

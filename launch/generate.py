@@ -54,16 +54,11 @@ def _run(mesh_shape):
   import ml_collections
   from configs import models
   from memrecall import run_builder
-  from memrecall.runtime import sharding
-  if _CHECKPOINT.value:
-    try:  # --mesh, or the run's own where it fits this machine's devices
-      run, params = run_builder.from_workdir(_CHECKPOINT.value, mesh=mesh_shape)
-    except sharding.MeshError as e:
-      if mesh_shape:
-        raise
-      print(f"the run's mesh does not fit this process ({e}): every device on fsdp instead "
-            "(--mesh to choose)", file=sys.stderr)
-      run, params = run_builder.from_workdir(_CHECKPOINT.value, mesh={"fsdp": -1})
+  if _CHECKPOINT.value:  # --mesh, or the run's own where it fits this machine's devices
+    import jax
+    run, params = cli.on_own_devices(
+        lambda mesh: run_builder.from_workdir(_CHECKPOINT.value, mesh=mesh),
+        len(jax.local_devices()), mesh_shape)
     return run, lambda: params
   dtypes = {"param_dtype": _PARAM_DTYPE.value, "dtype": _PARAM_DTYPE.value} \
       if _PARAM_DTYPE.value else {}

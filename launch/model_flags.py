@@ -3,7 +3,7 @@
 import sys
 from typing import Any, Callable
 
-from absl import app, flags
+from absl import flags
 
 GATE_LORA_RANK = flags.DEFINE_integer(
     "gate_lora_rank", 0, "HF checkpoints: rank of the gate's adapters, a fresh gate for a "
@@ -40,26 +40,9 @@ def mesh_shape() -> dict | None:
 
 
 def on_own_devices(load: Callable[[dict | None], Any], devices: int) -> Any:
-  """load(mesh axis sizes): with --mesh's, else the run's own (None).  When the run's own mesh
-  needs other devices than this process has (a pod recipe's workdir evaluated on one host of
-  it), every one of the process's devices on fsdp instead, said on stderr; a --mesh these
-  devices cannot form is a one-line error."""
-  from memrecall.runtime import sharding  # pylint: disable=g-import-not-at-top
-  mesh = mesh_shape()
-  try:
-    return load(mesh)
-  except sharding.MeshError as e:
-    if mesh is not None:
-      raise app.UsageError(mesh_error(e, devices)) from None
-    print(f"the run's mesh does not fit this process ({e}): its {devices} device(s) on fsdp "
-          "instead (--mesh to choose)", file=sys.stderr)
-  return load({"fsdp": -1})
-
-
-def mesh_error(error: Exception, devices: int) -> str:
-  """A mesh these devices cannot form, as the one line that says how to fix it."""
-  return (f"{error}: each process runs on its own {devices} device(s); pass --mesh with "
-          "fewer (e.g. --mesh=fsdp=-1, every device on fsdp)")
+  """`cli.on_own_devices` with --mesh."""
+  from launch import cli  # pylint: disable=g-import-not-at-top
+  return cli.on_own_devices(load, devices, mesh_shape())
 
 
 def hf_model_settings() -> dict:
