@@ -3,8 +3,8 @@ r"""Draws one evaluated question: gate score per chunk, which chunks were read, 
   python launch/analyze.py --checkpoint=workdir/demo/gate \
       --trace=workdir/demo/eval/traces/lychee-gate-8x.json --question=0 --output=q0.png
 
-Paths and the question are checked before the model loads; errors are one line (--verbose:
-tracebacks).
+Paths and the question are checked before the run's config is read (no weight is read);
+errors are one line (--verbose: tracebacks).
 """
 
 import os
@@ -27,20 +27,16 @@ def main(argv):
   del argv
   from memrecall import run_builder
   from memrecall.evaluate import traces
-  from memrecall.data.synthetic import SmallVocab
   cli.readable("checkpoint", _CHECKPOINT.value)
   cli.readable("trace", _TRACE.value)
   cli.writable("output", _OUTPUT.value)
   trace = traces.load_trace(_TRACE.value, _QUESTION.value)
-  run, _ = run_builder.from_workdir(_CHECKPOINT.value)
-  vocab = SmallVocab()
-  # Small-vocabulary tasks decode to their token names; text tasks through the tokenizer.
-  decode = lambda ids: (vocab.decode(ids) if all(i >= vocab.BASE for i in ids)
-                        else run.tokenizer.decode(ids))
-  print(traces.plot_question(trace, _OUTPUT.value, decode=decode))
+  # The run's tokenizer and task, not its weights: small-vocabulary tasks decode to their
+  # token names, text tasks through the tokenizer.
+  run, _ = run_builder.workdir_run(_CHECKPOINT.value)
+  print(traces.plot_question(trace, _OUTPUT.value, decode=run.decode))
   for chunk, memory in traces.memory_changes(trace):
-    print(f"after chunk {chunk}: {decode(memory)}")
-
+    print(f"after chunk {chunk}: {run.decode(memory)}")
 
 if __name__ == "__main__":
   cli.run(main)

@@ -29,7 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None, "HF LycheeMemory/Qwen2 checkpoint.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Or the workdir of a memrecall training run (orbax).")
+                                  "Or the workdir of a memrecall training run (orbax; its "
+                                  "latest checkpoint), or one checkpoint's folder "
+                                  "WORKDIR/checkpoints/STEP.")
 _DOCUMENT = flags.DEFINE_string(
     "document", None, "Plain text; a JSON list of token ids; or question rows (.json, .jsonl, "
     ".parquet) in MemAgent's RL layout (context, prompt, reward_model, extra_info.question) or "
@@ -83,7 +85,7 @@ def main(argv):
   from memrecall import readers, run_builder
   from memrecall.data import documents
   from memrecall.evaluate import evaluator, traces
-  from memrecall.method import memory_bank, prompts, recall
+  from memrecall.method import gate, memory_bank, prompts, recall
   from memrecall.runtime import checkpoint, fingerprint, progress
 
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None) or not _DOCUMENT.value:
@@ -130,7 +132,7 @@ def main(argv):
   # The run's mesh: --mesh or the run's shape where it fits this machine's devices.
   if _CHECKPOINT.value:
     # Before any weight is read (a HF checkpoint always gets a compressor).
-    saved, _ = checkpoint.load_config(_CHECKPOINT.value)
+    saved, _ = checkpoint.load_config(*checkpoint.step_folder(_CHECKPOINT.value, None))
     if saved.get("agent") == "memagent" or not saved.get("model", {}).get("compressor", True):
       raise app.UsageError("this run reads raw chunks (a MemAgent baseline's): answer.py reads "
                            "compressed ones; evaluate it with eval.py --modes=memagent")
@@ -143,7 +145,7 @@ def main(argv):
         **{k: v for k, v in settings.items() if v}), len(jax.local_devices()))
   tok, config = run.tokenizer, run.model
   mode = _MODE.value or ("gate" if config.has_gate else "all")
-  if mode in ("gate", "topk") and not config.has_gate:
+  if mode in gate.GATE_SCORED_MODES and not config.has_gate:
     raise app.UsageError(f"--mode={mode} needs a gate: this checkpoint has none "
                          "(use --mode=all, or a checkpoint trained with a gate)")
   if given_ids:
@@ -164,7 +166,7 @@ def main(argv):
     raise app.UsageError(f"token ids {bad[:5]} are outside the vocabulary ({config.vocab_size})")
   if _HF_CHECKPOINT.value:
     params = run.params()  # the weights last: every check above is cheap
-  model_flags.warn_if_the_gate_is_untrained(params, [mode])
+  gate.warn_if_untrained(params, [mode])
   setup = run.recall_setup(mode, threshold=_THRESHOLD.value, topk=_TOPK.value,
                            group_size=_GROUP_SIZE.value, gate_group=_GATE_GROUP.value,
                            temperature=_TEMPERATURE.value)
@@ -216,8 +218,8 @@ def main(argv):
 
   n = int(out.answer.lengths[0])
   answer_ids = [int(i) for i in out.answer.tokens[0, :n] if int(i) not in config.eos_token_ids]
-  trace = traces.block_records(out.trace, 0, n_blocks, decode=tok.decode)
-  answer = tok.decode(answer_ids)
+  trace = traces.block_records(out.trace, 0, n_blocks, decode=run.decode)
+  answer = run.decode(answer_ids)
   for row in trace:
     score = "   -  " if row["gate_score"] is None else f"{row['gate_score']:.3f}"
     flag = "read" if row["read"] else "skip"

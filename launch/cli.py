@@ -240,20 +240,16 @@ def mesh_shape(flag: str, spec: str | None) -> dict[str, int] | None:
 
 
 def on_own_devices(load, devices: int, mesh: dict[str, int] | None):
-  """load(mesh axis sizes): with `mesh` (a --mesh flag's), else the run's own (None).  When the
-  run's own mesh needs other devices than this process has (a pod recipe's workdir read on one
-  host of it), every one of the process's devices on fsdp instead, said on stderr; a --mesh
-  these devices cannot form is a one-line error."""
+  """load(mesh axis sizes): with `mesh` (a --mesh flag's), else the run's own (None; a run whose
+  mesh needs other devices than this process has falls back to every one of them on fsdp,
+  with a warning: `run_builder.workdir_run`).  A --mesh these devices cannot form is a one-line
+  error."""
   from memrecall.runtime import sharding  # pylint: disable=g-import-not-at-top
   try:
     return load(mesh)
   except sharding.MeshError as e:
-    if mesh is not None:
-      raise app.UsageError(f"{e}: each process runs on its own {devices} device(s); pass --mesh "
-                           "with fewer (e.g. --mesh=fsdp=-1, every device on fsdp)") from None
-    print(f"the run's mesh does not fit this process ({e}): its {devices} device(s) on fsdp "
-          "instead (--mesh to choose)", file=sys.stderr)
-  return load({"fsdp": -1})
+    raise app.UsageError(f"{e}: each process runs on its own {devices} device(s); pass --mesh "
+                         "with fewer (e.g. --mesh=fsdp=-1, every device on fsdp)") from None
 
 
 def mesh_axes(what: str, shape: dict[str, int]) -> None:

@@ -55,7 +55,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Synthetic sweep only (refused with --data): a training config to evaluate "
     "with instead of the one the checkpoint saved, of the checkpoint's model shapes; the size "
     "flags and --matmul_precision apply to it.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of a training run (orbax).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir of a training run (orbax; its "
+                                  "latest checkpoint), or one checkpoint's folder "
+                                  "WORKDIR/checkpoints/STEP.")
 _HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None,
                                      "Or a HF LycheeMemory / Qwen2 checkpoint directory.")
 _DATA = flags.DEFINE_multi_string(
@@ -105,7 +107,8 @@ _FULL_BUDGET = flags.DEFINE_integer("full_budget", 512, "Token budget of the ful
 _RAG_TOPK = flags.DEFINE_integer("rag_topk", 4, "Chunks retrieved by BM25 in rag mode.",
                                  lower_bound=1)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval (the synthetic "
-                                   "sweep), CHECKPOINT/eval_data (--data), or eval/NAME.")
+                                   "sweep), CHECKPOINT/eval_data (--data), WORKDIR/eval_stepN "
+                                   "for a checkpoints/N folder, or eval/NAME.")
 # --verbose; --distributed and the coordinator flags; --gate_lora_rank, --matmul_precision
 from launch import cli, distributed_flags, model_flags  # noqa: E402
 flags.adopt_module_key_flags(cli)  # its flags in --help
@@ -206,15 +209,17 @@ def _load():
         hf, devices, model=model_flags.hf_model_settings(), mesh=mesh, **values), len(devices))
     name = os.path.basename(os.path.normpath(hf))
     return run, run.params, os.path.join("eval", name), name
+  from memrecall.runtime import checkpoint
   # --config: another config over the same weights (its shapes checked against them).
   run, params = model_flags.on_own_devices(lambda mesh: run_builder.from_workdir(
       _CHECKPOINT.value, matmul_precision=model_flags.MATMUL_PRECISION.value,
       devices=devices, mesh=mesh, config=_CONFIG.value, **values), len(devices))
-  # Data files and the synthetic sweep each rewrite results.json: apart by default.
-  where = "eval_data" if _DATA.value else "eval"
+  # Data files and the synthetic sweep each rewrite results.json: apart by default.  One
+  # checkpoint's folder (WORKDIR/checkpoints/STEP) writes beside the others', not into orbax's.
+  workdir, step = checkpoint.step_folder(_CHECKPOINT.value, None)
+  where = ("eval_data" if _DATA.value else "eval") + (f"_step{step}" if step is not None else "")
   # The label of its rows: the agent it trained (configs/memagent.py's runs are MemAgent's).
-  return run, lambda: params, os.path.join(_CHECKPOINT.value, where), run.config.get(
-      "agent", "lychee")
+  return run, lambda: params, os.path.join(workdir, where), run.config.get("agent", "lychee")
 
 
 def main(argv):
@@ -235,7 +240,6 @@ def main(argv):
     raise app.UsageError("this run was not trained on synthetic data: pass --data=KIND:PATH")
   specs.check_names(sources)  # before the weights: two files of one name would share rows
   params = load_params()  # last: every check above is cheap
-  model_flags.warn_if_the_gate_is_untrained(params, modes)
   model_name = _MODEL_NAME.value or name
   chunk = run.compressor.chunk_size
   baseline = evaluator.BaselineConfig(memagent_chunk=_MEMAGENT_CHUNK.value or chunk,

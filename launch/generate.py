@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _HF_CHECKPOINT = flags.DEFINE_string("hf_checkpoint", None, "HF Qwen2 checkpoint directory (a "
                                      "LycheeMemory one too: its backbone generates).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A memrecall training workdir (its latest "
-                                  "checkpoint, tokenizer and settings).")
+                                  "checkpoint, tokenizer and settings), or one checkpoint's "
+                                  "folder WORKDIR/checkpoints/STEP.")
 _MODEL = flags.DEFINE_string("model", "tiny",
                              "Model shape from configs/models.py, randomly initialised "
                              "(only without --hf_checkpoint or --checkpoint).")

@@ -1,6 +1,5 @@
 """The model flags of the launchers that load a checkpoint to answer with (eval.py, answer.py)."""
 
-import sys
 from typing import Any, Callable
 
 from absl import flags
@@ -52,16 +51,3 @@ def hf_model_settings() -> dict:
   if MATMUL_PRECISION.value is not None:
     settings["matmul_precision"] = MATMUL_PRECISION.value
   return settings
-
-
-def warn_if_the_gate_is_untrained(params, modes) -> None:
-  """A relevance head of zeros (a HF checkpoint without `similarity_head`, a workdir no gate
-  stage trained) scores every chunk sigmoid(bias) = 0.5 with the default bias: gate mode then
-  reads every chunk or none, and topk the first k.  Said on stderr, not refused (a study of the
-  threshold may want it)."""
-  gated = [m for m in modes if m in ("gate", "topk")]
-  head = params.get("gate_head") if gated else None
-  if head is not None and not bool((head != 0).any()):
-    print(f"warning: --mode(s) {','.join(gated)}: the gate's relevance head is all zeros "
-          "(untrained), so every chunk scores the same: train the gate (the `gate` stage) "
-          "for its decisions to mean anything", file=sys.stderr)

@@ -8,7 +8,9 @@ submodule, e.g. `memrecall.models.qwen2`, does not import the rest):
     memrecall.train(tiny.get_config("sft"), "runs/sft")        # one stage, resumable
     run, params = memrecall.from_workdir("runs/sft")           # its config and latest weights
     rows = memrecall.evaluate_suite(params, run, model_name="lychee", lengths=[1, 8],
-                                    modes=["gate", "memagent"], examples=32)
+                                    modes=["gate", "memagent"], examples=32,
+                                    output_dir="runs/sft/eval")
+    run, step = memrecall.workdir_run("runs/sft/checkpoints/50")  # a step's config, no weights
 
 The package's layers and what each module does: docs/architecture.md.
 """
@@ -27,9 +29,9 @@ _EXPORTS = {
     "build_run": "memrecall.run_builder",
     "default_config": "memrecall.run_builder",
     "from_workdir": "memrecall.run_builder",
+    "workdir_run": "memrecall.run_builder",
     "from_hf_checkpoint": "memrecall.run_builder",
-    # training, evaluation and a trace's plot
-    "train": "memrecall.train.trainer",
+    # evaluation and a trace's plot (`train` is defined below)
     "evaluate_suite": "memrecall.evaluate.evaluator",
     "evaluate_data": "memrecall.evaluate.evaluator",
     "load_trace": "memrecall.evaluate.traces",
@@ -39,7 +41,20 @@ _EXPORTS = {
     "compress": "memrecall.method.compressor",
     "recall_documents": "memrecall.method.recall",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(set(_EXPORTS) | {"train"})
+
+# `memrecall.train` is also the training subpackage's name, and importing a package sets it as
+# its parent's attribute: the subpackage is imported first, so that the function below keeps
+# the name whichever of its modules a notebook imports later (`from memrecall.train import
+# objectives` had made `memrecall.train(...)` a "'module' object is not callable").
+importlib.import_module("memrecall.train")
+
+
+def train(config, workdir: str, log=print, stop_at=None) -> dict:
+  """Runs (or resumes) one training stage: `memrecall.train.trainer.train`, whose docstring
+  says what each argument does; returns the last logged metrics."""
+  from memrecall.train import trainer  # pylint: disable=g-import-not-at-top
+  return trainer.train(config, workdir, log=log, stop_at=stop_at)
 
 
 def __getattr__(name: str) -> Any:

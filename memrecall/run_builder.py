@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import os
 import shutil
+import warnings
 from typing import Any, Sequence
 
 from absl import logging
@@ -47,6 +48,7 @@ from memrecall.models.sampling import SamplingConfig
 from memrecall.models.tokenizer import CHAT_TEMPLATE_FILE, ByteTokenizer, HFTokenizer, Tokenizer
 from memrecall.readers import BaselineConfig, Reader, get as get_reader, reader_class
 from memrecall.runtime import checkpoint, sharding as sharding_lib
+from memrecall.train import grpo
 
 # The training stages in order (each starts from the one before), and a run that only evaluates.
 TRAINING_STAGES = ("compressor", "sft", "rl", "gate")
@@ -257,12 +259,22 @@ class Run:
 
   # --- scoring --------------------------------------------------------------
 
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of token ids: the synthetic ids form's token names (`synthetic.SmallVocab`, which
+    the byte tokenizer would decode to nothing), else the tokenizer's."""
+    if self.form == "ids":
+      return synthetic.SmallVocab(self.task.num_entities).decode(ids)
+    return self.tokenizer.decode(ids)
+
   def score(self, prediction: Sequence[int], example: example_lib.TokenizedExample
             ) -> dict[str, float]:
-    """em, sub_em (MemAgent-compatible), strict_sub_em of a decoded answer (EOS removed).
+    """em, sub_em (MemAgent-compatible), strict_sub_em of an answer's ids (its EOS ids are
+    dropped here: a sampler's `tokens[:lengths]` counts the EOS).
 
     The ids form compares token ids exactly (all three equal); text is scored on the
     decoded prediction against the example's own answer strings."""
+    eos = set(self.model.eos_token_ids)
+    prediction = [int(t) for t in prediction if int(t) not in eos]
     if self.form == "ids":
       hit = float(any(tuple(prediction) == tuple(g) for g in example.answers))
       return {"em": hit, "sub_em": hit, "strict_sub_em": hit}
@@ -417,6 +429,10 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
                       "reward against its group's, so a group needs at least 2 rollouts")
   if config.rl.get("reward", "strict_sub_em") not in REWARDS:
     raise ConfigError(f"unknown rl.reward {config.rl.reward!r}; choose from {REWARDS}")
+  for key, choices in (("advantage", grpo.ADVANTAGES), ("kl_estimator", grpo.KL_ESTIMATORS),
+                       ("aggregation", grpo.AGGREGATIONS), ("old_logprobs", grpo.OLD_LOGPROBS)):
+    if key in config.rl and config.rl[key] not in choices:
+      raise ConfigError(f"unknown rl.{key} {config.rl[key]!r}; choose from {choices}")
   if config.rl.get("rollout_weights", "sharded") not in ROLLOUT_WEIGHTS:
     raise ConfigError(f"unknown rl.rollout_weights {config.rl.rollout_weights!r}; choose from "
                       f"{ROLLOUT_WEIGHTS}")
@@ -495,6 +511,9 @@ def default_config() -> ml_collections.ConfigDict:
       "rl": {"group_size": 16, "advantage": "grpo_no_std", "temperature": 1.0, "eps_low": 0.2,
              "eps_high": 0.2, "clip_ratio_c": 3.0, "kl_coef": 1e-3, "kl_estimator": "low_var_kl",
              "aggregation": "token_mean", "mode": "all", "reward": "strict_sub_em",
+             # The ratio's denominator: "policy" (the training pass's own, as verl recomputes
+             # them; every ratio 1) or "rollout" (the sampler's recorded log-probs).
+             "old_logprobs": "policy",
              # The rollout's weights: "sharded" as training shards them (an fsdp mesh gathers
              # each layer's at every decode step), or "replicated": gathered once per rollout,
              # one more bfloat16 copy of the model per device.
@@ -586,21 +605,23 @@ def check_param_shapes(model: ModelConfig, shapes: Any, source: str) -> None:
                         f"{want.get(path, 'absent')} in the config")
 
 
-def from_workdir(workdir: str, matmul_precision: str | None = None, *,
-                 devices: Sequence[Any] | None = None, mesh: dict | None = None,
-                 config: ml_collections.ConfigDict | None = None,
-                 **sizes) -> tuple[Run, Any]:
-  """(run, params) of a memrecall training run: its latest orbax checkpoint and saved config,
-  the parameters read straight onto the run's mesh (sharded by the rules, as in training).
+def workdir_run(workdir: str, step: int | None = None, matmul_precision: str | None = None, *,
+                devices: Sequence[Any] | None = None, mesh: dict | None = None,
+                config: ml_collections.ConfigDict | None = None, **sizes) -> tuple[Run, int]:
+  """(run, step) of a memrecall training run's checkpoint, built from the config it saved; no
+  weight is read (what a trace's plot or a look at the config needs).
 
-  matmul_precision: `ModelConfig.matmul_precision` to evaluate with (None: the run's own).
-  devices, mesh: the mesh's devices (`build_run`) and axis sizes (None: the saved run's).
+  workdir: a training workdir, or one checkpoint's folder WORKDIR/checkpoints/STEP.  step: which
+  checkpoint (None: that folder's, else the latest).  matmul_precision:
+  `ModelConfig.matmul_precision` to evaluate with (None: the run's own).  devices, mesh: the
+  mesh's devices (`build_run`) and axis sizes; mesh None is the saved run's where these devices
+  can form it, else every device on fsdp, with a warning (a pod's run read on one host).
   config: a config to build the run from instead of the saved one (its model must have the
   checkpoint's parameter shapes).  sizes: `SIZE_OVERRIDES` to evaluate with other settings
   (None or 0: the run's own).
   """
-  workdir = os.fspath(workdir)
-  saved, step = checkpoint.load_config(workdir)
+  workdir, step = checkpoint.step_folder(os.fspath(workdir), step)
+  saved, step = checkpoint.load_config(workdir, step)
   if config is None:
     config = with_defaults(ml_collections.ConfigDict(saved))
     # The workdir's own copy of its backbone's config, tokenizer and chat template, also where
@@ -609,9 +630,32 @@ def from_workdir(workdir: str, matmul_precision: str | None = None, *,
       config.init.hf_checkpoint = workdir_assets(workdir)
   else:
     config = with_defaults(config)
+  # The weights come from this checkpoint, not from the stage's initial one (which may be gone).
   config.init.checkpoint = ""
   apply_overrides(config, matmul_precision=matmul_precision, mesh=mesh, **sizes)
-  run = build_run(config, devices)  # before the weights: they are read onto its mesh
+  try:
+    return build_run(config, devices), step
+  except sharding_lib.MeshError as e:
+    if mesh is not None:
+      raise
+    devices = jax.devices() if devices is None else devices
+    warnings.warn(f"the run's mesh does not fit this process ({e}): its {len(devices)} "
+                  "device(s) on fsdp instead (pass mesh=, or a launcher's --mesh, to choose)",
+                  stacklevel=2)
+    return build_run(apply_overrides(config, mesh={"fsdp": -1}), devices), step
+
+
+def from_workdir(workdir: str, matmul_precision: str | None = None, *, step: int | None = None,
+                 devices: Sequence[Any] | None = None, mesh: dict | None = None,
+                 config: ml_collections.ConfigDict | None = None,
+                 **sizes) -> tuple[Run, Any]:
+  """(run, params) of a memrecall training run's checkpoint (the latest, or `step`; a
+  WORKDIR/checkpoints/STEP folder names its own), the parameters read straight onto the run's
+  mesh (sharded by the rules, as in training).  The other arguments: `workdir_run`'s.
+  """
+  run, step = workdir_run(workdir, step, matmul_precision, devices=devices, mesh=mesh,
+                          config=config, **sizes)
+  workdir, _ = checkpoint.step_folder(os.fspath(workdir), step)
   check_param_shapes(run.model, checkpoint.param_shapes(workdir, step), workdir)
   params, _ = checkpoint.load_params(workdir, step, run.param_shardings())
   return run, params

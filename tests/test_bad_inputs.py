@@ -67,6 +67,10 @@ def world(tmp_path_factory):
     for name in names:
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(10)
+  # A checkpoint whose saved config is torn (what analyze.py reads; not its weights).
+  shutil.copytree(base / "run", base / "corrupt_config")
+  with open(base / "corrupt_config" / "checkpoints" / "1" / "config" / "metadata", "r+b") as f:
+    f.truncate(10)
   os.makedirs(base / "empty_run")
   for name, change in (("hf_truncated", "truncate"), ("hf_mismatched", "shape"),
                        ("hf_missing_shard", "index")):
@@ -272,8 +276,9 @@ PLAN = [
      "unknown config key 'hiddenz'"),
 ]
 ANALYZE = [
-    ("corrupted_orbax_checkpoint", ["--checkpoint={root}/corrupt", "--trace={root}/trace.json",
-                                    "--output={out}/q.png"], "may be truncated or corrupted"),
+    ("corrupted_saved_config", ["--checkpoint={root}/corrupt_config",
+                                "--trace={root}/trace.json", "--output={out}/q.png"],
+     "may be truncated or corrupted"),
     ("missing_trace", ["--checkpoint={root}/run", "--trace=/nonexistent.json"],
      "/nonexistent.json does not exist"),
     ("torn_trace", ["--checkpoint={root}/run", "--trace={root}/torn_trace.json",

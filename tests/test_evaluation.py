@@ -249,9 +249,11 @@ def test_launchers_evaluate_with_the_runs_own_threshold_and_precision(tmp_path):
   doc = tmp_path / "doc.json"
   doc.write_text(json.dumps([300 + (i % 60) for i in range(100)]))
   out = tmp_path / "answer.json"
+  # One checkpoint's folder names the run too.
   proc = launch("answer.py", f"--document={doc}", "--question_ids=261,300,278", "--mode=gate",
-                f"--output_json={out}")
+                f"--output_json={out}", f"--checkpoint={tmp_path / 'run' / 'checkpoints' / '1'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "relevance head is all zeros" in proc.stderr
   trace = json.load(open(out))["trace"]
   assert max(t["gate_score"] for t in trace) >= 0.5  # 0.5 would read a block
   assert not any(t["read"] for t in trace)
@@ -268,18 +270,22 @@ def test_tables_leave_a_latency_that_was_not_measured_blank():
 
 def test_config_sweep_takes_the_size_flags(tmp_path):
   """--config replaces the checkpoint's config, and --chunk_size, --memory_size and
-  --answer_tokens still apply to it (they were dropped: only --question_tokens was kept)."""
+  --answer_tokens still apply to it (they were dropped: only --question_tokens was kept).
+  One checkpoint's folder as --checkpoint writes beside the workdir's other results
+  (WORKDIR/eval_stepN), not into orbax's folder."""
   _untrained_workdir(tmp_path / "run", small_config("sft"))
   shapes = ["--config.model.num_layers=2", "--config.task.length=64", "--config.mesh.fsdp=1"]
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "eval.py"), f"--checkpoint={tmp_path / 'run'}",
+      [sys.executable, os.path.join(ROOT, "launch", "eval.py"),
+       f"--checkpoint={tmp_path / 'run' / 'checkpoints' / '1'}",
        "--config=configs/tiny.py:sft", *shapes, "--chunk_size=32", "--memory_size=6",
        "--answer_tokens=5", "--question_tokens=4", "--lengths=1", "--examples=2", "--modes=all",
-       "--batch_size=2", "--latency_examples=0", f"--output_dir={tmp_path / 'eval'}"],
+       "--batch_size=2", "--latency_examples=0"],
       capture_output=True, text=True, env=cpu_env(), cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "relevance head" not in proc.stderr  # mode all reads no gate: nothing to say
-  key, = json.load(open(tmp_path / "eval" / "keys.json")).values()
+  assert "eval" not in os.listdir(tmp_path / "run" / "checkpoints" / "1")
+  key, = json.load(open(tmp_path / "run" / "eval_step1" / "keys.json")).values()
   assert [key[k] for k in ("chunk_size", "memory_size", "answer_tokens", "question_tokens")] == [
       32, 6, 5, 4]
 
@@ -299,7 +305,7 @@ def test_a_pod_runs_workdir_is_evaluated_on_the_devices_this_process_has(tmp_pat
   proc = launch()
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "the run's mesh does not fit this process" in proc.stderr
-  assert "its 2 device(s) on fsdp instead (--mesh to choose)" in proc.stderr
+  assert "its 2 device(s) on fsdp instead" in proc.stderr
   assert "weights sharded over 2 device(s)" in proc.stdout
   assert json.load(open(tmp_path / "eval" / "results.json"))[0]["mode"] == "all"
   proc = launch("--mesh=fsdp=4")

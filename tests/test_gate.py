@@ -82,3 +82,17 @@ def test_one_prompt_scores_many_chunks(lychee_model, inputs):
                                question[row:row + 1], question_mask[row:row + 1],
                                jax.tree.map(lambda x: x[row:row + 1], working))
       np.testing.assert_allclose(grouped[3 * row + c], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_untrained_relevance_head_is_warned_of_for_the_modes_that_read_by_it():
+  """All-zero `gate_head` (no gate stage trained it): every chunk scores the same, said for
+  gate and topk wherever the library evaluates (notebooks included), not for other modes."""
+  import warnings
+  zeros = {"gate_head": np.zeros((4,), np.float32)}
+  with pytest.warns(UserWarning, match="mode\\(s\\) gate,topk: the gate's relevance head is all zeros"):
+    assert gate.warn_if_untrained(zeros, ["all", "gate", "topk"])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert not gate.warn_if_untrained(zeros, ["all", "memagent"])
+    assert not gate.warn_if_untrained({"gate_head": np.ones((4,), np.float32)}, ["gate"])
+    assert not gate.warn_if_untrained({}, ["gate"])  # no gate at all: refused elsewhere

@@ -16,6 +16,7 @@ from memrecall.data import example as example_lib, specs, synthetic
 from memrecall.data.example import TokenizedExample, tokenize
 from memrecall import readers
 from memrecall.evaluate import output_key, report, timing, traces
+from memrecall.method import gate
 from memrecall.method.compressor import CompressorConfig
 from memrecall.method.recall import RecallSetup, inference_layout
 from memrecall.models.placement import placement
@@ -237,8 +238,8 @@ def _trace_task(task: str) -> str:
 
 
 def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], modes: Sequence[str],
-                   examples: int, batch_size: int, output_dir: str, baseline: BaselineConfig,
-                   seed_offset: int = 1000, keep_traces: int = 4,
+                   examples: int, output_dir: str, batch_size: int = 8,
+                   baseline: BaselineConfig | None = None, seed_offset: int = 1000, keep_traces: int = 4,
                    threshold: float | None = None,
                    topk: int = 4, gate_group: int = 16, latency_examples: int = 4,
                    mode_examples: dict[str, int] | None = None, mesh=None,
@@ -250,14 +251,18 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   caps the questions of some modes (the first ones of the same stream), e.g. a
   slow baseline that is run for its timing only.  Each row's latency is the mean
   time of the first `latency_examples` questions answered one at a time;
-  `batched_s` is the time per question in batches of `batch_size`.  threshold: the gate's
+  `batched_s` is the time per question in batches of `batch_size`.  baseline: the baselines'
+  cuts (None: sections of the run's chunk size, as it trains on).  threshold: the gate's
   (None: the run's gate.threshold).  mesh, weights: as in `evaluate_mode`
   (this process's devices).  Every process computes every row (each row is one mode at one
   length, timed); process 0 writes them.
   """
   readers.check(modes, "mode")
+  gate.warn_if_untrained(params, modes)
   _check_own_devices(mesh)
   report.check_results_kind(output_dir, "sweep")
+  baseline = baseline or BaselineConfig(memagent_chunk=run.compressor.chunk_size,
+                                        rag_chunk=run.compressor.chunk_size)
   results_path = os.path.join(output_dir, "results.json")
   rows = report.load_rows(results_path)
   task_name = run.task.task
@@ -432,6 +437,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   skips every row found in any of these files.
   """
   readers.check(modes, "mode")
+  gate.warn_if_untrained(params, modes)
   specs.check_names(sources)
   _check_own_devices(mesh)
   report.check_results_kind(output_dir, "data")

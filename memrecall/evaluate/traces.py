@@ -5,9 +5,9 @@ Also where a reader's per-block trace becomes JSON, for evaluation's traces/*.js
 
     from memrecall import run_builder
     from memrecall.evaluate import traces
-    run, _ = run_builder.from_workdir("runs/gate")    # its config, tokenizer and weights
+    run, step = run_builder.workdir_run("runs/gate")  # its config and tokenizer, no weights
     trace = traces.load_trace("runs/gate/eval/traces/lychee-gate-8x.json", question=0)
-    traces.plot_question(trace, "question0.png", decode=run.tokenizer.decode)
+    traces.plot_question(trace, "question0.png", decode=run.decode)
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ whole prompt's.  No decoding: the skipped Reasoner decodes are the saving.
 
 from __future__ import annotations
 
+import warnings
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -85,3 +87,23 @@ def gate_logits(params, config: ModelConfig, template: PromptTemplate, k: Array,
 def gate_probability(*args, **kwargs) -> Array:
   """sigmoid(gate_logits): the probability that the chunk is relevant, [B]."""
   return jax.nn.sigmoid(gate_logits(*args, **kwargs))
+
+
+# The modes whose reads follow the gate's scores (gate: above a threshold; topk: the k best).
+GATE_SCORED_MODES = ("gate", "topk")
+
+
+def warn_if_untrained(params, modes) -> bool:
+  """Warns (and returns True) when a mode of `modes` reads by the gate's scores and the relevance
+  head is all zeros (a HF checkpoint without `similarity_head`, a workdir no gate stage
+  trained): every chunk then scores sigmoid(bias), 0.5 with the default bias, so gate mode
+  reads every chunk or none and topk the first k.  Not an error: a study of the threshold may
+  want it."""
+  scored = [m for m in modes if m in GATE_SCORED_MODES]
+  head = params.get("gate_head") if scored else None
+  if head is None or bool((head != 0).any()):
+    return False
+  warnings.warn(f"mode(s) {','.join(scored)}: the gate's relevance head is all zeros "
+                "(untrained), so every chunk scores the same: train the gate (the `gate` stage) "
+                "for its decisions to mean anything", stacklevel=2)
+  return True

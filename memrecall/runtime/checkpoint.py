@@ -123,9 +123,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def _step_folder(path: str, step: int | None) -> tuple[str, int | None]:
-  """(workdir, step) of one checkpoint's folder, WORKDIR/checkpoints/STEP (`load_params`
-  takes one, for analysis); any other path as it is."""
+def step_folder(path: str, step: int | None) -> tuple[str, int | None]:
+  """(workdir, step) of one checkpoint's folder, WORKDIR/checkpoints/STEP (`load_params` and
+  `run_builder.from_workdir` take one, for analysis); any other path as it is."""
   full = os.path.abspath(os.fspath(path))
   parent, name = os.path.split(full)
   if (name.isdigit() and os.path.basename(parent) == "checkpoints"
@@ -140,7 +140,12 @@ def _open(workdir_or_checkpoint: str, step: int | None):
   """(manager, directory, step) of a workdir's checkpoint `step` (default: the latest)."""
   directory = checkpoint_dir(workdir_or_checkpoint)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory")
+    # A folder of runs (the demo's workdir: one per stage) names them.
+    runs = sorted(name for name in (os.listdir(workdir_or_checkpoint)
+                                    if os.path.isdir(workdir_or_checkpoint) else [])
+                  if os.path.isdir(checkpoint_dir(os.path.join(workdir_or_checkpoint, name))))
+    raise FileNotFoundError(f"{workdir_or_checkpoint} has no checkpoints/ directory" + (
+        f" (it holds the runs {', '.join(runs)}: name one)" if runs else ""))
   manager = ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
       "data": ocp.JsonCheckpointHandler()})
@@ -195,7 +200,7 @@ def load_params(workdir_or_checkpoint: str, step: int | None = None,
   mesh, so a model larger than one device is read straight onto its shards); default: this
   process's first device.
   """
-  manager, directory, step = _open(*_step_folder(workdir_or_checkpoint, step))
+  manager, directory, step = _open(*step_folder(workdir_or_checkpoint, step))
   try:
     with _restore_errors(directory, step):
       config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config

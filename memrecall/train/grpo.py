@@ -18,6 +18,8 @@ Array = jax.Array
 ADVANTAGES = ("grpo", "grpo_no_std", "rloo")
 KL_ESTIMATORS = ("kl", "low_var_kl", "mse")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+# The ratio's denominator: the training pass's own log-probs held constant, or the sampler's.
+OLD_LOGPROBS = ("policy", "rollout")
 
 
 def group_advantages(rewards: Array, group_size: int, kind: str = "grpo_no_std",

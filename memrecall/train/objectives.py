@@ -58,13 +58,19 @@ def trajectory_logprobs(params, setup: TrainSetup, batch: TurnBatch, with_gate: 
   return setup.reader.trajectory_logprobs(params, batch, with_gate, temperature)
 
 
-def _flat_tokens(blocks: Array, answer: Array) -> Array:
-  """[B, N, M] and [B, A] -> [B, N*M + A]: every token of a trajectory in one row."""
-  return jnp.concatenate([blocks.reshape(blocks.shape[0], -1), answer], axis=1)
+def _turn_rows(blocks: Array, answer: Array) -> Array:
+  """[B, N, M] and [B, A] -> [B*N + B, max(M, A)]: one row per turn, each block's update
+  then each answer, zero-padded.  A sequence-level aggregation's sequence is a turn, as in
+  verl's multi-conversation batches, where every memory update is a sample of its own."""
+  b, n, m = blocks.shape
+  width = max(m, answer.shape[1])
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
+  return jnp.concatenate([pad(blocks.reshape(b * n, m)), pad(answer)], axis=0)
 
 
 def trajectory_mask(batch: TurnBatch) -> Array:
-  return _flat_tokens(batch.target_mask, batch.answer_mask).astype(jnp.float32)
+  """Which tokens of `_turn_rows` were written [B*N + B, max(M, A)]."""
+  return _turn_rows(batch.target_mask, batch.answer_mask).astype(jnp.float32)
 
 
 def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0.0,
@@ -79,7 +85,7 @@ def sft_loss(params, setup: TrainSetup, batch: TurnBatch, gate_weight: float = 0
   outputs = trajectory_logprobs(params, setup, batch, with_gate=gate_weight > 0)
   (logp, _), (answer_logp, _) = outputs[:2]
   mask = trajectory_mask(batch)
-  token_logp = _flat_tokens(logp, answer_logp)
+  token_logp = _turn_rows(logp, answer_logp)
   nll = -grpo.aggregate(token_logp, mask, "token_mean")
   answer_mask = batch.answer_mask.astype(jnp.float32)
   metrics = {"nll": nll,
@@ -109,6 +115,12 @@ class RLConfig:
   # The rollout's `sampling.logprob_temperature`: the policy and the reference are scored
   # under the distribution the rollout sampled from, as its recorded log-probs are.
   temperature: float = 1.0
+  # The ratio's denominator.  "policy": the training pass's own log-probs, held constant —
+  # verl's old log-probs, recomputed by the actor before its one update per batch, so every
+  # ratio is 1 and the clip never binds.  "rollout": the sampler's recorded log-probs, so the
+  # clip also bounds the rollout/training numerical mismatch (bfloat16 decode against the
+  # training pass).  The mismatch is logged either way (`rollout_logprob_gap`).
+  old_logprobs: str = "policy"
 
 
 @flax.struct.dataclass
@@ -127,11 +139,16 @@ def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
   """Clipped policy-gradient loss with a KL penalty, over every token of every turn."""
   (logp, entropy), (answer_logp, answer_entropy) = trajectory_logprobs(
       params, setup, batch.turns, temperature=rl.temperature)
-  mask = trajectory_mask(batch.turns)
-  logp = _flat_tokens(logp, answer_logp)
-  old = _flat_tokens(batch.old_logprobs, batch.old_answer_logprobs)
-  ref = _flat_tokens(batch.ref_logprobs, batch.ref_answer_logprobs)
-  advantages = jnp.broadcast_to(batch.advantages[:, None], logp.shape)
+  if rl.old_logprobs not in grpo.OLD_LOGPROBS:
+    raise ValueError(f"unknown rl.old_logprobs {rl.old_logprobs!r}; choose from {grpo.OLD_LOGPROBS}")
+  mask = trajectory_mask(batch.turns)  # [B*N + B, L]: one row per turn
+  logp = _turn_rows(logp, answer_logp)
+  rollout = _turn_rows(batch.old_logprobs, batch.old_answer_logprobs)
+  old = jax.lax.stop_gradient(logp) if rl.old_logprobs == "policy" else rollout
+  ref = _turn_rows(batch.ref_logprobs, batch.ref_answer_logprobs)
+  n = batch.old_logprobs.shape[1]
+  advantages = jnp.concatenate([jnp.repeat(batch.advantages, n), batch.advantages])
+  advantages = jnp.broadcast_to(advantages[:, None], logp.shape)
   policy, clipped = grpo.clipped_policy_loss(logp, old, advantages, rl.eps_low, rl.eps_high,
                                              rl.clip_ratio_c)
   kl = grpo.kl_penalty(logp, ref, rl.kl_estimator)
@@ -141,7 +158,8 @@ def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
   mean = lambda x: grpo.aggregate(x.astype(jnp.float32), mask, "token_mean")
   return loss, {"loss": loss, "policy_loss": policy_loss, "kl": kl_loss,
                 "clip_fraction": mean(clipped),
-                "entropy": mean(_flat_tokens(entropy, answer_entropy)),
+                "rollout_logprob_gap": mean(jnp.abs(logp - rollout)),
+                "entropy": mean(_turn_rows(entropy, answer_entropy)),
                 LOSS_WEIGHT: grpo.aggregate_weight(mask, rl.aggregation)}
 
 

@@ -304,7 +304,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str, log=print,
           stop_at: Callable[[int, Any], bool] | None = None) -> dict:
-  """Runs (or resumes) one stage; returns the last logged metrics.
+  """Runs (or resumes) one stage; returns the last logged metrics (means over their logging
+  window, as metrics.jsonl's last line).
 
   stop_at(step, params): asked at every checkpoint step (`train.checkpoint_every`);
   True saves that step and returns early (a later call resumes from it).
@@ -421,11 +422,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
           done = step + 1
           window.add(metrics)
           if done % config.train.log_every == 0 or done == config.train.steps:
-            means = window.pop()
-            writer.write(done, means)
+            last = window.pop()
+            writer.write(done, last)
             if distributed.is_primary():
-              log(console.line(done, means))
-          last = metrics
+              log(console.line(done, last))
           stop = (stop_at is not None and done % config.train.checkpoint_every == 0
                   and stop_at(done, state.params))
           preempted = signals.requested()
@@ -744,7 +744,8 @@ class RLStage(_Stage):
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high,
                                   clip_ratio_c=rl.clip_ratio_c, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
-                                  temperature=self.reader.setup.sampling.logprob_temperature)
+                                  temperature=self.reader.setup.sampling.logprob_temperature,
+                                  old_logprobs=rl.old_logprobs)
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(
         p, self.setup, turns, temperature=self.rl.temperature))
 
@@ -846,10 +847,8 @@ class RLStage(_Stage):
         targets=np.where(target_mask, trace.update_tokens, 0).astype(np.int32),
         target_mask=target_mask, final_memory_ids=out.memory.ids, final_memory_mask=out.memory.mask,
         answer=np.asarray(answer.tokens, np.int32), answer_mask=answer_mask)
-    eos = set(r.model.eos_token_ids)
-    rewards = np.asarray([
-        r.reward([t for t in answer.tokens[i, :answer.lengths[i]] if t not in eos], row)
-        for i, row in enumerate(rows)], np.float32)
+    rewards = np.asarray([r.reward(answer.tokens[i, :answer.lengths[i]], row)  # EOS dropped there
+                          for i, row in enumerate(rows)], np.float32)
     advantages = np.asarray(grpo.group_advantages(jnp.asarray(rewards), self.group,
                                                   r.config.rl.advantage))
     _, frozen = state_lib.split(state.params, self.paths)

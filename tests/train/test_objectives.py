@@ -55,12 +55,27 @@ def _rl_batch(run, params, seed=0):
                             advantages=jnp.asarray([1.0, -1.0, 0.5, -0.5]))
 
 
+def _token_weighted(batch, values=None, answer_values=None):
+  """Sum over every written token of advantage x value, and the token count, by a loop over
+  trajectories (values default to 1)."""
+  total, count = 0.0, 0
+  for b, advantage in enumerate(np.asarray(batch.advantages)):
+    for tokens, mask in ((values, batch.turns.target_mask), (answer_values, batch.turns.answer_mask)):
+      mask = np.asarray(mask[b], bool)
+      tokens = np.ones(mask.shape) if tokens is None else np.asarray(tokens[b])
+      total += advantage * float(tokens[mask].sum())
+      count += int(mask.sum())
+  return total, count
+
+
 def test_rl_loss_falls_on_a_fixed_batch():
+  """With the rollout's log-probs as the ratio's denominator (ratios away from 1 once the
+  policy moves), the clipped loss falls and the clip binds."""
   config = small_config("rl")
   run = run_builder.build_run(config)
   params = model.init_params(run.model, jax.random.key(0))
   batch = _rl_batch(run, params)
-  rl = objectives.RLConfig(eps_low=0.2, eps_high=0.2, kl_coef=1e-3)
+  rl = objectives.RLConfig(eps_low=0.2, eps_high=0.2, kl_coef=1e-3, old_logprobs="rollout")
   optimizer = state_lib.make_optimizer(state_lib.OptimizerConfig(learning_rate=3e-3))
   paths = state_lib.trainable_paths(params, "backbone")
   state = state_lib.create_train_state(params, "backbone", optimizer, 0)
@@ -72,11 +87,81 @@ def test_rl_loss_falls_on_a_fixed_batch():
     losses.append(float(metrics["loss"]))
   # Starts at minus the token-weighted mean advantage (every ratio is 1), then falls as the
   # policy follows the advantages.
-  counts = np.asarray(objectives.trajectory_mask(batch.turns).sum(axis=1))
-  start = -float((np.asarray(batch.advantages) * counts).sum() / counts.sum())
+  total, count = _token_weighted(batch)
+  start = -total / count
   assert losses[0] == pytest.approx(start, abs=1e-5)
   assert losses[-1] < start - 0.05, losses
   assert float(metrics["clip_fraction"]) > 0
+
+
+def _rl_loss_and_grads(run, params, batch, **settings):
+  rl = objectives.RLConfig(**{"kl_coef": 0.0, **settings})
+  setup = objectives.TrainSetup.of_run(run)
+  return jax.value_and_grad(lambda p: objectives.rl_loss(p, setup, rl, batch), has_aux=True)(params)
+
+
+def test_the_policy_as_its_own_old_logprobs_gives_the_policy_gradient():
+  """rl.old_logprobs=policy (verl's recomputed old log-probs, one update per batch): every
+  ratio is 1 whatever the rollout recorded, and the gradient is that of minus the
+  token-weighted mean of advantage x log-prob, computed here by a loop over trajectories;
+  the rollout/training gap is still measured."""
+  run = run_builder.build_run(small_config("rl"))
+  params = model.init_params(run.model, jax.random.key(0))
+  batch = _rl_batch(run, params)
+  shifted = batch.replace(old_logprobs=batch.old_logprobs - 0.5)
+  (loss, metrics), grads = _rl_loss_and_grads(run, params, shifted, old_logprobs="policy")
+  total, count = _token_weighted(batch)
+  assert float(loss) == pytest.approx(-total / count, abs=1e-6)
+  assert float(metrics["clip_fraction"]) == 0
+  blocks = float(np.asarray(batch.turns.target_mask).sum())
+  assert float(metrics["rollout_logprob_gap"]) == pytest.approx(0.5 * blocks / count, rel=1e-4)
+
+  def surrogate(p):
+    (lp, _), (alp, _) = objectives.trajectory_logprobs(p, objectives.TrainSetup.of_run(run),
+                                                       batch.turns)
+    a = batch.advantages
+    total = ((a[:, None, None] * lp * batch.turns.target_mask).sum()
+             + (a[:, None] * alp * batch.turns.answer_mask).sum())
+    return -total / count
+
+  expected = jax.grad(surrogate)(params)
+  for key, value in flax.traverse_util.flatten_dict(expected).items():
+    got = flax.traverse_util.flatten_dict(grads)[key]
+    np.testing.assert_allclose(got, value, atol=1e-6, rtol=1e-5, err_msg=str(key))
+  # The rollout's log-probs as the denominator see the shift: ratios of e^0.5 on every block
+  # token, beyond the clip for positive advantages.
+  (_, metrics), _ = _rl_loss_and_grads(run, params, shifted, old_logprobs="rollout")
+  assert float(metrics["clip_fraction"]) > 0
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "seq_mean_token_sum"])
+def test_sequence_level_aggregations_count_each_turn_as_a_sequence(aggregation):
+  """As in verl's multi-conversation batches, every memory update and every answer is a
+  sequence of its own: with ratios of 1 and no KL, the loss is minus the mean over turns
+  that wrote something of the advantage (x the turn's tokens for token_sum), by a loop."""
+  run = run_builder.build_run(small_config("rl"))
+  params = model.init_params(run.model, jax.random.key(0))
+  batch = _rl_batch(run, params)
+  # Trajectories of different turn counts (the first one's first block skipped, as the gate
+  # skips) and advantages that do not average to 0.
+  batch = batch.replace(turns=batch.turns.replace(
+      target_mask=batch.turns.target_mask.at[0, 0].set(False)),
+      advantages=jnp.asarray([1.0, -1.0, 0.5, 0.25]))
+  turns = []
+  for b, advantage in enumerate(np.asarray(batch.advantages)):
+    lengths = list(np.asarray(batch.turns.target_mask[b]).sum(-1)) + [
+        np.asarray(batch.turns.answer_mask[b]).sum()]
+    turns += [(advantage, n) for n in lengths if n > 0]
+  assert len(turns) > len(batch.advantages)  # several turns per trajectory
+  per_turn = [a * (n if aggregation.endswith("sum") else 1) for a, n in turns]
+  (loss, _), _ = _rl_loss_and_grads(run, params, batch, aggregation=aggregation)
+  assert float(loss) == pytest.approx(-np.mean(per_turn), abs=1e-5)
+  # A whole trajectory as one sequence (the old reading) gives another value here.
+  lengths = (np.asarray(batch.turns.target_mask).sum((1, 2))
+             + np.asarray(batch.turns.answer_mask).sum(1))
+  advantages = np.asarray(batch.advantages)
+  per_trajectory = advantages * (lengths if aggregation.endswith("sum") else 1)
+  assert abs(np.mean(per_trajectory) - np.mean(per_turn)) > 0.01
 
 
 def test_rl_gradient_reaches_the_compressor_and_not_frozen_parameters():

@@ -36,13 +36,15 @@ def test_sharded_steps_match_one_device_and_restore_on_one_device(tmp_path):
   eight.mesh.data, eight.mesh.fsdp, eight.mesh.tensor = 2, 2, 2
   eight.train.log_every = 3
   trainer.train(one, str(tmp_path / "one"), log=quiet)
-  trainer.train(eight, str(tmp_path / "eight"), log=quiet)
+  returned = trainer.train(eight, str(tmp_path / "eight"), log=quiet)
   # A logged value is its window's mean: logged every 3 steps, the three steps logged one by one.
   logged = lambda run: jsonl.read(tmp_path / run / "logs" / "sft" / "metrics.jsonl")
   each, window = logged("one"), logged("eight")
   assert [r["step"] for r in each] == [1, 2, 3] and [r["step"] for r in window] == [3]
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(window[0][key], np.mean([r[key] for r in each]), rtol=1e-4)
+    # What `train` returns is that logged line (the demo's stages.json), not the last step's.
+    assert returned[key] == pytest.approx(window[0][key], rel=1e-6)
   # Saved every checkpoint_every steps and at the last, not also after the first (orbax's
   # default policy's).
   every = one.train.checkpoint_every
@@ -96,6 +98,14 @@ def test_bad_input_gives_clear_errors(tmp_path):
   low.model.param_dtype = "bfloat16"
   with pytest.raises(trainer.ConfigError, match="training needs float32 master weights"):
     trainer.train(low, str(tmp_path / "b"), log=quiet)
+  # The objective's choices are checked when the run is built, not at the first step's trace
+  # after a whole rollout.
+  for key, value in (("advantage", "gae"), ("kl_estimator", "k4"), ("aggregation", "seq_sum"),
+                     ("old_logprobs", "reference")):
+    rl = small_config("rl")
+    rl.rl[key] = value
+    with pytest.raises(trainer.ConfigError, match=f"unknown rl.{key} '{value}'; choose from"):
+      run_builder.build_run(rl)
   unsharded = small_config("sft", batch_size=16, microbatches=4)
   unsharded.mesh.data, unsharded.mesh.fsdp = 2, 4  # 4 rows a microbatch on 8 batch shards
   with pytest.raises(trainer.ConfigError, match="do not split over the mesh's 8 batch shards"):
