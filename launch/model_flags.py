@@ -5,8 +5,9 @@ from typing import Any, Callable
 from absl import flags
 
 GATE_LORA_RANK = flags.DEFINE_integer(
-    "gate_lora_rank", 0, "HF checkpoints: rank of the gate's adapters, a fresh gate for a "
-    "checkpoint without one (0: no gate).", lower_bound=0)
+    "gate_lora_rank", None, "HF checkpoints: rank of the gate's adapters, a fresh gate for a "
+    "checkpoint without one (0: no gate; default: the checkpoint's own, which a gate exported "
+    "by launch/export.py records, else none).", lower_bound=0)
 MATMUL_PRECISION = flags.DEFINE_enum(
     "matmul_precision", None, ["default", "high", "highest"],
     "Precision of every matmul (ModelConfig.matmul_precision): `highest` for float32 results "
@@ -47,7 +48,9 @@ def on_own_devices(load: Callable[[dict | None], Any], devices: int) -> Any:
 def hf_model_settings() -> dict:
   """The `model` settings of `run_builder.from_hf_checkpoint` these flags give (a flag left out
   leaves the run's own)."""
-  settings = {"gate_lora_rank": GATE_LORA_RANK.value}
+  settings = {}
+  if GATE_LORA_RANK.value is not None:
+    settings["gate_lora_rank"] = GATE_LORA_RANK.value
   if MATMUL_PRECISION.value is not None:
     settings["matmul_precision"] = MATMUL_PRECISION.value
   return settings

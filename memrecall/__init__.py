@@ -30,6 +30,7 @@ _EXPORTS = {
     "default_config": "memrecall.run_builder",
     "from_workdir": "memrecall.run_builder",
     "workdir_run": "memrecall.run_builder",
+    "export_hf_checkpoint": "memrecall.run_builder",
     "from_hf_checkpoint": "memrecall.run_builder",
     # evaluation and a trace's plot (`train` is defined below)
     "evaluate_suite": "memrecall.evaluate.evaluator",

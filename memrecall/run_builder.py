@@ -43,11 +43,11 @@ from memrecall.method.prompts import (CONTEXT_TEMPLATE, FINAL_TEMPLATE, GATE_TEM
 from memrecall.method.reasoner import ReasonerConfig, memory_capacity
 from memrecall.method.recall import RecallConfig, RecallSetup
 from memrecall.models import hf_checkpoint, qwen2 as model_lib
-from memrecall.models.config import ConfigError, ModelConfig
+from memrecall.models.config import ConfigError, ModelConfig, dtype_from_name
 from memrecall.models.sampling import SamplingConfig
 from memrecall.models.tokenizer import CHAT_TEMPLATE_FILE, ByteTokenizer, HFTokenizer, Tokenizer
 from memrecall.readers import BaselineConfig, Reader, get as get_reader, reader_class
-from memrecall.runtime import checkpoint, sharding as sharding_lib
+from memrecall.runtime import checkpoint, paths, sharding as sharding_lib
 from memrecall.train import grpo
 
 # The training stages in order (each starts from the one before), and a run that only evaluates.
@@ -659,6 +659,34 @@ def from_workdir(workdir: str, matmul_precision: str | None = None, *, step: int
   check_param_shapes(run.model, checkpoint.param_shapes(workdir, step), workdir)
   params, _ = checkpoint.load_params(workdir, step, run.param_shardings())
   return run, params
+
+
+# What an exported checkpoint takes from the backbone's files, besides its weights and
+# config.json (which `export_hf_checkpoint` writes from the run's model).
+_EXPORTED_ASSETS = tuple(name for name in _ASSET_FILES if name != "config.json")
+
+
+def export_hf_checkpoint(run: Run, params, directory: str, *, dtype: str = "bfloat16",
+                         max_shard_bytes: int = 4 << 30) -> list[str]:
+  """Writes a trained run as a HF checkpoint in LycheeMemory's layout: the weights in `dtype`
+  (Qwen2's names, the beacons' `lychee_memory_*`, the gate's `similarity_head` and its adapters
+  under memrecall's names), config.json with the compressor's and gate's keys, and the
+  backbone's tokenizer, chat template and generation config where the run has them.  Returns
+  the files written.  `directory` must be new or empty: nothing already there is replaced."""
+  directory = paths.local_path(os.fspath(directory), "export directory")
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise FileExistsError(f"{directory} is not empty: export into a new directory (nothing "
+                          "there is replaced)")
+  model = run.model.replace(param_dtype=dtype, dtype=dtype)
+  cast = jax.tree.map(lambda x: x.astype(dtype_from_name(dtype)), params)
+  hf_checkpoint.save_hf_checkpoint(
+      cast, model, directory, max_shard_bytes=max_shard_bytes,
+      extra_config=run.compressor.to_hf_dict() if model.compressor else None)
+  source = run.config.init.hf_checkpoint
+  for name in _EXPORTED_ASSETS if source else ():
+    if os.path.exists(os.path.join(source, name)):
+      shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+  return sorted(os.listdir(directory))
 
 
 def load_hf_checkpoint(directory: str | os.PathLike, *, chunk_size: int = 0, mesh=None,

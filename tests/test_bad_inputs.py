@@ -293,6 +293,18 @@ ANALYZE = [
     ("unwritable_output", ["--checkpoint={root}/run", "--trace={root}/trace.json",
                            "--output=/proc/memrecall/q.png"], "cannot write in /proc"),
 ]
+EXPORT = [
+    ("missing_checkpoint", ["--checkpoint=/nonexistent_run", "--output={out}/x"],
+     "/nonexistent_run does not exist"),
+    ("workdir_without_checkpoints", ["--checkpoint={root}/empty_run", "--output={out}/x"],
+     "has no checkpoints/"),
+    ("corrupted_orbax_checkpoint", ["--checkpoint={root}/corrupt", "--output={out}/x"],
+     "may be truncated or corrupted"),
+    ("output_not_empty", ["--checkpoint={root}/run", "--output={root}"], "is not empty"),
+    ("output_is_a_file", ["--checkpoint={root}/run", "--output={root}/a_file"],
+     "a_file is a file, not a directory"),
+    ("url_output", ["--checkpoint={root}/run", "--output=gs://bucket/export"], "is a URL"),
+]
 PREPARE_DATA = [
     ("unknown_task", ["--builder=synthetic", "--task=novel", "--data_dir={out}/tfds"],
      "unknown task 'novel'"),
@@ -379,7 +391,8 @@ CASES = [pytest.param(script, *case[:3], case[3] if len(case) > 3 else None,
                       id=f"{script[:-3]}-{case[0]}")
          for script, cases in (("eval.py", EVAL), ("answer.py", ANSWER),
                                ("generate.py", GENERATE), ("train.py", TRAIN), ("plan.py", PLAN),
-                               ("analyze.py", ANALYZE), ("prepare_data.py", PREPARE_DATA),
+                               ("analyze.py", ANALYZE), ("export.py", EXPORT),
+                               ("prepare_data.py", PREPARE_DATA),
                                ("bench.py", BENCH), ("bench_recall.py", BENCH_RECALL),
                                ("profile_decode.py", PROFILE_DECODE), ("compile.py", COMPILE),
                                ("demo.py", DEMO))

@@ -20,6 +20,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 # "default": the backend's choice (bf16 runs; on NVIDIA GPUs float32 matmuls then run in TF32);
 # "highest": full float32 products, wherever float32 results are compared with references.
 MATMUL_PRECISIONS = ("default", "high", "highest")
+# config.json's keys of a gate memrecall exported (LycheeMemory's released models have none).
+GATE_KEY_PREFIX = "memrecall_"
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -205,6 +207,10 @@ class ModelConfig:
         dtype=stored,
         compressor=any(k.startswith("lychee_memory_") for k in hf),
     )
+    # A gate exported by memrecall (`to_hf_dict`): its adapters' settings, under our names.
+    for key in ("gate_lora_rank", "gate_lora_alpha", "gate_lora_targets"):
+      if GATE_KEY_PREFIX + key in hf:
+        values[key] = hf[GATE_KEY_PREFIX + key]
     values.update(overrides)
     return cls(**values)
 
@@ -238,6 +244,10 @@ class ModelConfig:
         "use_sliding_window": False,
         "max_position_embeddings": 32768,
         **({"lychee_memory_param": ["q", "k", "v"]} if self.compressor else {}),
+        **({GATE_KEY_PREFIX + "gate_lora_rank": self.gate_lora_rank,
+            GATE_KEY_PREFIX + "gate_lora_alpha": self.gate_lora_alpha,
+            GATE_KEY_PREFIX + "gate_lora_targets": list(self.gate_lora_targets)}
+           if self.has_gate else {}),
     }
 
 

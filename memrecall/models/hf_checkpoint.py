@@ -103,9 +103,18 @@ def qwen2_rules(config: ModelConfig) -> list[TensorRule]:
             layer + f"self_attn.lychee_memory_{p}_proj.{kind}", linear_in=linear_in,
             fallback=layer + f"self_attn.{p}_proj.{kind}"))
   if config.has_gate:
-    # The relevance head; the gate's LoRA adapters have no HF names (orbax only).
+    # The relevance head, under LycheeMemory's name, and the gate's LoRA adapters under ours
+    # (each as a PyTorch Linear: A [rank, in], B [out, rank]); a checkpoint without them gets
+    # fresh ones.
     rules += [TensorRule(("gate_head",), "similarity_head.weight", hf_leading_one=True, optional=True),
               TensorRule(("gate_bias",), "similarity_head.bias", hf_leading_one=True, optional=True)]
+    for target in config.gate_lora_targets:
+      block, module = ("attention", "self_attn") if target in "qkvo" else ("mlp", "mlp")
+      inputs = 2 if target == "o" else 1  # o's input is [heads, head_dim]
+      for factor, linear_in in (("a", inputs), ("b", 1)):
+        rules.append(TensorRule(("layers", block, f"{target}_lora_{factor}"),
+                                layer + f"{module}.{target}_proj{_GATE_LORA_MARK}"
+                                f"{factor.upper()}.weight", linear_in=linear_in, optional=True))
   return rules
 
 
@@ -114,6 +123,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Tensors of parts that a config may leave out (the gate's relevance head).
 _OPTIONAL_PREFIXES = ("similarity_head.",)
 _BEACON_MARK = "lychee_memory_"  # the compressor's tensors: beacon embedding and projections
+_GATE_LORA_MARK = ".gate_lora_"  # the gate's adapters (memrecall's exports)
 
 
 def _resolve_fallback(rule: TensorRule, tensors: Mapping[str, Any]) -> TensorRule:
@@ -198,8 +208,8 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, mesh=None,
   if missing:
     raise CheckpointError(f"{directory}: missing tensors {_summarise(missing)}")
   ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-  if not config.has_gate:
-    ignorable |= {n for n in tensors if n.startswith(_OPTIONAL_PREFIXES)}
+  if not config.has_gate:  # a gate's tensors, read without it (--gate_lora_rank=0)
+    ignorable |= {n for n in tensors if n.startswith(_OPTIONAL_PREFIXES) or _GATE_LORA_MARK in n}
   if not config.compressor:  # the backbone of a LycheeMemory checkpoint (e.g. to generate)
     ignorable |= {n for n in tensors if _BEACON_MARK in n}
   unexpected = sorted(n for n in set(tensors) - expected
