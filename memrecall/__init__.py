@@ -32,7 +32,9 @@ _EXPORTS = {
     "workdir_run": "memrecall.run_builder",
     "export_hf_checkpoint": "memrecall.run_builder",
     "from_hf_checkpoint": "memrecall.run_builder",
-    # evaluation and a trace's plot (`train` is defined below)
+    # training (the subpackage, callable: `memrecall.train(config, workdir)`), evaluation and a
+    # trace's plot
+    "train": "memrecall.train",
     "evaluate_suite": "memrecall.evaluate.evaluator",
     "evaluate_data": "memrecall.evaluate.evaluator",
     "load_trace": "memrecall.evaluate.traces",
@@ -42,26 +44,14 @@ _EXPORTS = {
     "compress": "memrecall.method.compressor",
     "recall_documents": "memrecall.method.recall",
 }
-__all__ = sorted(set(_EXPORTS) | {"train"})
-
-# `memrecall.train` is also the training subpackage's name, and importing a package sets it as
-# its parent's attribute: the subpackage is imported first, so that the function below keeps
-# the name whichever of its modules a notebook imports later (`from memrecall.train import
-# objectives` had made `memrecall.train(...)` a "'module' object is not callable").
-importlib.import_module("memrecall.train")
-
-
-def train(config, workdir: str, log=print, stop_at=None) -> dict:
-  """Runs (or resumes) one training stage: `memrecall.train.trainer.train`, whose docstring
-  says what each argument does; returns the last logged metrics."""
-  from memrecall.train import trainer  # pylint: disable=g-import-not-at-top
-  return trainer.train(config, workdir, log=log, stop_at=stop_at)
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
   if name not in _EXPORTS:
     raise AttributeError(f"module 'memrecall' has no attribute {name!r}")
-  value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  module = importlib.import_module(_EXPORTS[name])
+  value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
   globals()[name] = value  # once
   return value
 

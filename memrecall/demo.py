@@ -150,7 +150,8 @@ def run_demo(get_config: Callable[[str], ml_collections.ConfigDict], workdir: st
     if name in stages:
       if stages[name].get("config", key) != key:  # stages of older runs recorded no key
         raise ValueError(f"{workdir} holds the {name} stage trained with another config (another "
-                         "--variant?): use another --workdir, or delete it to start over")
+                         "--variant, or an earlier memrecall whose configs differ): use another "
+                         "--workdir, or delete it to start over")
       log(f"[demo] {name}: done earlier ({stages[name]['wall_s']:.0f} s), reused")
       return
     log(f"[demo] {name}: {config.train.steps} steps -> {directory}")

@@ -48,7 +48,6 @@ from memrecall.models.sampling import SamplingConfig
 from memrecall.models.tokenizer import CHAT_TEMPLATE_FILE, ByteTokenizer, HFTokenizer, Tokenizer
 from memrecall.readers import BaselineConfig, Reader, get as get_reader, reader_class
 from memrecall.runtime import checkpoint, paths, sharding as sharding_lib
-from memrecall.train import grpo
 
 # The training stages in order (each starts from the one before), and a run that only evaluates.
 TRAINING_STAGES = ("compressor", "sft", "rl", "gate")
@@ -314,10 +313,18 @@ def _epoch_order(seed: int, stream: int, epoch: int, n: int) -> np.ndarray:
 # --- building ---------------------------------------------------------------------
 
 
-def _tokenizer(setting: str, hf_dir: str | None, model: ModelConfig) -> Tokenizer:
-  """`init.tokenizer`: empty = the HF checkpoint's tokenizer.json (bytes for a random model);
-  `bytes`; or a directory holding a tokenizer.json (e.g. the base model's)."""
-  if setting == "bytes" or not (setting or hf_dir):
+# config.json's mark of a checkpoint exported from a run on the byte tokenizer (it has no
+# tokenizer.json, and needs none).
+_BYTES_MARK = {"memrecall_tokenizer": "bytes"}
+
+
+def _tokenizer(setting: str, hf_dir: str | None, model: ModelConfig,
+               raw: dict | None = None) -> Tokenizer:
+  """`init.tokenizer`: empty = the HF checkpoint's tokenizer.json (bytes for a random model, or
+  a checkpoint `export_hf_checkpoint` marked as trained on bytes); `bytes`; or a directory
+  holding a tokenizer.json (e.g. the base model's)."""
+  marked = raw is not None and all(raw.get(k) == v for k, v in _BYTES_MARK.items())
+  if setting == "bytes" or not (setting or hf_dir) or (not setting and marked):
     return ByteTokenizer()
   directory = setting or hf_dir
   if not os.path.exists(os.path.join(directory, "tokenizer.json")):
@@ -429,10 +436,6 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
                       "reward against its group's, so a group needs at least 2 rollouts")
   if config.rl.get("reward", "strict_sub_em") not in REWARDS:
     raise ConfigError(f"unknown rl.reward {config.rl.reward!r}; choose from {REWARDS}")
-  for key, choices in (("advantage", grpo.ADVANTAGES), ("kl_estimator", grpo.KL_ESTIMATORS),
-                       ("aggregation", grpo.AGGREGATIONS), ("old_logprobs", grpo.OLD_LOGPROBS)):
-    if key in config.rl and config.rl[key] not in choices:
-      raise ConfigError(f"unknown rl.{key} {config.rl[key]!r}; choose from {choices}")
   if config.rl.get("rollout_weights", "sharded") not in ROLLOUT_WEIGHTS:
     raise ConfigError(f"unknown rl.rollout_weights {config.rl.rollout_weights!r}; choose from "
                       f"{ROLLOUT_WEIGHTS}")
@@ -449,7 +452,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
         hf_dir, **{k: model_values[k] for k in MODEL_RUN_KEYS if k in model_values})
   else:
     model, raw = ModelConfig.from_dict(model_values), None
-  tokenizer = _tokenizer(config.init.tokenizer, hf_dir, model)
+  tokenizer = _tokenizer(config.init.tokenizer, hf_dir, model, raw)
   if raw is not None:
     model = _pad_from_tokenizer(model, raw, tokenizer)
     tokenizer.pad_id = model.pad_token_id
@@ -605,7 +608,7 @@ def check_param_shapes(model: ModelConfig, shapes: Any, source: str) -> None:
                         f"{want.get(path, 'absent')} in the config")
 
 
-def workdir_run(workdir: str, step: int | None = None, matmul_precision: str | None = None, *,
+def workdir_run(workdir: str, matmul_precision: str | None = None, *, step: int | None = None,
                 devices: Sequence[Any] | None = None, mesh: dict | None = None,
                 config: ml_collections.ConfigDict | None = None, **sizes) -> tuple[Run, int]:
   """(run, step) of a memrecall training run's checkpoint, built from the config it saved; no
@@ -653,7 +656,7 @@ def from_workdir(workdir: str, matmul_precision: str | None = None, *, step: int
   WORKDIR/checkpoints/STEP folder names its own), the parameters read straight onto the run's
   mesh (sharded by the rules, as in training).  The other arguments: `workdir_run`'s.
   """
-  run, step = workdir_run(workdir, step, matmul_precision, devices=devices, mesh=mesh,
+  run, step = workdir_run(workdir, matmul_precision, step=step, devices=devices, mesh=mesh,
                           config=config, **sizes)
   workdir, _ = checkpoint.step_folder(os.fspath(workdir), step)
   check_param_shapes(run.model, checkpoint.param_shapes(workdir, step), workdir)
@@ -671,17 +674,19 @@ def export_hf_checkpoint(run: Run, params, directory: str, *, dtype: str = "bflo
   """Writes a trained run as a HF checkpoint in LycheeMemory's layout: the weights in `dtype`
   (Qwen2's names, the beacons' `lychee_memory_*`, the gate's `similarity_head` and its adapters
   under memrecall's names), config.json with the compressor's and gate's keys, and the
-  backbone's tokenizer, chat template and generation config where the run has them.  Returns
-  the files written.  `directory` must be new or empty: nothing already there is replaced."""
+  backbone's tokenizer, chat template and generation config where the run has them (a run on
+  the byte tokenizer is marked so in config.json, and reads back with it).  Returns the files
+  written.  `directory` must be new or empty: nothing already there is replaced."""
   directory = paths.local_path(os.fspath(directory), "export directory")
   if os.path.isdir(directory) and os.listdir(directory):
     raise FileExistsError(f"{directory} is not empty: export into a new directory (nothing "
                           "there is replaced)")
   model = run.model.replace(param_dtype=dtype, dtype=dtype)
   cast = jax.tree.map(lambda x: x.astype(dtype_from_name(dtype)), params)
-  hf_checkpoint.save_hf_checkpoint(
-      cast, model, directory, max_shard_bytes=max_shard_bytes,
-      extra_config=run.compressor.to_hf_dict() if model.compressor else None)
+  extra = {**(run.compressor.to_hf_dict() if model.compressor else {}),
+           **(_BYTES_MARK if isinstance(run.tokenizer, ByteTokenizer) else {})}
+  hf_checkpoint.save_hf_checkpoint(cast, model, directory, max_shard_bytes=max_shard_bytes,
+                                   extra_config=extra)
   source = run.config.init.hf_checkpoint
   for name in _EXPORTED_ASSETS if source else ():
     if os.path.exists(os.path.join(source, name)):

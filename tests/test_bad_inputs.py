@@ -439,7 +439,7 @@ def test_a_forked_command_reports_what_a_fresh_interpreter_does(launchers, tmp_p
 
 
 def test_the_table_is_large_enough():
-  assert len(CASES) >= 30 and len({c.values[0] for c in CASES}) == 12
+  assert len(CASES) >= 30 and len({c.values[0] for c in CASES}) == 13
 
 
 @pytest.mark.parametrize("script,name,args,expected,prepare", CASES)

@@ -60,6 +60,10 @@ def test_an_export_reads_back_as_the_runs_weights_gate_included(tmp_path):
   assert set(got) == set(saved)
   for path, value in saved.items():
     np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=str(path))
+  # A run on the byte tokenizer is marked so, and the launchers' run reads it back with it
+  # (it has no tokenizer.json to copy).
+  assert hf["memrecall_tokenizer"] == "bytes" and not os.path.exists(out / "tokenizer.json")
+  assert type(run_builder.from_hf_checkpoint(str(out)).tokenizer).__name__ == "ByteTokenizer"
   # Without the gate (--gate_lora_rank=0): its tensors are left, the rest reads.
   plain, config = hf_checkpoint.load_hf_checkpoint(out, gate_lora_rank=0)
   assert not config.has_gate and "gate_head" not in plain

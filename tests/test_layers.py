@@ -33,6 +33,8 @@ LAYERS = (("runtime",), ("models",), ("data",), ("method",), ("readers",), ("run
 # (importer, imported): function-level imports that keep an optional dependency lazy.
 FUNCTION_LEVEL_ALLOWED = {
     ("memrecall.data.specs", "memrecall.data.tfds_builders"),  # tensorflow_datasets
+    # The callable package: importing one of its modules must not load the trainer.
+    ("memrecall.train", "memrecall.train.trainer"),
 }
 
 

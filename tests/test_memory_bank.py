@@ -83,6 +83,12 @@ def test_fingerprint_tracks_every_parameter_that_shapes_compressed_memory(lychee
     assert nudged(path) != base, path
   for path in [p for p in flat if p not in memory_paths]:
     assert nudged(path) == base, path
+  # Nor do the gate's settings: a bank made with a gate serves the same model without one.
+  assert config.has_gate
+  gate = lambda p: p[0] in ("gate_head", "gate_bias") or "_lora_" in p[-1]
+  without_gate = flax.traverse_util.unflatten_dict({p: v for p, v in flat.items() if not gate(p)})
+  assert memory_bank.model_fingerprint(without_gate, config.replace(gate_lora_rank=0)) == base
+  assert memory_bank.model_fingerprint(params, config.replace(gate_lora_rank=8)) == base
 
 
 def test_saving_over_a_bank_replaces_it_whole(tmp_path, compressed):

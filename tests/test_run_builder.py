@@ -50,6 +50,9 @@ def test_any_step_opens_by_number_or_by_its_folder(tmp_path):
     run_builder.from_workdir(workdir, step=3)
   with pytest.raises(ValueError, match="is step 2's checkpoint, not step 4's"):
     run_builder.from_workdir(os.path.join(workdir, "checkpoints", "2"), step=4)
+  with pytest.raises(TypeError, match="step '2' is not a step number"):
+    run_builder.from_workdir(workdir, step="2")
+  assert run_builder.workdir_run(workdir, step=np.int64(2))[1] == 2
   # A folder of runs (the demo's, one per stage) names them.
   with pytest.raises(FileNotFoundError, match=r"has no checkpoints/ directory \(it holds the "
                      r"runs run: name one\)"):

@@ -61,7 +61,7 @@ def _key(mesh) -> jax.ShapeDtypeStruct:
 def host_mesh(run: Run):
   """The mesh launch/eval.py and launch/answer.py form in one process of `run`'s target: each
   process evaluates on its own devices, with the run's mesh where they can form it, else all
-  of them on fsdp (`model_flags.on_own_devices`).  One host of a v5p-64: 4 of its 32 chips."""
+  of them on fsdp (`run_builder.workdir_run`).  One host of a v5p-64: 4 of its 32 chips."""
   devices = list(run.mesh.devices.flat)
   own = [d for d in devices if d.process_index == devices[0].process_index]
   if len(own) == len(devices):

@@ -71,8 +71,10 @@ def model_fingerprint(params, config: ModelConfig) -> str:
   The parameters are reduced to checksums on their devices (one pass over the weights, a few
   bytes to the host), once per bank: a model retrained in any layer makes another fingerprint.
   """
+  # The gate's settings leave the memory as it is (as its parameters do, `_shapes_memory`).
+  shape = config.replace(gate_lora_rank=0).to_hf_dict()
   return fingerprint.params_fingerprint(
-      params, salt=json.dumps(config.to_hf_dict(), sort_keys=True), include=_shapes_memory)
+      params, salt=json.dumps(shape, sort_keys=True), include=_shapes_memory)
 
 
 def describe(params, config: ModelConfig, compressor: CompressorConfig, memory: ChunkMemory,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import sys
 import tempfile
@@ -126,6 +127,11 @@ class Checkpointer:
 def step_folder(path: str, step: int | None) -> tuple[str, int | None]:
   """(workdir, step) of one checkpoint's folder, WORKDIR/checkpoints/STEP (`load_params` and
   `run_builder.from_workdir` take one, for analysis); any other path as it is."""
+  if step is not None:
+    try:
+      step = operator.index(step)  # numpy's integers too
+    except TypeError:
+      raise TypeError(f"step {step!r} is not a step number (an integer)") from None
   full = os.path.abspath(os.fspath(path))
   parent, name = os.path.split(full)
   if (name.isdigit() and os.path.basename(parent) == "checkpoints"

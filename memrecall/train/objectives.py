@@ -155,7 +155,8 @@ def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
   policy_loss = grpo.aggregate(policy, mask, rl.aggregation)
   kl_loss = grpo.aggregate(kl, mask, rl.aggregation)
   loss = policy_loss + rl.kl_coef * kl_loss
-  mean = lambda x: grpo.aggregate(x.astype(jnp.float32), mask, "token_mean")
+  # Token means whatever the loss's aggregation: summed over microbatches, then divided.
+  mean = lambda x: Ratio((x.astype(jnp.float32) * mask).sum(), mask.sum())
   return loss, {"loss": loss, "policy_loss": policy_loss, "kl": kl_loss,
                 "clip_fraction": mean(clipped),
                 "rollout_logprob_gap": mean(jnp.abs(logp - rollout)),

@@ -186,12 +186,19 @@ def _flat(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+# Settings added after runs were saved without them: what those runs trained with, by key, and
+# the stage that reads it (elsewhere the missing key takes the new default).
+_SAVED_BEFORE_THE_KEY = {"rl.old_logprobs": ("rollout", "rl")}
+
+
 def _check_same_run(saved: dict, config: dict, workdir: str) -> None:
   """A workdir resumes only the run that wrote it: another model, data, stage or objective
   would continue someone else's checkpoint as if it were this run's (a ConfigError names
   the keys)."""
   keep = lambda tree: {k: v for k, v in _flat(tree).items() if not _resumable(k)}
   old, new = keep(saved), keep(config)
+  for key, (value, stage) in _SAVED_BEFORE_THE_KEY.items():
+    old.setdefault(key, value if config.get("stage") == stage else new.get(key))
   diffs = [f"{k} {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
            if old.get(k) != new.get(k)]
   if diffs:
@@ -292,14 +299,20 @@ def _init_step(config: ml_collections.ConfigDict, recorded: int | None, workdir:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The stage and the train block's counts, before any work: `train`'s, and launch/compile.py's
-  for the same step (a batch of 0 rows ended there in a ZeroDivisionError)."""
+  """The stage, the train block's counts and RL's choices, before any work: `train`'s, and
+  launch/compile.py's for the same step (a batch of 0 rows ended there in a ZeroDivisionError)."""
   if config.stage not in TRAINING_STAGES:
     raise ConfigError(f"unknown stage {config.stage!r}; choose from {TRAINING_STAGES}")
   for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep"):
     value = config.train.get(key, 1)
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
+  # The objective's choices, here rather than at the first step's trace after a whole rollout.
+  rl = config.get("rl", {})
+  for key, choices in (("advantage", grpo.ADVANTAGES), ("kl_estimator", grpo.KL_ESTIMATORS),
+                       ("aggregation", grpo.AGGREGATIONS), ("old_logprobs", grpo.OLD_LOGPROBS)):
+    if key in rl and rl[key] not in choices:
+      raise ConfigError(f"unknown rl.{key} {rl[key]!r}; choose from {choices}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, log=print,

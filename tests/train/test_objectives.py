@@ -97,7 +97,9 @@ def test_rl_loss_falls_on_a_fixed_batch():
 def _rl_loss_and_grads(run, params, batch, **settings):
   rl = objectives.RLConfig(**{"kl_coef": 0.0, **settings})
   setup = objectives.TrainSetup.of_run(run)
-  return jax.value_and_grad(lambda p: objectives.rl_loss(p, setup, rl, batch), has_aux=True)(params)
+  (loss, metrics), grads = jax.value_and_grad(lambda p: objectives.rl_loss(p, setup, rl, batch),
+                                              has_aux=True)(params)
+  return (loss, state_lib.resolve_ratios(metrics)), grads
 
 
 def test_the_policy_as_its_own_old_logprobs_gives_the_policy_gradient():
@@ -222,6 +224,7 @@ def test_rollout_logprobs_equal_the_teacher_forced_scores(agent, temperature):
   np.testing.assert_allclose(np.asarray(batch.ref_answer_logprobs)[answer],
                              np.asarray(batch.old_answer_logprobs)[answer], atol=2e-4)
   _, metrics = objectives.rl_loss(state.params, stage.setup, stage.rl, batch)
+  metrics = state_lib.resolve_ratios(metrics)
   assert float(metrics["clip_fraction"]) == 0
   assert abs(float(metrics["kl"])) < 1e-6
   if temperature != 1.0:  # ... and that distribution is the tempered one, not the model's own
@@ -388,10 +391,13 @@ def test_sft_trains_the_gate_jointly_with_its_weighted_bce():
     run_builder.build_run(lonely)
 
 
-def test_microbatches_of_unequal_turns_give_the_whole_batchs_token_mean_step():
-  """RL's token mean over turns of different lengths: 2 microbatches weighted by their tokens
-  make the whole batch's loss, gradient and update (a mean of the 2 parts' means does not)."""
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_microbatches_of_unequal_turns_give_the_whole_batchs_step(aggregation):
+  """RL over turns of different lengths: 2 microbatches weighted by what the loss's mean counts
+  (tokens, or turns) make the whole batch's loss, gradient and update (a mean of the 2 parts'
+  means does not), and the token-mean metrics stay token means under either aggregation."""
   config = small_config("rl")
+  config.rl.aggregation = aggregation
   config.reasoner.memory_size, config.reasoner.answer_tokens = 8, 6
   run = run_builder.build_run(config)
   stage = trainer._STAGES["rl"](run)
@@ -405,8 +411,14 @@ def test_microbatches_of_unequal_turns_give_the_whole_batchs_token_mean_step():
   state = state_lib.create_train_state(params, "backbone", optimizer, 0)
   stage.start(state.params)
   batch, _ = stage.batch(0, state, slice(0, 4))
-  batch = batch.replace(advantages=np.asarray([0.5, -0.5, 0.5, -0.5], np.float32))
-  tokens = np.asarray(objectives.trajectory_mask(batch.turns)).sum(1)
+  # Rollout log-probs off by a different amount in each half: its gap metric tells a token
+  # mean from a mean weighted by turns.
+  shift = np.asarray([0.05, 0.05, 0.9, 0.9], np.float32)
+  batch = batch.replace(advantages=np.asarray([0.5, -0.5, 0.5, -0.5], np.float32),
+                        old_logprobs=batch.old_logprobs - shift[:, None, None],
+                        old_answer_logprobs=batch.old_answer_logprobs - shift[:, None])
+  tokens = (np.asarray(batch.turns.target_mask).sum((1, 2))
+            + np.asarray(batch.turns.answer_mask).sum(1))  # per trajectory
   assert tokens[:2].sum() != tokens[2:].sum(), tokens  # the two halves weigh differently
   out = {}
   for k in (1, 2):
@@ -414,8 +426,12 @@ def test_microbatches_of_unequal_turns_give_the_whole_batchs_token_mean_step():
     out[k] = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches=k))(
         fresh, batch)
   (s1, m1), (s2, m2) = out[1], out[2]
-  for key in ("loss", "grad_norm", "kl", "entropy"):
-    np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-7)
+  for key in ("loss", "grad_norm", "kl", "entropy", "rollout_logprob_gap"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-7, err_msg=key)
+  total, count = _token_weighted(batch)  # (advantages unused below)
+  gap = sum(s * (np.asarray(batch.turns.target_mask[b]).sum()
+                 + np.asarray(batch.turns.answer_mask[b]).sum()) for b, s in enumerate(shift))
+  np.testing.assert_allclose(m1["rollout_logprob_gap"], gap / count, rtol=1e-3)
   assert state_lib.LOSS_WEIGHT not in m1
   # Each leaf's update within 1e-4 of the whole batch's, in norm (one element of 8192 differs by
   # 9e-4 of itself: float32 sums of opposite terms in another order); a mean of the parts'

@@ -98,14 +98,15 @@ def test_bad_input_gives_clear_errors(tmp_path):
   low.model.param_dtype = "bfloat16"
   with pytest.raises(trainer.ConfigError, match="training needs float32 master weights"):
     trainer.train(low, str(tmp_path / "b"), log=quiet)
-  # The objective's choices are checked when the run is built, not at the first step's trace
-  # after a whole rollout.
+  # The objective's choices are checked before any work, not at the first step's trace after
+  # a whole rollout.
   for key, value in (("advantage", "gae"), ("kl_estimator", "k4"), ("aggregation", "seq_sum"),
                      ("old_logprobs", "reference")):
     rl = small_config("rl")
     rl.rl[key] = value
     with pytest.raises(trainer.ConfigError, match=f"unknown rl.{key} '{value}'; choose from"):
-      run_builder.build_run(rl)
+      trainer.train(rl, str(tmp_path / f"rl_{key}"), log=quiet)
+    assert not os.path.exists(tmp_path / f"rl_{key}" / "checkpoints")
   unsharded = small_config("sft", batch_size=16, microbatches=4)
   unsharded.mesh.data, unsharded.mesh.fsdp = 2, 4  # 4 rows a microbatch on 8 batch shards
   with pytest.raises(trainer.ConfigError, match="do not split over the mesh's 8 batch shards"):
@@ -277,3 +278,20 @@ def test_a_read_the_processes_disagreed_on_is_not_called_damage():
                             "'CheckpointManager:create_directory')")
   assert "keep the checkpoint" in checkpoint._advice(mismatch, "delete it")
   assert checkpoint._advice(ValueError("bad header"), "delete it") == "delete it"
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_what_it_trained_with():
+  """rl.old_logprobs came after runs were saved without it: an RL run of then trained against
+  the rollout's log-probs, so resuming it asks for that (not silently the new default), and
+  other stages, which do not read it, resume as they are."""
+  for stage in ("sft", "rl"):
+    config = json.loads(small_config(stage).to_json_best_effort())
+    saved = json.loads(json.dumps(config))
+    del saved["rl"]["old_logprobs"]
+    if stage == "sft":
+      trainer._check_same_run(saved, config, "wd")
+      continue
+    with pytest.raises(trainer.ConfigError, match="rl.old_logprobs 'rollout' there, 'policy' now"):
+      trainer._check_same_run(saved, config, "wd")
+    config["rl"]["old_logprobs"] = "rollout"
+    trainer._check_same_run(saved, config, "wd")
