@@ -87,6 +87,19 @@ def test_train_rl_from_a_hf_checkpoint_then_evaluate_the_workdir(tiny_qwen, data
   results = json.load(open(out / "results.json"))
   assert {r["num_docs"] for r in results} == {4, 12, 20}
   assert "sub-EM" in proc.stdout
+  # Exported as a HF checkpoint (float32, as it trained), the run answers as its workdir does
+  # through --hf_checkpoint with the run's sizes: weights, compressor settings, gate, tokenizer
+  # and chat template all travel.
+  exported = tmp_path / "exported"
+  launch("export.py", f"--checkpoint={work}", f"--output={exported}", "--dtype=float32")
+  assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(exported))
+  launch("eval.py", f"--hf_checkpoint={exported}", f"--data=rows:{data_files['eval_rows']}",
+         "--modes=all", "--limit=2", "--batch_size=2", "--chunk_size=64", "--memory_size=24",
+         "--answer_tokens=8", "--question_tokens=48", f"--output_dir={tmp_path / 'eval_hf'}")
+  answers = lambda rows: [(r["row"], r["prediction_ids"]) for r in rows
+                          if r["data"] == "eval_rows.jsonl" and r["mode"] == "all"]
+  assert len(answers(got)) == 2 and all(ids for _, ids in answers(got))
+  assert answers(predictions(tmp_path / "eval_hf" / "predictions.jsonl")) == answers(got)
 
 
 def _rows_file(tmp_path, name, rows):
