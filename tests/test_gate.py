@@ -89,7 +89,8 @@ def test_an_untrained_relevance_head_is_warned_of_for_the_modes_that_read_by_it(
   gate and topk wherever the library evaluates (notebooks included), not for other modes."""
   import warnings
   zeros = {"gate_head": np.zeros((4,), np.float32)}
-  with pytest.warns(UserWarning, match="mode\\(s\\) gate,topk: the gate's relevance head is all zeros"):
+  with pytest.warns(UserWarning,
+                    match="mode\\(s\\) gate,topk: the gate's relevance head is all zeros"):
     assert gate.warn_if_untrained(zeros, ["all", "gate", "topk"])
   with warnings.catch_warnings():
     warnings.simplefilter("error")

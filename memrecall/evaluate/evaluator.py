@@ -239,8 +239,8 @@ def _trace_task(task: str) -> str:
 
 def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], modes: Sequence[str],
                    examples: int, output_dir: str, batch_size: int = 8,
-                   baseline: BaselineConfig | None = None, seed_offset: int = 1000, keep_traces: int = 4,
-                   threshold: float | None = None,
+                   baseline: BaselineConfig | None = None, seed_offset: int = 1000,
+                   keep_traces: int = 4, threshold: float | None = None,
                    topk: int = 4, gate_group: int = 16, latency_examples: int = 4,
                    mode_examples: dict[str, int] | None = None, mesh=None,
                    weights: str = "auto", log=print) -> list[dict]:

@@ -140,7 +140,8 @@ def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
   (logp, entropy), (answer_logp, answer_entropy) = trajectory_logprobs(
       params, setup, batch.turns, temperature=rl.temperature)
   if rl.old_logprobs not in grpo.OLD_LOGPROBS:
-    raise ValueError(f"unknown rl.old_logprobs {rl.old_logprobs!r}; choose from {grpo.OLD_LOGPROBS}")
+    raise ValueError(f"unknown rl.old_logprobs {rl.old_logprobs!r}; choose from "
+                     f"{grpo.OLD_LOGPROBS}")
   mask = trajectory_mask(batch.turns)  # [B*N + B, L]: one row per turn
   logp = _turn_rows(logp, answer_logp)
   rollout = _turn_rows(batch.old_logprobs, batch.old_answer_logprobs)

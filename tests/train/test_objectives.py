@@ -60,7 +60,8 @@ def _token_weighted(batch, values=None, answer_values=None):
   trajectories (values default to 1)."""
   total, count = 0.0, 0
   for b, advantage in enumerate(np.asarray(batch.advantages)):
-    for tokens, mask in ((values, batch.turns.target_mask), (answer_values, batch.turns.answer_mask)):
+    for tokens, mask in ((values, batch.turns.target_mask),
+                         (answer_values, batch.turns.answer_mask)):
       mask = np.asarray(mask[b], bool)
       tokens = np.ones(mask.shape) if tokens is None else np.asarray(tokens[b])
       total += advantage * float(tokens[mask].sum())
