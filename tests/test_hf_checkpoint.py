@@ -201,6 +201,10 @@ def test_lychee_checkpoint_exports_to_its_own_layout(tmp_path, lychee_dir):
     np.testing.assert_array_equal(original[name], exported[name])
   _, raw_again = hf_checkpoint.read_config(tmp_path)
   assert compressor.CompressorConfig.from_hf_dict(raw_again, chunk_size=1024) == settings
+  # Every setting memrecall implements is written out, as the reference's own config has it.
+  for key in ("lychee_memory_window", "lychee_memory_stride", "lychee_memory_ratio",
+              *compressor.SUPPORTED_HF_VALUES):
+    assert compressor._normalised(raw_again[key]) == compressor._normalised(raw[key]), key
   again, config_again = hf_checkpoint.load_hf_checkpoint(tmp_path, gate_lora_rank=2)
   assert config_again.compressor
   for path in (("beacon_embedding",), ("gate_head",), ("layers", "attention", "beacon_v_bias")):

@@ -110,9 +110,14 @@ class CompressorConfig:
                group_size=group_size)
 
   def to_hf_dict(self) -> dict:
+    """config.json's `lychee_memory_*` keys: the window and ratio, and every setting memrecall
+    implements written out (`SUPPORTED_HF_VALUES`), so that code with other defaults for a
+    missing key reads the same model."""
     return {"lychee_memory_window": self.window, "lychee_memory_stride": self.window,
             "lychee_memory_ratio": [self.ratio], "lychee_memory_pos": "interleave",
-            "lychee_memory_attn": "full-coverage", "lychee_memory_param": ["q", "k", "v"]}
+            "lychee_memory_attn": "full-coverage", "lychee_memory_attend_prev": True,
+            "lychee_memory_sink_size": 0, "lychee_memory_parallel_window": 1,
+            "lychee_memory_param": ["q", "k", "v"]}
 
   @property
   def chunks_per_group(self) -> int:
