@@ -109,7 +109,8 @@ def qwen2_rules(config: ModelConfig) -> list[TensorRule]:
     rules += [TensorRule(("gate_head",), "similarity_head.weight", hf_leading_one=True, optional=True),
               TensorRule(("gate_bias",), "similarity_head.bias", hf_leading_one=True, optional=True)]
     for target in config.gate_lora_targets:
-      block, module = ("attention", "self_attn") if target in "qkvo" else ("mlp", "mlp")
+      attention = target in ("q", "k", "v", "o")
+      block, module = ("attention", "self_attn") if attention else ("mlp", "mlp")
       inputs = 2 if target == "o" else 1  # o's input is [heads, head_dim]
       for factor, linear_in in (("a", inputs), ("b", 1)):
         rules.append(TensorRule(("layers", block, f"{target}_lora_{factor}"),

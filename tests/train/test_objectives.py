@@ -429,7 +429,7 @@ def test_microbatches_of_unequal_turns_give_the_whole_batchs_step(aggregation):
   (s1, m1), (s2, m2) = out[1], out[2]
   for key in ("loss", "grad_norm", "kl", "entropy", "rollout_logprob_gap"):
     np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-7, err_msg=key)
-  total, count = _token_weighted(batch)  # (advantages unused below)
+  _, count = _token_weighted(batch)  # the written tokens
   gap = sum(s * (np.asarray(batch.turns.target_mask[b]).sum()
                  + np.asarray(batch.turns.answer_mask[b]).sum()) for b, s in enumerate(shift))
   np.testing.assert_allclose(m1["rollout_logprob_gap"], gap / count, rtol=1e-3)
