@@ -48,7 +48,7 @@ _MEMORY_SIZE = flags.DEFINE_integer(
     "memory_size", None, "Max new tokens per memory update (default: the run's; 1024 for HF).",
     lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
-    "max_new_tokens", None, "Max tokens of the answer (default: the run's; 256 for HF).",
+    "max_new_tokens", None, "Max tokens of the answer (default: the run's; 1024 for HF).",
     lower_bound=1)
 _MEMORY_BANK = flags.DEFINE_string("memory_bank", None, "Reuse the bank here if present, else save.")
 _RECOMPILE_BANK = flags.DEFINE_bool(

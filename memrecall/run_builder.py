@@ -517,6 +517,10 @@ def default_config() -> ml_collections.ConfigDict:
              # The ratio's denominator: "policy" (the training pass's own, as verl recomputes
              # them; every ratio 1) or "rollout" (the sampler's recorded log-probs).
              "old_logprobs": "policy",
+             # Optimizer updates per rollout batch, each on 1/u of its questions (whole groups)
+             # in turn: verl's mini-batches (train_batch_size / ppo_mini_batch_size).  With
+             # "policy", u > 1 scores the old log-probs in a pass before the first update.
+             "updates_per_batch": 1,
              # The rollout's weights: "sharded" as training shards them (an fsdp mesh gathers
              # each layer's at every decode step), or "replicated": gathered once per rollout,
              # one more bfloat16 copy of the model per device.
@@ -545,13 +549,15 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0, memory_size: int = 1024,
-                answer_tokens: int = 256, question_tokens: int = 1024,
+                answer_tokens: int = 1024, question_tokens: int = 1024,
                 model: dict | None = None, tokenizer: str = "",
                 prompts: dict | None = None, mesh: dict | None = None) -> ml_collections.ConfigDict:
   """The run config of using a HF checkpoint as it is (launch/eval.py and launch/answer.py with
   --hf_checkpoint).  chunk_size 0: two compressor windows; model: `MODEL_RUN_KEYS` to set;
   tokenizer: as `init.tokenizer`; prompts: templates to replace (`prompts` block keys); mesh:
-  axis sizes (default: every device on fsdp)."""
+  axis sizes (default: every device on fsdp).  Answers of up to 1024 tokens, the
+  `max_new_tokens` of LycheeMemory's example and of MemAgent's evaluation: an answer cut short
+  has no closing box to score."""
   c = default_config()
   c.model = ml_collections.ConfigDict({"compressor": True, **(model or {})})
   c.init.hf_checkpoint = hf_checkpoint_dir

@@ -116,10 +116,13 @@ class RLConfig:
   # under the distribution the rollout sampled from, as its recorded log-probs are.
   temperature: float = 1.0
   # The ratio's denominator.  "policy": the training pass's own log-probs, held constant —
-  # verl's old log-probs, recomputed by the actor before its one update per batch, so every
-  # ratio is 1 and the clip never binds.  "rollout": the sampler's recorded log-probs, so the
-  # clip also bounds the rollout/training numerical mismatch (bfloat16 decode against the
-  # training pass).  The mismatch is logged either way (`rollout_logprob_gap`).
+  # verl's old log-probs, recomputed by the actor before its updates, for a batch with one
+  # update, whose ratios are then all 1.  "recomputed": the batch's `old_logprobs` hold those
+  # of a scoring pass before the first of several updates (`rl.updates_per_batch` with
+  # "policy"), so later updates' ratios move and the clip binds.  "rollout": the sampler's
+  # recorded log-probs, so the clip also bounds the rollout/training numerical mismatch
+  # (bfloat16 decode against the training pass), logged as `rollout_logprob_gap` (by the
+  # stage under "recomputed").
   old_logprobs: str = "policy"
 
 
@@ -139,13 +142,13 @@ def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
   """Clipped policy-gradient loss with a KL penalty, over every token of every turn."""
   (logp, entropy), (answer_logp, answer_entropy) = trajectory_logprobs(
       params, setup, batch.turns, temperature=rl.temperature)
-  if rl.old_logprobs not in grpo.OLD_LOGPROBS:
+  if rl.old_logprobs not in grpo.OLD_LOGPROBS + ("recomputed",):
     raise ValueError(f"unknown rl.old_logprobs {rl.old_logprobs!r}; choose from "
                      f"{grpo.OLD_LOGPROBS}")
   mask = trajectory_mask(batch.turns)  # [B*N + B, L]: one row per turn
   logp = _turn_rows(logp, answer_logp)
-  rollout = _turn_rows(batch.old_logprobs, batch.old_answer_logprobs)
-  old = jax.lax.stop_gradient(logp) if rl.old_logprobs == "policy" else rollout
+  recorded = _turn_rows(batch.old_logprobs, batch.old_answer_logprobs)
+  old = jax.lax.stop_gradient(logp) if rl.old_logprobs == "policy" else recorded
   ref = _turn_rows(batch.ref_logprobs, batch.ref_answer_logprobs)
   n = batch.old_logprobs.shape[1]
   advantages = jnp.concatenate([jnp.repeat(batch.advantages, n), batch.advantages])
@@ -158,11 +161,16 @@ def rl_loss(params, setup: TrainSetup, rl: RLConfig, batch: RLBatch):
   loss = policy_loss + rl.kl_coef * kl_loss
   # Token means whatever the loss's aggregation: summed over microbatches, then divided.
   mean = lambda x: Ratio((x.astype(jnp.float32) * mask).sum(), mask.sum())
-  return loss, {"loss": loss, "policy_loss": policy_loss, "kl": kl_loss,
-                "clip_fraction": mean(clipped),
-                "rollout_logprob_gap": mean(jnp.abs(logp - rollout)),
-                "entropy": mean(_turn_rows(entropy, answer_entropy)),
-                LOSS_WEIGHT: grpo.aggregate_weight(mask, rl.aggregation)}
+  metrics = {"loss": loss, "policy_loss": policy_loss, "kl": kl_loss,
+             "clip_fraction": mean(clipped),
+             # How far the updated policy moved from the old one (verl's `ppo_kl`): 0 at a
+             # batch's first update.
+             "ppo_kl": mean(old - logp),
+             "entropy": mean(_turn_rows(entropy, answer_entropy)),
+             LOSS_WEIGHT: grpo.aggregate_weight(mask, rl.aggregation)}
+  if rl.old_logprobs != "recomputed":  # `recorded` are the sampler's
+    metrics["rollout_logprob_gap"] = mean(jnp.abs(logp - recorded))
+  return loss, metrics
 
 
 def compressor_loss(params, setup: TrainSetup, chunk_ids: Array, chunk_mask: Array,

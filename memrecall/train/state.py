@@ -86,12 +86,18 @@ class OptimizerConfig:
                         "clipped to must be positive (the recipes' 1.0)")
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, updates_per_step: int = 1
+                   ) -> optax.GradientTransformation:
   """Gradient clipping, then AdamW with decoupled weight decay on every trainable parameter
   (norms, biases and embeddings too, as verl's AdamW), under the learning-rate schedule: a
   linear warmup from 0 over `warmup_steps` (step 0 then trains at 0, as Hugging Face's
   schedules do), then cosine decay or constant.  Always a schedule, so the optimizer state has
-  one structure whatever the settings, and a resume may change them."""
+  one structure whatever the settings, and a resume may change them.
+
+  updates_per_step: optimizer updates a train step makes (RL's `rl.updates_per_batch`); the
+  schedule counts steps, as verl's scheduler counts rollout batches, not updates."""
+  if not isinstance(updates_per_step, int) or updates_per_step < 1:
+    raise ConfigError(f"updates per step must be a positive integer, got {updates_per_step!r}")
   lr = cfg.learning_rate
   if cfg.decay_steps and cfg.warmup_steps:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup_steps, cfg.decay_steps,
@@ -102,6 +108,9 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     schedule = optax.linear_schedule(0.0, lr, cfg.warmup_steps)
   else:
     schedule = optax.constant_schedule(lr)
+  if updates_per_step > 1:
+    per_update = schedule
+    schedule = lambda count: per_update(count // updates_per_step)
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
 
@@ -167,17 +176,21 @@ def resolve_ratios(metrics: dict) -> dict:
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    paths, microbatches: int = 1) -> Callable:
+                    paths, microbatches: int = 1, updates: int = 1) -> Callable:
   """A step (state, batch) -> (state, metrics) for loss_fn(params, batch, rng) -> (loss, metrics).
 
   A non-finite loss or gradient leaves the state unchanged and reports
   `finite = 0`, so the caller can stop without ever saving a bad state.
-  microbatches k > 1: the batch's rows are cut into k equal parts, run one after another in a
+  microbatches k > 1: an update's rows are cut into k equal parts, run one after another in a
   `lax.scan` (activations of one part live at a time), and the loss, metrics and gradients are
   their means weighted by the parts' `LOSS_WEIGHT` metric: the whole batch's loss and gradient
   when the loss is a mean over what that metric counts (RL's and SFT's token means over turns
   of different lengths too).  Metrics given as a `Ratio` are summed, then divided: the whole
   batch's ratio.
+  updates u > 1 (RL's mini-batches, verl's `ppo_mini_batch_size`): the batch's rows are cut
+  into u consecutive equal parts and the optimizer updates once on each in turn, each loss
+  seeing the parameters the previous updates left; the metrics are the updates' means.  The
+  step then counts one (`state.step`) and fails whole if any update is non-finite.
   """
   def grads_of(trainable, frozen, batch, rng):
     loss_of = lambda t: loss_fn(merge(t, frozen), batch, rng)
@@ -207,23 +220,45 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     mean = lambda x: x if _is_ratio(x) else x / jnp.maximum(weights, 1e-30)
     return jax.tree.map(mean, sums, is_leaf=_is_ratio) + (weights,)
 
+  compute = grads_of if microbatches == 1 else accumulated
+
+  def update(trainable, opt_state, frozen, batch, rng):
+    (loss, metrics), grads, _ = compute(trainable, frozen, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    changes, opt_state = optimizer.update(grads, opt_state, trainable)
+    metrics = {**resolve_ratios(metrics), "grad_norm": grad_norm,
+               "finite": finite.astype(jnp.float32)}
+    return optax.apply_updates(trainable, changes), opt_state, metrics
+
   def step(state: TrainState, batch):
     rng = jax.random.wrap_key_data(state.rng)
     rng, step_rng = jax.random.split(rng)
     trainable, frozen = split(state.params, paths)
-    compute = grads_of if microbatches == 1 else accumulated
-    (loss, metrics), grads, _ = compute(trainable, frozen, batch, step_rng)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
+    if updates == 1:
+      new_trainable, opt_state, metrics = update(trainable, state.opt_state, frozen, batch,
+                                                 step_rng)
+    else:
+      rows = jax.tree.leaves(batch)[0].shape[0]
+      if rows % updates:
+        raise ValueError(f"a batch of {rows} rows does not split into {updates} updates")
+      parts = jax.tree.map(lambda x: x.reshape((updates, rows // updates) + x.shape[1:]), batch)
+
+      def one(carry, xs):
+        part, key = xs
+        new_trainable, opt_state, metrics = update(*carry, frozen, part, key)
+        return (new_trainable, opt_state), metrics
+
+      (new_trainable, opt_state), metrics = jax.lax.scan(
+          one, (trainable, state.opt_state), (parts, jax.random.split(step_rng, updates)))
+      metrics = jax.tree.map(lambda x: x.mean(0), metrics)
+      metrics["finite"] = jnp.floor(metrics["finite"])  # 1 only if every update was finite
+    finite = metrics["finite"] > 0
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(step=state.step + finite.astype(jnp.int32),
                            params=merge(keep(new_trainable, trainable), frozen),
                            opt_state=keep(opt_state, state.opt_state),
                            rng=jax.random.key_data(rng))
-    metrics = {**resolve_ratios(metrics), "grad_norm": grad_norm,
-               "finite": finite.astype(jnp.float32)}
     return new_state, metrics
 
   return step

@@ -188,7 +188,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 # Settings added after runs were saved without them: what those runs trained with, by key, and
 # the stage that reads it (elsewhere the missing key takes the new default).
-_SAVED_BEFORE_THE_KEY = {"rl.old_logprobs": ("rollout", "rl")}
+_SAVED_BEFORE_THE_KEY = {"rl.old_logprobs": ("rollout", "rl"), "rl.updates_per_batch": (1, "rl")}
 
 
 def _check_same_run(saved: dict, config: dict, workdir: str) -> None:
@@ -313,6 +313,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                        ("aggregation", grpo.AGGREGATIONS), ("old_logprobs", grpo.OLD_LOGPROBS)):
     if key in rl and rl[key] not in choices:
       raise ConfigError(f"unknown rl.{key} {rl[key]!r}; choose from {choices}")
+  updates = rl.get("updates_per_batch", 1)
+  if not isinstance(updates, int) or updates < 1:
+    raise ConfigError(f"rl.updates_per_batch must be a positive integer, got {updates!r}")
+  if config.stage == "rl" and updates > 1:
+    questions, group = config.train.batch_size // max(rl.group_size, 1), rl.group_size
+    if questions % updates:
+      raise ConfigError(f"rl.updates_per_batch={updates} must divide the step's {questions} "
+                        f"questions (train.batch_size {config.train.batch_size} / rl.group_size "
+                        f"{group}): each update takes whole groups")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, log=print,
@@ -334,7 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
         f"model.param_dtype is {run.model.param_dtype}: training needs float32 master weights "
         "(an update of ~1e-6 is lost in a 16-bit weight, whose spacing near 0.02 is ~1e-4); "
         "set --config.model.param_dtype=float32 (products still run in model.dtype)")
-  microbatches = microbatches_of(config, sharding_lib.batch_shards(run.mesh))
+  updates, microbatches = update_parts(config, sharding_lib.batch_shards(run.mesh))
   stage = _STAGES[config.stage](run)
   stage.check_data()
   optimizer = make_optimizer(config)
@@ -412,7 +421,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     if stage.rollout_weights is not None and run.mesh.size > 1 and distributed.is_primary():
       log(stage.rollout_weights.line)
     del params  # the state holds its own copy; this one would double the weights' memory
-    step_fn = jit_train_step(stage, optimizer, paths, microbatches)
+    step_fn = jit_train_step(stage, optimizer, paths, microbatches, updates)
     writer = MetricsWriter(os.path.join(workdir, "logs", config.stage), resumed_at=int(state.step))
     console = _Console(config.train.steps, int(state.step))
     window = _WindowMeans()
@@ -479,13 +488,39 @@ def microbatches_of(config: ml_collections.ConfigDict, batch_shards: int = 1) ->
   return microbatches
 
 
+def updates_per_step(config: ml_collections.ConfigDict) -> int:
+  """Optimizer updates per train step: RL's `rl.updates_per_batch` (its mini-batches), else 1."""
+  return config.rl.get("updates_per_batch", 1) if config.stage == "rl" else 1
+
+
+def update_parts(config: ml_collections.ConfigDict, batch_shards: int = 1) -> tuple[int, int]:
+  """(updates, microbatches per update) of a train step, checked: `train.microbatches` counts
+  the parts of the whole batch, so an update of 1/u of its rows runs 1/u of them (at least one,
+  of rows that still split over the mesh's batch shards)."""
+  updates = updates_per_step(config)
+  parts = microbatches_of(config, batch_shards)
+  if parts >= updates:
+    if parts % updates:
+      raise ConfigError(f"the step's {parts} microbatches do not split evenly over its "
+                        f"{updates} updates (rl.updates_per_batch): make train.microbatches a "
+                        f"multiple of {updates}")
+    return updates, parts // updates
+  rows = config.train.batch_size // updates
+  if rows % batch_shards:
+    raise ConfigError(f"an update's {rows} rows (train.batch_size {config.train.batch_size} / "
+                      f"rl.updates_per_batch {updates}) do not split over the mesh's "
+                      f"{batch_shards} batch shards (mesh.data x mesh.fsdp)")
+  return updates, 1
+
+
 def make_optimizer(config: ml_collections.ConfigDict):
-  return state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()))
+  return state_lib.make_optimizer(state_lib.OptimizerConfig(**config.optimizer.to_dict()),
+                                  updates_per_step(config))
 
 
-def jit_train_step(stage: "_Stage", optimizer, paths, microbatches: int):
+def jit_train_step(stage: "_Stage", optimizer, paths, microbatches: int, updates: int = 1):
   """The stage's jitted step (state donated): what `train` runs and launch/compile.py compiles."""
-  return jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches),
+  return jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches, updates),
                  donate_argnums=0)
 
 
@@ -531,7 +566,7 @@ def stage_programs(run: Run, device_memory: int | None = None) -> list[Program]:
   paths = state_lib.trainable_paths(state.params, config.train.trainable)
   batch = abstract_batch(stage.batch_shapes(stage.batch_size), run.mesh)
   step = jit_train_step(stage, optimizer, paths,
-                        microbatches_of(config, sharding_lib.batch_shards(run.mesh)))
+                        *update_parts(config, sharding_lib.batch_shards(run.mesh))[::-1])
   if not isinstance(stage, RLStage):
     return [Program("train_step", step, (state, batch))]
   # RL keeps the KL reference's copy of the trainable leaves on device all along (`start`).
@@ -734,7 +769,8 @@ def rollout_placement(run: Run, reader=None, device_memory: int | None = None) -
 
 
 class RLStage(_Stage):
-  """Rollouts with the recall loop (G per question), rewards, advantages, one clipped update."""
+  """Rollouts with the recall loop (G per question), rewards, advantages, then clipped updates:
+  one per batch, or one per mini-batch of whole groups (`rl.updates_per_batch`)."""
 
   reads_initial_params = True  # the KL term's reference
 
@@ -754,11 +790,14 @@ class RLStage(_Stage):
     # which has no name on that mesh).
     self._rollout = jax.jit(self._read_for_inference, out_shardings=sharding_lib.rows_sharding(
         (self.batch_size,), self.rollout_weights.mesh))
+    # With several updates per batch, the policy's log-probs before the first are scored in a
+    # pass of their own (verl's recomputed old log-probs): the later updates' ratios move.
+    self.recompute = rl.old_logprobs == "policy" and updates_per_step(run.config) > 1
     self.rl = objectives.RLConfig(eps_low=rl.eps_low, eps_high=rl.eps_high,
                                   clip_ratio_c=rl.clip_ratio_c, kl_coef=rl.kl_coef,
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
                                   temperature=self.reader.setup.sampling.logprob_temperature,
-                                  old_logprobs=rl.old_logprobs)
+                                  old_logprobs="recomputed" if self.recompute else rl.old_logprobs)
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(
         p, self.setup, turns, temperature=self.rl.temperature))
 
@@ -816,10 +855,14 @@ class RLStage(_Stage):
     # The reference pass scores the reference's leaves merged with the state's frozen ones
     # (`batch`); the policy's trainable leaves stay on device meanwhile.
     policy, frozen = state_lib.split(params, list(reference))
-    return [Program("rollout", self._rollout, (params, self._inputs(turns), rng),
-                    held=(state.opt_state, reference), inference=self.rollout_weights),
-            Program("reference_logprobs", self._score,
-                    (state_lib.merge(reference, frozen), turns), held=(state.opt_state, policy))]
+    programs = [Program("rollout", self._rollout, (params, self._inputs(turns), rng),
+                        held=(state.opt_state, reference), inference=self.rollout_weights),
+                Program("reference_logprobs", self._score,
+                        (state_lib.merge(reference, frozen), turns), held=(state.opt_state, policy))]
+    if self.recompute:
+      programs.append(Program("policy_logprobs", self._score, (params, turns),
+                              held=(state.opt_state, reference)))
+    return programs
 
   def batch_shapes(self, rows):
     r = self.run
@@ -866,20 +909,35 @@ class RLStage(_Stage):
                                                   r.config.rl.advantage))
     _, frozen = state_lib.split(state.params, self.paths)
     reference = state_lib.merge(self.reference_trainable, frozen)
-    (ref_lp, _), (ref_answer_lp, _) = jax.tree.map(
-        lambda x: x[local], distributed.to_host(self._score(reference, to_global(turns, r.mesh))))
+    scored = to_global(turns, r.mesh)
+    score = lambda params: jax.tree.map(
+        lambda x: x[local], distributed.to_host(self._score(params, scored)))
+    (ref_lp, _), (ref_answer_lp, _) = score(reference)
+    old_lp, old_answer_lp = np.asarray(trace.update_logprobs), np.asarray(answer.logprobs)
+    extra = {}
+    if self.recompute:
+      (policy_lp, _), (policy_answer_lp, _) = score(state.params)
+      policy_lp, policy_answer_lp = np.asarray(policy_lp), np.asarray(policy_answer_lp)
+      # The rollout/training mismatch, which the loss cannot see here: its denominators are
+      # these scores, not the sampler's.
+      gap = (np.abs(policy_lp - old_lp)[target_mask].sum()
+             + np.abs(policy_answer_lp - old_answer_lp)[answer_mask].sum())
+      counted = distributed.all_rows(np.asarray([gap, target_mask.sum() + answer_mask.sum()],
+                                                np.float64)[None]).sum(0)
+      extra["rollout_logprob_gap"] = float(counted[0] / max(counted[1], 1))
+      old_lp, old_answer_lp = policy_lp, policy_answer_lp
     batch = objectives.RLBatch(
-        turns=turns, old_logprobs=np.asarray(trace.update_logprobs),
-        old_answer_logprobs=np.asarray(answer.logprobs), ref_logprobs=np.asarray(ref_lp),
-        ref_answer_logprobs=np.asarray(ref_answer_lp), advantages=advantages)
+        turns=turns, old_logprobs=old_lp, old_answer_logprobs=old_answer_lp,
+        ref_logprobs=np.asarray(ref_lp), ref_answer_logprobs=np.asarray(ref_answer_lp),
+        advantages=advantages)
     # The logged means are over the whole batch: every process's rewards (each scores its own
     # rows) and every row's lengths.
     rewards = distributed.all_rows(rewards)
     lengths = everyone.trace.update_lengths
     read = lengths > 0
-    extra = {"reward": float(rewards.mean()), "accuracy": float(rewards.mean()),
-             "response_length": float(lengths[read].mean()) if read.any() else 0.0,
-             "answer_length": float(everyone.answer.lengths.mean())}
+    extra.update({"reward": float(rewards.mean()), "accuracy": float(rewards.mean()),
+                  "response_length": float(lengths[read].mean()) if read.any() else 0.0,
+                  "answer_length": float(everyone.answer.lengths.mean())})
     return batch, extra
 
   def loss(self, params, batch, rng):

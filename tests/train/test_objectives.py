@@ -323,6 +323,77 @@ def test_microbatches_give_the_whole_batch_step():
         state_lib.create_train_state(params, "backbone", optimizer, 0), batch)
 
 
+def test_updates_per_batch_update_on_consecutive_parts_under_a_schedule_of_steps():
+  """u updates a step (RL's mini-batches) are u single updates on the batch's consecutive
+  parts in turn, each from the parameters the last left; the schedule counts steps (2 steps of
+  2 updates: rates lr(0), lr(0), lr(1), lr(1) of a 2-step warmup, not lr(0) .. lr(3)); the
+  metrics are the updates' means; a non-finite update leaves the whole step undone."""
+  config = small_config("sft")
+  run = run_builder.build_run(config)
+  params = model.init_params(run.model, jax.random.key(0))
+  paths = state_lib.trainable_paths(params, "backbone")
+  settings = state_lib.OptimizerConfig(learning_rate=0.1, warmup_steps=2)
+
+  def loss_fn(p, batch, rng):
+    w = p["final_norm"]["scale"]  # [E]
+    per_row = jnp.tanh(batch["x"] @ w + batch["y"][:, 0]) ** 2  # [B]
+    return per_row.mean(), {"loss": per_row.mean()}
+
+  width = params["final_norm"]["scale"].shape[0]
+  batch = {"x": jax.random.normal(jax.random.key(1), (8, width)),
+           "y": jnp.arange(16.0).reshape(8, 2) / 16}
+  halves = [jax.tree.map(lambda x: x[:4], batch), jax.tree.map(lambda x: x[4:], batch)]
+  per_step = state_lib.make_optimizer(settings, updates_per_step=2)
+  new = lambda optimizer: state_lib.create_train_state(params, "backbone", optimizer, 0)
+  two = jax.jit(state_lib.make_train_step(loss_fn, per_step, paths, updates=2))
+  one = jax.jit(state_lib.make_train_step(loss_fn, per_step, paths))
+  state, by_hand, losses = new(per_step), new(per_step), []
+  for _ in range(2):
+    state, metrics = two(state, batch)
+    for half in halves:
+      by_hand, m = one(by_hand, half)
+      losses.append(float(m["loss"]))
+  scale = lambda s: np.asarray(s.params["final_norm"]["scale"])
+  np.testing.assert_allclose(scale(state), scale(by_hand), rtol=1e-6, atol=1e-7)
+  assert int(state.step) == 2 and float(metrics["finite"]) == 1
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses[2:]), rtol=1e-6)
+  per_update = state_lib.make_optimizer(settings)  # the schedule counting updates
+  other = new(per_update)
+  for half in halves * 2:
+    other, _ = jax.jit(state_lib.make_train_step(loss_fn, per_update, paths))(other, half)
+  assert not np.allclose(scale(other), scale(state), rtol=1e-4)
+  assert not np.allclose(scale(state), np.asarray(params["final_norm"]["scale"]))
+  # The second part non-finite: no update of the step is kept.
+  bad = {"x": batch["x"], "y": batch["y"].at[6, 0].set(jnp.nan)}
+  after, metrics = two(state, bad)
+  assert float(metrics["finite"]) == 0 and int(after.step) == 2
+  np.testing.assert_array_equal(scale(after), scale(state))
+  with pytest.raises(ValueError, match="does not split into 3 updates"):
+    jax.jit(state_lib.make_train_step(loss_fn, per_step, paths, updates=3))(new(per_step), batch)
+
+
+def test_recomputed_old_logprobs_give_the_policy_gradient_then_move_the_ratio():
+  """rl.updates_per_batch > 1 with "policy": the old log-probs come from a scoring pass before
+  the first update ("recomputed").  At the parameters that scored them, loss and gradient are
+  the "policy" mode's (ratios 1); after an update the ratios move, and `ppo_kl` says how far."""
+  run = run_builder.build_run(small_config("rl"))
+  params = model.init_params(run.model, jax.random.key(0))
+  batch = _rl_batch(run, params)  # old log-probs: these parameters' teacher-forced scores
+  (loss, metrics), grads = _rl_loss_and_grads(run, params, batch, old_logprobs="recomputed")
+  (loss_p, metrics_p), grads_p = _rl_loss_and_grads(run, params, batch, old_logprobs="policy")
+  assert float(loss) == pytest.approx(float(loss_p), abs=1e-6)
+  assert "rollout_logprob_gap" not in metrics and "rollout_logprob_gap" in metrics_p
+  assert abs(float(metrics["ppo_kl"])) < 1e-6
+  for key, value in flax.traverse_util.flatten_dict(grads_p).items():
+    np.testing.assert_allclose(flax.traverse_util.flatten_dict(grads)[key], value, atol=1e-6,
+                               rtol=1e-5, err_msg=str(key))
+  moved = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+  (_, metrics), _ = _rl_loss_and_grads(run, moved, batch, old_logprobs="recomputed")
+  (_, metrics_p), _ = _rl_loss_and_grads(run, moved, batch, old_logprobs="policy")
+  assert abs(float(metrics["ppo_kl"])) > 1e-4
+  assert float(metrics["clip_fraction"]) > float(metrics_p["clip_fraction"]) == 0
+
+
 def test_ratio_metrics_over_microbatches_are_the_whole_batchs_ratio():
   """A precision over 2 parts is summed hits over summed predictions, not a weighted mean of
   the parts' precisions; a part that predicts nothing adds nothing."""

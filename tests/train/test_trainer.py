@@ -295,3 +295,36 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_what_it_trained_with(
       trainer._check_same_run(saved, config, "wd")
     config["rl"]["old_logprobs"] = "rollout"
     trainer._check_same_run(saved, config, "wd")
+
+
+def test_rl_with_updates_per_batch_scores_the_old_policy_once_and_updates_on_each_part(tmp_path):
+  """rl.updates_per_batch=2: a step's rollout feeds two updates of one question's group each,
+  against the policy's log-probs scored before the first (a program of its own); the
+  rollout/training gap is still logged; a count that splits no whole groups is refused before
+  any work."""
+  config = small_config("rl", steps=2, batch_size=8)  # 4 questions of 2 rollouts
+  config.rl.updates_per_batch = 2
+  run = run_builder.build_run(config)
+  names = [p.name for p in trainer.stage_programs(run)]
+  assert names == ["train_step", "rollout", "reference_logprobs", "policy_logprobs"]
+  last = trainer.train(config, str(tmp_path / "two"), log=quiet)
+  assert 0 <= last["rollout_logprob_gap"] < 1e-4  # float32 on CPU: the same numbers
+  assert "ppo_kl" in last and last["clip_fraction"] >= 0
+  logged = jsonl.read(tmp_path / "two" / "logs" / "rl" / "metrics.jsonl")
+  assert [row["step"] for row in logged] == [1, 2]
+  assert trainer.update_parts(config, 1) == (2, 1)
+  config.train.microbatches = 4
+  assert trainer.update_parts(config, 1) == (2, 2)
+  thirds = small_config("rl", batch_size=12, microbatches=4)  # 6 questions, 3 updates
+  thirds.rl.updates_per_batch = 3
+  with pytest.raises(trainer.ConfigError, match="4 microbatches do not split evenly over its 3"):
+    trainer.update_parts(thirds, 1)
+  thirds.train.microbatches = 1  # each update's 4 rows in one part, on at most 4 shards
+  assert trainer.update_parts(thirds, 4) == (3, 1)
+  with pytest.raises(trainer.ConfigError, match="update's 4 rows .* over the mesh's 6 batch"):
+    trainer.update_parts(thirds, 6)  # the step's 12 rows split over 6, an update's 4 do not
+  uneven = small_config("rl", steps=2, batch_size=8)
+  uneven.rl.updates_per_batch = 3
+  with pytest.raises(trainer.ConfigError, match="must divide the step's 4 questions"):
+    trainer.train(uneven, str(tmp_path / "three"), log=quiet)
+  assert not os.path.exists(tmp_path / "three" / "checkpoints")
