@@ -36,3 +36,46 @@ memrecall_venv() {  # $1: extras to install, e.g. "test,hf"
     touch "$stamp"
   fi
 }
+
+memrecall_cuda() {  # the CUDA build of jax in the active venv (launch/slurm_gpu.sh)
+  # `.[hf]` installs plain jax, whose GPU support is a separate plugin: without it a GPU job runs
+  # on the CPU.  Installs jax[cuda13] where the driver supports CUDA 13 (nvidia-smi), else
+  # jax[cuda12], at the venv's jax version; MEMRECALL_JAX chooses another requirement (e.g.
+  # "jax[cuda12-local]" for the cluster's own CUDA libraries).  A venv with a CUDA plugin, or
+  # MEMRECALL_VENV=none, is left as it is.
+  [ "${MEMRECALL_VENV:-.venv}" = none ] && return 0
+  local cuda version requirement
+  if python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("jax_plugins") is None or
+      not any(u.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)))' 2>/dev/null; then
+    return 0
+  fi
+  version=$(python -c 'import jax; print(jax.__version__)') || return 1
+  cuda=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\).*/\1/p' | head -n 1)
+  requirement="jax[cuda$([ "${cuda:-0}" -ge 13 ] && echo 13 || echo 12)]==$version"
+  requirement="${MEMRECALL_JAX:-$requirement}"
+  echo "[memrecall] the venv's jax has no CUDA plugin: installing $requirement" >&2
+  python -m pip install --quiet "$requirement" || {
+    echo "[memrecall] cannot install $requirement; set MEMRECALL_JAX to the jax build for" \
+      "these GPUs (e.g. jax[cuda12]) or MEMRECALL_VENV=none with an image that has one" >&2
+    return 1
+  }
+}
+
+memrecall_task() {  # one SLURM task of launch/slurm_gpu.sh: python "$@"
+  # SLURM signals every process of the step, this shell too: without a trap it would die at
+  # once, and srun (--kill-on-bad-exit) would kill the python process mid-checkpoint.  So the
+  # signal is passed on and the shell waits.  An exit status of 75 (preempted, its checkpoint
+  # saved) touches $MEMRECALL_PREEMPT_MARKER: once one task exits, srun kills the others and may
+  # report their 137 instead of 75.
+  local pid=""
+  trap '[ -z "$pid" ] || kill -TERM "$pid" 2>/dev/null' TERM INT  # python ignores a passed INT
+  python "$@" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trapped signal ends a wait early
+  wait "$pid"  # its exit status, which bash keeps
+  local rc=$?
+  if [ "$rc" -eq 75 ] && [ -n "${MEMRECALL_PREEMPT_MARKER:-}" ]; then
+    touch "$MEMRECALL_PREEMPT_MARKER"
+  fi
+  return "$rc"
+}

@@ -125,3 +125,19 @@ def test_two_processes_split_rows_merge_like_one_and_resume_after_a_kill(tmp_pat
   # One merged output, every row once, equal to the one-process run's.
   assert _by_row(multi / "predictions.jsonl") == expected
   assert json.load(open(multi / "results.json")) == json.load(open(single / "results.json"))
+
+
+def test_an_output_dir_that_hosts_do_not_share_is_refused(tmp_path):
+  """Each host's own output directory (a local disk on each) holds only that host's rows:
+  process 0 must fail naming the missing file, not report half the rows with exit status 0."""
+  _rows_file(tmp_path / "rows.json")
+  port = _free_port()
+  procs = [_start(tmp_path, tmp_path / f"host{i}", i, port) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert procs[0].returncode == 1, outs[0][-3000:]
+  assert procs[1].returncode != 0, outs[1][-3000:]
+  assert "(those of process 1: predictions-00001-of-00002.jsonl is missing there)" in outs[0], \
+      outs[0][-3000:]
+  assert "must be on a file system every host sees" in outs[0]
+  assert not (tmp_path / "host0" / "results.json").exists()
+  assert len(jsonl.read(_own_file(tmp_path / "host0", 0))) == ROWS // 2  # its rows are kept

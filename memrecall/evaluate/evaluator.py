@@ -373,6 +373,27 @@ def merge_predictions(output_dir: str) -> list[dict]:
   return merged + extra
 
 
+def check_every_row(output_dir: str, asked: set, records: Sequence[dict],
+                    processes: int) -> None:
+  """Refuses to report when, after every process finished, rows it asked for are not in
+  OUTPUT_DIR: each process wrote its rows to its own file there, so a directory that is not one
+  file system for every host (a local disk on each) holds only this host's share, and the
+  results would silently cover a fraction of the rows."""
+  missing = asked - {prediction_key(r) for r in records}
+  if not missing or processes == 1:
+    return
+  owners = sorted({key[3] % processes for key in missing})  # row i: process i mod N
+  files = [os.path.basename(predictions_path(output_dir, p, processes)) for p in owners]
+  absent = [f for f in files if not os.path.exists(os.path.join(output_dir, f))]
+  where = (f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} missing there" if absent
+           else "their files lack them")
+  raise RuntimeError(
+      f"{len(missing)} of the {len(asked)} rows are not in {output_dir} after every process "
+      f"finished (those of process {', '.join(map(str, owners))}: {where}).  The output "
+      "directory (--output_dir) must be on a file system every host sees: each host saved its "
+      "rows in its own copy of it")
+
+
 def _summary_order(group: tuple) -> tuple:
   """(model, data, num_docs, mode) in that order, a row without num_docs first."""
   model, data, num_docs, mode = group
@@ -432,9 +453,10 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
 
   With N processes (jax.distributed) each computes only the rows it owns (row i: process
   i mod N, `distributed.round_robin`) on its own devices, appending them to its own
-  `predictions_path` file; after a barrier process 0 merges them all into predictions.jsonl
-  (`merge_predictions`) and writes the results.  A rerun, with any number of processes,
-  skips every row found in any of these files.
+  `predictions_path` file; after a barrier every process checks that every row is there
+  (`check_every_row`: an output directory hosts do not share is an error), and process 0 merges
+  them all into predictions.jsonl (`merge_predictions`) and writes the results.  A rerun, with
+  any number of processes, skips every row found in any of these files.
   """
   readers.check(modes, "mode")
   gate.warn_if_untrained(params, modes)
@@ -505,17 +527,18 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   except jax.errors.JaxRuntimeError as e:  # a process that stopped never arrives
     raise RuntimeError(f"process {process}: not every process finished its rows (did one stop?); "
                        f"this one's are saved in {path}, and a rerun resumes") from e
-  if is_primary():
-    records = merge_predictions(output_dir)
-  else:  # the same rows, read: process 0 may be appending them to predictions.jsonl
-    merged, extra = read_all_predictions(output_dir)
-    records = merged + extra
   # The summary is of the rows asked for: a rerun with a smaller `limit` (or fewer files or
   # modes) reports those, not every row an earlier run left in the directory.  results.json
   # keeps the earlier rows of the (model, data file, mode)s this run did not ask for, e.g.
   # another model evaluated beside this one.
   asked = {(model_name, named.name, mode, i) for named in sources for mode in modes
            for i in range(_row_count(named, limit))}
+  merged, extra = read_all_predictions(output_dir)
+  check_every_row(output_dir, asked, merged + extra, processes)
+  if is_primary():
+    records = merge_predictions(output_dir)
+  else:  # the same rows, read: process 0 may be appending them to predictions.jsonl
+    records = merged + extra
   summary = summarize_predictions([r for r in records if prediction_key(r) in asked])
   if is_primary():
     covered = {key[:3] for key in asked}

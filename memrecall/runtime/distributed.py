@@ -2,13 +2,17 @@
 
 `initialize` wraps `jax.distributed.initialize`: with no arguments JAX detects
 Cloud TPU slices and SLURM jobs itself; other GPU clusters pass the
-coordinator address, the process count and this process's id.  The helpers
+coordinator address, the process count and this process's id.  Under SLURM it
+also chooses each process's GPUs (`slurm_local_device_ids`) and refuses a
+backend that fell back to the CPU on GPU nodes.  The helpers
 below keep the rest of memrecall single-host-shaped: each host builds only its
 share of a batch, and only process 0 writes logs, metrics and results.
 """
 
 from __future__ import annotations
 
+import os
+import re
 
 import jax
 import numpy as np
@@ -30,7 +34,88 @@ def initialize(enabled: bool = False, coordinator_address: str | None = None,
   # and jax.distributed.initialize must come before anything does.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             local_device_ids=slurm_local_device_ids())
+  check_gpu_backend()
+
+
+_SLURM_TASK = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")  # what jax's SLURM detection reads
+
+
+def _slurm_gpus(env) -> int:
+  """How many GPUs this SLURM task sees: CUDA_VISIBLE_DEVICES's entries (CUDA numbers them
+  0..n-1 whatever the ids), else SLURM_GPUS_ON_NODE; 0 when SLURM gave none."""
+  visible = env.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    ids = [v for v in visible.split(",") if v.strip() and v.strip() not in ("NoDevFiles", "-1")]
+    return len(ids)
+  count = env.get("SLURM_GPUS_ON_NODE", "")
+  return int(count) if count.isdigit() else 0
+
+
+def _slurm_tasks_on_node(env) -> int | None:
+  """How many tasks of this job step run on this node (None when SLURM does not say):
+  SLURM_STEP_TASKS_PER_NODE or SLURM_TASKS_PER_NODE, e.g. `8(x4)` or `2,1`, indexed by
+  SLURM_NODEID; else 1 when there are as many tasks as nodes; else SLURM_NTASKS_PER_NODE."""
+  for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+    counts = []
+    for part in env.get(name, "").split(","):
+      match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+      if not match:
+        counts = []
+        break
+      counts += [int(match[1])] * int(match[2] or 1)
+    node = env.get("SLURM_NODEID", "")
+    if counts and len(set(counts)) == 1:
+      return counts[0]
+    if counts and node.isdigit() and int(node) < len(counts):
+      return counts[int(node)]
+  tasks = env.get("SLURM_NTASKS", "")
+  nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or "1"
+  if tasks.isdigit() and nodes.isdigit() and int(tasks) == int(nodes):
+    return 1  # every node runs at least one task of a step
+  per_node = env.get("SLURM_NTASKS_PER_NODE", "")
+  return int(per_node) if per_node.isdigit() else None
+
+
+def slurm_local_device_ids(env=None) -> list[int] | None:
+  """The GPUs this process drives under SLURM, or None to leave the choice to JAX.
+
+  JAX's SLURM detection gives each task one GPU, number SLURM_LOCALID: right for one task per
+  GPU, but with one task per node (launch/slurm_gpu.sh) each process would drive GPU 0 alone,
+  1 of its node's 8.  So a task alone on its node takes every GPU it sees, and a task that
+  sees a single GPU (SLURM bound one to it: --gpus-per-task=1) takes that one, which JAX would
+  misnumber by its SLURM_LOCALID.  JAX_LOCAL_DEVICE_IDS, when set, decides as in JAX."""
+  env = os.environ if env is None else env
+  if env.get("JAX_LOCAL_DEVICE_IDS") or not all(name in env for name in _SLURM_TASK):
+    return None
+  gpus = _slurm_gpus(env)
+  if gpus and (gpus == 1 or _slurm_tasks_on_node(env) == 1):
+    return list(range(gpus))
+  return None
+
+
+def check_gpu_backend(env=None) -> None:
+  """Refuses a SLURM job given GPUs whose backend came up as the CPU (a jax without its CUDA
+  plugin, or a plugin that failed to start): it would run, slowly and on one device per host,
+  and jax's warning about it is hidden with the other library logs.  Call it after
+  jax.distributed.initialize: asking for the backend starts it."""
+  env = os.environ if env is None else env
+  given = [f"{name}={env[name]}" for name in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS",
+                                                "CUDA_VISIBLE_DEVICES")
+           if env.get(name, "").strip() not in ("", "NoDevFiles", "-1")
+           and not (name == "SLURM_GPUS_ON_NODE" and env[name].strip() == "0")]
+  platforms = {p.strip() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()}
+  if "SLURM_JOB_ID" not in env or not given or platforms == {"cpu"}:
+    return  # not a SLURM GPU job, or the CPU asked for (JAX_PLATFORMS=cpu)
+  if jax.default_backend() == "cpu":
+    raise RuntimeError(
+        f"the SLURM job has GPUs ({given[0]}) but jax started on the CPU: its "
+        "CUDA plugin is missing or failed to start (--verbose shows jax's warning).  Install "
+        "the CUDA build of jax into the job's environment (pip install 'jax[cuda12]', or "
+        "'jax[cuda13]' for a CUDA 13 driver; launch/slurm_gpu.sh does when the venv has no "
+        "plugin), or set JAX_PLATFORMS=cpu to run on the CPU on purpose")
 
 
 def is_primary() -> bool:
