@@ -12,22 +12,25 @@ answer.py's streaming loop) is lowered with abstract inputs at the recipe's shap
 is allocated) and compiled for devices that exist only for the compiler: deviceless TPUs
 (`libtpu` installed: the `tpu` extra) or deviceless GPUs (jax's CUDA plugin installed: the
 `gpu-aot` extra; XLA's GPU compiler then needs the card's target config, which jax 0.12's
-plugin carries for H100, H200, B200 and A100, or --gpu_target_config gives).  No TPU or GPU
-is needed.  One row per
+plugin carries for the cards named h100, h100-pcie, h200, b200, a100 (80 GB SXM4), a100-40gb
+and a100-80gb-pcie, or --gpu_target_config gives).  No TPU or GPU is needed.  One row per
 program: per-device arguments, temporaries, outputs from the compiler's memory plan, what the
 trainer holds on device besides them meanwhile (RL: the optimizer state during the rollout,
 the KL reference's copy), their total, the share of the device's memory, and the compile time.
 A program over 90% of it says by how much it does not fit and what would make it fit, and
 the command exits with status 3 once every program is compiled.  On a GPU that memory is the
 whole card's; JAX preallocates 75% of it, and a program between 75% and 90% says which
-XLA_PYTHON_CLIENT_MEM_FRACTION it needs.  The last column is the most any loop of the program
-all-gathers per iteration (`memrecall/capacity/hlo_report.py`): on an fsdp mesh an inference
-loop gathers the weights at every decode step.
+XLA_PYTHON_CLIENT_MEM_FRACTION it needs (jax 0.11 and 0.12 read it), and above 85% that it is
+marginal (cuBLAS and NCCL workspaces are outside the plan) and to give it fewer rows.  The
+last column is the most any loop of the program all-gathers per iteration
+(`memrecall/capacity/hlo_report.py`): on an fsdp mesh an inference loop gathers the weights at
+every decode step.
 
 --topology defaults to the recipe's mesh when it names a TPU slice (`v5p-64` -> v5p:2x4x4,
-32 chips); a GPU recipe's mesh (`gpu8`) names no card, so --topology names the hosts
-(`h100:8`: one host of 8; `h200:2x8`: two).  The mesh must use every device (a mesh axis
-of -1 fills it).  A 7B recipe takes minutes of CPU per program.
+32 chips, hosts of 4; an 8-chip v5e or v6e is one host of 8); a GPU recipe's mesh (`gpu8`)
+names no card, so --topology names the hosts (`h100:8`: one host of 8; `h200:2x8`: two).  The
+mesh must use every device (a mesh axis of -1 fills it).  A 7B recipe takes minutes of CPU per
+program.
 """
 
 import json

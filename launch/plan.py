@@ -6,6 +6,7 @@ r"""Per-device memory of a recipe before it runs: the estimate, and the compiler
   python launch/plan.py --config=configs/lychee.py:rl,7b,gpu8
   python launch/plan.py --config=configs/lychee.py:rl,7b,gpu8 --compile=h100:8
   python launch/plan.py --model=qwen2.5-7b --mesh=fsdp=8 --batch=16 --turn_tokens=2560
+  python launch/plan.py --model=qwen2.5-7b --mesh=fsdp=8 --card=a100-40gb
 
 With --config, one row per program the stage runs (the train step; for RL the rollout and
 the reference log-prob pass; evaluation's recall loop and answer.py's streaming loop), built
@@ -17,11 +18,16 @@ now for deviceless TPUs or GPUs (--compile=TOPOLOGY, a TPU slice or GPU hosts su
 minutes of CPU for a 7B recipe, seconds for a tiny one).  `allocated` is what the compiled program's buffers take once laid out,
 plus what RL holds; `total` adds the compiler's temporaries as it counts them
 (args + temp + out - alias + held, what launch/compile.py's fit check uses); the ratio is
-estimate / allocated.  A GPU mesh (gpu8) names no card: without --compile or a record its
-rows are the estimate alone.
+estimate / allocated.  Each row ends with the verdict launch/compile.py gives (`aot.fit_advice`):
+fits, or by how much it does not and what to change; on a GPU, the memory fraction a program
+above JAX's default pool (75%) needs.  A GPU mesh (gpu8) names no card: without --compile or a
+record its rows are the estimate, judged on --card (default h100, what the GPU records are
+compiled for).
 
-With --model, the older summary of one setup: parameters and AdamW moments (exact), a stated
-activation estimate and a memory bank.  Bad flags are one-line errors.
+With --model, the summary of one training setup: parameters and AdamW moments (exact), and
+what a train step holds beside them as the recipe estimator counts a turn's backward pass
+(float32 gradient buffers, a gathered layer, the LM head and logits with their gradient, the
+remat inputs), and a memory bank; judged on --card as above.  Bad flags are one-line errors.
 """
 
 import glob
@@ -67,7 +73,11 @@ _BANK_CHUNKS = flags.DEFINE_integer("bank_chunks", None, "--model: compressed ch
 _SLOTS = flags.DEFINE_integer("slots", None, "--model: compressed slots per chunk (default "
                               "1024).", lower_bound=1)
 _DEVICE_GIB = flags.DEFINE_float("device_gib", None, "Device memory to compare with (default: "
-                                 "the TPU's HBM, or 80 for other meshes).", lower_bound=0.001)
+                                 "the record's, the TPU's HBM, or --card's).", lower_bound=0.001)
+_CARD = flags.DEFINE_string("card", None, "The device to judge against where no record, "
+                            "--compile or TPU slice names one (--model, a gpu8 mesh): a GPU card "
+                            "(h100, h100-pcie, h200, b200, a100, a100-40gb, a100-80gb-pcie; "
+                            "default h100) or a TPU generation (v4, v5e, v5p, v6e).")
 from launch import cli  # noqa: E402  (--verbose and one-line errors)
 flags.adopt_module_key_flags(cli)  # its flags in --help
 
@@ -168,6 +178,29 @@ def _gib(x: float) -> str:
   return f"{x:.2f}" if x >= 1 else f"{x:.4f}"
 
 
+def _card(name: str | None) -> tuple[str, float, float | None]:
+  """--card: the device a plan is judged on where nothing else names it: its name, GiB per
+  device (--device_gib's, if given) and the share its runtime allocates by default (JAX's GPU
+  pool; None on a TPU)."""
+  from memrecall.capacity import gpu_hosts, targets, tpu_slices
+  card = (name or "h100").strip().lower()
+  if card in gpu_hosts.MEMORY_BYTES:
+    gib, pool = gpu_hosts.MEMORY_BYTES[card] / GiB, targets.GPU_POOL_FRACTION
+  elif card in tpu_slices.HBM_GIB:
+    gib, pool = tpu_slices.HBM_GIB[card], None
+  else:
+    raise app.UsageError(f"--card={name}: choose a GPU card ({', '.join(gpu_hosts.MEMORY_BYTES)}) "
+                         f"or a TPU generation ({', '.join(tpu_slices.HBM_GIB)})")
+  return card, _DEVICE_GIB.value or gib, pool
+
+
+def _verdict(advice: str, fits: bool) -> str:
+  """A row's verdict from compile.py's advice: what it says, led by "fits" where it fits."""
+  if not advice:
+    return "fits" if fits else "does not fit"
+  return f"fits; {advice}" if fits else advice
+
+
 def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, compile_for,
                  eval_batch: int, out: list) -> list[str]:
   """The table's lines for one recipe; its rows appended to `out`."""
@@ -194,13 +227,24 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     tokens = (record or {}).get("eval_tokens") or run.num_chunks * run.compressor.chunk_size
     eval_batch = (record or {}).get("eval_batch") or eval_batch
     modes = (record or {}).get("eval_modes", ["gate", "stream"])
-    # A record's placement (records before it was recorded: sharded), else compile.py's auto.
-    known_gib = _DEVICE_GIB.value or getattr(tpu, "hbm_gib_per_chip", None) or 0
-    memory = deviceless.pool_bytes if deviceless else int(known_gib * GiB)
-    if record is not None and record.get("hbm_gib_per_device"):
-      # What compile.py decided placements by (the rollout's): the runtime's pool of a device.
-      pool = (targets.GPU_POOL_FRACTION if gpu_hosts.looks_like_gpu(record["topology"]) else 1)
-      memory = int(record["hbm_gib_per_device"] * GiB * pool)
+    # The device the rows are judged on, and its runtime's default pool (a GPU's; None: all):
+    # the compile's, the record's, the recipe's TPU slice's, else --card's (assumed).
+    card = None
+    recorded = record is not None and record.get("hbm_gib_per_device")
+    if deviceless:
+      hbm_gib, pool = deviceless.memory_bytes_per_device / GiB, deviceless.pool_fraction
+    elif recorded:
+      hbm_gib = record["hbm_gib_per_device"]
+      pool = targets.GPU_POOL_FRACTION if gpu_hosts.looks_like_gpu(record["topology"]) else None
+    elif tpu is not None:
+      hbm_gib, pool = tpu.hbm_gib_per_chip, None
+    else:
+      card, hbm_gib, pool = _card(_CARD.value)
+    device_gib = _DEVICE_GIB.value or hbm_gib
+    # Placements are decided by what a device's runtime allocates (compile.py's rule); a
+    # record's by the memory it was compiled for.
+    memory = (deviceless.pool_bytes if deviceless else
+              int((hbm_gib if recorded else device_gib) * GiB * (pool or 1)))
     eval_mesh = (record or {}).get("eval_mesh")
     if eval_mesh:  # the mesh it was compiled on: one process's devices (for tensor, re-formed)
       placement = Placement(record["eval_weights"], sharding_lib.make_mesh(
@@ -223,17 +267,17 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     rows = {r.program: r.to_json() for r in aot.compile_rows(
         programs, run.mesh, deviceless.memory_bytes_per_device,
         pool_fraction=deviceless.pool_fraction)}
-  hbm_gib = ((record or {}).get("hbm_gib_per_device")
-             or (deviceless.memory_bytes_per_device / GiB if deviceless else None)
-             or getattr(tpu, "hbm_gib_per_chip", None))
-  device_gib = _DEVICE_GIB.value or hbm_gib or 80.0
+  if card:  # nothing names the device: --card's, assumed
+    compiles = (f"; --compile={card}:{run.mesh.size} compiles it" if card in gpu_hosts.CARDS
+                else "")
+    assumed = (f"no TPU slice or GPU card named: estimate only, judged on {card} "
+               f"({device_gib:.1f} GiB" + (f", JAX's default pool {pool:.0%}" if pool else "")
+               + f"; --card for another{compiles})")
   where = (f"{record['topology']}, compiler record (jax {record.get('jax')}, "
            f"{record.get('compiler')})" if record else
            f"{compile_for.topology}, compiled now" if compile_for is not None else
            f"{tpu.topology}: no compiler record (launch/compile.py --output_json, or --compile)"
-           if tpu is not None else
-           "no TPU slice named: estimate only (--compile=TOPOLOGY, e.g. v5e:2x2 or h100:8, "
-           "compiles it)")
+           if tpu is not None else assumed)
   on = f" on {dict(placement.mesh.shape)}" if placement.mesh is not run.mesh else ""
   placed = (f", evaluation's weights {weights}{on}"
             if any(aot.is_eval(p.name) for p in programs) else "")
@@ -243,26 +287,41 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
            f"{'of HBM':>7}  GiB per device"]
   # A record of some programs only (compile.py --programs): the rest are another record's.
   only = (record or {}).get("programs") or [e.program for e in estimates]
+  by_name = {p.name: p for p in programs}
   for e in [e for e in estimates if e.program in only]:
     row = rows.get(e.program)
     est = e.total / GiB
     allocated = (row["allocation_gib"] + row.get("held_gib", 0.0)
                  if row and row.get("allocation_gib") else None)
+    inference = by_name[e.program].inference
+    if row and "advice" in row:  # compile.py's own verdict
+      verdict = _verdict(row["advice"], row.get("fits", True))
+    elif row:  # a record written before verdicts were: judged now, as compile.py would
+      advice = aot.fit_advice(e.program, row["total_gib"], hbm_gib, row.get("temp_gib", 0.0),
+                              row.get("argument_gib", 0.0) + row.get("held_gib", 0.0),
+                              inference, pool)
+      verdict = _verdict(advice, row["total_gib"] <= aot.FIT_FRACTION * hbm_gib)
+    else:
+      advice = aot.fit_advice(e.program, est, device_gib, e.temporaries / GiB,
+                              (e.arguments + e.held) / GiB, inference, pool)
+      verdict = _verdict(advice, est <= aot.FIT_FRACTION * device_gib)
     out.append({"config": spec, "overrides": overrides, "mesh": dict(run.mesh.shape),
                 "program": e.program, "estimate": e.to_json(), "eval_weights": weights,
                 "eval_mesh": dict(placement.mesh.shape),
                 "eval_batch": eval_batch, **(aot.rollout_fields(programs) if e.program == "rollout" else {}),
                 "compiler": row, "allocated_gib": allocated,
-                "ratio": est / allocated if allocated else None,
+                "ratio": est / allocated if allocated else None, "verdict": verdict,
                 "topology": (record or {}).get("topology") or (tpu.topology if tpu else None)})
     if allocated:
       cells = (f"{_gib(allocated):>10} {est / allocated:>6.2f} {_gib(row['total_gib']):>8} "
-               f"{row['total_gib'] / device_gib:>7.1%}")
-    elif row:
-      cells = f"{'?':>10} {'':>6} {_gib(row['total_gib']):>8} {row['total_gib'] / device_gib:>7.1%}"
+               f"{row['total_gib'] / device_gib:>7.1%}  {verdict}")
+    elif row:  # refused for lack of memory (nothing allocated), or a record without the figure
+      what = "refused" if not row.get("compiled", True) else "?"
+      cells = (f"{what:>10} {'':>6} {_gib(row['total_gib']):>8} "
+               f"{row['total_gib'] / device_gib:>7.1%}  {verdict}")
     else:
       label = "estimate" if tpu is None else "not compiled"
-      cells = f"{'-':>10} {'':>6} {'-':>8} {est / device_gib:>7.1%}  ({label})"
+      cells = f"{'-':>10} {'':>6} {'-':>8} {est / device_gib:>7.1%}  ({label}) {verdict}"
     lines.append(f"  {e.program:<20} {_gib(est):>9} {cells}")
     if _TERMS.value:
       lines.append(f"    arguments {e.arguments / GiB:.3f}, held {e.held / GiB:.3f}, "
@@ -272,16 +331,21 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
           mark = "*" if phase == e.phase else " "
           lines.append(f"    {mark}{phase:<15} {t.bytes / GiB:7.3f}  {t.name}: {t.formula}")
   topology = (record or {}).get("topology") or getattr(compile_for, "topology", "")
-  placed = {p.name: p.inference.weights for p in programs if p.inference is not None}
-  sharded_loops = [name for name in rows if name != "train_step"
-                   and not (aot.is_eval(name) and weights == "replicated")
-                   and placed.get(name, "sharded") == "sharded"]
-  on_gpus = gpu_hosts.looks_like_gpu(topology)
-  if sharded_loops and on_gpus:
-    lines.append(f"  ({', '.join(sharded_loops)}: with sharded weights the estimate follows the "
-                 "TPU compiler, which gathers a layer's weights inside the loops; XLA's GPU "
-                 "compiler also gathers the whole model before them: "
-                 "docs/2026-12-06-gpu-deviceless-compile.md)")
+  on_gpus = gpu_hosts.looks_like_gpu(topology) or card in gpu_hosts.CARDS
+  # Loops whose weights stay sharded over fsdp: the rollout as rl.rollout_weights placed it,
+  # the reference pass on training's mesh, evaluation as its placement says.
+  loops = [(p.name, p.inference.weights if p.inference else weights if aot.is_eval(p.name)
+            else "sharded", placement.mesh if aot.is_eval(p.name) else run.mesh)
+           for p in programs if p.name != "train_step" and p.name in only]
+  sharded_loops = [name for name, placed, on in loops
+                   if placed == "sharded" and on.shape["fsdp"] > 1]
+  if sharded_loops:
+    lines.append(f"  ({', '.join(sharded_loops)}: weights sharded over fsdp, so every iteration "
+                 "of their loops (a decode step, a block's pass) all-gathers the layers' weights "
+                 "again; the estimate counts one layer gathered at a time, as the TPU compiler "
+                 "lays them out" + ("; XLA's GPU compiler also gathers the whole model before "
+                                    "the loops" if on_gpus else "")
+                 + ": docs/2026-12-06-gpu-deviceless-compile.md)")
   return lines
 
 
@@ -312,19 +376,26 @@ def _summary(argv_model: str) -> None:
   trainable = value(_TRAINABLE, "backbone")
   if trainable not in SUBSETS:
     raise app.UsageError(f"--trainable={trainable}: choose from {', '.join(SUBSETS)}")
+  card, device, pool = _card(_CARD.value)
   result = memory_plan.plan(model, sizes, trainable=trainable, batch=value(_BATCH, 16),
                      turn_tokens=value(_TURN_TOKENS, 2560), bank_chunks=value(_BANK_CHUNKS, 0),
                      slots=value(_SLOTS, 1024), microbatches=value(_MICROBATCHES, 1))
   gib = lambda b: b / GiB
-  device = _DEVICE_GIB.value or 80.0
-  print(f"mesh {sizes} ({result.devices} devices), per device (an estimate, float32 master "
-        "weights):")
-  for name in ("params", "optimizer", "activations", "memory_bank"):
+  print(f"mesh {sizes} ({result.devices} devices), per device of a train step (an estimate, "
+        "float32 master weights):")
+  for name in ("params", "optimizer", "gradients", "activations", "memory_bank"):
     print(f"  {name:<12}{gib(getattr(result, name)):10.2f} GiB")
-  # The compiles' rule (capacity/aot.py): a device's runtime keeps some of its memory back.
-  fits = gib(result.total) <= aot.FIT_FRACTION * device
-  print(f"  {'total':<12}{gib(result.total):10.2f} GiB of {device:.0f} GiB: "
-        f"{'fits' if fits else 'does NOT fit'} (within {aot.FIT_FRACTION:.0%} of it)")
+    if _TERMS.value and name in ("gradients", "activations"):
+      for t in result.terms:
+        if (t.name == "gradients") == (name == "gradients"):
+          print(f"    {gib(t.bytes):7.3f}  {t.name}: {t.formula}")
+  # compile.py's rule (aot.fit_advice): within 90% of the device, on a GPU JAX's default pool.
+  total = gib(result.total)
+  advice = aot.fit_advice("train_step", total, device, gib(result.gradients + result.activations),
+                          gib(result.params + result.optimizer + result.memory_bank),
+                          pool_fraction=pool)
+  print(f"  {'total':<12}{total:10.2f} GiB of {device:.1f} GiB ({card}): "
+        + _verdict(advice, total <= aot.FIT_FRACTION * device))
 
 
 def main(argv):

@@ -118,7 +118,7 @@ def test_tiny_recipe_compiles_for_two_deviceless_h100s(tmp_path):
 @needs_libtpu
 def test_evaluation_compiles_on_one_process_s_chips_with_tensor_weights_and_plan_reads_it(
     tmp_path):
-  """A v5e:2x4 is two hosts of four chips: evaluation is compiled on one host's four, as
+  """A v5e:4x4 is four hosts of four chips: evaluation is compiled on one host's four, as
   launch/eval.py runs each process on its own devices.  --weights=tensor forms them into
   data 2 x tensor 2 (the fewest chips per group whose share fits a third of 16 GiB: two) and
   the record says so; its loops gather no weights, they all-reduce activations.  plan.py
@@ -126,11 +126,11 @@ def test_evaluation_compiles_on_one_process_s_chips_with_tensor_weights_and_plan
   data 2, eight a device.  (The tiny model's estimate is not compared with the compiler's:
   fixed buffers outweigh its few KiB; the 7B records are, in tests/test_plan.py.)"""
   out = tmp_path / "tensor.json"
-  proc = _compile("--config=configs/tiny.py:sft", "--topology=v5e:2x4", "--eval_modes=gate",
+  proc = _compile("--config=configs/tiny.py:sft", "--topology=v5e:4x4", "--eval_modes=gate",
                   "--weights=tensor", "--programs=eval_recall_gate", f"--output_json={out}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.load(open(out))
-  assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert report["mesh"] == {"data": 1, "fsdp": 16, "tensor": 1}
   assert (report["eval_weights"], report["eval_mesh"]) == (
       "tensor", {"data": 2, "fsdp": 1, "tensor": 2})
   assert ("evaluation on one process's devices, as launch/eval.py runs it: weights tensor over "

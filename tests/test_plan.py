@@ -42,15 +42,27 @@ def test_beacon_only_training_keeps_moments_small():
   assert result.optimizer == 2 * 2 * beacon
 
 
-def test_bank_and_activation_estimates():
+def test_bank_and_the_train_steps_terms():
+  """--model's step holds what the recipe estimator counts in a turn's backward pass: the
+  trainable leaves' gradients twice (the block loop's carry, the turn's layer scan), a layer's
+  weights gathered for its recompute and its backward, the MLP kernels in the backward's
+  layout, the remat inputs, one layer's MLP, a block of attention scores, the LM head three
+  times and one chunk of the scored tokens' logits."""
+  from memrecall.models.qwen2 import QUERY_BLOCK, token_chunks
   config = _qwen7b()
   result = memory_plan.plan(config, {"data": 2, "fsdp": 4}, batch=16, turn_tokens=2560, bank_chunks=64)
   # 64 chunks x 28 layers x k,v x 1024 slots x 4 heads x 128 x 2 bytes, chunks over 8 devices.
   assert result.memory_bank == 64 * L * 2 * 1024 * K * D * 2 // 8
-  rows = 2
-  expected = (L * rows * 2560 * E * 2 + rows * 2560 * (4 * E + 3 * M + 2 * (H + 2 * K) * D) * 2
-              + rows * 2560 * V * 4)
+  assert result.gradients == 2 * (result.optimizer // 2)  # the trainable leaves' bytes, twice
+  rows, t = 2, 2560
+  layer = 2 * (3 * E * H * D + 4 * E * K * D + 3 * E * M + 2 * (H * D + 2 * K * D) + 2 * E)
+  assert token_chunks(rows, t, config.mlp_chunk_tokens) is None  # the MLP in one piece
+  head_chunk = token_chunks(rows, t, config.head_chunk_tokens)[1]
+  expected = (2 * layer + 2 * L * E * M * 2 // 4 + L * rows * t * E * 2 + rows * t * M * 2
+              + rows * H * QUERY_BLOCK * t * 4 + 3 * V * E * 2 + rows * head_chunk * V * (2 + 4))
   assert result.activations == expected
+  assert result.total == (result.params + result.optimizer + result.gradients
+                          + result.activations + result.memory_bank)
 
 
 # --- every program of a recipe: launch/plan.py --config ------------------------------------
@@ -261,22 +273,27 @@ def test_records_of_other_evaluation_settings_are_not_merged(tmp_path):
 
 
 def test_a_gpu_mesh_is_an_estimate_until_a_record_names_its_hosts(tmp_path):
-  """gpu8 names no card: the estimate alone, until a launch/compile.py record for GPU hosts
-  (h100:8) of the same recipe is in --records; then its rows stand beside the estimate."""
+  """gpu8 names no card: the estimate alone, judged on an H100 (--card's default), until a
+  launch/compile.py record for GPU hosts (h100:8) of the same recipe is in --records; then its
+  rows stand beside the estimate."""
   out = tmp_path / "estimate.json"
   proc = _plan("--config=configs/lychee.py:sft,0.5b,gpu8", f"--records={tmp_path}",
                f"--output_json={out}")
   assert proc.returncode == 0, proc.stderr
-  assert "no TPU slice named: estimate only (--compile=TOPOLOGY, e.g. v5e:2x2 or h100:8, " \
-         "compiles it)" in proc.stdout
+  assert "no TPU slice or GPU card named: estimate only, judged on h100 (79.1 GiB, JAX's " \
+         "default pool 75%; --card for another; --compile=h100:8 compiles it)" in proc.stdout
   lines = [l for l in proc.stdout.splitlines() if l.startswith("  train_step")]
-  assert len(lines) == 1 and "(estimate)" in lines[0]
+  assert len(lines) == 1 and lines[0].endswith("(estimate) fits")
   estimates = {r["program"]: r["estimate"]["total_gib"] for r in json.load(open(out))}
+  # Evaluation placed as compile.py places it on an H100 (JAX's pool): the 0.5B copy whole.
+  weights = {r["eval_weights"] for r in json.load(open(out))}
+  assert weights == {"replicated"}
   # A record as compile.py writes it, each program allocating twice its estimate.
   rows = [{"program": name, "allocation_gib": 2 * gib, "held_gib": 0.0, "total_gib": 3 * gib}
           for name, gib in estimates.items()]
   (tmp_path / "sft_h100.json").write_text(json.dumps({
       "config": "configs/lychee.py:sft,0.5b,gpu8", "overrides": [], "topology": "h100:8",
+      "eval_weights": "replicated",
       "hbm_gib_per_device": 79.1, "jax": "0.12.0.1", "compiler": "jax-cuda12-plugin 0.12.0.1",
       "eval_batch": 16, "eval_modes": ["gate", "stream"], "rows": rows}))
   proc = _plan("--config=configs/lychee.py:sft,0.5b,gpu8", f"--records={tmp_path}",
@@ -290,7 +307,7 @@ def test_a_gpu_mesh_is_an_estimate_until_a_record_names_its_hosts(tmp_path):
   one = next(iter(estimates))
   (tmp_path / "sft_h100_sharded_eval.json").write_text(json.dumps({
       "config": "configs/lychee.py:sft,0.5b,gpu8", "overrides": [], "topology": "h100:8",
-      "eval_weights": "replicated", "programs": [one], "hbm_gib_per_device": 79.1,
+      "eval_weights": "sharded", "programs": [one], "hbm_gib_per_device": 79.1,
       "eval_batch": 16, "eval_modes": ["gate", "stream"],
       "rows": [r for r in rows if r["program"] == one]}))
   os.utime(tmp_path / "sft_h100_sharded_eval.json", (2e9, 2e9))  # written after

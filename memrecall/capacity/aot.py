@@ -33,6 +33,9 @@ from memrecall.train import trainer
 from memrecall.train.trainer import Program
 
 FIT_FRACTION = 0.9  # above this share of HBM a program is reported as not fitting
+# Above this share of a GPU a program that fits is marginal: the runtime's own workspaces
+# (cuBLAS, cuDNN, NCCL) are outside the compiler's plan and take some of the rest.
+MARGINAL_FRACTION = 0.85
 
 
 def _inference_params(run: Run, params, setup, placement: placement_lib.Placement | None = None):
@@ -208,6 +211,27 @@ def _advice(program: str, total: float, hbm: float, temp: float, argument: float
   return f"does not fit by {over:.2f} GiB (over {FIT_FRACTION:.0%} of {hbm:.0f} GiB): {fix}"
 
 
+def fit_advice(program: str, total: float, hbm: float, temp: float, argument: float,
+               inference=None, pool_fraction: float | None = None) -> str:
+  """What a program of `total` GiB (`temp` of them temporaries, `argument` its arguments and
+  what is held beside it) on a device of `hbm` GiB needs, as launch/compile.py and
+  launch/plan.py judge it: "" where it fits.  Over FIT_FRACTION, by how much it does not fit
+  (`_advice`).  On a GPU (`pool_fraction`: JAX's default pool) above that pool, the fraction
+  to run with: XLA_PYTHON_CLIENT_MEM_FRACTION, which jax 0.11 and 0.12 both read (0.12 as the
+  deprecated name of XLA_CLIENT_MEM_FRACTION; it refuses the two set together); above
+  MARGINAL_FRACTION of the card, that it is marginal and what would make room."""
+  advice = _advice(program, total, hbm, temp, argument, inference)
+  if advice or not pool_fraction or total <= pool_fraction * hbm:
+    return advice
+  fraction = f"XLA_PYTHON_CLIENT_MEM_FRACTION={min(total / hbm + 0.05, FIT_FRACTION):.2f}"
+  pool = f"above JAX's default pool ({pool_fraction:.0%} of {hbm:.0f} GiB)"
+  if total <= MARGINAL_FRACTION * hbm:
+    return f"{pool}: run with {fraction}"
+  how = "more train.microbatches" if program == "train_step" else "a smaller batch"
+  return (f"{pool} and marginal at {total / hbm:.1%} of the card (cuBLAS and NCCL workspaces are "
+          f"outside the plan): give each device fewer rows ({how}), or run with {fraction}")
+
+
 def device_bytes(tree) -> int:
   """Bytes one device holds of abstract arrays (ShapeDtypeStructs with shardings)."""
   total = 0
@@ -282,10 +306,8 @@ def compile_program(program: Program, mesh, hbm_bytes: float,
   # Donated arguments alias outputs: those bytes are counted once.
   total = argument + temp + output - alias + held
   hbm = hbm_bytes / GiB
-  advice = _advice(program.name, total, hbm, temp, argument + held, program.inference)
-  if not advice and pool_fraction and total > pool_fraction * hbm:
-    advice = (f"above JAX's default pool ({pool_fraction:.0%} of {hbm:.0f} GiB): run with "
-              f"XLA_PYTHON_CLIENT_MEM_FRACTION={min(total / hbm + 0.05, FIT_FRACTION):.2f}")
+  advice = fit_advice(program.name, total, hbm, temp, argument + held, program.inference,
+                      pool_fraction)
   return Row(program.name, argument, temp, output, alias, total, hbm, seconds, advice, held,
              peak_gib=gib("peak_memory_in_bytes"), allocation_gib=gib("total_allocation_bytes"),
              loop_gather_gib=loop_gather, loop_reduce_gib=loop_reduce)

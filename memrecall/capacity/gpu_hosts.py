@@ -21,9 +21,18 @@ import re
 
 from memrecall.capacity.tpu_slices import TopologyError
 
-# Cards by short name -> the `device_description_str` of XLA's target config for them.
-CARDS = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200 141GB HBM3e",
-         "b200": "NVIDIA B200", "a100": "NVIDIA A100-SXM4-80GB"}
+# Cards by short name -> the `device_description_str` of XLA's target config for them.  A
+# bare name is the SXM card XLA's config describes (`a100`: the 80 GB SXM4); other variants
+# the plugin carries configs for have names of their own.
+CARDS = {"h100": "NVIDIA H100 80GB HBM3", "h100-pcie": "NVIDIA H100 PCIe",
+         "h200": "NVIDIA H200 141GB HBM3e", "b200": "NVIDIA B200",
+         "a100": "NVIDIA A100-SXM4-80GB", "a100-40gb": "NVIDIA A100-SXM4-40GB",
+         "a100-80gb-pcie": "NVIDIA A100 80GB PCIe"}
+# Each card's memory as its target config gives it (`device_memory_size`, jax 0.12's plugin):
+# what launch/plan.py judges a GPU mesh against when nothing is compiled.
+MEMORY_BYTES = {"h100": 84942979072, "h100-pcie": 84942979072, "h200": 151397597184,
+                "b200": 191514411008, "a100": 85100068864, "a100-40gb": 42331013120,
+                "a100-80gb-pcie": 79050250240}
 # The CUDA plugins jax has shipped, newest first (the GPU image carries the CUDA 13 one).
 PLUGINS = (("jax_plugins.xla_cuda13", "jax-cuda13-plugin"),
            ("jax_plugins.xla_cuda12", "jax-cuda12-plugin"))
@@ -58,14 +67,19 @@ class GpuHosts:
 
 
 def looks_like_gpu(name: str) -> bool:
-  """Whether `name` is meant as GPU hosts (a card's short name before the colon)."""
-  return name.strip().lower().partition(":")[0] in CARDS
+  """Whether `name` is meant as GPU hosts: a card's short name before the colon, or a variant
+  of one (`a100-80gb`), which `parse_gpu_hosts` then refuses naming the cards it knows."""
+  card = name.strip().lower().partition(":")[0]
+  return card in CARDS or card.partition("-")[0] in CARDS
 
 
 def parse_gpu_hosts(name: str) -> GpuHosts:
   """`h100:8` (one host of 8 cards) or `h200:2x8` (two hosts of 8) -> GpuHosts."""
-  found = re.fullmatch(r"([a-z0-9]+):(?:(\d+)x)?(\d+)", name.strip().lower())
-  if not found or found[1] not in CARDS:
+  found = re.fullmatch(r"([a-z0-9-]+):(?:(\d+)x)?(\d+)", name.strip().lower())
+  if found and found[1] not in CARDS:
+    raise GpuTargetError(f"unknown GPU card {found[1]!r} in {name!r}; choose from "
+                         f"{', '.join(CARDS)}")
+  if not found:
     raise GpuTargetError(f"unknown GPU hosts {name!r}: give CARD:GPUS or CARD:HOSTSxGPUS, e.g. "
                          f"h100:8 or h200:2x8 (cards: {', '.join(CARDS)})")
   hosts, gpus = int(found[2] or 1), int(found[3])

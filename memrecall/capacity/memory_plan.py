@@ -3,8 +3,9 @@
 Two levels:
 
 * `plan` (launch/plan.py --model): parameters and AdamW moments of a model on a mesh of
-  the given axis sizes, exact from the shapes and the logical-axis rules, plus a stated
-  activation estimate for a rematerialised layer scan.
+  the given axis sizes, exact from the shapes and the logical-axis rules, plus what a train
+  step holds beside them, by the same terms as a recipe's turn (gradients, gathered weights,
+  LM head and logits, remat inputs).
 * `estimate_programs` (launch/plan.py --config): every program a stage runs, as
   `aot.recipe_programs` builds it for compilation (the trainer's and evaluation's own
   builders).  Each program's arguments and what the trainer holds beside them come exactly
@@ -76,28 +77,33 @@ def sharded_bytes(shape, dtype, logical_axes, mesh_sizes: Mapping[str, int]) -> 
 
 @dataclasses.dataclass
 class MemoryPlan:
+  """Per-device bytes of one train step (`plan`); `terms` are what `gradients` and
+  `activations` are made of, as the recipe estimator names them."""
   params: int
   optimizer: int
+  gradients: int
   activations: int
   memory_bank: int
   devices: int
+  terms: list = dataclasses.field(default_factory=list)
 
   @property
   def total(self) -> int:
-    return self.params + self.optimizer + self.activations + self.memory_bank
+    return self.params + self.optimizer + self.gradients + self.activations + self.memory_bank
 
 
 def plan(config: ModelConfig, mesh_sizes: Mapping[str, int], *, trainable: str = "backbone",
          batch: int = 1, turn_tokens: int = 2048, bank_chunks: int = 0, slots: int = 1024,
          microbatches: int = 1) -> MemoryPlan:
-  """Per-device bytes of parameters, AdamW moments, activations and a memory bank.
+  """Per-device bytes of a train step over teacher-forced turns: parameters and AdamW moments
+  (exact from the shapes and the rules), and what the step holds beside them as the recipe
+  estimator counts a turn's backward pass (`_gradient_terms`, `_turn_terms`): the gradient
+  buffers of the trainable leaves, a layer's gathered weights, the LM head and the logits with
+  their gradient, the remat layer inputs; plus a bank of `bank_chunks` chunks.
 
-  batch: rows (questions x rollouts) per step; turn_tokens: tokens of one
-  teacher-forced turn (compressed slots + prompt + memory update).
-  Activation estimate (full remat, layers scanned): the saved layer inputs
-  L x b x T x E, one layer's working set b x T x (4E + 3M + 2(H+2K)D), and the
-  float32 logits b x T x V, in the compute dtype (logits float32), where b is
-  the per-device rows of one microbatch (batch / (data x fsdp x microbatches)).
+  batch: rows (questions x rollouts) per step; turn_tokens: tokens of one teacher-forced turn
+  (compressed slots + prompt + memory update), every one scored; b, the rows per device of one
+  microbatch: batch / (data x fsdp x microbatches).
   """
   boxed = abstract_params(config)
   flat = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -106,22 +112,21 @@ def plan(config: ModelConfig, mesh_sizes: Mapping[str, int], *, trainable: str =
   paths = {tuple(p) for p in state_lib.trainable_paths(
       jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)),
       trainable)}
-  flat_boxed = flax_flatten(boxed)
-  moments = sum(2 * sharded_bytes(leaf.value.shape, leaf.value.dtype, leaf.names, mesh_sizes)
-                for path, leaf in flat_boxed.items() if path in paths)
-  sizes = _AxisSizes(mesh_sizes).shape
-  rows = max(1, math.ceil(batch / (sizes["data"] * sizes["fsdp"] * microbatches)))
-  dt = np.dtype(config.jnp_dtype).itemsize
-  e, m, v = config.hidden_size, config.intermediate_size, config.vocab_size
-  qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-  activations = (config.num_layers * rows * turn_tokens * e * dt
-                 + rows * turn_tokens * (4 * e + 3 * m + 2 * qkv) * dt // sizes["tensor"]
-                 + rows * turn_tokens * v * 4 // sizes["tensor"])
+  trained = sum(sharded_bytes(leaf.value.shape, leaf.value.dtype, leaf.names, mesh_sizes)
+                for path, leaf in flax_flatten(boxed).items() if path in paths)
+  s = _ModelShapes(config, mesh_sizes)
+  rows = max(1, math.ceil(batch / (s.batch_shards * microbatches)))
+  # A turn's backward in the recipes' block loop (sft and rl): `_gradient_copies`.
+  copies = _gradient_copies("sft", microbatches > 1, config.remat_blocks, compressing=False)
+  terms = [t for t in _gradient_terms(s, trained, copies)
+           + _turn_terms(s, rows, turn_tokens, turn_tokens, "the turn's tokens") if t.bytes]
+  gradients = sum(t.bytes for t in terms if t.name == "gradients")
   bank_shape = (bank_chunks, config.num_layers, 2, slots, config.num_kv_heads, config.head_dim)
   bank = sharded_bytes(bank_shape, config.jnp_dtype, ("chunks", None, None, None, "act_kv_heads",
                                                       None), mesh_sizes) if bank_chunks else 0
-  return MemoryPlan(params=param_bytes, optimizer=moments, activations=activations,
-                    memory_bank=bank, devices=math.prod(sizes.values()))
+  return MemoryPlan(params=param_bytes, optimizer=2 * trained, gradients=gradients,
+                    activations=sum(t.bytes for t in terms) - gradients, memory_bank=bank,
+                    devices=math.prod(s.sizes.values()), terms=terms)
 
 
 def flax_flatten(tree) -> dict:
@@ -169,12 +174,11 @@ class Estimate:
                        for p, terms in self.phases.items()}}
 
 
-class _Shapes:
-  """The model's and recipe's sizes that the terms are formulas of."""
+class _ModelShapes:
+  """The model's sizes on a mesh: what the terms that need no recipe are formulas of."""
 
-  def __init__(self, run, mesh_sizes: Mapping[str, int]):
-    m = run.model
-    self.run, self.model = run, m
+  def __init__(self, m: ModelConfig, mesh_sizes: Mapping[str, int]):
+    self.model = m
     self.sizes = _AxisSizes(mesh_sizes).shape
     self.batch_shards = self.sizes["data"] * self.sizes["fsdp"]
     self.tensor = self.sizes["tensor"]
@@ -182,35 +186,18 @@ class _Shapes:
     self.E, self.F, self.V = m.hidden_size, m.intermediate_size, m.vocab_size
     self.L, self.H, self.K, self.D = m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim
     self.G = self.H // self.K
-    c = run.compressor
-    self.C, self.W, self.r, self.S = c.chunk_size, c.window, c.ratio, c.chunk_size // c.ratio
-    self.N = run.num_chunks
-    self.Q, self.M, self.A = run.question_tokens, run.reasoner.memory_size, \
-        run.reasoner.answer_tokens
-    self.Mc = run.memory_capacity
-    p = run.prompts
-    self.raw = not readers.reader_class(run.reader_name()).compressed  # raw sections (MemAgent)
-    # Rendered prompt lengths (the recipe's templates and tokenizer).
-    self.P_update = (p.memagent.length(self.Q, self.Mc, self.C) if self.raw
-                     else p.update.length(self.Q, self.Mc))
-    self.P_final = p.final.length(self.Q, self.Mc)
-    self.P_gate = p.gate.length(self.Q, self.Mc) if m.has_gate else 0
-    # One layer's weights, unsharded, in the compute dtype (the stacked `layers` subtree / L).
-    layers = jax.tree.leaves(jax.tree.map(
-        lambda x: x.value, abstract_params(m)["layers"], is_leaf=lambda x: isinstance(
-            x, nn.Partitioned)))
-    self.layer_bytes = sum(int(np.prod(x.shape)) for x in layers) * self.dt // self.L
-
-  def rows(self, n: int) -> int:
-    """Rows per device of an n-row batch under the rules table: split over the batch axes
-    that divide it (16 questions on data 4 x fsdp 8: 4 per device)."""
-    return n // sharding_lib.logical_split("batch", _AxisSizes(self.sizes), n)
-
-  def chunks(self, n: int) -> int:
-    """Chunks per device that compression writes for n rows: the chunk axis (n x N) split as
-    the rules split `chunks` (`compress` groups each device's own chunks)."""
-    total = n * self.N
-    return total // sharding_lib.logical_split("chunks", _AxisSizes(self.sizes), total)
+    # What the rules split the query heads' and the MLP's activations into (1 where the tensor
+    # axis does not divide them: those stay whole on every device).
+    mesh = _AxisSizes(self.sizes)
+    self.tensor_heads = sharding_lib.logical_split("act_heads", mesh, self.H)
+    self.tensor_mlp = sharding_lib.logical_split("act_mlp", mesh, self.F)
+    # One layer's weights in the compute dtype as its matmuls read them: gathered over fsdp,
+    # still split over tensor (the stacked `layers` subtree / L).
+    gathered = {**self.sizes, "fsdp": 1}
+    layers = jax.tree.leaves(abstract_params(m)["layers"],
+                             is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    self.layer_bytes = sum(sharded_bytes(x.value.shape, m.jnp_dtype, x.names, gathered)
+                           for x in layers) // self.L
 
   def kv(self, rows: int, positions: int) -> int:
     return rows * positions * self.L * 2 * self.K * self.D * self.dt // self.tensor_kv
@@ -231,7 +218,39 @@ class _Shapes:
     return rows * tokens * self.V * (self.dt + 4 * copies_f32) // self.tensor
 
 
-def _head_term(s: _Shapes, copies: int, why: str) -> Term:
+class _Shapes(_ModelShapes):
+  """The model's and recipe's sizes that the terms are formulas of."""
+
+  def __init__(self, run, mesh_sizes: Mapping[str, int]):
+    super().__init__(run.model, mesh_sizes)
+    self.run = run
+    c = run.compressor
+    self.C, self.W, self.r, self.S = c.chunk_size, c.window, c.ratio, c.chunk_size // c.ratio
+    self.N = run.num_chunks
+    self.Q, self.M, self.A = run.question_tokens, run.reasoner.memory_size, \
+        run.reasoner.answer_tokens
+    self.Mc = run.memory_capacity
+    p = run.prompts
+    self.raw = not readers.reader_class(run.reader_name()).compressed  # raw sections (MemAgent)
+    # Rendered prompt lengths (the recipe's templates and tokenizer).
+    self.P_update = (p.memagent.length(self.Q, self.Mc, self.C) if self.raw
+                     else p.update.length(self.Q, self.Mc))
+    self.P_final = p.final.length(self.Q, self.Mc)
+    self.P_gate = p.gate.length(self.Q, self.Mc) if run.model.has_gate else 0
+
+  def rows(self, n: int) -> int:
+    """Rows per device of an n-row batch under the rules table: split over the batch axes
+    that divide it (16 questions on data 4 x fsdp 8: 4 per device)."""
+    return n // sharding_lib.logical_split("batch", _AxisSizes(self.sizes), n)
+
+  def chunks(self, n: int) -> int:
+    """Chunks per device that compression writes for n rows: the chunk axis (n x N) split as
+    the rules split `chunks` (`compress` groups each device's own chunks)."""
+    total = n * self.N
+    return total // sharding_lib.logical_split("chunks", _AxisSizes(self.sizes), total)
+
+
+def _head_term(s: _ModelShapes, copies: int, why: str) -> Term:
   return Term("LM head gathered", copies * s.head,
               f"{copies} x V {s.V} x E {s.E} x {s.dt} B ({why})")
 
@@ -245,7 +264,8 @@ def _chunk(rows: int, tokens: int, chunk_tokens: int) -> tuple[int, str]:
   return chunks[1], f"{chunks[1]} of {tokens} tokens (a chunk)"
 
 
-def _logits_term(s: _Shapes, rows: int, tokens: int, what: str, gradient: bool = False) -> Term:
+def _logits_term(s: _ModelShapes, rows: int, tokens: int, what: str, gradient: bool = False
+                 ) -> Term:
   """The LM head's output and its float32 log-softmax over the scored tokens, one chunk of
   `model.head_chunk_tokens` at a time (`qwen2.token_logprobs`); with a gradient, in one
   piece the log-softmax is kept for the backward beside the logits' float32 gradient, in
@@ -258,17 +278,25 @@ def _logits_term(s: _Shapes, rows: int, tokens: int, what: str, gradient: bool =
               f"{rows} rows x {count} x V {s.V} x ({s.dt} B + {f32_copies} x 4 B float32)")
 
 
-def _mlp_term(s: _Shapes, rows: int, tokens: int) -> Term:
+def _mlp_term(s: _ModelShapes, rows: int, tokens: int) -> Term:
   """One layer's MLP activation (the compiled programs fuse silu(gate) x up into one), over
   one chunk of `model.mlp_chunk_tokens` where the MLP runs in chunks."""
   width, count = _chunk(rows, tokens, s.model.mlp_chunk_tokens)
-  return Term("one layer's MLP", rows * width * s.F * s.dt // s.tensor,
-              f"{rows} rows x {count} x F {s.F} x {s.dt} B")
+  return Term("one layer's MLP", rows * width * s.F * s.dt // s.tensor_mlp,
+              f"{rows} rows x {count} x F {s.F} x {s.dt} B{_split(s.tensor_mlp)}")
 
 
-def _scores_term(s: _Shapes, rows: int, keys: int, what: str) -> Term:
-  return Term(f"attention scores: {what}", rows * s.H * QUERY_BLOCK * keys * 4 // s.tensor,
-              f"{rows} rows x H {s.H} x {QUERY_BLOCK} query rows x {keys} keys x 4 B")
+def _split(parts: int) -> str:
+  """How a formula says that its term is split over tensor (nothing where it is not)."""
+  return f" / tensor {parts}" if parts > 1 else ""
+
+
+def _scores_term(s: _ModelShapes, rows: int, keys: int, what: str) -> Term:
+  """Float32 scores of one query block; split over tensor only where it divides the heads."""
+  return Term(f"attention scores: {what}",
+              rows * s.H * QUERY_BLOCK * keys * 4 // s.tensor_heads,
+              f"{rows} rows x H {s.H} x {QUERY_BLOCK} query rows x {keys} keys x 4 B"
+              f"{_split(s.tensor_heads)}")
 
 
 def _decode_phase(s: _Shapes, rows: int, slots: int, prompt: int, room: int, what: str,
@@ -293,8 +321,9 @@ def _prefill_terms(s: _Shapes, rows: int, tokens: int, keys: int, what: str) -> 
   beside the layer's queries and attention output (split over tensor), its MLP and one block
   of attention scores over `keys`."""
   return [Term(f"{what}'s residual stream, queries and attention output",
-               rows * tokens * (s.E + 2 * s.E // s.tensor) * s.dt,
-               f"{rows} rows x {tokens} tokens x (E {s.E} + 2 x E / tensor {s.tensor}) x {s.dt} B"),
+               rows * tokens * (s.E + 2 * s.E // s.tensor_heads) * s.dt,
+               f"{rows} rows x {tokens} tokens x (E {s.E} + 2 x E / tensor {s.tensor_heads}) x "
+               f"{s.dt} B"),
           _mlp_term(s, rows, tokens),
           _scores_term(s, rows, keys, f"one query block of {what}")]
 
@@ -332,22 +361,25 @@ def _rollout(s: _Shapes, n: int, what: str, whole_weights: bool = False
   return phases
 
 
-def _train_turns(s: _Shapes, rows: int, with_logits: bool = True) -> list[Term]:
-  """One teacher-forced memory update (the largest turn) in the backward pass of its block:
-  the turn's saved layer inputs, its prefix cache, one layer recomputed, the logits of the
-  written tokens with their gradient (the LM head runs on those M positions only)."""
-  t = s.P_update + s.M
-  slots = 0 if s.raw else s.S
+def _train_turns(s: _Shapes, rows: int) -> list[Term]:
+  """One teacher-forced memory update (the largest turn) in the backward pass of its block;
+  the LM head runs on its M written tokens only."""
+  return _turn_terms(s, rows, s.P_update + s.M, s.M, "the written tokens", 0 if s.raw else s.S)
+
+
+def _turn_terms(s: _ModelShapes, rows: int, t: int, scored: int, what: str, slots: int = 0
+                ) -> list[Term]:
+  """A turn of `t` tokens after `slots` compressed slots in the backward pass: its saved layer
+  inputs, its prefix cache, one layer recomputed, the LM head and the logits of its `scored`
+  tokens with their gradient."""
   terms = [Term("remat: the turn's layer inputs", s.L * rows * t * s.E * s.dt,
                 f"L {s.L} x {rows} rows x {t} tokens x E {s.E} x {s.dt} B"),
            _mlp_term(s, rows, t), _scores_term(s, rows, slots + t, "one query block")]
   if slots:  # the chunk's slots and room for the turn (MemAgent's raw turns have none)
     terms.append(Term("prefix cache of the turn", s.kv(rows, slots + t),
                       s.kv_formula(rows, f"{slots} + {t}", slots + t)))
-  if with_logits:
-    terms += [_head_term(s, 3, "forward, backward, and its gradient"),
-              _logits_term(s, rows, s.M, "the written tokens, and their gradient", True)]
-  return terms
+  return terms + [_head_term(s, 3, "forward, backward, and its gradient"),
+                  _logits_term(s, rows, scored, f"{what}, and their gradient", True)]
 
 
 def _compression_backward(s: _Shapes, rows: int) -> list[Term]:
@@ -368,7 +400,8 @@ def _compression_backward(s: _Shapes, rows: int) -> list[Term]:
                "windows")]
 
 
-def _gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
+def _gradient_copies(stage: str, microbatched: bool, remat_blocks: bool, compressing: bool
+                     ) -> tuple[int, str]:
   """Float32 buffers of the trainable leaves' size a train step holds at once: the sum over
   microbatches, the block loop's gradient carry (which starts from the answer turn's,
   `trajectory.blocks_then_answer`; with `model.remat_blocks=False` the answer's are a buffer
@@ -376,36 +409,45 @@ def _gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
   whose backward has run (its turn or gate prompt first, then, `compressing`, the
   compression's: one scan for all the chunk's windows, `compressor._window_layers`), which JAX
   adds into the carry only at the end of the block's backward (the TPU compile's buffers,
-  docs/2026-12-06-compression-layer-loop.md).  The compressor stage has no block loop."""
-  config = s.run.config
-  parts = []
-  if trainer.microbatches_of(config, s.batch_shards) > 1:
-    parts.append((1, "the microbatches' sum"))
-  if config.stage == "compressor":
-    parts.append((1, "the compression's layer scan"))
+  docs/2026-12-06-compression-layer-loop.md).  The compressor stage has no block loop;
+  microbatched: the step runs in more than one microbatch."""
+  parts = ["the microbatches' sum"] if microbatched else []
+  if stage == "compressor":
+    parts.append("the compression's layer scan")
   else:
-    parts += [(1, "the block loop's carry"), (1, "the turn's layer scan")]
-    if not s.model.remat_blocks and config.stage != "gate":  # plain autodiff's block loop
-      parts.append((1, "the answer turn's, added after the block loop's backward"))
+    parts += ["the block loop's carry", "the turn's layer scan"]
+    if not remat_blocks and stage != "gate":  # plain autodiff's block loop
+      parts.append("the answer turn's, added after the block loop's backward")
     if compressing:
-      parts.append((1, "the compression's layer scan"))
-  return sum(n for n, _ in parts), ", ".join(why for _, why in parts)
+      parts.append("the compression's layer scan")
+  return len(parts), ", ".join(parts)
 
 
-def _gradient_terms(s: _Shapes, trainable: int, compressing: bool = False) -> list[Term]:
+def _recipe_gradient_copies(s: _Shapes, compressing: bool) -> tuple[int, str]:
+  config = s.run.config
+  return _gradient_copies(config.stage, trainer.microbatches_of(config, s.batch_shards) > 1,
+                          s.model.remat_blocks, compressing)
+
+
+def _gradient_terms(s: _ModelShapes, trainable: int, copies: tuple[int, str]) -> list[Term]:
   """What every train step's backward pass holds besides activations: the gradients
-  (`_gradient_copies`), one layer's weights gathered over fsdp (for the layer's recompute and
-  for its backward), and the stacked MLP kernels copied into the layout the backward's
-  matmuls read them in."""
+  (`copies`, from `_gradient_copies`), one layer's weights gathered over fsdp (for the layer's
+  recompute and for its backward; still split over tensor; without fsdp only a cast from the
+  master weights' dtype copies them), and the stacked MLP kernels copied into the layout the
+  backward's matmuls read them in."""
   fsdp = s.sizes["fsdp"]
-  copies, why = _gradient_copies(s, compressing)
-  return [Term("gradients", copies * trainable,
-               f"{copies} x the trainable leaves' {trainable / GiB:.3f} GiB per device ({why})"),
-          Term("one layer's weights gathered", 2 * s.layer_bytes,
-               f"2 (its recompute, its backward) x one layer's {s.layer_bytes / GiB:.3f} GiB of "
-               "weights, unsharded"),
-          Term("MLP kernels in the backward's layout", 2 * s.L * s.E * s.F * s.dt // (fsdp * s.tensor),
-               f"2 kernels x L {s.L} x E {s.E} x F {s.F} x {s.dt} B / fsdp {fsdp}")]
+  count, why = copies
+  terms = [Term("gradients", count * trainable,
+                f"{count} x the trainable leaves' {trainable / GiB:.3f} GiB per device ({why})")]
+  if fsdp > 1 or s.model.jnp_param_dtype != s.model.jnp_dtype:
+    what = "gathered" if fsdp > 1 else f"cast to {s.model.dtype}"
+    terms.append(Term(f"one layer's weights {what}", 2 * s.layer_bytes,
+                      f"2 (its recompute, its backward) x one layer's {s.layer_bytes / GiB:.3f} "
+                      f"GiB of weights, {what}{_split(s.tensor)}"))
+  return terms + [Term("MLP kernels in the backward's layout",
+                       2 * s.L * s.E * s.F * s.dt // (fsdp * s.tensor),
+                       f"2 kernels x L {s.L} x E {s.E} x F {s.F} x {s.dt} B / fsdp {fsdp}"
+                       f"{_split(s.tensor)}")]
 
 
 def _block_residuals(s: _Shapes, rows: int, turn_tokens: int, logits: bool) -> list[Term]:
@@ -436,7 +478,7 @@ def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
   stage = config.stage
   rows_mb = config.train.batch_size // k  # the microbatch's rows, all batch shards
   rows = max(1, math.ceil(rows_mb / s.batch_shards))
-  grads = _gradient_terms(s, trainable, compressing=not s.raw)
+  grads = _gradient_terms(s, trainable, _recipe_gradient_copies(s, compressing=not s.raw))
   if stage == "compressor":
     w = s.W + s.W // s.r
     windows = s.C // s.W
@@ -460,7 +502,8 @@ def _train_step(s: _Shapes, trainable: int) -> dict[str, list[Term]]:
   answer_inputs = Term("remat: the answer turn's layer inputs", s.L * rows * answer * s.E * s.dt,
                        f"L {s.L} x {rows} rows x {answer} tokens x E {s.E} x {s.dt} B")
   residuals = _block_residuals(s, rows, s.P_update + s.M, True)
-  phases = {"a turn's backward": (_gradient_terms(s, trainable) + residuals
+  phases = {"a turn's backward": (_gradient_terms(s, trainable,
+                                                  _recipe_gradient_copies(s, False)) + residuals
                                   + _train_turns(s, rows) + [answer_inputs])}
   if not s.raw:
     phases["compression's backward"] = (grads + residuals
@@ -502,7 +545,7 @@ def estimate_programs(run, programs: Sequence, mesh_sizes: Mapping[str, int] | N
       phases = _train_step(s, trainable)
     elif name == "rollout":
       phases = _placed_rollout(run, s, program.inference)
-    elif name == "reference_logprobs":
+    elif name in ("reference_logprobs", "policy_logprobs"):  # one scoring pass each
       phases = _reference(s, s.rows(run.config.train.batch_size))
     elif name.startswith("eval_recall_"):
       phases = _rollout(_on(run, program, s), eval_batch, "evaluation", _whole(program.args[0]))

@@ -21,6 +21,8 @@ def parse_target(name: str) -> Target:
   try:
     return tpu_slices.parse_slice(name)
   except TopologyError as e:
+    if tpu_slices.looks_like_tpu(name):  # a TPU slice, misnamed: its own error says how
+      raise
     raise TopologyError(f"{e}; or GPU hosts such as h100:8 or h200:2x8 (cards: "
                         f"{', '.join(gpu_hosts.CARDS)})") from None
 

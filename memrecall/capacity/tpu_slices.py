@@ -53,6 +53,21 @@ class Slice:
   def hbm_gib_per_chip(self) -> float:
     return HBM_GIB[self.generation]
 
+  @property
+  def chips_per_host(self) -> int:
+    """Chips of one host (TPU VM): an 8-chip v5e or v6e slice is one VM of 8 (v5litepod-8,
+    v6e-8); larger ones, and every v4 or v5p slice, are VMs of 4 (Cloud TPU's v5e, v6e and
+    v5p pages)."""
+    if self.generation in ("v5e", "v6e") and self.chips == 8:
+      return 8
+    return min(self.chips, 4)
+
+
+def looks_like_tpu(name: str) -> bool:
+  """Whether `name` starts with a TPU generation (`v5p-96`, `v5e:2x2`, `v5litepod-8`)."""
+  head = re.split(r"[-:]", name.strip().lower(), maxsplit=1)[0]
+  return _ALIASES.get(head, head) in HBM_GIB
+
 
 def _generation(text: str) -> str:
   gen = _ALIASES.get(text.lower(), text.lower())
@@ -67,8 +82,11 @@ def default_shape(generation: str, chips: int) -> tuple[int, ...]:
   the later one on ties."""
   dims = _DIMS[generation]
   if chips < 1 or chips & (chips - 1):
-    raise TopologyError(f"{chips} chips is not a power of two: give the topology, e.g. "
-                        f"--topology={generation}:" + "x".join(["2"] * dims))
+    grid = _grid(chips, dims)
+    example = f", e.g. {generation}:{'x'.join(map(str, grid))}" if grid else ""
+    raise TopologyError(f"{chips} {generation} chips is not a power of two, so it has no "
+                        f"default grid: name its topology instead ({generation}:"
+                        + "x".join("ABC"[:dims]) + f", sides multiplying to {chips}){example}")
   shape = [2, 2, 1] if dims == 3 and chips >= 4 else [1] * dims
   if dims == 3 and chips < 4:
     raise TopologyError(f"the smallest {generation} slice has 4 chips ({generation}-8)")
@@ -77,6 +95,18 @@ def default_shape(generation: str, chips: int) -> tuple[int, ...]:
     i = max(j for j, s in enumerate(shape) if s == smallest)
     shape[i] *= 2
   return tuple(shape)
+
+
+def _grid(chips: int, dims: int) -> tuple[int, ...] | None:
+  """The most even grid of `chips` whose first two sides are even, so hosts of 2x2 chips tile
+  it (libtpu refused v5p:3x4x4), or None: 48 v5p chips -> 4x4x3."""
+  if chips % 4:
+    return None
+  rest = chips // 4
+  grids = [(2 * a, 2 * (rest // a)) if dims == 2 else (2 * a, 2 * b, rest // (a * b))
+           for a in range(1, rest + 1) if rest % a == 0
+           for b in (range(1, rest // a + 1) if dims == 3 else [1]) if (rest // a) % b == 0]
+  return min(grids, key=lambda g: (max(g) / min(g), [-x for x in reversed(g)]))
 
 
 def parse_slice(name: str) -> Slice:
@@ -97,7 +127,11 @@ def parse_slice(name: str) -> Slice:
     per = _CORES_PER_CHIP_IN_NAME[gen]
     if count % per:
       raise TopologyError(f"{name!r}: {gen} names count TensorCores, {per} per chip")
-    return Slice(gen, default_shape(gen, count // per))
+    try:
+      return Slice(gen, default_shape(gen, count // per))
+    except TopologyError as e:
+      cores = f" ({gen} names count TensorCores, {per} per chip)" if per > 1 else ""
+      raise TopologyError(f"{name!r}{cores}: {e}") from None
   raise TopologyError(f"unknown TPU topology {name!r}: give a slice like v5p-64 or v5e-4, or "
                       "a topology like v5p:2x4x4 or v5e:2x2")
 
@@ -137,8 +171,10 @@ def deviceless_devices(tpu: Slice) -> list:
                       "(the version jax[tpu] pins)")
   quiet_libtpu(tpu.accelerator_type)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # libtpu lays every slice out in hosts of 4 chips; an 8-chip v5e or v6e is one VM of 8.
+  hosts = ({"chips_per_host_bounds": [*tpu.shape, 1][:3]} if tpu.chips_per_host == 8 else {})
   try:
-    return list(topologies.get_topology_desc(tpu.topology, "tpu").devices)
+    return list(topologies.get_topology_desc(tpu.topology, "tpu", **hosts).devices)
   except Exception as e:  # libtpu's own words: an unsupported shape
     raise TopologyError(f"libtpu refuses topology {tpu.topology}: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
