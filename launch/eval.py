@@ -106,6 +106,14 @@ _FULL_BUDGET = flags.DEFINE_integer("full_budget", 512, "Token budget of the ful
                                     lower_bound=1)
 _RAG_TOPK = flags.DEFINE_integer("rag_topk", 4, "Chunks retrieved by BM25 in rag mode.",
                                  lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", 0.0, "--data: sample each answer and memory update at this temperature (0: "
+    "greedy, as LycheeMemory's example; MemAgent's RULER-HQA harness samples at 0.7).",
+    lower_bound=0.0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "--data: nucleus sampling mass in (0, 1] with "
+                            "--temperature (MemAgent's harness: 0.95).")
+_SEED = flags.DEFINE_integer("seed", 0, "--data: the samples' seed with --temperature.",
+                             lower_bound=0)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Default: CHECKPOINT/eval (the synthetic "
                                    "sweep), CHECKPOINT/eval_data (--data), WORKDIR/eval_stepN "
                                    "for a checkpoints/N folder, or eval/NAME.")
@@ -135,6 +143,15 @@ def _check_flags():
   if _DATA.value and sweep_only:
     raise app.UsageError(f"{', '.join(sweep_only)}: the synthetic sweep's; --data evaluates every "
                          "row of its files (--limit caps them)")
+  sampled = [f"--{name}" for name in ("temperature", "top_p", "seed") if flags.FLAGS[name].present]
+  if not _DATA.value and sampled:
+    raise app.UsageError(f"{', '.join(sampled)}: --data evaluation's sampling; the synthetic "
+                         "sweep decodes greedily")
+  if not 0.0 < _TOP_P.value <= 1.0:
+    raise app.UsageError(f"--top_p={_TOP_P.value}: a probability mass in (0, 1]")
+  if _TEMPERATURE.value == 0 and (_TOP_P.value < 1 or flags.FLAGS["seed"].present):
+    raise app.UsageError("--top_p and --seed shape sampling, and decoding is greedy at "
+                         "--temperature=0: set a temperature")
   if not _DATA.value and flags.FLAGS["split"].present:
     raise app.UsageError("--split picks the split of --data's tfds: and synthetic: sources; "
                          "the synthetic sweep draws its own questions (a stream training never "
@@ -250,7 +267,8 @@ def main(argv):
         params, run, sources, modes=modes, output_dir=output_dir, model_name=model_name,
         limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or 8, baseline=baseline,
         threshold=_THRESHOLD.value, topk=_TOPK.value, gate_group=_GATE_GROUP.value,
-        mesh=run.mesh, weights=model_flags.WEIGHTS.value)
+        mesh=run.mesh, weights=model_flags.WEIGHTS.value, temperature=_TEMPERATURE.value,
+        top_p=_TOP_P.value, seed=_SEED.value)
     print(report.data_table(rows))
   else:
     rows = evaluator.evaluate_suite(

@@ -119,16 +119,18 @@ class Run:
     return memory_capacity(self.prompts.initial_memory, self.reasoner)
 
   def recall_setup(self, mode: str = "all", *, threshold: float | None = None, topk: int = 4,
-                   gate_group: int = 16, group_size: int = 8, temperature: float = 0.0
-                   ) -> RecallSetup:
-    """The static setup of the recall loop (and of the baselines) for this run's model."""
+                   gate_group: int = 16, group_size: int = 8, temperature: float = 0.0,
+                   top_p: float = 1.0) -> RecallSetup:
+    """The static setup of the recall loop (and of the baselines) for this run's model:
+    greedy, or sampled at `temperature` (and `top_p`) as RL's rollouts and a sampled
+    evaluation are."""
     threshold = self.config.gate.threshold if threshold is None else threshold
     return RecallSetup(
         model=self.model, prompts=self.prompts, reasoner=self.reasoner,
         recall=RecallConfig(mode=mode, threshold=threshold, topk=topk, gate_group=gate_group,
                             group_size=group_size),
-        sampling=SamplingConfig(temperature=temperature, eos_ids=self.model.eos_token_ids,
-                                pad_id=self.model.pad_token_id))
+        sampling=SamplingConfig(temperature=temperature, top_p=top_p,
+                                eos_ids=self.model.eos_token_ids, pad_id=self.model.pad_token_id))
 
   def reader(self, mode: str = "all", *, baseline: BaselineConfig | None = None,
              placement: str | None = None, **recall) -> Reader:

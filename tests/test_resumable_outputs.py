@@ -314,3 +314,26 @@ def test_answers_cut_off_at_answer_tokens_are_marked_truncated(finished, tmp_pat
                           log=lambda *a: None)
   record, = jsonl.read(tmp_path / "predictions.jsonl")
   assert record["truncated"] is False and len(record["prediction_ids"]) < 4
+
+
+def test_a_sampled_evaluation_draws_by_seed_and_is_keyed_by_its_settings(finished, tmp_path):
+  """--temperature samples one answer per question (MemAgent's harness protocol): the same
+  seed draws the same rows again, another seed other ones, and a directory made greedily or
+  at another seed or temperature is not reused."""
+  run, params, greedy_dir = finished
+  greedy = {r["row"]: r["prediction_ids"] for r in jsonl.read(greedy_dir / "predictions.jsonl")}
+
+  def sample(directory, **settings):
+    evaluator.evaluate_data(params, run, run.sources(f"rows:{ROWS}"), modes=["all"],
+                            output_dir=str(directory), model_name="hf", batch_size=2,
+                            log=lambda *a: None, **settings)
+    return {r["row"]: r["prediction_ids"] for r in jsonl.read(directory / "predictions.jsonl")}
+
+  hot = dict(temperature=3.0, top_p=0.95)  # a random tiny model: every sample differs
+  first = sample(tmp_path / "a", seed=0, **hot)
+  assert sample(tmp_path / "b", seed=0, **hot) == first
+  assert sample(tmp_path / "c", seed=1, **hot) != first
+  assert first != greedy
+  for other in (dict(seed=1, **hot), dict(seed=0, temperature=2.0, top_p=0.95), {}):
+    with pytest.raises(output_key.OutputKeyError, match="sampl"):
+      sample(tmp_path / "a", **other)

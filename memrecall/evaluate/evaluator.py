@@ -438,8 +438,15 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
                   model_name: str = "model", limit: int | None = None, batch_size: int = 8,
                   baseline: BaselineConfig | None = None, threshold: float | None = None,
                   topk: int = 4, gate_group: int = 16, mesh=None, weights: str = "auto",
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                   log=print) -> list[dict]:
   """Every (source, mode, row) not yet in OUTPUT_DIR's predictions; resumable by row.
+
+  Greedy, or one sample per question at `temperature` and `top_p` (MemAgent's RULER-HQA
+  harness samples at 0.7 and 0.95), drawn from a key of `seed`, the file, the mode and the
+  batch's first row: a rerun draws the same samples for the same batches (one that resumes
+  after a kill, or runs on another number of processes, may batch a row with others and draw
+  another), and the output directory's key records the settings and the seed.
 
   `sources` are `specs.NamedSource`s (their rows in order, the first `limit`); `run` a
   `run_builder.Run`; mesh, weights: as in `evaluate_mode` (this process's devices).  Each
@@ -471,11 +478,13 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   done = {prediction_key(r) for r in records}
   baseline = baseline or BaselineConfig(memagent_chunk=run.compressor.chunk_size,
                                         rag_chunk=run.compressor.chunk_size)
-  setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group)
+  setup = run.recall_setup("all", threshold=threshold, topk=topk, gate_group=gate_group,
+                           temperature=temperature, top_p=top_p)
   # Rows are reused only when made from these weights, these data (file and options) and these
-  # settings.
+  # settings (a sampled evaluation's seed too).
   settings = row_settings(params, run, setup, baseline,
-                          task=dataclasses.asdict(run.task) if run.task else None)
+                          task=dataclasses.asdict(run.task) if run.task else None,
+                          **({"sample_seed": seed} if temperature > 0 else {}))
   output_key.claim(output_dir, {
       f"{model_name}/{named.name}": {**settings, **named.key()}
       for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
@@ -505,10 +514,11 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
       for start in range(0, len(todo), batch_size):
         rows = todo[start:start + batch_size]
         batch = [example(i) for i in rows]
+        key = int(fingerprint.value_hash([seed, named.name, mode, rows[0]]), 16) % 2**31
         result = evaluate_mode(params, setup, run.compressor, batch, run.score, mode=mode,
                                baseline=baseline, batch_size=batch_size,
-                               question_tokens=budget, latency_examples=0, timed=False,
-                               max_tokens=longest, mesh=mesh, weights=None)
+                               question_tokens=budget, seed=key, latency_examples=0,
+                               timed=False, max_tokens=longest, mesh=mesh, weights=None)
         new = []
         for i, ex, out in zip(rows, batch, result.rows):
           answers = run.answer_texts(ex)
