@@ -78,8 +78,10 @@ _ANSWER_TOKENS = flags.DEFINE_integer("answer_tokens", None, "Max tokens of the 
 _QUESTION_TOKENS = flags.DEFINE_integer("question_tokens", None, "Question budget in tokens.",
                                         lower_bound=1)
 _PROMPTS = flags.DEFINE_enum(
-    "prompts", "lychee", ["lychee", "memagent"], "HF checkpoints: the final answer's prompt, "
-    "LycheeMemory's or MemAgent's (answers in \\boxed{}, for RL-MemAgent checkpoints).")
+    "prompts", "lychee", ["lychee", "memagent", "memagent_recurrent"], "HF checkpoints: the final "
+    "answer's prompt, LycheeMemory's, MemAgent's training one (answers in \\boxed{}), or its "
+    "evaluation harness's (\"Therefore, the answer is ...\", with which MemAgent's published "
+    "RL-MemAgent numbers were made).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Label of the model in the results.")
 _LENGTHS = flags.DEFINE_list("lengths", ["1", "8", "64"], "Synthetic: multiples of the training "
                              "length.")
@@ -215,13 +217,15 @@ def _load():
   (`_settings`) and --matmul_precision apply to whichever config the run is built from."""
   import jax
   from memrecall import run_builder
-  from memrecall.method.prompts import MEMAGENT_FINAL_TEMPLATE
+  from memrecall.method import prompts
   devices = jax.local_devices()
   values = _settings()
   if _HF_CHECKPOINT.value:
     hf = _HF_CHECKPOINT.value
-    if _PROMPTS.value == "memagent":
-      values["prompts"] = {"final_template": MEMAGENT_FINAL_TEMPLATE}
+    final = {"memagent": prompts.MEMAGENT_FINAL_TEMPLATE,
+             "memagent_recurrent": prompts.MEMAGENT_RECURRENT_FINAL_TEMPLATE}.get(_PROMPTS.value)
+    if final:
+      values["prompts"] = {"final_template": final}
     run = model_flags.on_own_devices(lambda mesh: run_builder.from_hf_checkpoint(
         hf, devices, model=model_flags.hf_model_settings(), mesh=mesh, **values), len(devices))
     name = os.path.basename(os.path.normpath(hf))

@@ -94,6 +94,14 @@ class Run:
     then scored on the box alone, an answer without one as nothing (`metrics.score_answer`)."""
     return metrics_lib.BOX in (self.config.prompts.get("final_template") or FINAL_TEMPLATE)
 
+  @property
+  def answers_after_phrase(self) -> bool:
+    """Whether the final prompt asks for "Therefore, the answer is ..." (MemAgent's evaluation
+    harness's): answers are then scored on what follows its last "the answer is", an answer
+    without it as nothing (`metrics.after_answer_is`)."""
+    template = self.config.prompts.get("final_template") or FINAL_TEMPLATE
+    return f"Therefore, {metrics_lib.ANSWER_IS}" in template
+
   def reader_name(self, mode: str = "all") -> str:
     """The reader this run's agent reads with: its own (`AGENTS`), or the method in `mode`."""
     return AGENTS[self.agent] or mode
@@ -280,7 +288,8 @@ class Run:
       hit = float(any(tuple(prediction) == tuple(g) for g in example.answers))
       return {"em": hit, "sub_em": hit, "strict_sub_em": hit}
     return metrics_lib.score_answer(self.tokenizer.decode(prediction), self.answer_texts(example),
-                                    boxed=self.answers_in_box)
+                                    boxed=self.answers_in_box,
+                                    answer_is=self.answers_after_phrase)
 
   def answer_texts(self, example: example_lib.TokenizedExample) -> list[str]:
     """The example's accepted answers as text (its own strings; ids decoded)."""

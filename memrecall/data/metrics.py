@@ -23,6 +23,9 @@ comparable, quirks included on purpose:
 * Where the prompt asks for the answer in `\\boxed{}` (MemAgent's final prompt), the
   box is the prediction, by the harness's rules (`last_boxed`: `\\boxed X` without braces
   too), and an answer without one is empty: 0 (`score_answer(..., boxed=True)`).
+* Where it asks for "Therefore, the answer is ..." (the harness's "recurrent" final prompt),
+  the prediction is what follows the last "the answer is" (`after_answer_is`), and an answer
+  without the phrase is empty: 0 (`score_answer(..., answer_is=True)`).
   memrecall's own prompts ask for no box, and their answers are scored on the box's
   contents if they hold one, else the text.
 
@@ -118,6 +121,23 @@ METRICS: dict[str, Metric] = {"em": exact_match, "sub_em": sub_em,
 ANSWER_METRICS = ("em", "sub_em", "strict_sub_em")
 BOX = "\\boxed{"  # in a final prompt: it asks for the answer in a box
 THINK_END = "</think>"
+ANSWER_IS = "the answer is"  # in a final prompt ("Therefore, the answer is"): the answer follows
+# What the harness strips from the end of such an answer: DeepSeek-R1's special tokens.
+_R1_TOKENS = ("<\uff5cAssistant\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>")
+
+
+def after_answer_is(text: str) -> str | None:
+  """The answer MemAgent's harness extracts after "the answer is" (`extract_answer`), None
+  where the phrase is missing: asterisks removed, the text after its last occurrence (case
+  kept: "The answer is" does not count), DeepSeek-R1's special tokens and the periods at its
+  ends stripped."""
+  text = text.replace("*", "")
+  if ANSWER_IS not in text:
+    return None
+  answer = text.rsplit(ANSWER_IS, 1)[-1].strip()
+  for token in _R1_TOKENS:
+    answer = answer.replace(token, "")
+  return answer.strip().strip(".").strip()
 
 
 def last_boxed(text: str) -> str | None:
@@ -147,15 +167,20 @@ def final_answer(prediction: str) -> str:
   return tail or prediction
 
 
-def score_answer(prediction: str | None, golds: Sequence[str], boxed: bool = False
-                 ) -> dict[str, float]:
+def score_answer(prediction: str | None, golds: Sequence[str], boxed: bool = False,
+                 answer_is: bool = False) -> dict[str, float]:
   """The one scoring of a decoded answer, for RL rewards and evaluation alike: EM, the
   MemAgent-compatible sub-EM and the strict sub-EM, each 0 or 1.  The text after a `</think>`
   is the answer, and an answer with a box (`last_boxed`) is scored on the box's contents.
   boxed: the prompt asked for the answer in a box (MemAgent's final prompt), so, as MemAgent's
   harness does, an answer without a closed box extracts nothing and scores 0 (its text is not
-  scored instead)."""
+  scored instead).  answer_is: the prompt asked for "Therefore, the answer is ..." (the harness's
+  "recurrent" prompt), so the answer is what `after_answer_is` extracts, boxes unread, and
+  nothing where the phrase is missing."""
   prediction = final_answer(prediction.strip()) if prediction else prediction
+  if answer_is:
+    prediction = after_answer_is(prediction) if prediction else None
+    return {name: METRICS[name](prediction, golds) for name in ANSWER_METRICS}
   box = last_boxed(prediction) if prediction else None
   prediction = box if box is not None or boxed else prediction
   return {name: METRICS[name](prediction, golds) for name in ANSWER_METRICS}

@@ -213,8 +213,9 @@ def row_settings(params, run, setup: RecallSetup, baseline: BaselineConfig, **ex
           # Answers are extracted as MemAgent's harness does (after `</think>`, `\\boxed X`)
           # since 2026-12-07; boxed prompts' answers are scored on the box alone.  Later
           # that day (the key's "stripped"), stripped first, whole where `</think>` ends them.
-          "answer_scoring": "harness extraction, stripped" + (", box only" if run.answers_in_box
-                                                             else ""),
+          "answer_scoring": "harness extraction, stripped" + (
+              ", box only" if run.answers_in_box else
+              ", after 'the answer is'" if run.answers_after_phrase else ""),
           **dataclasses.asdict(baseline), **extra}
 
 

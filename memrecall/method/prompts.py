@@ -54,6 +54,14 @@ MEMAGENT_FINAL_TEMPLATE = (
     "You are presented with a problem and a previous memory. Please answer the problem based on "
     "the previous memory and put the answer in \\boxed{}.\n\n<problem> \n{question}\n</problem>"
     "\n\n<memory>\n{memory}\n</memory>\n\nYour answer:\n")
+# The final turn of MemAgent's evaluation harness ("recurrent", taskutils/memory_eval/utils/
+# recurrent.py), with which its published RL-MemAgent numbers were made: the answer is read after
+# its last "the answer is" (`metrics.after_answer_is`).  `launch/eval.py --prompts=memagent_recurrent`.
+MEMAGENT_RECURRENT_FINAL_TEMPLATE = (
+    "You are presented with a problem and a previous memory. Please answer the problem based on "
+    "the previous memory and format your response as follows \"Therefore, the answer is (insert "
+    "answer here)\".\n\n<problem> \n{question}\n</problem>\n\n<memory>\n{memory}\n</memory>\n\n"
+    "Your answer:\n")
 CONTEXT_TEMPLATE = (
     "Please read the following text and answer the question below.\n\n<text>\n{section}\n"
     "</text>\n\n<problem> \n{question}\n</problem>\n\nYour answer:\n")

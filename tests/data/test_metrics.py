@@ -163,3 +163,31 @@ def test_a_response_is_stripped_and_scored_whole_where_nothing_follows_think_end
   assert score_answer("<think>so \\boxed{Paris}</think> \n", ["Paris"], boxed=True)["em"] == 1.0
   # Something after `</think>` is still the answer, box or not.
   assert score_answer(r"<think>\boxed{Paris}</think> London", ["Paris"], boxed=True) == zero
+
+
+@pytest.mark.parametrize("text, expected", [
+    # MemAgent's `extract_answer` for its "recurrent" final prompt (taskutils/memory_eval/utils):
+    ("Therefore, the answer is Paris.", "Paris"),
+    ("**Therefore, the answer is Paris**.", "Paris"),                 # asterisks removed first
+    ("the answer is yes. On reflection the answer is no.", "no"),     # the last occurrence
+    ("The answer is Paris.", None),                                   # case kept: no phrase
+    ("Paris", None),
+    ("the answer is Paris<\uff5cend\u2581of\u2581sentence\uff5c>", "Paris"),  # R1's tokens
+    ("the answer is ...Paris..", "Paris"),                            # periods at both ends
+    ("the answer is", ""),
+])
+def test_after_answer_is_follows_memagents_harness(text, expected):
+  assert metrics.after_answer_is(text) == expected
+
+
+def test_the_recurrent_prompts_answer_is_scored_after_the_phrase_alone():
+  """MemAgent's evaluation prompt asks for "Therefore, the answer is ...": what follows the
+  phrase is scored, boxes are not read, and an answer without it scores 0 (its harness scores
+  a None prediction 0), also after `</think>`."""
+  zero = {"em": 0.0, "sub_em": 0.0, "strict_sub_em": 0.0}
+  score = lambda text, gold: metrics.score_answer(text, [gold], answer_is=True)
+  assert score("We read it. Therefore, the answer is Oslo.", "Oslo")["em"] == 1.0
+  assert score("Oslo", "Oslo") == zero
+  assert score(r"\boxed{Oslo}", "Oslo") == zero
+  assert score("Therefore, the answer is .", "Oslo") == zero  # empty after stripping
+  assert score("<think>the answer is Rome</think>Therefore, the answer is Oslo", "Oslo")["em"] == 1

@@ -327,3 +327,24 @@ def test_a_lycheememory_checkpoints_window_is_named_before_a_chunk_that_does_not
   with pytest.raises(ConfigError, match=r"compressor.window=64 differs from the checkpoint's "
                                         r"lychee_memory_window \(512\).*set compressor.window=0"):
     run_builder.build_run(toy)
+
+
+def test_memagents_evaluation_prompt_is_scored_after_the_answer_is(tiny_qwen):
+  """eval.py --prompts=memagent_recurrent: MemAgent's harness's final prompt, word for word as
+  its `TEMPLATE_FINAL`, and its answers scored after "the answer is"."""
+  from memrecall.method import prompts
+  run = run_builder.from_hf_checkpoint(
+      tiny_qwen, chunk_size=64, memory_size=8, answer_tokens=4,
+      prompts={"final_template": prompts.MEMAGENT_RECURRENT_FINAL_TEMPLATE})
+  assert run.answers_after_phrase and not run.answers_in_box
+  assert not run_builder.from_hf_checkpoint(tiny_qwen, chunk_size=64).answers_after_phrase
+  assert prompts.MEMAGENT_RECURRENT_FINAL_TEMPLATE.startswith(
+      "You are presented with a problem and a previous memory. Please answer the problem based "
+      "on the previous memory and format your response as follows \"Therefore, the answer is "
+      "(insert answer here)\".\n\n<problem> \n{question}\n</problem>")
+  from memrecall.data.example import Example, tokenize
+  row = tokenize(Example(id="0", task="rows", segments=("Oslo is in Norway.",), supporting=(0,),
+                         question="Where is Oslo?", answers=("Norway",)), run.tokenizer)
+  ids = run.tokenizer.encode
+  assert run.score(ids("Therefore, the answer is Norway."), row)["em"] == 1.0
+  assert run.score(ids("Norway"), row)["sub_em"] == 0.0
