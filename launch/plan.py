@@ -240,6 +240,10 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
       hbm_gib, pool = tpu.hbm_gib_per_chip, None
     else:
       card, hbm_gib, pool = _card(_CARD.value)
+    if _CARD.value and card is None:
+      print(f"warning: --card={_CARD.value} is not used: {spec} is judged on the device its "
+            "record, --compile or TPU slice names (--device_gib compares with another memory)",
+            file=sys.stderr)
     device_gib = _DEVICE_GIB.value or hbm_gib
     # Placements are decided by what a device's runtime allocates (compile.py's rule); a
     # record's by the memory it was compiled for.
@@ -294,13 +298,13 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
     allocated = (row["allocation_gib"] + row.get("held_gib", 0.0)
                  if row and row.get("allocation_gib") else None)
     inference = by_name[e.program].inference
-    if row and "advice" in row:  # compile.py's own verdict
+    if row and "advice" in row and device_gib == hbm_gib:  # compile.py's own verdict
       verdict = _verdict(row["advice"], row.get("fits", True))
-    elif row:  # a record written before verdicts were: judged now, as compile.py would
-      advice = aot.fit_advice(e.program, row["total_gib"], hbm_gib, row.get("temp_gib", 0.0),
+    elif row:  # judged now, as compile.py would: on --device_gib, or a record without verdicts
+      advice = aot.fit_advice(e.program, row["total_gib"], device_gib, row.get("temp_gib", 0.0),
                               row.get("argument_gib", 0.0) + row.get("held_gib", 0.0),
                               inference, pool)
-      verdict = _verdict(advice, row["total_gib"] <= aot.FIT_FRACTION * hbm_gib)
+      verdict = _verdict(advice, row["total_gib"] <= aot.FIT_FRACTION * device_gib)
     else:
       advice = aot.fit_advice(e.program, est, device_gib, e.temporaries / GiB,
                               (e.arguments + e.held) / GiB, inference, pool)

@@ -129,6 +129,14 @@ def test_each_row_carries_the_compilers_verdict(tmp_path):
   verdicts = {r["program"]: r["verdict"] for r in json.load(open(out))}
   assert verdicts == {"train_step": refused, "eval_recall_gate": f"fits; {pool}",
                       "answer_stream": "fits"}
+  # Another device's memory (--device_gib) is judged anew, not given the record's verdict;
+  # --card does not apply where the record names the device, and says so.
+  proc = _plan(f"--config={spec}", f"--records={tmp_path}", "--device_gib=40", "--card=a100")
+  assert proc.returncode == 0, proc.stderr
+  lines = {l.split()[0]: l for l in proc.stdout.splitlines() if l.startswith("  ")}
+  assert "158.2%" in lines["eval_recall_gate"] and "does not fit by" in lines["eval_recall_gate"]
+  assert lines["answer_stream"].endswith("fits")
+  assert "--card=a100 is not used" in proc.stderr
 
 
 def test_jaxs_pool_advice_is_marginal_near_the_card():

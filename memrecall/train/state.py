@@ -190,7 +190,11 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
   updates u > 1 (RL's mini-batches, verl's `ppo_mini_batch_size`): the batch's rows are cut
   into u consecutive equal parts and the optimizer updates once on each in turn, each loss
   seeing the parameters the previous updates left; the metrics are the updates' means.  The
-  step then counts one (`state.step`) and fails whole if any update is non-finite.
+  step counts one (`state.step`).  A non-finite update ends it there: the updates before it
+  stay, the step does not count, and `finite` is 0 (the trainer then stops, saving nothing).
+  Keeping the step's starting state to undo them would hold a second copy of the trainable
+  weights and their optimizer state through the loop (measured: +52% of a 0.5B RL step's
+  temporaries).
   """
   def grads_of(trainable, frozen, batch, rng):
     loss_of = lambda t: loss_fn(merge(t, frozen), batch, rng)
@@ -246,13 +250,20 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
       def one(carry, xs):
         part, key = xs
-        new_trainable, opt_state, metrics = update(*carry, frozen, part, key)
-        return (new_trainable, opt_state), metrics
+        trainable, opt_state, ok = carry
+        new_trainable, new_opt_state, metrics = update(trainable, opt_state, frozen, part, key)
+        ok = ok & (metrics["finite"] > 0)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        return (keep(new_trainable, trainable), keep(new_opt_state, opt_state), ok), metrics
 
-      (new_trainable, opt_state), metrics = jax.lax.scan(
-          one, (trainable, state.opt_state), (parts, jax.random.split(step_rng, updates)))
+      (new_trainable, opt_state, finite), metrics = jax.lax.scan(
+          one, (trainable, state.opt_state, jnp.asarray(True)),
+          (parts, jax.random.split(step_rng, updates)))
       metrics = jax.tree.map(lambda x: x.mean(0), metrics)
-      metrics["finite"] = jnp.floor(metrics["finite"])  # 1 only if every update was finite
+      metrics["finite"] = finite.astype(jnp.float32)
+      return TrainState(step=state.step + finite.astype(jnp.int32),
+                        params=merge(new_trainable, frozen), opt_state=opt_state,
+                        rng=jax.random.key_data(rng)), metrics
     finite = metrics["finite"] > 0
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(step=state.step + finite.astype(jnp.int32),

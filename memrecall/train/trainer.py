@@ -438,8 +438,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
           if not metrics["finite"]:
             raise TrainingError(
                 f"non-finite loss or gradient at step {step} ({config.stage} stage): loss="
-                f"{metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}; the state was not "
-                "updated and no checkpoint was written — lower the learning rate or check the data")
+                f"{metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}; no checkpoint was "
+                "written (the last one saved is where a rerun resumes) — lower the learning rate "
+                "or check the data")
           data = {"step": step + 1, "inputs": inputs}
           done = step + 1
           window.add(metrics)
