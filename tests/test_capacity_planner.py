@@ -173,3 +173,15 @@ def test_terms_follow_the_mesh():
   assert layer({"tensor": 4}) == 0
   cast = memory_plan.plan(_qwen7b(param_dtype="float32"), {"tensor": 4}).terms
   assert any(t.name == "one layer's weights cast to bfloat16" for t in cast)
+
+
+def test_several_updates_a_step_say_what_the_estimate_leaves_out():
+  """rl.updates_per_batch > 1 adds the policy's scoring pass as a program of its own, and the
+  table says the train step's estimate leaves out what the update loop carries."""
+  proc = _plan("--config=configs/tiny.py:rl", "--config.mesh.fsdp=1",
+               "--config.rl.updates_per_batch=2")
+  assert proc.returncode == 0, proc.stderr
+  assert "policy_logprobs" in proc.stdout
+  assert "train_step: 2 updates a step (rl.updates_per_batch)" in proc.stdout
+  proc = _plan("--config=configs/tiny.py:rl", "--config.mesh.fsdp=1")
+  assert "policy_logprobs" not in proc.stdout and "updates a step" not in proc.stdout
