@@ -365,3 +365,20 @@ def test_reported_metrics_are_the_rows_means_and_counts():
   assert result.blocks_read == pytest.approx((2 + 4 + 0 + 1) / 4)
   assert result.gate_recall == pytest.approx((1 + 2 + 0 + 1) / (1 + 2 + 2 + 1))
   assert result.skip_rate == pytest.approx(1 - 7 / 16)
+
+
+def test_eval_launcher_runs_memagents_harness_protocol(tmp_path):
+  """--prompts=memagent_recurrent --temperature --top_p --seed reach the evaluation: the rows
+  are keyed by the harness's answer extraction and the samples' seed."""
+  from tests.conftest import LYCHEE_TEXT
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "eval.py"),
+       f"--hf_checkpoint={os.path.join(LYCHEE_TEXT, 'hf')}",
+       f"--data=rows:{os.path.join(LYCHEE_TEXT, 'rows.json')}", "--limit=1", "--modes=memagent",
+       "--prompts=memagent_recurrent", "--chunk_size=1024", "--memory_size=4",
+       "--answer_tokens=4", "--temperature=0.7", "--top_p=0.95", "--seed=3",
+       f"--output_dir={tmp_path / 'eval'}"],
+      capture_output=True, text=True, env=cpu_env(), cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  key, = json.load(open(tmp_path / "eval" / "keys.json")).values()
+  assert key["answer_scoring"].endswith("after 'the answer is'") and key["sample_seed"] == 3
