@@ -66,7 +66,8 @@ _WEIGHTS = flags.DEFINE_enum(
     "(on a GPU, JAX's default pool of it); tensor compiles evaluation on the devices formed "
     "into data x tensor.")
 _ONLY = flags.DEFINE_list("programs", [], "Compile only these programs (train_step, rollout, "
-                          "reference_logprobs, eval_recall_MODE, answer_stream); default: all.")
+                          "reference_logprobs, policy_logprobs (RL with rl.updates_per_batch > 1), "
+                          "eval_recall_MODE, answer_stream); default: all.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the rows here as JSON too.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled program's HLO text here "
                                "(PROGRAM.hlo; memrecall.capacity.hlo_report reads it).")
