@@ -461,9 +461,9 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
 
   With N processes (jax.distributed) each computes only the rows it owns (row i: process
   i mod N, `distributed.round_robin`) on its own devices, appending them to its own
-  `predictions_path` file; after a barrier every process checks that every row is there
-  (`check_every_row`: an output directory hosts do not share is an error), and process 0 merges
-  them all into predictions.jsonl (`merge_predictions`) and writes the results.  A rerun, with
+  `predictions_path` file; after a barrier process 0 merges them all into predictions.jsonl
+  (`merge_predictions`), every process checks that every row is there (`check_every_row`: an
+  output directory hosts do not share is an error), and process 0 writes the results.  A rerun, with
   any number of processes, skips every row found in any of these files.
   """
   readers.check(modes, "mode")
@@ -544,12 +544,12 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   # another model evaluated beside this one.
   asked = {(model_name, named.name, mode, i) for named in sources for mode in modes
            for i in range(_row_count(named, limit))}
-  merged, extra = read_all_predictions(output_dir)
-  check_every_row(output_dir, asked, merged + extra, processes)
   if is_primary():
     records = merge_predictions(output_dir)
   else:  # the same rows, read: process 0 may be appending them to predictions.jsonl
+    merged, extra = read_all_predictions(output_dir)
     records = merged + extra
+  check_every_row(output_dir, asked, records, processes)
   summary = summarize_predictions([r for r in records if prediction_key(r) in asked])
   if is_primary():
     covered = {key[:3] for key in asked}

@@ -179,8 +179,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
                     paths, microbatches: int = 1, updates: int = 1) -> Callable:
   """A step (state, batch) -> (state, metrics) for loss_fn(params, batch, rng) -> (loss, metrics).
 
-  A non-finite loss or gradient leaves the state unchanged and reports
-  `finite = 0`, so the caller can stop without ever saving a bad state.
+  A non-finite loss or gradient leaves the state unchanged (with several updates: as the
+  updates before it left it) and reports `finite = 0`, so the caller can stop without ever
+  saving a bad state.
   microbatches k > 1: an update's rows are cut into k equal parts, run one after another in a
   `lax.scan` (activations of one part live at a time), and the loss, metrics and gradients are
   their means weighted by the parts' `LOSS_WEIGHT` metric: the whole batch's loss and gradient
@@ -225,6 +226,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     return jax.tree.map(mean, sums, is_leaf=_is_ratio) + (weights,)
 
   compute = grads_of if microbatches == 1 else accumulated
+  # An update's new trainable leaves and optimizer state where it was finite, else the old.
+  kept = lambda finite, new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
   def update(trainable, opt_state, frozen, batch, rng):
     (loss, metrics), grads, _ = compute(trainable, frozen, batch, rng)
@@ -242,6 +245,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
     if updates == 1:
       new_trainable, opt_state, metrics = update(trainable, state.opt_state, frozen, batch,
                                                  step_rng)
+      finite = metrics["finite"] > 0
+      new_trainable, opt_state = kept(finite, (new_trainable, opt_state),
+                                      (trainable, state.opt_state))
     else:
       rows = jax.tree.leaves(batch)[0].shape[0]
       if rows % updates:
@@ -253,23 +259,15 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
         trainable, opt_state, ok = carry
         new_trainable, new_opt_state, metrics = update(trainable, opt_state, frozen, part, key)
         ok = ok & (metrics["finite"] > 0)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        return (keep(new_trainable, trainable), keep(new_opt_state, opt_state), ok), metrics
+        return (*kept(ok, (new_trainable, new_opt_state), (trainable, opt_state)), ok), metrics
 
       (new_trainable, opt_state, finite), metrics = jax.lax.scan(
           one, (trainable, state.opt_state, jnp.asarray(True)),
           (parts, jax.random.split(step_rng, updates)))
       metrics = jax.tree.map(lambda x: x.mean(0), metrics)
       metrics["finite"] = finite.astype(jnp.float32)
-      return TrainState(step=state.step + finite.astype(jnp.int32),
-                        params=merge(new_trainable, frozen), opt_state=opt_state,
-                        rng=jax.random.key_data(rng)), metrics
-    finite = metrics["finite"] > 0
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(step=state.step + finite.astype(jnp.int32),
-                           params=merge(keep(new_trainable, trainable), frozen),
-                           opt_state=keep(opt_state, state.opt_state),
-                           rng=jax.random.key_data(rng))
-    return new_state, metrics
+    return TrainState(step=state.step + finite.astype(jnp.int32),
+                      params=merge(new_trainable, frozen), opt_state=opt_state,
+                      rng=jax.random.key_data(rng)), metrics
 
   return step
