@@ -67,10 +67,12 @@ memrecall_task() {  # one SLURM task of launch/slurm_gpu.sh: python "$@"
   # signal is passed on and the shell waits.  An exit status of 75 (preempted, its checkpoint
   # saved) touches $MEMRECALL_PREEMPT_MARKER: once one task exits, srun kills the others and may
   # report their 137 instead of 75.
-  local pid=""
-  trap '[ -z "$pid" ] || kill -TERM "$pid" 2>/dev/null' TERM INT  # python ignores a passed INT
-  python "$@" &
+  # A signal before python's pid is known is held and passed on as soon as it is.
+  local pid="" held=""
+  trap 'if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null; else held=1; fi' TERM INT
+  python "$@" &  # (python ignores a passed INT, so INT goes on as TERM)
   pid=$!
+  [ -z "$held" ] || kill -TERM "$pid" 2>/dev/null
   while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trapped signal ends a wait early
   wait "$pid"  # its exit status, which bash keeps
   local rc=$?

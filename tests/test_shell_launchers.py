@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -135,8 +136,13 @@ def test_a_task_passes_sigterm_on_and_marks_its_preemption(sandbox, tmp_path):
   marker = tmp_path / "marker"
   env = {"PATH": f"{sandbox.bin}:/usr/bin:/bin", "LOG": str(sandbox.log),
          "MEMRECALL_PREEMPT_MARKER": str(marker)}
-  task = subprocess.Popen(["bash", "-c", 'source launch/env.sh && memrecall_task "$@"', "t",
-                           "launch/train.py"], cwd=sandbox.repo, env=env)
+  # SLURM starts a task with the default signal handling; a runner that ignores TERM (as CI's
+  # did) would pass that on, and bash cannot trap a signal ignored when it started.
+  default_term = ("import os, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+                  "os.execvp(sys.argv[1], sys.argv[1:])")
+  task = subprocess.Popen([sys.executable, "-c", default_term, "bash", "-c",
+                           'source launch/env.sh && memrecall_task "$@"', "t", "launch/train.py"],
+                          cwd=sandbox.repo, env=env)
   deadline = time.monotonic() + 20
   while "started" not in sandbox.log.read_text():
     assert time.monotonic() < deadline
