@@ -1,5 +1,7 @@
 """The recall loop: parity with the reference, the three block sources, modes, batching, sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +62,6 @@ def test_sampled_reads_agree_on_every_source(lychee_model, document):
   """At temperature 1 a block samples with a key of its own index and the answer with one split
   off before the loop: the device bank, a host bank in padded groups and streaming (more
   loop steps) write the same memories and sample the same answer."""
-  import dataclasses
   ids, mask, memory, question, question_mask = document
   setup = _setup(lychee_model, "all", group_size=2)
   setup = dataclasses.replace(setup, sampling=dataclasses.replace(setup.sampling,
@@ -222,6 +223,21 @@ def test_gate_groups_make_the_decisions_of_the_block_by_block_loop(lychee_model,
       jax.tree.map(np.asarray, bank), q, m, jax.random.key(0))
   np.testing.assert_array_equal(host.trace.read, one.trace.read)
   np.testing.assert_array_equal(host.answer.tokens, one.answer.tokens)
+  # Sampled, a row's update of the block it reads draws from that block's key, as in the
+  # block-by-block loop: in groups and from a host bank in groups of 4 (keys offset by 4, 8).
+  hot = lambda **kw: dataclasses.replace(
+      _setup(lychee_model, "gate", threshold=threshold, **kw),
+      sampling=sampling.SamplingConfig(eos_ids=(2,), pad_id=0, temperature=1.0))
+  key = jax.random.key(5)
+  by_block = recall.recall(lychee_model.params, hot(gate_group=1), bank, q, m, key)
+  for other in (recall.recall(lychee_model.params, hot(gate_group=gate_group), bank, q, m, key),
+                recall.recall_from_host(lychee_model.params,
+                                        hot(gate_group=gate_group, group_size=4),
+                                        jax.tree.map(np.asarray, bank), q, m, key)):
+    np.testing.assert_array_equal(other.trace.read, by_block.trace.read)
+    np.testing.assert_array_equal(other.trace.memory_ids, by_block.trace.memory_ids)
+    np.testing.assert_array_equal(other.answer.tokens, by_block.answer.tokens)
+  assert not np.array_equal(by_block.trace.memory_ids, one.trace.memory_ids)  # it sampled
 
 
 def test_topk_reads_the_k_best_blocks(lychee_model, document):

@@ -318,20 +318,22 @@ def test_answers_cut_off_at_answer_tokens_are_marked_truncated(finished, tmp_pat
 
 def test_a_sampled_evaluation_draws_by_seed_and_is_keyed_by_its_settings(finished, tmp_path):
   """--temperature samples one answer per question (MemAgent's harness protocol): the same
-  seed draws the same rows again, another seed other ones, and a directory made greedily or
-  at another seed or temperature is not reused."""
+  seed draws the same rows again, in any batches (each row has a key of its own, so a resumed
+  or multi-process run draws them alike), another seed other ones, and a directory made
+  greedily or at another seed or temperature is not reused."""
   run, params, greedy_dir = finished
   greedy = {r["row"]: r["prediction_ids"] for r in jsonl.read(greedy_dir / "predictions.jsonl")}
 
-  def sample(directory, **settings):
+  def sample(directory, batch_size=2, **settings):
     evaluator.evaluate_data(params, run, run.sources(f"rows:{ROWS}"), modes=["all"],
-                            output_dir=str(directory), model_name="hf", batch_size=2,
+                            output_dir=str(directory), model_name="hf", batch_size=batch_size,
                             log=lambda *a: None, **settings)
     return {r["row"]: r["prediction_ids"] for r in jsonl.read(directory / "predictions.jsonl")}
 
   hot = dict(temperature=3.0, top_p=0.95)  # a random tiny model: every sample differs
   first = sample(tmp_path / "a", seed=0, **hot)
   assert sample(tmp_path / "b", seed=0, **hot) == first
+  assert sample(tmp_path / "one_by_one", batch_size=1, seed=0, **hot) == first
   assert sample(tmp_path / "c", seed=1, **hot) != first
   assert first != greedy
   for other in (dict(seed=1, **hot), dict(seed=0, temperature=2.0, top_p=0.95), {}):

@@ -57,6 +57,30 @@ def test_fixed_seed_reproduces_and_seeds_differ(tiny):
   assert len({tuple(row) for row in np.asarray(a.tokens)}) > 1
 
 
+def test_a_row_with_its_own_key_samples_the_same_in_any_batch(tiny):
+  """Keys per row (`row_keys`): a row's sample comes from its key alone, not from its place in
+  the batch or the rows beside it, which is what lets a resumed or regrouped run redraw it."""
+  params, config = tiny
+  settings = _settings(config, temperature=1.0, top_p=0.95)
+  prompts = jnp.asarray([[3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]])
+  keys = jax.random.split(jax.random.key(9), 3)
+  together = sampling.generate(params, config, prompts, None, keys, max_new_tokens=12,
+                               sampling=settings)
+  reordered = sampling.generate(params, config, prompts[::-1], None, keys[::-1],
+                                max_new_tokens=12, sampling=settings)
+  alone = sampling.generate(params, config, prompts[1:2], None, keys[1:2], max_new_tokens=12,
+                            sampling=settings)
+  np.testing.assert_array_equal(reordered.tokens[::-1], together.tokens)
+  np.testing.assert_array_equal(alone.tokens[0], together.tokens[1])
+  # One key for the batch is split into the rows' keys.
+  one = sampling.generate(params, config, prompts, None, jax.random.key(9), max_new_tokens=12,
+                          sampling=settings)
+  np.testing.assert_array_equal(one.tokens, together.tokens)
+  with pytest.raises(ValueError, match="one per row"):
+    sampling.generate(params, config, prompts, None, keys[:2], max_new_tokens=12,
+                      sampling=settings)
+
+
 @pytest.mark.parametrize("temperature, top_k", [(0.6, 50), (0.0, 0)])
 def test_recorded_logprobs_are_under_the_sampling_temperature(tiny, temperature, top_k):
   """A sample's log-probs are those of softmax(logits / t) at its temperature (greedy: t = 1),
@@ -127,8 +151,8 @@ def test_top_p_cuts_tied_tokens_by_sorted_position_as_hugging_face():
 def test_sampling_frequencies_follow_the_filtered_distribution():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   settings = sampling.SamplingConfig(temperature=1.0, top_p=0.8)
-  draws = jax.vmap(lambda k: sampling.sample_token(logits, k, settings))(
-      jax.random.split(jax.random.key(0), 4000))[:, 0]
+  draws = sampling.sample_token(jnp.tile(logits, (4000, 1)),
+                                jax.random.split(jax.random.key(0), 4000), settings)
   freq = np.bincount(np.asarray(draws), minlength=4) / 4000
   # top-p 0.8 keeps {0.5, 0.3}: renormalised to 0.625 / 0.375.
   np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)

@@ -143,12 +143,17 @@ def test_a_task_passes_sigterm_on_and_marks_its_preemption(sandbox, tmp_path):
   task = subprocess.Popen([sys.executable, "-c", default_term, "bash", "-c",
                            'source launch/env.sh && memrecall_task "$@"', "t", "launch/train.py"],
                           cwd=sandbox.repo, env=env)
-  deadline = time.monotonic() + 20
-  while "started" not in sandbox.log.read_text():
-    assert time.monotonic() < deadline
-    time.sleep(0.05)
-  task.send_signal(signal.SIGTERM)
-  assert task.wait(timeout=20) == 75
+  try:
+    deadline = time.monotonic() + 20
+    while "started" not in sandbox.log.read_text():
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    task.send_signal(signal.SIGTERM)
+    assert task.wait(timeout=20) == 75
+  finally:  # a failure leaves no looping fake python behind
+    if shutil.which("pkill"):
+      subprocess.run(["pkill", "-KILL", "-f", f"{sandbox.bin}/python"], check=False)
+    task.kill()
   assert "saved" in sandbox.log.read_text() and marker.exists()
 
 

@@ -10,6 +10,7 @@ import re
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from memrecall.data import example as example_lib, specs, synthetic
@@ -66,11 +67,21 @@ def _latency_alone(prepare, examples: Sequence[TokenizedExample], count: int,
   """
   fastest = []
   for i, ex in enumerate(examples[:count]):
-    jitted, args = prepare([ex])
+    jitted, args = prepare([ex], first=i)
     if i == 0:
       jax.device_get(jitted(*args))
     fastest.append(timing.best_seconds(lambda: jitted(*args), repeats, wait=jax.device_get))
   return float(np.median(fastest)) if fastest else float("nan")
+
+
+def example_keys(seed: int | Sequence[int], rows: Sequence[int]) -> jax.Array:
+  """The random keys [len(rows)] of examples `rows`: each from `fold_in(key(seed), row)`, or
+  from `key(seed[row])` when every example has a seed of its own.  A row's sample depends on
+  its key alone (`sampling.row_keys`), so it is the same in any batch."""
+  if isinstance(seed, (int, np.integer)):
+    base = jax.random.key(int(seed))
+    return jax.vmap(lambda row: jax.random.fold_in(base, row))(jnp.asarray(rows, jnp.uint32))
+  return jax.vmap(jax.random.key)(jnp.asarray([seed[r] for r in rows], jnp.uint32))
 
 
 def _in_batches(prepare, examples: Sequence[TokenizedExample], batch_size: int,
@@ -82,7 +93,7 @@ def _in_batches(prepare, examples: Sequence[TokenizedExample], batch_size: int,
   for start in range(0, len(examples), batch_size):
     group = list(examples[start:start + batch_size])
     real = len(group)
-    jitted, args = prepare(group + [group[-1]] * (batch_size - real), seed_offset=start)
+    jitted, args = prepare(group + [group[-1]] * (batch_size - real), first=start)
     if timed and start == 0:  # compiled and run once untimed: compilation is not latency
       jax.device_get(jitted(*args))
       peak = timing.compiled_bytes(jitted, *args)
@@ -125,7 +136,7 @@ MODES = readers.names()
 def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                   examples: Sequence[TokenizedExample], score: Scorer, *, mode: str,
                   baseline: BaselineConfig = BaselineConfig(), batch_size: int = 16,
-                  question_tokens: int = 64, seed: int = 0, keep_traces: int = 0,
+                  question_tokens: int = 64, seed: int | Sequence[int] = 0, keep_traces: int = 0,
                   latency_examples: int = 4, timed: bool = True,
                   max_tokens: int | None = None, mesh=None, weights: str | None = "auto"
                   ) -> EvalResult:
@@ -133,6 +144,7 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
   `gate`, `all`, `topk`, `memagent`, `full`, `rag`, or any other registered) and scores the
   answers; times the first `latency_examples` questions alone too.
 
+  seed: sampling's keys (`example_keys`): one seed, or one per example.
   timed=False: no untimed first run and no peak (evaluations that only want the answers).
   max_tokens: every batch cut for this many tokens (one compiled shape across calls; default:
   the longest example).  mesh: the weights placed on it as `weights` says (`on_mesh`; None:
@@ -143,9 +155,10 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
   max_tokens = max_tokens or max(len(ex.context) for ex in examples)
   eos = set(setup.model.eos_token_ids)
 
-  def prepare(group, seed_offset=0):
+  def prepare(group, first=0):  # group: examples[first:] (the last repeated as padding)
     inputs = reader.inputs(group, question_tokens=question_tokens, max_tokens=max_tokens)
-    return reader.call(params, reader.place(mesh, inputs), jax.random.key(seed + seed_offset))
+    rows = [min(first + j, len(examples) - 1) for j in range(len(group))]
+    return reader.call(params, reader.place(mesh, inputs), example_keys(seed, rows))
 
   with _within(mesh):
     batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
@@ -444,10 +457,10 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   """Every (source, mode, row) not yet in OUTPUT_DIR's predictions; resumable by row.
 
   Greedy, or one sample per question at `temperature` and `top_p` (MemAgent's RULER-HQA
-  harness samples at 0.7 and 0.95), drawn from a key of `seed`, the file, the mode and the
-  batch's first row: a rerun draws the same samples for the same batches (one that resumes
-  after a kill, or runs on another number of processes, may batch a row with others and draw
-  another), and the output directory's key records the settings and the seed.
+  harness samples at 0.7 and 0.95), each row's drawn from a key of its own (`seed`, the file,
+  the mode and the row): a rerun, one that resumes after a kill, or one on another number of
+  processes or with another batch size draws the same sample for the row; the output
+  directory's key records the settings and the seed.
 
   `sources` are `specs.NamedSource`s (their rows in order, the first `limit`); `run` a
   `run_builder.Run`; mesh, weights: as in `evaluate_mode` (this process's devices).  Each
@@ -485,7 +498,8 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   # settings (a sampled evaluation's seed too).
   settings = row_settings(params, run, setup, baseline,
                           task=dataclasses.asdict(run.task) if run.task else None,
-                          **({"sample_seed": seed} if temperature > 0 else {}))
+                          **({"sample_seed": seed, "sample_keys": "per row"}
+                             if temperature > 0 else {}))
   output_key.claim(output_dir, {
       f"{model_name}/{named.name}": {**settings, **named.key()}
       for named in sources}, {f"{r['model']}/{r['data']}" for r in records})
@@ -515,10 +529,11 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
       for start in range(0, len(todo), batch_size):
         rows = todo[start:start + batch_size]
         batch = [example(i) for i in rows]
-        key = int(fingerprint.value_hash([seed, named.name, mode, rows[0]]), 16) % 2**31
+        row_seeds = [int(fingerprint.value_hash([seed, named.name, mode, i]), 16) % 2**31
+                     for i in rows]
         result = evaluate_mode(params, setup, run.compressor, batch, run.score, mode=mode,
                                baseline=baseline, batch_size=batch_size,
-                               question_tokens=budget, seed=key, latency_examples=0,
+                               question_tokens=budget, seed=row_seeds, latency_examples=0,
                                timed=False, max_tokens=longest, mesh=mesh, weights=None)
         new = []
         for i, ex, out in zip(rows, batch, result.rows):

@@ -41,6 +41,7 @@ from memrecall.method.reasoner import (ReasonerConfig, WorkingMemory, final_answ
                                        update_memory)
 from memrecall.models.config import ModelConfig
 from memrecall.models.qwen2 import inference_params
+from memrecall.models import sampling
 from memrecall.models.sampling import SampleOutput, SamplingConfig
 from memrecall.runtime.sharding import with_logical_constraint
 
@@ -183,12 +184,13 @@ def _block_inputs(block, batch):
           _rows(valid, batch, 0)) + section
 
 
-def loop_keys(rng: Array) -> tuple[Array, Array]:
-  """(the blocks' key, the answer's key) of a recall loop: the answer's is split off first, so
-  a sampled answer does not depend on how many steps the loop took (a host bank's padded
-  groups, another chunk budget)."""
-  blocks_rng, answer_rng = jax.random.split(rng)
-  return blocks_rng, answer_rng
+def loop_keys(rng: Array, batch: int) -> tuple[Array, Array]:
+  """(the blocks' keys, the answer's keys) of a recall loop, one per row [B] (rng: one key, or
+  one per row: `sampling.row_keys`).  The answer's are split off first, so a sampled answer
+  does not depend on how many steps the loop took (a host bank's padded groups, another chunk
+  budget)."""
+  pairs = jax.vmap(jax.random.split)(sampling.row_keys(rng, batch))  # [B, 2]
+  return pairs[:, 0], pairs[:, 1]
 
 
 def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
@@ -201,16 +203,16 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
 
   forced_read: [N, B] decisions replacing the threshold (topk mode, benchmarks); in `gate`
   mode the gate still runs on every block, so its cost is measured.
-  rng, first_block: block i samples its update with `fold_in(rng, first_block + i)`, so a
-  document read in groups (a host bank, streaming) samples as one read whole.  (Gated groups,
-  `recall.gate_group` > 1, take a key per loop step instead.)
+  rng, first_block: the rows' keys [B] (`loop_keys`); block i samples a row's update with
+  `fold_in(its key, first_block + i)`, so a document read in groups (a host bank, streaming, or
+  gated groups) samples as one read whole.
   Returns the final memory and rng, and per-block (score, read, memory) stacked on axis 0.
   """
   batch = question.shape[0]
   gate_needed = setup.recall.mode == "gate"
   if gate_needed and setup.recall.gate_group > 1:
     return _gate_in_groups(params, setup, memory, rng, blocks, question, question_mask,
-                           forced_read)
+                           forced_read, first_block)
 
   def step(memory, xs):
     block, forced, index = xs
@@ -225,7 +227,7 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
       score = jnp.full((batch,), jnp.nan, jnp.float32)
       read = jnp.ones((batch,), bool)
     read = (read if forced is None else forced) & valid
-    step_rng = jax.random.fold_in(rng, index)
+    step_rng = sampling.fold_rows(rng, index)
 
     def reason(memory):
       new, sample, _, _ = update_memory(params, setup.model, template, setup.reasoner,
@@ -252,7 +254,8 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
 
 
 def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
-                    question: Array, question_mask: Array, forced_read: Array | None = None):
+                    question: Array, question_mask: Array, forced_read: Array | None = None,
+                    first_block: Array | int = 0):
   """Gate mode in about N/G + reads sequential steps; the same outputs as `scan_blocks`.
 
   Each step scores the next G blocks of every row against the row's current
@@ -260,8 +263,8 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
   that block are final; the rest were computed with a memory that has just
   changed, so the row's next step starts right after the block it read.
   Decisions therefore equal the one-block-at-a-time loop's; what is wasted is
-  at most G - 1 scores per read.  With sampling the random keys differ from
-  the scan's (one per step, not per block).  forced_read [N, B] replaces the threshold
+  at most G - 1 scores per read.  A row samples the update of the block it reads
+  with that block's key, as the scan does.  forced_read [N, B] replaces the threshold
   (benchmarks), the gate still scoring every block as it would.
   """
   k, v, slot_mask, valid = blocks[:4]  # [N, L, Bd, S, K, D], [N, Bd, S], [N, Bd]
@@ -296,7 +299,7 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
 
   def step(carry):
     # position [B]: the row's next unscored block; context: the gate prompt of `memory`.
-    memory, context, rng, position, per_block = carry
+    memory, context, position, per_block = carry
     index = position[:, None] + jnp.arange(g)  # [B, G]
     in_document = index < n
     safe = jnp.minimum(index, n - 1)
@@ -308,7 +311,7 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
     reads = passed.any(axis=1)  # [B]
     first = jnp.where(reads, jnp.argmax(passed, axis=1), g)  # [B]; g: none in this group
     chosen = jnp.minimum(position + first, n - 1)
-    rng, step_rng = jax.random.split(rng)
+    step_rng = sampling.fold_rows(rng, jnp.asarray(first_block, jnp.uint32) + chosen)
 
     def reason(memory):
       ck, cv, cmask, _ = gather(chosen[:, None])
@@ -339,11 +342,11 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
               jnp.where(is_read, lengths[:, None], 0))
     per_block = tuple(out.at[target, rows[:, None]].set(value, mode="drop")
                       for out, value in zip(per_block, values))
-    return new_memory, new_context, rng, position + jnp.where(reads, first + 1, g), per_block
+    return new_memory, new_context, position + jnp.where(reads, first + 1, g), per_block
 
-  memory, _, rng, _, per_block = jax.lax.while_loop(
-      lambda carry: (carry[3] < n).any(), step,
-      (memory, context_of(memory), rng, jnp.zeros((batch,), jnp.int32), per_block))
+  memory, _, _, per_block = jax.lax.while_loop(
+      lambda carry: (carry[2] < n).any(), step,
+      (memory, context_of(memory), jnp.zeros((batch,), jnp.int32), per_block))
   return memory, rng, per_block
 
 
@@ -405,7 +408,7 @@ def recall(params, setup: RecallSetup, bank: DocumentBank, question: Array, ques
   forced = None if forced_read is None else forced_read.T
   if setup.recall.mode == "topk" and forced is None:
     scores, forced = _topk_selection(params, setup, blocks, question, question_mask, memory)
-  rng, answer_rng = loop_keys(rng)
+  rng, answer_rng = loop_keys(rng, batch)
   memory, _, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
                                      question_mask, forced)
   return finish_answer(params, setup, question, question_mask, memory, answer_rng, per_block,
@@ -456,7 +459,7 @@ def recall_streaming(params, setup: RecallSetup, compressor: CompressorConfig, c
   batch = question.shape[0]
   forced = None if forced_read is None else forced_read.T.reshape(n // g, g, batch)
 
-  rng, answer_rng = loop_keys(rng)
+  rng, answer_rng = loop_keys(rng, batch)
 
   def group_step(memory, xs):
     ids, mask, group_forced, first = xs  # [G, Bd, C]
@@ -519,7 +522,7 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
                               for start in starts], axis=0)
     forced = _top_blocks(scores, setup.recall.topk)
     scores = scores[:n]
-  rng, answer_rng = loop_keys(rng)
+  rng, answer_rng = loop_keys(rng, batch)
   outputs, upcoming = [], send(0)
   for start in starts:
     memory, rng, per_block = _scan_blocks_jit(params, setup, memory, rng, upcoming, question,

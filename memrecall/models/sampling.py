@@ -100,11 +100,35 @@ def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
   return logits
 
 
-def sample_token(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
-  """One token per row from float32 logits [B, V] -> [B] int32."""
+def row_keys(rng: Array, batch: int) -> Array:
+  """One random key per row, [B]: a single key is split `batch` ways, [B] keys pass as they are.
+
+  Every sampled token of a row is drawn from its own key alone, never from one key over the
+  batch, so a row draws the same sample whatever rows share its batch: an evaluation that
+  resumes, runs on more processes or batches otherwise, and the recall loop's block sources
+  and gated groups, all sample a row alike.
+  """
+  rng = jnp.asarray(rng)
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # a raw uint32 key (jax.random.PRNGKey)
+  if rng.ndim == 0:
+    return jax.random.split(rng, batch)
+  if rng.shape != (batch,):
+    raise ValueError(f"random keys: one key, or one per row ({batch}), got shape {rng.shape}")
+  return rng
+
+
+def fold_rows(keys: Array, data) -> Array:
+  """`jax.random.fold_in` of each row's key [B] with `data` (one value, or one per row [B])."""
+  data = jnp.broadcast_to(jnp.asarray(data, jnp.uint32), keys.shape)
+  return jax.vmap(jax.random.fold_in)(keys, data)
+
+
+def sample_token(logits: Array, keys: Array, sampling: SamplingConfig) -> Array:
+  """One token per row from float32 logits [B, V] and the rows' keys [B] -> [B] int32."""
   if sampling.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys, filter_logits(logits, sampling)).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
@@ -122,18 +146,19 @@ def prefill(params, config: ModelConfig, cache: KVCache, tokens: Array,
                    donate_argnames=("cache",))
 def sample_loop(params, config: ModelConfig, cache: KVCache, next_logits: Array, rng: Array, *,
                 max_new_tokens: int, sampling: SamplingConfig) -> tuple[SampleOutput, KVCache]:
-  """Samples up to `max_new_tokens` per row, continuing from `next_logits` [B, V]."""
+  """Samples up to `max_new_tokens` per row, continuing from `next_logits` [B, V]; rng: one
+  key, or one per row [B] (`row_keys`): step t draws from `fold_in(row key, t)`."""
   batch = next_logits.shape[0]
+  keys = row_keys(rng, batch)
   eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
 
   def cond(state):
-    step, _, _, done, _, _, _ = state
+    step, _, _, done, _, _ = state
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(state):
-    step, tokens, logprobs, done, cache, logits, rng = state
-    rng, step_rng = jax.random.split(rng)
-    token = sample_token(logits, step_rng, sampling)
+    step, tokens, logprobs, done, cache, logits = state
+    token = sample_token(logits, fold_rows(keys, step), sampling)
     token = jnp.where(done, sampling.pad_id, token)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(_tempered(logits, sampling)),
                                   token[:, None], axis=-1)[:, 0]
@@ -142,12 +167,12 @@ def sample_loop(params, config: ModelConfig, cache: KVCache, next_logits: Array,
     # Rows that already ended write an invalid (masked) slot.
     logits, cache = forward(params, config, token[:, None], (~done)[:, None], cache)
     done = done | jnp.isin(token, eos)
-    return step + 1, tokens, logprobs, done, cache, logits[:, 0], rng
+    return step + 1, tokens, logprobs, done, cache, logits[:, 0]
 
   state = (jnp.zeros((), jnp.int32), jnp.full((batch, max_new_tokens), sampling.pad_id, jnp.int32),
            jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch,), bool),
-           cache, next_logits, rng)
-  _, tokens, logprobs, done, cache, _, _ = jax.lax.while_loop(cond, body, state)
+           cache, next_logits)
+  _, tokens, logprobs, done, cache, _ = jax.lax.while_loop(cond, body, state)
   # A row's length counts every step before (and including) its EOS.
   step_of_eos = jnp.where(done, jnp.argmax(jnp.isin(tokens, eos), axis=-1) + 1, max_new_tokens)
   return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=step_of_eos.astype(jnp.int32),
