@@ -80,7 +80,7 @@ def test_every_mode_at_two_lengths_with_plots(tmp_path):
 
 def test_latency_is_timed_one_question_at_a_time():
   calls = []
-  def prepare(group, seed_offset=0):
+  def prepare(group, first=0):
     calls.append(len(group))
     return jax.jit(lambda x: x + 1), (np.zeros(3),)
   examples = list(range(5))
@@ -102,7 +102,7 @@ def test_latency_keeps_each_questions_fastest_run(monkeypatch):
   durations = iter([0.0] + [0.06, 0.06, 0.02] + [0.03, 0.05, 0.04] + [0.01, 0.09, 0.02])
   def run():
     clock[0] += next(durations)
-  latency = evaluator._latency_alone(lambda group, seed_offset=0: (run, ()), list(range(3)), 3)
+  latency = evaluator._latency_alone(lambda group, first=0: (run, ()), list(range(3)), 3)
   assert latency == pytest.approx(0.02)
 
 

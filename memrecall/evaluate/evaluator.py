@@ -81,6 +81,8 @@ def example_keys(seed: int | Sequence[int], rows: Sequence[int]) -> jax.Array:
   if isinstance(seed, (int, np.integer)):
     base = jax.random.key(int(seed))
     return jax.vmap(lambda row: jax.random.fold_in(base, row))(jnp.asarray(rows, jnp.uint32))
+  if max(rows) >= len(seed):
+    raise ValueError(f"one seed per example: got {len(seed)}, for rows up to {max(rows)}")
   return jax.vmap(jax.random.key)(jnp.asarray([seed[r] for r in rows], jnp.uint32))
 
 
