@@ -355,8 +355,8 @@ def _plan_recipe(spec: str, overrides: list[str], config, record: dict | None, c
   if updates > 1 and "train_step" in only:
     lines.append(f"  (train_step: {updates} updates a step (rl.updates_per_batch); the estimate "
                  "leaves out what the update loop carries: +13% of a 0.5B RL step's "
-                 "temporaries on a v5p-8, while the 7B step on 8 H100s took 5% less at 2 "
-                 "updates than at 1, its updates having half the microbatches: "
+                 "temporaries on a v5p-8, while the 7B step on 8 H100s took 5% less "
+                 "temporaries at 2 updates than at 1, its updates having half the microbatches: "
                  "docs/2026-12-07-per-row-keys.md)")
   return lines
 

@@ -168,6 +168,18 @@ def test_gate_mode_streaming_equals_the_device_bank(lychee_model, document):
   np.testing.assert_array_equal(streamed.trace.memory_ids[:, :n], on_device.trace.memory_ids)
   np.testing.assert_array_equal(streamed.answer.tokens, on_device.answer.tokens)
   assert not streamed.trace.read[0, n:].any()  # the padding chunk
+  # Sampled (gated groups, the default gate_group; every block read): each group's blocks keep
+  # their document index in the key, so streaming samples the memories of the device bank.
+  hot = _setup(lychee_model, "gate", threshold=0.0, group_size=2)
+  hot = dataclasses.replace(hot, sampling=dataclasses.replace(hot.sampling, temperature=1.0))
+  key = jax.random.key(4)
+  on_device = recall.recall(params, hot, bank, question, question_mask, key)
+  streamed = recall.recall_streaming(params, hot, lychee_model.run.compressor, s_ids, s_mask,
+                                     question, question_mask, key)
+  assert on_device.trace.read.all()  # the second streamed group's block too
+  np.testing.assert_array_equal(streamed.trace.read[:, :n], on_device.trace.read)
+  np.testing.assert_array_equal(streamed.trace.memory_ids[:, :n], on_device.trace.memory_ids)
+  np.testing.assert_array_equal(streamed.answer.tokens, on_device.answer.tokens)
 
 
 @pytest.mark.parametrize("gate_group", [3, 64])
