@@ -206,7 +206,8 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
   rng, first_block: the rows' keys [B] (`loop_keys`); block i samples a row's update with
   `fold_in(its key, first_block + i)`, so a document read in groups (a host bank, streaming, or
   gated groups) samples as one read whole.
-  Returns the final memory and rng, and per-block (score, read, memory) stacked on axis 0.
+  Returns the final memory and the per-block (score, read, memory, ...) stacked on axis 0
+  (the keys are only folded, so a later group takes the same `rng`).
   """
   batch = question.shape[0]
   gate_needed = setup.recall.mode == "gate"
@@ -250,7 +251,7 @@ def scan_blocks(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, b
   n = jax.tree.leaves(blocks)[0].shape[0]
   indices = jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(first_block, jnp.uint32)
   memory, per_block = jax.lax.scan(step, memory, (blocks, forced_read, indices))
-  return memory, rng, per_block
+  return memory, per_block
 
 
 def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Array, blocks,
@@ -347,7 +348,7 @@ def _gate_in_groups(params, setup: RecallSetup, memory: WorkingMemory, rng: Arra
   memory, _, _, per_block = jax.lax.while_loop(
       lambda carry: (carry[2] < n).any(), step,
       (memory, context_of(memory), jnp.zeros((batch,), jnp.int32), per_block))
-  return memory, rng, per_block
+  return memory, per_block
 
 
 def _topk_selection(params, setup: RecallSetup, blocks, question, question_mask, memory) -> tuple[Array, Array]:
@@ -409,8 +410,8 @@ def recall(params, setup: RecallSetup, bank: DocumentBank, question: Array, ques
   if setup.recall.mode == "topk" and forced is None:
     scores, forced = _topk_selection(params, setup, blocks, question, question_mask, memory)
   rng, answer_rng = loop_keys(rng, batch)
-  memory, _, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
-                                     question_mask, forced)
+  memory, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
+                                  question_mask, forced)
   return finish_answer(params, setup, question, question_mask, memory, answer_rng, per_block,
                        scores)
 
@@ -471,8 +472,8 @@ def recall_streaming(params, setup: RecallSetup, compressor: CompressorConfig, c
       return jnp.moveaxis(x.reshape((x.shape[0], docs, g) + x.shape[2:]), 2, 0)
     blocks = (chunk_major(mem.k), chunk_major(mem.v),
               jnp.swapaxes(mem.slot_mask.reshape(docs, g, -1), 0, 1), mask.any(axis=-1))
-    memory, _, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
-                                       question_mask, group_forced, first)
+    memory, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
+                                    question_mask, group_forced, first)
     return memory, per_block
 
   memory = initial_memory(setup, batch)
@@ -525,10 +526,10 @@ def recall_from_host(params, setup: RecallSetup, bank: DocumentBank, question: A
   rng, answer_rng = loop_keys(rng, batch)
   outputs, upcoming = [], send(0)
   for start in starts:
-    memory, rng, per_block = _scan_blocks_jit(params, setup, memory, rng, upcoming, question,
-                                              question_mask,
-                                              None if forced is None else forced[start:start + g],
-                                              start)
+    memory, per_block = _scan_blocks_jit(params, setup, memory, rng, upcoming, question,
+                                         question_mask,
+                                         None if forced is None else forced[start:start + g],
+                                         start)
     if outputs:  # the previous group read (its blocks freed) before another is sent
       jax.block_until_ready(outputs[-1])
       if progress is not None:

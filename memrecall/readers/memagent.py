@@ -37,8 +37,8 @@ def memagent(params, setup: RecallSetup, chunk_ids: Array, chunk_mask: Array, qu
   memory = initial_memory(setup, b)
   read = jnp.ones((b, n), bool)  # every real chunk, no gate
   rng, answer_rng = loop_keys(rng, b)
-  memory, _, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
-                                     question_mask, read.T)
+  memory, per_block = scan_blocks(params, setup, memory, rng, blocks, question,
+                                  question_mask, read.T)
   return finish_answer(params, setup, question, question_mask, memory, answer_rng, per_block)
 
 
