@@ -99,6 +99,6 @@ def get_config(arg: str = "rl") -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-4
     c.optimizer.final_fraction = 0.1
     c.optimizer.decay_steps = 1000
-    # About 2 of every 7 chunks of a 200-document question hold a supporting paragraph.
+    # About 2 of every 7 chunks of a 200-document question hold a supporting fact.
     c.gate.positive_weight = 2.0
   return with_microbatches(c)

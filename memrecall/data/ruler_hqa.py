@@ -27,6 +27,9 @@ others MemAgent samples with a process-global generator; we draw them from
 (seed, the row's index), so a layout does not depend on which other questions
 are built.  A paragraph a question lists twice is kept once (MemAgent keeps both).
 
+Labels (ours; MemAgent has none): a question's gold paragraphs are cut after each
+supporting sentence, so a supporting segment ends where its fact does (`_labelled`).
+
 Question rows (MemAgent's RL data and eval files, LycheeMemory's examples) are
 read by one parser, `parse_row`, for every reader: `read_rows`,
 `read_memagent_eval`, specs.py's `rows` kind and `documents.read_document`.
@@ -208,31 +211,62 @@ def _split_blocks(where: str, context: str) -> list[str]:
 
 
 def _labelled(where: str, documents: Sequence[str], row: HotpotRow, **kwargs) -> Example:
-  """An Example whose supporting blocks and oracle memory come from `row`'s gold facts."""
+  """An Example whose supporting segments and oracle memory come from `row`'s gold facts.
+
+  A gold paragraph's block is cut after each of its supporting sentences, so a supporting
+  segment ends where its fact does: the oracle memory gains that fact in the chunk where the
+  sentence is fully read, not where its paragraph ends (a paragraph straddling two chunks
+  would otherwise write the fact one chunk late, where the reader no longer sees it), and the
+  gate's labels cover the block from its head to its last supporting sentence.  Cuts fall
+  between sentences, which carry their own leading spaces, and the block's separator stays
+  with the text before it, so segment-by-segment tokenisation splits where a whole-text
+  tokenizer's pre-tokens do for text that follows HotpotQA's spacing.
+  """
   position = {d: i for i, d in reversed(list(enumerate(documents)))}
   paragraphs = {title: sentences for title, sentences in row.context}
-  by_block: dict[int, list[str]] = {}
+  facts: dict[int, tuple[str, list[int]]] = {}  # block -> (title, its supporting sentences)
   for title in dict.fromkeys(t for t, _ in row.supporting_facts):
     block = position.get(document_text(title, paragraphs[title]))
     if block is None:
       raise DatasetError(f"{where}: gold paragraph {title!r} of HotpotQA {row.id} is missing")
+    # A few HotpotQA facts point past their paragraph's end: they are dropped, and a block
+    # left with none still counts as supporting as a whole.
+    count = len(paragraphs[title])
+    facts[block] = (title, sorted({k for t, k in row.supporting_facts if t == title and k < count}))
+  segments, supporting, memory, lines = [], [], [], []
+  for block, text in enumerate(_segments(documents)):
+    if block not in facts:
+      segments.append(text)
+      continue
+    title, indices = facts[block]
     sentences = paragraphs[title]
-    indices = sorted({k for t, k in row.supporting_facts if t == title})
-    # A few HotpotQA facts point past their paragraph's end: the block still counts.
-    by_block[block] = [f"{title}: {sentences[k].strip()}" for k in indices if k < len(sentences)]
-  supporting = tuple(sorted(by_block))
-  memory, lines = [], []
-  for block in supporting:
-    lines.extend(by_block[block])
-    memory.append("\n".join(lines))
-  return Example(segments=_segments(documents), supporting=supporting, question=row.question,
+    head = len(DOCUMENT_TEMPLATE.format(i=block + 1, document="")) + len(title) + 1
+    ends = [head + sum(len(s) for s in sentences[:k + 1]) for k in indices] or [len(text)]
+    if not text[ends[-1]:].strip():  # only the separator follows: it stays with the fact
+      ends[-1] = len(text)
+    start = 0
+    for j, end in enumerate(ends):
+      if indices:
+        lines.append(f"{title}: {sentences[indices[j]].strip()}")
+      if end > start:
+        supporting.append(len(segments))
+        segments.append(text[start:end])
+        memory.append("\n".join(lines))
+      else:  # an empty sentence ends with the one before it
+        memory[-1] = "\n".join(lines)
+      start = end
+    if start < len(text):
+      segments.append(text[start:])
+  return Example(segments=tuple(segments), supporting=tuple(supporting), question=row.question,
                  answers=(row.answer,), oracle_memory=tuple(memory), **kwargs)
 
 
-# How `HotpotPool` lays a question out, in the keys of what it built (a change moves paragraphs):
-# "memagent-slots", MemAgent's fixed permutation, since 2026-12-07 (a uniform shuffle per row
-# before).
-LAYOUT = "memagent-slots"
+# How a labelled HotpotQA question is built, in the keys of what was built from it (the
+# `hotpotqa` kind, and `ruler_hqa` with the dev rows): "memagent-slots" (2026-12-07), MemAgent's
+# fixed permutation, where a uniform shuffle per row came before; then "memagent-slots/fact-cuts"
+# (the same day), gold paragraphs cut after each supporting sentence (`_labelled`), which moves
+# segment boundaries, labels and oracle memories.
+LAYOUT = "memagent-slots/fact-cuts"
 
 
 class HotpotPool:

@@ -5,7 +5,7 @@
   ruler_hqa:/d/eval_50.json           MemAgent's published evaluation files
   text:/d/corpus.txt                  plain text (or JSONL `text` lines) cut into token windows
   synthetic:multihop                  a synthetic task (DataOptions.task)
-  tfds:/data/ruler_hqa/docs50/1.1.0   a dataset prepared by tfds_builders, read without TF
+  tfds:/data/ruler_hqa/docs50/1.2.0   a dataset prepared by tfds_builders, read without TF
 
 Each path is one `NamedSource`, named for grouping evaluation results; training reads all of
 a spec's files as one `ConcatSource`.  Only the `tfds` kind imports tensorflow_datasets (the
@@ -85,8 +85,8 @@ FILE_OPTIONS = ("hotpotqa_dev",)  # options that name a file: what counts is its
 def row_options(kind: str, options: DataOptions) -> dict:
   """{option: value} of the options that change the rows a source of `kind` yields."""
   values = {name: getattr(options, name) for name in ROW_OPTIONS[kind]}
-  if kind == "hotpotqa":  # how the rows are laid out, not only from what
-    values["layout"] = ruler_hqa.LAYOUT
+  if kind == "hotpotqa" or (kind == "ruler_hqa" and options.hotpotqa_dev):
+    values["layout"] = ruler_hqa.LAYOUT  # how labelled rows are built, not only from what
   if values.get("task") is not None:
     values["task"] = dataclasses.asdict(values["task"])
   return values
@@ -242,7 +242,7 @@ def _tfds(path: str, split: str) -> tuple[str, ExampleSource]:
                       "pip install 'memrecall[data]'") from None
   if not os.path.exists(os.path.join(path, "dataset_info.json")):
     raise DatasetError(f"{path} is not a prepared TFDS dataset: no dataset_info.json there (give "
-                       "the version directory, e.g. <data_dir>/ruler_hqa/docs50/1.1.0)")
+                       "the version directory, e.g. <data_dir>/ruler_hqa/docs50/1.2.0)")
   builder = tfds.builder_from_directory(path)
   if split not in builder.info.splits:
     raise DatasetError(f"{path}: no split {split!r}; the dataset has "

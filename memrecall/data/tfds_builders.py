@@ -238,10 +238,13 @@ class RulerHqa(_ExampleBuilder):
 
   DESCRIPTION = ("RULER-HQA: HotpotQA dev questions among other dev paragraphs, as "
                  "'Document i:' blocks (MemAgent's construction); one Example as JSON per record.")
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release: ruler_hqa.build_ruler_hqa.",
                    "1.1.0": "Each question's own paragraphs on MemAgent's slots "
-                             "(random.Random(4)'s permutation), as its published files have them."}
+                             "(random.Random(4)'s permutation), as its published files have them.",
+                   "1.2.0": "Gold paragraphs cut after each supporting sentence: the oracle "
+                             "memory gains a fact where its sentence ends, and labels stop at "
+                             "the paragraph's last supporting sentence."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f"Place HotpotQA's dev set in the distractor setting, {HOTPOT_DEV_FILE}, in manual_dir "
       "(default: <data_dir>/downloads/manual). Configs with indices_file also need that "

@@ -6,15 +6,18 @@ two MemAgent eval files for rows 3, 9 and 5 with 20 documents, one with text
 contexts and one with pool indices, as MemAgent's scripts lay them out.
 """
 
+import dataclasses
 import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from memrecall.data import ruler_hqa
-from memrecall.data.example import Example
+from memrecall.data.example import Example, tokenize
 from memrecall.data.ruler_hqa import DatasetError
+from memrecall.models.tokenizer import ByteTokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 DEV = os.path.join(FIXTURES, "hotpot_dev_tiny.json")
@@ -65,10 +68,9 @@ def test_block_layout(rows, built):
   assert len(built) == 14
   for example, row in zip(built, rows):
     assert isinstance(example, Example) and example.task == "ruler_hqa"
-    assert len(example.segments) == 20
-    for i, segment in enumerate(example.segments):
-      assert segment.startswith(f"Document {i + 1}:\n")
-      assert segment.endswith("\n\n") == (i < 19)
+    heads = [s for s in example.segments if s.startswith("Document ")]  # one per block
+    assert [h.split(":", 1)[0] for h in heads] == [f"Document {i + 1}" for i in range(20)]
+    assert not example.segments[-1].endswith("\n\n")
     texts = blocks(example.context)
     assert len(texts) == 20 and len(set(texts)) == 20
     assert example.context == "\n\n".join(f"Document {i + 1}:\n{t}" for i, t in enumerate(texts))
@@ -81,27 +83,86 @@ def test_block_layout(rows, built):
                                 "level": row.level, "row": rows.index(row), "seed": 0}
 
 
-def test_supporting_blocks_and_oracle_memory(rows, built):
+def fact_ends(context, row):
+  """{character offset where a gold sentence ends in `context`: its memory line}."""
+  ends = {}
+  for title, k in row.supporting_facts:
+    sentences = dict(row.context)[title]
+    if k < len(sentences):
+      start = context.index(":\n" + paragraph(title, sentences)) + 2 + len(title) + 1
+      ends[start + sum(len(s) for s in sentences[:k + 1])] = f"{title}: {sentences[k].strip()}"
+  return ends
+
+
+def check_facts(example, row):
+  """Supporting segments end at gold sentences; the memory after each holds exactly the facts
+  read by then, in reading order; every gold paragraph has a supporting segment."""
+  ends = np.cumsum([len(s) for s in example.segments])
+  facts = fact_ends(example.context, row)
+  for j, memory in zip(example.supporting, example.oracle_memory):
+    assert memory.split("\n") == [line for end, line in sorted(facts.items()) if end <= ends[j]]
+  for end in facts:  # the segment in which a fact's last character lies is supporting
+    assert int(np.searchsorted(ends, end - 1, side="right")) in example.supporting
+  for j in example.supporting:  # ends at a fact (its separator aside), or is a factless block
+    end = len(example.context[:ends[j]].rstrip("\n"))
+    start = ends[j] - len(example.segments[j])
+    assert end in facts or (example.segments[j].startswith("Document ")
+                            and not any(start < e <= ends[j] for e in facts))
+  heads = [example.context.rfind("Document ", 0, ends[j] - 1) for j in example.supporting]
+  titles = {example.context[h:].split("\n")[1] for h in heads}
+  assert titles == {t for t, _ in row.supporting_facts}
+
+
+def test_supporting_segments_and_oracle_memory(rows, built):
   positions = set()
   for example, row in zip(built, rows):
-    titles = {t for t, _ in row.supporting_facts}
+    check_facts(example, row)
     texts = blocks(example.context)
-    expected = [i for i, t in enumerate(texts) if t.split("\n", 1)[0] in titles]
-    assert list(example.supporting) == expected and len(expected) == 2
-    positions.update(expected)
-    memory = example.oracle_memory
-    assert len(memory) == 2 and memory[1].startswith(memory[0] + "\n")
-    first_title = texts[expected[0]].split("\n", 1)[0]
-    assert memory[0].startswith(first_title + ": ")
-    for title, k in row.supporting_facts:
-      sentences = dict(row.context)[title]
-      if k < len(sentences):
-        assert f"{title}: {sentences[k].strip()}" in memory[1]
-        assert sentences[k] in example.segments[texts.index(paragraph(title, sentences))]
-  assert built[9].oracle_memory[1].count("\n") == 1        # the out-of-range fact is skipped
+    titles = {t for t, _ in row.supporting_facts}
+    positions.update(i for i, t in enumerate(texts) if t.split("\n", 1)[0] in titles)
+  assert built[9].oracle_memory[-1].count("\n") == 1       # the out-of-range fact is skipped
   assert set(built[3].oracle_memory[-1].split("\n")) == {"Dev Patel: Dev Patel was born in Pune.",
                                                          "Pune: Pune is a city in India."}
   assert max(positions) >= 10                              # gold paragraphs are shuffled in
+
+
+def test_a_paragraph_is_cut_after_each_supporting_sentence(rows):
+  """Two facts in one paragraph give two supporting segments (the memory grows a line at
+  each); a paragraph whose only fact points past its end supports as a whole block."""
+  row = dataclasses.replace(rows[9], supporting_facts=(("Jude Kerr", 1), ("Jude Kerr", 0),
+                                                       ("Graz", 7)))
+  (example,) = ruler_hqa.build_ruler_hqa([*rows[:9], row, *rows[10:]], num_docs=20,
+                                         num_questions=1, indices=[9])
+  check_facts(example, row)
+  pieces = [example.segments[j] for j in example.supporting]
+  assert pieces[0].endswith("\nJude Kerr\nJude Kerr is a painter.")
+  assert pieces[1] == " Jude Kerr was born in Graz."
+  assert pieces[2].startswith("Document ") and pieces[2].split("\n")[1] == "Graz"
+  assert example.segments[example.supporting[1] + 1].startswith(" Her works hang")
+  both = "Jude Kerr: Jude Kerr is a painter.\nJude Kerr: Jude Kerr was born in Graz."
+  assert example.oracle_memory == ("Jude Kerr: Jude Kerr is a painter.", both, both)
+
+
+def test_the_oracle_memory_changes_in_the_chunk_where_its_sentence_ends(rows, built):
+  """A gold paragraph straddling two chunks: the fact is written in the chunk that reads its
+  sentence's last byte, before the paragraph ends (byte tokens: UTF-8 offsets are positions)."""
+  tokenizer = ByteTokenizer()
+  checked = 0
+  for example, row in zip(built, rows):
+    tokenized = tokenize(example, tokenizer)
+    at = lambda offset: len(example.context[:offset].encode())
+    assert len(tokenized.context) == at(len(example.context))
+    for char_end, line in fact_ends(example.context, row).items():
+      end, paragraph_end = at(char_end), at(example.context.find("\n\n", char_end))
+      for chunk_size in (16, 32, 64):
+        fact_chunk = (end - 1) // chunk_size
+        if paragraph_end < 0 or (paragraph_end - 1) // chunk_size == fact_chunk:
+          continue
+        trace = [tokenizer.decode(m).split("\n") for m in tokenized.oracle_trace(chunk_size, ())]
+        assert line in trace[fact_chunk]
+        assert fact_chunk == 0 or line not in trace[fact_chunk - 1]
+        checked += 1
+  assert checked >= 20
 
 
 def test_seeds(rows, built):
@@ -153,11 +214,9 @@ def test_read_memagent_eval_labelled(rows):
   with open(EVAL, encoding="utf-8") as f:
     items = json.load(f)
   for example, item in zip(examples, items):
-    assert len(example.segments) == 20 and example.context == item["context"]
-    row = rows[item["index"]]
-    titles = {t for t, _ in row.supporting_facts}
-    assert {example.segments[i].split("\n")[1] for i in example.supporting} == titles
-    assert example.metadata["hotpot_id"] == row.id
+    assert example.context == item["context"]
+    check_facts(example, rows[item["index"]])
+    assert example.metadata["hotpot_id"] == rows[item["index"]].id
   # The pool-index file is the same data stored the other way.
   from_indices = ruler_hqa.read_memagent_eval(EVAL_INDICES, hotpotqa=rows)
   assert [(e.segments, e.supporting, e.oracle_memory) for e in from_indices] == \
@@ -313,3 +372,20 @@ def test_own_paragraphs_on_memagents_slots(rows):
     slots = {i + 1 for i, text in enumerate(texts) if text.strip("\n") in own}
     if len(own) == 10:  # a row that lists a paragraph twice keeps it once: other slots
       assert slots == {11, 18, 27, 29, 37, 41, 42, 43, 44, 48}, (row.id, sorted(slots))
+
+
+# Qwen2's pre-tokenizer pattern (its tokenizer.json): BPE merges never cross its pieces.
+QWEN2_PRE_TOKENS = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def test_segments_split_where_qwen2_pre_tokens_do(rows, built):
+  """Segment-by-segment tokenisation equals the whole context's for Qwen2's byte-level BPE
+  (any merges): every cut falls between pre-tokens of the whole text."""
+  from tokenizers import Regex, pre_tokenizers
+  split = pre_tokenizers.Split(Regex(QWEN2_PRE_TOKENS), behavior="isolated")
+  pieces = lambda text: [p for p, _ in split.pre_tokenize_str(text)]
+  labelled = ruler_hqa.read_memagent_eval(EVAL, hotpotqa=rows)
+  for example in [*built, *labelled]:
+    assert len(example.segments) > 20  # cut inside gold paragraphs
+    assert [p for s in example.segments for p in pieces(s)] == pieces(example.context)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from memrecall.data import ruler_hqa, specs
@@ -256,15 +257,17 @@ def test_hotpotqa_supporting_blocks_and_num_docs(num_docs):
   for i, example in enumerate(source):
     row = rows[i]
     texts = _blocks(example.context)
-    assert len(example.segments) == len(texts) == num_docs
+    assert len(texts) == num_docs
     assert example.metadata["num_docs"] == num_docs and example.id == f"{row.id}/{num_docs}"
     assert (example.question, example.answers) == (row.question, (row.answer,))
     own = [title + "\n" + "".join(sentences) for title, sentences in row.context]
     assert all(texts.count(p) == 1 for p in own)
     titles = {t for t, _ in row.supporting_facts}
-    # An independent scan of the context string: the blocks whose title line is a gold title.
-    assert list(example.supporting) == [b for b, t in enumerate(texts)
-                                        if t.split("\n", 1)[0] in titles]
+    # An independent scan of the context string: the blocks whose title line is a gold title
+    # hold the supporting segments (cut at their facts: tests/data/test_ruler_hqa.py).
+    ends = np.cumsum([len(s) for s in example.segments])
+    held = {example.context.count("Document ", 0, ends[j] - 1) - 1 for j in example.supporting}
+    assert held == {b for b, t in enumerate(texts) if t.split("\n", 1)[0] in titles}
     paragraphs = dict(row.context)
     for title, k in row.supporting_facts:
       if k < len(paragraphs[title]):
@@ -290,10 +293,13 @@ def test_ruler_hqa_eval_files():
                                      specs.DataOptions(hotpotqa_dev=DEV))
   assert (text.name, indices.name) == ("memagent_eval_20.json", "memagent_eval_idx_20.json")
   assert [e.metadata["index"] for e in text.source] == [3, 9, 5]
-  assert all(e.metadata["num_docs"] == 20 and len(e.segments) == 20 and e.supporting
+  assert all(e.metadata["num_docs"] == 20 and len(_blocks(e.context)) == 20 and e.supporting
              for e in text.source)
   assert [(e.segments, e.supporting) for e in indices.source] == \
          [(e.segments, e.supporting) for e in text.source]
+  # Labelled rows are keyed by how they are built (segments, labels), unlabelled by the file.
+  assert text.options["layout"] == ruler_hqa.LAYOUT == _one("hotpotqa:" + DEV, num_docs=20).options["layout"]
+  assert "layout" not in _one("ruler_hqa:" + EVAL).options
   unlabelled = _one("ruler_hqa:" + EVAL).source
   assert [e.supporting for e in unlabelled] == [(), (), ()]
   assert [e.question for e in unlabelled] == [e.question for e in text.source]

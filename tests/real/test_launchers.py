@@ -81,7 +81,7 @@ def test_train_rl_from_a_hf_checkpoint_then_evaluate_the_workdir(tiny_qwen, data
                 "--modes=all,memagent", "--limit=2", "--batch_size=2", f"--output_dir={out}")
   got = predictions(out / "predictions.jsonl")
   assert {(r["data"], r["mode"]) for r in got} == {
-      (d, m) for d in ("eval_rows.jsonl", "memagent_eval_20.json", "ruler_hqa/docs12-q3/1.1.0")
+      (d, m) for d in ("eval_rows.jsonl", "memagent_eval_20.json", "ruler_hqa/docs12-q3/1.2.0")
       for m in ("all", "memagent")}
   assert len(got) == 12 and all(isinstance(r["prediction"], str) for r in got)
   results = json.load(open(out / "results.json"))

@@ -111,8 +111,9 @@ def test_the_configs_model_settings_reach_a_run_on_a_hf_checkpoint(tiny_qwen, da
 
 
 def test_gate_labels_match_an_independent_scan_of_the_text(tiny_qwen, data_files):
-  """Chunk c is labelled iff its bytes overlap a "Document i:" block whose paragraph holds a
-  supporting fact, found by searching the context string for the title."""
+  """Chunk c is labelled iff its bytes overlap a gold paragraph's "Document i:" block from its
+  head to the end of its last supporting sentence (the block's end when only the separator
+  follows, or when no fact lies inside it), found by searching the context string."""
   config = recipe(lychee, "gate", tiny_qwen, f"hotpotqa:{data_files['hotpotqa']}")
   config.train.batch_size = 4
   run = run_builder.build_run(config)
@@ -131,12 +132,22 @@ def test_gate_labels_match_an_independent_scan_of_the_text(tiny_qwen, data_files
     starts = ends - np.asarray([len(x) for x in token_bytes])
     row = hotpot[ex.example.metadata["hotpot_id"]]
     spans = []
+    sentences_of = dict((t, s) for t, s in row["context"])
     for title in {t for t, _ in row["supporting_facts"]}:
       at = context.find(b":\n" + title.encode("utf-8") + b"\n")
       assert at > 0
       begin = context.rfind(b"Document ", 0, at)
       end = context.find(b"\n\nDocument ", at)
-      spans.append((begin, len(context) if end < 0 else end + 2))  # the separator ends a block
+      end = len(context) if end < 0 else end + 2  # the separator ends a block
+      sentences = sentences_of[title]
+      last = max((k for t, k in row["supporting_facts"] if t == title and k < len(sentences)),
+                 default=None)
+      if last is not None:
+        fact_end = at + 2 + len(title.encode("utf-8")) + 1 + len(
+            "".join(sentences[:last + 1]).encode("utf-8"))
+        if context[fact_end:end].strip():
+          end = fact_end
+      spans.append((begin, end))
     n = -(-len(ex.context) // chunk)
     want = np.zeros(batch.labels.shape[1], bool)
     for c in range(n):
