@@ -242,8 +242,8 @@ def _labelled(where: str, documents: Sequence[str], row: HotpotRow, **kwargs) ->
     sentences = paragraphs[title]
     head = len(DOCUMENT_TEMPLATE.format(i=block + 1, document="")) + len(title) + 1
     ends = [head + sum(len(s) for s in sentences[:k + 1]) for k in indices] or [len(text)]
-    if not text[ends[-1]:].strip():  # only the separator follows: it stays with the fact
-      ends[-1] = len(text)
+    # Where only the separator (or blank sentences) follows, it stays with the fact before it.
+    ends = [end if text[end:].strip() else len(text) for end in ends]
     start = 0
     for j, end in enumerate(ends):
       if indices:

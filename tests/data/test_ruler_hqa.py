@@ -84,14 +84,16 @@ def test_block_layout(rows, built):
 
 
 def fact_ends(context, row):
-  """{character offset where a gold sentence ends in `context`: its memory line}."""
-  ends = {}
-  for title, k in row.supporting_facts:
+  """[(character offset where a gold sentence ends in `context`, its memory line)], in reading
+  order, each fact once."""
+  ends = []
+  for title, k in dict.fromkeys(row.supporting_facts):
     sentences = dict(row.context)[title]
     if k < len(sentences):
       start = context.index(":\n" + paragraph(title, sentences)) + 2 + len(title) + 1
-      ends[start + sum(len(s) for s in sentences[:k + 1])] = f"{title}: {sentences[k].strip()}"
-  return ends
+      ends.append((start + sum(len(s) for s in sentences[:k + 1]), k,
+                   f"{title}: {sentences[k].strip()}"))
+  return [(end, line) for end, _, line in sorted(ends)]
 
 
 def check_facts(example, row):
@@ -100,14 +102,14 @@ def check_facts(example, row):
   ends = np.cumsum([len(s) for s in example.segments])
   facts = fact_ends(example.context, row)
   for j, memory in zip(example.supporting, example.oracle_memory):
-    assert memory.split("\n") == [line for end, line in sorted(facts.items()) if end <= ends[j]]
-  for end in facts:  # the segment in which a fact's last character lies is supporting
+    assert memory.split("\n") == [line for end, line in facts if end <= ends[j]]
+  for end, _ in facts:  # the segment in which a fact's last character lies is supporting
     assert int(np.searchsorted(ends, end - 1, side="right")) in example.supporting
-  for j in example.supporting:  # ends at a fact (its separator aside), or is a factless block
-    end = len(example.context[:ends[j]].rstrip("\n"))
-    start = ends[j] - len(example.segments[j])
-    assert end in facts or (example.segments[j].startswith("Document ")
-                            and not any(start < e <= ends[j] for e in facts))
+  for j in example.supporting:  # ends at a fact (blanks after it aside), or is a factless block
+    end, start = len(example.context[:ends[j]].rstrip()), ends[j] - len(example.segments[j])
+    assert end in {len(example.context[:e].rstrip()) for e, _ in facts} or (
+        example.segments[j].startswith("Document ")
+        and not any(start < e <= ends[j] for e, _ in facts))
   heads = [example.context.rfind("Document ", 0, ends[j] - 1) for j in example.supporting]
   titles = {example.context[h:].split("\n")[1] for h in heads}
   assert titles == {t for t, _ in row.supporting_facts}
@@ -143,6 +145,25 @@ def test_a_paragraph_is_cut_after_each_supporting_sentence(rows):
   assert example.oracle_memory == ("Jude Kerr: Jude Kerr is a painter.", both, both)
 
 
+def test_blank_sentences_at_a_paragraphs_end_leave_its_separator_with_the_last_fact(rows):
+  """Facts on a paragraph's last real sentence and on an empty one after it: one segment runs
+  to the block's end (".\n\n" is one pre-token), no segment is the bare separator."""
+  title, sentences = rows[9].context[[t for t, _ in rows[9].context].index("Jude Kerr")]
+  context = tuple((t, (*s, "") if t == title else s) for t, s in rows[9].context)
+  row = dataclasses.replace(rows[9], context=context,
+                            supporting_facts=(("Jude Kerr", 0), ("Jude Kerr", 2), ("Jude Kerr", 3),
+                                              ("Graz", 0)))
+  (example,) = ruler_hqa.build_ruler_hqa([*rows[:9], row, *rows[10:]], num_docs=20,
+                                         num_questions=1, indices=[9])
+  check_facts(example, row)
+  last = example.segments[example.supporting[1]]
+  assert last == " Jude Kerr was born in Graz. Her works hang in many halls.\n\n"
+  assert example.oracle_memory[1].split("\n") == [
+      "Jude Kerr: Jude Kerr is a painter.", "Jude Kerr: Her works hang in many halls.",
+      "Jude Kerr: "]
+  assert all(segment.strip() for segment in example.segments)
+
+
 def test_the_oracle_memory_changes_in_the_chunk_where_its_sentence_ends(rows, built):
   """A gold paragraph straddling two chunks: the fact is written in the chunk that reads its
   sentence's last byte, before the paragraph ends (byte tokens: UTF-8 offsets are positions)."""
@@ -152,7 +173,7 @@ def test_the_oracle_memory_changes_in_the_chunk_where_its_sentence_ends(rows, bu
     tokenized = tokenize(example, tokenizer)
     at = lambda offset: len(example.context[:offset].encode())
     assert len(tokenized.context) == at(len(example.context))
-    for char_end, line in fact_ends(example.context, row).items():
+    for char_end, line in fact_ends(example.context, row):
       end, paragraph_end = at(char_end), at(example.context.find("\n\n", char_end))
       for chunk_size in (16, 32, 64):
         fact_chunk = (end - 1) // chunk_size
