@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from memrecall.data import ruler_hqa
+from memrecall.data import ruler_hqa, synthetic
 from memrecall.data.example import Example
 from memrecall.data.files import read_text, row_file_kind
 from memrecall.data.ruler_hqa import DatasetError
@@ -88,7 +88,7 @@ def row_options(kind: str, options: DataOptions) -> dict:
   if kind == "hotpotqa" or (kind == "ruler_hqa" and options.hotpotqa_dev):
     values["layout"] = ruler_hqa.LAYOUT  # how labelled rows are built, not only from what
   if values.get("task") is not None:
-    values["task"] = dataclasses.asdict(values["task"])
+    values["task"] = synthetic.task_key(values["task"])
   return values
 
 

@@ -80,6 +80,21 @@ class TaskConfig:
       raise ValueError(f"chain_distractors is a multihop setting, not {self.task}'s")
 
 
+# How the text form is written, in the keys of what is built from it (`task_key`):
+# "leading-spaces" since 2026-12-07; its segments had ended in ". ", a space that
+# segment-by-segment tokenisation split from the next word.
+TEXT_FORM = "leading-spaces"
+
+
+def task_key(config: TaskConfig) -> dict:
+  """What identifies a task's examples in the keys of results and resumes: its settings, and
+  for the text form how it is written."""
+  key = dataclasses.asdict(config)
+  if config.form == "text":
+    key["text_form"] = TEXT_FORM
+  return key
+
+
 # --- the small vocabulary -----------------------------------------------------
 
 
@@ -122,8 +137,10 @@ class SmallVocab:
 
 _SYLLABLES = ("ka", "lo", "mi", "ren", "sa", "tu", "vel", "do", "ra", "nim", "bo", "zen", "qua",
               "pe", "lin", "mor", "ta", "shi", "gar", "eli")
-_FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ",
-           "Here we go. ", "There and back again. ", "The river flows to the sea. ")
+# Text segments lead with their space (" The grass is green."): a segment is tokenised alone,
+# and a byte-level BPE joins a space to the word after it, as it would in the whole text.
+_FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.",
+           " Here we go.", " There and back again.", " The river flows to the sea.")
 
 
 def _names(rng: np.random.Generator, count: int, capitalise: bool = True) -> list[str]:
@@ -251,9 +268,9 @@ def _multihop(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | Non
     start = (ent(chain[0]), vocab.hop(0))
   else:
     name = lambda i: names[i]
-    needed = [f"{name(chain[k])} leads to {name(chain[k + 1])}. " for k in range(h)]
-    distractor = lambda: f"{name(rng.choice(others))} leads to {name(target())}. "
-    fact = lambda a, b: f"{name(a)} leads to {name(b)}. "
+    needed = [f" {name(chain[k])} leads to {name(chain[k + 1])}." for k in range(h)]
+    distractor = lambda: f" {name(rng.choice(others))} leads to {name(target())}."
+    fact = lambda a, b: f" {name(a)} leads to {name(b)}."
     question = f"Start at {name(chain[0])} and follow {h} links. Where do you end?"
     answers = (name(chain[h]),)
     oracle = [f"After {k + 1} of {h} links: {name(chain[k + 1])}." for k in range(h)]
@@ -287,12 +304,12 @@ def _vartrack(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | Non
   else:
     var = lambda i: f"X{names[i].upper()}"
     number = lambda v: str(10000 + 7919 * v % 90000)
-    needed = [f"VAR {var(variables[0])} = {number(value)}. "]
-    needed += [f"VAR {var(variables[k])} = {var(variables[k - 1])}. " for k in range(1, h)]
+    needed = [f" VAR {var(variables[0])} = {number(value)}."]
+    needed += [f" VAR {var(variables[k])} = {var(variables[k - 1])}." for k in range(1, h)]
     def distractor():
       target = (number(rng.choice(other_values)) if rng.random() < 0.5
                 else var(rng.choice(others)))
-      return f"VAR {var(rng.choice(others))} = {target}. "
+      return f" VAR {var(rng.choice(others))} = {target}."
     question = f"Which variables are assigned the value {number(value)}?"
     answers = (" ".join(var(v) for v in variables),)
     oracle = [f"Variables equal to {number(value)}: " + " ".join(var(v) for v in variables[:k + 1])
@@ -325,14 +342,14 @@ def _hotpot(rng, config: TaskConfig, vocab: SmallVocab, names: list[str] | None)
     start = (ent(person), vocab.hop(0))
   else:
     nm = lambda i: names[i]
-    needed = [f"{nm(person)} is a painter. {nm(person)} was born in {nm(city)}. ",
-              f"{nm(city)} is an old city. {nm(city)} lies in the country of {nm(country)}. "]
+    needed = [f" {nm(person)} is a painter. {nm(person)} was born in {nm(city)}.",
+              f" {nm(city)} is an old city. {nm(city)} lies in the country of {nm(country)}."]
     def distractor():
       if rng.random() < 0.5:
         p = nm(rng.choice(other_people))
-        return f"{p} is a painter. {p} was born in {nm(rng.choice(cities))}. "
+        return f" {p} is a painter. {p} was born in {nm(rng.choice(cities))}."
       c = nm(rng.choice(other_cities))
-      return f"{c} is an old city. {c} lies in the country of {nm(rng.choice(countries))}. "
+      return f" {c} is an old city. {c} lies in the country of {nm(rng.choice(countries))}."
     question = f"In which country was {nm(person)} born?"
     answers = (nm(country),)
     oracle = [f"{nm(person)} was born in {nm(city)}.",
@@ -361,15 +378,17 @@ def make_example(config: TaskConfig, seed: int, index: int, tokenizer=None) -> E
       piece = str(rng.choice(_FILLER))
       if len(tokenizer.encode(piece)) <= remaining:
         return piece
-      # The last filler: words, then characters, until the length is exact or within one word.
+      # The last filler: words, then spaces, until the length is exact.  Spaces, not dots: a
+      # run of spaces before the next segment's " Word" breaks pre-tokens where the cut does,
+      # and "..." after a segment's "." would be one pre-token across it.
       text = ""
       for word in words:
-        if len(tokenizer.encode(text + word + " ")) > remaining:
+        if len(tokenizer.encode(text + " " + word)) > remaining:
           break
-        text += word + " "
-      while len(tokenizer.encode(text + "x")) <= remaining:
-        text += "."
-      return text or "."
+        text += " " + word
+      while len(tokenizer.encode(text + " ")) <= remaining:
+        text += " "
+      return text or " "
   else:
     names = None
     # Fact-sized filler keeps facts aligned with the compressor's beacons (one per 4 tokens).

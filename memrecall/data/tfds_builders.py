@@ -158,10 +158,12 @@ class SyntheticTasks(_ExampleBuilder):
   """
 
   DESCRIPTION = "memrecall's synthetic tasks: one Example (as JSON) per record."
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release: synthetic.py as of the Example format.",
                    "1.1.0": "The text form's names the same in every Python process (they "
-                             "followed its string hashing)."}
+                             "followed its string hashing).",
+                   "1.2.0": "The text form's segments lead with their space (' A leads to B.'), "
+                             "as a whole-text tokenizer would join it; the ids form unchanged."}
   BUILDER_CONFIGS = [
       _new_synthetic_config(TaskConfig(task=task, form=form, length=length,
                                        hops=DEFAULT_HOPS[task]), 0, None)

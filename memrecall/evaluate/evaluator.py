@@ -286,7 +286,7 @@ def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], mode
   # Rows are reused only when made from these weights, this task and these settings.
   group = f"{model_name}/{task_name}"
   output_key.claim(output_dir, {group: row_settings(
-      params, run, setup, baseline, task=dataclasses.asdict(run.task),
+      params, run, setup, baseline, task=synthetic.task_key(run.task),
       task_seed=run.config.task.seed + seed_offset, examples=examples,
       mode_examples=mode_examples or {}, batch_size=batch_size,
       latency_examples=latency_examples, timed_on=_devices_named(mesh))},
@@ -499,7 +499,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   # Rows are reused only when made from these weights, these data (file and options) and these
   # settings (a sampled evaluation's seed too).
   settings = row_settings(params, run, setup, baseline,
-                          task=dataclasses.asdict(run.task) if run.task else None,
+                          task=synthetic.task_key(run.task) if run.task else None,
                           **({"sample_seed": seed, "sample_keys": "per row"}
                              if temperature > 0 else {}))
   output_key.claim(output_dir, {

@@ -379,6 +379,12 @@ def test_synthetic():
     specs.open_sources("synthetic:vartrack", specs.DataOptions(task=task))
   with pytest.raises(DatasetError, match="needs DataOptions.task"):
     specs.open_sources("synthetic:multihop")
+  # The key names how the text form is written (it changed); the ids form's key is its settings.
+  assert named.key()["data.task"] == dataclasses.asdict(task)
+  text_task = dataclasses.replace(task, form="text")
+  text = _one("synthetic:multihop", task=text_task, size=5)
+  assert text.key()["data.task"] == {**dataclasses.asdict(text_task),
+                                     "text_form": "leading-spaces"}
 
 
 # --- tfds -----------------------------------------------------------------------
@@ -396,7 +402,7 @@ def test_tfds_directory(tmp_path):
   assert os.path.exists(os.path.join(directory, "dataset_info.json"))
   named = _one("tfds:" + directory, split="test")
   assert named.path == directory
-  assert named.name == f"synthetic_tasks/{builder.builder_config.name}/1.1.0"
+  assert named.name == f"synthetic_tasks/{builder.builder_config.name}/1.2.0"
   expected = synthetic_splits(task, sizes)["test"]
   assert [e.to_json() for e in named.source] == [e.to_json() for e in expected]
   assert len(_one("tfds:" + directory).source) == 3  # the default split, train

@@ -8,6 +8,7 @@ import pytest
 
 from memrecall.data import example as example_lib, synthetic
 from memrecall.models.tokenizer import ByteTokenizer
+from tests.data.pre_tokens import cuts_keep_pre_tokens
 
 TOK = ByteTokenizer()
 
@@ -30,6 +31,17 @@ def test_same_seed_same_bytes_and_exact_length(task, form):
     tokens = len(example_lib.tokenize(ex, TOK).context)
     assert abs(tokens - length) <= 0.01 * length, (tokens, length)
   assert example_lib.Example.from_json(a[0]).to_json() == a[0]
+
+
+@pytest.mark.parametrize("task", synthetic.TASKS)
+def test_text_segments_tokenise_as_the_whole_text(task):
+  """Each text segment leads with its space, so tokenising segments one by one gives a
+  byte-level BPE's tokens of the whole context (Qwen2's pre-tokens, which merges never cross);
+  a segment ending in ". " split " word" into " " and "word"."""
+  for length in (300, 3000):
+    for index in range(3):
+      ex = synthetic.make_example(_config(task, "text", length=length), seed=2, index=index)
+      assert cuts_keep_pre_tokens(ex.segments), ex.id
 
 
 def _facts_in_order(tokenized, pattern_fn):
@@ -67,7 +79,7 @@ def _rederive(task, form, ex, tokenized):
     else:
       m = re.match(r"Start at (\w+) and follow (\d+) links", ex.question)
       pointer, hops = m.group(1), int(m.group(2))
-      facts = [(s, e, f[0], f[1]) for s, e, f in _text_facts(tokenized.context, r"(\w+) leads to (\w+)\. ")]
+      facts = [(s, e, f[0], f[1]) for s, e, f in _text_facts(tokenized.context, r" (\w+) leads to (\w+)\.")]
       memory = lambda k, b: f"After {k} of {hops} links: {b}."
     k = 0
     for start, end, a, b in facts:
@@ -83,7 +95,7 @@ def _rederive(task, form, ex, tokenized):
     else:
       value = re.search(r"value (\d+)", ex.question).group(1)
       found = [value]
-      facts = [(s, e, f[0], f[1]) for s, e, f in _text_facts(tokenized.context, r"VAR (\w+) = (\w+)\. ")]
+      facts = [(s, e, f[0], f[1]) for s, e, f in _text_facts(tokenized.context, r" VAR (\w+) = (\w+)\.")]
       memory = lambda names: f"Variables equal to {value}: " + " ".join(names)
     names = []
     for start, end, var, target in facts:
@@ -106,7 +118,7 @@ def _rederive(task, form, ex, tokenized):
     else:
       person = re.search(r"was (\w+) born", ex.question).group(1)
       text_facts = _text_facts(tokenized.context,
-                               r"(\w+) (?:is a painter\. \w+ was born in|is an old city\. \w+ lies in the country of) (\w+)\. ")
+                               r" (\w+) (?:is a painter\. \w+ was born in|is an old city\. \w+ lies in the country of) (\w+)\.")
       city = None
       for start, end, (a, b) in text_facts:
         if a == person and city is None:
@@ -213,7 +225,7 @@ def _chain_and_facts(ex, form):
     return chain, [(s[0], s[2]) for s in ex.segments if s[0] != v["filler"]]
   names = synthetic._names(np.random.default_rng([ex.metadata["seed"], 1]), 64)
   chain = [names[c] for c in ex.metadata["chain"]]
-  facts = [re.fullmatch(r"(\w+) leads to (\w+)\. ", s) for s in ex.segments]
+  facts = [re.fullmatch(r" (\w+) leads to (\w+)\.", s) for s in ex.segments]
   return chain, [f.groups() for f in facts if f]
 
 
