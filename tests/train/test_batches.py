@@ -6,10 +6,9 @@ import pytest
 from memrecall.train import batches
 
 
-def test_recall_pretraining_repeats_whole_units_and_scores_what_can_be_predicted():
+def test_recall_pretraining_repeats_whole_units_and_scores_the_repeat():
   """The second half is the first half's units in a shuffled order, each unit intact; the
-  target mask is the repeat's real tokens except each unit's first, which follows a random
-  unit (checked unit by unit)."""
+  target mask is the repeat's real tokens (checked unit by unit)."""
   ratio, half, rows = 4, 16, 6
   ids = np.arange(1, rows * half + 1, dtype=np.int32).reshape(rows, half)  # every token distinct
   mask = np.ones((rows, half), bool)
@@ -29,8 +28,7 @@ def test_recall_pretraining_repeats_whole_units_and_scores_what_can_be_predicted
     for k, unit in enumerate(repeat):
       at = half + k * ratio
       np.testing.assert_array_equal(out_mask[r, at:at + ratio], units[unit])
-      assert not target[r, at]
-      np.testing.assert_array_equal(target[r, at + 1:at + ratio], units[unit][1:])
+      np.testing.assert_array_equal(target[r, at:at + ratio], units[unit])
   assert shuffled >= rows - 1
 
 
