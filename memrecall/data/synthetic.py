@@ -87,8 +87,8 @@ TEXT_FORM = "leading-spaces"
 
 
 def task_key(config: TaskConfig) -> dict:
-  """What identifies a task's examples in the keys of results and resumes: its settings, and
-  for the text form how it is written."""
+  """What identifies a task's examples in the keys of evaluation results and data sources, and
+  (its `text_form`) of training resumes: its settings, and for the text form how it is written."""
   key = dataclasses.asdict(config)
   if config.form == "text":
     key["text_form"] = TEXT_FORM

@@ -42,8 +42,9 @@ def recall_pretraining_chunks(ids: np.ndarray, mask: np.ndarray, ratio: int,
   whose rows are consecutive (B / len(rngs) each), so an example's shuffles do not depend on
   which process builds it among which others.  Returns ids, mask and the target mask (the
   repeated half only) [B, 2H].  Each repeated unit's first token follows a unit drawn at
-  random, a floor under the loss; it stays scored: unscored (tried 2026-12-07), the demo's SFT
-  left its plateau at step 750, not 450, and ended at 46.9%, not 100% (one run each).
+  random, a floor under the loss; it stays scored: unscored (tried 2026-12-07), the demo's early
+  SFT never reached 20% by step 800 (at 450 scored) and the final SFT ended at 46.9%, not 100%
+  (one run each).
   """
   b, h = ids.shape
   if h % ratio:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from memrecall.data import synthetic
 from memrecall.method.recall import abstract_inference_layout, inference_layout
 from memrecall.models import qwen2 as model_lib
 from memrecall.models.placement import Placement, placement
@@ -211,9 +213,9 @@ def _check_same_data(saved: list[dict], now: list[dict], workdir: str) -> None:
   """A resumed run reads the data its checkpoints were trained on: a file rewritten in place
   (same name, other rows) would silently change the stream from the resumed step on."""
   if saved != now:
-    changed = [f"{new['file']}: {k} {old.get(k)} there, {new.get(k)} now"
-               for old, new in zip(saved, now) for k in sorted(set(old) | set(new))
-               if k != "file" and old.get(k) != new.get(k)
+    changed = [f"{new.get('file', old.get('file'))}: {k} {old.get(k)} there, {new.get(k)} now"
+               for old, new in itertools.zip_longest(saved, now, fillvalue={})
+               for k in sorted(set(old) | set(new)) if k != "file" and old.get(k) != new.get(k)
                ] or [f"{len(saved)} files there, {len(now)} now"]
     raise ConfigError(f"{workdir}'s checkpoints were trained on other data.train content "
                       f"({'; '.join(changed)}): restore the data, or train in another --workdir")
@@ -355,8 +357,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   if latest is not None:  # before any parameter is built
     _check_same_run(checkpointer.saved_json(latest, "config"), config_json, workdir)
     saved_inputs = checkpointer.saved_json(latest, "data").get("inputs")
-  data_keys = ([{"file": named.path, **named.key()} for named in run.train_sources]
-               if run.task is None else [])
+  if run.task is None:
+    data_keys = [{"file": named.path, **named.key()} for named in run.train_sources]
+  else:  # a task's examples follow its settings (the config's) and how its text form is written
+    key = synthetic.task_key(run.task)
+    data_keys = ([{"file": f"synthetic:{run.task.task}", "text_form": key["text_form"]}]
+                 if "text_form" in key else [])
   if saved_inputs is not None:
     _check_same_data(saved_inputs["data"], data_keys, workdir)
     _check_same_tokenizer(saved_inputs.get("tokenizer"), run.tokenizer, workdir)

@@ -1,6 +1,7 @@
 """The trainer: sharded steps, restoring on another mesh, and bad input (exact resume after a
 SIGTERM: tests/train/test_preemption.py)."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -191,6 +192,28 @@ def test_a_resume_refuses_training_data_rewritten_in_place(tmp_path):
   corpus.write_text("alpha beta gamma delta " * 400)  # restored: it resumes
   trainer.train(config, str(tmp_path / "run"), log=quiet)
   assert checkpoint.steps(str(tmp_path / "run"))[-1] == 4
+
+
+def test_a_text_form_resume_refuses_text_written_another_way(tmp_path, monkeypatch):
+  """A text-form task's run records how its text is written (synthetic.TEXT_FORM): a run
+  started before the text changed (its checkpoints record no text_form) is refused by name;
+  the ids form records nothing, so its runs resume as before."""
+  from memrecall.data import synthetic
+  config = small_config("compressor", steps=2)
+  config.task.form, config.task.length = "text", 128  # room for two facts as text
+  with monkeypatch.context() as m:  # the code before: keys without the text's writing
+    m.setattr(synthetic, "task_key", lambda task: dataclasses.asdict(task))
+    trainer.train(config, str(tmp_path / "text"), log=quiet)
+  config.train.steps = 4
+  with pytest.raises(trainer.ConfigError, match=r"synthetic:multihop: text_form None there, "
+                                                r"leading-spaces now"):
+    trainer.train(config, str(tmp_path / "text"), log=quiet)
+  assert checkpoint.steps(str(tmp_path / "text")) == [2]
+  ids = small_config("compressor", steps=2)
+  trainer.train(ids, str(tmp_path / "ids"), log=quiet)
+  ids.train.steps = 4
+  trainer.train(ids, str(tmp_path / "ids"), log=quiet)
+  assert checkpoint.steps(str(tmp_path / "ids"))[-1] == 4
 
 
 def test_a_resume_refuses_a_tokenizer_edited_in_place(tmp_path):
