@@ -378,16 +378,18 @@ def make_example(config: TaskConfig, seed: int, index: int, tokenizer=None) -> E
       piece = str(rng.choice(_FILLER))
       if len(tokenizer.encode(piece)) <= remaining:
         return piece
-      # The last filler: words, then spaces, until the length is exact.  Spaces, not dots: a
-      # run of spaces before the next segment's " Word" breaks pre-tokens where the cut does,
-      # and "..." after a segment's "." would be one pre-token across it.
+      # The last filler: words, then " ." and at most single spaces, each while it adds tokens,
+      # until the length is exact.  " ." is a pre-token of its own (dots after a segment's "."
+      # were one pre-token across the cut), and a tokenizer that merges or drops runs of
+      # spaces cannot keep the loop going: a piece that adds no token ends it.
       text = ""
       for word in words:
         if len(tokenizer.encode(text + " " + word)) > remaining:
           break
         text += " " + word
-      while len(tokenizer.encode(text + " ")) <= remaining:
-        text += " "
+      for pad in (" .", " "):
+        while len(tokenizer.encode(text)) < len(tokenizer.encode(text + pad)) <= remaining:
+          text += pad
       return text or " "
   else:
     names = None

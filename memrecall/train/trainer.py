@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -213,12 +212,17 @@ def _check_same_data(saved: list[dict], now: list[dict], workdir: str) -> None:
   """A resumed run reads the data its checkpoints were trained on: a file rewritten in place
   (same name, other rows) would silently change the stream from the resumed step on."""
   if saved != now:
-    changed = [f"{new.get('file', old.get('file'))}: {k} {old.get(k)} there, {new.get(k)} now"
-               for old, new in itertools.zip_longest(saved, now, fillvalue={})
-               for k in sorted(set(old) | set(new)) if k != "file" and old.get(k) != new.get(k)
-               ] or [f"{len(saved)} files there, {len(now)} now"]
+    # Matched by source, not position: a source added or dropped is named (its keys None).
+    there, here = ({entry["file"]: entry for entry in entries} for entries in (saved, now))
+    changed = [f"{name}: {k} {there.get(name, {}).get(k)} there, {here.get(name, {}).get(k)} now"
+               for name in dict.fromkeys([*here, *there])
+               for k in sorted(set(there.get(name, {})) | set(here.get(name, {})))
+               if k != "file" and there.get(name, {}).get(k) != here.get(name, {}).get(k)
+               ] or [f"{len(saved)} sources there, {len(now)} now: the same ones, in another "
+                     "order or repeated"]
     raise ConfigError(f"{workdir}'s checkpoints were trained on other data.train content "
-                      f"({'; '.join(changed)}): restore the data, or train in another --workdir")
+                      f"({'; '.join(changed)}): restore the data (or the code that wrote it), "
+                      "or train in another --workdir")
 
 
 def _model_settings(run) -> dict:

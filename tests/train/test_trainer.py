@@ -216,6 +216,18 @@ def test_a_text_form_resume_refuses_text_written_another_way(tmp_path, monkeypat
   assert checkpoint.steps(str(tmp_path / "ids"))[-1] == 4
 
 
+def test_a_data_refusal_names_the_source_added_or_dropped():
+  """Sources are matched by name, not position: dropping the first of two names it."""
+  a, b = {"file": "a.jsonl", "data": "h1"}, {"file": "b.jsonl", "data": "h2"}
+  with pytest.raises(trainer.ConfigError, match=r"\(a.jsonl: data h1 there, None now\)"):
+    trainer._check_same_data([a, b], [b], "run")
+  with pytest.raises(trainer.ConfigError, match=r"\(b.jsonl: data None there, h2 now\)"):
+    trainer._check_same_data([a], [a, b], "run")
+  with pytest.raises(trainer.ConfigError, match="the same ones, in another order"):
+    trainer._check_same_data([a, b], [b, a], "run")
+  trainer._check_same_data([a, b], [a, b], "run")
+
+
 def test_a_resume_refuses_a_tokenizer_edited_in_place(tmp_path):
   shutil.copytree(os.path.join(LYCHEE_TEXT, "hf"), tmp_path / "tok")
   corpus = tmp_path / "corpus.txt"
