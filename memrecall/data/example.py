@@ -4,9 +4,10 @@ A context is a sequence of *segments* (a fact, a paragraph, a "Document i:"
 block): text for real tokenizers, token ids for the small-vocabulary tasks.
 Segments are tokenised one by one and concatenated, so which tokens — and
 therefore which chunks — hold a supporting fact is known exactly for any
-tokenizer and chunk size; a cut between segments is a cut for the tokenizer
-too, so builders cut where its pre-tokens break (ruler_hqa.py).  That gives the gate its labels and SFT its oracle
-memory traces without re-deriving anything from text.
+tokenizer and chunk size.  That gives the gate its labels and SFT its oracle
+memory traces without re-deriving anything from text.  A cut between segments
+is a cut for the tokenizer too, so the builders (ruler_hqa.py, synthetic.py)
+cut where a byte-level BPE's pre-tokens break anyway.
 """
 
 from __future__ import annotations

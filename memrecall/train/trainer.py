@@ -214,12 +214,13 @@ def _check_same_data(saved: list[dict], now: list[dict], workdir: str) -> None:
   if saved != now:
     # Matched by source, not position: a source added or dropped is named (its keys None).
     there, here = ({entry["file"]: entry for entry in entries} for entries in (saved, now))
-    changed = [f"{name}: {k} {there.get(name, {}).get(k)} there, {here.get(name, {}).get(k)} now"
-               for name in dict.fromkeys([*here, *there])
-               for k in sorted(set(there.get(name, {})) | set(here.get(name, {})))
-               if k != "file" and there.get(name, {}).get(k) != here.get(name, {}).get(k)
-               ] or [f"{len(saved)} sources there, {len(now)} now: the same ones, in another "
-                     "order or repeated"]
+    changed = []
+    for name in dict.fromkeys([*here, *there]):
+      old, new = there.get(name, {}), here.get(name, {})
+      changed += [f"{name}: {k} {old.get(k)} there, {new.get(k)} now"
+                  for k in sorted(set(old) | set(new)) if k != "file" and old.get(k) != new.get(k)]
+    changed = changed or [f"{len(saved)} sources there, {len(now)} now: the same ones, in "
+                          "another order or repeated"]
     raise ConfigError(f"{workdir}'s checkpoints were trained on other data.train content "
                       f"({'; '.join(changed)}): restore the data (or the code that wrote it), "
                       "or train in another --workdir")

@@ -396,7 +396,6 @@ def test_own_paragraphs_on_memagents_slots(rows):
       assert slots == {11, 18, 27, 29, 37, 41, 42, 43, 44, 48}, (row.id, sorted(slots))
 
 
-
 def test_segments_split_where_qwen2_pre_tokens_do(rows, built):
   """Segment-by-segment tokenisation equals the whole context's for Qwen2's byte-level BPE
   (any merges): every cut falls between pre-tokens of the whole text."""
