@@ -74,6 +74,33 @@ def test_random_init_matches_reference_through_export(tmp_path, monkeypatch, que
   assert _valid_rel_error(logits, ref, mask) <= 1e-5
 
 
+def test_a_config_is_initialised_by_one_traced_program():
+  """A second `init_params` of the same config (and mesh) runs the program the first compiled,
+  with new values from a new key: a jit made per call traced and lowered it again each time."""
+  from jax import monitoring
+  config = ModelConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_layers=2,
+                       num_heads=2, num_kv_heads=1, head_dim=8)
+  keys = [jax.random.key(seed) for seed in range(3)]
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",))
+  traces = []
+  def count(event, duration, **kw):
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      traces.append(duration)
+  monitoring.register_event_duration_secs_listener(count)
+  try:
+    first = model.init_params(config, keys[0])
+    once = len(traces)
+    second = model.init_params(config, keys[1])
+    again = len(traces)
+    model.init_params(config, keys[2], mesh)  # another mesh: its own program
+  finally:
+    monitoring.unregister_event_duration_listener(count)
+  assert once >= 1 and again == once and len(traces) > again
+  embed = lambda p: np.asarray(p["embedding"])
+  assert embed(first).shape == embed(second).shape and not np.array_equal(embed(first),
+                                                                          embed(second))
+
+
 @pytest.mark.parametrize("query_block", [model.QUERY_BLOCK, 2])
 def test_cached_decode_equals_full_forward_at_every_step(tiny_dir, monkeypatch, query_block):
   """query_block 2: the prompt written into a cache with room after it attends in blocks."""
