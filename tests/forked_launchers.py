@@ -1,19 +1,24 @@
 """Launcher commands run as `python launch/SCRIPT.py ARGS` would, each in a process forked from
 one server that imported JAX, Flax, Orbax and memrecall once.
 
-tests/test_bad_inputs.py runs ~90 launcher commands that each stop at their first check; as
-fresh interpreters, importing those packages was most of each command's second.  The server
-imports them (with nothing printed: `LauncherServer` refuses to start otherwise, since a user's
-launcher would print it too), then for each command forks a child that changes to the
-command's directory, takes its argv and sys.path[0], sends file descriptors 1 and 2 to a file,
-runs the script as `__main__`, runs the exit handlers and exits with the status the
-interpreter would give.  No JAX backend is started before the fork (the children start their
-own), and the server has no thread of its own but numpy's BLAS pool, which is fork-safe.
+Tests run launcher commands by the hundred (tests/test_bad_inputs.py's ~90 each stop at their
+first check; the launcher tests run whole evaluations and trainings); as fresh interpreters,
+importing those packages took 1.5 s of each command on the 2-core machine.  The server imports
+them (with nothing printed: `LauncherServer` refuses to start otherwise, since a user's
+launcher would print it too), then for each command forks a child that takes the command's
+environment, changes to its directory, takes its argv and sys.path[0], sends file descriptors
+1 and 2 to two files, runs the script as `__main__`, runs the exit handlers and exits with the
+status the interpreter would give.  No JAX backend is started before the fork (each child
+starts its own, so XLA_FLAGS such as the simulated device count are the command's), and the
+server has no thread of its own but numpy's BLAS pool, which is fork-safe.  What JAX read
+from the environment at import (every JAX_* variable) is the server's: a command whose JAX_*
+variables differ is refused, not run with the server's.
 
-Protocol: one JSON request per line on the server's stdin ({"script", "args", "cwd",
-"timeout"}), one JSON reply per line on its stdout ({"code", "output"}).
+Protocol: one JSON request per line on the server's stdin ({"script", "args", "cwd", "env",
+"timeout"}), one JSON reply per line on its stdout ({"code", "stdout", "stderr"}).
 """
 
+import atexit
 import json
 import os
 import shutil
@@ -27,10 +32,15 @@ PRELOADED = ("numpy", "jax", "jax.numpy", "flax", "flax.linen", "optax", "orbax.
              "memrecall.evaluate.evaluator", "memrecall.train.trainer")
 
 
+def _jax_variables(env: dict) -> dict:
+  return {k: v for k, v in env.items() if k.startswith("JAX_")}
+
+
 class LauncherServer:
   """A server process started with `env`; `run` one command at a time, `close` at the end."""
 
   def __init__(self, env: dict):
+    self._env = dict(env)
     self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     ready = json.loads(self._proc.stdout.readline() or "null")
@@ -39,21 +49,60 @@ class LauncherServer:
       raise RuntimeError("the launcher server did not start cleanly: importing "
                          f"{', '.join(PRELOADED)} printed {ready and ready['import_output']!r}")
 
-  def run(self, script: str, args: list[str], cwd: str, timeout: float = 300) -> tuple[int, str]:
-    """(exit status, stdout and stderr together) of `python script *args` run in `cwd`."""
+  def run(self, script: str, args: list[str], cwd: str, timeout: float = 300,
+          env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python script *args` run in `cwd` with `env` (the server's by default): its exit
+    status, stdout and stderr, as `subprocess.run(..., capture_output=True, text=True)` gives."""
+    env = self._env if env is None else env
+    if _jax_variables(env) != _jax_variables(self._env):
+      raise ValueError(
+          "JAX read its JAX_* variables when the server imported it: start a server with "
+          f"{_jax_variables(env)} for this command (the server has {_jax_variables(self._env)})")
     self._proc.stdin.write(json.dumps({"script": script, "args": args, "cwd": cwd,
-                                       "timeout": timeout}) + "\n")
+                                       "env": dict(env), "timeout": timeout}) + "\n")
     self._proc.stdin.flush()
     line = self._proc.stdout.readline()
     if not line:
       raise RuntimeError(f"the launcher server exited (status {self._proc.wait()}) running "
                          f"{script} {' '.join(args)}")
     reply = json.loads(line)
-    return reply["code"], reply["output"]
+    return subprocess.CompletedProcess([sys.executable, script, *args], reply["code"],
+                                       reply["stdout"], reply["stderr"])
 
   def close(self) -> None:
     self._proc.stdin.close()
     self._proc.wait(timeout=60)
+
+
+class LauncherPool:
+  """Servers by the JAX_* variables of the commands' environments, each started at its first
+  command: `run` takes any environment."""
+
+  def __init__(self):
+    self._servers: dict[tuple, LauncherServer] = {}
+
+  def run(self, script: str, args: list[str], cwd: str, env: dict, timeout: float = 300
+          ) -> subprocess.CompletedProcess:
+    key = tuple(sorted(_jax_variables(env).items()))
+    if key not in self._servers:
+      self._servers[key] = LauncherServer(env)
+    return self._servers[key].run(script, args, cwd, timeout, env)
+
+  def close(self) -> None:
+    for server in self._servers.values():
+      server.close()
+    self._servers.clear()
+
+
+_POOL = LauncherPool()
+atexit.register(_POOL.close)
+
+
+def run(script: str, args: list[str], env: dict, cwd: str | None = None, timeout: float = 300
+        ) -> subprocess.CompletedProcess:
+  """`subprocess.run([sys.executable, script, *args], env=env, cwd=cwd, capture_output=True,
+  text=True)` through this process's servers (a timeout: status -9, not an exception)."""
+  return _POOL.run(script, list(args), cwd or os.getcwd(), env, timeout)
 
 
 def _exit_status(exit: SystemExit) -> int:
@@ -66,16 +115,18 @@ def _exit_status(exit: SystemExit) -> int:
   return 1
 
 
-def _child(request: dict, output_path: str) -> None:
+def _child(request: dict, stdout_path: str, stderr_path: str) -> None:
   """Runs one request in this forked process and never returns."""
   import atexit
   import runpy
   import traceback
   code = 1
   try:
-    fd = os.open(output_path, os.O_WRONLY | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+      os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # fd 0 is the server's protocol
+    os.environ.clear()
+    os.environ.update(request["env"])
     os.chdir(request["cwd"])
     sys.argv = [request["script"], *request["args"]]
     sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))
@@ -115,10 +166,12 @@ def serve() -> None:
   protocol = os.fdopen(os.dup(1), "w")
   # Not a TemporaryDirectory: its clean-up runs at exit, and the children run the exit handlers.
   scratch = tempfile.mkdtemp(prefix="memrecall-launcher-server-")
-  output_path = os.path.join(scratch, "output")
+  output_path, stdout_path, stderr_path = (os.path.join(scratch, name)
+                                           for name in ("output", "stdout", "stderr"))
   try:
-    with open(output_path, "w"):
-      pass
+    for path in (output_path, stdout_path, stderr_path):
+      with open(path, "w"):
+        pass
     saved = os.dup(1), os.dup(2)
     fd = os.open(output_path, os.O_WRONLY)
     os.dup2(fd, 1)
@@ -140,9 +193,11 @@ def serve() -> None:
       request = json.loads(line)
       pid = os.fork()
       if pid == 0:
-        _child(request, output_path)
+        _child(request, stdout_path, stderr_path)
       code = _wait(pid, request["timeout"])
-      protocol.write(json.dumps({"code": code, "output": open(output_path).read()}) + "\n")
+      read = lambda path: open(path, errors="replace").read()
+      protocol.write(json.dumps({"code": code, "stdout": read(stdout_path),
+                                 "stderr": read(stderr_path)}) + "\n")
       protocol.flush()
   finally:
     shutil.rmtree(scratch, ignore_errors=True)

@@ -2,19 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+from tests import forked_launchers
 from tests.conftest import LYCHEE_TEXT, cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*flags, devices=1):
-  env = cpu_env(devices)
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "answer.py"), *flags],
-                        capture_output=True, text=True, env=env, timeout=600)
+  return forked_launchers.run(os.path.join(ROOT, "launch", "answer.py"), flags, cpu_env(devices),
+                             timeout=600)
 
 
 def test_answer_bank_reuse_and_mismatch(tmp_path, lychee_dir, lychee_reference):

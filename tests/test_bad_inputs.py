@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 from tests.conftest import LYCHEE_TEXT, cpu_env
-from tests.forked_launchers import LauncherServer
+from tests import forked_launchers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = LYCHEE_TEXT
@@ -404,11 +404,10 @@ CASES = [pytest.param(script, *case[:3], case[3] if len(case) > 3 else None,
          for case in cases]
 
 
-@pytest.fixture(scope="module")
-def launchers():
-  server = LauncherServer(ENV)
-  yield server
-  server.close()
+def _launch(script: str, args: list[str], cwd: str) -> tuple[int, str]:
+  """(exit status, stdout then stderr) of a launcher command run through the forked server."""
+  proc = forked_launchers.run(script, args, ENV, cwd=cwd)
+  return proc.returncode, proc.stdout + proc.stderr
 
 
 def _snapshot(*directories) -> dict[str, str]:
@@ -426,21 +425,45 @@ def _snapshot(*directories) -> dict[str, str]:
     'import sys\nsys.exit("a message")',
     'import atexit, os\natexit.register(print, "at exit")\nos.write(2, b"fd 2\\n")\n'
     'print(__name__, os.path.basename(os.getcwd()))',
-    'raise ValueError("unexpected")'], ids=["exit_2", "exit_message", "fd_2_and_exit_handler",
-                                             "uncaught"])
-def test_a_forked_command_reports_what_a_fresh_interpreter_does(launchers, tmp_path, body):
-  """The status and output of tests/forked_launchers.py are a fresh `python script` run's (the
+    'raise ValueError("unexpected")',
+    # The command's environment, devices and an empty stdin (fd 0 is the server's protocol).
+    'import os, sys, jax\nprint(os.environ["MEMRECALL_PROBE"], jax.device_count(), '
+    'repr(sys.stdin.read()))'],
+    ids=["exit_2", "exit_message", "fd_2_and_exit_handler", "uncaught", "environment"])
+def test_a_forked_command_reports_what_a_fresh_interpreter_does(tmp_path, body):
+  """The status and outputs of tests/forked_launchers.py are a fresh `python script` run's (the
   traceback's frames aside: runpy's and the server's sit above the script's)."""
   script = tmp_path / "script.py"
   script.write_text(body + "\n")
-  fresh = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=ENV,
-                         cwd=str(tmp_path), timeout=120)
-  code, output = launchers.run(str(script), [], str(tmp_path))
-  assert code == fresh.returncode
+  env = {**cpu_env(3), "MEMRECALL_PROBE": "probe"}
+  fresh = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         cwd=str(tmp_path), timeout=120, stdin=subprocess.DEVNULL)
+  forked = forked_launchers.run(str(script), [], env, cwd=str(tmp_path))
+  assert forked.returncode == fresh.returncode
   if "raise" in body:
-    assert output.startswith("Traceback") and output.endswith("ValueError: unexpected\n")
+    assert forked.stdout == "" and forked.stderr.startswith("Traceback")
+    assert forked.stderr.endswith("ValueError: unexpected\n")
   else:
-    assert sorted(output.splitlines()) == sorted((fresh.stdout + fresh.stderr).splitlines())
+    assert (forked.stdout, forked.stderr) == (fresh.stdout, fresh.stderr)
+  if "PROBE" in body:
+    assert forked.stdout == "probe 3 ''\n"
+
+
+def test_a_command_whose_jax_variables_differ_gets_its_own_server(tmp_path):
+  """JAX reads JAX_* variables once, at import: a command that sets other values runs in a
+  server started with them, not in one whose JAX already read the old ones."""
+  script = tmp_path / "script.py"
+  script.write_text("import jax\nprint(jax.config.read(\"jax_disable_most_optimizations\"))\n")
+  for value in ("true", "false", "true"):
+    env = {**cpu_env(), "JAX_DISABLE_MOST_OPTIMIZATIONS": value}
+    assert forked_launchers.run(str(script), [], env).stdout == f"{value == 'true'}\n"
+  server = forked_launchers.LauncherServer(cpu_env())
+  try:
+    with pytest.raises(ValueError, match="JAX_DISABLE_MOST_OPTIMIZATIONS"):
+      server.run(str(script), [], str(tmp_path),
+                 env={**cpu_env(), "JAX_DISABLE_MOST_OPTIMIZATIONS": "false"})
+  finally:
+    server.close()
 
 
 def test_the_table_is_large_enough():
@@ -448,7 +471,7 @@ def test_the_table_is_large_enough():
 
 
 @pytest.mark.parametrize("script,name,args,expected,prepare", CASES)
-def test_bad_input(world, launchers, tmp_path, script, name, args, expected, prepare):
+def test_bad_input(world, tmp_path, script, name, args, expected, prepare):
   del name
   out = tmp_path / "out"
   out.mkdir()
@@ -456,7 +479,7 @@ def test_bad_input(world, launchers, tmp_path, script, name, args, expected, pre
     prepare(world, out)
   before = _snapshot(out, world["root"])
   command = [a.format(**world, out=out) for a in args]
-  code, output = launchers.run(os.path.join(ROOT, "launch", script), command, str(tmp_path))
+  code, output = _launch(os.path.join(ROOT, "launch", script), command, str(tmp_path))
   output = output.strip()
   assert code == 2, output
   assert expected in output, output
@@ -472,10 +495,10 @@ def test_bad_input(world, launchers, tmp_path, script, name, args, expected, pre
     ("train.py", ["--[no]distributed", "--coordinator_address"]),
     ("eval.py", ["--[no]distributed", "--mesh", "--matmul_precision"]),
     ("answer.py", ["--mesh"]), ("generate.py", []), ("plan.py", []), ("demo.py", [])])
-def test_help_lists_the_shared_flags(launchers, tmp_path, script, shared):
+def test_help_lists_the_shared_flags(tmp_path, script, shared):
   """`--help` lists a launcher's flags, the shared modules' too (README: every launcher's
   --help lists all its flags; absl shows only the main module's unless they are adopted)."""
-  code, output = launchers.run(os.path.join(ROOT, "launch", script), ["--help"], str(tmp_path))
+  code, output = _launch(os.path.join(ROOT, "launch", script), ["--help"], str(tmp_path))
   assert code == 0, output  # absl's --help exits 1; asked-for help is a success
   for flag in ["--[no]verbose"] + shared:
     assert flag in output, (flag, output[-2000:])

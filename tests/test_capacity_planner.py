@@ -3,8 +3,6 @@ on, each row's fit verdict as launch/compile.py gives it, and mesh-aware terms."
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -12,6 +10,7 @@ import pytest
 from configs import models
 from memrecall.capacity import aot, memory_plan
 from memrecall.models.config import ModelConfig
+from tests import forked_launchers
 from tests.conftest import xla_defaults_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +22,8 @@ E, M, L, H, K, D = 3584, 18944, 28, 28, 4, 128
 
 
 def _plan(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), *args],
-                        capture_output=True, text=True, env=ENV, timeout=120, cwd=ROOT)
+  return forked_launchers.run(os.path.join(ROOT, "launch", "plan.py"), args, ENV, cwd=ROOT,
+                             timeout=120)
 
 
 def _qwen7b(**changes):

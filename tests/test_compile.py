@@ -10,13 +10,12 @@ row that says by how much it does not fit, never a traceback.
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from memrecall.capacity import gpu_hosts, targets, tpu_slices
+from tests import forked_launchers
 from tests.conftest import needs_cuda_plugin, needs_libtpu, xla_defaults_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,13 +23,9 @@ ENV = xla_defaults_env()
 ENV.pop("MEMRECALL_VERBOSE", None)
 
 
-def _command(*args):
-  return [sys.executable, os.path.join(ROOT, "launch", "compile.py"), *args]
-
-
 def _compile(*args, timeout=300):
-  return subprocess.run(_command(*args), capture_output=True, text=True, env=ENV,
-                        timeout=timeout)
+  return forked_launchers.run(os.path.join(ROOT, "launch", "compile.py"), args, ENV,
+                              timeout=timeout)
 
 
 @pytest.mark.parametrize("name,topology,chips", [
@@ -138,9 +133,8 @@ def test_evaluation_compiles_on_one_process_s_chips_with_tensor_weights_and_plan
   (row,) = report["rows"]
   assert row["loop_reduce_gib"] > 0 and row["loop_gather_gib"] < row["loop_reduce_gib"]
   plan = tmp_path / "plan.json"
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), "--all",
-                         f"--records={tmp_path}", f"--output_json={plan}"],
-                        capture_output=True, text=True, env=ENV, timeout=300)
+  proc = forked_launchers.run(os.path.join(ROOT, "launch", "plan.py"),
+                              ["--all", f"--records={tmp_path}", f"--output_json={plan}"], ENV)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "evaluation's weights tensor on {'data': 2, 'fsdp': 1, 'tensor': 2}" in proc.stdout
   (estimate,) = json.load(open(plan))

@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,10 +11,17 @@ import pytest
 from memrecall import run_builder
 from memrecall.evaluate import evaluator, report
 from memrecall.models import qwen2 as model
+from tests import forked_launchers
 from tests.conftest import cpu_env
 from tests.train.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(script: str, *flags: str, devices: int = 1):
+  """`python launch/SCRIPT FLAGS` from the repository root on `devices` CPU devices."""
+  return forked_launchers.run(os.path.join(ROOT, "launch", script), flags, cpu_env(devices),
+                              cwd=ROOT, timeout=600)
 
 
 def test_every_mode_at_two_lengths_with_plots(tmp_path):
@@ -196,10 +201,7 @@ def test_runs_score_uses_the_shared_metric():
 
 
 def test_eval_launcher_errors(tmp_path):
-  env = cpu_env()
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "eval.py"),
-                         "--config=configs/tiny.py:sft", f"--checkpoint={tmp_path}"],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  proc = _launch("eval.py", "--config=configs/tiny.py:sft", f"--checkpoint={tmp_path}")
   assert proc.returncode != 0 and "has no checkpoints/ directory" in proc.stderr
 
 
@@ -236,10 +238,7 @@ def test_launchers_evaluate_with_the_runs_own_threshold_and_precision(tmp_path):
   config.gate.threshold = 0.75  # the fresh gate scores every block 0.5: none passes
   config.model.matmul_precision = "highest"
   _untrained_workdir(tmp_path / "run", config)
-  env = cpu_env()
-  launch = lambda script, *flags: subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", script), f"--checkpoint={tmp_path / 'run'}",
-       *flags], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  launch = lambda script, *flags: _launch(script, f"--checkpoint={tmp_path / 'run'}", *flags)
   proc = launch("eval.py", "--lengths=1", "--examples=2", "--modes=gate", "--batch_size=2",
                 "--latency_examples=0", f"--output_dir={tmp_path / 'eval'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -275,13 +274,11 @@ def test_config_sweep_takes_the_size_flags(tmp_path):
   (WORKDIR/eval_stepN), not into orbax's folder."""
   _untrained_workdir(tmp_path / "run", small_config("sft"))
   shapes = ["--config.model.num_layers=2", "--config.task.length=64", "--config.mesh.fsdp=1"]
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "eval.py"),
-       f"--checkpoint={tmp_path / 'run' / 'checkpoints' / '1'}",
-       "--config=configs/tiny.py:sft", *shapes, "--chunk_size=32", "--memory_size=6",
-       "--answer_tokens=5", "--question_tokens=4", "--lengths=1", "--examples=2", "--modes=all",
-       "--batch_size=2", "--latency_examples=0"],
-      capture_output=True, text=True, env=cpu_env(), cwd=ROOT, timeout=600)
+  proc = _launch(
+      "eval.py", f"--checkpoint={tmp_path / 'run' / 'checkpoints' / '1'}",
+      "--config=configs/tiny.py:sft", *shapes, "--chunk_size=32", "--memory_size=6",
+      "--answer_tokens=5", "--question_tokens=4", "--lengths=1", "--examples=2", "--modes=all",
+      "--batch_size=2", "--latency_examples=0")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "relevance head" not in proc.stderr  # mode all reads no gate: nothing to say
   assert "eval" not in os.listdir(tmp_path / "run" / "checkpoints" / "1")
@@ -297,11 +294,10 @@ def test_a_pod_runs_workdir_is_evaluated_on_the_devices_this_process_has(tmp_pat
   config = small_config("sft")
   config.mesh.fsdp = 4
   _untrained_workdir(tmp_path / "run", config)
-  launch = lambda *flags: subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "eval.py"), f"--checkpoint={tmp_path / 'run'}",
-       "--lengths=1", "--examples=2", "--modes=all", "--batch_size=2", "--latency_examples=0",
-       f"--output_dir={tmp_path / 'eval'}", *flags],
-      capture_output=True, text=True, env=cpu_env(devices=2), cwd=ROOT, timeout=600)
+  launch = lambda *flags: _launch(
+      "eval.py", f"--checkpoint={tmp_path / 'run'}", "--lengths=1", "--examples=2",
+      "--modes=all", "--batch_size=2", "--latency_examples=0", f"--output_dir={tmp_path / 'eval'}",
+      *flags, devices=2)
   proc = launch()
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "the run's mesh does not fit this process" in proc.stderr
@@ -371,14 +367,12 @@ def test_eval_launcher_runs_memagents_harness_protocol(tmp_path):
   """--prompts=memagent_recurrent --temperature --top_p --seed reach the evaluation: the rows
   are keyed by the harness's answer extraction and the samples' seed."""
   from tests.conftest import LYCHEE_TEXT
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "eval.py"),
-       f"--hf_checkpoint={os.path.join(LYCHEE_TEXT, 'hf')}",
-       f"--data=rows:{os.path.join(LYCHEE_TEXT, 'rows.json')}", "--limit=1", "--modes=memagent",
-       "--prompts=memagent_recurrent", "--chunk_size=1024", "--memory_size=4",
-       "--answer_tokens=4", "--temperature=0.7", "--top_p=0.95", "--seed=3",
-       f"--output_dir={tmp_path / 'eval'}"],
-      capture_output=True, text=True, env=cpu_env(), cwd=ROOT, timeout=600)
+  proc = _launch(
+      "eval.py", f"--hf_checkpoint={os.path.join(LYCHEE_TEXT, 'hf')}",
+      f"--data=rows:{os.path.join(LYCHEE_TEXT, 'rows.json')}", "--limit=1", "--modes=memagent",
+      "--prompts=memagent_recurrent", "--chunk_size=1024", "--memory_size=4",
+      "--answer_tokens=4", "--temperature=0.7", "--top_p=0.95", "--seed=3",
+      f"--output_dir={tmp_path / 'eval'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   key, = json.load(open(tmp_path / "eval" / "keys.json")).values()
   assert key["answer_scoring"].endswith("after 'the answer is'") and key["sample_seed"] == 3

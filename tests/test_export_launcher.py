@@ -3,8 +3,6 @@ adapters included, in either dtype; an existing export is never replaced."""
 
 import json
 import os
-import subprocess
-import sys
 
 import flax.traverse_util
 import jax
@@ -14,6 +12,7 @@ import numpy as np
 from memrecall import run_builder
 from memrecall.models import hf_checkpoint, qwen2 as model
 from memrecall.runtime.checkpoint import Checkpointer
+from tests import forked_launchers
 from tests.conftest import cpu_env
 from tests.train.conftest import small_config
 
@@ -38,8 +37,8 @@ def _trained_looking_workdir(directory) -> dict:
 
 
 def _export(*flags):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"), *flags],
-                        capture_output=True, text=True, env=cpu_env(), cwd=ROOT, timeout=600)
+  return forked_launchers.run(os.path.join(ROOT, "launch", "export.py"), flags, cpu_env(),
+                             cwd=ROOT, timeout=600)
 
 
 def test_an_export_reads_back_as_the_runs_weights_gate_included(tmp_path):

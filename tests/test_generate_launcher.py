@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from memrecall.models import hf_checkpoint, sampling
+from tests import forked_launchers
 from tests.conftest import xla_defaults_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*flags):
-  env = xla_defaults_env()
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"), *flags],
-                        capture_output=True, text=True, env=env, timeout=300)
+  return forked_launchers.run(os.path.join(ROOT, "launch", "generate.py"), flags,
+                             xla_defaults_env())
 
 
 @pytest.mark.parametrize("flags, settings, seed", [

@@ -69,11 +69,10 @@ def test_bank_and_the_train_steps_terms():
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 
+from tests import forked_launchers
 from tests.conftest import xla_defaults_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,8 +135,8 @@ def test_the_7b_terms_by_hand():
 
 
 def _plan(*args, timeout=300):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), *args],
-                        capture_output=True, text=True, env=ENV, timeout=timeout, cwd=ROOT)
+  return forked_launchers.run(os.path.join(ROOT, "launch", "plan.py"), args, ENV, cwd=ROOT,
+                             timeout=timeout)
 
 
 def test_a_rollout_split_over_tensor_is_estimated_on_its_own_mesh():

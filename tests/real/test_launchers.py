@@ -3,11 +3,10 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+from tests import forked_launchers
 from tests.conftest import cpu_env
 from tests.conftest import LYCHEE_TEXT
 from tests.real.conftest import ROOT
@@ -25,8 +24,8 @@ TOY = ["--config.model.param_dtype=float32", "--config.model.dtype=float32",
 
 
 def launch(script: str, *args: str, cwd: str = ROOT, check: bool = True):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args],
-                        capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+  proc = forked_launchers.run(os.path.join(ROOT, "launch", script), args, ENV, cwd=cwd,
+                              timeout=600)
   if check:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   return proc

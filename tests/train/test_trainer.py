@@ -6,8 +6,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import flax.traverse_util
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 from memrecall import run_builder
 from memrecall.runtime import checkpoint, jsonl
 from memrecall.train import trainer
+from tests import forked_launchers
 from tests.conftest import LYCHEE_TEXT, xla_defaults_env
 from tests.train.conftest import small_config
 
@@ -112,11 +111,9 @@ def test_bad_input_gives_clear_errors(tmp_path):
   unsharded.mesh.data, unsharded.mesh.fsdp = 2, 4  # 4 rows a microbatch on 8 batch shards
   with pytest.raises(trainer.ConfigError, match="do not split over the mesh's 8 batch shards"):
     trainer.train(unsharded, str(tmp_path / "z"), log=quiet)
-  env = xla_defaults_env()
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
-                         "--config=configs/tiny.py:sft", f"--workdir={tmp_path / 'y'}",
-                         "--config.train.no_such_key=3"], capture_output=True, text=True,
-                        env=env, cwd=ROOT, timeout=300)
+  proc = forked_launchers.run(os.path.join(ROOT, "launch", "train.py"),
+                              ["--config=configs/tiny.py:sft", f"--workdir={tmp_path / 'y'}",
+                               "--config.train.no_such_key=3"], xla_defaults_env(), cwd=ROOT)
   assert proc.returncode != 0 and "no_such_key" in proc.stderr
 
 
