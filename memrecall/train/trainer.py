@@ -11,7 +11,9 @@ the RNG and the data position all come back from the latest checkpoint.
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -305,6 +307,37 @@ def _init_step(config: ml_collections.ConfigDict, recorded: int | None, workdir:
   return recorded
 
 
+# Settings no program of a stage reads: a `train` that differs from an earlier one only in these
+# (a resume to more steps, a rerun in a notebook, the same stage from another checkpoint of the
+# same model) runs that call's jitted programs again (`_kept_programs`).
+_NOT_TRACED = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep",
+               "train.async_checkpoint", "init", "demo")
+# The jitted programs of the last few runs, with their compiled executables.
+_KEPT_RUNS = 4
+_KEPT: collections.OrderedDict = collections.OrderedDict()
+
+
+def _kept_programs(config: ml_collections.ConfigDict, run: Run, make: Callable[[], dict]) -> dict:
+  """`make()`'s jitted programs, or those it made for an earlier run that traces the same.
+
+  Each `jax.jit` made anew traces, lowers and fetches its program again, even when the
+  compilation cache has it: a repeated `train` of the tests' tiny model took 2.0 s (SFT) and
+  3.3 s (RL) with new jits, 0.8 and 0.9 s with these (2-core machine); more with a real model.
+  The key is every setting but `_NOT_TRACED`, with what the run built from files (the model's
+  and compressor's settings, the prompts' ids, the tokenizer) and the mesh."""
+  settings = {k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+              if not any(k == n or k.startswith(n + ".") for n in _NOT_TRACED)}
+  key = (json.dumps(settings, sort_keys=True), run.model, run.compressor, run.reasoner,
+         run.prompts, run.tokenizer.fingerprint, run.mesh)
+  if key in _KEPT:
+    _KEPT.move_to_end(key)
+    return _KEPT[key]
+  programs = _KEPT[key] = make()
+  while len(_KEPT) > _KEPT_RUNS:
+    _KEPT.popitem(last=False)
+  return programs
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The stage, the train block's counts and RL's choices, before any work: `train`'s, and
   launch/compile.py's for the same step (a batch of 0 rows ended there in a ZeroDivisionError)."""
@@ -409,13 +442,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     if distributed.is_primary():  # after every check: a refused run changes nothing
       run.save_assets(workdir)
     paths = state_lib.trainable_paths(params, config.train.trainable)
-    create = lambda p: state_lib.create_train_state(p, config.train.trainable, optimizer,
-                                                    config.seed)
+    trainable, seed = config.train.trainable, config.seed
+    create = lambda p: state_lib.create_train_state(p, trainable, optimizer, seed)
     shape = jax.eval_shape(create, params)
     shardings = state_lib.state_shardings(run.model, shape, run.mesh)
+    programs = _kept_programs(config, run, lambda: {
+        "create": jax.jit(create, out_shardings=shardings),
+        "step": jit_train_step(stage, optimizer, paths, microbatches, updates),
+        **stage.jitted()})
+    stage.use(programs)
     data = {"step": 0, "inputs": inputs}
     if latest is None:
-      state = jax.jit(create, out_shardings=shardings)(params)
+      state = programs["create"](params)
     else:
       abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               shape, shardings)
@@ -432,7 +470,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     if stage.rollout_weights is not None and run.mesh.size > 1 and distributed.is_primary():
       log(stage.rollout_weights.line)
     del params  # the state holds its own copy; this one would double the weights' memory
-    step_fn = jit_train_step(stage, optimizer, paths, microbatches, updates)
+    step_fn = programs["step"]
     writer = MetricsWriter(os.path.join(workdir, "logs", config.stage), resumed_at=int(state.step))
     console = _Console(config.train.steps, int(state.step))
     window = _WindowMeans()
@@ -532,8 +570,8 @@ def make_optimizer(config: ml_collections.ConfigDict):
 
 def jit_train_step(stage: "_Stage", optimizer, paths, microbatches: int, updates: int = 1):
   """The stage's jitted step (state donated): what `train` runs and launch/compile.py compiles."""
-  return jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches, updates),
-                 donate_argnums=0)
+  return jax.jit(state_lib.make_train_step(stage.objective(), optimizer, paths, microbatches,
+                                           updates), donate_argnums=0)
 
 
 def abstract_train_state(run: Run, optimizer):
@@ -644,6 +682,13 @@ class _Stage(abc.ABC):
     """Called once with the run's initial parameters (a resumed run's too: not the restored
     ones)."""
 
+  def jitted(self) -> dict:
+    """The stage's own jitted programs besides the step, by name (`_kept_programs`)."""
+    return {}
+
+  def use(self, programs: dict) -> None:
+    """Runs `programs` (`jitted()`'s, perhaps made by an equal stage of an earlier run)."""
+
   @abc.abstractmethod
   def batch(self, step: int, state, rows: slice) -> tuple[Any, dict]:
     """This process's `rows` of the global batch of `step` (deterministic in step), and extra
@@ -659,8 +704,10 @@ class _Stage(abc.ABC):
     return self.run.examples(step * per_step + rows.start, rows.stop - rows.start, step=step)
 
   @abc.abstractmethod
-  def loss(self, params, batch, rng):
-    """(loss, metrics) of the trainable parameters on a batch."""
+  def objective(self) -> Callable:
+    """loss(params, batch, rng) -> (loss, metrics) of the trainable parameters on a batch.  It
+    closes over settings only, not the stage: the programs traced from it outlive the run
+    (`_kept_programs`), which must not keep the run's data and device arrays alive."""
 
 
 class CompressorStage(_Stage):
@@ -695,8 +742,9 @@ class CompressorStage(_Stage):
     return (_shape((lines, 2 * half), np.int32), _shape((lines, 2 * half), bool),
             _shape((lines, 2 * half), bool))
 
-  def loss(self, params, batch, rng):
-    return objectives.compressor_loss(params, self.setup, *batch)
+  def objective(self):
+    setup = self.setup
+    return lambda params, batch, rng: objectives.compressor_loss(params, setup, *batch)
 
 
 def oracle_turns(run: Run, examples, oracle: bool = True) -> objectives.TurnBatch:
@@ -736,10 +784,10 @@ class SFTStage(_Stage):
   def batch_shapes(self, rows):
     return turn_shapes(self.run, rows)
 
-  def loss(self, params, batch, rng):
-    c = self.run.config
-    return objectives.sft_loss(params, self.setup, batch, c.sft.gate_weight, c.gate.threshold,
-                               c.gate.positive_weight)
+  def objective(self):
+    c, setup = self.run.config, self.setup
+    weights = c.sft.gate_weight, c.gate.threshold, c.gate.positive_weight
+    return lambda params, batch, rng: objectives.sft_loss(params, setup, batch, *weights)
 
 
 class GateStage(_Stage):
@@ -760,9 +808,10 @@ class GateStage(_Stage):
         question_mask=t.question_mask, memory_ids=t.memory_ids, memory_mask=t.memory_mask,
         labels=t.labels, valid=t.labels)
 
-  def loss(self, params, batch, rng):
-    g = self.run.config.gate
-    return objectives.gate_loss(params, self.setup, batch, g.threshold, g.positive_weight)
+  def objective(self):
+    g, setup = self.run.config.gate, self.setup
+    weights = g.threshold, g.positive_weight
+    return lambda params, batch, rng: objectives.gate_loss(params, setup, batch, *weights)
 
 
 def rollout_placement(run: Run, reader=None, device_memory: int | None = None) -> Placement:
@@ -800,8 +849,10 @@ class RLStage(_Stage):
     # Every output is [rows, ...], on the rows of the mesh the loop ran on (left to the
     # compiler, an output of a data x tensor loop may come back split as training splits rows,
     # which has no name on that mesh).
-    self._rollout = jax.jit(self._read_for_inference, out_shardings=sharding_lib.rows_sharding(
-        (self.batch_size,), self.rollout_weights.mesh))
+    # (Closed over the reader and placement, not the stage: see `objective`.)
+    self._rollout = jax.jit(
+        functools.partial(_read_for_inference, self.reader, self.rollout_weights),
+        out_shardings=sharding_lib.rows_sharding((self.batch_size,), self.rollout_weights.mesh))
     # With several updates per batch, the policy's log-probs before the first are scored in a
     # pass of their own (verl's recomputed old log-probs): the later updates' ratios move.
     self.recompute = rl.old_logprobs == "policy" and updates_per_step(run.config) > 1
@@ -810,8 +861,15 @@ class RLStage(_Stage):
                                   kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
                                   temperature=self.reader.setup.sampling.logprob_temperature,
                                   old_logprobs="recomputed" if self.recompute else rl.old_logprobs)
+    setup, temperature = self.setup, self.rl.temperature
     self._score = jax.jit(lambda p, turns: objectives.trajectory_logprobs(
-        p, self.setup, turns, temperature=self.rl.temperature))
+        p, setup, turns, temperature=temperature))
+
+  def jitted(self):
+    return {"rollout": self._rollout, "score": self._score}
+
+  def use(self, programs):
+    self._rollout, self._score = programs["rollout"], programs["score"]
 
   def start(self, params):
     r = self.run
@@ -826,31 +884,6 @@ class RLStage(_Stage):
   def _inputs(turns) -> tuple:
     """What the reader reads of `turns`: [B, N, C] chunks and [B, Q] questions."""
     return turns.chunk_ids, turns.chunk_mask, turns.question, turns.question_mask
-
-  def _read_for_inference(self, params, inputs, rng):
-    # The weights in the inference layout first, as evaluation reads them: one array per layer
-    # in the compute dtype, so the decode loop reads each in place (the training layout
-    # sliced, and under fsdp gathered, the stack at every decode step).
-    params, setup = inference_layout(params, self.reader.setup)
-    reader = self.reader.with_setup(setup)
-    placed = self.rollout_weights
-    if placed.weights == "sharded":
-      return reader.read(params, inputs, rng)
-    # Moved once here, not gathered layer by layer at every decode step (rl.rollout_weights):
-    # whole on every device, or split over `tensor` of the same devices, where the loop then
-    # runs (its activations' constraints name that mesh's axes).
-    shardings = (sharding_lib.replicated(placed.mesh) if placed.weights == "replicated" else
-                 sharding_lib.param_shardings(model_lib.abstract_params(setup.model),
-                                              placed.mesh))
-    params = jax.lax.with_sharding_constraint(params, shardings)
-    # The rows too, once: on data x tensor they split over data alone.
-    inputs = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-        x, sharding_lib.rows_sharding(x.shape, placed.mesh)), inputs)
-    # And the key, which the loop folds with each block's index made on that mesh (jax 0.11
-    # refuses operands of two meshes).
-    rng = jax.lax.with_sharding_constraint(rng, sharding_lib.replicated(placed.mesh))
-    with jax.sharding.use_abstract_mesh(placed.mesh.abstract_mesh):
-      return reader.read(params, inputs, rng)
 
   def rollout(self, params, turns, rng):
     """G rollouts per question, read by the run's reader from the chunks of `turns`."""
@@ -952,8 +985,35 @@ class RLStage(_Stage):
                   "answer_length": float(everyone.answer.lengths.mean())})
     return batch, extra
 
-  def loss(self, params, batch, rng):
-    return objectives.rl_loss(params, self.setup, self.rl, batch)
+  def objective(self):
+    setup, rl = self.setup, self.rl
+    return lambda params, batch, rng: objectives.rl_loss(params, setup, rl, batch)
+
+
+def _read_for_inference(reader, placed: Placement, params, inputs, rng):
+  """RL's rollout: `reader` reads `inputs` with `params` placed as `placed` says."""
+  # The weights in the inference layout first, as evaluation reads them: one array per layer
+  # in the compute dtype, so the decode loop reads each in place (the training layout
+  # sliced, and under fsdp gathered, the stack at every decode step).
+  params, setup = inference_layout(params, reader.setup)
+  reader = reader.with_setup(setup)
+  if placed.weights == "sharded":
+    return reader.read(params, inputs, rng)
+  # Moved once here, not gathered layer by layer at every decode step (rl.rollout_weights):
+  # whole on every device, or split over `tensor` of the same devices, where the loop then
+  # runs (its activations' constraints name that mesh's axes).
+  shardings = (sharding_lib.replicated(placed.mesh) if placed.weights == "replicated" else
+               sharding_lib.param_shardings(model_lib.abstract_params(setup.model),
+                                            placed.mesh))
+  params = jax.lax.with_sharding_constraint(params, shardings)
+  # The rows too, once: on data x tensor they split over data alone.
+  inputs = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, sharding_lib.rows_sharding(x.shape, placed.mesh)), inputs)
+  # And the key, which the loop folds with each block's index made on that mesh (jax 0.11
+  # refuses operands of two meshes).
+  rng = jax.lax.with_sharding_constraint(rng, sharding_lib.replicated(placed.mesh))
+  with jax.sharding.use_abstract_mesh(placed.mesh.abstract_mesh):
+    return reader.read(params, inputs, rng)
 
 
 _STAGES: dict[str, Callable[[Run], _Stage]] = {

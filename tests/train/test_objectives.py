@@ -30,7 +30,7 @@ def _fit(stage_name, steps, lr, trainable=None):
   state = state_lib.create_train_state(params, config.train.trainable, optimizer, 0)
   stage.start(state.params)
   batch, _ = stage.batch(0, state, slice(0, config.train.batch_size))
-  step = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths))
+  step = jax.jit(state_lib.make_train_step(stage.objective(), optimizer, paths))
   losses = []
   for _ in range(steps):
     state, metrics = step(state, batch)
@@ -444,11 +444,11 @@ def test_sft_trains_the_gate_jointly_with_its_weighted_bce():
   batch, _ = stage.batch(0, state, slice(0, config.train.batch_size))
   labels, valid = np.asarray(batch.labels), np.asarray(batch.chunk_mask).any(-1)
   assert 0 < labels[valid].sum() < valid.sum()
-  metrics = state_lib.resolve_ratios(stage.loss(state.params, batch, None)[1])
+  metrics = state_lib.resolve_ratios(stage.objective()(state.params, batch, None)[1])
   # The head starts at zero: every logit 0, each chunk's BCE log 2 whatever its weight; the
   # weight shows in the gradient, which pushes positives up 3x as hard as negatives down.
   np.testing.assert_allclose(metrics["gate_bce"], np.log(2), rtol=1e-6)
-  step = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths))
+  step = jax.jit(state_lib.make_train_step(stage.objective(), optimizer, paths))
   bces = []
   for _ in range(5):
     state, metrics = step(state, batch)
@@ -460,7 +460,8 @@ def test_sft_trains_the_gate_jointly_with_its_weighted_bce():
   assert pos > neg
   bce = lambda w: float(state_lib.resolve_ratios(
       objectives.sft_loss(state.params, stage.setup, batch, 1.0, 0.5, w)[1])["gate_bce"])
-  staged = float(state_lib.resolve_ratios(stage.loss(state.params, batch, None)[1])["gate_bce"])
+  staged = state_lib.resolve_ratios(stage.objective()(state.params, batch, None)[1])
+  staged = float(staged["gate_bce"])
   assert staged == pytest.approx(bce(3.0), rel=1e-6) and abs(bce(1.0) - staged) > 1e-4
   frozen = small_config("sft")
   frozen.sft.gate_weight = 1.0  # train.trainable stays "backbone"
@@ -504,8 +505,8 @@ def test_microbatches_of_unequal_turns_give_the_whole_batchs_step(aggregation):
   out = {}
   for k in (1, 2):
     fresh = state_lib.create_train_state(params, "backbone", optimizer, 0)
-    out[k] = jax.jit(state_lib.make_train_step(stage.loss, optimizer, paths, microbatches=k))(
-        fresh, batch)
+    step = jax.jit(state_lib.make_train_step(stage.objective(), optimizer, paths, microbatches=k))
+    out[k] = step(fresh, batch)
   (s1, m1), (s2, m2) = out[1], out[2]
   for key in ("loss", "grad_norm", "kl", "entropy", "rollout_logprob_gap"):
     np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, atol=1e-7, err_msg=key)
@@ -594,7 +595,7 @@ def test_keeping_every_blocks_residuals_gives_the_same_gradient_with_fewer_matmu
     params = model.init_params(run.model, jax.random.key(0))
     stage.start(params)
     batch, _ = stage.batch(0, None, slice(0, config.train.batch_size))
-    grad = jax.grad(lambda p: stage.loss(p, batch, jax.random.key(0))[0])
+    grad = jax.grad(lambda p: stage.objective()(p, batch, jax.random.key(0))[0])
     matmuls[remat_blocks] = _matmuls(jax.make_jaxpr(grad)(params).jaxpr)
     temp[remat_blocks] = jax.jit(grad).lower(params).compile().memory_analysis().temp_size_in_bytes
     grads[remat_blocks] = jax.jit(grad)(params)

@@ -2,6 +2,7 @@
 SIGTERM: tests/train/test_preemption.py)."""
 
 import dataclasses
+import gc
 import glob
 import json
 import os
@@ -68,6 +69,44 @@ def test_sharded_steps_match_one_device_and_restore_on_one_device(tmp_path):
   trainer.train(small_config("sft", steps=2), str(tmp_path / "eight"), log=lines.append)
   assert any("nothing to train: the run is at step 4 and train.steps is 2" in line
              for line in lines), lines
+
+
+def _lowerings(run):
+  """How many programs `run()` lowered to MLIR (traced anew, not a jit's earlier program)."""
+  from jax import monitoring
+  lowered = []
+  def count(event, duration, **kw):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(duration)
+  monitoring.register_event_duration_secs_listener(count)
+  try:
+    run()
+  finally:
+    monitoring.unregister_event_duration_listener(count)
+  return len(lowered)
+
+
+def test_a_run_that_traces_the_same_reuses_the_earlier_runs_programs():
+  """`train` keeps its jitted programs by every setting a program reads: a config that differs
+  in untraced settings only (steps, logging, checkpointing, init) gets the earlier programs,
+  one with another learning rate (or model, or mesh) programs of its own.  (The RL resume test
+  below checks that a kept run lowers nothing and resumes bit for bit.)"""
+  # pylint: disable=protected-access
+  trainer._KEPT.clear()
+  made = []
+  def kept(config):  # which call of `make` made the programs `train` would run
+    make = lambda: made.append(config) or len(made)
+    return trainer._kept_programs(config, run_builder.build_run(config), make)
+  assert kept(small_config("rl", steps=2)) == 1
+  untraced = small_config("rl", steps=5, log_every=5, checkpoint_every=5, keep=2)
+  untraced.init.checkpoint = "/elsewhere"
+  assert kept(untraced) == 1
+  for change in ("optimizer.learning_rate", "rl.kl_coef", "model.num_layers", "mesh.fsdp"):
+    other = small_config("rl", steps=2)
+    section, name = change.split(".")
+    other[section][name] = other[section][name] * 2
+    assert kept(other) == len(made) > 1 and made[-1] is other, change
+  assert len(made) == 5 and len(trainer._KEPT) == trainer._KEPT_RUNS
 
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
@@ -159,10 +198,13 @@ def test_rl_resumed_mid_run_keeps_the_initial_policy_as_its_kl_reference(tmp_pat
   config.init.checkpoint = sft
   config.rl.kl_coef = 0.5  # large enough that the reference moves the parameters visibly
   trainer.train(config, str(tmp_path / "straight"), log=quiet)
-  trainer.train(config, str(tmp_path / "resumed"), log=quiet, stop_at=lambda step, p: step == 2)
+  # The same run again in this process runs the programs the first compiled (`_kept_programs`):
+  # nothing is traced and lowered anew.
+  assert _lowerings(lambda: trainer.train(config, str(tmp_path / "resumed"), log=quiet,
+                                          stop_at=lambda step, p: step == 2)) == 0
   assert max(map(int, os.listdir(tmp_path / "resumed" / "checkpoints"))) == 2
   trainer.train(small_config("sft", steps=4), sft, log=quiet)  # the SFT run goes on to step 4
-  trainer.train(config, str(tmp_path / "resumed"), log=quiet)
+  assert _lowerings(lambda: trainer.train(config, str(tmp_path / "resumed"), log=quiet)) == 0
   straight, _ = checkpoint.load_params(str(tmp_path / "straight"))
   resumed, _ = checkpoint.load_params(str(tmp_path / "resumed"))
   for key, value in _leaves(straight).items():
@@ -174,6 +216,10 @@ def test_rl_resumed_mid_run_keeps_the_initial_policy_as_its_kl_reference(tmp_pat
   with pytest.raises(trainer.ConfigError, match=r"started from step 2 of init.checkpoint"):
     trainer.train(config, str(tmp_path / "resumed"), log=quiet)
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == before
+  # The kept programs close over settings, not over a stage (its run's data sources, RL's
+  # reference weights on device): none outlives its `train`.
+  gc.collect()
+  assert not [o for o in gc.get_objects() if isinstance(o, trainer.RLStage)]
 
 
 def test_a_resume_refuses_training_data_rewritten_in_place(tmp_path):
