@@ -218,7 +218,9 @@ def _release_compiled_programs():
   yield
   import gc
   import jax
+  from memrecall.train import trainer  # pylint: disable=g-import-not-at-top
   jax.clear_caches()
+  trainer.clear_kept_programs()  # (their jits would trace again anyway)
   gc.collect()
 
 

@@ -10,9 +10,12 @@ environment, changes to its directory, takes its argv and sys.path[0], sends fil
 1 and 2 to two files, runs the script as `__main__`, runs the exit handlers and exits with the
 status the interpreter would give.  No JAX backend is started before the fork (each child
 starts its own, so XLA_FLAGS such as the simulated device count are the command's), and the
-server has no thread of its own but numpy's BLAS pool, which is fork-safe.  What JAX read
-from the environment at import (every JAX_* variable) is the server's: a command whose JAX_*
-variables differ is refused, not run with the server's.
+server has no thread of its own but numpy's BLAS pool, which is fork-safe.  What was read
+from the environment at the server's start (JAX's JAX_* settings, Python's, the BLAS threads',
+the temporary directory, the locale: `READ_AT_START`) is the server's: a command whose values
+differ is refused by a server, and given its own by the pool.  A command must name its
+platform (JAX_PLATFORMS): a launcher's own choice of it before importing JAX comes too late in
+a child.
 
 Protocol: one JSON request per line on the server's stdin ({"script", "args", "cwd", "env",
 "timeout"}), one JSON reply per line on its stdout ({"code", "stdout", "stderr"}).
@@ -32,14 +35,24 @@ PRELOADED = ("numpy", "jax", "jax.numpy", "flax", "flax.linen", "optax", "orbax.
              "memrecall.evaluate.evaluator", "memrecall.train.trainer")
 
 
-def _jax_variables(env: dict) -> dict:
-  return {k: v for k, v in env.items() if k.startswith("JAX_")}
+# Environment variables read when the server starts (at import, or cached then), by prefix or
+# name; XLA_FLAGS is not: each child's backend reads it when it starts.
+READ_AT_START = ("JAX_", "PYTHON", "TF_CPP_", "OMP_", "OPENBLAS_", "MKL_", "LC_", "LANG",
+                 "TMPDIR")
+
+
+def _read_at_start(env: dict) -> dict:
+  return {k: v for k, v in env.items() if k.startswith(READ_AT_START)}
 
 
 class LauncherServer:
   """A server process started with `env`; `run` one command at a time, `close` at the end."""
 
   def __init__(self, env: dict):
+    if "JAX_PLATFORMS" not in env:
+      raise ValueError("a launcher server's commands name their platform (JAX_PLATFORMS): a "
+                       "launcher's own choice, made before it imports JAX, would come too late in "
+                       "a forked child; run such a command as a fresh process")
     self._env = dict(env)
     self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -54,10 +67,11 @@ class LauncherServer:
     """`python script *args` run in `cwd` with `env` (the server's by default): its exit
     status, stdout and stderr, as `subprocess.run(..., capture_output=True, text=True)` gives."""
     env = self._env if env is None else env
-    if _jax_variables(env) != _jax_variables(self._env):
-      raise ValueError(
-          "JAX read its JAX_* variables when the server imported it: start a server with "
-          f"{_jax_variables(env)} for this command (the server has {_jax_variables(self._env)})")
+    ours, theirs = _read_at_start(self._env), _read_at_start(env)
+    if ours != theirs:
+      differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+      raise ValueError(f"{', '.join(differ)} were read when this server started: start one with "
+                       "the command's environment (`LauncherPool` does)")
     self._proc.stdin.write(json.dumps({"script": script, "args": args, "cwd": cwd,
                                        "env": dict(env), "timeout": timeout}) + "\n")
     self._proc.stdin.flush()
@@ -75,15 +89,15 @@ class LauncherServer:
 
 
 class LauncherPool:
-  """Servers by the JAX_* variables of the commands' environments, each started at its first
-  command: `run` takes any environment."""
+  """Servers by the commands' `READ_AT_START` variables, each started at its first command:
+  `run` takes any environment that names its platform."""
 
   def __init__(self):
     self._servers: dict[tuple, LauncherServer] = {}
 
   def run(self, script: str, args: list[str], cwd: str, env: dict, timeout: float = 300
           ) -> subprocess.CompletedProcess:
-    key = tuple(sorted(_jax_variables(env).items()))
+    key = tuple(sorted(_read_at_start(env).items()))
     if key not in self._servers:
       self._servers[key] = LauncherServer(env)
     return self._servers[key].run(script, args, cwd, timeout, env)
@@ -115,7 +129,8 @@ def _exit_status(exit: SystemExit) -> int:
   return 1
 
 
-def _child(request: dict, stdout_path: str, stderr_path: str) -> None:
+def _child(request: dict, stdout_path: str, stderr_path: str, interpreter_path: list[str]
+           ) -> None:
   """Runs one request in this forked process and never returns."""
   import atexit
   import runpy
@@ -129,7 +144,8 @@ def _child(request: dict, stdout_path: str, stderr_path: str) -> None:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     sys.argv = [request["script"], *request["args"]]
-    sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))
+    # The script's folder first, then the interpreter's own path (not the server's additions).
+    sys.path[:] = [os.path.dirname(os.path.abspath(request["script"]))] + interpreter_path[1:]
     try:
       runpy.run_path(request["script"], run_name="__main__")
       code = 0
@@ -137,6 +153,9 @@ def _child(request: dict, stdout_path: str, stderr_path: str) -> None:
       code = _exit_status(exit)
     except BaseException:  # pylint: disable=broad-except
       traceback.print_exc()
+    # As the interpreter ends: its other (non-daemon) threads joined, then the exit handlers.
+    import threading
+    threading._shutdown()  # pylint: disable=protected-access
     atexit._run_exitfuncs()  # pylint: disable=protected-access
   finally:
     sys.stdout.flush()
@@ -176,6 +195,7 @@ def serve() -> None:
     fd = os.open(output_path, os.O_WRONLY)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    interpreter_path = list(sys.path)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for module in PRELOADED:
       importlib.import_module(module)
@@ -193,7 +213,7 @@ def serve() -> None:
       request = json.loads(line)
       pid = os.fork()
       if pid == 0:
-        _child(request, stdout_path, stderr_path)
+        _child(request, stdout_path, stderr_path, interpreter_path)
       code = _wait(pid, request["timeout"])
       read = lambda path: open(path, errors="replace").read()
       protocol.write(json.dumps({"code": code, "stdout": read(stdout_path),

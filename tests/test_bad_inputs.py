@@ -426,10 +426,15 @@ def _snapshot(*directories) -> dict[str, str]:
     'import atexit, os\natexit.register(print, "at exit")\nos.write(2, b"fd 2\\n")\n'
     'print(__name__, os.path.basename(os.getcwd()))',
     'raise ValueError("unexpected")',
-    # The command's environment, devices and an empty stdin (fd 0 is the server's protocol).
+    # The command's environment, devices, an empty stdin (fd 0 is the server's protocol) and
+    # the interpreter's import path.
     'import os, sys, jax\nprint(os.environ["MEMRECALL_PROBE"], jax.device_count(), '
-    'repr(sys.stdin.read()))'],
-    ids=["exit_2", "exit_message", "fd_2_and_exit_handler", "uncaught", "environment"])
+    'repr(sys.stdin.read()))\nprint(sys.path)',
+    # Threads joined before the exit handlers run, as the interpreter ends.
+    'import atexit, threading, time\natexit.register(print, "at exit")\n'
+    'threading.Thread(target=lambda: (time.sleep(0.3), print("thread", flush=True))).start()'],
+    ids=["exit_2", "exit_message", "fd_2_and_exit_handler", "uncaught", "environment",
+         "thread_then_exit_handler"])
 def test_a_forked_command_reports_what_a_fresh_interpreter_does(tmp_path, body):
   """The status and outputs of tests/forked_launchers.py are a fresh `python script` run's (the
   traceback's frames aside: runpy's and the server's sit above the script's)."""
@@ -446,12 +451,15 @@ def test_a_forked_command_reports_what_a_fresh_interpreter_does(tmp_path, body):
   else:
     assert (forked.stdout, forked.stderr) == (fresh.stdout, fresh.stderr)
   if "PROBE" in body:
-    assert forked.stdout == "probe 3 ''\n"
+    assert forked.stdout.startswith("probe 3 ''\n")
+  if "thread" in body:
+    assert forked.stdout == "thread\nat exit\n"
 
 
-def test_a_command_whose_jax_variables_differ_gets_its_own_server(tmp_path):
-  """JAX reads JAX_* variables once, at import: a command that sets other values runs in a
-  server started with them, not in one whose JAX already read the old ones."""
+def test_a_command_whose_start_up_variables_differ_gets_its_own_server(tmp_path):
+  """JAX reads JAX_* variables once, at import (Python its own, tempfile TMPDIR at first use):
+  a command that sets other values runs in a server started with them, not in one that read
+  the old ones; a command that leaves its platform to the launcher runs in none."""
   script = tmp_path / "script.py"
   script.write_text("import jax\nprint(jax.config.read(\"jax_disable_most_optimizations\"))\n")
   for value in ("true", "false", "true"):
@@ -462,8 +470,17 @@ def test_a_command_whose_jax_variables_differ_gets_its_own_server(tmp_path):
     with pytest.raises(ValueError, match="JAX_DISABLE_MOST_OPTIMIZATIONS"):
       server.run(str(script), [], str(tmp_path),
                  env={**cpu_env(), "JAX_DISABLE_MOST_OPTIMIZATIONS": "false"})
+    with pytest.raises(ValueError, match="TMPDIR"):
+      server.run(str(script), [], str(tmp_path), env={**cpu_env(), "TMPDIR": str(tmp_path)})
   finally:
     server.close()
+  (tmp_path / "tmp").mkdir()
+  script.write_text("import tempfile\nprint(tempfile.gettempdir())\n")
+  moved = forked_launchers.run(str(script), [], {**cpu_env(), "TMPDIR": str(tmp_path / "tmp")})
+  assert moved.stdout == f"{tmp_path / 'tmp'}\n"
+  unnamed = {k: v for k, v in cpu_env().items() if k != "JAX_PLATFORMS"}
+  with pytest.raises(ValueError, match="JAX_PLATFORMS"):
+    forked_launchers.run(str(script), [], unnamed)
 
 
 def test_the_table_is_large_enough():

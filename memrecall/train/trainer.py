@@ -317,18 +317,26 @@ _KEPT_RUNS = 4
 _KEPT: collections.OrderedDict = collections.OrderedDict()
 
 
-def _kept_programs(config: ml_collections.ConfigDict, run: Run, make: Callable[[], dict]) -> dict:
+def clear_kept_programs() -> None:
+  """Forgets the programs `train` keeps (`jax.clear_caches()` does not): after editing the
+  model's or the objectives' code in a running notebook, whose configs did not change."""
+  _KEPT.clear()
+
+
+def _kept_programs(config: ml_collections.ConfigDict, run: Run, make: Callable[[], dict],
+                   *placed) -> dict:
   """`make()`'s jitted programs, or those it made for an earlier run that traces the same.
 
   Each `jax.jit` made anew traces, lowers and fetches its program again, even when the
   compilation cache has it: a repeated `train` of the tests' tiny model took 2.0 s (SFT) and
   3.3 s (RL) with new jits, 0.8 and 0.9 s with these (2-core machine); more with a real model.
   The key is every setting but `_NOT_TRACED`, with what the run built from files (the model's
-  and compressor's settings, the prompts' ids, the tokenizer) and the mesh."""
+  and compressor's settings, the prompts' ids, the tokenizer), the mesh and `placed` (where
+  RL's rollout put its weights, which a device's memory decides)."""
   settings = {k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
               if not any(k == n or k.startswith(n + ".") for n in _NOT_TRACED)}
   key = (json.dumps(settings, sort_keys=True), run.model, run.compressor, run.reasoner,
-         run.prompts, run.tokenizer.fingerprint, run.mesh)
+         run.prompts, run.tokenizer.fingerprint, run.mesh, *placed)
   if key in _KEPT:
     _KEPT.move_to_end(key)
     return _KEPT[key]
@@ -449,7 +457,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     programs = _kept_programs(config, run, lambda: {
         "create": jax.jit(create, out_shardings=shardings),
         "step": jit_train_step(stage, optimizer, paths, microbatches, updates),
-        **stage.jitted()})
+        **stage.jitted()}, stage.rollout_weights)
     stage.use(programs)
     data = {"step": 0, "inputs": inputs}
     if latest is None:

@@ -92,7 +92,7 @@ def test_a_run_that_traces_the_same_reuses_the_earlier_runs_programs():
   one with another learning rate (or model, or mesh) programs of its own.  (The RL resume test
   below checks that a kept run lowers nothing and resumes bit for bit.)"""
   # pylint: disable=protected-access
-  trainer._KEPT.clear()
+  trainer.clear_kept_programs()
   made = []
   def kept(config):  # which call of `make` made the programs `train` would run
     make = lambda: made.append(config) or len(made)
