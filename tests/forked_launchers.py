@@ -6,9 +6,10 @@ first check; the launcher tests run whole evaluations and trainings); as fresh i
 importing those packages took 1.5 s of each command on the 2-core machine.  The server imports
 them (with nothing printed: `LauncherServer` refuses to start otherwise, since a user's
 launcher would print it too), then for each command forks a child that takes the command's
-environment, changes to its directory, takes its argv and sys.path[0], sends file descriptors
-1 and 2 to two files, runs the script as `__main__`, runs the exit handlers and exits with the
-status the interpreter would give.  No JAX backend is started before the fork (each child
+environment, changes to its directory, takes its argv and the interpreter's import path with
+the script's folder first, sends file descriptors 1 and 2 to two files, runs the script as
+`__main__`, joins its threads, runs the exit handlers and exits with the status the
+interpreter would give.  No JAX backend is started before the fork (each child
 starts its own, so XLA_FLAGS such as the simulated device count are the command's), and the
 server has no thread of its own but numpy's BLAS pool, which is fork-safe.  What was read
 from the environment at the server's start (JAX's JAX_* settings, Python's, the BLAS threads',

@@ -323,20 +323,21 @@ def clear_kept_programs() -> None:
   _KEPT.clear()
 
 
-def _kept_programs(config: ml_collections.ConfigDict, run: Run, make: Callable[[], dict],
-                   *placed) -> dict:
+def _kept_programs(config_json: dict, run: Run, make: Callable[[], dict],
+                   rollout: Placement | None = None) -> dict:
   """`make()`'s jitted programs, or those it made for an earlier run that traces the same.
 
   Each `jax.jit` made anew traces, lowers and fetches its program again, even when the
   compilation cache has it: a repeated `train` of the tests' tiny model took 2.0 s (SFT) and
   3.3 s (RL) with new jits, 0.8 and 0.9 s with these (2-core machine); more with a real model.
-  The key is every setting but `_NOT_TRACED`, with what the run built from files (the model's
-  and compressor's settings, the prompts' ids, the tokenizer), the mesh and `placed` (where
-  RL's rollout put its weights, which a device's memory decides)."""
-  settings = {k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+  The key is every setting of `config_json` (the config as `train` saves it) but `_NOT_TRACED`,
+  with what the run built from files (the model's and compressor's settings, the prompts' ids,
+  the tokenizer), the mesh and `rollout` (where RL's rollout puts its weights, which a device's
+  memory decides)."""
+  settings = {k: v for k, v in _flat(config_json).items()
               if not any(k == n or k.startswith(n + ".") for n in _NOT_TRACED)}
   key = (json.dumps(settings, sort_keys=True), run.model, run.compressor, run.reasoner,
-         run.prompts, run.tokenizer.fingerprint, run.mesh, *placed)
+         run.prompts, run.tokenizer.fingerprint, run.mesh, rollout)
   if key in _KEPT:
     _KEPT.move_to_end(key)
     return _KEPT[key]
@@ -454,7 +455,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
     create = lambda p: state_lib.create_train_state(p, trainable, optimizer, seed)
     shape = jax.eval_shape(create, params)
     shardings = state_lib.state_shardings(run.model, shape, run.mesh)
-    programs = _kept_programs(config, run, lambda: {
+    programs = _kept_programs(config_json, run, lambda: {
         "create": jax.jit(create, out_shardings=shardings),
         "step": jit_train_step(stage, optimizer, paths, microbatches, updates),
         **stage.jitted()}, stage.rollout_weights)

@@ -96,7 +96,8 @@ def test_a_run_that_traces_the_same_reuses_the_earlier_runs_programs():
   made = []
   def kept(config):  # which call of `make` made the programs `train` would run
     make = lambda: made.append(config) or len(made)
-    return trainer._kept_programs(config, run_builder.build_run(config), make)
+    return trainer._kept_programs(json.loads(config.to_json_best_effort()),
+                                  run_builder.build_run(config), make)
   assert kept(small_config("rl", steps=2)) == 1
   untraced = small_config("rl", steps=5, log_every=5, checkpoint_every=5, keep=2)
   untraced.init.checkpoint = "/elsewhere"
