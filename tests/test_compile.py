@@ -23,6 +23,11 @@ ENV = xla_defaults_env()
 ENV.pop("MEMRECALL_VERBOSE", None)
 
 
+# The recipe at 2 of its 4 layers, where a test reads what a program places and gathers, not
+# the recipe itself: the per-layer patterns are the same, and the compile about half.
+TWO_LAYERS = "--config.model.num_layers=2"
+
+
 def _compile(*args, timeout=300):
   return forked_launchers.run(os.path.join(ROOT, "launch", "compile.py"), args, ENV,
                               timeout=timeout)
@@ -96,8 +101,9 @@ def test_the_cuda_plugin_carries_a_target_config_for_every_named_card():
 @needs_cuda_plugin
 def test_tiny_recipe_compiles_for_two_deviceless_h100s(tmp_path):
   out = tmp_path / "plan.json"
-  proc = _compile("--config=configs/tiny.py:sft", "--config.mesh.fsdp=2", "--topology=h100:2",
-                  "--eval_modes=gate", "--programs=eval_recall_gate", f"--output_json={out}")
+  proc = _compile("--config=configs/tiny.py:sft", "--config.mesh.fsdp=2", TWO_LAYERS,
+                  "--topology=h100:2", "--eval_modes=gate", "--programs=eval_recall_gate",
+                  f"--output_json={out}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert proc.stderr == "", proc.stderr
   report = json.load(open(out))
@@ -121,7 +127,8 @@ def test_evaluation_compiles_on_one_process_s_chips_with_tensor_weights_and_plan
   data 2, eight a device.  (The tiny model's estimate is not compared with the compiler's:
   fixed buffers outweigh its few KiB; the 7B records are, in tests/test_plan.py.)"""
   out = tmp_path / "tensor.json"
-  proc = _compile("--config=configs/tiny.py:sft", "--topology=v5e:4x4", "--eval_modes=gate",
+  proc = _compile("--config=configs/tiny.py:sft", TWO_LAYERS, "--topology=v5e:4x4",
+                  "--eval_modes=gate",
                   "--weights=tensor", "--programs=eval_recall_gate", f"--output_json={out}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.load(open(out))
@@ -199,7 +206,8 @@ def test_a_tensor_rollout_is_placed_with_the_targets_memory_and_recorded(tmp_pat
   tiny copy fits groups of 2 (memory unknown would take all 4 that split the heads).  The
   line and the record say so, and no loop gathers weights."""
   out = tmp_path / "rollout.json"
-  proc = _compile("--config=configs/tiny.py:rl", "--topology=v5e:2x2", "--programs=rollout",
+  proc = _compile("--config=configs/tiny.py:rl", TWO_LAYERS, "--topology=v5e:2x2",
+                  "--programs=rollout",
                   "--config.rl.rollout_weights=tensor", "--config.model.num_heads=4",
                   "--config.model.num_kv_heads=4", "--config.model.head_dim=16",
                   f"--output_json={out}")

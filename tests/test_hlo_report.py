@@ -116,6 +116,16 @@ def test_array_bytes_of_tuples_and_layouts():
   assert hlo_report.array_bytes("f32[0,5]{1,0}") == 0
 
 
+def _tiny(stage: str):
+  """The tiny recipe at 2 layers: the per-layer patterns these tests read hold at any depth,
+  and 2 layers compile in about half the time of the recipe's 4 on this suite's CPU (the chunk
+  loops' test keeps 4: at 2 the compiler places one outside gather differently)."""
+  from configs import tiny
+  config = tiny.get_config(stage)
+  config.model.num_layers = 2
+  return config
+
+
 def _eval_program(run, params, weights: str, batch: int, memory: int | None = None):
   """Evaluation's gate loop placed as launch/eval.py --weights=`weights` places it."""
   from memrecall.capacity import aot
@@ -135,7 +145,6 @@ def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
   split over a tensor axis of the same devices ("tensor"), no weights either: an iteration
   all-reduces the layers' partial activations instead."""
   import jax
-  from configs import tiny
   from memrecall.capacity import aot, tpu_slices
   from memrecall.run_builder import build_run
   from memrecall.train import trainer
@@ -144,7 +153,7 @@ def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
   for name, axis, weights in (("fsdp", "fsdp", "sharded"), ("data", "data", "sharded"),
                               ("fsdp, replicated", "fsdp", "replicated"),
                               ("fsdp, tensor", "fsdp", "tensor")):
-    config = tiny.get_config("sft")
+    config = _tiny("sft")
     config.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, axis: 4})
     run = build_run(config, devices)
     params = trainer.stage_programs(run)[0].args[0].params
@@ -174,7 +183,7 @@ def test_an_fsdp_mesh_gathers_the_weights_at_every_decode_step():
   assert gathered["data"] < block, (gathered, block)
   # And the tiny model's copy is what launch/eval.py's auto replicates on a v5e chip; on one
   # whose third holds 60% of it, auto splits it over a tensor axis of two devices.
-  run = build_run(tiny.get_config("sft"), devices)
+  run = build_run(_tiny("sft"), devices)
   assert aot.eval_weights(run, "auto", 16 * 2**30).weights == "replicated"
   copy = aot.device_bytes(_eval_program(run, params, "replicated", batch=4).args[0])
   auto = aot.eval_weights(run, "auto", int(1.8 * copy))
@@ -189,12 +198,11 @@ def test_the_bank_moves_to_its_rows_once_when_they_split_over_fewer_devices_than
   all four devices.  The bank is moved to its rows' devices once, before the recall loop:
   an iteration gathers less than one row's block (left to the loop, every iteration
   gathered the bank again)."""
-  from configs import tiny
   from memrecall.capacity import aot, tpu_slices
   from memrecall.run_builder import build_run
   from memrecall.train import trainer
   devices = tpu_slices.deviceless_devices(tpu_slices.parse_slice("v5e:2x2"))
-  config = tiny.get_config("sft")
+  config = _tiny("sft")
   config.mesh.update({"data": 2, "fsdp": 2, "tensor": 1})
   run = build_run(config, devices)
   params = trainer.stage_programs(run)[0].args[0].params
@@ -213,14 +221,13 @@ def test_replicated_or_tensor_rollout_weights_are_moved_once_not_gathered_at_eve
   "tensor": the copy is split over a tensor axis of the same devices (data 2 x tensor 2), and
   a loop iteration all-reduces activations instead of gathering weights."""
   import jax
-  from configs import tiny
   from memrecall.capacity import aot, tpu_slices
   from memrecall.run_builder import build_run
   from memrecall.train import trainer
   devices = tpu_slices.deviceless_devices(tpu_slices.parse_slice("v5e:2x2"))
   gathered, reduced = {}, {}
   for weights in ("sharded", "replicated", "tensor"):
-    config = tiny.get_config("rl")
+    config = _tiny("rl")
     config.mesh.update({"data": 1, "fsdp": 4, "tensor": 1})
     config.rl.rollout_weights = weights
     run = build_run(config, devices)
