@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from memrecall.runtime import jsonl
 from tests.conftest import LYCHEE_TEXT, cpu_env
 
@@ -127,17 +129,39 @@ def test_two_processes_split_rows_merge_like_one_and_resume_after_a_kill(tmp_pat
   assert json.load(open(multi / "results.json")) == json.load(open(single / "results.json"))
 
 
-def test_an_output_dir_that_hosts_do_not_share_is_refused(tmp_path):
-  """Each host's own output directory (a local disk on each) holds only that host's rows:
-  process 0 must fail naming the missing file, not report half the rows with exit status 0."""
+def test_an_output_dir_that_hosts_do_not_share_is_refused_before_any_row(tmp_path):
+  """Each host's own output directory (a local disk on each) would hold only that host's rows:
+  every process stops before its first row, naming the file of the other it cannot see (not
+  after evaluating its share, nor reporting half the rows with exit status 0)."""
   _rows_file(tmp_path / "rows.json")
   port = _free_port()
   procs = [_start(tmp_path, tmp_path / f"host{i}", i, port) for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert procs[0].returncode == 1, outs[0][-3000:]
-  assert procs[1].returncode != 0, outs[1][-3000:]
-  assert "(those of process 1: predictions-00001-of-00002.jsonl is missing there)" in outs[0], \
-      outs[0][-3000:]
-  assert "must be on a file system every host sees" in outs[0]
-  assert not (tmp_path / "host0" / "results.json").exists()
-  assert len(jsonl.read(_own_file(tmp_path / "host0", 0))) == ROWS // 2  # its rows are kept
+  for i, out in enumerate(outs):
+    assert procs[i].returncode == 1, out[-3000:]
+    other = f"predictions-{1 - i:05d}-of-00002.jsonl"
+    assert f"(those of process {1 - i}: {other} is missing there)" in out, out[-3000:]
+    assert "must be on a file system every host sees" in out
+    assert "rows (process" not in out  # no batch was evaluated
+    # Only its own (empty) rows file was made: no key, row or result.
+    assert os.listdir(tmp_path / f"host{i}") == [f"predictions-{i:05d}-of-00002.jsonl"]
+    assert _own_file(tmp_path / f"host{i}", i).read_text() == ""
+
+
+def test_rows_missing_after_every_process_finished_are_named(tmp_path):
+  """The end-of-run check, for a file that is gone or rows its file lacks after the start's
+  check passed: the results would cover a fraction of the rows."""
+  from memrecall.evaluate import evaluator
+  asked = {("m", "d", "all", i) for i in range(4)}
+  rows = [{"model": "m", "data": "d", "mode": "all", "row": i} for i in (0, 2)]
+  (tmp_path / "predictions-00000-of-00002.jsonl").write_text("")
+  with pytest.raises(RuntimeError) as error:
+    evaluator.check_every_row(str(tmp_path), asked, rows, processes=2)
+  assert str(error.value).startswith(
+      f"2 of the 4 rows are not in {tmp_path} after every process finished (those of process 1: "
+      "predictions-00001-of-00002.jsonl is missing there).  The output directory")
+  (tmp_path / "predictions-00001-of-00002.jsonl").write_text("")
+  with pytest.raises(RuntimeError, match="those of process 1: their files lack them"):
+    evaluator.check_every_row(str(tmp_path), asked, rows, processes=2)
+  evaluator.check_every_row(str(tmp_path), asked, rows + [{**rows[0], "row": i} for i in (1, 3)],
+                            processes=2)

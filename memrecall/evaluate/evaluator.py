@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -389,6 +390,41 @@ def merge_predictions(output_dir: str) -> list[dict]:
   return merged + extra
 
 
+# How long a process looks for the others' files before calling the output directory unshared:
+# a network file system may show a file another host has just made a few seconds late.
+SHARED_DIRECTORY_WAIT_S = 10.0
+
+
+def _not_shared(files: Sequence[str], what: str, owners: Sequence[int]) -> str:
+  where = f"{', '.join(files)} {'is' if len(files) == 1 else 'are'} missing there"
+  return (f"{what} (those of process {', '.join(map(str, owners))}: {where}).  The output "
+          "directory (--output_dir) must be on a file system every host sees: each host saves "
+          "its rows in its own copy of it")
+
+
+def check_shared_directory(output_dir: str, process: int, processes: int) -> None:
+  """Before any row: each process makes its own (empty) `predictions_path` file, and after a
+  barrier every process must see all of them, so an output directory that is not one file
+  system for every host (a local disk on each) stops the run at its start, not after every
+  host has evaluated its share (`check_every_row`).  Nothing but those files is written."""
+  if processes == 1:
+    return
+  open(predictions_path(output_dir, process, processes), "a").close()
+  distributed.barrier("memrecall.evaluation.evaluate_data: every process made its rows' file")
+  deadline = time.monotonic() + SHARED_DIRECTORY_WAIT_S
+  while True:
+    owners = [p for p in range(processes)
+              if not os.path.exists(predictions_path(output_dir, p, processes))]
+    if not owners or time.monotonic() > deadline:
+      break
+    time.sleep(0.5)
+  if owners:
+    files = [os.path.basename(predictions_path(output_dir, p, processes)) for p in owners]
+    raise RuntimeError(_not_shared(
+        files, f"process {process} does not see in {output_dir} the files the other "
+        f"processes made there before any row", owners))
+
+
 def check_every_row(output_dir: str, asked: set, records: Sequence[dict],
                     processes: int) -> None:
   """Refuses to report when, after every process finished, rows it asked for are not in
@@ -401,13 +437,12 @@ def check_every_row(output_dir: str, asked: set, records: Sequence[dict],
   owners = sorted({key[3] % processes for key in missing})  # row i: process i mod N
   files = [os.path.basename(predictions_path(output_dir, p, processes)) for p in owners]
   absent = [f for f in files if not os.path.exists(os.path.join(output_dir, f))]
-  where = (f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} missing there" if absent
-           else "their files lack them")
-  raise RuntimeError(
-      f"{len(missing)} of the {len(asked)} rows are not in {output_dir} after every process "
-      f"finished (those of process {', '.join(map(str, owners))}: {where}).  The output "
-      "directory (--output_dir) must be on a file system every host sees: each host saved its "
-      "rows in its own copy of it")
+  what = (f"{len(missing)} of the {len(asked)} rows are not in {output_dir} after every "
+          "process finished")
+  if absent:
+    raise RuntimeError(_not_shared(absent, what, owners))
+  raise RuntimeError(f"{what} (those of process {', '.join(map(str, owners))}: their files lack "
+                     "them)")
 
 
 def _summary_order(group: tuple) -> tuple:
@@ -476,7 +511,8 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
 
   With N processes (jax.distributed) each computes only the rows it owns (row i: process
   i mod N, `distributed.round_robin`) on its own devices, appending them to its own
-  `predictions_path` file; after a barrier process 0 merges them all into predictions.jsonl
+  `predictions_path` file (made before any row, when every process checks that it sees the
+  others': `check_shared_directory`); after a barrier process 0 merges them all into predictions.jsonl
   (`merge_predictions`), every process checks that every row is there (`check_every_row`: an
   output directory hosts do not share is an error), and process 0 writes the results.  A rerun, with
   any number of processes, skips every row found in any of these files.
@@ -488,6 +524,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   report.check_results_kind(output_dir, "data")
   os.makedirs(output_dir, exist_ok=True)
   process, processes = jax.process_index(), jax.process_count()
+  check_shared_directory(output_dir, process, processes)
   path = predictions_path(output_dir, process, processes)
   merged, extra = read_all_predictions(output_dir)
   records = merged + extra
