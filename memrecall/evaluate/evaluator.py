@@ -512,10 +512,10 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   With N processes (jax.distributed) each computes only the rows it owns (row i: process
   i mod N, `distributed.round_robin`) on its own devices, appending them to its own
   `predictions_path` file (made before any row, when every process checks that it sees the
-  others': `check_shared_directory`); after a barrier process 0 merges them all into predictions.jsonl
-  (`merge_predictions`), every process checks that every row is there (`check_every_row`: an
-  output directory hosts do not share is an error), and process 0 writes the results.  A rerun, with
-  any number of processes, skips every row found in any of these files.
+  others': `check_shared_directory`); after a barrier process 0 merges them all into
+  predictions.jsonl (`merge_predictions`), every process checks that every row is there
+  (`check_every_row`), and process 0 writes the results.  A rerun, with any number of
+  processes, skips every row found in any of these files.
   """
   readers.check(modes, "mode")
   gate.warn_if_untrained(params, modes)
