@@ -186,9 +186,13 @@ class Run:
                           text_tokens=self.compressor.chunk_size * self.num_chunks,
                           task=self.task, size=int(d.synthetic_size)), **changes)
 
-  def sources(self, spec: str, **changes) -> list[specs.NamedSource]:
-    """The named sources of a `KIND:PATH[,PATH...]` spec, read with this run's tokenizer."""
-    return specs.open_sources(spec, self.data_options(**changes), self.tokenizer)
+  def sources(self, spec: str, split: str = "test", **changes) -> list[specs.NamedSource]:
+    """The named sources of a `KIND:PATH[,PATH...]` spec, read with this run's tokenizer.
+
+    `split` picks the rows of synthetic and tfds sources: "test", held out from training, by
+    default (as launch/eval.py's --split), so a notebook's evaluation never scores the training
+    stream's own examples; `train_sources` reads "train"."""
+    return specs.open_sources(spec, self.data_options(split=split, **changes), self.tokenizer)
 
   def task_at(self, step: int) -> synthetic.TaskConfig:
     """The synthetic task with the curriculum's distractor density at `step`
@@ -256,7 +260,7 @@ class Run:
     """The files of `data.train`, each opened once."""
     if not self.config.data.train:
       raise ConfigError("data.train is empty: name the training data as KIND:PATH[,PATH...]")
-    return self.sources(self.config.data.train)
+    return self.sources(self.config.data.train, split="train")
 
   @functools.cached_property
   def train_source(self) -> specs.ConcatSource:
@@ -292,8 +296,8 @@ class Run:
                                     answer_is=self.answers_after_phrase)
 
   def answer_texts(self, example: example_lib.TokenizedExample) -> list[str]:
-    """The example's accepted answers as text (its own strings; ids decoded)."""
-    return [a if isinstance(a, str) else self.tokenizer.decode(a) for a in example.example.answers]
+    """The example's accepted answers as text (its own strings; ids decoded by `decode`)."""
+    return [a if isinstance(a, str) else self.decode(a) for a in example.example.answers]
 
   def reward(self, prediction: Sequence[int], example: example_lib.TokenizedExample) -> float:
     """The RL reward: `rl.reward` of `score` (default strict sub-EM: an answer that normalises

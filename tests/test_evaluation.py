@@ -308,9 +308,12 @@ def test_a_pod_runs_workdir_is_evaluated_on_the_devices_this_process_has(tmp_pat
   assert proc.returncode == 2 and "needs 4 devices" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_reported_metrics_are_the_rows_means_and_counts():
+@pytest.mark.parametrize("unlabelled", [(), (2, 3), (0, 1, 2, 3)])
+def test_reported_metrics_are_the_rows_means_and_counts(unlabelled):
   """accuracy, its standard error, blocks read, gate recall and skip rate against hand counts,
-  through `evaluate_mode` with a reader whose answers and reads are scripted."""
+  through `evaluate_mode` with a reader whose answers and reads are scripted.  Gate recall and
+  the skip rate count the rows with labels only (data without supporting facts has none), and
+  are NaN when no row has them."""
   import types
   from memrecall import readers
   from memrecall.models.sampling import SampleOutput
@@ -342,7 +345,7 @@ def test_reported_metrics_are_the_rows_means_and_counts():
       return types.SimpleNamespace(read=output[2])
 
     def block_labels(self, example):
-      return np.asarray(relevant[example.row], bool)
+      return None if example.row in unlabelled else np.asarray(relevant[example.row], bool)
 
   readers.register("scripted")(Scripted)
   try:
@@ -359,8 +362,14 @@ def test_reported_metrics_are_the_rows_means_and_counts():
   assert result.accuracy == pytest.approx(50.0)
   assert result.stderr == pytest.approx(100 * np.std([1, 0, 1, 0], ddof=1) / 2)
   assert result.blocks_read == pytest.approx((2 + 4 + 0 + 1) / 4)
-  assert result.gate_recall == pytest.approx((1 + 2 + 0 + 1) / (1 + 2 + 2 + 1))
-  assert result.skip_rate == pytest.approx(1 - 7 / 16)
+  if not unlabelled:
+    assert result.gate_recall == pytest.approx((1 + 2 + 0 + 1) / (1 + 2 + 2 + 1))
+    assert result.skip_rate == pytest.approx(1 - 7 / 16)
+  elif len(unlabelled) == 2:  # rows 0 and 1 alone
+    assert result.gate_recall == pytest.approx((1 + 2) / (1 + 2))
+    assert result.skip_rate == pytest.approx(1 - (2 + 4) / 8)
+  else:
+    assert np.isnan(result.gate_recall) and np.isnan(result.skip_rate)
 
 
 def test_eval_launcher_runs_memagents_harness_protocol(tmp_path):

@@ -14,6 +14,7 @@ from memrecall import run_builder
 from memrecall.evaluate import evaluator
 from memrecall.runtime import checkpoint
 from memrecall.train import trainer
+from tests.conftest import cpu_env
 from tests.train.conftest import small_config
 from tests.train.test_preemption import leaves, preempt_and_resume
 
@@ -84,3 +85,22 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   resumed = leaves(tmp_path / "preempted")
   for key, value in leaves(tmp_path / "multi").items():
     np.testing.assert_array_equal(resumed[key], value, err_msg=str(key))
+
+
+def test_a_workdir_the_hosts_do_not_share_stops_training_before_any_step(tmp_path):
+  """A local disk on each host: left to run, process 1 failed in orbax at the first checkpoint
+  (waiting for a directory only process 0's disk held) while process 0 hung.  Both stop at
+  the start, naming the workdir, with nothing but the empty workdir left."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(os.path.dirname(HERE), "launch", "train.py"),
+       "--config=configs/tiny.py:sft", f"--workdir={tmp_path / f'host{i}'}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=os.path.dirname(HERE), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=cpu_env(devices=2)) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, out in enumerate(outs):
+    assert procs[i].returncode == 2, out[-3000:]
+    assert (f"workdir {tmp_path / f'host{i}'} must be on a file system every host sees: "
+            f"process {i} does not see there the files process(es) {1 - i} made") in out, out
+    assert os.listdir(tmp_path / f"host{i}") == []

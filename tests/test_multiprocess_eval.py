@@ -131,21 +131,18 @@ def test_two_processes_split_rows_merge_like_one_and_resume_after_a_kill(tmp_pat
 
 def test_an_output_dir_that_hosts_do_not_share_is_refused_before_any_row(tmp_path):
   """Each host's own output directory (a local disk on each) would hold only that host's rows:
-  every process stops before its first row, naming the file of the other it cannot see (not
-  after evaluating its share, nor reporting half the rows with exit status 0)."""
+  every process stops before its first row, naming the other it cannot see (not after
+  evaluating its share, nor reporting half the rows with exit status 0), and leaves nothing."""
   _rows_file(tmp_path / "rows.json")
   port = _free_port()
   procs = [_start(tmp_path, tmp_path / f"host{i}", i, port) for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for i, out in enumerate(outs):
-    assert procs[i].returncode == 1, out[-3000:]
-    other = f"predictions-{1 - i:05d}-of-00002.jsonl"
-    assert f"(those of process {1 - i}: {other} is missing there)" in out, out[-3000:]
-    assert "must be on a file system every host sees" in out
+    assert procs[i].returncode == 2, out[-3000:]
+    assert (f"--output_dir {tmp_path / f'host{i}'} must be on a file system every host sees: "
+            f"process {i} does not see there the files process(es) {1 - i} made") in out, out
     assert "rows (process" not in out  # no batch was evaluated
-    # Only its own (empty) rows file was made: no key, row or result.
-    assert os.listdir(tmp_path / f"host{i}") == [f"predictions-{i:05d}-of-00002.jsonl"]
-    assert _own_file(tmp_path / f"host{i}", i).read_text() == ""
+    assert os.listdir(tmp_path / f"host{i}") == []  # its probe removed, nothing else written
 
 
 def test_rows_missing_after_every_process_finished_are_named(tmp_path):

@@ -166,3 +166,18 @@ def test_blocks_then_answer_has_autodiffs_gradient_in_one_accumulator():
   stack = params["up"].nbytes + params["down"].nbytes
   assert temp["ours", False] <= temp["plain", False] - 0.75 * stack, (temp, stack)
   assert temp["ours", True] < 0.25 * stack, (temp, stack)
+
+
+def test_the_methods_blocks_have_labels_only_where_the_data_names_supporting_facts():
+  """A synthetic example's chunk labels; the same text without supporting facts (a `rows:` file,
+  MemAgent's eval file without --hotpotqa_dev): None, so its gate recall is unknown, not 0."""
+  import dataclasses
+  from memrecall.data.example import tokenize
+  run = run_builder.build_run(small_config("sft"))
+  (labelled,) = run.examples(0, 1)
+  reader = run.reader("gate")
+  labels = reader.block_labels(labelled)
+  np.testing.assert_array_equal(labels, labelled.chunk_labels(run.compressor.chunk_size))
+  assert labels.any() and not labels.all()
+  bare = tokenize(dataclasses.replace(labelled.example, supporting=(), oracle_memory=()))
+  assert reader.block_labels(bare) is None

@@ -91,3 +91,35 @@ def test_ids_form_runs_decode_to_token_names_and_score_a_sampled_answer():
   eos = list(run.model.eos_token_ids)[:1]
   assert run.score(answer + eos, example)["em"] == 1.0
   assert run.score(answer[:-1] + eos, example)["em"] == 0.0
+
+
+def test_a_notebooks_sources_are_the_held_out_split_and_trainings_the_train_split():
+  """`run.sources("synthetic:...")` in a notebook reads the rows launch/eval.py reads (its
+  --split default, test), not the training stream's own examples, which `train_sources` reads."""
+  config = small_config("sft")
+  config.data.train = "synthetic:multihop"
+  run = run_builder.build_run(config)
+  (held_out,) = run.sources("synthetic:multihop")
+  (train,) = run.train_sources
+  (named_test,) = run.sources("synthetic:multihop", split="test")
+  ids = lambda named: [named.source[i].id for i in range(3)]
+  assert ids(held_out) == ids(named_test) and held_out.options == named_test.options
+  assert ids(train) == [e.example.id for e in run.examples(0, 3)]
+  assert not set(ids(held_out)) & set(ids(train))
+  assert held_out.options["split"] == "test" and train.options["split"] == "train"
+
+
+def test_evaluated_rows_of_the_ids_form_read_as_token_names(tmp_path):
+  """predictions.jsonl's text fields decode as `run.decode` does: the byte tokenizer left the
+  ids form's question, prediction and answers empty beside their scores."""
+  from memrecall.evaluate import evaluator
+  from memrecall.runtime import jsonl
+  run = run_builder.build_run(small_config("sft"))
+  evaluator.evaluate_data(run.params(), run, run.sources("synthetic:multihop"), modes=["all"],
+                          output_dir=str(tmp_path), limit=2, batch_size=2, log=lambda *a: None)
+  (named,) = run.sources("synthetic:multihop")
+  for record in jsonl.read(tmp_path / "predictions.jsonl"):
+    example = named.source[record["row"]]
+    assert record["question"] == run.decode(example.question) != ""
+    assert record["answers"] == [run.decode(a) for a in example.answers] != [""]
+    assert record["prediction"] == run.decode(record["prediction_ids"]) != ""

@@ -291,10 +291,14 @@ def open_sources(spec: str | DataSpec, options: DataOptions = DataOptions(),
 
 def _synthetic(spec: DataSpec, options: DataOptions, tokenizer) -> NamedSource:
   if options.task is None:
-    raise DatasetError(f"data spec {spec}: the synthetic kind needs DataOptions.task")
+    raise DatasetError(
+        f"data spec {spec}: synthetic rows are made by a run's synthetic task (its config's "
+        "`task`), and this run has none (a HF checkpoint, or a run trained on data files): "
+        "evaluate a workdir trained on the task (launch/eval.py --checkpoint), or name data "
+        "files (rows:, hotpotqa:, ...)")
   if spec.paths != (options.task.task,):
-    raise DatasetError(f"data spec {spec}: names task {','.join(spec.paths)!r} but "
-                       f"DataOptions.task is {options.task.task!r}")
+    raise DatasetError(f"data spec {spec}: names task {','.join(spec.paths)!r} but the run's "
+                       f"synthetic task is {options.task.task!r}")
   source = SyntheticSource(options.task, split_seed(options.seed, options.split), options.size,
                            tokenizer)
   return NamedSource(name=options.task.task, path=options.task.task, source=source,

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import re
-import time
 from typing import Callable, Sequence
 
 import jax
@@ -166,7 +165,11 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
   with _within(mesh):
     batches, seconds, peak = _in_batches(prepare, examples, batch_size, timed)
     latency = _latency_alone(prepare, examples, latency_examples)
-  scores, reads, relevant_read, relevant, blocks, trace_rows, rows = [], [], 0, 0, 0, [], []
+  scores, reads, trace_rows, rows = [], [], [], []
+  # Over the rows whose blocks have labels: reads of relevant blocks, relevant blocks, blocks,
+  # reads.  Gate recall and the skip rate are theirs (NaN where no row has labels).
+  relevant_read = relevant = blocks = labelled_reads = 0
+  labelled = False
   for group, out in batches:
     answer, trace = reader.answer(out), reader.trace(out)
     for i, ex in enumerate(group):
@@ -183,9 +186,11 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
                    "blocks_read": None if trace is None else int(read.sum()), **row_scores,
                    "truncated": not bool(answer.done[i])})
       if labels is not None:
+        labelled = True
         relevant_read += int((read & labels).sum())
         relevant += int(labels.sum())
         blocks += len(labels)
+        labelled_reads += int(read.sum())
       if len(trace_rows) < keep_traces:
         trace_rows.append({"id": ex.example.id, "answer_ids": predicted,
                            "gold_ids": [list(map(int, g)) for g in ex.answers],
@@ -195,13 +200,11 @@ def evaluate_mode(params, setup: RecallSetup, compressor: CompressorConfig,
           trace_rows[-1].update(gate_scores=columns["gate_scores"], read=columns["read"],
                                 relevant=labels.tolist(), memory_ids=columns["memory_ids"])
   scores = np.asarray(scores)
-  labelled = reader.block_labels(examples[0]) is not None  # gate recall and skips have a meaning
   return EvalResult(accuracy=float(100 * scores.mean()), stderr=_stderr(scores),
                     latency_s=latency, batched_s=seconds / len(examples),
                     blocks_read=float(np.mean(reads)) if reads else float("nan"),
                     gate_recall=relevant_read / max(relevant, 1) if labelled else float("nan"),
-                    skip_rate=(1 - float(np.sum(reads)) / max(blocks, 1) if labelled
-                               else float("nan")),
+                    skip_rate=1 - labelled_reads / max(blocks, 1) if labelled else float("nan"),
                     examples=len(examples), traces=trace_rows, peak_bytes=peak, rows=rows)
 
 
@@ -390,41 +393,6 @@ def merge_predictions(output_dir: str) -> list[dict]:
   return merged + extra
 
 
-# How long a process looks for the others' files before calling the output directory unshared:
-# a network file system may show a file another host has just made a few seconds late.
-SHARED_DIRECTORY_WAIT_S = 10.0
-
-
-def _not_shared(files: Sequence[str], what: str, owners: Sequence[int]) -> str:
-  where = f"{', '.join(files)} {'is' if len(files) == 1 else 'are'} missing there"
-  return (f"{what} (those of process {', '.join(map(str, owners))}: {where}).  The output "
-          "directory (--output_dir) must be on a file system every host sees: each host saves "
-          "its rows in its own copy of it")
-
-
-def check_shared_directory(output_dir: str, process: int, processes: int) -> None:
-  """Before any row: each process makes its own (empty) `predictions_path` file, and after a
-  barrier every process must see all of them, so an output directory that is not one file
-  system for every host (a local disk on each) stops the run at its start, not after every
-  host has evaluated its share (`check_every_row`).  Nothing but those files is written."""
-  if processes == 1:
-    return
-  open(predictions_path(output_dir, process, processes), "a").close()
-  distributed.barrier("memrecall.evaluation.evaluate_data: every process made its rows' file")
-  deadline = time.monotonic() + SHARED_DIRECTORY_WAIT_S
-  while True:
-    owners = [p for p in range(processes)
-              if not os.path.exists(predictions_path(output_dir, p, processes))]
-    if not owners or time.monotonic() > deadline:
-      break
-    time.sleep(0.5)
-  if owners:
-    files = [os.path.basename(predictions_path(output_dir, p, processes)) for p in owners]
-    raise RuntimeError(_not_shared(
-        files, f"process {process} does not see in {output_dir} the files the other "
-        f"processes made there before any row", owners))
-
-
 def check_every_row(output_dir: str, asked: set, records: Sequence[dict],
                     processes: int) -> None:
   """Refuses to report when, after every process finished, rows it asked for are not in
@@ -437,12 +405,13 @@ def check_every_row(output_dir: str, asked: set, records: Sequence[dict],
   owners = sorted({key[3] % processes for key in missing})  # row i: process i mod N
   files = [os.path.basename(predictions_path(output_dir, p, processes)) for p in owners]
   absent = [f for f in files if not os.path.exists(os.path.join(output_dir, f))]
-  what = (f"{len(missing)} of the {len(asked)} rows are not in {output_dir} after every "
-          "process finished")
-  if absent:
-    raise RuntimeError(_not_shared(absent, what, owners))
-  raise RuntimeError(f"{what} (those of process {', '.join(map(str, owners))}: their files lack "
-                     "them)")
+  where = (f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} missing there" if absent
+           else "their files lack them")
+  raise RuntimeError(
+      f"{len(missing)} of the {len(asked)} rows are not in {output_dir} after every process "
+      f"finished (those of process {', '.join(map(str, owners))}: {where}).  The output "
+      "directory (--output_dir) must be on a file system every host sees: each host saved its "
+      "rows in its own copy of it")
 
 
 def _summary_order(group: tuple) -> tuple:
@@ -511,8 +480,8 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
 
   With N processes (jax.distributed) each computes only the rows it owns (row i: process
   i mod N, `distributed.round_robin`) on its own devices, appending them to its own
-  `predictions_path` file (made before any row, when every process checks that it sees the
-  others': `check_shared_directory`); after a barrier process 0 merges them all into
+  `predictions_path` file (an output directory the hosts do not share is refused before any
+  row: `distributed.check_shared_directory`); after a barrier process 0 merges them all into
   predictions.jsonl (`merge_predictions`), every process checks that every row is there
   (`check_every_row`), and process 0 writes the results.  A rerun, with any number of
   processes, skips every row found in any of these files.
@@ -524,7 +493,7 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
   report.check_results_kind(output_dir, "data")
   os.makedirs(output_dir, exist_ok=True)
   process, processes = jax.process_index(), jax.process_count()
-  check_shared_directory(output_dir, process, processes)
+  distributed.check_shared_directory(output_dir, "--output_dir")
   path = predictions_path(output_dir, process, processes)
   merged, extra = read_all_predictions(output_dir)
   records = merged + extra
@@ -581,8 +550,8 @@ def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str
           new.append(report.json_safe({
               "model": model_name, "data": named.name, "mode": mode, "row": i, "id": ex.example.id,
               "num_docs": ex.example.metadata.get("num_docs"), "context_tokens": len(ex.context),
-              "question": question if isinstance(question, str) else run.tokenizer.decode(question),
-              "prediction": run.tokenizer.decode(out["prediction_ids"]), "answers": answers,
+              "question": question if isinstance(question, str) else run.decode(question),
+              "prediction": run.decode(out["prediction_ids"]), "answers": answers,
               **out}))
         jsonl.append(path, new)
         done.update((model_name, named.name, mode, i) for i in rows)

@@ -112,7 +112,11 @@ class MethodReader(Reader):
     return (self.setup.prompts.update.length(question_tokens, self.setup.memory_capacity),
             self.compressor.slots)
 
-  def block_labels(self, example: TokenizedExample) -> np.ndarray:
+  def block_labels(self, example: TokenizedExample) -> np.ndarray | None:
+    # Data without supporting facts (`rows:` files, MemAgent's eval files without
+    # --hotpotqa_dev) has no labels: all-False ones made its gate recall 0 where it is unknown.
+    if not example.example.supporting:
+      return None
     return example.chunk_labels(self.compressor.chunk_size)
 
   # --- training --------------------------------------------------------------------

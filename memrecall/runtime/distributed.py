@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import time
 
 import jax
 import numpy as np
@@ -138,6 +140,51 @@ def barrier(name: str) -> None:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   multihost_utils.sync_global_devices(name)
+
+
+# How long a process looks for the others' probes before calling a directory unshared: a network
+# file system may show a file another host has just made a few seconds late.
+SHARED_DIRECTORY_WAIT_S = 10.0
+
+
+class UnsharedDirectoryError(OSError):
+  """A directory every process must write into as one is not one file system for all hosts:
+  a bad path, so the launchers report it in one line (exit status 2)."""
+
+
+def check_shared_directory(directory: str, flag: str) -> None:
+  """Stops a multi-process run at its start when `directory` (the existing workdir or output
+  directory of `flag`) is not one file system for every host, e.g. a local disk on each.
+
+  Each process makes a probe file there named by a token process 0 draws, and after a barrier
+  looks for every other's.  Left to run, training stopped at its first checkpoint in orbax's
+  wait for a directory only process 0's disk held (and process 0 hung), and evaluation after
+  every host had evaluated its share.  The probes are removed after a second barrier; a no-op
+  for one process."""
+  processes = jax.process_count()
+  if processes == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+  probe = lambda p: os.path.join(directory, f".shared_probe_{token:08x}_{p:05d}")
+  open(probe(jax.process_index()), "w").close()
+  try:
+    barrier(f"memrecall.check_shared_directory {token}: probes made")
+    deadline = time.monotonic() + SHARED_DIRECTORY_WAIT_S
+    while True:
+      unseen = [p for p in range(processes) if not os.path.exists(probe(p))]
+      if not unseen or time.monotonic() > deadline:
+        break
+      time.sleep(0.5)
+    barrier(f"memrecall.check_shared_directory {token}: probes looked for")
+  finally:
+    os.remove(probe(jax.process_index()))
+  if unseen:
+    raise UnsharedDirectoryError(
+        f"{flag} {directory} must be on a file system every host sees: process "
+        f"{jax.process_index()} does not see there the files process(es) "
+        f"{', '.join(map(str, unseen))} made (a local disk on each host holds only that host's "
+        "share of checkpoints and rows)")
 
 
 def local_rows(global_batch: int) -> slice:

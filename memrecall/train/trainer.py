@@ -385,6 +385,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, log=print,
   PREEMPTED_EXIT_CODE); rerunning the command resumes exactly.
   """
   check_workdir(workdir)
+  distributed.check_shared_directory(workdir, "workdir")
   check_config(config)
   run = build_run(config)
   if run.model.param_dtype != "float32":

@@ -375,9 +375,10 @@ def test_synthetic():
   assert (named.name, named.path, len(named.source)) == ("multihop", "multihop", 5)
   expected = SyntheticSource(task, split_seed(2, "validation"), 5)
   assert [e.to_json() for e in named.source] == [e.to_json() for e in expected]
-  with pytest.raises(DatasetError, match="names task 'vartrack' but DataOptions.task is 'multihop'"):
+  with pytest.raises(DatasetError,
+                     match="names task 'vartrack' but the run's synthetic task is 'multihop'"):
     specs.open_sources("synthetic:vartrack", specs.DataOptions(task=task))
-  with pytest.raises(DatasetError, match="needs DataOptions.task"):
+  with pytest.raises(DatasetError, match="this run has none \\(a HF checkpoint"):
     specs.open_sources("synthetic:multihop")
   # The key names how the text form is written (it changed); the ids form's key is its settings.
   assert named.key()["data.task"] == dataclasses.asdict(task)
