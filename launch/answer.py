@@ -42,13 +42,15 @@ _QUESTION_IDS = flags.DEFINE_list("question_ids", None, "Question token ids, e.g
 _MAX_QUESTION_TOKENS = flags.DEFINE_integer("max_question_tokens", 1024, "Question budget.",
                                             lower_bound=1)
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", None,
-                                   "Tokens per chunk (default: the run's own with --checkpoint; "
-                                   "two compressor windows for a HF checkpoint).", lower_bound=1)
+                                   "Tokens per chunk (default: the run's own or an export's; two "
+                                   "compressor windows for another HF checkpoint).", lower_bound=1)
 _MEMORY_SIZE = flags.DEFINE_integer(
-    "memory_size", None, "Max new tokens per memory update (default: the run's; 1024 for HF).",
+    "memory_size", None, "Max new tokens per memory update (default: the run's or an export's; "
+    "1024 for another HF checkpoint).",
     lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
-    "max_new_tokens", None, "Max tokens of the answer (default: the run's; 1024 for HF).",
+    "max_new_tokens", None, "Max tokens of the answer (default: the run's or an export's; 1024 "
+    "for another HF checkpoint).",
     lower_bound=1)
 _MEMORY_BANK = flags.DEFINE_string("memory_bank", None, "Reuse the bank here if present, else save.")
 _RECOMPILE_BANK = flags.DEFINE_bool(

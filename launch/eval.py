@@ -92,8 +92,8 @@ _EXAMPLES = flags.DEFINE_integer("examples", 64, "Synthetic: questions per lengt
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Questions per batch (default 16 "
                                    "synthetic, 8 data).", lower_bound=1)
 _THRESHOLD = flags.DEFINE_float("threshold", None, "Gate threshold (default: the run's own "
-                                "gate.threshold; 0.5 for a HF checkpoint).", lower_bound=0.0,
-                                upper_bound=1.0)
+                                "gate.threshold or an export's; 0.5 for another HF checkpoint).",
+                                lower_bound=0.0, upper_bound=1.0)
 _TOPK = flags.DEFINE_integer("topk", 4, "Blocks read in topk mode.", lower_bound=1)
 _GATE_GROUP = flags.DEFINE_integer(
     "gate_group", 16, "Blocks the gate scores per step against the current memory (same decisions; "

@@ -4,8 +4,9 @@ r"""Exports a trained memrecall run as a Hugging Face checkpoint in LycheeMemory
   python launch/export.py --checkpoint=workdir/rl/checkpoints/50 --output=exported/rl-50 \
       --dtype=float32
 
-Writes config.json (Qwen2's keys, the compressor's `lychee_memory_*` and a gate's
-`memrecall_gate_lora_*`), the weights as safetensors shards (`--shard_gib` each) and the
+Writes config.json (Qwen2's keys, the compressor's `lychee_memory_*`, a gate's
+`memrecall_gate_lora_*` and the run's prompts, budgets, chunk size, gate threshold and synthetic
+task under `memrecall_run`, which --hf_checkpoint reads back), the weights as safetensors shards (`--shard_gib` each) and the
 backbone's tokenizer, chat template and generation config where the run kept them
 (`WORKDIR/hf_assets`), then reads the export back and checks every tensor against the run's
 weights in --dtype.  The result loads with `--hf_checkpoint` in every launcher, and its

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import warnings
@@ -563,23 +564,61 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return merged
 
 
-def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0, memory_size: int = 1024,
-                answer_tokens: int = 1024, question_tokens: int = 1024,
-                model: dict | None = None, tokenizer: str = "",
-                prompts: dict | None = None, mesh: dict | None = None) -> ml_collections.ConfigDict:
+# config.json's key for what an export of a memrecall run carries besides its weights
+# (`exported_run`): the settings that decide its answers, read back by `eval_config`.
+EXPORTED_RUN = "memrecall_run"
+
+
+def exported_run(run: Run) -> dict:
+  """The run's prompts, reasoner budgets, chunk size, gate threshold and synthetic task (when it
+  has one), as an export records them: without them a tiny run read back with --hf_checkpoint
+  took the released model's prompts and 1024-token budgets and answered nothing."""
+  c = run.config
+  out = {"prompts": c.prompts.to_dict(), "reasoner": c.reasoner.to_dict(),
+         "compressor": {"chunk_size": run.compressor.chunk_size},
+         "gate": {"threshold": float(c.gate.threshold)}}
+  if run.task is not None:
+    out["task"] = c.task.to_dict()
+  return out
+
+
+def _exported_settings(hf_checkpoint_dir: str) -> dict:
+  """`exported_run`'s record in a checkpoint's config.json ({} for one memrecall did not export,
+  e.g. a released LycheeMemory checkpoint)."""
+  path = os.path.join(hf_checkpoint_dir, "config.json") if hf_checkpoint_dir else ""
+  if not path or not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f).get(EXPORTED_RUN, {})
+
+
+def eval_config(hf_checkpoint_dir: str = "", *, chunk_size: int = 0,
+                memory_size: int | None = None, answer_tokens: int | None = None,
+                question_tokens: int | None = None, model: dict | None = None,
+                tokenizer: str = "", prompts: dict | None = None,
+                mesh: dict | None = None) -> ml_collections.ConfigDict:
   """The run config of using a HF checkpoint as it is (launch/eval.py and launch/answer.py with
-  --hf_checkpoint).  chunk_size 0: two compressor windows; model: `MODEL_RUN_KEYS` to set;
-  tokenizer: as `init.tokenizer`; prompts: templates to replace (`prompts` block keys); mesh:
-  axis sizes (default: every device on fsdp).  Answers of up to 1024 tokens, the
-  `max_new_tokens` of LycheeMemory's example and of MemAgent's evaluation: an answer cut short
-  has no closing box to score."""
+  --hf_checkpoint).  An export of a memrecall run brings its own prompts, budgets, chunk size,
+  gate threshold and synthetic task (`exported_run`); the arguments replace them.  Otherwise:
+  chunk_size 0 is two compressor windows, budgets of 1024 tokens (the `max_new_tokens` of
+  LycheeMemory's example and of MemAgent's evaluation: an answer cut short has no closing box
+  to score) and the released model's prompts.  model: `MODEL_RUN_KEYS` to set; tokenizer: as
+  `init.tokenizer`; prompts: templates to replace (`prompts` block keys); mesh: axis sizes
+  (default: every device on fsdp)."""
   c = default_config()
   c.model = ml_collections.ConfigDict({"compressor": True, **(model or {})})
   c.init.hf_checkpoint = hf_checkpoint_dir
   c.init.tokenizer = tokenizer
-  c.compressor.chunk_size = chunk_size
-  c.reasoner.update({"memory_size": memory_size, "answer_tokens": answer_tokens,
-                     "question_tokens": question_tokens})
+  c.reasoner.update({"memory_size": 1024, "answer_tokens": 1024, "question_tokens": 1024})
+  for block, values in _exported_settings(hf_checkpoint_dir).items():
+    if block == "task":
+      c.task = ml_collections.ConfigDict(values)
+    else:
+      c[block].update(values)
+  c.compressor.chunk_size = chunk_size or c.compressor.chunk_size
+  sizes = {"memory_size": memory_size, "answer_tokens": answer_tokens,
+           "question_tokens": question_tokens}
+  c.reasoner.update({k: v for k, v in sizes.items() if v is not None})
   c.prompts.update(prompts or {})
   if mesh:
     c.mesh = ml_collections.ConfigDict(dict(mesh))
@@ -694,7 +733,8 @@ def export_hf_checkpoint(run: Run, params, directory: str, *, dtype: str = "bflo
                          max_shard_bytes: int = 4 << 30) -> list[str]:
   """Writes a trained run as a HF checkpoint in LycheeMemory's layout: the weights in `dtype`
   (Qwen2's names, the beacons' `lychee_memory_*`, the gate's `similarity_head` and its adapters
-  under memrecall's names), config.json with the compressor's and gate's keys, and the
+  under memrecall's names), config.json with the compressor's and gate's keys and the run's
+  answering settings (`exported_run`, under `memrecall_run`), and the
   backbone's tokenizer, chat template and generation config where the run has them (a run on
   the byte tokenizer is marked so in config.json, and reads back with it).  Returns the files
   written.  `directory` must be new or empty: nothing already there is replaced."""
@@ -705,7 +745,8 @@ def export_hf_checkpoint(run: Run, params, directory: str, *, dtype: str = "bflo
   model = run.model.replace(param_dtype=dtype, dtype=dtype)
   cast = jax.tree.map(lambda x: x.astype(dtype_from_name(dtype)), params)
   extra = {**(run.compressor.to_hf_dict() if model.compressor else {}),
-           **(_BYTES_MARK if isinstance(run.tokenizer, ByteTokenizer) else {})}
+           **(_BYTES_MARK if isinstance(run.tokenizer, ByteTokenizer) else {}),
+           EXPORTED_RUN: exported_run(run)}
   hf_checkpoint.save_hf_checkpoint(cast, model, directory, max_shard_bytes=max_shard_bytes,
                                    extra_config=extra)
   source = run.config.init.hf_checkpoint

@@ -63,6 +63,17 @@ def test_an_export_reads_back_as_the_runs_weights_gate_included(tmp_path):
   # (it has no tokenizer.json to copy).
   assert hf["memrecall_tokenizer"] == "bytes" and not os.path.exists(out / "tokenizer.json")
   assert type(run_builder.from_hf_checkpoint(str(out)).tokenizer).__name__ == "ByteTokenizer"
+  # The run's answering settings travel in config.json, and a run read back from the export
+  # takes them (a tiny run given the released model's prompts and 1024-token budgets answered
+  # nothing); arguments still replace them.
+  trained = run_builder.build_run(small_config("gate"))
+  back = run_builder.from_hf_checkpoint(str(out))
+  assert hf["memrecall_run"] == run_builder.exported_run(trained)
+  assert (back.prompts, back.reasoner, back.task, back.form) == (
+      trained.prompts, trained.reasoner, trained.task, trained.form)
+  assert back.compressor.chunk_size == trained.compressor.chunk_size
+  assert back.config.gate.threshold == trained.config.gate.threshold
+  assert run_builder.from_hf_checkpoint(str(out), memory_size=7).reasoner.memory_size == 7
   # Without the gate (--gate_lora_rank=0): its tensors are left, the rest reads.
   plain, config = hf_checkpoint.load_hf_checkpoint(out, gate_lora_rank=0)
   assert not config.has_gate and "gate_head" not in plain
@@ -81,3 +92,18 @@ def test_an_export_reads_back_as_the_runs_weights_gate_included(tmp_path):
   proc = _export(f"--checkpoint={tmp_path / 'run'}", f"--output={out16}")
   assert proc.returncode == 2 and "is not empty" in proc.stderr, proc.stderr[-2000:]
   assert {name: os.path.getmtime(out16 / name) for name in os.listdir(out16)} == before
+
+
+def test_a_checkpoint_memrecall_did_not_export_takes_the_released_settings():
+  """No `memrecall_run` in config.json (the released LycheeMemory layout): 1024-token budgets,
+  two windows a chunk and the released prompts, unless arguments say otherwise."""
+  from tests.conftest import LYCHEE_TEXT
+  hf = os.path.join(LYCHEE_TEXT, "hf")
+  assert "memrecall_run" not in json.load(open(os.path.join(hf, "config.json")))
+  run = run_builder.from_hf_checkpoint(hf)
+  assert (run.reasoner.memory_size, run.reasoner.answer_tokens, run.question_tokens) == (
+      1024, 1024, 1024)
+  assert run.compressor.chunk_size == 2 * run.compressor.window and run.task is None
+  # Empty templates: the released model's, in the checkpoint's chat template.
+  assert run.config.prompts.to_dict() == run_builder.default_config().prompts.to_dict()
+  assert run_builder.from_hf_checkpoint(hf, memory_size=16).reasoner.memory_size == 16
