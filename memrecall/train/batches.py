@@ -104,7 +104,11 @@ def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chun
 def gate_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chunks: int,
                question_tokens: int, memory_capacity: int, initial_memory: Tokens,
                pad_id: int) -> GateBatch:
-  """Per-block relevance labels, the gate reading the oracle memory before each block."""
+  """Per-block relevance labels, the gate reading before each block the memory a reader that
+  follows the labels holds: the oracle memory after the last relevant block before it, the
+  initial memory before the first.  (The oracle trace's own memory before a block assumes every
+  earlier block read: the question's start written in at the first irrelevant block, a memory a
+  gate-mode reader, which skips it, never holds there.)"""
   chunk_ids, chunk_mask = chunked(examples, chunk_size, num_chunks, pad_id)
   b = len(examples)
   memory_ids = np.zeros((b, num_chunks, memory_capacity), np.int32)
@@ -112,10 +116,12 @@ def gate_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chu
   labels = np.zeros((b, num_chunks), bool)
   for i, ex in enumerate(examples):
     trace = ex.oracle_trace(chunk_size, initial_memory)
-    before = [initial_memory] + trace[:-1]
-    for n in range(len(trace)):
-      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before[n]], memory_capacity, _MEMORY, [ex])
     example_labels = ex.chunk_labels(chunk_size)
+    memory = initial_memory
+    for n in range(len(trace)):
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([memory], memory_capacity, _MEMORY, [ex])
+      if example_labels[n]:
+        memory = trace[n]
     labels[i, :len(example_labels)] = example_labels
   question, question_mask = _pad_rows([ex.question for ex in examples], question_tokens,
                                        "a question (reasoner.question_tokens)", examples)

@@ -2,6 +2,7 @@
 against the batch the stage really builds: same tree, shapes and dtypes."""
 
 import jax
+import numpy as np
 import pytest
 
 from memrecall import run_builder
@@ -67,3 +68,29 @@ def test_a_row_over_its_budget_names_the_setting_that_bounds_it():
   with pytest.raises(BatchError, match=r"an oracle memory update \(with EOS; "
                                        r"reasoner.memory_size\) of \d+ tokens exceeds its budget of 1"):
     trainer._STAGES["sft"](run).batch(0, None, slice(0, 4))
+
+
+def test_the_gate_reads_the_memory_a_reader_that_follows_its_labels_holds():
+  """Before the first relevant block: the initial memory (a gate-mode reader skips the blocks
+  before it; the oracle trace's memory there, the question's start, assumes them read); after
+  it: the oracle memory of the last relevant block before."""
+  from memrecall.train import batches
+  run = run_builder.build_run(small_config("gate"))
+  examples = run.examples(0, 16)
+  size, initial = run.compressor.chunk_size, run.prompts.initial_memory
+  batch = batches.gate_batch(examples, chunk_size=size, num_chunks=run.num_chunks,
+                             question_tokens=run.question_tokens,
+                             memory_capacity=run.memory_capacity, initial_memory=initial,
+                             pad_id=run.model.pad_token_id)
+  skipped_start = 0
+  for i, ex in enumerate(examples):
+    labels, trace = ex.chunk_labels(size), ex.oracle_trace(size, initial)
+    first = int(np.argmax(labels))
+    assert labels.any()
+    for n in range(len(labels)):
+      held = tuple(batch.memory_ids[i, n][batch.memory_mask[i, n]])
+      relevant = [c for c in range(n) if labels[c]]
+      assert held == (tuple(trace[relevant[-1]]) if relevant else tuple(initial)), (i, n)
+    np.testing.assert_array_equal(batch.labels[i, :len(labels)], labels)
+    skipped_start += first > 0 and tuple(trace[first - 1]) != tuple(initial)
+  assert skipped_start  # rows where the trace's memory before the first relevant block differs
