@@ -89,8 +89,8 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
 
 def test_a_workdir_the_hosts_do_not_share_stops_training_before_any_step(tmp_path):
   """A local disk on each host: left to run, process 1 failed in orbax at the first checkpoint
-  (waiting for a directory only process 0's disk held) while process 0 hung.  Both stop at
-  the start, naming the workdir, with nothing but the empty workdir left."""
+  (600 s waiting for a directory only process 0's disk held), then process 0 at the shutdown
+  barrier.  Both stop at the start, naming the workdir, leaving it empty."""
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(os.path.dirname(HERE), "launch", "train.py"),

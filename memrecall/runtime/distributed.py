@@ -157,9 +157,10 @@ def check_shared_directory(directory: str, flag: str) -> None:
   directory of `flag`) is not one file system for every host, e.g. a local disk on each.
 
   Each process makes a probe file there named by a token process 0 draws, and after a barrier
-  looks for every other's.  Left to run, training stopped at its first checkpoint in orbax's
-  wait for a directory only process 0's disk held (and process 0 hung), and evaluation after
-  every host had evaluated its share.  The probes are removed after a second barrier; a no-op
+  looks for every other's.  Left to run, training's first checkpoint stopped it: process 1
+  waited 600 s in orbax for a directory only process 0's disk held, then process 0 failed at
+  the shutdown barrier, neither error naming the cause; evaluation failed only after every host
+  had evaluated its share.  The probes are removed after a second barrier; a no-op
   for one process."""
   processes = jax.process_count()
   if processes == 1:
