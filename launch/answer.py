@@ -59,8 +59,8 @@ _RECOMPILE_BANK = flags.DEFINE_bool(
 _MODE = flags.DEFINE_enum("mode", None, ["gate", "all", "topk"],
                           "Block selection (default: gate if the model has a gate, else all).")
 _THRESHOLD = flags.DEFINE_float("threshold", None, "Gate probability needed to read a block "
-                                "(default: the run's own gate.threshold; 0.5 for a HF "
-                                "checkpoint).", lower_bound=0.0, upper_bound=1.0)
+                                "(default: the run's own gate.threshold or an export's; 0.5 "
+                                "for another HF checkpoint).", lower_bound=0.0, upper_bound=1.0)
 _TOPK = flags.DEFINE_integer("topk", 4, "Blocks read per question in topk mode.", lower_bound=1)
 _GROUP_SIZE = flags.DEFINE_integer("group_size", 8, "Chunks per device transfer / streaming step.",
                                    lower_bound=1)

@@ -43,6 +43,7 @@ questions, and accuracy/latency/peak-memory-vs-length PNGs.  OUTPUT_DIR defaults
 CHECKPOINT/eval (or eval/NAME of the HF checkpoint under the current directory).
 """
 
+import json
 import os
 import sys
 
@@ -126,14 +127,25 @@ flags.adopt_module_key_flags(distributed_flags)
 flags.adopt_module_key_flags(model_flags)
 
 
+def _exported_task(hf_checkpoint: str) -> bool:
+  """Whether an export of a run trained on a synthetic task names it (config.json's
+  `memrecall_run`, `run_builder.exported_run`): read as JSON, before JAX is imported."""
+  try:
+    with open(os.path.join(hf_checkpoint, "config.json")) as f:
+      return "task" in json.load(f).get("memrecall_run", {})
+  except (OSError, ValueError, AttributeError):
+    return False  # a missing or unreadable config.json is named where it is loaded
+
+
 def _check_flags():
   """Every flag and path, before anything is loaded (see launch/cli.py)."""
   from memrecall import readers
   from memrecall.data import specs
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None):
     raise app.UsageError("give exactly one of --hf_checkpoint and --checkpoint")
-  if _HF_CHECKPOINT.value and not _DATA.value:
-    raise app.UsageError("--hf_checkpoint needs --data=KIND:PATH (a HF model has no synthetic task)")
+  if _HF_CHECKPOINT.value and not _DATA.value and not _exported_task(_HF_CHECKPOINT.value):
+    raise app.UsageError("--hf_checkpoint needs --data=KIND:PATH: this checkpoint has no "
+                         "synthetic task (only memrecall's export of a run trained on one has)")
   if _CONFIG.value is not None and _DATA.value:
     raise app.UsageError("--config is for the synthetic sweep only (the config's task): drop "
                          "--data, or drop --config to evaluate the run on data as it was saved")

@@ -575,8 +575,9 @@ def exported_run(run: Run) -> dict:
   took the released model's prompts and 1024-token budgets and answered nothing."""
   c = run.config
   out = {"prompts": c.prompts.to_dict(), "reasoner": c.reasoner.to_dict(),
-         "compressor": {"chunk_size": run.compressor.chunk_size},
          "gate": {"threshold": float(c.gate.threshold)}}
+  if run.model.compressor:  # a raw-chunk reader's sections are not compressor chunks
+    out["compressor"] = {"chunk_size": run.compressor.chunk_size}
   if run.task is not None:
     out["task"] = c.task.to_dict()
   return out
@@ -761,8 +762,9 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, chunk_size: int = 0, mes
   """(run, params) of a LycheeMemory (or plain Qwen2: beacons initialised from q/k/v) HF
   checkpoint, ready to recall, as `from_workdir` gives a training run's.
 
-  The prompts default to the released model's, wrapped in the tokenizer's chat template;
-  `mesh` None puts every parameter on the first device.  model_settings: `MODEL_RUN_KEYS`.
+  The prompts and budgets are an export's own (`exported_run`), else the released model's, the
+  prompts wrapped in the tokenizer's chat template; `mesh` None puts every parameter on the
+  first device.  model_settings: `MODEL_RUN_KEYS`.
   A checkpoint without a tokenizer.json gets the byte tokenizer (for work on token ids).
   """
   directory = os.fspath(directory)

@@ -107,3 +107,22 @@ def test_a_checkpoint_memrecall_did_not_export_takes_the_released_settings():
   # Empty templates: the released model's, in the checkpoint's chat template.
   assert run.config.prompts.to_dict() == run_builder.default_config().prompts.to_dict()
   assert run_builder.from_hf_checkpoint(hf, memory_size=16).reasoner.memory_size == 16
+
+
+def test_an_export_of_a_raw_chunk_reader_reads_back(tmp_path):
+  """A MemAgent baseline has no compressor: its sections (configs/memagent.py's 5000 tokens) are
+  not compressor chunks, so the export records no chunk size (one made the read-back refuse:
+  5000 is no multiple of the two windows a checkpoint without them gets)."""
+  config = small_config("sft,default,multihop,memagent")
+  config.model.compressor, config.model.gate_lora_rank = False, 0  # as configs/memagent.py
+  # Sections of 2064 tokens: not a multiple of the 2048-token window a checkpoint without a
+  # window of its own takes at that chunk size.
+  config.compressor.update({"chunk_size": 2064, "window": 2064})
+  run = run_builder.build_run(config)
+  assert not run.model.compressor
+  params = model.init_params(run.model, jax.random.key(0), None)
+  run_builder.export_hf_checkpoint(run, params, str(tmp_path / "export"))
+  record = json.load(open(tmp_path / "export" / "config.json"))["memrecall_run"]
+  assert "compressor" not in record and record["reasoner"] == config.reasoner.to_dict()
+  back = run_builder.from_hf_checkpoint(str(tmp_path / "export"))
+  assert back.reasoner == run.reasoner and back.task == run.task

@@ -104,3 +104,43 @@ def test_a_workdir_the_hosts_do_not_share_stops_training_before_any_step(tmp_pat
     assert (f"workdir {tmp_path / f'host{i}'} must be on a file system every host sees: "
             f"process {i} does not see there the files process(es) {1 - i} made") in out, out
     assert os.listdir(tmp_path / f"host{i}") == []
+
+
+_ONE_SIDED = """
+import os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, {root!r})
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                           process_id=int(sys.argv[1]))
+from memrecall.runtime import distributed
+distributed.SHARED_DIRECTORY_WAIT_S = 1.0
+if jax.process_index() == 0:  # a view that misses the other host's file (a late NFS listing)
+  exists = os.path.exists
+  distributed.os.path.exists = lambda p: not p.endswith("_00001") and exists(p)
+try:
+  distributed.check_shared_directory({directory!r}, "workdir")
+except distributed.UnsharedDirectoryError as e:
+  print("refused:", e, flush=True)
+"""
+
+
+def test_a_directory_one_host_cannot_see_into_stops_every_host():
+  """Visibility that differs between hosts (process 0 misses process 1's probe, process 1 sees
+  both): the processes decide together, so process 1 stops too instead of going on to wait at
+  the run's next collective for a process that has left."""
+  import tempfile
+  with tempfile.TemporaryDirectory() as directory:
+    script = _ONE_SIDED.format(root=os.path.dirname(HERE), port=_free_port(),
+                               directory=directory)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=cpu_env(devices=1))
+             for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert os.listdir(directory) == []  # each removed its probe
+  assert all(p.returncode == 0 for p in procs), outs
+  assert (f"refused: workdir {directory} must be on a file system every host sees: process 0 "
+          "does not see there the files process(es) 1 made") in outs[0], outs[0]
+  assert ("process 1 sees every probe, but process(es) 0 do not see all of them") in outs[1], \
+      outs[1]

@@ -160,15 +160,17 @@ def check_shared_directory(directory: str, flag: str) -> None:
   looks for every other's.  Left to run, training's first checkpoint stopped it: process 1
   waited 600 s in orbax for a directory only process 0's disk held, then process 0 failed at
   the shutdown barrier, neither error naming the cause; evaluation failed only after every host
-  had evaluated its share.  The probes are removed after a second barrier; a no-op
-  for one process."""
+  had evaluated its share.  The processes decide together (each one's count of unseen probes
+  is gathered), so all of them stop or none does; each removes its own probe.  A no-op for one
+  process."""
   processes = jax.process_count()
   if processes == 1:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
   probe = lambda p: os.path.join(directory, f".shared_probe_{token:08x}_{p:05d}")
-  open(probe(jax.process_index()), "w").close()
+  me = jax.process_index()
+  open(probe(me), "w").close()
   try:
     barrier(f"memrecall.check_shared_directory {token}: probes made")
     deadline = time.monotonic() + SHARED_DIRECTORY_WAIT_S
@@ -177,15 +179,18 @@ def check_shared_directory(directory: str, flag: str) -> None:
       if not unseen or time.monotonic() > deadline:
         break
       time.sleep(0.5)
-    barrier(f"memrecall.check_shared_directory {token}: probes looked for")
+    # Decided together: a process that saw every probe while another did not must stop too
+    # (alone it would wait at the run's next collective for a process that has left).
+    blind = np.asarray(multihost_utils.process_allgather(np.int32(len(unseen)))).reshape(-1)
   finally:
-    os.remove(probe(jax.process_index()))
-  if unseen:
+    os.remove(probe(me))
+  if blind.any():
+    sees = (f"does not see there the files process(es) {', '.join(map(str, unseen))} made"
+            if unseen else "sees every probe, but process(es) "
+            f"{', '.join(str(p) for p in np.flatnonzero(blind))} do not see all of them")
     raise UnsharedDirectoryError(
-        f"{flag} {directory} must be on a file system every host sees: process "
-        f"{jax.process_index()} does not see there the files process(es) "
-        f"{', '.join(map(str, unseen))} made (a local disk on each host holds only that host's "
-        "share of checkpoints and rows)")
+        f"{flag} {directory} must be on a file system every host sees: process {me} {sees} "
+        "(a local disk on each host holds only that host's share of checkpoints and rows)")
 
 
 def local_rows(global_batch: int) -> slice:
