@@ -281,16 +281,17 @@ def main(argv):
   if sources:
     rows = evaluator.evaluate_data(
         params, run, sources, modes=modes, output_dir=output_dir, model_name=model_name,
-        limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or 8, baseline=baseline,
-        threshold=_THRESHOLD.value, topk=_TOPK.value, gate_group=_GATE_GROUP.value,
-        mesh=run.mesh, weights=model_flags.WEIGHTS.value, temperature=_TEMPERATURE.value,
+        limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or evaluator.DATA_BATCH_SIZE,
+        baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
+        gate_group=_GATE_GROUP.value, mesh=run.mesh, weights=model_flags.WEIGHTS.value, temperature=_TEMPERATURE.value,
         top_p=_TOP_P.value, seed=_SEED.value)
     print(report.data_table(rows))
   else:
     rows = evaluator.evaluate_suite(
         params, run, model_name=model_name, lengths=[int(x) for x in _LENGTHS.value],
-        modes=modes, examples=_EXAMPLES.value, batch_size=_BATCH_SIZE.value or 16,
-        output_dir=output_dir, baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
+        modes=modes, examples=_EXAMPLES.value,
+        batch_size=_BATCH_SIZE.value or evaluator.SWEEP_BATCH_SIZE, output_dir=output_dir,
+        baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
         gate_group=_GATE_GROUP.value, latency_examples=_LATENCY_EXAMPLES.value, mesh=run.mesh,
         weights=model_flags.WEIGHTS.value)
     print(report.table(rows))

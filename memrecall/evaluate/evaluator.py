@@ -257,8 +257,15 @@ def _trace_task(task: str) -> str:
   return "" if task == "multihop" else f"{task}-"
 
 
+# Questions per batch when none is given, here and in launch/eval.py alike: a batch size is part
+# of an output directory's key, so a notebook's rows and the launcher's share a directory only
+# when they agree.
+SWEEP_BATCH_SIZE = 16  # the synthetic sweep
+DATA_BATCH_SIZE = 8    # data files
+
+
 def evaluate_suite(params, run, *, model_name: str, lengths: Sequence[int], modes: Sequence[str],
-                   examples: int, output_dir: str, batch_size: int = 8,
+                   examples: int, output_dir: str, batch_size: int = SWEEP_BATCH_SIZE,
                    baseline: BaselineConfig | None = None, seed_offset: int = 1000,
                    keep_traces: int = 4, threshold: float | None = None,
                    topk: int = 4, gate_group: int = 16, latency_examples: int = 4,
@@ -455,7 +462,8 @@ def _row_count(named, limit: int | None) -> int:
 
 
 def evaluate_data(params, run, sources, *, modes: Sequence[str], output_dir: str,
-                  model_name: str = "model", limit: int | None = None, batch_size: int = 8,
+                  model_name: str = "model", limit: int | None = None,
+                  batch_size: int = DATA_BATCH_SIZE,
                   baseline: BaselineConfig | None = None, threshold: float | None = None,
                   topk: int = 4, gate_group: int = 16, mesh=None, weights: str = "auto",
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
