@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -104,11 +105,14 @@ def sft_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chun
 def gate_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chunks: int,
                question_tokens: int, memory_capacity: int, initial_memory: Tokens,
                pad_id: int) -> GateBatch:
-  """Per-block relevance labels, the gate reading before each block the memory a reader that
-  follows the labels holds: the oracle memory after the last relevant block before it, the
-  initial memory before the first.  (The oracle trace's own memory before a block assumes every
-  earlier block read: the question's start written in at the first irrelevant block, a memory a
-  gate-mode reader, which skips it, never holds there.)"""
+  """Per-block relevance labels, the gate reading before each block one of the two memories a
+  gate-mode reader can hold there, by the row's id's hash: half the rows that of a reader that
+  follows the labels (the initial memory until the first relevant block, then the oracle memory
+  of the last relevant one), half the oracle trace's, which assumes every earlier block read
+  (the question's start written in at the first irrelevant block: a gate that read one).
+  Trained on the trace's alone, a precise gate read irrelevant blocks at length (it had never
+  seen the initial memory there); on the other alone, a less precise one lost relevant blocks
+  (docs/2026-12-08-gate-and-walk-review.md)."""
   chunk_ids, chunk_mask = chunked(examples, chunk_size, num_chunks, pad_id)
   b = len(examples)
   memory_ids = np.zeros((b, num_chunks, memory_capacity), np.int32)
@@ -117,9 +121,11 @@ def gate_batch(examples: Sequence[TokenizedExample], *, chunk_size: int, num_chu
   for i, ex in enumerate(examples):
     trace = ex.oracle_trace(chunk_size, initial_memory)
     example_labels = ex.chunk_labels(chunk_size)
+    skipped = zlib.crc32(ex.example.id.encode()) % 2 == 0
     memory = initial_memory
     for n in range(len(trace)):
-      memory_ids[i, n], memory_mask[i, n] = _pad_rows([memory], memory_capacity, _MEMORY, [ex])
+      before = memory if skipped else ([initial_memory] + trace)[n]
+      memory_ids[i, n], memory_mask[i, n] = _pad_rows([before], memory_capacity, _MEMORY, [ex])
       if example_labels[n]:
         memory = trace[n]
     labels[i, :len(example_labels)] = example_labels
