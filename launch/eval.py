@@ -43,7 +43,6 @@ questions, and accuracy/latency/peak-memory-vs-length PNGs.  OUTPUT_DIR defaults
 CHECKPOINT/eval (or eval/NAME of the HF checkpoint under the current directory).
 """
 
-import json
 import os
 import sys
 
@@ -127,25 +126,12 @@ flags.adopt_module_key_flags(distributed_flags)
 flags.adopt_module_key_flags(model_flags)
 
 
-def _exported_task(hf_checkpoint: str) -> bool:
-  """Whether an export of a run trained on a synthetic task names it (config.json's
-  `memrecall_run`, `run_builder.exported_run`): read as JSON, before JAX is imported."""
-  try:
-    with open(os.path.join(hf_checkpoint, "config.json")) as f:
-      return "task" in json.load(f).get("memrecall_run", {})
-  except (OSError, ValueError, AttributeError):
-    return False  # a missing or unreadable config.json is named where it is loaded
-
-
 def _check_flags():
   """Every flag and path, before anything is loaded (see launch/cli.py)."""
   from memrecall import readers
   from memrecall.data import specs
   if (_HF_CHECKPOINT.value is None) == (_CHECKPOINT.value is None):
     raise app.UsageError("give exactly one of --hf_checkpoint and --checkpoint")
-  if _HF_CHECKPOINT.value and not _DATA.value and not _exported_task(_HF_CHECKPOINT.value):
-    raise app.UsageError("--hf_checkpoint needs --data=KIND:PATH: this checkpoint has no "
-                         "synthetic task (only memrecall's export of a run trained on one has)")
   if _CONFIG.value is not None and _DATA.value:
     raise app.UsageError("--config is for the synthetic sweep only (the config's task): drop "
                          "--data, or drop --config to evaluate the run on data as it was saved")
@@ -270,7 +256,8 @@ def main(argv):
              for s in run.sources(spec, num_docs=_NUM_DOCS.value,
                                   hotpotqa_dev=_HOTPOTQA_DEV.value, split=_SPLIT.value)]
   if not sources and run.task is None:
-    raise app.UsageError("this run was not trained on synthetic data: pass --data=KIND:PATH")
+    raise app.UsageError("this run needs --data=KIND:PATH: it has no synthetic task to sweep (a "
+                         "HF checkpoint has one only as memrecall's export of a run trained on it)")
   specs.check_names(sources)  # before the weights: two files of one name would share rows
   params = load_params()  # last: every check above is cheap
   model_name = _MODEL_NAME.value or name
@@ -283,8 +270,8 @@ def main(argv):
         params, run, sources, modes=modes, output_dir=output_dir, model_name=model_name,
         limit=_LIMIT.value, batch_size=_BATCH_SIZE.value or evaluator.DATA_BATCH_SIZE,
         baseline=baseline, threshold=_THRESHOLD.value, topk=_TOPK.value,
-        gate_group=_GATE_GROUP.value, mesh=run.mesh, weights=model_flags.WEIGHTS.value, temperature=_TEMPERATURE.value,
-        top_p=_TOP_P.value, seed=_SEED.value)
+        gate_group=_GATE_GROUP.value, mesh=run.mesh, weights=model_flags.WEIGHTS.value,
+        temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value)
     print(report.data_table(rows))
   else:
     rows = evaluator.evaluate_suite(

@@ -6,10 +6,10 @@ r"""Exports a trained memrecall run as a Hugging Face checkpoint in LycheeMemory
 
 Writes config.json (Qwen2's keys, the compressor's `lychee_memory_*`, a gate's
 `memrecall_gate_lora_*` and the run's prompts, budgets, chunk size, gate threshold and synthetic
-task under `memrecall_run`, which --hf_checkpoint reads back), the weights as safetensors shards (`--shard_gib` each) and the
-backbone's tokenizer, chat template and generation config where the run kept them
-(`WORKDIR/hf_assets`), then reads the export back and checks every tensor against the run's
-weights in --dtype.  The result loads with `--hf_checkpoint` in every launcher, and its
+task under `memrecall_run`, which --hf_checkpoint reads back), the weights as safetensors shards
+(`--shard_gib` each) and the backbone's tokenizer, chat template and generation config where the
+run kept them (`WORKDIR/hf_assets`), then reads the export back and checks every tensor against
+the run's weights in --dtype.  The result loads with `--hf_checkpoint` in every launcher, and its
 backbone and compressor in LycheeMemory's released code (the gate's adapters are memrecall's
 own).  --output must be new or empty.  Errors are one line (--verbose: tracebacks).
 """
